@@ -1,0 +1,209 @@
+#!/usr/bin/env bash
+# bench/run.sh — run loom's runtime microbenchmarks side by side with their
+# Go peers and print medians, loom/Go ratios and 1P-vs-2P speed-ups.
+#
+#   cmake -S . -B build -DCMAKE_BUILD_TYPE=Release && cmake --build build -j2
+#   bench/run.sh [build-dir]            # default: $BUILD_DIR, else build
+#
+# Each round runs every case once for loom, then once for Go (A/B/A/B...),
+# so slow drift on a noisy machine hits both sides alike; the table shows
+# the median and the range of ROUNDS runs.  Every run has a time limit and
+# the whole script stops adding rounds when its budget is spent.
+#
+# Environment (all optional):
+#   ROUNDS=5            rounds (runs per case and side); at least 5 is sane
+#   BUDGET_S=270        stop starting new rounds after this many seconds
+#   RUN_TIMEOUT_S=60    time limit of a single run
+#   YIELD_ITERS=5000000 SPAWN_N=1000000 PARKED_N=1000000
+#   CPU_TASKS=400 CPU_ITERS=1000000
+#   CASES="yield spawn parked cpu"   which cases to run
+#   GO=go               the Go toolchain (Go 1.19+, standard library only)
+set -u -o pipefail
+
+cd "$(dirname "$0")/.." || exit 2
+BUILD=${1:-${BUILD_DIR:-build}}
+ROUNDS=${ROUNDS:-5}
+BUDGET_S=${BUDGET_S:-270}
+RUN_TIMEOUT_S=${RUN_TIMEOUT_S:-60}
+YIELD_ITERS=${YIELD_ITERS:-5000000}
+SPAWN_N=${SPAWN_N:-1000000}
+PARKED_N=${PARKED_N:-1000000}
+CPU_TASKS=${CPU_TASKS:-400}
+CPU_ITERS=${CPU_ITERS:-1000000}
+GO=${GO:-go}
+CASES=${CASES:-yield spawn parked cpu}
+
+# The programs choose their processor counts themselves; do not let a
+# stray setting in the caller's environment change what is compared.
+unset LOOM_PROCS LOOM_SCHEDTRACE LOOM_STACK_SIZE GOMAXPROCS GOGC GODEBUG
+
+LOOM_BIN=$BUILD/bench
+GO_BIN=$BUILD/bench/go
+START=$SECONDS
+
+# ---- loom binaries -------------------------------------------------------
+have_loom=1
+for b in yield spawn parked cpu; do
+  if [[ ! -x $LOOM_BIN/$b ]]; then
+    have_loom=0
+  fi
+done
+if ((!have_loom)); then
+  echo "run.sh: no loom benchmarks in $LOOM_BIN/ — build first:" >&2
+  echo "  cmake -S . -B $BUILD -DCMAKE_BUILD_TYPE=Release && cmake --build $BUILD -j2" >&2
+  echo "run.sh: running the Go side only" >&2
+fi
+if [[ -f $BUILD/CMakeCache.txt ]]; then
+  btype=$(sed -n 's/^CMAKE_BUILD_TYPE:[A-Z]*=//p' "$BUILD/CMakeCache.txt")
+  san=$(sed -n 's/^LOOM_SANITIZE:[A-Z]*=//p' "$BUILD/CMakeCache.txt")
+  case $btype in
+    Release | RelWithDebInfo | MinSizeRel) ;;
+    *) echo "run.sh: warning: $BUILD is a '$btype' build; the library is not optimised" >&2 ;;
+  esac
+  if [[ -n $san ]]; then
+    echo "run.sh: warning: $BUILD is built with sanitizers ($san); numbers are meaningless" >&2
+  fi
+fi
+
+# ---- Go binaries ---------------------------------------------------------
+if ! command -v "$GO" >/dev/null; then
+  echo "run.sh: '$GO' not found; install Go or set GO=" >&2
+  exit 2
+fi
+mkdir -p "$GO_BIN"
+GOCACHE_TMP=$(mktemp -d)
+trap 'rm -rf "$GOCACHE_TMP"' EXIT
+for b in yield spawn parked cpu; do
+  if ! GOCACHE=$GOCACHE_TMP GO111MODULE=off GOFLAGS= \
+    "$GO" build -o "$GO_BIN/$b" "bench/go/$b.go"; then
+    echo "run.sh: go build bench/go/$b.go failed" >&2
+    exit 2
+  fi
+done
+
+# ---- running -------------------------------------------------------------
+declare -A SAMPLES # key "side:case:field" -> space-separated values
+declare -A FAILS   # key "side:case" -> count
+
+# field NAME LINE: the value of ` NAME=` in a RESULT line.
+field() { sed -n "s/.* $1=\([^ ]*\).*/\1/p" <<<"$2"; }
+
+# run SIDE CASE CMD...: run once, store the fields this case reports.
+run() {
+  local side=$1 case=$2 out line rc
+  shift 2
+  out=$(timeout -k 5 "$RUN_TIMEOUT_S" "$@" 2>&1)
+  rc=$?
+  line=$(grep -m1 '^RESULT ' <<<"$out")
+  if ((rc != 0)) || [[ -z $line ]]; then
+    # A result printed before a crash or a hang at exit still counts as a
+    # sample, but the run is reported and the script fails.
+    FAILS[$side:$case]=$((${FAILS[$side:$case]:-0} + 1))
+    echo "  $side $case FAILED (exit $rc$( ((rc == 124)) && echo ", timed out after ${RUN_TIMEOUT_S}s")):" \
+      "$(grep -v '^RESULT ' <<<"$out" | tail -n 3 | tr '\n' ' ')" >&2
+    [[ -z $line ]] && return
+  fi
+  local f v
+  for f in ns_per_op cold_ns_per_op kib_per_op ms; do
+    v=$(field "$f" "$line")
+    [[ -n $v ]] && SAMPLES[$side:$case:$f]+="$v "
+  done
+  printf '  %-4s %-7s %s\n' "$side" "$case" "${line#RESULT }"
+}
+
+sides=(go)
+((have_loom)) && sides=(loom go)
+want() { [[ " $CASES " == *" $1 "* ]]; }
+bin() { if [[ $1 == loom ]]; then echo "$LOOM_BIN/$2"; else echo "$GO_BIN/$2"; fi; }
+
+echo "loom vs Go microbenchmarks: $(nproc) CPUs, $ROUNDS rounds, $(date -u '+%Y-%m-%d %H:%M UTC')"
+echo "load average: $(cut -d' ' -f1-3 /proc/loadavg)"
+rounds_done=0
+for ((r = 1; r <= ROUNDS; r++)); do
+  if ((SECONDS - START > BUDGET_S)); then
+    echo "run.sh: time budget (${BUDGET_S}s) spent after $rounds_done rounds" >&2
+    break
+  fi
+  echo "round $r/$ROUNDS"
+  if want yield; then
+    for s in "${sides[@]}"; do run "$s" yield "$(bin "$s" yield)" "$YIELD_ITERS"; done
+  fi
+  if want spawn; then
+    for s in "${sides[@]}"; do run "$s" spawn "$(bin "$s" spawn)" "$SPAWN_N"; done
+  fi
+  if want parked; then
+    for s in "${sides[@]}"; do run "$s" parked "$(bin "$s" parked)" "$PARKED_N"; done
+  fi
+  if want cpu; then
+    for s in "${sides[@]}"; do run "$s" cpu1 "$(bin "$s" cpu)" 1 "$CPU_TASKS" "$CPU_ITERS"; done
+    for s in "${sides[@]}"; do run "$s" cpu2 "$(bin "$s" cpu)" 2 "$CPU_TASKS" "$CPU_ITERS"; done
+  fi
+  rounds_done=$r
+done
+
+# ---- summary -------------------------------------------------------------
+# stat VALUES...: "median min max n" (empty input: "- - - 0").
+stat() {
+  printf '%s\n' "$@" | awk 'NF { a[n++] = $1 }
+    END {
+      if (n == 0) { print "- - - 0"; exit }
+      # insertion sort: n is small
+      for (i = 1; i < n; i++) { v = a[i]; for (j = i - 1; j >= 0 && a[j] > v; j--) a[j+1] = a[j]; a[j+1] = v }
+      m = (n % 2) ? a[(n-1)/2] : (a[n/2-1] + a[n/2]) / 2
+      printf "%.4g %.4g %.4g %d\n", m, a[0], a[n-1], n
+    }'
+}
+# div A B: A/B with 2 decimals, "-" if either is missing.
+div() { awk -v a="$1" -v b="$2" 'BEGIN { if (a == "-" || b == "-" || b == 0) print "-"; else printf "%.2f\n", a / b }'; }
+# meets VALUE OP LIMIT: "yes", "NO" or "-".
+meets() { awk -v v="$1" -v op="$2" -v l="$3" 'BEGIN {
+  if (v == "-") { print "-"; exit }
+  ok = (op == "<=") ? (v + 0 <= l + 0) : (v + 0 >= l + 0); print ok ? "yes" : "NO" }'; }
+
+echo
+echo "medians of $rounds_done rounds [min..max]; ratio = loom/Go (lower is better for loom"
+echo "except the speed-up rows); target and 'met' judge the loom median"
+printf '%-22s %-7s %-26s %-26s %-7s %-8s %s\n' case unit "loom" "go" "loom/go" target met
+row() { # row LABEL UNIT CASE FIELD TARGET_OP TARGET
+  local label=$1 unit=$2 case=$3 f=$4 op=${5:-} lim=${6:-}
+  local lm lmin lmax ln gm gmin gmax gn
+  read -r lm lmin lmax ln <<<"$(stat ${SAMPLES[loom:$case:$f]:-})"
+  read -r gm gmin gmax gn <<<"$(stat ${SAMPLES[go:$case:$f]:-})"
+  local lcell="-" gcell="-"
+  [[ $lm != - ]] && lcell="$lm [$lmin..$lmax]"
+  [[ $gm != - ]] && gcell="$gm [$gmin..$gmax]"
+  local tgt="-" met="-"
+  if [[ -n $op ]]; then tgt="$op $lim"; met=$(meets "$lm" "$op" "$lim"); fi
+  printf '%-22s %-7s %-26s %-26s %-7s %-8s %s\n' "$label" "$unit" "$lcell" "$gcell" \
+    "$(div "$lm" "$gm")" "$tgt" "$met"
+}
+row "yield" ns/op yield ns_per_op "<=" 10
+row "spawn+run+exit (warm)" ns/op spawn ns_per_op "<=" 100
+row "spawn+run+exit (cold)" ns/op spawn cold_ns_per_op
+row "parked coroutine" KiB parked kib_per_op "<=" 4.5
+row "cpu-bound, 1 P" ms cpu1 ms
+row "cpu-bound, 2 P" ms cpu2 ms
+
+# Speed-up: per round, ms(1 P) / ms(2 P) from runs made seconds apart,
+# then the median of those ratios.
+speedups() {
+  local -a one=(${SAMPLES[$1:cpu1:ms]:-}) two=(${SAMPLES[$1:cpu2:ms]:-})
+  local i n=${#one[@]}
+  ((${#two[@]} < n)) && n=${#two[@]}
+  for ((i = 0; i < n; i++)); do div "${one[i]}" "${two[i]}"; done
+}
+read -r lsm lsmin lsmax _ <<<"$(stat $(speedups loom))"
+read -r gsm gsmin gsmax _ <<<"$(stat $(speedups go))"
+lcell="-" gcell="-"
+[[ $lsm != - ]] && lcell="${lsm}x [$lsmin..$lsmax]"
+[[ $gsm != - ]] && gcell="${gsm}x [$gsmin..$gsmax]"
+printf '%-22s %-7s %-26s %-26s %-7s %-8s %s\n' "speed-up 2 P / 1 P" x "$lcell" "$gcell" \
+  "$(div "$lsm" "$gsm")" ">= 1.8" "$(meets "$lsm" ">=" 1.8)"
+
+nfail=0
+for k in "${!FAILS[@]}"; do
+  echo "failed runs: $k x${FAILS[$k]}"
+  nfail=$((nfail + FAILS[$k]))
+done
+echo "total time: $((SECONDS - START)) s"
+((nfail == 0))

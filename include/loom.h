@@ -1,0 +1,9 @@
+/* loom.h — everything loom offers, in one include. */
+#ifndef LOOM_H
+#define LOOM_H
+
+#include "loom/alloc.h"
+#include "loom/error.h"
+#include "loom/runtime.h"
+
+#endif /* LOOM_H */

@@ -1,0 +1,42 @@
+/*
+ * netpoll.h — the contract every poller backend implements.
+ *
+ * The scheduler owns one poller per runtime.  At most one M at a time
+ * blocks in loom__netpoll_poll (the scheduler guarantees it through
+ * rt->lastpoll); any thread may call loom__netpoll_break to cut that wait
+ * short, when new work or an earlier timer appears.  Breaks coalesce: many
+ * breaks before the next poll cost one wake-up.
+ *
+ *   loom__netpoll_init(np)       create the poller.  0 or -errno.
+ *   loom__netpoll_close(np)      destroy it; nobody may be polling.
+ *   loom__netpoll_poll(np, delay, out)
+ *                                wait up to `delay` ns (<0: until an event
+ *                                or a break; 0: do not wait), then append
+ *                                every G made runnable by I/O readiness to
+ *                                `out` (a list linked by schedlink).
+ *                                Returns how many it appended.
+ *   loom__netpoll_break(np)      make a current or next poll return soon.
+ *
+ * The backend in this build is netpoll_epoll.c.  Poll descriptors — the
+ * per-socket read and write waiters — come with the net layer.
+ */
+#ifndef LOOM_NETPOLL_NETPOLL_H
+#define LOOM_NETPOLL_NETPOLL_H
+
+#include <stdint.h>
+
+typedef struct loom__netpoll {
+  int epfd;
+  int evfd;                       /* eventfd that breaks a blocked wait */
+  _Atomic uint32_t break_pending; /* a break is written and not yet read */
+} loom__netpoll;
+
+struct loom__g;
+
+int loom__netpoll_init(loom__netpoll *np);
+void loom__netpoll_close(loom__netpoll *np);
+int loom__netpoll_poll(loom__netpoll *np, int64_t delay_ns,
+                       struct loom__g **out_head, struct loom__g **out_tail);
+void loom__netpoll_break(loom__netpoll *np);
+
+#endif

@@ -1,0 +1,78 @@
+/*
+ * block.c — handing the P over around calls that block the thread.
+ *
+ * loom_block_enter marks the M's P as P_BLOCKED and keeps nothing else:
+ * two atomic stores.  If the call returns quickly, loom_block_exit takes
+ * the P back with one CAS and nothing else happened.  If the call lasts,
+ * sysmon CASes the P from P_BLOCKED to P_IDLE (retake, sysmon.c) and hands
+ * it to another M, so the P's other coroutines keep running.  Then
+ * loom_block_exit's CAS fails; it tries any idle P, and failing that,
+ * queues its G globally and parks its M (Go's entersyscall/exitsyscall).
+ */
+#include "runtime/runtime.h"
+
+static void post_globrunq(loom__m *m, loom__g *g, void *arg) {
+  (void)arg;
+  loom__rt *rt = m->rt;
+  atomic_store_explicit(&g->status, G_RUNNABLE, memory_order_relaxed);
+  pthread_mutex_lock(&rt->lock);
+  loom__globrunq_put(rt, g);
+  pthread_mutex_unlock(&rt->lock);
+  /* An idle P may have appeared since loom_block_exit looked. */
+  loom__wakep(rt);
+}
+
+static void post_abandon(loom__m *m, loom__g *g, void *arg) {
+  (void)m;
+  (void)arg;
+  atomic_store_explicit(&g->status, G_WAITING, memory_order_relaxed);
+}
+
+void loom_block_enter(void) {
+  loom__m *m = loom__getm();
+  if (m == NULL || m->p == NULL || m->curg == NULL || m->curg->is_g0)
+    return;
+  loom__p *p = m->p;
+  m->oldp = p;
+  m->p = NULL;
+  m->in_block = true;
+  uint32_t t = atomic_load_explicit(&p->blocktick, memory_order_relaxed);
+  atomic_store_explicit(&p->blocktick, t + 1, memory_order_relaxed);
+  atomic_store_explicit(&p->status, P_BLOCKED, memory_order_release);
+  if (atomic_load_explicit(&m->rt->sysmonwait, memory_order_relaxed))
+    loom__sysmon_wake(m->rt);
+}
+
+void loom_block_exit(void) {
+  loom__m *m = loom__getm();
+  if (m == NULL || !m->in_block)
+    return;
+  loom__rt *rt = m->rt;
+  loom__p *p = m->oldp;
+  loom__g *g = m->curg;
+  m->oldp = NULL;
+  m->in_block = false;
+  uint32_t s = P_BLOCKED;
+  if (atomic_compare_exchange_strong_explicit(&p->status, &s, P_RUNNING,
+                                              memory_order_acq_rel,
+                                              memory_order_relaxed)) {
+    m->p = p;
+    if (!atomic_load_explicit(&rt->stopping, memory_order_relaxed))
+      return;
+    m->p = NULL; /* stopping: this coroutine will not run again */
+  }
+  if (!atomic_load(&rt->stopping)) {
+    pthread_mutex_lock(&rt->lock);
+    loom__p *idle = loom__pidleget(rt);
+    pthread_mutex_unlock(&rt->lock);
+    if (idle != NULL) {
+      loom__acquirep(m, idle);
+      return;
+    }
+    /* No P: queue g globally; this M goes idle on g0. */
+    loom__switch_to_g0(m, g, post_globrunq, NULL);
+    return;
+  }
+  loom__switch_to_g0(m, g, post_abandon, NULL);
+  loom__throw("block_exit: abandoned coroutine resumed");
+}

@@ -1,0 +1,19 @@
+/*
+ * export_test.h — internals the tests may look at (Go's export_test.go).
+ * Linked from the static library only; never installed.
+ */
+#ifndef LOOM_EXPORT_TEST_H
+#define LOOM_EXPORT_TEST_H
+
+#include <stdint.h>
+
+/* Index (0..procs-1) of the P running the caller, or -1 outside a
+ * coroutine. */
+int loom__test_proc_id(void);
+/* Id of the M (thread) running the caller, or 0 outside the runtime. */
+uint64_t loom__test_thread_id(void);
+/* 1 if stack guards are kernel guard pages (MADV_GUARD_INSTALL), 0 if
+ * the canary fallback is in use.  Valid while a runtime runs. */
+int loom__test_stack_guard_pages(void);
+
+#endif

@@ -1,0 +1,1495 @@
+/*
+ * proc.c — the scheduler: Go's G/M/P in C.
+ *
+ * Gs (coroutines) run on Ms (threads) that hold Ps (processors).  Each P
+ * has a local run queue; a global queue takes overflow and work from
+ * threads that hold no P.  An M looking for work (findrunnable) tries, in
+ * order: its P's due timers, the global queue every 61st tick (so a
+ * ping-pong pair on the local queue cannot starve it), the local queue,
+ * the global queue, the poller without blocking, and stealing half of a
+ * random victim's queue (and its due timers).  Finding nothing, it gives
+ * its P back and sleeps; exactly one sleeping M blocks in the poller,
+ * with the earliest timer of all Ps as its timeout.
+ *
+ * Spinning (Go's "worker thread parking/unparking"): an M that is looking
+ * for work is "spinning"; while one spins, nobody wakes another (wakep is
+ * a no-op), and the spinner, when it finds work, wakes a replacement.  A
+ * spinner that gives up re-checks every queue after it stops counting as
+ * spinning, so work submitted in between is never stranded.  At most half
+ * the busy Ps' worth of Ms spin at once.
+ *
+ * Switching.  Go switches from a parking G to the M's g0 stack, decides
+ * there, and switches to the next G: two switches.  Here a G that parks
+ * or yields picks the next G itself (runnext or the local queue) and
+ * switches to it directly, one switch, going through g0 only when the
+ * decision needs more (global queue, stealing, sleeping, pinned Gs).  The
+ * catch is that the parking G's context is not saved until the switch
+ * happens, so whatever must happen "after it is off its stack" (marking it
+ * waiting, queueing it, recycling a dead G) is a post-switch action
+ * stored on the M and run by whichever context the switch lands in.
+ * That is the park contract:
+ *
+ *   loom__park(commit, arg): the G switches away; then, on the next
+ *   context, its status becomes G_WAITING and commit(g, arg) runs (this
+ *   is where a timer is armed or a wait-queue lock released); if commit
+ *   returns false the G is readied at once.  From G_WAITING only
+ *   loom__ready() moves it on.  So a wake-up can never race ahead of the
+ *   save: whoever can wake the G learns about it only in commit.
+ *
+ * Thread-local state.  A G that parks on one M may resume on another, and
+ * a compiler may keep the address of a __thread variable in a register
+ * across the call that switched (brpc's years-long bug).  The scheduler's
+ * one thread-local, the current M, is read only through loom__getm(),
+ * which is never inlined and has a side effect the optimizer must keep,
+ * and is re-read after every switch.  errno is saved and restored per G by
+ * the same kind of out-of-line helpers.
+ *
+ * Rejected: ucontext (a signal-mask system call per switch); a single
+ * global queue (every switch contends); one thread per P with no hand-off
+ * (a blocking call would stall the whole P); asynchronous preemption (C
+ * has no safe points).
+ */
+#include <dlfcn.h>
+#include <errno.h>
+#include <sched.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "runtime/alloc.h"
+#include "runtime/export_test.h"
+#include "runtime/runtime.h"
+
+#ifdef LOOM_ASAN
+void __sanitizer_start_switch_fiber(void **fake_stack_save, const void *bottom,
+                                    size_t size);
+void __sanitizer_finish_switch_fiber(void *fake_stack_save,
+                                     const void **bottom_old,
+                                     size_t *size_old);
+#endif
+#ifdef LOOM_TSAN
+void *__tsan_get_current_fiber(void);
+void *__tsan_create_fiber(unsigned flags);
+void __tsan_destroy_fiber(void *fiber);
+void __tsan_switch_to_fiber(void *fiber, unsigned flags);
+#endif
+
+#define DEFAULT_STACK ((size_t)64 << 10)
+#define MIN_STACK ((size_t)16 << 10)
+#define PCACHE_MAX 64
+#define SIGSTACK_SIZE ((size_t)64 << 10)
+
+static __thread loom__m *tls_m;
+static _Atomic(loom__rt *) current_rt;
+/* Serialises foreign threads' use of current_rt against teardown. */
+static pthread_mutex_t rt_mu = PTHREAD_MUTEX_INITIALIZER;
+static struct sigaction old_segv, old_bus;
+
+/* ---- thread-local access that survives switches -------------------- */
+
+#if defined(__clang__)
+#define LOOM_NOIPA __attribute__((noinline))
+#else
+#define LOOM_NOIPA __attribute__((noinline, noipa))
+#endif
+
+LOOM_NOIPA loom__m *loom__getm(void) {
+  __asm__ volatile("" ::: "memory");
+  return tls_m;
+}
+
+LOOM_NOIPA static void set_tls_m(loom__m *m) {
+  __asm__ volatile("" ::: "memory");
+  tls_m = m;
+}
+
+LOOM_NOIPA static int errno_get(void) {
+  __asm__ volatile("" ::: "memory");
+  return errno;
+}
+
+LOOM_NOIPA static void errno_set(int e) {
+  __asm__ volatile("" ::: "memory");
+  errno = e;
+}
+
+/* The scheduler's locks are held for a few hundred instructions at most:
+ * spin briefly before sleeping in the kernel (glibc's adaptive mutex). */
+int loom__mutex_init(pthread_mutex_t *mu) {
+  pthread_mutexattr_t attr;
+  pthread_mutexattr_init(&attr);
+  pthread_mutexattr_settype(&attr, PTHREAD_MUTEX_ADAPTIVE_NP);
+  int err = pthread_mutex_init(mu, &attr);
+  pthread_mutexattr_destroy(&attr);
+  return -err;
+}
+
+loom__rt *loom__rt_get(void) {
+  loom__m *m = loom__getm();
+  return m ? m->rt : atomic_load(&current_rt);
+}
+
+loom__g *loom__getg(void) {
+  loom__m *m = loom__getm();
+  if (m == NULL || m->curg == NULL || m->curg->is_g0)
+    return NULL;
+  return m->curg;
+}
+
+int64_t loom_now(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+
+void loom__throw(const char *msg) {
+  char buf[256];
+  int n = snprintf(buf, sizeof buf, "loom: fatal: %s\n", msg);
+  if (n > 0)
+    (void)!write(2, buf, (size_t)n < sizeof buf ? (size_t)n : sizeof buf);
+  abort();
+}
+
+static void default_log(void *arg, const char *msg) {
+  (void)arg;
+  char buf[1100];
+  int n = snprintf(buf, sizeof buf, "loom: %s\n", msg);
+  if (n > 0)
+    (void)!write(2, buf, (size_t)n < sizeof buf ? (size_t)n : sizeof buf);
+}
+
+void loom__log(loom__rt *rt, const char *fmt, ...) {
+  char buf[1024];
+  va_list ap;
+  va_start(ap, fmt);
+  vsnprintf(buf, sizeof buf, fmt, ap);
+  va_end(ap);
+  rt->cfg.log(rt->cfg.log_arg, buf);
+}
+
+static uint32_t fastrand(loom__m *m) {
+  uint32_t x = m->fastrand;
+  x ^= x << 13;
+  x ^= x >> 17;
+  x ^= x << 5;
+  return m->fastrand = x;
+}
+
+/* ---- Gs: allocation, stacks, switching ---------------------------- */
+
+static inline char *g_stack_lo(const loom__rt *rt, const loom__g *g) {
+  return g->stk.base + rt->stacks.page;
+}
+
+/* The G lives in the top bytes of its stack slot. */
+static loom__g *g_place(loom__rt *rt, const loom__stack *st) {
+  uintptr_t top = (uintptr_t)(st->base + st->size);
+  loom__g *g = (loom__g *)((top - sizeof(loom__g)) & ~(uintptr_t)63);
+  memset(g, 0, sizeof *g);
+  g->stk = *st;
+#ifdef LOOM_TSAN
+  g->tsan_fiber = __tsan_create_fiber(0);
+#endif
+  (void)rt;
+  return g;
+}
+
+static void g_entry(void *arg);
+
+static loom__g *g_alloc(loom__rt *rt, loom__p *p, size_t stack_size) {
+  loom__stacks *s = &rt->stacks;
+  loom__g *g = NULL;
+  if (stack_size != 0 && stack_size != s->slot_size) {
+    loom__stack st;
+    if (loom__stack_map(s, stack_size, &st) != 0)
+      return NULL;
+    g = g_place(rt, &st);
+    g->custom_stack = true;
+    pthread_mutex_lock(&s->lock);
+    g->alllink = s->custom;
+    s->custom = g;
+    pthread_mutex_unlock(&s->lock);
+    return g;
+  }
+  if (p != NULL && p->gfree != NULL) {
+    g = p->gfree;
+    p->gfree = g->schedlink;
+    p->ngfree--;
+    return g;
+  }
+  pthread_mutex_lock(&s->lock);
+  if (s->gfree == NULL && s->gclean != NULL) {
+    g = s->gclean;
+    s->gclean = g->schedlink;
+    s->nclean--;
+  } else if (s->gfree != NULL) {
+    g = s->gfree;
+    s->gfree = g->schedlink;
+    s->ngfree--;
+    /* Refill the P's cache while the lock is held. */
+    while (p != NULL && s->gfree != NULL && p->ngfree < PCACHE_MAX / 2) {
+      loom__g *g1 = s->gfree;
+      s->gfree = g1->schedlink;
+      s->ngfree--;
+      g1->schedlink = p->gfree;
+      p->gfree = g1;
+      p->ngfree++;
+    }
+  } else {
+    loom__stack st;
+    if (loom__stack_carve(s, &st) == 0)
+      g = g_place(rt, &st);
+  }
+  pthread_mutex_unlock(&s->lock);
+  return g;
+}
+
+static void custom_unlink(loom__rt *rt, loom__g *g) {
+  loom__stacks *s = &rt->stacks;
+  pthread_mutex_lock(&s->lock);
+  for (loom__g **pp = (loom__g **)&s->custom; *pp; pp = &(*pp)->alllink)
+    if (*pp == g) {
+      *pp = g->alllink;
+      break;
+    }
+  pthread_mutex_unlock(&s->lock);
+}
+
+/* Recycle a dead G.  Runs on another stack than g's. */
+static void g_free(loom__rt *rt, loom__p *p, loom__g *g) {
+  atomic_store_explicit(&g->status, G_IDLE, memory_order_relaxed);
+  if (g->custom_stack) {
+    custom_unlink(rt, g);
+#ifdef LOOM_TSAN
+    __tsan_destroy_fiber(g->tsan_fiber);
+#endif
+    loom__stack st = g->stk;
+    loom__stack_unmap(&st);
+    return;
+  }
+  g->schedlink = p->gfree;
+  p->gfree = g;
+  if (++p->ngfree < PCACHE_MAX)
+    return;
+  /* Spill half to the global list; sysmon trims spilled stacks. */
+  loom__g *head = p->gfree, *tail = head;
+  for (int i = 1; i < PCACHE_MAX / 2; i++)
+    tail = tail->schedlink;
+  p->gfree = tail->schedlink;
+  p->ngfree -= PCACHE_MAX / 2;
+  pthread_mutex_lock(&rt->stacks.lock);
+  tail->schedlink = rt->stacks.gfree;
+  rt->stacks.gfree = head;
+  rt->stacks.ngfree += PCACHE_MAX / 2;
+  pthread_mutex_unlock(&rt->stacks.lock);
+}
+
+static void after_switch(loom__g *g);
+
+/* Switch from `from` (running on m) to `to`.  Returns when something
+ * switches back to `from`, possibly on another M. */
+static void gswitch(loom__m *m, loom__g *from, loom__g *to, bool dying) {
+  loom__rt *rt = m->rt;
+  from->err = errno_get();
+  if (!from->is_g0 && !dying && !rt->stacks.guard_pages &&
+      *(uint64_t *)(void *)g_stack_lo(rt, from) != LOOM_STACK_CANARY) {
+    loom__log(rt, "stack overflow in coroutine %llu (canary overwritten)",
+              (unsigned long long)from->id);
+    loom__throw("stack overflow");
+  }
+  m->curg = to;
+  if (m->p != NULL) {
+    atomic_store_explicit(&m->p->run_id, to->id, memory_order_relaxed);
+    atomic_store_explicit(&m->p->run_pc, to->spawn_pc, memory_order_relaxed);
+  }
+#ifdef LOOM_ASAN
+  const void *bottom;
+  size_t size;
+  if (to->is_g0) {
+    bottom = to->stk.base;
+    size = to->stk.size;
+  } else {
+    bottom = g_stack_lo(rt, to);
+    size = (size_t)((const char *)to - (const char *)bottom);
+  }
+  __sanitizer_start_switch_fiber(dying ? NULL : &from->asan_fake, bottom,
+                                 size);
+#endif
+#ifdef LOOM_TSAN
+  __tsan_switch_to_fiber(to->tsan_fiber, 0);
+#endif
+  loom__ctx_switch(&from->ctx, &to->ctx);
+  after_switch(from);
+}
+
+/* First thing a context runs when it is switched (back) in. */
+static void after_switch(loom__g *g) {
+#ifdef LOOM_ASAN
+  __sanitizer_finish_switch_fiber(g->asan_fake, NULL, NULL);
+#endif
+  loom__m *m = loom__getm();
+  if (m->post_fn != NULL) {
+    loom__post_fn fn = m->post_fn;
+    m->post_fn = NULL;
+    fn(m, m->post_g, m->post_arg);
+  }
+  errno_set(g->err);
+}
+
+static inline void tick(loom__p *p) {
+  uint32_t t = atomic_load_explicit(&p->schedtick, memory_order_relaxed);
+  atomic_store_explicit(&p->schedtick, t + 1, memory_order_relaxed);
+}
+
+static void run_due_timers(loom__p *p) {
+  int64_t next = loom__timers_next(&p->timers);
+  if (next != 0 && next <= loom_now())
+    loom__timers_run(&p->timers, loom_now());
+}
+
+/* The next G this P should run without consulting g0, or NULL. */
+static loom__g *fast_next(loom__m *m, loom__p *p) {
+  loom__rt *rt = m->rt;
+  if (atomic_load_explicit(&p->schedtick, memory_order_relaxed) % 61 == 0 &&
+      atomic_load_explicit(&rt->runqsize, memory_order_relaxed) != 0)
+    return NULL;
+  run_due_timers(p);
+  loom__g *g = loom__runq_get(p);
+  if (g != NULL && g->lockedm != NULL) {
+    m->handoff = g; /* g0 hands the P to g's M */
+    return NULL;
+  }
+  return g;
+}
+
+/* The running G `g` gives up its M.  The post action is already set. */
+static void switch_out(loom__m *m, loom__g *g, bool dying) {
+  loom__p *p = m->p;
+  loom__g *next = NULL;
+  if (p != NULL && m->lockedg == NULL &&
+      !atomic_load_explicit(&m->rt->stopping, memory_order_relaxed))
+    next = fast_next(m, p);
+  if (next == NULL) {
+    next = &m->g0;
+  } else {
+    atomic_store_explicit(&next->status, G_RUNNING, memory_order_relaxed);
+    tick(p);
+  }
+  gswitch(m, g, next, dying);
+}
+
+void loom__switch_to_g0(loom__m *m, loom__g *g, loom__post_fn fn,
+                        void *arg) {
+  m->post_fn = fn;
+  m->post_g = g;
+  m->post_arg = arg;
+  gswitch(m, g, &m->g0, false);
+}
+
+/* ---- post-switch actions ----------------------------------------- */
+
+struct park_req {
+  bool (*commit)(loom__g *g, void *arg);
+  void *arg;
+};
+
+static void post_park(loom__m *m, loom__g *g, void *arg) {
+  (void)m;
+  struct park_req *r = arg;
+  atomic_store_explicit(&g->status, G_WAITING, memory_order_release);
+  if (r->commit != NULL && !r->commit(g, r->arg))
+    loom__ready(g);
+}
+
+static void post_yield(loom__m *m, loom__g *g, void *arg) {
+  (void)arg;
+  atomic_store_explicit(&g->status, G_RUNNABLE, memory_order_relaxed);
+  loom__runq_put(m->rt, m->p, g, false);
+}
+
+static void post_exit(loom__m *m, loom__g *g, void *arg) {
+  (void)arg;
+  atomic_store_explicit(&g->status, G_DEAD, memory_order_relaxed);
+  g_free(m->rt, m->p, g);
+}
+
+void loom__park(bool (*commit)(loom__g *g, void *arg), void *arg,
+                const char *reason) {
+  loom__m *m = loom__getm();
+  loom__g *g = m->curg;
+  if (g == NULL || g->is_g0)
+    loom__throw("park: not on a coroutine");
+  if (m->p == NULL)
+    loom__throw("park: inside loom_block_enter/exit");
+  struct park_req r = {commit, arg};
+  g->wait_reason = reason;
+  m->post_fn = post_park;
+  m->post_g = g;
+  m->post_arg = &r;
+  switch_out(m, g, false);
+  g->wait_reason = NULL;
+}
+
+void loom__ready(loom__g *g) {
+  uint32_t s = G_WAITING;
+  if (!atomic_compare_exchange_strong_explicit(&g->status, &s, G_RUNNABLE,
+                                               memory_order_acq_rel,
+                                               memory_order_relaxed))
+    loom__throw("ready: bad g status");
+  loom__m *m = loom__getm();
+  loom__rt *rt = m ? m->rt : atomic_load(&current_rt);
+  if (m != NULL && m->p != NULL) {
+    loom__runq_put(rt, m->p, g, true);
+  } else {
+    pthread_mutex_lock(&rt->lock);
+    loom__globrunq_put(rt, g);
+    pthread_mutex_unlock(&rt->lock);
+  }
+  loom__wakep(rt);
+}
+
+/* ---- Ps and Ms ---------------------------------------------------- */
+
+static void pidleput(loom__rt *rt, loom__p *p) {
+  atomic_store_explicit(&p->status, P_IDLE, memory_order_release);
+  atomic_store_explicit(&p->run_id, 0, memory_order_relaxed);
+  p->link = rt->pidle;
+  rt->pidle = p;
+  atomic_fetch_add(&rt->npidle, 1);
+}
+
+loom__p *loom__pidleget(loom__rt *rt) {
+  loom__p *p = rt->pidle;
+  if (p != NULL) {
+    rt->pidle = p->link;
+    atomic_fetch_sub(&rt->npidle, 1);
+    if (atomic_load_explicit(&rt->sysmonwait, memory_order_relaxed))
+      loom__sysmon_wake(rt);
+  }
+  return p;
+}
+
+void loom__acquirep(loom__m *m, loom__p *p) {
+  atomic_store_explicit(&p->status, P_RUNNING, memory_order_release);
+  m->p = p;
+}
+
+static loom__p *releasep(loom__m *m) {
+  loom__p *p = m->p;
+  m->p = NULL;
+  return p;
+}
+
+static loom__m *mget(loom__rt *rt) {
+  loom__m *m = rt->midle;
+  if (m != NULL) {
+    rt->midle = m->link;
+    rt->nmidle--;
+    atomic_store_explicit(&rt->nmidle_pub, rt->nmidle, memory_order_relaxed);
+  }
+  return m;
+}
+
+static void *m_main(void *arg);
+
+/* Create an M that starts with `p`.  rt->lock held (so teardown, which
+ * joins every M in allm under the same lock, never sees a half-made M). */
+static int newm_locked(loom__rt *rt, loom__p *p, bool spinning) {
+  loom__m *m = loom__calloc(1, sizeof *m);
+  if (m == NULL)
+    return -ENOMEM;
+  m->rt = rt;
+  m->id = atomic_fetch_add(&rt->mnext, 1) + 1;
+  m->fastrand = (uint32_t)(m->id * 0x9E3779B9u) | 1;
+  m->nextp = p;
+  m->spinning = spinning;
+  m->g0.is_g0 = true;
+  loom__note_clear(&m->park);
+  pthread_attr_t attr;
+  pthread_attr_init(&attr);
+  pthread_attr_setstacksize(&attr, (size_t)1 << 20);
+  int err = pthread_create(&m->thread, &attr, m_main, m);
+  pthread_attr_destroy(&attr);
+  if (err != 0) {
+    loom__free(m);
+    return -err;
+  }
+  m->alllink = rt->allm;
+  rt->allm = m;
+  rt->mcount++;
+  atomic_store_explicit(&rt->mcount_pub, rt->mcount, memory_order_relaxed);
+  return 0;
+}
+
+void loom__startm(loom__rt *rt, loom__p *p, bool spinning) {
+  pthread_mutex_lock(&rt->lock);
+  if (p == NULL) {
+    p = loom__pidleget(rt);
+    if (p == NULL) {
+      pthread_mutex_unlock(&rt->lock);
+      if (spinning)
+        atomic_fetch_sub(&rt->nmspinning, 1);
+      return;
+    }
+  }
+  if (atomic_load(&rt->stopping)) {
+    pidleput(rt, p);
+    pthread_mutex_unlock(&rt->lock);
+    if (spinning)
+      atomic_fetch_sub(&rt->nmspinning, 1);
+    return;
+  }
+  loom__m *nm = mget(rt);
+  if (nm == NULL) {
+    int err = newm_locked(rt, p, spinning);
+    if (err != 0) {
+      pidleput(rt, p);
+      pthread_mutex_unlock(&rt->lock);
+      if (spinning)
+        atomic_fetch_sub(&rt->nmspinning, 1);
+      loom__log(rt, "cannot start a thread: %s", loom_strerror(err));
+      return;
+    }
+    pthread_mutex_unlock(&rt->lock);
+    return;
+  }
+  pthread_mutex_unlock(&rt->lock);
+  nm->spinning = spinning;
+  nm->nextp = p;
+  loom__note_wakeup(&nm->park);
+}
+
+void loom__wakep(loom__rt *rt) {
+  if (atomic_load_explicit(&rt->npidle, memory_order_acquire) == 0)
+    return;
+  int zero = 0;
+  if (atomic_load_explicit(&rt->nmspinning, memory_order_acquire) != 0 ||
+      !atomic_compare_exchange_strong(&rt->nmspinning, &zero, 1))
+    return;
+  loom__startm(rt, NULL, true);
+}
+
+/* Hand off a P whose M is blocked or pinned: start an M for it if there
+ * is anything it could do, else put it on the idle list. */
+void loom__handoffp(loom__rt *rt, loom__p *p) {
+  if (!loom__runq_empty(p) || atomic_load(&rt->runqsize) != 0) {
+    loom__startm(rt, p, false);
+    return;
+  }
+  int zero = 0;
+  if (atomic_load(&rt->nmspinning) + atomic_load(&rt->npidle) == 0 &&
+      atomic_compare_exchange_strong(&rt->nmspinning, &zero, 1)) {
+    loom__startm(rt, p, true);
+    return;
+  }
+  pthread_mutex_lock(&rt->lock);
+  if (atomic_load(&rt->runqsize) != 0) {
+    pthread_mutex_unlock(&rt->lock);
+    loom__startm(rt, p, false);
+    return;
+  }
+  /* The last P going idle while nobody polls: someone must poll. */
+  if (atomic_load(&rt->npidle) == rt->nprocs - 1 &&
+      atomic_load(&rt->lastpoll) != 0 &&
+      (loom__timers_next(&p->timers) != 0 ||
+       atomic_load(&rt->netpoll_waiters) != 0)) {
+    pthread_mutex_unlock(&rt->lock);
+    loom__startm(rt, p, false);
+    return;
+  }
+  int64_t when = loom__timers_next(&p->timers);
+  pidleput(rt, p);
+  pthread_mutex_unlock(&rt->lock);
+  if (when != 0)
+    loom__wake_netpoller(rt, when);
+}
+
+void loom__wake_netpoller(loom__rt *rt, int64_t when) {
+  if (atomic_load(&rt->lastpoll) == 0) {
+    int64_t until = atomic_load(&rt->polluntil);
+    if (until == 0 || until > when)
+      loom__netpoll_break(&rt->np);
+  } else {
+    loom__wakep(rt);
+  }
+}
+
+/* Put a list of runnable Gs (linked by schedlink) where they will run. */
+void loom__inject(loom__rt *rt, loom__g *list) {
+  if (list == NULL)
+    return;
+  int n = 0;
+  loom__g *tail = list;
+  for (loom__g *g = list; g; g = g->schedlink) {
+    atomic_store_explicit(&g->status, G_RUNNABLE, memory_order_relaxed);
+    tail = g;
+    n++;
+  }
+  pthread_mutex_lock(&rt->lock);
+  loom__globrunq_putbatch(rt, list, tail, (uint64_t)n);
+  pthread_mutex_unlock(&rt->lock);
+  for (int i = 0; i < n && atomic_load(&rt->npidle) > 0; i++)
+    loom__startm(rt, NULL, false);
+}
+
+static void stopm(loom__m *m) {
+  loom__rt *rt = m->rt;
+  if (m->p != NULL)
+    loom__throw("stopm: holding a P");
+  if (m->spinning)
+    loom__throw("stopm: spinning");
+  pthread_mutex_lock(&rt->lock);
+  if (atomic_load(&rt->stopping)) {
+    pthread_mutex_unlock(&rt->lock);
+    return;
+  }
+  m->link = rt->midle;
+  rt->midle = m;
+  rt->nmidle++;
+  atomic_store_explicit(&rt->nmidle_pub, rt->nmidle, memory_order_relaxed);
+  pthread_mutex_unlock(&rt->lock);
+  loom__note_sleep(&m->park);
+  loom__note_clear(&m->park);
+  if (m->nextp != NULL) {
+    loom__acquirep(m, m->nextp);
+    m->nextp = NULL;
+  }
+}
+
+static void resetspinning(loom__m *m) {
+  m->spinning = false;
+  if (atomic_fetch_sub(&m->rt->nmspinning, 1) <= 0)
+    loom__throw("resetspinning: negative nmspinning");
+  loom__wakep(m->rt);
+}
+
+/* Run `m`'s pinned G: wait, P-less, until someone hands us a P with it. */
+static void stoplockedm(loom__m *m) {
+  loom__rt *rt = m->rt;
+  if (m->p != NULL) {
+    loom__p *p = releasep(m);
+    loom__handoffp(rt, p);
+  }
+  for (;;) {
+    loom__note_sleep(&m->park);
+    loom__note_clear(&m->park);
+    if (atomic_load(&rt->stopping) || m->nextp != NULL)
+      break;
+  }
+  if (m->nextp != NULL) {
+    loom__acquirep(m, m->nextp);
+    m->nextp = NULL;
+  }
+}
+
+/* Give our P to the M that `g` is pinned to, and go idle. */
+static void startlockedm(loom__m *m, loom__g *g) {
+  loom__m *lm = g->lockedm;
+  loom__p *p = releasep(m);
+  lm->nextp = p;
+  loom__note_wakeup(&lm->park);
+  stopm(m);
+}
+
+/* ---- finding work -------------------------------------------------- */
+
+static loom__g *steal_work(loom__m *m) {
+  loom__rt *rt = m->rt;
+  loom__p *p = m->p;
+  for (int round = 0; round < 4; round++) {
+    bool last = round == 3;
+    uint32_t start = fastrand(m) % (uint32_t)rt->nprocs;
+    for (int j = 0; j < rt->nprocs; j++) {
+      if (atomic_load_explicit(&rt->stopping, memory_order_relaxed))
+        return NULL;
+      loom__p *v = rt->allp[(start + (uint32_t)j) % (uint32_t)rt->nprocs];
+      if (v == p)
+        continue;
+      if (last) {
+        /* Run the victim's due timers; what they ready lands on our P. */
+        int64_t next = loom__timers_next(&v->timers);
+        if (next != 0 && next <= loom_now()) {
+          loom__timers_run(&v->timers, loom_now());
+          loom__g *g = loom__runq_get(p);
+          if (g != NULL)
+            return g;
+        }
+      }
+      if (!loom__runq_empty(v)) {
+        loom__g *g = loom__runq_steal(p, v, last);
+        if (g != NULL) {
+          atomic_fetch_add_explicit(&rt->steals, 1, memory_order_relaxed);
+          return g;
+        }
+      }
+    }
+  }
+  return NULL;
+}
+
+int64_t loom__earliest_timer(loom__rt *rt) {
+  int64_t best = 0;
+  for (int i = 0; i < rt->nprocs; i++) {
+    int64_t w = loom__timers_next(&rt->allp[i]->timers);
+    if (w != 0 && (best == 0 || w < best))
+      best = w;
+  }
+  return best;
+}
+
+/* Find a runnable G for m; blocks the M until there is one.  Returns NULL
+ * when the runtime stops.  On return with a G, m holds a P. */
+static loom__g *findrunnable(loom__m *m) {
+  loom__rt *rt = m->rt;
+top:
+  if (atomic_load(&rt->stopping))
+    return NULL;
+  if (m->p == NULL) {
+    stopm(m);
+    goto top;
+  }
+  loom__p *p = m->p;
+  run_due_timers(p);
+  if (atomic_load_explicit(&p->schedtick, memory_order_relaxed) % 61 == 0 &&
+      atomic_load(&rt->runqsize) != 0) {
+    pthread_mutex_lock(&rt->lock);
+    loom__g *g = loom__globrunq_get(rt, p, 1);
+    pthread_mutex_unlock(&rt->lock);
+    if (g != NULL)
+      return g;
+  }
+  loom__g *g = loom__runq_get(p);
+  if (g != NULL)
+    return g;
+  if (atomic_load(&rt->runqsize) != 0) {
+    pthread_mutex_lock(&rt->lock);
+    g = loom__globrunq_get(rt, p, 0);
+    pthread_mutex_unlock(&rt->lock);
+    if (g != NULL)
+      return g;
+  }
+  /* Non-blocking poll, if there is anything to poll for. */
+  if (atomic_load(&rt->netpoll_waiters) != 0 &&
+      atomic_load(&rt->lastpoll) != 0) {
+    loom__g *head = NULL, *tail = NULL;
+    if (loom__netpoll_poll(&rt->np, 0, &head, &tail) > 0) {
+      g = head;
+      loom__inject(rt, g->schedlink);
+      atomic_store_explicit(&g->status, G_RUNNABLE, memory_order_relaxed);
+      return g;
+    }
+  }
+  /* Steal, if spinning is allowed. */
+  int busy = rt->nprocs - atomic_load(&rt->npidle);
+  if (m->spinning || 2 * atomic_load(&rt->nmspinning) < busy) {
+    if (!m->spinning) {
+      m->spinning = true;
+      atomic_fetch_add(&rt->nmspinning, 1);
+    }
+    g = steal_work(m);
+    if (g != NULL)
+      return g;
+  }
+
+  /* Nothing: give the P back. */
+  pthread_mutex_lock(&rt->lock);
+  if (atomic_load(&rt->stopping)) {
+    pthread_mutex_unlock(&rt->lock);
+    return NULL;
+  }
+  if (atomic_load(&rt->runqsize) != 0) {
+    g = loom__globrunq_get(rt, p, 0);
+    pthread_mutex_unlock(&rt->lock);
+    return g;
+  }
+  releasep(m);
+  pidleput(rt, p);
+  pthread_mutex_unlock(&rt->lock);
+
+  if (m->spinning) {
+    m->spinning = false;
+    if (atomic_fetch_sub(&rt->nmspinning, 1) <= 0)
+      loom__throw("findrunnable: negative nmspinning");
+    /* Re-check everything now that we no longer count as spinning: a
+     * producer that saw us spinning did not wake anyone. */
+    for (int i = 0; i < rt->nprocs; i++) {
+      if (!loom__runq_empty(rt->allp[i]) || atomic_load(&rt->runqsize)) {
+        pthread_mutex_lock(&rt->lock);
+        loom__p *p2 = loom__pidleget(rt);
+        pthread_mutex_unlock(&rt->lock);
+        if (p2 != NULL) {
+          loom__acquirep(m, p2);
+          m->spinning = true;
+          atomic_fetch_add(&rt->nmspinning, 1);
+          goto top;
+        }
+        break;
+      }
+    }
+  }
+
+  /* Sleep.  One M blocks in the poller until the earliest timer. */
+  int64_t until = loom__earliest_timer(rt);
+  if ((atomic_load(&rt->netpoll_waiters) != 0 || until != 0) &&
+      atomic_exchange(&rt->lastpoll, 0) != 0) {
+    atomic_store(&rt->polluntil, until);
+    int64_t delay = -1;
+    if (until != 0) {
+      delay = until - loom_now();
+      if (delay < 0)
+        delay = 0;
+    }
+    loom__g *head = NULL, *tail = NULL;
+    int n = loom__netpoll_poll(&rt->np, delay, &head, &tail);
+    atomic_store(&rt->polluntil, 0);
+    atomic_store(&rt->lastpoll, loom_now());
+    atomic_fetch_add_explicit(&rt->netpoll_wakeups, 1, memory_order_relaxed);
+    pthread_mutex_lock(&rt->lock);
+    loom__p *p2 = loom__pidleget(rt);
+    pthread_mutex_unlock(&rt->lock);
+    if (p2 == NULL) {
+      if (n > 0)
+        loom__inject(rt, head);
+    } else {
+      loom__acquirep(m, p2);
+      if (n > 0) {
+        g = head;
+        loom__inject(rt, g->schedlink);
+        atomic_store_explicit(&g->status, G_RUNNABLE, memory_order_relaxed);
+        return g;
+      }
+      /* Look again with the P: timers may be due (ours or a victim's). */
+      goto top;
+    }
+  } else if (until != 0) {
+    int64_t pu = atomic_load(&rt->polluntil);
+    if (pu == 0 || pu > until)
+      loom__netpoll_break(&rt->np);
+  }
+  stopm(m);
+  goto top;
+}
+
+/* The scheduler loop; runs on g0.  Returns when the runtime stops. */
+static void schedule(loom__m *m) {
+  for (;;) {
+    if (atomic_load(&m->rt->stopping))
+      return;
+    loom__g *g = NULL;
+    if (m->lockedg != NULL) {
+      stoplockedm(m);
+      if (atomic_load(&m->rt->stopping))
+        return;
+      g = m->lockedg;
+    } else if (m->handoff != NULL) {
+      g = m->handoff;
+      m->handoff = NULL;
+    } else {
+      g = findrunnable(m);
+      if (g == NULL)
+        return;
+      if (m->spinning)
+        resetspinning(m);
+    }
+    if (g->lockedm != NULL && g->lockedm != m) {
+      startlockedm(m, g);
+      continue;
+    }
+    atomic_store_explicit(&g->status, G_RUNNING, memory_order_relaxed);
+    tick(m->p);
+    gswitch(m, &m->g0, g, false);
+  }
+}
+
+/* ---- the coroutine's life ------------------------------------------ */
+
+static void begin_shutdown(loom__rt *rt);
+
+LOOM_NORETURN static void g_exit(loom__g *g) {
+  if (g->locals != NULL)
+    loom__locals_destroy(g, true);
+  loom__m *m = loom__getm();
+  loom__rt *rt = m->rt;
+  if (g->lockcount != 0) {
+    g->lockcount = 0;
+    g->lockedm = NULL;
+    m->lockedg = NULL;
+  }
+  atomic_fetch_sub_explicit(&rt->gcount, 1, memory_order_relaxed);
+  if (g == rt->main_g)
+    begin_shutdown(rt);
+  m->post_fn = post_exit;
+  m->post_g = g;
+  switch_out(m, g, true);
+  loom__throw("g_exit: dead coroutine resumed");
+}
+
+static void g_entry(void *arg) {
+  loom__g *g = arg;
+  after_switch(g);
+  g->fn(g->arg);
+  g_exit(g);
+}
+
+static uint64_t new_goid(loom__rt *rt, loom__p *p) {
+  if (p == NULL)
+    return atomic_fetch_add(&rt->goidgen, 1) + 1;
+  if (p->goid_next == p->goid_end) {
+    p->goid_next = atomic_fetch_add(&rt->goidgen, 16) + 1;
+    p->goid_end = p->goid_next + 16;
+  }
+  return p->goid_next++;
+}
+
+static int spawn(loom__rt *rt, loom__m *m, void (*fn)(void *), void *arg,
+                 size_t stack_size, const void *pc, loom__g **out) {
+  loom__p *p = m != NULL ? m->p : NULL;
+  loom__g *g = g_alloc(rt, p, stack_size);
+  if (g == NULL)
+    return -ENOMEM;
+  g->id = new_goid(rt, p);
+  g->spawn_pc = pc;
+  g->fn = fn;
+  g->arg = arg;
+  g->err = 0;
+  g->lockedm = NULL;
+  g->lockcount = 0;
+  g->locals = NULL;
+  g->asan_fake = NULL;
+  g->wait_reason = NULL;
+  loom__ctx_make(&g->ctx, (char *)g, g_entry, g);
+  atomic_store_explicit(&g->status, G_RUNNABLE, memory_order_relaxed);
+  atomic_fetch_add_explicit(&rt->gcount, 1, memory_order_relaxed);
+  atomic_fetch_add_explicit(&rt->spawned, 1, memory_order_relaxed);
+  if (out != NULL)
+    *out = g;
+  if (p != NULL) {
+    loom__runq_put(rt, p, g, true);
+  } else {
+    pthread_mutex_lock(&rt->lock);
+    loom__globrunq_put(rt, g);
+    pthread_mutex_unlock(&rt->lock);
+  }
+  loom__wakep(rt);
+  return 0;
+}
+
+static int go_impl(void (*fn)(void *), void *arg, size_t stack_size,
+                   const void *pc) {
+  if (fn == NULL)
+    return -EINVAL;
+  if (stack_size != 0 && stack_size < MIN_STACK)
+    return -EINVAL;
+  loom__m *m = loom__getm();
+  if (m != NULL) {
+    if (atomic_load_explicit(&m->rt->stopping, memory_order_relaxed))
+      return LOOM_ENORUNTIME;
+    return spawn(m->rt, m, fn, arg, stack_size, pc, NULL);
+  }
+  /* A foreign thread: hold rt_mu so the runtime cannot be torn down
+   * under us. */
+  pthread_mutex_lock(&rt_mu);
+  loom__rt *rt = atomic_load(&current_rt);
+  int err = LOOM_ENORUNTIME;
+  if (rt != NULL && !atomic_load(&rt->stopping))
+    err = spawn(rt, NULL, fn, arg, stack_size, pc, NULL);
+  pthread_mutex_unlock(&rt_mu);
+  return err;
+}
+
+int loom_go(void (*fn)(void *), void *arg) {
+  return go_impl(fn, arg, 0, __builtin_return_address(0));
+}
+
+int loom_go_with(void (*fn)(void *), void *arg, const loom_go_opts *opts) {
+  return go_impl(fn, arg, opts ? opts->stack_size : 0,
+                 __builtin_return_address(0));
+}
+
+void loom_yield(void) {
+  loom__m *m = loom__getm();
+  if (m == NULL || m->curg == NULL || m->curg->is_g0 || m->p == NULL) {
+    sched_yield();
+    return;
+  }
+  loom__g *g = m->curg;
+  m->post_fn = post_yield;
+  m->post_g = g;
+  m->post_arg = NULL;
+  switch_out(m, g, false);
+}
+
+static void sleep_fire(loom__timer *t, void *arg) {
+  (void)t;
+  loom__ready(arg);
+}
+
+static bool sleep_commit(loom__g *g, void *arg) {
+  loom__m *m = loom__getm();
+  int64_t when = *(int64_t *)arg;
+  loom__timer_add(&m->p->timers, &g->timer, when);
+  loom__wake_netpoller(m->rt, when);
+  return true;
+}
+
+int loom_sleep_until(int64_t deadline) {
+  loom__m *m = loom__getm();
+  if (m == NULL || m->curg == NULL || m->curg->is_g0 || m->p == NULL) {
+    int64_t left = deadline - loom_now();
+    if (left > 0) {
+      struct timespec ts = {left / 1000000000, left % 1000000000};
+      while (nanosleep(&ts, &ts) != 0 && errno == EINTR)
+        ;
+    }
+    return 0;
+  }
+  if (deadline <= loom_now()) {
+    loom_yield();
+    return 0;
+  }
+  int err = loom__timers_reserve(&m->p->timers, 1);
+  if (err != 0)
+    return err;
+  loom__g *g = m->curg;
+  g->timer.fn = sleep_fire;
+  g->timer.arg = g;
+  loom__park(sleep_commit, &deadline, "sleep");
+  return 0;
+}
+
+int loom_sleep(int64_t ns) {
+  if (ns <= 0) {
+    loom_yield();
+    return 0;
+  }
+  return loom_sleep_until(loom_now() + ns);
+}
+
+uint64_t loom_id(void) {
+  loom__g *g = loom__getg();
+  return g ? g->id : 0;
+}
+
+int loom_procs(void) {
+  loom__m *m = loom__getm();
+  if (m != NULL)
+    return m->rt->nprocs;
+  pthread_mutex_lock(&rt_mu);
+  loom__rt *rt = atomic_load(&current_rt);
+  int n = rt ? rt->nprocs : 0;
+  pthread_mutex_unlock(&rt_mu);
+  return n;
+}
+
+int loom_pin(void) {
+  loom__m *m = loom__getm();
+  loom__g *g = loom__getg();
+  if (g == NULL)
+    return LOOM_ENOTCO;
+  g->lockcount++;
+  g->lockedm = m;
+  m->lockedg = g;
+  return 0;
+}
+
+void loom_unpin(void) {
+  loom__m *m = loom__getm();
+  loom__g *g = loom__getg();
+  if (g == NULL || g->lockcount == 0)
+    return;
+  if (--g->lockcount == 0) {
+    g->lockedm = NULL;
+    m->lockedg = NULL;
+  }
+}
+
+/* ---- stack overflow report ----------------------------------------- */
+
+const char *loom__symbolize(const void *pc, char *buf, size_t len) {
+  Dl_info di;
+  if (pc != NULL && dladdr(pc, &di) != 0 && di.dli_sname != NULL)
+    snprintf(buf, len, "%s+0x%lx", di.dli_sname,
+             (unsigned long)((uintptr_t)pc - (uintptr_t)di.dli_saddr));
+  else
+    snprintf(buf, len, "%p", pc);
+  return buf;
+}
+
+static void overflow_report(loom__m *m, loom__g *g, const void *addr) {
+  char buf[512], where[160];
+  int n = snprintf(buf, sizeof buf,
+                   "loom: fatal: stack overflow in coroutine %llu "
+                   "(stack %zu KiB, fault at %p, spawned at %s)\n",
+                   (unsigned long long)g->id, g->stk.size >> 10, addr,
+                   loom__symbolize(g->spawn_pc, where, sizeof where));
+  if (n > 0)
+    (void)!write(2, buf, (size_t)n < sizeof buf ? (size_t)n : sizeof buf);
+  (void)m;
+}
+
+static void chain(struct sigaction *old, int sig, siginfo_t *si, void *uc) {
+  if (old->sa_flags & SA_SIGINFO) {
+    if (old->sa_sigaction != NULL) {
+      old->sa_sigaction(sig, si, uc);
+      return;
+    }
+  } else if (old->sa_handler != SIG_DFL && old->sa_handler != SIG_IGN) {
+    old->sa_handler(sig);
+    return;
+  }
+  /* Default action: reinstall it and let the fault happen again. */
+  signal(sig, SIG_DFL);
+}
+
+static void fault_handler(int sig, siginfo_t *si, void *uc) {
+  loom__m *m = tls_m;
+  if (m != NULL && m->curg != NULL && !m->curg->is_g0 &&
+      loom__stack_guard_hit(&m->rt->stacks, &m->curg->stk, si->si_addr)) {
+    overflow_report(m, m->curg, si->si_addr);
+    signal(SIGSEGV, SIG_DFL);
+    signal(SIGBUS, SIG_DFL);
+    return; /* the fault repeats and kills the process */
+  }
+  chain(sig == SIGSEGV ? &old_segv : &old_bus, sig, si, uc);
+}
+
+static void install_fault_handler(void) {
+  struct sigaction sa;
+  memset(&sa, 0, sizeof sa);
+  sa.sa_sigaction = fault_handler;
+  sa.sa_flags = SA_SIGINFO | SA_ONSTACK | SA_NODEFER;
+  sigemptyset(&sa.sa_mask);
+  sigaction(SIGSEGV, &sa, &old_segv);
+  sigaction(SIGBUS, &sa, &old_bus);
+}
+
+static void restore_fault_handler(void) {
+  sigaction(SIGSEGV, &old_segv, NULL);
+  sigaction(SIGBUS, &old_bus, NULL);
+}
+
+/* ---- Ms: thread setup --------------------------------------------- */
+
+static void m_thread_init(loom__m *m) {
+  set_tls_m(m);
+  pthread_attr_t attr;
+  void *lo = NULL;
+  size_t size = 0;
+  if (pthread_getattr_np(pthread_self(), &attr) == 0) {
+    pthread_attr_getstack(&attr, &lo, &size);
+    pthread_attr_destroy(&attr);
+  }
+  m->g0.stk.base = lo;
+  m->g0.stk.size = size;
+#ifdef LOOM_TSAN
+  m->g0.tsan_fiber = __tsan_get_current_fiber();
+#endif
+  m->sigstack = mmap(NULL, SIGSTACK_SIZE, PROT_READ | PROT_WRITE,
+                     MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (m->sigstack != MAP_FAILED) {
+    stack_t ss = {.ss_sp = m->sigstack, .ss_size = SIGSTACK_SIZE};
+    sigaltstack(&ss, NULL);
+    m->sigstack_size = SIGSTACK_SIZE;
+  } else {
+    m->sigstack = NULL;
+  }
+}
+
+static void m_thread_fini(loom__m *m) {
+  if (m->sigstack != NULL) {
+    stack_t ss = {.ss_flags = SS_DISABLE};
+    sigaltstack(&ss, NULL);
+    munmap(m->sigstack, m->sigstack_size);
+    m->sigstack = NULL;
+  }
+  set_tls_m(NULL);
+}
+
+static void *m_main(void *arg) {
+  loom__m *m = arg;
+  m_thread_init(m);
+  if (m->nextp != NULL) {
+    loom__acquirep(m, m->nextp);
+    m->nextp = NULL;
+  }
+  schedule(m);
+  /* Stopping: a P we hold stays with us; teardown frees them all. */
+  m_thread_fini(m);
+  return NULL;
+}
+
+/* ---- starting and stopping the runtime ---------------------------- */
+
+static size_t parse_size(const char *s) {
+  char *end;
+  unsigned long long v = strtoull(s, &end, 10);
+  if (*end == 'k' || *end == 'K')
+    v <<= 10;
+  else if (*end == 'm' || *end == 'M')
+    v <<= 20;
+  return (size_t)v;
+}
+
+void loom_config_init(loom_config *cfg) {
+  memset(cfg, 0, sizeof *cfg);
+  cpu_set_t set;
+  cfg->procs = 1;
+  if (sched_getaffinity(0, sizeof set, &set) == 0 && CPU_COUNT(&set) > 0)
+    cfg->procs = CPU_COUNT(&set);
+  cfg->stack_size = DEFAULT_STACK;
+  cfg->long_run_warn_ns = 10 * 1000000;
+  const char *e;
+  if ((e = getenv("LOOM_PROCS")) != NULL && atoi(e) > 0)
+    cfg->procs = atoi(e);
+  if ((e = getenv("LOOM_STACK_SIZE")) != NULL && parse_size(e) > 0)
+    cfg->stack_size = parse_size(e);
+  if ((e = getenv("LOOM_SCHEDTRACE")) != NULL && atoi(e) > 0)
+    cfg->schedtrace_ms = atoi(e);
+}
+
+static void begin_shutdown(loom__rt *rt) {
+  atomic_store(&rt->stopping, true);
+  pthread_mutex_lock(&rt->lock);
+  for (loom__m *m = rt->allm; m != NULL; m = m->alllink)
+    loom__note_wakeup(&m->park);
+  pthread_mutex_unlock(&rt->lock);
+  loom__netpoll_break(&rt->np);
+  loom__sysmon_wake(rt);
+}
+
+static void destroy_g(loom__rt *rt, loom__g *g) {
+  if (g->locals != NULL)
+    loom__locals_destroy(g, false);
+#ifdef LOOM_TSAN
+  if (g->tsan_fiber != NULL)
+    __tsan_destroy_fiber(g->tsan_fiber);
+#endif
+  (void)rt;
+}
+
+static void rt_free(loom__rt *rt) {
+  /* Timers first: pending ones live in Gs, which the stacks hold. */
+  for (int i = 0; i < rt->nprocs; i++)
+    loom__timers_destroy(&rt->allp[i]->timers);
+  /* Every G that ever had a slot, alive or cached. */
+  loom__stacks *s = &rt->stacks;
+  for (loom__arena *a = s->arenas; a != NULL; a = a->next) {
+    uint32_t n = atomic_load(&a->ncarved);
+    for (uint32_t i = 0; i < n; i++) {
+      loom__stack st = {a->base + (size_t)i * s->slot_size, s->slot_size, 0};
+      uintptr_t top = (uintptr_t)(st.base + st.size);
+      loom__g *g = (loom__g *)((top - sizeof(loom__g)) & ~(uintptr_t)63);
+      destroy_g(rt, g);
+    }
+  }
+  loom__g *g = s->custom;
+  while (g != NULL) {
+    loom__g *next = g->alllink;
+    destroy_g(rt, g);
+    loom__stack st = g->stk;
+    loom__stack_unmap(&st);
+    g = next;
+  }
+  s->custom = NULL;
+  loom__stacks_destroy(s);
+  for (int i = 0; i < rt->nprocs; i++) {
+    loom__free(rt->allp[i]);
+  }
+  loom__free(rt->allp);
+  loom__m *m = rt->allm;
+  while (m != NULL) {
+    loom__m *next = m->alllink;
+    loom__free(m);
+    m = next;
+  }
+  loom__netpoll_close(&rt->np);
+  pthread_mutex_destroy(&rt->lock);
+  loom__free(rt);
+}
+
+int loom_run(void (*main_fn)(void *), void *arg, const loom_config *cfg) {
+  if (main_fn == NULL)
+    return -EINVAL;
+  if (loom__getm() != NULL)
+    return LOOM_ERUNNING;
+  loom_config c;
+  if (cfg != NULL) {
+    c = *cfg;
+    loom_config d;
+    loom_config_init(&d);
+    if (c.procs == 0)
+      c.procs = d.procs;
+    if (c.stack_size == 0)
+      c.stack_size = d.stack_size;
+    if (c.long_run_warn_ns == 0)
+      c.long_run_warn_ns = d.long_run_warn_ns;
+  } else {
+    loom_config_init(&c);
+  }
+  if (c.procs < 1 || c.procs > 1024 || c.stack_size < MIN_STACK ||
+      c.stack_size > ((size_t)1 << 30) || c.schedtrace_ms < 0)
+    return -EINVAL;
+  if (c.log == NULL)
+    c.log = default_log;
+
+  pthread_mutex_lock(&rt_mu);
+  if (atomic_load(&current_rt) != NULL) {
+    pthread_mutex_unlock(&rt_mu);
+    return LOOM_ERUNNING;
+  }
+  int err = -ENOMEM;
+  loom__rt *rt = loom__calloc(1, sizeof *rt);
+  if (rt == NULL)
+    goto fail_unlock;
+  rt->cfg = c;
+  rt->nprocs = c.procs;
+  loom__mutex_init(&rt->lock);
+  rt->start_time = loom_now();
+  atomic_store(&rt->lastpoll, rt->start_time);
+  err = loom__stacks_init(&rt->stacks, c.stack_size);
+  if (err != 0)
+    goto fail_rt;
+  err = loom__netpoll_init(&rt->np);
+  if (err != 0)
+    goto fail_stacks;
+  err = -ENOMEM;
+  rt->allp = loom__calloc((size_t)rt->nprocs, sizeof *rt->allp);
+  if (rt->allp == NULL)
+    goto fail_np;
+  for (int i = 0; i < rt->nprocs; i++) {
+    loom__p *p = loom__calloc(1, sizeof *p);
+    if (p == NULL)
+      goto fail_ps;
+    p->id = i;
+    p->rt = rt;
+    loom__timers_init(&p->timers);
+    rt->allp[i] = p;
+  }
+  loom__m *m0 = loom__calloc(1, sizeof *m0);
+  if (m0 == NULL)
+    goto fail_ps;
+  m0->rt = rt;
+  m0->id = atomic_fetch_add(&rt->mnext, 1) + 1;
+  m0->fastrand = 0x9E3779B9u | 1;
+  m0->is_m0 = true;
+  m0->g0.is_g0 = true;
+  m0->thread = pthread_self();
+  rt->allm = m0;
+  rt->mcount = 1;
+  atomic_store(&rt->mcount_pub, 1);
+  for (int i = rt->nprocs - 1; i >= 1; i--)
+    pidleput(rt, rt->allp[i]);
+  atomic_store(&current_rt, rt);
+  pthread_mutex_unlock(&rt_mu);
+
+  m_thread_init(m0);
+  loom__acquirep(m0, rt->allp[0]);
+  install_fault_handler();
+  err = spawn(rt, m0, main_fn, arg, 0, __builtin_return_address(0),
+              &rt->main_g);
+  if (err == 0)
+    err = loom__sysmon_start(rt);
+  if (err != 0) {
+    begin_shutdown(rt);
+  } else {
+    schedule(m0);
+  }
+
+  /* Stopping.  Join every other M (one inside a block section finishes
+   * its call first), then the monitor. */
+  begin_shutdown(rt);
+  for (;;) {
+    pthread_mutex_lock(&rt->lock);
+    loom__m *victim = NULL;
+    for (loom__m *m = rt->allm; m != NULL; m = m->alllink)
+      if (m != m0 && m->thread != 0) {
+        victim = m;
+        break;
+      }
+    pthread_t th = victim ? victim->thread : 0;
+    if (victim != NULL) {
+      victim->thread = 0;
+      loom__note_wakeup(&victim->park);
+    }
+    pthread_mutex_unlock(&rt->lock);
+    if (victim == NULL)
+      break;
+    pthread_join(th, NULL);
+  }
+  loom__sysmon_stop(rt);
+  restore_fault_handler();
+  m_thread_fini(m0);
+
+  pthread_mutex_lock(&rt_mu);
+  atomic_store(&current_rt, NULL);
+  pthread_mutex_unlock(&rt_mu);
+  rt_free(rt);
+  return err;
+
+fail_ps:
+  for (int i = 0; i < rt->nprocs; i++)
+    loom__free(rt->allp[i]);
+  loom__free(rt->allp);
+fail_np:
+  loom__netpoll_close(&rt->np);
+fail_stacks:
+  loom__stacks_destroy(&rt->stacks);
+fail_rt:
+  pthread_mutex_destroy(&rt->lock);
+  loom__free(rt);
+fail_unlock:
+  pthread_mutex_unlock(&rt_mu);
+  return err;
+}
+
+/* ---- statistics and test hooks ------------------------------------- */
+
+static void stats_fill(loom__rt *rt, loom_stats *out) {
+  memset(out, 0, sizeof *out);
+  out->procs = rt->nprocs;
+  out->idle_procs = atomic_load(&rt->npidle);
+  out->threads = atomic_load(&rt->mcount_pub);
+  out->idle_threads = atomic_load(&rt->nmidle_pub);
+  out->spinning_threads = atomic_load(&rt->nmspinning);
+  out->global_runq = atomic_load(&rt->runqsize);
+  out->coroutines = atomic_load(&rt->gcount);
+  out->spawned = atomic_load(&rt->spawned);
+  out->steals = atomic_load(&rt->steals);
+  out->netpoll_wakeups = atomic_load(&rt->netpoll_wakeups);
+}
+
+int loom_stats_get(loom_stats *out) {
+  loom__m *m = loom__getm();
+  if (m != NULL) {
+    stats_fill(m->rt, out);
+    return 0;
+  }
+  pthread_mutex_lock(&rt_mu);
+  loom__rt *rt = atomic_load(&current_rt);
+  if (rt != NULL)
+    stats_fill(rt, out);
+  pthread_mutex_unlock(&rt_mu);
+  return rt != NULL ? 0 : LOOM_ENORUNTIME;
+}
+
+int loom__test_proc_id(void) {
+  loom__m *m = loom__getm();
+  if (m == NULL || m->p == NULL || loom__getg() == NULL)
+    return -1;
+  return m->p->id;
+}
+
+uint64_t loom__test_thread_id(void) {
+  loom__m *m = loom__getm();
+  return m ? m->id : 0;
+}
+
+int loom__test_stack_guard_pages(void) {
+  loom__rt *rt = loom__rt_get();
+  return rt != NULL && rt->stacks.guard_pages;
+}

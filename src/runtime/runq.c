@@ -1,0 +1,200 @@
+/*
+ * runq.c — run queues: each P's lock-free ring and the global queue.
+ *
+ * A P's ring (Go's runq) has one producer, the P's owner, and many
+ * consumers: the owner and thieves, who take from the head with a CAS.
+ * The owner publishes a slot with a release store of the tail; consumers
+ * read the tail with acquire.  When the ring is full, the owner moves half
+ * of it, plus the G at hand, to the global queue in one batch, so a
+ * spawn storm on one P spreads instead of failing.
+ *
+ * `runnext` holds the G to run next, ahead of the ring: a G readied by
+ * the running one (the other side of a ping-pong, a freshly spawned
+ * child) runs in the time slice of its waker instead of waiting behind
+ * the whole queue.  Thieves take runnext only as a last resort.
+ */
+#include <stdatomic.h>
+
+#include "runtime/runtime.h"
+
+#define N LOOM_RUNQ_SIZE
+
+static uint32_t load_acq(_Atomic uint32_t *a) {
+  return atomic_load_explicit(a, memory_order_acquire);
+}
+
+static bool cas_rel(_Atomic uint32_t *a, uint32_t old, uint32_t new_) {
+  return atomic_compare_exchange_strong_explicit(
+      a, &old, new_, memory_order_acq_rel, memory_order_relaxed);
+}
+
+static loom__g *slot_get(loom__p *p, uint32_t i) {
+  return atomic_load_explicit(&p->runq[i % N], memory_order_relaxed);
+}
+
+static void slot_set(loom__p *p, uint32_t i, loom__g *g) {
+  atomic_store_explicit(&p->runq[i % N], g, memory_order_relaxed);
+}
+
+/* Ring full: move half of it and `g` to the global queue. */
+static bool runq_put_slow(loom__rt *rt, loom__p *p, loom__g *g, uint32_t h,
+                          uint32_t t) {
+  loom__g *batch[N / 2 + 1];
+  uint32_t n = (t - h) / 2;
+  for (uint32_t i = 0; i < n; i++)
+    batch[i] = slot_get(p, h + i);
+  if (!cas_rel(&p->runqhead, h, h + n))
+    return false;
+  batch[n] = g;
+  for (uint32_t i = 0; i < n; i++)
+    batch[i]->schedlink = batch[i + 1];
+  batch[n]->schedlink = NULL;
+  pthread_mutex_lock(&rt->lock);
+  loom__globrunq_putbatch(rt, batch[0], batch[n], n + 1);
+  pthread_mutex_unlock(&rt->lock);
+  return true;
+}
+
+void loom__runq_put(loom__rt *rt, loom__p *p, loom__g *g, bool next) {
+  if (next) {
+    loom__g *old = atomic_exchange_explicit(&p->runnext, g,
+                                            memory_order_acq_rel);
+    if (old == NULL)
+      return;
+    g = old; /* the displaced runnext goes to the tail */
+  }
+  for (;;) {
+    uint32_t h = load_acq(&p->runqhead);
+    uint32_t t = atomic_load_explicit(&p->runqtail, memory_order_relaxed);
+    if (t - h < N) {
+      slot_set(p, t, g);
+      atomic_store_explicit(&p->runqtail, t + 1, memory_order_release);
+      return;
+    }
+    if (runq_put_slow(rt, p, g, h, t))
+      return;
+  }
+}
+
+loom__g *loom__runq_get(loom__p *p) {
+  loom__g *next = atomic_load_explicit(&p->runnext, memory_order_relaxed);
+  if (next != NULL &&
+      atomic_compare_exchange_strong_explicit(&p->runnext, &next, NULL,
+                                              memory_order_acq_rel,
+                                              memory_order_relaxed))
+    return next;
+  for (;;) {
+    uint32_t h = load_acq(&p->runqhead);
+    uint32_t t = atomic_load_explicit(&p->runqtail, memory_order_relaxed);
+    if (t == h)
+      return NULL;
+    loom__g *g = slot_get(p, h);
+    if (cas_rel(&p->runqhead, h, h + 1))
+      return g;
+  }
+}
+
+bool loom__runq_empty(loom__p *p) {
+  for (;;) {
+    uint32_t h = load_acq(&p->runqhead);
+    uint32_t t = load_acq(&p->runqtail);
+    loom__g *next = atomic_load_explicit(&p->runnext, memory_order_acquire);
+    if (t == load_acq(&p->runqtail))
+      return h == t && next == NULL;
+  }
+}
+
+uint32_t loom__runq_len(loom__p *p) {
+  uint32_t h = load_acq(&p->runqhead);
+  uint32_t t = load_acq(&p->runqtail);
+  uint32_t n = t - h;
+  return n > N ? 0 : n;
+}
+
+/* Copy half of victim's ring into p's ring starting at p's tail. */
+static uint32_t runq_grab(loom__p *p, loom__p *victim, bool stealnext) {
+  uint32_t base = atomic_load_explicit(&p->runqtail, memory_order_relaxed);
+  for (;;) {
+    uint32_t h = load_acq(&victim->runqhead);
+    uint32_t t = load_acq(&victim->runqtail);
+    uint32_t n = t - h;
+    n = n - n / 2;
+    if (n == 0) {
+      if (!stealnext)
+        return 0;
+      loom__g *next = atomic_load_explicit(&victim->runnext,
+                                           memory_order_acquire);
+      if (next == NULL)
+        return 0;
+      /* The victim is probably about to run it: give it a moment, as
+       * stealing it would only bounce the G between threads. */
+      for (int i = 0; i < 500; i++)
+        __builtin_ia32_pause();
+      if (!atomic_compare_exchange_strong_explicit(
+              &victim->runnext, &next, NULL, memory_order_acq_rel,
+              memory_order_relaxed))
+        continue;
+      slot_set(p, base, next);
+      return 1;
+    }
+    if (n > N / 2)
+      continue; /* read an inconsistent h/t pair */
+    for (uint32_t i = 0; i < n; i++)
+      slot_set(p, base + i, slot_get(victim, h + i));
+    if (cas_rel(&victim->runqhead, h, h + n))
+      return n;
+  }
+}
+
+loom__g *loom__runq_steal(loom__p *p, loom__p *victim, bool stealnext) {
+  uint32_t t = atomic_load_explicit(&p->runqtail, memory_order_relaxed);
+  uint32_t n = runq_grab(p, victim, stealnext);
+  if (n == 0)
+    return NULL;
+  n--;
+  loom__g *g = slot_get(p, t + n);
+  if (n > 0)
+    atomic_store_explicit(&p->runqtail, t + n, memory_order_release);
+  return g;
+}
+
+void loom__globrunq_put(loom__rt *rt, loom__g *g) {
+  g->schedlink = NULL;
+  loom__globrunq_putbatch(rt, g, g, 1);
+}
+
+void loom__globrunq_putbatch(loom__rt *rt, loom__g *head, loom__g *tail,
+                             uint64_t n) {
+  tail->schedlink = NULL;
+  if (rt->runqtail != NULL)
+    rt->runqtail->schedlink = head;
+  else
+    rt->runqhead = head;
+  rt->runqtail = tail;
+  atomic_fetch_add_explicit(&rt->runqsize, n, memory_order_relaxed);
+}
+
+loom__g *loom__globrunq_get(loom__rt *rt, loom__p *p, int max) {
+  uint64_t size = atomic_load_explicit(&rt->runqsize, memory_order_relaxed);
+  if (size == 0)
+    return NULL;
+  uint64_t n = size / (uint64_t)rt->nprocs + 1;
+  if (n > size)
+    n = size;
+  if (max > 0 && n > (uint64_t)max)
+    n = (uint64_t)max;
+  uint64_t room = N - loom__runq_len(p);
+  if (n > room / 2 + 1)
+    n = room / 2 + 1;
+  atomic_fetch_sub_explicit(&rt->runqsize, n, memory_order_relaxed);
+  loom__g *g = rt->runqhead;
+  rt->runqhead = g->schedlink;
+  for (uint64_t i = 1; i < n; i++) {
+    loom__g *g1 = rt->runqhead;
+    rt->runqhead = g1->schedlink;
+    loom__runq_put(rt, p, g1, false);
+  }
+  if (rt->runqhead == NULL)
+    rt->runqtail = NULL;
+  return g;
+}

@@ -1,0 +1,270 @@
+/*
+ * runtime.h — the scheduler's data structures: G, M, P and the runtime.
+ *
+ * Vocabulary (Go's):
+ *   G  a coroutine.  Lives in the top bytes of its own stack slot, so a
+ *      parked coroutine costs the stack pages it touched and nothing else.
+ *   M  an OS thread.  Runs Gs only while it holds a P.  Each M has a g0:
+ *      the thread's own stack, where the scheduler loop runs when the M
+ *      has nothing better to switch to.
+ *   P  a processor: the right to run Gs, plus a run queue, a timer heap
+ *      and a free-G cache.  `procs` of them.
+ *
+ * Locking: rt->lock (a mutex) protects the global run queue, the idle-P
+ * and idle-M lists, and M creation.  Each P's run queue is lock-free
+ * (one producer, the owner; many consumers, the owner and thieves).  Each
+ * P's timer heap has its own spinlock.  Nothing blocks while holding a
+ * lock, and no G switch happens while one is held.
+ *
+ * Thread-local state is reached only through loom__getm(), which the
+ * compiler cannot cache across a switch (see proc.c).
+ */
+#ifndef LOOM_RUNTIME_RUNTIME_H
+#define LOOM_RUNTIME_RUNTIME_H
+
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "arch/switch.h"
+#include "loom/runtime.h"
+#include "netpoll/netpoll.h"
+#include "runtime/note.h"
+#include "runtime/stack.h"
+#include "runtime/timer.h"
+
+typedef struct loom__g loom__g;
+typedef struct loom__m loom__m;
+typedef struct loom__p loom__p;
+typedef struct loom__rt loom__rt;
+
+#define LOOM_RUNQ_SIZE 256
+
+/*
+ * G states.  Who owns the G in each:
+ *   G_IDLE      in a free cache; nobody runs it.  Its slot may be reused.
+ *   G_RUNNABLE  on a run queue (or about to be); the queue owns it.
+ *   G_RUNNING   an M is executing it; only that M touches its context.
+ *   G_WAITING   parked; whoever holds the wake-up (a timer, a wait queue)
+ *               owns it and makes it runnable with loom__ready(), which is
+ *               the only legal way out of this state.
+ *   G_DEAD      returned; the M that switched away from it recycles it.
+ * A G enters G_WAITING only after its context is saved (in the post-switch
+ * action), so a waker can never run a G whose registers are not on its
+ * stack yet.
+ */
+enum {
+  G_IDLE = 0,
+  G_RUNNABLE,
+  G_RUNNING,
+  G_WAITING,
+  G_DEAD,
+};
+
+struct loom__g {
+  loom__ctx ctx;            /* saved stack pointer while not running */
+  _Atomic uint32_t status;  /* G_*; atomic: a waker CASes it */
+  bool custom_stack;        /* own mapping (loom_go_with stack size) */
+  bool is_g0;               /* an M's scheduler stack */
+  uint64_t id;              /* 0 for g0 */
+  void (*fn)(void *);
+  void *arg;
+  loom__g *schedlink;       /* global run queue, free lists, ready lists */
+  loom__stack stk;          /* the stack this G runs on */
+  loom__m *lockedm;         /* pinned to this M (loom_pin), or NULL */
+  uint32_t lockcount;       /* loom_pin nesting */
+  int err;                  /* errno while switched out */
+  void **locals;            /* loom_local slots, allocated on first set */
+  const void *spawn_pc;     /* return address of the loom_go call */
+  const char *wait_reason;  /* why it is parked, for the debugger */
+  loom__timer timer;        /* loom_sleep's timer */
+  void *asan_fake;          /* ASan fake-stack handle while switched out */
+  void *tsan_fiber;         /* TSan fiber of this G */
+  loom__g *alllink;         /* all custom-stack Gs (arena Gs are found by
+                               walking the arenas) */
+};
+
+/* Post-switch action: run by whichever context a switch lands in, on the
+ * same M, once the G that switched away has its context saved. */
+typedef void (*loom__post_fn)(loom__m *m, loom__g *prev, void *arg);
+
+struct loom__m {
+  uint64_t id;
+  loom__rt *rt;
+  loom__g g0;               /* scheduler context: this thread's stack */
+  loom__g *curg;            /* G running on this M (g0 when scheduling) */
+  loom__p *p;               /* P held, or NULL */
+  loom__p *nextp;           /* P handed over by whoever woke this M */
+  loom__p *oldp;            /* P held before loom_block_enter */
+  loom__g *lockedg;         /* G pinned to this M, or NULL */
+  loom__g *handoff;         /* pinned G found by the fast path, for g0 */
+  bool spinning;            /* looking for work; counted in nmspinning */
+  bool in_block;            /* between loom_block_enter and _exit */
+  loom__note park;          /* idle Ms sleep here */
+  loom__m *link;            /* idle-M list */
+  loom__m *alllink;         /* all Ms */
+  pthread_t thread;
+  bool is_m0;               /* the thread that called loom_run */
+  uint32_t fastrand;
+  loom__post_fn post_fn;
+  loom__g *post_g;
+  void *post_arg;
+  void *sigstack;           /* alternate signal stack */
+  size_t sigstack_size;
+};
+
+enum {
+  P_IDLE = 0,  /* on the idle list, no M */
+  P_RUNNING,   /* held by an M */
+  P_BLOCKED,   /* its M is in loom_block_enter; sysmon may retake it */
+};
+
+struct loom__p {
+  int id;
+  _Atomic uint32_t status;       /* P_*; CAS by the M and by sysmon */
+  loom__p *link;                 /* idle-P list */
+  _Atomic uint32_t schedtick;    /* +1 per G switched in; sysmon reads */
+  _Atomic uint32_t blocktick;    /* +1 per block section; sysmon reads */
+  /* Id and spawn site of the G running on this P (0: none), for
+   * sysmon's long-run warning.  Copies, so sysmon never reads a G. */
+  _Atomic uint64_t run_id;
+  _Atomic(const void *) run_pc;
+  loom__rt *rt;
+
+  /* Lock-free ring: the owner puts at tail, anyone takes at head.  Slots
+   * are atomics because a thief may read a slot the owner overwrites
+   * (its CAS on head then fails). */
+  _Atomic uint32_t runqhead;
+  _Atomic uint32_t runqtail;
+  _Atomic(loom__g *) runq[LOOM_RUNQ_SIZE];
+  _Atomic(loom__g *) runnext;    /* run next, ahead of runq */
+
+  loom__g *gfree;                /* free-G cache, owner only */
+  int ngfree;
+  uint64_t goid_next, goid_end;  /* batch of G ids, owner only */
+
+  loom__timers timers;
+
+  /* sysmon's private bookkeeping */
+  uint32_t sm_schedtick;
+  int64_t sm_schedwhen;
+  uint32_t sm_blocktick;
+  int64_t sm_blockwhen;
+  bool sm_warned;
+};
+
+struct loom__rt {
+  loom_config cfg;
+  int nprocs;
+  loom__p **allp;
+
+  pthread_mutex_t lock;          /* protects the fields down to `mcount` */
+  loom__g *runqhead, *runqtail;  /* global run queue */
+  loom__p *pidle;                /* idle Ps */
+  loom__m *midle;                /* idle Ms */
+  int nmidle;
+  loom__m *allm;
+  int mcount;
+
+  _Atomic uint64_t runqsize;     /* global queue length, read lock-free */
+  _Atomic int npidle;
+  _Atomic int nmspinning;
+  _Atomic int nmidle_pub;        /* copy of nmidle for stats */
+  _Atomic int mcount_pub;
+
+  _Atomic bool stopping;         /* main returned: every M winds down */
+  _Atomic uint64_t goidgen;
+  _Atomic uint64_t gcount;       /* live Gs */
+  _Atomic uint64_t spawned;
+  _Atomic uint64_t steals;
+  _Atomic uint64_t mnext;        /* M id generator */
+
+  loom__stacks stacks;           /* arenas and the global free-G list */
+
+  loom__netpoll np;
+  _Atomic int64_t lastpoll;      /* 0 while an M blocks in the poller */
+  _Atomic int64_t polluntil;     /* that M's wake-up time (0: none) */
+  _Atomic uint64_t netpoll_waiters;
+  _Atomic uint64_t netpoll_wakeups;
+
+  pthread_t sysmon;
+  bool sysmon_started;
+  loom__note sysmon_note;
+  _Atomic bool sysmonwait;       /* sysmon sleeps until woken */
+
+  _Atomic int foreign_users;     /* foreign threads inside loom_go */
+  loom__g *main_g;
+  int64_t start_time;
+};
+
+/* The M running this thread, or NULL.  Never inlined: see proc.c. */
+loom__m *loom__getm(void);
+/* The running runtime, or NULL. */
+loom__rt *loom__rt_get(void);
+
+/* Make a parked G runnable (from any thread, any context). */
+void loom__ready(loom__g *g);
+/* Park the running G: after its context is saved, `commit(g, arg)` runs;
+ * if it returns false the G is made runnable again at once.  `commit`
+ * must not park.  Returns when the G is readied. */
+void loom__park(bool (*commit)(loom__g *g, void *arg), void *arg,
+                const char *reason);
+/* The G running on this thread, or NULL outside a coroutine. */
+loom__g *loom__getg(void);
+
+/* Scheduler pieces shared between proc.c, block.c and sysmon.c. */
+void loom__handoffp(loom__rt *rt, loom__p *p);
+void loom__startm(loom__rt *rt, loom__p *p, bool spinning);
+void loom__wakep(loom__rt *rt);
+void loom__wake_netpoller(loom__rt *rt, int64_t when);
+void loom__inject(loom__rt *rt, loom__g *list);
+loom__p *loom__pidleget(loom__rt *rt); /* rt->lock held */
+void loom__acquirep(loom__m *m, loom__p *p);
+void loom__switch_to_g0(loom__m *m, loom__g *g, loom__post_fn fn, void *arg);
+int loom__mutex_init(pthread_mutex_t *mu);
+int64_t loom__earliest_timer(loom__rt *rt); /* 0: no timer anywhere */
+const char *loom__symbolize(const void *pc, char *buf, size_t len);
+void loom__log(loom__rt *rt, const char *fmt, ...)
+    __attribute__((format(printf, 2, 3)));
+
+/* Run queues (runq.c). */
+void loom__runq_put(loom__rt *rt, loom__p *p, loom__g *g, bool next);
+loom__g *loom__runq_get(loom__p *p);
+bool loom__runq_empty(loom__p *p);
+uint32_t loom__runq_len(loom__p *p);
+loom__g *loom__runq_steal(loom__p *p, loom__p *victim, bool stealnext);
+void loom__globrunq_put(loom__rt *rt, loom__g *g);      /* lock held */
+void loom__globrunq_putbatch(loom__rt *rt, loom__g *head, loom__g *tail,
+                             uint64_t n);               /* lock held */
+loom__g *loom__globrunq_get(loom__rt *rt, loom__p *p, int max); /* held */
+
+/* sysmon (sysmon.c). */
+int loom__sysmon_start(loom__rt *rt);
+void loom__sysmon_wake(loom__rt *rt);
+void loom__sysmon_stop(loom__rt *rt);
+
+/* coroutine-local storage (local.c): run destructors, free the slots. */
+void loom__locals_destroy(loom__g *g, bool run_dtors);
+
+/* sanitizer/valgrind helpers */
+#if defined(__has_feature)
+#if __has_feature(address_sanitizer)
+#define LOOM_ASAN 1
+#endif
+#if __has_feature(thread_sanitizer)
+#define LOOM_TSAN 1
+#endif
+#endif
+#if defined(__SANITIZE_ADDRESS__) && !defined(LOOM_ASAN)
+#define LOOM_ASAN 1
+#endif
+#if defined(__SANITIZE_THREAD__) && !defined(LOOM_TSAN)
+#define LOOM_TSAN 1
+#endif
+
+#define LOOM_NORETURN __attribute__((noreturn))
+LOOM_NORETURN void loom__throw(const char *msg);
+
+#endif /* LOOM_RUNTIME_RUNTIME_H */

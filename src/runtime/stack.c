@@ -1,0 +1,177 @@
+/*
+ * stack.c — where coroutine stacks come from.
+ *
+ * A million coroutines must fit in a default Linux (vm.max_map_count
+ * 65 530) and cost about one page each while parked.  So:
+ *
+ *  - Stacks are slots carved from arenas: one mmap of many slots
+ *    (MAP_NORESERVE: nothing is committed until touched), so the mapping
+ *    count grows by one per arena, not per stack.  Adjacent arenas with
+ *    the same protection even merge into one kernel VMA.
+ *  - The lowest page of each slot is a guard.  MADV_GUARD_INSTALL (Linux
+ *    6.13) marks it without splitting the VMA; a touch raises SIGSEGV,
+ *    which proc.c turns into a report naming the coroutine.  Older
+ *    kernels fall back to a canary word at the bottom of the usable
+ *    stack, checked whenever the coroutine switches out: it catches an
+ *    overflow late rather than never.  (mprotect guards were rejected:
+ *    two VMAs per stack exhaust max_map_count at 32 000 coroutines.)
+ *  - Slots are never unmapped while the runtime runs.  A free slot keeps
+ *    its G header in its top page and goes to a P's cache (proc.c); when
+ *    caches spill into the global list, the rest of the slot is handed
+ *    back to the kernel with MADV_DONTNEED, so a burst of deep stacks does
+ *    not pin memory forever.
+ *  - A coroutine asking for another stack size gets a mapping of its own,
+ *    unmapped when it returns.
+ */
+#include "runtime/stack.h"
+
+#include <errno.h>
+#include <stdatomic.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include "runtime/alloc.h"
+#include "runtime/runtime.h"
+
+#ifdef LOOM_HAVE_VALGRIND_H
+#include <valgrind/valgrind.h>
+#endif
+
+#ifndef MADV_GUARD_INSTALL
+#define MADV_GUARD_INSTALL 102
+#endif
+
+#define ARENA_BYTES ((size_t)64 << 20)
+
+static bool install_guard(loom__stacks *s, char *base) {
+  if (s->guard_pages)
+    return madvise(base, s->page, MADV_GUARD_INSTALL) == 0;
+  return false;
+}
+
+static void stack_prepare(loom__stacks *s, loom__stack *st) {
+  /* The canary is written only when guards are not kernel guard pages:
+   * writing it commits a second page per stack. */
+  if (!install_guard(s, st->base))
+    *(uint64_t *)(void *)(st->base + s->page) = LOOM_STACK_CANARY;
+  st->vg_id = 0;
+#ifdef LOOM_HAVE_VALGRIND_H
+  if (RUNNING_ON_VALGRIND)
+    st->vg_id = VALGRIND_STACK_REGISTER(st->base + s->page,
+                                        st->base + st->size);
+#endif
+}
+
+int loom__stacks_init(loom__stacks *s, size_t stack_size) {
+  long pg = sysconf(_SC_PAGESIZE);
+  s->page = pg > 0 ? (size_t)pg : 4096;
+  s->slot_size = (stack_size + s->page - 1) & ~(s->page - 1);
+  s->arena_slots = (uint32_t)(ARENA_BYTES / s->slot_size);
+  if (s->arena_slots < 16)
+    s->arena_slots = 16;
+  s->arenas = NULL;
+  s->gfree = NULL;
+  s->ngfree = 0;
+  s->gclean = NULL;
+  s->nclean = 0;
+  s->custom = NULL;
+  /* Probe once: does this kernel have guard markers? */
+  char *probe = mmap(NULL, s->page * 2, PROT_READ | PROT_WRITE,
+                     MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+  if (probe == MAP_FAILED)
+    return -errno;
+  s->guard_pages = madvise(probe, s->page, MADV_GUARD_INSTALL) == 0;
+  munmap(probe, s->page * 2);
+  return loom__mutex_init(&s->lock);
+}
+
+void loom__stacks_destroy(loom__stacks *s) {
+  loom__arena *a = s->arenas;
+  while (a != NULL) {
+    loom__arena *next = a->next;
+    munmap(a->base, (size_t)a->nslots * s->slot_size);
+    loom__free(a);
+    a = next;
+  }
+  s->arenas = NULL;
+  pthread_mutex_destroy(&s->lock);
+}
+
+int loom__stack_carve(loom__stacks *s, loom__stack *out) {
+  loom__arena *a = s->arenas;
+  if (a == NULL ||
+      atomic_load_explicit(&a->ncarved, memory_order_relaxed) == a->nslots) {
+    a = loom__malloc(sizeof *a);
+    if (a == NULL)
+      return -ENOMEM;
+    size_t bytes = (size_t)s->arena_slots * s->slot_size;
+    a->base = mmap(NULL, bytes, PROT_READ | PROT_WRITE,
+                   MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (a->base == MAP_FAILED) {
+      loom__free(a);
+      return -ENOMEM;
+    }
+    /* A transparent huge page would commit 2 MiB for the first touched
+     * stack in it: a parked coroutine must cost one small page. */
+    madvise(a->base, bytes, MADV_NOHUGEPAGE);
+    a->nslots = s->arena_slots;
+    atomic_init(&a->ncarved, 0);
+    a->next = s->arenas;
+    s->arenas = a;
+  }
+  uint32_t i = atomic_load_explicit(&a->ncarved, memory_order_relaxed);
+  out->base = a->base + (size_t)i * s->slot_size;
+  out->size = s->slot_size;
+  stack_prepare(s, out);
+  atomic_store_explicit(&a->ncarved, i + 1, memory_order_release);
+  return 0;
+}
+
+int loom__stack_map(loom__stacks *s, size_t size, loom__stack *out) {
+  size = (size + s->page - 1) & ~(s->page - 1);
+  char *p = mmap(NULL, size, PROT_READ | PROT_WRITE,
+                 MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+  if (p == MAP_FAILED)
+    return -ENOMEM;
+  madvise(p, size, MADV_NOHUGEPAGE);
+  out->base = p;
+  out->size = size;
+  if (!s->guard_pages || madvise(p, s->page, MADV_GUARD_INSTALL) != 0) {
+    /* A mapping of its own can afford an mprotect guard. */
+    if (mprotect(p, s->page, PROT_NONE) != 0)
+      *(uint64_t *)(void *)(p + s->page) = LOOM_STACK_CANARY;
+  }
+  out->vg_id = 0;
+#ifdef LOOM_HAVE_VALGRIND_H
+  if (RUNNING_ON_VALGRIND)
+    out->vg_id = VALGRIND_STACK_REGISTER(p + s->page, p + size);
+#endif
+  return 0;
+}
+
+void loom__stack_unmap(loom__stack *st) {
+#ifdef LOOM_HAVE_VALGRIND_H
+  if (st->vg_id != 0)
+    VALGRIND_STACK_DEREGISTER(st->vg_id);
+#endif
+  munmap(st->base, st->size);
+  st->base = NULL;
+}
+
+void loom__stack_trim(loom__stacks *s, const loom__stack *st, size_t keep) {
+  size_t top = (keep + s->page - 1) & ~(s->page - 1);
+  if (st->size <= top + 2 * s->page)
+    return;
+  /* Keep the guard page (and its canary page in fallback mode). */
+  char *from = st->base + 2 * s->page;
+  size_t len = st->size - top - 2 * s->page;
+  madvise(from, len, MADV_DONTNEED);
+}
+
+bool loom__stack_guard_hit(const loom__stacks *s, const loom__stack *st,
+                           const void *addr) {
+  const char *a = addr;
+  /* A frame that jumps over the guard lands at most a few pages below. */
+  return st->base != NULL && a >= st->base - 16 * s->page &&
+         a < st->base + s->page;
+}

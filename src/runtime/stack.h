@@ -1,0 +1,60 @@
+/*
+ * stack.h — coroutine stacks: arenas of equal slots, guard pages without
+ * a mapping each, lazily committed memory.  See stack.c.
+ */
+#ifndef LOOM_RUNTIME_STACK_H
+#define LOOM_RUNTIME_STACK_H
+
+#include <pthread.h>
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+/* A stack slot: [base, base + size).  The lowest page is the guard; the
+ * runtime keeps its G in the top bytes and runs the coroutine below it. */
+typedef struct loom__stack {
+  char *base;
+  size_t size;
+  unsigned vg_id; /* valgrind stack id, 0 when not under valgrind */
+} loom__stack;
+
+typedef struct loom__arena {
+  struct loom__arena *next;
+  char *base;
+  uint32_t nslots;
+  _Atomic uint32_t ncarved; /* slots handed out; read by the debugger */
+} loom__arena;
+
+typedef struct loom__stacks {
+  pthread_mutex_t lock; /* protects arenas, the free list, custom list */
+  size_t slot_size;     /* default stack size, page-rounded */
+  size_t page;
+  uint32_t arena_slots;
+  loom__arena *arenas;  /* newest first */
+  void *gfree;          /* global free-G list (loom__g *), linked by
+                           schedlink; the Ps' caches spill here */
+  uint64_t ngfree;
+  void *gclean;         /* free Gs whose stacks were trimmed (sysmon) */
+  uint64_t nclean;
+  void *custom;         /* live custom-stack Gs (loom__g *), by alllink */
+  bool guard_pages;     /* MADV_GUARD_INSTALL works on this kernel */
+} loom__stacks;
+
+#define LOOM_STACK_CANARY 0x6c6f6f6d5354434bULL /* "loomSTCK" */
+
+int loom__stacks_init(loom__stacks *s, size_t stack_size);
+/* Unmaps every arena.  Every G living in them is gone afterwards. */
+void loom__stacks_destroy(loom__stacks *s);
+/* A fresh slot from the arenas (s->lock must be held). -ENOMEM. */
+int loom__stack_carve(loom__stacks *s, loom__stack *out);
+/* A slot in a mapping of its own, of `size` bytes (page-rounded). */
+int loom__stack_map(loom__stacks *s, size_t size, loom__stack *out);
+void loom__stack_unmap(loom__stack *st);
+/* Give back to the kernel the memory of a free stack below its top
+ * `keep` bytes (which hold the G). */
+void loom__stack_trim(loom__stacks *s, const loom__stack *st, size_t keep);
+/* True if `addr` is in the guard page of `st` (or just below it). */
+bool loom__stack_guard_hit(const loom__stacks *s, const loom__stack *st,
+                           const void *addr);
+
+#endif

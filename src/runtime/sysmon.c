@@ -1,0 +1,221 @@
+/*
+ * sysmon.c — the monitor thread (Go's sysmon).
+ *
+ * One thread, holding no P, that wakes every 20 µs while the runtime is
+ * busy and backs off to 10 ms as it finds nothing to do.  Each round it:
+ *   - retakes Ps whose M has been inside loom_block_enter/exit for a whole
+ *     round (>= 20 µs) and hands them to other Ms (block.c);
+ *   - warns, once per occurrence, about a coroutine that has run longer
+ *     than cfg.long_run_warn_ns without a scheduling point: scheduling is
+ *     cooperative, so such a coroutine starves its P's queue;
+ *   - starts an M when a timer is overdue and nobody is looking;
+ *   - prints the LOOM_SCHEDTRACE line when one is due;
+ *   - gives back to the kernel the memory of free stacks beyond a small
+ *     reserve.
+ * When every P is idle it sleeps until woken (by a P leaving the idle
+ * list or a coroutine entering a blocking call), so an idle runtime costs
+ * no CPU at all.
+ */
+#include <stdio.h>
+#include <string.h>
+#include <sys/prctl.h>
+
+#include "runtime/runtime.h"
+
+#define RETAKE_NS 20000
+#define TRIM_KEEP 256
+#define TRIM_PERIOD_NS 100000000
+
+void loom__sysmon_wake(loom__rt *rt) { loom__note_wakeup(&rt->sysmon_note); }
+
+/* Returns how many Ps it retook. */
+static int retake(loom__rt *rt, int64_t now) {
+  int n = 0;
+  for (int i = 0; i < rt->nprocs; i++) {
+    loom__p *p = rt->allp[i];
+    uint32_t s = atomic_load_explicit(&p->status, memory_order_acquire);
+    if (s == P_BLOCKED) {
+      uint32_t t = atomic_load_explicit(&p->blocktick, memory_order_relaxed);
+      if (p->sm_blocktick != t) {
+        p->sm_blocktick = t;
+        p->sm_blockwhen = now;
+        continue;
+      }
+      if (now - p->sm_blockwhen < RETAKE_NS)
+        continue;
+      /* Nothing for the P to do and someone idle to pick up new work:
+       * leave it, unless the call has lasted 10 ms. */
+      if (loom__runq_empty(p) && loom__timers_next(&p->timers) == 0 &&
+          atomic_load(&rt->nmspinning) + atomic_load(&rt->npidle) > 0 &&
+          now - p->sm_blockwhen < 10000000)
+        continue;
+      uint32_t want = P_BLOCKED;
+      if (atomic_compare_exchange_strong(&p->status, &want, P_IDLE)) {
+        n++;
+        loom__handoffp(rt, p);
+      }
+    } else if (s == P_RUNNING && rt->cfg.long_run_warn_ns > 0) {
+      uint32_t t = atomic_load_explicit(&p->schedtick, memory_order_relaxed);
+      if (p->sm_schedtick != t) {
+        p->sm_schedtick = t;
+        p->sm_schedwhen = now;
+        p->sm_warned = false;
+        continue;
+      }
+      uint64_t id = atomic_load_explicit(&p->run_id, memory_order_relaxed);
+      if (!p->sm_warned && id != 0 &&
+          now - p->sm_schedwhen > rt->cfg.long_run_warn_ns) {
+        char buf[256];
+        p->sm_warned = true;
+        loom__log(rt,
+                  "coroutine %llu has run %lld ms without a scheduling "
+                  "point (spawned at %s); it delays every coroutine "
+                  "queued behind it",
+                  (unsigned long long)id,
+                  (long long)((now - p->sm_schedwhen) / 1000000),
+                  loom__symbolize(atomic_load_explicit(&p->run_pc,
+                                                       memory_order_relaxed),
+                                  buf, sizeof buf));
+      }
+    }
+  }
+  return n;
+}
+
+static void schedtrace(loom__rt *rt, int64_t now) {
+  loom_stats st;
+  char queues[512];
+  size_t off = 0;
+  for (int i = 0; i < rt->nprocs && off + 16 < sizeof queues; i++)
+    off += (size_t)snprintf(queues + off, sizeof queues - off, "%s%u",
+                            i ? " " : "", loom__runq_len(rt->allp[i]));
+  loom_stats_get(&st);
+  loom__log(rt,
+            "schedtrace %lldms: procs=%d idleprocs=%d threads=%d "
+            "spinningthreads=%d idlethreads=%d runqueue=%llu "
+            "coroutines=%llu spawned=%llu steals=%llu netpollwakeups=%llu "
+            "[%s]",
+            (long long)((now - rt->start_time) / 1000000), st.procs,
+            st.idle_procs, st.threads, st.spinning_threads, st.idle_threads,
+            (unsigned long long)st.global_runq,
+            (unsigned long long)st.coroutines,
+            (unsigned long long)st.spawned, (unsigned long long)st.steals,
+            (unsigned long long)st.netpoll_wakeups, queues);
+}
+
+/* Move free Gs beyond TRIM_KEEP to the clean list, their stack memory
+ * returned to the kernel.  Allocation prefers the warm list. */
+static void trim_free_stacks(loom__rt *rt) {
+  loom__stacks *s = &rt->stacks;
+  pthread_mutex_lock(&s->lock);
+  uint64_t n = s->ngfree;
+  if (n <= TRIM_KEEP) {
+    pthread_mutex_unlock(&s->lock);
+    return;
+  }
+  /* Detach everything past the reserve, trim it unlocked, re-append. */
+  loom__g *g = s->gfree;
+  for (uint64_t i = 1; i < TRIM_KEEP; i++)
+    g = g->schedlink;
+  loom__g *rest = g->schedlink;
+  g->schedlink = NULL;
+  uint64_t nrest = n - TRIM_KEEP;
+  s->ngfree = TRIM_KEEP;
+  pthread_mutex_unlock(&s->lock);
+
+  loom__g *tail = rest;
+  for (loom__g *x = rest; x != NULL; x = x->schedlink) {
+    size_t keep = (size_t)((x->stk.base + x->stk.size) - (char *)x);
+    loom__stack_trim(s, &x->stk, keep);
+    tail = x;
+  }
+  pthread_mutex_lock(&s->lock);
+  tail->schedlink = s->gclean;
+  s->gclean = rest;
+  s->nclean += nrest;
+  pthread_mutex_unlock(&s->lock);
+}
+
+static bool any_blocked(loom__rt *rt) {
+  for (int i = 0; i < rt->nprocs; i++)
+    if (atomic_load(&rt->allp[i]->status) == P_BLOCKED)
+      return true;
+  return false;
+}
+
+static void *sysmon_main(void *arg) {
+  loom__rt *rt = arg;
+  prctl(PR_SET_TIMERSLACK, 1000UL, 0, 0, 0);
+  prctl(PR_SET_NAME, "loom-sysmon", 0, 0, 0);
+  int64_t delay = RETAKE_NS;
+  int idle = 0;
+  int64_t now = loom_now();
+  int64_t next_trace = rt->cfg.schedtrace_ms > 0
+                           ? now + (int64_t)rt->cfg.schedtrace_ms * 1000000
+                           : 0;
+  int64_t next_trim = now + TRIM_PERIOD_NS;
+  uint64_t trimmed_at = 0;
+  for (;;) {
+    if (idle == 0)
+      delay = RETAKE_NS;
+    else if (idle > 50)
+      delay *= 2;
+    if (delay > 10000000)
+      delay = 10000000;
+    if (next_trace != 0 && next_trace - loom_now() < delay)
+      delay = next_trace - loom_now() > 0 ? next_trace - loom_now() : 0;
+    if (loom__note_tsleep(&rt->sysmon_note, delay))
+      loom__note_clear(&rt->sysmon_note);
+    if (atomic_load(&rt->stopping))
+      break;
+    now = loom_now();
+    if (next_trace == 0 && atomic_load(&rt->npidle) == rt->nprocs &&
+        !any_blocked(rt)) {
+      /* Everything idle: sleep until somebody needs us. */
+      atomic_store(&rt->sysmonwait, true);
+      if (atomic_load(&rt->npidle) == rt->nprocs && !any_blocked(rt) &&
+          !atomic_load(&rt->stopping))
+        loom__note_sleep(&rt->sysmon_note);
+      loom__note_clear(&rt->sysmon_note);
+      atomic_store(&rt->sysmonwait, false);
+      idle = 0;
+      continue;
+    }
+    if (retake(rt, now) > 0)
+      idle = 0;
+    else
+      idle++;
+    int64_t next = loom__earliest_timer(rt);
+    if (next != 0 && next + 1000000 < now)
+      loom__wakep(rt);
+    if (next_trace != 0 && now >= next_trace) {
+      schedtrace(rt, now);
+      next_trace = now + (int64_t)rt->cfg.schedtrace_ms * 1000000;
+    }
+    if (now >= next_trim) {
+      uint64_t spawned = atomic_load(&rt->spawned);
+      if (spawned == trimmed_at) /* only when spawning has calmed down */
+        trim_free_stacks(rt);
+      trimmed_at = spawned;
+      next_trim = now + TRIM_PERIOD_NS;
+    }
+  }
+  return NULL;
+}
+
+int loom__sysmon_start(loom__rt *rt) {
+  loom__note_clear(&rt->sysmon_note);
+  int err = pthread_create(&rt->sysmon, NULL, sysmon_main, rt);
+  if (err != 0)
+    return -err;
+  rt->sysmon_started = true;
+  return 0;
+}
+
+void loom__sysmon_stop(loom__rt *rt) {
+  if (!rt->sysmon_started)
+    return;
+  loom__sysmon_wake(rt);
+  pthread_join(rt->sysmon, NULL);
+  rt->sysmon_started = false;
+}

@@ -1,0 +1,53 @@
+/*
+ * timer.h — per-P timer heaps (4-ary, keyed by deadline).
+ *
+ * A timer belongs to at most one heap at a time.  Adding happens on the
+ * P that owns the heap; deleting and running may happen from any thread
+ * (a thief runs its victim's expired timers), under the heap's spinlock.
+ * `fn` runs without the lock held, on a scheduler path: it must be short
+ * and must not park (readying a G is the usual body).  A timer whose
+ * loom__timer_del returned false may still be running its `fn`.
+ */
+#ifndef LOOM_RUNTIME_TIMER_H
+#define LOOM_RUNTIME_TIMER_H
+
+#include <stdatomic.h>
+#include <stdbool.h>
+#include <stdint.h>
+
+typedef struct loom__timer loom__timer;
+typedef struct loom__timers loom__timers;
+
+struct loom__timer {
+  int64_t when;                   /* loom_now() deadline */
+  void (*fn)(loom__timer *t, void *arg);
+  void *arg;
+  _Atomic(loom__timers *) heap;   /* heap holding it, NULL if not pending */
+  int32_t idx;                    /* position in that heap */
+};
+
+struct loom__timers {
+  _Atomic int lock;               /* spinlock over h/len/cap */
+  loom__timer **h;
+  int len, cap;
+  _Atomic int64_t timer0;         /* earliest deadline, 0 if empty;
+                                     read lock-free by every scheduler */
+};
+
+void loom__timers_init(loom__timers *ts);
+void loom__timers_destroy(loom__timers *ts);
+/* Make room for `n` more timers (only the owning P adds). -ENOMEM. */
+int loom__timers_reserve(loom__timers *ts, int n);
+/* Add `t` to fire at `when`; room must have been reserved. */
+void loom__timer_add(loom__timers *ts, loom__timer *t, int64_t when);
+/* Remove `t` if pending; true if this call stopped it from firing. */
+bool loom__timer_del(loom__timer *t);
+/* Run every timer due at `now`; returns the next deadline (0: none). */
+int64_t loom__timers_run(loom__timers *ts, int64_t now);
+int loom__timers_len(loom__timers *ts);
+
+static inline int64_t loom__timers_next(loom__timers *ts) {
+  return atomic_load_explicit(&ts->timer0, memory_order_relaxed);
+}
+
+#endif

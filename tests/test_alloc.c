@@ -1,0 +1,211 @@
+/*
+ * test_alloc.c — the allocator hook (src/runtime/alloc.c) and failure
+ * injection over the runtime: make allocation number i fail, for every i
+ * of a small scenario (nghttp2's failmalloc, curl's torture tests).  The
+ * API must return -ENOMEM cleanly, never crash or hang, free everything
+ * it allocated, and start again afterwards.
+ */
+#include <stdatomic.h>
+
+#include "check.h"
+
+static atomic_long nalloc;   /* realloc-hook calls so far */
+static atomic_long nlive;    /* blocks handed out and not yet freed */
+static atomic_long injected; /* failures we caused */
+static long fail_at = -1;    /* the hook call that fails; -1: none */
+
+static void *hook_realloc(void *ud, void *p, size_t n) {
+  long k = atomic_fetch_add(&nalloc, 1);
+  void *q;
+  (void)ud;
+  if (k == fail_at) {
+    atomic_fetch_add(&injected, 1);
+    return NULL;
+  }
+  q = realloc(p, n);
+  if (q != NULL && p == NULL)
+    atomic_fetch_add(&nlive, 1);
+  return q;
+}
+
+static void hook_free(void *ud, void *p) {
+  (void)ud;
+  CHECK(p != NULL);
+  atomic_fetch_sub(&nlive, 1);
+  free(p);
+}
+
+static const loom_allocator hook = {hook_realloc, hook_free, NULL};
+
+/* ---- the scenario ---- */
+
+static loom_local_key key;
+static atomic_long spawned_ok, finished, enomem_seen;
+static atomic_int other_error;
+
+static void note_result(int r) {
+  if (r == -ENOMEM)
+    atomic_fetch_add(&enomem_seen, 1);
+  else if (r != 0)
+    atomic_store(&other_error, r);
+}
+
+static void worker(void *arg) {
+  int r;
+  (void)arg;
+  r = loom_local_set(key, (void *)(uintptr_t)0x1234);
+  note_result(r);
+  if (r == 0 && loom_local_get(key) != (void *)(uintptr_t)0x1234)
+    atomic_store(&other_error, 1);
+  loom_sleep(CHECK_MS);
+  loom_yield();
+  loom_block_enter();
+  loom_block_exit();
+  atomic_fetch_add(&finished, 1);
+}
+
+static void *foreign(void *arg) {
+  int i, r;
+  (void)arg;
+  for (i = 0; i < 2; i++) {
+    r = loom_go(worker, NULL);
+    note_result(r);
+    if (r == 0)
+      atomic_fetch_add(&spawned_ok, 1);
+  }
+  return NULL;
+}
+
+static void scenario_main(void *arg) {
+  int i, r;
+  loom_go_opts o;
+  pthread_t t;
+  int64_t end;
+  (void)arg;
+  memset(&o, 0, sizeof o);
+  for (i = 0; i < 10; i++) {
+    o.stack_size = (i % 2) ? 32 * 1024 : 0;
+    r = loom_go_with(worker, NULL, &o);
+    note_result(r);
+    if (r == 0)
+      atomic_fetch_add(&spawned_ok, 1);
+  }
+  if (pthread_create(&t, NULL, foreign, NULL) == 0) {
+    loom_block_enter();
+    pthread_join(t, NULL);
+    loom_block_exit();
+  }
+  worker(NULL); /* main uses local storage too */
+  atomic_fetch_add(&spawned_ok, 1);
+  end = loom_now() + 10000 * CHECK_MS;
+  while (atomic_load(&finished) < atomic_load(&spawned_ok)) {
+    CHECKF(loom_now() < end, "allocation %ld failed: only %ld of %ld coroutines finished",
+           fail_at, atomic_load(&finished), atomic_load(&spawned_ok));
+    loom_sleep(CHECK_MS);
+  }
+}
+
+/* One scenario run with allocation `at` failing; returns loom_run's
+ * result.  Checks that nothing is left allocated afterwards. */
+static int run_scenario(long at) {
+  loom_config cfg;
+  int r;
+  atomic_store(&nalloc, 0);
+  atomic_store(&spawned_ok, 0);
+  atomic_store(&finished, 0);
+  fail_at = at;
+  loom_config_init(&cfg);
+  cfg.procs = 2;
+  r = loom_run(scenario_main, NULL, &cfg);
+  CHECKF(r == 0 || r == -ENOMEM, "allocation %ld failed: loom_run returned %d (%s)", at, r,
+         loom_err_name(r));
+  note_result(r);
+  CHECKF(atomic_load(&other_error) == 0, "allocation %ld failed: an API call returned %d (%s)",
+         at, atomic_load(&other_error), loom_err_name(atomic_load(&other_error)));
+  CHECKF(atomic_load(&nlive) == 0,
+         "allocation %ld failed: %ld blocks still allocated after loom_run returned %d", at,
+         atomic_load(&nlive), r);
+  return r;
+}
+
+/* Child: argv = "first:count" — fail allocation i for i in [first,
+ * first+count), one runtime after another in this process, then run a
+ * clean one.  -1:1 runs clean and prints the allocation count. */
+HELPER(alloc_child) {
+  long first = 0, count = 0, i;
+  CHECK_EQ(check_argc, 1);
+  CHECK_EQ(sscanf(check_argv[0], "%ld:%ld", &first, &count), 2);
+  loom_set_allocator(&hook);
+  CHECK_OK(loom_local_key_create(&key, NULL));
+  for (i = first; i < first + count; i++) {
+    fprintf(stderr, "failing allocation %ld\n", i);
+    run_scenario(i);
+  }
+  fail_at = -1;
+  CHECK_OK(run_scenario(-1)); /* and it all works again */
+  printf("allocations %ld injected %ld enomem %ld\n", atomic_load(&nalloc),
+         atomic_load(&injected), atomic_load(&enomem_seen));
+  fflush(stdout);
+  loom_set_allocator(NULL);
+  exit(0);
+}
+
+static void run_child(const char *spec, long *allocs, long *inj, long *enomem) {
+  struct check_child c;
+  char how[128];
+  const char *p;
+  check_spawn_self(&c, 100, "alloc_child", spec);
+  if (c.timed_out || !WIFEXITED(c.status) || WEXITSTATUS(c.status) != 0) {
+    size_t off = c.len > 6000 ? c.len - 6000 : 0; /* the tail names the allocation */
+    CHECK_FAIL("alloc child %s %s; end of its output:\n%s", spec,
+               check_child_how(&c, how, sizeof how), c.out + off);
+  }
+  p = strstr(c.out, "allocations ");
+  CHECK(p != NULL);
+  CHECK_EQ(sscanf(p, "allocations %ld injected %ld enomem %ld", allocs, inj, enomem), 3);
+}
+
+/* The hook sees loom's allocations, and all of them are freed. */
+TEST(hook_used_and_balanced) {
+  long allocs, inj, enomem;
+  run_child("-1:0", &allocs, &inj, &enomem);
+  printf("a clean scenario makes %ld allocations\n", allocs);
+  CHECK_GT(allocs, 0);
+  CHECK_EQ(inj, 0);
+  CHECK_EQ(enomem, 0);
+}
+
+TEST(fail_each_allocation) {
+  long allocs, inj, enomem, i, total_inj = 0, total_enomem = 0, limit;
+  const long chunk = 16;
+  char spec[64];
+  run_child("-1:0", &allocs, &inj, &enomem);
+  /* thread timing changes the count a little: go past it */
+  limit = allocs + allocs / 4 + 8;
+  printf("clean run: %ld allocations; failing each of 0..%ld\n", allocs, limit - 1);
+  for (i = 0; i < limit; i += chunk) {
+    long a, in, en;
+    snprintf(spec, sizeof spec, "%ld:%ld", i, chunk);
+    run_child(spec, &a, &in, &en);
+    total_inj += in;
+    total_enomem += en;
+  }
+  printf("%ld failures injected, %ld -ENOMEM results seen\n", total_inj, total_enomem);
+  CHECK_GT(total_inj, 0);
+  CHECK_GT(total_enomem, 0);
+}
+
+/* loom_set_allocator(NULL) goes back to the C library. */
+static void tiny_main(void *arg) { (void)arg; }
+TEST(set_allocator_null) {
+  loom_set_allocator(&hook);
+  check_run(tiny_main, NULL, 1);
+  CHECK_GT(atomic_load(&nalloc), 0);
+  CHECK_EQ(atomic_load(&nlive), 0);
+  loom_set_allocator(NULL);
+  atomic_store(&nalloc, 0);
+  check_run(tiny_main, NULL, 1);
+  CHECK_EQ(atomic_load(&nalloc), 0);
+}
+
+CHECK_MAIN()

@@ -1,0 +1,158 @@
+/*
+ * test_block.c — loom_block_enter / loom_block_exit (src/runtime/block.c,
+ * the hand-off in sysmon.c): a coroutine stuck in a blocking call does
+ * not stop the others, and shutdown waits for it.
+ */
+#include <stdatomic.h>
+
+#include "check.h"
+#include "runtime/export_test.h"
+
+static atomic_long progress;
+static atomic_int stop_flag;
+static atomic_long during; /* progress made while the blocker blocked */
+static atomic_int blocker_done;
+
+static void ticker(void *arg) {
+  (void)arg;
+  while (!atomic_load(&stop_flag)) {
+    atomic_fetch_add(&progress, 1);
+    loom_sleep(CHECK_MS);
+  }
+}
+
+static void blocker(void *arg) {
+  long p0, p1;
+  int p_before = loom__test_proc_id();
+  (void)arg;
+  CHECK_EQ(p_before, 0);
+  p0 = atomic_load(&progress);
+  loom_block_enter();
+  usleep(200 * 1000);
+  p1 = atomic_load(&progress);
+  loom_block_exit();
+  CHECK_EQ(loom__test_proc_id(), 0); /* it holds the (only) P again */
+  atomic_store(&during, p1 - p0);
+  /* and it can park and run as usual afterwards */
+  loom_sleep(CHECK_MS);
+  loom_yield();
+  atomic_store(&blocker_done, 1);
+}
+
+static void one_proc_main(void *arg) {
+  int64_t end;
+  (void)arg;
+  CHECK_OK(loom_go(ticker, NULL));
+  while (atomic_load(&progress) < 3)
+    loom_sleep(CHECK_MS);
+  CHECK_OK(loom_go(blocker, NULL));
+  end = loom_now() + 5000 * CHECK_MS;
+  while (!atomic_load(&blocker_done)) {
+    CHECKF(loom_now() < end, "blocker did not come back from its blocking section");
+    loom_sleep(CHECK_MS);
+  }
+  atomic_store(&stop_flag, 1);
+  printf("the ticker made %ld steps (1 ms sleeps) while the blocker spent 200 ms blocked\n",
+         atomic_load(&during));
+  CHECKF(atomic_load(&during) >= 10,
+         "only %ld ticks during a 200 ms blocking call on a 1-P runtime: "
+         "the P was not handed off",
+         atomic_load(&during));
+}
+
+TEST(blocking_call_does_not_stop_others) {
+  check_watchdog(20, "blocking call test");
+  check_run(one_proc_main, NULL, 1);
+}
+
+/* Many coroutines block at once on one P: they block in parallel on
+ * their own threads (serially this would take 16 x 50 ms = 800 ms). */
+#define BLOCKERS 16
+static atomic_long blocked_done;
+static void short_blocker(void *arg) {
+  (void)arg;
+  loom_block_enter();
+  usleep(50 * 1000);
+  loom_block_exit();
+  atomic_fetch_add(&blocked_done, 1);
+}
+static void parallel_main(void *arg) {
+  int i;
+  int64_t t0 = loom_now(), took;
+  (void)arg;
+  for (i = 0; i < BLOCKERS; i++)
+    CHECK_OK(loom_go(short_blocker, NULL));
+  while (atomic_load(&blocked_done) < BLOCKERS)
+    loom_sleep(CHECK_MS);
+  took = loom_now() - t0;
+  printf("%d blockers of 50 ms on one P took %.1f ms\n", BLOCKERS, took / 1e6);
+  CHECKF(took < 600 * CHECK_MS, "%d blocking calls of 50 ms took %.1f ms on one P", BLOCKERS,
+         took / 1e6);
+}
+TEST(blockers_run_in_parallel) {
+  check_watchdog(20, "parallel blockers");
+  check_run(parallel_main, NULL, 1);
+}
+
+/* Short blocking sections, many of them, on every P at once (the fast
+ * path: the P is not taken; TSan watches the hand-off race). */
+static atomic_long quick_done;
+static void quick(void *arg) {
+  int i;
+  (void)arg;
+  for (i = 0; i < 20000; i++) {
+    loom_block_enter();
+    if (i % 1000 == 0)
+      usleep(100); /* sometimes long enough for sysmon to retake the P */
+    loom_block_exit();
+    if (i % 100 == 0)
+      loom_yield();
+  }
+  atomic_fetch_add(&quick_done, 1);
+}
+static void quick_main(void *arg) {
+  int i;
+  (void)arg;
+  for (i = 0; i < 8; i++)
+    CHECK_OK(loom_go(quick, NULL));
+  while (atomic_load(&quick_done) < 8)
+    loom_sleep(CHECK_MS);
+}
+TEST(quick_sections) {
+  check_watchdog(25, "quick blocking sections");
+  check_run(quick_main, NULL, 2);
+}
+
+/* Outside a coroutine the pair does nothing. */
+TEST(outside_coroutine) {
+  int i;
+  for (i = 0; i < 10; i++) {
+    loom_block_enter();
+    loom_block_exit();
+  }
+}
+
+/* loom_run waits for a coroutine inside a blocking section. */
+static atomic_int in_section, left_usleep;
+static void long_section(void *arg) {
+  (void)arg;
+  loom_block_enter();
+  atomic_store(&in_section, 1);
+  usleep(150 * 1000);
+  atomic_store(&left_usleep, 1);
+  loom_block_exit();
+}
+static void shutdown_main(void *arg) {
+  (void)arg;
+  CHECK_OK(loom_go(long_section, NULL));
+  while (!atomic_load(&in_section))
+    loom_sleep(CHECK_MS);
+}
+TEST(shutdown_waits_for_section) {
+  check_watchdog(20, "shutdown with a coroutine in a blocking section");
+  check_run(shutdown_main, NULL, 2);
+  CHECKF(atomic_load(&left_usleep) == 1,
+         "loom_run returned while a coroutine was inside loom_block_enter/exit");
+}
+
+CHECK_MAIN()

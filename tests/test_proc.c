@@ -1,0 +1,830 @@
+/*
+ * test_proc.c — the scheduler (src/runtime/proc.c, runq.c): spawning,
+ * running every coroutine exactly once, stealing, fairness, foreign
+ * threads, ids, errno across threads, pinning, per-spawn stacks,
+ * configuration, and shutdown.
+ */
+#include <stdatomic.h>
+#include <sys/resource.h>
+
+#include "check.h"
+#include "runtime/export_test.h"
+
+/* errno read through a pointer the compiler cannot keep across a park
+ * (the header warns that &errno may be cached in a register). */
+static int *(*volatile errno_loc)(void) = __errno_location;
+#define ERRNO (*errno_loc())
+
+static int64_t deadline_in_ms(int64_t ms) { return loom_now() + ms * CHECK_MS; }
+
+/* Wait (by sleeping) until *v >= want; fail after `ms`. */
+static void wait_for(atomic_long *v, long want, int64_t ms, const char *what) {
+  int64_t end = deadline_in_ms(ms);
+  while (atomic_load(v) < want) {
+    CHECKF(loom_now() < end, "%s: %ld of %ld after %lld ms", what, atomic_load(v), want,
+           (long long)ms);
+    loom_sleep(CHECK_MS);
+  }
+}
+
+/* ------------------------------------------------------------------ */
+/* A million spawned coroutines all run exactly once.                  */
+
+#define MILLION 1000000
+static atomic_uchar ran_count[MILLION];
+static atomic_long ran_total;
+static long spawn_n;
+
+static void count_once(void *arg) {
+  uintptr_t i = (uintptr_t)arg;
+  atomic_fetch_add_explicit(&ran_count[i], 1, memory_order_relaxed);
+  atomic_fetch_add(&ran_total, 1);
+}
+
+static void million_main(void *arg) {
+  long i;
+  int64_t t0 = loom_now();
+  (void)arg;
+  for (i = 0; i < spawn_n; i++)
+    CHECK_OK(loom_go(count_once, (void *)(uintptr_t)i));
+  int64_t t1 = loom_now();
+  wait_for(&ran_total, spawn_n, 120000, "spawned coroutines run");
+  int64_t t2 = loom_now();
+  /* Give a duplicate run the chance to happen before we look. */
+  loom_sleep(20 * CHECK_MS);
+  for (i = 0; i < spawn_n; i++)
+    CHECKF(atomic_load(&ran_count[i]) == 1, "coroutine %ld ran %d times", i,
+           (int)atomic_load(&ran_count[i]));
+  CHECK_EQ(atomic_load(&ran_total), spawn_n);
+  printf("%ld coroutines: spawned in %.0f ms, all ran after %.0f ms\n", spawn_n, (t1 - t0) / 1e6,
+         (t2 - t0) / 1e6);
+}
+
+/* Under TSan every coroutine is a TSan fiber (slow, heavy): 50,000; under
+ * ASan 200,000; otherwise the full million. */
+TEST(million_spawned_run_once) {
+  spawn_n = CHECK_SCALE(MILLION, 200000, 50000);
+  check_run(million_main, NULL, 0);
+}
+
+/* Coroutines spawned on procs=2 as well as the default, many times over
+ * a run; also what valgrind checks for leaks. */
+static void spawn_finish_main(void *arg) {
+  long i, n = check_under_valgrind() ? 2000 : 20000;
+  (void)arg;
+  for (i = 0; i < n; i++) {
+    CHECK_OK(loom_go(count_once, (void *)(uintptr_t)i));
+    if (i % 1000 == 999)
+      loom_yield();
+  }
+  wait_for(&ran_total, n, 20000, "spawned coroutines run");
+  for (i = 0; i < n; i++)
+    CHECK_EQ(atomic_load(&ran_count[i]), 1);
+}
+
+TEST(spawn_and_finish) { check_run(spawn_finish_main, NULL, 2); }
+
+/* Coroutines that spawn coroutines (a tree), spawned from every P. */
+static atomic_long tree_done;
+static void tree(void *arg) {
+  uintptr_t depth = (uintptr_t)arg;
+  if (depth > 0) {
+    CHECK_OK(loom_go(tree, (void *)(depth - 1)));
+    CHECK_OK(loom_go(tree, (void *)(depth - 1)));
+  }
+  atomic_fetch_add(&tree_done, 1);
+}
+static void tree_main(void *arg) {
+  (void)arg;
+  CHECK_OK(loom_go(tree, (void *)(uintptr_t)14));
+  wait_for(&tree_done, (1L << 15) - 1, 20000, "tree of coroutines");
+  loom_sleep(10 * CHECK_MS);
+  CHECK_EQ(atomic_load(&tree_done), (1L << 15) - 1);
+}
+TEST(spawn_tree) { check_run(tree_main, NULL, 0); }
+
+/* ------------------------------------------------------------------ */
+/* Stealing spreads a burst spawned on one P across all Ps.            */
+
+#define BURST 64
+static atomic_int burst_p_mask;
+static atomic_long burst_done;
+static atomic_int burst_bad_p;
+
+static void burst_worker(void *arg) {
+  int p = loom__test_proc_id();
+  (void)arg;
+  if (p < 0 || p >= 2)
+    atomic_store(&burst_bad_p, 1);
+  else
+    atomic_fetch_or(&burst_p_mask, 1 << p);
+  check_spin_ns(2 * CHECK_MS); /* CPU work, no scheduling point */
+  atomic_fetch_add(&burst_done, 1);
+}
+
+static void burst_main(void *arg) {
+  loom_stats st0, st1;
+  int i, spawner_p = loom__test_proc_id();
+  (void)arg;
+  CHECK(spawner_p == 0 || spawner_p == 1);
+  CHECK_OK(loom_stats_get(&st0));
+  /* The burst goes to this P's queue: nothing yields in between. */
+  for (i = 0; i < BURST; i++)
+    CHECK_OK(loom_go(burst_worker, NULL));
+  CHECK_EQ(loom__test_proc_id(), spawner_p);
+  wait_for(&burst_done, BURST, 10000, "burst workers");
+  CHECK_OK(loom_stats_get(&st1));
+  CHECK_EQ(atomic_load(&burst_bad_p), 0);
+  printf("Ps that ran the burst: mask 0x%x; steals %llu\n", atomic_load(&burst_p_mask),
+         (unsigned long long)(st1.steals - st0.steals));
+  CHECKF(atomic_load(&burst_p_mask) == 3,
+         "all %d workers ran on P%d: no other P stole from the spawner's queue", BURST,
+         spawner_p);
+  CHECK_GT(st1.steals, st0.steals);
+}
+
+TEST(steal_spreads_burst) { check_run(burst_main, NULL, 2); }
+
+/* ------------------------------------------------------------------ */
+/* A coroutine that yields in a loop does not starve others (procs=1). */
+
+static atomic_int stop_flag;
+static atomic_long yields;
+static atomic_long sleeper_rounds;
+static atomic_long plain_rounds;
+
+static void yield_forever(void *arg) {
+  (void)arg;
+  while (!atomic_load(&stop_flag)) {
+    atomic_fetch_add(&yields, 1);
+    loom_yield();
+  }
+}
+
+static void sleeper(void *arg) {
+  int i;
+  (void)arg;
+  for (i = 0; i < 20; i++) {
+    loom_sleep(CHECK_MS);
+    atomic_fetch_add(&sleeper_rounds, 1);
+  }
+}
+
+static atomic_long plain_yields_seen; /* yields of the loops meanwhile */
+
+/* Yields 100 times.  In a fair run queue each of its yields lets each
+ * yield loop yield about once; a scheduler that lets a yielder run again
+ * ahead of the queue (its own runnext) gives the loops thousands of
+ * turns per turn of ours, and ours progresses only when a timer shakes
+ * the queue. */
+static void plain_worker(void *arg) {
+  int i;
+  long y0 = atomic_load(&yields);
+  (void)arg;
+  for (i = 0; i < 1000; i++) {
+    atomic_fetch_add(&plain_rounds, 1);
+    if (i % 10 == 0)
+      loom_yield();
+  }
+  atomic_store(&plain_yields_seen, atomic_load(&yields) - y0);
+}
+
+static void yield_main(void *arg) {
+  (void)arg;
+  CHECK_OK(loom_go(yield_forever, NULL));
+  CHECK_OK(loom_go(yield_forever, NULL));
+  loom_yield(); /* the yielders are running now */
+  CHECK_OK(loom_go(sleeper, NULL));
+  CHECK_OK(loom_go(plain_worker, NULL));
+  /* main waits on a timer too: timers must fire while yielders spin */
+  wait_for(&plain_rounds, 1000, 5000, "a worker beside two yield loops");
+  wait_for(&sleeper_rounds, 20, 5000, "a sleeper beside two yield loops");
+  CHECK_GT(atomic_load(&yields), 0);
+  atomic_store(&stop_flag, 1);
+  printf("the two yield loops yielded %ld times during the worker's 100 yields\n",
+         atomic_load(&plain_yields_seen));
+  CHECKF(atomic_load(&plain_yields_seen) <= 100 * 2 * 25,
+         "two yield loops yielded %ld times while a third coroutine yielded 100 times: "
+         "loom_yield does not go to the back of the queue",
+         atomic_load(&plain_yields_seen));
+}
+
+TEST(yield_loop_does_not_starve) {
+  check_watchdog(20, "yielding coroutines starved the others");
+  check_run(yield_main, NULL, 1);
+}
+
+/* ------------------------------------------------------------------ */
+/* The global queue is not starved by a ping-pong pair (procs=1).      */
+
+static atomic_int turn;
+static atomic_long pingpongs;
+static atomic_int foreign_ran;
+static atomic_llong foreign_spawned_at, foreign_ran_at;
+
+static void ping(void *arg) {
+  int me = (int)(uintptr_t)arg;
+  while (!atomic_load(&stop_flag)) {
+    while (atomic_load(&turn) != me && !atomic_load(&stop_flag))
+      loom_yield();
+    atomic_store(&turn, 1 - me);
+    atomic_fetch_add(&pingpongs, 1);
+  }
+}
+
+static void from_foreign(void *arg) {
+  (void)arg;
+  atomic_store(&foreign_ran_at, loom_now());
+  atomic_store(&foreign_ran, 1);
+}
+
+static void *foreign_spawner(void *arg) {
+  (void)arg;
+  CHECK_EQ(loom_id(), 0);
+  CHECK_EQ(loom__test_proc_id(), -1);
+  atomic_store(&foreign_spawned_at, loom_now());
+  CHECK_OK(loom_go(from_foreign, NULL));
+  return NULL;
+}
+
+static void pingpong_main(void *arg) {
+  pthread_t t;
+  int64_t end, wait_ns;
+  (void)arg;
+  CHECK_OK(loom_go(ping, (void *)0));
+  CHECK_OK(loom_go(ping, (void *)1));
+  while (atomic_load(&pingpongs) < 100)
+    loom_yield();
+  CHECK_EQ(pthread_create(&t, NULL, foreign_spawner, NULL), 0);
+  /* main joins the ping-pong's way of waiting: it yields too, so the
+   * local queue is never empty and only the global-queue check can find
+   * the foreign coroutine. */
+  end = deadline_in_ms(2000);
+  while (!atomic_load(&foreign_ran) && loom_now() < end)
+    loom_yield();
+  atomic_store(&stop_flag, 1);
+  loom_block_enter();
+  pthread_join(t, NULL);
+  loom_block_exit();
+  CHECKF(atomic_load(&foreign_ran),
+         "a coroutine spawned from a foreign thread did not run within 2 s "
+         "while two coroutines ping-pong (%ld exchanges)",
+         atomic_load(&pingpongs));
+  wait_ns = atomic_load(&foreign_ran_at) - atomic_load(&foreign_spawned_at);
+  printf("foreign coroutine ran %.3f ms after its spawn, %ld exchanges\n", wait_ns / 1e6,
+         atomic_load(&pingpongs));
+}
+
+TEST(global_queue_not_starved_by_pingpong) {
+  check_watchdog(20, "ping-pong starved the global queue");
+  check_run(pingpong_main, NULL, 1);
+}
+
+/* ------------------------------------------------------------------ */
+/* Spawn from foreign threads while the runtime runs.                   */
+
+#define FOREIGN_THREADS 4
+static long foreign_per_thread;
+
+static void *foreign_many(void *arg) {
+  long i;
+  (void)arg;
+  CHECK_EQ(loom_id(), 0);
+  for (i = 0; i < foreign_per_thread; i++)
+    CHECK_OK(loom_go(count_once, (void *)(uintptr_t)((long)(intptr_t)arg * foreign_per_thread + i)));
+  return NULL;
+}
+
+static void foreign_main(void *arg) {
+  pthread_t t[FOREIGN_THREADS];
+  long i;
+  (void)arg;
+  for (i = 0; i < FOREIGN_THREADS; i++)
+    CHECK_EQ(pthread_create(&t[i], NULL, foreign_many, (void *)(intptr_t)i), 0);
+  loom_block_enter();
+  for (i = 0; i < FOREIGN_THREADS; i++)
+    pthread_join(t[i], NULL);
+  loom_block_exit();
+  wait_for(&ran_total, FOREIGN_THREADS * foreign_per_thread, 20000,
+           "coroutines spawned by foreign threads");
+  loom_sleep(5 * CHECK_MS);
+  for (i = 0; i < FOREIGN_THREADS * foreign_per_thread; i++)
+    CHECKF(atomic_load(&ran_count[i]) == 1, "coroutine %ld ran %d times", i,
+           (int)atomic_load(&ran_count[i]));
+}
+
+TEST(spawn_from_foreign_thread) {
+  foreign_per_thread = CHECK_SCALE(25000, 10000, 2000);
+  CHECK_ERR(loom_go(count_once, NULL), LOOM_ENORUNTIME);
+  check_run(foreign_main, NULL, 2);
+  CHECK_ERR(loom_go(count_once, NULL), LOOM_ENORUNTIME);
+}
+
+/* A foreign thread spawning while the runtime stops: every call returns
+ * 0 or LOOM_ENORUNTIME, nothing crashes, nothing leaks. */
+static atomic_int spammer_go;
+static atomic_long spam_ok, spam_norun;
+static void nop(void *arg) { (void)arg; }
+static void *spammer(void *arg) {
+  (void)arg;
+  while (!atomic_load(&spammer_go)) {
+  }
+  for (;;) {
+    int r = loom_go(nop, NULL);
+    if (r == 0) {
+      atomic_fetch_add(&spam_ok, 1);
+    } else {
+      CHECK_ERR(r, LOOM_ENORUNTIME);
+      if (atomic_fetch_add(&spam_norun, 1) > 1000)
+        return NULL;
+    }
+  }
+}
+static void spam_main(void *arg) {
+  (void)arg;
+  atomic_store(&spammer_go, 1);
+  while (atomic_load(&spam_ok) < 1000)
+    loom_yield();
+}
+TEST(foreign_spawn_during_shutdown) {
+  pthread_t t[2];
+  int i;
+  for (i = 0; i < 2; i++)
+    CHECK_EQ(pthread_create(&t[i], NULL, spammer, NULL), 0);
+  check_run(spam_main, NULL, 2);
+  for (i = 0; i < 2; i++)
+    pthread_join(t[i], NULL);
+  CHECK_GE(atomic_load(&spam_ok), 1000);
+}
+
+/* ------------------------------------------------------------------ */
+/* Shutdown with coroutines still parked or runnable.                   */
+
+static atomic_long parked_started;
+static atomic_int parked_woke;
+static int64_t main_returned_at;
+
+static void sleep_an_hour(void *arg) {
+  (void)arg;
+  atomic_fetch_add(&parked_started, 1);
+  loom_sleep((int64_t)3600 * 1000 * CHECK_MS);
+  atomic_store(&parked_woke, 1);
+}
+
+static void parked_main(void *arg) {
+  long i, n = *(long *)arg;
+  for (i = 0; i < n; i++)
+    CHECK_OK(loom_go(sleep_an_hour, NULL));
+  wait_for(&parked_started, n, 20000, "coroutines started");
+  main_returned_at = check_mono_ns();
+}
+
+TEST(shutdown_with_parked) {
+  long n = check_under_valgrind() ? 500 : CHECK_SCALE(20000, 20000, 5000);
+  int64_t back;
+  check_run(parked_main, &n, 2);
+  back = check_mono_ns();
+  printf("loom_run returned %.1f ms after main with %ld coroutines parked\n",
+         (back - main_returned_at) / 1e6, n);
+  CHECK_EQ(atomic_load(&parked_woke), 0);
+  CHECK_LT(back - main_returned_at, (check_under_valgrind() ? 20000 : 2000) * CHECK_MS);
+  CHECK_ERR(loom_go(nop, NULL), LOOM_ENORUNTIME);
+  CHECK_EQ(loom_procs(), 0);
+}
+
+static atomic_long spin_started;
+static void yield_until_abandoned(void *arg) {
+  (void)arg;
+  atomic_fetch_add(&spin_started, 1);
+  for (;;)
+    loom_yield();
+}
+static void runnable_main(void *arg) {
+  int i;
+  (void)arg;
+  for (i = 0; i < 100; i++)
+    CHECK_OK(loom_go(yield_until_abandoned, NULL));
+  wait_for(&spin_started, 100, 5000, "yielders started");
+  main_returned_at = check_mono_ns();
+}
+TEST(shutdown_with_runnable) {
+  check_run(runnable_main, NULL, 2);
+  CHECK_LT(check_mono_ns() - main_returned_at, 2000 * CHECK_MS);
+}
+
+/* A second runtime after the first one stopped. */
+static atomic_int runs;
+static void run_twice_main(void *arg) {
+  (void)arg;
+  CHECK_EQ(loom_id(), 1);
+  CHECK_OK(loom_go(count_once, (void *)(uintptr_t)atomic_load(&runs)));
+  atomic_fetch_add(&runs, 1);
+  wait_for(&ran_total, atomic_load(&runs), 5000, "coroutine of this run");
+}
+TEST(run_twice) {
+  check_run(run_twice_main, NULL, 2);
+  check_run(run_twice_main, NULL, 1);
+  CHECK_EQ(atomic_load(&runs), 2);
+  CHECK_EQ(atomic_load(&ran_count[0]), 1);
+  CHECK_EQ(atomic_load(&ran_count[1]), 1);
+}
+
+/* ------------------------------------------------------------------ */
+/* Errors: no runtime, runtime already running, bad configuration.      */
+
+static int main_ran;
+static void set_main_ran(void *arg) {
+  (void)arg;
+  main_ran = 1;
+}
+
+TEST(no_runtime) {
+  loom_stats st;
+  loom_go_opts o = {0};
+  int64_t t0;
+  CHECK_ERR(loom_go(nop, NULL), LOOM_ENORUNTIME);
+  CHECK_ERR(loom_go_with(nop, NULL, &o), LOOM_ENORUNTIME);
+  CHECK_ERR(loom_stats_get(&st), LOOM_ENORUNTIME);
+  CHECK_EQ(loom_procs(), 0);
+  CHECK_EQ(loom_id(), 0);
+  CHECK_EQ(loom__test_proc_id(), -1);
+  CHECK_EQ(loom__test_thread_id(), 0);
+  CHECK_ERR(loom_pin(), LOOM_ENOTCO);
+  loom_unpin(); /* harmless outside a coroutine */
+  loom_yield();
+  loom_block_enter();
+  loom_block_exit();
+  t0 = loom_now();
+  CHECK_OK(loom_sleep(2 * CHECK_MS)); /* the thread sleeps */
+  CHECK_GE(loom_now() - t0, 2 * CHECK_MS);
+  t0 = loom_now();
+  CHECK_OK(loom_sleep_until(t0 + 2 * CHECK_MS));
+  CHECK_GE(loom_now() - t0, 2 * CHECK_MS);
+}
+
+static atomic_int second_ran;
+static void second_main(void *arg) {
+  (void)arg;
+  atomic_store(&second_ran, 1);
+}
+static void *second_run(void *arg) {
+  (void)arg;
+  return (void *)(intptr_t)loom_run(second_main, NULL, NULL);
+}
+static void running_main(void *arg) {
+  pthread_t t;
+  void *r;
+  (void)arg;
+  CHECK_EQ(pthread_create(&t, NULL, second_run, NULL), 0);
+  loom_block_enter();
+  pthread_join(t, &r);
+  loom_block_exit();
+  CHECK_ERR((int)(intptr_t)r, LOOM_ERUNNING);
+  CHECK_EQ(atomic_load(&second_ran), 0);
+}
+TEST(run_while_running) {
+  check_run(running_main, NULL, 2);
+  CHECK_EQ(atomic_load(&second_ran), 0);
+}
+
+TEST(bad_config) {
+  loom_config cfg;
+  loom_config_init(&cfg);
+  cfg.procs = -1;
+  CHECK_ERR(loom_run(set_main_ran, NULL, &cfg), -EINVAL);
+  loom_config_init(&cfg);
+  cfg.stack_size = 1024; /* below the 16 KiB minimum */
+  CHECK_ERR(loom_run(set_main_ran, NULL, &cfg), -EINVAL);
+  CHECK_EQ(main_ran, 0);
+  /* and the runtime still starts afterwards */
+  check_run(set_main_ran, NULL, 1);
+  CHECK_EQ(main_ran, 1);
+}
+
+static void config_main(void *arg) {
+  loom_stats st;
+  (void)arg;
+  CHECK_EQ(loom_procs(), 3);
+  CHECK_OK(loom_stats_get(&st));
+  CHECK_EQ(st.procs, 3);
+  CHECK_GE(st.threads, 1);
+  CHECK_GE(st.coroutines, 1);
+  CHECK_GE(st.spawned, 1);
+}
+TEST(config_from_env) {
+  loom_config cfg;
+  cpu_set_t set;
+  CHECK_EQ(unsetenv("LOOM_PROCS"), 0);
+  CHECK_EQ(unsetenv("LOOM_STACK_SIZE"), 0);
+  CHECK_EQ(unsetenv("LOOM_SCHEDTRACE"), 0);
+  loom_config_init(&cfg);
+  CHECK_EQ(sched_getaffinity(0, sizeof set, &set), 0);
+  CHECK_EQ(cfg.procs, CPU_COUNT(&set));
+  CHECK_EQ(cfg.stack_size, 64 * 1024);
+  CHECK_EQ(cfg.schedtrace_ms, 0);
+  CHECK_EQ(cfg.long_run_warn_ns, 10 * CHECK_MS);
+  CHECK_EQ(setenv("LOOM_PROCS", "3", 1), 0);
+  CHECK_EQ(setenv("LOOM_STACK_SIZE", "256k", 1), 0);
+  CHECK_EQ(setenv("LOOM_SCHEDTRACE", "250", 1), 0);
+  loom_config_init(&cfg);
+  CHECK_EQ(cfg.procs, 3);
+  CHECK_EQ(cfg.stack_size, 256 * 1024);
+  CHECK_EQ(cfg.schedtrace_ms, 250);
+  CHECK_EQ(setenv("LOOM_STACK_SIZE", "1m", 1), 0);
+  loom_config_init(&cfg);
+  CHECK_EQ(cfg.stack_size, 1024 * 1024);
+  CHECK_EQ(unsetenv("LOOM_SCHEDTRACE"), 0);
+  CHECK_OK(loom_run(config_main, NULL, NULL)); /* NULL: defaults + env */
+}
+
+/* ------------------------------------------------------------------ */
+/* loom_id: 1 for main, unique, 0 outside.                              */
+
+#define IDS 20000
+static uint64_t ids[IDS];
+static atomic_long ids_done;
+static void record_id(void *arg) {
+  ids[(uintptr_t)arg] = loom_id();
+  loom_yield();
+  CHECK_EQ(loom_id(), ids[(uintptr_t)arg]);
+  atomic_fetch_add(&ids_done, 1);
+}
+static int cmp_u64(const void *a, const void *b) {
+  uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
+  return x < y ? -1 : x > y;
+}
+static void *id_outside(void *arg) {
+  (void)arg;
+  return (void *)(uintptr_t)loom_id();
+}
+static void ids_main(void *arg) {
+  long i;
+  pthread_t t;
+  void *r;
+  (void)arg;
+  CHECK_EQ(loom_id(), 1);
+  for (i = 0; i < IDS; i++)
+    CHECK_OK(loom_go(record_id, (void *)(uintptr_t)i));
+  CHECK_EQ(pthread_create(&t, NULL, id_outside, NULL), 0);
+  wait_for(&ids_done, IDS, 10000, "id recorders");
+  loom_block_enter();
+  pthread_join(t, &r);
+  loom_block_exit();
+  CHECK(r == NULL);
+  qsort(ids, IDS, sizeof ids[0], cmp_u64);
+  for (i = 0; i < IDS; i++) {
+    CHECK_GT(ids[i], 1);
+    if (i > 0)
+      CHECKF(ids[i] != ids[i - 1], "id %llu given twice", (unsigned long long)ids[i]);
+  }
+  CHECK_EQ(loom_id(), 1);
+}
+TEST(id_unique) {
+  CHECK_EQ(loom_id(), 0);
+  check_run(ids_main, NULL, 2);
+  CHECK_EQ(loom_id(), 0);
+}
+
+/* ------------------------------------------------------------------ */
+/* errno is per coroutine and survives a park and a move to another M.  */
+
+#define ERRNO_COS 64
+static atomic_long errno_moves, errno_done;
+static void errno_keeper(void *arg) {
+  int mine = 1000 + (int)(uintptr_t)arg, i;
+  uint64_t m = loom__test_thread_id();
+  for (i = 0; i < 200; i++) {
+    ERRNO = mine;
+    if (i % 3 == 0)
+      loom_sleep((i % 7) * 100000); /* the M may block in the poller: errno ETIMEDOUT/EINTR */
+    else
+      loom_yield();
+    CHECKF(ERRNO == mine, "errno %d after a park, want %d", ERRNO, mine);
+    if (loom__test_thread_id() != m) {
+      atomic_fetch_add(&errno_moves, 1);
+      m = loom__test_thread_id();
+    }
+    check_spin_ns(20000);
+  }
+  atomic_fetch_add(&errno_done, 1);
+}
+static void errno_main(void *arg) {
+  int i;
+  (void)arg;
+  for (i = 0; i < ERRNO_COS; i++)
+    CHECK_OK(loom_go(errno_keeper, (void *)(uintptr_t)i));
+  ERRNO = 7;
+  wait_for(&errno_done, ERRNO_COS, 20000, "errno keepers");
+  CHECK_EQ(ERRNO, 7);
+  printf("%ld moves between threads observed\n", atomic_load(&errno_moves));
+  /* The test means something only if coroutines did change threads. */
+  CHECK_GT(atomic_load(&errno_moves), 0);
+}
+TEST(errno_survives_migration) { check_run(errno_main, NULL, 2); }
+
+/* errno of a coroutine parked on a mostly idle runtime: the M sleeps in
+ * a system call that may set errno (ETIMEDOUT, EAGAIN, EINTR), and
+ * another coroutine on the same (only) P sets errno meanwhile. */
+static void errno_clobber(void *arg) {
+  (void)arg;
+  while (!atomic_load(&stop_flag)) {
+    ERRNO = 999;
+    loom_sleep(300000);
+  }
+}
+static void errno_idle_main(void *arg) {
+  int i;
+  (void)arg;
+  CHECK_OK(loom_go(errno_clobber, NULL));
+  for (i = 0; i < 20; i++) {
+    ERRNO = 12345 + i;
+    loom_sleep(CHECK_MS);
+    CHECK_EQ(ERRNO, 12345 + i);
+  }
+  atomic_store(&stop_flag, 1);
+}
+TEST(errno_survives_idle_park) { check_run(errno_idle_main, NULL, 1); }
+
+/* ------------------------------------------------------------------ */
+/* loom_pin keeps a coroutine on one thread across sleeps; the thread
+ * runs nothing else; other coroutines still run.                        */
+
+static atomic_ullong pinned_tid;
+static atomic_int pinned_active;
+static atomic_long pin_violations, others_progress, pinned_done;
+
+static void pinned(void *arg) {
+  int i;
+  uint64_t tid;
+  (void)arg;
+  CHECK_OK(loom_pin());
+  CHECK_OK(loom_pin()); /* nests */
+  tid = loom__test_thread_id();
+  CHECK_NE(tid, 0);
+  atomic_store(&pinned_tid, tid);
+  atomic_store(&pinned_active, 1);
+  for (i = 0; i < 20; i++) {
+    loom_sleep(2 * CHECK_MS);
+    CHECKF(loom__test_thread_id() == tid, "pinned coroutine moved from M%llu to M%llu",
+           (unsigned long long)tid, (unsigned long long)loom__test_thread_id());
+    if (i == 10)
+      loom_unpin(); /* one level left: still pinned */
+    loom_yield();
+    CHECK_EQ(loom__test_thread_id(), tid);
+  }
+  atomic_store(&pinned_active, 0);
+  loom_unpin();
+  atomic_fetch_add(&pinned_done, 1);
+}
+
+static void pin_other(void *arg) {
+  (void)arg;
+  while (!atomic_load(&stop_flag)) {
+    if (atomic_load(&pinned_active) && loom__test_thread_id() == atomic_load(&pinned_tid))
+      atomic_fetch_add(&pin_violations, 1);
+    atomic_fetch_add(&others_progress, 1);
+    if (atomic_load(&others_progress) % 8 == 0)
+      loom_sleep(100000);
+    else
+      loom_yield();
+  }
+}
+
+static void pin_main(void *arg) {
+  int i;
+  long p0;
+  (void)arg;
+  for (i = 0; i < 4; i++)
+    CHECK_OK(loom_go(pin_other, NULL));
+  CHECK_OK(loom_go(pinned, NULL));
+  wait_for(&others_progress, 100, 5000, "others before the pin");
+  p0 = atomic_load(&others_progress);
+  wait_for(&pinned_done, 1, 10000, "pinned coroutine");
+  CHECKF(atomic_load(&others_progress) > p0 + 20,
+         "other coroutines made %ld steps while one was pinned",
+         atomic_load(&others_progress) - p0);
+  CHECKF(atomic_load(&pin_violations) == 0,
+         "%ld times another coroutine ran on the pinned coroutine's thread",
+         atomic_load(&pin_violations));
+  atomic_store(&stop_flag, 1);
+  loom_sleep(5 * CHECK_MS);
+}
+
+TEST(pin_keeps_thread) {
+  check_watchdog(25, "pin test");
+  check_run(pin_main, NULL, 2);
+}
+/* With one P the P must go to another M while the pinned coroutine
+ * sleeps, and come back to the pinned M when it wakes. */
+TEST(pin_one_proc) {
+  check_watchdog(25, "pin test with one P");
+  check_run(pin_main, NULL, 1);
+}
+
+/* A coroutine that returns while pinned: its thread is released. */
+static atomic_long pin_return_done;
+static void pin_and_return(void *arg) {
+  (void)arg;
+  CHECK_OK(loom_pin());
+  loom_sleep(CHECK_MS);
+  atomic_fetch_add(&pin_return_done, 1);
+}
+static void pin_return_main(void *arg) {
+  int i;
+  (void)arg;
+  for (i = 0; i < 8; i++)
+    CHECK_OK(loom_go(pin_and_return, NULL));
+  wait_for(&pin_return_done, 8, 10000, "pinned coroutines");
+  /* the runtime still runs ordinary coroutines */
+  for (i = 0; i < 100; i++)
+    CHECK_OK(loom_go(count_once, (void *)(uintptr_t)i));
+  wait_for(&ran_total, 100, 5000, "coroutines after pinned ones returned");
+}
+TEST(pin_return_while_pinned) { check_run(pin_return_main, NULL, 2); }
+
+/* ------------------------------------------------------------------ */
+/* Per-spawn stack size.                                                 */
+
+static atomic_long big_done;
+__attribute__((noinline)) static void use_stack(size_t bytes) {
+  char buf[32 * 1024];
+  size_t i;
+  volatile char *v = buf;
+  for (i = 0; i < sizeof buf; i += 512)
+    v[i] = (char)i;
+  if (bytes > sizeof buf)
+    use_stack(bytes - sizeof buf);
+  for (i = 0; i < sizeof buf; i += 512)
+    CHECK_EQ(v[i], (char)i);
+}
+static void big_stack_user(void *arg) {
+  use_stack((size_t)(uintptr_t)arg);
+  loom_yield();
+  use_stack((size_t)(uintptr_t)arg);
+  atomic_fetch_add(&big_done, 1);
+}
+static void go_with_main(void *arg) {
+  loom_go_opts o;
+  (void)arg;
+  memset(&o, 0, sizeof o);
+  o.stack_size = 2 * 1024 * 1024; /* 1.5 MiB of frames would overflow 64 KiB */
+  CHECK_OK(loom_go_with(big_stack_user, (void *)(uintptr_t)(1536 * 1024), &o));
+  o.stack_size = 16 * 1024; /* the minimum */
+  CHECK_OK(loom_go_with(count_once, (void *)(uintptr_t)0, &o));
+  CHECK_OK(loom_go_with(count_once, (void *)(uintptr_t)1, NULL)); /* NULL: defaults */
+  o.stack_size = 0;
+  CHECK_OK(loom_go_with(count_once, (void *)(uintptr_t)2, &o));
+  o.stack_size = 1024; /* below the minimum */
+  CHECK_ERR(loom_go_with(count_once, (void *)(uintptr_t)3, &o), -EINVAL);
+  o.stack_size = SIZE_MAX / 2; /* cannot be had */
+  {
+    int r = loom_go_with(count_once, (void *)(uintptr_t)4, &o);
+    CHECKF(r == -ENOMEM || r == -EINVAL, "absurd stack size: %d (%s)", r, loom_err_name(r));
+  }
+  wait_for(&big_done, 1, 10000, "coroutine with a 2 MiB stack");
+  wait_for(&ran_total, 3, 5000, "small-stack coroutines");
+  loom_sleep(5 * CHECK_MS);
+  CHECK_EQ(atomic_load(&ran_total), 3);
+  CHECK_EQ(atomic_load(&ran_count[3]), 0);
+  CHECK_EQ(atomic_load(&ran_count[4]), 0);
+}
+TEST(go_with_stack_size) { check_run(go_with_main, NULL, 2); }
+
+/* The runtime's stack size comes from the configuration. */
+static void cfg_stack_main(void *arg) {
+  (void)arg;
+  CHECK_OK(loom_go(big_stack_user, (void *)(uintptr_t)(384 * 1024)));
+  wait_for(&big_done, 1, 10000, "coroutine using 384 KiB of a 512 KiB stack");
+}
+TEST(config_stack_size) {
+  loom_config cfg;
+  loom_config_init(&cfg);
+  cfg.stack_size = 512 * 1024;
+  CHECK_OK(loom_run(cfg_stack_main, NULL, &cfg));
+}
+
+/* ------------------------------------------------------------------ */
+/* Stats count what happened.                                            */
+
+static void stats_main(void *arg) {
+  loom_stats a, b;
+  int i;
+  (void)arg;
+  CHECK_OK(loom_stats_get(&a));
+  CHECK_EQ(a.procs, 2);
+  CHECK_EQ(loom_procs(), 2);
+  CHECK_GE(a.threads, 1);
+  CHECK_GE(a.coroutines, 1);
+  for (i = 0; i < 100; i++)
+    CHECK_OK(loom_go(sleep_an_hour, NULL));
+  wait_for(&parked_started, 100, 5000, "sleepers");
+  CHECK_OK(loom_stats_get(&b));
+  CHECK_EQ(b.spawned - a.spawned, 100);
+  CHECK_EQ(b.coroutines, a.coroutines + 100);
+  CHECK_LE(b.idle_procs, b.procs);
+  CHECK_LE(b.idle_threads, b.threads);
+  CHECK_LE(b.spinning_threads, b.threads);
+}
+TEST(stats) { check_run(stats_main, NULL, 2); }
+
+CHECK_MAIN()

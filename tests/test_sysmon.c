@@ -1,0 +1,253 @@
+/*
+ * test_sysmon.c — the monitor thread and what it reports (src/runtime/
+ * sysmon.c): an idle runtime costs ~no CPU, LOOM_SCHEDTRACE prints trace
+ * lines, and a coroutine that runs too long without a scheduling point
+ * is named in a warning.  Messages are captured through the config's log
+ * hook.
+ */
+#include <ctype.h>
+#include <stdatomic.h>
+
+#include "check.h"
+
+/* ---- a log hook that keeps every message ---- */
+
+#define LOG_MAX 512
+static pthread_mutex_t log_mu = PTHREAD_MUTEX_INITIALIZER;
+static char *log_lines[LOG_MAX];
+static int log_n;
+static int log_dropped;
+static int log_bad_arg;
+static int log_cookie;
+
+static void capture(void *arg, const char *msg) {
+  pthread_mutex_lock(&log_mu);
+  if (arg != &log_cookie)
+    log_bad_arg = 1;
+  if (log_n < LOG_MAX)
+    log_lines[log_n++] = strdup(msg);
+  else
+    log_dropped++;
+  pthread_mutex_unlock(&log_mu);
+}
+
+static int log_count(void) {
+  int n;
+  pthread_mutex_lock(&log_mu);
+  n = log_n;
+  pthread_mutex_unlock(&log_mu);
+  return n;
+}
+
+static void log_print_and_free(void) {
+  int i;
+  pthread_mutex_lock(&log_mu);
+  for (i = 0; i < log_n; i++) {
+    printf("log: %s\n", log_lines[i]);
+    free(log_lines[i]);
+    log_lines[i] = NULL;
+  }
+  log_n = 0;
+  pthread_mutex_unlock(&log_mu);
+}
+
+/* Does `s` contain `num` as a whole decimal number? */
+/* Number of captured messages that contain `num` as a whole number. */
+static int log_mentions(uint64_t num) {
+  int i, k = 0;
+  pthread_mutex_lock(&log_mu);
+  char needle[64];
+  snprintf(needle, sizeof needle, "coroutine %llu ", (unsigned long long)num);
+  for (i = 0; i < log_n; i++)
+    if (strstr(log_lines[i], needle) != NULL)
+      k++;
+  pthread_mutex_unlock(&log_mu);
+  return k;
+}
+
+static void cfg_with_log(loom_config *cfg, int procs) {
+  loom_config_init(cfg);
+  cfg->procs = procs;
+  cfg->log = capture;
+  cfg->log_arg = &log_cookie;
+}
+
+/* ------------------------------------------------------------------ */
+/* An idle runtime uses ~0% CPU.                                         */
+
+static int64_t idle_cpu_ns;
+static void idle_main(void *arg) {
+  int64_t c0;
+  (void)arg;
+  loom_sleep(100 * CHECK_MS); /* spinning threads settle down */
+  c0 = check_cpu_ns();
+  loom_sleep(500 * CHECK_MS);
+  idle_cpu_ns = check_cpu_ns() - c0;
+}
+
+TEST(idle_uses_no_cpu) {
+  unsetenv("LOOM_SCHEDTRACE");
+  check_run(idle_main, NULL, 0);
+  printf("idle runtime: %.2f ms of CPU over 500 ms\n", idle_cpu_ns / 1e6);
+  CHECKF(idle_cpu_ns < 50 * CHECK_MS, "an idle runtime burned %.1f ms of CPU in 500 ms",
+         idle_cpu_ns / 1e6);
+}
+
+/* Idle with coroutines parked on timers far away and one that wakes
+ * every 10 ms: still cheap. */
+static void sleep_long(void *arg) {
+  (void)arg;
+  loom_sleep((int64_t)3600 * 1000 * CHECK_MS);
+}
+static void idle_parked_main(void *arg) {
+  int i;
+  int64_t c0, end;
+  (void)arg;
+  for (i = 0; i < 1000; i++)
+    CHECK_OK(loom_go(sleep_long, NULL));
+  loom_sleep(100 * CHECK_MS);
+  c0 = check_cpu_ns();
+  end = loom_now() + 500 * CHECK_MS;
+  while (loom_now() < end)
+    loom_sleep(10 * CHECK_MS);
+  idle_cpu_ns = check_cpu_ns() - c0;
+}
+TEST(mostly_idle_uses_little_cpu) {
+  check_run(idle_parked_main, NULL, 0);
+  printf("runtime waking every 10 ms: %.2f ms of CPU over 500 ms\n", idle_cpu_ns / 1e6);
+  CHECKF(idle_cpu_ns < 100 * CHECK_MS, "%.1f ms of CPU in 500 ms", idle_cpu_ns / 1e6);
+}
+
+/* ------------------------------------------------------------------ */
+/* LOOM_SCHEDTRACE prints lines through the log hook.                     */
+
+static void trace_main(void *arg) {
+  int i;
+  (void)arg;
+  for (i = 0; i < 10; i++)
+    CHECK_OK(loom_go(sleep_long, NULL));
+  loom_sleep(330 * CHECK_MS);
+}
+
+static void check_trace_lines(int want_min) {
+  int i, n = log_count();
+  printf("%d trace lines\n", n);
+  CHECK_EQ(log_bad_arg, 0);
+  CHECKF(n >= want_min, "%d trace lines in 330 ms at one per 50 ms", n);
+  CHECKF(n <= 12, "%d trace lines in 330 ms at one per 50 ms", n);
+  for (i = 0; i < n; i++) {
+    size_t len = strlen(log_lines[i]);
+    CHECK_GT(len, 0);
+    CHECKF(log_lines[i][len - 1] != '\n', "trace line ends in a newline: \"%s\"", log_lines[i]);
+    CHECKF(strchr(log_lines[i], '\n') == NULL, "trace message holds several lines: \"%s\"",
+           log_lines[i]);
+  }
+  log_print_and_free();
+}
+
+TEST(schedtrace_config) {
+  loom_config cfg;
+  unsetenv("LOOM_SCHEDTRACE");
+  cfg_with_log(&cfg, 2);
+  cfg.schedtrace_ms = 50;
+  CHECK_OK(loom_run(trace_main, NULL, &cfg));
+  check_trace_lines(3);
+}
+
+TEST(schedtrace_env) {
+  loom_config cfg;
+  CHECK_EQ(setenv("LOOM_SCHEDTRACE", "50", 1), 0);
+  cfg_with_log(&cfg, 2); /* loom_config_init reads the environment */
+  CHECK_EQ(cfg.schedtrace_ms, 50);
+  CHECK_OK(loom_run(trace_main, NULL, &cfg));
+  check_trace_lines(3);
+}
+
+/* Without tracing an idle runtime says nothing. */
+TEST(schedtrace_off_is_silent) {
+  loom_config cfg;
+  unsetenv("LOOM_SCHEDTRACE");
+  cfg_with_log(&cfg, 2);
+  CHECK_EQ(cfg.schedtrace_ms, 0);
+  CHECK_OK(loom_run(trace_main, NULL, &cfg));
+  CHECK_EQ(log_count(), 0);
+}
+
+/* ------------------------------------------------------------------ */
+/* The long-run warning names a coroutine that spins 30 ms.              */
+
+static atomic_ullong spinner_id, polite_id;
+static atomic_int spun;
+
+static void spinner(void *arg) {
+  (void)arg;
+  atomic_store(&spinner_id, loom_id());
+  check_spin_ns(30 * CHECK_MS); /* no scheduling point */
+  atomic_store(&spun, 1);
+}
+
+/* Runs as long, but yields every millisecond: no warning. */
+static void polite(void *arg) {
+  int i;
+  (void)arg;
+  atomic_store(&polite_id, loom_id());
+  for (i = 0; i < 30; i++) {
+    check_spin_ns(CHECK_MS);
+    loom_yield();
+  }
+}
+
+static void warn_main(void *arg) {
+  int i;
+  (void)arg;
+  /* push the ids past small numbers that appear in any message */
+  for (i = 0; i < 300; i++)
+    CHECK_OK(loom_go(sleep_long, NULL));
+  CHECK_OK(loom_go(polite, NULL));
+  loom_sleep(50 * CHECK_MS);
+  CHECK_OK(loom_go(spinner, NULL));
+  while (!atomic_load(&spun))
+    loom_sleep(CHECK_MS);
+  loom_sleep(50 * CHECK_MS); /* let the monitor speak */
+}
+
+TEST(long_run_warning) {
+  loom_config cfg;
+  unsetenv("LOOM_SCHEDTRACE");
+  cfg_with_log(&cfg, 2);
+  CHECK_EQ(cfg.long_run_warn_ns, 10 * CHECK_MS);
+  CHECK_OK(loom_run(warn_main, NULL, &cfg));
+  printf("spinner is coroutine %llu, polite one %llu\n",
+         (unsigned long long)atomic_load(&spinner_id), (unsigned long long)atomic_load(&polite_id));
+  /* Ids are unique but not monotonic (each P hands them out in batches). */
+  CHECK_NE(atomic_load(&spinner_id), 0);
+  CHECK_NE(atomic_load(&spinner_id), atomic_load(&polite_id));
+  CHECKF(log_mentions(atomic_load(&spinner_id)) >= 1,
+         "no message names coroutine %llu, which ran 30 ms without a scheduling point",
+         (unsigned long long)atomic_load(&spinner_id));
+  CHECKF(log_mentions(atomic_load(&polite_id)) == 0,
+         "coroutine %llu yielded every millisecond and was warned about",
+         (unsigned long long)atomic_load(&polite_id));
+  log_print_and_free();
+}
+
+/* A threshold above the spin, or a negative one: no warning. */
+TEST(long_run_warning_threshold) {
+  loom_config cfg;
+  unsetenv("LOOM_SCHEDTRACE");
+  cfg_with_log(&cfg, 2);
+  cfg.long_run_warn_ns = 200 * CHECK_MS;
+  CHECK_OK(loom_run(warn_main, NULL, &cfg));
+  CHECKF(log_mentions(atomic_load(&spinner_id)) == 0, "warned below the threshold");
+  log_print_and_free();
+}
+TEST(long_run_warning_off) {
+  loom_config cfg;
+  unsetenv("LOOM_SCHEDTRACE");
+  cfg_with_log(&cfg, 2);
+  cfg.long_run_warn_ns = -1;
+  CHECK_OK(loom_run(warn_main, NULL, &cfg));
+  CHECKF(log_count() == 0, "%d messages with the warning off", log_count());
+}
+
+CHECK_MAIN()
