@@ -42,15 +42,16 @@ static inline long bench_rss_kib(void) {
   return kib;
 }
 
-/* argv[i] as a positive long, or `def` when absent; exits on junk. */
+/* argv[i] as a non-negative long (0 means "the default" where a program
+ * says so), or `def` when absent; exits on junk. */
 static inline long bench_arg(int argc, char **argv, int i, long def) {
   char *end;
   long v;
   if (i >= argc)
     return def;
   v = strtol(argv[i], &end, 10);
-  if (*argv[i] == '\0' || *end != '\0' || v <= 0) {
-    fprintf(stderr, "%s: argument %d must be a positive integer, not '%s'\n",
+  if (*argv[i] == '\0' || *end != '\0' || v < 0) {
+    fprintf(stderr, "%s: argument %d must be an integer >= 0, not '%s'\n",
             argv[0], i, argv[i]);
     exit(2);
   }

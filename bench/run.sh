@@ -16,7 +16,8 @@
 #   RUN_TIMEOUT_S=60    time limit of a single run
 #   YIELD_ITERS=5000000 SPAWN_N=1000000 PARKED_N=1000000
 #   CPU_TASKS=400 CPU_ITERS=1000000
-#   CASES="yield spawn parked cpu"   which cases to run
+#   SPAWN_YIELD_EVERY=256  the spawner yields every k spawns in case spawnk
+#   CASES="yield spawn spawnk parked cpu"   which cases to run
 #   GO=go               the Go toolchain (Go 1.19+, standard library only)
 set -u -o pipefail
 
@@ -31,7 +32,8 @@ PARKED_N=${PARKED_N:-1000000}
 CPU_TASKS=${CPU_TASKS:-400}
 CPU_ITERS=${CPU_ITERS:-1000000}
 GO=${GO:-go}
-CASES=${CASES:-yield spawn parked cpu}
+SPAWN_YIELD_EVERY=${SPAWN_YIELD_EVERY:-256}
+CASES=${CASES:-yield spawn spawnk parked cpu}
 
 # The programs choose their processor counts themselves; do not let a
 # stray setting in the caller's environment change what is compared.
@@ -109,6 +111,7 @@ run() {
     [[ -n $v ]] && SAMPLES[$side:$case:$f]+="$v "
   done
   printf '  %-4s %-7s %s\n' "$side" "$case" "${line#RESULT }"
+  grep '^INFO ' <<<"$out" | sed 's/^/       /'
 }
 
 sides=(go)
@@ -130,6 +133,9 @@ for ((r = 1; r <= ROUNDS; r++)); do
   fi
   if want spawn; then
     for s in "${sides[@]}"; do run "$s" spawn "$(bin "$s" spawn)" "$SPAWN_N"; done
+  fi
+  if want spawnk; then
+    for s in "${sides[@]}"; do run "$s" spawnk "$(bin "$s" spawn)" "$SPAWN_N" 0 "$SPAWN_YIELD_EVERY"; done
   fi
   if want parked; then
     for s in "${sides[@]}"; do run "$s" parked "$(bin "$s" parked)" "$PARKED_N"; done
@@ -163,7 +169,7 @@ meets() { awk -v v="$1" -v op="$2" -v l="$3" 'BEGIN {
 echo
 echo "medians of $rounds_done rounds [min..max]; ratio = loom/Go (lower is better for loom"
 echo "except the speed-up rows); target and 'met' judge the loom median"
-printf '%-22s %-7s %-26s %-26s %-7s %-8s %s\n' case unit "loom" "go" "loom/go" target met
+printf '%-25s %-7s %-26s %-26s %-7s %-8s %s\n' case unit "loom" "go" "loom/go" target met
 row() { # row LABEL UNIT CASE FIELD TARGET_OP TARGET
   local label=$1 unit=$2 case=$3 f=$4 op=${5:-} lim=${6:-}
   local lm lmin lmax ln gm gmin gmax gn
@@ -174,12 +180,14 @@ row() { # row LABEL UNIT CASE FIELD TARGET_OP TARGET
   [[ $gm != - ]] && gcell="$gm [$gmin..$gmax]"
   local tgt="-" met="-"
   if [[ -n $op ]]; then tgt="$op $lim"; met=$(meets "$lm" "$op" "$lim"); fi
-  printf '%-22s %-7s %-26s %-26s %-7s %-8s %s\n' "$label" "$unit" "$lcell" "$gcell" \
+  printf '%-25s %-7s %-26s %-26s %-7s %-8s %s\n' "$label" "$unit" "$lcell" "$gcell" \
     "$(div "$lm" "$gm")" "$tgt" "$met"
 }
 row "yield" ns/op yield ns_per_op "<=" 10
 row "spawn+run+exit (warm)" ns/op spawn ns_per_op "<=" 100
 row "spawn+run+exit (cold)" ns/op spawn cold_ns_per_op
+row "spawn, yield/$SPAWN_YIELD_EVERY (warm)" ns/op spawnk ns_per_op "<=" 100
+row "spawn, yield/$SPAWN_YIELD_EVERY (cold)" ns/op spawnk cold_ns_per_op
 row "parked coroutine" KiB parked kib_per_op "<=" 4.5
 row "cpu-bound, 1 P" ms cpu1 ms
 row "cpu-bound, 2 P" ms cpu2 ms
@@ -197,7 +205,7 @@ read -r gsm gsmin gsmax _ <<<"$(stat $(speedups go))"
 lcell="-" gcell="-"
 [[ $lsm != - ]] && lcell="${lsm}x [$lsmin..$lsmax]"
 [[ $gsm != - ]] && gcell="${gsm}x [$gsmin..$gsmax]"
-printf '%-22s %-7s %-26s %-26s %-7s %-8s %s\n' "speed-up 2 P / 1 P" x "$lcell" "$gcell" \
+printf '%-25s %-7s %-26s %-26s %-7s %-8s %s\n' "speed-up 2 P / 1 P" x "$lcell" "$gcell" \
   "$(div "$lsm" "$gsm")" ">= 1.8" "$(meets "$lsm" ">=" 1.8)"
 
 nfail=0

@@ -115,7 +115,7 @@ static void sleep_fn(void *arg) {
 static void step_sleep(void) {
   unsigned long n = n_coroutines;
   /* Time enough to spawn them all (a few microseconds each). */
-  int64_t nap = 300 * MS + (int64_t)n * 3000;
+  int64_t nap = 300 * MS + (int64_t)n * 5000;
   printf("\n[2] sleep: %lu coroutines sleep until the same moment, %.0f ms "
          "from now\n",
          n, (double)nap / 1e6);
@@ -236,8 +236,8 @@ static void pinned_fn(void *arg) {
 }
 
 static void step_pin(void) {
-  printf("\n[5] pin: a pinned coroutine sleeps and yields 20 times and stays "
-         "on its thread\n");
+  printf("\n[5] pin: a pinned coroutine sleeps and yields 20 times, on one "
+         "thread\n");
   check(loom_go(pinned_fn, NULL) == 0, "spawn pinned coroutine");
   check(wait_for(&pin_done, 1) == 0, "pinned coroutine finished");
   int moved = atomic_load(&pin_moved);
@@ -285,8 +285,7 @@ static void local_fn(void *arg) {
 }
 
 static void step_local(void) {
-  printf("\n[6] local: %d coroutines keep their own value in one key across "
-         "sleeps and yields\n",
+  printf("\n[6] local: %d coroutines keep their own value under one key\n",
          LOCALS);
   int rc = loom_local_key_create(&local_key, local_dtor);
   if (rc != 0) {

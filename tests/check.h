@@ -77,6 +77,7 @@ static inline int check_under_valgrind(void) {
 __attribute__((noreturn, format(printf, 3, 4))) static inline void
 check_fail_(const char *file, int line, const char *fmt, ...) {
   va_list ap;
+  fflush(stdout);
   fprintf(stderr, "%s:%d: CHECK failed: ", file, line);
   va_start(ap, fmt);
   vfprintf(stderr, fmt, ap);
@@ -98,6 +99,7 @@ check_fail_(const char *file, int line, const char *fmt, ...) {
 #define CHECKF(cond, ...)                                                                          \
   do {                                                                                             \
     if (!(cond)) {                                                                                 \
+      fflush(stdout);                                                                              \
       fprintf(stderr, "%s:%d: CHECK failed: %s: ", __FILE__, __LINE__, #cond);                     \
       fprintf(stderr, __VA_ARGS__);                                                                \
       fputc('\n', stderr);                                                                         \

@@ -14,11 +14,13 @@ static atomic_long nlive;    /* blocks handed out and not yet freed */
 static atomic_long injected; /* failures we caused */
 static long fail_at = -1;    /* the hook call that fails; -1: none */
 
+static atomic_int fail_all; /* every allocation fails while set */
+
 static void *hook_realloc(void *ud, void *p, size_t n) {
   long k = atomic_fetch_add(&nalloc, 1);
   void *q;
   (void)ud;
-  if (k == fail_at) {
+  if (k == fail_at || atomic_load(&fail_all)) {
     atomic_fetch_add(&injected, 1);
     return NULL;
   }
@@ -64,6 +66,14 @@ static void worker(void *arg) {
   atomic_fetch_add(&finished, 1);
 }
 
+/* The burst below overflows the spawner's local run queue (256) into
+ * the global one, and its sleeps grow the timer heaps. */
+static void sleeper(void *arg) {
+  (void)arg;
+  loom_sleep(CHECK_MS);
+  atomic_fetch_add(&finished, 1);
+}
+
 static void *foreign(void *arg) {
   int i, r;
   (void)arg;
@@ -86,6 +96,12 @@ static void scenario_main(void *arg) {
   for (i = 0; i < 10; i++) {
     o.stack_size = (i % 2) ? 32 * 1024 : 0;
     r = loom_go_with(worker, NULL, &o);
+    note_result(r);
+    if (r == 0)
+      atomic_fetch_add(&spawned_ok, 1);
+  }
+  for (i = 0; i < 300; i++) {
+    r = loom_go(sleeper, NULL);
     note_result(r);
     if (r == 0)
       atomic_fetch_add(&spawned_ok, 1);
@@ -193,6 +209,84 @@ TEST(fail_each_allocation) {
   printf("%ld failures injected, %ld -ENOMEM results seen\n", total_inj, total_enomem);
   CHECK_GT(total_inj, 0);
   CHECK_GT(total_enomem, 0);
+}
+
+/* With no memory at all, a spawn from a foreign thread (which goes to
+ * the global run queue) returns -ENOMEM or works: it never kills the
+ * process. */
+static atomic_int foreign_result = 1;
+static void *foreign_spawn_one(void *arg) {
+  (void)arg;
+  atomic_store(&foreign_result, loom_go(worker, NULL));
+  return NULL;
+}
+static void no_memory_main(void *arg) {
+  pthread_t t;
+  int r;
+  int64_t end = loom_now() + 5000 * CHECK_MS;
+  (void)arg;
+  atomic_store(&fail_all, 1);
+  CHECK_EQ(pthread_create(&t, NULL, foreign_spawn_one, NULL), 0);
+  loom_block_enter();
+  pthread_join(t, NULL);
+  loom_block_exit();
+  atomic_store(&fail_all, 0);
+  r = atomic_load(&foreign_result);
+  CHECKF(r == 0 || r == -ENOMEM, "loom_go from a foreign thread without memory: %d (%s)", r,
+         loom_err_name(r));
+  if (r == 0)
+    atomic_fetch_add(&spawned_ok, 1);
+  while (atomic_load(&finished) < atomic_load(&spawned_ok)) {
+    CHECK(loom_now() < end);
+    loom_sleep(CHECK_MS);
+  }
+}
+TEST(foreign_spawn_without_memory) {
+  loom_set_allocator(&hook);
+  CHECK_OK(loom_local_key_create(&key, NULL));
+  check_run(no_memory_main, NULL, 1);
+  printf("loom_go from a foreign thread without memory: %d; %ld allocations refused\n",
+         atomic_load(&foreign_result), atomic_load(&injected));
+  CHECK_EQ(atomic_load(&nlive), 0);
+  loom_set_allocator(NULL);
+}
+
+/* A coroutine leaving a blocking section while its P is busy queues
+ * itself globally.  With no memory at that moment it must still resume
+ * (loom_block_exit cannot fail), never kill the process. */
+static atomic_int in_section, section_done;
+static void blocked_then_out(void *arg) {
+  (void)arg;
+  loom_block_enter();
+  atomic_store(&in_section, 1);
+  usleep(30 * 1000); /* the monitor hands the P to the spinner meanwhile */
+  atomic_store(&fail_all, 1);
+  loom_block_exit();
+  atomic_store(&fail_all, 0);
+  atomic_store(&section_done, 1);
+}
+static void busy(void *arg) {
+  (void)arg;
+  check_spin_ns(100 * CHECK_MS); /* holds the only P, no scheduling point */
+}
+static void block_exit_main(void *arg) {
+  int64_t end = loom_now() + 5000 * CHECK_MS;
+  (void)arg;
+  CHECK_OK(loom_go(blocked_then_out, NULL));
+  while (!atomic_load(&in_section))
+    loom_sleep(CHECK_MS / 10);
+  CHECK_OK(loom_go(busy, NULL));
+  while (!atomic_load(&section_done)) {
+    CHECK(loom_now() < end);
+    loom_sleep(CHECK_MS);
+  }
+}
+TEST(block_exit_without_memory) {
+  loom_set_allocator(&hook);
+  check_run(block_exit_main, NULL, 1);
+  printf("%ld allocations refused around loom_block_exit\n", atomic_load(&injected));
+  CHECK_EQ(atomic_load(&nlive), 0);
+  loom_set_allocator(NULL);
 }
 
 /* loom_set_allocator(NULL) goes back to the C library. */

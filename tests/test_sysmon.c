@@ -179,21 +179,42 @@ TEST(schedtrace_off_is_silent) {
 static atomic_ullong spinner_id, polite_id;
 static atomic_int spun;
 
+static int64_t thread_cpu_ns(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+  return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+
+/* 30 ms on the CPU (and so at least 30 ms of wall time, more when the
+ * machine is loaded) without a scheduling point. */
 static void spinner(void *arg) {
+  int64_t end;
   (void)arg;
   atomic_store(&spinner_id, loom_id());
-  check_spin_ns(30 * CHECK_MS); /* no scheduling point */
+  end = thread_cpu_ns() + 30 * CHECK_MS;
+  while (thread_cpu_ns() < end) {
+  }
   atomic_store(&spun, 1);
 }
 
-/* Runs as long, but yields every millisecond: no warning. */
+/* Runs as long, but yields every millisecond.  Only informative: on a
+ * loaded machine the kernel may stop its thread for 10 ms between two
+ * yields, which the monitor rightly counts as running. */
+static atomic_llong polite_max_gap; /* longest wall time between two yields */
 static void polite(void *arg) {
   int i;
+  int64_t last;
   (void)arg;
   atomic_store(&polite_id, loom_id());
+  last = loom_now();
   for (i = 0; i < 30; i++) {
+    int64_t now;
     check_spin_ns(CHECK_MS);
+    now = loom_now();
+    if (now - last > atomic_load(&polite_max_gap))
+      atomic_store(&polite_max_gap, now - last);
     loom_yield();
+    last = now;
   }
 }
 
@@ -222,12 +243,22 @@ TEST(long_run_warning) {
   /* Ids are unique but not monotonic (each P hands them out in batches). */
   CHECK_NE(atomic_load(&spinner_id), 0);
   CHECK_NE(atomic_load(&spinner_id), atomic_load(&polite_id));
+  if (log_mentions(atomic_load(&polite_id)) != 0) {
+    /* Fine if the kernel stopped its thread for 10 ms; not if it never
+     * went 5 ms (wall time, yield to yield) without yielding. */
+    printf("note: coroutine %llu yielded every millisecond and was warned about; "
+           "its longest gap between yields: %.1f ms\n",
+           (unsigned long long)atomic_load(&polite_id), atomic_load(&polite_max_gap) / 1e6);
+    CHECKF(atomic_load(&polite_max_gap) > 5 * CHECK_MS,
+           "coroutine %llu never ran more than %.1f ms between two yields, yet was warned "
+           "about", (unsigned long long)atomic_load(&polite_id),
+           atomic_load(&polite_max_gap) / 1e6);
+  }
+  if (log_mentions(atomic_load(&spinner_id)) == 0)
+    log_print_and_free();
   CHECKF(log_mentions(atomic_load(&spinner_id)) >= 1,
          "no message names coroutine %llu, which ran 30 ms without a scheduling point",
          (unsigned long long)atomic_load(&spinner_id));
-  CHECKF(log_mentions(atomic_load(&polite_id)) == 0,
-         "coroutine %llu yielded every millisecond and was warned about",
-         (unsigned long long)atomic_load(&polite_id));
   log_print_and_free();
 }
 

@@ -108,16 +108,6 @@ LOOM_NOIPA static void set_tls_m(loom__m *m) {
   tls_m = m;
 }
 
-LOOM_NOIPA static int errno_get(void) {
-  __asm__ volatile("" ::: "memory");
-  return errno;
-}
-
-LOOM_NOIPA static void errno_set(int e) {
-  __asm__ volatile("" ::: "memory");
-  errno = e;
-}
-
 /* The scheduler's locks are held for a few hundred instructions at most:
  * spin briefly before sleeping in the kernel (glibc's adaptive mutex). */
 int loom__mutex_init(pthread_mutex_t *mu) {
@@ -216,30 +206,16 @@ static loom__g *g_alloc(loom__rt *rt, loom__p *p, size_t stack_size) {
     pthread_mutex_unlock(&s->lock);
     return g;
   }
-  if (p != NULL && p->gfree != NULL) {
-    g = p->gfree;
-    p->gfree = g->schedlink;
-    p->ngfree--;
-    return g;
-  }
+  if (p != NULL && p->ngfree > 0)
+    return p->gfree[--p->ngfree];
   pthread_mutex_lock(&s->lock);
-  if (s->gfree == NULL && s->gclean != NULL) {
-    g = s->gclean;
-    s->gclean = g->schedlink;
-    s->nclean--;
-  } else if (s->gfree != NULL) {
-    g = s->gfree;
-    s->gfree = g->schedlink;
-    s->ngfree--;
+  if (s->ngfree == 0 && s->nclean > 0) {
+    g = s->gclean[--s->nclean];
+  } else if (s->ngfree > 0) {
+    g = s->gfree[--s->ngfree];
     /* Refill the P's cache while the lock is held. */
-    while (p != NULL && s->gfree != NULL && p->ngfree < PCACHE_MAX / 2) {
-      loom__g *g1 = s->gfree;
-      s->gfree = g1->schedlink;
-      s->ngfree--;
-      g1->schedlink = p->gfree;
-      p->gfree = g1;
-      p->ngfree++;
-    }
+    while (p != NULL && s->ngfree > 0 && p->ngfree < LOOM_PCACHE / 2)
+      p->gfree[p->ngfree++] = s->gfree[--s->ngfree];
   } else {
     loom__stack st;
     if (loom__stack_carve(s, &st) == 0)
@@ -272,30 +248,33 @@ static void g_free(loom__rt *rt, loom__p *p, loom__g *g) {
     loom__stack_unmap(&st);
     return;
   }
-  g->schedlink = p->gfree;
-  p->gfree = g;
-  if (++p->ngfree < PCACHE_MAX)
+  if (p->ngfree < LOOM_PCACHE) {
+    p->gfree[p->ngfree++] = g;
     return;
-  /* Spill half to the global list; sysmon trims spilled stacks. */
-  loom__g *head = p->gfree, *tail = head;
-  for (int i = 1; i < PCACHE_MAX / 2; i++)
-    tail = tail->schedlink;
-  p->gfree = tail->schedlink;
-  p->ngfree -= PCACHE_MAX / 2;
-  pthread_mutex_lock(&rt->stacks.lock);
-  tail->schedlink = rt->stacks.gfree;
-  rt->stacks.gfree = head;
-  rt->stacks.ngfree += PCACHE_MAX / 2;
-  pthread_mutex_unlock(&rt->stacks.lock);
+  }
+  /* Full: spill the older half to the global array (sysmon trims what
+   * stays there).  If the array cannot grow, the slot just idles until
+   * shutdown; nothing is lost. */
+  loom__stacks *s = &rt->stacks;
+  pthread_mutex_lock(&s->lock);
+  int half = LOOM_PCACHE / 2, i;
+  for (i = 0; i < half; i++)
+    if (loom__ptrs_push(&s->gfree, &s->ngfree, &s->capfree, p->gfree[i]))
+      break;
+  pthread_mutex_unlock(&s->lock);
+  memmove(p->gfree, p->gfree + i, (size_t)(LOOM_PCACHE - i) * sizeof g);
+  p->ngfree = LOOM_PCACHE - i;
+  if (p->ngfree < LOOM_PCACHE)
+    p->gfree[p->ngfree++] = g;
 }
 
-static void after_switch(loom__g *g);
+LOOM_NOIPA static void after_switch(loom__g *g);
 
 /* Switch from `from` (running on m) to `to`.  Returns when something
  * switches back to `from`, possibly on another M. */
 static void gswitch(loom__m *m, loom__g *from, loom__g *to, bool dying) {
   loom__rt *rt = m->rt;
-  from->err = errno_get();
+  from->err = errno; /* before the switch: this thread's errno */
   if (!from->is_g0 && !dying && !rt->stacks.guard_pages &&
       *(uint64_t *)(void *)g_stack_lo(rt, from) != LOOM_STACK_CANARY) {
     loom__log(rt, "stack overflow in coroutine %llu (canary overwritten)",
@@ -327,8 +306,10 @@ static void gswitch(loom__m *m, loom__g *from, loom__g *to, bool dying) {
   after_switch(from);
 }
 
-/* First thing a context runs when it is switched (back) in. */
-static void after_switch(loom__g *g) {
+/* First thing a context runs when it is switched (back) in.  Never
+ * inlined: errno's address (__errno_location is a const function) and
+ * the M must be computed afresh here, on the thread we resumed on. */
+LOOM_NOIPA static void after_switch(loom__g *g) {
 #ifdef LOOM_ASAN
   __sanitizer_finish_switch_fiber(g->asan_fake, NULL, NULL);
 #endif
@@ -338,7 +319,7 @@ static void after_switch(loom__g *g) {
     m->post_fn = NULL;
     fn(m, m->post_g, m->post_arg);
   }
-  errno_set(g->err);
+  errno = g->err;
 }
 
 static inline void tick(loom__p *p) {
@@ -355,10 +336,14 @@ static void run_due_timers(loom__p *p) {
 /* The next G this P should run without consulting g0, or NULL. */
 static loom__g *fast_next(loom__m *m, loom__p *p) {
   loom__rt *rt = m->rt;
-  if (atomic_load_explicit(&p->schedtick, memory_order_relaxed) % 61 == 0 &&
+  uint32_t t = atomic_load_explicit(&p->schedtick, memory_order_relaxed);
+  if (t % 61 == 0 &&
       atomic_load_explicit(&rt->runqsize, memory_order_relaxed) != 0)
     return NULL;
-  run_due_timers(p);
+  /* Reading the clock costs more than the rest of a switch, so the fast
+   * path looks at timers every 8th switch; g0 looks every time. */
+  if ((t & 7) == 0)
+    run_due_timers(p);
   loom__g *g = loom__runq_get(p);
   if (g != NULL && g->lockedm != NULL) {
     m->handoff = g; /* g0 hands the P to g's M */
@@ -624,14 +609,13 @@ void loom__inject(loom__rt *rt, loom__g *list) {
   if (list == NULL)
     return;
   int n = 0;
-  loom__g *tail = list;
-  for (loom__g *g = list; g; g = g->schedlink) {
+  pthread_mutex_lock(&rt->lock);
+  for (loom__g *g = list, *next; g != NULL; g = next) {
+    next = g->schedlink;
     atomic_store_explicit(&g->status, G_RUNNABLE, memory_order_relaxed);
-    tail = g;
+    loom__globrunq_put(rt, g);
     n++;
   }
-  pthread_mutex_lock(&rt->lock);
-  loom__globrunq_putbatch(rt, list, tail, (uint64_t)n);
   pthread_mutex_unlock(&rt->lock);
   for (int i = 0; i < n && atomic_load(&rt->npidle) > 0; i++)
     loom__startm(rt, NULL, false);
@@ -1301,6 +1285,7 @@ static void rt_free(loom__rt *rt) {
     loom__free(rt->allp[i]);
   }
   loom__free(rt->allp);
+  loom__free(rt->gq);
   loom__m *m = rt->allm;
   while (m != NULL) {
     loom__m *next = m->alllink;

@@ -15,6 +15,7 @@
  */
 #include <stdatomic.h>
 
+#include "runtime/alloc.h"
 #include "runtime/runtime.h"
 
 #define N LOOM_RUNQ_SIZE
@@ -46,11 +47,8 @@ static bool runq_put_slow(loom__rt *rt, loom__p *p, loom__g *g, uint32_t h,
   if (!cas_rel(&p->runqhead, h, h + n))
     return false;
   batch[n] = g;
-  for (uint32_t i = 0; i < n; i++)
-    batch[i]->schedlink = batch[i + 1];
-  batch[n]->schedlink = NULL;
   pthread_mutex_lock(&rt->lock);
-  loom__globrunq_putbatch(rt, batch[0], batch[n], n + 1);
+  loom__globrunq_putbatch(rt, batch, n + 1);
   pthread_mutex_unlock(&rt->lock);
   return true;
 }
@@ -158,20 +156,61 @@ loom__g *loom__runq_steal(loom__p *p, loom__p *victim, bool stealnext) {
   return g;
 }
 
-void loom__globrunq_put(loom__rt *rt, loom__g *g) {
-  g->schedlink = NULL;
-  loom__globrunq_putbatch(rt, g, g, 1);
+/* The global queue is a ring of pointers, so moving Gs in and out in
+ * batches never touches the Gs themselves.  When the ring cannot grow
+ * (out of memory), Gs queue behind it on a list: nothing is dropped. */
+static bool gq_grow(loom__rt *rt, uint64_t need) {
+  uint64_t len = rt->gq_len;
+  uint64_t cap = rt->gq_cap ? rt->gq_cap : 1024;
+  while (cap < len + need)
+    cap *= 2;
+  loom__g **q = loom__malloc(cap * sizeof *q);
+  if (q == NULL)
+    return false;
+  for (uint64_t i = 0; i < len; i++)
+    q[i] = rt->gq[(rt->gq_head + i) % rt->gq_cap];
+  loom__free(rt->gq);
+  rt->gq = q;
+  rt->gq_cap = cap;
+  rt->gq_head = 0;
+  return true;
 }
 
-void loom__globrunq_putbatch(loom__rt *rt, loom__g *head, loom__g *tail,
-                             uint64_t n) {
-  tail->schedlink = NULL;
-  if (rt->runqtail != NULL)
-    rt->runqtail->schedlink = head;
-  else
-    rt->runqhead = head;
-  rt->runqtail = tail;
+void loom__globrunq_put(loom__rt *rt, loom__g *g) {
+  loom__globrunq_putbatch(rt, &g, 1);
+}
+
+void loom__globrunq_putbatch(loom__rt *rt, loom__g *const *gs, uint64_t n) {
+  uint64_t i = 0;
+  if (rt->gq_spill == NULL &&
+      (rt->gq_len + n <= rt->gq_cap || gq_grow(rt, n))) {
+    for (; i < n; i++)
+      rt->gq[(rt->gq_head + rt->gq_len + i) % rt->gq_cap] = gs[i];
+    rt->gq_len += n;
+  }
+  for (; i < n; i++) {
+    gs[i]->schedlink = NULL;
+    if (rt->gq_spill_tail != NULL)
+      rt->gq_spill_tail->schedlink = gs[i];
+    else
+      rt->gq_spill = gs[i];
+    rt->gq_spill_tail = gs[i];
+  }
   atomic_fetch_add_explicit(&rt->runqsize, n, memory_order_relaxed);
+}
+
+static loom__g *gq_pop(loom__rt *rt) {
+  if (rt->gq_len > 0) {
+    loom__g *g = rt->gq[rt->gq_head];
+    rt->gq_head = (rt->gq_head + 1) % rt->gq_cap;
+    rt->gq_len--;
+    return g;
+  }
+  loom__g *g = rt->gq_spill;
+  rt->gq_spill = g->schedlink;
+  if (rt->gq_spill == NULL)
+    rt->gq_spill_tail = NULL;
+  return g;
 }
 
 loom__g *loom__globrunq_get(loom__rt *rt, loom__p *p, int max) {
@@ -187,14 +226,8 @@ loom__g *loom__globrunq_get(loom__rt *rt, loom__p *p, int max) {
   if (n > room / 2 + 1)
     n = room / 2 + 1;
   atomic_fetch_sub_explicit(&rt->runqsize, n, memory_order_relaxed);
-  loom__g *g = rt->runqhead;
-  rt->runqhead = g->schedlink;
-  for (uint64_t i = 1; i < n; i++) {
-    loom__g *g1 = rt->runqhead;
-    rt->runqhead = g1->schedlink;
-    loom__runq_put(rt, p, g1, false);
-  }
-  if (rt->runqhead == NULL)
-    rt->runqtail = NULL;
+  loom__g *g = gq_pop(rt);
+  for (uint64_t i = 1; i < n; i++)
+    loom__runq_put(rt, p, gq_pop(rt), false);
   return g;
 }

@@ -41,6 +41,7 @@ typedef struct loom__p loom__p;
 typedef struct loom__rt loom__rt;
 
 #define LOOM_RUNQ_SIZE 256
+#define LOOM_PCACHE 64 /* free Gs a P keeps; half spill when full */
 
 /*
  * G states.  Who owns the G in each:
@@ -71,7 +72,7 @@ struct loom__g {
   uint64_t id;              /* 0 for g0 */
   void (*fn)(void *);
   void *arg;
-  loom__g *schedlink;       /* global run queue, free lists, ready lists */
+  loom__g *schedlink;       /* lists of ready Gs handed between layers */
   loom__stack stk;          /* the stack this G runs on */
   loom__m *lockedm;         /* pinned to this M (loom_pin), or NULL */
   uint32_t lockcount;       /* loom_pin nesting */
@@ -141,7 +142,10 @@ struct loom__p {
   _Atomic(loom__g *) runq[LOOM_RUNQ_SIZE];
   _Atomic(loom__g *) runnext;    /* run next, ahead of runq */
 
-  loom__g *gfree;                /* free-G cache, owner only */
+  /* Free-G cache, owner only.  Arrays, not lists through the Gs: each
+   * G sits in its own stack page, and walking a list of them is a TLB
+   * miss per node. */
+  loom__g *gfree[LOOM_PCACHE];
   int ngfree;
   uint64_t goid_next, goid_end;  /* batch of G ids, owner only */
 
@@ -161,7 +165,10 @@ struct loom__rt {
   loom__p **allp;
 
   pthread_mutex_t lock;          /* protects the fields down to `mcount` */
-  loom__g *runqhead, *runqtail;  /* global run queue */
+  loom__g **gq;                  /* global run queue: a ring of */
+  uint64_t gq_head, gq_cap, gq_len; /* gq_len Gs from gq_head, */
+  loom__g *gq_spill, *gq_spill_tail; /* then a list through schedlink,
+                                    used only when the ring cannot grow */
   loom__p *pidle;                /* idle Ps */
   loom__m *midle;                /* idle Ms */
   int nmidle;
@@ -236,7 +243,7 @@ bool loom__runq_empty(loom__p *p);
 uint32_t loom__runq_len(loom__p *p);
 loom__g *loom__runq_steal(loom__p *p, loom__p *victim, bool stealnext);
 void loom__globrunq_put(loom__rt *rt, loom__g *g);      /* lock held */
-void loom__globrunq_putbatch(loom__rt *rt, loom__g *head, loom__g *tail,
+void loom__globrunq_putbatch(loom__rt *rt, loom__g *const *gs,
                              uint64_t n);               /* lock held */
 loom__g *loom__globrunq_get(loom__rt *rt, loom__p *p, int max); /* held */
 

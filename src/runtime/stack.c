@@ -70,10 +70,8 @@ int loom__stacks_init(loom__stacks *s, size_t stack_size) {
   if (s->arena_slots < 16)
     s->arena_slots = 16;
   s->arenas = NULL;
-  s->gfree = NULL;
-  s->ngfree = 0;
-  s->gclean = NULL;
-  s->nclean = 0;
+  s->gfree = s->gclean = NULL;
+  s->ngfree = s->capfree = s->nclean = s->capclean = 0;
   s->custom = NULL;
   /* Probe once: does this kernel have guard markers? */
   char *probe = mmap(NULL, s->page * 2, PROT_READ | PROT_WRITE,
@@ -94,7 +92,23 @@ void loom__stacks_destroy(loom__stacks *s) {
     a = next;
   }
   s->arenas = NULL;
+  loom__free(s->gfree);
+  loom__free(s->gclean);
+  s->gfree = s->gclean = NULL;
   pthread_mutex_destroy(&s->lock);
+}
+
+int loom__ptrs_push(void ***v, size_t *len, size_t *cap, void *x) {
+  if (*len == *cap) {
+    size_t ncap = *cap ? *cap * 2 : 256;
+    void **nv = loom__realloc(*v, ncap * sizeof *nv);
+    if (nv == NULL)
+      return -ENOMEM;
+    *v = nv;
+    *cap = ncap;
+  }
+  (*v)[(*len)++] = x;
+  return 0;
 }
 
 int loom__stack_carve(loom__stacks *s, loom__stack *out) {

@@ -31,11 +31,11 @@ typedef struct loom__stacks {
   size_t page;
   uint32_t arena_slots;
   loom__arena *arenas;  /* newest first */
-  void *gfree;          /* global free-G list (loom__g *), linked by
-                           schedlink; the Ps' caches spill here */
-  uint64_t ngfree;
-  void *gclean;         /* free Gs whose stacks were trimmed (sysmon) */
-  uint64_t nclean;
+  void **gfree;         /* global free Gs (loom__g *): the Ps' caches
+                           spill here, LIFO so the warmest go first */
+  size_t ngfree, capfree;
+  void **gclean;        /* free Gs whose stacks sysmon trimmed */
+  size_t nclean, capclean;
   void *custom;         /* live custom-stack Gs (loom__g *), by alllink */
   bool guard_pages;     /* MADV_GUARD_INSTALL works on this kernel */
 } loom__stacks;
@@ -45,6 +45,8 @@ typedef struct loom__stacks {
 int loom__stacks_init(loom__stacks *s, size_t stack_size);
 /* Unmaps every arena.  Every G living in them is gone afterwards. */
 void loom__stacks_destroy(loom__stacks *s);
+/* Append to a pointer array, growing it; -ENOMEM. */
+int loom__ptrs_push(void ***v, size_t *len, size_t *cap, void *x);
 /* A fresh slot from the arenas (s->lock must be held). -ENOMEM. */
 int loom__stack_carve(loom__stacks *s, loom__stack *out);
 /* A slot in a mapping of its own, of `size` bytes (page-rounded). */

@@ -103,37 +103,38 @@ static void schedtrace(loom__rt *rt, int64_t now) {
             (unsigned long long)st.netpoll_wakeups, queues);
 }
 
-/* Move free Gs beyond TRIM_KEEP to the clean list, their stack memory
- * returned to the kernel.  Allocation prefers the warm list. */
+/* Move free Gs beyond TRIM_KEEP to the clean array, their stack memory
+ * returned to the kernel (allocation prefers the warm array).  The
+ * oldest entries, at the bottom of the LIFO, are the coldest. */
 static void trim_free_stacks(loom__rt *rt) {
   loom__stacks *s = &rt->stacks;
-  pthread_mutex_lock(&s->lock);
-  uint64_t n = s->ngfree;
-  if (n <= TRIM_KEEP) {
+  for (;;) {
+    loom__g *batch[64];
+    size_t n = 0;
+    pthread_mutex_lock(&s->lock);
+    if (s->ngfree > TRIM_KEEP) {
+      n = s->ngfree - TRIM_KEEP;
+      if (n > 64)
+        n = 64;
+      for (size_t i = 0; i < n; i++)
+        batch[i] = s->gfree[i];
+      memmove(s->gfree, s->gfree + n, (s->ngfree - n) * sizeof(void *));
+      s->ngfree -= n;
+    }
     pthread_mutex_unlock(&s->lock);
-    return;
+    if (n == 0)
+      return;
+    for (size_t i = 0; i < n; i++) {
+      loom__g *x = batch[i];
+      loom__stack_trim(s, &x->stk,
+                       (size_t)((x->stk.base + x->stk.size) - (char *)x));
+    }
+    pthread_mutex_lock(&s->lock);
+    for (size_t i = 0; i < n; i++)
+      if (loom__ptrs_push(&s->gclean, &s->nclean, &s->capclean, batch[i]))
+        break; /* cannot grow: the slot idles until shutdown */
+    pthread_mutex_unlock(&s->lock);
   }
-  /* Detach everything past the reserve, trim it unlocked, re-append. */
-  loom__g *g = s->gfree;
-  for (uint64_t i = 1; i < TRIM_KEEP; i++)
-    g = g->schedlink;
-  loom__g *rest = g->schedlink;
-  g->schedlink = NULL;
-  uint64_t nrest = n - TRIM_KEEP;
-  s->ngfree = TRIM_KEEP;
-  pthread_mutex_unlock(&s->lock);
-
-  loom__g *tail = rest;
-  for (loom__g *x = rest; x != NULL; x = x->schedlink) {
-    size_t keep = (size_t)((x->stk.base + x->stk.size) - (char *)x);
-    loom__stack_trim(s, &x->stk, keep);
-    tail = x;
-  }
-  pthread_mutex_lock(&s->lock);
-  tail->schedlink = s->gclean;
-  s->gclean = rest;
-  s->nclean += nrest;
-  pthread_mutex_unlock(&s->lock);
 }
 
 static bool any_blocked(loom__rt *rt) {
