@@ -12,12 +12,13 @@
 #
 # Environment (all optional):
 #   ROUNDS=5            rounds (runs per case and side); at least 5 is sane
-#   BUDGET_S=270        stop starting new rounds after this many seconds
+#   BUDGET_S=270        start no round that would end after this many seconds
+#                       (judged by the longest round so far)
 #   RUN_TIMEOUT_S=60    time limit of a single run
 #   YIELD_ITERS=5000000 SPAWN_N=1000000 PARKED_N=1000000
 #   CPU_TASKS=400 CPU_ITERS=1000000
 #   SPAWN_YIELD_EVERY=256  the spawner yields every k spawns in case spawnk
-#   CASES="yield spawn spawnk parked cpu"   which cases to run
+#   CASES="switch yield spawn spawnk parked cpu"   which cases to run
 #   GO=go               the Go toolchain (Go 1.19+, standard library only)
 set -u -o pipefail
 
@@ -33,7 +34,7 @@ CPU_TASKS=${CPU_TASKS:-400}
 CPU_ITERS=${CPU_ITERS:-1000000}
 GO=${GO:-go}
 SPAWN_YIELD_EVERY=${SPAWN_YIELD_EVERY:-256}
-CASES=${CASES:-yield spawn spawnk parked cpu}
+CASES=${CASES:-switch yield spawn spawnk parked cpu}
 
 # The programs choose their processor counts themselves; do not let a
 # stray setting in the caller's environment change what is compared.
@@ -122,12 +123,17 @@ bin() { if [[ $1 == loom ]]; then echo "$LOOM_BIN/$2"; else echo "$GO_BIN/$2"; f
 echo "loom vs Go microbenchmarks: $(nproc) CPUs, $ROUNDS rounds, $(date -u '+%Y-%m-%d %H:%M UTC')"
 echo "load average: $(cut -d' ' -f1-3 /proc/loadavg)"
 rounds_done=0
+longest=0 # the longest round so far, in seconds
 for ((r = 1; r <= ROUNDS; r++)); do
-  if ((SECONDS - START > BUDGET_S)); then
-    echo "run.sh: time budget (${BUDGET_S}s) spent after $rounds_done rounds" >&2
+  if ((SECONDS - START + longest > BUDGET_S)); then
+    echo "run.sh: another round would overrun the ${BUDGET_S}s budget; stopping after $rounds_done rounds" >&2
     break
   fi
+  round_start=$SECONDS
   echo "round $r/$ROUNDS"
+  if want switch && ((have_loom)) && [[ -x $LOOM_BIN/switch ]]; then
+    run loom switch "$LOOM_BIN/switch" # no Go peer: the floor under yield
+  fi
   if want yield; then
     for s in "${sides[@]}"; do run "$s" yield "$(bin "$s" yield)" "$YIELD_ITERS"; done
   fi
@@ -145,6 +151,7 @@ for ((r = 1; r <= ROUNDS; r++)); do
     for s in "${sides[@]}"; do run "$s" cpu2 "$(bin "$s" cpu)" 2 "$CPU_TASKS" "$CPU_ITERS"; done
   fi
   rounds_done=$r
+  ((SECONDS - round_start > longest)) && longest=$((SECONDS - round_start))
 done
 
 # ---- summary -------------------------------------------------------------
@@ -183,6 +190,7 @@ row() { # row LABEL UNIT CASE FIELD TARGET_OP TARGET
   printf '%-25s %-7s %-26s %-26s %-7s %-8s %s\n' "$label" "$unit" "$lcell" "$gcell" \
     "$(div "$lm" "$gm")" "$tgt" "$met"
 }
+row "bare context switch" ns/op switch ns_per_op
 row "yield" ns/op yield ns_per_op "<=" 10
 row "spawn+run+exit (warm)" ns/op spawn ns_per_op "<=" 100
 row "spawn+run+exit (cold)" ns/op spawn cold_ns_per_op

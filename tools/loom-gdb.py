@@ -216,7 +216,17 @@ def _gdb_threads():
     return out
 
 
+_sym_cache = {}
+
+
 def _sym(pc, is_return_address):
+    key = (pc, is_return_address)
+    if key not in _sym_cache:
+        _sym_cache[key] = _sym_uncached(pc, is_return_address)
+    return _sym_cache[key]
+
+
+def _sym_uncached(pc, is_return_address):
     """'func at file.c:123' for a code address, or its hex.  A return
     address is looked up one byte back (in the call instruction); a
     function's entry names the line the function is defined on."""
@@ -268,6 +278,7 @@ class _Snapshot(object):
     """Runtime, Gs, Ms and who runs what, read once per command."""
 
     def __init__(self):
+        _sym_cache.clear()  # code may have been loaded since last time
         self.lay = _Layout()
         self.rt = _find_rt()
         self.gs = _all_gs(self.rt, self.lay)

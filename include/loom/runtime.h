@@ -58,12 +58,15 @@ typedef struct loom_config {
    * through `log`.  Default 0 (off); env LOOM_SCHEDTRACE. */
   int schedtrace_ms;
   /* Warn (through `log`) about a coroutine that runs longer than this
-   * without a scheduling point.  Default 10 ms; negative: never warn. */
+   * without a scheduling point, once per occurrence.  Time its thread
+   * spent off the CPU (a loaded machine) does not count.  Default 10 ms;
+   * negative: never warn. */
   int64_t long_run_warn_ns;
-  /* Where the runtime's few messages go (the long-run warning, the trace,
-   * a stack-overflow report).  Default: a line on stderr.  `msg` has no
-   * trailing newline.  Called from the monitor thread or a signal
-   * handler's caller; must not park. */
+  /* Where the runtime's messages go (the long-run warning, the trace,
+   * "cannot start a thread").  Default: a line on stderr.  `msg` has no
+   * trailing newline.  Called from the monitor thread or a scheduler
+   * path; must not park.  (A stack overflow is reported straight to
+   * stderr from the fault handler, which cannot call back.) */
   void (*log)(void *log_arg, const char *msg);
   void *log_arg;
 } loom_config;
@@ -81,7 +84,11 @@ LOOM_API void loom_config_init(loom_config *cfg);
  * until main_fn returns, then stops the runtime: coroutines still alive
  * are abandoned (not resumed; their stacks and runtime state are freed),
  * all threads are joined.  A coroutine inside loom_block_enter/exit at that
- * moment is waited for until it leaves the blocking section.
+ * moment is waited for until it leaves the blocking section, and one
+ * running on another thread until it reaches a scheduling point.
+ * A stack overflow in a coroutine (a touch of the guard page at the bottom
+ * of its stack) ends the process with a report on stderr naming the
+ * coroutine and where it was spawned.
  *
  * Returns 0; LOOM_ERUNNING if a runtime is already running in this
  * process (one at a time); -EINVAL for a bad configuration; -ENOMEM or

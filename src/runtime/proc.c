@@ -460,6 +460,7 @@ loom__p *loom__pidleget(loom__rt *rt) {
 }
 
 void loom__acquirep(loom__m *m, loom__p *p) {
+  atomic_store_explicit(&p->mclock, m->cpuclock, memory_order_relaxed);
   atomic_store_explicit(&p->status, P_RUNNING, memory_order_release);
   m->p = p;
 }
@@ -1170,6 +1171,10 @@ static void m_thread_init(loom__m *m) {
   }
   m->g0.stk.base = lo;
   m->g0.stk.size = size;
+  clockid_t cid;
+  m->cpuclock = pthread_getcpuclockid(pthread_self(), &cid) == 0
+                    ? (int)cid
+                    : (int)CLOCK_MONOTONIC;
 #ifdef LOOM_TSAN
   m->g0.tsan_fiber = __tsan_get_current_fiber();
 #endif

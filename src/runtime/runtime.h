@@ -112,6 +112,7 @@ struct loom__m {
   loom__post_fn post_fn;
   loom__g *post_g;
   void *post_arg;
+  int cpuclock;             /* this thread's CPU-time clockid */
   void *sigstack;           /* alternate signal stack */
   size_t sigstack_size;
 };
@@ -154,6 +155,8 @@ struct loom__p {
   /* sysmon's private bookkeeping */
   uint32_t sm_schedtick;
   int64_t sm_schedwhen;
+  int64_t sm_cpu0;               /* holder's CPU time at half the limit */
+  _Atomic int mclock;            /* CPU-time clock of the M holding it */
   uint32_t sm_blocktick;
   int64_t sm_blockwhen;
   bool sm_warned;

@@ -19,6 +19,7 @@
 #include <stdio.h>
 #include <string.h>
 #include <sys/prctl.h>
+#include <time.h>
 
 #include "runtime/runtime.h"
 
@@ -27,6 +28,15 @@
 #define TRIM_PERIOD_NS 100000000
 
 void loom__sysmon_wake(loom__rt *rt) { loom__note_wakeup(&rt->sysmon_note); }
+
+static int64_t thread_cpu(loom__p *p) {
+  struct timespec ts;
+  clockid_t c = (clockid_t)atomic_load_explicit(&p->mclock,
+                                                memory_order_relaxed);
+  if (clock_gettime(c, &ts) != 0)
+    return 0;
+  return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
 
 /* Returns how many Ps it retook. */
 static int retake(loom__rt *rt, int64_t now) {
@@ -60,11 +70,21 @@ static int retake(loom__rt *rt, int64_t now) {
         p->sm_schedtick = t;
         p->sm_schedwhen = now;
         p->sm_warned = false;
+        p->sm_cpu0 = -1;
         continue;
       }
       uint64_t id = atomic_load_explicit(&p->run_id, memory_order_relaxed);
-      if (!p->sm_warned && id != 0 &&
-          now - p->sm_schedwhen > rt->cfg.long_run_warn_ns) {
+      int64_t limit = rt->cfg.long_run_warn_ns;
+      if (p->sm_warned || id == 0 || now - p->sm_schedwhen <= limit / 2)
+        continue;
+      /* Half-way, note the thread's CPU time: a thread the kernel left
+       * off the CPU (a loaded machine) is not a coroutine that hogs it. */
+      int64_t cpu = thread_cpu(p);
+      if (p->sm_cpu0 < 0) {
+        p->sm_cpu0 = cpu;
+        continue;
+      }
+      if (now - p->sm_schedwhen > limit && cpu - p->sm_cpu0 >= limit / 4) {
         char buf[256];
         p->sm_warned = true;
         loom__log(rt,
