@@ -12,8 +12,9 @@
 #
 # Environment (all optional):
 #   ROUNDS=5            rounds (runs per case and side); at least 5 is sane
-#   BUDGET_S=270        start no round that would end after this many seconds
-#                       (judged by the longest round so far)
+#   BUDGET_S=260        start no round that would end after this many seconds
+#                       (judged by the longest round so far); no run
+#                       goes on past BUDGET_S + 20 s either
 #   RUN_TIMEOUT_S=60    time limit of a single run
 #   YIELD_ITERS=5000000 SPAWN_N=1000000 PARKED_N=1000000
 #   CPU_TASKS=400 CPU_ITERS=1000000
@@ -25,7 +26,7 @@ set -u -o pipefail
 cd "$(dirname "$0")/.." || exit 2
 BUILD=${1:-${BUILD_DIR:-build}}
 ROUNDS=${ROUNDS:-5}
-BUDGET_S=${BUDGET_S:-270}
+BUDGET_S=${BUDGET_S:-260}
 RUN_TIMEOUT_S=${RUN_TIMEOUT_S:-60}
 YIELD_ITERS=${YIELD_ITERS:-5000000}
 SPAWN_N=${SPAWN_N:-1000000}
@@ -87,22 +88,30 @@ done
 # ---- running -------------------------------------------------------------
 declare -A SAMPLES # key "side:case:field" -> space-separated values
 declare -A FAILS   # key "side:case" -> count
+SKIPPED=0          # runs not started: the time budget was spent
 
 # field NAME LINE: the value of ` NAME=` in a RESULT line.
 field() { sed -n "s/.* $1=\([^ ]*\).*/\1/p" <<<"$2"; }
 
 # run SIDE CASE CMD...: run once, store the fields this case reports.
 run() {
-  local side=$1 case=$2 out line rc
+  local side=$1 case=$2 out line rc limit
   shift 2
-  out=$(timeout -k 5 "$RUN_TIMEOUT_S" "$@" 2>&1)
+  # Hard stop: no run may end later than BUDGET_S + 20 s after the start.
+  limit=$((BUDGET_S + 20 - (SECONDS - START)))
+  if ((limit <= 0)); then
+    SKIPPED=$((SKIPPED + 1))
+    return
+  fi
+  ((limit > RUN_TIMEOUT_S)) && limit=$RUN_TIMEOUT_S
+  out=$(timeout -k 5 "$limit" "$@" 2>&1)
   rc=$?
   line=$(grep -m1 '^RESULT ' <<<"$out")
   if ((rc != 0)) || [[ -z $line ]]; then
     # A result printed before a crash or a hang at exit still counts as a
     # sample, but the run is reported and the script fails.
     FAILS[$side:$case]=$((${FAILS[$side:$case]:-0} + 1))
-    echo "  $side $case FAILED (exit $rc$( ((rc == 124)) && echo ", timed out after ${RUN_TIMEOUT_S}s")):" \
+    echo "  $side $case FAILED (exit $rc$( ((rc == 124)) && echo ", timed out after ${limit}s")):" \
       "$(grep -v '^RESULT ' <<<"$out" | tail -n 3 | tr '\n' ' ')" >&2
     [[ -z $line ]] && return
   fi
@@ -221,5 +230,6 @@ for k in "${!FAILS[@]}"; do
   echo "failed runs: $k x${FAILS[$k]}"
   nfail=$((nfail + FAILS[$k]))
 done
+((SKIPPED > 0)) && echo "runs skipped for lack of time: $SKIPPED"
 echo "total time: $((SECONDS - START)) s"
 ((nfail == 0))

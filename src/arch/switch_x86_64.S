@@ -13,16 +13,22 @@ loom__ctx_switch:
 	.cfi_startproc
 	pushq	%rbp
 	.cfi_adjust_cfa_offset 8
+	.cfi_offset %rbp, -16
 	pushq	%rbx
 	.cfi_adjust_cfa_offset 8
+	.cfi_offset %rbx, -24
 	pushq	%r12
 	.cfi_adjust_cfa_offset 8
+	.cfi_offset %r12, -32
 	pushq	%r13
 	.cfi_adjust_cfa_offset 8
+	.cfi_offset %r13, -40
 	pushq	%r14
 	.cfi_adjust_cfa_offset 8
+	.cfi_offset %r14, -48
 	pushq	%r15
 	.cfi_adjust_cfa_offset 8
+	.cfi_offset %r15, -56
 	subq	$8, %rsp
 	.cfi_adjust_cfa_offset 8
 	stmxcsr	(%rsp)

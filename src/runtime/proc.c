@@ -1097,11 +1097,18 @@ void loom_unpin(void) {
 
 const char *loom__symbolize(const void *pc, char *buf, size_t len) {
   Dl_info di;
-  if (pc != NULL && dladdr(pc, &di) != 0 && di.dli_sname != NULL)
+  if (pc != NULL && dladdr(pc, &di) != 0 && di.dli_sname != NULL) {
     snprintf(buf, len, "%s+0x%lx", di.dli_sname,
              (unsigned long)((uintptr_t)pc - (uintptr_t)di.dli_saddr));
-  else
+  } else if (pc != NULL && dladdr(pc, &di) != 0 && di.dli_fname != NULL) {
+    /* No exported name (a static function, no -rdynamic): give the
+     * object and offset, which addr2line understands. */
+    const char *base = strrchr(di.dli_fname, '/');
+    snprintf(buf, len, "%s+0x%lx", base ? base + 1 : di.dli_fname,
+             (unsigned long)((uintptr_t)pc - (uintptr_t)di.dli_fbase));
+  } else {
     snprintf(buf, len, "%p", pc);
+  }
   return buf;
 }
 

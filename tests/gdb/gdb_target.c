@@ -21,9 +21,9 @@
 
 #define NSLEEPERS 3
 
-static atomic_int parked;     /* sleepers about to park */
-static atomic_bool spinning;  /* the spinner has started */
-static atomic_bool release;   /* main is past the breakpoint */
+static atomic_int parked;    /* sleepers about to park */
+static atomic_bool spinning; /* the spinner has started */
+static atomic_bool release;  /* main is past the breakpoint */
 
 /* Keeps the compiler from turning a call into a tail jump (which would
  * drop the caller's frame from the backtrace the test looks for). */
@@ -83,8 +83,8 @@ static void main_co(void *arg) {
 int main(void) {
   loom_config cfg;
   loom_config_init(&cfg);
-  cfg.procs = 2;              /* main on one P, the spinner on the other */
-  cfg.long_run_warn_ns = -1;  /* the spinner is on purpose */
+  cfg.procs = 2;             /* main on one P, the spinner on the other */
+  cfg.long_run_warn_ns = -1; /* the spinner is on purpose */
   int err = loom_run(main_co, NULL, &cfg);
   if (err != 0)
     die("loom_run", err);
