@@ -58,6 +58,24 @@ static inline long bench_arg(int argc, char **argv, int i, long def) {
   return v;
 }
 
+/* The CPU-bound load of cpu.c and cpu_threads.c; the same code as work()
+ * in go/cpu.go.  A serial xorshift64 chain: every step depends on the one
+ * before, so it cannot be vectorised, and the caller sums the result into
+ * a printed checksum, so it cannot be dropped.  noinline keeps it one
+ * function both compilers see the same way (`unused`: not every program
+ * that includes this header calls it). */
+__attribute__((noinline, unused)) static uint64_t bench_work(uint64_t seed,
+                                                             long iters) {
+  uint64_t x = seed | 1, acc = 0;
+  for (long i = 0; i < iters; i++) {
+    x ^= x << 13;
+    x ^= x >> 7;
+    x ^= x << 17;
+    acc += x;
+  }
+  return acc;
+}
+
 static inline void bench_die(const char *what, int err) {
   fprintf(stderr, "bench: %s: %s (%d)\n", what, loom_strerror(err), err);
   exit(1);

@@ -1,8 +1,8 @@
 /*
  * cpu.c — CPU-bound throughput on 1 vs 2 Ps.
  *
- * `tasks` independent coroutines each run work() for `iters` steps (a
- * serial xorshift64 chain the compiler can neither vectorise nor drop:
+ * `tasks` independent coroutines each run bench_work() for `iters` steps
+ * (a serial xorshift64 chain the compiler can neither vectorise nor drop:
  * its result is summed into a checksum that is printed).  The main
  * coroutine spawns them all and waits (polling a counter with
  * loom_yield()).  ms = wall time from the first spawn to the last finish.
@@ -10,7 +10,9 @@
  * Each task runs ~1–2 ms, well under the 10 ms long-run warning, and there
  * are enough of them (400) that the last one's imbalance stays small.
  *
- * Go peer: bench/go/cpu.go (same work(), GOMAXPROCS=procs).
+ * Go peer: bench/go/cpu.go (same work(), GOMAXPROCS=procs).  Control:
+ * bench/cpu_threads.c, the same load on plain pthreads, says what speed-up
+ * the machine itself gives at that moment.
  * Usage: cpu <procs> [tasks] [iters]   (default 1, 400, 1 000 000)
  */
 #include <stdatomic.h>
@@ -27,22 +29,10 @@ static atomic_ulong sink;
 static atomic_long finished;
 static long g_iters;
 
-/* Same code as work() in go/cpu.go.  noinline keeps the loop one
- * function both compilers see the same way. */
-__attribute__((noinline)) static uint64_t work(uint64_t seed, long iters) {
-  uint64_t x = seed | 1, acc = 0;
-  for (long i = 0; i < iters; i++) {
-    x ^= x << 13;
-    x ^= x >> 7;
-    x ^= x << 17;
-    acc += x;
-  }
-  return acc;
-}
-
 static void task(void *arg) {
   uint64_t seed = (uint64_t)(uintptr_t)arg;
-  atomic_fetch_add_explicit(&sink, work(seed, g_iters), memory_order_relaxed);
+  atomic_fetch_add_explicit(&sink, bench_work(seed, g_iters),
+                            memory_order_relaxed);
   atomic_fetch_add_explicit(&finished, 1, memory_order_release);
 }
 

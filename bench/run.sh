@@ -120,7 +120,7 @@ run() {
     v=$(field "$f" "$line")
     [[ -n $v ]] && SAMPLES[$side:$case:$f]+="$v "
   done
-  printf '  %-4s %-7s %s\n' "$side" "$case" "${line#RESULT }"
+  printf '  %-7s %-7s %s\n' "$side" "$case" "${line#RESULT }"
   grep '^INFO ' <<<"$out" | sed 's/^/       /'
 }
 
@@ -156,8 +156,13 @@ for ((r = 1; r <= ROUNDS; r++)); do
     for s in "${sides[@]}"; do run "$s" parked "$(bin "$s" parked)" "$PARKED_N"; done
   fi
   if want cpu; then
-    for s in "${sides[@]}"; do run "$s" cpu1 "$(bin "$s" cpu)" 1 "$CPU_TASKS" "$CPU_ITERS"; done
-    for s in "${sides[@]}"; do run "$s" cpu2 "$(bin "$s" cpu)" 2 "$CPU_TASKS" "$CPU_ITERS"; done
+    # "threads": the same load on plain pthreads, the machine's own speed-up.
+    for n in 1 2; do
+      for s in "${sides[@]}"; do run "$s" cpu$n "$(bin "$s" cpu)" $n "$CPU_TASKS" "$CPU_ITERS"; done
+      if ((have_loom)) && [[ -x $LOOM_BIN/cpu_threads ]]; then
+        run threads cpu$n "$LOOM_BIN/cpu_threads" $n "$CPU_TASKS" "$CPU_ITERS"
+      fi
+    done
   fi
   rounds_done=$r
   ((SECONDS - round_start > longest)) && longest=$((SECONDS - round_start))
@@ -224,6 +229,12 @@ lcell="-" gcell="-"
 [[ $gsm != - ]] && gcell="${gsm}x [$gsmin..$gsmax]"
 printf '%-25s %-7s %-26s %-26s %-7s %-8s %s\n' "speed-up 2 P / 1 P" x "$lcell" "$gcell" \
   "$(div "$lsm" "$gsm")" ">= 1.8" "$(meets "$lsm" ">=" 1.8)"
+
+read -r tsm tsmin tsmax _ <<<"$(stat $(speedups threads))"
+if [[ $tsm != - ]]; then
+  printf '%-25s %-7s %-26s %s\n' "  same load, pthreads" x "${tsm}x [$tsmin..$tsmax]" \
+    "(no runtime: what 2 cores gave at the time; the ceiling)"
+fi
 
 nfail=0
 for k in "${!FAILS[@]}"; do

@@ -123,13 +123,49 @@ TEST(quick_sections) {
   check_run(quick_main, NULL, 2);
 }
 
-/* Outside a coroutine the pair does nothing. */
+/* Outside a coroutine the pair does nothing: before the runtime, and
+ * on a foreign thread while it runs (no P is marked blocked or handed
+ * off; the runtime's one P keeps running its coroutines). */
+static atomic_int foreign_done;
+static void *foreign_sections(void *arg) {
+  int i;
+  (void)arg;
+  for (i = 0; i < 10000; i++) {
+    loom_block_enter();
+    if (i % 1000 == 0)
+      usleep(1000);
+    loom_block_exit();
+  }
+  atomic_store(&foreign_done, 1);
+  return NULL;
+}
+static void outside_main(void *arg) {
+  pthread_t t;
+  loom_stats st;
+  long p0;
+  (void)arg;
+  CHECK_OK(loom_go(ticker, NULL));
+  CHECK_EQ(pthread_create(&t, NULL, foreign_sections, NULL), 0);
+  p0 = atomic_load(&progress);
+  while (!atomic_load(&foreign_done))
+    loom_sleep(CHECK_MS);
+  loom_block_enter();
+  pthread_join(t, NULL);
+  loom_block_exit();
+  CHECK_OK(loom_stats_get(&st));
+  CHECK_EQ(st.procs, 1);
+  CHECK_GT(atomic_load(&progress), p0);
+  CHECK_EQ(loom__test_proc_id(), 0);
+  atomic_store(&stop_flag, 1);
+}
 TEST(outside_coroutine) {
   int i;
   for (i = 0; i < 10; i++) {
     loom_block_enter();
     loom_block_exit();
   }
+  CHECK_EQ(loom_id(), 0);
+  check_run(outside_main, NULL, 1);
 }
 
 /* loom_run waits for a coroutine inside a blocking section. */
