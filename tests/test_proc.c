@@ -4,6 +4,7 @@
  * threads, ids, errno across threads, pinning, per-spawn stacks,
  * configuration, and shutdown.
  */
+#include <dirent.h>
 #include <stdatomic.h>
 #include <sys/resource.h>
 
@@ -320,38 +321,43 @@ TEST(spawn_from_foreign_thread) {
   CHECK_ERR(loom_go(count_once, NULL), LOOM_ENORUNTIME);
 }
 
-/* A foreign thread spawning while the runtime stops: every call returns
- * 0 or LOOM_ENORUNTIME, nothing crashes, nothing leaks. */
-static atomic_int spammer_go;
-static atomic_long spam_ok, spam_norun;
+/* Foreign threads spawning all along, while the runtime starts, runs
+ * and stops: every call returns 0 or LOOM_ENORUNTIME, nothing crashes,
+ * nothing leaks (TSan watches the start and stop races). */
+static atomic_long spam_ok, spam_norun_after;
+static atomic_int spam_stop; /* loom_run has returned */
 static void nop(void *arg) { (void)arg; }
 static void *spammer(void *arg) {
+  int seen_ok = 0;
   (void)arg;
-  while (!atomic_load(&spammer_go)) {
-  }
   for (;;) {
     int r = loom_go(nop, NULL);
     if (r == 0) {
       atomic_fetch_add(&spam_ok, 1);
+      seen_ok = 1;
     } else {
       CHECK_ERR(r, LOOM_ENORUNTIME);
-      if (atomic_fetch_add(&spam_norun, 1) > 1000)
+      if (seen_ok && atomic_fetch_add(&spam_norun_after, 1) > 1000)
+        return NULL;
+      /* A spammer that lost every race while the runtime ran. */
+      if (atomic_load(&spam_stop))
         return NULL;
     }
   }
 }
 static void spam_main(void *arg) {
   (void)arg;
-  atomic_store(&spammer_go, 1);
   while (atomic_load(&spam_ok) < 1000)
     loom_yield();
 }
-TEST(foreign_spawn_during_shutdown) {
+TEST(foreign_spawn_during_start_and_stop) {
   pthread_t t[2];
   int i;
   for (i = 0; i < 2; i++)
     CHECK_EQ(pthread_create(&t[i], NULL, spammer, NULL), 0);
+  usleep(1000); /* they are calling loom_go already */
   check_run(spam_main, NULL, 2);
+  atomic_store(&spam_stop, 1);
   for (i = 0; i < 2; i++)
     pthread_join(t[i], NULL);
   CHECK_GE(atomic_load(&spam_ok), 1000);
@@ -826,5 +832,254 @@ static void stats_main(void *arg) {
   CHECK_LE(b.spinning_threads, b.threads);
 }
 TEST(stats) { check_run(stats_main, NULL, 2); }
+
+/* ------------------------------------------------------------------ */
+/* Restarting and stopping leave nothing behind.                         */
+
+static int count_dir(const char *path) {
+  int n = 0;
+  struct dirent *e;
+  DIR *d = opendir(path);
+  if (d == NULL)
+    return -1;
+  while ((e = readdir(d)) != NULL)
+    if (e->d_name[0] != '.')
+      n++;
+  closedir(d);
+  return n - (strcmp(path, "/proc/self/fd") == 0); /* opendir's own fd */
+}
+
+static void restart_main(void *arg) {
+  int i;
+  (void)arg;
+  for (i = 0; i < 20; i++)
+    CHECK_OK(loom_go(sleep_an_hour, NULL));
+  CHECK_OK(loom_go(count_once, (void *)(uintptr_t)0));
+  loom_sleep(CHECK_MS);
+}
+
+/* Every loom_run joins its threads and closes its descriptors (epoll,
+ * eventfd): run 30 runtimes one after another and count. */
+TEST(restart_leaves_no_threads_or_fds) {
+  int fds0, threads0, fds1, threads1, i;
+  int before = count_dir("/proc/self/task"); /* 1 */
+  check_run(restart_main, NULL, 2); /* first run: lazily made state */
+  fds0 = count_dir("/proc/self/fd");
+  threads0 = count_dir("/proc/self/task");
+  CHECK_GT(fds0, 0);
+  CHECK_EQ(threads0, before + CHECK_TSAN); /* TSan starts a thread of its own */
+  for (i = 0; i < 30; i++)
+    check_run(restart_main, NULL, 1 + i % 3);
+  fds1 = count_dir("/proc/self/fd");
+  threads1 = count_dir("/proc/self/task");
+  CHECKF(threads1 == threads0, "%d threads after 30 runs, %d before", threads1, threads0);
+  CHECKF(fds1 == fds0, "%d descriptors after 30 runs, %d before", fds1, fds0);
+  CHECK_EQ(atomic_load(&ran_count[0]), 31);
+}
+
+/* Shutdown while a coroutine is pinned and asleep (its M is wired to
+ * it), another pinned and spinning in yields, and one spawning more
+ * coroutines in a loop. */
+static atomic_long mixed_started;
+static void pinned_sleeper(void *arg) {
+  (void)arg;
+  CHECK_OK(loom_pin());
+  atomic_fetch_add(&mixed_started, 1);
+  loom_sleep((int64_t)3600 * 1000 * CHECK_MS);
+}
+static void pinned_yielder(void *arg) {
+  (void)arg;
+  CHECK_OK(loom_pin());
+  atomic_fetch_add(&mixed_started, 1);
+  for (;;)
+    loom_yield();
+}
+static void spawner_forever(void *arg) {
+  (void)arg;
+  atomic_fetch_add(&mixed_started, 1);
+  for (;;) {
+    int r = loom_go(nop, NULL);
+    CHECKF(r == 0 || r == LOOM_ENORUNTIME, "loom_go while stopping: %d (%s)", r,
+           loom_err_name(r));
+    loom_yield();
+  }
+}
+static void mixed_main(void *arg) {
+  (void)arg;
+  CHECK_OK(loom_go(pinned_sleeper, NULL));
+  CHECK_OK(loom_go(pinned_yielder, NULL));
+  CHECK_OK(loom_go(spawner_forever, NULL));
+  CHECK_OK(loom_go(sleep_an_hour, NULL));
+  CHECK_OK(loom_go(yield_until_abandoned, NULL));
+  wait_for(&mixed_started, 3, 5000, "pinned and spawning coroutines");
+  loom_sleep(5 * CHECK_MS);
+  main_returned_at = check_mono_ns();
+}
+TEST(shutdown_with_pinned_and_spawning) {
+  int before;
+  check_watchdog(20, "shutdown with pinned coroutines");
+  before = count_dir("/proc/self/task");
+  check_run(mixed_main, NULL, 2);
+  CHECK_LT(check_mono_ns() - main_returned_at, 2000 * CHECK_MS);
+  CHECK_EQ(count_dir("/proc/self/task"), before); /* every runtime thread joined */
+}
+
+/* More Ps than CPUs is allowed, and each P runs coroutines. */
+static atomic_int many_p_mask;
+static atomic_long many_p_done;
+static void note_p(void *arg) {
+  int p = loom__test_proc_id();
+  (void)arg;
+  CHECK(p >= 0 && p < 8);
+  atomic_fetch_or(&many_p_mask, 1 << p);
+  check_spin_ns(CHECK_MS);
+  atomic_fetch_add(&many_p_done, 1);
+}
+static void many_procs_main(void *arg) {
+  int i;
+  (void)arg;
+  CHECK_EQ(loom_procs(), 8);
+  for (i = 0; i < 400; i++)
+    CHECK_OK(loom_go(note_p, NULL));
+  wait_for(&many_p_done, 400, 10000, "coroutines on 8 Ps");
+  printf("Ps used: 0x%x\n", atomic_load(&many_p_mask));
+  CHECK_GT(__builtin_popcount((unsigned)atomic_load(&many_p_mask)), 1);
+}
+TEST(more_procs_than_cpus) { check_run(many_procs_main, NULL, 8); }
+
+/* loom_stats_get and loom_procs from a foreign thread while running. */
+static void *stats_reader(void *arg) {
+  int i;
+  (void)arg;
+  for (i = 0; i < 1000; i++) {
+    loom_stats st;
+    CHECK_OK(loom_stats_get(&st));
+    CHECK_EQ(st.procs, 2);
+    CHECK_EQ(loom_procs(), 2);
+  }
+  return NULL;
+}
+static void foreign_stats_main(void *arg) {
+  pthread_t t;
+  int i;
+  (void)arg;
+  CHECK_EQ(pthread_create(&t, NULL, stats_reader, NULL), 0);
+  for (i = 0; i < 2000; i++) {
+    CHECK_OK(loom_go(nop, NULL));
+    if (i % 50 == 0)
+      loom_sleep(100000);
+  }
+  loom_block_enter();
+  pthread_join(t, NULL);
+  loom_block_exit();
+}
+TEST(stats_from_foreign_thread) { check_run(foreign_stats_main, NULL, 2); }
+
+/* Bad input gets a clear error, never a crash (DESIGN.md: "It works on
+ * bad input"). */
+static void bad_input_main(void *arg) {
+  loom_go_opts o;
+  (void)arg;
+  memset(&o, 0, sizeof o);
+  CHECK_ERR(loom_go(NULL, NULL), -EINVAL);
+  CHECK_ERR(loom_go_with(NULL, NULL, &o), -EINVAL);
+  CHECK_ERR(loom_stats_get(NULL), -EINVAL);
+}
+TEST(bad_input) {
+  CHECK_ERR(loom_run(NULL, NULL, NULL), -EINVAL);
+  check_run(bad_input_main, NULL, 1);
+}
+
+/* Garbage in the environment: loom_config_init never fails, and the
+ * runtime then starts or refuses with -EINVAL; nothing crashes. */
+TEST(config_env_garbage) {
+  static const char *const procs[] = {"abc", "0", "-3", "99999999999999999999", "2x", ""};
+  static const char *const stacks[] = {"abc", "0", "-5", "1", "99999999999999999999k",
+                                       "18446744073709551615", "64q", ""};
+  size_t i;
+  loom_config cfg;
+  for (i = 0; i < sizeof procs / sizeof procs[0]; i++) {
+    int r;
+    CHECK_EQ(setenv("LOOM_PROCS", procs[i], 1), 0);
+    loom_config_init(&cfg);
+    r = loom_run(set_main_ran, NULL, &cfg);
+    CHECKF(r == 0 || r == -EINVAL, "LOOM_PROCS=%s: loom_run %d (%s)", procs[i], r,
+           loom_err_name(r));
+    printf("LOOM_PROCS=\"%s\": procs %d, loom_run %s\n", procs[i], cfg.procs, loom_err_name(r));
+  }
+  CHECK_EQ(unsetenv("LOOM_PROCS"), 0);
+  for (i = 0; i < sizeof stacks / sizeof stacks[0]; i++) {
+    int r;
+    CHECK_EQ(setenv("LOOM_STACK_SIZE", stacks[i], 1), 0);
+    loom_config_init(&cfg);
+    r = loom_run(set_main_ran, NULL, &cfg);
+    CHECKF(r == 0 || r == -EINVAL || r == -ENOMEM, "LOOM_STACK_SIZE=%s: loom_run %d (%s)",
+           stacks[i], r, loom_err_name(r));
+    printf("LOOM_STACK_SIZE=\"%s\": stack_size %zu, loom_run %s\n", stacks[i], cfg.stack_size,
+           loom_err_name(r));
+  }
+}
+
+/* A foreign thread while the runtime runs is "outside a coroutine":
+ * sleep sleeps the thread, yield yields it, pin refuses, id is 0. */
+static void *outsider(void *arg) {
+  int64_t t0;
+  loom_local_key k;
+  (void)arg;
+  CHECK_EQ(loom_id(), 0);
+  CHECK_EQ(loom__test_proc_id(), -1);
+  CHECK_EQ(loom__test_thread_id(), 0);
+  CHECK_EQ(loom_procs(), 2);
+  CHECK_ERR(loom_pin(), LOOM_ENOTCO);
+  loom_unpin();
+  loom_yield();
+  t0 = loom_now();
+  CHECK_OK(loom_sleep(3 * CHECK_MS));
+  CHECK_GE(loom_now() - t0, 3 * CHECK_MS);
+  t0 = loom_now();
+  CHECK_OK(loom_sleep_until(t0 + 3 * CHECK_MS));
+  CHECK_GE(loom_now() - t0, 3 * CHECK_MS);
+  CHECK_OK(loom_local_key_create(&k, NULL));
+  CHECK_ERR(loom_local_set(k, (void *)1), LOOM_ENOTCO);
+  CHECK(loom_local_get(k) == NULL);
+  return NULL;
+}
+static void outsider_main(void *arg) {
+  pthread_t t;
+  (void)arg;
+  CHECK_EQ(pthread_create(&t, NULL, outsider, NULL), 0);
+  loom_block_enter();
+  pthread_join(t, NULL);
+  loom_block_exit();
+}
+TEST(foreign_thread_is_outside) { check_run(outsider_main, NULL, 2); }
+
+/* Many coroutines with their own stack size come and go as cheaply as
+ * the others, give or take an mmap each (a sanity bound, not a
+ * benchmark: 20,000 of them take ~70 ms with the runtime's size). */
+static atomic_long custom_done;
+static void custom_sleeper(void *arg) {
+  (void)arg;
+  loom_sleep(20 * CHECK_MS);
+  atomic_fetch_add(&custom_done, 1);
+}
+static void custom_many_main(void *arg) {
+  long i, n = *(long *)arg;
+  loom_go_opts o;
+  int64_t t0 = loom_now(), took;
+  memset(&o, 0, sizeof o);
+  o.stack_size = 128 * 1024;
+  for (i = 0; i < n; i++)
+    CHECK_OK(loom_go_with(custom_sleeper, NULL, &o));
+  wait_for(&custom_done, n, 60000, "coroutines with 128 KiB stacks");
+  took = loom_now() - t0;
+  printf("%ld coroutines with 128 KiB stacks, 20 ms sleep each: %.0f ms\n", n, took / 1e6);
+  CHECKF(took < 3000 * CHECK_MS, "%ld coroutines with their own stack size took %.0f ms", n,
+         took / 1e6);
+}
+TEST(go_with_many) {
+  long n = CHECK_SCALE(20000, 10000, 2000);
+  check_run(custom_many_main, &n, 2);
+}
 
 CHECK_MAIN()

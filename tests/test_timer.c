@@ -134,4 +134,82 @@ static void tickers_main(void *arg) {
 }
 TEST(tickers) { check_run(tickers_main, NULL, 2); }
 
+/* A timer on a P whose coroutine hogs it (no scheduling point for
+ * 300 ms) still fires on time: the idle P runs its due timers (Go's
+ * timer stealing), and the woken coroutine runs elsewhere. */
+static atomic_int hog_started;
+static void hog(void *arg) {
+  (void)arg;
+  atomic_store(&hog_started, 1);
+  check_spin_ns(300 * CHECK_MS);
+}
+static atomic_llong hogged_late;
+static void sleeper_beside_hog(void *arg) {
+  int64_t t0;
+  (void)arg;
+  /* the hog goes to this P's runnext and runs as soon as we park */
+  CHECK_OK(loom_go(hog, NULL));
+  t0 = loom_now();
+  CHECK_OK(loom_sleep(5 * CHECK_MS));
+  atomic_store(&hogged_late, loom_now() - t0 - 5 * CHECK_MS);
+}
+static void steal_timer_main(void *arg) {
+  int64_t end = loom_now() + 5000 * CHECK_MS;
+  (void)arg;
+  atomic_store(&hogged_late, -1);
+  CHECK_OK(loom_go(sleeper_beside_hog, NULL));
+  while (atomic_load(&hogged_late) < 0) {
+    CHECK(loom_now() < end);
+    loom_sleep(CHECK_MS);
+  }
+  CHECK_EQ(atomic_load(&hog_started), 1);
+  printf("a 5 ms sleep beside a 300 ms hog woke %.3f ms late\n", atomic_load(&hogged_late) / 1e6);
+  CHECKF(atomic_load(&hogged_late) < 150 * CHECK_MS,
+         "a 5 ms sleep woke %.1f ms late: its P was hogged and nobody ran its timers",
+         atomic_load(&hogged_late) / 1e6);
+}
+TEST(timer_on_hogged_p_fires) { check_run(steal_timer_main, NULL, 2); }
+
+/* Huge durations and deadlines sleep "forever" (no overflow of
+ * now + ns: UBSan watches), until the runtime stops. */
+static atomic_int huge_woke[2];
+static void huge_sleeper(void *arg) {
+  uintptr_t k = (uintptr_t)arg;
+  if (k == 0)
+    loom_sleep(INT64_MAX);
+  else
+    loom_sleep_until(INT64_MAX);
+  atomic_store(&huge_woke[k], 1);
+}
+static void huge_main(void *arg) {
+  (void)arg;
+  CHECK_OK(loom_go(huge_sleeper, (void *)0));
+  CHECK_OK(loom_go(huge_sleeper, (void *)1));
+  loom_sleep(100 * CHECK_MS);
+  printf("after 100 ms: loom_sleep(INT64_MAX) %s, loom_sleep_until(INT64_MAX) %s\n",
+         atomic_load(&huge_woke[0]) ? "returned" : "sleeps",
+         atomic_load(&huge_woke[1]) ? "returned" : "sleeps");
+  CHECKF(atomic_load(&huge_woke[0]) == 0, "loom_sleep(INT64_MAX) returned within 100 ms");
+  CHECKF(atomic_load(&huge_woke[1]) == 0, "loom_sleep_until(INT64_MAX) returned within 100 ms");
+}
+TEST(sleep_huge) { check_run(huge_main, NULL, 2); }
+
+/* The same with a deadline of INT64_MAX as the only timer while the
+ * runtime stays busy (the monitor compares the earliest timer with the
+ * clock all along). */
+static void huge_until_main(void *arg) {
+  int64_t end;
+  (void)arg;
+  CHECK_OK(loom_go(huge_sleeper, (void *)1));
+  end = loom_now() + 150 * CHECK_MS;
+  while (loom_now() < end)
+    loom_yield();
+  /* and idle: every M waits for that timer while main blocks */
+  loom_block_enter();
+  usleep(100 * 1000);
+  loom_block_exit();
+  CHECKF(atomic_load(&huge_woke[1]) == 0, "loom_sleep_until(INT64_MAX) returned within 250 ms");
+}
+TEST(sleep_until_huge) { check_run(huge_until_main, NULL, 2); }
+
 CHECK_MAIN()

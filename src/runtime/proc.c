@@ -55,6 +55,7 @@
 #include <signal.h>
 #include <stdarg.h>
 #include <stdio.h>
+#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
@@ -202,6 +203,9 @@ static loom__g *g_alloc(loom__rt *rt, loom__p *p, size_t stack_size) {
     g->custom_stack = true;
     pthread_mutex_lock(&s->lock);
     g->alllink = s->custom;
+    g->allprev = NULL;
+    if (g->alllink != NULL)
+      g->alllink->allprev = g;
     s->custom = g;
     pthread_mutex_unlock(&s->lock);
     return g;
@@ -228,11 +232,12 @@ static loom__g *g_alloc(loom__rt *rt, loom__p *p, size_t stack_size) {
 static void custom_unlink(loom__rt *rt, loom__g *g) {
   loom__stacks *s = &rt->stacks;
   pthread_mutex_lock(&s->lock);
-  for (loom__g **pp = (loom__g **)&s->custom; *pp; pp = &(*pp)->alllink)
-    if (*pp == g) {
-      *pp = g->alllink;
-      break;
-    }
+  if (g->allprev != NULL)
+    g->allprev->alllink = g->alllink;
+  else
+    s->custom = g->alllink;
+  if (g->alllink != NULL)
+    g->alllink->allprev = g->allprev;
   pthread_mutex_unlock(&s->lock);
 }
 
@@ -1025,7 +1030,8 @@ static bool sleep_commit(loom__g *g, void *arg) {
 int loom_sleep_until(int64_t deadline) {
   loom__m *m = loom__getm();
   if (m == NULL || m->curg == NULL || m->curg->is_g0 || m->p == NULL) {
-    int64_t left = deadline - loom_now();
+    int64_t now = loom_now();
+    int64_t left = deadline > now ? deadline - now : 0;
     if (left > 0) {
       struct timespec ts = {left / 1000000000, left % 1000000000};
       while (nanosleep(&ts, &ts) != 0 && errno == EINTR)
@@ -1052,7 +1058,8 @@ int loom_sleep(int64_t ns) {
     loom_yield();
     return 0;
   }
-  return loom_sleep_until(loom_now() + ns);
+  int64_t now = loom_now();
+  return loom_sleep_until(ns > INT64_MAX - now ? INT64_MAX : now + ns);
 }
 
 uint64_t loom_id(void) {
@@ -1461,6 +1468,8 @@ static void stats_fill(loom__rt *rt, loom_stats *out) {
 }
 
 int loom_stats_get(loom_stats *out) {
+  if (out == NULL)
+    return -EINVAL;
   loom__m *m = loom__getm();
   if (m != NULL) {
     stats_fill(m->rt, out);

@@ -124,10 +124,16 @@ static uint32_t runq_grab(loom__p *p, loom__p *victim, bool stealnext) {
                                            memory_order_acquire);
       if (next == NULL)
         return 0;
-      /* The victim is probably about to run it: give it a moment, as
-       * stealing it would only bounce the G between threads. */
-      for (int i = 0; i < 500; i++)
-        __builtin_ia32_pause();
+      /* A running victim is probably about to run it: give it about a
+       * microsecond, as stealing it would only bounce the G between
+       * threads (Go sleeps 3 us here; a sleep costs us more than that). */
+      if (atomic_load_explicit(&victim->status, memory_order_relaxed) ==
+          P_RUNNING)
+        for (int i = 0; i < 64 && atomic_load_explicit(
+                                      &victim->runnext,
+                                      memory_order_relaxed) == next;
+             i++)
+          __builtin_ia32_pause();
       if (!atomic_compare_exchange_strong_explicit(
               &victim->runnext, &next, NULL, memory_order_acq_rel,
               memory_order_relaxed))

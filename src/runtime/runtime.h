@@ -83,8 +83,8 @@ struct loom__g {
   loom__timer timer;        /* loom_sleep's timer */
   void *asan_fake;          /* ASan fake-stack handle while switched out */
   void *tsan_fiber;         /* TSan fiber of this G */
-  loom__g *alllink;         /* all custom-stack Gs (arena Gs are found by
-                               walking the arenas) */
+  loom__g *alllink;         /* live custom-stack Gs, doubly linked (arena */
+  loom__g *allprev;         /* Gs are found by walking the arenas) */
 };
 
 /* Post-switch action: run by whichever context a switch lands in, on the

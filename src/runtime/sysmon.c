@@ -21,10 +21,12 @@
 #include <sys/prctl.h>
 #include <time.h>
 
+#include "runtime/alloc.h"
 #include "runtime/runtime.h"
 
 #define RETAKE_NS 20000
 #define TRIM_KEEP 256
+#define TRIM_BATCH 16384
 #define TRIM_PERIOD_NS 100000000
 
 void loom__sysmon_wake(loom__rt *rt) { loom__note_wakeup(&rt->sysmon_note); }
@@ -128,33 +130,31 @@ static void schedtrace(loom__rt *rt, int64_t now) {
  * oldest entries, at the bottom of the LIFO, are the coldest. */
 static void trim_free_stacks(loom__rt *rt) {
   loom__stacks *s = &rt->stacks;
-  for (;;) {
-    loom__g *batch[64];
-    size_t n = 0;
-    pthread_mutex_lock(&s->lock);
-    if (s->ngfree > TRIM_KEEP) {
-      n = s->ngfree - TRIM_KEEP;
-      if (n > 64)
-        n = 64;
-      for (size_t i = 0; i < n; i++)
-        batch[i] = s->gfree[i];
-      memmove(s->gfree, s->gfree + n, (s->ngfree - n) * sizeof(void *));
-      s->ngfree -= n;
-    }
+  pthread_mutex_lock(&s->lock);
+  size_t n = s->ngfree > TRIM_KEEP ? s->ngfree - TRIM_KEEP : 0;
+  if (n > TRIM_BATCH)
+    n = TRIM_BATCH; /* bounded work per round; the rest waits */
+  void **batch = n ? loom__malloc(n * sizeof *batch) : NULL;
+  if (batch == NULL) {
     pthread_mutex_unlock(&s->lock);
-    if (n == 0)
-      return;
-    for (size_t i = 0; i < n; i++) {
-      loom__g *x = batch[i];
-      loom__stack_trim(s, &x->stk,
-                       (size_t)((x->stk.base + x->stk.size) - (char *)x));
-    }
-    pthread_mutex_lock(&s->lock);
-    for (size_t i = 0; i < n; i++)
-      if (loom__ptrs_push(&s->gclean, &s->nclean, &s->capclean, batch[i]))
-        break; /* cannot grow: the slot idles until shutdown */
-    pthread_mutex_unlock(&s->lock);
+    return;
   }
+  memcpy(batch, s->gfree, n * sizeof *batch);
+  memmove(s->gfree, s->gfree + n, (s->ngfree - n) * sizeof *batch);
+  s->ngfree -= n;
+  pthread_mutex_unlock(&s->lock);
+
+  for (size_t i = 0; i < n; i++) {
+    loom__g *x = batch[i];
+    loom__stack_trim(s, &x->stk,
+                     (size_t)((x->stk.base + x->stk.size) - (char *)x));
+  }
+  pthread_mutex_lock(&s->lock);
+  for (size_t i = 0; i < n; i++)
+    if (loom__ptrs_push(&s->gclean, &s->nclean, &s->capclean, batch[i]))
+      break; /* cannot grow: the slots idle until shutdown */
+  pthread_mutex_unlock(&s->lock);
+  loom__free(batch);
 }
 
 static bool any_blocked(loom__rt *rt) {
@@ -207,7 +207,7 @@ static void *sysmon_main(void *arg) {
     else
       idle++;
     int64_t next = loom__earliest_timer(rt);
-    if (next != 0 && next + 1000000 < now)
+    if (next != 0 && next < now - 1000000)
       loom__wakep(rt);
     if (next_trace != 0 && now >= next_trace) {
       schedtrace(rt, now);
