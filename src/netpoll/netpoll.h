@@ -16,9 +16,17 @@
  *                                `out` (a list linked by schedlink).
  *                                Returns how many it appended.
  *   loom__netpoll_break(np)      make a current or next poll return soon.
+ *   loom__netpoll_add(np, fd, cookie)
+ *                                start watching fd for read, write and
+ *                                peer hang-up, edge-triggered: one
+ *                                notification per change of readiness,
+ *                                reported with `cookie`.  0 or -errno.
+ *   loom__netpoll_del(np, fd)    stop watching fd (before it is closed).
  *
- * The backend in this build is netpoll_epoll.c.  Poll descriptors — the
- * per-socket read and write waiters — come with the net layer.
+ * A backend reports readiness by calling loom__pd_ready(cookie, mode)
+ * (pollfd.h) for each event; that turns it into runnable Gs.  It never
+ * blocks a coroutine itself.  The backend in this build is
+ * netpoll_epoll.c.
  */
 #ifndef LOOM_NETPOLL_NETPOLL_H
 #define LOOM_NETPOLL_NETPOLL_H
@@ -38,5 +46,7 @@ void loom__netpoll_close(loom__netpoll *np);
 int loom__netpoll_poll(loom__netpoll *np, int64_t delay_ns,
                        struct loom__g **out_head, struct loom__g **out_tail);
 void loom__netpoll_break(loom__netpoll *np);
+int loom__netpoll_add(loom__netpoll *np, int fd, uintptr_t cookie);
+void loom__netpoll_del(loom__netpoll *np, int fd);
 
 #endif

@@ -11,6 +11,7 @@
 #include <unistd.h>
 
 #include "netpoll/netpoll.h"
+#include "netpoll/pollfd.h"
 
 int loom__netpoll_init(loom__netpoll *np) {
   np->epfd = epoll_create1(EPOLL_CLOEXEC);
@@ -23,7 +24,7 @@ int loom__netpoll_init(loom__netpoll *np) {
     return err;
   }
   /* The break fd is registered with a NULL cookie: no poll descriptor. */
-  struct epoll_event ev = {.events = EPOLLIN | EPOLLET, .data.ptr = NULL};
+  struct epoll_event ev = {.events = EPOLLIN | EPOLLET, .data.u64 = 0};
   if (epoll_ctl(np->epfd, EPOLL_CTL_ADD, np->evfd, &ev) != 0) {
     int err = -errno;
     close(np->evfd);
@@ -68,17 +69,43 @@ int loom__netpoll_poll(loom__netpoll *np, int64_t delay_ns,
     n = epoll_wait(np->epfd, evs, 128, ms);
   }
   errno = saved;
-  (void)out_head;
-  (void)out_tail;
   int got = 0;
   for (int i = 0; i < n; i++) {
-    if (evs[i].data.ptr == NULL) {
+    uint32_t e = evs[i].events;
+    if (evs[i].data.u64 == 0) {
       uint64_t v;
       while (read(np->evfd, &v, sizeof v) < 0 && errno == EINTR)
         ;
       errno = saved;
       atomic_store(&np->break_pending, 0);
+      continue;
     }
+    /* An error or a hang-up wakes both directions: the next read or
+     * write reports it. */
+    int mode = 0;
+    if (e & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR))
+      mode += 'r';
+    if (e & (EPOLLOUT | EPOLLHUP | EPOLLERR))
+      mode += 'w';
+    if (mode != 0)
+      loom__pd_ready((uintptr_t)evs[i].data.u64, mode, out_head, out_tail,
+                     &got);
   }
   return got;
+}
+
+int loom__netpoll_add(loom__netpoll *np, int fd, uintptr_t cookie) {
+  struct epoll_event ev = {
+      .events = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET,
+      .data.u64 = (uint64_t)cookie};
+  if (epoll_ctl(np->epfd, EPOLL_CTL_ADD, fd, &ev) != 0)
+    return -errno;
+  return 0;
+}
+
+void loom__netpoll_del(loom__netpoll *np, int fd) {
+  int saved = errno;
+  struct epoll_event ev = {0};
+  (void)epoll_ctl(np->epfd, EPOLL_CTL_DEL, fd, &ev);
+  errno = saved;
 }

@@ -62,6 +62,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "netpoll/pollfd.h"
 #include "runtime/alloc.h"
 #include "runtime/export_test.h"
 #include "runtime/runtime.h"
@@ -1311,7 +1312,9 @@ static void rt_free(loom__rt *rt) {
     loom__free(m);
     m = next;
   }
+  loom__pd_pool_destroy(rt);
   loom__netpoll_close(&rt->np);
+  pthread_mutex_destroy(&rt->pd_lock);
   pthread_mutex_destroy(&rt->lock);
   loom__free(rt);
 }
@@ -1353,6 +1356,7 @@ int loom_run(void (*main_fn)(void *), void *arg, const loom_config *cfg) {
   rt->cfg = c;
   rt->nprocs = c.procs;
   loom__mutex_init(&rt->lock);
+  loom__mutex_init(&rt->pd_lock);
   rt->start_time = loom_now();
   atomic_store(&rt->lastpoll, rt->start_time);
   err = loom__stacks_init(&rt->stacks, c.stack_size);
@@ -1444,6 +1448,7 @@ fail_np:
 fail_stacks:
   loom__stacks_destroy(&rt->stacks);
 fail_rt:
+  pthread_mutex_destroy(&rt->pd_lock);
   pthread_mutex_destroy(&rt->lock);
   loom__free(rt);
 fail_unlock:

@@ -198,6 +198,9 @@ struct loom__rt {
   _Atomic int64_t polluntil;     /* that M's wake-up time (0: none) */
   _Atomic uint64_t netpoll_waiters;
   _Atomic uint64_t netpoll_wakeups;
+  pthread_mutex_t pd_lock;       /* the poll-descriptor pool */
+  struct loom__pd *pd_free;
+  struct pd_block *pd_blocks;
 
   pthread_t sysmon;
   bool sysmon_started;

@@ -8,6 +8,8 @@
  *   - warns, once per occurrence, about a coroutine that has run longer
  *     than cfg.long_run_warn_ns without a scheduling point: scheduling is
  *     cooperative, so such a coroutine starves its P's queue;
+ *   - polls the network itself when nobody has for 10 ms (every P busy
+ *     with coroutines that never run dry) and queues what became ready;
  *   - starts an M when a timer is overdue and nobody is looking;
  *   - prints the LOOM_SCHEDTRACE line when one is due;
  *   - gives back to the kernel the memory of free stacks beyond a small
@@ -201,6 +203,18 @@ static void *sysmon_main(void *arg) {
       atomic_store(&rt->sysmonwait, false);
       idle = 0;
       continue;
+    }
+    /* Nobody has polled for 10 ms (every P busy): poll for them, so
+     * ready sockets do not wait for a P to run dry. */
+    int64_t lp = atomic_load(&rt->lastpoll);
+    if (atomic_load(&rt->netpoll_waiters) != 0 && lp != 0 &&
+        lp < now - 10000000 &&
+        atomic_compare_exchange_strong(&rt->lastpoll, &lp, now)) {
+      loom__g *head = NULL, *tail = NULL;
+      if (loom__netpoll_poll(&rt->np, 0, &head, &tail) > 0) {
+        loom__inject(rt, head);
+        idle = 0;
+      }
     }
     if (retake(rt, now) > 0)
       idle = 0;

@@ -1,0 +1,45 @@
+/*
+ * loom/fd.h — waiting for any pollable file descriptor.
+ *
+ * For fds loom does not own: a pipe, an eventfd, a signalfd, a foreign
+ * library's socket.  The waiting coroutine parks; its thread runs other
+ * coroutines meanwhile.  (loom's own sockets wait inside the net API.)
+ */
+#ifndef LOOM_FD_H
+#define LOOM_FD_H
+
+#include <stdint.h>
+
+#include "loom/common.h"
+#include "loom/error.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define LOOM_FD_READ 1  /* readable, or the peer hung up, or an error */
+#define LOOM_FD_WRITE 2 /* writable, or an error */
+
+/*
+ * loom_fd_wait — park until `fd` is ready for `events` (LOOM_FD_READ or
+ * LOOM_FD_WRITE, one at a time) or until `deadline` (an absolute
+ * loom_now() time; 0: no deadline).
+ *
+ * An fd that is ready already returns at once, even with a deadline in
+ * the past.  Readiness is a hint, as with poll(2): the next read or write
+ * may still find EAGAIN, and a caller loops.  The fd need not be
+ * non-blocking, but it should be, or that read may block the thread.
+ * Outside a coroutine the calling thread waits in poll(2).
+ *
+ * Returns 0 when ready; -ETIMEDOUT when the deadline passed first;
+ * -EINVAL for bad `events`; -EBADF for a bad fd; -EPERM for an fd that
+ * cannot be polled (a regular file); -EBUSY when another coroutine is
+ * already waiting on the same fd through loom_fd_wait; -ENOMEM.
+ * Parks.  Thread-safe.  The fd must stay open until the call returns.
+ */
+LOOM_API int loom_fd_wait(int fd, int events, int64_t deadline);
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* LOOM_FD_H */

@@ -1,0 +1,83 @@
+/*
+ * fd_wait.c — loom_fd_wait: a poll descriptor for the length of one wait.
+ *
+ * The fd is checked with poll(2) first: a ready fd costs one system call
+ * and no registration.  Otherwise it is registered with the poller for the
+ * wait (edge-triggered registration reports readiness that exists at the
+ * moment of registration, so nothing arriving between the check and the
+ * registration is missed) and unregistered after.  A registration per
+ * wait is what makes the call safe for fds loom does not own: it never
+ * holds a registration across the caller's close().
+ */
+#include <errno.h>
+#include <poll.h>
+
+#include "loom/fd.h"
+#include "netpoll/pollfd.h"
+#include "runtime/runtime.h"
+
+static int poll_once(int fd, short ev, int timeout_ms) {
+  struct pollfd p = {.fd = fd, .events = ev};
+  int n;
+  while ((n = poll(&p, 1, timeout_ms)) < 0 && errno == EINTR)
+    ;
+  if (n < 0)
+    return -errno;
+  if (n == 0)
+    return 0;
+  if (p.revents & POLLNVAL)
+    return -EBADF;
+  return 1; /* ready, hung up or in error: the next call says which */
+}
+
+/* Not on a coroutine: the thread waits in poll(2). */
+static int wait_thread(int fd, short ev, int64_t deadline) {
+  for (;;) {
+    int ms = -1;
+    if (deadline != 0) {
+      int64_t left = deadline - loom_now();
+      if (left < 0)
+        left = 0;
+      ms = left / 1000000 > 1000000000 ? 1000000000
+                                        : (int)((left + 999999) / 1000000);
+    }
+    int r = poll_once(fd, ev, ms);
+    if (r < 0)
+      return r;
+    if (r > 0)
+      return 0;
+    if (deadline != 0 && loom_now() >= deadline)
+      return -ETIMEDOUT;
+  }
+}
+
+int loom_fd_wait(int fd, int events, int64_t deadline) {
+  if (events != LOOM_FD_READ && events != LOOM_FD_WRITE)
+    return -EINVAL;
+  if (fd < 0)
+    return -EBADF;
+  short ev = events == LOOM_FD_READ ? POLLIN : POLLOUT;
+  loom__m *m = loom__getm();
+  if (loom__getg() == NULL || m->p == NULL)
+    return wait_thread(fd, ev, deadline);
+
+  int r = poll_once(fd, ev, 0);
+  if (r != 0)
+    return r < 0 ? r : 0;
+  if (deadline != 0 && deadline <= loom_now())
+    return -ETIMEDOUT;
+
+  loom__pd *pd;
+  int err = loom__pd_open(m->rt, fd, &pd);
+  if (err == -EEXIST)
+    return -EBUSY;
+  if (err != 0)
+    return err;
+  int mode = events == LOOM_FD_READ ? 'r' : 'w';
+  if (deadline != 0)
+    err = loom__pd_set_deadline(pd, mode, deadline);
+  if (err == 0)
+    err = loom__pd_wait(pd, mode);
+  loom__pd_close(pd);
+  return err;
+}

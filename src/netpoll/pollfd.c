@@ -1,0 +1,337 @@
+/*
+ * pollfd.c — poll descriptors: the waiter state machine, deadlines and
+ * the pool (see pollfd.h for the states and the rules).
+ */
+#include "netpoll/pollfd.h"
+
+#include <errno.h>
+#include <stdatomic.h>
+#include <string.h>
+
+#include "runtime/alloc.h"
+#include "runtime/runtime.h"
+
+#define TAG_SHIFT 48
+#define PD_BLOCK 64
+
+struct pd_block {
+  struct pd_block *next;
+  loom__pd pd[PD_BLOCK];
+};
+
+static void pd_lock(loom__pd *pd) {
+  while (atomic_exchange_explicit(&pd->lock, 1, memory_order_acquire))
+    while (atomic_load_explicit(&pd->lock, memory_order_relaxed))
+      __builtin_ia32_pause();
+}
+
+static void pd_unlock(loom__pd *pd) {
+  atomic_store_explicit(&pd->lock, 0, memory_order_release);
+}
+
+static _Atomic uintptr_t *waiter(loom__pd *pd, int mode) {
+  return mode == 'r' ? &pd->rg : &pd->wg;
+}
+
+/* ---- the pool ------------------------------------------------------ */
+
+static loom__pd *pd_alloc(loom__rt *rt) {
+  pthread_mutex_lock(&rt->pd_lock);
+  if (rt->pd_free == NULL) {
+    struct pd_block *b = loom__calloc(1, sizeof *b);
+    if (b == NULL) {
+      pthread_mutex_unlock(&rt->pd_lock);
+      return NULL;
+    }
+    b->next = rt->pd_blocks;
+    rt->pd_blocks = b;
+    for (int i = PD_BLOCK - 1; i >= 0; i--) {
+      b->pd[i].owner = rt;
+      b->pd[i].link = rt->pd_free;
+      rt->pd_free = &b->pd[i];
+    }
+  }
+  loom__pd *pd = rt->pd_free;
+  rt->pd_free = pd->link;
+  pthread_mutex_unlock(&rt->pd_lock);
+  return pd;
+}
+
+static void pd_release(loom__pd *pd) {
+  loom__rt *rt = pd->owner;
+  pthread_mutex_lock(&rt->pd_lock);
+  pd->link = rt->pd_free;
+  rt->pd_free = pd;
+  pthread_mutex_unlock(&rt->pd_lock);
+}
+
+void loom__pd_pool_destroy(loom__rt *rt) {
+  struct pd_block *b = rt->pd_blocks;
+  while (b != NULL) {
+    struct pd_block *next = b->next;
+    loom__free(b);
+    b = next;
+  }
+  rt->pd_blocks = NULL;
+  rt->pd_free = NULL;
+}
+
+uintptr_t loom__pd_cookie(loom__pd *pd) {
+  uintptr_t p = (uintptr_t)pd;
+  uint32_t seq = atomic_load_explicit(&pd->fdseq, memory_order_relaxed);
+  return p | ((uintptr_t)(seq & 0xffff) << TAG_SHIFT);
+}
+
+/* ---- the waiter words ---------------------------------------------- */
+
+/* Notifier side.  Returns the G to make runnable, or NULL. */
+static loom__g *unblock(loom__pd *pd, int mode, bool ioready) {
+  _Atomic uintptr_t *gpp = waiter(pd, mode);
+  for (;;) {
+    uintptr_t old = atomic_load_explicit(gpp, memory_order_acquire);
+    if (old == PD_READY)
+      return NULL;
+    if (old == PD_NIL && !ioready)
+      return NULL;
+    uintptr_t new_ = ioready ? PD_READY : PD_NIL;
+    if (atomic_compare_exchange_weak_explicit(gpp, &old, new_,
+                                              memory_order_acq_rel,
+                                              memory_order_acquire)) {
+      if (old == PD_WAIT || old == PD_NIL)
+        return NULL;
+      atomic_fetch_sub_explicit(&pd->owner->netpoll_waiters, 1,
+                                memory_order_relaxed);
+      return (loom__g *)old;
+    }
+  }
+}
+
+struct commit_arg {
+  _Atomic uintptr_t *gpp;
+};
+
+static bool block_commit(loom__g *g, void *arg) {
+  _Atomic uintptr_t *gpp = ((struct commit_arg *)arg)->gpp;
+  uintptr_t expect = PD_WAIT;
+  loom__rt *rt = loom__rt_get();
+  /* Count first: a poller that sees the G must also see a waiter. */
+  atomic_fetch_add_explicit(&rt->netpoll_waiters, 1, memory_order_relaxed);
+  if (atomic_compare_exchange_strong_explicit(gpp, &expect, (uintptr_t)g,
+                                              memory_order_acq_rel,
+                                              memory_order_acquire))
+    return true;
+  atomic_fetch_sub_explicit(&rt->netpoll_waiters, 1, memory_order_relaxed);
+  return false; /* readiness or a wake-up came first: do not sleep */
+}
+
+/* 0: nothing wrong; else why a wait must fail now. */
+static int check_err(loom__pd *pd, int mode) {
+  pd_lock(pd);
+  int err = 0;
+  if (pd->closing)
+    err = LOOM_ECLOSED;
+  else if ((mode == 'r' ? pd->rd : pd->wd) < 0)
+    err = -ETIMEDOUT;
+  pd_unlock(pd);
+  return err;
+}
+
+/* Waiter side: true if woken by readiness. */
+static bool block(loom__pd *pd, int mode) {
+  _Atomic uintptr_t *gpp = waiter(pd, mode);
+  for (;;) {
+    uintptr_t v = PD_READY;
+    if (atomic_compare_exchange_strong_explicit(gpp, &v, PD_NIL,
+                                                memory_order_acq_rel,
+                                                memory_order_acquire))
+      return true;
+    v = PD_NIL;
+    if (atomic_compare_exchange_strong_explicit(gpp, &v, PD_WAIT,
+                                                memory_order_acq_rel,
+                                                memory_order_acquire))
+      break;
+    if (v != PD_READY && v != PD_NIL)
+      loom__throw("pd_wait: two coroutines wait on one fd in one direction");
+  }
+  /* A deadline or a close that landed after our check but before
+   * PD_WAIT was visible found no waiter: check again before parking. */
+  if (check_err(pd, mode) == 0) {
+    struct commit_arg ca = {gpp};
+    loom__park(block_commit, &ca, "io wait");
+  }
+  uintptr_t old = atomic_exchange_explicit(gpp, PD_NIL, memory_order_acq_rel);
+  if (old > PD_WAIT)
+    loom__throw("pd_wait: woken with a waiter still recorded");
+  return old == PD_READY;
+}
+
+int loom__pd_wait(loom__pd *pd, int mode) {
+  for (;;) {
+    int err = check_err(pd, mode);
+    if (err != 0)
+      return err;
+    if (block(pd, mode))
+      return 0;
+  }
+}
+
+/* ---- deadlines ------------------------------------------------------ */
+
+static void deadline_fire(loom__pd *pd, int mode, loom__timer *t) {
+  (void)t;
+  pd_lock(pd);
+  uint32_t seq = mode == 'r' ? pd->rseq : pd->wseq;
+  uint32_t armed = mode == 'r' ? pd->rseq_armed : pd->wseq_armed;
+  if (seq != armed || pd->closing) {
+    pd_unlock(pd); /* a stale timer: the deadline moved since */
+    return;
+  }
+  if (mode == 'r')
+    pd->rd = -1;
+  else
+    pd->wd = -1;
+  loom__g *g = unblock(pd, mode, false);
+  pd_unlock(pd);
+  if (g != NULL)
+    loom__ready(g);
+}
+
+static void rd_fire(loom__timer *t, void *arg) { deadline_fire(arg, 'r', t); }
+static void wd_fire(loom__timer *t, void *arg) { deadline_fire(arg, 'w', t); }
+
+static loom__g *set_one(loom__pd *pd, loom__p *p, int mode, int64_t d,
+                        int64_t now) {
+  loom__timer *t = mode == 'r' ? &pd->rt : &pd->wt;
+  if (mode == 'r')
+    pd->rseq++;
+  else
+    pd->wseq++;
+  loom__timer_del(t);
+  int64_t *slot = mode == 'r' ? &pd->rd : &pd->wd;
+  if (d == 0) {
+    *slot = 0;
+    return NULL;
+  }
+  if (d <= now) {
+    *slot = -1;
+    return unblock(pd, mode, false);
+  }
+  *slot = d;
+  if (mode == 'r')
+    pd->rseq_armed = pd->rseq;
+  else
+    pd->wseq_armed = pd->wseq;
+  t->fn = mode == 'r' ? rd_fire : wd_fire;
+  t->arg = pd;
+  loom__timer_add(&p->timers, t, d);
+  return NULL;
+}
+
+int loom__pd_set_deadline(loom__pd *pd, int mode, int64_t d) {
+  loom__m *m = loom__getm();
+  if (m == NULL || m->p == NULL)
+    loom__throw("pd_set_deadline: not on a coroutine");
+  loom__p *p = m->p;
+  if (d != 0 && loom__timers_reserve(&p->timers, 2) != 0)
+    return -ENOMEM;
+  int64_t now = loom_now();
+  loom__g *rg = NULL, *wg = NULL;
+  pd_lock(pd);
+  if (mode == 'r' || mode == 'r' + 'w')
+    rg = set_one(pd, p, 'r', d, now);
+  if (mode == 'w' || mode == 'r' + 'w')
+    wg = set_one(pd, p, 'w', d, now);
+  pd_unlock(pd);
+  if (rg != NULL)
+    loom__ready(rg);
+  if (wg != NULL)
+    loom__ready(wg);
+  if (d > now)
+    loom__wake_netpoller(m->rt, d);
+  return 0;
+}
+
+/* ---- open, evict, close -------------------------------------------- */
+
+int loom__pd_open(loom__rt *rt, int fd, loom__pd **out) {
+  loom__pd *pd = pd_alloc(rt);
+  if (pd == NULL)
+    return -ENOMEM;
+  pd_lock(pd);
+  pd->fd = fd;
+  pd->closing = false;
+  pd->rd = pd->wd = 0;
+  pd->rseq++;
+  pd->wseq++;
+  atomic_store_explicit(&pd->rg, PD_NIL, memory_order_relaxed);
+  atomic_store_explicit(&pd->wg, PD_NIL, memory_order_relaxed);
+  atomic_fetch_add_explicit(&pd->fdseq, 1, memory_order_release);
+  pd_unlock(pd);
+  int err = loom__netpoll_add(&rt->np, fd, loom__pd_cookie(pd));
+  if (err != 0) {
+    pd_release(pd);
+    return err;
+  }
+  *out = pd;
+  return 0;
+}
+
+void loom__pd_evict(loom__pd *pd) {
+  pd_lock(pd);
+  pd->closing = true;
+  pd->rseq++;
+  pd->wseq++;
+  loom__g *rg = unblock(pd, 'r', false);
+  loom__g *wg = unblock(pd, 'w', false);
+  pd_unlock(pd);
+  if (rg != NULL)
+    loom__ready(rg);
+  if (wg != NULL)
+    loom__ready(wg);
+}
+
+void loom__pd_close(loom__pd *pd) {
+  loom__netpoll_del(&pd->owner->np, pd->fd);
+  pd_lock(pd);
+  pd->closing = true;
+  pd->rseq++;
+  pd->wseq++;
+  pd_unlock(pd);
+  loom__timer_del(&pd->rt);
+  loom__timer_del(&pd->wt);
+  if (atomic_load(&pd->rg) > PD_WAIT || atomic_load(&pd->wg) > PD_WAIT)
+    loom__throw("pd_close: a coroutine still waits on the fd");
+  /* Stale events for this fd now carry an old tag. */
+  atomic_fetch_add_explicit(&pd->fdseq, 1, memory_order_release);
+  pd->fd = -1;
+  pd_release(pd);
+}
+
+/* ---- poller side ---------------------------------------------------- */
+
+void loom__pd_ready(uintptr_t cookie, int mode, loom__g **head,
+                    loom__g **tail, int *n) {
+  loom__pd *pd =
+      (loom__pd *)(cookie & (((uintptr_t)1 << TAG_SHIFT) - 1));
+  uint32_t tag = (uint32_t)(cookie >> TAG_SHIFT);
+  if ((atomic_load_explicit(&pd->fdseq, memory_order_acquire) & 0xffff) !=
+      tag)
+    return; /* an event for an fd this pd no longer serves */
+  loom__g *gs[2] = {NULL, NULL};
+  if (mode == 'r' || mode == 'r' + 'w')
+    gs[0] = unblock(pd, 'r', true);
+  if (mode == 'w' || mode == 'r' + 'w')
+    gs[1] = unblock(pd, 'w', true);
+  for (int i = 0; i < 2; i++) {
+    loom__g *g = gs[i];
+    if (g == NULL)
+      continue;
+    g->schedlink = NULL;
+    if (*tail != NULL)
+      (*tail)->schedlink = g;
+    else
+      *head = g;
+    *tail = g;
+    (*n)++;
+  }
+}

@@ -1,0 +1,93 @@
+/*
+ * pollfd.h — poll descriptors: what a coroutine waiting for an fd parks on.
+ *
+ * One poll descriptor (pd) per fd the runtime polls.  Each has a read
+ * waiter and a write waiter, each a word with one of these values:
+ *
+ *   PD_NIL    nobody waits and no readiness is pending
+ *   PD_READY  readiness arrived with nobody waiting; the next wait
+ *             consumes it and returns at once
+ *   PD_WAIT   a coroutine is about to park (between its check and the
+ *             park's commit)
+ *   a G       that coroutine is parked here
+ *
+ * Transitions (Go's netpollblock / netpollunblock):
+ *   waiter:   READY -> NIL (consume, no park)  or  NIL -> WAIT, then in the
+ *             park's commit WAIT -> G; if the commit finds READY instead
+ *             (the event came between the check and the park), it does
+ *             not park.  On wake-up it swaps the word back to NIL and
+ *             learns whether it was readiness (READY) or not (NIL: a
+ *             deadline, a close — it re-checks which).
+ *   notifier: readiness (the poller) moves NIL/WAIT/G -> READY; a
+ *             deadline or a close moves WAIT/G -> NIL.  A notifier that
+ *             takes a G out of the word makes it runnable.
+ * Every step is a CAS on the word, so an event that lands between a
+ * coroutine's EAGAIN and its park is never lost, and a G is woken once.
+ *
+ * Deadlines are absolute loom_now() times kept per direction, with one
+ * timer each.  A sequence number, bumped whenever a deadline is changed
+ * or the pd is closed, makes a timer that fires late harmless.  Another,
+ * bumped on every open, is packed into the poller's event cookie, so an
+ * event still in flight for an fd that was closed does not wake the next
+ * user of the same pd.
+ *
+ * Lifetime: pds come from a per-runtime pool and are never freed while the
+ * runtime runs (a late event may still point at one).  The owner closes a
+ * pd only when no coroutine waits on it any more (loom__pd_evict first
+ * wakes any that do).
+ */
+#ifndef LOOM_NETPOLL_POLLFD_H
+#define LOOM_NETPOLL_POLLFD_H
+
+#include <stdbool.h>
+#include <stdint.h>
+
+#include "runtime/timer.h"
+
+struct loom__rt;
+struct loom__g;
+
+enum { PD_NIL = 0, PD_READY = 1, PD_WAIT = 2 };
+
+typedef struct loom__pd {
+  int fd;
+  _Atomic uintptr_t rg, wg;   /* the waiter words above */
+  _Atomic int lock;           /* spinlock: deadlines, seqs, closing */
+  bool closing;               /* evicted: every wait fails with ECLOSED */
+  _Atomic uint32_t fdseq;     /* bumped per open; tags poller cookies */
+  uint32_t rseq, wseq;        /* bumped per deadline change and close */
+  uint32_t rseq_armed, wseq_armed;
+  int64_t rd, wd;             /* deadline: 0 none, -1 passed, else time */
+  loom__timer rt, wt;
+  struct loom__pd *link;      /* pool free list */
+  struct loom__rt *owner;
+} loom__pd;
+
+/* Take a pd for `fd` and register fd with the poller (edge-triggered,
+ * read, write and peer-hang-up).  -errno from epoll_ctl, or -ENOMEM. */
+int loom__pd_open(struct loom__rt *rt, int fd, loom__pd **out);
+/* Unregister and return the pd to the pool.  No coroutine may wait on it
+ * (evict first if one might). */
+void loom__pd_close(loom__pd *pd);
+/* Wake every coroutine waiting on pd; later waits fail with LOOM_ECLOSED. */
+void loom__pd_evict(loom__pd *pd);
+/* Wait for readiness: mode 'r' or 'w'.  Returns 0 when ready,
+ * -ETIMEDOUT when the deadline passed, LOOM_ECLOSED when evicted.
+ * Parks.  At most one coroutine waits per direction. */
+int loom__pd_wait(loom__pd *pd, int mode);
+/* Set the deadline of one direction ('r', 'w') or both ('r'+'w'):
+ * 0 none, else an absolute loom_now() time (already passed: waiters
+ * wake with -ETIMEDOUT).  Must run on a coroutine.  0 or -ENOMEM. */
+int loom__pd_set_deadline(loom__pd *pd, int mode, int64_t deadline);
+
+/* Poller side: readiness for mode 'r', 'w' or both ('r'+'w') on the pd
+ * behind `cookie`; runnable Gs are appended to the list. */
+void loom__pd_ready(uintptr_t cookie, int mode, struct loom__g **head,
+                    struct loom__g **tail, int *n);
+/* The cookie the poller stores with fd's registration. */
+uintptr_t loom__pd_cookie(loom__pd *pd);
+
+/* Free every pd of the runtime (at teardown). */
+void loom__pd_pool_destroy(struct loom__rt *rt);
+
+#endif

@@ -1,0 +1,295 @@
+/*
+ * test_netpoll.c — the poller and loom_fd_wait, against real pipes and
+ * eventfds: readiness wakes a parked coroutine (and only then), deadlines,
+ * many waiters at once, bad input, waiting outside a coroutine.
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <sys/eventfd.h>
+#include <unistd.h>
+
+#include "check.h"
+#include "loom.h"
+
+static void make_pipe(int p[2]) {
+  CHECK_EQ(pipe2(p, O_NONBLOCK | O_CLOEXEC), 0);
+}
+
+/* ------------------------------------------------------------------ */
+/* A reader parks until a writer writes; others run meanwhile.          */
+
+static int rw_pipe[2];
+static atomic_long ticks;
+static atomic_int reader_done, writer_wrote;
+static int64_t reader_waited;
+
+static void reader(void *arg) {
+  (void)arg;
+  int64_t t0 = loom_now();
+  CHECK_OK(loom_fd_wait(rw_pipe[0], LOOM_FD_READ, 0));
+  reader_waited = loom_now() - t0;
+  CHECK(atomic_load(&writer_wrote));
+  char c;
+  CHECK_EQ(read(rw_pipe[0], &c, 1), 1);
+  CHECK_EQ(c, 'x');
+  atomic_store(&reader_done, 1);
+}
+
+static void ticker(void *arg) {
+  (void)arg;
+  while (!atomic_load(&reader_done)) {
+    atomic_fetch_add(&ticks, 1);
+    loom_sleep(CHECK_MS);
+  }
+}
+
+static void read_main(void *arg) {
+  (void)arg;
+  make_pipe(rw_pipe);
+  CHECK_OK(loom_go(reader, NULL));
+  CHECK_OK(loom_go(ticker, NULL));
+  loom_sleep(30 * CHECK_MS);
+  CHECK(!atomic_load(&reader_done)); /* nothing to read: still parked */
+  atomic_store(&writer_wrote, 1);
+  CHECK_EQ(write(rw_pipe[1], "x", 1), 1);
+  while (!atomic_load(&reader_done))
+    loom_sleep(CHECK_MS);
+  close(rw_pipe[0]);
+  close(rw_pipe[1]);
+}
+
+TEST(read_wakes_on_write) {
+  check_run(read_main, NULL, 1);
+  CHECK_GE(reader_waited, 25 * CHECK_MS);
+  /* One P: the ticker ran while the reader waited, so the reader parked
+   * its coroutine, not the thread. */
+  CHECK_GE(atomic_load(&ticks), 5);
+}
+
+/* ------------------------------------------------------------------ */
+/* Deadlines.                                                           */
+
+static void deadline_main(void *arg) {
+  (void)arg;
+  int p[2];
+  make_pipe(p);
+  int64_t t0 = loom_now();
+  CHECK_ERR(loom_fd_wait(p[0], LOOM_FD_READ, t0 + 30 * CHECK_MS), -ETIMEDOUT);
+  int64_t el = loom_now() - t0;
+  CHECK_GE(el, 30 * CHECK_MS);
+  CHECK_LT(el, 2000 * CHECK_MS);
+  /* Passed deadline, nothing ready: at once. */
+  CHECK_ERR(loom_fd_wait(p[0], LOOM_FD_READ, loom_now() - 1), -ETIMEDOUT);
+  /* Passed deadline, but ready: ready wins. */
+  CHECK_EQ(write(p[1], "y", 1), 1);
+  CHECK_OK(loom_fd_wait(p[0], LOOM_FD_READ, loom_now() - 1));
+  /* Ready before the deadline: 0, and the deadline timer is harmless
+   * afterwards (it fires into a pd that has moved on). */
+  char c;
+  CHECK_EQ(read(p[0], &c, 1), 1);
+  CHECK_OK(loom_fd_wait(p[1], LOOM_FD_WRITE, loom_now() + 5 * CHECK_MS));
+  loom_sleep(10 * CHECK_MS);
+  close(p[0]);
+  close(p[1]);
+}
+
+TEST(deadlines) { check_run(deadline_main, NULL, 2); }
+
+/* ------------------------------------------------------------------ */
+/* A writer parks on a full pipe until the reader drains some.          */
+
+static int full_pipe[2];
+static atomic_int wrote_after_full;
+
+static void blocked_writer(void *arg) {
+  (void)arg;
+  CHECK_OK(loom_fd_wait(full_pipe[1], LOOM_FD_WRITE, 0));
+  CHECK_EQ(write(full_pipe[1], "z", 1), 1);
+  atomic_store(&wrote_after_full, 1);
+}
+
+static void write_main(void *arg) {
+  (void)arg;
+  static char buf[65536];
+  make_pipe(full_pipe);
+  while (write(full_pipe[1], buf, sizeof buf) > 0)
+    ;
+  while (write(full_pipe[1], buf, 1) > 0)
+    ;
+  CHECK_EQ(errno, EAGAIN);
+  CHECK_OK(loom_go(blocked_writer, NULL));
+  loom_sleep(20 * CHECK_MS);
+  CHECK(!atomic_load(&wrote_after_full));
+  /* Drain a page: the pipe becomes writable. */
+  while (read(full_pipe[0], buf, sizeof buf) > 0)
+    ;
+  while (!atomic_load(&wrote_after_full))
+    loom_sleep(CHECK_MS);
+  close(full_pipe[0]);
+  close(full_pipe[1]);
+}
+
+TEST(write_waits_for_room) { check_run(write_main, NULL, 2); }
+
+/* ------------------------------------------------------------------ */
+/* Many waiters at once, woken in a shuffled order, each exactly once.  */
+
+#define MANY 1000
+static int many_fds[MANY][2];
+static atomic_int many_woke[MANY];
+static atomic_int many_done;
+
+static void many_reader(void *arg) {
+  long i = (long)arg;
+  CHECK_OK(loom_fd_wait(many_fds[i][0], LOOM_FD_READ,
+                        loom_now() + 20000 * CHECK_MS));
+  char c;
+  CHECK_EQ(read(many_fds[i][0], &c, 1), 1);
+  CHECK_EQ(c, (char)(i & 0x7f));
+  atomic_fetch_add(&many_woke[i], 1);
+  atomic_fetch_add(&many_done, 1);
+}
+
+static void many_main(void *arg) {
+  (void)arg;
+  long order[MANY];
+  for (long i = 0; i < MANY; i++) {
+    make_pipe(many_fds[i]);
+    order[i] = i;
+    CHECK_OK(loom_go(many_reader, (void *)i));
+  }
+  loom_sleep(20 * CHECK_MS); /* all parked */
+  CHECK_EQ(atomic_load(&many_done), 0);
+  srand(7);
+  for (long i = MANY - 1; i > 0; i--) {
+    long j = rand() % (i + 1), t = order[i];
+    order[i] = order[j];
+    order[j] = t;
+  }
+  for (long k = 0; k < MANY; k++) {
+    char c = (char)(order[k] & 0x7f);
+    CHECK_EQ(write(many_fds[order[k]][1], &c, 1), 1);
+    if (k % 50 == 0)
+      loom_yield();
+  }
+  while (atomic_load(&many_done) < MANY)
+    loom_sleep(CHECK_MS);
+  loom_sleep(5 * CHECK_MS);
+  for (long i = 0; i < MANY; i++) {
+    CHECK_EQ(atomic_load(&many_woke[i]), 1);
+    close(many_fds[i][0]);
+    close(many_fds[i][1]);
+  }
+}
+
+TEST(many_waiters_one_proc) { check_run(many_main, NULL, 1); }
+TEST(many_waiters_two_procs) { check_run(many_main, NULL, 2); }
+
+/* ------------------------------------------------------------------ */
+/* eventfd, bad input, a second waiter, outside a coroutine.            */
+
+static int efd;
+static atomic_int ev_woke;
+static void ev_waiter(void *arg) {
+  (void)arg;
+  CHECK_OK(loom_fd_wait(efd, LOOM_FD_READ, 0));
+  atomic_store(&ev_woke, 1);
+}
+static void ev_second(void *arg) {
+  (void)arg;
+  /* The first waiter holds the fd's registration. */
+  CHECK_ERR(loom_fd_wait(efd, LOOM_FD_READ, 0), -EBUSY);
+}
+
+static void misc_main(void *arg) {
+  (void)arg;
+  efd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+  CHECK_GE(efd, 0);
+  CHECK_OK(loom_go(ev_waiter, NULL));
+  loom_sleep(10 * CHECK_MS);
+  CHECK_OK(loom_go(ev_second, NULL));
+  loom_sleep(10 * CHECK_MS);
+  CHECK(!atomic_load(&ev_woke));
+  uint64_t one = 1;
+  CHECK_EQ(write(efd, &one, sizeof one), (ssize_t)sizeof one);
+  while (!atomic_load(&ev_woke))
+    loom_sleep(CHECK_MS);
+  close(efd);
+
+  int p[2];
+  make_pipe(p);
+  CHECK_ERR(loom_fd_wait(p[0], 0, 0), -EINVAL);
+  CHECK_ERR(loom_fd_wait(p[0], LOOM_FD_READ | LOOM_FD_WRITE, 0), -EINVAL);
+  CHECK_ERR(loom_fd_wait(-1, LOOM_FD_READ, 0), -EBADF);
+  close(p[0]);
+  close(p[1]);
+  CHECK_ERR(loom_fd_wait(p[0], LOOM_FD_READ, 0), -EBADF); /* closed */
+
+  char path[] = "/tmp/loom-netpoll-XXXXXX";
+  int f = mkstemp(path);
+  CHECK_GE(f, 0);
+  unlink(path);
+  /* A regular file is always ready for poll(2): 0 at once. */
+  CHECK_OK(loom_fd_wait(f, LOOM_FD_READ, 0));
+  close(f);
+}
+
+TEST(eventfd_busy_and_bad_input) { check_run(misc_main, NULL, 2); }
+
+TEST(outside_coroutine) {
+  int p[2];
+  make_pipe(p);
+  int64_t t0 = loom_now();
+  CHECK_ERR(loom_fd_wait(p[0], LOOM_FD_READ, t0 + 20 * CHECK_MS), -ETIMEDOUT);
+  CHECK_GE(loom_now() - t0, 20 * CHECK_MS);
+  CHECK_EQ(write(p[1], "q", 1), 1);
+  CHECK_OK(loom_fd_wait(p[0], LOOM_FD_READ, 0));
+  CHECK_OK(loom_fd_wait(p[1], LOOM_FD_WRITE, 0));
+  close(p[0]);
+  close(p[1]);
+}
+
+/* ------------------------------------------------------------------ */
+/* A runtime whose only coroutine waits on a pipe sleeps: ~0% CPU.       */
+
+static int64_t idle_cpu;
+static int idle_pipe[2];
+static void idle_waiter(void *arg) {
+  (void)arg;
+  CHECK_OK(loom_fd_wait(idle_pipe[0], LOOM_FD_READ, 0));
+}
+static void *idle_poker(void *arg) {
+  (void)arg;
+  usleep(400 * 1000);
+  CHECK_EQ(write(idle_pipe[1], "w", 1), 1);
+  return NULL;
+}
+static void idle_main(void *arg) {
+  (void)arg;
+  pthread_t t;
+  make_pipe(idle_pipe);
+  CHECK_OK(loom_go(idle_waiter, NULL));
+  loom_sleep(50 * CHECK_MS);
+  int64_t c0 = check_cpu_ns();
+  CHECK_EQ(pthread_create(&t, NULL, idle_poker, NULL), 0);
+  loom_block_enter();
+  pthread_join(t, NULL); /* the main coroutine blocks its thread */
+  loom_block_exit();
+  idle_cpu = check_cpu_ns() - c0;
+  loom_sleep(20 * CHECK_MS); /* the waiter has run */
+  close(idle_pipe[0]);
+  close(idle_pipe[1]);
+}
+
+TEST(waiting_costs_no_cpu) {
+  check_run(idle_main, NULL, 2);
+  printf("400 ms with a coroutine in loom_fd_wait: %.2f ms of CPU\n",
+         idle_cpu / 1e6);
+  CHECKF(idle_cpu < 60 * CHECK_MS, "waiting burned %.1f ms of CPU",
+         idle_cpu / 1e6);
+}
+
+CHECK_MAIN()
