@@ -5,6 +5,7 @@
 #include "loom/alloc.h"
 #include "loom/error.h"
 #include "loom/fd.h"
+#include "loom/net.h"
 #include "loom/runtime.h"
 
 #endif /* LOOM_H */

@@ -20,7 +20,11 @@ extern "C" {
   X(LOOM_ENORUNTIME, -30001, "no loom runtime is running")                   \
   X(LOOM_ERUNNING, -30002, "a loom runtime is already running")             \
   X(LOOM_ENOTCO, -30003, "not called from a loom coroutine")                 \
-  X(LOOM_ECLOSED, -30004, "use of a closed object")
+  X(LOOM_ECLOSED, -30004, "use of a closed object")                        \
+  X(LOOM_EBADADDR, -30005, "malformed network address")                     \
+  X(LOOM_ENETWORK, -30006, "unknown network")                               \
+  X(LOOM_ENOHOST, -30007, "no such host")                                   \
+  X(LOOM_EDNS, -30008, "host name lookup failed")
 
 enum loom_errno {
 #define LOOM_ERR_ENUM_(name, value, msg) name = (value),

@@ -125,7 +125,7 @@ static bool block_commit(loom__g *g, void *arg) {
 }
 
 /* 0: nothing wrong; else why a wait must fail now. */
-static int check_err(loom__pd *pd, int mode) {
+int loom__pd_check(loom__pd *pd, int mode) {
   pd_lock(pd);
   int err = 0;
   if (pd->closing)
@@ -155,7 +155,7 @@ static bool block(loom__pd *pd, int mode) {
   }
   /* A deadline or a close that landed after our check but before
    * PD_WAIT was visible found no waiter: check again before parking. */
-  if (check_err(pd, mode) == 0) {
+  if (loom__pd_check(pd, mode) == 0) {
     struct commit_arg ca = {gpp};
     loom__park(block_commit, &ca, "io wait");
   }
@@ -167,7 +167,7 @@ static bool block(loom__pd *pd, int mode) {
 
 int loom__pd_wait(loom__pd *pd, int mode) {
   for (;;) {
-    int err = check_err(pd, mode);
+    int err = loom__pd_check(pd, mode);
     if (err != 0)
       return err;
     if (block(pd, mode))

@@ -75,6 +75,8 @@ void loom__pd_evict(loom__pd *pd);
  * -ETIMEDOUT when the deadline passed, LOOM_ECLOSED when evicted.
  * Parks.  At most one coroutine waits per direction. */
 int loom__pd_wait(loom__pd *pd, int mode);
+/* What loom__pd_wait would fail with right now (0: nothing). */
+int loom__pd_check(loom__pd *pd, int mode);
 /* Set the deadline of one direction ('r', 'w') or both ('r'+'w'):
  * 0 none, else an absolute loom_now() time (already passed: waiters
  * wake with -ETIMEDOUT).  Must run on a coroutine.  0 or -ENOMEM. */

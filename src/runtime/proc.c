@@ -1312,6 +1312,13 @@ static void rt_free(loom__rt *rt) {
     loom__free(m);
     m = next;
   }
+  /* Sockets whose coroutines were abandoned: close and free them. */
+  while (rt->objs != NULL) {
+    loom__rtobj *o = rt->objs;
+    rt->objs = o->next;
+    o->abandon(o);
+  }
+  pthread_mutex_destroy(&rt->objs_lock);
   loom__pd_pool_destroy(rt);
   loom__netpoll_close(&rt->np);
   pthread_mutex_destroy(&rt->pd_lock);
@@ -1357,6 +1364,7 @@ int loom_run(void (*main_fn)(void *), void *arg, const loom_config *cfg) {
   rt->nprocs = c.procs;
   loom__mutex_init(&rt->lock);
   loom__mutex_init(&rt->pd_lock);
+  loom__mutex_init(&rt->objs_lock);
   rt->start_time = loom_now();
   atomic_store(&rt->lastpoll, rt->start_time);
   err = loom__stacks_init(&rt->stacks, c.stack_size);
@@ -1448,12 +1456,34 @@ fail_np:
 fail_stacks:
   loom__stacks_destroy(&rt->stacks);
 fail_rt:
+  pthread_mutex_destroy(&rt->objs_lock);
   pthread_mutex_destroy(&rt->pd_lock);
   pthread_mutex_destroy(&rt->lock);
   loom__free(rt);
 fail_unlock:
   pthread_mutex_unlock(&rt_mu);
   return err;
+}
+
+void loom__rt_track(loom__rt *rt, loom__rtobj *o) {
+  pthread_mutex_lock(&rt->objs_lock);
+  o->prev = NULL;
+  o->next = rt->objs;
+  if (o->next != NULL)
+    o->next->prev = o;
+  rt->objs = o;
+  pthread_mutex_unlock(&rt->objs_lock);
+}
+
+void loom__rt_untrack(loom__rt *rt, loom__rtobj *o) {
+  pthread_mutex_lock(&rt->objs_lock);
+  if (o->prev != NULL)
+    o->prev->next = o->next;
+  else
+    rt->objs = o->next;
+  if (o->next != NULL)
+    o->next->prev = o->prev;
+  pthread_mutex_unlock(&rt->objs_lock);
 }
 
 /* ---- statistics and test hooks ------------------------------------- */

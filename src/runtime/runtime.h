@@ -35,6 +35,14 @@
 #include "runtime/stack.h"
 #include "runtime/timer.h"
 
+/* An object of a higher layer (a socket) that the runtime frees if it is
+ * still alive at shutdown, when the coroutines that would have closed it
+ * are abandoned.  `abandon` releases its resources without parking. */
+typedef struct loom__rtobj {
+  struct loom__rtobj *prev, *next;
+  void (*abandon)(struct loom__rtobj *o);
+} loom__rtobj;
+
 typedef struct loom__g loom__g;
 typedef struct loom__m loom__m;
 typedef struct loom__p loom__p;
@@ -198,6 +206,8 @@ struct loom__rt {
   _Atomic int64_t polluntil;     /* that M's wake-up time (0: none) */
   _Atomic uint64_t netpoll_waiters;
   _Atomic uint64_t netpoll_wakeups;
+  pthread_mutex_t objs_lock;     /* live objects of higher layers */
+  loom__rtobj *objs;
   pthread_mutex_t pd_lock;       /* the poll-descriptor pool */
   struct loom__pd *pd_free;
   struct pd_block *pd_blocks;
@@ -226,6 +236,9 @@ void loom__park(bool (*commit)(loom__g *g, void *arg), void *arg,
                 const char *reason);
 /* The G running on this thread, or NULL outside a coroutine. */
 loom__g *loom__getg(void);
+
+void loom__rt_track(loom__rt *rt, loom__rtobj *o);
+void loom__rt_untrack(loom__rt *rt, loom__rtobj *o);
 
 /* Scheduler pieces shared between proc.c, block.c and sysmon.c. */
 void loom__handoffp(loom__rt *rt, loom__p *p);

@@ -1,0 +1,145 @@
+/*
+ * loom/net.h — blocking-style sockets for coroutines: TCP and Unix stream.
+ *
+ * Every call reads as blocking code and parks only the calling coroutine:
+ * a read with no data parks it until the socket is readable, its thread
+ * runs other coroutines meanwhile.  Sockets are non-blocking underneath
+ * and registered once with the runtime's poller.
+ *
+ * Networks: "tcp", "tcp4", "tcp6", "unix".  Addresses: "host:port",
+ * "[v6addr]:port", ":port" (every local address, for listen), a host name
+ * (resolved with getaddrinfo on a blocking section, so a slow resolver
+ * stalls no other coroutine), or for "unix" a path; a path starting with
+ * '@' names Linux's abstract namespace.
+ *
+ * Deadlines are absolute loom_now() times (0: none).  An operation whose
+ * deadline passes returns -ETIMEDOUT and leaves the connection usable:
+ * move the deadline and try again.
+ *
+ * Concurrency: one coroutine may read while another writes; two readers
+ * (or two writers) of one connection take turns, in arrival order.
+ * loom_close may be called while others are blocked on the connection:
+ * they return LOOM_ECLOSED, and the descriptor is closed once the last of
+ * them has left, so its number cannot be reused under them.
+ *
+ * All calls below must run on a coroutine (else LOOM_ENOTCO) unless noted.
+ */
+#ifndef LOOM_NET_H
+#define LOOM_NET_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <sys/socket.h>
+#include <sys/types.h>
+#include <sys/uio.h>
+
+#include "loom/common.h"
+#include "loom/error.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef struct loom_conn loom_conn;
+typedef struct loom_listener loom_listener;
+
+/*
+ * loom_listen — listen on `addr` of `network` ("tcp*" or "unix").
+ * TCP listeners set SO_REUSEADDR; port 0 picks a free port (see
+ * loom_listener_addr).  A "unix" path must not exist yet.
+ * Returns 0 and *l; LOOM_ENETWORK, LOOM_EBADADDR, LOOM_ENOHOST,
+ * LOOM_EDNS, -EADDRINUSE, -EACCES, -ENOMEM, or another -errno.
+ */
+LOOM_API int loom_listen(loom_listener **l, const char *network,
+                         const char *addr);
+
+/* Options for loom_listen_with. */
+typedef struct loom_listen_opts {
+  int backlog;     /* 0: SOMAXCONN */
+  bool reuseport;  /* SO_REUSEPORT: several listeners share the port */
+} loom_listen_opts;
+LOOM_API int loom_listen_with(loom_listener **l, const char *network,
+                              const char *addr, const loom_listen_opts *o);
+
+/*
+ * loom_accept — wait for and return the next connection (TCP_NODELAY set
+ * for TCP, as in Go).  With a deadline (loom_listener_set_deadline) it
+ * may return -ETIMEDOUT.  When the process runs out of descriptors
+ * (EMFILE, ENFILE) or kernel memory, it does not fail and does not spin:
+ * it reports the condition once through the runtime's log, backs off
+ * (5 ms doubling to 1 s) and tries again until a descriptor is free or
+ * the deadline passes.  LOOM_ECLOSED once the listener is closed.
+ * Parks.
+ */
+LOOM_API int loom_accept(loom_listener *l, loom_conn **c);
+LOOM_API int loom_listener_set_deadline(loom_listener *l, int64_t deadline);
+/* Stop listening; coroutines in loom_accept return LOOM_ECLOSED.  For a
+ * "unix" listener the socket file is removed.  `l` is invalid after. */
+LOOM_API int loom_listener_close(loom_listener *l);
+/* The bound address as "host:port" ("[v6]:port", or the path): useful
+ * after listening on port 0.  Any thread.  0 or -ENOSPC. */
+LOOM_API int loom_listener_addr(loom_listener *l, char *buf, size_t len);
+
+/* Options for loom_dial_with. */
+typedef struct loom_dial_opts {
+  int64_t deadline; /* for connecting, over every address tried; name
+                       resolution is not bounded by it; 0: none */
+} loom_dial_opts;
+
+/*
+ * loom_dial — connect to `addr`.  Every address a host name resolves to
+ * is tried in turn until one connects.  Returns 0 and *c; -ECONNREFUSED,
+ * -ETIMEDOUT (deadline), -ENETUNREACH, LOOM_EBADADDR, LOOM_ENOHOST, ...
+ * Parks.
+ */
+LOOM_API int loom_dial(loom_conn **c, const char *network, const char *addr);
+LOOM_API int loom_dial_with(loom_conn **c, const char *network,
+                            const char *addr, const loom_dial_opts *o);
+
+/*
+ * loom_read — read up to `len` bytes.  Returns the count (> 0), 0 at end
+ * of stream (the peer shut down its writing side), -ETIMEDOUT,
+ * -ECONNRESET, LOOM_ECLOSED, or another -errno.  Parks.
+ */
+LOOM_API ssize_t loom_read(loom_conn *c, void *buf, size_t len);
+
+/*
+ * loom_write — write all `len` bytes.  Returns len, or an error and
+ * nothing about how much went out: -EPIPE or -ECONNRESET (the peer is
+ * gone; no SIGPIPE is raised), -ETIMEDOUT, LOOM_ECLOSED.  loom_writev
+ * does the same for an iovec array (at most IOV_MAX entries).  Parks.
+ */
+LOOM_API ssize_t loom_write(loom_conn *c, const void *buf, size_t len);
+LOOM_API ssize_t loom_writev(loom_conn *c, const struct iovec *iov,
+                             int iovcnt);
+
+/* Deadlines for reads and writes (0: none).  Blocked calls see the new
+ * deadline at once. */
+LOOM_API int loom_set_deadline(loom_conn *c, int64_t rd, int64_t wd);
+LOOM_API int loom_set_read_deadline(loom_conn *c, int64_t rd);
+LOOM_API int loom_set_write_deadline(loom_conn *c, int64_t wd);
+
+/* Half-close: SHUT_WR sends end-of-stream, reading goes on; SHUT_RD. */
+LOOM_API int loom_shutdown(loom_conn *c, int how);
+
+/* Close: blocked calls return LOOM_ECLOSED; `c` is invalid after. */
+LOOM_API int loom_close(loom_conn *c);
+
+/* Addresses (any thread): as for loom_listener_addr. */
+LOOM_API int loom_conn_local_addr(loom_conn *c, char *buf, size_t len);
+LOOM_API int loom_conn_remote_addr(loom_conn *c, char *buf, size_t len);
+/* The socket, for setsockopt and the like; do not read, write or close
+ * it behind loom's back. */
+LOOM_API int loom_conn_fd(loom_conn *c);
+
+/* Socket options (any thread). */
+LOOM_API int loom_conn_set_nodelay(loom_conn *c, bool on);
+/* idle_s > 0: probes after idle_s seconds, then every idle_s. */
+LOOM_API int loom_conn_set_keepalive(loom_conn *c, bool on, int idle_s);
+LOOM_API int loom_conn_set_buffers(loom_conn *c, int rcvbuf, int sndbuf);
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* LOOM_NET_H */

@@ -1,0 +1,234 @@
+/*
+ * addr.c — parsing and resolving network addresses (see addr.h).
+ *
+ * Numeric addresses never reach the resolver.  Names go to getaddrinfo on
+ * a thread of its own, inside loom_block_enter/exit: glibc's resolver
+ * may use far more stack than a coroutine has, and it blocks.
+ */
+#include "net/addr.h"
+
+#include <arpa/inet.h>
+#include <errno.h>
+#include <netdb.h>
+#include <netinet/in.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/un.h>
+
+#include "loom/runtime.h"
+
+static int parse_port(const char *s, int *port) {
+  if (*s == '\0')
+    return LOOM_EBADADDR;
+  long v = 0;
+  for (const char *p = s; *p; p++) {
+    if (*p < '0' || *p > '9')
+      return LOOM_EBADADDR;
+    v = v * 10 + (*p - '0');
+    if (v > 65535)
+      return LOOM_EBADADDR;
+  }
+  *port = (int)v;
+  return 0;
+}
+
+/* Split "host:port", "[v6]:port" or ":port" into host and port. */
+static int split_host_port(const char *addr, char *host, size_t hostlen,
+                           int *port) {
+  const char *colon;
+  size_t hl;
+  if (addr[0] == '[') {
+    const char *end = strchr(addr, ']');
+    if (end == NULL || end[1] != ':')
+      return LOOM_EBADADDR;
+    hl = (size_t)(end - addr - 1);
+    if (hl >= hostlen)
+      return LOOM_EBADADDR;
+    memcpy(host, addr + 1, hl);
+    host[hl] = '\0';
+    colon = end + 1;
+  } else {
+    colon = strrchr(addr, ':');
+    if (colon == NULL || memchr(addr, ':', (size_t)(colon - addr)) != NULL)
+      return LOOM_EBADADDR; /* no port, or an IPv6 address without [] */
+    hl = (size_t)(colon - addr);
+    if (hl >= hostlen)
+      return LOOM_EBADADDR;
+    memcpy(host, addr, hl);
+    host[hl] = '\0';
+  }
+  return parse_port(colon + 1, port);
+}
+
+static void add(loom__addrs *out, const void *sa, socklen_t len) {
+  if (out->n == LOOM_ADDRS_MAX)
+    return;
+  memset(&out->a[out->n], 0, sizeof out->a[out->n]);
+  memcpy(&out->a[out->n], sa, len);
+  out->len[out->n++] = len;
+}
+
+static bool numeric(int family, const char *host, int port,
+                    loom__addrs *out) {
+  struct sockaddr_in s4 = {.sin_family = AF_INET,
+                           .sin_port = htons((uint16_t)port)};
+  struct sockaddr_in6 s6 = {.sin6_family = AF_INET6,
+                            .sin6_port = htons((uint16_t)port)};
+  if (family != AF_INET6 && inet_pton(AF_INET, host, &s4.sin_addr) == 1) {
+    add(out, &s4, sizeof s4);
+    return true;
+  }
+  if (family != AF_INET && inet_pton(AF_INET6, host, &s6.sin6_addr) == 1) {
+    add(out, &s6, sizeof s6);
+    return true;
+  }
+  return false;
+}
+
+struct lookup {
+  const char *host;
+  int family, socktype, port;
+  loom__addrs *out;
+  int err;
+};
+
+static void *lookup_main(void *arg) {
+  struct lookup *lk = arg;
+  struct addrinfo hints = {.ai_family = lk->family,
+                           .ai_socktype = lk->socktype,
+                           .ai_flags = AI_ADDRCONFIG};
+  struct addrinfo *res = NULL;
+  int r = getaddrinfo(lk->host, NULL, &hints, &res);
+  if (r != 0) {
+    lk->err = r == EAI_NONAME || r == EAI_NODATA
+                  ? LOOM_ENOHOST
+                  : r == EAI_MEMORY ? -ENOMEM : LOOM_EDNS;
+    return NULL;
+  }
+  /* IPv4 first, then IPv6 (what dialing "localhost" expects here). */
+  for (int pass = 0; pass < 2; pass++)
+    for (struct addrinfo *ai = res; ai; ai = ai->ai_next) {
+      if ((pass == 0) != (ai->ai_family == AF_INET))
+        continue;
+      if (ai->ai_family == AF_INET) {
+        struct sockaddr_in s4;
+        memcpy(&s4, ai->ai_addr, sizeof s4);
+        s4.sin_port = htons((uint16_t)lk->port);
+        add(lk->out, &s4, sizeof s4);
+      } else if (ai->ai_family == AF_INET6) {
+        struct sockaddr_in6 s6;
+        memcpy(&s6, ai->ai_addr, sizeof s6);
+        s6.sin6_port = htons((uint16_t)lk->port);
+        add(lk->out, &s6, sizeof s6);
+      }
+    }
+  freeaddrinfo(res);
+  lk->err = lk->out->n > 0 ? 0 : LOOM_ENOHOST;
+  return NULL;
+}
+
+static int lookup(struct lookup *lk) {
+  pthread_t t;
+  pthread_attr_t attr;
+  pthread_attr_init(&attr);
+  pthread_attr_setstacksize(&attr, (size_t)256 << 10);
+  loom_block_enter();
+  int r = pthread_create(&t, &attr, lookup_main, lk);
+  if (r == 0)
+    pthread_join(t, NULL);
+  loom_block_exit();
+  pthread_attr_destroy(&attr);
+  return r != 0 ? -r : lk->err;
+}
+
+static int resolve_unix(const char *path, loom__addrs *out) {
+  struct sockaddr_un su = {.sun_family = AF_UNIX};
+  size_t n = strlen(path);
+  if (n == 0 || n >= sizeof su.sun_path)
+    return LOOM_EBADADDR;
+  memcpy(su.sun_path, path, n);
+  if (path[0] == '@')
+    su.sun_path[0] = '\0'; /* abstract namespace: no file */
+  add(out, &su, (socklen_t)(offsetof(struct sockaddr_un, sun_path) + n +
+                            (path[0] == '@' ? 0 : 1)));
+  return 0;
+}
+
+int loom__resolve(const char *network, const char *addr, bool passive,
+                  loom__addrs *out) {
+  if (network == NULL || addr == NULL)
+    return LOOM_EBADADDR;
+  memset(out, 0, sizeof *out);
+  int family;
+  if (!strcmp(network, "tcp") || !strcmp(network, "udp"))
+    family = AF_UNSPEC;
+  else if (!strcmp(network, "tcp4") || !strcmp(network, "udp4"))
+    family = AF_INET;
+  else if (!strcmp(network, "tcp6") || !strcmp(network, "udp6"))
+    family = AF_INET6;
+  else if (!strcmp(network, "unix") || !strcmp(network, "unixgram"))
+    family = AF_UNIX;
+  else
+    return LOOM_ENETWORK;
+  out->type = network[0] == 'u' && network[1] == 'd' ? SOCK_DGRAM
+              : !strcmp(network, "unixgram")        ? SOCK_DGRAM
+                                                    : SOCK_STREAM;
+  if (family == AF_UNIX)
+    return resolve_unix(addr, out);
+
+  char host[256];
+  int port;
+  int err = split_host_port(addr, host, sizeof host, &port);
+  if (err != 0)
+    return err;
+  if (host[0] == '\0') {
+    if (passive) {
+      /* Every local address: dual-stack [::] where IPv6 exists. */
+      const char *any = family == AF_INET ? "0.0.0.0" : "::";
+      if (!numeric(family == AF_UNSPEC ? AF_INET6 : family, any, port, out))
+        return LOOM_EBADADDR;
+      if (family == AF_UNSPEC)
+        numeric(AF_INET, "0.0.0.0", port, out); /* fallback */
+      return 0;
+    }
+    strcpy(host, family == AF_INET6 ? "::1" : "127.0.0.1");
+  }
+  if (numeric(family, host, port, out))
+    return 0;
+  if (strchr(host, '%') != NULL || strspn(host, "0123456789.:") ==
+                                       strlen(host))
+    return LOOM_EBADADDR; /* looks numeric but is not a valid address */
+  struct lookup lk = {host, family, out->type, port, out, 0};
+  return lookup(&lk);
+}
+
+int loom__format_addr(const struct sockaddr *sa, socklen_t len, char *buf,
+                      size_t n) {
+  char ip[INET6_ADDRSTRLEN];
+  int w;
+  if (sa->sa_family == AF_INET) {
+    const struct sockaddr_in *s4 = (const struct sockaddr_in *)(const void *)sa;
+    inet_ntop(AF_INET, &s4->sin_addr, ip, sizeof ip);
+    w = snprintf(buf, n, "%s:%u", ip, ntohs(s4->sin_port));
+  } else if (sa->sa_family == AF_INET6) {
+    const struct sockaddr_in6 *s6 =
+        (const struct sockaddr_in6 *)(const void *)sa;
+    inet_ntop(AF_INET6, &s6->sin6_addr, ip, sizeof ip);
+    w = snprintf(buf, n, "[%s]:%u", ip, ntohs(s6->sin6_port));
+  } else if (sa->sa_family == AF_UNIX) {
+    const struct sockaddr_un *su = (const struct sockaddr_un *)(const void *)sa;
+    size_t pl = len > offsetof(struct sockaddr_un, sun_path)
+                    ? len - offsetof(struct sockaddr_un, sun_path)
+                    : 0;
+    if (pl > 0 && su->sun_path[0] == '\0')
+      w = snprintf(buf, n, "@%.*s", (int)(pl - 1), su->sun_path + 1);
+    else
+      w = snprintf(buf, n, "%.*s", (int)strnlen(su->sun_path, pl),
+                   su->sun_path);
+  } else {
+    w = snprintf(buf, n, "?");
+  }
+  return w < 0 || (size_t)w >= n ? -ENOSPC : 0;
+}

@@ -1,0 +1,37 @@
+/*
+ * addr.h — network names and addresses: parsing "host:port", resolving
+ * host names, formatting addresses back.  No socket I/O here.
+ */
+#ifndef LOOM_NET_ADDR_H
+#define LOOM_NET_ADDR_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <sys/socket.h>
+
+#define LOOM_ADDRS_MAX 8
+
+typedef struct loom__addrs {
+  int n;
+  int type; /* SOCK_STREAM or SOCK_DGRAM */
+  struct sockaddr_storage a[LOOM_ADDRS_MAX];
+  socklen_t len[LOOM_ADDRS_MAX];
+} loom__addrs;
+
+/*
+ * Resolve `addr` of `network` into up to LOOM_ADDRS_MAX socket addresses
+ * (IPv4 first for "tcp", as the order of preference when dialing).
+ * `passive`: for listening (an empty host means every local address).
+ * Host names are looked up with getaddrinfo on a helper thread inside a
+ * blocking section.  0, LOOM_ENETWORK, LOOM_EBADADDR, LOOM_ENOHOST,
+ * LOOM_EDNS, -ENOMEM.
+ */
+int loom__resolve(const char *network, const char *addr, bool passive,
+                  loom__addrs *out);
+
+/* "1.2.3.4:80", "[::1]:80", a Unix path ("@name" for abstract), or
+ * -ENOSPC if `buf` is too small. */
+int loom__format_addr(const struct sockaddr *sa, socklen_t len, char *buf,
+                      size_t n);
+
+#endif

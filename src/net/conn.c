@@ -1,0 +1,334 @@
+/*
+ * conn.c — stream connections: dial, read, write, deadlines, close.
+ *
+ * Every operation is the same loop: try the system call; on EAGAIN park
+ * on the poll descriptor for that direction and try again when it is
+ * ready.  errno is read right after the call, before anything can park.
+ * Writes use send/sendmsg with MSG_NOSIGNAL: a vanished peer is -EPIPE,
+ * never a SIGPIPE.
+ */
+#include <errno.h>
+#include <limits.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include "loom/net.h"
+#include "net/addr.h"
+#include "net/netfd.h"
+#include "runtime/alloc.h"
+#include "runtime/runtime.h"
+
+struct loom_conn {
+  loom__netfd nf; /* first: the netfd's free_fn gets the conn back */
+};
+
+static void conn_free(loom__netfd *f) { loom__free(f); }
+
+int loom__conn_new(int fd, int family, loom_conn **out) {
+  loom_conn *c = loom__calloc(1, sizeof *c);
+  int err = c == NULL ? -ENOMEM : loom__netfd_init(&c->nf, fd, family,
+                                                   SOCK_STREAM);
+  if (err != 0) {
+    loom__free(c);
+    close(fd);
+    return err;
+  }
+  c->nf.free_fn = conn_free;
+  if (family == AF_INET || family == AF_INET6) {
+    int one = 1;
+    setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+  }
+  *out = c;
+  return 0;
+}
+
+static int enter(loom_conn *c) {
+  if (c == NULL)
+    return -EINVAL;
+  if (loom__getg() == NULL)
+    return LOOM_ENOTCO;
+  if (!loom__netfd_acquire(&c->nf))
+    return LOOM_ECLOSED;
+  return 0;
+}
+
+ssize_t loom_read(loom_conn *c, void *buf, size_t len) {
+  int err = enter(c);
+  if (err != 0)
+    return err;
+  loom__netfd *f = &c->nf;
+  ssize_t r;
+  loom__sema_acquire(&f->rsema);
+  for (;;) {
+    if (loom__netfd_closed(f)) {
+      r = LOOM_ECLOSED;
+      break;
+    }
+    r = read(f->fd, buf, len);
+    if (r >= 0)
+      break;
+    int e = errno;
+    if (e == EINTR)
+      continue;
+    if (e == EAGAIN) {
+      int w = loom__pd_wait(f->pd, 'r');
+      if (w != 0) {
+        r = w;
+        break;
+      }
+      continue;
+    }
+    r = -e;
+    break;
+  }
+  loom__sema_release(&f->rsema);
+  loom__netfd_release(f);
+  return r;
+}
+
+/* Send everything in iov[0..n), advancing it in place. */
+static ssize_t send_all(loom__netfd *f, struct iovec *iov, int n,
+                        size_t total) {
+  size_t done = 0;
+  while (done < total) {
+    if (loom__netfd_closed(f))
+      return LOOM_ECLOSED;
+    struct msghdr mh = {.msg_iov = iov, .msg_iovlen = (size_t)n};
+    ssize_t w = sendmsg(f->fd, &mh, MSG_NOSIGNAL);
+    if (w < 0) {
+      int e = errno;
+      if (e == EINTR)
+        continue;
+      if (e == EAGAIN) {
+        int r = loom__pd_wait(f->pd, 'w');
+        if (r != 0)
+          return r;
+        continue;
+      }
+      return -e;
+    }
+    done += (size_t)w;
+    size_t k = (size_t)w;
+    while (n > 0 && k >= iov->iov_len) {
+      k -= iov->iov_len;
+      iov++;
+      n--;
+    }
+    if (n > 0) {
+      iov->iov_base = (char *)iov->iov_base + k;
+      iov->iov_len -= k;
+    }
+  }
+  return (ssize_t)total;
+}
+
+ssize_t loom_writev(loom_conn *c, const struct iovec *iov, int iovcnt) {
+  if (iovcnt < 0 || iovcnt > IOV_MAX || (iovcnt > 0 && iov == NULL))
+    return -EINVAL;
+  size_t total = 0;
+  for (int i = 0; i < iovcnt; i++) {
+    if (iov[i].iov_len > (size_t)SSIZE_MAX - total)
+      return -EINVAL;
+    total += iov[i].iov_len;
+  }
+  int err = enter(c);
+  if (err != 0)
+    return err;
+  struct iovec small[16], *copy = small;
+  if (iovcnt > 16 && (copy = loom__malloc((size_t)iovcnt * sizeof *copy)) ==
+                         NULL) {
+    loom__netfd_release(&c->nf);
+    return -ENOMEM;
+  }
+  if (iovcnt > 0)
+    memcpy(copy, iov, (size_t)iovcnt * sizeof *copy);
+  loom__sema_acquire(&c->nf.wsema);
+  ssize_t r = send_all(&c->nf, copy, iovcnt, total);
+  loom__sema_release(&c->nf.wsema);
+  if (copy != small)
+    loom__free(copy);
+  loom__netfd_release(&c->nf);
+  return r;
+}
+
+ssize_t loom_write(loom_conn *c, const void *buf, size_t len) {
+  if (len > (size_t)SSIZE_MAX)
+    return -EINVAL;
+  struct iovec iov = {(void *)(uintptr_t)buf, len};
+  return loom_writev(c, &iov, 1);
+}
+
+static int set_deadline(loom_conn *c, int mode, int64_t d) {
+  int err = enter(c);
+  if (err != 0)
+    return err;
+  err = loom__pd_set_deadline(c->nf.pd, mode, d);
+  loom__netfd_release(&c->nf);
+  return err;
+}
+
+int loom_set_read_deadline(loom_conn *c, int64_t rd) {
+  return set_deadline(c, 'r', rd);
+}
+
+int loom_set_write_deadline(loom_conn *c, int64_t wd) {
+  return set_deadline(c, 'w', wd);
+}
+
+int loom_set_deadline(loom_conn *c, int64_t rd, int64_t wd) {
+  if (rd == wd)
+    return set_deadline(c, 'r' + 'w', rd);
+  int err = set_deadline(c, 'r', rd);
+  return err != 0 ? err : set_deadline(c, 'w', wd);
+}
+
+int loom_shutdown(loom_conn *c, int how) {
+  if (c == NULL || (how != SHUT_RD && how != SHUT_WR && how != SHUT_RDWR))
+    return -EINVAL;
+  if (!loom__netfd_acquire(&c->nf))
+    return LOOM_ECLOSED;
+  int r = shutdown(c->nf.fd, how) == 0 ? 0 : -errno;
+  loom__netfd_release(&c->nf);
+  return r;
+}
+
+int loom_close(loom_conn *c) {
+  if (c == NULL)
+    return -EINVAL;
+  return loom__netfd_close(&c->nf);
+}
+
+int loom_conn_fd(loom_conn *c) { return c ? c->nf.fd : -EINVAL; }
+
+static int addr_of(loom_conn *c, bool peer, char *buf, size_t len) {
+  if (c == NULL || buf == NULL)
+    return -EINVAL;
+  struct sockaddr_storage ss;
+  socklen_t sl = sizeof ss;
+  int r = peer ? getpeername(c->nf.fd, (struct sockaddr *)&ss, &sl)
+               : getsockname(c->nf.fd, (struct sockaddr *)&ss, &sl);
+  if (r != 0)
+    return -errno;
+  return loom__format_addr((struct sockaddr *)&ss, sl, buf, len);
+}
+
+int loom_conn_local_addr(loom_conn *c, char *buf, size_t len) {
+  return addr_of(c, false, buf, len);
+}
+
+int loom_conn_remote_addr(loom_conn *c, char *buf, size_t len) {
+  return addr_of(c, true, buf, len);
+}
+
+static int opt(loom_conn *c, int level, int name, int v) {
+  if (c == NULL)
+    return -EINVAL;
+  return setsockopt(c->nf.fd, level, name, &v, sizeof v) == 0 ? 0 : -errno;
+}
+
+int loom_conn_set_nodelay(loom_conn *c, bool on) {
+  return opt(c, IPPROTO_TCP, TCP_NODELAY, on);
+}
+
+int loom_conn_set_keepalive(loom_conn *c, bool on, int idle_s) {
+  int err = opt(c, SOL_SOCKET, SO_KEEPALIVE, on);
+  if (err == 0 && on && idle_s > 0) {
+    err = opt(c, IPPROTO_TCP, TCP_KEEPIDLE, idle_s);
+    if (err == 0)
+      err = opt(c, IPPROTO_TCP, TCP_KEEPINTVL, idle_s);
+  }
+  return err;
+}
+
+int loom_conn_set_buffers(loom_conn *c, int rcvbuf, int sndbuf) {
+  int err = 0;
+  if (rcvbuf > 0)
+    err = opt(c, SOL_SOCKET, SO_RCVBUF, rcvbuf);
+  if (err == 0 && sndbuf > 0)
+    err = opt(c, SOL_SOCKET, SO_SNDBUF, sndbuf);
+  return err;
+}
+
+/* ---- dialing -------------------------------------------------------- */
+
+static bool self_connected(int fd) {
+  struct sockaddr_storage a, b;
+  socklen_t al = sizeof a, bl = sizeof b;
+  if (getsockname(fd, (struct sockaddr *)&a, &al) != 0 ||
+      getpeername(fd, (struct sockaddr *)&b, &bl) != 0)
+    return false;
+  return al == bl && memcmp(&a, &b, al) == 0;
+}
+
+static int dial_one(const struct sockaddr *sa, socklen_t len, int type,
+                    int64_t deadline, loom_conn **out) {
+  int fd = socket(sa->sa_family, type | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+  if (fd < 0)
+    return -errno;
+  loom_conn *c;
+  int err = loom__conn_new(fd, sa->sa_family, &c);
+  if (err != 0)
+    return err;
+  if (deadline != 0)
+    err = loom__pd_set_deadline(c->nf.pd, 'w', deadline);
+  if (err == 0 && connect(fd, sa, len) != 0) {
+    err = -errno;
+    if (err == -EINPROGRESS) {
+      err = loom__pd_wait(c->nf.pd, 'w');
+      if (err == 0) {
+        int soerr = 0;
+        socklen_t sl = sizeof soerr;
+        if (getsockopt(fd, SOL_SOCKET, SO_ERROR, &soerr, &sl) != 0)
+          soerr = errno;
+        err = -soerr;
+      }
+    }
+  }
+  if (err == 0 && (sa->sa_family == AF_INET || sa->sa_family == AF_INET6) &&
+      self_connected(fd))
+    err = -EADDRNOTAVAIL; /* a local port connected to itself */
+  if (err == 0 && deadline != 0)
+    err = loom__pd_set_deadline(c->nf.pd, 'w', 0);
+  if (err != 0) {
+    loom__netfd_close(&c->nf);
+    return err;
+  }
+  *out = c;
+  return 0;
+}
+
+int loom_dial_with(loom_conn **c, const char *network, const char *addr,
+                   const loom_dial_opts *o) {
+  if (c == NULL)
+    return -EINVAL;
+  if (loom__getg() == NULL)
+    return LOOM_ENOTCO;
+  int64_t deadline = o != NULL ? o->deadline : 0;
+  loom__addrs as;
+  int err = loom__resolve(network, addr, false, &as);
+  if (err != 0)
+    return err;
+  if (as.type != SOCK_STREAM)
+    return LOOM_ENETWORK;
+  err = LOOM_ENOHOST;
+  for (int i = 0; i < as.n; i++) {
+    if (deadline != 0 && loom_now() >= deadline)
+      return -ETIMEDOUT;
+    for (int tries = 0; tries < 3; tries++) {
+      err = dial_one((struct sockaddr *)&as.a[i], as.len[i], SOCK_STREAM,
+                     deadline, c);
+      if (err != -EADDRNOTAVAIL)
+        break;
+    }
+    if (err == 0 || err == -ETIMEDOUT)
+      return err;
+  }
+  return err;
+}
+
+int loom_dial(loom_conn **c, const char *network, const char *addr) {
+  return loom_dial_with(c, network, addr, NULL);
+}

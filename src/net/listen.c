@@ -1,0 +1,198 @@
+/*
+ * listen.c — listeners and accept.
+ *
+ * Running out of descriptors (EMFILE, ENFILE) or kernel buffers is not an
+ * error a server can do anything with, and retrying at once spins at
+ * 100% CPU with the pending connection still in the backlog.  So accept
+ * reports it once per episode, sleeps 5 ms doubling to 1 s (other
+ * coroutines, serving the connections we have, keep running), and tries
+ * again — Go's http.Server does the same above its net package.
+ */
+#include <errno.h>
+#include <netinet/in.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+#include "loom/net.h"
+#include "net/addr.h"
+#include "net/netfd.h"
+#include "runtime/alloc.h"
+#include "runtime/runtime.h"
+
+struct loom_listener {
+  loom__netfd nf; /* first: see conn.c */
+  bool starved;   /* in an EMFILE episode (reported) */
+};
+
+static void listener_free(loom__netfd *f) { loom__free(f); }
+
+static int listen_one(const struct sockaddr *sa, socklen_t len,
+                      const char *network, const loom_listen_opts *o,
+                      int *out) {
+  int fd = socket(sa->sa_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC,
+                  0);
+  if (fd < 0)
+    return -errno;
+  int one = 1, zero = 0;
+  if (sa->sa_family != AF_UNIX)
+    setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+  if (o->reuseport && setsockopt(fd, SOL_SOCKET, SO_REUSEPORT, &one,
+                                 sizeof one) != 0)
+    goto fail;
+  if (sa->sa_family == AF_INET6)
+    /* "tcp" on [::] takes IPv4 too; "tcp6" only IPv6. */
+    setsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY,
+               strcmp(network, "tcp6") == 0 ? &one : &zero, sizeof one);
+  if (bind(fd, sa, len) != 0 ||
+      listen(fd, o->backlog > 0 ? o->backlog : SOMAXCONN) != 0)
+    goto fail;
+  *out = fd;
+  return 0;
+fail:;
+  int err = -errno;
+  close(fd);
+  return err;
+}
+
+int loom_listen_with(loom_listener **l, const char *network,
+                     const char *addr, const loom_listen_opts *o) {
+  static const loom_listen_opts defaults;
+  if (l == NULL)
+    return -EINVAL;
+  if (o == NULL)
+    o = &defaults;
+  if (loom__getg() == NULL)
+    return LOOM_ENOTCO;
+  loom__addrs as;
+  int err = loom__resolve(network, addr, true, &as);
+  if (err != 0)
+    return err;
+  if (as.type != SOCK_STREAM)
+    return LOOM_ENETWORK;
+  int fd = -1, i;
+  for (i = 0; i < as.n; i++) {
+    err = listen_one((struct sockaddr *)&as.a[i], as.len[i], network, o,
+                     &fd);
+    /* No IPv6 on this host: the IPv4 fallback for ":port". */
+    if (err != -EAFNOSUPPORT && err != -EADDRNOTAVAIL)
+      break;
+  }
+  if (err != 0)
+    return err;
+  loom_listener *ln = loom__calloc(1, sizeof *ln);
+  if (ln == NULL) {
+    close(fd);
+    return -ENOMEM;
+  }
+  int family = as.a[i].ss_family;
+  err = loom__netfd_init(&ln->nf, fd, family, SOCK_STREAM);
+  if (err != 0) {
+    close(fd);
+    loom__free(ln);
+    return err;
+  }
+  ln->nf.free_fn = listener_free;
+  if (family == AF_UNIX && addr[0] != '@') {
+    size_t n = strlen(addr) + 1;
+    ln->nf.unlink_path = loom__malloc(n);
+    if (ln->nf.unlink_path != NULL)
+      memcpy(ln->nf.unlink_path, addr, n);
+  }
+  *l = ln;
+  return 0;
+}
+
+int loom_listen(loom_listener **l, const char *network, const char *addr) {
+  return loom_listen_with(l, network, addr, NULL);
+}
+
+static bool starving(int e) {
+  return e == EMFILE || e == ENFILE || e == ENOBUFS || e == ENOMEM;
+}
+
+int loom_accept(loom_listener *l, loom_conn **c) {
+  if (l == NULL || c == NULL)
+    return -EINVAL;
+  if (loom__getg() == NULL)
+    return LOOM_ENOTCO;
+  loom__netfd *f = &l->nf;
+  if (!loom__netfd_acquire(f))
+    return LOOM_ECLOSED;
+  loom__sema_acquire(&f->rsema);
+  int r;
+  int64_t backoff = 5 * 1000000;
+  for (;;) {
+    if (loom__netfd_closed(f)) {
+      r = LOOM_ECLOSED;
+      break;
+    }
+    int fd = accept4(f->fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
+    if (fd >= 0) {
+      if (l->starved) {
+        l->starved = false;
+        loom__log(loom__rt_get(), "accept: descriptors available again");
+      }
+      r = loom__conn_new(fd, f->family, c);
+      break;
+    }
+    int e = errno;
+    if (e == EINTR || e == ECONNABORTED || e == EPROTO)
+      continue;
+    if (e == EAGAIN) {
+      r = loom__pd_wait(f->pd, 'r');
+      if (r != 0)
+        break;
+      continue;
+    }
+    if (!starving(e)) {
+      r = -e;
+      break;
+    }
+    if (!l->starved) {
+      l->starved = true;
+      loom__log(loom__rt_get(),
+                "accept: %s; backing off and retrying (existing "
+                "connections are served meanwhile)",
+                loom_strerror(-e));
+    }
+    loom_sleep(backoff);
+    if (backoff < 1000 * 1000000)
+      backoff *= 2;
+    r = loom__pd_check(f->pd, 'r'); /* closed, or past the deadline */
+    if (r != 0)
+      break;
+  }
+  loom__sema_release(&f->rsema);
+  loom__netfd_release(f);
+  return r;
+}
+
+int loom_listener_set_deadline(loom_listener *l, int64_t deadline) {
+  if (l == NULL)
+    return -EINVAL;
+  if (loom__getg() == NULL)
+    return LOOM_ENOTCO;
+  if (!loom__netfd_acquire(&l->nf))
+    return LOOM_ECLOSED;
+  int r = loom__pd_set_deadline(l->nf.pd, 'r', deadline);
+  loom__netfd_release(&l->nf);
+  return r;
+}
+
+int loom_listener_close(loom_listener *l) {
+  if (l == NULL)
+    return -EINVAL;
+  return loom__netfd_close(&l->nf);
+}
+
+int loom_listener_addr(loom_listener *l, char *buf, size_t len) {
+  if (l == NULL || buf == NULL)
+    return -EINVAL;
+  struct sockaddr_storage ss;
+  socklen_t sl = sizeof ss;
+  if (getsockname(l->nf.fd, (struct sockaddr *)&ss, &sl) != 0)
+    return -errno;
+  return loom__format_addr((struct sockaddr *)&ss, sl, buf, len);
+}

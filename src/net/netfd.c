@@ -1,0 +1,87 @@
+/* netfd.c — the reference-counted close protocol (see netfd.h). */
+#include "net/netfd.h"
+
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "loom/error.h"
+#include "runtime/alloc.h"
+#include "runtime/runtime.h"
+
+#define CLOSED ((uint64_t)1 << 63)
+
+static void abandon(loom__rtobj *o);
+
+int loom__netfd_init(loom__netfd *f, int fd, int family, int type) {
+  loom__rt *rt = loom__rt_get();
+  if (rt == NULL)
+    return LOOM_ENORUNTIME;
+  memset(f, 0, sizeof *f);
+  f->fd = fd;
+  f->family = family;
+  f->type = type;
+  f->rt = rt;
+  atomic_init(&f->ref, 0);
+  int err = loom__pd_open(rt, fd, &f->pd);
+  if (err != 0)
+    return err;
+  f->obj.abandon = abandon;
+  loom__rt_track(rt, &f->obj);
+  return 0;
+}
+
+static void release_fd(loom__netfd *f) {
+  if (f->unlink_path != NULL) {
+    unlink(f->unlink_path);
+    loom__free(f->unlink_path);
+  }
+  int saved = errno;
+  close(f->fd);
+  errno = saved;
+  f->free_fn(f);
+}
+
+/* Runtime teardown: the coroutines that would have closed f are gone. */
+static void abandon(loom__rtobj *o) {
+  loom__netfd *f = (loom__netfd *)(void *)o; /* obj is the first member */
+  release_fd(f);
+}
+
+static void destroy(loom__netfd *f) {
+  loom__rt_untrack(f->rt, &f->obj);
+  loom__pd_close(f->pd);
+  release_fd(f);
+}
+
+bool loom__netfd_acquire(loom__netfd *f) {
+  uint64_t v = atomic_fetch_add(&f->ref, 1);
+  if (v & CLOSED) {
+    loom__netfd_release(f);
+    return false;
+  }
+  return true;
+}
+
+void loom__netfd_release(loom__netfd *f) {
+  if (atomic_fetch_sub(&f->ref, 1) - 1 == CLOSED)
+    destroy(f);
+}
+
+bool loom__netfd_closed(loom__netfd *f) {
+  return (atomic_load(&f->ref) & CLOSED) != 0;
+}
+
+int loom__netfd_close(loom__netfd *f) {
+  /* Hold a reference while evicting, so nobody frees f under us. */
+  atomic_fetch_add(&f->ref, 1);
+  uint64_t v = atomic_fetch_or(&f->ref, CLOSED);
+  if (v & CLOSED) {
+    loom__netfd_release(f);
+    return LOOM_ECLOSED;
+  }
+  loom__pd_evict(f->pd);
+  loom__netfd_release(f);
+  return 0;
+}

@@ -1,0 +1,51 @@
+/*
+ * netfd.h — what every loom socket has: the fd, its poll descriptor, one
+ * lock per direction and the reference count that makes close safe.
+ *
+ * Close protocol (Go's fdMutex, simplified): every operation takes a
+ * reference for its whole length; loom_close marks the netfd closed
+ * (later operations fail with LOOM_ECLOSED), evicts the poll descriptor
+ * (blocked operations wake and fail), and drops its own reference.  Who
+ * drops the last one — the closer or the last blocked operation leaving —
+ * unregisters and closes the fd and frees the object.  So the fd number
+ * cannot be reused while any loom call still uses it.
+ */
+#ifndef LOOM_NET_NETFD_H
+#define LOOM_NET_NETFD_H
+
+#include <stdatomic.h>
+#include <stdbool.h>
+#include <stdint.h>
+
+#include "netpoll/pollfd.h"
+#include "runtime/runtime.h"
+#include "runtime/sema.h"
+
+typedef struct loom__netfd {
+  loom__rtobj obj;       /* freed by the runtime if abandoned */
+  struct loom__rt *rt;
+  int fd;
+  int family;
+  int type;
+  loom__pd *pd;
+  _Atomic uint64_t ref;  /* users; top bit: closed */
+  loom__sema rsema;      /* one reader (or acceptor) at a time */
+  loom__sema wsema;      /* one writer at a time */
+  char *unlink_path;     /* a Unix listener's socket file */
+  void (*free_fn)(struct loom__netfd *f);
+} loom__netfd;
+
+/* Wrap a non-blocking fd (registers it with the poller).  On failure the
+ * fd is left open for the caller.  0 or -errno. */
+int loom__netfd_init(loom__netfd *f, int fd, int family, int type);
+bool loom__netfd_acquire(loom__netfd *f);
+void loom__netfd_release(loom__netfd *f);
+bool loom__netfd_closed(loom__netfd *f);
+int loom__netfd_close(loom__netfd *f);
+
+struct loom_conn;
+/* Wrap a connected non-blocking stream socket (conn.c); closes fd on
+ * failure. */
+int loom__conn_new(int fd, int family, struct loom_conn **out);
+
+#endif
