@@ -59,6 +59,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -912,7 +913,7 @@ LOOM_NORETURN static void g_exit(loom__g *g) {
     m->lockedg = NULL;
   }
   atomic_fetch_sub_explicit(&rt->gcount, 1, memory_order_relaxed);
-  if (g == rt->main_g)
+  if (g->is_main)
     begin_shutdown(rt);
   m->post_fn = post_exit;
   m->post_g = g;
@@ -938,7 +939,7 @@ static uint64_t new_goid(loom__rt *rt, loom__p *p) {
 }
 
 static int spawn(loom__rt *rt, loom__m *m, void (*fn)(void *), void *arg,
-                 size_t stack_size, const void *pc, loom__g **out) {
+                 size_t stack_size, const void *pc, bool is_main) {
   loom__p *p = m != NULL ? m->p : NULL;
   loom__g *g = g_alloc(rt, p, stack_size);
   if (g == NULL)
@@ -957,8 +958,7 @@ static int spawn(loom__rt *rt, loom__m *m, void (*fn)(void *), void *arg,
   atomic_store_explicit(&g->status, G_RUNNABLE, memory_order_relaxed);
   atomic_fetch_add_explicit(&rt->gcount, 1, memory_order_relaxed);
   atomic_fetch_add_explicit(&rt->spawned, 1, memory_order_relaxed);
-  if (out != NULL)
-    *out = g;
+  g->is_main = is_main; /* before the G is visible to any other M */
   if (p != NULL) {
     loom__runq_put(rt, p, g, true);
   } else {
@@ -980,7 +980,7 @@ static int go_impl(void (*fn)(void *), void *arg, size_t stack_size,
   if (m != NULL) {
     if (atomic_load_explicit(&m->rt->stopping, memory_order_relaxed))
       return LOOM_ENORUNTIME;
-    return spawn(m->rt, m, fn, arg, stack_size, pc, NULL);
+    return spawn(m->rt, m, fn, arg, stack_size, pc, false);
   }
   /* A foreign thread: hold rt_mu so the runtime cannot be torn down
    * under us. */
@@ -988,7 +988,7 @@ static int go_impl(void (*fn)(void *), void *arg, size_t stack_size,
   loom__rt *rt = atomic_load(&current_rt);
   int err = LOOM_ENORUNTIME;
   if (rt != NULL && !atomic_load(&rt->stopping))
-    err = spawn(rt, NULL, fn, arg, stack_size, pc, NULL);
+    err = spawn(rt, NULL, fn, arg, stack_size, pc, false);
   pthread_mutex_unlock(&rt_mu);
   return err;
 }
@@ -1132,6 +1132,19 @@ static void overflow_report(loom__m *m, loom__g *g, const void *addr) {
   (void)m;
 }
 
+/* Reset `sig` to its default action with the raw system call: a
+ * sanitizer's signal() interceptor may take a lock the faulting thread
+ * already holds (the overflow can happen inside the sanitizer). */
+static void default_action(int sig) {
+  struct {
+    void *handler;
+    unsigned long flags;
+    void *restorer;
+    uint64_t mask;
+  } ksa = {SIG_DFL, 0, NULL, 0};
+  syscall(SYS_rt_sigaction, sig, &ksa, NULL, sizeof ksa.mask);
+}
+
 static void chain(struct sigaction *old, int sig, siginfo_t *si, void *uc) {
   if (old->sa_flags & SA_SIGINFO) {
     if (old->sa_sigaction != NULL) {
@@ -1143,7 +1156,7 @@ static void chain(struct sigaction *old, int sig, siginfo_t *si, void *uc) {
     return;
   }
   /* Default action: reinstall it and let the fault happen again. */
-  signal(sig, SIG_DFL);
+  default_action(sig);
 }
 
 static void fault_handler(int sig, siginfo_t *si, void *uc) {
@@ -1151,8 +1164,8 @@ static void fault_handler(int sig, siginfo_t *si, void *uc) {
   if (m != NULL && m->curg != NULL && !m->curg->is_g0 &&
       loom__stack_guard_hit(&m->rt->stacks, &m->curg->stk, si->si_addr)) {
     overflow_report(m, m->curg, si->si_addr);
-    signal(SIGSEGV, SIG_DFL);
-    signal(SIGBUS, SIG_DFL);
+    default_action(SIGSEGV);
+    default_action(SIGBUS);
     return; /* the fault repeats and kills the process */
   }
   chain(sig == SIGSEGV ? &old_segv : &old_bus, sig, si, uc);
@@ -1406,8 +1419,7 @@ int loom_run(void (*main_fn)(void *), void *arg, const loom_config *cfg) {
   m_thread_init(m0);
   loom__acquirep(m0, rt->allp[0]);
   install_fault_handler();
-  err = spawn(rt, m0, main_fn, arg, 0, __builtin_return_address(0),
-              &rt->main_g);
+  err = spawn(rt, m0, main_fn, arg, 0, __builtin_return_address(0), true);
   if (err == 0)
     err = loom__sysmon_start(rt);
   if (err != 0) {

@@ -77,6 +77,7 @@ struct loom__g {
   _Atomic uint32_t status;  /* G_*; atomic: a waker CASes it */
   bool custom_stack;        /* own mapping (loom_go_with stack size) */
   bool is_g0;               /* an M's scheduler stack */
+  bool is_main;             /* loom_run's coroutine: its return stops all */
   uint64_t id;              /* 0 for g0 */
   void (*fn)(void *);
   void *arg;
@@ -218,7 +219,6 @@ struct loom__rt {
   _Atomic bool sysmonwait;       /* sysmon sleeps until woken */
 
   _Atomic int foreign_users;     /* foreign threads inside loom_go */
-  loom__g *main_g;
   int64_t start_time;
 };
 
