@@ -579,4 +579,134 @@ static void slow_main(void *arg) {
 
 TEST(slow_dns_stalls_nobody) { check_run(slow_main, NULL, 1); }
 
+/* ------------------------------------------------------------------ */
+/* Packet sockets: every rule of loom/net.h, UDP and unixgram.          */
+
+static void udp_echo(void *arg) {
+  loom_pconn *pc = arg;
+  for (;;) {
+    char buf[2048];
+    struct sockaddr_storage from;
+    socklen_t fl = sizeof from;
+    ssize_t n = loom_pconn_read_from(pc, buf, sizeof buf, &from, &fl);
+    if (n < 0)
+      return; /* closed */
+    CHECK_EQ(loom_pconn_write_to(pc, buf, (size_t)n, (struct sockaddr *)&from,
+                                 fl),
+             n);
+  }
+}
+
+static void udp_rules(const char *network, const char *listen_addr,
+                      const char *dial_addr) {
+  loom_pconn *srv, *cli;
+  char addr[128];
+  CHECK_OK(loom_listen_packet(&srv, network, listen_addr));
+  CHECK_OK(loom_pconn_local_addr(srv, addr, sizeof addr));
+  if (dial_addr == NULL)
+    dial_addr = addr;
+  CHECK_OK(loom_go(udp_echo, srv));
+
+  /* Connected: read and write. */
+  CHECK_OK(loom_dial_packet(&cli, network, dial_addr));
+  CHECK_EQ(loom_pconn_write(cli, "ping", 4), 4);
+  char b[64];
+  CHECK_OK(loom_pconn_set_deadline(cli, loom_now() + 5000 * CHECK_MS, 0));
+  CHECK_EQ(loom_pconn_read(cli, b, sizeof b), 4);
+  CHECK(memcmp(b, "ping", 4) == 0);
+  /* read_from works on a connected socket too */
+  CHECK_EQ(loom_pconn_write(cli, "pong!", 5), 5);
+  struct sockaddr_storage from;
+  socklen_t fl = sizeof from;
+  CHECK_EQ(loom_pconn_read_from(cli, b, sizeof b, &from, &fl), 5);
+  CHECK_GT(fl, 0);
+  /* write_to on a connected socket: -EISCONN; write_msg with an address:
+   * -EISCONN; without: fine. */
+  struct sockaddr_storage to;
+  socklen_t tl;
+  CHECK_OK(loom_resolve_addr(network, addr, &to, &tl));
+  CHECK_ERR(loom_pconn_write_to(cli, "x", 1, (struct sockaddr *)&to, tl),
+            -EISCONN);
+  struct iovec iov[2] = {{(void *)"ab", 2}, {(void *)"cd", 2}};
+  CHECK_ERR(loom_pconn_write_msg(cli, iov, 2, (struct sockaddr *)&to, tl),
+            -EISCONN);
+  CHECK_EQ(loom_pconn_write_msg(cli, iov, 2, NULL, 0), 4);
+  CHECK_EQ(loom_pconn_read(cli, b, sizeof b), 4);
+  CHECK(memcmp(b, "abcd", 4) == 0);
+  /* A datagram larger than the buffer: truncated to what fits. */
+  CHECK_EQ(loom_pconn_write(cli, "0123456789", 10), 10);
+  CHECK_EQ(loom_pconn_read(cli, b, 4), 4);
+  CHECK(memcmp(b, "0123", 4) == 0);
+  CHECK_OK(loom_pconn_close(cli));
+
+  /* Unconnected: read_from and write_to; write alone is refused, and
+   * write_msg needs an address. */
+  loom_pconn *un;
+  if (strcmp(network, "unixgram") == 0) {
+    char p2[64];
+    snprintf(p2, sizeof p2, "@loom-test-ucli-%d", (int)getpid());
+    CHECK_OK(loom_listen_packet(&un, network, p2));
+  } else {
+    CHECK_OK(loom_listen_packet(&un, network,
+                                strchr(addr, '[') ? "[::1]:0" : "127.0.0.1:0"));
+  }
+  CHECK_ERR(loom_pconn_write(un, "x", 1), -EDESTADDRREQ);
+  CHECK_ERR(loom_pconn_write_msg(un, iov, 2, NULL, 0), -EDESTADDRREQ);
+  CHECK_EQ(loom_pconn_write_to(un, "hey", 3, (struct sockaddr *)&to, tl), 3);
+  fl = sizeof from;
+  CHECK_OK(loom_pconn_set_deadline(un, loom_now() + 5000 * CHECK_MS, 0));
+  CHECK_EQ(loom_pconn_read_from(un, b, sizeof b, &from, &fl), 3);
+  CHECK_EQ(loom_pconn_write_msg(un, iov, 2, (struct sockaddr *)&to, tl), 4);
+  CHECK_EQ(loom_pconn_read(un, b, sizeof b), 4);
+  /* A read deadline on a quiet socket. */
+  CHECK_OK(loom_pconn_set_deadline(un, loom_now() + 20 * CHECK_MS, 0));
+  CHECK_ERR(loom_pconn_read(un, b, sizeof b), -ETIMEDOUT);
+  CHECK_OK(loom_pconn_close(un));
+  CHECK_OK(loom_pconn_close(srv)); /* the echo coroutine's read returns */
+  loom_sleep(5 * CHECK_MS);
+}
+
+static void udp_main(void *arg) {
+  (void)arg;
+  udp_rules("udp", "127.0.0.1:0", NULL);
+  udp_rules("udp6", "[::1]:0", NULL);
+  char path[64];
+  snprintf(path, sizeof path, "/tmp/loom-test-dgram-%d.sock", (int)getpid());
+  unlink(path);
+  udp_rules("unixgram", path, NULL);
+  CHECK(access(path, F_OK) != 0); /* removed at close */
+  char abs[64];
+  snprintf(abs, sizeof abs, "@loom-test-dgram-%d", (int)getpid());
+  udp_rules("unixgram", abs, NULL);
+}
+
+TEST(packet_socket_rules) { check_run(udp_main, NULL, 2); }
+
+/* A connected dial with a probe learns that nobody listens. */
+static void probe_main(void *arg) {
+  (void)arg;
+  loom_pconn *pc;
+  char addr[128];
+  CHECK_OK(loom_listen_packet(&pc, "udp", "127.0.0.1:0"));
+  CHECK_OK(loom_pconn_local_addr(pc, addr, sizeof addr));
+  loom_dial_packet_opts o = {.probe = "ping", .probe_len = 4};
+  /* Someone there (silent): the dial succeeds. */
+  loom_pconn *c;
+  CHECK_OK(loom_dial_packet_with(&c, "udp", addr, &o));
+  CHECK_OK(loom_pconn_close(c));
+  char b[8];
+  CHECK_EQ(loom_pconn_read(pc, b, sizeof b), 4); /* the probe arrived */
+  CHECK_OK(loom_pconn_close(pc));
+  /* Nobody there now: refused. */
+  CHECK_ERR(loom_dial_packet_with(&c, "udp", addr, &o), -ECONNREFUSED);
+  /* Without a probe a UDP dial cannot tell. */
+  CHECK_OK(loom_dial_packet(&c, "udp", addr));
+  CHECK_OK(loom_pconn_close(c));
+  /* Networks that are not packet networks. */
+  CHECK_ERR(loom_dial_packet(&c, "tcp", addr), LOOM_ENETWORK);
+  CHECK_ERR(loom_listen_packet(&pc, "unix", "@x"), LOOM_ENETWORK);
+}
+
+TEST(packet_dial_probe) { check_run(probe_main, NULL, 2); }
+
 CHECK_MAIN()

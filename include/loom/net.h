@@ -1,5 +1,5 @@
 /*
- * loom/net.h — blocking-style sockets for coroutines: TCP and Unix stream.
+ * loom/net.h — blocking-style sockets for coroutines: TCP, UDP, Unix.
  *
  * Every call reads as blocking code and parks only the calling coroutine:
  * a read with no data parks it until the socket is readable, its thread
@@ -138,6 +138,74 @@ LOOM_API int loom_conn_set_nodelay(loom_conn *c, bool on);
 /* idle_s > 0: probes after idle_s seconds, then every idle_s. */
 LOOM_API int loom_conn_set_keepalive(loom_conn *c, bool on, int idle_s);
 LOOM_API int loom_conn_set_buffers(loom_conn *c, int rcvbuf, int sndbuf);
+
+/*
+ * Packet sockets: UDP ("udp", "udp4", "udp6") and Unix datagram
+ * ("unixgram").  The rules (Go's, as getty found them):
+ *   - a connected socket (loom_dial_packet) reads and writes with
+ *     loom_pconn_read / loom_pconn_write;
+ *   - an unconnected one (loom_listen_packet) with loom_pconn_read_from /
+ *     loom_pconn_write_to;
+ *   - loom_pconn_write on an unconnected socket fails with -EDESTADDRREQ
+ *     ("destination address required");
+ *   - loom_pconn_write_to on a connected socket fails with -EISCONN;
+ *   - loom_pconn_write_msg takes an address only when unconnected (-EISCONN
+ *     with one on a connected socket, -EDESTADDRREQ without one on an
+ *     unconnected socket);
+ *   - loom_pconn_read_from works on both.
+ * Each call moves one datagram; a read into a buffer smaller than the
+ * datagram returns the truncated length (the rest is dropped, as recv
+ * does).  Deadlines, close and addresses behave as for loom_conn.
+ */
+typedef struct loom_pconn loom_pconn;
+
+/* Bind an unconnected packet socket to `addr` (port 0: any free port). */
+LOOM_API int loom_listen_packet(loom_pconn **pc, const char *network,
+                                const char *addr);
+
+typedef struct loom_dial_packet_opts {
+  /* Detect a peer that is not there (getty's probe): after connecting,
+   * send `probe` (probe_len bytes; 0 is a valid, empty datagram) and wait
+   * up to probe_wait ns (default 10 ms) for the ICMP "port unreachable"
+   * that makes the dial fail with -ECONNREFUSED.  A reply, or silence,
+   * means the dial succeeds; a reply stays queued for the next read.
+   * Without `probe`, nothing is sent and the dial cannot tell. */
+  const void *probe;
+  size_t probe_len;
+  int64_t probe_wait;
+} loom_dial_packet_opts;
+
+/* A connected packet socket to `addr`.  A socket that would connect to
+ * itself (a local port picked equal to the destination) is refused with
+ * -EADDRNOTAVAIL after retrying. */
+LOOM_API int loom_dial_packet(loom_pconn **pc, const char *network,
+                              const char *addr);
+LOOM_API int loom_dial_packet_with(loom_pconn **pc, const char *network,
+                                   const char *addr,
+                                   const loom_dial_packet_opts *o);
+
+LOOM_API ssize_t loom_pconn_read(loom_pconn *pc, void *buf, size_t len);
+LOOM_API ssize_t loom_pconn_write(loom_pconn *pc, const void *buf,
+                                  size_t len);
+/* `from` may be NULL; *fromlen is in/out as for recvfrom. */
+LOOM_API ssize_t loom_pconn_read_from(loom_pconn *pc, void *buf, size_t len,
+                                      struct sockaddr_storage *from,
+                                      socklen_t *fromlen);
+LOOM_API ssize_t loom_pconn_write_to(loom_pconn *pc, const void *buf,
+                                     size_t len, const struct sockaddr *to,
+                                     socklen_t tolen);
+LOOM_API ssize_t loom_pconn_write_msg(loom_pconn *pc, const struct iovec *iov,
+                                      int iovcnt, const struct sockaddr *to,
+                                      socklen_t tolen);
+/* Resolve "host:port" (or a path for "unixgram") for write_to. */
+LOOM_API int loom_resolve_addr(const char *network, const char *addr,
+                               struct sockaddr_storage *out,
+                               socklen_t *outlen);
+LOOM_API int loom_pconn_set_deadline(loom_pconn *pc, int64_t rd, int64_t wd);
+LOOM_API int loom_pconn_close(loom_pconn *pc);
+LOOM_API int loom_pconn_local_addr(loom_pconn *pc, char *buf, size_t len);
+LOOM_API int loom_pconn_remote_addr(loom_pconn *pc, char *buf, size_t len);
+LOOM_API int loom_pconn_fd(loom_pconn *pc);
 
 #ifdef __cplusplus
 }

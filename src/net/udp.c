@@ -1,0 +1,347 @@
+/*
+ * udp.c — packet sockets: UDP and Unix datagram (rules in loom/net.h).
+ *
+ * Connected or not is decided once, at creation: loom_dial_packet
+ * connects, loom_listen_packet binds.  The read/write/write_to rules are
+ * checked before any system call, so a misuse fails the same way on
+ * every kernel (Linux itself would let send() on a connected socket take
+ * an address).
+ */
+#include <errno.h>
+#include <limits.h>
+#include <netinet/in.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+#include "loom/net.h"
+#include "net/addr.h"
+#include "net/netfd.h"
+#include "runtime/alloc.h"
+#include "runtime/runtime.h"
+
+struct loom_pconn {
+  loom__netfd nf; /* first: see conn.c */
+  bool connected;
+};
+
+static void pconn_free(loom__netfd *f) { loom__free(f); }
+
+/* Wrap a datagram socket; closes fd on failure. */
+static int pconn_new(int fd, int family, bool connected, const char *path,
+                     loom_pconn **out) {
+  loom_pconn *pc = loom__calloc(1, sizeof *pc);
+  int err = pc == NULL ? -ENOMEM
+                       : loom__netfd_init(&pc->nf, fd, family, SOCK_DGRAM);
+  if (err != 0) {
+    loom__free(pc);
+    close(fd);
+    return err;
+  }
+  pc->nf.free_fn = pconn_free;
+  pc->connected = connected;
+  if (path != NULL && path[0] != '@') {
+    size_t n = strlen(path) + 1;
+    pc->nf.unlink_path = loom__malloc(n);
+    if (pc->nf.unlink_path != NULL)
+      memcpy(pc->nf.unlink_path, path, n);
+  }
+  *out = pc;
+  return 0;
+}
+
+struct dgram_op {
+  bool send;
+  struct msghdr mh;
+  int flags;
+};
+
+/* One datagram in or out, parking on EAGAIN. */
+static ssize_t dgram_io(loom_pconn *pc, struct dgram_op *op) {
+  if (pc == NULL)
+    return -EINVAL;
+  if (loom__getg() == NULL)
+    return LOOM_ENOTCO;
+  loom__netfd *f = &pc->nf;
+  if (!loom__netfd_acquire(f))
+    return LOOM_ECLOSED;
+  loom__sema *sem = op->send ? &f->wsema : &f->rsema;
+  int mode = op->send ? 'w' : 'r';
+  ssize_t r;
+  loom__sema_acquire(sem);
+  for (;;) {
+    if (loom__netfd_closed(f)) {
+      r = LOOM_ECLOSED;
+      break;
+    }
+    r = op->send ? sendmsg(f->fd, &op->mh, op->flags | MSG_NOSIGNAL)
+                 : recvmsg(f->fd, &op->mh, op->flags);
+    if (r >= 0)
+      break;
+    int e = errno;
+    if (e == EINTR)
+      continue;
+    if (e == EAGAIN) {
+      int w = loom__pd_wait(f->pd, mode);
+      if (w != 0) {
+        r = w;
+        break;
+      }
+      continue;
+    }
+    r = -e;
+    break;
+  }
+  loom__sema_release(sem);
+  loom__netfd_release(f);
+  return r; /* a truncated datagram returns what fit (no MSG_TRUNC flag) */
+}
+
+ssize_t loom_pconn_read_from(loom_pconn *pc, void *buf, size_t len,
+                             struct sockaddr_storage *from,
+                             socklen_t *fromlen) {
+  struct iovec iov = {buf, len};
+  struct dgram_op op = {.send = false};
+  op.mh.msg_iov = &iov;
+  op.mh.msg_iovlen = 1;
+  if (from != NULL) {
+    op.mh.msg_name = from;
+    op.mh.msg_namelen = fromlen != NULL ? *fromlen : sizeof *from;
+  }
+  ssize_t r = dgram_io(pc, &op);
+  if (r >= 0 && from != NULL && fromlen != NULL)
+    *fromlen = op.mh.msg_namelen;
+  return r;
+}
+
+ssize_t loom_pconn_read(loom_pconn *pc, void *buf, size_t len) {
+  return loom_pconn_read_from(pc, buf, len, NULL, NULL);
+}
+
+ssize_t loom_pconn_write_msg(loom_pconn *pc, const struct iovec *iov,
+                             int iovcnt, const struct sockaddr *to,
+                             socklen_t tolen) {
+  if (pc == NULL || iovcnt < 0 || iovcnt > IOV_MAX ||
+      (iovcnt > 0 && iov == NULL))
+    return -EINVAL;
+  if (pc->connected && to != NULL)
+    return -EISCONN;
+  if (!pc->connected && to == NULL)
+    return -EDESTADDRREQ;
+  struct dgram_op op = {.send = true};
+  op.mh.msg_iov = (struct iovec *)(uintptr_t)iov;
+  op.mh.msg_iovlen = (size_t)iovcnt;
+  op.mh.msg_name = (void *)(uintptr_t)to;
+  op.mh.msg_namelen = to != NULL ? tolen : 0;
+  return dgram_io(pc, &op);
+}
+
+ssize_t loom_pconn_write(loom_pconn *pc, const void *buf, size_t len) {
+  if (pc != NULL && !pc->connected)
+    return -EDESTADDRREQ;
+  struct iovec iov = {(void *)(uintptr_t)buf, len};
+  return loom_pconn_write_msg(pc, &iov, 1, NULL, 0);
+}
+
+ssize_t loom_pconn_write_to(loom_pconn *pc, const void *buf, size_t len,
+                            const struct sockaddr *to, socklen_t tolen) {
+  if (pc != NULL && pc->connected)
+    return -EISCONN;
+  if (to == NULL)
+    return -EINVAL;
+  struct iovec iov = {(void *)(uintptr_t)buf, len};
+  return loom_pconn_write_msg(pc, &iov, 1, to, tolen);
+}
+
+int loom_resolve_addr(const char *network, const char *addr,
+                      struct sockaddr_storage *out, socklen_t *outlen) {
+  if (out == NULL || outlen == NULL)
+    return -EINVAL;
+  loom__addrs as;
+  int err = loom__resolve(network, addr, false, &as);
+  if (err != 0)
+    return err;
+  memcpy(out, &as.a[0], sizeof *out);
+  *outlen = as.len[0];
+  return 0;
+}
+
+static int dgram_socket(int family) {
+  int fd = socket(family, SOCK_DGRAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+  return fd < 0 ? -errno : fd;
+}
+
+int loom_listen_packet(loom_pconn **pc, const char *network,
+                       const char *addr) {
+  if (pc == NULL)
+    return -EINVAL;
+  if (loom__getg() == NULL)
+    return LOOM_ENOTCO;
+  loom__addrs as;
+  int err = loom__resolve(network, addr, true, &as);
+  if (err != 0)
+    return err;
+  if (as.type != SOCK_DGRAM)
+    return LOOM_ENETWORK;
+  for (int i = 0; i < as.n; i++) {
+    const struct sockaddr *sa = (const struct sockaddr *)&as.a[i];
+    int fd = dgram_socket(sa->sa_family);
+    if (fd < 0) {
+      err = fd;
+      continue;
+    }
+    if (sa->sa_family == AF_INET6) {
+      int v6only = strcmp(network, "udp6") == 0;
+      setsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &v6only, sizeof v6only);
+    }
+    if (bind(fd, sa, as.len[i]) != 0) {
+      err = -errno;
+      close(fd);
+      if (err == -EAFNOSUPPORT || err == -EADDRNOTAVAIL)
+        continue;
+      return err;
+    }
+    return pconn_new(fd, sa->sa_family, false,
+                     sa->sa_family == AF_UNIX ? addr : NULL, pc);
+  }
+  return err;
+}
+
+static bool self_connected(int fd) {
+  struct sockaddr_storage a, b;
+  socklen_t al = sizeof a, bl = sizeof b;
+  if (getsockname(fd, (struct sockaddr *)&a, &al) != 0 ||
+      getpeername(fd, (struct sockaddr *)&b, &bl) != 0)
+    return false;
+  return al == bl && memcmp(&a, &b, al) == 0;
+}
+
+/* getty's probe: send, then wait briefly for an ICMP-born ECONNREFUSED. */
+static int probe(loom_pconn *pc, const loom_dial_packet_opts *o) {
+  struct iovec iov = {(void *)(uintptr_t)o->probe, o->probe_len};
+  ssize_t w = loom_pconn_write_msg(pc, &iov, 1, NULL, 0);
+  if (w < 0)
+    return (int)w;
+  int64_t wait = o->probe_wait > 0 ? o->probe_wait : 10 * 1000000;
+  loom__netfd *f = &pc->nf;
+  int err = loom__pd_set_deadline(f->pd, 'r', loom_now() + wait);
+  for (int tries = 0; err == 0 && tries < 64; tries++) {
+    char b;
+    ssize_t r = recv(f->fd, &b, 1, MSG_PEEK | MSG_DONTWAIT);
+    if (r >= 0)
+      break; /* a reply: the peer is there; leave it queued */
+    if (errno == ECONNREFUSED) {
+      err = -ECONNREFUSED;
+      break;
+    }
+    if (errno != EAGAIN && errno != EINTR) {
+      err = -errno;
+      break;
+    }
+    int w2 = loom__pd_wait(f->pd, 'r');
+    if (w2 == -ETIMEDOUT)
+      break; /* silence: assume the peer is there */
+    if (w2 != 0)
+      err = w2;
+  }
+  int err2 = loom__pd_set_deadline(f->pd, 'r', 0);
+  return err != 0 ? err : err2;
+}
+
+int loom_dial_packet_with(loom_pconn **pc, const char *network,
+                          const char *addr, const loom_dial_packet_opts *o) {
+  if (pc == NULL)
+    return -EINVAL;
+  if (loom__getg() == NULL)
+    return LOOM_ENOTCO;
+  loom__addrs as;
+  int err = loom__resolve(network, addr, false, &as);
+  if (err != 0)
+    return err;
+  if (as.type != SOCK_DGRAM)
+    return LOOM_ENETWORK;
+  const struct sockaddr *sa = (const struct sockaddr *)&as.a[0];
+  for (int tries = 0; tries < 3; tries++) {
+    int fd = dgram_socket(sa->sa_family);
+    if (fd < 0)
+      return fd;
+    if (sa->sa_family == AF_UNIX) {
+      /* Autobind to an abstract name, so the peer can answer. */
+      struct sockaddr_un un = {.sun_family = AF_UNIX};
+      if (bind(fd, (struct sockaddr *)&un, sizeof(sa_family_t)) != 0) {
+        err = -errno;
+        close(fd);
+        return err;
+      }
+    }
+    if (connect(fd, sa, as.len[0]) != 0) {
+      err = -errno;
+      close(fd);
+      return err;
+    }
+    if (sa->sa_family != AF_UNIX && self_connected(fd)) {
+      close(fd);
+      err = -EADDRNOTAVAIL;
+      continue;
+    }
+    loom_pconn *p;
+    err = pconn_new(fd, sa->sa_family, true, NULL, &p);
+    if (err != 0)
+      return err;
+    if (o != NULL && o->probe != NULL)
+      err = probe(p, o);
+    if (err != 0) {
+      loom__netfd_close(&p->nf);
+      return err;
+    }
+    *pc = p;
+    return 0;
+  }
+  return err;
+}
+
+int loom_dial_packet(loom_pconn **pc, const char *network, const char *addr) {
+  return loom_dial_packet_with(pc, network, addr, NULL);
+}
+
+int loom_pconn_set_deadline(loom_pconn *pc, int64_t rd, int64_t wd) {
+  if (pc == NULL)
+    return -EINVAL;
+  if (loom__getg() == NULL)
+    return LOOM_ENOTCO;
+  if (!loom__netfd_acquire(&pc->nf))
+    return LOOM_ECLOSED;
+  int err = rd == wd ? loom__pd_set_deadline(pc->nf.pd, 'r' + 'w', rd)
+                     : loom__pd_set_deadline(pc->nf.pd, 'r', rd);
+  if (err == 0 && rd != wd)
+    err = loom__pd_set_deadline(pc->nf.pd, 'w', wd);
+  loom__netfd_release(&pc->nf);
+  return err;
+}
+
+int loom_pconn_close(loom_pconn *pc) {
+  return pc == NULL ? -EINVAL : loom__netfd_close(&pc->nf);
+}
+
+int loom_pconn_fd(loom_pconn *pc) { return pc ? pc->nf.fd : -EINVAL; }
+
+static int addr_of(loom_pconn *pc, bool peer, char *buf, size_t len) {
+  if (pc == NULL || buf == NULL)
+    return -EINVAL;
+  struct sockaddr_storage ss;
+  socklen_t sl = sizeof ss;
+  int r = peer ? getpeername(pc->nf.fd, (struct sockaddr *)&ss, &sl)
+               : getsockname(pc->nf.fd, (struct sockaddr *)&ss, &sl);
+  if (r != 0)
+    return -errno;
+  return loom__format_addr((struct sockaddr *)&ss, sl, buf, len);
+}
+
+int loom_pconn_local_addr(loom_pconn *pc, char *buf, size_t len) {
+  return addr_of(pc, false, buf, len);
+}
+
+int loom_pconn_remote_addr(loom_pconn *pc, char *buf, size_t len) {
+  return addr_of(pc, true, buf, len);
+}
