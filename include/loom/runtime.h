@@ -28,7 +28,9 @@
  *
  * Environment (read by loom_config_init(), so loom_run(.., NULL) honours
  * it): LOOM_PROCS, LOOM_STACK_SIZE (bytes; k/m suffixes), LOOM_SCHEDTRACE
- * (milliseconds between trace lines).
+ * (milliseconds between trace lines).  A value that is not a plain
+ * decimal number (with k/m for the stack size) is ignored; one that parses
+ * but is out of range makes loom_run return -EINVAL.
  */
 #ifndef LOOM_RUNTIME_H
 #define LOOM_RUNTIME_H

@@ -51,6 +51,7 @@
  */
 #include <dlfcn.h>
 #include <errno.h>
+#include <limits.h>
 #include <sched.h>
 #include <signal.h>
 #include <stdarg.h>
@@ -1242,14 +1243,27 @@ static void *m_main(void *arg) {
 
 /* ---- starting and stopping the runtime ---------------------------- */
 
-static size_t parse_size(const char *s) {
-  char *end;
-  unsigned long long v = strtoull(s, &end, 10);
-  if (*end == 'k' || *end == 'K')
-    v <<= 10;
-  else if (*end == 'm' || *end == 'M')
-    v <<= 20;
-  return (size_t)v;
+/* A decimal number with an optional k/m suffix (when `suffix`), nothing
+ * else; false for junk, a sign, or overflow. */
+static bool parse_num(const char *s, bool suffix, unsigned long long *out) {
+  unsigned long long v = 0;
+  const char *p = s;
+  if (*p < '0' || *p > '9')
+    return false;
+  for (; *p >= '0' && *p <= '9'; p++) {
+    if (v > (ULLONG_MAX - 9) / 10)
+      return false;
+    v = v * 10 + (unsigned)(*p - '0');
+  }
+  int shift = 0;
+  if (suffix && (*p == 'k' || *p == 'K'))
+    shift = 10, p++;
+  else if (suffix && (*p == 'm' || *p == 'M'))
+    shift = 20, p++;
+  if (*p != '\0' || v > (ULLONG_MAX >> shift))
+    return false;
+  *out = v << shift;
+  return true;
 }
 
 void loom_config_init(loom_config *cfg) {
@@ -1261,12 +1275,17 @@ void loom_config_init(loom_config *cfg) {
   cfg->stack_size = DEFAULT_STACK;
   cfg->long_run_warn_ns = 10 * 1000000;
   const char *e;
-  if ((e = getenv("LOOM_PROCS")) != NULL && atoi(e) > 0)
-    cfg->procs = atoi(e);
-  if ((e = getenv("LOOM_STACK_SIZE")) != NULL && parse_size(e) > 0)
-    cfg->stack_size = parse_size(e);
-  if ((e = getenv("LOOM_SCHEDTRACE")) != NULL && atoi(e) > 0)
-    cfg->schedtrace_ms = atoi(e);
+  unsigned long long v;
+  /* Unparseable values are ignored (the default stays); parseable but
+   * out-of-range ones are kept, and loom_run refuses them (-EINVAL). */
+  if ((e = getenv("LOOM_PROCS")) != NULL && parse_num(e, false, &v) && v > 0)
+    cfg->procs = v > INT_MAX ? INT_MAX : (int)v;
+  if ((e = getenv("LOOM_STACK_SIZE")) != NULL && parse_num(e, true, &v) &&
+      v > 0)
+    cfg->stack_size = v > SIZE_MAX ? SIZE_MAX : (size_t)v;
+  if ((e = getenv("LOOM_SCHEDTRACE")) != NULL &&
+      parse_num(e, false, &v) && v > 0)
+    cfg->schedtrace_ms = v > INT_MAX ? INT_MAX : (int)v;
 }
 
 static void begin_shutdown(loom__rt *rt) {
