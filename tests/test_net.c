@@ -162,10 +162,13 @@ TEST(writev_and_big_write) { check_run(writev_main, NULL, 2); }
 /* ------------------------------------------------------------------ */
 /* Deadlines: read, write, accept, dial.                                */
 
+static loom_conn *_Atomic silent_peer_slot;
 static loom_conn *silent_peer;
 static void silent_accept(void *arg) {
   loom_listener *l = arg;
-  CHECK_OK(loom_accept(l, &silent_peer));
+  loom_conn *c;
+  CHECK_OK(loom_accept(l, &c));
+  atomic_store(&silent_peer_slot, c);
 }
 
 static void deadline_main(void *arg) {
@@ -186,7 +189,7 @@ static void deadline_main(void *arg) {
   /* read: times out, then works once the deadline moves */
   CHECK_OK(loom_go(silent_accept, l));
   CHECK_OK(loom_dial(&c, "tcp", addr));
-  while (silent_peer == NULL)
+  while ((silent_peer = atomic_load(&silent_peer_slot)) == NULL)
     loom_sleep(CHECK_MS);
   char b[64];
   t0 = loom_now();
