@@ -1,6 +1,6 @@
 # loom — the commands a newcomer and CI use.
 #
-#   make run      install missing tools, build, run the runtime demo
+#   make run      install missing tools, build, start the echo server
 #   make test     install missing tools, build, run the whole test suite
 #
 # CMake does the building; this file strings the steps together.  Every
@@ -26,6 +26,10 @@ CTEST_ARGS  ?=
 SAN_CC      ?= clang
 NO_DEPS     ?=
 DEMO_ARGS   ?=
+# What `make run` serves: the echo server's --listen URLs.
+ECHO_HOST   ?= 127.0.0.1
+ECHO_PORT   ?= 7000
+ECHO_SOCK   ?= /tmp/loom-echo.sock
 
 # Sanitizer run-time options; values from the environment win.
 ASAN_OPTIONS  ?= detect_leaks=1:abort_on_error=1
@@ -40,12 +44,13 @@ SRC_DIRS := include src tests bench examples
 C_FILES = $(shell find $(SRC_DIRS) -type f \( -name '*.c' -o -name '*.h' \) \
             2>/dev/null | sort)
 
-.PHONY: help deps build run test asan tsan bench install clean format \
+.PHONY: help deps build run demo test asan tsan bench install clean format \
         format-check tidy
 
 help:
 	@echo 'loom make targets:'
-	@echo '  run           build, then run the runtime demo (examples/runtime_demo)'
+	@echo '  run           build, then start examples/echo_server on loopback until Ctrl-C'
+	@echo '  demo          build, then run the runtime tour (examples/runtime_demo)'
 	@echo '  test          build, then run the test suite with ctest'
 	@echo '  build         configure and build into $(BUILD_DIR)/ ($(BUILD_TYPE))'
 	@echo '  asan          ASan+UBSan build in $(ASAN_DIR)/ with clang, run the tests'
@@ -58,6 +63,7 @@ help:
 	@echo '  clean         remove $(BUILD_DIR)/ $(ASAN_DIR)/ $(TSAN_DIR)/'
 	@echo '  deps          install missing build and test tools (scripts/deps.sh)'
 	@echo 'variables: BUILD_TYPE JOBS TEST_JOBS PREFIX CMAKE_ARGS CTEST_ARGS NO_DEPS=1'
+	@echo '           DEMO_ARGS (demo), ECHO_HOST ECHO_PORT ECHO_SOCK (run)'
 
 deps:
 ifeq ($(NO_DEPS),)
@@ -76,7 +82,26 @@ build: deps
 	@$(call configure,$(BUILD_DIR),)
 	$(CMAKE) --build $(BUILD_DIR) --parallel $(JOBS)
 
+# The echo server on TCP, UDP and a Unix socket at once, until Ctrl-C.
+# `exec` makes the server the recipe's process, so Ctrl-C reaches it and
+# it stops cleanly (removing its socket file) instead of make killing it.
+ECHO_LISTEN = --listen tcp://$(ECHO_HOST):$(ECHO_PORT) \
+              --listen udp://$(ECHO_HOST):$(ECHO_PORT) \
+              --listen unix://$(ECHO_SOCK)
 run: build
+	@echo '==> $(BUILD_DIR)/examples/echo_server $(ECHO_LISTEN)'
+	@echo 'Talk to it from another terminal (what you type comes back):'
+	@echo '  nc $(ECHO_HOST) $(ECHO_PORT)            # TCP'
+	@echo '  nc -u $(ECHO_HOST) $(ECHO_PORT)         # UDP'
+	@echo '  nc -U $(ECHO_SOCK)    # Unix stream socket'
+	@echo 'or load it and check every byte:'
+	@echo '  $(BUILD_DIR)/examples/echo_client --connect tcp://$(ECHO_HOST):$(ECHO_PORT) --conns 8 --count 10000'
+	@echo '  $(BUILD_DIR)/examples/echo_client --connect udp://$(ECHO_HOST):$(ECHO_PORT)'
+	@echo '  $(BUILD_DIR)/examples/echo_client --connect unix://$(ECHO_SOCK) --size 100000'
+	@echo 'Ctrl-C stops the server.'
+	@exec $(BUILD_DIR)/examples/echo_server $(ECHO_LISTEN)
+
+demo: build
 	@echo '==> $(BUILD_DIR)/examples/runtime_demo $(DEMO_ARGS)'
 	@$(BUILD_DIR)/examples/runtime_demo $(DEMO_ARGS)
 

@@ -153,9 +153,10 @@ LOOM_API int loom_conn_set_buffers(loom_conn *c, int rcvbuf, int sndbuf);
  *     with one on a connected socket, -EDESTADDRREQ without one on an
  *     unconnected socket);
  *   - loom_pconn_read_from works on both.
- * Each call moves one datagram; a read into a buffer smaller than the
- * datagram returns the truncated length (the rest is dropped, as recv
- * does).  Deadlines, close and addresses behave as for loom_conn.
+ * Each call moves one datagram.  Reads return the datagram's full
+ * length: a result larger than `len` means the datagram was cut to `len`
+ * bytes (the rest is dropped, as recv does), so truncation is never
+ * silent.  Deadlines, close and addresses behave as for loom_conn.
  */
 typedef struct loom_pconn loom_pconn;
 
@@ -202,6 +203,8 @@ LOOM_API int loom_resolve_addr(const char *network, const char *addr,
                                struct sockaddr_storage *out,
                                socklen_t *outlen);
 LOOM_API int loom_pconn_set_deadline(loom_pconn *pc, int64_t rd, int64_t wd);
+LOOM_API int loom_pconn_set_read_deadline(loom_pconn *pc, int64_t rd);
+LOOM_API int loom_pconn_set_write_deadline(loom_pconn *pc, int64_t wd);
 LOOM_API int loom_pconn_close(loom_pconn *pc);
 LOOM_API int loom_pconn_local_addr(loom_pconn *pc, char *buf, size_t len);
 LOOM_API int loom_pconn_remote_addr(loom_pconn *pc, char *buf, size_t len);

@@ -76,7 +76,7 @@ static ssize_t dgram_io(loom_pconn *pc, struct dgram_op *op) {
       break;
     }
     r = op->send ? sendmsg(f->fd, &op->mh, op->flags | MSG_NOSIGNAL)
-                 : recvmsg(f->fd, &op->mh, op->flags);
+                 : recvmsg(f->fd, &op->mh, op->flags | MSG_TRUNC);
     if (r >= 0)
       break;
     int e = errno;
@@ -95,7 +95,7 @@ static ssize_t dgram_io(loom_pconn *pc, struct dgram_op *op) {
   }
   loom__sema_release(sem);
   loom__netfd_release(f);
-  return r; /* a truncated datagram returns what fit (no MSG_TRUNC flag) */
+  return r; /* reads: the datagram's full length, even if truncated */
 }
 
 ssize_t loom_pconn_read_from(loom_pconn *pc, void *buf, size_t len,
@@ -303,6 +303,26 @@ int loom_dial_packet_with(loom_pconn **pc, const char *network,
 
 int loom_dial_packet(loom_pconn **pc, const char *network, const char *addr) {
   return loom_dial_packet_with(pc, network, addr, NULL);
+}
+
+static int pconn_deadline(loom_pconn *pc, int mode, int64_t d) {
+  if (pc == NULL)
+    return -EINVAL;
+  if (loom__getg() == NULL)
+    return LOOM_ENOTCO;
+  if (!loom__netfd_acquire(&pc->nf))
+    return LOOM_ECLOSED;
+  int err = loom__pd_set_deadline(pc->nf.pd, mode, d);
+  loom__netfd_release(&pc->nf);
+  return err;
+}
+
+int loom_pconn_set_read_deadline(loom_pconn *pc, int64_t rd) {
+  return pconn_deadline(pc, 'r', rd);
+}
+
+int loom_pconn_set_write_deadline(loom_pconn *pc, int64_t wd) {
+  return pconn_deadline(pc, 'w', wd);
 }
 
 int loom_pconn_set_deadline(loom_pconn *pc, int64_t rd, int64_t wd) {
