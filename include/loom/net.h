@@ -23,6 +23,9 @@
  * them has left, so its number cannot be reused under them.
  *
  * All calls below must run on a coroutine (else LOOM_ENOTCO) unless noted.
+ * Calls that wait are scheduling points; so is every 64th read, write or
+ * accept in a row that did not have to wait (it yields), so a coroutine
+ * whose socket is always ready cannot starve the others on its thread.
  */
 #ifndef LOOM_NET_H
 #define LOOM_NET_H

@@ -86,6 +86,8 @@ ssize_t loom_read(loom_conn *c, void *buf, size_t len) {
   }
   loom__sema_release(&f->rsema);
   loom__netfd_release(f);
+  if (r >= 0)
+    loom__io_progress();
   return r;
 }
 
@@ -96,8 +98,13 @@ static ssize_t send_all(loom__netfd *f, struct iovec *iov, int n,
   while (done < total) {
     if (loom__netfd_closed(f))
       return LOOM_ECLOSED;
-    struct msghdr mh = {.msg_iov = iov, .msg_iovlen = (size_t)n};
-    ssize_t w = sendmsg(f->fd, &mh, MSG_NOSIGNAL);
+    ssize_t w;
+    if (n == 1) {
+      w = send(f->fd, iov->iov_base, iov->iov_len, MSG_NOSIGNAL);
+    } else {
+      struct msghdr mh = {.msg_iov = iov, .msg_iovlen = (size_t)n};
+      w = sendmsg(f->fd, &mh, MSG_NOSIGNAL);
+    }
     if (w < 0) {
       int e = errno;
       if (e == EINTR)
@@ -151,6 +158,8 @@ ssize_t loom_writev(loom_conn *c, const struct iovec *iov, int iovcnt) {
   if (copy != small)
     loom__free(copy);
   loom__netfd_release(&c->nf);
+  if (r >= 0)
+    loom__io_progress();
   return r;
 }
 

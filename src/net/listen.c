@@ -166,6 +166,8 @@ int loom_accept(loom_listener *l, loom_conn **c) {
   }
   loom__sema_release(&f->rsema);
   loom__netfd_release(f);
+  if (r == 0)
+    loom__io_progress();
   return r;
 }
 

@@ -95,6 +95,8 @@ static ssize_t dgram_io(loom_pconn *pc, struct dgram_op *op) {
   }
   loom__sema_release(sem);
   loom__netfd_release(f);
+  if (r >= 0)
+    loom__io_progress();
   return r; /* reads: the datagram's full length, even if truncated */
 }
 

@@ -157,6 +157,7 @@ static bool block(loom__pd *pd, int mode) {
    * PD_WAIT was visible found no waiter: check again before parking. */
   if (loom__pd_check(pd, mode) == 0) {
     struct commit_arg ca = {gpp};
+    loom__getg()->io_streak = 0; /* parking is a scheduling point */
     loom__park(block_commit, &ca, "io wait");
   }
   uintptr_t old = atomic_exchange_explicit(gpp, PD_NIL, memory_order_acq_rel);

@@ -964,6 +964,7 @@ static int spawn(loom__rt *rt, loom__m *m, void (*fn)(void *), void *arg,
   g->fn = fn;
   g->arg = arg;
   g->err = 0;
+  g->io_streak = 0;
   g->lockedm = NULL;
   g->lockcount = 0;
   g->locals = NULL;
@@ -1028,6 +1029,14 @@ void loom_yield(void) {
   m->post_g = g;
   m->post_arg = NULL;
   switch_out(m, g, false);
+}
+
+void loom__io_progress(void) {
+  loom__g *g = loom__getg();
+  if (g != NULL && ++g->io_streak >= LOOM_IO_STREAK) {
+    g->io_streak = 0;
+    loom_yield();
+  }
 }
 
 static void sleep_fire(loom__timer *t, void *arg) {

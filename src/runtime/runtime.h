@@ -86,6 +86,7 @@ struct loom__g {
   loom__m *lockedm;         /* pinned to this M (loom_pin), or NULL */
   uint32_t lockcount;       /* loom_pin nesting */
   int err;                  /* errno while switched out */
+  uint32_t io_streak;       /* I/O calls in a row that did not park */
   void **locals;            /* loom_local slots, allocated on first set */
   const void *spawn_pc;     /* return address of the loom_go call */
   const char *wait_reason;  /* why it is parked, for the debugger */
@@ -239,6 +240,13 @@ loom__g *loom__getg(void);
 
 void loom__rt_track(loom__rt *rt, loom__rtobj *o);
 void loom__rt_untrack(loom__rt *rt, loom__rtobj *o);
+
+/* Called by I/O operations that completed without parking.  A coroutine
+ * whose socket is always ready (an accept loop under a connection storm,
+ * a fast stream) would otherwise never reach a scheduling point: every
+ * 64th such call yields. */
+#define LOOM_IO_STREAK 64
+void loom__io_progress(void);
 
 /* Scheduler pieces shared between proc.c, block.c and sysmon.c. */
 void loom__handoffp(loom__rt *rt, loom__p *p);
