@@ -630,20 +630,6 @@ void loom__inject(loom__rt *rt, loom__g *list) {
     loom__startm(rt, NULL, false);
 }
 
-/* Gs the poller readied, for an M that holds a P: onto its own queue
- * (no global lock), then wake idle Ps to share them (Go's injectglist). */
-static void inject_local(loom__m *m, loom__g *list) {
-  int n = 0;
-  for (loom__g *g = list, *next; g != NULL; g = next) {
-    next = g->schedlink;
-    atomic_store_explicit(&g->status, G_RUNNABLE, memory_order_relaxed);
-    loom__runq_put(m->rt, m->p, g, false);
-    n++;
-  }
-  if (n > 0)
-    loom__wakep(m->rt);
-}
-
 static void stopm(loom__m *m) {
   loom__rt *rt = m->rt;
   if (m->p != NULL)
@@ -786,7 +772,7 @@ top:
     loom__g *head = NULL, *tail = NULL;
     if (loom__netpoll_poll(&rt->np, 0, &head, &tail) > 0) {
       g = head;
-      inject_local(m, g->schedlink);
+      loom__inject(rt, g->schedlink);
       atomic_store_explicit(&g->status, G_RUNNABLE, memory_order_relaxed);
       return g;
     }
@@ -866,7 +852,7 @@ top:
       loom__acquirep(m, p2);
       if (n > 0) {
         g = head;
-        inject_local(m, g->schedlink);
+        loom__inject(rt, g->schedlink);
         atomic_store_explicit(&g->status, G_RUNNABLE, memory_order_relaxed);
         return g;
       }
