@@ -51,7 +51,9 @@ static void abandon(loom__rtobj *o) {
 
 static void destroy(loom__netfd *f) {
   loom__rt_untrack(f->rt, &f->obj);
-  loom__pd_close(f->pd);
+  /* The fd is ours and closed next, which drops its registration; a
+   * late event for it finds the pd's tag changed. */
+  loom__pd_close(f->pd, false);
   release_fd(f);
 }
 

@@ -78,6 +78,6 @@ int loom_fd_wait(int fd, int events, int64_t deadline) {
     err = loom__pd_set_deadline(pd, mode, deadline);
   if (err == 0)
     err = loom__pd_wait(pd, mode);
-  loom__pd_close(pd);
+  loom__pd_close(pd, true); /* the fd is not ours: it stays open */
   return err;
 }

@@ -291,8 +291,9 @@ void loom__pd_evict(loom__pd *pd) {
     loom__ready(wg);
 }
 
-void loom__pd_close(loom__pd *pd) {
-  loom__netpoll_del(&pd->owner->np, pd->fd);
+void loom__pd_close(loom__pd *pd, bool unregister) {
+  if (unregister)
+    loom__netpoll_del(&pd->owner->np, pd->fd);
   pd_lock(pd);
   pd->closing = true;
   pd->rseq++;

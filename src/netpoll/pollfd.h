@@ -66,9 +66,11 @@ typedef struct loom__pd {
 /* Take a pd for `fd` and register fd with the poller (edge-triggered,
  * read, write and peer-hang-up).  -errno from epoll_ctl, or -ENOMEM. */
 int loom__pd_open(struct loom__rt *rt, int fd, loom__pd **out);
-/* Unregister and return the pd to the pool.  No coroutine may wait on it
- * (evict first if one might). */
-void loom__pd_close(loom__pd *pd);
+/* Return the pd to the pool, unregistering the fd first when `unregister`
+ * (an fd that is closed right after needs no epoll_ctl: closing it drops
+ * the registration).  No coroutine may wait on it (evict first if one
+ * might). */
+void loom__pd_close(loom__pd *pd, bool unregister);
 /* Wake every coroutine waiting on pd; later waits fail with LOOM_ECLOSED. */
 void loom__pd_evict(loom__pd *pd);
 /* Wait for readiness: mode 'r' or 'w'.  Returns 0 when ready,
