@@ -193,7 +193,8 @@ int loom__resolve(const char *network, const char *addr, bool passive,
         numeric(AF_INET, "0.0.0.0", port, out); /* fallback */
       return 0;
     }
-    strcpy(host, family == AF_INET6 ? "::1" : "127.0.0.1");
+    snprintf(host, sizeof host, "%s",
+             family == AF_INET6 ? "::1" : "127.0.0.1");
   }
   if (numeric(family, host, port, out))
     return 0;

@@ -122,7 +122,7 @@ int loom_accept(loom_listener *l, loom_conn **c) {
     return LOOM_ECLOSED;
   loom__sema_acquire(&f->rsema);
   int r;
-  int64_t backoff = 5 * 1000000;
+  int64_t backoff = 5 * INT64_C(1000000);
   for (;;) {
     if (loom__netfd_closed(f)) {
       r = LOOM_ECLOSED;
@@ -158,7 +158,7 @@ int loom_accept(loom_listener *l, loom_conn **c) {
                 loom_strerror(-e));
     }
     loom_sleep(backoff);
-    if (backoff < 1000 * 1000000)
+    if (backoff < 1000 * INT64_C(1000000))
       backoff *= 2;
     r = loom__pd_check(f->pd, 'r'); /* closed, or past the deadline */
     if (r != 0)

@@ -225,7 +225,7 @@ static int probe(loom_pconn *pc, const loom_dial_packet_opts *o) {
   ssize_t w = loom_pconn_write_msg(pc, &iov, 1, NULL, 0);
   if (w < 0)
     return (int)w;
-  int64_t wait = o->probe_wait > 0 ? o->probe_wait : 10 * 1000000;
+  int64_t wait = o->probe_wait > 0 ? o->probe_wait : 10 * INT64_C(1000000);
   loom__netfd *f = &pc->nf;
   int err = loom__pd_set_deadline(f->pd, 'r', loom_now() + wait);
   for (int tries = 0; err == 0 && tries < 64; tries++) {

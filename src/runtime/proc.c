@@ -737,7 +737,9 @@ int64_t loom__earliest_timer(loom__rt *rt) {
 
 /* Find a runnable G for m; blocks the M until there is one.  Returns NULL
  * when the runtime stops.  On return with a G, m holds a P. */
-static loom__g *findrunnable(loom__m *m) {
+/* Long, on purpose: it follows Go's findrunnable step by step, and the
+ * order of the steps is the algorithm. */
+static loom__g *findrunnable(loom__m *m) { // NOLINT(readability-function-cognitive-complexity)
   loom__rt *rt = m->rt;
 top:
   if (atomic_load(&rt->stopping))
@@ -1282,17 +1284,19 @@ void loom_config_init(loom_config *cfg) {
   if (sched_getaffinity(0, sizeof set, &set) == 0 && CPU_COUNT(&set) > 0)
     cfg->procs = CPU_COUNT(&set);
   cfg->stack_size = DEFAULT_STACK;
-  cfg->long_run_warn_ns = 10 * 1000000;
+  cfg->long_run_warn_ns = 10 * INT64_C(1000000);
   const char *e;
   unsigned long long v;
+  /* getenv races only with setenv in another thread, which a program
+   * does not do while it configures its runtime. */
   /* Unparseable values are ignored (the default stays); parseable but
    * out-of-range ones are kept, and loom_run refuses them (-EINVAL). */
-  if ((e = getenv("LOOM_PROCS")) != NULL && parse_num(e, false, &v) && v > 0)
+  if ((e = getenv("LOOM_PROCS")) /* NOLINT(concurrency-mt-unsafe) */ != NULL && parse_num(e, false, &v) && v > 0)
     cfg->procs = v > INT_MAX ? INT_MAX : (int)v;
-  if ((e = getenv("LOOM_STACK_SIZE")) != NULL && parse_num(e, true, &v) &&
+  if ((e = getenv("LOOM_STACK_SIZE")) /* NOLINT(concurrency-mt-unsafe) */ != NULL && parse_num(e, true, &v) &&
       v > 0)
     cfg->stack_size = v > SIZE_MAX ? SIZE_MAX : (size_t)v;
-  if ((e = getenv("LOOM_SCHEDTRACE")) != NULL &&
+  if ((e = getenv("LOOM_SCHEDTRACE")) /* NOLINT(concurrency-mt-unsafe) */ != NULL &&
       parse_num(e, false, &v) && v > 0)
     cfg->schedtrace_ms = v > INT_MAX ? INT_MAX : (int)v;
 }

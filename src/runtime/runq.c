@@ -173,7 +173,7 @@ static bool gq_grow(loom__rt *rt, uint64_t need) {
   loom__g **q = loom__malloc(cap * sizeof *q);
   if (q == NULL)
     return false;
-  for (uint64_t i = 0; i < len; i++)
+  for (uint64_t i = 0; i < len && rt->gq_cap != 0; i++)
     q[i] = rt->gq[(rt->gq_head + i) % rt->gq_cap];
   loom__free(rt->gq);
   rt->gq = q;
