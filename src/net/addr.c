@@ -156,9 +156,10 @@ static int resolve_unix(const char *path, loom__addrs *out) {
   return 0;
 }
 
-int loom__resolve(const char *network, const char *addr, bool passive,
-                  loom__addrs *out) {
-  if (network == NULL || addr == NULL)
+int loom__parse_addr(const char *network, const char *addr, bool passive,
+                     loom__addrs *out, char *host, size_t hostlen,
+                     int *family_out, int *port_out) {
+  if (network == NULL || addr == NULL || hostlen < 64)
     return LOOM_EBADADDR;
   memset(out, 0, sizeof *out);
   int family;
@@ -178,9 +179,8 @@ int loom__resolve(const char *network, const char *addr, bool passive,
   if (family == AF_UNIX)
     return resolve_unix(addr, out);
 
-  char host[256];
   int port;
-  int err = split_host_port(addr, host, sizeof host, &port);
+  int err = split_host_port(addr, host, hostlen, &port);
   if (err != 0)
     return err;
   if (host[0] == '\0') {
@@ -193,14 +193,26 @@ int loom__resolve(const char *network, const char *addr, bool passive,
         numeric(AF_INET, "0.0.0.0", port, out); /* fallback */
       return 0;
     }
-    snprintf(host, sizeof host, "%s",
-             family == AF_INET6 ? "::1" : "127.0.0.1");
+    snprintf(host, hostlen, "%s", family == AF_INET6 ? "::1" : "127.0.0.1");
   }
   if (numeric(family, host, port, out))
     return 0;
-  if (strchr(host, '%') != NULL || strspn(host, "0123456789.:") ==
-                                       strlen(host))
+  if (strchr(host, '%') != NULL ||
+      strspn(host, "0123456789.:") == strlen(host))
     return LOOM_EBADADDR; /* looks numeric but is not a valid address */
+  *family_out = family;
+  *port_out = port;
+  return LOOM__NEED_LOOKUP;
+}
+
+int loom__resolve(const char *network, const char *addr, bool passive,
+                  loom__addrs *out) {
+  char host[256];
+  int family = 0, port = 0;
+  int err = loom__parse_addr(network, addr, passive, out, host, sizeof host,
+                             &family, &port);
+  if (err != LOOM__NEED_LOOKUP)
+    return err;
   struct lookup lk = {host, family, out->type, port, out, 0};
   return lookup(&lk);
 }

@@ -29,6 +29,17 @@ typedef struct loom__addrs {
 int loom__resolve(const char *network, const char *addr, bool passive,
                   loom__addrs *out);
 
+/*
+ * The parsing half of loom__resolve: no I/O.  Returns 0 with `out` filled
+ * for numeric addresses and paths, LOOM__NEED_LOOKUP with the host name
+ * in `host` (hostlen >= 64) and its family and port when a resolver must
+ * be asked, or an error as loom__resolve.  The fuzz target's entry.
+ */
+#define LOOM__NEED_LOOKUP 1
+int loom__parse_addr(const char *network, const char *addr, bool passive,
+                     loom__addrs *out, char *host, size_t hostlen,
+                     int *family, int *port);
+
 /* "1.2.3.4:80", "[::1]:80", a Unix path ("@name" for abstract), or
  * -ENOSPC if `buf` is too small. */
 int loom__format_addr(const struct sockaddr *sa, socklen_t len, char *buf,
