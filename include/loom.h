@@ -3,6 +3,7 @@
 #define LOOM_H
 
 #include "loom/alloc.h"
+#include "loom/chan.h"
 #include "loom/error.h"
 #include "loom/fd.h"
 #include "loom/net.h"

@@ -207,7 +207,8 @@ static loom__g *set_one(loom__pd *pd, loom__p *p, int mode, int64_t d,
     pd->rseq++;
   else
     pd->wseq++;
-  loom__timer_del(t);
+  loom__timer_stop(t); /* we hold pd's lock, which a running fn takes;
+                          the sequence number makes that fn a no-op */
   int64_t *slot = mode == 'r' ? &pd->rd : &pd->wd;
   if (d == 0) {
     *slot = 0;

@@ -248,6 +248,11 @@ static void custom_unlink(loom__rt *rt, loom__g *g) {
 static void g_free(loom__rt *rt, loom__p *p, loom__g *g) {
   atomic_store_explicit(&g->status, G_IDLE, memory_order_relaxed);
   if (g->custom_stack) {
+    /* The timer that woke g may still be finishing on another thread
+     * (timers_run clears `running` after its fn returns): the G, and so
+     * the timer, must outlive that before the mapping goes. */
+    while (atomic_load_explicit(&g->timer.running, memory_order_acquire))
+      sched_yield();
     custom_unlink(rt, g);
 #ifdef LOOM_TSAN
     __tsan_destroy_fiber(g->tsan_fiber);

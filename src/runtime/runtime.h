@@ -87,6 +87,8 @@ struct loom__g {
   uint32_t lockcount;       /* loom_pin nesting */
   int err;                  /* errno while switched out */
   uint32_t io_streak;       /* I/O calls in a row that did not park */
+  _Atomic uint64_t wait_word; /* chan waits: seq << 1 | claimed */
+  uint64_t wait_timer_seq;  /* the seq its deadline timer may claim */
   void **locals;            /* loom_local slots, allocated on first set */
   const void *spawn_pc;     /* return address of the loom_go call */
   const char *wait_reason;  /* why it is parked, for the debugger */

@@ -10,6 +10,7 @@
 #include "runtime/timer.h"
 
 #include <errno.h>
+#include <sched.h>
 #include <stdatomic.h>
 
 #include "runtime/alloc.h"
@@ -138,6 +139,14 @@ void loom__timer_add(loom__timers *ts, loom__timer *t, int64_t when) {
 }
 
 bool loom__timer_del(loom__timer *t) {
+  if (loom__timer_stop(t))
+    return true;
+  while (atomic_load_explicit(&t->running, memory_order_acquire))
+    sched_yield(); /* fn is a few hundred instructions */
+  return false;
+}
+
+bool loom__timer_stop(loom__timer *t) {
   for (;;) {
     loom__timers *ts = atomic_load_explicit(&t->heap, memory_order_acquire);
     if (ts == NULL)
@@ -158,10 +167,12 @@ int64_t loom__timers_run(loom__timers *ts, int64_t now) {
   lock(ts);
   while (ts->len > 0 && ts->h[0]->when <= now) {
     loom__timer *t = ts->h[0];
-    remove_at(ts, 0);
+    atomic_store_explicit(&t->running, 1, memory_order_relaxed);
+    remove_at(ts, 0); /* publishes heap = NULL with release */
     publish(ts);
     unlock(ts);
     t->fn(t, t->arg);
+    atomic_store_explicit(&t->running, 0, memory_order_release);
     lock(ts);
   }
   next = ts->len ? ts->h[0]->when : 0;

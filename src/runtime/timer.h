@@ -5,8 +5,10 @@
  * P that owns the heap; deleting and running may happen from any thread
  * (a thief runs its victim's expired timers), under the heap's spinlock.
  * `fn` runs without the lock held, on a scheduler path: it must be short
- * and must not park (readying a G is the usual body).  A timer whose
- * loom__timer_del returned false may still be running its `fn`.
+ * and must not park (readying a G is the usual body).  loom__timer_del
+ * waits for an `fn` that is running at that moment to finish (Go's
+ * deltimer does the same), so after it returns the timer may be reused;
+ * `fn` must therefore never delete its own timer.
  */
 #ifndef LOOM_RUNTIME_TIMER_H
 #define LOOM_RUNTIME_TIMER_H
@@ -24,6 +26,7 @@ struct loom__timer {
   void *arg;
   _Atomic(loom__timers *) heap;   /* heap holding it, NULL if not pending */
   int32_t idx;                    /* position in that heap */
+  _Atomic int running;            /* fn is executing (see timer_del) */
 };
 
 struct loom__timers {
@@ -40,8 +43,13 @@ void loom__timers_destroy(loom__timers *ts);
 int loom__timers_reserve(loom__timers *ts, int n);
 /* Add `t` to fire at `when`; room must have been reserved. */
 void loom__timer_add(loom__timers *ts, loom__timer *t, int64_t when);
-/* Remove `t` if pending; true if this call stopped it from firing. */
+/* Remove `t` if pending; true if this call stopped it from firing.  If
+ * its fn is running, waits for it to return. */
 bool loom__timer_del(loom__timer *t);
+/* Like loom__timer_del but never waits: a running fn may still be
+ * running.  For callers that hold a lock fn takes (and so rely on a
+ * sequence number to make a late fn harmless). */
+bool loom__timer_stop(loom__timer *t);
 /* Run every timer due at `now`; returns the next deadline (0: none). */
 int64_t loom__timers_run(loom__timers *ts, int64_t now);
 int loom__timers_len(loom__timers *ts);

@@ -1,0 +1,549 @@
+/*
+ * chan.c — channels and select (Go's runtime/chan.go and select.go, in C).
+ *
+ * A channel is a ring buffer plus two FIFO queues of waiters (sudogs):
+ * senders waiting for room or a receiver, receivers waiting for an
+ * element or a sender.  All of it is protected by the channel's spinlock,
+ * held for a few hundred instructions at most and never while parked:
+ * a coroutine parks with loom__park whose commit releases the lock once
+ * the coroutine is off its stack; a plain thread releases it and sleeps
+ * on a futex note.
+ *
+ * Hand-off: a sender that finds a parked receiver copies the element
+ * straight into the receiver's destination and wakes it (and vice versa),
+ * so an unbuffered channel never copies twice.
+ *
+ * Claiming.  A waiter can sit on several queues (select) and have a
+ * deadline.  Whoever completes it — a channel operation, a close, the
+ * deadline timer — must first claim it by a CAS on its wait word, which
+ * holds (sequence << 1 | claimed).  Exactly one claim succeeds; the others
+ * skip that sudog.  The sequence makes a deadline timer that fires late,
+ * into a later wait of the same coroutine, fail its CAS: the word has
+ * moved on.
+ *
+ * Lock order for select: channels in ascending address order, each once;
+ * so two selects over the same channels in different orders cannot
+ * deadlock (Go's sellock).
+ */
+#include <errno.h>
+#include <stdatomic.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "loom/chan.h"
+#include "runtime/alloc.h"
+#include "runtime/note.h"
+#include "runtime/runtime.h"
+
+typedef struct waiter {
+  loom__g *g;                /* coroutine, or NULL for a plain thread */
+  loom__note note;           /* a thread sleeps here */
+  _Atomic uint64_t own_word; /* a thread's wait word */
+  _Atomic uint64_t *word;    /* &g->wait_word or &own_word */
+  uint64_t seq;
+  int fired;                 /* case index that completed it; -1: timeout */
+} waiter;
+
+typedef struct sudog {
+  waiter *w;
+  struct sudog *next, *prev;
+  loom_chan *c;
+  void *elem;   /* send: source; recv: destination (NULL: drop) */
+  int idx;      /* case index */
+  bool success; /* set by the claimant: transferred (true) or closed */
+  bool queued;  /* still linked on c's queue */
+  bool send;
+} sudog;
+
+typedef struct waitq {
+  sudog *head, *tail;
+} waitq;
+
+struct loom_chan {
+  _Atomic int lock;
+  size_t esize, cap;
+  size_t count, sendx, recvx; /* the ring: count elements from recvx */
+  bool closed;
+  waitq recvq, sendq;
+  char *buf;
+};
+
+/* ---- locks, queues, claims -------------------------------------------- */
+
+static void lock(loom_chan *c) {
+  while (atomic_exchange_explicit(&c->lock, 1, memory_order_acquire))
+    while (atomic_load_explicit(&c->lock, memory_order_relaxed))
+      __builtin_ia32_pause();
+}
+
+static void unlock(loom_chan *c) {
+  atomic_store_explicit(&c->lock, 0, memory_order_release);
+}
+
+static void enqueue(waitq *q, sudog *s) {
+  s->next = NULL;
+  s->prev = q->tail;
+  if (q->tail != NULL)
+    q->tail->next = s;
+  else
+    q->head = s;
+  q->tail = s;
+  s->queued = true;
+}
+
+static void unlink_sudog(waitq *q, sudog *s) {
+  if (!s->queued)
+    return;
+  if (s->prev != NULL)
+    s->prev->next = s->next;
+  else
+    q->head = s->next;
+  if (s->next != NULL)
+    s->next->prev = s->prev;
+  else
+    q->tail = s->prev;
+  s->queued = false;
+}
+
+static bool claim(waiter *w) {
+  uint64_t expect = w->seq << 1;
+  return atomic_compare_exchange_strong_explicit(
+      w->word, &expect, expect | 1, memory_order_acq_rel,
+      memory_order_acquire);
+}
+
+/* The first waiter of q that we can claim, unlinked; NULL if none. */
+static sudog *dequeue(waitq *q) {
+  for (;;) {
+    sudog *s = q->head;
+    if (s == NULL)
+      return NULL;
+    unlink_sudog(q, s);
+    if (claim(s->w))
+      return s;
+    /* Claimed by another channel of its select, or by its deadline. */
+  }
+}
+
+static void wake(waiter *w) {
+  if (w->g != NULL)
+    loom__ready(w->g);
+  else
+    loom__note_wakeup(&w->note);
+}
+
+static void elem_copy(loom_chan *c, void *dst, const void *src) {
+  if (dst != NULL && c->esize != 0)
+    memcpy(dst, src, c->esize);
+}
+
+static char *slot(loom_chan *c, size_t i) {
+  return c->buf != NULL ? c->buf + i * c->esize : NULL; /* NULL: esize 0 */
+}
+
+/* ---- making and freeing ----------------------------------------------- */
+
+int loom_chan_make(loom_chan **out, size_t esize, size_t cap) {
+  if (out == NULL || (esize != 0 && cap > SIZE_MAX / esize))
+    return -EINVAL;
+  loom_chan *c = loom__calloc(1, sizeof *c);
+  if (c == NULL)
+    return -ENOMEM;
+  c->esize = esize;
+  c->cap = cap;
+  if (cap > 0 && esize > 0) {
+    c->buf = loom__malloc(cap * esize);
+    if (c->buf == NULL) {
+      loom__free(c);
+      return -ENOMEM;
+    }
+  }
+  *out = c;
+  return 0;
+}
+
+void loom_chan_free(loom_chan *c) {
+  if (c == NULL)
+    return;
+  if (c->recvq.head != NULL || c->sendq.head != NULL)
+    loom__throw("chan_free: coroutines or threads still wait on it");
+  loom__free(c->buf);
+  loom__free(c);
+}
+
+size_t loom_chan_len(loom_chan *c) {
+  lock(c);
+  size_t n = c->count;
+  unlock(c);
+  return n;
+}
+
+size_t loom_chan_cap(loom_chan *c) { return c->cap; }
+
+/* ---- the operations on a locked channel -------------------------------- */
+
+/* Try to complete a send now.  1 done, -EPIPE closed, 0 would wait.
+ * Leaves c locked; fills *wk with a waiter to wake after unlocking. */
+static int try_send_locked(loom_chan *c, const void *elem, waiter **wk) {
+  if (c->closed)
+    return -EPIPE;
+  sudog *r = dequeue(&c->recvq);
+  if (r != NULL) {
+    elem_copy(c, r->elem, elem);
+    r->success = true;
+    r->w->fired = r->idx;
+    *wk = r->w;
+    return 1;
+  }
+  if (c->count < c->cap) {
+    elem_copy(c, slot(c, c->sendx), elem);
+    c->sendx = (c->sendx + 1) % c->cap;
+    c->count++;
+    return 1;
+  }
+  return 0;
+}
+
+/* Try to complete a receive now.  1 with an element, 2 closed and
+ * drained, 0 would wait. */
+static int try_recv_locked(loom_chan *c, void *elem, waiter **wk) {
+  sudog *s = dequeue(&c->sendq);
+  if (s != NULL) {
+    if (c->cap == 0) {
+      elem_copy(c, elem, s->elem);
+    } else {
+      /* Full buffer: take the head, and the sender's element goes to
+       * the tail (the slot just freed), keeping FIFO order. */
+      elem_copy(c, elem, slot(c, c->recvx));
+      elem_copy(c, slot(c, c->recvx), s->elem);
+      c->recvx = (c->recvx + 1) % c->cap;
+      c->sendx = c->recvx;
+    }
+    s->success = true;
+    s->w->fired = s->idx;
+    *wk = s->w;
+    return 1;
+  }
+  if (c->count > 0) {
+    elem_copy(c, elem, slot(c, c->recvx));
+    c->recvx = (c->recvx + 1) % c->cap;
+    c->count--;
+    return 1;
+  }
+  if (c->closed)
+    return 2;
+  return 0;
+}
+
+/* ---- waiting ------------------------------------------------------------ */
+
+static void waiter_init(waiter *w) {
+  w->g = loom__getg();
+  w->fired = -1;
+  if (w->g != NULL) {
+    w->word = &w->g->wait_word;
+    w->seq = (atomic_load(w->word) >> 1) + 1;
+  } else {
+    loom__note_clear(&w->note);
+    w->word = &w->own_word;
+    w->seq = 1;
+  }
+  atomic_store_explicit(w->word, w->seq << 1, memory_order_release);
+}
+
+struct park_arg {
+  loom_chan **locked; /* channels to unlock, in order */
+  int nlocked;
+  int64_t deadline;
+};
+
+static void deadline_fire(loom__timer *t, void *arg) {
+  (void)t;
+  loom__g *g = arg;
+  uint64_t expect = g->wait_timer_seq << 1;
+  if (atomic_compare_exchange_strong(&g->wait_word, &expect, expect | 1))
+    loom__ready(g);
+}
+
+static bool park_commit(loom__g *g, void *arg) {
+  struct park_arg *pa = arg;
+  if (pa->deadline != 0) {
+    loom__m *m = loom__getm();
+    g->timer.fn = deadline_fire;
+    g->timer.arg = g;
+    g->wait_timer_seq = atomic_load(&g->wait_word) >> 1;
+    loom__timer_add(&m->p->timers, &g->timer, pa->deadline);
+    loom__wake_netpoller(m->rt, pa->deadline);
+  }
+  for (int i = pa->nlocked - 1; i >= 0; i--)
+    unlock(pa->locked[i]);
+  return true;
+}
+
+/* Wait for a claim, with the channels in `locked` held (released here).
+ * On return the waiter is claimed: w->fired says by which case (-1: the
+ * deadline). */
+static void wait_claimed(waiter *w, loom_chan **locked, int nlocked,
+                         int64_t deadline) {
+  if (w->g != NULL) {
+    if (deadline != 0 &&
+        loom__timers_reserve(&loom__getm()->p->timers, 1) != 0)
+      deadline = loom_now() + 1000000; /* out of memory: poll every ms */
+    struct park_arg pa = {locked, nlocked, deadline};
+    loom__park(park_commit, &pa, "chan");
+    if (deadline != 0)
+      loom__timer_del(&w->g->timer);
+    return;
+  }
+  for (int i = nlocked - 1; i >= 0; i--)
+    unlock(locked[i]);
+  if (deadline == 0) {
+    loom__note_sleep(&w->note);
+    return;
+  }
+  int64_t left = deadline - loom_now();
+  if (loom__note_tsleep(&w->note, left > 0 ? left : 0))
+    return;
+  if (claim(w))
+    return; /* timed out: w->fired stays -1 */
+  loom__note_sleep(&w->note); /* a claimant is on its way */
+}
+
+/* ---- single operations --------------------------------------------------- */
+
+static int send_impl(loom_chan *c, const void *elem, bool block,
+                     int64_t deadline) {
+  if (c == NULL)
+    return -EINVAL;
+  waiter *wk = NULL;
+  lock(c);
+  int r = try_send_locked(c, elem, &wk);
+  if (r != 0 || !block || (deadline != 0 && deadline <= loom_now())) {
+    unlock(c);
+    if (wk != NULL)
+      wake(wk);
+    return r == 1 ? 0 : r != 0 ? r : block ? -ETIMEDOUT : -EAGAIN;
+  }
+  waiter w;
+  waiter_init(&w);
+  sudog s = {.w = &w, .c = c, .elem = (void *)(uintptr_t)elem, .idx = 0,
+             .send = true};
+  enqueue(&c->sendq, &s);
+  loom_chan *locked[1] = {c};
+  wait_claimed(&w, locked, 1, deadline);
+  if (w.fired < 0) {
+    lock(c);
+    unlink_sudog(&c->sendq, &s);
+    unlock(c);
+    return -ETIMEDOUT;
+  }
+  return s.success ? 0 : -EPIPE;
+}
+
+static int recv_impl(loom_chan *c, void *elem, bool block, int64_t deadline) {
+  if (c == NULL)
+    return -EINVAL;
+  waiter *wk = NULL;
+  lock(c);
+  int r = try_recv_locked(c, elem, &wk);
+  if (r != 0 || !block || (deadline != 0 && deadline <= loom_now())) {
+    unlock(c);
+    if (wk != NULL)
+      wake(wk);
+    return r == 1 ? 1 : r == 2 ? 0 : block ? -ETIMEDOUT : -EAGAIN;
+  }
+  waiter w;
+  waiter_init(&w);
+  sudog s = {.w = &w, .c = c, .elem = elem, .idx = 0, .send = false};
+  enqueue(&c->recvq, &s);
+  loom_chan *locked[1] = {c};
+  wait_claimed(&w, locked, 1, deadline);
+  if (w.fired < 0) {
+    lock(c);
+    unlink_sudog(&c->recvq, &s);
+    unlock(c);
+    return -ETIMEDOUT;
+  }
+  return s.success ? 1 : 0;
+}
+
+int loom_chan_send(loom_chan *c, const void *elem) {
+  return send_impl(c, elem, true, 0);
+}
+int loom_chan_send_until(loom_chan *c, const void *elem, int64_t deadline) {
+  return send_impl(c, elem, true, deadline);
+}
+int loom_chan_try_send(loom_chan *c, const void *elem) {
+  return send_impl(c, elem, false, 0);
+}
+int loom_chan_recv(loom_chan *c, void *elem) {
+  return recv_impl(c, elem, true, 0);
+}
+int loom_chan_recv_until(loom_chan *c, void *elem, int64_t deadline) {
+  return recv_impl(c, elem, true, deadline);
+}
+int loom_chan_try_recv(loom_chan *c, void *elem) {
+  return recv_impl(c, elem, false, 0);
+}
+
+int loom_chan_close(loom_chan *c) {
+  if (c == NULL)
+    return -EINVAL;
+  lock(c);
+  if (c->closed) {
+    unlock(c);
+    return -EPIPE;
+  }
+  c->closed = true;
+  /* Collect every claimable waiter, then wake them unlocked. */
+  sudog *woken = NULL;
+  for (int q = 0; q < 2; q++) {
+    sudog *s;
+    while ((s = dequeue(q == 0 ? &c->recvq : &c->sendq)) != NULL) {
+      s->success = false;
+      s->w->fired = s->idx;
+      s->next = woken;
+      woken = s;
+    }
+  }
+  unlock(c);
+  while (woken != NULL) {
+    sudog *next = woken->next; /* read before waking: s is on its stack */
+    wake(woken->w);
+    woken = next;
+  }
+  return 0;
+}
+
+/* ---- select --------------------------------------------------------------- */
+
+static uint32_t rand_u32(void) {
+  static _Atomic uint64_t state = 0x9E3779B97F4A7C15u;
+  uint64_t x = atomic_fetch_add(&state, 0x9E3779B97F4A7C15u);
+  x ^= x >> 33;
+  x *= 0xff51afd7ed558ccdu;
+  x ^= x >> 33;
+  return (uint32_t)x;
+}
+
+static int cmp_chan(const void *a, const void *b) {
+  uintptr_t x = (uintptr_t) * (loom_chan *const *)a;
+  uintptr_t y = (uintptr_t) * (loom_chan *const *)b;
+  return x < y ? -1 : x > y;
+}
+
+#define SELECT_MAX 1024
+
+int loom_select(loom_case *cases, int n, int64_t deadline) {
+  if (n < 0 || n > SELECT_MAX || (n > 0 && cases == NULL))
+    return -EINVAL;
+  for (int i = 0; i < n; i++)
+    if (cases[i].chan != NULL && cases[i].dir != LOOM_SEND &&
+        cases[i].dir != LOOM_RECV)
+      return -EINVAL;
+  bool nowait = deadline == LOOM_SELECT_NOWAIT;
+
+  /* Scratch: the poll order, the lock order, the sudogs.  Small selects
+   * stay on the stack. */
+  int order_s[8];
+  loom_chan *locks_s[8];
+  sudog sg_s[8];
+  int *order = order_s;
+  loom_chan **locks = locks_s;
+  sudog *sg = sg_s;
+  if (n > 8) {
+    order = loom__malloc((size_t)n * sizeof *order);
+    locks = loom__malloc((size_t)n * sizeof *locks);
+    sg = loom__calloc((size_t)n, sizeof *sg);
+    if (order == NULL || locks == NULL || sg == NULL) {
+      loom__free(order);
+      loom__free(locks);
+      loom__free(sg);
+      return -ENOMEM;
+    }
+  }
+
+  /* A random permutation for polling; channels sorted, deduplicated. */
+  int nl = 0;
+  for (int i = 0; i < n; i++) {
+    int j = (int)(rand_u32() % (uint32_t)(i + 1));
+    order[i] = order[j];
+    order[j] = i;
+    if (cases[i].chan != NULL)
+      locks[nl++] = cases[i].chan;
+  }
+  qsort(locks, (size_t)nl, sizeof *locks, cmp_chan);
+  int nu = 0;
+  for (int i = 0; i < nl; i++)
+    if (nu == 0 || locks[nu - 1] != locks[i])
+      locks[nu++] = locks[i];
+  for (int i = 0; i < nu; i++)
+    lock(locks[i]);
+
+  int result = -1;
+  waiter *wk = NULL;
+  for (int k = 0; k < n && result < 0; k++) {
+    loom_case *cs = &cases[order[k]];
+    if (cs->chan == NULL)
+      continue;
+    int r = cs->dir == LOOM_SEND ? try_send_locked(cs->chan, cs->elem, &wk)
+                                 : try_recv_locked(cs->chan, cs->elem, &wk);
+    if (r == 0)
+      continue;
+    result = order[k];
+    cs->ok = r == 1; /* -EPIPE (send) or 2 (recv): the channel closed */
+  }
+  if (result >= 0 || nowait || (deadline != 0 && deadline <= loom_now())) {
+    for (int i = nu - 1; i >= 0; i--)
+      unlock(locks[i]);
+    if (wk != NULL)
+      wake(wk);
+    if (result < 0)
+      result = nowait ? -EAGAIN : -ETIMEDOUT;
+    goto out;
+  }
+  if (nu == 0 && deadline == 0) {
+    /* No channel and no deadline: Go's select {} blocks forever; we
+     * refuse instead of hanging the caller. */
+    result = -EINVAL;
+    goto out;
+  }
+
+  /* Nothing ready: queue a sudog on every channel, then wait. */
+  waiter w;
+  waiter_init(&w);
+  for (int i = 0; i < n; i++) {
+    loom_case *cs = &cases[i];
+    sg[i] = (sudog){.w = &w, .c = cs->chan, .elem = cs->elem, .idx = i,
+                    .send = cs->dir == LOOM_SEND};
+    if (cs->chan != NULL)
+      enqueue(cs->dir == LOOM_SEND ? &cs->chan->sendq : &cs->chan->recvq,
+              &sg[i]);
+  }
+  wait_claimed(&w, locks, nu, deadline);
+
+  /* Take our other sudogs off their queues. */
+  for (int i = 0; i < nu; i++)
+    lock(locks[i]);
+  for (int i = 0; i < n; i++)
+    if (cases[i].chan != NULL)
+      unlink_sudog(sg[i].send ? &cases[i].chan->sendq
+                              : &cases[i].chan->recvq,
+                   &sg[i]);
+  for (int i = nu - 1; i >= 0; i--)
+    unlock(locks[i]);
+  if (w.fired < 0) {
+    result = -ETIMEDOUT;
+  } else {
+    result = w.fired;
+    cases[result].ok = sg[result].success;
+  }
+
+out:
+  if (n > 8) {
+    loom__free(order);
+    loom__free(locks);
+    loom__free(sg);
+  }
+  return result;
+}

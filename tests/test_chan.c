@@ -1,0 +1,322 @@
+/*
+ * test_chan.c — channels and select against the Go behaviour each case
+ * mirrors: hand-off order, close with buffered data, select fairness,
+ * select with deadline and nowait, no deadlock among selects over the
+ * same channels in different orders, and threads talking to coroutines.
+ */
+#include <errno.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+
+#include "check.h"
+#include "loom.h"
+
+/* ------------------------------------------------------------------ */
+/* Unbuffered: FIFO among waiting senders; the hand-off is direct.      */
+
+static loom_chan *uc;
+static void sender(void *arg) {
+  long v = (long)arg;
+  CHECK_OK(loom_chan_send(uc, &v));
+}
+
+static void unbuffered_main(void *arg) {
+  (void)arg;
+  CHECK_OK(loom_chan_make(&uc, sizeof(long), 0));
+  CHECK_EQ(loom_chan_cap(uc), 0);
+  long v;
+  CHECK_ERR(loom_chan_try_recv(uc, &v), -EAGAIN);
+  CHECK_ERR(loom_chan_try_send(uc, &v), -EAGAIN); /* nobody receives */
+  /* Senders park in spawn order (1 P, each runs until it parks). */
+  for (long i = 0; i < 100; i++) {
+    CHECK_OK(loom_go(sender, (void *)i));
+    loom_yield();
+  }
+  for (long i = 0; i < 100; i++) {
+    CHECK_EQ(loom_chan_recv(uc, &v), 1);
+    CHECK_EQ(v, i); /* FIFO */
+  }
+  CHECK_EQ(loom_chan_len(uc), 0);
+  loom_chan_free(uc);
+}
+
+TEST(unbuffered_fifo_handoff) { check_run(unbuffered_main, NULL, 1); }
+
+/* Ping-pong across Ps: every value arrives exactly once, in order. */
+static loom_chan *ping, *pong;
+static void ponger(void *arg) {
+  long n = (long)arg, v;
+  for (long i = 0; i < n; i++) {
+    CHECK_EQ(loom_chan_recv(ping, &v), 1);
+    CHECK_EQ(v, i);
+    CHECK_OK(loom_chan_send(pong, &v));
+  }
+}
+static void pingpong_main(void *arg) {
+  (void)arg;
+  long n = CHECK_SCALE(200000, 50000, 20000), v;
+  CHECK_OK(loom_chan_make(&ping, sizeof(long), 0));
+  CHECK_OK(loom_chan_make(&pong, sizeof(long), 0));
+  CHECK_OK(loom_go(ponger, (void *)n));
+  for (long i = 0; i < n; i++) {
+    CHECK_OK(loom_chan_send(ping, &i));
+    CHECK_EQ(loom_chan_recv(pong, &v), 1);
+    CHECK_EQ(v, i);
+  }
+  loom_sleep(CHECK_MS);
+  loom_chan_free(ping);
+  loom_chan_free(pong);
+}
+TEST(pingpong_two_procs) { check_run(pingpong_main, NULL, 2); }
+
+/* ------------------------------------------------------------------ */
+/* Buffered: FIFO through a full buffer with waiting senders; close     */
+/* with buffered data drains, then reports closed; send after close.    */
+
+static loom_chan *bc;
+static void bsender(void *arg) {
+  long v = (long)arg;
+  CHECK_OK(loom_chan_send(bc, &v));
+}
+static void buffered_main(void *arg) {
+  (void)arg;
+  CHECK_OK(loom_chan_make(&bc, sizeof(long), 4));
+  for (long i = 0; i < 4; i++)
+    CHECK_OK(loom_chan_try_send(bc, &i));
+  long v = 99;
+  CHECK_ERR(loom_chan_try_send(bc, &v), -EAGAIN);
+  CHECK_EQ(loom_chan_len(bc), 4);
+  for (long i = 4; i < 10; i++) { /* these wait for room, in order */
+    CHECK_OK(loom_go(bsender, (void *)i));
+    loom_yield();
+  }
+  for (long i = 0; i < 10; i++) {
+    CHECK_EQ(loom_chan_recv(bc, &v), 1);
+    CHECK_EQ(v, i);
+  }
+  /* close with data buffered */
+  for (long i = 0; i < 3; i++)
+    CHECK_OK(loom_chan_send(bc, &i));
+  CHECK_OK(loom_chan_close(bc));
+  CHECK_ERR(loom_chan_close(bc), -EPIPE);
+  CHECK_ERR(loom_chan_send(bc, &v), -EPIPE);
+  for (long i = 0; i < 3; i++) {
+    CHECK_EQ(loom_chan_recv(bc, &v), 1);
+    CHECK_EQ(v, i);
+  }
+  v = 77;
+  CHECK_EQ(loom_chan_recv(bc, &v), 0); /* closed and drained */
+  CHECK_EQ(v, 77);                     /* untouched */
+  CHECK_EQ(loom_chan_try_recv(bc, &v), 0);
+  loom_chan_free(bc);
+}
+TEST(buffered_fifo_and_close) { check_run(buffered_main, NULL, 1); }
+
+/* Close wakes every waiter: receivers see closed, senders -EPIPE. */
+static loom_chan *cc;
+static atomic_int closed_recv, closed_send;
+static void crecv(void *arg) {
+  (void)arg;
+  long v;
+  if (loom_chan_recv(cc, &v) == 0)
+    atomic_fetch_add(&closed_recv, 1);
+}
+static void csend(void *arg) {
+  (void)arg;
+  long v = 1;
+  if (loom_chan_send(cc, &v) == -EPIPE)
+    atomic_fetch_add(&closed_send, 1);
+}
+static void close_main(void *arg) {
+  (void)arg;
+  loom_chan *c2;
+  CHECK_OK(loom_chan_make(&cc, sizeof(long), 0));
+  CHECK_OK(loom_chan_make(&c2, sizeof(long), 0));
+  for (int i = 0; i < 50; i++)
+    CHECK_OK(loom_go(crecv, NULL));
+  loom_sleep(10 * CHECK_MS);
+  CHECK_OK(loom_chan_close(cc));
+  while (atomic_load(&closed_recv) < 50)
+    loom_sleep(CHECK_MS);
+  loom_chan_free(cc);
+  cc = c2;
+  for (int i = 0; i < 50; i++)
+    CHECK_OK(loom_go(csend, NULL));
+  loom_sleep(10 * CHECK_MS);
+  CHECK_OK(loom_chan_close(cc));
+  while (atomic_load(&closed_send) < 50)
+    loom_sleep(CHECK_MS);
+  loom_chan_free(cc);
+}
+TEST(close_wakes_everyone) { check_run(close_main, NULL, 2); }
+
+/* ------------------------------------------------------------------ */
+/* Deadlines and nowait.                                                */
+
+static void deadline_main(void *arg) {
+  (void)arg;
+  loom_chan *c;
+  long v = 0;
+  CHECK_OK(loom_chan_make(&c, sizeof(long), 0));
+  int64_t t0 = loom_now();
+  CHECK_ERR(loom_chan_recv_until(c, &v, t0 + 20 * CHECK_MS), -ETIMEDOUT);
+  CHECK_GE(loom_now() - t0, 20 * CHECK_MS);
+  CHECK_ERR(loom_chan_send_until(c, &v, loom_now() + 5 * CHECK_MS),
+            -ETIMEDOUT);
+  loom_case cs[2] = {{c, LOOM_RECV, &v, false}, {NULL, LOOM_SEND, &v, false}};
+  CHECK_ERR(loom_select(cs, 2, LOOM_SELECT_NOWAIT), -EAGAIN);
+  t0 = loom_now();
+  CHECK_ERR(loom_select(cs, 2, t0 + 20 * CHECK_MS), -ETIMEDOUT);
+  CHECK_GE(loom_now() - t0, 20 * CHECK_MS);
+  CHECK_ERR(loom_select(NULL, 0, 0), -EINVAL); /* would wait forever */
+  /* A timed-out waiter left no trace: the next exchange works. */
+  uc = c; /* the sender sends on uc */
+  CHECK_OK(loom_go(sender, (void *)5L));
+  CHECK_EQ(loom_select(cs, 2, loom_now() + 5000 * CHECK_MS), 0);
+  CHECK(cs[0].ok);
+  CHECK_EQ(v, 5);
+  loom_chan_free(c);
+}
+TEST(deadlines_and_nowait) { check_run(deadline_main, NULL, 2); }
+
+/* ------------------------------------------------------------------ */
+/* Select fairness: two always-ready cases, each chosen 50% ± 1%.       */
+
+static void fair_main(void *arg) {
+  (void)arg;
+  loom_chan *a, *b;
+  CHECK_OK(loom_chan_make(&a, 0, 1));
+  CHECK_OK(loom_chan_make(&b, 0, 1));
+  int rounds = 100000, hits[2] = {0, 0};
+  for (int i = 0; i < rounds; i++) {
+    (void)loom_chan_try_send(a, NULL); /* -EAGAIN if still full */
+    (void)loom_chan_try_send(b, NULL);
+    loom_case cs[2] = {{a, LOOM_RECV, NULL, false}, {b, LOOM_RECV, NULL, false}};
+    int r = loom_select(cs, 2, 0);
+    CHECK(r == 0 || r == 1);
+    CHECK(cs[r].ok);
+    hits[r]++;
+  }
+  double share = (double)hits[0] / rounds;
+  printf("case 0 chosen %.3f%% of %d rounds\n", share * 100, rounds);
+  CHECK(share > 0.49 && share < 0.51);
+  loom_chan_free(a);
+  loom_chan_free(b);
+}
+TEST(select_fairness) { check_run(fair_main, NULL, 1); }
+
+/* ------------------------------------------------------------------ */
+/* No deadlock: many coroutines select over the same channels in        */
+/* different orders, sending and receiving, on all Ps.                  */
+
+#define NCH 4
+static loom_chan *chs[NCH];
+static atomic_long moved;
+static atomic_int stress_done;
+static void selector(void *arg) {
+  long id = (long)arg;
+  long v = id;
+  int iters = CHECK_SCALE(5000, 2000, 500);
+  for (int i = 0; i < iters; i++) {
+    loom_case cs[NCH];
+    for (int k = 0; k < NCH; k++) {
+      int ch = (int)((id + k) % NCH); /* a different order each */
+      cs[k] = (loom_case){chs[ch], ((id + k + i) & 1) ? LOOM_SEND : LOOM_RECV,
+                          &v, false};
+    }
+    /* Near the end nobody may be left to pair with: a deadline. */
+    int r = loom_select(cs, NCH, loom_now() + 50 * CHECK_MS);
+    CHECKF(r >= 0 || r == -ETIMEDOUT, "select %ld/%d: %s", id, i,
+           loom_strerror(r));
+    if (r >= 0)
+      atomic_fetch_add(&moved, 1);
+  }
+  atomic_fetch_add(&stress_done, 1);
+}
+static void stress_main(void *arg) {
+  (void)arg;
+  for (int k = 0; k < NCH; k++)
+    CHECK_OK(loom_chan_make(&chs[k], sizeof(long), (size_t)k)); /* 0..3 */
+  int n = 16;
+  for (long i = 0; i < n; i++)
+    CHECK_OK(loom_go(selector, (void *)i));
+  int64_t end = loom_now() + 20000 * CHECK_MS;
+  while (atomic_load(&stress_done) < n) {
+    CHECKF(loom_now() < end, "selects made no progress: deadlock?");
+    loom_sleep(5 * CHECK_MS);
+  }
+  printf("%ld select operations completed\n", atomic_load(&moved));
+  CHECK_GT(atomic_load(&moved), n * CHECK_SCALE(5000, 2000, 500) / 2);
+  for (int k = 0; k < NCH; k++)
+    loom_chan_free(chs[k]);
+}
+TEST(select_stress_no_deadlock) { check_run(stress_main, NULL, 2); }
+
+/* ------------------------------------------------------------------ */
+/* Plain threads and coroutines on the same channel.                    */
+
+static loom_chan *tc;
+static void *thread_producer(void *arg) {
+  (void)arg;
+  for (long i = 0; i < 10000; i++)
+    CHECK_OK(loom_chan_send(tc, &i));
+  CHECK_OK(loom_chan_close(tc));
+  return NULL;
+}
+static atomic_long consumed;
+static void co_consumer(void *arg) {
+  (void)arg;
+  long v, last = -1;
+  while (loom_chan_recv(tc, &v) == 1) {
+    CHECK_EQ(v, last + 1);
+    last = v;
+    atomic_fetch_add(&consumed, 1);
+  }
+}
+static void thread_main(void *arg) {
+  (void)arg;
+  pthread_t t;
+  CHECK_OK(loom_chan_make(&tc, sizeof(long), 8));
+  CHECK_OK(loom_go(co_consumer, NULL));
+  CHECK_EQ(pthread_create(&t, NULL, thread_producer, NULL), 0);
+  while (atomic_load(&consumed) < 10000)
+    loom_sleep(CHECK_MS);
+  loom_block_enter();
+  pthread_join(t, NULL);
+  loom_block_exit();
+  loom_chan_free(tc);
+}
+TEST(thread_to_coroutine) { check_run(thread_main, NULL, 2); }
+
+/* Without any runtime: two threads, a deadline. */
+static loom_chan *nc;
+static void *thread_echo(void *arg) {
+  (void)arg;
+  long v;
+  while (loom_chan_recv(nc, &v) == 1)
+    (void)loom_chan_send(nc, &v);
+  return NULL;
+}
+TEST(threads_without_runtime) {
+  loom_chan *c;
+  long v = 1;
+  CHECK_OK(loom_chan_make(&c, sizeof(long), 0));
+  int64_t t0 = loom_now();
+  CHECK_ERR(loom_chan_recv_until(c, &v, t0 + 20 * CHECK_MS), -ETIMEDOUT);
+  CHECK_GE(loom_now() - t0, 20 * CHECK_MS);
+  nc = c;
+  pthread_t t;
+  CHECK_EQ(pthread_create(&t, NULL, thread_echo, NULL), 0);
+  for (long i = 0; i < 1000; i++) {
+    CHECK_OK(loom_chan_send(c, &i));
+    CHECK_EQ(loom_chan_recv(c, &v), 1);
+    CHECK_EQ(v, i);
+  }
+  CHECK_OK(loom_chan_close(c));
+  pthread_join(t, NULL);
+  loom_chan_free(c);
+}
+
+CHECK_MAIN()
