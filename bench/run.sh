@@ -16,10 +16,10 @@
 #                       (judged by the longest round so far); no run
 #                       goes on past BUDGET_S + 20 s either
 #   RUN_TIMEOUT_S=60    time limit of a single run
-#   YIELD_ITERS=5000000 SPAWN_N=1000000 PARKED_N=1000000
+#   YIELD_ITERS=5000000 SPAWN_N=1000000 PARKED_N=1000000 CHAN_N=1000000
 #   CPU_TASKS=400 CPU_ITERS=1000000
 #   SPAWN_YIELD_EVERY=256  the spawner yields every k spawns in case spawnk
-#   CASES="switch yield spawn spawnk parked cpu"   which cases to run
+#   CASES="switch yield spawn spawnk parked cpu chan"   which cases to run
 #   GO=go               the Go toolchain (Go 1.19+, standard library only)
 set -u -o pipefail
 
@@ -36,12 +36,13 @@ BUDGET_S=${BUDGET_S:-260}
 RUN_TIMEOUT_S=${RUN_TIMEOUT_S:-60}
 YIELD_ITERS=${YIELD_ITERS:-5000000}
 SPAWN_N=${SPAWN_N:-1000000}
+CHAN_N=${CHAN_N:-1000000}
 PARKED_N=${PARKED_N:-1000000}
 CPU_TASKS=${CPU_TASKS:-400}
 CPU_ITERS=${CPU_ITERS:-1000000}
 GO=${GO:-go}
 SPAWN_YIELD_EVERY=${SPAWN_YIELD_EVERY:-256}
-CASES=${CASES:-switch yield spawn spawnk parked cpu}
+CASES=${CASES:-switch yield spawn spawnk parked cpu chan}
 
 # The programs choose their processor counts themselves; do not let a
 # stray setting in the caller's environment change what is compared.
@@ -53,7 +54,7 @@ START=$SECONDS
 
 # ---- loom binaries -------------------------------------------------------
 have_loom=1
-for b in yield spawn parked cpu; do
+for b in yield spawn parked cpu chan; do
   if [[ ! -x $LOOM_BIN/$b ]]; then
     have_loom=0
   fi
@@ -83,7 +84,7 @@ fi
 mkdir -p "$GO_BIN"
 GOCACHE_TMP=$(mktemp -d)
 trap 'rm -rf "$GOCACHE_TMP"' EXIT
-for b in yield spawn parked cpu; do
+for b in yield spawn parked cpu chan; do
   if ! GOCACHE=$GOCACHE_TMP GO111MODULE=off GOFLAGS='' \
     "$GO" build -o "$GO_BIN/$b" "bench/go/$b.go"; then
     echo "run.sh: go build bench/go/$b.go failed" >&2
@@ -170,6 +171,14 @@ for ((r = 1; r <= ROUNDS; r++)); do
       fi
     done
   fi
+  if want chan; then
+    # Channels: unbuffered round trip (1 P, as Go's GOMAXPROCS=1), 4
+    # producers and 4 consumers over a 128-slot buffer, and a select over
+    # 4 channels fed by 4 senders (2 Ps).
+    for m in pingpong mpmc select; do
+      for s in "${sides[@]}"; do run "$s" "chan$m" "$(bin "$s" chan)" "$m" "$CHAN_N"; done
+    done
+  fi
   rounds_done=$r
   ((SECONDS - round_start > longest)) && longest=$((SECONDS - round_start))
 done
@@ -219,6 +228,9 @@ row "spawn+run+exit (cold)" ns/op spawn cold_ns_per_op
 row "spawn, yield/$SPAWN_YIELD_EVERY (warm)" ns/op spawnk ns_per_op "<=" 100
 row "spawn, yield/$SPAWN_YIELD_EVERY (cold)" ns/op spawnk cold_ns_per_op
 row "parked coroutine" KiB parked kib_per_op "<=" 4.5
+row "chan round trip, unbuf." ns/op chanpingpong ns_per_op "<=" 80
+row "chan 4x4 producers, buf." ns/op chanmpmc ns_per_op
+row "select over 4 channels" ns/op chanselect ns_per_op
 row "cpu-bound, 1 P" ms cpu1 ms
 row "cpu-bound, 2 P" ms cpu2 ms
 

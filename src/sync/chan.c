@@ -26,6 +26,7 @@
  * deadlock (Go's sellock).
  */
 #include <errno.h>
+#include <sched.h>
 #include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
@@ -71,9 +72,18 @@ struct loom_chan {
 /* ---- locks, queues, claims -------------------------------------------- */
 
 static void lock(loom_chan *c) {
-  while (atomic_exchange_explicit(&c->lock, 1, memory_order_acquire))
-    while (atomic_load_explicit(&c->lock, memory_order_relaxed))
-      __builtin_ia32_pause();
+  unsigned spins = 1;
+  while (atomic_exchange_explicit(&c->lock, 1, memory_order_acquire)) {
+    /* Back off while it is held: hammering the line slows the holder. */
+    do {
+      for (unsigned i = 0; i < spins; i++)
+        __builtin_ia32_pause();
+      if (spins < 64)
+        spins <<= 1;
+      else
+        sched_yield(); /* the holder may have lost its CPU */
+    } while (atomic_load_explicit(&c->lock, memory_order_relaxed));
+  }
 }
 
 static void unlock(loom_chan *c) {
@@ -472,7 +482,17 @@ int loom_select(loom_case *cases, int n, int64_t deadline) {
     if (cases[i].chan != NULL)
       locks[nl++] = cases[i].chan;
   }
-  qsort(locks, (size_t)nl, sizeof *locks, cmp_chan);
+  if (nl <= 16) { /* insertion sort: selects are small */
+    for (int i = 1; i < nl; i++) {
+      loom_chan *x = locks[i];
+      int j = i - 1;
+      for (; j >= 0 && (uintptr_t)locks[j] > (uintptr_t)x; j--)
+        locks[j + 1] = locks[j];
+      locks[j + 1] = x;
+    }
+  } else {
+    qsort(locks, (size_t)nl, sizeof *locks, cmp_chan);
+  }
   int nu = 0;
   for (int i = 0; i < nl; i++)
     if (nu == 0 || locks[nu - 1] != locks[i])
