@@ -43,6 +43,8 @@ typedef struct waiter {
   _Atomic uint64_t *word;    /* &g->wait_word or &own_word */
   uint64_t seq;
   int fired;                 /* case index that completed it; -1: timeout */
+  bool exclusive;            /* on one queue with no deadline: claims
+                                cannot race, so they skip the CAS */
 } waiter;
 
 typedef struct sudog {
@@ -116,6 +118,8 @@ static void unlink_sudog(waitq *q, sudog *s) {
 }
 
 static bool claim(waiter *w) {
+  if (w->exclusive)
+    return true; /* one queue, no deadline: nobody else can claim it */
   uint64_t expect = w->seq << 1;
   return atomic_compare_exchange_strong_explicit(
       w->word, &expect, expect | 1, memory_order_acq_rel,
@@ -247,9 +251,10 @@ static int try_recv_locked(loom_chan *c, void *elem, waiter **wk) {
 
 /* ---- waiting ------------------------------------------------------------ */
 
-static void waiter_init(waiter *w) {
+static void waiter_init(waiter *w, bool exclusive) {
   w->g = loom__getg();
   w->fired = -1;
+  w->exclusive = exclusive;
   if (w->g != NULL) {
     w->word = &w->g->wait_word;
     w->seq = (atomic_load(w->word) >> 1) + 1;
@@ -335,7 +340,7 @@ static int send_impl(loom_chan *c, const void *elem, bool block,
     return r == 1 ? 0 : r != 0 ? r : block ? -ETIMEDOUT : -EAGAIN;
   }
   waiter w;
-  waiter_init(&w);
+  waiter_init(&w, deadline == 0);
   sudog s = {.w = &w, .c = c, .elem = (void *)(uintptr_t)elem, .idx = 0,
              .send = true};
   enqueue(&c->sendq, &s);
@@ -363,7 +368,7 @@ static int recv_impl(loom_chan *c, void *elem, bool block, int64_t deadline) {
     return r == 1 ? 1 : r == 2 ? 0 : block ? -ETIMEDOUT : -EAGAIN;
   }
   waiter w;
-  waiter_init(&w);
+  waiter_init(&w, deadline == 0);
   sudog s = {.w = &w, .c = c, .elem = elem, .idx = 0, .send = false};
   enqueue(&c->recvq, &s);
   loom_chan *locked[1] = {c};
@@ -531,7 +536,7 @@ int loom_select(loom_case *cases, int n, int64_t deadline) {
 
   /* Nothing ready: queue a sudog on every channel, then wait. */
   waiter w;
-  waiter_init(&w);
+  waiter_init(&w, false);
   for (int i = 0; i < n; i++) {
     loom_case *cs = &cases[i];
     sg[i] = (sudog){.w = &w, .c = cs->chan, .elem = cs->elem, .idx = i,
