@@ -26,41 +26,18 @@
  * deadlock (Go's sellock).
  */
 #include <errno.h>
-#include <sched.h>
 #include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "loom/chan.h"
 #include "runtime/alloc.h"
-#include "runtime/note.h"
 #include "runtime/runtime.h"
+#include "sync/wait.h"
 
-typedef struct waiter {
-  loom__g *g;                /* coroutine, or NULL for a plain thread */
-  loom__note note;           /* a thread sleeps here */
-  _Atomic uint64_t own_word; /* a thread's wait word */
-  _Atomic uint64_t *word;    /* &g->wait_word or &own_word */
-  uint64_t seq;
-  int fired;                 /* case index that completed it; -1: timeout */
-  bool exclusive;            /* on one queue with no deadline: claims
-                                cannot race, so they skip the CAS */
-} waiter;
-
-typedef struct sudog {
-  waiter *w;
-  struct sudog *next, *prev;
-  loom_chan *c;
-  void *elem;   /* send: source; recv: destination (NULL: drop) */
-  int idx;      /* case index */
-  bool success; /* set by the claimant: transferred (true) or closed */
-  bool queued;  /* still linked on c's queue */
-  bool send;
-} sudog;
-
-typedef struct waitq {
-  sudog *head, *tail;
-} waitq;
+typedef loom__waiter waiter;
+typedef loom__wnode sudog;
+typedef loom__waitq waitq;
 
 struct loom_chan {
   _Atomic int lock;
@@ -73,78 +50,14 @@ struct loom_chan {
 
 /* ---- locks, queues, claims -------------------------------------------- */
 
-static void lock(loom_chan *c) {
-  unsigned spins = 1;
-  while (atomic_exchange_explicit(&c->lock, 1, memory_order_acquire)) {
-    /* Back off while it is held: hammering the line slows the holder. */
-    do {
-      for (unsigned i = 0; i < spins; i++)
-        __builtin_ia32_pause();
-      if (spins < 64)
-        spins <<= 1;
-      else
-        sched_yield(); /* the holder may have lost its CPU */
-    } while (atomic_load_explicit(&c->lock, memory_order_relaxed));
-  }
-}
+static void lock(loom_chan *c) { loom__spin_lock(&c->lock); }
+static void unlock(loom_chan *c) { loom__spin_unlock(&c->lock); }
 
-static void unlock(loom_chan *c) {
-  atomic_store_explicit(&c->lock, 0, memory_order_release);
-}
-
-static void enqueue(waitq *q, sudog *s) {
-  s->next = NULL;
-  s->prev = q->tail;
-  if (q->tail != NULL)
-    q->tail->next = s;
-  else
-    q->head = s;
-  q->tail = s;
-  s->queued = true;
-}
-
-static void unlink_sudog(waitq *q, sudog *s) {
-  if (!s->queued)
-    return;
-  if (s->prev != NULL)
-    s->prev->next = s->next;
-  else
-    q->head = s->next;
-  if (s->next != NULL)
-    s->next->prev = s->prev;
-  else
-    q->tail = s->prev;
-  s->queued = false;
-}
-
-static bool claim(waiter *w) {
-  if (w->exclusive)
-    return true; /* one queue, no deadline: nobody else can claim it */
-  uint64_t expect = w->seq << 1;
-  return atomic_compare_exchange_strong_explicit(
-      w->word, &expect, expect | 1, memory_order_acq_rel,
-      memory_order_acquire);
-}
-
-/* The first waiter of q that we can claim, unlinked; NULL if none. */
-static sudog *dequeue(waitq *q) {
-  for (;;) {
-    sudog *s = q->head;
-    if (s == NULL)
-      return NULL;
-    unlink_sudog(q, s);
-    if (claim(s->w))
-      return s;
-    /* Claimed by another channel of its select, or by its deadline. */
-  }
-}
-
-static void wake(waiter *w) {
-  if (w->g != NULL)
-    loom__ready(w->g);
-  else
-    loom__note_wakeup(&w->note);
-}
+#define enqueue loom__waitq_push
+#define unlink_sudog loom__waitq_unlink
+#define dequeue loom__waitq_pop
+#define wake loom__waiter_wake
+#define claim loom__waiter_claim
 
 static void elem_copy(loom_chan *c, void *dst, const void *src) {
   if (dst != NULL && c->esize != 0)
@@ -251,77 +164,23 @@ static int try_recv_locked(loom_chan *c, void *elem, waiter **wk) {
 
 /* ---- waiting ------------------------------------------------------------ */
 
-static void waiter_init(waiter *w, bool exclusive) {
-  w->g = loom__getg();
-  w->fired = -1;
-  w->exclusive = exclusive;
-  if (w->g != NULL) {
-    w->word = &w->g->wait_word;
-    w->seq = (atomic_load(w->word) >> 1) + 1;
-  } else {
-    loom__note_clear(&w->note);
-    w->word = &w->own_word;
-    w->seq = 1;
-  }
-  atomic_store_explicit(w->word, w->seq << 1, memory_order_release);
-}
+#define waiter_init loom__waiter_init
 
-struct park_arg {
+struct unlock_set {
   loom_chan **locked; /* channels to unlock, in order */
   int nlocked;
-  int64_t deadline;
 };
 
-static void deadline_fire(loom__timer *t, void *arg) {
-  (void)t;
-  loom__g *g = arg;
-  uint64_t expect = g->wait_timer_seq << 1;
-  if (atomic_compare_exchange_strong(&g->wait_word, &expect, expect | 1))
-    loom__ready(g);
+static void unlock_all(void *arg) {
+  struct unlock_set *u = arg;
+  for (int i = u->nlocked - 1; i >= 0; i--)
+    unlock(u->locked[i]);
 }
 
-static bool park_commit(loom__g *g, void *arg) {
-  struct park_arg *pa = arg;
-  if (pa->deadline != 0) {
-    loom__m *m = loom__getm();
-    g->timer.fn = deadline_fire;
-    g->timer.arg = g;
-    g->wait_timer_seq = atomic_load(&g->wait_word) >> 1;
-    loom__timer_add(&m->p->timers, &g->timer, pa->deadline);
-    loom__wake_netpoller(m->rt, pa->deadline);
-  }
-  for (int i = pa->nlocked - 1; i >= 0; i--)
-    unlock(pa->locked[i]);
-  return true;
-}
-
-/* Wait for a claim, with the channels in `locked` held (released here).
- * On return the waiter is claimed: w->fired says by which case (-1: the
- * deadline). */
 static void wait_claimed(waiter *w, loom_chan **locked, int nlocked,
                          int64_t deadline) {
-  if (w->g != NULL) {
-    if (deadline != 0 &&
-        loom__timers_reserve(&loom__getm()->p->timers, 1) != 0)
-      deadline = loom_now() + 1000000; /* out of memory: poll every ms */
-    struct park_arg pa = {locked, nlocked, deadline};
-    loom__park(park_commit, &pa, "chan");
-    if (deadline != 0)
-      loom__timer_del(&w->g->timer);
-    return;
-  }
-  for (int i = nlocked - 1; i >= 0; i--)
-    unlock(locked[i]);
-  if (deadline == 0) {
-    loom__note_sleep(&w->note);
-    return;
-  }
-  int64_t left = deadline - loom_now();
-  if (loom__note_tsleep(&w->note, left > 0 ? left : 0))
-    return;
-  if (claim(w))
-    return; /* timed out: w->fired stays -1 */
-  loom__note_sleep(&w->note); /* a claimant is on its way */
+  struct unlock_set u = {locked, nlocked};
+  loom__waiter_wait(w, unlock_all, &u, deadline);
 }
 
 /* ---- single operations --------------------------------------------------- */
@@ -341,7 +200,7 @@ static int send_impl(loom_chan *c, const void *elem, bool block,
   }
   waiter w;
   waiter_init(&w, deadline == 0);
-  sudog s = {.w = &w, .c = c, .elem = (void *)(uintptr_t)elem, .idx = 0,
+  sudog s = {.w = &w, .elem = (void *)(uintptr_t)elem, .idx = 0,
              .send = true};
   enqueue(&c->sendq, &s);
   loom_chan *locked[1] = {c};
@@ -369,7 +228,7 @@ static int recv_impl(loom_chan *c, void *elem, bool block, int64_t deadline) {
   }
   waiter w;
   waiter_init(&w, deadline == 0);
-  sudog s = {.w = &w, .c = c, .elem = elem, .idx = 0, .send = false};
+  sudog s = {.w = &w, .elem = elem, .idx = 0, .send = false};
   enqueue(&c->recvq, &s);
   loom_chan *locked[1] = {c};
   wait_claimed(&w, locked, 1, deadline);
@@ -539,7 +398,7 @@ int loom_select(loom_case *cases, int n, int64_t deadline) {
   waiter_init(&w, false);
   for (int i = 0; i < n; i++) {
     loom_case *cs = &cases[i];
-    sg[i] = (sudog){.w = &w, .c = cs->chan, .elem = cs->elem, .idx = i,
+    sg[i] = (sudog){.w = &w, .elem = cs->elem, .idx = i,
                     .send = cs->dir == LOOM_SEND};
     if (cs->chan != NULL)
       enqueue(cs->dir == LOOM_SEND ? &cs->chan->sendq : &cs->chan->recvq,

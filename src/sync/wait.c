@@ -1,0 +1,170 @@
+/*
+ * wait.c — waiters, wait queues and claims for the sync layer (wait.h).
+ *
+ * A waiter is completed by whoever claims it first: a CAS on its wait
+ * word, (sequence << 1) | claimed.  A coroutine's word lives in its G, so
+ * a deadline timer that fires late — into a later wait of the same
+ * coroutine — finds the sequence moved on and fails its CAS.  A waiter
+ * that sits on one queue with no deadline cannot be claimed twice, and
+ * skips the CAS.
+ */
+#include "sync/wait.h"
+
+#include <sched.h>
+#include <stdatomic.h>
+
+#include "runtime/runtime.h"
+
+void loom__spin_lock(_Atomic int *l) {
+  unsigned spins = 1;
+  while (atomic_exchange_explicit(l, 1, memory_order_acquire)) {
+    /* Back off while it is held: hammering the line slows the holder. */
+    do {
+      for (unsigned i = 0; i < spins; i++)
+        __builtin_ia32_pause();
+      if (spins < 64)
+        spins <<= 1;
+      else
+        sched_yield(); /* the holder may have lost its CPU */
+    } while (atomic_load_explicit(l, memory_order_relaxed));
+  }
+}
+
+void loom__spin_unlock(_Atomic int *l) {
+  atomic_store_explicit(l, 0, memory_order_release);
+}
+
+void loom__waiter_init(loom__waiter *w, bool exclusive) {
+  w->g = loom__getg();
+  w->fired = -1;
+  w->exclusive = exclusive;
+  w->handed = false;
+  if (w->g != NULL) {
+    w->word = &w->g->wait_word;
+    w->seq = (atomic_load(w->word) >> 1) + 1;
+  } else {
+    loom__note_clear(&w->note);
+    w->word = &w->own_word;
+    w->seq = 1;
+  }
+  atomic_store_explicit(w->word, w->seq << 1, memory_order_release);
+}
+
+bool loom__waiter_claim(loom__waiter *w) {
+  if (w->exclusive)
+    return true;
+  uint64_t expect = w->seq << 1;
+  return atomic_compare_exchange_strong_explicit(
+      w->word, &expect, expect | 1, memory_order_acq_rel,
+      memory_order_acquire);
+}
+
+void loom__waiter_wake(loom__waiter *w) {
+  if (w->g != NULL)
+    loom__ready(w->g);
+  else
+    loom__note_wakeup(&w->note);
+}
+
+void loom__waitq_push(loom__waitq *q, loom__wnode *n) {
+  n->next = NULL;
+  n->prev = q->tail;
+  if (q->tail != NULL)
+    q->tail->next = n;
+  else
+    q->head = n;
+  q->tail = n;
+  n->queued = true;
+}
+
+void loom__waitq_push_front(loom__waitq *q, loom__wnode *n) {
+  n->prev = NULL;
+  n->next = q->head;
+  if (q->head != NULL)
+    q->head->prev = n;
+  else
+    q->tail = n;
+  q->head = n;
+  n->queued = true;
+}
+
+void loom__waitq_unlink(loom__waitq *q, loom__wnode *n) {
+  if (!n->queued)
+    return;
+  if (n->prev != NULL)
+    n->prev->next = n->next;
+  else
+    q->head = n->next;
+  if (n->next != NULL)
+    n->next->prev = n->prev;
+  else
+    q->tail = n->prev;
+  n->queued = false;
+}
+
+loom__wnode *loom__waitq_pop(loom__waitq *q) {
+  for (;;) {
+    loom__wnode *n = q->head;
+    if (n == NULL)
+      return NULL;
+    loom__waitq_unlink(q, n);
+    if (loom__waiter_claim(n->w))
+      return n;
+    /* Claimed elsewhere: another queue of its select, or its deadline. */
+  }
+}
+
+/* ---- waiting ------------------------------------------------------------ */
+
+struct park_arg {
+  void (*release)(void *arg);
+  void *arg;
+  int64_t deadline;
+};
+
+static void deadline_fire(loom__timer *t, void *arg) {
+  (void)t;
+  loom__g *g = arg;
+  uint64_t expect = g->wait_timer_seq << 1;
+  if (atomic_compare_exchange_strong(&g->wait_word, &expect, expect | 1))
+    loom__ready(g);
+}
+
+static bool park_commit(loom__g *g, void *arg) {
+  struct park_arg *pa = arg;
+  if (pa->deadline != 0) {
+    loom__m *m = loom__getm();
+    g->timer.fn = deadline_fire;
+    g->timer.arg = g;
+    g->wait_timer_seq = atomic_load(&g->wait_word) >> 1;
+    loom__timer_add(&m->p->timers, &g->timer, pa->deadline);
+    loom__wake_netpoller(m->rt, pa->deadline);
+  }
+  pa->release(pa->arg);
+  return true;
+}
+
+void loom__waiter_wait(loom__waiter *w, void (*release)(void *arg), void *arg,
+                       int64_t deadline) {
+  if (w->g != NULL) {
+    if (deadline != 0 &&
+        loom__timers_reserve(&loom__getm()->p->timers, 1) != 0)
+      deadline = loom_now() + 1000000; /* out of memory: poll every ms */
+    struct park_arg pa = {release, arg, deadline};
+    loom__park(park_commit, &pa, "sync");
+    if (deadline != 0)
+      loom__timer_del(&w->g->timer); /* waits for a running deadline_fire */
+    return;
+  }
+  release(arg);
+  if (deadline == 0) {
+    loom__note_sleep(&w->note);
+    return;
+  }
+  int64_t left = deadline - loom_now();
+  if (loom__note_tsleep(&w->note, left > 0 ? left : 0))
+    return;
+  if (loom__waiter_claim(w))
+    return; /* timed out: w->fired stays -1 */
+  loom__note_sleep(&w->note); /* a claimant is on its way */
+}

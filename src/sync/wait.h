@@ -1,0 +1,65 @@
+/*
+ * wait.h — what every blocking primitive of the sync layer shares: a
+ * waiter (a coroutine or a plain thread), FIFO queues of wait nodes, the
+ * claim that decides who completes a wait, and the wait itself with an
+ * optional deadline.  See chan.c for the claiming protocol.
+ */
+#ifndef LOOM_SYNC_WAIT_H
+#define LOOM_SYNC_WAIT_H
+
+#include <stdbool.h>
+#include <stdint.h>
+
+#include "runtime/note.h"
+
+struct loom__g;
+
+typedef struct loom__waiter {
+  struct loom__g *g;         /* coroutine, or NULL for a plain thread */
+  loom__note note;           /* a thread sleeps here */
+  _Atomic uint64_t own_word; /* a thread's wait word */
+  _Atomic uint64_t *word;    /* &g->wait_word or &own_word */
+  uint64_t seq;
+  int fired;                 /* what completed it (>= 0); -1: the deadline */
+  bool exclusive;            /* on one queue, no deadline: claims skip CAS */
+  bool handed;               /* mutex: ownership was handed to this waiter */
+} loom__waiter;
+
+typedef struct loom__wnode {
+  loom__waiter *w;
+  struct loom__wnode *next, *prev;
+  void *elem;   /* chan: source or destination */
+  int idx;      /* chan: case index */
+  bool success; /* chan: transferred (true) or closed */
+  bool queued;
+  bool send;
+} loom__wnode;
+
+typedef struct loom__waitq {
+  loom__wnode *head, *tail;
+} loom__waitq;
+
+void loom__spin_lock(_Atomic int *l);
+void loom__spin_unlock(_Atomic int *l);
+
+void loom__waiter_init(loom__waiter *w, bool exclusive);
+bool loom__waiter_claim(loom__waiter *w);
+void loom__waiter_wake(loom__waiter *w);
+
+void loom__waitq_push(loom__waitq *q, loom__wnode *n);
+void loom__waitq_push_front(loom__waitq *q, loom__wnode *n);
+void loom__waitq_unlink(loom__waitq *q, loom__wnode *n);
+/* The first node whose waiter we can claim, unlinked; NULL if none. */
+loom__wnode *loom__waitq_pop(loom__waitq *q);
+
+/*
+ * Wait until the waiter is claimed.  `release(arg)` drops the caller's
+ * locks: for a coroutine once it is off its stack (so a claimant can
+ * never find it runnable before it parked), for a thread before it
+ * sleeps.  With a deadline (0: none) the waiter may be claimed by its
+ * timer; then w->fired stays -1.  Parks.
+ */
+void loom__waiter_wait(loom__waiter *w, void (*release)(void *arg), void *arg,
+                       int64_t deadline);
+
+#endif
