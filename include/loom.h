@@ -8,5 +8,6 @@
 #include "loom/fd.h"
 #include "loom/net.h"
 #include "loom/runtime.h"
+#include "loom/sync.h"
 
 #endif /* LOOM_H */

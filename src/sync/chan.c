@@ -40,7 +40,7 @@ typedef loom__wnode sudog;
 typedef loom__waitq waitq;
 
 struct loom_chan {
-  _Atomic int lock;
+  int lock;
   size_t esize, cap;
   size_t count, sendx, recvx; /* the ring: count elements from recvx */
   bool closed;
@@ -92,7 +92,7 @@ int loom_chan_make(loom_chan **out, size_t esize, size_t cap) {
 void loom_chan_free(loom_chan *c) {
   if (c == NULL)
     return;
-  if (c->recvq.head != NULL || c->sendq.head != NULL)
+  if (c->recvq.head_ != NULL || c->sendq.head_ != NULL)
     loom__throw("chan_free: coroutines or threads still wait on it");
   loom__free(c->buf);
   loom__free(c);

@@ -15,9 +15,9 @@
 
 #include "runtime/runtime.h"
 
-void loom__spin_lock(_Atomic int *l) {
+void loom__spin_lock(int *l) {
   unsigned spins = 1;
-  while (atomic_exchange_explicit(l, 1, memory_order_acquire)) {
+  while (__atomic_exchange_n(l, 1, __ATOMIC_ACQUIRE)) {
     /* Back off while it is held: hammering the line slows the holder. */
     do {
       for (unsigned i = 0; i < spins; i++)
@@ -26,13 +26,11 @@ void loom__spin_lock(_Atomic int *l) {
         spins <<= 1;
       else
         sched_yield(); /* the holder may have lost its CPU */
-    } while (atomic_load_explicit(l, memory_order_relaxed));
+    } while (__atomic_load_n(l, __ATOMIC_RELAXED));
   }
 }
 
-void loom__spin_unlock(_Atomic int *l) {
-  atomic_store_explicit(l, 0, memory_order_release);
-}
+void loom__spin_unlock(int *l) { __atomic_store_n(l, 0, __ATOMIC_RELEASE); }
 
 void loom__waiter_init(loom__waiter *w, bool exclusive) {
   w->g = loom__getg();
@@ -66,25 +64,29 @@ void loom__waiter_wake(loom__waiter *w) {
     loom__note_wakeup(&w->note);
 }
 
+static loom__wnode *head(loom__waitq *q) { return q->head_; }
+
 void loom__waitq_push(loom__waitq *q, loom__wnode *n) {
+  loom__wnode *t = q->tail_;
   n->next = NULL;
-  n->prev = q->tail;
-  if (q->tail != NULL)
-    q->tail->next = n;
+  n->prev = t;
+  if (t != NULL)
+    t->next = n;
   else
-    q->head = n;
-  q->tail = n;
+    q->head_ = n;
+  q->tail_ = n;
   n->queued = true;
 }
 
 void loom__waitq_push_front(loom__waitq *q, loom__wnode *n) {
+  loom__wnode *h = q->head_;
   n->prev = NULL;
-  n->next = q->head;
-  if (q->head != NULL)
-    q->head->prev = n;
+  n->next = h;
+  if (h != NULL)
+    h->prev = n;
   else
-    q->tail = n;
-  q->head = n;
+    q->tail_ = n;
+  q->head_ = n;
   n->queued = true;
 }
 
@@ -94,17 +96,17 @@ void loom__waitq_unlink(loom__waitq *q, loom__wnode *n) {
   if (n->prev != NULL)
     n->prev->next = n->next;
   else
-    q->head = n->next;
+    q->head_ = n->next;
   if (n->next != NULL)
     n->next->prev = n->prev;
   else
-    q->tail = n->prev;
+    q->tail_ = n->prev;
   n->queued = false;
 }
 
 loom__wnode *loom__waitq_pop(loom__waitq *q) {
   for (;;) {
-    loom__wnode *n = q->head;
+    loom__wnode *n = head(q);
     if (n == NULL)
       return NULL;
     loom__waitq_unlink(q, n);

@@ -10,6 +10,7 @@
 #include <stdbool.h>
 #include <stdint.h>
 
+#include "loom/sync.h"
 #include "runtime/note.h"
 
 struct loom__g;
@@ -35,12 +36,14 @@ typedef struct loom__wnode {
   bool send;
 } loom__wnode;
 
-typedef struct loom__waitq {
-  loom__wnode *head, *tail;
-} loom__waitq;
+/* The queue type is the public headers' private loom_waitq_ (void
+ * pointers to loom__wnode), so sync objects can be declared publicly. */
+typedef loom_waitq_ loom__waitq;
 
-void loom__spin_lock(_Atomic int *l);
-void loom__spin_unlock(_Atomic int *l);
+/* Spinlocks over plain ints (the public structs hold plain ints), with
+ * __atomic builtins. */
+void loom__spin_lock(int *l);
+void loom__spin_unlock(int *l);
 
 void loom__waiter_init(loom__waiter *w, bool exclusive);
 bool loom__waiter_claim(loom__waiter *w);

@@ -1,0 +1,112 @@
+/*
+ * loom/sync.h — mutex, counting semaphore, wait group, once, condition
+ * variable: Go's sync package for coroutines.
+ *
+ * Waiting parks the coroutine, never its thread; plain threads of the
+ * process may use them too (they block in the kernel).  A zeroed object is
+ * a valid, unlocked / empty one (LOOM_MUTEX_INIT and friends say so
+ * explicitly); none needs destroying.  The fields are private.
+ *
+ * Deadlines are absolute loom_now() times; 0 means none.
+ */
+#ifndef LOOM_SYNC_H
+#define LOOM_SYNC_H
+
+#include <stdbool.h>
+#include <stdint.h>
+
+#include "loom/common.h"
+#include "loom/error.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* Private: a FIFO of waiters and the spinlock over it. */
+typedef struct loom_waitq_ {
+  void *head_, *tail_;
+} loom_waitq_;
+typedef struct loom_waitlist_ {
+  int lock_;
+  loom_waitq_ q_;
+} loom_waitlist_;
+
+/*
+ * Mutex.  A locker that finds it held spins briefly, then parks (never
+ * the thread).  Normal mode lets a running locker take a just-released
+ * mutex ahead of the woken waiter (throughput); a waiter that has waited
+ * more than 1 ms switches the mutex to starvation mode, in which unlock
+ * hands it straight to the first waiter, so no waiter is bypassed forever
+ * (Go's sync.Mutex).  Not reentrant; any coroutine may unlock it.
+ */
+typedef struct loom_mutex {
+  uint32_t state_;
+  loom_waitlist_ q_;
+} loom_mutex;
+#define LOOM_MUTEX_INIT {0, {0, {0, 0}}}
+
+/* Parks.  loom_mutex_lock_until returns 0 or -ETIMEDOUT. */
+LOOM_API void loom_mutex_lock(loom_mutex *mu);
+LOOM_API int loom_mutex_lock_until(loom_mutex *mu, int64_t deadline);
+/* 0 if taken, -EBUSY if held. */
+LOOM_API int loom_mutex_trylock(loom_mutex *mu);
+/* Unlocking an unlocked mutex stops the process with a message. */
+LOOM_API void loom_mutex_unlock(loom_mutex *mu);
+
+/* Counting semaphore, FIFO: a release goes to the longest waiter. */
+typedef struct loom_sema {
+  int64_t count_;
+  loom_waitlist_ q_;
+} loom_sema;
+#define LOOM_SEMA_INIT(n) {(n), {0, {0, 0}}}
+
+/* Take one unit, parking while none is left.  0 or -ETIMEDOUT. */
+LOOM_API int loom_sema_acquire(loom_sema *s, int64_t deadline);
+/* 0, or -EAGAIN if none is left. */
+LOOM_API int loom_sema_tryacquire(loom_sema *s);
+LOOM_API void loom_sema_release(loom_sema *s);
+
+/*
+ * Wait group: loom_wg_add(n) before starting n tasks, loom_wg_done() as
+ * each finishes, loom_wg_wait() until the count is back at zero.
+ * Reusable once it is zero.  loom_wg_add returns -EINVAL (and changes
+ * nothing) if the count would go negative.
+ */
+typedef struct loom_wg {
+  int64_t count_;
+  loom_waitlist_ q_;
+} loom_wg;
+#define LOOM_WG_INIT {0, {0, {0, 0}}}
+
+LOOM_API int loom_wg_add(loom_wg *wg, int64_t delta);
+LOOM_API int loom_wg_done(loom_wg *wg);
+/* 0 or -ETIMEDOUT.  Parks. */
+LOOM_API int loom_wg_wait(loom_wg *wg, int64_t deadline);
+
+/* Once: fn(arg) runs exactly once; concurrent callers wait for it. */
+typedef struct loom_once {
+  int done_;
+  loom_mutex mu_;
+} loom_once;
+#define LOOM_ONCE_INIT {0, LOOM_MUTEX_INIT}
+LOOM_API void loom_once_do(loom_once *o, void (*fn)(void *arg), void *arg);
+
+/*
+ * Condition variable, used with a loom_mutex held.  loom_cond_wait
+ * unlocks `mu`, parks until signalled (or the deadline), and locks `mu`
+ * again before returning: 0, or -ETIMEDOUT (mu is held either way).
+ * Spurious wake-ups do not happen, but the condition may have changed
+ * again by the time `mu` is back: wait in a loop.
+ */
+typedef struct loom_cond {
+  loom_waitlist_ q_;
+} loom_cond;
+#define LOOM_COND_INIT {{0, {0, 0}}}
+LOOM_API int loom_cond_wait(loom_cond *c, loom_mutex *mu, int64_t deadline);
+LOOM_API void loom_cond_signal(loom_cond *c);
+LOOM_API void loom_cond_broadcast(loom_cond *c);
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* LOOM_SYNC_H */

@@ -1,0 +1,156 @@
+/*
+ * mutex.c — loom_mutex (Go's sync.Mutex) and loom_once.
+ *
+ * state_: bit 0 locked, bit 1 starving, bits 2.. the number of queued
+ * waiters.  Locking: a CAS from "not locked, not starving"; else a short
+ * spin; else queue and park.  Unlock with no waiters is one CAS.
+ *
+ * Normal mode: unlock clears the locked bit and wakes the first waiter,
+ * which competes with any running locker (a running locker usually wins:
+ * better throughput, and the waiter goes back to the front of the queue).
+ * Starvation mode: set by a waiter that has waited more than 1 ms; unlock
+ * then hands the mutex straight to the first waiter and nobody barges, so
+ * no waiter can be bypassed forever.  It ends when the queue empties.
+ *
+ * Every change of state_ by a waiter is a CAS from the value it saw under
+ * the queue's lock, so an unlock that slips in between (its fast path
+ * does not take that lock) makes the CAS fail and the waiter look again,
+ * instead of sleeping on a mutex nobody holds.
+ */
+#include <errno.h>
+
+#include "loom/sync.h"
+#include "runtime/runtime.h"
+#include "sync/wait.h"
+
+#define LOCKED 1u
+#define STARVING 2u
+#define WAITER (1u << 2)
+#define STARVE_NS 1000000
+
+static uint32_t load(loom_mutex *mu) {
+  return __atomic_load_n(&mu->state_, __ATOMIC_ACQUIRE);
+}
+
+static bool cas(loom_mutex *mu, uint32_t old, uint32_t new_) {
+  return __atomic_compare_exchange_n(&mu->state_, &old, new_, false,
+                                     __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE);
+}
+
+int loom_mutex_trylock(loom_mutex *mu) {
+  uint32_t s = load(mu);
+  while (!(s & (LOCKED | STARVING))) {
+    if (cas(mu, s, s | LOCKED))
+      return 0;
+    s = load(mu);
+  }
+  return -EBUSY;
+}
+
+static void release_lk(void *arg) { loom__spin_unlock(arg); }
+
+static int lock_slow(loom_mutex *mu, int64_t deadline) {
+  /* Spin a little: the holder is probably running and about to unlock. */
+  if (loom_procs() != 1)
+    for (int i = 0; i < 4; i++) {
+      for (int k = 0; k < 30; k++)
+        __builtin_ia32_pause();
+      if (loom_mutex_trylock(mu) == 0)
+        return 0;
+    }
+  int *lk = &mu->q_.lock_;
+  int64_t wait_start = 0;
+  bool requeue = false;
+  for (;;) {
+    loom__spin_lock(lk);
+    uint32_t s = load(mu);
+    if (!(s & (LOCKED | STARVING))) {
+      bool got = cas(mu, s, s | LOCKED);
+      loom__spin_unlock(lk);
+      if (got)
+        return 0;
+      continue;
+    }
+    uint32_t ns = s + WAITER;
+    if (wait_start != 0 && loom_now() - wait_start > STARVE_NS)
+      ns |= STARVING;
+    if (!cas(mu, s, ns)) {
+      loom__spin_unlock(lk);
+      continue;
+    }
+    if (wait_start == 0)
+      wait_start = loom_now();
+    loom__waiter w;
+    loom__waiter_init(&w, deadline == 0);
+    loom__wnode n = {.w = &w};
+    if (requeue)
+      loom__waitq_push_front(&mu->q_.q_, &n); /* woken once: stay first */
+    else
+      loom__waitq_push(&mu->q_.q_, &n);
+    requeue = true;
+    loom__waiter_wait(&w, release_lk, lk, deadline);
+    if (w.fired < 0) {
+      /* Deadline: we are no longer a waiter (the unlocker counts only
+       * the waiters it claims). */
+      loom__spin_lock(lk);
+      loom__waitq_unlink(&mu->q_.q_, &n);
+      uint32_t t = __atomic_sub_fetch(&mu->state_, WAITER, __ATOMIC_ACQ_REL);
+      if ((t & STARVING) && mu->q_.q_.head_ == NULL)
+        __atomic_and_fetch(&mu->state_, ~STARVING, __ATOMIC_ACQ_REL);
+      loom__spin_unlock(lk);
+      return -ETIMEDOUT;
+    }
+    if (w.handed)
+      return 0; /* starvation mode: the unlocker gave it to us */
+  }
+}
+
+void loom_mutex_lock(loom_mutex *mu) {
+  if (!cas(mu, 0, LOCKED))
+    (void)lock_slow(mu, 0);
+}
+
+int loom_mutex_lock_until(loom_mutex *mu, int64_t deadline) {
+  if (cas(mu, 0, LOCKED))
+    return 0;
+  if (deadline != 0 && deadline <= loom_now())
+    return loom_mutex_trylock(mu) == 0 ? 0 : -ETIMEDOUT;
+  return lock_slow(mu, deadline);
+}
+
+void loom_mutex_unlock(loom_mutex *mu) {
+  if (cas(mu, LOCKED, 0))
+    return; /* no waiters, not starving */
+  if (!(load(mu) & LOCKED))
+    loom__throw("mutex_unlock: the mutex is not locked");
+  int *lk = &mu->q_.lock_;
+  loom__spin_lock(lk);
+  loom__wnode *n = loom__waitq_pop(&mu->q_.q_);
+  if (n != NULL) {
+    n->w->fired = 0; /* woken by an unlock, not by its deadline */
+    uint32_t s = __atomic_sub_fetch(&mu->state_, WAITER, __ATOMIC_ACQ_REL);
+    if (s & STARVING) {
+      n->w->handed = true; /* stays locked: it is n's now */
+      if (mu->q_.q_.head_ == NULL)
+        __atomic_and_fetch(&mu->state_, ~STARVING, __ATOMIC_ACQ_REL);
+    } else {
+      __atomic_and_fetch(&mu->state_, ~LOCKED, __ATOMIC_ACQ_REL);
+    }
+  } else {
+    __atomic_and_fetch(&mu->state_, ~(LOCKED | STARVING), __ATOMIC_ACQ_REL);
+  }
+  loom__spin_unlock(lk);
+  if (n != NULL)
+    loom__waiter_wake(n->w);
+}
+
+void loom_once_do(loom_once *o, void (*fn)(void *), void *arg) {
+  if (__atomic_load_n(&o->done_, __ATOMIC_ACQUIRE))
+    return;
+  loom_mutex_lock(&o->mu_);
+  if (!o->done_) {
+    fn(arg);
+    __atomic_store_n(&o->done_, 1, __ATOMIC_RELEASE);
+  }
+  loom_mutex_unlock(&o->mu_);
+}

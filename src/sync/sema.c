@@ -1,0 +1,156 @@
+/*
+ * sema.c — loom_sema (counting, FIFO), loom_wg (wait group) and
+ * loom_cond (condition variable): a count or nothing, and a queue of
+ * waiters, under one spinlock each.  A release that finds a waiter hands
+ * the unit straight to it, so a newcomer cannot take it first.
+ */
+#include <errno.h>
+
+#include "loom/sync.h"
+#include "runtime/runtime.h"
+#include "sync/wait.h"
+
+static void release_lk(void *arg) { loom__spin_unlock(arg); }
+
+/* Queue the caller on l, wait, and on a deadline take it off again.
+ * Called with l's lock held; returns with it released.  0 or
+ * -ETIMEDOUT. */
+static int wait_on(loom_waitlist_ *l, int64_t deadline) {
+  loom__waiter w;
+  loom__waiter_init(&w, deadline == 0);
+  loom__wnode n = {.w = &w};
+  loom__waitq_push(&l->q_, &n);
+  loom__waiter_wait(&w, release_lk, &l->lock_, deadline);
+  if (w.fired >= 0)
+    return 0;
+  loom__spin_lock(&l->lock_);
+  loom__waitq_unlink(&l->q_, &n);
+  loom__spin_unlock(&l->lock_);
+  return -ETIMEDOUT;
+}
+
+/* Wake every waiter of l; called with l's lock held, returns with it
+ * released. */
+static void wake_all(loom_waitlist_ *l) {
+  loom__wnode *list = NULL, *n;
+  while ((n = loom__waitq_pop(&l->q_)) != NULL) {
+    n->w->fired = 0;
+    n->prev = list; /* unlinked: reuse prev as our chain */
+    list = n;
+  }
+  loom__spin_unlock(&l->lock_);
+  while (list != NULL) {
+    n = list;
+    list = n->prev; /* before waking: n lives on the waiter's stack */
+    loom__waiter_wake(n->w);
+  }
+}
+
+/* ---- semaphore ---------------------------------------------------------- */
+
+int loom_sema_acquire(loom_sema *s, int64_t deadline) {
+  loom__spin_lock(&s->q_.lock_);
+  if (s->count_ > 0 && s->q_.q_.head_ == NULL) {
+    s->count_--;
+    loom__spin_unlock(&s->q_.lock_);
+    return 0;
+  }
+  if (deadline != 0 && deadline <= loom_now()) {
+    loom__spin_unlock(&s->q_.lock_);
+    return -ETIMEDOUT;
+  }
+  return wait_on(&s->q_, deadline);
+}
+
+int loom_sema_tryacquire(loom_sema *s) {
+  loom__spin_lock(&s->q_.lock_);
+  int r = -EAGAIN;
+  if (s->count_ > 0 && s->q_.q_.head_ == NULL) {
+    s->count_--;
+    r = 0;
+  }
+  loom__spin_unlock(&s->q_.lock_);
+  return r;
+}
+
+void loom_sema_release(loom_sema *s) {
+  loom__spin_lock(&s->q_.lock_);
+  loom__wnode *n = loom__waitq_pop(&s->q_.q_);
+  if (n == NULL)
+    s->count_++;
+  else
+    n->w->fired = 0; /* the unit goes to n */
+  loom__spin_unlock(&s->q_.lock_);
+  if (n != NULL)
+    loom__waiter_wake(n->w);
+}
+
+/* ---- wait group ----------------------------------------------------------- */
+
+int loom_wg_add(loom_wg *wg, int64_t delta) {
+  loom__spin_lock(&wg->q_.lock_);
+  if (wg->count_ + delta < 0) {
+    loom__spin_unlock(&wg->q_.lock_);
+    return -EINVAL;
+  }
+  wg->count_ += delta;
+  if (wg->count_ == 0) {
+    wake_all(&wg->q_);
+    return 0;
+  }
+  loom__spin_unlock(&wg->q_.lock_);
+  return 0;
+}
+
+int loom_wg_done(loom_wg *wg) { return loom_wg_add(wg, -1); }
+
+int loom_wg_wait(loom_wg *wg, int64_t deadline) {
+  loom__spin_lock(&wg->q_.lock_);
+  if (wg->count_ == 0) {
+    loom__spin_unlock(&wg->q_.lock_);
+    return 0;
+  }
+  if (deadline != 0 && deadline <= loom_now()) {
+    loom__spin_unlock(&wg->q_.lock_);
+    return -ETIMEDOUT;
+  }
+  return wait_on(&wg->q_, deadline);
+}
+
+/* ---- condition variable ----------------------------------------------------- */
+
+int loom_cond_wait(loom_cond *c, loom_mutex *mu, int64_t deadline) {
+  loom__spin_lock(&c->q_.lock_);
+  /* Unlock mu only once we are queued, so a signal sent right after
+   * cannot be missed; mu's unlock never parks. */
+  loom__waiter w;
+  loom__waiter_init(&w, deadline == 0);
+  loom__wnode n = {.w = &w};
+  loom__waitq_push(&c->q_.q_, &n);
+  loom_mutex_unlock(mu);
+  loom__waiter_wait(&w, release_lk, &c->q_.lock_, deadline);
+  int r = 0;
+  if (w.fired < 0) {
+    loom__spin_lock(&c->q_.lock_);
+    loom__waitq_unlink(&c->q_.q_, &n);
+    loom__spin_unlock(&c->q_.lock_);
+    r = -ETIMEDOUT;
+  }
+  loom_mutex_lock(mu);
+  return r;
+}
+
+void loom_cond_signal(loom_cond *c) {
+  loom__spin_lock(&c->q_.lock_);
+  loom__wnode *n = loom__waitq_pop(&c->q_.q_);
+  if (n != NULL)
+    n->w->fired = 0;
+  loom__spin_unlock(&c->q_.lock_);
+  if (n != NULL)
+    loom__waiter_wake(n->w);
+}
+
+void loom_cond_broadcast(loom_cond *c) {
+  loom__spin_lock(&c->q_.lock_);
+  wake_all(&c->q_);
+}
