@@ -4,6 +4,7 @@
 
 #include "loom/alloc.h"
 #include "loom/chan.h"
+#include "loom/ctx.h"
 #include "loom/error.h"
 #include "loom/fd.h"
 #include "loom/net.h"

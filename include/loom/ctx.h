@@ -1,0 +1,90 @@
+/*
+ * loom/ctx.h — contexts: cancellation, deadlines and values, in a tree
+ * (Go's context package).
+ *
+ * A context is a node.  Cancelling one (loom_ctx_cancel, its deadline
+ * passing, or its parent being cancelled) cancels its whole subtree,
+ * each node exactly once, and closes each node's done channel, which
+ * wakes everything waiting on it.  Values are looked up toward the root.
+ *
+ * Ownership: every loom_ctx_with_* call returns a node with one reference,
+ * owned by the caller, who must drop it with loom_ctx_release when done
+ * (Go's `defer cancel()`).  Release cancels the node if it was not, then
+ * drops the reference; a node lives while a child or loom_ctx_ref holder
+ * keeps it.  So a subtree may be released while another coroutine still
+ * uses a node of it, as long as that coroutine holds its own reference.
+ * The background context is static: never cancelled, release is a no-op.
+ *
+ * All calls are thread-safe.  Times are loom_now() nanoseconds.
+ */
+#ifndef LOOM_CTX_H
+#define LOOM_CTX_H
+
+#include <stdint.h>
+
+#include "loom/chan.h"
+#include "loom/common.h"
+#include "loom/error.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef struct loom_ctx loom_ctx;
+
+/* The root: never cancelled, no deadline, no values. */
+LOOM_API loom_ctx *loom_ctx_background(void);
+
+/* A child that is cancelled by loom_ctx_cancel or with its parent.
+ * 0, -ENOMEM, -EINVAL (NULL parent). */
+LOOM_API int loom_ctx_with_cancel(loom_ctx **out, loom_ctx *parent);
+
+/* A child that is also cancelled, with -ETIMEDOUT, at `deadline` (or
+ * earlier if the parent's deadline is earlier).  Must be called on a
+ * coroutine (the deadline is a runtime timer): else LOOM_ENOTCO.  A
+ * deadline already passed gives a context cancelled at once. */
+LOOM_API int loom_ctx_with_deadline(loom_ctx **out, loom_ctx *parent,
+                                    int64_t deadline);
+LOOM_API int loom_ctx_with_timeout(loom_ctx **out, loom_ctx *parent,
+                                   int64_t ns);
+
+/* A child carrying key → value (compared by address). */
+LOOM_API int loom_ctx_with_value(loom_ctx **out, loom_ctx *parent,
+                                 const void *key, void *value);
+
+/* Cancel c and its subtree with -ECANCELED (no-op if already cancelled). */
+LOOM_API void loom_ctx_cancel(loom_ctx *c);
+
+/* 0 while live; -ECANCELED or -ETIMEDOUT once cancelled. */
+LOOM_API int loom_ctx_err(loom_ctx *c);
+
+/* A channel that is closed when c is cancelled, for loom_select (a
+ * receive case on it becomes ready, with ok false).  NULL for the
+ * background context (a NULL channel is never ready).  Valid while the
+ * caller holds a reference to c. */
+LOOM_API loom_chan *loom_ctx_done(loom_ctx *c);
+
+/* The earliest deadline of c and its ancestors, 0 if none. */
+LOOM_API int64_t loom_ctx_deadline(loom_ctx *c);
+
+/* The value for `key` in c or its nearest ancestor that has one, or NULL. */
+LOOM_API void *loom_ctx_value(loom_ctx *c, const void *key);
+
+/* Take another reference (for a coroutine that outlives the creator's
+ * use), and drop one.  loom_ctx_release also cancels the node the first
+ * time it is called by the creator; see the ownership note above. */
+LOOM_API loom_ctx *loom_ctx_ref(loom_ctx *c);
+LOOM_API void loom_ctx_unref(loom_ctx *c);
+LOOM_API void loom_ctx_release(loom_ctx *c);
+
+/* Blocking calls bounded by a context: they return what the plain call
+ * returns, or loom_ctx_err(c) (-ECANCELED, -ETIMEDOUT) once c is
+ * cancelled.  Each parks. */
+LOOM_API int loom_sleep_ctx(loom_ctx *c, int64_t ns);
+LOOM_API int loom_chan_send_ctx(loom_chan *ch, const void *elem, loom_ctx *c);
+LOOM_API int loom_chan_recv_ctx(loom_chan *ch, void *elem, loom_ctx *c);
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* LOOM_CTX_H */
