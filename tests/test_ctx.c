@@ -149,4 +149,77 @@ TEST(deadline_needs_a_coroutine) {
   loom_ctx_release(c);
 }
 
+/* ------------------------------------------------------------------ */
+/* A read parked in the netpoller is woken by a cancel; the connection  */
+/* stays usable once a new deadline is set.                             */
+
+static loom_conn *_Atomic peer_slot;
+static void acceptor(void *arg) {
+  loom_conn *c;
+  CHECK_OK(loom_accept(arg, &c));
+  atomic_store(&peer_slot, c);
+}
+static atomic_int read_result = 1;
+static atomic_long read_at;
+static void reader(void *arg) {
+  void **a = arg;
+  char b[16];
+  ssize_t r = loom_read_ctx(a[0], b, sizeof b, a[1]);
+  atomic_store(&read_at, loom_now());
+  atomic_store(&read_result, (int)r);
+}
+static void net_main(void *arg) {
+  (void)arg;
+  loom_listener *l;
+  char addr[64];
+  CHECK_OK(loom_listen(&l, "tcp", "127.0.0.1:0"));
+  CHECK_OK(loom_listener_addr(l, addr, sizeof addr));
+  CHECK_OK(loom_go(acceptor, l));
+  loom_conn *c, *peer;
+  CHECK_OK(loom_dial(&c, "tcp", addr));
+  while ((peer = atomic_load(&peer_slot)) == NULL)
+    loom_sleep(CHECK_MS);
+  loom_ctx *ctx, *child;
+  CHECK_OK(loom_ctx_with_cancel(&ctx, loom_ctx_background()));
+  CHECK_OK(loom_ctx_with_cancel(&child, ctx));
+  void *args[2] = {c, child};
+  CHECK_OK(loom_go(reader, args));
+  loom_sleep(20 * CHECK_MS);
+  CHECK_EQ(atomic_load(&read_result), 1); /* parked in the poller */
+  int64_t t0 = loom_now();
+  loom_ctx_cancel(ctx); /* the parent: the child goes with it */
+  while (atomic_load(&read_result) == 1)
+    loom_sleep(CHECK_MS / 10);
+  CHECK_EQ(atomic_load(&read_result), -ECANCELED);
+  printf("cancel to wake-up: %.3f ms\n", (atomic_load(&read_at) - t0) / 1e6);
+  CHECK_LT(atomic_load(&read_at) - t0, 500 * CHECK_MS);
+  /* Defined state: reads time out until a new deadline is set. */
+  char b[16];
+  CHECK_ERR(loom_read(c, b, sizeof b), -ETIMEDOUT);
+  CHECK_OK(loom_set_read_deadline(c, 0));
+  CHECK_EQ(loom_write(peer, "after", 5), 5);
+  CHECK_EQ(loom_read(c, b, sizeof b), 5);
+  /* A cancelled context refuses at once; a deadline context times out. */
+  CHECK_ERR(loom_read_ctx(c, b, sizeof b, ctx), -ECANCELED);
+  loom_ctx *d;
+  CHECK_OK(loom_ctx_with_timeout(&d, loom_ctx_background(), 20 * CHECK_MS));
+  CHECK_ERR(loom_read_ctx(c, b, sizeof b, d), -ETIMEDOUT);
+  loom_ctx_release(d);
+  CHECK_OK(loom_set_read_deadline(c, 0));
+  /* accept, cancelled */
+  loom_ctx *ac;
+  CHECK_OK(loom_ctx_with_timeout(&ac, loom_ctx_background(), 20 * CHECK_MS));
+  loom_conn *none;
+  CHECK_ERR(loom_accept_ctx(l, &none, ac), -ETIMEDOUT);
+  loom_ctx_release(ac);
+  /* write_ctx with a live context works */
+  CHECK_EQ(loom_write_ctx(c, "x", 1, loom_ctx_background()), 1);
+  loom_ctx_release(child);
+  loom_ctx_release(ctx);
+  CHECK_OK(loom_close(c));
+  CHECK_OK(loom_close(peer));
+  CHECK_OK(loom_listener_close(l));
+}
+TEST(cancelled_read_on_a_socket) { check_run(net_main, NULL, 2); }
+
 CHECK_MAIN()

@@ -20,6 +20,7 @@
 #include "runtime/alloc.h"
 #include "runtime/stack.h"
 #include "runtime/runtime.h"
+#include "ctx/ctx_internal.h"
 #include "sync/wait.h"
 
 struct loom_ctx {
@@ -39,6 +40,7 @@ struct loom_ctx {
   const void *key;
   void *value;
   loom__timer timer;
+  loom__ctx_hook *hooks;    /* run at cancel, under lock */
 };
 
 static loom_ctx background = {.background = true};
@@ -73,6 +75,14 @@ static void cancel_one(loom_ctx *n, int err, void ***work, size_t *len,
     return;
   }
   __atomic_store_n(&n->err, err, __ATOMIC_RELEASE);
+  /* Hooks run under the lock: they are short (they expire a poll
+   * descriptor) and take no context lock, and running them here means a
+   * hook never runs after loom__ctx_unhook returned. */
+  for (loom__ctx_hook *h = n->hooks; h != NULL; h = h->next) {
+    h->linked = false;
+    h->fn(h->arg);
+  }
+  n->hooks = NULL;
   loom_ctx *k = n->kids;
   n->kids = NULL;
   for (loom_ctx *x = k; x != NULL; x = x->sib_next) {
@@ -112,6 +122,39 @@ static void cancel(loom_ctx *root, int err) {
     loom_ctx_unref(n);
   }
   loom__free(work);
+}
+
+bool loom__ctx_hook_add(loom_ctx *c, loom__ctx_hook *h) {
+  if (c == NULL || c->background)
+    return true; /* never cancelled: nothing to hook */
+  loom__spin_lock(&c->lock);
+  bool live = c->err == 0;
+  if (live) {
+    h->prev = NULL;
+    h->next = c->hooks;
+    if (c->hooks != NULL)
+      c->hooks->prev = h;
+    c->hooks = h;
+    h->linked = true;
+  }
+  loom__spin_unlock(&c->lock);
+  return live;
+}
+
+void loom__ctx_unhook(loom_ctx *c, loom__ctx_hook *h) {
+  if (c == NULL || c->background)
+    return;
+  loom__spin_lock(&c->lock);
+  if (h->linked) {
+    if (h->prev != NULL)
+      h->prev->next = h->next;
+    else
+      c->hooks = h->next;
+    if (h->next != NULL)
+      h->next->prev = h->prev;
+    h->linked = false;
+  }
+  loom__spin_unlock(&c->lock);
 }
 
 static void deadline_fire(loom__timer *t, void *arg) {

@@ -17,6 +17,7 @@
 
 #include "loom/net.h"
 #include "net/addr.h"
+#include "ctx/ctx_internal.h"
 #include "net/netfd.h"
 #include "runtime/alloc.h"
 #include "runtime/runtime.h"
@@ -340,4 +341,71 @@ int loom_dial_with(loom_conn **c, const char *network, const char *addr,
 
 int loom_dial(loom_conn **c, const char *network, const char *addr) {
   return loom_dial_with(c, network, addr, NULL);
+}
+
+/* ---- bounded by a context ------------------------------------------- */
+
+static void expire_r(void *pd) { loom__pd_expire(pd, 'r'); }
+static void expire_w(void *pd) { loom__pd_expire(pd, 'w'); }
+
+/* Run op on c with a hook that expires c's deadline for `mode` when ctx
+ * is cancelled; a -ETIMEDOUT caused by that becomes ctx's reason.  We
+ * hold a reference over the whole call, so the pd the hook points at
+ * cannot be recycled under it. */
+static ssize_t with_ctx(loom__netfd *f, int mode, loom_ctx *ctx,
+                        ssize_t (*op)(void *a), void *a) {
+  int e = loom_ctx_err(ctx);
+  if (e != 0)
+    return e;
+  if (!loom__netfd_acquire(f))
+    return LOOM_ECLOSED;
+  loom__ctx_hook h = {mode == 'r' ? expire_r : expire_w, f->pd, NULL, NULL,
+                      false};
+  ssize_t r;
+  if (!loom__ctx_hook_add(ctx, &h)) {
+    r = loom_ctx_err(ctx);
+  } else {
+    r = op(a);
+    loom__ctx_unhook(ctx, &h);
+    if (r == -ETIMEDOUT && loom_ctx_err(ctx) != 0)
+      r = loom_ctx_err(ctx);
+  }
+  loom__netfd_release(f);
+  return r;
+}
+
+struct rw_args {
+  loom_conn *c;
+  void *buf;
+  size_t len;
+};
+
+static ssize_t do_read(void *a) {
+  struct rw_args *x = a;
+  return loom_read(x->c, x->buf, x->len);
+}
+
+static ssize_t do_write(void *a) {
+  struct rw_args *x = a;
+  return loom_write(x->c, x->buf, x->len);
+}
+
+ssize_t loom_read_ctx(loom_conn *c, void *buf, size_t len, loom_ctx *ctx) {
+  if (c == NULL)
+    return -EINVAL;
+  struct rw_args x = {c, buf, len};
+  return with_ctx(&c->nf, 'r', ctx, do_read, &x);
+}
+
+ssize_t loom_write_ctx(loom_conn *c, const void *buf, size_t len,
+                       loom_ctx *ctx) {
+  if (c == NULL)
+    return -EINVAL;
+  struct rw_args x = {c, (void *)(uintptr_t)buf, len};
+  return with_ctx(&c->nf, 'w', ctx, do_write, &x);
+}
+
+ssize_t loom__netfd_with_ctx(loom__netfd *f, int mode, loom_ctx *ctx,
+                             ssize_t (*op)(void *a), void *a) {
+  return with_ctx(f, mode, ctx, op, a);
 }

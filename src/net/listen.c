@@ -198,3 +198,20 @@ int loom_listener_addr(loom_listener *l, char *buf, size_t len) {
     return -errno;
   return loom__format_addr((struct sockaddr *)&ss, sl, buf, len);
 }
+
+struct accept_args {
+  loom_listener *l;
+  loom_conn **c;
+};
+
+static ssize_t do_accept(void *a) {
+  struct accept_args *x = a;
+  return loom_accept(x->l, x->c);
+}
+
+int loom_accept_ctx(loom_listener *l, loom_conn **c, loom_ctx *ctx) {
+  if (l == NULL || c == NULL)
+    return -EINVAL;
+  struct accept_args x = {l, c};
+  return (int)loom__netfd_with_ctx(&l->nf, 'r', ctx, do_accept, &x);
+}

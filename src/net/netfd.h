@@ -16,6 +16,7 @@
 #include <stdatomic.h>
 #include <stdbool.h>
 #include <stdint.h>
+#include <sys/types.h>
 
 #include "netpoll/pollfd.h"
 #include "runtime/runtime.h"
@@ -42,6 +43,12 @@ bool loom__netfd_acquire(loom__netfd *f);
 void loom__netfd_release(loom__netfd *f);
 bool loom__netfd_closed(loom__netfd *f);
 int loom__netfd_close(loom__netfd *f);
+
+struct loom_ctx;
+/* Run op(a) bounded by ctx: a cancel expires f's deadline for `mode`, and
+ * the op's -ETIMEDOUT becomes the context's reason (conn.c). */
+ssize_t loom__netfd_with_ctx(loom__netfd *f, int mode, struct loom_ctx *ctx,
+                             ssize_t (*op)(void *a), void *a);
 
 struct loom_conn;
 /* Wrap a connected non-blocking stream socket (conn.c); closes fd on

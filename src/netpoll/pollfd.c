@@ -253,6 +253,24 @@ int loom__pd_set_deadline(loom__pd *pd, int mode, int64_t d) {
   return 0;
 }
 
+/* Move the deadline of `mode` into the past now, from any thread (no
+ * timer needed): a context's cancel uses it to end a blocked call. */
+void loom__pd_expire(loom__pd *pd, int mode) {
+  pd_lock(pd);
+  if (mode == 'r') {
+    pd->rseq++;
+    pd->rd = -1;
+  } else {
+    pd->wseq++;
+    pd->wd = -1;
+  }
+  loom__timer_stop(mode == 'r' ? &pd->rt : &pd->wt);
+  loom__g *g = unblock(pd, mode, false);
+  pd_unlock(pd);
+  if (g != NULL)
+    loom__ready(g);
+}
+
 /* ---- open, evict, close -------------------------------------------- */
 
 int loom__pd_open(loom__rt *rt, int fd, loom__pd **out) {

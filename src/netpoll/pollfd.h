@@ -84,6 +84,10 @@ int loom__pd_check(loom__pd *pd, int mode);
  * wake with -ETIMEDOUT).  Must run on a coroutine.  0 or -ENOMEM. */
 int loom__pd_set_deadline(loom__pd *pd, int mode, int64_t deadline);
 
+/* Expire the deadline of `mode` ('r' or 'w') at once; any thread, no
+ * runtime needed.  Waiters wake with -ETIMEDOUT. */
+void loom__pd_expire(loom__pd *pd, int mode);
+
 /* Poller side: readiness for mode 'r', 'w' or both ('r'+'w') on the pd
  * behind `cookie`; runnable Gs are appended to the list. */
 void loom__pd_ready(uintptr_t cookie, int mode, struct loom__g **head,

@@ -1,0 +1,27 @@
+/*
+ * ctx_internal.h — what lower layers' context-aware calls use: a hook
+ * that runs when a context is cancelled (Go's context.AfterFunc, minus
+ * the goroutine).  The net layer hooks "expire this poll descriptor's
+ * deadline" for the length of one blocking call.
+ */
+#ifndef LOOM_CTX_INTERNAL_H
+#define LOOM_CTX_INTERNAL_H
+
+#include <stdbool.h>
+
+#include "loom/ctx.h"
+
+typedef struct loom__ctx_hook {
+  void (*fn)(void *arg); /* short, may not park, takes no context lock */
+  void *arg;
+  struct loom__ctx_hook *next, *prev;
+  bool linked;
+} loom__ctx_hook;
+
+/* Run h->fn(h->arg) when c is cancelled.  false (nothing added) if c is
+ * cancelled already.  The background context never runs hooks. */
+bool loom__ctx_hook_add(loom_ctx *c, loom__ctx_hook *h);
+/* Remove h; once this returns, h->fn is not running and will not run. */
+void loom__ctx_unhook(loom_ctx *c, loom__ctx_hook *h);
+
+#endif
