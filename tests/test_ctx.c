@@ -212,6 +212,25 @@ static void net_main(void *arg) {
   loom_conn *none;
   CHECK_ERR(loom_accept_ctx(l, &none, ac), -ETIMEDOUT);
   loom_ctx_release(ac);
+  /* dial, cancelled while the SYN goes unanswered (a full backlog) */
+  loom_listen_opts lo = {.backlog = 1};
+  loom_listener *full;
+  char faddr[64];
+  CHECK_OK(loom_listen_with(&full, "tcp", "127.0.0.1:0", &lo));
+  CHECK_OK(loom_listener_addr(full, faddr, sizeof faddr));
+  loom_ctx *dc;
+  CHECK_OK(loom_ctx_with_timeout(&dc, loom_ctx_background(), 200 * CHECK_MS));
+  loom_dial_opts dopts = {.ctx = dc};
+  loom_conn *held[64];
+  int nheld = 0, r = 0;
+  while (nheld < 64 && (r = loom_dial_with(&held[nheld], "tcp", faddr,
+                                            &dopts)) == 0)
+    nheld++;
+  CHECK_ERR(r, -ETIMEDOUT); /* the context's deadline, not a dial error */
+  for (int i = 0; i < nheld; i++)
+    CHECK_OK(loom_close(held[i]));
+  loom_ctx_release(dc);
+  CHECK_OK(loom_listener_close(full));
   /* write_ctx with a live context works */
   CHECK_EQ(loom_write_ctx(c, "x", 1, loom_ctx_background()), 1);
   loom_ctx_release(child);

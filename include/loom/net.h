@@ -89,6 +89,8 @@ LOOM_API int loom_listener_addr(loom_listener *l, char *buf, size_t len);
 typedef struct loom_dial_opts {
   int64_t deadline; /* for connecting, over every address tried; name
                        resolution is not bounded by it; 0: none */
+  loom_ctx *ctx;    /* NULL, or a context whose cancel ends the connect
+                       with its reason (-ECANCELED, -ETIMEDOUT) */
 } loom_dial_opts;
 
 /*

@@ -273,8 +273,10 @@ static bool self_connected(int fd) {
   return al == bl && memcmp(&a, &b, al) == 0;
 }
 
+static void expire_w(void *pd);
+
 static int dial_one(const struct sockaddr *sa, socklen_t len, int type,
-                    int64_t deadline, loom_conn **out) {
+                    int64_t deadline, loom_ctx *ctx, loom_conn **out) {
   int fd = socket(sa->sa_family, type | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
   if (fd < 0)
     return -errno;
@@ -284,6 +286,13 @@ static int dial_one(const struct sockaddr *sa, socklen_t len, int type,
     return err;
   if (deadline != 0)
     err = loom__pd_set_deadline(c->nf.pd, 'w', deadline);
+  loom__ctx_hook h = {expire_w, c->nf.pd, NULL, NULL, false};
+  bool hooked = false;
+  if (err == 0 && ctx != NULL) {
+    hooked = loom__ctx_hook_add(ctx, &h);
+    if (!hooked)
+      err = loom_ctx_err(ctx);
+  }
   if (err == 0 && connect(fd, sa, len) != 0) {
     err = -errno;
     if (err == -EINPROGRESS) {
@@ -297,10 +306,15 @@ static int dial_one(const struct sockaddr *sa, socklen_t len, int type,
       }
     }
   }
+  if (hooked) {
+    loom__ctx_unhook(ctx, &h);
+    if (err == -ETIMEDOUT && loom_ctx_err(ctx) != 0)
+      err = loom_ctx_err(ctx);
+  }
   if (err == 0 && (sa->sa_family == AF_INET || sa->sa_family == AF_INET6) &&
       self_connected(fd))
     err = -EADDRNOTAVAIL; /* a local port connected to itself */
-  if (err == 0 && deadline != 0)
+  if (err == 0 && (deadline != 0 || hooked))
     err = loom__pd_set_deadline(c->nf.pd, 'w', 0);
   if (err != 0) {
     loom__netfd_close(&c->nf);
@@ -317,6 +331,9 @@ int loom_dial_with(loom_conn **c, const char *network, const char *addr,
   if (loom__getg() == NULL)
     return LOOM_ENOTCO;
   int64_t deadline = o != NULL ? o->deadline : 0;
+  loom_ctx *ctx = o != NULL ? o->ctx : NULL;
+  if (ctx != NULL && loom_ctx_err(ctx) != 0)
+    return loom_ctx_err(ctx);
   loom__addrs as;
   int err = loom__resolve(network, addr, false, &as);
   if (err != 0)
@@ -329,11 +346,11 @@ int loom_dial_with(loom_conn **c, const char *network, const char *addr,
       return -ETIMEDOUT;
     for (int tries = 0; tries < 3; tries++) {
       err = dial_one((struct sockaddr *)&as.a[i], as.len[i], SOCK_STREAM,
-                     deadline, c);
+                     deadline, ctx, c);
       if (err != -EADDRNOTAVAIL)
         break;
     }
-    if (err == 0 || err == -ETIMEDOUT)
+    if (err == 0 || err == -ETIMEDOUT || err == -ECANCELED)
       return err;
   }
   return err;
