@@ -19,7 +19,7 @@
 #   YIELD_ITERS=5000000 SPAWN_N=1000000 PARKED_N=1000000 CHAN_N=1000000
 #   CPU_TASKS=400 CPU_ITERS=1000000
 #   SPAWN_YIELD_EVERY=256  the spawner yields every k spawns in case spawnk
-#   CASES="switch yield spawn spawnk parked cpu chan"   which cases to run
+#   CASES="switch yield spawn spawnk parked cpu chan sync"   which cases to run
 #   GO=go               the Go toolchain (Go 1.19+, standard library only)
 set -u -o pipefail
 
@@ -42,7 +42,7 @@ CPU_TASKS=${CPU_TASKS:-400}
 CPU_ITERS=${CPU_ITERS:-1000000}
 GO=${GO:-go}
 SPAWN_YIELD_EVERY=${SPAWN_YIELD_EVERY:-256}
-CASES=${CASES:-switch yield spawn spawnk parked cpu chan}
+CASES=${CASES:-switch yield spawn spawnk parked cpu chan sync}
 
 # The programs choose their processor counts themselves; do not let a
 # stray setting in the caller's environment change what is compared.
@@ -54,7 +54,7 @@ START=$SECONDS
 
 # ---- loom binaries -------------------------------------------------------
 have_loom=1
-for b in yield spawn parked cpu chan; do
+for b in yield spawn parked cpu chan sync; do
   if [[ ! -x $LOOM_BIN/$b ]]; then
     have_loom=0
   fi
@@ -84,7 +84,7 @@ fi
 mkdir -p "$GO_BIN"
 GOCACHE_TMP=$(mktemp -d)
 trap 'rm -rf "$GOCACHE_TMP"' EXIT
-for b in yield spawn parked cpu chan; do
+for b in yield spawn parked cpu chan sync; do
   if ! GOCACHE=$GOCACHE_TMP GO111MODULE=off GOFLAGS='' \
     "$GO" build -o "$GO_BIN/$b" "bench/go/$b.go"; then
     echo "run.sh: go build bench/go/$b.go failed" >&2
@@ -179,6 +179,13 @@ for ((r = 1; r <= ROUNDS; r++)); do
       for s in "${sides[@]}"; do run "$s" "chan$m" "$(bin "$s" chan)" "$m" "$CHAN_N"; done
     done
   fi
+  if want sync; then
+    # A contended mutex (8 coroutines, 2 Ps) and cancelling 10,000
+    # coroutines blocked on one context.
+    for m in mutex cancel; do
+      for s in "${sides[@]}"; do run "$s" "sync$m" "$(bin "$s" sync)" "$m"; done
+    done
+  fi
   rounds_done=$r
   ((SECONDS - round_start > longest)) && longest=$((SECONDS - round_start))
 done
@@ -231,6 +238,8 @@ row "parked coroutine" KiB parked kib_per_op "<=" 4.5
 row "chan round trip, unbuf." ns/op chanpingpong ns_per_op "<=" 80
 row "chan 4x4 producers, buf." ns/op chanmpmc ns_per_op
 row "select over 4 channels" ns/op chanselect ns_per_op
+row "contended mutex, 8 co." ns/op syncmutex ns_per_op
+row "cancel 10,000 waiters" ns/op synccancel ns_per_op
 row "cpu-bound, 1 P" ms cpu1 ms
 row "cpu-bound, 2 P" ms cpu2 ms
 

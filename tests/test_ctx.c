@@ -226,7 +226,14 @@ static void net_main(void *arg) {
   while (nheld < 64 && (r = loom_dial_with(&held[nheld], "tcp", faddr,
                                             &dopts)) == 0)
     nheld++;
-  CHECK_ERR(r, -ETIMEDOUT); /* the context's deadline, not a dial error */
+  /* The context's deadline, not a dial error.  (The kernel may still
+   * complete a few handshakes on a full backlog; if all 64 did, this
+   * run could not tell, and says so.) */
+  if (r == 0)
+    printf("note: 64 dials to a full backlog connected; dial-cancel not "
+           "exercised this run\n");
+  else
+    CHECK_ERR(r, -ETIMEDOUT);
   for (int i = 0; i < nheld; i++)
     CHECK_OK(loom_close(held[i]));
   loom_ctx_release(dc);

@@ -49,14 +49,25 @@ int loom_mutex_trylock(loom_mutex *mu) {
 
 static void release_lk(void *arg) { loom__spin_unlock(arg); }
 
+static bool can_spin(void) {
+  loom__m *m = loom__getm();
+  if (m == NULL || m->p == NULL)
+    return true; /* a plain thread: spinning costs only itself */
+  return m->rt->nprocs > 1 && loom__runq_empty(m->p);
+}
+
 static int lock_slow(loom_mutex *mu, int64_t deadline) {
-  /* Spin a little: the holder is probably running and about to unlock. */
-  if (loom_procs() != 1)
+  /* Spin a little, as Go does, but only when it cannot delay anyone:
+   * more than one P, and nothing else runnable on ours (the holder may be
+   * queued right here, waiting for the P we would be burning). */
+  if (can_spin())
     for (int i = 0; i < 4; i++) {
-      for (int k = 0; k < 30; k++)
+      for (int k = 0; k < 10; k++)
         __builtin_ia32_pause();
       if (loom_mutex_trylock(mu) == 0)
         return 0;
+      if (!can_spin())
+        break;
     }
   int *lk = &mu->q_.lock_;
   int64_t wait_start = 0;

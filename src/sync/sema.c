@@ -88,25 +88,30 @@ void loom_sema_release(loom_sema *s) {
 /* ---- wait group ----------------------------------------------------------- */
 
 int loom_wg_add(loom_wg *wg, int64_t delta) {
-  loom__spin_lock(&wg->q_.lock_);
-  if (wg->count_ + delta < 0) {
-    loom__spin_unlock(&wg->q_.lock_);
-    return -EINVAL;
-  }
-  wg->count_ += delta;
-  if (wg->count_ == 0) {
+  /* The count changes by CAS, without the lock; only the change to zero
+   * takes it, to wake the waiters.  A waiter reads the count under the
+   * lock before queueing, so a change to zero either happens before that
+   * read (it returns) or finds it queued (it is woken). */
+  int64_t c = __atomic_load_n(&wg->count_, __ATOMIC_ACQUIRE);
+  do {
+    if (c + delta < 0)
+      return -EINVAL;
+  } while (!__atomic_compare_exchange_n(&wg->count_, &c, c + delta, true,
+                                        __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE));
+  if (c + delta == 0 && delta != 0) {
+    loom__spin_lock(&wg->q_.lock_);
     wake_all(&wg->q_);
-    return 0;
   }
-  loom__spin_unlock(&wg->q_.lock_);
   return 0;
 }
 
 int loom_wg_done(loom_wg *wg) { return loom_wg_add(wg, -1); }
 
 int loom_wg_wait(loom_wg *wg, int64_t deadline) {
+  if (__atomic_load_n(&wg->count_, __ATOMIC_ACQUIRE) == 0)
+    return 0;
   loom__spin_lock(&wg->q_.lock_);
-  if (wg->count_ == 0) {
+  if (__atomic_load_n(&wg->count_, __ATOMIC_ACQUIRE) == 0) {
     loom__spin_unlock(&wg->q_.lock_);
     return 0;
   }

@@ -1,0 +1,76 @@
+// sync.go — the Go peer of bench/sync.c (same modes, same output line).
+package main
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"runtime"
+	"strconv"
+	"sync"
+	"sync/atomic"
+	"time"
+)
+
+func main() {
+	mode := "mutex"
+	if len(os.Args) > 1 {
+		mode = os.Args[1]
+	}
+	n := 2000000
+	if mode != "mutex" {
+		n = 10000
+	}
+	if len(os.Args) > 2 {
+		n, _ = strconv.Atoi(os.Args[2])
+	}
+	procs := 2
+	if len(os.Args) > 3 {
+		procs, _ = strconv.Atoi(os.Args[3])
+	}
+	runtime.GOMAXPROCS(procs)
+	var el time.Duration
+	var wg sync.WaitGroup
+	if mode == "mutex" {
+		var mu sync.Mutex
+		shared := 0
+		wg.Add(8)
+		t0 := time.Now()
+		for i := 0; i < 8; i++ {
+			go func() {
+				for j := 0; j < n/8; j++ {
+					mu.Lock()
+					shared++
+					mu.Unlock()
+				}
+				wg.Done()
+			}()
+		}
+		wg.Wait()
+		el = time.Since(t0)
+		if shared != (n/8)*8 {
+			panic("lost updates")
+		}
+	} else {
+		ctx, cancel := context.WithCancel(context.Background())
+		var parked int64
+		wg.Add(n)
+		for i := 0; i < n; i++ {
+			go func() {
+				atomic.AddInt64(&parked, 1)
+				<-ctx.Done()
+				wg.Done()
+			}()
+		}
+		for atomic.LoadInt64(&parked) < int64(n) {
+			time.Sleep(time.Millisecond)
+		}
+		time.Sleep(10 * time.Millisecond)
+		t0 := time.Now()
+		cancel()
+		wg.Wait()
+		el = time.Since(t0)
+	}
+	fmt.Printf("RESULT name=sync_%s impl=go procs=%d n=%d ns_per_op=%.1f\n", mode, procs, n,
+		float64(el.Nanoseconds())/float64(n))
+}
