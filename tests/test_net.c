@@ -38,14 +38,24 @@ static void echo_conn(void *arg) {
   atomic_fetch_sub(&echo_conns, 1);
 }
 
+/* The accept loop owns its listener and is the one to close it: a
+ * listener is freed by its close, so no other coroutine may touch it
+ * then (loom/net.h).  stop_echo asks it to stop and wakes it with a
+ * connection. */
+static atomic_int echo_stop, echo_done;
+static char echo_net[16];
+
 static void echo_server(void *arg) {
   loom_listener *l = arg;
   for (;;) {
     loom_conn *c;
-    int r = loom_accept(l, &c);
-    if (r == LOOM_ECLOSED)
+    CHECK_OK(loom_accept(l, &c));
+    if (atomic_load(&echo_stop)) {
+      CHECK_OK(loom_close(c));
+      CHECK_OK(loom_listener_close(l));
+      atomic_store(&echo_done, 1);
       return;
-    CHECK_OK(r);
+    }
     atomic_fetch_add(&echo_conns, 1);
     CHECK_OK(loom_go(echo_conn, c));
   }
@@ -56,8 +66,21 @@ static loom_listener *start_echo(const char *network, const char *addr) {
   loom_listener *l;
   CHECK_OK(loom_listen(&l, network, addr));
   CHECK_OK(loom_listener_addr(l, echo_addr, sizeof echo_addr));
+  snprintf(echo_net, sizeof echo_net, "%s", network);
+  atomic_store(&echo_stop, 0);
+  atomic_store(&echo_done, 0);
   CHECK_OK(loom_go(echo_server, l));
   return l;
+}
+
+static void stop_echo(loom_listener *l) {
+  (void)l; /* the accept loop closes it */
+  atomic_store(&echo_stop, 1);
+  loom_conn *c;
+  CHECK_OK(loom_dial(&c, echo_net, echo_addr));
+  while (!atomic_load(&echo_done))
+    loom_sleep(CHECK_MS);
+  CHECK_OK(loom_close(c));
 }
 
 struct echo_writer {
@@ -120,7 +143,7 @@ static void many_main(void *arg) {
     loom_sleep(CHECK_MS);
   while (atomic_load(&echo_conns) > 0)
     loom_sleep(CHECK_MS);
-  CHECK_OK(loom_listener_close(l));
+  stop_echo(l);
 }
 
 TEST(echo_many_connections) {
@@ -154,7 +177,7 @@ static void writev_main(void *arg) {
     CHECK_EQ(back[i * 37 + 36], 'a' + i % 26);
   CHECK_OK(loom_close(c));
   echo_roundtrip("tcp", echo_addr, 8 << 20, 99); /* 8 MiB */
-  CHECK_OK(loom_listener_close(l));
+  stop_echo(l);
 }
 
 TEST(writev_and_big_write) { check_run(writev_main, NULL, 2); }
@@ -271,6 +294,12 @@ static void blocked_reader(void *arg) {
   atomic_store(&blocked_result, (int)r);
 }
 
+static atomic_int one_accept_result = 1;
+static void one_accept(void *arg) {
+  loom_conn *c;
+  atomic_store(&one_accept_result, loom_accept(arg, &c));
+}
+
 static void close_main(void *arg) {
   (void)arg;
   loom_listener *l = start_echo("tcp", "127.0.0.1:0");
@@ -283,9 +312,16 @@ static void close_main(void *arg) {
   while (atomic_load(&blocked_result) == 1)
     loom_sleep(CHECK_MS);
   CHECK_EQ(atomic_load(&blocked_result), LOOM_ECLOSED);
-  /* The listener too: a blocked accept returns LOOM_ECLOSED. */
-  CHECK_OK(loom_listener_close(l));
-  loom_sleep(10 * CHECK_MS);
+  stop_echo(l);
+  /* A listener closed under a blocked accept: LOOM_ECLOSED. */
+  loom_listener *l2;
+  CHECK_OK(loom_listen(&l2, "tcp", "127.0.0.1:0"));
+  CHECK_OK(loom_go(one_accept, l2));
+  loom_sleep(20 * CHECK_MS); /* parked in its only accept */
+  CHECK_OK(loom_listener_close(l2));
+  while (atomic_load(&one_accept_result) == 1)
+    loom_sleep(CHECK_MS);
+  CHECK_EQ(atomic_load(&one_accept_result), LOOM_ECLOSED);
 }
 
 TEST(close_wakes_blocked_reader) { check_run(close_main, NULL, 2); }
@@ -462,7 +498,7 @@ static void unix_main(void *arg) {
   loom_listener *l = start_echo("unix", path);
   CHECK_STREQ(echo_addr, path);
   echo_roundtrip("unix", path, 200000, 1);
-  CHECK_OK(loom_listener_close(l));
+  stop_echo(l);
   loom_sleep(5 * CHECK_MS);
   CHECK(access(path, F_OK) != 0); /* the socket file is gone */
 
@@ -471,7 +507,7 @@ static void unix_main(void *arg) {
   l = start_echo("unix", abs);
   CHECK_STREQ(echo_addr, abs);
   echo_roundtrip("unix", abs, 50000, 2);
-  CHECK_OK(loom_listener_close(l));
+  stop_echo(l);
 }
 
 TEST(unix_path_and_abstract) { check_run(unix_main, NULL, 2); }
@@ -482,7 +518,7 @@ static void v6_main(void *arg) {
   CHECK(strncmp(echo_addr, "[::1]:", 6) == 0);
   echo_roundtrip("tcp6", echo_addr, 100000, 3);
   echo_roundtrip("tcp", echo_addr, 1000, 4);
-  CHECK_OK(loom_listener_close(l));
+  stop_echo(l);
   /* "tcp" on ":port" takes IPv4 and IPv6. */
   l = start_echo("tcp", ":0");
   const char *port = strrchr(echo_addr, ':') + 1;
@@ -494,7 +530,7 @@ static void v6_main(void *arg) {
   char lh[64];
   snprintf(lh, sizeof lh, "localhost:%s", port);
   echo_roundtrip("tcp", lh, 1000, 7); /* a name, through the resolver */
-  CHECK_OK(loom_listener_close(l));
+  stop_echo(l);
 }
 
 TEST(ipv6_and_dual_stack) { check_run(v6_main, NULL, 2); }
@@ -579,7 +615,7 @@ static void slow_main(void *arg) {
   CHECK_GE(took, 300 * CHECK_MS);
   /* One P: the ticker only runs if the lookup does not hold it. */
   CHECKF(ticks >= 100, "only %ld ticks during a 300 ms lookup", ticks);
-  CHECK_OK(loom_listener_close(l));
+  stop_echo(l);
 }
 
 TEST(slow_dns_stalls_nobody) { check_run(slow_main, NULL, 1); }

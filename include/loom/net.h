@@ -78,8 +78,11 @@ LOOM_API int loom_listen_with(loom_listener **l, const char *network,
  */
 LOOM_API int loom_accept(loom_listener *l, loom_conn **c);
 LOOM_API int loom_listener_set_deadline(loom_listener *l, int64_t deadline);
-/* Stop listening; coroutines in loom_accept return LOOM_ECLOSED.  For a
- * "unix" listener the socket file is removed.  `l` is invalid after. */
+/* Stop listening; coroutines blocked in loom_accept return LOOM_ECLOSED.
+ * For a "unix" listener the socket file is removed.  `l` is freed: no
+ * coroutine may call anything on it afterwards, so an accept loop is best
+ * stopped by its own coroutine — e.g. run it with loom_accept_ctx and
+ * cancel the context, then let the loop close the listener. */
 LOOM_API int loom_listener_close(loom_listener *l);
 /* The bound address as "host:port" ("[v6]:port", or the path): useful
  * after listening on port 0.  Any thread.  0 or -ENOSPC. */
