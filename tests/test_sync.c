@@ -226,4 +226,64 @@ static void cond_main(void *arg) {
 }
 TEST(once_and_cond_broadcast) { check_run(cond_main, NULL, 2); }
 
+/* ------------------------------------------------------------------ */
+/* RWMutex: readers together, writers alone, a writer not starved.      */
+
+static loom_rwmutex rw = LOOM_RWMUTEX_INIT;
+static atomic_int readers_in, max_readers, writer_in, rw_bad;
+static atomic_int rw_stop, writes_done;
+static long rw_value; /* under rw */
+
+static void rw_reader(void *arg) {
+  (void)arg;
+  while (!atomic_load(&rw_stop)) {
+    loom_rwmutex_rlock(&rw);
+    int n = atomic_fetch_add(&readers_in, 1) + 1;
+    int m = atomic_load(&max_readers);
+    while (n > m && !atomic_compare_exchange_weak(&max_readers, &m, n))
+      ;
+    if (atomic_load(&writer_in))
+      atomic_store(&rw_bad, 1);
+    loom_yield(); /* overlap with other readers */
+    atomic_fetch_sub(&readers_in, 1);
+    loom_rwmutex_runlock(&rw);
+  }
+}
+static void rw_writer(void *arg) {
+  (void)arg;
+  for (int i = 0; i < 200; i++) {
+    loom_rwmutex_lock(&rw);
+    atomic_store(&writer_in, 1);
+    if (atomic_load(&readers_in) != 0)
+      atomic_store(&rw_bad, 1);
+    rw_value++;
+    loom_yield();
+    atomic_store(&writer_in, 0);
+    loom_rwmutex_unlock(&rw);
+    atomic_fetch_add(&writes_done, 1);
+  }
+}
+static void rw_main(void *arg) {
+  (void)arg;
+  for (int i = 0; i < 8; i++)
+    CHECK_OK(loom_go(rw_reader, NULL));
+  loom_sleep(5 * CHECK_MS);
+  CHECK_OK(loom_go(rw_writer, NULL));
+  CHECK_OK(loom_go(rw_writer, NULL));
+  int64_t end = loom_now() + 10000 * CHECK_MS;
+  while (atomic_load(&writes_done) < 400) {
+    CHECKF(loom_now() < end, "writers starved: %d of 400 writes",
+           atomic_load(&writes_done));
+    loom_sleep(CHECK_MS);
+  }
+  atomic_store(&rw_stop, 1);
+  loom_sleep(10 * CHECK_MS);
+  CHECK_EQ(atomic_load(&rw_bad), 0);
+  CHECK_GE(atomic_load(&max_readers), 2); /* readers did share it */
+  loom_rwmutex_lock(&rw);
+  CHECK_EQ(rw_value, 400);
+  loom_rwmutex_unlock(&rw);
+}
+TEST(rwmutex) { check_run(rw_main, NULL, 2); }
+
 CHECK_MAIN()

@@ -83,6 +83,23 @@ LOOM_API int loom_wg_done(loom_wg *wg);
 /* 0 or -ETIMEDOUT.  Parks. */
 LOOM_API int loom_wg_wait(loom_wg *wg, int64_t deadline);
 
+/*
+ * Reader/writer mutex (Go's sync.RWMutex): many readers or one writer.
+ * A writer waiting in loom_rwmutex_lock stops new readers, so readers
+ * cannot starve it.  A zeroed one is unlocked.  Parks.
+ */
+typedef struct loom_rwmutex {
+  loom_mutex w_;
+  loom_sema writer_sem_, reader_sem_;
+  int32_t readers_, departing_;
+} loom_rwmutex;
+#define LOOM_RWMUTEX_INIT                                                    \
+  {LOOM_MUTEX_INIT, LOOM_SEMA_INIT(0), LOOM_SEMA_INIT(0), 0, 0}
+LOOM_API void loom_rwmutex_rlock(loom_rwmutex *rw);
+LOOM_API void loom_rwmutex_runlock(loom_rwmutex *rw);
+LOOM_API void loom_rwmutex_lock(loom_rwmutex *rw);
+LOOM_API void loom_rwmutex_unlock(loom_rwmutex *rw);
+
 /* Once: fn(arg) runs exactly once; concurrent callers wait for it. */
 typedef struct loom_once {
   int done_;

@@ -165,3 +165,45 @@ void loom_once_do(loom_once *o, void (*fn)(void *), void *arg) {
   }
   loom_mutex_unlock(&o->mu_);
 }
+
+/* ---- reader/writer mutex (Go's algorithm) --------------------------------
+ * readers_ counts active readers; a writer subtracts RW_MAX from it, so
+ * arriving readers see it negative and queue on reader_sem_.  departing_
+ * counts the readers the writer still waits for; the last of them
+ * releases writer_sem_.  The semaphores count, so a release that comes
+ * before its acquire is not lost. */
+
+#define RW_MAX (1 << 30)
+
+void loom_rwmutex_rlock(loom_rwmutex *rw) {
+  if (__atomic_add_fetch(&rw->readers_, 1, __ATOMIC_ACQ_REL) < 0)
+    (void)loom_sema_acquire(&rw->reader_sem_, 0); /* a writer is pending */
+}
+
+void loom_rwmutex_runlock(loom_rwmutex *rw) {
+  int32_t r = __atomic_sub_fetch(&rw->readers_, 1, __ATOMIC_ACQ_REL);
+  if (r < 0) {
+    if (r + 1 == 0 || r + 1 == -RW_MAX)
+      loom__throw("rwmutex_runlock: not read-locked");
+    if (__atomic_sub_fetch(&rw->departing_, 1, __ATOMIC_ACQ_REL) == 0)
+      loom_sema_release(&rw->writer_sem_); /* the last reader out */
+  }
+}
+
+void loom_rwmutex_lock(loom_rwmutex *rw) {
+  loom_mutex_lock(&rw->w_); /* one writer at a time */
+  int32_t r =
+      __atomic_sub_fetch(&rw->readers_, RW_MAX, __ATOMIC_ACQ_REL) + RW_MAX;
+  if (r != 0 && __atomic_add_fetch(&rw->departing_, r, __ATOMIC_ACQ_REL) != 0)
+    (void)loom_sema_acquire(&rw->writer_sem_, 0);
+}
+
+void loom_rwmutex_unlock(loom_rwmutex *rw) {
+  int32_t r =
+      __atomic_add_fetch(&rw->readers_, RW_MAX, __ATOMIC_ACQ_REL);
+  if (r >= RW_MAX)
+    loom__throw("rwmutex_unlock: not write-locked");
+  for (int32_t i = 0; i < r; i++)
+    loom_sema_release(&rw->reader_sem_); /* readers that queued meanwhile */
+  loom_mutex_unlock(&rw->w_);
+}
