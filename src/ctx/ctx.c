@@ -67,7 +67,8 @@ void loom_ctx_unref(loom_ctx *c) {
 
 /* Cancel one node; its live children are appended (with a reference
  * each) to the walk's work list. */
-static void cancel_one(loom_ctx *n, int err, void ***work, size_t *len,
+/* Recursion only on the out-of-memory path, one level per failed push. */
+static void cancel_one(loom_ctx *n, int err, void ***work, size_t *len, // NOLINT(misc-no-recursion)
                        size_t *cap) {
   loom__spin_lock(&n->lock);
   if (n->err != 0) {

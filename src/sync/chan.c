@@ -308,7 +308,8 @@ static int cmp_chan(const void *a, const void *b) {
 
 #define SELECT_MAX 1024
 
-int loom_select(loom_case *cases, int n, int64_t deadline) {
+/* Long, like Go's selectgo: poll, queue, wait, dequeue, in one place. */
+int loom_select(loom_case *cases, int n, int64_t deadline) { // NOLINT(readability-function-cognitive-complexity)
   if (n < 0 || n > SELECT_MAX || (n > 0 && cases == NULL))
     return -EINVAL;
   for (int i = 0; i < n; i++)
@@ -341,7 +342,8 @@ int loom_select(loom_case *cases, int n, int64_t deadline) {
   int nl = 0;
   for (int i = 0; i < n; i++) {
     int j = (int)(rand_u32() % (uint32_t)(i + 1));
-    order[i] = order[j];
+    if (j != i)
+      order[i] = order[j]; /* inside-out Fisher-Yates */
     order[j] = i;
     if (cases[i].chan != NULL)
       locks[nl++] = cases[i].chan;

@@ -15,7 +15,7 @@
 
 #include "runtime/runtime.h"
 
-void loom__spin_lock(int *l) {
+void loom__spin_lock(int *l) { // NOLINT(readability-non-const-parameter): written by __atomic
   unsigned spins = 1;
   while (__atomic_exchange_n(l, 1, __ATOMIC_ACQUIRE)) {
     /* Back off while it is held: hammering the line slows the holder. */
@@ -30,7 +30,9 @@ void loom__spin_lock(int *l) {
   }
 }
 
-void loom__spin_unlock(int *l) { __atomic_store_n(l, 0, __ATOMIC_RELEASE); }
+void loom__spin_unlock(int *l) { // NOLINT(readability-non-const-parameter)
+  __atomic_store_n(l, 0, __ATOMIC_RELEASE);
+}
 
 void loom__waiter_init(loom__waiter *w, bool exclusive) {
   w->g = loom__getg();
