@@ -266,6 +266,7 @@ static void *thread_producer(void *arg) {
   return NULL;
 }
 static atomic_long consumed;
+static atomic_int consumer_done;
 static void co_consumer(void *arg) {
   (void)arg;
   long v, last = -1;
@@ -274,6 +275,7 @@ static void co_consumer(void *arg) {
     last = v;
     atomic_fetch_add(&consumed, 1);
   }
+  atomic_store(&consumer_done, 1); /* out of the channel: it may go */
 }
 static void thread_main(void *arg) {
   (void)arg;
@@ -281,8 +283,9 @@ static void thread_main(void *arg) {
   CHECK_OK(loom_chan_make(&tc, sizeof(long), 8));
   CHECK_OK(loom_go(co_consumer, NULL));
   CHECK_EQ(pthread_create(&t, NULL, thread_producer, NULL), 0);
-  while (atomic_load(&consumed) < 10000)
+  while (!atomic_load(&consumer_done))
     loom_sleep(CHECK_MS);
+  CHECK_EQ(atomic_load(&consumed), 10000);
   loom_block_enter();
   pthread_join(t, NULL);
   loom_block_exit();
