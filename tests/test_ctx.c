@@ -5,6 +5,8 @@
  * release while others hold references; the _ctx forms of blocking calls.
  */
 #include <errno.h>
+#include <fcntl.h>
+#include <unistd.h>
 #include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -247,5 +249,33 @@ static void net_main(void *arg) {
   CHECK_OK(loom_listener_close(l));
 }
 TEST(cancelled_read_on_a_socket) { check_run(net_main, NULL, 2); }
+
+/* loom_fd_wait bounded by a context. */
+static atomic_int fdw_result = 1;
+static int fdw_pipe[2];
+static void fd_waiter(void *arg) {
+  atomic_store(&fdw_result, loom_fd_wait_ctx(fdw_pipe[0], LOOM_FD_READ, 0, arg));
+}
+static void fdw_main(void *arg) {
+  (void)arg;
+  CHECK_EQ(pipe2(fdw_pipe, O_NONBLOCK | O_CLOEXEC), 0);
+  loom_ctx *c;
+  CHECK_OK(loom_ctx_with_cancel(&c, loom_ctx_background()));
+  CHECK_OK(loom_go(fd_waiter, c));
+  loom_sleep(20 * CHECK_MS);
+  CHECK_EQ(atomic_load(&fdw_result), 1);
+  loom_ctx_cancel(c);
+  while (atomic_load(&fdw_result) == 1)
+    loom_sleep(CHECK_MS);
+  CHECK_EQ(atomic_load(&fdw_result), -ECANCELED);
+  CHECK_ERR(loom_fd_wait_ctx(fdw_pipe[0], LOOM_FD_READ, 0, c), -ECANCELED);
+  CHECK_EQ(write(fdw_pipe[1], "z", 1), 1);
+  CHECK_OK(loom_fd_wait_ctx(fdw_pipe[0], LOOM_FD_READ, 0,
+                            loom_ctx_background()));
+  loom_ctx_release(c);
+  close(fdw_pipe[0]);
+  close(fdw_pipe[1]);
+}
+TEST(fd_wait_cancelled) { check_run(fdw_main, NULL, 2); }
 
 CHECK_MAIN()

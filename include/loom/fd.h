@@ -11,6 +11,7 @@
 #include <stdint.h>
 
 #include "loom/common.h"
+#include "loom/ctx.h"
 #include "loom/error.h"
 
 #ifdef __cplusplus
@@ -38,6 +39,11 @@ extern "C" {
  * Parks.  Thread-safe.  The fd must stay open until the call returns.
  */
 LOOM_API int loom_fd_wait(int fd, int events, int64_t deadline);
+
+/* As loom_fd_wait, but a cancel of `ctx` ends the wait with its reason
+ * (-ECANCELED, -ETIMEDOUT).  Coroutines only (LOOM_ENOTCO otherwise). */
+LOOM_API int loom_fd_wait_ctx(int fd, int events, int64_t deadline,
+                              loom_ctx *ctx);
 
 #ifdef __cplusplus
 }

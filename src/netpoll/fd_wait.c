@@ -13,6 +13,7 @@
 #include <poll.h>
 
 #include "loom/fd.h"
+#include "ctx/ctx_internal.h"
 #include "netpoll/pollfd.h"
 #include "runtime/runtime.h"
 
@@ -51,7 +52,26 @@ static int wait_thread(int fd, short ev, int64_t deadline) {
   }
 }
 
+static void expire_r(void *pd) { loom__pd_expire(pd, 'r'); }
+static void expire_w(void *pd) { loom__pd_expire(pd, 'w'); }
+
+static int fd_wait_impl(int fd, int events, int64_t deadline, loom_ctx *ctx);
+
 int loom_fd_wait(int fd, int events, int64_t deadline) {
+  return fd_wait_impl(fd, events, deadline, NULL);
+}
+
+int loom_fd_wait_ctx(int fd, int events, int64_t deadline, loom_ctx *ctx) {
+  int e = loom_ctx_err(ctx);
+  if (e != 0)
+    return e;
+  if (loom__getg() == NULL)
+    return LOOM_ENOTCO; /* a thread has no poller wait to cut short */
+  return fd_wait_impl(fd, events, deadline, ctx);
+}
+
+static int fd_wait_impl(int fd, int events, int64_t deadline,
+                        loom_ctx *ctx) {
   if (events != LOOM_FD_READ && events != LOOM_FD_WRITE)
     return -EINVAL;
   if (fd < 0)
@@ -76,8 +96,21 @@ int loom_fd_wait(int fd, int events, int64_t deadline) {
   int mode = events == LOOM_FD_READ ? 'r' : 'w';
   if (deadline != 0)
     err = loom__pd_set_deadline(pd, mode, deadline);
+  loom__ctx_hook h = {mode == 'r' ? expire_r : expire_w, pd, NULL, NULL,
+                      false};
+  bool hooked = false;
+  if (err == 0 && ctx != NULL) {
+    hooked = loom__ctx_hook_add(ctx, &h);
+    if (!hooked)
+      err = loom_ctx_err(ctx);
+  }
   if (err == 0)
     err = loom__pd_wait(pd, mode);
+  if (hooked) {
+    loom__ctx_unhook(ctx, &h);
+    if (err == -ETIMEDOUT && loom_ctx_err(ctx) != 0)
+      err = loom_ctx_err(ctx);
+  }
   loom__pd_close(pd, true); /* the fd is not ours: it stays open */
   return err;
 }
