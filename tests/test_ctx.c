@@ -278,4 +278,43 @@ static void fdw_main(void *arg) {
 }
 TEST(fd_wait_cancelled) { check_run(fdw_main, NULL, 2); }
 
+/* Mutex, semaphore and wait group waits bounded by a context. */
+static loom_mutex cmu2 = LOOM_MUTEX_INIT;
+static loom_sema csem = LOOM_SEMA_INIT(0);
+static loom_wg cwg2 = LOOM_WG_INIT;
+static atomic_int r_mu = 1, r_sem = 1, r_wg = 1;
+static void mu_waiter(void *c) { atomic_store(&r_mu, loom_mutex_lock_ctx(&cmu2, c)); }
+static void sem_waiter(void *c) { atomic_store(&r_sem, loom_sema_acquire_ctx(&csem, c)); }
+static void wg_waiter(void *c) { atomic_store(&r_wg, loom_wg_wait_ctx(&cwg2, c)); }
+static void syncctx_main(void *arg) {
+  (void)arg;
+  loom_ctx *c;
+  CHECK_OK(loom_ctx_with_cancel(&c, loom_ctx_background()));
+  loom_mutex_lock(&cmu2);
+  CHECK_OK(loom_wg_add(&cwg2, 1));
+  CHECK_OK(loom_go(mu_waiter, c));
+  CHECK_OK(loom_go(sem_waiter, c));
+  CHECK_OK(loom_go(wg_waiter, c));
+  loom_sleep(20 * CHECK_MS);
+  CHECK_EQ(atomic_load(&r_mu) + atomic_load(&r_sem) + atomic_load(&r_wg), 3);
+  loom_ctx_cancel(c);
+  while (atomic_load(&r_mu) == 1 || atomic_load(&r_sem) == 1 ||
+         atomic_load(&r_wg) == 1)
+    loom_sleep(CHECK_MS);
+  CHECK_EQ(atomic_load(&r_mu), -ECANCELED);
+  CHECK_EQ(atomic_load(&r_sem), -ECANCELED);
+  CHECK_EQ(atomic_load(&r_wg), -ECANCELED);
+  /* The primitives carry on as if those waiters had never been. */
+  loom_mutex_unlock(&cmu2);
+  CHECK_OK(loom_mutex_lock_ctx(&cmu2, loom_ctx_background()));
+  loom_mutex_unlock(&cmu2);
+  loom_sema_release(&csem);
+  CHECK_OK(loom_sema_tryacquire(&csem));
+  CHECK_OK(loom_wg_done(&cwg2));
+  CHECK_OK(loom_wg_wait_ctx(&cwg2, loom_ctx_background()));
+  CHECK_ERR(loom_mutex_lock_ctx(&cmu2, c), -ECANCELED); /* cancelled: at once */
+  loom_ctx_release(c);
+}
+TEST(sync_waits_cancelled) { check_run(syncctx_main, NULL, 2); }
+
 CHECK_MAIN()

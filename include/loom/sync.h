@@ -16,6 +16,7 @@
 #include <stdint.h>
 
 #include "loom/common.h"
+#include "loom/ctx.h"
 #include "loom/error.h"
 
 #ifdef __cplusplus
@@ -48,6 +49,8 @@ typedef struct loom_mutex {
 /* Parks.  loom_mutex_lock_until returns 0 or -ETIMEDOUT. */
 LOOM_API void loom_mutex_lock(loom_mutex *mu);
 LOOM_API int loom_mutex_lock_until(loom_mutex *mu, int64_t deadline);
+/* Bounded by a context: 0, or loom_ctx_err(ctx) once it is cancelled. */
+LOOM_API int loom_mutex_lock_ctx(loom_mutex *mu, loom_ctx *ctx);
 /* 0 if taken, -EBUSY if held. */
 LOOM_API int loom_mutex_trylock(loom_mutex *mu);
 /* Unlocking an unlocked mutex stops the process with a message. */
@@ -62,6 +65,8 @@ typedef struct loom_sema {
 
 /* Take one unit, parking while none is left.  0 or -ETIMEDOUT. */
 LOOM_API int loom_sema_acquire(loom_sema *s, int64_t deadline);
+/* Bounded by a context: 0, or loom_ctx_err(ctx). */
+LOOM_API int loom_sema_acquire_ctx(loom_sema *s, loom_ctx *ctx);
 /* 0, or -EAGAIN if none is left. */
 LOOM_API int loom_sema_tryacquire(loom_sema *s);
 LOOM_API void loom_sema_release(loom_sema *s);
@@ -82,6 +87,8 @@ LOOM_API int loom_wg_add(loom_wg *wg, int64_t delta);
 LOOM_API int loom_wg_done(loom_wg *wg);
 /* 0 or -ETIMEDOUT.  Parks. */
 LOOM_API int loom_wg_wait(loom_wg *wg, int64_t deadline);
+/* Bounded by a context: 0, or loom_ctx_err(ctx). */
+LOOM_API int loom_wg_wait_ctx(loom_wg *wg, loom_ctx *ctx);
 
 /*
  * Reader/writer mutex (Go's sync.RWMutex): many readers or one writer.

@@ -56,7 +56,7 @@ static bool can_spin(void) {
   return m->rt->nprocs > 1 && loom__runq_empty(m->p);
 }
 
-static int lock_slow(loom_mutex *mu, int64_t deadline) {
+static int lock_slow(loom_mutex *mu, int64_t deadline, loom_ctx *ctx) {
   /* Spin a little, as Go does, but only when it cannot delay anyone:
    * more than one P, and nothing else runnable on ours (the holder may be
    * queued right here, waiting for the P we would be burning). */
@@ -92,24 +92,24 @@ static int lock_slow(loom_mutex *mu, int64_t deadline) {
     if (wait_start == 0)
       wait_start = loom_now();
     loom__waiter w;
-    loom__waiter_init(&w, deadline == 0);
+    loom__waiter_init(&w, deadline == 0 && ctx == NULL);
     loom__wnode n = {.w = &w};
     if (requeue)
       loom__waitq_push_front(&mu->q_.q_, &n); /* woken once: stay first */
     else
       loom__waitq_push(&mu->q_.q_, &n);
     requeue = true;
-    loom__waiter_wait(&w, release_lk, lk, deadline);
+    loom__waiter_wait_ctx(&w, release_lk, lk, deadline, ctx);
     if (w.fired < 0) {
-      /* Deadline: we are no longer a waiter (the unlocker counts only
-       * the waiters it claims). */
+      /* Deadline or cancel: we are no longer a waiter (the unlocker counts
+       * only the waiters it claims). */
       loom__spin_lock(lk);
       loom__waitq_unlink(&mu->q_.q_, &n);
       uint32_t t = __atomic_sub_fetch(&mu->state_, WAITER, __ATOMIC_ACQ_REL);
       if ((t & STARVING) && mu->q_.q_.head_ == NULL)
         __atomic_and_fetch(&mu->state_, ~STARVING, __ATOMIC_ACQ_REL);
       loom__spin_unlock(lk);
-      return -ETIMEDOUT;
+      return w.fired == LOOM__FIRED_CANCEL ? loom_ctx_err(ctx) : -ETIMEDOUT;
     }
     if (w.handed)
       return 0; /* starvation mode: the unlocker gave it to us */
@@ -118,7 +118,7 @@ static int lock_slow(loom_mutex *mu, int64_t deadline) {
 
 void loom_mutex_lock(loom_mutex *mu) {
   if (!cas(mu, 0, LOCKED))
-    (void)lock_slow(mu, 0);
+    (void)lock_slow(mu, 0, NULL);
 }
 
 int loom_mutex_lock_until(loom_mutex *mu, int64_t deadline) {
@@ -126,7 +126,16 @@ int loom_mutex_lock_until(loom_mutex *mu, int64_t deadline) {
     return 0;
   if (deadline != 0 && deadline <= loom_now())
     return loom_mutex_trylock(mu) == 0 ? 0 : -ETIMEDOUT;
-  return lock_slow(mu, deadline);
+  return lock_slow(mu, deadline, NULL);
+}
+
+int loom_mutex_lock_ctx(loom_mutex *mu, loom_ctx *ctx) {
+  int e = loom_ctx_err(ctx);
+  if (e != 0)
+    return e;
+  if (cas(mu, 0, LOCKED))
+    return 0;
+  return lock_slow(mu, 0, ctx);
 }
 
 void loom_mutex_unlock(loom_mutex *mu) {

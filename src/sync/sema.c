@@ -15,18 +15,18 @@ static void release_lk(void *arg) { loom__spin_unlock(arg); }
 /* Queue the caller on l, wait, and on a deadline take it off again.
  * Called with l's lock held; returns with it released.  0 or
  * -ETIMEDOUT. */
-static int wait_on(loom_waitlist_ *l, int64_t deadline) {
+static int wait_on(loom_waitlist_ *l, int64_t deadline, loom_ctx *ctx) {
   loom__waiter w;
-  loom__waiter_init(&w, deadline == 0);
+  loom__waiter_init(&w, deadline == 0 && ctx == NULL);
   loom__wnode n = {.w = &w};
   loom__waitq_push(&l->q_, &n);
-  loom__waiter_wait(&w, release_lk, &l->lock_, deadline);
+  loom__waiter_wait_ctx(&w, release_lk, &l->lock_, deadline, ctx);
   if (w.fired >= 0)
     return 0;
   loom__spin_lock(&l->lock_);
   loom__waitq_unlink(&l->q_, &n);
   loom__spin_unlock(&l->lock_);
-  return -ETIMEDOUT;
+  return w.fired == LOOM__FIRED_CANCEL ? loom_ctx_err(ctx) : -ETIMEDOUT;
 }
 
 /* Wake every waiter of l; called with l's lock held, returns with it
@@ -48,7 +48,10 @@ static void wake_all(loom_waitlist_ *l) {
 
 /* ---- semaphore ---------------------------------------------------------- */
 
-int loom_sema_acquire(loom_sema *s, int64_t deadline) {
+static int sema_acquire(loom_sema *s, int64_t deadline, loom_ctx *ctx) {
+  int e = loom_ctx_err(ctx);
+  if (e != 0)
+    return e;
   loom__spin_lock(&s->q_.lock_);
   if (s->count_ > 0 && s->q_.q_.head_ == NULL) {
     s->count_--;
@@ -59,7 +62,15 @@ int loom_sema_acquire(loom_sema *s, int64_t deadline) {
     loom__spin_unlock(&s->q_.lock_);
     return -ETIMEDOUT;
   }
-  return wait_on(&s->q_, deadline);
+  return wait_on(&s->q_, deadline, ctx);
+}
+
+int loom_sema_acquire(loom_sema *s, int64_t deadline) {
+  return sema_acquire(s, deadline, NULL);
+}
+
+int loom_sema_acquire_ctx(loom_sema *s, loom_ctx *ctx) {
+  return sema_acquire(s, 0, ctx);
 }
 
 int loom_sema_tryacquire(loom_sema *s) {
@@ -107,9 +118,12 @@ int loom_wg_add(loom_wg *wg, int64_t delta) {
 
 int loom_wg_done(loom_wg *wg) { return loom_wg_add(wg, -1); }
 
-int loom_wg_wait(loom_wg *wg, int64_t deadline) {
+static int wg_wait(loom_wg *wg, int64_t deadline, loom_ctx *ctx) {
   if (__atomic_load_n(&wg->count_, __ATOMIC_ACQUIRE) == 0)
     return 0;
+  int e = loom_ctx_err(ctx);
+  if (e != 0)
+    return e;
   loom__spin_lock(&wg->q_.lock_);
   if (__atomic_load_n(&wg->count_, __ATOMIC_ACQUIRE) == 0) {
     loom__spin_unlock(&wg->q_.lock_);
@@ -119,8 +133,14 @@ int loom_wg_wait(loom_wg *wg, int64_t deadline) {
     loom__spin_unlock(&wg->q_.lock_);
     return -ETIMEDOUT;
   }
-  return wait_on(&wg->q_, deadline);
+  return wait_on(&wg->q_, deadline, ctx);
 }
+
+int loom_wg_wait(loom_wg *wg, int64_t deadline) {
+  return wg_wait(wg, deadline, NULL);
+}
+
+int loom_wg_wait_ctx(loom_wg *wg, loom_ctx *ctx) { return wg_wait(wg, 0, ctx); }
 
 /* ---- condition variable ----------------------------------------------------- */
 

@@ -13,6 +13,7 @@
 #include <sched.h>
 #include <stdatomic.h>
 
+#include "ctx/ctx_internal.h"
 #include "runtime/runtime.h"
 
 void loom__spin_lock(int *l) { // NOLINT(readability-non-const-parameter): written by __atomic
@@ -121,9 +122,13 @@ loom__wnode *loom__waitq_pop(loom__waitq *q) {
 /* ---- waiting ------------------------------------------------------------ */
 
 struct park_arg {
+  loom__waiter *w;
   void (*release)(void *arg);
   void *arg;
   int64_t deadline;
+  struct loom_ctx *ctx;
+  loom__ctx_hook *hook;
+  bool hooked;
 };
 
 static void deadline_fire(loom__timer *t, void *arg) {
@@ -134,8 +139,25 @@ static void deadline_fire(loom__timer *t, void *arg) {
     loom__ready(g);
 }
 
+static void cancel_fire(void *arg) {
+  loom__waiter *w = arg;
+  if (loom__waiter_claim(w)) {
+    w->fired = LOOM__FIRED_CANCEL;
+    loom__waiter_wake(w);
+  }
+}
+
+/*
+ * The commit arms the deadline timer and the cancel hook, then releases
+ * the caller's locks.  Either claimant may ready the coroutine before the
+ * commit is over (a timer can fire on another thread at once); the woken
+ * coroutine then spins on w->committed before it leaves its frame, so the
+ * commit may keep using the park arguments on its stack to the end.
+ */
 static bool park_commit(loom__g *g, void *arg) {
   struct park_arg *pa = arg;
+  loom__waiter *w = pa->w;
+  bool stay = true;
   if (pa->deadline != 0) {
     loom__m *m = loom__getm();
     g->timer.fn = deadline_fire;
@@ -144,31 +166,62 @@ static bool park_commit(loom__g *g, void *arg) {
     loom__timer_add(&m->p->timers, &g->timer, pa->deadline);
     loom__wake_netpoller(m->rt, pa->deadline);
   }
+  if (pa->ctx != NULL) {
+    pa->hooked = loom__ctx_hook_add(pa->ctx, pa->hook);
+    if (!pa->hooked && loom__waiter_claim(w)) {
+      w->fired = LOOM__FIRED_CANCEL; /* cancelled already: do not sleep */
+      stay = false;
+    }
+  }
   pa->release(pa->arg);
-  return true;
+  atomic_store_explicit(&w->committed, 1, memory_order_release);
+  return stay;
 }
 
-void loom__waiter_wait(loom__waiter *w, void (*release)(void *arg), void *arg,
-                       int64_t deadline) {
+void loom__waiter_wait_ctx(loom__waiter *w, void (*release)(void *arg),
+                           void *arg, int64_t deadline,
+                           struct loom_ctx *ctx) {
+  loom__ctx_hook hook = {cancel_fire, w, NULL, NULL, false};
   if (w->g != NULL) {
     if (deadline != 0 &&
         loom__timers_reserve(&loom__getm()->p->timers, 1) != 0)
       deadline = loom_now() + 1000000; /* out of memory: poll every ms */
-    struct park_arg pa = {release, arg, deadline};
+    atomic_store_explicit(&w->committed, 0, memory_order_relaxed);
+    struct park_arg pa = {w, release, arg, deadline, ctx, &hook, false};
     loom__park(park_commit, &pa, "sync");
+    while (!atomic_load_explicit(&w->committed, memory_order_acquire))
+      __builtin_ia32_pause();
+    if (pa.hooked)
+      loom__ctx_unhook(ctx, &hook); /* after this the hook cannot run */
     if (deadline != 0)
       loom__timer_del(&w->g->timer); /* waits for a running deadline_fire */
     return;
   }
+  bool hooked = false;
+  if (ctx != NULL) {
+    hooked = loom__ctx_hook_add(ctx, &hook);
+    if (!hooked && loom__waiter_claim(w)) {
+      w->fired = LOOM__FIRED_CANCEL;
+      release(arg);
+      return;
+    }
+  }
   release(arg);
   if (deadline == 0) {
     loom__note_sleep(&w->note);
-    return;
+  } else {
+    int64_t left = deadline - loom_now();
+    if (!loom__note_tsleep(&w->note, left > 0 ? left : 0)) {
+      if (!loom__waiter_claim(w))
+        loom__note_sleep(&w->note); /* a claimant is on its way */
+      /* else timed out: w->fired stays -1 */
+    }
   }
-  int64_t left = deadline - loom_now();
-  if (loom__note_tsleep(&w->note, left > 0 ? left : 0))
-    return;
-  if (loom__waiter_claim(w))
-    return; /* timed out: w->fired stays -1 */
-  loom__note_sleep(&w->note); /* a claimant is on its way */
+  if (hooked)
+    loom__ctx_unhook(ctx, &hook);
+}
+
+void loom__waiter_wait(loom__waiter *w, void (*release)(void *arg), void *arg,
+                       int64_t deadline) {
+  loom__waiter_wait_ctx(w, release, arg, deadline, NULL);
 }

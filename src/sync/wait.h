@@ -24,6 +24,8 @@ typedef struct loom__waiter {
   int fired;                 /* what completed it (>= 0); -1: the deadline */
   bool exclusive;            /* on one queue, no deadline: claims skip CAS */
   bool handed;               /* mutex: ownership was handed to this waiter */
+  _Atomic int committed;     /* the park's commit has finished with the
+                                waiter's stack (see wait.c) */
 } loom__waiter;
 
 typedef struct loom__wnode {
@@ -64,5 +66,13 @@ loom__wnode *loom__waitq_pop(loom__waitq *q);
  */
 void loom__waiter_wait(loom__waiter *w, void (*release)(void *arg), void *arg,
                        int64_t deadline);
+
+struct loom_ctx;
+/* The same, and a cancel of `ctx` (NULL: none) may claim the waiter too;
+ * then w->fired is LOOM__FIRED_CANCEL.  The waiter must not be exclusive
+ * when ctx is given. */
+#define LOOM__FIRED_CANCEL (-2)
+void loom__waiter_wait_ctx(loom__waiter *w, void (*release)(void *arg),
+                           void *arg, int64_t deadline, struct loom_ctx *ctx);
 
 #endif
