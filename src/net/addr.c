@@ -245,3 +245,24 @@ int loom__format_addr(const struct sockaddr *sa, socklen_t len, char *buf,
   }
   return w < 0 || (size_t)w >= n ? -ENOSPC : 0;
 }
+
+int loom__fd_addr(int fd, bool peer, char *buf, size_t n) {
+  if (buf == NULL)
+    return -EINVAL;
+  struct sockaddr_storage ss;
+  socklen_t sl = sizeof ss;
+  int r = peer ? getpeername(fd, (struct sockaddr *)&ss, &sl)
+               : getsockname(fd, (struct sockaddr *)&ss, &sl);
+  if (r != 0)
+    return -errno;
+  return loom__format_addr((struct sockaddr *)&ss, sl, buf, n);
+}
+
+bool loom__self_connected(int fd) {
+  struct sockaddr_storage a, b;
+  socklen_t al = sizeof a, bl = sizeof b;
+  if (getsockname(fd, (struct sockaddr *)&a, &al) != 0 ||
+      getpeername(fd, (struct sockaddr *)&b, &bl) != 0)
+    return false;
+  return al == bl && memcmp(&a, &b, al) == 0;
+}

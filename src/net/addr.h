@@ -45,4 +45,11 @@ int loom__parse_addr(const char *network, const char *addr, bool passive,
 int loom__format_addr(const struct sockaddr *sa, socklen_t len, char *buf,
                       size_t n);
 
+/* The local (or, with `peer`, remote) address of socket fd, formatted as
+ * above; -EINVAL for a NULL buf, -errno, -ENOSPC. */
+int loom__fd_addr(int fd, bool peer, char *buf, size_t n);
+/* True if a connected socket's two ends are the same address (a local
+ * port picked equal to the destination port: it talks to itself). */
+bool loom__self_connected(int fd);
+
 #endif

@@ -213,24 +213,13 @@ int loom_close(loom_conn *c) {
 
 int loom_conn_fd(loom_conn *c) { return c ? c->nf.fd : -EINVAL; }
 
-static int addr_of(loom_conn *c, bool peer, char *buf, size_t len) {
-  if (c == NULL || buf == NULL)
-    return -EINVAL;
-  struct sockaddr_storage ss;
-  socklen_t sl = sizeof ss;
-  int r = peer ? getpeername(c->nf.fd, (struct sockaddr *)&ss, &sl)
-               : getsockname(c->nf.fd, (struct sockaddr *)&ss, &sl);
-  if (r != 0)
-    return -errno;
-  return loom__format_addr((struct sockaddr *)&ss, sl, buf, len);
-}
 
 int loom_conn_local_addr(loom_conn *c, char *buf, size_t len) {
-  return addr_of(c, false, buf, len);
+  return c == NULL ? -EINVAL : loom__fd_addr(c->nf.fd, false, buf, len);
 }
 
 int loom_conn_remote_addr(loom_conn *c, char *buf, size_t len) {
-  return addr_of(c, true, buf, len);
+  return c == NULL ? -EINVAL : loom__fd_addr(c->nf.fd, true, buf, len);
 }
 
 static int opt(loom_conn *c, int level, int name, int v) {
@@ -264,14 +253,6 @@ int loom_conn_set_buffers(loom_conn *c, int rcvbuf, int sndbuf) {
 
 /* ---- dialing -------------------------------------------------------- */
 
-static bool self_connected(int fd) {
-  struct sockaddr_storage a, b;
-  socklen_t al = sizeof a, bl = sizeof b;
-  if (getsockname(fd, (struct sockaddr *)&a, &al) != 0 ||
-      getpeername(fd, (struct sockaddr *)&b, &bl) != 0)
-    return false;
-  return al == bl && memcmp(&a, &b, al) == 0;
-}
 
 static void expire_w(void *pd);
 
@@ -312,7 +293,7 @@ static int dial_one(const struct sockaddr *sa, socklen_t len, int type,
       err = loom_ctx_err(ctx);
   }
   if (err == 0 && (sa->sa_family == AF_INET || sa->sa_family == AF_INET6) &&
-      self_connected(fd))
+      loom__self_connected(fd))
     err = -EADDRNOTAVAIL; /* a local port connected to itself */
   if (err == 0 && (deadline != 0 || hooked))
     err = loom__pd_set_deadline(c->nf.pd, 'w', 0);

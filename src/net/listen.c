@@ -190,13 +190,7 @@ int loom_listener_close(loom_listener *l) {
 }
 
 int loom_listener_addr(loom_listener *l, char *buf, size_t len) {
-  if (l == NULL || buf == NULL)
-    return -EINVAL;
-  struct sockaddr_storage ss;
-  socklen_t sl = sizeof ss;
-  if (getsockname(l->nf.fd, (struct sockaddr *)&ss, &sl) != 0)
-    return -errno;
-  return loom__format_addr((struct sockaddr *)&ss, sl, buf, len);
+  return l == NULL ? -EINVAL : loom__fd_addr(l->nf.fd, false, buf, len);
 }
 
 struct accept_args {

@@ -210,14 +210,6 @@ int loom_listen_packet(loom_pconn **pc, const char *network,
   return err;
 }
 
-static bool self_connected(int fd) {
-  struct sockaddr_storage a, b;
-  socklen_t al = sizeof a, bl = sizeof b;
-  if (getsockname(fd, (struct sockaddr *)&a, &al) != 0 ||
-      getpeername(fd, (struct sockaddr *)&b, &bl) != 0)
-    return false;
-  return al == bl && memcmp(&a, &b, al) == 0;
-}
 
 /* getty's probe: send, then wait briefly for an ICMP-born ECONNREFUSED. */
 static int probe(loom_pconn *pc, const loom_dial_packet_opts *o) {
@@ -282,7 +274,7 @@ int loom_dial_packet_with(loom_pconn **pc, const char *network,
       close(fd);
       return err;
     }
-    if (sa->sa_family != AF_UNIX && self_connected(fd)) {
+    if (sa->sa_family != AF_UNIX && loom__self_connected(fd)) {
       close(fd);
       err = -EADDRNOTAVAIL;
       continue;
@@ -348,22 +340,11 @@ int loom_pconn_close(loom_pconn *pc) {
 
 int loom_pconn_fd(loom_pconn *pc) { return pc ? pc->nf.fd : -EINVAL; }
 
-static int addr_of(loom_pconn *pc, bool peer, char *buf, size_t len) {
-  if (pc == NULL || buf == NULL)
-    return -EINVAL;
-  struct sockaddr_storage ss;
-  socklen_t sl = sizeof ss;
-  int r = peer ? getpeername(pc->nf.fd, (struct sockaddr *)&ss, &sl)
-               : getsockname(pc->nf.fd, (struct sockaddr *)&ss, &sl);
-  if (r != 0)
-    return -errno;
-  return loom__format_addr((struct sockaddr *)&ss, sl, buf, len);
-}
 
 int loom_pconn_local_addr(loom_pconn *pc, char *buf, size_t len) {
-  return addr_of(pc, false, buf, len);
+  return pc == NULL ? -EINVAL : loom__fd_addr(pc->nf.fd, false, buf, len);
 }
 
 int loom_pconn_remote_addr(loom_pconn *pc, char *buf, size_t len) {
-  return addr_of(pc, true, buf, len);
+  return pc == NULL ? -EINVAL : loom__fd_addr(pc->nf.fd, true, buf, len);
 }
