@@ -249,7 +249,7 @@ int loom__format_addr(const struct sockaddr *sa, socklen_t len, char *buf,
 int loom__fd_addr(int fd, bool peer, char *buf, size_t n) {
   if (buf == NULL)
     return -EINVAL;
-  struct sockaddr_storage ss;
+  struct sockaddr_storage ss = {0};
   socklen_t sl = sizeof ss;
   int r = peer ? getpeername(fd, (struct sockaddr *)&ss, &sl)
                : getsockname(fd, (struct sockaddr *)&ss, &sl);
