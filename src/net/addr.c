@@ -217,6 +217,14 @@ int loom__resolve(const char *network, const char *addr, bool passive,
   return lookup(&lk);
 }
 
+int loom__resolve_type(const char *network, const char *addr, bool passive,
+                       int type, loom__addrs *out) {
+  int err = loom__resolve(network, addr, passive, out);
+  if (err == 0 && out->type != type)
+    return LOOM_ENETWORK;
+  return err;
+}
+
 int loom__format_addr(const struct sockaddr *sa, socklen_t len, char *buf,
                       size_t n) {
   char ip[INET6_ADDRSTRLEN];

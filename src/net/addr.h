@@ -40,6 +40,11 @@ int loom__parse_addr(const char *network, const char *addr, bool passive,
                      loom__addrs *out, char *host, size_t hostlen,
                      int *family, int *port);
 
+/* loom__resolve for one socket type: LOOM_ENETWORK if `network` is of
+ * the other (a "udp" address for a stream socket, say). */
+int loom__resolve_type(const char *network, const char *addr, bool passive,
+                       int type, loom__addrs *out);
+
 /* "1.2.3.4:80", "[::1]:80", a Unix path ("@name" for abstract), or
  * -ENOSPC if `buf` is too small. */
 int loom__format_addr(const struct sockaddr *sa, socklen_t len, char *buf,

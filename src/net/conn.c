@@ -15,9 +15,9 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include "ctx/ctx_internal.h"
 #include "loom/net.h"
 #include "net/addr.h"
-#include "ctx/ctx_internal.h"
 #include "net/netfd.h"
 #include "runtime/alloc.h"
 #include "runtime/runtime.h"
@@ -30,8 +30,8 @@ static void conn_free(loom__netfd *f) { loom__free(f); }
 
 int loom__conn_new(int fd, int family, loom_conn **out) {
   loom_conn *c = loom__calloc(1, sizeof *c);
-  int err = c == NULL ? -ENOMEM : loom__netfd_init(&c->nf, fd, family,
-                                                   SOCK_STREAM);
+  int err =
+      c == NULL ? -ENOMEM : loom__netfd_init(&c->nf, fd, family, SOCK_STREAM);
   if (err != 0) {
     loom__free(c);
     close(fd);
@@ -146,8 +146,8 @@ ssize_t loom_writev(loom_conn *c, const struct iovec *iov, int iovcnt) {
   if (err != 0)
     return err;
   struct iovec small[16], *copy = small;
-  if (iovcnt > 16 && (copy = loom__malloc((size_t)iovcnt * sizeof *copy)) ==
-                         NULL) {
+  if (iovcnt > 16 &&
+      (copy = loom__malloc((size_t)iovcnt * sizeof *copy)) == NULL) {
     loom__netfd_release(&c->nf);
     return -ENOMEM;
   }
@@ -171,28 +171,16 @@ ssize_t loom_write(loom_conn *c, const void *buf, size_t len) {
   return loom_writev(c, &iov, 1);
 }
 
-static int set_deadline(loom_conn *c, int mode, int64_t d) {
-  int err = enter(c);
-  if (err != 0)
-    return err;
-  err = loom__pd_set_deadline(c->nf.pd, mode, d);
-  loom__netfd_release(&c->nf);
-  return err;
-}
-
 int loom_set_read_deadline(loom_conn *c, int64_t rd) {
-  return set_deadline(c, 'r', rd);
+  return loom__netfd_set_deadline(c ? &c->nf : NULL, 'r', rd);
 }
 
 int loom_set_write_deadline(loom_conn *c, int64_t wd) {
-  return set_deadline(c, 'w', wd);
+  return loom__netfd_set_deadline(c ? &c->nf : NULL, 'w', wd);
 }
 
 int loom_set_deadline(loom_conn *c, int64_t rd, int64_t wd) {
-  if (rd == wd)
-    return set_deadline(c, 'r' + 'w', rd);
-  int err = set_deadline(c, 'r', rd);
-  return err != 0 ? err : set_deadline(c, 'w', wd);
+  return c == NULL ? -EINVAL : loom__netfd_set_deadlines(&c->nf, rd, wd);
 }
 
 int loom_shutdown(loom_conn *c, int how) {
@@ -212,7 +200,6 @@ int loom_close(loom_conn *c) {
 }
 
 int loom_conn_fd(loom_conn *c) { return c ? c->nf.fd : -EINVAL; }
-
 
 int loom_conn_local_addr(loom_conn *c, char *buf, size_t len) {
   return c == NULL ? -EINVAL : loom__fd_addr(c->nf.fd, false, buf, len);
@@ -253,9 +240,6 @@ int loom_conn_set_buffers(loom_conn *c, int rcvbuf, int sndbuf) {
 
 /* ---- dialing -------------------------------------------------------- */
 
-
-static void expire_w(void *pd);
-
 static int dial_one(const struct sockaddr *sa, socklen_t len, int type,
                     int64_t deadline, loom_ctx *ctx, loom_conn **out) {
   int fd = socket(sa->sa_family, type | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
@@ -267,7 +251,7 @@ static int dial_one(const struct sockaddr *sa, socklen_t len, int type,
     return err;
   if (deadline != 0)
     err = loom__pd_set_deadline(c->nf.pd, 'w', deadline);
-  loom__ctx_hook h = {expire_w, c->nf.pd, NULL, NULL, false};
+  loom__ctx_hook h = {loom__pd_expire_write, c->nf.pd, NULL, NULL, false};
   bool hooked = false;
   if (err == 0 && ctx != NULL) {
     hooked = loom__ctx_hook_add(ctx, &h);
@@ -316,11 +300,9 @@ int loom_dial_with(loom_conn **c, const char *network, const char *addr,
   if (ctx != NULL && loom_ctx_err(ctx) != 0)
     return loom_ctx_err(ctx);
   loom__addrs as;
-  int err = loom__resolve(network, addr, false, &as);
+  int err = loom__resolve_type(network, addr, false, SOCK_STREAM, &as);
   if (err != 0)
     return err;
-  if (as.type != SOCK_STREAM)
-    return LOOM_ENETWORK;
   err = LOOM_ENOHOST;
   for (int i = 0; i < as.n; i++) {
     if (deadline != 0 && loom_now() >= deadline)
@@ -343,9 +325,6 @@ int loom_dial(loom_conn **c, const char *network, const char *addr) {
 
 /* ---- bounded by a context ------------------------------------------- */
 
-static void expire_r(void *pd) { loom__pd_expire(pd, 'r'); }
-static void expire_w(void *pd) { loom__pd_expire(pd, 'w'); }
-
 /* Run op on c with a hook that expires c's deadline for `mode` when ctx
  * is cancelled; a -ETIMEDOUT caused by that becomes ctx's reason.  We
  * hold a reference over the whole call, so the pd the hook points at
@@ -357,8 +336,9 @@ static ssize_t with_ctx(loom__netfd *f, int mode, loom_ctx *ctx,
     return e;
   if (!loom__netfd_acquire(f))
     return LOOM_ECLOSED;
-  loom__ctx_hook h = {mode == 'r' ? expire_r : expire_w, f->pd, NULL, NULL,
-                      false};
+  loom__ctx_hook h = {mode == 'r' ? loom__pd_expire_read
+                                  : loom__pd_expire_write,
+                      f->pd, NULL, NULL, false};
   ssize_t r;
   if (!loom__ctx_hook_add(ctx, &h)) {
     r = loom_ctx_err(ctx);

@@ -66,11 +66,9 @@ int loom_listen_with(loom_listener **l, const char *network,
   if (loom__getg() == NULL)
     return LOOM_ENOTCO;
   loom__addrs as;
-  int err = loom__resolve(network, addr, true, &as);
+  int err = loom__resolve_type(network, addr, true, SOCK_STREAM, &as);
   if (err != 0)
     return err;
-  if (as.type != SOCK_STREAM)
-    return LOOM_ENETWORK;
   int fd = -1, i;
   for (i = 0; i < as.n; i++) {
     err = listen_one((struct sockaddr *)&as.a[i], as.len[i], network, o,
@@ -172,15 +170,7 @@ int loom_accept(loom_listener *l, loom_conn **c) {
 }
 
 int loom_listener_set_deadline(loom_listener *l, int64_t deadline) {
-  if (l == NULL)
-    return -EINVAL;
-  if (loom__getg() == NULL)
-    return LOOM_ENOTCO;
-  if (!loom__netfd_acquire(&l->nf))
-    return LOOM_ECLOSED;
-  int r = loom__pd_set_deadline(l->nf.pd, 'r', deadline);
-  loom__netfd_release(&l->nf);
-  return r;
+  return loom__netfd_set_deadline(l ? &l->nf : NULL, 'r', deadline);
 }
 
 int loom_listener_close(loom_listener *l) {

@@ -87,3 +87,22 @@ int loom__netfd_close(loom__netfd *f) {
   loom__netfd_release(f);
   return 0;
 }
+
+int loom__netfd_set_deadline(loom__netfd *f, int mode, int64_t d) {
+  if (f == NULL)
+    return -EINVAL;
+  if (loom__getg() == NULL)
+    return LOOM_ENOTCO;
+  if (!loom__netfd_acquire(f))
+    return LOOM_ECLOSED;
+  int err = loom__pd_set_deadline(f->pd, mode, d);
+  loom__netfd_release(f);
+  return err;
+}
+
+int loom__netfd_set_deadlines(loom__netfd *f, int64_t rd, int64_t wd) {
+  if (rd == wd)
+    return loom__netfd_set_deadline(f, 'r' + 'w', rd);
+  int err = loom__netfd_set_deadline(f, 'r', rd);
+  return err != 0 ? err : loom__netfd_set_deadline(f, 'w', wd);
+}

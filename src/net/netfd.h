@@ -44,6 +44,12 @@ void loom__netfd_release(loom__netfd *f);
 bool loom__netfd_closed(loom__netfd *f);
 int loom__netfd_close(loom__netfd *f);
 
+/* Set the deadline of `mode` ('r', 'w', or 'r'+'w' for both) on f, on a
+ * coroutine: -EINVAL (NULL f), LOOM_ENOTCO, LOOM_ECLOSED, -ENOMEM. */
+int loom__netfd_set_deadline(loom__netfd *f, int mode, int64_t d);
+/* Read and write deadlines at once (both the same: one call). */
+int loom__netfd_set_deadlines(loom__netfd *f, int64_t rd, int64_t wd);
+
 struct loom_ctx;
 /* Run op(a) bounded by ctx: a cancel expires f's deadline for `mode`, and
  * the op's -ETIMEDOUT becomes the context's reason (conn.c). */

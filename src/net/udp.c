@@ -181,11 +181,9 @@ int loom_listen_packet(loom_pconn **pc, const char *network,
   if (loom__getg() == NULL)
     return LOOM_ENOTCO;
   loom__addrs as;
-  int err = loom__resolve(network, addr, true, &as);
+  int err = loom__resolve_type(network, addr, true, SOCK_DGRAM, &as);
   if (err != 0)
     return err;
-  if (as.type != SOCK_DGRAM)
-    return LOOM_ENETWORK;
   for (int i = 0; i < as.n; i++) {
     const struct sockaddr *sa = (const struct sockaddr *)&as.a[i];
     int fd = dgram_socket(sa->sa_family);
@@ -250,11 +248,9 @@ int loom_dial_packet_with(loom_pconn **pc, const char *network,
   if (loom__getg() == NULL)
     return LOOM_ENOTCO;
   loom__addrs as;
-  int err = loom__resolve(network, addr, false, &as);
+  int err = loom__resolve_type(network, addr, false, SOCK_DGRAM, &as);
   if (err != 0)
     return err;
-  if (as.type != SOCK_DGRAM)
-    return LOOM_ENETWORK;
   const struct sockaddr *sa = (const struct sockaddr *)&as.a[0];
   for (int tries = 0; tries < 3; tries++) {
     int fd = dgram_socket(sa->sa_family);
@@ -299,39 +295,16 @@ int loom_dial_packet(loom_pconn **pc, const char *network, const char *addr) {
   return loom_dial_packet_with(pc, network, addr, NULL);
 }
 
-static int pconn_deadline(loom_pconn *pc, int mode, int64_t d) {
-  if (pc == NULL)
-    return -EINVAL;
-  if (loom__getg() == NULL)
-    return LOOM_ENOTCO;
-  if (!loom__netfd_acquire(&pc->nf))
-    return LOOM_ECLOSED;
-  int err = loom__pd_set_deadline(pc->nf.pd, mode, d);
-  loom__netfd_release(&pc->nf);
-  return err;
-}
-
 int loom_pconn_set_read_deadline(loom_pconn *pc, int64_t rd) {
-  return pconn_deadline(pc, 'r', rd);
+  return loom__netfd_set_deadline(pc ? &pc->nf : NULL, 'r', rd);
 }
 
 int loom_pconn_set_write_deadline(loom_pconn *pc, int64_t wd) {
-  return pconn_deadline(pc, 'w', wd);
+  return loom__netfd_set_deadline(pc ? &pc->nf : NULL, 'w', wd);
 }
 
 int loom_pconn_set_deadline(loom_pconn *pc, int64_t rd, int64_t wd) {
-  if (pc == NULL)
-    return -EINVAL;
-  if (loom__getg() == NULL)
-    return LOOM_ENOTCO;
-  if (!loom__netfd_acquire(&pc->nf))
-    return LOOM_ECLOSED;
-  int err = rd == wd ? loom__pd_set_deadline(pc->nf.pd, 'r' + 'w', rd)
-                     : loom__pd_set_deadline(pc->nf.pd, 'r', rd);
-  if (err == 0 && rd != wd)
-    err = loom__pd_set_deadline(pc->nf.pd, 'w', wd);
-  loom__netfd_release(&pc->nf);
-  return err;
+  return pc == NULL ? -EINVAL : loom__netfd_set_deadlines(&pc->nf, rd, wd);
 }
 
 int loom_pconn_close(loom_pconn *pc) {

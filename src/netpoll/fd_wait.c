@@ -12,8 +12,8 @@
 #include <errno.h>
 #include <poll.h>
 
-#include "loom/fd.h"
 #include "ctx/ctx_internal.h"
+#include "loom/fd.h"
 #include "netpoll/pollfd.h"
 #include "runtime/runtime.h"
 
@@ -40,7 +40,7 @@ static int wait_thread(int fd, short ev, int64_t deadline) {
       if (left < 0)
         left = 0;
       ms = left / 1000000 > 1000000000 ? 1000000000
-                                        : (int)((left + 999999) / 1000000);
+                                       : (int)((left + 999999) / 1000000);
     }
     int r = poll_once(fd, ev, ms);
     if (r < 0)
@@ -51,9 +51,6 @@ static int wait_thread(int fd, short ev, int64_t deadline) {
       return -ETIMEDOUT;
   }
 }
-
-static void expire_r(void *pd) { loom__pd_expire(pd, 'r'); }
-static void expire_w(void *pd) { loom__pd_expire(pd, 'w'); }
 
 static int fd_wait_impl(int fd, int events, int64_t deadline, loom_ctx *ctx);
 
@@ -70,8 +67,7 @@ int loom_fd_wait_ctx(int fd, int events, int64_t deadline, loom_ctx *ctx) {
   return fd_wait_impl(fd, events, deadline, ctx);
 }
 
-static int fd_wait_impl(int fd, int events, int64_t deadline,
-                        loom_ctx *ctx) {
+static int fd_wait_impl(int fd, int events, int64_t deadline, loom_ctx *ctx) {
   if (events != LOOM_FD_READ && events != LOOM_FD_WRITE)
     return -EINVAL;
   if (fd < 0)
@@ -96,8 +92,9 @@ static int fd_wait_impl(int fd, int events, int64_t deadline,
   int mode = events == LOOM_FD_READ ? 'r' : 'w';
   if (deadline != 0)
     err = loom__pd_set_deadline(pd, mode, deadline);
-  loom__ctx_hook h = {mode == 'r' ? expire_r : expire_w, pd, NULL, NULL,
-                      false};
+  loom__ctx_hook h = {mode == 'r' ? loom__pd_expire_read
+                                  : loom__pd_expire_write,
+                      pd, NULL, NULL, false};
   bool hooked = false;
   if (err == 0 && ctx != NULL) {
     hooked = loom__ctx_hook_add(ctx, &h);

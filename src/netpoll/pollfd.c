@@ -271,6 +271,9 @@ void loom__pd_expire(loom__pd *pd, int mode) {
     loom__ready(g);
 }
 
+void loom__pd_expire_read(void *pd) { loom__pd_expire(pd, 'r'); }
+void loom__pd_expire_write(void *pd) { loom__pd_expire(pd, 'w'); }
+
 /* ---- open, evict, close -------------------------------------------- */
 
 int loom__pd_open(loom__rt *rt, int fd, loom__pd **out) {

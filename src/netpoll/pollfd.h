@@ -87,6 +87,9 @@ int loom__pd_set_deadline(loom__pd *pd, int mode, int64_t deadline);
 /* Expire the deadline of `mode` ('r' or 'w') at once; any thread, no
  * runtime needed.  Waiters wake with -ETIMEDOUT. */
 void loom__pd_expire(loom__pd *pd, int mode);
+/* The same as context-hook callbacks (arg: the pd). */
+void loom__pd_expire_read(void *pd);
+void loom__pd_expire_write(void *pd);
 
 /* Poller side: readiness for mode 'r', 'w' or both ('r'+'w') on the pd
  * behind `cookie`; runnable Gs are appended to the list. */
