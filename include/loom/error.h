@@ -24,7 +24,8 @@ extern "C" {
   X(LOOM_EBADADDR, -30005, "malformed network address")                     \
   X(LOOM_ENETWORK, -30006, "unknown network")                               \
   X(LOOM_ENOHOST, -30007, "no such host")                                   \
-  X(LOOM_EDNS, -30008, "host name lookup failed")
+  X(LOOM_EDNS, -30008, "host name lookup failed")                          \
+  X(LOOM_ECOMPRESS, -30009, "corrupt compressed stream")
 
 enum loom_errno {
 #define LOOM_ERR_ENUM_(name, value, msg) name = (value),

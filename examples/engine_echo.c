@@ -1,0 +1,251 @@
+/*
+ * engine_echo — a length-prefixed echo service on loom's engine.
+ *
+ *   engine_echo [--listen URL]... [--procs N] [--duration SECONDS]
+ *               [--pool QUEUES] [--compress LEVEL] [--max-pkg BYTES]
+ *               [--metrics] [--quiet]
+ *
+ * The protocol, so that a client in any language can talk to it: a frame
+ * is a 4-byte big-endian payload length, then the payload; every frame
+ * received is sent back unchanged.  Over UDP and unixgram a datagram is
+ * one frame.  URLs as echo_server's (tcp://, udp://, unix://, ...; port 0
+ * picks a free one, and the bound address is printed).  Default:
+ * tcp://127.0.0.1:7001.
+ *
+ * This is all an engine user writes: a listener whose on_message writes
+ * the package back, and a server per URL.  --pool hands messages to a
+ * task pool (ordered per session), --compress turns on zlib streams
+ * (stream sockets; the client must use the same), --metrics prints the
+ * engine's metrics in Prometheus' text format when it stops.
+ *
+ * It stops at SIGINT/SIGTERM (or after --duration) gracefully: the
+ * servers stop accepting, every frame already received is answered, and
+ * then the process exits 0.
+ */
+#define _GNU_SOURCE /* signalfd */
+
+#include <errno.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/signalfd.h>
+#include <unistd.h>
+
+#include "echo_url.h"
+#include "loom.h"
+
+#define PROG "engine_echo"
+#define MAX_URLS 8
+
+static struct {
+  echo_url urls[MAX_URLS];
+  int nurls;
+  int procs, pool_queues, compress;
+  size_t max_pkg;
+  int64_t duration;
+  bool metrics, quiet;
+  int sigfd;
+  int status;
+  loom_codec codec;
+} app = {.sigfd = -1};
+
+static void on_message(loom_session *s, const loom_pkg *pkg) {
+  int rc;
+  if (pkg->from != NULL)
+    rc = loom_session_write_to(s, pkg->data, pkg->len, pkg->from,
+                               pkg->fromlen, -1);
+  else
+    rc = loom_session_write(s, pkg->data, pkg->len, -1);
+  if (rc < 0 && rc != LOOM_ECLOSED && !app.quiet)
+    fprintf(stderr, "%s: %s: write: %s\n", PROG, loom_session_name(s),
+            loom_strerror(rc));
+}
+
+static void on_error(loom_session *s, int err) {
+  if (!app.quiet)
+    fprintf(stderr, "%s: %s: %s\n", PROG, loom_session_name(s),
+            loom_strerror(err));
+}
+
+static const loom_session_listener listener = {
+    .on_message = on_message,
+    .on_error = on_error,
+};
+
+static void wait_for_stop(void) {
+  int64_t deadline = app.duration > 0 ? loom_now() + app.duration : 0;
+  for (;;) {
+    int rc = loom_fd_wait(app.sigfd, LOOM_FD_READ, deadline);
+    if (rc != 0)
+      return; /* -ETIMEDOUT: --duration is over */
+    struct signalfd_siginfo si;
+    if (read(app.sigfd, &si, sizeof si) == (ssize_t)sizeof si) {
+      printf("%s: %s, stopping\n", PROG, strsignal((int)si.ssi_signo));
+      return;
+    }
+  }
+}
+
+static void app_main(void *arg) {
+  (void)arg;
+  loom_taskpool *pool = NULL;
+  loom_server *srv[MAX_URLS];
+  int n = 0;
+  if (app.pool_queues > 0) {
+    loom_taskpool_opts po = {.queues = app.pool_queues};
+    int rc = loom_taskpool_make(&pool, &po);
+    if (rc < 0) {
+      fprintf(stderr, "%s: task pool: %s\n", PROG, loom_strerror(rc));
+      app.status = 1;
+      return;
+    }
+  }
+  for (; n < app.nurls; n++) {
+    loom_server_opts o = {
+        .network = app.urls[n].network,
+        .addr = app.urls[n].addr,
+        .session = {.listener = &listener,
+                    .codec = &app.codec,
+                    .max_pkg_len = app.max_pkg,
+                    .pool = pool,
+                    .compress = app.urls[n].packet ? 0 : app.compress},
+    };
+    int rc = loom_server_start(&srv[n], &o);
+    if (rc < 0) {
+      fprintf(stderr, "%s: cannot listen on %s://%s: %s\n", PROG,
+              app.urls[n].network, app.urls[n].addr, loom_strerror(rc));
+      app.status = 1;
+      break;
+    }
+    char addr[200], shown[300];
+    loom_server_addr(srv[n], addr, sizeof addr);
+    echo_url_format(shown, sizeof shown, app.urls[n].network, addr);
+    printf("%s: listening on %s\n", PROG, shown);
+  }
+  if (app.status == 0) {
+    printf("%s: %d procs; SIGINT or SIGTERM stops it\n", PROG, loom_procs());
+    wait_for_stop();
+  }
+  for (int i = 0; i < n; i++) {
+    loom_metrics m;
+    loom_server_metrics(srv[i], &m);
+    if (loom_server_close(srv[i], loom_now() + INT64_C(2000000000)) < 0)
+      fprintf(stderr, "%s: some sessions did not finish in 2 s\n", PROG);
+    printf("%s: %s: %llu sessions, %llu packages in, %llu out\n", PROG,
+           app.urls[i].network, (unsigned long long)m.sessions_total,
+           (unsigned long long)m.pkgs_in, (unsigned long long)m.pkgs_out);
+    if (app.metrics) {
+      char text[8192];
+      if (loom_metrics_prometheus(&m, "engine_echo", text, sizeof text) > 0)
+        fputs(text, stdout);
+    }
+  }
+  if (pool != NULL)
+    loom_taskpool_close(pool);
+}
+
+static void usage(FILE *f) {
+  fprintf(f,
+          "usage: %s [--listen URL]... [--procs N] [--duration SECONDS]\n"
+          "          [--pool QUEUES] [--compress LEVEL] [--max-pkg BYTES]\n"
+          "          [--metrics] [--quiet]\n"
+          "Echoes 4-byte big-endian length-prefixed frames on each URL\n"
+          "(tcp://HOST:PORT, udp://..., unix:///PATH, unixgram:///PATH).\n"
+          "Default: --listen tcp://127.0.0.1:7001.\n",
+          PROG);
+}
+
+static long number(const char *opt, const char *v, long lo, long hi) {
+  char *end;
+  errno = 0;
+  long n = strtol(v, &end, 10);
+  if (errno != 0 || end == v || *end != '\0' || n < lo || n > hi) {
+    fprintf(stderr, "%s: %s \"%s\": want %ld to %ld\n", PROG, opt, v, lo, hi);
+    exit(2);
+  }
+  return n;
+}
+
+int main(int argc, char **argv) {
+  app.max_pkg = 1 << 20;
+  for (int i = 1; i < argc; i++) {
+    const char *a = argv[i];
+    const char *v = i + 1 < argc ? argv[i + 1] : NULL;
+    char err[300];
+    if (!strcmp(a, "-h") || !strcmp(a, "--help")) {
+      usage(stdout);
+      return 0;
+    } else if (!strcmp(a, "--quiet")) {
+      app.quiet = true;
+    } else if (!strcmp(a, "--metrics")) {
+      app.metrics = true;
+    } else if (v == NULL) {
+      fprintf(stderr, "%s: unknown argument or missing value: %s\n", PROG, a);
+      usage(stderr);
+      return 2;
+    } else if (!strcmp(a, "--listen")) {
+      if (app.nurls == MAX_URLS ||
+          echo_url_parse(v, &app.urls[app.nurls], err, sizeof err) != 0) {
+        fprintf(stderr, "%s: --listen %s: %s\n", PROG, v,
+                app.nurls == MAX_URLS ? "too many" : err);
+        return 2;
+      }
+      app.nurls++;
+      i++;
+    } else if (!strcmp(a, "--procs")) {
+      app.procs = (int)number(a, v, 1, 1024);
+      i++;
+    } else if (!strcmp(a, "--pool")) {
+      app.pool_queues = (int)number(a, v, 0, 4096);
+      i++;
+    } else if (!strcmp(a, "--compress")) {
+      app.compress = (int)number(a, v, -1, 9);
+      i++;
+    } else if (!strcmp(a, "--max-pkg")) {
+      app.max_pkg = (size_t)number(a, v, 1, 1L << 30);
+      i++;
+    } else if (!strcmp(a, "--duration")) {
+      app.duration = number(a, v, 0, 1000000) * INT64_C(1000000000);
+      i++;
+    } else {
+      fprintf(stderr, "%s: unknown argument: %s\n", PROG, a);
+      usage(stderr);
+      return 2;
+    }
+  }
+  if (app.nurls == 0) {
+    char err[300];
+    if (echo_url_parse("tcp://127.0.0.1:7001", &app.urls[0], err,
+                       sizeof err) != 0)
+      return 1;
+    app.nurls = 1;
+  }
+  loom_codec_lenpfx(&app.codec, NULL);
+  setvbuf(stdout, NULL, _IOLBF, 0);
+
+  /* Blocked before the runtime starts, so every runtime thread inherits
+   * the mask and the signals wait in the signalfd. */
+  sigset_t stop;
+  sigemptyset(&stop);
+  sigaddset(&stop, SIGINT);
+  sigaddset(&stop, SIGTERM);
+  pthread_sigmask(SIG_BLOCK, &stop, NULL);
+  app.sigfd = signalfd(-1, &stop, SFD_NONBLOCK | SFD_CLOEXEC);
+  if (app.sigfd < 0) {
+    perror(PROG ": signalfd");
+    return 1;
+  }
+  loom_config cfg;
+  loom_config_init(&cfg);
+  if (app.procs > 0)
+    cfg.procs = app.procs;
+  int rc = loom_run(app_main, NULL, &cfg);
+  close(app.sigfd);
+  if (rc < 0) {
+    fprintf(stderr, "%s: %s\n", PROG, loom_strerror(rc));
+    return 1;
+  }
+  return app.status;
+}

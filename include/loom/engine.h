@@ -1,0 +1,308 @@
+/*
+ * loom/engine.h — the engine: servers, clients and sessions (getty's).
+ *
+ * A long-lived connection server is written by supplying a codec
+ * (loom/codec.h) and a listener — a few callbacks — and starting a
+ * server; the engine runs the sockets.
+ *
+ * Session.  One connection.  Its reader coroutine reads, decodes as many
+ * packages as the bytes hold and hands each to on_message (or to a task
+ * pool); its writer coroutine drains the write queue with writev.  A
+ * session also has a name, attributes, statistics, read and write
+ * timeouts, a cron period and a maximum package length.
+ *
+ * Callbacks.  on_open, on_message (without a pool), on_cron and on_error
+ * run on the session's reader coroutine, so they never run at the same
+ * time for one session; with a task pool, on_message runs on a pool
+ * worker.  on_close runs once per session, last: after every on_message
+ * of the session has returned, never under an engine lock.  Callbacks
+ * may call anything in loom, including loom_session_close and writes to
+ * any session, and may park (a parked on_message holds up only its
+ * session, or its pool queue).
+ *
+ * Write queue.  loom_session_write encodes the package and queues its
+ * bytes.  When the queue is empty and the socket takes them, the bytes
+ * go out at once from the caller (no wake-up of the writer); the rest
+ * waits for the writer.  The queue is bounded by two watermarks: once it
+ * holds `wq_high` bytes, a write waits (up to its timeout) until the
+ * writer has drained it below `wq_low`; a write with timeout 0 fails at
+ * once with -EAGAIN.  With close_on_full, a write that cannot be queued
+ * closes the session (-ENOBUFS).  So a peer that reads slowly or never
+ * holds at most wq_high + one package of our memory.
+ *
+ * Close.  loom_session_close is graceful and idempotent: the reader
+ * stops, packages already received are handled, queued bytes are
+ * written (for at most `linger`), then the socket closes and on_close
+ * runs.  An error — a reset, a timeout, a malformed or oversized
+ * package — closes at once, dropping the queue, after on_error.  When
+ * the peer half-closes, every package it sent is delivered and every
+ * reply queued by then is written before on_close.
+ *
+ * Cron.  Every cron_period the reader calls on_cron (heartbeats, idle
+ * checks, with loom_session_stats' last-activity times).  The period is
+ * the read's own deadline, so an idle session costs no wake-up beyond
+ * its cron.
+ *
+ * Packet sessions (udp, unixgram).  A server on a packet network has one
+ * session for its socket; each datagram is decoded on its own (bytes left
+ * over are -EBADMSG, counted and dropped: one bad datagram does not close
+ * the session), and on_message sees the sender in pkg->from; reply with
+ * loom_session_write_to.  A client's packet session is connected.  Writes
+ * go out at once, one datagram per package; there is no write queue.
+ *
+ * Unless noted, calls must be made on a coroutine (LOOM_ENOTCO).
+ */
+#ifndef LOOM_ENGINE_H
+#define LOOM_ENGINE_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <sys/socket.h>
+
+#include "loom/codec.h"
+#include "loom/common.h"
+#include "loom/error.h"
+#include "loom/taskpool.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef struct loom_session loom_session;
+typedef struct loom_server loom_server;
+typedef struct loom_client loom_client;
+
+/* The user's callbacks; any may be NULL. */
+typedef struct loom_session_listener {
+  /* A new session, before any package: return 0 to accept it, or a
+   * negative code to refuse (the session closes; on_close still runs). */
+  int (*on_open)(loom_session *s);
+  /* One package; pkg->data is valid until the call returns. */
+  void (*on_message)(loom_session *s, const loom_pkg *pkg);
+  /* Every cron_period. */
+  void (*on_cron)(loom_session *s);
+  /* The session is closing because of `err` (then on_close follows). */
+  void (*on_error)(loom_session *s, int err);
+  /* The session is closed; exactly once, last. */
+  void (*on_close)(loom_session *s);
+} loom_session_listener;
+
+/* How a session spreads its packages over a task pool. */
+typedef enum loom_dispatch {
+  LOOM_DISPATCH_SESSION = 0, /* by session: its packages stay in order */
+  LOOM_DISPATCH_ROUND_ROBIN, /* any queue: no order */
+  LOOM_DISPATCH_KEY,         /* by dispatch_key(pkg): in order per key */
+} loom_dispatch;
+
+/* Everything a session is configured with.  Zero means the default. */
+typedef struct loom_session_opts {
+  const loom_session_listener *listener;
+  const loom_codec *codec;  /* NULL: raw bytes */
+  void *user;               /* initial loom_session_user() */
+  int64_t read_timeout;     /* ns without a byte from the peer before the
+                               session closes with -ETIMEDOUT; 0: none */
+  int64_t write_timeout;    /* ns a write of queued bytes may wait for the
+                               socket before the session closes with
+                               -ETIMEDOUT; 0: none */
+  int64_t cron_period;      /* ns between on_cron calls; 0: no cron */
+  int64_t linger;           /* ns a graceful close may spend writing what is
+                               queued (0: 5 s; negative: drop it) */
+  size_t max_pkg_len;       /* larger packages close the session with
+                               -EMSGSIZE (0: 1 MiB) */
+  size_t read_buf;          /* initial read buffer (0: 4 KiB); it grows to
+                               hold one package, and shrinks back */
+  size_t wq_high;           /* write queue high watermark (0: 1 MiB) */
+  size_t wq_low;            /* low watermark (0: wq_high / 2) */
+  bool close_on_full;       /* a write that cannot be queued closes */
+  loom_taskpool *pool;      /* NULL: on_message runs on the reader */
+  loom_dispatch dispatch;
+  uint64_t (*dispatch_key)(loom_session *s, const loom_pkg *pkg);
+  int compress;             /* zlib level 1..9 for both directions, -1: zlib's
+                               default, 0: off; TCP and Unix only, and
+                               both ends must agree */
+} loom_session_opts;
+
+/* ---- sessions ---------------------------------------------------------- */
+
+/*
+ * loom_session_write — encode the package data[0..len) with the
+ * session's codec and queue it.  `timeout` (ns) bounds the wait when the
+ * write queue is above its high watermark: 0 fails at once, negative
+ * waits without limit.  Returns 0 (queued: it will be written unless the
+ * session dies first); -EAGAIN (full, timeout 0), -ETIMEDOUT, -ENOBUFS
+ * (full, and close_on_full closed the session), -EMSGSIZE, -EINVAL (the
+ * codec cannot encode it), LOOM_ECLOSED (the session is closing),
+ * -ENOMEM.  Any coroutine; parks only when the queue is full.
+ */
+LOOM_API int loom_session_write(loom_session *s, const void *data, size_t len,
+                                int64_t timeout);
+
+/* For unconnected packet sessions: send one package to `to`.  Returns 0
+ * or an error as loom_session_write, plus -EISCONN on a stream or
+ * connected session. */
+LOOM_API int loom_session_write_to(loom_session *s, const void *data,
+                                   size_t len, const struct sockaddr *to,
+                                   socklen_t tolen, int64_t timeout);
+
+/* Close gracefully (see above).  Idempotent; any coroutine or callback;
+ * returns at once. */
+LOOM_API void loom_session_close(loom_session *s);
+/* Close at once because of `err` (< 0): on_error(err), the queue is
+ * dropped.  Idempotent with loom_session_close (the first one decides). */
+LOOM_API void loom_session_abort(loom_session *s, int err);
+/* True once the session is closing. Any thread. */
+LOOM_API bool loom_session_closed(loom_session *s);
+
+/* Keep `s` valid past on_close (e.g. in a chat room's member list); every
+ * ref needs an unref.  Writes to a closed session fail with
+ * LOOM_ECLOSED.  Any thread. */
+LOOM_API loom_session *loom_session_ref(loom_session *s);
+LOOM_API void loom_session_unref(loom_session *s);
+
+/* A number unique among this process's sessions. Any thread. */
+LOOM_API uint64_t loom_session_id(loom_session *s);
+/* The name ("tcp 127.0.0.1:7000<-127.0.0.1:51234" until set). */
+LOOM_API const char *loom_session_name(loom_session *s);
+/* Copies `name`; -ENOMEM.  Not safe against a concurrent name read. */
+LOOM_API int loom_session_set_name(loom_session *s, const char *name);
+LOOM_API void *loom_session_user(loom_session *s);
+LOOM_API void loom_session_set_user(loom_session *s, void *user);
+
+/* Attributes: user values under pointer keys (a NULL value removes the
+ * key).  Safe from any coroutine.  set: 0 or -ENOMEM. */
+LOOM_API int loom_session_set_attr(loom_session *s, const void *key,
+                                   void *value);
+LOOM_API void *loom_session_attr(loom_session *s, const void *key);
+
+LOOM_API int loom_session_remote_addr(loom_session *s, char *buf, size_t len);
+LOOM_API int loom_session_local_addr(loom_session *s, char *buf, size_t len);
+
+typedef struct loom_session_stats {
+  uint64_t bytes_in, bytes_out;   /* on the wire (compressed if it is) */
+  uint64_t pkgs_in, pkgs_out;
+  int64_t last_read, last_write;  /* loom_now() of the last byte each way */
+  int64_t opened;                 /* loom_now() at accept or connect */
+  size_t wq_bytes;                /* queued, not yet written */
+} loom_session_stats;
+/* A snapshot (each field read atomically). Any thread. */
+LOOM_API void loom_session_stats_get(loom_session *s, loom_session_stats *out);
+
+/* ---- metrics ----------------------------------------------------------- */
+
+/* Errors by kind, as counted in loom_metrics. */
+#define LOOM_METRIC_ERRORS(X)                                              \
+  X(decode, "malformed packages (-EBADMSG)")                               \
+  X(oversize, "packages over max_pkg_len (-EMSGSIZE)")                     \
+  X(timeout, "read or write timeouts")                                     \
+  X(reset, "connections reset or broken by the peer")                      \
+  X(wq_full, "writes refused by a full write queue")                       \
+  X(compress, "corrupt compressed streams")                                \
+  X(refused, "sessions refused (connection limit, on_open)")               \
+  X(accept, "accept or dial failures")                                     \
+  X(other, "other errors")
+
+typedef struct loom_metrics {
+  uint64_t sessions_open;  /* now */
+  uint64_t sessions_total; /* ever opened */
+  uint64_t bytes_in, bytes_out, pkgs_in, pkgs_out;
+  uint64_t wq_bytes;       /* queued now, over all sessions */
+  uint64_t wq_max;         /* the longest queue now */
+  uint64_t pool_queued;    /* tasks waiting in the task pool, if any */
+  struct {
+#define LOOM_METRIC_FIELD_(name, help) uint64_t name;
+    LOOM_METRIC_ERRORS(LOOM_METRIC_FIELD_)
+#undef LOOM_METRIC_FIELD_
+  } errors;
+} loom_metrics;
+
+/*
+ * loom_metrics_prometheus — `m` in Prometheus' text format, each name
+ * prefixed with `prefix` ("loom" if NULL), errors as one counter with a
+ * `kind` label.  Returns the length written (without the NUL), or
+ * -ENOSPC if `len` is too small.  Any thread.
+ */
+LOOM_API int loom_metrics_prometheus(const loom_metrics *m, const char *prefix,
+                                     char *buf, size_t len);
+
+/* ---- servers ----------------------------------------------------------- */
+
+typedef struct loom_server_opts {
+  const char *network;    /* "tcp", "tcp4", "tcp6", "unix", "udp", ...,
+                             "unixgram" */
+  const char *addr;       /* "host:port" or a path */
+  loom_session_opts session;
+  int max_conns;          /* sessions open at once; more are closed at
+                             accept (counted as refused); 0: no limit */
+  int backlog;            /* 0: SOMAXCONN */
+  bool reuseport;
+  bool no_delay_off;      /* leave Nagle on (TCP_NODELAY is set by default) */
+  int keepalive;          /* seconds of idle before keep-alive probes; 0:
+                             the system default */
+  int rcvbuf, sndbuf;     /* socket buffer sizes; 0: the system default */
+} loom_server_opts;
+
+/*
+ * loom_server_start — listen and serve: each accepted connection becomes
+ * a session.  Returns once listening: 0 and *srv; or the listen error
+ * (-EADDRINUSE, LOOM_EBADADDR, ...), -EINVAL (no listener or bad
+ * options), -ENOMEM.  On a coroutine.
+ */
+LOOM_API int loom_server_start(loom_server **srv, const loom_server_opts *o);
+
+/* The listening address ("127.0.0.1:7000", a path): after port 0. */
+LOOM_API int loom_server_addr(loom_server *srv, char *buf, size_t len);
+
+/*
+ * loom_server_close — shut down gracefully and free the server: stop
+ * accepting, close every session gracefully (received packages are
+ * handled and their replies written), wait for them until `deadline`
+ * (loom_now() time; 0: no limit), then abort what is left with
+ * LOOM_ECLOSED and wait for every on_close.  Returns 0, or -ETIMEDOUT if
+ * some sessions had to be aborted.  Parks.
+ */
+LOOM_API int loom_server_close(loom_server *srv, int64_t deadline);
+
+/* A snapshot of the server's metrics (closed sessions included). */
+LOOM_API void loom_server_metrics(loom_server *srv, loom_metrics *out);
+
+/* ---- clients ----------------------------------------------------------- */
+
+typedef struct loom_client_opts {
+  const char *network;
+  const char *addr;
+  loom_session_opts session;
+  int conns;                  /* sessions kept connected (0: 1) */
+  int64_t reconnect_interval; /* first wait before redialling (0: 100 ms) */
+  int64_t reconnect_max;      /* the wait doubles up to this (0: 5 s) */
+  int64_t dial_timeout;       /* 0: 5 s */
+} loom_client_opts;
+
+/*
+ * loom_client_start — start keeping opts->conns sessions connected to the
+ * server.  Dialling happens on the client's own coroutine: a session that
+ * closes is replaced after the reconnect wait (interval, doubling on each
+ * failed attempt up to reconnect_max, back to interval after a success),
+ * never from inside a callback.  Returns 0 and *cl at once, connected or
+ * not; -EINVAL, -ENOMEM.  On a coroutine.
+ */
+LOOM_API int loom_client_start(loom_client **cl, const loom_client_opts *o);
+
+/* Wait until at least `n` sessions are connected: 0, -ETIMEDOUT at
+ * `deadline` (0: none), LOOM_ECLOSED.  Parks. */
+LOOM_API int loom_client_wait(loom_client *cl, int n, int64_t deadline);
+
+/* A connected session, round-robin, with a reference the caller must
+ * drop with loom_session_unref.  0, or -ENOTCONN when none is. */
+LOOM_API int loom_client_session(loom_client *cl, loom_session **s);
+
+/* Stop reconnecting, close every session as loom_server_close does, and
+ * free the client.  0 or -ETIMEDOUT.  Parks. */
+LOOM_API int loom_client_close(loom_client *cl, int64_t deadline);
+
+LOOM_API void loom_client_metrics(loom_client *cl, loom_metrics *out);
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* LOOM_ENGINE_H */

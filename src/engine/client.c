@@ -1,0 +1,199 @@
+/*
+ * client.c — an engine client: keeps `conns` sessions connected.
+ *
+ * One supervisor coroutine per client does all the dialling.  It sleeps
+ * on the owner's `changed` condition while enough sessions are live, and
+ * when one is missing it dials, waiting before each attempt but the first
+ * (interval after a success, doubling after each failure up to
+ * reconnect_max).  Sessions never redial from their own callbacks, so a
+ * reconnect cannot re-enter user code, and a server that accepts and
+ * drops at once costs at most one dial per interval.
+ */
+#include <errno.h>
+#include <stdio.h>
+#include <string.h>
+
+#include "engine/engine.h"
+#include "loom/ctx.h"
+#include "loom/runtime.h"
+#include "runtime/alloc.h"
+
+struct loom_client {
+  loom__owner owner;
+  loom_session_opts so;
+  char network[12];
+  char *addr;
+  int conns;
+  int64_t interval, max_wait, dial_timeout;
+  loom_ctx *ctx;         /* cancelled by loom_client_close */
+  loom_sema sup_done;    /* released as the supervisor leaves */
+  uint64_t rr;           /* loom_client_session's round robin */
+};
+
+static bool is_packet(const char *network) {
+  return strncmp(network, "udp", 3) == 0 || strcmp(network, "unixgram") == 0;
+}
+
+static int dial_one(loom_client *cl) {
+  int64_t deadline = loom_now() + cl->dial_timeout;
+  if (is_packet(cl->network)) {
+    /* getty's probe: an empty datagram makes a refused port fail now. */
+    loom_dial_packet_opts po = {.probe = "", .probe_len = 0};
+    loom_pconn *pc;
+    int rc = loom_dial_packet_with(&pc, cl->network, cl->addr, &po);
+    if (rc < 0)
+      return rc;
+    return loom__session_start(&cl->owner, &cl->so, cl->network, NULL, pc,
+                               true);
+  }
+  loom_dial_opts o = {.deadline = deadline, .ctx = cl->ctx};
+  loom_conn *c;
+  int rc = loom_dial_with(&c, cl->network, cl->addr, &o);
+  if (rc < 0)
+    return rc;
+  return loom__session_start(&cl->owner, &cl->so, cl->network, c, NULL,
+                             false);
+}
+
+static void supervisor(void *arg) {
+  loom_client *cl = arg;
+  int64_t wait = 0; /* before the next dial */
+  for (;;) {
+    loom_mutex_lock(&cl->owner.mu);
+    while (cl->owner.open >= (uint64_t)cl->conns && !loom_ctx_err(cl->ctx))
+      loom_cond_wait(&cl->owner.changed, &cl->owner.mu, 0);
+    loom_mutex_unlock(&cl->owner.mu);
+    if (wait > 0 && loom_sleep_ctx(cl->ctx, wait) < 0)
+      break;
+    if (loom_ctx_err(cl->ctx))
+      break;
+    int rc = dial_one(cl);
+    if (rc < 0) {
+      if (loom_ctx_err(cl->ctx))
+        break;
+      loom__owner_count(&cl->owner, LOOM__ERR_accept);
+      wait = wait ? wait * 2 : cl->interval;
+      if (wait > cl->max_wait)
+        wait = cl->max_wait;
+    } else {
+      wait = cl->interval;
+    }
+  }
+  loom_sema_release(&cl->sup_done);
+}
+
+int loom_client_start(loom_client **out, const loom_client_opts *o) {
+  if (!o || !o->network || !o->addr || o->conns < 0 ||
+      o->reconnect_interval < 0 || o->reconnect_max < 0 ||
+      o->dial_timeout < 0)
+    return -EINVAL;
+  if (loom_id() == 0)
+    return LOOM_ENOTCO;
+  loom_client *cl = loom__calloc(1, sizeof *cl);
+  if (!cl)
+    return -ENOMEM;
+  loom__owner_init(&cl->owner);
+  int rc = loom__session_opts(&cl->so, &o->session);
+  if (rc < 0 || strlen(o->network) >= sizeof cl->network ||
+      (is_packet(o->network) && o->session.compress))
+    goto fail_einval;
+  cl->owner.pool = cl->so.pool;
+  snprintf(cl->network, sizeof cl->network, "%s", o->network);
+  size_t n = strlen(o->addr) + 1;
+  cl->addr = loom__malloc(n);
+  if (!cl->addr)
+    goto fail_nomem;
+  memcpy(cl->addr, o->addr, n);
+  cl->conns = o->conns ? o->conns : 1;
+  cl->interval = o->reconnect_interval ? o->reconnect_interval : 100000000;
+  cl->max_wait = o->reconnect_max ? o->reconnect_max : INT64_C(5000000000);
+  if (cl->max_wait < cl->interval)
+    cl->max_wait = cl->interval;
+  cl->dial_timeout = o->dial_timeout ? o->dial_timeout : INT64_C(5000000000);
+  rc = loom_ctx_with_cancel(&cl->ctx, loom_ctx_background());
+  if (rc < 0)
+    goto fail;
+  if (loom_go(supervisor, cl) < 0) {
+    loom_ctx_release(cl->ctx);
+    goto fail_nomem;
+  }
+  *out = cl;
+  return 0;
+fail_einval:
+  rc = -EINVAL;
+  goto fail;
+fail_nomem:
+  rc = -ENOMEM;
+fail:
+  loom__free(cl->addr);
+  loom__free(cl);
+  return rc;
+}
+
+int loom_client_wait(loom_client *cl, int n, int64_t deadline) {
+  int rc = 0;
+  loom_mutex_lock(&cl->owner.mu);
+  for (;;) {
+    /* Count sessions that are open, not merely started. */
+    int live = 0;
+    for (loom_session *s = cl->owner.head; s; s = loom__session_next(s))
+      live += loom__session_opened(s) && !loom_session_closed(s);
+    if (live >= n)
+      break;
+    if (loom_ctx_err(cl->ctx)) {
+      rc = LOOM_ECLOSED;
+      break;
+    }
+    rc = loom_cond_wait(&cl->owner.changed, &cl->owner.mu, deadline);
+    if (rc < 0)
+      break;
+  }
+  loom_mutex_unlock(&cl->owner.mu);
+  return rc;
+}
+
+int loom_client_session(loom_client *cl, loom_session **out) {
+  int rc = -ENOTCONN;
+  loom_mutex_lock(&cl->owner.mu);
+  uint64_t n = cl->owner.open;
+  if (n) {
+    uint64_t skip = cl->rr++ % n;
+    loom_session *pick = NULL;
+    /* Start at the round-robin position; take the first usable one. */
+    loom_session *s = cl->owner.head;
+    for (uint64_t i = 0; i < skip && s; i++)
+      s = loom__session_next(s);
+    for (uint64_t i = 0; i < n && !pick; i++) {
+      if (!s)
+        s = cl->owner.head;
+      if (loom__session_opened(s) && !loom_session_closed(s))
+        pick = s;
+      s = loom__session_next(s);
+    }
+    if (pick) {
+      *out = loom_session_ref(pick);
+      rc = 0;
+    }
+  }
+  loom_mutex_unlock(&cl->owner.mu);
+  return rc;
+}
+
+void loom_client_metrics(loom_client *cl, loom_metrics *out) {
+  loom__owner_metrics(&cl->owner, out);
+}
+
+int loom_client_close(loom_client *cl, int64_t deadline) {
+  loom_ctx_cancel(cl->ctx);
+  loom_mutex_lock(&cl->owner.mu);
+  loom_cond_broadcast(&cl->owner.changed);
+  loom_mutex_unlock(&cl->owner.mu);
+  loom_sema_acquire(&cl->sup_done, 0);
+  int rc = loom__owner_close_all(&cl->owner, 0, deadline);
+  if (rc < 0)
+    loom__owner_close_all(&cl->owner, LOOM_ECLOSED, 0);
+  loom_ctx_release(cl->ctx);
+  loom__free(cl->addr);
+  loom__free(cl);
+  return rc;
+}

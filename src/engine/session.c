@@ -1,0 +1,903 @@
+/*
+ * session.c — one connection of the engine: its reader, its writer, its
+ * write queue and its close protocol.
+ *
+ * Coroutines.  A stream session runs two: the reader (read, decode,
+ * dispatch, cron; it owns the session's life and runs every callback but
+ * pooled on_message) and the writer (drains the write queue).  A packet
+ * session runs only the reader; its writes go out from the caller.
+ *
+ * The write queue (wmu protects it and the w* flags).  Producers encode
+ * a package into a small buffer on their own stack, outside the lock.
+ * Under the lock, if the queue is empty and the writer is not writing,
+ * they try the socket at once (a non-blocking sendmsg): a reply in a
+ * request/response protocol then costs no wake-up of the writer.  What
+ * the socket does not take goes into the queue (a loom_buf) and the
+ * writer is signalled.  The writer peeks at the queue's chunks under the
+ * lock, writes them with the lock released (wbusy tells producers not to
+ * write around it, keeping the order), and consumes them under the lock
+ * again.  Producers wait on `wspace` while the queue holds wq_high bytes
+ * or more; the writer broadcasts it when it falls to wq_low.
+ *
+ * States (`state`, seq_cst):
+ *   OPEN     — reading; writes accepted.
+ *   CLOSING  — graceful: the reader stops reading, waits for its pooled
+ *              packages, then tells the writer to finish (`wfinal`): it
+ *              writes what is queued, bounded by linger, and exits.
+ *   ABORTED  — an error: the queue is dropped, both coroutines leave as
+ *              soon as they notice, the first error is kept in `err`.
+ * Only moves forward; the first loom_session_close / _abort decides.
+ *
+ * Waking the reader.  A reader parked in loom_read is woken by moving its
+ * read deadline into the past after the state changed.  The reader sets
+ * its own deadline (cron, read timeout) before it looks at the state, so
+ * whichever of the two deadline writes comes last is seen: either the
+ * reader saw the new state, or the closer's deadline came after the
+ * reader's.
+ *
+ * End of life.  The reader, last: waits for the writer, closes the
+ * socket, calls on_error (if aborted) and on_close, takes the session off
+ * its owner's list and drops its reference.  Other references (pooled
+ * packages, users' loom_session_ref) keep the struct alive, not the
+ * socket.
+ */
+#include <errno.h>
+#include <limits.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/socket.h>
+
+#include "engine/compress.h"
+#include "engine/engine.h"
+#include "loom/runtime.h"
+#include "runtime/alloc.h"
+
+enum { S_OPEN, S_CLOSING, S_ABORTED };
+
+typedef struct attr {
+  const void *key;
+  void *value;
+} attr;
+
+struct loom_session {
+  _Atomic uint64_t ref;
+  uint64_t id;
+  loom__owner *owner;
+  loom_session *prev, *next; /* on the owner's list (owner->mu) */
+  loom_session_opts o;
+  const loom_codec *codec;
+  loom_codec raw;            /* the codec when o.codec is NULL */
+  loom_conn *conn;           /* stream sessions */
+  loom_pconn *pc;            /* packet sessions */
+  bool packet, connected;
+  int fd;
+  char network[12];
+  _Atomic(char *) name;
+  void *user;
+
+  _Atomic int state;
+  _Atomic int err;           /* the abort reason */
+  bool opened;               /* on_open accepted it (reader only) */
+
+  loom_mutex amu;            /* attrs */
+  attr *attrs;
+  size_t nattrs, capattrs;
+
+  loom_mutex wmu;            /* the write queue and the w* fields */
+  loom_buf wq;
+  loom_cond wcond;           /* writer: bytes queued or wfinal */
+  loom_cond wspace;          /* producers: the queue fell to wq_low */
+  bool wbusy;                /* the writer is writing queued bytes */
+  bool wfinal;               /* no more bytes will come: drain and exit */
+  bool wdone;                /* the writer has exited */
+  int64_t final_deadline;    /* set with wfinal: now + linger (0: none) */
+  loom_sema writer_exit;     /* released by the writer as it exits */
+
+  loom_wg pooled;            /* packages handed to the pool, not yet done */
+  uint64_t rr;               /* round-robin dispatch counter */
+  loom__zstream *zin, *zout; /* compression, or NULL */
+
+  /* Statistics: one writer each (relaxed). */
+  _Atomic uint64_t bytes_in, bytes_out, pkgs_in, pkgs_out;
+  _Atomic int64_t last_read, last_write;
+  int64_t opened_at;
+};
+
+/* A stack buffer for encoding one package (spills to the heap). */
+#define ENC_STACK 2048
+
+static _Atomic uint64_t next_session_id = 1;
+
+/* ---- options ------------------------------------------------------------ */
+
+int loom__session_opts(loom_session_opts *out, const loom_session_opts *in) {
+  loom_session_opts o = *in;
+  if (!o.listener || o.read_timeout < 0 || o.write_timeout < 0 ||
+      o.cron_period < 0 || o.compress < -1 || o.compress > 9 ||
+      (o.dispatch == LOOM_DISPATCH_KEY && !o.dispatch_key) ||
+      o.dispatch > LOOM_DISPATCH_KEY)
+    return -EINVAL;
+  if (o.linger == 0)
+    o.linger = INT64_C(5000000000);
+  if (o.max_pkg_len == 0)
+    o.max_pkg_len = (size_t)1 << 20;
+  if (o.read_buf == 0)
+    o.read_buf = 4096;
+  if (o.wq_high == 0)
+    o.wq_high = (size_t)1 << 20;
+  if (o.wq_low == 0 || o.wq_low > o.wq_high)
+    o.wq_low = o.wq_high / 2;
+  *out = o;
+  return 0;
+}
+
+/* ---- references, state -------------------------------------------------- */
+
+loom_session *loom_session_ref(loom_session *s) {
+  atomic_fetch_add_explicit(&s->ref, 1, memory_order_relaxed);
+  return s;
+}
+
+static void session_free(loom_session *s) {
+  loom_buf_reset(&s->wq);
+  loom__zstream_free(s->zin);
+  loom__zstream_free(s->zout);
+  loom__free(atomic_load(&s->name));
+  loom__free(s->attrs);
+  loom__free(s);
+}
+
+void loom_session_unref(loom_session *s) {
+  if (atomic_fetch_sub_explicit(&s->ref, 1, memory_order_acq_rel) == 1)
+    session_free(s);
+}
+
+bool loom_session_closed(loom_session *s) {
+  return atomic_load(&s->state) != S_OPEN;
+}
+
+/* Wake the reader out of a read, and the writer out of a write. */
+static void wake_io(loom_session *s, bool writer_too) {
+  if (s->conn) {
+    loom_set_read_deadline(s->conn, 1);
+    if (writer_too)
+      loom_set_write_deadline(s->conn, 1);
+  } else {
+    loom_pconn_set_read_deadline(s->pc, 1);
+  }
+}
+
+void loom_session_close(loom_session *s) {
+  int st = S_OPEN;
+  if (!atomic_compare_exchange_strong(&s->state, &st, S_CLOSING))
+    return;
+  wake_io(s, false);
+}
+
+void loom_session_abort(loom_session *s, int err) {
+  if (err >= 0)
+    err = LOOM_ECLOSED;
+  /* The reason first, so whoever sees ABORTED finds it; the first abort
+   * keeps its reason. */
+  int none = 0;
+  atomic_compare_exchange_strong(&s->err, &none, err);
+  if (atomic_exchange(&s->state, S_ABORTED) == S_ABORTED)
+    return;
+  wake_io(s, true);
+  loom_mutex_lock(&s->wmu);
+  if (!s->wbusy) /* else the writer is using the chunks; it drops them */
+    loom_buf_reset(&s->wq);
+  loom_cond_broadcast(&s->wcond);
+  loom_cond_broadcast(&s->wspace);
+  loom_mutex_unlock(&s->wmu);
+}
+
+/* ---- identity, attributes, stats ---------------------------------------- */
+
+uint64_t loom_session_id(loom_session *s) { return s->id; }
+void *loom_session_user(loom_session *s) { return s->user; }
+void loom_session_set_user(loom_session *s, void *user) { s->user = user; }
+
+int loom_session_remote_addr(loom_session *s, char *buf, size_t len) {
+  if (s->conn)
+    return loom_conn_remote_addr(s->conn, buf, len);
+  return loom_pconn_remote_addr(s->pc, buf, len);
+}
+
+int loom_session_local_addr(loom_session *s, char *buf, size_t len) {
+  if (s->conn)
+    return loom_conn_local_addr(s->conn, buf, len);
+  return loom_pconn_local_addr(s->pc, buf, len);
+}
+
+static char *dup_str(const char *src) {
+  size_t n = strlen(src) + 1;
+  char *d = loom__malloc(n);
+  if (d)
+    memcpy(d, src, n);
+  return d;
+}
+
+const char *loom_session_name(loom_session *s) {
+  char *n = atomic_load(&s->name);
+  if (n)
+    return n;
+  char local[128] = "?", remote[128] = "-", buf[300];
+  loom_session_local_addr(s, local, sizeof local);
+  if (!s->packet || s->connected)
+    loom_session_remote_addr(s, remote, sizeof remote);
+  snprintf(buf, sizeof buf, "%s %s<-%s", s->network, local, remote);
+  char *d = dup_str(buf);
+  if (!d)
+    return "session";
+  char *expected = NULL;
+  if (!atomic_compare_exchange_strong(&s->name, &expected, d)) {
+    loom__free(d);
+    return expected;
+  }
+  return d;
+}
+
+int loom_session_set_name(loom_session *s, const char *name) {
+  char *d = dup_str(name);
+  if (!d)
+    return -ENOMEM;
+  loom__free(atomic_exchange(&s->name, d));
+  return 0;
+}
+
+int loom_session_set_attr(loom_session *s, const void *key, void *value) {
+  int rc = 0;
+  loom_mutex_lock(&s->amu);
+  size_t i = 0;
+  while (i < s->nattrs && s->attrs[i].key != key)
+    i++;
+  if (i < s->nattrs) {
+    if (value)
+      s->attrs[i].value = value;
+    else
+      s->attrs[i] = s->attrs[--s->nattrs];
+  } else if (value) {
+    if (s->nattrs == s->capattrs) {
+      size_t cap = s->capattrs ? s->capattrs * 2 : 4;
+      attr *a = loom__realloc(s->attrs, cap * sizeof *a);
+      if (!a) {
+        rc = -ENOMEM;
+        goto out;
+      }
+      s->attrs = a;
+      s->capattrs = cap;
+    }
+    s->attrs[s->nattrs++] = (attr){key, value};
+  }
+out:
+  loom_mutex_unlock(&s->amu);
+  return rc;
+}
+
+void *loom_session_attr(loom_session *s, const void *key) {
+  void *v = NULL;
+  loom_mutex_lock(&s->amu);
+  for (size_t i = 0; i < s->nattrs; i++)
+    if (s->attrs[i].key == key)
+      v = s->attrs[i].value;
+  loom_mutex_unlock(&s->amu);
+  return v;
+}
+
+#define LOAD(f) atomic_load_explicit(&s->f, memory_order_relaxed)
+#define BUMP(f, n) atomic_fetch_add_explicit(&s->f, (n), memory_order_relaxed)
+
+void loom_session_stats_get(loom_session *s, loom_session_stats *out) {
+  out->bytes_in = LOAD(bytes_in);
+  out->bytes_out = LOAD(bytes_out);
+  out->pkgs_in = LOAD(pkgs_in);
+  out->pkgs_out = LOAD(pkgs_out);
+  out->last_read = LOAD(last_read);
+  out->last_write = LOAD(last_write);
+  out->opened = s->opened_at;
+  loom_mutex_lock(&s->wmu);
+  out->wq_bytes = loom_buf_len(&s->wq);
+  loom_mutex_unlock(&s->wmu);
+}
+
+loom_session *loom__session_next(loom_session *s) { return s->next; }
+bool loom__session_opened(loom_session *s) { return s->opened; }
+
+void loom__session_sample(loom_session *s, uint64_t v[5]) {
+  v[0] = LOAD(bytes_in);
+  v[1] = LOAD(bytes_out);
+  v[2] = LOAD(pkgs_in);
+  v[3] = LOAD(pkgs_out);
+  loom_mutex_lock(&s->wmu);
+  v[4] = loom_buf_len(&s->wq);
+  loom_mutex_unlock(&s->wmu);
+}
+
+/* ---- writing ------------------------------------------------------------ */
+
+/* Bytes may still be queued: not aborted, and the writer has not been
+ * told that the last ones are in.  A graceful close keeps taking writes
+ * until then: the replies to packages already received.  wmu held. */
+static bool writable(loom_session *s) {
+  return atomic_load(&s->state) != S_ABORTED && !s->wfinal;
+}
+
+/* The queue is full: wait for room per `timeout`, or apply close_on_full.
+ * Called and returns with wmu held.  0: room (or the state changed). */
+static int wait_room(loom_session *s, int64_t timeout) {
+  int64_t deadline = timeout > 0 ? loom_now() + timeout : 0;
+  while (loom_buf_len(&s->wq) >= s->o.wq_high && writable(s)) {
+    int rc = timeout == 0 ? -EAGAIN
+                          : loom_cond_wait(&s->wspace, &s->wmu, deadline);
+    if (rc < 0) {
+      loom__owner_count(s->owner, LOOM__ERR_wq_full);
+      if (s->o.close_on_full) {
+        loom_mutex_unlock(&s->wmu);
+        loom_session_abort(s, -ENOBUFS);
+        loom_mutex_lock(&s->wmu);
+        return -ENOBUFS;
+      }
+      return rc;
+    }
+  }
+  return 0;
+}
+
+/* Queue the encoded bytes in `b` (or send them at once).  Takes them. */
+static int queue_bytes(loom_session *s, loom_buf *b, int64_t timeout) {
+  int rc = 0;
+  loom_mutex_lock(&s->wmu);
+  if (loom_buf_len(&s->wq) >= s->o.wq_high)
+    rc = wait_room(s, timeout);
+  if (rc == 0 && !writable(s))
+    rc = LOOM_ECLOSED;
+  if (rc < 0)
+    goto out;
+  if (!s->wbusy && loom_buf_len(&s->wq) == 0 && !s->zout) {
+    struct iovec iov[8];
+    struct msghdr m = {.msg_iov = iov, .msg_iovlen = (size_t)loom_buf_peek(b, iov, 8)};
+    ssize_t k = sendmsg(s->fd, &m, MSG_DONTWAIT | MSG_NOSIGNAL);
+    if (k > 0) {
+      loom_buf_consume(b, (size_t)k);
+      BUMP(bytes_out, (uint64_t)k);
+      atomic_store_explicit(&s->last_write, loom_now(), memory_order_relaxed);
+    }
+    /* EAGAIN, or an error the writer will meet and report: queue. */
+  }
+  BUMP(pkgs_out, 1);
+  if (loom_buf_len(b)) {
+    if (loom_buf_move(&s->wq, b) < 0) {
+      rc = -ENOMEM;
+      goto out;
+    }
+    if (!s->wbusy)
+      loom_cond_signal(&s->wcond);
+  }
+out:
+  loom_mutex_unlock(&s->wmu);
+  return rc;
+}
+
+static int encode(loom_session *s, const void *data, size_t len, loom_buf *b) {
+  int rc = s->codec->encode(s->codec, data, len, s->o.max_pkg_len, b);
+  if (rc == -EMSGSIZE)
+    loom__owner_count(s->owner, LOOM__ERR_oversize);
+  return rc;
+}
+
+static int send_packet(loom_session *s, loom_buf *b, const struct sockaddr *to,
+                       socklen_t tolen) {
+  struct iovec iov[8];
+  int n = loom_buf_peek(b, iov, 8);
+  ssize_t k = loom_pconn_write_msg(s->pc, iov, n, to, tolen);
+  if (k < 0)
+    return (int)k;
+  BUMP(bytes_out, (uint64_t)k);
+  BUMP(pkgs_out, 1);
+  atomic_store_explicit(&s->last_write, loom_now(), memory_order_relaxed);
+  return 0;
+}
+
+static int write_common(loom_session *s, const void *data, size_t len,
+                        const struct sockaddr *to, socklen_t tolen,
+                        int64_t timeout) {
+  if (atomic_load(&s->state) == S_ABORTED)
+    return LOOM_ECLOSED;
+  _Alignas(16) uint8_t mem[ENC_STACK];
+  loom_buf b;
+  loom_buf_init_on(&b, mem, sizeof mem);
+  int rc = encode(s, data, len, &b);
+  if (rc == 0) {
+    if (s->packet)
+      rc = send_packet(s, &b, to, tolen);
+    else
+      rc = queue_bytes(s, &b, timeout);
+  }
+  loom_buf_reset(&b);
+  return rc;
+}
+
+int loom_session_write(loom_session *s, const void *data, size_t len,
+                       int64_t timeout) {
+  if (s->packet && !s->connected)
+    return -EDESTADDRREQ;
+  return write_common(s, data, len, NULL, 0, timeout);
+}
+
+int loom_session_write_to(loom_session *s, const void *data, size_t len,
+                          const struct sockaddr *to, socklen_t tolen,
+                          int64_t timeout) {
+  if (!s->packet || s->connected)
+    return -EISCONN;
+  return write_common(s, data, len, to, tolen, timeout);
+}
+
+/* Write iov fully (compressing first if the session compresses). */
+static ssize_t sock_writev(loom_session *s, struct iovec *iov, int n,
+                           loom_buf *zbuf) {
+  if (!s->zout)
+    return loom_writev(s->conn, iov, n);
+  int rc = loom__zstream_deflate(s->zout, iov, n, zbuf);
+  if (rc < 0)
+    return rc;
+  struct iovec ziov[64];
+  ssize_t total = 0;
+  while (loom_buf_len(zbuf)) {
+    int zn = loom_buf_peek(zbuf, ziov, 64);
+    ssize_t k = loom_writev(s->conn, ziov, zn);
+    if (k < 0)
+      return k;
+    loom_buf_consume(zbuf, (size_t)k);
+    total += k;
+  }
+  return total;
+}
+
+static void writer_main(void *arg) {
+  loom_session *s = arg;
+  loom_buf zbuf;
+  loom_buf_init(&zbuf, 0);
+  int64_t wd = 0; /* the write deadline now set */
+  loom_mutex_lock(&s->wmu);
+  for (;;) {
+    while (loom_buf_len(&s->wq) == 0 && !s->wfinal &&
+           atomic_load(&s->state) != S_ABORTED) {
+      loom_buf_reset(&s->wq); /* an idle session holds no queue memory */
+      loom_cond_wait(&s->wcond, &s->wmu, 0);
+    }
+    if (atomic_load(&s->state) == S_ABORTED || loom_buf_len(&s->wq) == 0 ||
+        (s->wfinal && s->o.linger < 0))
+      break;
+    struct iovec iov[64];
+    int n = loom_buf_peek(&s->wq, iov, 64);
+    size_t total = 0;
+    for (int i = 0; i < n; i++)
+      total += iov[i].iov_len;
+    s->wbusy = true;
+    /* After a graceful close, the linger deadline bounds what is left;
+     * before, each batch gets write_timeout. */
+    int64_t want = s->wfinal ? s->final_deadline
+                 : s->o.write_timeout ? loom_now() + s->o.write_timeout
+                                      : 0;
+    loom_mutex_unlock(&s->wmu);
+
+    if (want != wd) {
+      loom_set_write_deadline(s->conn, want);
+      wd = want;
+    }
+    /* After the deadline: an abort moves it to the past after its state
+     * change, so either this sees ABORTED or the write sees the past. */
+    ssize_t k = atomic_load(&s->state) == S_ABORTED
+                    ? LOOM_ECLOSED
+                    : sock_writev(s, iov, n, &zbuf);
+
+    loom_mutex_lock(&s->wmu);
+    s->wbusy = false;
+    if (k < 0) {
+      loom_mutex_unlock(&s->wmu);
+      loom_session_abort(s, (int)k); /* no-op if already aborted */
+      loom_mutex_lock(&s->wmu);
+      break;
+    }
+    BUMP(bytes_out, (uint64_t)(s->zout ? (size_t)k : total));
+    atomic_store_explicit(&s->last_write, loom_now(), memory_order_relaxed);
+    loom_buf_consume(&s->wq, total);
+    if (loom_buf_len(&s->wq) <= s->o.wq_low)
+      loom_cond_broadcast(&s->wspace);
+  }
+  loom_buf_reset(&s->wq);
+  s->wdone = true;
+  loom_cond_broadcast(&s->wspace);
+  loom_mutex_unlock(&s->wmu);
+  loom_buf_reset(&zbuf);
+  loom_sema_release(&s->writer_exit);
+}
+
+/* ---- reading ------------------------------------------------------------ */
+
+typedef struct ptask {
+  loom_session *s;
+  loom_pkg pkg;
+  struct sockaddr_storage from;
+  uint8_t data[];
+} ptask;
+
+static void pooled_message(void *arg) {
+  ptask *t = arg;
+  loom_session *s = t->s;
+  if (s->o.listener->on_message)
+    s->o.listener->on_message(s, &t->pkg);
+  loom_wg_done(&s->pooled);
+  loom_session_unref(s);
+  loom__free(t);
+}
+
+static int dispatch(loom_session *s, const loom_pkg *pkg) {
+  BUMP(pkgs_in, 1);
+  if (!s->o.pool) {
+    if (s->o.listener->on_message)
+      s->o.listener->on_message(s, pkg);
+    return 0;
+  }
+  ptask *t = loom__malloc(sizeof *t + pkg->len);
+  if (!t)
+    return -ENOMEM;
+  t->s = loom_session_ref(s);
+  memcpy(t->data, pkg->data, pkg->len);
+  t->pkg = (loom_pkg){t->data, pkg->len, NULL, 0};
+  if (pkg->from) {
+    memcpy(&t->from, pkg->from, pkg->fromlen);
+    t->pkg.from = (const struct sockaddr *)&t->from;
+    t->pkg.fromlen = pkg->fromlen;
+  }
+  uint64_t key;
+  switch (s->o.dispatch) {
+  case LOOM_DISPATCH_ROUND_ROBIN: key = s->id + s->rr++; break;
+  case LOOM_DISPATCH_KEY: key = s->o.dispatch_key(s, pkg); break;
+  default: key = s->id; break;
+  }
+  loom_wg_add(&s->pooled, 1);
+  int rc = loom_taskpool_submit(s->o.pool, key, pooled_message, t, 0);
+  if (rc < 0) {
+    loom_wg_done(&s->pooled);
+    loom_session_unref(s);
+    loom__free(t);
+  }
+  return rc;
+}
+
+typedef struct reader {
+  uint8_t *buf;
+  size_t cap, off, len; /* unconsumed bytes are buf[off, len) */
+  int64_t deadline;     /* the read deadline now set (0: none) */
+  int64_t next_cron;    /* 0: no cron */
+  int64_t idle_check;   /* when to look at last_read again; 0: never */
+} reader;
+
+/* Decode and dispatch every whole package in r's buffer. */
+static int drain(loom_session *s, reader *r) {
+  while (r->len > r->off) {
+    loom_pkg pkg = {0};
+    ssize_t k = s->codec->decode(s->codec, r->buf + r->off, r->len - r->off,
+                                 s->o.max_pkg_len, &pkg);
+    if (k == 0)
+      break;
+    if (k < 0)
+      return (int)k;
+    r->off += (size_t)k;
+    int rc = dispatch(s, &pkg);
+    if (rc < 0)
+      return rc;
+    if (atomic_load(&s->state) != S_OPEN)
+      return 0;
+  }
+  return 0;
+}
+
+/* Room at the end of r's buffer: compact, grow for a long package, or
+ * shrink back after one. */
+static int make_room(loom_session *s, reader *r) {
+  if (r->off == r->len) {
+    r->off = r->len = 0;
+    if (r->cap > s->o.read_buf * 4) {
+      uint8_t *nb = loom__malloc(s->o.read_buf);
+      if (nb) {
+        loom__free(r->buf);
+        r->buf = nb;
+        r->cap = s->o.read_buf;
+      }
+    }
+  }
+  if (r->len < r->cap)
+    return 0;
+  if (r->off > 0) {
+    memmove(r->buf, r->buf + r->off, r->len - r->off);
+    r->len -= r->off;
+    r->off = 0;
+    return 0;
+  }
+  /* A partial package fills the buffer.  The codec has not refused it,
+   * so it fits max_pkg_len plus framing; a codec that never decides is
+   * cut off at max_pkg_len plus 64 bytes of framing. */
+  size_t limit = s->o.max_pkg_len + 64;
+  if (r->cap >= limit)
+    return -EMSGSIZE;
+  size_t cap = r->cap * 2 > limit ? limit : r->cap * 2;
+  uint8_t *nb = loom__realloc(r->buf, cap);
+  if (!nb)
+    return -ENOMEM;
+  r->buf = nb;
+  r->cap = cap;
+  return 0;
+}
+
+static ssize_t sock_read(loom_session *s, void *buf, size_t len) {
+  if (s->zin)
+    return loom__zstream_read(s->zin, s->conn, buf, len);
+  return loom_read(s->conn, buf, len);
+}
+
+/* Set the read deadline to the earliest of cron and idle check. */
+static void arm(loom_session *s, reader *r) {
+  int64_t d = r->next_cron;
+  if (r->idle_check && (d == 0 || r->idle_check < d))
+    d = r->idle_check;
+  if (d == r->deadline)
+    return;
+  r->deadline = d;
+  if (s->conn)
+    loom_set_read_deadline(s->conn, d);
+  else
+    loom_pconn_set_read_deadline(s->pc, d);
+}
+
+/* A read deadline passed: run cron, check idleness.  0 or an error. */
+static int on_deadline(loom_session *s, reader *r) {
+  int64_t now = loom_now();
+  r->deadline = -1; /* the socket's deadline is in the past: re-arm */
+  if (r->idle_check && now >= r->idle_check) {
+    int64_t idle_until = LOAD(last_read) + s->o.read_timeout;
+    if (now >= idle_until)
+      return -ETIMEDOUT;
+    r->idle_check = idle_until;
+  }
+  if (r->next_cron && now >= r->next_cron) {
+    r->next_cron += s->o.cron_period;
+    if (r->next_cron <= now)
+      r->next_cron = now + s->o.cron_period;
+    if (s->o.listener->on_cron)
+      s->o.listener->on_cron(s);
+  }
+  return 0;
+}
+
+static int read_stream(loom_session *s, reader *r) {
+  for (;;) {
+    arm(s, r);
+    if (atomic_load(&s->state) != S_OPEN)
+      return 0;
+    int rc = make_room(s, r);
+    if (rc < 0)
+      return rc;
+    ssize_t n = sock_read(s, r->buf + r->len, r->cap - r->len);
+    if (n > 0) {
+      BUMP(bytes_in, (uint64_t)n);
+      atomic_store_explicit(&s->last_read, loom_now(), memory_order_relaxed);
+      r->len += (size_t)n;
+      rc = drain(s, r);
+      if (rc < 0)
+        return rc;
+      continue;
+    }
+    if (n == 0) /* the peer shut down its side: all it sent is handled */
+      return r->len > r->off ? -EBADMSG : 1;
+    if (n == -ETIMEDOUT) {
+      if (atomic_load(&s->state) != S_OPEN)
+        return 0;
+      rc = on_deadline(s, r);
+      if (rc < 0)
+        return rc;
+      continue;
+    }
+    return (int)n;
+  }
+}
+
+static int read_packets(loom_session *s, reader *r) {
+  for (;;) {
+    arm(s, r);
+    if (atomic_load(&s->state) != S_OPEN)
+      return 0;
+    struct sockaddr_storage from;
+    socklen_t fromlen = sizeof from;
+    ssize_t n = loom_pconn_read_from(s->pc, r->buf, r->cap, &from, &fromlen);
+    if (n == 0)
+      continue; /* an empty datagram (a dial probe) carries no package */
+    if (n > 0) {
+      BUMP(bytes_in, (uint64_t)n);
+      atomic_store_explicit(&s->last_read, loom_now(), memory_order_relaxed);
+      if ((size_t)n > r->cap) { /* cut short: longer than any package */
+        loom__owner_count(s->owner, LOOM__ERR_oversize);
+        continue;
+      }
+      loom_pkg pkg = {0};
+      ssize_t k = s->codec->decode(s->codec, r->buf, (size_t)n,
+                                   s->o.max_pkg_len, &pkg);
+      if (k != n) { /* need-more, leftovers or an error: this datagram */
+        loom__owner_count(s->owner, k == -EMSGSIZE ? LOOM__ERR_oversize
+                                                   : LOOM__ERR_decode);
+        continue;
+      }
+      if (!s->connected) {
+        pkg.from = (const struct sockaddr *)&from;
+        pkg.fromlen = fromlen;
+      }
+      int rc = dispatch(s, &pkg);
+      if (rc < 0)
+        return rc;
+      continue;
+    }
+    if (n == -ETIMEDOUT) {
+      if (atomic_load(&s->state) != S_OPEN)
+        return 0;
+      int rc = on_deadline(s, r);
+      if (rc < 0)
+        return rc;
+      continue;
+    }
+    if (n == -ECONNREFUSED && s->connected)
+      continue; /* an ICMP error for an earlier datagram: not fatal */
+    return (int)n;
+  }
+}
+
+static void owner_remove(loom_session *s) {
+  loom__owner *o = s->owner;
+  loom_mutex_lock(&o->mu);
+  if (s->prev)
+    s->prev->next = s->next;
+  else
+    o->head = s->next;
+  if (s->next)
+    s->next->prev = s->prev;
+  o->open--;
+  o->bytes_in += LOAD(bytes_in);
+  o->bytes_out += LOAD(bytes_out);
+  o->pkgs_in += LOAD(pkgs_in);
+  o->pkgs_out += LOAD(pkgs_out);
+  loom_cond_broadcast(&o->changed);
+  loom_mutex_unlock(&o->mu);
+}
+
+static void reader_main(void *arg) {
+  loom_session *s = arg;
+  const loom_session_listener *l = s->o.listener;
+  reader r = {0};
+  int rc = 0;
+  if (s->o.compress && !s->packet) {
+    rc = loom__zstream_new(&s->zin, 0, s->o.compress);
+    if (rc == 0)
+      rc = loom__zstream_new(&s->zout, 1, s->o.compress);
+  }
+  if (rc == 0 && !s->packet && loom_go(writer_main, s) < 0)
+    rc = -ENOMEM;
+  bool writer = rc == 0 && !s->packet;
+  if (rc < 0) {
+    loom_session_abort(s, rc);
+    goto end;
+  }
+  r.cap = s->packet ? s->o.max_pkg_len + 64 : s->o.read_buf;
+  if (s->packet && r.cap > 65536 + 64)
+    r.cap = 65536 + 64;
+  r.buf = loom__malloc(r.cap);
+  if (!r.buf) {
+    loom_session_abort(s, -ENOMEM);
+    goto end;
+  }
+  if (l->on_open) {
+    rc = l->on_open(s);
+    if (rc < 0) {
+      loom__owner_count(s->owner, LOOM__ERR_refused);
+      loom_session_abort(s, rc); /* not reported: s->opened is false */
+      goto end;
+    }
+  }
+  loom_mutex_lock(&s->owner->mu);
+  s->opened = true; /* read under the owner's lock (clients) */
+  loom_cond_broadcast(&s->owner->changed);
+  loom_mutex_unlock(&s->owner->mu);
+
+  int64_t now = loom_now();
+  atomic_store_explicit(&s->last_read, now, memory_order_relaxed);
+  r.next_cron = s->o.cron_period ? now + s->o.cron_period : 0;
+  r.idle_check = s->o.read_timeout ? now + s->o.read_timeout : 0;
+  rc = s->packet ? read_packets(s, &r) : read_stream(s, &r);
+  if (rc < 0)
+    loom_session_abort(s, rc);
+  else
+    loom_session_close(s);
+
+end:
+  /* Every pooled package of the session is handled before on_close. */
+  loom_wg_wait(&s->pooled, 0);
+  if (writer) {
+    loom_mutex_lock(&s->wmu);
+    s->wfinal = true;
+    if (s->o.linger < 0 && !s->wbusy)
+      loom_buf_reset(&s->wq);
+    else if (s->o.linger > 0)
+      s->final_deadline = loom_now() + s->o.linger;
+    loom_cond_signal(&s->wcond);
+    loom_mutex_unlock(&s->wmu);
+    loom_sema_acquire(&s->writer_exit, 0);
+  }
+  if (s->conn) {
+    loom_close(s->conn);
+  } else {
+    loom_pconn_close(s->pc);
+  }
+  loom__free(r.buf);
+  int err = atomic_load(&s->err);
+  if (err < 0 && s->opened) {
+    loom__owner_count_error(s->owner, err);
+    if (l->on_error)
+      l->on_error(s, err);
+  }
+  if (l->on_close)
+    l->on_close(s);
+  owner_remove(s);
+  loom_session_unref(s);
+}
+
+/* ---- start -------------------------------------------------------------- */
+
+int loom__session_start(loom__owner *owner, const loom_session_opts *o,
+                        const char *network, loom_conn *conn, loom_pconn *pc,
+                        bool connected) {
+  loom_session *s = loom__calloc(1, sizeof *s);
+  if (!s)
+    goto fail;
+  atomic_init(&s->ref, 1);
+  s->id = atomic_fetch_add_explicit(&next_session_id, 1, memory_order_relaxed);
+  s->owner = owner;
+  s->o = *o;
+  s->codec = o->codec;
+  if (!s->codec) {
+    loom_codec_raw(&s->raw);
+    s->codec = &s->raw;
+  }
+  s->conn = conn;
+  s->pc = pc;
+  s->packet = pc != NULL;
+  s->connected = conn != NULL || connected;
+  s->fd = conn ? loom_conn_fd(conn) : loom_pconn_fd(pc);
+  snprintf(s->network, sizeof s->network, "%s", network);
+  s->user = o->user;
+  atomic_init(&s->state, S_OPEN);
+  loom_buf_init(&s->wq, 4096);
+  s->opened_at = loom_now();
+
+  loom_mutex_lock(&owner->mu);
+  s->next = owner->head;
+  if (owner->head)
+    owner->head->prev = s;
+  owner->head = s;
+  owner->open++;
+  owner->total++;
+  loom_mutex_unlock(&owner->mu);
+  if (loom_go(reader_main, s) < 0) {
+    s->conn = NULL;
+    s->pc = NULL;
+    owner_remove(s);
+    loom_session_unref(s);
+    goto fail;
+  }
+  return 0;
+fail:
+  if (conn)
+    loom_close(conn);
+  if (pc)
+    loom_pconn_close(pc);
+  return -ENOMEM;
+}
