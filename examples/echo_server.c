@@ -483,16 +483,17 @@ static const char *option(int argc, char **argv, int *i, const char *name,
  * — but only a socket, and only when connecting to it is refused. */
 static void remove_stale_socket(const echo_url *u) {
   struct stat st;
-  if (!u->local || u->addr[0] != '/' || lstat(u->addr, &st) != 0 ||
-      !S_ISSOCK(st.st_mode))
+  struct sockaddr_un sa = {.sun_family = AF_UNIX};
+  size_t n = strlen(u->addr);
+  if (!u->local || u->addr[0] != '/' || n >= sizeof sa.sun_path ||
+      lstat(u->addr, &st) != 0 || !S_ISSOCK(st.st_mode))
     return;
   int fd = socket(
       AF_UNIX,
       (u->packet ? SOCK_DGRAM : SOCK_STREAM) | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
   if (fd < 0)
     return;
-  struct sockaddr_un sa = {.sun_family = AF_UNIX};
-  snprintf(sa.sun_path, sizeof sa.sun_path, "%s", u->addr);
+  memcpy(sa.sun_path, u->addr, n + 1);
   if (connect(fd, (struct sockaddr *)&sa, sizeof sa) != 0 &&
       errno == ECONNREFUSED && unlink(u->addr) == 0)
     printf("echo_server: removed stale socket file %s\n", u->addr);
