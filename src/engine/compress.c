@@ -121,7 +121,7 @@ static ssize_t inflate_some(loom__zstream *z, void *out, size_t len) {
 }
 
 ssize_t loom__zstream_read(loom__zstream *z, loom_conn *c, void *buf,
-                           size_t len) {
+                           size_t len, size_t *wire) {
   for (;;) {
     ssize_t got = inflate_some(z, buf, len);
     if (got != 0)
@@ -136,6 +136,7 @@ ssize_t loom__zstream_read(loom__zstream *z, loom_conn *c, void *buf,
     ssize_t n = loom_read(c, z->in + keep, ZIN_BUF - keep);
     if (n <= 0)
       return n;
+    *wire += (size_t)n;
     z->z.next_in = z->in;
     z->z.avail_in = (uInt)(keep + (size_t)n);
   }

@@ -30,11 +30,11 @@ int loom__zstream_deflate(loom__zstream *z, const struct iovec *iov, int n,
                           loom_buf *out);
 
 /* Bytes for the decoder: inflate what is buffered, reading compressed
- * bytes from `c` when needed.  As loom_read: a count > 0, 0 at the end of
- * the stream, -errno; LOOM_ECOMPRESS when the bytes are not a zlib
- * stream.  Parks. */
+ * bytes from `c` when needed (adding their count to *wire).  As
+ * loom_read: a count > 0, 0 at the end of the stream, -errno;
+ * LOOM_ECOMPRESS when the bytes are not a zlib stream.  Parks. */
 ssize_t loom__zstream_read(loom__zstream *z, loom_conn *c, void *buf,
-                           size_t len);
+                           size_t len, size_t *wire);
 
 /* The same on bytes in memory (tests, fuzzing): inflate in[0..inlen)
  * into out; returns the count or LOOM_ECOMPRESS. */

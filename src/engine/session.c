@@ -51,6 +51,7 @@
 #include "engine/engine.h"
 #include "loom/runtime.h"
 #include "runtime/alloc.h"
+#include "runtime/runtime.h"
 
 enum { S_OPEN, S_CLOSING, S_ABORTED };
 
@@ -415,6 +416,10 @@ static int write_common(loom_session *s, const void *data, size_t len,
       rc = queue_bytes(s, &b, timeout);
   }
   loom_buf_reset(&b);
+  /* A loop of writes that never wait (queue never full) is a loop
+   * without a scheduling point: let others run now and then. */
+  if (!s->packet)
+    loom__io_progress();
   return rc;
 }
 
@@ -632,10 +637,18 @@ static int make_room(loom_session *s, reader *r) {
   return 0;
 }
 
+/* Read for the decoder; counts the bytes that came off the wire. */
 static ssize_t sock_read(loom_session *s, void *buf, size_t len) {
-  if (s->zin)
-    return loom__zstream_read(s->zin, s->conn, buf, len);
-  return loom_read(s->conn, buf, len);
+  if (s->zin) {
+    size_t wire = 0;
+    ssize_t n = loom__zstream_read(s->zin, s->conn, buf, len, &wire);
+    BUMP(bytes_in, wire);
+    return n;
+  }
+  ssize_t n = loom_read(s->conn, buf, len);
+  if (n > 0)
+    BUMP(bytes_in, (uint64_t)n);
+  return n;
 }
 
 /* Set the read deadline to the earliest of cron and idle check. */
@@ -682,7 +695,6 @@ static int read_stream(loom_session *s, reader *r) {
       return rc;
     ssize_t n = sock_read(s, r->buf + r->len, r->cap - r->len);
     if (n > 0) {
-      BUMP(bytes_in, (uint64_t)n);
       atomic_store_explicit(&s->last_read, loom_now(), memory_order_relaxed);
       r->len += (size_t)n;
       rc = drain(s, r);

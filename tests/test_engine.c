@@ -1,0 +1,581 @@
+/*
+ * test_engine.c — the engine end to end on loopback: servers, clients
+ * and sessions with real sockets, every byte checked.
+ *
+ * The service under test is the length-prefixed echo (4-byte big-endian
+ * length, then the payload; every frame comes back unchanged).  Peers
+ * are plain loom connections that frame by hand, so what the engine
+ * sends is checked against the protocol, not against itself; loom_client
+ * is tested against the same server.
+ */
+#include <stdatomic.h>
+#include <sys/resource.h>
+
+#include "check.h"
+
+/* ---- the echo service ---------------------------------------------- */
+
+static loom_codec lenpfx;
+static atomic_long server_msgs, server_opens, server_closes, server_errors;
+static atomic_int last_error;
+static int64_t handler_sleep; /* ns each on_message sleeps first */
+
+static void echo_message(loom_session *s, const loom_pkg *pkg) {
+  atomic_fetch_add(&server_msgs, 1);
+  if (handler_sleep)
+    loom_sleep(handler_sleep);
+  int rc = pkg->from ? loom_session_write_to(s, pkg->data, pkg->len, pkg->from,
+                                             pkg->fromlen, -1)
+                     : loom_session_write(s, pkg->data, pkg->len, -1);
+  CHECKF(rc == 0 || rc == LOOM_ECLOSED, "write: %s", loom_err_name(rc));
+}
+
+static int echo_open(loom_session *s) {
+  (void)s;
+  atomic_fetch_add(&server_opens, 1);
+  return 0;
+}
+
+static void echo_error(loom_session *s, int err) {
+  (void)s;
+  atomic_store(&last_error, err);
+  atomic_fetch_add(&server_errors, 1);
+}
+
+static void echo_close(loom_session *s) {
+  (void)s;
+  atomic_fetch_add(&server_closes, 1);
+}
+
+static const loom_session_listener echo_listener = {
+    .on_open = echo_open,
+    .on_message = echo_message,
+    .on_error = echo_error,
+    .on_close = echo_close,
+};
+
+static loom_server *start_server(const char *network, const char *addr,
+                                 loom_taskpool *pool, int compress,
+                                 char *bound, size_t boundlen) {
+  loom_codec_lenpfx(&lenpfx, NULL);
+  loom_server_opts o = {
+      .network = network,
+      .addr = addr,
+      .session = {.listener = &echo_listener,
+                  .codec = &lenpfx,
+                  .pool = pool,
+                  .compress = compress},
+  };
+  loom_server *srv;
+  CHECK_OK(loom_server_start(&srv, &o));
+  CHECK_OK(loom_server_addr(srv, bound, boundlen));
+  return srv;
+}
+
+/* ---- a hand-framing peer -------------------------------------------- */
+
+static uint64_t rng_next(uint64_t *s) {
+  *s ^= *s << 13;
+  *s ^= *s >> 7;
+  *s ^= *s << 17;
+  return *s;
+}
+
+static void fill(uint8_t *p, size_t n, uint64_t seed) {
+  for (size_t i = 0; i < n; i++)
+    p[i] = (uint8_t)(rng_next(&seed) >> 24);
+}
+
+static void put_frame(uint8_t *p, const uint8_t *payload, size_t n) {
+  p[0] = (uint8_t)(n >> 24);
+  p[1] = (uint8_t)(n >> 16);
+  p[2] = (uint8_t)(n >> 8);
+  p[3] = (uint8_t)n;
+  memcpy(p + 4, payload, n);
+}
+
+static void read_full(loom_conn *c, void *buf, size_t n) {
+  size_t got = 0;
+  while (got < n) {
+    ssize_t k = loom_read(c, (uint8_t *)buf + got, n - got);
+    CHECKF(k > 0, "read: %s after %zu of %zu bytes",
+           k == 0 ? "EOF" : loom_err_name((int)k), got, n);
+    got += (size_t)k;
+  }
+}
+
+/* Send `frames` frames of random sizes (up to maxlen) in one write each
+ * batch, then read them all back and compare byte for byte. */
+static void framed_roundtrip(loom_conn *c, int frames, size_t maxlen,
+                             uint64_t seed) {
+  size_t cap = (size_t)frames * (maxlen + 4);
+  uint8_t *out = malloc(cap), *back = malloc(cap), *payload = malloc(maxlen);
+  CHECK(out && back && payload);
+  size_t len = 0;
+  for (int i = 0; i < frames; i++) {
+    size_t n = (size_t)(rng_next(&seed) % (maxlen + 1));
+    fill(payload, n, seed + (uint64_t)i);
+    put_frame(out + len, payload, n);
+    len += n + 4;
+  }
+  CHECK_EQ(loom_write(c, out, len), (ssize_t)len);
+  read_full(c, back, len);
+  CHECK(memcmp(out, back, len) == 0);
+  free(out);
+  free(back);
+  free(payload);
+}
+
+/* ---- many sessions, byte-exact -------------------------------------- */
+
+static char srv_addr[128];
+static int nclients;
+static atomic_int clients_done;
+static loom_wg clients_wg;
+
+static void tcp_client(void *arg) {
+  uint64_t seed = (uint64_t)(uintptr_t)arg * 7919 + 1;
+  loom_conn *c;
+  CHECK_OK(loom_dial(&c, "tcp", srv_addr));
+  framed_roundtrip(c, 16, 3000, seed);
+  framed_roundtrip(c, 4, 100, seed + 1);
+  CHECK_OK(loom_close(c));
+  atomic_fetch_add(&clients_done, 1);
+  loom_wg_done(&clients_wg);
+}
+
+static void raise_nofile(void) {
+  struct rlimit rl;
+  CHECK_EQ(getrlimit(RLIMIT_NOFILE, &rl), 0);
+  rl.rlim_cur = rl.rlim_max;
+  CHECK_EQ(setrlimit(RLIMIT_NOFILE, &rl), 0);
+}
+
+static void many_main(void *arg) {
+  (void)arg;
+  loom_server *srv = start_server("tcp", "127.0.0.1:0", NULL, 0, srv_addr,
+                                  sizeof srv_addr);
+  loom_wg_add(&clients_wg, nclients);
+  for (int i = 0; i < nclients; i++)
+    CHECK_OK(loom_go(tcp_client, (void *)(uintptr_t)i));
+  CHECK_OK(loom_wg_wait(&clients_wg, 0));
+  CHECK_OK(loom_server_close(srv, loom_now() + 5000000000));
+  CHECK_EQ(atomic_load(&server_opens), nclients);
+  CHECK_EQ(atomic_load(&server_closes), nclients);
+  CHECK_EQ(atomic_load(&server_errors), 0);
+  CHECK_EQ(atomic_load(&server_msgs), nclients * 20);
+}
+
+TEST(echo_thousands_of_sessions) {
+  raise_nofile();
+  nclients = CHECK_SCALE(2000, 600, 200);
+  check_run(many_main, NULL, 2);
+  CHECK_EQ(atomic_load(&clients_done), nclients);
+}
+
+/* ---- Unix stream and metrics ----------------------------------------- */
+
+static void unix_main(void *arg) {
+  (void)arg;
+  char path[64];
+  snprintf(path, sizeof path, "@loom-engine-test-%d", (int)getpid());
+  loom_server *srv = start_server("unix", path, NULL, 0, srv_addr,
+                                  sizeof srv_addr);
+  loom_conn *c;
+  CHECK_OK(loom_dial(&c, "unix", srv_addr));
+  framed_roundtrip(c, 50, 5000, 42);
+  CHECK_OK(loom_close(c));
+  /* The session ends on the peer's close; metrics then count it. */
+  int64_t give_up = loom_now() + 5000000000;
+  while (atomic_load(&server_closes) < 1 && loom_now() < give_up)
+    loom_sleep(1000000);
+  loom_metrics m;
+  loom_server_metrics(srv, &m);
+  CHECK_EQ(m.sessions_total, 1);
+  CHECK_EQ(m.sessions_open, 0);
+  CHECK_EQ(m.pkgs_in, 50);
+  CHECK_EQ(m.pkgs_out, 50);
+  CHECK_EQ(m.bytes_in, m.bytes_out);
+  CHECK_OK(loom_server_close(srv, 0));
+}
+
+TEST(unix_stream_sessions) { check_run(unix_main, NULL, 2); }
+
+/* ---- loom_client against the server: TCP, UDP, compression ------------ */
+
+static atomic_long client_got, client_bytes;
+
+static void count_reply(loom_session *s, const loom_pkg *pkg) {
+  (void)s;
+  /* Each payload is its own index repeated: check it came back whole. */
+  CHECK_GE(pkg->len, 1);
+  for (size_t i = 1; i < pkg->len; i++)
+    CHECK_EQ(pkg->data[i], pkg->data[0]);
+  atomic_fetch_add(&client_got, 1);
+  atomic_fetch_add(&client_bytes, (long)pkg->len);
+}
+
+static const loom_session_listener client_listener = {
+    .on_message = count_reply,
+};
+
+typedef struct client_case {
+  const char *network, *addr;
+  int compress, conns, msgs;
+  size_t len;
+} client_case;
+
+static void client_main(void *arg) {
+  client_case *cc = arg;
+  loom_server *srv = start_server(cc->network, cc->addr, NULL, cc->compress,
+                                  srv_addr, sizeof srv_addr);
+  loom_client_opts o = {
+      .network = cc->network,
+      .addr = srv_addr,
+      .conns = cc->conns,
+      .session = {.listener = &client_listener,
+                  .codec = &lenpfx,
+                  .compress = cc->compress},
+  };
+  loom_client *cl;
+  CHECK_OK(loom_client_start(&cl, &o));
+  CHECK_OK(loom_client_wait(cl, cc->conns, loom_now() + 5000000000));
+  uint8_t *buf = malloc(cc->len);
+  for (int i = 0; i < cc->msgs; i++) {
+    loom_session *s;
+    CHECK_OK(loom_client_session(cl, &s));
+    memset(buf, 'a' + i % 26, cc->len);
+    CHECK_OK(loom_session_write(s, buf, cc->len, -1));
+    loom_session_unref(s);
+    if (cc->network[0] == 'u' && i % 32 == 31) /* datagrams: pace */
+      while (atomic_load(&client_got) < i - 16)
+        loom_sleep(100000);
+  }
+  free(buf);
+  int64_t give_up = loom_now() + 10000000000;
+  while (atomic_load(&client_got) < cc->msgs && loom_now() < give_up)
+    loom_sleep(1000000);
+  CHECK_EQ(atomic_load(&client_got), cc->msgs);
+  CHECK_EQ(atomic_load(&client_bytes), (long)cc->len * cc->msgs);
+  loom_metrics cm, sm;
+  loom_client_metrics(cl, &cm);
+  loom_server_metrics(srv, &sm);
+  CHECK_EQ(cm.pkgs_out, cc->msgs);
+  CHECK_EQ(cm.pkgs_in, cc->msgs);
+  CHECK_EQ(sm.pkgs_in, cc->msgs);
+  uint64_t payload = (uint64_t)cc->msgs * (cc->len + 4);
+  if (cc->compress) /* repetitive payloads: much smaller on the wire */
+    CHECK_LT(sm.bytes_in * 4, payload);
+  else
+    CHECK_EQ(sm.bytes_in, payload);
+  CHECK_OK(loom_client_close(cl, loom_now() + 5000000000));
+  CHECK_OK(loom_server_close(srv, loom_now() + 5000000000));
+  CHECK_EQ(atomic_load(&server_errors), 0);
+}
+
+TEST(client_tcp_sessions) {
+  client_case cc = {"tcp", "127.0.0.1:0", 0, 4, 2000, 300};
+  check_run(client_main, &cc, 2);
+}
+
+TEST(client_compressed_sessions) {
+  client_case cc = {"tcp", "127.0.0.1:0", 6, 3, 1000, 4000};
+  check_run(client_main, &cc, 2);
+}
+
+TEST(client_udp_sessions) {
+  client_case cc = {"udp", "127.0.0.1:0", 0, 2, 400, 200};
+  check_run(client_main, &cc, 2);
+}
+
+/* ---- task pool: order per session, order per key --------------------- */
+
+/* Each frame carries (key, seq) as two big-endian u32; the handler checks
+ * that per key the sequence only goes up, after a random pause that
+ * would reorder anything not serialised per key. */
+static _Atomic uint32_t key_last[64];
+static atomic_long order_errors;
+
+static void ordered_message(loom_session *s, const loom_pkg *pkg) {
+  CHECK_EQ(pkg->len, 8);
+  uint32_t key = (uint32_t)pkg->data[0] << 24 | (uint32_t)pkg->data[1] << 16 |
+                 (uint32_t)pkg->data[2] << 8 | pkg->data[3];
+  uint32_t seq = (uint32_t)pkg->data[4] << 24 | (uint32_t)pkg->data[5] << 16 |
+                 (uint32_t)pkg->data[6] << 8 | pkg->data[7];
+  CHECK_LT(key, 64);
+  if (seq % 7 == 0)
+    loom_yield();
+  if (seq % 13 == 0)
+    loom_sleep(50000);
+  uint32_t prev = atomic_exchange(&key_last[key], seq);
+  if (seq != prev + 1)
+    atomic_fetch_add(&order_errors, 1);
+  atomic_fetch_add(&server_msgs, 1);
+  CHECK_OK(loom_session_write(s, pkg->data, pkg->len, -1));
+}
+
+static uint64_t key_of(loom_session *s, const loom_pkg *pkg) {
+  (void)s;
+  return pkg->data[3];
+}
+
+static const loom_session_listener ordered_listener = {
+    .on_message = ordered_message,
+};
+
+typedef struct order_case {
+  loom_dispatch dispatch;
+  int sessions, keys_per_session, per_key;
+} order_case;
+
+static order_case ocase;
+
+static void order_client(void *arg) {
+  int idx = (int)(uintptr_t)arg;
+  loom_conn *c;
+  CHECK_OK(loom_dial(&c, "tcp", srv_addr));
+  int keys = ocase.keys_per_session, n = keys * ocase.per_key;
+  uint8_t *out = malloc((size_t)n * 12), *back = malloc((size_t)n * 12);
+  for (int i = 0; i < n; i++) {
+    uint32_t key = (uint32_t)(idx * keys + i % keys);
+    uint32_t seq = (uint32_t)(i / keys + 1);
+    uint8_t p[8] = {(uint8_t)(key >> 24), (uint8_t)(key >> 16),
+                    (uint8_t)(key >> 8), (uint8_t)key,
+                    (uint8_t)(seq >> 24), (uint8_t)(seq >> 16),
+                    (uint8_t)(seq >> 8), (uint8_t)seq};
+    put_frame(out + i * 12, p, 8);
+  }
+  /* In slices, so the server's queues fill and drain under load. */
+  for (int i = 0; i < n; i += 100) {
+    int m = n - i < 100 ? n - i : 100;
+    CHECK_EQ(loom_write(c, out + i * 12, (size_t)m * 12), (ssize_t)m * 12);
+  }
+  read_full(c, back, (size_t)n * 12);
+  if (ocase.dispatch == LOOM_DISPATCH_SESSION)
+    CHECK(memcmp(out, back, (size_t)n * 12) == 0); /* exactly in order */
+  CHECK_OK(loom_close(c));
+  free(out);
+  free(back);
+  loom_wg_done(&clients_wg);
+}
+
+static void order_main(void *arg) {
+  (void)arg;
+  loom_taskpool *pool;
+  loom_taskpool_opts po = {.queues = 4, .queue_len = 16};
+  CHECK_OK(loom_taskpool_make(&pool, &po));
+  loom_codec_lenpfx(&lenpfx, NULL);
+  loom_server_opts o = {
+      .network = "tcp",
+      .addr = "127.0.0.1:0",
+      .session = {.listener = &ordered_listener,
+                  .codec = &lenpfx,
+                  .pool = pool,
+                  .dispatch = ocase.dispatch,
+                  .dispatch_key = key_of},
+  };
+  loom_server *srv;
+  CHECK_OK(loom_server_start(&srv, &o));
+  CHECK_OK(loom_server_addr(srv, srv_addr, sizeof srv_addr));
+  loom_wg_add(&clients_wg, ocase.sessions);
+  for (int i = 0; i < ocase.sessions; i++)
+    CHECK_OK(loom_go(order_client, (void *)(uintptr_t)i));
+  CHECK_OK(loom_wg_wait(&clients_wg, 0));
+  CHECK_OK(loom_server_close(srv, loom_now() + 5000000000));
+  loom_taskpool_close(pool);
+  long want = (long)ocase.sessions * ocase.keys_per_session * ocase.per_key;
+  CHECK_EQ(atomic_load(&server_msgs), want);
+  CHECK_EQ(atomic_load(&order_errors), 0);
+}
+
+TEST(pool_keeps_session_order) {
+  /* One key per session: the session's own sequence. */
+  ocase = (order_case){LOOM_DISPATCH_SESSION, 16, 1,
+                       CHECK_SCALE(2000, 1000, 300)};
+  check_run(order_main, NULL, 2);
+}
+
+TEST(pool_keeps_key_order) {
+  /* Each session interleaves 4 keys; the keys land on different queues. */
+  ocase = (order_case){LOOM_DISPATCH_KEY, 8, 4, CHECK_SCALE(800, 400, 100)};
+  check_run(order_main, NULL, 2);
+}
+
+/* ---- half-close and graceful shutdown ---------------------------------- */
+
+static void half_main(void *arg) {
+  (void)arg;
+  loom_taskpool *pool = NULL;
+  if (arg) {
+    loom_taskpool_opts po = {.queues = 2};
+    CHECK_OK(loom_taskpool_make(&pool, &po));
+  }
+  handler_sleep = 200000; /* replies come well after the peer's EOF */
+  loom_server *srv = start_server("tcp", "127.0.0.1:0", pool, 0, srv_addr,
+                                  sizeof srv_addr);
+  loom_conn *c;
+  CHECK_OK(loom_dial(&c, "tcp", srv_addr));
+  enum { N = 100 };
+  uint8_t out[N * 14], back[N * 14 + 1];
+  for (int i = 0; i < N; i++) {
+    uint8_t p[10];
+    memset(p, i, sizeof p);
+    put_frame(out + i * 14, p, sizeof p);
+  }
+  CHECK_EQ(loom_write(c, out, sizeof out), (ssize_t)sizeof out);
+  CHECK_OK(loom_shutdown(c, SHUT_WR));
+  read_full(c, back, sizeof out);
+  CHECK(memcmp(out, back, sizeof out) == 0);
+  CHECK_EQ(loom_read(c, back, 1), 0); /* then the server closes */
+  CHECK_OK(loom_close(c));
+  int64_t give_up = loom_now() + 5000000000;
+  while (atomic_load(&server_closes) < 1 && loom_now() < give_up)
+    loom_sleep(1000000);
+  CHECK_EQ(atomic_load(&server_msgs), N);
+  CHECK_EQ(atomic_load(&server_errors), 0);
+  CHECK_OK(loom_server_close(srv, 0));
+  if (pool)
+    loom_taskpool_close(pool);
+}
+
+TEST(half_close_delivers_everything) { check_run(half_main, NULL, 2); }
+TEST(half_close_delivers_everything_pooled) {
+  check_run(half_main, (void *)1, 2);
+}
+
+/* Packages the server has received are answered before it closes. */
+static void graceful_main(void *arg) {
+  (void)arg;
+  loom_taskpool *pool;
+  loom_taskpool_opts po = {.queues = 2};
+  CHECK_OK(loom_taskpool_make(&pool, &po));
+  handler_sleep = 2000000; /* 2 ms a package: 50 of them take 100 ms */
+  loom_server *srv = start_server("tcp", "127.0.0.1:0", pool, 0, srv_addr,
+                                  sizeof srv_addr);
+  loom_conn *c;
+  CHECK_OK(loom_dial(&c, "tcp", srv_addr));
+  enum { N = 50 };
+  uint8_t out[N * 8], back[N * 8];
+  for (int i = 0; i < N; i++) {
+    uint8_t p[4] = {1, 2, 3, (uint8_t)i};
+    put_frame(out + i * 8, p, 4);
+  }
+  CHECK_EQ(loom_write(c, out, sizeof out), (ssize_t)sizeof out);
+  /* Wait until the server holds all of them (most still in the pool). */
+  loom_metrics m;
+  int64_t give_up = loom_now() + 5000000000;
+  do {
+    loom_sleep(500000);
+    loom_server_metrics(srv, &m);
+  } while (m.pkgs_in < N && loom_now() < give_up);
+  CHECK_EQ(m.pkgs_in, N);
+  CHECK_OK(loom_server_close(srv, loom_now() + 5000000000));
+  read_full(c, back, sizeof out);
+  CHECK(memcmp(out, back, sizeof out) == 0);
+  CHECK_EQ(loom_read(c, back, 1), 0);
+  CHECK_OK(loom_close(c));
+  CHECK_EQ(atomic_load(&server_errors), 0);
+  CHECK_EQ(atomic_load(&server_closes), 1);
+  loom_taskpool_close(pool);
+}
+
+TEST(graceful_shutdown_answers_inflight) { check_run(graceful_main, NULL, 2); }
+
+/* A close whose deadline passes aborts what is left: -ETIMEDOUT, and
+ * every on_close still runs. */
+static void forced_main(void *arg) {
+  (void)arg;
+  handler_sleep = 300000000; /* 300 ms: longer than the deadline */
+  loom_server *srv = start_server("tcp", "127.0.0.1:0", NULL, 0, srv_addr,
+                                  sizeof srv_addr);
+  loom_conn *c;
+  CHECK_OK(loom_dial(&c, "tcp", srv_addr));
+  uint8_t f[8];
+  put_frame(f, (const uint8_t *)"ping", 4);
+  CHECK_EQ(loom_write(c, f, 8), 8);
+  while (atomic_load(&server_msgs) < 1)
+    loom_sleep(1000000);
+  int64_t t0 = loom_now();
+  CHECK_ERR(loom_server_close(srv, t0 + 20000000), -ETIMEDOUT);
+  CHECK_EQ(atomic_load(&server_closes), 1);
+  CHECK_EQ(atomic_load(&last_error), LOOM_ECLOSED);
+  /* The reply was dropped with the session: the peer sees the end. */
+  uint8_t b[8];
+  CHECK_LE(loom_read(c, b, sizeof b), 0);
+  CHECK_OK(loom_close(c));
+}
+
+TEST(forced_shutdown_at_deadline) { check_run(forced_main, NULL, 2); }
+
+/* ---- reconnection -------------------------------------------------------- */
+
+static atomic_int client_opens, client_closes;
+
+static int cl_open(loom_session *s) {
+  (void)s;
+  atomic_fetch_add(&client_opens, 1);
+  return 0;
+}
+
+static void cl_close(loom_session *s) {
+  (void)s;
+  atomic_fetch_add(&client_closes, 1);
+}
+
+static const loom_session_listener reconnect_listener = {
+    .on_open = cl_open,
+    .on_message = count_reply,
+    .on_close = cl_close,
+};
+
+static void reconnect_main(void *arg) {
+  (void)arg;
+  loom_server *srv = start_server("tcp", "127.0.0.1:0", NULL, 0, srv_addr,
+                                  sizeof srv_addr);
+  loom_client_opts o = {
+      .network = "tcp",
+      .addr = srv_addr,
+      .conns = 3,
+      .reconnect_interval = 10000000,
+      .reconnect_max = 50000000,
+      .session = {.listener = &reconnect_listener, .codec = &lenpfx},
+  };
+  loom_client *cl;
+  CHECK_OK(loom_client_start(&cl, &o));
+  CHECK_OK(loom_client_wait(cl, 3, loom_now() + 5000000000));
+  CHECK_EQ(atomic_load(&client_opens), 3);
+
+  /* The server goes away: the client's sessions end, its dials fail. */
+  CHECK_OK(loom_server_close(srv, loom_now() + 5000000000));
+  int64_t give_up = loom_now() + 5000000000;
+  while (atomic_load(&client_closes) < 3 && loom_now() < give_up)
+    loom_sleep(1000000);
+  CHECK_EQ(atomic_load(&client_closes), 3);
+  loom_session *s;
+  loom_sleep(100000000);
+  loom_metrics m;
+  loom_client_metrics(cl, &m);
+  CHECK_GT(m.errors.accept, 0); /* it kept trying, with back-off */
+  CHECK_LT(m.errors.accept, 30);
+
+  /* Back on the same address: the client reconnects by itself. */
+  srv = start_server("tcp", srv_addr, NULL, 0, srv_addr, sizeof srv_addr);
+  CHECK_OK(loom_client_wait(cl, 3, loom_now() + 5000000000));
+  CHECK_EQ(atomic_load(&client_opens), 6);
+  CHECK_OK(loom_client_session(cl, &s));
+  CHECK_OK(loom_session_write(s, "xxxx", 4, -1));
+  loom_session_unref(s);
+  give_up = loom_now() + 5000000000;
+  while (atomic_load(&client_got) < 1 && loom_now() < give_up)
+    loom_sleep(1000000);
+  CHECK_EQ(atomic_load(&client_got), 1);
+  CHECK_OK(loom_client_close(cl, loom_now() + 5000000000));
+  CHECK_EQ(atomic_load(&client_closes), 6);
+  CHECK_OK(loom_server_close(srv, loom_now() + 5000000000));
+}
+
+TEST(client_reconnects_after_server_restart) {
+  check_run(reconnect_main, NULL, 2);
+}
+
+CHECK_MAIN()
