@@ -43,7 +43,9 @@ typedef struct loom_buf {
 LOOM_API void loom_buf_init(loom_buf *b, size_t chunk);
 
 /* An empty buffer whose first chunk is `mem` (`size` bytes, at least 64,
- * aligned to 8); `mem` must outlive the buffer and is never freed. */
+ * aligned to 8; about 40 of them hold the chunk's header); `mem` must
+ * outlive the buffer and is never freed.  The buffer uses it until it
+ * is reset or consumed past it, then allocates like any other. */
 LOOM_API void loom_buf_init_on(loom_buf *b, void *mem, size_t size);
 
 /* Drop everything queued and free the chunks (not caller storage).  The

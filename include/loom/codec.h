@@ -86,7 +86,9 @@ struct loom_codec {
 typedef struct loom_lenpfx_opts {
   unsigned width;     /* bytes in the length field: 1, 2, 4 or 8 (0: 4) */
   bool little_endian; /* default: big-endian (network order) */
-  int64_t adjust;     /* payload length = field + adjust */
+  int64_t adjust;     /* payload length = field + adjust; a package
+                         shorter than a positive adjust cannot be encoded
+                         (-EINVAL) */
 } loom_lenpfx_opts;
 
 /*
@@ -100,7 +102,8 @@ LOOM_API int loom_codec_lenpfx(loom_codec *c, const loom_lenpfx_opts *o);
 
 /* loom_codec_line — a line codec with delimiter `delim` (usually '\n');
  * strip_cr drops one '\r' before the delimiter when decoding.  Encoding
- * appends the delimiter.  Always 0. */
+ * appends the delimiter; it refuses (-EINVAL) a line holding the
+ * delimiter, or, with strip_cr, ending in '\r'.  Always 0. */
 LOOM_API int loom_codec_line(loom_codec *c, char delim, bool strip_cr);
 
 /* loom_codec_raw — every read is a package (split at max_len); encoding

@@ -5,9 +5,9 @@
  * The length-prefixed decoder rejects an oversized package from its
  * header alone, so a peer cannot make a session buffer max_len bytes of a
  * package that will be refused anyway.  The line decoder looks for the
- * delimiter only in the first max_len + 2 bytes (a line of max_len, an
- * optional '\r', the delimiter), so a peer that never sends one is
- * refused once it has sent that much.
+ * delimiter only in the first max_len + 1 bytes (a line of max_len, the
+ * delimiter; one more for the '\r' with strip_cr), so a peer that never
+ * sends one is refused once it has sent that much.
  */
 #include <errno.h>
 #include <limits.h>
@@ -133,6 +133,10 @@ static int line_encode(const loom_codec *c, const void *data, size_t len,
   if (len > max_len)
     return -EMSGSIZE;
   if (len && memchr(data, (unsigned char)c->u.line.delim, len))
+    return -EINVAL;
+  /* A trailing '\r' would be taken for the CR of a CRLF by the peer's
+   * decoder and lost. */
+  if (len && c->u.line.strip_cr && ((const char *)data)[len - 1] == '\r')
     return -EINVAL;
   uint8_t *p = loom_buf_reserve(out, len + 1);
   if (!p)
