@@ -333,6 +333,15 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     /* Re-encode it: the bytes it came from, give or take a '\r'. */
     size_t before = loom_buf_len(&enc);
     int er = c.encode(&c, pkg.data, pkg.len, s.max_len, &enc);
+    if (s.kind == KIND_LINE && s.strip_cr && pkg.len > 0 &&
+        pkg.data[pkg.len - 1] == '\r') {
+      /* "x\r\r\n" decodes to "x\r", which cannot be encoded: the
+       * peer would take its '\r' for half of a CRLF. */
+      if (er != -EINVAL)
+        FAIL("%s: encoding a line ending in CR: %d", c.name, er);
+      off += n;
+      continue;
+    }
     if (er != 0)
       FAIL("%s: encoding a decoded package of %zu: %d", c.name, pkg.len, er);
     size_t elen = loom_buf_len(&enc) - before;
@@ -363,12 +372,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
       ssize_t r = decode_checked(&c, &s, e + at, total - at, &pkg);
       if (r <= 0)
         FAIL("%s: encoding %d does not decode: %zd", c.name, i, r);
-      /* A line that ended in '\r' before "\r\n"-stripping loses it once
-       * more: with strip_cr an encoded line cannot end in '\r'. */
       size_t want = pkg_len[i];
-      if (s.kind == KIND_LINE && s.strip_cr && want > 0 &&
-          in[pkg_off[i] + want - 1] == '\r')
-        want--;
       if (pkg.len != want || memcmp(pkg.data, in + pkg_off[i], want) != 0)
         FAIL("%s: package %d comes back different", c.name, i);
       at += (size_t)r;
