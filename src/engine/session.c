@@ -89,6 +89,9 @@ struct loom_session {
   loom_cond wcond;           /* writer: bytes queued or wfinal */
   loom_cond wspace;          /* producers: the queue fell to wq_low */
   bool wbusy;                /* the writer is writing queued bytes */
+  bool corked;               /* the reader is dispatching a batch: its own
+                                writes wait in the queue for uncork() */
+  uint64_t reader_g;         /* the reader's loom_id() */
   bool wfinal;               /* no more bytes will come: drain and exit */
   bool wdone;                /* the writer has exited */
   int64_t final_deadline;    /* set with wfinal: now + linger (0: none) */
@@ -328,6 +331,8 @@ static bool writable(loom_session *s) {
  * Called and returns with wmu held.  0: room (or the state changed). */
 static int wait_room(loom_session *s, int64_t timeout) {
   int64_t deadline = timeout > 0 ? loom_now() + timeout : 0;
+  if (!s->wbusy) /* corked bytes fill the queue: the writer takes over */
+    loom_cond_signal(&s->wcond);
   while (loom_buf_len(&s->wq) >= s->o.wq_high && writable(s)) {
     int rc = timeout == 0 ? -EAGAIN
                           : loom_cond_wait(&s->wspace, &s->wmu, deadline);
@@ -345,6 +350,35 @@ static int wait_room(loom_session *s, int64_t timeout) {
   return 0;
 }
 
+/* Send what the socket takes of b's bytes now, without waiting.  An
+ * error (EAGAIN, or one the writer will meet and report) sends nothing.
+ * wmu held, and nobody else writing. */
+static void try_send(loom_session *s, loom_buf *b) {
+  struct iovec iov[64];
+  struct msghdr m = {.msg_iov = iov};
+  m.msg_iovlen = (size_t)loom_buf_peek(b, iov, 64);
+  ssize_t k = sendmsg(s->fd, &m, MSG_DONTWAIT | MSG_NOSIGNAL);
+  if (k > 0) {
+    loom_buf_consume(b, (size_t)k);
+    BUMP(bytes_out, (uint64_t)k);
+    atomic_store_explicit(&s->last_write, loom_now(), memory_order_relaxed);
+  }
+}
+
+/* The reader's batch is dispatched: send what its callbacks queued in
+ * one go, and leave the rest to the writer. */
+static void uncork(loom_session *s) {
+  loom_mutex_lock(&s->wmu);
+  s->corked = false;
+  if (!s->wbusy && loom_buf_len(&s->wq) && !s->zout && writable(s))
+    try_send(s, &s->wq);
+  if (loom_buf_len(&s->wq) == 0)
+    loom_buf_reset(&s->wq);
+  else if (!s->wbusy)
+    loom_cond_signal(&s->wcond);
+  loom_mutex_unlock(&s->wmu);
+}
+
 /* Queue the encoded bytes in `b` (or send them at once).  Takes them. */
 static int queue_bytes(loom_session *s, loom_buf *b, int64_t timeout) {
   int rc = 0;
@@ -355,24 +389,16 @@ static int queue_bytes(loom_session *s, loom_buf *b, int64_t timeout) {
     rc = LOOM_ECLOSED;
   if (rc < 0)
     goto out;
-  if (!s->wbusy && loom_buf_len(&s->wq) == 0 && !s->zout) {
-    struct iovec iov[8];
-    struct msghdr m = {.msg_iov = iov, .msg_iovlen = (size_t)loom_buf_peek(b, iov, 8)};
-    ssize_t k = sendmsg(s->fd, &m, MSG_DONTWAIT | MSG_NOSIGNAL);
-    if (k > 0) {
-      loom_buf_consume(b, (size_t)k);
-      BUMP(bytes_out, (uint64_t)k);
-      atomic_store_explicit(&s->last_write, loom_now(), memory_order_relaxed);
-    }
-    /* EAGAIN, or an error the writer will meet and report: queue. */
-  }
+  bool corked = s->corked && loom_id() == s->reader_g;
+  if (!s->wbusy && loom_buf_len(&s->wq) == 0 && !s->zout && !corked)
+    try_send(s, b);
   BUMP(pkgs_out, 1);
   if (loom_buf_len(b)) {
     if (loom_buf_move(&s->wq, b) < 0) {
       rc = -ENOMEM;
       goto out;
     }
-    if (!s->wbusy)
+    if (!s->wbusy && !corked)
       loom_cond_signal(&s->wcond);
   }
 out:
@@ -582,22 +608,34 @@ typedef struct reader {
 
 /* Decode and dispatch every whole package in r's buffer. */
 static int drain(loom_session *s, reader *r) {
+  bool cork = false;
+  int rc = 0;
   while (r->len > r->off) {
     loom_pkg pkg = {0};
     ssize_t k = s->codec->decode(s->codec, r->buf + r->off, r->len - r->off,
                                  s->o.max_pkg_len, &pkg);
-    if (k == 0)
+    if (k <= 0) {
+      rc = (int)k;
       break;
-    if (k < 0)
-      return (int)k;
+    }
     r->off += (size_t)k;
-    int rc = dispatch(s, &pkg);
-    if (rc < 0)
-      return rc;
-    if (atomic_load(&s->state) != S_OPEN)
-      return 0;
+    /* More than one package in this read (pipelining): replies written
+     * by on_message gather in the queue and leave in one send after the
+     * batch, instead of a send each.  A single package goes out at once
+     * from on_message, as without corking. */
+    if (!cork && !s->o.pool && r->len > r->off) {
+      cork = true;
+      loom_mutex_lock(&s->wmu);
+      s->corked = true;
+      loom_mutex_unlock(&s->wmu);
+    }
+    rc = dispatch(s, &pkg);
+    if (rc < 0 || atomic_load(&s->state) != S_OPEN)
+      break;
   }
-  return 0;
+  if (cork)
+    uncork(s);
+  return rc;
 }
 
 /* Room at the end of r's buffer: compact, grow for a long package, or
@@ -787,6 +825,7 @@ static void reader_main(void *arg) {
   const loom_session_listener *l = s->o.listener;
   reader r = {0};
   int rc = 0;
+  s->reader_g = loom_id();
   if (s->o.compress && !s->packet) {
     rc = loom__zstream_new(&s->zin, 0, s->o.compress);
     if (rc == 0)
