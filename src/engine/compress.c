@@ -1,27 +1,36 @@
 /*
- * compress.c — zlib streams for sessions; see compress.h.
+ * compress.c — the zlib layer (layer.h): what a compressing session's
+ * bytes pass through.
  *
- * zlib's own format (a 2-byte header, then deflate blocks), never
- * finished: each batch ends with Z_SYNC_FLUSH.  A peer's stream that
- * ends (Z_STREAM_END), or that zlib cannot parse, is LOOM_ECOMPRESS: the
- * session closes with that error.  zlib allocates through loom's hook.
+ * A stream, not a message at a time: one deflate stream for the session's
+ * writes and one inflate stream for its reads, for its whole life, so the
+ * window spans packages.  Each writev — the writer's batch — is
+ * compressed and ended with Z_SYNC_FLUSH, so the peer can decode
+ * everything sent so far without waiting for more.  zlib's own format (a
+ * 2-byte header, then deflate blocks), never finished: a peer's stream
+ * that ends (Z_STREAM_END), or that zlib cannot parse, is LOOM_ECOMPRESS
+ * and the session closes with that error.  zlib allocates through loom's
+ * hook.
  */
 #include <errno.h>
 #include <limits.h>
 #include <string.h>
 #include <zlib.h>
 
-#include "engine/compress.h"
+#include "engine/layer.h"
+#include "loom/buf.h"
 #include "loom/error.h"
 #include "runtime/alloc.h"
 
 #define ZIN_BUF 16384
 
-struct loom__zstream {
-  z_stream z;
-  int deflating;
-  uint8_t *in;   /* inflate: compressed bytes read, z.next_in into it */
-};
+typedef struct zlayer {
+  loom__layer l;
+  z_stream in;   /* reader's */
+  z_stream out;  /* writer's */
+  uint8_t *inbuf;  /* compressed bytes read; in.next_in points into it */
+  loom_buf outbuf; /* compressed bytes for below */
+} zlayer;
 
 static voidpf zalloc(voidpf opaque, uInt items, uInt size) {
   (void)opaque;
@@ -33,126 +42,127 @@ static void zfree(voidpf opaque, voidpf p) {
   loom__free(p);
 }
 
-int loom__zstream_new(loom__zstream **out, int deflating, int level) {
-  loom__zstream *z = loom__calloc(1, sizeof *z);
-  if (!z)
-    return -ENOMEM;
-  z->z.zalloc = zalloc;
-  z->z.zfree = zfree;
-  z->deflating = deflating;
-  int rc;
-  if (deflating) {
-    rc = deflateInit(&z->z, level < 0 ? Z_DEFAULT_COMPRESSION : level);
-  } else {
-    z->in = loom__malloc(ZIN_BUF);
-    rc = z->in ? inflateInit(&z->z) : Z_MEM_ERROR;
-  }
-  if (rc != Z_OK) {
-    loom__free(z->in);
-    loom__free(z);
-    return -ENOMEM;
-  }
-  *out = z;
-  return 0;
-}
-
-void loom__zstream_free(loom__zstream *z) {
-  if (!z)
-    return;
-  if (z->deflating)
-    deflateEnd(&z->z);
-  else
-    inflateEnd(&z->z);
-  loom__free(z->in);
-  loom__free(z);
-}
-
-/* Run deflate over the current input with `flush`, output into `out`. */
-static int deflate_into(loom__zstream *z, int flush, loom_buf *out) {
-  do {
-    size_t room = 4096;
-    uint8_t *p = loom_buf_reserve(out, room);
-    if (!p)
-      return -ENOMEM;
-    z->z.next_out = p;
-    z->z.avail_out = (uInt)room;
-    int rc = deflate(&z->z, flush);
-    loom_buf_commit(out, room - z->z.avail_out);
-    if (rc == Z_STREAM_ERROR)
-      return -ENOMEM; /* cannot happen with a valid stream */
-    /* Done when deflate left output room: it has nothing more to say. */
-  } while (z->z.avail_out == 0 || z->z.avail_in > 0);
-  return 0;
-}
-
-int loom__zstream_deflate(loom__zstream *z, const struct iovec *iov, int n,
-                          loom_buf *out) {
-  for (int i = 0; i < n; i++) {
-    const uint8_t *p = iov[i].iov_base;
-    size_t left = iov[i].iov_len;
-    while (left) {
-      uInt chunk = left > UINT_MAX ? UINT_MAX : (uInt)left;
-      z->z.next_in = (Bytef *)(uintptr_t)p;
-      z->z.avail_in = chunk;
-      int rc = deflate_into(z, Z_NO_FLUSH, out);
-      if (rc < 0)
-        return rc;
-      p += chunk;
-      left -= chunk;
-    }
-  }
-  z->z.next_in = NULL;
-  z->z.avail_in = 0;
-  return deflate_into(z, Z_SYNC_FLUSH, out);
-}
-
-/* Inflate what is buffered into out[0..len): the count (0: needs input),
- * or LOOM_ECOMPRESS. */
-static ssize_t inflate_some(loom__zstream *z, void *out, size_t len) {
+/* Inflate what is buffered into out[0..len): the count (0: needs more
+ * input), or LOOM_ECOMPRESS. */
+static ssize_t inflate_some(zlayer *z, void *out, size_t len) {
   uInt room = len > UINT_MAX ? UINT_MAX : (uInt)len;
-  z->z.next_out = out;
-  z->z.avail_out = room;
-  int rc = inflate(&z->z, Z_SYNC_FLUSH);
-  ssize_t got = (ssize_t)(room - z->z.avail_out);
-  if (rc == Z_OK || (rc == Z_BUF_ERROR && z->z.avail_in == 0) ||
-      (rc == Z_BUF_ERROR && got > 0))
+  z->in.next_out = out;
+  z->in.avail_out = room;
+  int rc = inflate(&z->in, Z_SYNC_FLUSH);
+  ssize_t got = (ssize_t)(room - z->in.avail_out);
+  /* Z_BUF_ERROR: no progress was possible — input ran out. */
+  if (rc == Z_OK || rc == Z_BUF_ERROR)
     return got;
   return LOOM_ECOMPRESS; /* Z_DATA_ERROR, Z_NEED_DICT, Z_STREAM_END, ... */
 }
 
-ssize_t loom__zstream_read(loom__zstream *z, loom_conn *c, void *buf,
-                           size_t len, size_t *wire) {
+static ssize_t zread(loom__layer *l, void *buf, size_t len) {
+  zlayer *z = (zlayer *)l;
   for (;;) {
     ssize_t got = inflate_some(z, buf, len);
     if (got != 0)
       return got;
     /* Nothing more from what is buffered: read compressed bytes after
      * any zlib has not taken yet. */
-    size_t keep = z->z.avail_in;
+    size_t keep = z->in.avail_in;
     if (keep)
-      memmove(z->in, z->z.next_in, keep);
+      memmove(z->inbuf, z->in.next_in, keep);
     if (keep == ZIN_BUF)
       return LOOM_ECOMPRESS; /* a full buffer and no progress */
-    ssize_t n = loom_read(c, z->in + keep, ZIN_BUF - keep);
+    ssize_t n = l->below->ops->read(l->below, z->inbuf + keep, ZIN_BUF - keep);
     if (n <= 0)
       return n;
-    *wire += (size_t)n;
-    z->z.next_in = z->in;
-    z->z.avail_in = (uInt)(keep + (size_t)n);
+    z->in.next_in = z->inbuf;
+    z->in.avail_in = (uInt)(keep + (size_t)n);
   }
 }
 
-ssize_t loom__zstream_inflate_mem(loom__zstream *z, const void *in,
-                                  size_t inlen, void *out, size_t outlen) {
-  z->z.next_in = (Bytef *)(uintptr_t)in;
-  z->z.avail_in = inlen > UINT_MAX ? UINT_MAX : (uInt)inlen;
+/* Run deflate over the current input with `flush`, output to outbuf. */
+static int deflate_into(zlayer *z, int flush) {
+  do {
+    size_t room = 4096;
+    uint8_t *p = loom_buf_reserve(&z->outbuf, room);
+    if (!p)
+      return -ENOMEM;
+    z->out.next_out = p;
+    z->out.avail_out = (uInt)room;
+    deflate(&z->out, flush); /* cannot fail on a valid stream */
+    loom_buf_commit(&z->outbuf, room - z->out.avail_out);
+    /* Done when deflate left output room: it has nothing more to say. */
+  } while (z->out.avail_out == 0 || z->out.avail_in > 0);
+  return 0;
+}
+
+static ssize_t zwritev(loom__layer *l, const struct iovec *iov, int n) {
+  zlayer *z = (zlayer *)l;
   size_t total = 0;
-  for (;;) {
-    ssize_t got = inflate_some(z, (uint8_t *)out + total, outlen - total);
-    if (got < 0)
-      return got;
-    total += (size_t)got;
-    if (got == 0 || total == outlen)
-      return (ssize_t)total;
+  int rc = 0;
+  for (int i = 0; i < n && rc == 0; i++) {
+    const uint8_t *p = iov[i].iov_base;
+    size_t left = iov[i].iov_len;
+    total += left;
+    while (left && rc == 0) {
+      uInt chunk = left > UINT_MAX ? UINT_MAX : (uInt)left;
+      z->out.next_in = (Bytef *)(uintptr_t)p;
+      z->out.avail_in = chunk;
+      rc = deflate_into(z, Z_NO_FLUSH);
+      p += chunk;
+      left -= chunk;
+    }
   }
+  z->out.next_in = NULL;
+  z->out.avail_in = 0;
+  if (rc == 0)
+    rc = deflate_into(z, Z_SYNC_FLUSH);
+  while (rc == 0 && loom_buf_len(&z->outbuf)) {
+    struct iovec zv[64];
+    int zn = loom_buf_peek(&z->outbuf, zv, 64);
+    ssize_t k = l->below->ops->writev(l->below, zv, zn);
+    if (k < 0)
+      rc = (int)k;
+    else
+      loom_buf_consume(&z->outbuf, (size_t)k);
+  }
+  /* After a failure the stream is broken (the peer missed bytes); the
+   * session is closing, and what is left is dropped. */
+  if (rc < 0)
+    loom_buf_reset(&z->outbuf);
+  else if (loom_buf_len(&z->outbuf) == 0)
+    loom_buf_reset(&z->outbuf); /* an idle session holds no buffer */
+  return rc < 0 ? rc : (ssize_t)total;
+}
+
+static void zlayer_free(loom__layer *l) {
+  zlayer *z = (zlayer *)l;
+  inflateEnd(&z->in);
+  deflateEnd(&z->out);
+  loom_buf_reset(&z->outbuf);
+  loom__free(z->inbuf);
+  loom__free(z);
+}
+
+static const loom__layer_ops zlib_ops = {"zlib", zread, zwritev, zlayer_free};
+
+int loom__zlib_layer_new(loom__layer **out, loom__layer *below, int level) {
+  zlayer *z = loom__calloc(1, sizeof *z);
+  if (!z)
+    return -ENOMEM;
+  z->in.zalloc = z->out.zalloc = zalloc;
+  z->in.zfree = z->out.zfree = zfree;
+  z->inbuf = loom__malloc(ZIN_BUF);
+  if (!z->inbuf || inflateInit(&z->in) != Z_OK)
+    goto fail_in;
+  if (deflateInit(&z->out, level < 0 ? Z_DEFAULT_COMPRESSION : level) != Z_OK)
+    goto fail_out;
+  loom_buf_init(&z->outbuf, 0);
+  z->l.ops = &zlib_ops;
+  z->l.below = below;
+  *out = &z->l;
+  return 0;
+fail_out:
+  inflateEnd(&z->in);
+fail_in:
+  loom__free(z->inbuf);
+  loom__free(z);
+  return -ENOMEM;
 }

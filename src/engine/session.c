@@ -6,18 +6,27 @@
  * dispatch, cron; it owns the session's life and runs every callback but
  * pooled on_message) and the writer (drains the write queue).  A packet
  * session runs only the reader; its writes go out from the caller.
+ * Stream bytes pass through the session's layer stack (layer.h): the
+ * socket, and zlib above it when the session compresses.
  *
  * The write queue (wmu protects it and the w* flags).  Producers encode
  * a package into a small buffer on their own stack, outside the lock.
- * Under the lock, if the queue is empty and the writer is not writing,
- * they try the socket at once (a non-blocking sendmsg): a reply in a
- * request/response protocol then costs no wake-up of the writer.  What
- * the socket does not take goes into the queue (a loom_buf) and the
+ * Under the lock, if the queue is empty, the writer is not writing and
+ * the stack is the bare socket, they try the socket at once (a
+ * non-blocking sendmsg): a reply in a request/response protocol then
+ * costs no wake-up of the writer.  (A transform such as zlib must see
+ * every byte through its writev, so then the writer does all writing.)
+ * What the socket does not take goes into the queue (a loom_buf) and the
  * writer is signalled.  The writer peeks at the queue's chunks under the
  * lock, writes them with the lock released (wbusy tells producers not to
  * write around it, keeping the order), and consumes them under the lock
  * again.  Producers wait on `wspace` while the queue holds wq_high bytes
  * or more; the writer broadcasts it when it falls to wq_low.
+ *
+ * Corking.  When one read brings several packages (a pipelining peer),
+ * the reader marks the queue corked while it dispatches them: replies
+ * its own on_message writes gather in the queue, and one send after the
+ * batch takes them all (uncork), instead of one send per package.
  *
  * States (`state`, seq_cst):
  *   OPEN     — reading; writes accepted.
@@ -43,12 +52,13 @@
  */
 #include <errno.h>
 #include <limits.h>
+#include <stddef.h>
 #include <stdio.h>
 #include <string.h>
 #include <sys/socket.h>
 
-#include "engine/compress.h"
 #include "engine/engine.h"
+#include "engine/layer.h"
 #include "loom/runtime.h"
 #include "runtime/alloc.h"
 #include "runtime/runtime.h"
@@ -99,7 +109,8 @@ struct loom_session {
 
   loom_wg pooled;            /* packages handed to the pool, not yet done */
   uint64_t rr;               /* round-robin dispatch counter */
-  loom__zstream *zin, *zout; /* compression, or NULL */
+  loom__layer sock;          /* the bottom layer: conn, counting bytes */
+  loom__layer *top;          /* what reader and writer use (layer.h) */
 
   /* Statistics: one writer each (relaxed). */
   _Atomic uint64_t bytes_in, bytes_out, pkgs_in, pkgs_out;
@@ -144,8 +155,11 @@ loom_session *loom_session_ref(loom_session *s) {
 
 static void session_free(loom_session *s) {
   loom_buf_reset(&s->wq);
-  loom__zstream_free(s->zin);
-  loom__zstream_free(s->zout);
+  while (s->top && s->top != &s->sock) {
+    loom__layer *below = s->top->below;
+    s->top->ops->free(s->top);
+    s->top = below;
+  }
   loom__free(atomic_load(&s->name));
   loom__free(s->attrs);
   loom__free(s);
@@ -370,7 +384,7 @@ static void try_send(loom_session *s, loom_buf *b) {
 static void uncork(loom_session *s) {
   loom_mutex_lock(&s->wmu);
   s->corked = false;
-  if (!s->wbusy && loom_buf_len(&s->wq) && !s->zout && writable(s))
+  if (!s->wbusy && loom_buf_len(&s->wq) && s->top == &s->sock && writable(s))
     try_send(s, &s->wq);
   if (loom_buf_len(&s->wq) == 0)
     loom_buf_reset(&s->wq);
@@ -390,7 +404,8 @@ static int queue_bytes(loom_session *s, loom_buf *b, int64_t timeout) {
   if (rc < 0)
     goto out;
   bool corked = s->corked && loom_id() == s->reader_g;
-  if (!s->wbusy && loom_buf_len(&s->wq) == 0 && !s->zout && !corked)
+  if (!s->wbusy && loom_buf_len(&s->wq) == 0 && s->top == &s->sock &&
+      !corked)
     try_send(s, b);
   BUMP(pkgs_out, 1);
   if (loom_buf_len(b)) {
@@ -464,31 +479,30 @@ int loom_session_write_to(loom_session *s, const void *data, size_t len,
   return write_common(s, data, len, to, tolen, timeout);
 }
 
-/* Write iov fully (compressing first if the session compresses). */
-static ssize_t sock_writev(loom_session *s, struct iovec *iov, int n,
-                           loom_buf *zbuf) {
-  if (!s->zout)
-    return loom_writev(s->conn, iov, n);
-  int rc = loom__zstream_deflate(s->zout, iov, n, zbuf);
-  if (rc < 0)
-    return rc;
-  struct iovec ziov[64];
-  ssize_t total = 0;
-  while (loom_buf_len(zbuf)) {
-    int zn = loom_buf_peek(zbuf, ziov, 64);
-    ssize_t k = loom_writev(s->conn, ziov, zn);
-    if (k < 0)
-      return k;
-    loom_buf_consume(zbuf, (size_t)k);
-    total += k;
-  }
-  return total;
+/* The socket layer: the bottom of every stream session's stack. */
+static ssize_t sock_read(loom__layer *l, void *buf, size_t len) {
+  loom_session *s = (loom_session *)((char *)l - offsetof(loom_session, sock));
+  ssize_t n = loom_read(s->conn, buf, len);
+  if (n > 0)
+    BUMP(bytes_in, (uint64_t)n);
+  return n;
 }
+
+static ssize_t sock_writev(loom__layer *l, const struct iovec *iov, int n) {
+  loom_session *s = (loom_session *)((char *)l - offsetof(loom_session, sock));
+  ssize_t k = loom_writev(s->conn, iov, n);
+  if (k > 0) {
+    BUMP(bytes_out, (uint64_t)k);
+    atomic_store_explicit(&s->last_write, loom_now(), memory_order_relaxed);
+  }
+  return k;
+}
+
+static const loom__layer_ops sock_ops = {"socket", sock_read, sock_writev,
+                                         NULL};
 
 static void writer_main(void *arg) {
   loom_session *s = arg;
-  loom_buf zbuf;
-  loom_buf_init(&zbuf, 0);
   int64_t wd = 0; /* the write deadline now set */
   loom_mutex_lock(&s->wmu);
   for (;;) {
@@ -521,7 +535,7 @@ static void writer_main(void *arg) {
      * change, so either this sees ABORTED or the write sees the past. */
     ssize_t k = atomic_load(&s->state) == S_ABORTED
                     ? LOOM_ECLOSED
-                    : sock_writev(s, iov, n, &zbuf);
+                    : s->top->ops->writev(s->top, iov, n);
 
     loom_mutex_lock(&s->wmu);
     s->wbusy = false;
@@ -531,8 +545,6 @@ static void writer_main(void *arg) {
       loom_mutex_lock(&s->wmu);
       break;
     }
-    BUMP(bytes_out, (uint64_t)(s->zout ? (size_t)k : total));
-    atomic_store_explicit(&s->last_write, loom_now(), memory_order_relaxed);
     loom_buf_consume(&s->wq, total);
     if (loom_buf_len(&s->wq) <= s->o.wq_low)
       loom_cond_broadcast(&s->wspace);
@@ -541,7 +553,6 @@ static void writer_main(void *arg) {
   s->wdone = true;
   loom_cond_broadcast(&s->wspace);
   loom_mutex_unlock(&s->wmu);
-  loom_buf_reset(&zbuf);
   loom_sema_release(&s->writer_exit);
 }
 
@@ -675,20 +686,6 @@ static int make_room(loom_session *s, reader *r) {
   return 0;
 }
 
-/* Read for the decoder; counts the bytes that came off the wire. */
-static ssize_t sock_read(loom_session *s, void *buf, size_t len) {
-  if (s->zin) {
-    size_t wire = 0;
-    ssize_t n = loom__zstream_read(s->zin, s->conn, buf, len, &wire);
-    BUMP(bytes_in, wire);
-    return n;
-  }
-  ssize_t n = loom_read(s->conn, buf, len);
-  if (n > 0)
-    BUMP(bytes_in, (uint64_t)n);
-  return n;
-}
-
 /* Set the read deadline to the earliest of cron and idle check. */
 static void arm(loom_session *s, reader *r) {
   int64_t d = r->next_cron;
@@ -731,7 +728,7 @@ static int read_stream(loom_session *s, reader *r) {
     int rc = make_room(s, r);
     if (rc < 0)
       return rc;
-    ssize_t n = sock_read(s, r->buf + r->len, r->cap - r->len);
+    ssize_t n = s->top->ops->read(s->top, r->buf + r->len, r->cap - r->len);
     if (n > 0) {
       atomic_store_explicit(&s->last_read, loom_now(), memory_order_relaxed);
       r->len += (size_t)n;
@@ -826,11 +823,8 @@ static void reader_main(void *arg) {
   reader r = {0};
   int rc = 0;
   s->reader_g = loom_id();
-  if (s->o.compress && !s->packet) {
-    rc = loom__zstream_new(&s->zin, 0, s->o.compress);
-    if (rc == 0)
-      rc = loom__zstream_new(&s->zout, 1, s->o.compress);
-  }
+  if (s->o.compress && !s->packet)
+    rc = loom__zlib_layer_new(&s->top, &s->sock, s->o.compress);
   if (rc == 0 && !s->packet && loom_go(writer_main, s) < 0)
     rc = -ENOMEM;
   bool writer = rc == 0 && !s->packet;
@@ -920,6 +914,8 @@ int loom__session_start(loom__owner *owner, const loom_session_opts *o,
   }
   s->conn = conn;
   s->pc = pc;
+  s->sock.ops = &sock_ops;
+  s->top = &s->sock;
   s->packet = pc != NULL;
   s->connected = conn != NULL || connected;
   s->fd = conn ? loom_conn_fd(conn) : loom_pconn_fd(pc);
