@@ -282,7 +282,16 @@ TEST(fd_wait_cancelled) { check_run(fdw_main, NULL, 2); }
 static loom_mutex cmu2 = LOOM_MUTEX_INIT;
 static loom_sema csem = LOOM_SEMA_INIT(0);
 static loom_wg cwg2 = LOOM_WG_INIT;
-static atomic_int r_mu = 1, r_sem = 1, r_wg = 1;
+static loom_mutex cvmu = LOOM_MUTEX_INIT;
+static loom_cond cv = LOOM_COND_INIT;
+static atomic_int r_mu = 1, r_sem = 1, r_wg = 1, r_cv = 1;
+static void cv_waiter(void *c) {
+  loom_mutex_lock(&cvmu);
+  int r = loom_cond_wait_ctx(&cv, &cvmu, c);
+  CHECK_ERR(loom_mutex_trylock(&cvmu), -EBUSY); /* returned holding it */
+  loom_mutex_unlock(&cvmu);
+  atomic_store(&r_cv, r);
+}
 static void mu_waiter(void *c) { atomic_store(&r_mu, loom_mutex_lock_ctx(&cmu2, c)); }
 static void sem_waiter(void *c) { atomic_store(&r_sem, loom_sema_acquire_ctx(&csem, c)); }
 static void wg_waiter(void *c) { atomic_store(&r_wg, loom_wg_wait_ctx(&cwg2, c)); }
@@ -295,12 +304,16 @@ static void syncctx_main(void *arg) {
   CHECK_OK(loom_go(mu_waiter, c));
   CHECK_OK(loom_go(sem_waiter, c));
   CHECK_OK(loom_go(wg_waiter, c));
+  CHECK_OK(loom_go(cv_waiter, c));
   loom_sleep(20 * CHECK_MS);
-  CHECK_EQ(atomic_load(&r_mu) + atomic_load(&r_sem) + atomic_load(&r_wg), 3);
+  CHECK_EQ(atomic_load(&r_mu) + atomic_load(&r_sem) + atomic_load(&r_wg) +
+               atomic_load(&r_cv),
+           4);
   loom_ctx_cancel(c);
   while (atomic_load(&r_mu) == 1 || atomic_load(&r_sem) == 1 ||
-         atomic_load(&r_wg) == 1)
+         atomic_load(&r_wg) == 1 || atomic_load(&r_cv) == 1)
     loom_sleep(CHECK_MS);
+  CHECK_EQ(atomic_load(&r_cv), -ECANCELED);
   CHECK_EQ(atomic_load(&r_mu), -ECANCELED);
   CHECK_EQ(atomic_load(&r_sem), -ECANCELED);
   CHECK_EQ(atomic_load(&r_wg), -ECANCELED);
@@ -313,6 +326,9 @@ static void syncctx_main(void *arg) {
   CHECK_OK(loom_wg_done(&cwg2));
   CHECK_OK(loom_wg_wait_ctx(&cwg2, loom_ctx_background()));
   CHECK_ERR(loom_mutex_lock_ctx(&cmu2, c), -ECANCELED); /* cancelled: at once */
+  loom_mutex_lock(&cvmu);
+  CHECK_ERR(loom_cond_wait_ctx(&cv, &cvmu, c), -ECANCELED);
+  loom_mutex_unlock(&cvmu);
   loom_ctx_release(c);
 }
 TEST(sync_waits_cancelled) { check_run(syncctx_main, NULL, 2); }

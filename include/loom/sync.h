@@ -127,6 +127,9 @@ typedef struct loom_cond {
 } loom_cond;
 #define LOOM_COND_INIT {{0, {0, 0}}}
 LOOM_API int loom_cond_wait(loom_cond *c, loom_mutex *mu, int64_t deadline);
+/* Bounded by a context: 0, or loom_ctx_err(ctx) (at once if ctx is done
+ * already); mu is held on return either way. */
+LOOM_API int loom_cond_wait_ctx(loom_cond *c, loom_mutex *mu, loom_ctx *ctx);
 LOOM_API void loom_cond_signal(loom_cond *c);
 LOOM_API void loom_cond_broadcast(loom_cond *c);
 

@@ -144,25 +144,37 @@ int loom_wg_wait_ctx(loom_wg *wg, loom_ctx *ctx) { return wg_wait(wg, 0, ctx); }
 
 /* ---- condition variable ----------------------------------------------------- */
 
-int loom_cond_wait(loom_cond *c, loom_mutex *mu, int64_t deadline) {
+static int cond_wait(loom_cond *c, loom_mutex *mu, int64_t deadline,
+                     loom_ctx *ctx) {
+  int e = loom_ctx_err(ctx);
+  if (e != 0)
+    return e; /* mu still held, as on every return */
   loom__spin_lock(&c->q_.lock_);
   /* Unlock mu only once we are queued, so a signal sent right after
    * cannot be missed; mu's unlock never parks. */
   loom__waiter w;
-  loom__waiter_init(&w, deadline == 0);
+  loom__waiter_init(&w, deadline == 0 && ctx == NULL);
   loom__wnode n = {.w = &w};
   loom__waitq_push(&c->q_.q_, &n);
   loom_mutex_unlock(mu);
-  loom__waiter_wait(&w, release_lk, &c->q_.lock_, deadline);
+  loom__waiter_wait_ctx(&w, release_lk, &c->q_.lock_, deadline, ctx);
   int r = 0;
   if (w.fired < 0) {
     loom__spin_lock(&c->q_.lock_);
     loom__waitq_unlink(&c->q_.q_, &n);
     loom__spin_unlock(&c->q_.lock_);
-    r = -ETIMEDOUT;
+    r = w.fired == LOOM__FIRED_CANCEL ? loom_ctx_err(ctx) : -ETIMEDOUT;
   }
   loom_mutex_lock(mu);
   return r;
+}
+
+int loom_cond_wait(loom_cond *c, loom_mutex *mu, int64_t deadline) {
+  return cond_wait(c, mu, deadline, NULL);
+}
+
+int loom_cond_wait_ctx(loom_cond *c, loom_mutex *mu, loom_ctx *ctx) {
+  return cond_wait(c, mu, 0, ctx);
 }
 
 void loom_cond_signal(loom_cond *c) {
