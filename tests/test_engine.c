@@ -578,4 +578,58 @@ TEST(client_reconnects_after_server_restart) {
   check_run(reconnect_main, NULL, 2);
 }
 
+/* ---- a reference held past on_close ------------------------------------- */
+
+static loom_session *kept;
+static atomic_int kept_closed;
+
+static int keep_open(loom_session *s) {
+  kept = loom_session_ref(s);
+  return 0;
+}
+
+static void keep_close(loom_session *s) {
+  char a[128];
+  CHECK_OK(loom_session_remote_addr(s, a, sizeof a)); /* still open here */
+  atomic_store(&kept_closed, 1);
+}
+
+static const loom_session_listener keep_listener = {
+    .on_open = keep_open,
+    .on_message = echo_message,
+    .on_close = keep_close,
+};
+
+static void kept_main(void *arg) {
+  (void)arg;
+  loom_codec_lenpfx(&lenpfx, NULL);
+  loom_server_opts o = {
+      .network = "tcp",
+      .addr = "127.0.0.1:0",
+      .session = {.listener = &keep_listener, .codec = &lenpfx},
+  };
+  loom_server *srv;
+  CHECK_OK(loom_server_start(&srv, &o));
+  CHECK_OK(loom_server_addr(srv, srv_addr, sizeof srv_addr));
+  loom_conn *c;
+  CHECK_OK(loom_dial(&c, "tcp", srv_addr));
+  framed_roundtrip(c, 3, 10, 5);
+  CHECK_OK(loom_close(c));
+  while (!atomic_load(&kept_closed))
+    loom_sleep(1000000);
+  CHECK_OK(loom_server_close(srv, 0));
+  /* The session is gone from the server, its socket closed and freed;
+   * the struct lives on for the reference, and every call is safe. */
+  CHECK(loom_session_closed(kept));
+  char a[128];
+  CHECK_ERR(loom_session_remote_addr(kept, a, sizeof a), LOOM_ECLOSED);
+  CHECK_ERR(loom_session_write(kept, "x", 1, 0), LOOM_ECLOSED);
+  loom_session_abort(kept, -EIO);
+  loom_session_close(kept);
+  CHECK_GT(loom_session_id(kept), 0);
+  loom_session_unref(kept);
+}
+
+TEST(reference_outlives_the_session) { check_run(kept_main, NULL, 2); }
+
 CHECK_MAIN()

@@ -84,7 +84,8 @@ typedef struct loom_session_listener {
   void (*on_cron)(loom_session *s);
   /* The session is closing because of `err` (then on_close follows). */
   void (*on_error)(loom_session *s, int err);
-  /* The session is closed; exactly once, last. */
+  /* The session is closed; exactly once, last.  Its socket closes right
+   * after this returns (so its addresses can still be read here). */
   void (*on_close)(loom_session *s);
 } loom_session_listener;
 
@@ -162,7 +163,8 @@ LOOM_API void loom_session_unref(loom_session *s);
 
 /* A number unique among this process's sessions. Any thread. */
 LOOM_API uint64_t loom_session_id(loom_session *s);
-/* The name ("tcp 127.0.0.1:7000<-127.0.0.1:51234" until set). */
+/* The name ("tcp 127.0.0.1:7000<-127.0.0.1:51234" until set; made on
+ * first use, so ask before on_close returns to see the addresses). */
 LOOM_API const char *loom_session_name(loom_session *s);
 /* Copies `name`; -ENOMEM.  Not safe against a concurrent name read. */
 LOOM_API int loom_session_set_name(loom_session *s, const char *name);
@@ -175,6 +177,8 @@ LOOM_API int loom_session_set_attr(loom_session *s, const void *key,
                                    void *value);
 LOOM_API void *loom_session_attr(loom_session *s, const void *key);
 
+/* The socket's addresses as "host:port" (or a path): 0, -ENOSPC, or
+ * LOOM_ECLOSED once the socket is closed (after on_close). */
 LOOM_API int loom_session_remote_addr(loom_session *s, char *buf, size_t len);
 LOOM_API int loom_session_local_addr(loom_session *s, char *buf, size_t len);
 

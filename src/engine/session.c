@@ -104,6 +104,8 @@ struct loom_session {
   uint64_t reader_g;         /* the reader's loom_id() */
   bool wfinal;               /* no more bytes will come: drain and exit */
   bool wdone;                /* the writer has exited */
+  bool io_closed;            /* the socket is closed (or closing): calls
+                                from outside must not touch it */
   int64_t final_deadline;    /* set with wfinal: now + linger (0: none) */
   loom_sema writer_exit;     /* released by the writer as it exits */
 
@@ -176,13 +178,17 @@ bool loom_session_closed(loom_session *s) {
 
 /* Wake the reader out of a read, and the writer out of a write. */
 static void wake_io(loom_session *s, bool writer_too) {
-  if (s->conn) {
-    loom_set_read_deadline(s->conn, 1);
-    if (writer_too)
-      loom_set_write_deadline(s->conn, 1);
-  } else {
-    loom_pconn_set_read_deadline(s->pc, 1);
+  loom_mutex_lock(&s->wmu);
+  if (!s->io_closed) {
+    if (s->conn) {
+      loom_set_read_deadline(s->conn, 1);
+      if (writer_too)
+        loom_set_write_deadline(s->conn, 1);
+    } else {
+      loom_pconn_set_read_deadline(s->pc, 1);
+    }
   }
+  loom_mutex_unlock(&s->wmu);
 }
 
 void loom_session_close(loom_session *s) {
@@ -216,16 +222,27 @@ uint64_t loom_session_id(loom_session *s) { return s->id; }
 void *loom_session_user(loom_session *s) { return s->user; }
 void loom_session_set_user(loom_session *s, void *user) { s->user = user; }
 
+/* The socket's addresses, while it is open (wmu keeps the reader from
+ * closing it meanwhile). */
+static int sock_addr(loom_session *s, bool remote, char *buf, size_t len) {
+  int rc = LOOM_ECLOSED;
+  loom_mutex_lock(&s->wmu);
+  if (!s->io_closed && s->conn)
+    rc = remote ? loom_conn_remote_addr(s->conn, buf, len)
+                : loom_conn_local_addr(s->conn, buf, len);
+  else if (!s->io_closed)
+    rc = remote ? loom_pconn_remote_addr(s->pc, buf, len)
+                : loom_pconn_local_addr(s->pc, buf, len);
+  loom_mutex_unlock(&s->wmu);
+  return rc;
+}
+
 int loom_session_remote_addr(loom_session *s, char *buf, size_t len) {
-  if (s->conn)
-    return loom_conn_remote_addr(s->conn, buf, len);
-  return loom_pconn_remote_addr(s->pc, buf, len);
+  return sock_addr(s, true, buf, len);
 }
 
 int loom_session_local_addr(loom_session *s, char *buf, size_t len) {
-  if (s->conn)
-    return loom_conn_local_addr(s->conn, buf, len);
-  return loom_pconn_local_addr(s->pc, buf, len);
+  return sock_addr(s, false, buf, len);
 }
 
 static char *dup_str(const char *src) {
@@ -877,11 +894,6 @@ end:
     loom_mutex_unlock(&s->wmu);
     loom_sema_acquire(&s->writer_exit, 0);
   }
-  if (s->conn) {
-    loom_close(s->conn);
-  } else {
-    loom_pconn_close(s->pc);
-  }
   loom__free(r.buf);
   int err = atomic_load(&s->err);
   if (err < 0 && s->opened) {
@@ -889,8 +901,17 @@ end:
     if (l->on_error)
       l->on_error(s, err);
   }
+  /* on_close still sees the socket's addresses; then it closes, and
+   * calls from those who keep a reference no longer reach it. */
   if (l->on_close)
     l->on_close(s);
+  loom_mutex_lock(&s->wmu);
+  s->io_closed = true;
+  loom_mutex_unlock(&s->wmu);
+  if (s->conn)
+    loom_close(s->conn);
+  else
+    loom_pconn_close(s->pc);
   owner_remove(s);
   loom_session_unref(s);
 }
