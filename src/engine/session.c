@@ -632,6 +632,8 @@ typedef struct reader {
   int64_t deadline;     /* the read deadline now set (0: none) */
   int64_t next_cron;    /* 0: no cron */
   int64_t idle_check;   /* when to look at last_read again; 0: never */
+  size_t last;          /* bytes the last read brought */
+  bool filled;          /* ... and they filled all the room offered */
 } reader;
 
 /* Decode and dispatch every whole package in r's buffer. */
@@ -666,19 +668,45 @@ static int drain(loom_session *s, reader *r) {
   return rc;
 }
 
-/* Room at the end of r's buffer: compact, grow for a long package, or
- * shrink back after one. */
+/* How far the read buffer grows for throughput (a long package may take
+ * it further, up to max_pkg_len). */
+#define READ_BURST ((size_t)65536)
+
+static int resize(reader *r, size_t cap) {
+  uint8_t *nb = loom__realloc(r->buf, cap);
+  if (!nb)
+    return -ENOMEM;
+  r->buf = nb;
+  r->cap = cap;
+  return 0;
+}
+
+/*
+ * Room at the end of r's buffer.  The buffer adapts to the traffic: a
+ * read that filled all the room offered doubles it (up to READ_BURST),
+ * so a pipelining peer is read in large gulps and its replies leave
+ * corked, a few syscalls per many packages; once the buffer is empty
+ * after a small read it goes back to read_buf, so a quiet session holds
+ * little.  A package longer than the buffer grows it to fit.
+ */
 static int make_room(loom_session *s, reader *r) {
+  size_t base = s->o.read_buf;
   if (r->off == r->len) {
     r->off = r->len = 0;
-    if (r->cap > s->o.read_buf * 4) {
-      uint8_t *nb = loom__malloc(s->o.read_buf);
+    if (r->cap > base && r->last < r->cap / 4) {
+      uint8_t *nb = loom__malloc(base); /* nothing to keep: no realloc */
       if (nb) {
         loom__free(r->buf);
         r->buf = nb;
-        r->cap = s->o.read_buf;
+        r->cap = base;
       }
     }
+  }
+  size_t burst = READ_BURST > base ? READ_BURST : base;
+  if (r->filled && r->cap < burst) {
+    r->filled = false;
+    if (resize(r, r->cap * 2 < burst ? r->cap * 2 : burst) < 0)
+      return -ENOMEM;
   }
   if (r->len < r->cap)
     return 0;
@@ -694,13 +722,7 @@ static int make_room(loom_session *s, reader *r) {
   size_t limit = s->o.max_pkg_len + 64;
   if (r->cap >= limit)
     return -EMSGSIZE;
-  size_t cap = r->cap * 2 > limit ? limit : r->cap * 2;
-  uint8_t *nb = loom__realloc(r->buf, cap);
-  if (!nb)
-    return -ENOMEM;
-  r->buf = nb;
-  r->cap = cap;
-  return 0;
+  return resize(r, r->cap * 2 > limit ? limit : r->cap * 2);
 }
 
 /* Set the read deadline to the earliest of cron and idle check. */
@@ -745,9 +767,12 @@ static int read_stream(loom_session *s, reader *r) {
     int rc = make_room(s, r);
     if (rc < 0)
       return rc;
-    ssize_t n = s->top->ops->read(s->top, r->buf + r->len, r->cap - r->len);
+    size_t room = r->cap - r->len;
+    ssize_t n = s->top->ops->read(s->top, r->buf + r->len, room);
     if (n > 0) {
       atomic_store_explicit(&s->last_read, loom_now(), memory_order_relaxed);
+      r->last = (size_t)n;
+      r->filled = (size_t)n == room;
       r->len += (size_t)n;
       rc = drain(s, r);
       if (rc < 0)
