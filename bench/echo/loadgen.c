@@ -1,6 +1,7 @@
 /*
  * loadgen.c — the one load generator of the echo bench (bench/echo/run.sh):
- * the same client, byte for byte, for the loom, Go and C epoll servers.
+ * the same client, byte for byte, for the loom, Go and C epoll servers;
+ * with --frame 4, also of the engine bench (bench/engine/run.sh).
  *
  * Plain C, one thread, one epoll instance, non-blocking sockets.  One
  * thread keeps the load generator's own cost the same whatever the server
@@ -11,6 +12,17 @@
  * table starting at its own offset (off0(i)), so an echo that comes back
  * short, reordered, or from another connection is caught at the first
  * wrong byte, and the program stops with exit status 1.
+ *
+ * Framing (--frame 4, for servers that decode messages, bench/engine/):
+ * each message of S bytes goes out as a 4-byte big-endian length S, then
+ * the S payload bytes, and the echo must be the same S + 4 bytes.  The
+ * table is then built of whole frames (header, then S bytes of the random
+ * table) and every connection starts on a frame of its own, so the
+ * sending and checking code is the same as without framing: a header
+ * that comes back changed is a wrong byte like any other.  Every count
+ * (messages, CPU per message) is of whole frames; --size stays the
+ * payload.  Framing holds in every mode but wait; without --frame
+ * nothing changes.
  *
  * Modes (one RESULT line each, as bench/run.sh's programs print):
  *
@@ -70,30 +82,73 @@
 #define TABLE_MASK (TABLE_SIZE - 1)
 #define CHUNK ((size_t)64 * 1024) /* the largest read or write */
 
-/* TABLE_SIZE bytes plus a copy of the first CHUNK at the end, so that any
- * CHUNK-long window starting inside the table is contiguous. */
-static unsigned char *table;
+static size_t payload = 64; /* --size: bytes of a message's payload */
+static size_t frame_hdr;    /* --frame: 0, or 4 (the length header) */
+static size_t msg_size;     /* a message on the wire: header + payload */
 
-static void table_init(void) {
-  table = malloc(TABLE_SIZE + CHUNK);
-  if (table == NULL) {
+/* What the connections send: table_len bytes (the period) plus a copy of
+ * the first CHUNK at the end, so that any CHUNK-long window starting
+ * inside the table is contiguous.  Unframed, the TABLE_SIZE random bytes;
+ * framed, nframes whole frames of msg_size bytes, frame k being the
+ * header and then payload bytes k * payload onwards of the random table. */
+static unsigned char *table;
+static size_t table_len;
+static uint64_t nframes; /* a power of two; >= TABLE_SIZE / payload */
+
+static void *xmalloc(size_t n) {
+  void *p = malloc(n);
+  if (p == NULL) {
     perror("loadgen: malloc");
     exit(2);
   }
+  return p;
+}
+
+static void table_init(void) {
+  unsigned char *rnd = xmalloc(TABLE_SIZE + CHUNK);
   uint64_t x = 0x9e3779b97f4a7c15u;
   for (size_t i = 0; i < TABLE_SIZE; i++) {
     x ^= x << 13;
     x ^= x >> 7;
     x ^= x << 17;
-    table[i] = (unsigned char)(x >> 24);
+    rnd[i] = (unsigned char)(x >> 24);
   }
-  memcpy(table + TABLE_SIZE, table, CHUNK);
+  memcpy(rnd + TABLE_SIZE, rnd, CHUNK);
+  if (frame_hdr == 0) {
+    table = rnd;
+    table_len = TABLE_SIZE;
+    return;
+  }
+  for (nframes = 1; nframes * payload < TABLE_SIZE; nframes *= 2)
+    ;
+  table_len = nframes * msg_size; /* >= TABLE_SIZE > CHUNK */
+  table = xmalloc(table_len + CHUNK);
+  for (uint64_t k = 0; k < nframes; k++) {
+    unsigned char *f = table + k * msg_size;
+    f[0] = (unsigned char)(payload >> 24); /* big-endian length */
+    f[1] = (unsigned char)(payload >> 16);
+    f[2] = (unsigned char)(payload >> 8);
+    f[3] = (unsigned char)payload;
+    /* payload <= CHUNK, so this window of rnd is contiguous */
+    memcpy(f + frame_hdr, rnd + ((k * payload) & TABLE_MASK), payload);
+  }
+  memcpy(table + table_len, table, CHUNK);
+  free(rnd);
 }
 
 /* Where connection number i starts in the table: distinct for every i
- * below TABLE_SIZE / 2 (odd multiplier), far apart for neighbours. */
-static uint32_t off0(uint64_t i) {
-  return (uint32_t)((i * 40503u * 2 + 1) & TABLE_MASK);
+ * below TABLE_SIZE / 2 (odd multiplier), far apart for neighbours.
+ * Framed: the start of a frame, distinct for every i below nframes. */
+static uint64_t off0(uint64_t i) {
+  uint64_t k = i * 40503u * 2 + 1;
+  if (frame_hdr == 0)
+    return k & TABLE_MASK;
+  return (k & (nframes - 1)) * msg_size;
+}
+
+/* Where byte `pos` of connection id's stream is in the table. */
+static const unsigned char *pattern(uint64_t id, uint64_t pos) {
+  return table + (off0(id) + pos) % table_len;
 }
 
 /* ---- clocks, histogram, server accounting ------------------------------ */
@@ -262,6 +317,12 @@ static struct cpu_sample cpu_sample(void) {
   return s;
 }
 
+/* " frame=4" in a RESULT line when framing (nothing otherwise). */
+static void print_frame(void) {
+  if (frame_hdr > 0)
+    printf(" frame=%zu", frame_hdr);
+}
+
 /* Print the CPU and latency fields of a RESULT line for `msgs` messages
  * between samples a and b. */
 static void print_cpu(const struct cpu_sample *a, const struct cpu_sample *b,
@@ -364,7 +425,6 @@ struct conn {
   int64_t *ts;       /* ring of `inflight` queue times, by message number */
 };
 
-static size_t msg_size = 64;
 static unsigned inflight = 1;
 static bool measuring;
 static uint64_t done_msgs;
@@ -388,8 +448,7 @@ static void flush(struct conn *c) {
     size_t n = c->queued - c->written;
     if (n > CHUNK)
       n = CHUNK;
-    ssize_t w = send(c->fd, table + ((off0(c->id) + c->written) & TABLE_MASK),
-                     n, MSG_NOSIGNAL);
+    ssize_t w = send(c->fd, pattern(c->id, c->written), n, MSG_NOSIGNAL);
     if (w < 0) {
       if (errno == EINTR)
         continue;
@@ -404,15 +463,21 @@ static void flush(struct conn *c) {
 }
 
 static void verify_fail(struct conn *c, const unsigned char *got, size_t n) {
-  const unsigned char *want = table + ((off0(c->id) + c->received) &
-                                       TABLE_MASK);
+  const unsigned char *want = pattern(c->id, c->received);
   size_t i = 0;
   while (i < n && got[i] == want[i])
     i++;
+  uint64_t at = c->received + i;
   fprintf(stderr,
           "loadgen: conn %" PRIu64 ": wrong byte at stream offset %" PRIu64
-          ": got 0x%02x, want 0x%02x\n",
-          c->id, c->received + i, got[i], want[i]);
+          ": got 0x%02x, want 0x%02x",
+          c->id, at, got[i], want[i]);
+  if (frame_hdr > 0)
+    fprintf(stderr, " (message %" PRIu64 ", %s byte %" PRIu64 ")",
+            at / msg_size, at % msg_size < frame_hdr ? "header" : "payload",
+            at % msg_size < frame_hdr ? at % msg_size
+                                      : at % msg_size - frame_hdr);
+  fprintf(stderr, "\n");
   exit(1);
 }
 
@@ -446,8 +511,7 @@ static unsigned drain(struct conn *c, int64_t now) {
               c->id, (size_t)(c->received + n), c->written);
       exit(1);
     }
-    if (memcmp(rbuf, table + ((off0(c->id) + c->received) & TABLE_MASK),
-               n) != 0)
+    if (memcmp(rbuf, pattern(c->id, c->received), n) != 0)
       verify_fail(c, rbuf, n);
     uint64_t m0 = c->received / msg_size;
     c->received += n;
@@ -558,7 +622,8 @@ static int mode_pingpong(const char *name, const char *impl, long nconns,
   for (long i = 0; i < nconns; i++)
     back += cs[i].received;
   printf("RESULT name=%s impl=%s conns=%ld size=%zu inflight=%u", name, impl,
-         nconns, msg_size, inflight);
+         nconns, payload, inflight);
+  print_frame();
   print_cpu(&a, &b, done_msgs);
   printf(" verified_bytes=%" PRIu64 "\n", back);
   fflush(stdout);
@@ -646,7 +711,8 @@ static int mode_storm(const char *name, const char *impl, long total,
   usleep(50000);
   struct cpu_sample b = cpu_sample();
   printf("RESULT name=%s impl=%s count=%ld parallel=%ld size=%zu", name,
-         impl, total, parallel, msg_size);
+         impl, total, parallel, payload);
+  print_frame();
   /* msgs_per_s over the storm itself, not the 50 ms tail */
   b.t -= 50000000;
   print_cpu(&a, &b, done_msgs);
@@ -760,12 +826,14 @@ static int mode_idle(const char *name, const char *impl, long n,
   long page_kib = sysconf(_SC_PAGESIZE) / 1024;
   printf("RESULT name=%s impl=%s conns=%ld rss_base_kib=%ld rss_kib=%ld"
          " kib_per_conn=%.3f kernel_tcp_kib_per_conn=%.3f"
-         " connect_s=%.3f server_threads=%d\n",
+         " connect_s=%.3f server_threads=%d",
          name, impl, n, rss0, rss1, (double)(rss1 - rss0) / (double)n,
          mem0 >= 0 && mem1 >= 0
              ? (double)((mem1 - mem0) * page_kib) / (double)n
              : -1.0,
          (double)(t1 - t0) / 1e9, threads);
+  print_frame();
+  printf("\n");
   fflush(stdout);
   for (long i = 0; i < n; i++)
     close(cs[i].fd);
@@ -783,7 +851,9 @@ static void usage(void) {
           "  storm    --pid PID [--count 5000] [--parallel 64] [--size 64]\n"
           "           [--warm 500]\n"
           "  idle     --pid PID [--conns 10000] [--settle-ms 1000]\n"
-          "  common:  [--name CASE] [--impl SERVER]  (labels for RESULT)\n");
+          "  common:  [--name CASE] [--impl SERVER]  (labels for RESULT)\n"
+          "           [--frame 4]  (each message: 4-byte big-endian length,\n"
+          "                        then --size bytes; not for wait)\n");
   exit(2);
 }
 
@@ -816,7 +886,9 @@ int main(int argc, char **argv) {
     else if (strcmp(o, "--conns") == 0)
       conns = (long)num(o, v);
     else if (strcmp(o, "--size") == 0)
-      msg_size = (size_t)num(o, v);
+      payload = (size_t)num(o, v);
+    else if (strcmp(o, "--frame") == 0)
+      frame_hdr = (size_t)num(o, v);
     else if (strcmp(o, "--inflight") == 0)
       inflight = (unsigned)num(o, v);
     else if (strcmp(o, "--warmup") == 0)
@@ -842,7 +914,15 @@ int main(int argc, char **argv) {
   }
   if (addr == NULL)
     usage();
-  if (msg_size < 1 || inflight < 1 || (size_t)inflight * msg_size > CHUNK) {
+  if (frame_hdr != 0 && frame_hdr != 4) {
+    fprintf(stderr, "loadgen: --frame is 0 or 4 (bytes of length header)\n");
+    return 2;
+  }
+  msg_size = frame_hdr + payload;
+  /* A sanity bound on the payload in flight (flush and drain go in
+   * CHUNKs, so the headers may take it over: pipe4k's 16 frames of 4 KiB
+   * are 65 600 bytes). */
+  if (payload < 1 || inflight < 1 || (size_t)inflight * payload > CHUNK) {
     fprintf(stderr, "loadgen: need size >= 1, inflight >= 1 and "
                     "size * inflight <= %zu\n", CHUNK);
     return 2;
