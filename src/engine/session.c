@@ -107,6 +107,7 @@ struct loom_session {
   bool io_closed;            /* the socket is closed (or closing): calls
                                 from outside must not touch it */
   int64_t final_deadline;    /* set with wfinal: now + linger (0: none) */
+  loom_wg io_users;          /* packet sessions: senders on the socket */
   loom_sema writer_exit;     /* released by the writer as it exits */
 
   loom_wg pooled;            /* packages handed to the pool, not yet done */
@@ -445,11 +446,21 @@ static int encode(loom_session *s, const void *data, size_t len, loom_buf *b) {
   return rc;
 }
 
+/* One datagram, from the caller.  The socket is used under a count of
+ * senders (io_users) that the reader waits out before closing it. */
 static int send_packet(loom_session *s, loom_buf *b, const struct sockaddr *to,
                        socklen_t tolen) {
+  loom_mutex_lock(&s->wmu);
+  bool closed = s->io_closed;
+  if (!closed)
+    loom_wg_add(&s->io_users, 1);
+  loom_mutex_unlock(&s->wmu);
+  if (closed)
+    return LOOM_ECLOSED;
   struct iovec iov[8];
   int n = loom_buf_peek(b, iov, 8);
   ssize_t k = loom_pconn_write_msg(s->pc, iov, n, to, tolen);
+  loom_wg_done(&s->io_users);
   if (k < 0)
     return (int)k;
   BUMP(bytes_out, (uint64_t)k);
@@ -557,8 +568,10 @@ static void writer_main(void *arg) {
     loom_mutex_lock(&s->wmu);
     s->wbusy = false;
     if (k < 0) {
+      bool dropping = s->wfinal && s->o.linger < 0; /* cut short on purpose */
       loom_mutex_unlock(&s->wmu);
-      loom_session_abort(s, (int)k); /* no-op if already aborted */
+      if (!dropping)
+        loom_session_abort(s, (int)k); /* no-op if already aborted */
       loom_mutex_lock(&s->wmu);
       break;
     }
@@ -915,6 +928,11 @@ end:
       loom_buf_reset(&s->wq);
     else if (s->o.linger > 0)
       s->final_deadline = loom_now() + s->o.linger;
+    /* A write under way was bounded by write_timeout at most: bound it
+     * by the linger now (or cut it, with linger < 0). */
+    if (s->wbusy)
+      loom_set_write_deadline(s->conn,
+                              s->o.linger < 0 ? 1 : s->final_deadline);
     loom_cond_signal(&s->wcond);
     loom_mutex_unlock(&s->wmu);
     loom_sema_acquire(&s->writer_exit, 0);
@@ -933,10 +951,13 @@ end:
   loom_mutex_lock(&s->wmu);
   s->io_closed = true;
   loom_mutex_unlock(&s->wmu);
-  if (s->conn)
+  if (s->conn) {
     loom_close(s->conn);
-  else
+  } else {
+    loom_pconn_set_write_deadline(s->pc, 1); /* a parked sender leaves */
+    loom_wg_wait(&s->io_users, 0);
     loom_pconn_close(s->pc);
+  }
   owner_remove(s);
   loom_session_unref(s);
 }
