@@ -632,4 +632,65 @@ static void kept_main(void *arg) {
 
 TEST(reference_outlives_the_session) { check_run(kept_main, NULL, 2); }
 
+/* ---- dial errors, one-shot clients, on_free -------------------------------- */
+
+static atomic_int freed;
+static void count_free(loom_session *s) {
+  CHECK_EQ((intptr_t)loom_session_user(s), 42);
+  atomic_fetch_add(&freed, 1);
+}
+
+static const loom_session_listener free_listener = {
+    .on_message = count_reply,
+    .on_free = count_free,
+};
+
+static void dialerr_main(void *arg) {
+  (void)arg;
+  /* A port nobody listens on: a listener opened and closed at once. */
+  loom_listener *l;
+  CHECK_OK(loom_listen(&l, "tcp", "127.0.0.1:0"));
+  char dead[64];
+  CHECK_OK(loom_listener_addr(l, dead, sizeof dead));
+  CHECK_OK(loom_listener_close(l));
+  loom_codec_lenpfx(&lenpfx, NULL);
+  loom_client_opts o = {
+      .network = "tcp",
+      .addr = dead,
+      .reconnect_interval = 10000000,
+      .session = {.listener = &free_listener, .codec = &lenpfx},
+  };
+  loom_client *cl;
+  CHECK_OK(loom_client_start(&cl, &o));
+  CHECK_ERR(loom_client_wait(cl, 1, loom_now() + 100000000), -ECONNREFUSED);
+  CHECK_OK(loom_client_close(cl, 0));
+
+  o.reconnect_interval = -1; /* one dial per session, no more */
+  CHECK_OK(loom_client_start(&cl, &o));
+  int64_t t0 = loom_now();
+  CHECK_ERR(loom_client_wait(cl, 1, t0 + 5000000000), -ECONNREFUSED);
+  CHECK_LT(loom_now() - t0, 2000000000); /* it did not wait for the deadline */
+  loom_metrics m;
+  loom_client_metrics(cl, &m);
+  CHECK_EQ(m.errors.accept, 1);
+  CHECK_OK(loom_client_close(cl, 0));
+
+  /* One-shot against a live server: connected once, then not again. */
+  loom_server *srv = start_server("tcp", "127.0.0.1:0", NULL, 0, srv_addr,
+                                  sizeof srv_addr);
+  o.addr = srv_addr;
+  o.session.user = (void *)42;
+  CHECK_OK(loom_client_start(&cl, &o));
+  CHECK_OK(loom_client_wait(cl, 1, loom_now() + 5000000000));
+  CHECK_OK(loom_server_close(srv, loom_now() + 5000000000));
+  loom_sleep(50000000);
+  loom_client_metrics(cl, &m);
+  CHECK_EQ(m.sessions_total, 1);
+  CHECK_EQ(m.sessions_open, 0);
+  CHECK_OK(loom_client_close(cl, 0));
+  CHECK_EQ(atomic_load(&freed), 1);
+}
+
+TEST(client_dial_errors_and_one_shot) { check_run(dialerr_main, NULL, 2); }
+
 CHECK_MAIN()

@@ -87,6 +87,11 @@ typedef struct loom_session_listener {
   /* The session is closed; exactly once, last.  Its socket closes right
    * after this returns (so its addresses can still be read here). */
   void (*on_close)(loom_session *s);
+  /* The last reference is gone: free what loom_session_user() or the
+   * attributes point to.  Runs wherever the last loom_session_unref is
+   * (the reader after on_close, or a holder of a reference); it must not
+   * park. */
+  void (*on_free)(loom_session *s);
 } loom_session_listener;
 
 /* How a session spreads its packages over a task pool. */
@@ -109,8 +114,10 @@ typedef struct loom_session_opts {
   int64_t cron_period;      /* ns between on_cron calls; 0: no cron */
   int64_t linger;           /* ns a graceful close may spend writing what is
                                queued (0: 5 s; negative: drop it) */
-  size_t max_pkg_len;       /* larger packages close the session with
-                               -EMSGSIZE (0: 1 MiB) */
+  size_t max_pkg_len;       /* larger packages received close the session
+                               with -EMSGSIZE (0: 1 MiB) */
+  size_t max_write_len;     /* larger packages written fail with -EMSGSIZE
+                               (0: max_pkg_len) */
   size_t read_buf;          /* initial read buffer (0: 4 KiB); it grows to
                                hold one package, and shrinks back */
   size_t wq_high;           /* write queue high watermark (0: 1 MiB) */
@@ -163,8 +170,8 @@ LOOM_API void loom_session_unref(loom_session *s);
 
 /* A number unique among this process's sessions. Any thread. */
 LOOM_API uint64_t loom_session_id(loom_session *s);
-/* The name ("tcp 127.0.0.1:7000<-127.0.0.1:51234" until set; made on
- * first use, so ask before on_close returns to see the addresses). */
+/* The name ("tcp 127.0.0.1:7000<-127.0.0.1:51234" until set; made as
+ * the session starts). */
 LOOM_API const char *loom_session_name(loom_session *s);
 /* Copies `name`; -ENOMEM.  Not safe against a concurrent name read. */
 LOOM_API int loom_session_set_name(loom_session *s, const char *name);
@@ -277,23 +284,29 @@ typedef struct loom_client_opts {
   const char *addr;
   loom_session_opts session;
   int conns;                  /* sessions kept connected (0: 1) */
-  int64_t reconnect_interval; /* first wait before redialling (0: 100 ms) */
+  int64_t reconnect_interval; /* first wait before redialling (0: 100 ms;
+                                 negative: never redial — each session is
+                                 dialled once) */
   int64_t reconnect_max;      /* the wait doubles up to this (0: 5 s) */
   int64_t dial_timeout;       /* 0: 5 s */
 } loom_client_opts;
 
 /*
  * loom_client_start — start keeping opts->conns sessions connected to the
- * server.  Dialling happens on the client's own coroutine: a session that
- * closes is replaced after the reconnect wait (interval, doubling on each
- * failed attempt up to reconnect_max, back to interval after a success),
- * never from inside a callback.  Returns 0 and *cl at once, connected or
+ * server.  Dialling happens on the client's own coroutine, never from
+ * inside a callback: the first conns dials go out at once; a session that
+ * closes is replaced by a redial, at most one per reconnect_interval; a
+ * failed dial is retried after a back-off (interval, doubling up to
+ * reconnect_max, back to interval after a success).  Returns 0 and *cl at once, connected or
  * not; -EINVAL, -ENOMEM.  On a coroutine.
  */
 LOOM_API int loom_client_start(loom_client **cl, const loom_client_opts *o);
 
-/* Wait until at least `n` sessions are connected: 0, -ETIMEDOUT at
- * `deadline` (0: none), LOOM_ECLOSED.  Parks. */
+/* Wait until at least `n` sessions are connected: 0; at `deadline` (0:
+ * none) the error of a dial that failed during the wait
+ * (-ECONNREFUSED, ...) or else -ETIMEDOUT; for a client that never
+ * redials, as soon as it cannot get there, the last dial error;
+ * LOOM_ECLOSED once the client is closing.  Parks. */
 LOOM_API int loom_client_wait(loom_client *cl, int n, int64_t deadline);
 
 /* A connected session, round-robin, with a reference the caller must

@@ -3,9 +3,9 @@
  *
  * One supervisor coroutine per client does all the dialling.  It sleeps
  * on the owner's `changed` condition while enough sessions are live, and
- * when one is missing it dials, waiting before each attempt but the first
- * (interval after a success, doubling after each failure up to
- * reconnect_max).  Sessions never redial from their own callbacks, so a
+ * when one is missing it dials: the first `conns` dials back to back, a
+ * redial at most once per interval, and after a failure it backs off
+ * (interval, doubling up to reconnect_max).  Sessions never redial from their own callbacks, so a
  * reconnect cannot re-enter user code, and a server that accepts and
  * drops at once costs at most one dial per interval.
  */
@@ -25,6 +25,11 @@ struct loom_client {
   char *addr;
   int conns;
   int64_t interval, max_wait, dial_timeout;
+  bool oneshot;          /* reconnect_interval < 0: one dial per session */
+  uint64_t dials;        /* dials started (owner.mu) */
+  uint64_t dials_done;   /* dials finished, either way (owner.mu) */
+  uint64_t failures;     /* dials failed (owner.mu) */
+  int last_err;          /* the latest failure's error (owner.mu) */
   loom_ctx *ctx;         /* cancelled by loom_client_close */
   loom_sema sup_done;    /* released as the supervisor leaves */
   uint64_t rr;           /* loom_client_session's round robin */
@@ -55,28 +60,53 @@ static int dial_one(loom_client *cl) {
                              false);
 }
 
+/* Another dial is due: fewer sessions than wanted, and (one-shot) a
+ * session slot never dialled yet.  owner.mu held. */
+static bool dial_due(loom_client *cl) {
+  if (cl->oneshot && cl->dials >= (uint64_t)cl->conns)
+    return false;
+  return cl->owner.open < (uint64_t)cl->conns;
+}
+
 static void supervisor(void *arg) {
   loom_client *cl = arg;
-  int64_t wait = 0; /* before the next dial */
+  int64_t backoff = 0;  /* after a failure: doubles up to max_wait */
+  int64_t next_at = 0;  /* no dial before this loom_now() time */
   for (;;) {
     loom_mutex_lock(&cl->owner.mu);
-    while (cl->owner.open >= (uint64_t)cl->conns && !loom_ctx_err(cl->ctx))
+    while (!dial_due(cl) && !loom_ctx_err(cl->ctx))
       loom_cond_wait(&cl->owner.changed, &cl->owner.mu, 0);
+    bool redial = cl->dials >= (uint64_t)cl->conns;
+    cl->dials++;
     loom_mutex_unlock(&cl->owner.mu);
-    if (wait > 0 && loom_sleep_ctx(cl->ctx, wait) < 0)
+    int64_t now = loom_now();
+    if (next_at > now && loom_sleep_ctx(cl->ctx, next_at - now) < 0)
       break;
     if (loom_ctx_err(cl->ctx))
       break;
     int rc = dial_one(cl);
+    loom_mutex_lock(&cl->owner.mu);
+    cl->dials_done++;
+    if (rc < 0) {
+      cl->failures++;
+      cl->last_err = rc;
+    }
+    loom_cond_broadcast(&cl->owner.changed); /* loom_client_wait */
+    loom_mutex_unlock(&cl->owner.mu);
     if (rc < 0) {
       if (loom_ctx_err(cl->ctx))
         break;
       loom__owner_count(&cl->owner, LOOM__ERR_accept);
-      wait = wait ? wait * 2 : cl->interval;
-      if (wait > cl->max_wait)
-        wait = cl->max_wait;
+      backoff = backoff ? backoff * 2 : cl->interval;
+      if (backoff > cl->max_wait)
+        backoff = cl->max_wait;
+      next_at = loom_now() + backoff;
     } else {
-      wait = cl->interval;
+      /* The first `conns` dials go out back to back; a redial (a session
+       * was lost) comes at most once per interval, so a server that
+       * accepts and drops at once is not hammered. */
+      backoff = 0;
+      next_at = redial ? loom_now() + cl->interval : 0;
     }
   }
   loom_sema_release(&cl->sup_done);
@@ -84,7 +114,7 @@ static void supervisor(void *arg) {
 
 int loom_client_start(loom_client **out, const loom_client_opts *o) {
   if (!o || !o->network || !o->addr || o->conns < 0 ||
-      o->reconnect_interval < 0 || o->reconnect_max < 0 ||
+      o->reconnect_max < 0 ||
       o->dial_timeout < 0)
     return -EINVAL;
   if (loom_id() == 0)
@@ -105,7 +135,8 @@ int loom_client_start(loom_client **out, const loom_client_opts *o) {
     goto fail_nomem;
   memcpy(cl->addr, o->addr, n);
   cl->conns = o->conns ? o->conns : 1;
-  cl->interval = o->reconnect_interval ? o->reconnect_interval : 100000000;
+  cl->oneshot = o->reconnect_interval < 0;
+  cl->interval = o->reconnect_interval > 0 ? o->reconnect_interval : 100000000;
   cl->max_wait = o->reconnect_max ? o->reconnect_max : INT64_C(5000000000);
   if (cl->max_wait < cl->interval)
     cl->max_wait = cl->interval;
@@ -133,6 +164,7 @@ fail:
 int loom_client_wait(loom_client *cl, int n, int64_t deadline) {
   int rc = 0;
   loom_mutex_lock(&cl->owner.mu);
+  uint64_t failures = cl->failures;
   for (;;) {
     /* Count sessions that are open, not merely started. */
     int live = 0;
@@ -144,9 +176,18 @@ int loom_client_wait(loom_client *cl, int n, int64_t deadline) {
       rc = LOOM_ECLOSED;
       break;
     }
-    rc = loom_cond_wait(&cl->owner.changed, &cl->owner.mu, deadline);
-    if (rc < 0)
+    /* A one-shot client that has dialled every slot will not get more. */
+    if (cl->oneshot && cl->dials_done >= (uint64_t)cl->conns &&
+        cl->owner.open < (uint64_t)n) {
+      rc = cl->failures ? cl->last_err : LOOM_ECLOSED;
       break;
+    }
+    rc = loom_cond_wait(&cl->owner.changed, &cl->owner.mu, deadline);
+    if (rc < 0) {
+      if (cl->failures != failures)
+        rc = cl->last_err; /* why it is not connected */
+      break;
+    }
   }
   loom_mutex_unlock(&cl->owner.mu);
   return rc;

@@ -139,6 +139,8 @@ int loom__session_opts(loom_session_opts *out, const loom_session_opts *in) {
     o.linger = INT64_C(5000000000);
   if (o.max_pkg_len == 0)
     o.max_pkg_len = (size_t)1 << 20;
+  if (o.max_write_len == 0)
+    o.max_write_len = o.max_pkg_len;
   if (o.read_buf == 0)
     o.read_buf = 4096;
   if (o.wq_high == 0)
@@ -157,6 +159,8 @@ loom_session *loom_session_ref(loom_session *s) {
 }
 
 static void session_free(loom_session *s) {
+  if (s->o.listener->on_free)
+    s->o.listener->on_free(s);
   loom_buf_reset(&s->wq);
   while (s->top && s->top != &s->sock) {
     loom__layer *below = s->top->below;
@@ -440,7 +444,7 @@ out:
 }
 
 static int encode(loom_session *s, const void *data, size_t len, loom_buf *b) {
-  int rc = s->codec->encode(s->codec, data, len, s->o.max_pkg_len, b);
+  int rc = s->codec->encode(s->codec, data, len, s->o.max_write_len, b);
   if (rc == -EMSGSIZE)
     loom__owner_count(s->owner, LOOM__ERR_oversize);
   return rc;
@@ -895,6 +899,9 @@ static void reader_main(void *arg) {
     loom_session_abort(s, -ENOMEM);
     goto end;
   }
+  /* The name now, while both addresses can be read: a peer that resets
+   * the connection takes its address with it. */
+  (void)loom_session_name(s);
   if (l->on_open) {
     rc = l->on_open(s);
     if (rc < 0) {
