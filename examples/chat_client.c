@@ -46,6 +46,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "cli.h"
 #include "echo_url.h"
 #include "loom.h"
 
@@ -304,17 +305,6 @@ static void usage(FILE *f) {
           PROG, PROG);
 }
 
-static long number(const char *opt, const char *v, long lo, long hi) {
-  char *end;
-  errno = 0;
-  long n = strtol(v, &end, 10);
-  if (errno != 0 || end == v || *end != '\0' || n < lo || n > hi) {
-    fprintf(stderr, "%s: %s \"%s\": want %ld to %ld\n", PROG, opt, v, lo, hi);
-    exit(2);
-  }
-  return n;
-}
-
 int main(int argc, char **argv) {
   const char *url = "tcp://127.0.0.1:7002";
   long timeout = -1;
@@ -331,7 +321,7 @@ int main(int argc, char **argv) {
     } else if (!strcmp(a, "--connect")) {
       url = v;
     } else if (!strcmp(a, "--timeout")) {
-      timeout = number(a, v, 1, 1000000);
+      timeout = cli_number(PROG, a, v, 1, 1000000);
     } else if (!strcmp(a, "--nick") && strlen(v) <= 32) {
       app.nick = v;
       app.scripted = true;
@@ -342,7 +332,7 @@ int main(int argc, char **argv) {
       app.says[app.nsays++] = v;
       app.scripted = true;
     } else if (!strcmp(a, "--expect")) {
-      app.expect = number(a, v, 0, 1000000);
+      app.expect = cli_number(PROG, a, v, 0, 1000000);
       app.scripted = true;
     } else {
       fprintf(stderr, "%s: bad argument: %s %s\n", PROG, a, v);
@@ -365,10 +355,6 @@ int main(int argc, char **argv) {
     return 1;
   }
   int status = 1;
-  int rc = loom_run(app_main, &status, NULL);
-  if (rc < 0) {
-    fprintf(stderr, "%s: %s\n", PROG, loom_strerror(rc));
-    return 1;
-  }
-  return status;
+  int rc = cli_run(PROG, app_main, &status, 0);
+  return rc != 0 ? rc : status;
 }

@@ -50,19 +50,16 @@
  * stopping" to everyone, then loom_server_close (what members sent is
  * handled and what they are owed is written), a summary, exit 0.
  */
-#define _GNU_SOURCE /* signalfd */
 
 #include <errno.h>
-#include <pthread.h>
-#include <signal.h>
 #include <stdarg.h>
 #include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/signalfd.h>
 #include <unistd.h>
 
+#include "cli.h"
 #include "echo_url.h"
 #include "loom.h"
 
@@ -357,20 +354,6 @@ static const loom_session_listener listener = {
 
 /* ---- main ---------------------------------------------------------------- */
 
-static void wait_for_stop(void) {
-  int64_t deadline = app.duration > 0 ? loom_now() + app.duration : 0;
-  for (;;) {
-    int rc = loom_fd_wait(app.sigfd, LOOM_FD_READ, deadline);
-    if (rc != 0)
-      return; /* -ETIMEDOUT: --duration is over */
-    struct signalfd_siginfo si;
-    if (read(app.sigfd, &si, sizeof si) == (ssize_t)sizeof si) {
-      printf("%s: %s, stopping\n", PROG, strsignal((int)si.ssi_signo));
-      return;
-    }
-  }
-}
-
 static void summary(const char *network, const loom_metrics *m) {
   char errs[512] = "";
   size_t n = 0;
@@ -417,7 +400,7 @@ static void app_main(void *arg) {
   }
   if (app.status == 0) {
     printf("%s: %d procs; SIGINT or SIGTERM stops it\n", PROG, loom_procs());
-    wait_for_stop();
+    cli_wait_for_stop(PROG, app.sigfd, app.duration);
     broadcastf(NULL, "* server stopping");
   }
   for (int i = 0; i < n; i++) {
@@ -441,17 +424,6 @@ static void usage(FILE *f) {
           "unix:///PATH, unix://@NAME).  Default: --listen " DEFAULT_URL ",\n"
           "--idle 300 (0: never), --max-line 4096, --max-queue 262144.\n",
           PROG);
-}
-
-static long number(const char *opt, const char *v, long lo, long hi) {
-  char *end;
-  errno = 0;
-  long n = strtol(v, &end, 10);
-  if (errno != 0 || end == v || *end != '\0' || n < lo || n > hi) {
-    fprintf(stderr, "%s: %s \"%s\": want %ld to %ld\n", PROG, opt, v, lo, hi);
-    exit(2);
-  }
-  return n;
 }
 
 int main(int argc, char **argv) {
@@ -482,15 +454,15 @@ int main(int argc, char **argv) {
       }
       app.nurls++;
     } else if (!strcmp(a, "--procs")) {
-      app.procs = (int)number(a, v, 1, 1024);
+      app.procs = (int)cli_number(PROG, a, v, 1, 1024);
     } else if (!strcmp(a, "--duration")) {
-      app.duration = number(a, v, 0, 1000000) * INT64_C(1000000000);
+      app.duration = cli_number(PROG, a, v, 0, 1000000) * INT64_C(1000000000);
     } else if (!strcmp(a, "--idle")) {
-      app.idle = number(a, v, 0, 1000000) * INT64_C(1000000000);
+      app.idle = cli_number(PROG, a, v, 0, 1000000) * INT64_C(1000000000);
     } else if (!strcmp(a, "--max-line")) {
-      app.max_line = (size_t)number(a, v, 16, 1L << 20);
+      app.max_line = (size_t)cli_number(PROG, a, v, 16, 1L << 20);
     } else if (!strcmp(a, "--max-queue")) {
-      app.max_queue = (size_t)number(a, v, 1024, 1L << 30);
+      app.max_queue = (size_t)cli_number(PROG, a, v, 1024, 1L << 30);
     } else {
       fprintf(stderr, "%s: unknown argument: %s\n", PROG, a);
       usage(stderr);
@@ -504,27 +476,10 @@ int main(int argc, char **argv) {
   loom_codec_line(&app.codec, '\n', true);
   setvbuf(stdout, NULL, _IOLBF, 0);
 
-  /* Blocked before the runtime starts, so every runtime thread inherits
-   * the mask and the signals wait in the signalfd. */
-  sigset_t stop;
-  sigemptyset(&stop);
-  sigaddset(&stop, SIGINT);
-  sigaddset(&stop, SIGTERM);
-  pthread_sigmask(SIG_BLOCK, &stop, NULL);
-  app.sigfd = signalfd(-1, &stop, SFD_NONBLOCK | SFD_CLOEXEC);
-  if (app.sigfd < 0) {
-    perror(PROG ": signalfd");
+  app.sigfd = cli_stop_signals(PROG);
+  if (app.sigfd < 0)
     return 1;
-  }
-  loom_config cfg;
-  loom_config_init(&cfg);
-  if (app.procs > 0)
-    cfg.procs = app.procs;
-  int rc = loom_run(app_main, NULL, &cfg);
+  int rc = cli_run(PROG, app_main, NULL, app.procs);
   close(app.sigfd);
-  if (rc < 0) {
-    fprintf(stderr, "%s: %s\n", PROG, loom_strerror(rc));
-    return 1;
-  }
-  return app.status;
+  return rc != 0 ? rc : app.status;
 }

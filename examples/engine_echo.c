@@ -22,17 +22,14 @@
  * servers stop accepting, every frame already received is answered, and
  * then the process exits 0.
  */
-#define _GNU_SOURCE /* signalfd */
 
 #include <errno.h>
-#include <pthread.h>
-#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/signalfd.h>
 #include <unistd.h>
 
+#include "cli.h"
 #include "echo_url.h"
 #include "loom.h"
 
@@ -74,20 +71,6 @@ static const loom_session_listener listener = {
     .on_error = on_error,
 };
 
-static void wait_for_stop(void) {
-  int64_t deadline = app.duration > 0 ? loom_now() + app.duration : 0;
-  for (;;) {
-    int rc = loom_fd_wait(app.sigfd, LOOM_FD_READ, deadline);
-    if (rc != 0)
-      return; /* -ETIMEDOUT: --duration is over */
-    struct signalfd_siginfo si;
-    if (read(app.sigfd, &si, sizeof si) == (ssize_t)sizeof si) {
-      printf("%s: %s, stopping\n", PROG, strsignal((int)si.ssi_signo));
-      return;
-    }
-  }
-}
-
 static void app_main(void *arg) {
   (void)arg;
   loom_taskpool *pool = NULL;
@@ -126,7 +109,7 @@ static void app_main(void *arg) {
   }
   if (app.status == 0) {
     printf("%s: %d procs; SIGINT or SIGTERM stops it\n", PROG, loom_procs());
-    wait_for_stop();
+    cli_wait_for_stop(PROG, app.sigfd, app.duration);
   }
   for (int i = 0; i < n; i++) {
     loom_metrics m;
@@ -157,17 +140,6 @@ static void usage(FILE *f) {
           PROG);
 }
 
-static long number(const char *opt, const char *v, long lo, long hi) {
-  char *end;
-  errno = 0;
-  long n = strtol(v, &end, 10);
-  if (errno != 0 || end == v || *end != '\0' || n < lo || n > hi) {
-    fprintf(stderr, "%s: %s \"%s\": want %ld to %ld\n", PROG, opt, v, lo, hi);
-    exit(2);
-  }
-  return n;
-}
-
 int main(int argc, char **argv) {
   app.max_pkg = 1 << 20;
   for (int i = 1; i < argc; i++) {
@@ -195,19 +167,19 @@ int main(int argc, char **argv) {
       app.nurls++;
       i++;
     } else if (!strcmp(a, "--procs")) {
-      app.procs = (int)number(a, v, 1, 1024);
+      app.procs = (int)cli_number(PROG, a, v, 1, 1024);
       i++;
     } else if (!strcmp(a, "--pool")) {
-      app.pool_queues = (int)number(a, v, 0, 4096);
+      app.pool_queues = (int)cli_number(PROG, a, v, 0, 4096);
       i++;
     } else if (!strcmp(a, "--compress")) {
-      app.compress = (int)number(a, v, -1, 9);
+      app.compress = (int)cli_number(PROG, a, v, -1, 9);
       i++;
     } else if (!strcmp(a, "--max-pkg")) {
-      app.max_pkg = (size_t)number(a, v, 1, 1L << 30);
+      app.max_pkg = (size_t)cli_number(PROG, a, v, 1, 1L << 30);
       i++;
     } else if (!strcmp(a, "--duration")) {
-      app.duration = number(a, v, 0, 1000000) * INT64_C(1000000000);
+      app.duration = cli_number(PROG, a, v, 0, 1000000) * INT64_C(1000000000);
       i++;
     } else {
       fprintf(stderr, "%s: unknown argument: %s\n", PROG, a);
@@ -225,27 +197,10 @@ int main(int argc, char **argv) {
   loom_codec_lenpfx(&app.codec, NULL);
   setvbuf(stdout, NULL, _IOLBF, 0);
 
-  /* Blocked before the runtime starts, so every runtime thread inherits
-   * the mask and the signals wait in the signalfd. */
-  sigset_t stop;
-  sigemptyset(&stop);
-  sigaddset(&stop, SIGINT);
-  sigaddset(&stop, SIGTERM);
-  pthread_sigmask(SIG_BLOCK, &stop, NULL);
-  app.sigfd = signalfd(-1, &stop, SFD_NONBLOCK | SFD_CLOEXEC);
-  if (app.sigfd < 0) {
-    perror(PROG ": signalfd");
+  app.sigfd = cli_stop_signals(PROG);
+  if (app.sigfd < 0)
     return 1;
-  }
-  loom_config cfg;
-  loom_config_init(&cfg);
-  if (app.procs > 0)
-    cfg.procs = app.procs;
-  int rc = loom_run(app_main, NULL, &cfg);
+  int rc = cli_run(PROG, app_main, NULL, app.procs);
   close(app.sigfd);
-  if (rc < 0) {
-    fprintf(stderr, "%s: %s\n", PROG, loom_strerror(rc));
-    return 1;
-  }
-  return app.status;
+  return rc != 0 ? rc : app.status;
 }

@@ -22,6 +22,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "cli.h"
 #include "echo_url.h"
 #include "loom.h"
 
@@ -141,17 +142,6 @@ static void app_main(void *arg) {
     app.status = 1;
 }
 
-static long number(const char *opt, const char *v, long lo, long hi) {
-  char *end;
-  errno = 0;
-  long n = strtol(v, &end, 10);
-  if (errno != 0 || end == v || *end != '\0' || n < lo || n > hi) {
-    fprintf(stderr, "%s: %s \"%s\": want %ld to %ld\n", PROG, opt, v, lo, hi);
-    exit(2);
-  }
-  return n;
-}
-
 int main(int argc, char **argv) {
   const char *url = "tcp://127.0.0.1:7001";
   for (int i = 1; i < argc; i++) {
@@ -170,15 +160,15 @@ int main(int argc, char **argv) {
     if (!strcmp(a, "--connect"))
       url = v;
     else if (!strcmp(a, "--conns"))
-      app.conns = (int)number(a, v, 1, 10000);
+      app.conns = (int)cli_number(PROG, a, v, 1, 10000);
     else if (!strcmp(a, "--count"))
-      app.count = (int)number(a, v, 1, 100000000);
+      app.count = (int)cli_number(PROG, a, v, 1, 100000000);
     else if (!strcmp(a, "--size"))
-      app.size = (size_t)number(a, v, 8, 1 << 20);
+      app.size = (size_t)cli_number(PROG, a, v, 8, 1 << 20);
     else if (!strcmp(a, "--compress"))
-      app.compress = (int)number(a, v, -1, 9);
+      app.compress = (int)cli_number(PROG, a, v, -1, 9);
     else if (!strcmp(a, "--timeout"))
-      app.timeout = number(a, v, 1, 3600);
+      app.timeout = cli_number(PROG, a, v, 1, 3600);
     else {
       fprintf(stderr, "%s: unknown argument: %s\n", PROG, a);
       return 2;
@@ -192,11 +182,7 @@ int main(int argc, char **argv) {
   app.seen = calloc((size_t)app.count, 1);
   if (app.seen == NULL)
     return 1;
-  int rc = loom_run(app_main, NULL, NULL);
+  int rc = cli_run(PROG, app_main, NULL, 0);
   free(app.seen);
-  if (rc < 0) {
-    fprintf(stderr, "%s: %s\n", PROG, loom_strerror(rc));
-    return 1;
-  }
-  return app.status;
+  return rc != 0 ? rc : app.status;
 }

@@ -35,13 +35,9 @@ struct loom_client {
   uint64_t rr;           /* loom_client_session's round robin */
 };
 
-static bool is_packet(const char *network) {
-  return strncmp(network, "udp", 3) == 0 || strcmp(network, "unixgram") == 0;
-}
-
 static int dial_one(loom_client *cl) {
   int64_t deadline = loom_now() + cl->dial_timeout;
-  if (is_packet(cl->network)) {
+  if (loom__is_packet(cl->network)) {
     /* getty's probe: an empty datagram makes a refused port fail now. */
     loom_dial_packet_opts po = {.probe = "", .probe_len = 0};
     loom_pconn *pc;
@@ -125,7 +121,7 @@ int loom_client_start(loom_client **out, const loom_client_opts *o) {
   loom__owner_init(&cl->owner);
   int rc = loom__session_opts(&cl->so, &o->session);
   if (rc < 0 || strlen(o->network) >= sizeof cl->network ||
-      (is_packet(o->network) && o->session.compress))
+      (loom__is_packet(o->network) && o->session.compress))
     goto fail_einval;
   cl->owner.pool = cl->so.pool;
   snprintf(cl->network, sizeof cl->network, "%s", o->network);

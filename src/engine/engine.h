@@ -14,6 +14,7 @@
 #include <stdatomic.h>
 #include <stdbool.h>
 #include <stdint.h>
+#include <string.h>
 
 #include "loom/engine.h"
 #include "loom/net.h"
@@ -52,6 +53,11 @@ loom_session *loom__session_next(loom_session *s);
 /* on_open has accepted the session (owner->mu held). */
 bool loom__session_opened(loom_session *s);
 void loom__session_sample(loom_session *s, uint64_t v[5]);
+
+/* A datagram network ("udp*", "unixgram"): one session per socket. */
+static inline bool loom__is_packet(const char *network) {
+  return strncmp(network, "udp", 3) == 0 || strcmp(network, "unixgram") == 0;
+}
 
 /* Check `in` and fill `out` with the defaults of loom/engine.h.
  * 0 or -EINVAL. */

@@ -30,10 +30,6 @@ struct loom_server {
   bool packet;
 };
 
-static bool is_packet(const char *network) {
-  return strncmp(network, "udp", 3) == 0 || strcmp(network, "unixgram") == 0;
-}
-
 static void setup_conn(loom_server *srv, loom_conn *c) {
   if (strncmp(srv->network, "tcp", 3) == 0) {
     if (srv->nodelay_off)
@@ -104,7 +100,7 @@ int loom_server_start(loom_server **out, const loom_server_opts *o) {
   srv->rcvbuf = o->rcvbuf;
   srv->sndbuf = o->sndbuf;
   srv->nodelay_off = o->no_delay_off;
-  srv->packet = is_packet(o->network);
+  srv->packet = loom__is_packet(o->network);
 
   if (srv->packet) {
     if (srv->so.compress)

@@ -1,0 +1,74 @@
+/* cli.c — see cli.h. */
+#define _GNU_SOURCE /* signalfd */
+
+#include "cli.h"
+
+#include <errno.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/signalfd.h>
+#include <unistd.h>
+
+#include "loom.h"
+
+long cli_number(const char *prog, const char *opt, const char *v, long lo,
+                long hi) {
+  char *end;
+  errno = 0;
+  long n = strtol(v, &end, 10);
+  if (errno != 0 || end == v || *end != '\0' || n < lo || n > hi) {
+    fprintf(stderr, "%s: %s \"%s\": want %ld to %ld\n", prog, opt, v, lo, hi);
+    exit(2);
+  }
+  return n;
+}
+
+int cli_stop_signals(const char *prog) {
+  sigset_t stop;
+  sigemptyset(&stop);
+  sigaddset(&stop, SIGINT);
+  sigaddset(&stop, SIGTERM);
+  pthread_sigmask(SIG_BLOCK, &stop, NULL);
+  int fd = signalfd(-1, &stop, SFD_NONBLOCK | SFD_CLOEXEC);
+  if (fd < 0)
+    fprintf(stderr, "%s: signalfd: %s\n", prog, strerror(errno));
+  return fd;
+}
+
+void cli_wait_for_stop(const char *prog, int sigfd, int64_t duration) {
+  int64_t deadline = duration > 0 ? loom_now() + duration : 0;
+  for (;;) {
+    int rc = loom_fd_wait(sigfd, LOOM_FD_READ, deadline);
+    if (rc == -ETIMEDOUT) {
+      printf("%s: %.3g s elapsed, stopping\n", prog, (double)duration / 1e9);
+      return;
+    }
+    if (rc != 0) {
+      fprintf(stderr, "%s: waiting for signals: %s; stopping\n", prog,
+              loom_strerror(rc));
+      return;
+    }
+    struct signalfd_siginfo si;
+    if (read(sigfd, &si, sizeof si) == (ssize_t)sizeof si) {
+      printf("%s: %s, stopping\n", prog, strsignal((int)si.ssi_signo));
+      return;
+    }
+    /* EAGAIN: readiness is a hint; wait again. */
+  }
+}
+
+int cli_run(const char *prog, void (*fn)(void *), void *arg, int procs) {
+  loom_config cfg;
+  loom_config_init(&cfg);
+  if (procs > 0)
+    cfg.procs = procs;
+  int rc = loom_run(fn, arg, &cfg);
+  if (rc < 0) {
+    fprintf(stderr, "%s: %s\n", prog, loom_strerror(rc));
+    return 1;
+  }
+  return 0;
+}

@@ -1,0 +1,29 @@
+/*
+ * cli.h — what the engine examples share around their real work: number
+ * options, and stopping at SIGINT/SIGTERM (or after a duration) through a
+ * signalfd that a coroutine waits on.
+ */
+#ifndef LOOM_EXAMPLES_CLI_H
+#define LOOM_EXAMPLES_CLI_H
+
+#include <stdint.h>
+
+/* The integer value of option `opt` ("--procs"), lo..hi; otherwise a
+ * message and exit status 2. */
+long cli_number(const char *prog, const char *opt, const char *v, long lo,
+                long hi);
+
+/* Block SIGINT and SIGTERM in the calling thread — before loom_run, so
+ * every runtime thread inherits the mask — and return a non-blocking
+ * signalfd for them, or -1 with a message. */
+int cli_stop_signals(const char *prog);
+
+/* On a coroutine: wait until a signal arrives on `sigfd` or `duration`
+ * ns have passed (0: no limit); says which. */
+void cli_wait_for_stop(const char *prog, int sigfd, int64_t duration);
+
+/* loom_run(fn, arg) with `procs` Ps (0: the default); 0, or 1 with a
+ * message. */
+int cli_run(const char *prog, void (*fn)(void *), void *arg, int procs);
+
+#endif
