@@ -146,6 +146,7 @@ void loom_mutex_unlock(loom_mutex *mu) {
   int *lk = &mu->q_.lock_;
   loom__spin_lock(lk);
   loom__wnode *n = loom__waitq_pop(&mu->q_.q_);
+  bool release = false;
   if (n != NULL) {
     n->w->fired = 0; /* woken by an unlock, not by its deadline */
     uint32_t s = __atomic_sub_fetch(&mu->state_, WAITER, __ATOMIC_ACQ_REL);
@@ -154,12 +155,18 @@ void loom_mutex_unlock(loom_mutex *mu) {
       if (mu->q_.q_.head_ == NULL)
         __atomic_and_fetch(&mu->state_, ~STARVING, __ATOMIC_ACQ_REL);
     } else {
-      __atomic_and_fetch(&mu->state_, ~LOCKED, __ATOMIC_ACQ_REL);
+      release = true;
     }
   } else {
     __atomic_and_fetch(&mu->state_, ~(LOCKED | STARVING), __ATOMIC_ACQ_REL);
   }
   loom__spin_unlock(lk);
+  /* Dropping LOCKED is the last touch of *mu: whoever takes the mutex
+   * next may free it at once (unlock, then free: the common C pattern).
+   * A locker that queued meanwhile is not lost: n contends, and n's
+   * unlock finds the new waiter's WAITER count. */
+  if (release)
+    __atomic_and_fetch(&mu->state_, ~LOCKED, __ATOMIC_ACQ_REL);
   if (n != NULL)
     loom__waiter_wake(n->w);
 }

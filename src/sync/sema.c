@@ -99,28 +99,50 @@ void loom_sema_release(loom_sema *s) {
 /* ---- wait group ----------------------------------------------------------- */
 
 int loom_wg_add(loom_wg *wg, int64_t delta) {
-  /* The count changes by CAS, without the lock; only the change to zero
-   * takes it, to wake the waiters.  A waiter reads the count under the
-   * lock before queueing, so a change to zero either happens before that
-   * read (it returns) or finds it queued (it is woken). */
+  /* The count changes by CAS, without the lock, except the change to
+   * zero: that one is made holding the lock, which is released as the
+   * last touch of *wg.  A waiter that sees zero takes the lock once
+   * before it returns, so it cannot return — and free the wait group, the
+   * common C pattern — while the last loom_wg_done is still inside. */
   int64_t c = __atomic_load_n(&wg->count_, __ATOMIC_ACQUIRE);
-  do {
+  for (;;) {
     if (c + delta < 0)
       return -EINVAL;
-  } while (!__atomic_compare_exchange_n(&wg->count_, &c, c + delta, true,
-                                        __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE));
-  if (c + delta == 0 && delta != 0) {
-    loom__spin_lock(&wg->q_.lock_);
-    wake_all(&wg->q_);
+    if (c + delta == 0 && delta != 0)
+      break;
+    if (__atomic_compare_exchange_n(&wg->count_, &c, c + delta, true,
+                                    __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE))
+      return 0;
   }
+  loom__spin_lock(&wg->q_.lock_);
+  c = __atomic_load_n(&wg->count_, __ATOMIC_ACQUIRE);
+  while (c + delta >= 0 &&
+         !__atomic_compare_exchange_n(&wg->count_, &c, c + delta, true,
+                                      __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE))
+    ;
+  if (c + delta < 0) {
+    loom__spin_unlock(&wg->q_.lock_);
+    return -EINVAL;
+  }
+  if (c + delta == 0)
+    wake_all(&wg->q_); /* releases the lock */
+  else
+    loom__spin_unlock(&wg->q_.lock_);
   return 0;
 }
 
 int loom_wg_done(loom_wg *wg) { return loom_wg_add(wg, -1); }
 
+/* Zero seen: wait out a loom_wg_add still holding the lock (see there). */
+static int wg_zero(loom_wg *wg) {
+  loom__spin_lock(&wg->q_.lock_);
+  loom__spin_unlock(&wg->q_.lock_);
+  return 0;
+}
+
 static int wg_wait(loom_wg *wg, int64_t deadline, loom_ctx *ctx) {
   if (__atomic_load_n(&wg->count_, __ATOMIC_ACQUIRE) == 0)
-    return 0;
+    return wg_zero(wg);
   int e = loom_ctx_err(ctx);
   if (e != 0)
     return e;
