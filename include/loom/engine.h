@@ -31,9 +31,10 @@
  * holds at most wq_high + one package of our memory.
  *
  * Close.  loom_session_close is graceful and idempotent: the reader
- * stops, packages already received are handled, queued bytes are
- * written (for at most `linger`), then the socket closes and on_close
- * runs.  An error — a reset, a timeout, a malformed or oversized
+ * stops (bytes read but not yet handed to on_message or to the pool are
+ * dropped), packages already handed over are handled, queued bytes are
+ * written (for at most `linger`), then on_close runs and the socket
+ * closes.  An error — a reset, a timeout, a malformed or oversized
  * package — closes at once, dropping the queue, after on_error.  When
  * the peer half-closes, every package it sent is delivered and every
  * reply queued by then is written before on_close.
@@ -76,7 +77,9 @@ typedef struct loom_client loom_client;
 /* The user's callbacks; any may be NULL. */
 typedef struct loom_session_listener {
   /* A new session, before any package: return 0 to accept it, or a
-   * negative code to refuse (the session closes; on_close still runs). */
+   * negative code to refuse (the session closes; on_close still runs).
+   * It may run for a session already closing (its server or client is
+   * being closed): its writes then fail. */
   int (*on_open)(loom_session *s);
   /* One package; pkg->data is valid until the call returns. */
   void (*on_message)(loom_session *s, const loom_pkg *pkg);
@@ -108,8 +111,9 @@ typedef struct loom_session_opts {
   void *user;               /* initial loom_session_user() */
   int64_t read_timeout;     /* ns without a byte from the peer before the
                                session closes with -ETIMEDOUT; 0: none */
-  int64_t write_timeout;    /* ns a write of queued bytes may wait for the
-                               socket before the session closes with
+  int64_t write_timeout;    /* ns the socket may take to accept the next
+                               64 KiB of queued bytes (all of them if
+                               fewer) before the session closes with
                                -ETIMEDOUT; 0: none */
   int64_t cron_period;      /* ns between on_cron calls; 0: no cron */
   int64_t linger;           /* ns a graceful close may spend writing what is
@@ -140,8 +144,10 @@ typedef struct loom_session_opts {
  * waits without limit.  Returns 0 (queued: it will be written unless the
  * session dies first); -EAGAIN (full, timeout 0), -ETIMEDOUT, -ENOBUFS
  * (full, and close_on_full closed the session), -EMSGSIZE, -EINVAL (the
- * codec cannot encode it), LOOM_ECLOSED (the session is closing),
- * -ENOMEM.  Any coroutine; parks only when the queue is full.
+ * codec cannot encode it), LOOM_ECLOSED (the session was aborted, or
+ * its graceful close has queued its last bytes; while a graceful close
+ * is still handling packages already received, their replies are
+ * accepted), -ENOMEM.  Any coroutine; parks only when the queue is full.
  */
 LOOM_API int loom_session_write(loom_session *s, const void *data, size_t len,
                                 int64_t timeout);
@@ -157,7 +163,9 @@ LOOM_API int loom_session_write_to(loom_session *s, const void *data,
  * returns at once. */
 LOOM_API void loom_session_close(loom_session *s);
 /* Close at once because of `err` (< 0): on_error(err), the queue is
- * dropped.  Idempotent with loom_session_close (the first one decides). */
+ * dropped.  It also cuts short a graceful close under way (which then
+ * reports err); the first abort decides, later aborts and closes change
+ * nothing. */
 LOOM_API void loom_session_abort(loom_session *s, int err);
 /* True once the session is closing. Any thread. */
 LOOM_API bool loom_session_closed(loom_session *s);
@@ -215,7 +223,7 @@ LOOM_API void loom_session_stats_get(loom_session *s, loom_session_stats *out);
 
 typedef struct loom_metrics {
   uint64_t sessions_open;  /* now */
-  uint64_t sessions_total; /* ever opened */
+  uint64_t sessions_total; /* ever started (refused ones included) */
   uint64_t bytes_in, bytes_out, pkgs_in, pkgs_out;
   uint64_t wq_bytes;       /* queued now, over all sessions */
   uint64_t wq_max;         /* the longest queue now */
@@ -284,9 +292,10 @@ typedef struct loom_client_opts {
   const char *addr;
   loom_session_opts session;
   int conns;                  /* sessions kept connected (0: 1) */
-  int64_t reconnect_interval; /* first wait before redialling (0: 100 ms;
-                                 negative: never redial — each session is
-                                 dialled once) */
+  int64_t reconnect_interval; /* redials come at most this often, and a
+                                 failed dial is retried after it (0: 100
+                                 ms; negative: never redial — each session
+                                 is dialled once) */
   int64_t reconnect_max;      /* the wait doubles up to this (0: 5 s) */
   int64_t dial_timeout;       /* 0: 5 s */
 } loom_client_opts;

@@ -81,6 +81,8 @@ static void supervisor(void *arg) {
     if (loom_ctx_err(cl->ctx))
       break;
     int rc = dial_one(cl);
+    if (rc < 0 && !loom_ctx_err(cl->ctx)) /* counted before waiters see it */
+      loom__owner_count(&cl->owner, LOOM__ERR_accept);
     loom_mutex_lock(&cl->owner.mu);
     cl->dials_done++;
     if (rc < 0) {
@@ -92,7 +94,6 @@ static void supervisor(void *arg) {
     if (rc < 0) {
       if (loom_ctx_err(cl->ctx))
         break;
-      loom__owner_count(&cl->owner, LOOM__ERR_accept);
       backoff = backoff ? backoff * 2 : cl->interval;
       if (backoff > cl->max_wait)
         backoff = cl->max_wait;

@@ -121,6 +121,9 @@ struct loom_session {
   int64_t opened_at;
 };
 
+/* The most a writer batch holds when the session has a write timeout. */
+#define WRITE_GRAIN ((size_t)65536)
+
 /* A stack buffer for encoding one package (spills to the heap). */
 #define ENC_STACK 2048
 
@@ -363,12 +366,34 @@ static bool writable(loom_session *s) {
   return atomic_load(&s->state) != S_ABORTED && !s->wfinal;
 }
 
+/* Send what the socket takes of b's bytes now, without waiting.  An
+ * error (EAGAIN, or one the writer will meet and report) sends nothing.
+ * wmu held, and nobody else writing. */
+static void try_send(loom_session *s, loom_buf *b) {
+  struct iovec iov[64];
+  struct msghdr m = {.msg_iov = iov};
+  m.msg_iovlen = (size_t)loom_buf_peek(b, iov, 64);
+  ssize_t k = sendmsg(s->fd, &m, MSG_DONTWAIT | MSG_NOSIGNAL);
+  if (k > 0) {
+    loom_buf_consume(b, (size_t)k);
+    BUMP(bytes_out, (uint64_t)k);
+    atomic_store_explicit(&s->last_write, loom_now(), memory_order_relaxed);
+  }
+}
+
 /* The queue is full: wait for room per `timeout`, or apply close_on_full.
  * Called and returns with wmu held.  0: room (or the state changed). */
 static int wait_room(loom_session *s, int64_t timeout) {
   int64_t deadline = timeout > 0 ? loom_now() + timeout : 0;
-  if (!s->wbusy) /* corked bytes fill the queue: the writer takes over */
+  if (!s->wbusy) {
+    /* Nobody is writing (the queue filled while corked, or the writer has
+     * not run yet): what the socket takes now is room at once. */
+    if (s->top == &s->sock)
+      try_send(s, &s->wq);
+    if (loom_buf_len(&s->wq) < s->o.wq_high)
+      return 0;
     loom_cond_signal(&s->wcond);
+  }
   while (loom_buf_len(&s->wq) >= s->o.wq_high && writable(s)) {
     int rc = timeout == 0 ? -EAGAIN
                           : loom_cond_wait(&s->wspace, &s->wmu, deadline);
@@ -384,21 +409,6 @@ static int wait_room(loom_session *s, int64_t timeout) {
     }
   }
   return 0;
-}
-
-/* Send what the socket takes of b's bytes now, without waiting.  An
- * error (EAGAIN, or one the writer will meet and report) sends nothing.
- * wmu held, and nobody else writing. */
-static void try_send(loom_session *s, loom_buf *b) {
-  struct iovec iov[64];
-  struct msghdr m = {.msg_iov = iov};
-  m.msg_iovlen = (size_t)loom_buf_peek(b, iov, 64);
-  ssize_t k = sendmsg(s->fd, &m, MSG_DONTWAIT | MSG_NOSIGNAL);
-  if (k > 0) {
-    loom_buf_consume(b, (size_t)k);
-    BUMP(bytes_out, (uint64_t)k);
-    atomic_store_explicit(&s->last_write, loom_now(), memory_order_relaxed);
-  }
 }
 
 /* The reader's batch is dispatched: send what its callbacks queued in
@@ -445,8 +455,14 @@ out:
 
 static int encode(loom_session *s, const void *data, size_t len, loom_buf *b) {
   int rc = s->codec->encode(s->codec, data, len, s->o.max_write_len, b);
-  if (rc == -EMSGSIZE)
-    loom__owner_count(s->owner, LOOM__ERR_oversize);
+  if (rc == -EMSGSIZE) {
+    /* The owner outlives the session's socket, not the session (which a
+     * reference may keep): count only while the socket is open. */
+    loom_mutex_lock(&s->wmu);
+    if (!s->io_closed)
+      loom__owner_count(s->owner, LOOM__ERR_oversize);
+    loom_mutex_unlock(&s->wmu);
+  }
   return rc;
 }
 
@@ -549,8 +565,16 @@ static void writer_main(void *arg) {
     struct iovec iov[64];
     int n = loom_buf_peek(&s->wq, iov, 64);
     size_t total = 0;
-    for (int i = 0; i < n; i++)
+    for (int i = 0; i < n; i++) {
+      /* With a write timeout, a batch is at most WRITE_GRAIN bytes: the
+       * timeout is how long the socket may take to accept that much, so
+       * a peer that reads slowly but steadily is not cut off. */
+      if (s->o.write_timeout && total + iov[i].iov_len > WRITE_GRAIN) {
+        iov[i].iov_len = WRITE_GRAIN - total;
+        n = i + 1;
+      }
       total += iov[i].iov_len;
+    }
     s->wbusy = true;
     /* After a graceful close, the linger deadline bounds what is left;
      * before, each batch gets write_timeout. */
@@ -936,10 +960,14 @@ end:
     else if (s->o.linger > 0)
       s->final_deadline = loom_now() + s->o.linger;
     /* A write under way was bounded by write_timeout at most: bound it
-     * by the linger now (or cut it, with linger < 0). */
+     * by the linger now — or cut it, with linger < 0 or after an abort
+     * (whose past deadline this must not move back to the future). */
     if (s->wbusy)
-      loom_set_write_deadline(s->conn,
-                              s->o.linger < 0 ? 1 : s->final_deadline);
+      loom_set_write_deadline(s->conn, s->o.linger < 0 ||
+                                               atomic_load(&s->state) ==
+                                                   S_ABORTED
+                                           ? 1
+                                           : s->final_deadline);
     loom_cond_signal(&s->wcond);
     loom_mutex_unlock(&s->wmu);
     loom_sema_acquire(&s->writer_exit, 0);

@@ -1,0 +1,2609 @@
+/*
+ * test_engine_edge.c — the engine's contracts (loom/engine.h,
+ * loom/taskpool.h) at their edges, against real sockets on loopback:
+ * slow consumers under each write-queue policy, cron and idle timeouts,
+ * write timeouts and linger, oversized / malformed / truncated input,
+ * packet sessions, corrupt compressed streams, refusal and connection
+ * limits, the close protocol and references, identity and statistics,
+ * metrics and their Prometheus text, the task pool on its own, and many
+ * coroutines writing to one session.
+ *
+ * Peers.  Where a case needs precise control (a peer that never reads,
+ * with a small receive buffer set before connecting; a header with no
+ * payload; half a frame then end-of-stream) the peer is a plain
+ * socket(2), non-blocking, waited on with loom_fd_wait so it parks its
+ * coroutine like any loom call.  Elsewhere peers are loom_dial
+ * connections or loom_client sessions.
+ *
+ * What the engine does is recorded by one listener (ev_listener) into an
+ * `ev` that the session's user pointer names: counts of each callback,
+ * the first on_error code, a reference to the first session, its stats
+ * as on_close saw them.  Every wait is bounded (WAIT_FOR), so a contract
+ * the engine breaks by hanging fails naming what it waited for, not by
+ * ctest's timeout.  Timing is checked only with generous sanity bounds.
+ */
+#include <arpa/inet.h>
+#include <errno.h>
+#include <malloc.h>
+#include <netinet/in.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdbool.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include "check.h"
+#include "loom.h"
+
+#define SEC INT64_C(1000000000)
+
+/* Wait (polling every millisecond) until `cond`, at most `secs` seconds. */
+#define WAIT_FOR(cond, secs)                                                   \
+  do {                                                                         \
+    int64_t wf_end_ = loom_now() + (int64_t)(secs)*SEC;                        \
+    while (!(cond)) {                                                          \
+      if (loom_now() > wf_end_)                                                \
+        CHECK_FAIL("waited %d s for: %s", (int)(secs), #cond);                 \
+      loom_sleep(CHECK_MS);                                                    \
+    }                                                                          \
+  } while (0)
+
+/* Run `fn` as a loom program with `procs` Ps, under a watchdog. */
+static void run(void (*fn)(void *), int procs, const char *what) {
+  check_watchdog(25, what);
+  check_run(fn, NULL, procs);
+}
+
+/* ------------------------------------------------------------------ */
+/* The recording listener.                                              */
+
+typedef struct ev {
+  atomic_int opens, msgs, crons, errs, closes, frees;
+  atomic_int err;            /* the first on_error code */
+  atomic_int echo_fail;      /* echo writes that did not return 0 */
+  atomic_size_t bytes;       /* payload bytes seen by on_message */
+  _Atomic int64_t opened_at; /* loom_now() in the last on_open */
+  _Atomic uint64_t id;       /* loom_session_id in the last on_open */
+  int open_rc;               /* what on_open returns */
+  bool echo;                 /* on_message writes the package back */
+  bool keep;                 /* on_open keeps a reference in `s` */
+  loom_session *_Atomic s;   /* that reference (the first session) */
+  void (*msg)(loom_session *s, const loom_pkg *pkg); /* extra work */
+  void (*error)(loom_session *s, int err);           /* extra work */
+  void (*close)(loom_session *s);                    /* extra work */
+  loom_session_stats final; /* loom_session_stats_get in on_close */
+} ev;
+
+static int ev_open(loom_session *s) {
+  ev *e = loom_session_user(s);
+  CHECK(e != NULL);
+  atomic_store(&e->opened_at, loom_now());
+  atomic_store(&e->id, loom_session_id(s));
+  if (e->keep) {
+    loom_session *none = NULL, *r = loom_session_ref(s);
+    if (!atomic_compare_exchange_strong(&e->s, &none, r))
+      loom_session_unref(r);
+  }
+  atomic_fetch_add(&e->opens, 1); /* last: whoever sees it sees `s` */
+  return e->open_rc;
+}
+
+static void ev_message(loom_session *s, const loom_pkg *pkg) {
+  ev *e = loom_session_user(s);
+  atomic_fetch_add(&e->bytes, pkg->len);
+  if (e->echo && loom_session_write(s, pkg->data, pkg->len, -1) != 0)
+    atomic_fetch_add(&e->echo_fail, 1);
+  if (e->msg)
+    e->msg(s, pkg);
+  atomic_fetch_add(&e->msgs, 1);
+}
+
+static void ev_cron(loom_session *s) {
+  ev *e = loom_session_user(s);
+  atomic_fetch_add(&e->crons, 1);
+}
+
+static void ev_error(loom_session *s, int err) {
+  ev *e = loom_session_user(s);
+  CHECK(loom_session_closed(s));
+  CHECK_LT(err, 0);
+  int none = 0;
+  atomic_compare_exchange_strong(&e->err, &none, err);
+  if (e->error)
+    e->error(s, err);
+  atomic_fetch_add(&e->errs, 1);
+}
+
+/* Several sessions of one server may close at once: `final` is the last
+ * one's, written under this lock. */
+static loom_mutex final_mu;
+
+static void ev_close(loom_session *s) {
+  ev *e = loom_session_user(s);
+  CHECK(loom_session_closed(s));
+  loom_mutex_lock(&final_mu);
+  loom_session_stats_get(s, &e->final);
+  loom_mutex_unlock(&final_mu);
+  if (e->close)
+    e->close(s);
+  atomic_fetch_add(&e->closes, 1);
+}
+
+static const loom_session_listener ev_listener = {
+    .on_open = ev_open,
+    .on_message = ev_message,
+    .on_cron = ev_cron,
+    .on_error = ev_error,
+    .on_close = ev_close,
+};
+
+/* on_free: after on_close, at the last unref; the user pointer and the
+ * attributes are still there to be freed. */
+static int free_key;
+static void ev_free(loom_session *s) {
+  ev *e = loom_session_user(s);
+  CHECK(e != NULL);
+  CHECK(loom_session_closed(s));
+  CHECK_EQ(atomic_load(&e->closes), atomic_load(&e->frees) + 1);
+  CHECK(loom_session_attr(s, &free_key) == e);
+  atomic_fetch_add(&e->frees, 1);
+}
+
+static const loom_session_listener free_listener = {
+    .on_open = ev_open,
+    .on_message = ev_message,
+    .on_error = ev_error,
+    .on_close = ev_close,
+    .on_free = ev_free,
+};
+
+static ev E; /* each case runs in its own process */
+
+/* Codecs outlive every server (they are read on the sessions). */
+static loom_codec lenpfx, line;
+static void codecs_init(void) {
+  CHECK_OK(loom_codec_lenpfx(&lenpfx, NULL));
+  CHECK_OK(loom_codec_line(&line, '\n', false));
+}
+
+/* Default server options: TCP on 127.0.0.1, port 0, recording into E. */
+static loom_server_opts server_opts(const loom_codec *codec) {
+  loom_server_opts o;
+  memset(&o, 0, sizeof o);
+  o.network = "tcp";
+  o.addr = "127.0.0.1:0";
+  o.session.listener = &ev_listener;
+  o.session.codec = codec;
+  o.session.user = &E;
+  return o;
+}
+
+static loom_server *serve(const loom_server_opts *o, char addr[128]) {
+  loom_server *srv;
+  CHECK_OK(loom_server_start(&srv, o));
+  CHECK_OK(loom_server_addr(srv, addr, 128));
+  return srv;
+}
+
+static loom_metrics metrics(loom_server *srv) {
+  loom_metrics m;
+  loom_server_metrics(srv, &m);
+  return m;
+}
+
+/* The one kept session, once on_open has run. */
+static loom_session *kept_session(void) {
+  WAIT_FOR(atomic_load(&E.opens) >= 1, 5);
+  loom_session *s = atomic_load(&E.s);
+  CHECK(s != NULL);
+  return s;
+}
+
+/* ------------------------------------------------------------------ */
+/* Peers.                                                               */
+
+static int addr_port(const char *addr) {
+  const char *c = strrchr(addr, ':');
+  CHECK(c != NULL);
+  return atoi(c + 1);
+}
+
+/* A non-blocking TCP socket connected to `addr` (127.0.0.1:port), with
+ * SO_RCVBUF set before connecting when rcvbuf > 0. */
+static int raw_dial(const char *addr, int rcvbuf) {
+  int fd = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+  CHECK(fd >= 0);
+  if (rcvbuf > 0)
+    CHECK(setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &rcvbuf, sizeof rcvbuf) == 0);
+  struct sockaddr_in sa;
+  memset(&sa, 0, sizeof sa);
+  sa.sin_family = AF_INET;
+  sa.sin_port = htons((uint16_t)addr_port(addr));
+  sa.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  if (connect(fd, (struct sockaddr *)&sa, sizeof sa) < 0) {
+    CHECK_EQ(errno, EINPROGRESS);
+    CHECK_OK(loom_fd_wait(fd, LOOM_FD_WRITE, loom_now() + 5 * SEC));
+    int soerr = 0;
+    socklen_t sl = sizeof soerr;
+    CHECK(getsockopt(fd, SOL_SOCKET, SO_ERROR, &soerr, &sl) == 0);
+    CHECK_EQ(soerr, 0);
+  }
+  return fd;
+}
+
+/* Read exactly n bytes from a loom_conn (within 10 s). */
+static void conn_read_full(loom_conn *c, void *p, size_t n) {
+  uint8_t *b = p;
+  CHECK_OK(loom_set_read_deadline(c, loom_now() + 10 * SEC));
+  while (n > 0) {
+    ssize_t k = loom_read(c, b, n);
+    CHECKF(k > 0, "read returned %zd (%s) with %zu bytes to go", k,
+           loom_err_name((int)k), n);
+    b += k;
+    n -= (size_t)k;
+  }
+}
+
+/* The peer's end: end-of-stream (or a reset) within 5 s, not a hang. */
+static void conn_expect_eof(loom_conn *c) {
+  char buf[4096];
+  CHECK_OK(loom_set_read_deadline(c, loom_now() + 5 * SEC));
+  for (;;) {
+    ssize_t k = loom_read(c, buf, sizeof buf);
+    if (k > 0)
+      continue;
+    CHECKF(k == 0 || k == -ECONNRESET, "read returned %zd (%s)", k,
+           loom_err_name((int)k));
+    return;
+  }
+}
+
+/* Close the peer, then the server (gracefully, within 5 s). */
+static void finish(loom_server *srv, loom_conn *peer) {
+  CHECK_OK(loom_close(peer));
+  CHECK_OK(loom_server_close(srv, loom_now() + 5 * SEC));
+}
+
+static void put_be32(uint8_t *p, uint32_t v) {
+  p[0] = (uint8_t)(v >> 24);
+  p[1] = (uint8_t)(v >> 16);
+  p[2] = (uint8_t)(v >> 8);
+  p[3] = (uint8_t)v;
+}
+
+static uint32_t get_be32(const uint8_t *p) {
+  return (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 | (uint32_t)p[2] << 8 |
+         p[3];
+}
+
+/* A 4-byte big-endian length-prefixed frame of p[0..n) into out. */
+static size_t frame(uint8_t *out, const void *p, size_t n) {
+  put_be32(out, (uint32_t)n);
+  memcpy(out + 4, p, n);
+  return n + 4;
+}
+
+/* ------------------------------------------------------------------ */
+/* 1. Slow consumer: a peer that never reads, per write-queue policy.   */
+
+enum { PKG = 64 * 1024, WQ_HIGH = 256 * 1024, WQ_LOW = 128 * 1024 };
+static uint8_t big[PKG];
+
+typedef struct slow {
+  loom_server *srv;
+  char addr[128];
+  int peer;
+  loom_session *s;
+} slow;
+
+/* A server with small socket buffers and watermarks, and a peer with a
+ * small receive buffer that never reads. */
+static void slow_start(slow *t, bool close_on_full, int64_t write_timeout,
+                       size_t wq_high, int64_t linger) {
+  codecs_init();
+  for (size_t i = 0; i < PKG; i++)
+    big[i] = (uint8_t)(i * 7 + 1);
+  loom_server_opts o = server_opts(&lenpfx);
+  o.sndbuf = 16384;
+  o.session.wq_high = wq_high;
+  o.session.wq_low = wq_high / 2;
+  o.session.close_on_full = close_on_full;
+  o.session.write_timeout = write_timeout;
+  o.session.linger = linger;
+  E.keep = true;
+  t->srv = serve(&o, t->addr);
+  t->peer = raw_dial(t->addr, 16384);
+  t->s = kept_session();
+}
+
+/* "A peer that reads slowly or never holds at most wq_high + one package
+ * of our memory." */
+static void check_wq_bound(loom_session *s) {
+  loom_session_stats st;
+  loom_session_stats_get(s, &st);
+  CHECKF(st.wq_bytes <= (size_t)WQ_HIGH + PKG + 4, "wq_bytes %zu", st.wq_bytes);
+}
+
+/* Write 64 KiB packages with timeout 0 until the queue refuses one and
+ * the socket has stopped taking bytes (the queue length holds still);
+ * returns how many were refused. */
+static int fill_until_stalled(loom_session *s) {
+  int refused = 0;
+  size_t before = SIZE_MAX;
+  for (int round = 0; round < 100; round++) {
+    int rc;
+    for (int i = 0; i < 1024; i++) {
+      rc = loom_session_write(s, big, PKG, 0);
+      check_wq_bound(s);
+      if (rc != 0)
+        break;
+    }
+    CHECK_ERR(rc, -EAGAIN);
+    refused++;
+    loom_session_stats st;
+    loom_session_stats_get(s, &st);
+    CHECK_GE(st.wq_bytes, (size_t)WQ_HIGH);
+    if (st.wq_bytes == before)
+      return refused;
+    before = st.wq_bytes;
+    loom_sleep(30 * CHECK_MS);
+  }
+  CHECK_FAIL("the write queue never stalled");
+}
+
+static void slow_end(slow *t) {
+  close(t->peer); /* unread bytes: a reset, the session ends */
+  WAIT_FOR(atomic_load(&E.closes) == 1, 10);
+  loom_session_unref(t->s);
+  CHECK_OK(loom_server_close(t->srv, loom_now() + 5 * SEC));
+}
+
+/* (a) timeout 0: -EAGAIN once full; the queue never exceeds wq_high plus
+ * one package; every refusal is counted as wq_full. */
+static void slow_eagain_main(void *arg) {
+  (void)arg;
+  slow t;
+  slow_start(&t, false, 0, WQ_HIGH, 0);
+  int refused = fill_until_stalled(t.s);
+  for (int i = 0; i < 16; i++) {
+    CHECK_ERR(loom_session_write(t.s, big, PKG, 0), -EAGAIN);
+    check_wq_bound(t.s);
+    refused++;
+  }
+  loom_session_stats st;
+  loom_session_stats_get(t.s, &st);
+  loom_metrics m = metrics(t.srv);
+  CHECK_EQ(m.errors.wq_full, refused);
+  CHECK_EQ(m.wq_bytes, st.wq_bytes); /* the one session's queue */
+  CHECK_EQ(m.wq_max, st.wq_bytes);
+  CHECK_EQ(m.sessions_open, 1);
+  CHECK(!loom_session_closed(t.s));
+  CHECK_EQ(atomic_load(&E.errs), 0);
+  CHECK_EQ(atomic_load(&E.closes), 0);
+  slow_end(&t);
+}
+TEST(slow_consumer_timeout0_eagain) { run(slow_eagain_main, 2, "slow eagain"); }
+
+/* (b) timeout > 0: -ETIMEDOUT after about that long; the session stays. */
+static void slow_timeout_main(void *arg) {
+  (void)arg;
+  slow t;
+  slow_start(&t, false, 0, WQ_HIGH, 0);
+  int refused = fill_until_stalled(t.s);
+  int64_t t0 = loom_now();
+  CHECK_ERR(loom_session_write(t.s, big, PKG, 200 * CHECK_MS), -ETIMEDOUT);
+  int64_t el = loom_now() - t0;
+  CHECKF(el >= 100 * CHECK_MS && el < 10 * SEC, "waited %lld ms",
+         (long long)(el / CHECK_MS));
+  check_wq_bound(t.s);
+  CHECK_EQ(metrics(t.srv).errors.wq_full, refused + 1);
+  CHECK(!loom_session_closed(t.s));
+  CHECK_EQ(atomic_load(&E.errs), 0);
+  slow_end(&t);
+}
+TEST(slow_consumer_timeout_etimedout) {
+  run(slow_timeout_main, 2, "slow timeout");
+}
+
+/* A write waiting without limit on a full queue is released by an abort
+ * with LOOM_ECLOSED. */
+static atomic_int blocked_rc = 1;
+static loom_session *blocked_s;
+static void blocked_writer(void *arg) {
+  (void)arg;
+  atomic_store(&blocked_rc, loom_session_write(blocked_s, big, PKG, -1));
+}
+
+/* The linger is long (20 s) on purpose: an abort drops the queue and
+ * closes at once ("An error ... closes at once, dropping the queue"), so
+ * nothing here may wait for the linger. */
+enum { LONG_LINGER_S = 20 };
+
+static void slow_abort_main(void *arg) {
+  (void)arg;
+  slow t;
+  slow_start(&t, false, 0, WQ_HIGH, LONG_LINGER_S * SEC);
+  fill_until_stalled(t.s);
+  blocked_s = t.s;
+  CHECK_OK(loom_go(blocked_writer, NULL));
+  loom_sleep(100 * CHECK_MS);
+  CHECK_EQ(atomic_load(&blocked_rc), 1); /* still waiting for room */
+  loom_session_abort(t.s, -ECANCELED);
+  WAIT_FOR(atomic_load(&blocked_rc) != 1, 5);
+  CHECK_ERR(atomic_load(&blocked_rc), LOOM_ECLOSED);
+  WAIT_FOR(atomic_load(&E.closes) == 1, 5);
+  CHECK_EQ(atomic_load(&E.errs), 1);
+  CHECK_ERR(atomic_load(&E.err), -ECANCELED);
+  CHECK_ERR(loom_session_write(t.s, "x", 1, 0), LOOM_ECLOSED);
+  slow_end(&t);
+}
+TEST(slow_consumer_blocked_write_released_by_abort) {
+  run(slow_abort_main, 2, "blocked write");
+}
+
+/* (c) close_on_full: the write that cannot be queued returns -ENOBUFS,
+ * on_error(-ENOBUFS), on_close once, counted as wq_full. */
+static void slow_close_on_full_main(void *arg) {
+  (void)arg;
+  slow t;
+  slow_start(&t, true, 0, WQ_HIGH, LONG_LINGER_S * SEC);
+  int rc = 0;
+  for (int i = 0; i < 1024 && rc == 0; i++) {
+    rc = loom_session_write(t.s, big, PKG, 0);
+    check_wq_bound(t.s);
+  }
+  CHECK_ERR(rc, -ENOBUFS);
+  CHECK(loom_session_closed(t.s));
+  WAIT_FOR(atomic_load(&E.closes) == 1, 5);
+  CHECK_EQ(atomic_load(&E.errs), 1);
+  CHECK_ERR(atomic_load(&E.err), -ENOBUFS);
+  loom_metrics m = metrics(t.srv);
+  CHECK_GT(m.errors.wq_full, 0);
+  CHECK_EQ(m.errors.other, 0);
+  CHECK_ERR(loom_session_write(t.s, big, PKG, 0), LOOM_ECLOSED);
+  loom_sleep(50 * CHECK_MS);
+  CHECK_EQ(atomic_load(&E.closes), 1);
+  CHECK_EQ(atomic_load(&E.errs), 1);
+  slow_end(&t);
+}
+TEST(slow_consumer_close_on_full_enobufs) {
+  run(slow_close_on_full_main, 2, "close_on_full");
+}
+
+/* (d) Memory: 200 MB of attempted writes to a peer that never reads
+ * costs about wq_high + one package.  Measured two ways: the bytes live
+ * in loom's allocator (exact, every build), and the process RSS (plain
+ * builds only: ASan's quarantine and TSan's allocator keep freed blocks
+ * resident, which is not the engine's doing). */
+static atomic_llong live_bytes, peak_bytes;
+
+static void *count_realloc(void *ud, void *p, size_t n) {
+  (void)ud;
+  long long old = p ? (long long)malloc_usable_size(p) : 0;
+  void *q = realloc(p, n ? n : 1);
+  if (!q)
+    return NULL;
+  long long d = (long long)malloc_usable_size(q) - old;
+  long long now = atomic_fetch_add(&live_bytes, d) + d;
+  long long pk = atomic_load(&peak_bytes);
+  while (now > pk && !atomic_compare_exchange_weak(&peak_bytes, &pk, now)) {
+  }
+  return q;
+}
+
+static void count_free(void *ud, void *p) {
+  (void)ud;
+  atomic_fetch_sub(&live_bytes, (long long)malloc_usable_size(p));
+  free(p);
+}
+
+static void slow_memory_main(void *arg) {
+  (void)arg;
+  slow t;
+  slow_start(&t, false, 0, WQ_HIGH, 0);
+  fill_until_stalled(t.s);
+  long long base = atomic_load(&live_bytes);
+  atomic_store(&peak_bytes, base);
+  long rss0 = check_rss_mib();
+  int ok = 0, refused = 0;
+  for (int i = 0; i < 3200; i++) { /* 200 MiB */
+    int rc = loom_session_write(t.s, big, PKG, 0);
+    if (rc == 0) {
+      ok++;
+    } else {
+      CHECK_ERR(rc, -EAGAIN);
+      refused++;
+    }
+    if (i % 64 == 0)
+      check_wq_bound(t.s);
+  }
+  long rss1 = check_rss_mib();
+  long long grew = atomic_load(&peak_bytes) - base;
+  printf("ok %d refused %d, loom heap peak +%lld KiB, rss %ld -> %ld MiB\n", ok,
+         refused, grew / 1024, rss0, rss1);
+  CHECK_GE(refused, 3100);
+  CHECKF(grew < 4 * 1024 * 1024, "loom's heap grew by %lld bytes", grew);
+  if (!CHECK_ASAN && !CHECK_TSAN)
+    CHECKF(rss1 - rss0 < 32, "RSS grew from %ld to %ld MiB", rss0, rss1);
+  slow_end(&t);
+}
+/* "read_buf: it grows to hold one package, and shrinks back": after a
+ * 1 MiB package, the session's memory returns to about what it was. */
+static void shrink_main(void *arg) {
+  (void)arg;
+  codecs_init();
+  loom_server_opts o = server_opts(&lenpfx);
+  o.session.max_pkg_len = 2 << 20;
+  char addr[128];
+  loom_server *srv = serve(&o, addr);
+  loom_conn *peer;
+  CHECK_OK(loom_dial(&peer, "tcp", addr));
+  WAIT_FOR(atomic_load(&E.opens) == 1, 5);
+  loom_sleep(10 * CHECK_MS);
+  long long base = atomic_load(&live_bytes);
+  atomic_store(&peak_bytes, base);
+  static uint8_t f[(1 << 20) + 4];
+  frame(f, f + 4, 1 << 20);
+  CHECK_EQ(loom_write(peer, f, sizeof f), (ssize_t)sizeof f);
+  WAIT_FOR(atomic_load(&E.msgs) == 1, 5);
+  uint8_t small[8];
+  CHECK_EQ(loom_write(peer, small, frame(small, "x", 1)), 5);
+  WAIT_FOR(atomic_load(&E.msgs) == 2, 5);
+  loom_sleep(20 * CHECK_MS);
+  long long grew = atomic_load(&peak_bytes) - base;
+  long long now = atomic_load(&live_bytes) - base;
+  printf("peak +%lld KiB, now +%lld KiB\n", grew / 1024, now / 1024);
+  CHECK_GE(grew, 1 << 20); /* it did grow to hold the package */
+  CHECKF(now < 64 * 1024, "still %lld bytes more than before", now);
+  finish(srv, peer);
+}
+TEST(read_buf_shrinks_after_big_package) {
+  loom_allocator a = {count_realloc, count_free, NULL};
+  loom_set_allocator(&a);
+  run(shrink_main, 2, "read buffer shrink");
+  loom_set_allocator(NULL);
+}
+
+TEST(slow_consumer_memory_bound) {
+  loom_allocator a = {count_realloc, count_free, NULL};
+  loom_set_allocator(&a);
+  run(slow_memory_main, 2, "memory bound");
+  loom_set_allocator(NULL);
+}
+
+/* ------------------------------------------------------------------ */
+/* 2. Cron and idle.                                                    */
+
+/* on_cron runs every cron_period on an idle session, and not more
+ * often; the session stays open. */
+static void cron_main(void *arg) {
+  (void)arg;
+  codecs_init();
+  loom_server_opts o = server_opts(&line);
+  o.session.cron_period = 20 * CHECK_MS;
+  char addr[128];
+  loom_server *srv = serve(&o, addr);
+  loom_conn *peer;
+  CHECK_OK(loom_dial(&peer, "tcp", addr));
+  WAIT_FOR(atomic_load(&E.opens) == 1, 5);
+  WAIT_FOR(atomic_load(&E.crons) >= 5, 5);
+  loom_sleep(100 * CHECK_MS);
+  int n = atomic_load(&E.crons);
+  int64_t el = loom_now() - atomic_load(&E.opened_at);
+  CHECKF(n <= el / (20 * CHECK_MS) + 1, "%d crons in %lld ms", n,
+         (long long)(el / CHECK_MS));
+  CHECK_EQ(atomic_load(&E.errs), 0);
+  CHECK_EQ(atomic_load(&E.closes), 0);
+  CHECK_EQ(atomic_load(&E.msgs), 0);
+  CHECK_OK(loom_close(peer)); /* end of stream: a graceful close */
+  WAIT_FOR(atomic_load(&E.closes) == 1, 5);
+  CHECK_EQ(atomic_load(&E.errs), 0);
+  CHECK_OK(loom_server_close(srv, loom_now() + 5 * SEC));
+}
+TEST(cron_on_idle_session) { run(cron_main, 2, "cron"); }
+
+/* read_timeout with a silent peer: on_error(-ETIMEDOUT), on_close, one
+ * timeout counted; the peer sees the end of the stream. */
+static void idle_main(void *arg) {
+  (void)arg;
+  codecs_init();
+  loom_server_opts o = server_opts(&line);
+  o.session.read_timeout = 100 * CHECK_MS;
+  char addr[128];
+  loom_server *srv = serve(&o, addr);
+  loom_conn *peer;
+  int64_t t0 = loom_now();
+  CHECK_OK(loom_dial(&peer, "tcp", addr));
+  WAIT_FOR(atomic_load(&E.closes) == 1, 5);
+  CHECK_GE(loom_now() - t0, 50 * CHECK_MS);
+  CHECK_EQ(atomic_load(&E.errs), 1);
+  CHECK_ERR(atomic_load(&E.err), -ETIMEDOUT);
+  loom_metrics m = metrics(srv);
+  CHECK_EQ(m.errors.timeout, 1);
+  CHECK_EQ(m.errors.other, 0);
+  conn_expect_eof(peer);
+  CHECK_OK(loom_close(peer));
+  CHECK_OK(loom_server_close(srv, loom_now() + 5 * SEC));
+}
+TEST(read_timeout_silent_peer) { run(idle_main, 2, "read timeout"); }
+
+/* Cron wake-ups do not count as reads: with cron much shorter than
+ * read_timeout, a silent peer still times out. */
+static void cron_idle_main(void *arg) {
+  (void)arg;
+  codecs_init();
+  loom_server_opts o = server_opts(&line);
+  o.session.read_timeout = 150 * CHECK_MS;
+  o.session.cron_period = 20 * CHECK_MS;
+  char addr[128];
+  loom_server *srv = serve(&o, addr);
+  loom_conn *peer;
+  CHECK_OK(loom_dial(&peer, "tcp", addr));
+  WAIT_FOR(atomic_load(&E.closes) == 1, 5);
+  CHECK_ERR(atomic_load(&E.err), -ETIMEDOUT);
+  CHECK_GE(atomic_load(&E.crons), 2);
+  CHECK_EQ(metrics(srv).errors.timeout, 1);
+  CHECK_OK(loom_close(peer));
+  CHECK_OK(loom_server_close(srv, loom_now() + 5 * SEC));
+}
+TEST(cron_does_not_defer_read_timeout) { run(cron_idle_main, 2, "cron+idle"); }
+
+/* A peer that sends more often than read_timeout is not closed; once it
+ * stops, it is. */
+static void busy_main(void *arg) {
+  (void)arg;
+  codecs_init();
+  loom_server_opts o = server_opts(&line);
+  o.session.read_timeout = 250 * CHECK_MS;
+  char addr[128];
+  loom_server *srv = serve(&o, addr);
+  loom_conn *peer;
+  CHECK_OK(loom_dial(&peer, "tcp", addr));
+  int sent = 0;
+  int64_t end = loom_now() + 750 * CHECK_MS;
+  while (loom_now() < end) {
+    CHECK_EQ(loom_write(peer, "x\n", 2), 2);
+    sent++;
+    loom_sleep(10 * CHECK_MS);
+  }
+  WAIT_FOR(atomic_load(&E.msgs) == sent, 5);
+  CHECK_EQ(atomic_load(&E.errs), 0);
+  CHECK_EQ(atomic_load(&E.closes), 0);
+  WAIT_FOR(atomic_load(&E.closes) == 1, 5);
+  CHECK_ERR(atomic_load(&E.err), -ETIMEDOUT);
+  CHECK_OK(loom_close(peer));
+  CHECK_OK(loom_server_close(srv, loom_now() + 5 * SEC));
+}
+TEST(read_timeout_spares_busy_peer) { run(busy_main, 2, "busy peer"); }
+
+/* ------------------------------------------------------------------ */
+/* 3. write_timeout and linger.                                         */
+
+/* A peer that never reads: queued bytes cannot be written within
+ * write_timeout, the session aborts with -ETIMEDOUT. */
+static void wto_main(void *arg) {
+  (void)arg;
+  slow t;
+  slow_start(&t, false, 100 * CHECK_MS, 4 << 20, 0);
+  int64_t t0 = loom_now();
+  for (int i = 0; i < 12; i++) { /* 768 KiB: far over the socket buffers */
+    int rc = loom_session_write(t.s, big, PKG, 0);
+    if (rc == LOOM_ECLOSED)
+      break; /* timed out already */
+    CHECK_OK(rc);
+  }
+  WAIT_FOR(atomic_load(&E.closes) == 1, 5);
+  CHECK_GE(loom_now() - t0, 50 * CHECK_MS);
+  CHECK_EQ(atomic_load(&E.errs), 1);
+  CHECK_ERR(atomic_load(&E.err), -ETIMEDOUT);
+  CHECK_EQ(metrics(t.srv).errors.timeout, 1);
+  CHECK_ERR(loom_session_write(t.s, "x", 1, 0), LOOM_ECLOSED);
+  slow_end(&t);
+}
+TEST(write_timeout_never_reading_peer) { run(wto_main, 2, "write timeout"); }
+
+/* A peer that reads steadily, a little every 10 ms, is never kept
+ * waiting anywhere near write_timeout (200 ms) for room, so the session
+ * must not time out even though draining the whole queue takes several
+ * times write_timeout ("ns a write of queued bytes may wait for the
+ * socket"). */
+static atomic_int steady_done;
+static void steady_reader(void *arg) {
+  int fd = *(int *)arg;
+  static uint8_t buf[32768];
+  size_t want = 3u << 20, got = 0;
+  while (got < want) {
+    ssize_t k = recv(fd, buf, sizeof buf, 0);
+    if (k > 0) {
+      got += (size_t)k;
+      loom_sleep(10 * CHECK_MS);
+      continue;
+    }
+    CHECKF(k < 0 && errno == EAGAIN, "recv %zd after %zu bytes: %s", k, got,
+           strerror(errno));
+    CHECK_OK(loom_fd_wait(fd, LOOM_FD_READ, loom_now() + 5 * SEC));
+  }
+  atomic_store(&steady_done, 1);
+}
+
+static void wto_steady_main(void *arg) {
+  (void)arg;
+  slow t;
+  slow_start(&t, false, 200 * CHECK_MS, 8 << 20, 0);
+  /* 3 MiB: 48 packages of 64 KiB (with their 4-byte headers, a little
+   * over; the reader stops at 3 MiB). */
+  for (int i = 0; i < 48; i++)
+    CHECK_OK(loom_session_write(t.s, big, PKG, 0));
+  CHECK_OK(loom_go(steady_reader, &t.peer));
+  WAIT_FOR(atomic_load(&steady_done) || atomic_load(&E.closes) > 0, 20);
+  CHECKF(atomic_load(&E.errs) == 0,
+         "session closed with %s while the peer "
+         "was reading",
+         loom_err_name(atomic_load(&E.err)));
+  CHECK(atomic_load(&steady_done));
+  slow_end(&t);
+}
+TEST(write_timeout_spares_reading_peer) {
+  run(wto_steady_main, 2, "steady reader");
+}
+
+/* A graceful close with bytes queued for a peer that never reads: the
+ * queue is written "for at most linger", then the session ends. */
+static void linger_main(void *arg) {
+  (void)arg;
+  slow t;
+  slow_start(&t, false, 0, 4 << 20, 200 * CHECK_MS);
+  for (int i = 0; i < 8; i++)
+    CHECK_OK(loom_session_write(t.s, big, PKG, 0));
+  /* Let the writer meet the full socket and park in its write (the
+   * state of a session whose peer has stalled for a while). */
+  loom_sleep(100 * CHECK_MS);
+  int64_t t0 = loom_now();
+  loom_session_close(t.s);
+  WAIT_FOR(atomic_load(&E.closes) == 1, 5);
+  printf("on_close %lld ms after close (linger 200 ms), on_error %s\n",
+         (long long)((loom_now() - t0) / CHECK_MS),
+         loom_err_name(atomic_load(&E.err)));
+  slow_end(&t);
+}
+TEST(linger_bounds_graceful_close) { run(linger_main, 2, "linger"); }
+
+/* linger < 0: a graceful close drops what is queued ("negative: drop
+ * it") and ends at once, whatever the peer does. */
+static void linger_drop_main(void *arg) {
+  (void)arg;
+  slow t;
+  slow_start(&t, false, 0, 4 << 20, -1);
+  for (int i = 0; i < 8; i++)
+    CHECK_OK(loom_session_write(t.s, big, PKG, 0));
+  loom_sleep(100 * CHECK_MS); /* the writer is parked in its write */
+  int64_t t0 = loom_now();
+  loom_session_close(t.s);
+  WAIT_FOR(atomic_load(&E.closes) == 1, 5);
+  printf("on_close %lld ms after close (linger < 0), on_error %s\n",
+         (long long)((loom_now() - t0) / CHECK_MS),
+         loom_err_name(atomic_load(&E.err)));
+  slow_end(&t);
+}
+TEST(linger_negative_drops_queue) { run(linger_drop_main, 2, "linger < 0"); }
+
+/* loom_server_close with a deadline, and a session that cannot finish
+ * (its peer never reads what is queued): at the deadline it is aborted
+ * with LOOM_ECLOSED and the close returns -ETIMEDOUT. */
+static void server_deadline_main(void *arg) {
+  (void)arg;
+  slow t;
+  slow_start(&t, false, 0, WQ_HIGH, 0);
+  fill_until_stalled(t.s);
+  int64_t t0 = loom_now();
+  CHECK_ERR(loom_server_close(t.srv, loom_now() + 200 * CHECK_MS), -ETIMEDOUT);
+  int64_t el = loom_now() - t0;
+  CHECKF(el >= 100 * CHECK_MS && el < 5 * SEC, "close took %lld ms",
+         (long long)(el / CHECK_MS));
+  CHECK_EQ(atomic_load(&E.closes), 1);
+  CHECK_EQ(atomic_load(&E.errs), 1);
+  CHECK_ERR(atomic_load(&E.err), LOOM_ECLOSED);
+  CHECK(loom_session_closed(t.s));
+  loom_session_unref(t.s);
+  close(t.peer);
+}
+TEST(server_close_deadline_aborts_stalled_session) {
+  run(server_deadline_main, 2, "server close deadline");
+}
+
+/* A graceful close writes everything queued before the socket closes. */
+static void flush_main(void *arg) {
+  (void)arg;
+  codecs_init();
+  for (size_t i = 0; i < PKG; i++)
+    big[i] = (uint8_t)(i * 13 + 5);
+  loom_server_opts o = server_opts(&lenpfx);
+  o.session.wq_high = 4 << 20;
+  E.keep = true;
+  char addr[128];
+  loom_server *srv = serve(&o, addr);
+  loom_conn *peer;
+  CHECK_OK(loom_dial(&peer, "tcp", addr));
+  loom_session *s = kept_session();
+  for (int i = 0; i < 16; i++) {
+    big[0] = (uint8_t)i;
+    CHECK_OK(loom_session_write(s, big, PKG, 0));
+  }
+  loom_session_close(s);
+  static uint8_t got[PKG + 4];
+  for (int i = 0; i < 16; i++) {
+    conn_read_full(peer, got, PKG + 4);
+    CHECK_EQ(get_be32(got), PKG);
+    CHECK_EQ(got[4], i);
+    CHECK(memcmp(got + 5, big + 1, PKG - 1) == 0);
+  }
+  conn_expect_eof(peer);
+  WAIT_FOR(atomic_load(&E.closes) == 1, 5);
+  CHECK_EQ(atomic_load(&E.errs), 0);
+  CHECK_EQ(E.final.bytes_out, 16 * (PKG + 4));
+  CHECK_EQ(E.final.pkgs_out, 16);
+  CHECK_EQ(E.final.wq_bytes, 0);
+  loom_session_unref(s);
+  CHECK_OK(loom_close(peer));
+  CHECK_OK(loom_server_close(srv, loom_now() + 5 * SEC));
+}
+TEST(graceful_close_flushes_queue) { run(flush_main, 2, "flush"); }
+
+/* ------------------------------------------------------------------ */
+/* 4. Oversized, malformed and truncated input.                         */
+
+/* One on_error(want) and one on_close, and they stay at one; the peer
+ * sees the end of the stream. */
+static void expect_error(loom_conn *peer, int want) {
+  WAIT_FOR(atomic_load(&E.closes) == 1, 5);
+  CHECK_EQ(atomic_load(&E.errs), 1);
+  CHECK_ERR(atomic_load(&E.err), want);
+  conn_expect_eof(peer);
+  loom_sleep(20 * CHECK_MS);
+  CHECK_EQ(atomic_load(&E.closes), 1);
+  CHECK_EQ(atomic_load(&E.errs), 1);
+}
+
+static uint8_t last_msg[8192];
+static atomic_size_t last_len;
+static void keep_last(loom_session *s, const loom_pkg *pkg) {
+  (void)s;
+  CHECK_LE(pkg->len, sizeof last_msg);
+  memcpy(last_msg, pkg->data, pkg->len);
+  atomic_store(&last_len, pkg->len);
+}
+
+/* lenpfx, max_pkg_len 1024: a package of exactly 1024 passes; a header
+ * declaring 2000 closes with -EMSGSIZE at once, without its payload. */
+static void oversize_main(void *arg) {
+  (void)arg;
+  codecs_init();
+  loom_server_opts o = server_opts(&lenpfx);
+  o.session.max_pkg_len = 1024;
+  E.msg = keep_last;
+  char addr[128];
+  loom_server *srv = serve(&o, addr);
+  loom_conn *peer;
+  CHECK_OK(loom_dial(&peer, "tcp", addr));
+  uint8_t buf[1028], payload[1024];
+  memset(payload, 'p', sizeof payload);
+  CHECK_EQ(loom_write(peer, buf, frame(buf, payload, 1024)), 1028);
+  WAIT_FOR(atomic_load(&E.msgs) == 1, 5);
+  CHECK_EQ(atomic_load(&last_len), 1024);
+  uint8_t hdr[4];
+  put_be32(hdr, 2000);
+  CHECK_EQ(loom_write(peer, hdr, 4), 4); /* and nothing more */
+  expect_error(peer, -EMSGSIZE);
+  CHECK_EQ(atomic_load(&E.msgs), 1);
+  loom_metrics m = metrics(srv);
+  CHECK_EQ(m.errors.oversize, 1);
+  CHECK_EQ(m.errors.decode, 0);
+  CHECK_EQ(m.errors.other, 0);
+  finish(srv, peer);
+}
+TEST(lenpfx_header_over_max_closes_at_once) {
+  run(oversize_main, 2, "oversize header");
+}
+
+/* lenpfx with adjust -4 and a 2-byte field: a field of 2 would mean a
+ * negative payload: -EBADMSG. */
+static void negative_main(void *arg) {
+  (void)arg;
+  static loom_codec c;
+  loom_lenpfx_opts lo = {.width = 2, .adjust = -4};
+  CHECK_OK(loom_codec_lenpfx(&c, &lo));
+  loom_server_opts o = server_opts(&c);
+  E.msg = keep_last;
+  char addr[128];
+  loom_server *srv = serve(&o, addr);
+  loom_conn *peer;
+  CHECK_OK(loom_dial(&peer, "tcp", addr));
+  const uint8_t good[] = {0, 7, 'a', 'b', 'c'}; /* 7 - 4 = 3 bytes */
+  CHECK_EQ(loom_write(peer, good, sizeof good), (ssize_t)sizeof good);
+  WAIT_FOR(atomic_load(&E.msgs) == 1, 5);
+  CHECK_EQ(atomic_load(&last_len), 3);
+  CHECK(memcmp(last_msg, "abc", 3) == 0);
+  const uint8_t bad[] = {0, 2, 'x', 'y'};
+  CHECK_EQ(loom_write(peer, bad, sizeof bad), (ssize_t)sizeof bad);
+  expect_error(peer, -EBADMSG);
+  CHECK_EQ(atomic_load(&E.msgs), 1);
+  loom_metrics m = metrics(srv);
+  CHECK_EQ(m.errors.decode, 1);
+  CHECK_EQ(m.errors.other, 0);
+  finish(srv, peer);
+}
+TEST(lenpfx_negative_length_is_ebadmsg) {
+  run(negative_main, 2, "negative length");
+}
+
+/* Line codec (strip_cr), max_pkg_len 5000, a 1 KiB read buffer that has
+ * to grow: a line of exactly 5000 bytes plus "\r\n" passes; 5002 bytes
+ * without a newline close with -EMSGSIZE. */
+static void line_main(void *arg) {
+  (void)arg;
+  static loom_codec c;
+  CHECK_OK(loom_codec_line(&c, '\n', true));
+  loom_server_opts o = server_opts(&c);
+  o.session.max_pkg_len = 5000;
+  o.session.read_buf = 1024;
+  E.msg = keep_last;
+  char addr[128];
+  loom_server *srv = serve(&o, addr);
+  loom_conn *peer;
+  CHECK_OK(loom_dial(&peer, "tcp", addr));
+  static uint8_t buf[5002];
+  memset(buf, 'a', 5000);
+  buf[5000] = '\r';
+  buf[5001] = '\n';
+  CHECK_EQ(loom_write(peer, buf, sizeof buf), (ssize_t)sizeof buf);
+  WAIT_FOR(atomic_load(&E.msgs) == 1, 5);
+  CHECK_EQ(atomic_load(&last_len), 5000);
+  for (int i = 0; i < 5000; i++)
+    CHECK_EQ(last_msg[i], 'a');
+  memset(buf, 'b', sizeof buf);
+  CHECK_EQ(loom_write(peer, buf, sizeof buf), (ssize_t)sizeof buf);
+  expect_error(peer, -EMSGSIZE);
+  CHECK_EQ(atomic_load(&E.msgs), 1);
+  CHECK_EQ(metrics(srv).errors.oversize, 1);
+  finish(srv, peer);
+}
+TEST(line_without_delimiter_is_emsgsize) { run(line_main, 2, "long line"); }
+
+/* A whole frame, then half of one, then end of stream: the whole one is
+ * delivered, the rest is -EBADMSG (truncated). */
+static void truncated_main(void *arg) {
+  (void)arg;
+  codecs_init();
+  loom_server_opts o = server_opts(&lenpfx);
+  E.msg = keep_last;
+  char addr[128];
+  loom_server *srv = serve(&o, addr);
+  loom_conn *peer;
+  CHECK_OK(loom_dial(&peer, "tcp", addr));
+  uint8_t buf[64];
+  size_t n = frame(buf, "ok", 2);
+  const uint8_t part[] = {0, 0, 0, 10, 'a', 'b', 'c'};
+  memcpy(buf + n, part, sizeof part);
+  n += sizeof part;
+  CHECK_EQ(loom_write(peer, buf, n), (ssize_t)n);
+  CHECK_OK(loom_shutdown(peer, SHUT_WR));
+  expect_error(peer, -EBADMSG);
+  CHECK_EQ(atomic_load(&E.msgs), 1);
+  CHECK_EQ(atomic_load(&last_len), 2);
+  CHECK_EQ(metrics(srv).errors.decode, 1);
+  finish(srv, peer);
+}
+TEST(truncated_frame_then_eof_is_ebadmsg) {
+  run(truncated_main, 2, "truncated frame");
+}
+
+/* The peer half-closes: every package it sent is delivered and every
+ * reply queued by then is written before on_close; no on_error. */
+static void half_close_main(void *arg) {
+  (void)arg;
+  codecs_init();
+  loom_server_opts o = server_opts(&line);
+  E.echo = true;
+  char addr[128];
+  loom_server *srv = serve(&o, addr);
+  loom_conn *peer;
+  CHECK_OK(loom_dial(&peer, "tcp", addr));
+  const char req[] = "a\nbb\nccc\n";
+  CHECK_EQ(loom_write(peer, req, 9), 9);
+  CHECK_OK(loom_shutdown(peer, SHUT_WR));
+  char back[9];
+  conn_read_full(peer, back, 9);
+  CHECK(memcmp(back, req, 9) == 0);
+  conn_expect_eof(peer);
+  WAIT_FOR(atomic_load(&E.closes) == 1, 5);
+  CHECK_EQ(atomic_load(&E.errs), 0);
+  CHECK_EQ(atomic_load(&E.msgs), 3);
+  CHECK_EQ(atomic_load(&E.echo_fail), 0);
+  finish(srv, peer);
+}
+TEST(half_close_delivers_and_flushes) { run(half_close_main, 2, "half close"); }
+
+/* A peer that pipelines 200 requests in one write and reads everything:
+ * replies written with timeout 0 from on_message are never refused,
+ * since nothing stops the socket from taking them (the queue fills only
+ * if the engine holds replies back). */
+static atomic_int pipe_fail_rc;
+static void reply100(loom_session *s, const loom_pkg *pkg) {
+  (void)pkg;
+  char r[99];
+  memset(r, 'r', sizeof r);
+  int rc = loom_session_write(s, r, sizeof r, 0); /* + '\n': 100 bytes */
+  if (rc != 0) {
+    atomic_store(&pipe_fail_rc, rc);
+    atomic_fetch_add(&E.echo_fail, 1);
+  }
+}
+
+static void pipeline_main(void *arg) {
+  (void)arg;
+  codecs_init();
+  loom_server_opts o = server_opts(&line);
+  o.session.wq_high = 4096;
+  E.msg = reply100;
+  char addr[128];
+  loom_server *srv = serve(&o, addr);
+  loom_conn *peer;
+  CHECK_OK(loom_dial(&peer, "tcp", addr));
+  char req[400];
+  for (int i = 0; i < 200; i++)
+    memcpy(req + 2 * i, "q\n", 2);
+  CHECK_EQ(loom_write(peer, req, sizeof req), (ssize_t)sizeof req);
+  WAIT_FOR(atomic_load(&E.msgs) == 200, 5);
+  int failed = atomic_load(&E.echo_fail);
+  CHECKF(failed == 0,
+         "%d of 200 replies refused (%s) while the peer reads everything",
+         failed, loom_err_name(atomic_load(&pipe_fail_rc)));
+  static char back[200 * 100];
+  conn_read_full(peer, back, sizeof back);
+  finish(srv, peer);
+}
+TEST(pipelined_replies_timeout0_not_refused) {
+  run(pipeline_main, 2, "pipelined replies");
+}
+
+/* Writes the codec refuses fail alone: -EMSGSIZE (counted as oversize)
+ * and -EINVAL leave the session open and writable. */
+static void bad_write_main(void *arg) {
+  (void)arg;
+  codecs_init();
+  loom_server_opts o = server_opts(&line);
+  o.session.max_pkg_len = 100;
+  E.keep = true;
+  char addr[128];
+  loom_server *srv = serve(&o, addr);
+  loom_conn *peer;
+  CHECK_OK(loom_dial(&peer, "tcp", addr));
+  loom_session *s = kept_session();
+  char b[101];
+  memset(b, 'z', sizeof b);
+  CHECK_ERR(loom_session_write(s, b, 101, 0), -EMSGSIZE);
+  CHECK_ERR(loom_session_write(s, "a\nb", 3, 0), -EINVAL);
+  CHECK(!loom_session_closed(s));
+  CHECK_OK(loom_session_write(s, b, 100, 0));
+  char back[101];
+  conn_read_full(peer, back, 101);
+  CHECK(memcmp(back, b, 100) == 0 && back[100] == '\n');
+  loom_metrics m = metrics(srv);
+  CHECK_EQ(m.errors.oversize, 1);
+  CHECK_EQ(m.pkgs_out, 1);
+  CHECK_EQ(atomic_load(&E.errs), 0);
+  CHECK_OK(loom_close(peer));
+  WAIT_FOR(atomic_load(&E.closes) == 1, 5);
+  CHECK_EQ(atomic_load(&E.errs), 0);
+  loom_session_unref(s);
+  CHECK_OK(loom_server_close(srv, loom_now() + 5 * SEC));
+}
+/* max_write_len bounds what is written, max_pkg_len what is received. */
+static void write_len_main(void *arg) {
+  (void)arg;
+  codecs_init();
+  loom_server_opts o = server_opts(&line);
+  o.session.max_pkg_len = 100;
+  o.session.max_write_len = 1000;
+  E.keep = true;
+  char addr[128];
+  loom_server *srv = serve(&o, addr);
+  loom_conn *peer;
+  CHECK_OK(loom_dial(&peer, "tcp", addr));
+  loom_session *s = kept_session();
+  static char b[1001], back[1001];
+  memset(b, 'w', sizeof b);
+  CHECK_OK(loom_session_write(s, b, 1000, 0));
+  conn_read_full(peer, back, 1001);
+  CHECK(memcmp(back, b, 1000) == 0 && back[1000] == '\n');
+  CHECK_ERR(loom_session_write(s, b, 1001, 0), -EMSGSIZE);
+  CHECK(!loom_session_closed(s));
+  CHECK_EQ(loom_write(peer, b, 102), 102); /* no newline in 102 bytes */
+  expect_error(peer, -EMSGSIZE);
+  CHECK_EQ(atomic_load(&E.msgs), 0);
+  loom_session_unref(s);
+  finish(srv, peer);
+}
+TEST(max_write_len_separate_from_max_pkg_len) {
+  run(write_len_main, 2, "max_write_len");
+}
+
+TEST(write_rejects_oversize_and_unencodable) {
+  run(bad_write_main, 2, "bad writes");
+}
+
+/* ------------------------------------------------------------------ */
+/* 5. Packet sessions.                                                  */
+
+/* Reply to the sender; a plain write on the unconnected session has no
+ * destination. */
+static void echo_to(loom_session *s, const loom_pkg *pkg) {
+  CHECK(pkg->from != NULL);
+  CHECK_GT(pkg->fromlen, 0);
+  CHECK_ERR(loom_session_write(s, pkg->data, pkg->len, 0), -EDESTADDRREQ);
+  if (loom_session_write_to(s, pkg->data, pkg->len, pkg->from, pkg->fromlen,
+                            0) != 0)
+    atomic_fetch_add(&E.echo_fail, 1);
+}
+
+static loom_server *udp_server(char addr[128]) {
+  codecs_init();
+  loom_server_opts o = server_opts(&lenpfx);
+  o.network = "udp";
+  o.session.max_pkg_len = 1024;
+  E.msg = echo_to;
+  E.keep = true;
+  return serve(&o, addr);
+}
+
+/* A malformed datagram is counted and dropped; the session goes on
+ * serving the next ones. */
+static void udp_main(void *arg) {
+  (void)arg;
+  char addr[128];
+  loom_server *srv = udp_server(addr);
+  loom_session *s = kept_session();
+  CHECK_ERR(loom_session_write(s, "x", 1, 0), -EDESTADDRREQ);
+  loom_pconn *pc;
+  CHECK_OK(loom_dial_packet(&pc, "udp", addr));
+  const uint8_t short_payload[] = {0, 0, 0, 10, 'a', 'b', 'c'};
+  const uint8_t leftover[] = {0, 0, 0, 3, 'a', 'b', 'c', 'd', 'e', 'f'};
+  const uint8_t oversize[] = {0, 0, 0x10, 0, 1, 2, 3, 4, 5, 6};
+  CHECK_EQ(loom_pconn_write(pc, short_payload, sizeof short_payload), 7);
+  CHECK_EQ(loom_pconn_write(pc, leftover, sizeof leftover), 10);
+  CHECK_EQ(loom_pconn_write(pc, oversize, sizeof oversize), 10);
+  /* Well-formed but longer than any package: the read cuts it short. */
+  static uint8_t huge[2000];
+  frame(huge, huge + 4, sizeof huge - 4);
+  CHECK_EQ(loom_pconn_write(pc, huge, sizeof huge), (ssize_t)sizeof huge);
+  uint64_t sent = 27 + sizeof huge;
+  for (int round = 0; round < 2; round++) {
+    uint8_t d[32], back[64];
+    const char *word = round ? "world!" : "hello";
+    size_t n = frame(d, word, strlen(word));
+    CHECK_EQ(loom_pconn_write(pc, d, n), (ssize_t)n);
+    sent += n;
+    CHECK_OK(loom_pconn_set_read_deadline(pc, loom_now() + 5 * SEC));
+    CHECK_EQ(loom_pconn_read(pc, back, sizeof back), (ssize_t)n);
+    CHECK(memcmp(back, d, n) == 0);
+  }
+  loom_metrics m = metrics(srv);
+  CHECK_EQ(m.errors.decode, 2);
+  CHECK_EQ(m.errors.oversize, 2);
+  CHECK_EQ(m.pkgs_in, 2);
+  CHECK_EQ(m.pkgs_out, 2);
+  CHECK_EQ(m.bytes_in, sent);
+  CHECK_EQ(m.sessions_open, 1);
+  CHECK(!loom_session_closed(s));
+  CHECK_EQ(atomic_load(&E.errs), 0);
+  CHECK_EQ(atomic_load(&E.closes), 0);
+  CHECK_EQ(atomic_load(&E.echo_fail), 0);
+  CHECK_OK(loom_pconn_close(pc));
+  loom_session_unref(s);
+  CHECK_OK(loom_server_close(srv, loom_now() + 5 * SEC));
+  CHECK_EQ(atomic_load(&E.closes), 1);
+  CHECK_EQ(atomic_load(&E.errs), 0);
+}
+TEST(udp_malformed_datagram_dropped) { run(udp_main, 2, "udp"); }
+
+/* write_to on a stream session: -EISCONN. */
+static void stream_write_to_main(void *arg) {
+  (void)arg;
+  codecs_init();
+  loom_server_opts o = server_opts(&line);
+  E.keep = true;
+  char addr[128];
+  loom_server *srv = serve(&o, addr);
+  loom_conn *peer;
+  CHECK_OK(loom_dial(&peer, "tcp", addr));
+  loom_session *s = kept_session();
+  struct sockaddr_in sa;
+  memset(&sa, 0, sizeof sa);
+  sa.sin_family = AF_INET;
+  sa.sin_port = htons((uint16_t)addr_port(addr));
+  sa.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  CHECK_ERR(
+      loom_session_write_to(s, "x", 1, (struct sockaddr *)&sa, sizeof sa, 0),
+      -EISCONN);
+  CHECK(!loom_session_closed(s));
+  loom_session_unref(s);
+  finish(srv, peer);
+  CHECK_EQ(atomic_load(&E.closes), 1);
+}
+TEST(stream_write_to_is_eisconn) {
+  run(stream_write_to_main, 2, "write_to tcp");
+}
+
+/* A client's packet session is connected: write works, write_to is
+ * -EISCONN, and on_message sees no sender. */
+static ev CE; /* the client side's events */
+static void from_is_null(loom_session *s, const loom_pkg *pkg) {
+  (void)s;
+  CHECK(pkg->from == NULL);
+  keep_last(s, pkg);
+}
+
+static void udp_client_main(void *arg) {
+  (void)arg;
+  char addr[128];
+  loom_server *srv = udp_server(addr);
+  loom_client_opts co;
+  memset(&co, 0, sizeof co);
+  co.network = "udp";
+  co.addr = addr;
+  co.session.listener = &ev_listener;
+  co.session.codec = &lenpfx;
+  co.session.user = &CE;
+  CE.msg = from_is_null;
+  loom_client *cl;
+  CHECK_OK(loom_client_start(&cl, &co));
+  CHECK_OK(loom_client_wait(cl, 1, loom_now() + 5 * SEC));
+  loom_session *cs;
+  CHECK_OK(loom_client_session(cl, &cs));
+  struct sockaddr_in sa;
+  memset(&sa, 0, sizeof sa);
+  sa.sin_family = AF_INET;
+  sa.sin_port = htons((uint16_t)addr_port(addr));
+  sa.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  CHECK_ERR(
+      loom_session_write_to(cs, "x", 1, (struct sockaddr *)&sa, sizeof sa, 0),
+      -EISCONN);
+  CHECK_OK(loom_session_write(cs, "ping", 4, 0));
+  WAIT_FOR(atomic_load(&CE.msgs) == 1, 5);
+  CHECK_EQ(atomic_load(&last_len), 4);
+  CHECK(memcmp(last_msg, "ping", 4) == 0);
+  loom_session_unref(cs);
+  CHECK_OK(loom_client_close(cl, loom_now() + 5 * SEC));
+  CHECK_EQ(atomic_load(&CE.closes), 1);
+  CHECK_EQ(atomic_load(&CE.errs), 0);
+  loom_session_unref(kept_session());
+  CHECK_OK(loom_server_close(srv, loom_now() + 5 * SEC));
+}
+TEST(udp_client_session_is_connected) { run(udp_client_main, 2, "udp client"); }
+
+/* A reference kept past on_close of a packet session: writes fail with
+ * LOOM_ECLOSED and touch no closed socket. */
+static void udp_after_close_main(void *arg) {
+  (void)arg;
+  char addr[128];
+  loom_server *srv = udp_server(addr);
+  loom_session *s = kept_session();
+  struct sockaddr_in sa;
+  memset(&sa, 0, sizeof sa);
+  sa.sin_family = AF_INET;
+  sa.sin_port = htons((uint16_t)addr_port(addr));
+  sa.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  CHECK_OK(loom_server_close(srv, loom_now() + 5 * SEC));
+  CHECK_EQ(atomic_load(&E.closes), 1);
+  CHECK(loom_session_closed(s));
+  CHECK_ERR(
+      loom_session_write_to(s, "x", 1, (struct sockaddr *)&sa, sizeof sa, 0),
+      LOOM_ECLOSED);
+  loom_session_unref(s);
+}
+TEST(udp_write_after_close_via_ref) {
+  run(udp_after_close_main, 2, "udp after close");
+}
+
+/* ------------------------------------------------------------------ */
+/* 6. Compression.                                                      */
+
+/* A compressing server and a peer that sends bytes that are not zlib:
+ * on_error(LOOM_ECOMPRESS), counted as compress. */
+static void garbage_main(void *arg) {
+  (void)arg;
+  codecs_init();
+  loom_server_opts o = server_opts(&lenpfx);
+  o.session.compress = 6;
+  char addr[128];
+  loom_server *srv = serve(&o, addr);
+  loom_conn *peer;
+  CHECK_OK(loom_dial(&peer, "tcp", addr));
+  uint8_t junk[64];
+  memset(junk, 0xff, sizeof junk);
+  CHECK_EQ(loom_write(peer, junk, sizeof junk), (ssize_t)sizeof junk);
+  expect_error(peer, LOOM_ECOMPRESS);
+  CHECK_EQ(atomic_load(&E.msgs), 0);
+  loom_metrics m = metrics(srv);
+  CHECK_EQ(m.errors.compress, 1);
+  CHECK_EQ(m.errors.other, 0);
+  finish(srv, peer);
+}
+TEST(compress_garbage_is_ecompress) {
+  run(garbage_main, 2, "compress garbage");
+}
+
+/* Decompression does not lift max_pkg_len: a compressing peer sends a
+ * "line" of 4 MiB of 'a' (a few KiB on the wire) to a line server with
+ * max_pkg_len 4096: -EMSGSIZE once max_pkg_len + 2 bytes are in. */
+static void bomb_main(void *arg) {
+  (void)arg;
+  codecs_init();
+  loom_server_opts o = server_opts(&line);
+  o.session.compress = 6;
+  o.session.max_pkg_len = 4096;
+  char addr[128];
+  loom_server *srv = serve(&o, addr);
+  loom_client_opts co;
+  memset(&co, 0, sizeof co);
+  co.network = "tcp";
+  co.addr = addr;
+  co.session.listener = &ev_listener;
+  co.session.codec = NULL; /* raw: the bytes as they are */
+  co.session.user = &CE;
+  co.session.compress = 6;
+  co.reconnect_interval = -1; /* one session, never redialled */
+  E.keep = true;
+  loom_client *cl;
+  CHECK_OK(loom_client_start(&cl, &co));
+  CHECK_OK(loom_client_wait(cl, 1, loom_now() + 5 * SEC));
+  loom_session *cs;
+  CHECK_OK(loom_client_session(cl, &cs));
+  memset(big, 'a', PKG);
+  for (int i = 0; i < 64; i++) {
+    int rc = loom_session_write(cs, big, PKG, -1);
+    if (rc == LOOM_ECLOSED)
+      break;
+    CHECK_OK(rc);
+  }
+  WAIT_FOR(atomic_load(&E.closes) == 1, 5);
+  CHECK_EQ(atomic_load(&E.opens), 1);
+  CHECK_EQ(atomic_load(&E.errs), 1);
+  CHECK_ERR(atomic_load(&E.err), -EMSGSIZE);
+  CHECK_EQ(atomic_load(&E.msgs), 0);
+  loom_session *ss = kept_session();
+  CHECK(loom_session_closed(ss));
+  loom_session_stats st;
+  loom_session_stats_get(ss, &st);
+  CHECK_LT(st.bytes_in, 1 << 20); /* compressed bytes: a few KiB */
+  loom_session_unref(ss);
+  CHECK_EQ(metrics(srv).errors.oversize, 1);
+  loom_session_unref(cs);
+  CHECK_OK(loom_client_close(cl, loom_now() + 5 * SEC));
+  CHECK_OK(loom_server_close(srv, loom_now() + 5 * SEC));
+}
+TEST(compress_does_not_lift_max_pkg_len) { run(bomb_main, 2, "compress bomb"); }
+
+/* loom_client and server both compressing (level 6): an echo of 200 KiB
+ * of text.  Both sessions' final stats are kept in E / CE. */
+enum { CPKG = 50 * 1024, CN = 4 };
+static uint8_t comp_out[CPKG * CN], comp_back[CPKG * CN];
+static atomic_size_t comp_got;
+static void comp_collect(loom_session *s, const loom_pkg *pkg) {
+  (void)s;
+  size_t at = atomic_load(&comp_got);
+  CHECK_LE(at + pkg->len, sizeof comp_back);
+  memcpy(comp_back + at, pkg->data, pkg->len);
+  atomic_store(&comp_got, at + pkg->len);
+}
+
+static void compress_exchange(loom_session_stats *client_live) {
+  codecs_init();
+  for (size_t i = 0, k = 0; i < sizeof comp_out; k++) {
+    char l[64];
+    int n = snprintf(l, sizeof l, "line %06zu of a compressible text\n", k);
+    for (int j = 0; j < n && i < sizeof comp_out; j++)
+      comp_out[i++] = (uint8_t)l[j];
+  }
+  loom_server_opts o = server_opts(&lenpfx);
+  o.session.compress = 6;
+  E.echo = true;
+  char addr[128];
+  loom_server *srv = serve(&o, addr);
+  loom_client_opts co;
+  memset(&co, 0, sizeof co);
+  co.network = "tcp";
+  co.addr = addr;
+  co.session.listener = &ev_listener;
+  co.session.codec = &lenpfx;
+  co.session.user = &CE;
+  co.session.compress = 6;
+  CE.msg = comp_collect;
+  loom_client *cl;
+  CHECK_OK(loom_client_start(&cl, &co));
+  CHECK_OK(loom_client_wait(cl, 1, loom_now() + 5 * SEC));
+  loom_session *cs;
+  CHECK_OK(loom_client_session(cl, &cs));
+  for (int i = 0; i < CN; i++)
+    CHECK_OK(loom_session_write(cs, comp_out + i * CPKG, CPKG, -1));
+  WAIT_FOR(atomic_load(&comp_got) == sizeof comp_out, 10);
+  CHECK(memcmp(comp_back, comp_out, sizeof comp_out) == 0);
+  loom_session_stats_get(cs, client_live);
+  loom_session_unref(cs);
+  CHECK_OK(loom_client_close(cl, loom_now() + 5 * SEC));
+  CHECK_EQ(atomic_load(&CE.closes), 1);
+  CHECK_EQ(atomic_load(&CE.errs), 0);
+  WAIT_FOR(atomic_load(&E.closes) == 1, 5);
+  CHECK_EQ(atomic_load(&E.errs), 0);
+  CHECK_EQ(atomic_load(&E.echo_fail), 0);
+  CHECK_OK(loom_server_close(srv, loom_now() + 5 * SEC));
+}
+
+static void compress_echo_main(void *arg) {
+  (void)arg;
+  loom_session_stats live;
+  compress_exchange(&live);
+  CHECK_EQ(live.pkgs_out, CN);
+  CHECK_EQ(live.pkgs_in, CN);
+  printf("client bytes_out %llu for %zu payload bytes\n",
+         (unsigned long long)CE.final.bytes_out, sizeof comp_out);
+  CHECK_LT(CE.final.bytes_out, sizeof comp_out / 4);
+  CHECK_EQ(E.final.pkgs_in, CN);
+  CHECK_EQ(E.final.pkgs_out, CN);
+}
+TEST(compress_echo_both_ends) { run(compress_echo_main, 2, "compress echo"); }
+
+/* bytes_in / bytes_out are "on the wire (compressed if it is)": what
+ * one end wrote is what the other end read. */
+static void compress_wire_main(void *arg) {
+  (void)arg;
+  loom_session_stats live;
+  compress_exchange(&live);
+  printf("client out %llu in %llu, server in %llu out %llu\n",
+         (unsigned long long)CE.final.bytes_out,
+         (unsigned long long)CE.final.bytes_in,
+         (unsigned long long)E.final.bytes_in,
+         (unsigned long long)E.final.bytes_out);
+  CHECK_EQ(E.final.bytes_in, CE.final.bytes_out);
+  CHECK_EQ(CE.final.bytes_in, E.final.bytes_out);
+}
+TEST(compress_stats_count_wire_bytes) {
+  run(compress_wire_main, 2, "compress stats");
+}
+
+/* ------------------------------------------------------------------ */
+/* 7. Refusal and connection limits.                                    */
+
+/* on_open returns -EPERM: no on_message, no on_error, one on_close,
+ * counted as refused. */
+static void refuse_main(void *arg) {
+  (void)arg;
+  codecs_init();
+  loom_server_opts o = server_opts(&line);
+  E.open_rc = -EPERM;
+  char addr[128];
+  loom_server *srv = serve(&o, addr);
+  loom_conn *peer;
+  CHECK_OK(loom_dial(&peer, "tcp", addr));
+  ssize_t w = loom_write(peer, "hello\n", 6);
+  CHECKF(w == 6 || w == -EPIPE || w == -ECONNRESET, "write %zd", w);
+  WAIT_FOR(atomic_load(&E.closes) == 1, 5);
+  conn_expect_eof(peer);
+  loom_sleep(20 * CHECK_MS);
+  CHECK_EQ(atomic_load(&E.opens), 1);
+  CHECK_EQ(atomic_load(&E.msgs), 0);
+  CHECK_EQ(atomic_load(&E.errs), 0);
+  CHECK_EQ(atomic_load(&E.closes), 1);
+  WAIT_FOR(metrics(srv).sessions_open == 0, 5);
+  loom_metrics m = metrics(srv);
+  CHECK_EQ(m.errors.refused, 1);
+  CHECK_EQ(m.errors.other, 0);
+  CHECK_EQ(m.pkgs_in, 0);
+  finish(srv, peer);
+}
+TEST(on_open_refusal) { run(refuse_main, 2, "refusal"); }
+
+static void echo_line(loom_conn *c, const char *l) {
+  size_t n = strlen(l);
+  char back[64];
+  CHECK_EQ(loom_write(c, l, n), (ssize_t)n);
+  conn_read_full(c, back, n);
+  CHECK(memcmp(back, l, n) == 0);
+}
+
+/* max_conns 2: a third connection is closed at accept (refused, no
+ * callbacks); once one closes, a new one is served. */
+static void max_conns_main(void *arg) {
+  (void)arg;
+  codecs_init();
+  loom_server_opts o = server_opts(&line);
+  o.max_conns = 2;
+  E.echo = true;
+  char addr[128];
+  loom_server *srv = serve(&o, addr);
+  loom_conn *p1, *p2, *p3, *p4;
+  CHECK_OK(loom_dial(&p1, "tcp", addr));
+  CHECK_OK(loom_dial(&p2, "tcp", addr));
+  WAIT_FOR(atomic_load(&E.opens) == 2, 5);
+  CHECK_OK(loom_dial(&p3, "tcp", addr));
+  conn_expect_eof(p3);
+  CHECK_EQ(atomic_load(&E.opens), 2);
+  CHECK_EQ(atomic_load(&E.closes), 0);
+  loom_metrics m = metrics(srv);
+  CHECK_EQ(m.errors.refused, 1);
+  CHECK_EQ(m.sessions_open, 2);
+  echo_line(p1, "one\n");
+  CHECK_OK(loom_close(p1));
+  WAIT_FOR(atomic_load(&E.closes) == 1 && metrics(srv).sessions_open == 1, 5);
+  CHECK_OK(loom_dial(&p4, "tcp", addr));
+  WAIT_FOR(atomic_load(&E.opens) == 3, 5);
+  echo_line(p4, "four\n");
+  echo_line(p2, "two\n");
+  CHECK_EQ(metrics(srv).errors.refused, 1);
+  CHECK_EQ(atomic_load(&E.errs), 0);
+  CHECK_OK(loom_close(p2));
+  CHECK_OK(loom_close(p3));
+  CHECK_OK(loom_close(p4));
+  CHECK_OK(loom_server_close(srv, loom_now() + 5 * SEC));
+  CHECK_EQ(atomic_load(&E.closes), 3);
+}
+TEST(max_conns_refuses_third) { run(max_conns_main, 2, "max_conns"); }
+
+/* ------------------------------------------------------------------ */
+/* 8. Close semantics and references.                                   */
+
+/* Many coroutines and the session's own on_message call close and abort
+ * at once, over many sessions: each session's on_close runs exactly
+ * once, on_error at most once and with one of the reasons given. */
+enum { STORM_CO = 16, STORM_MAX = 64 };
+typedef struct srec {
+  atomic_int closes, errs, err;
+} srec;
+static srec recs[STORM_MAX];
+static atomic_int nrec, storm_done;
+static loom_session *_Atomic storm_s;
+
+static int storm_open(loom_session *s) {
+  int i = atomic_fetch_add(&nrec, 1);
+  CHECK_LT(i, STORM_MAX);
+  loom_session_set_user(s, &recs[i]);
+  atomic_store(&storm_s, loom_session_ref(s));
+  return 0;
+}
+static void storm_message(loom_session *s, const loom_pkg *pkg) {
+  if (pkg->len == 5 && memcmp(pkg->data, "close", 5) == 0)
+    loom_session_close(s);
+  else if (pkg->len == 5 && memcmp(pkg->data, "abort", 5) == 0)
+    loom_session_abort(s, -EIO);
+}
+static void storm_error(loom_session *s, int err) {
+  srec *r = loom_session_user(s);
+  CHECK(loom_session_closed(s));
+  atomic_store(&r->err, err);
+  atomic_fetch_add(&r->errs, 1);
+}
+static void storm_close(loom_session *s) {
+  srec *r = loom_session_user(s);
+  CHECK(loom_session_closed(s));
+  atomic_fetch_add(&r->closes, 1);
+}
+static const loom_session_listener storm_listener = {
+    .on_open = storm_open,
+    .on_message = storm_message,
+    .on_error = storm_error,
+    .on_close = storm_close,
+};
+
+typedef struct storm_arg {
+  loom_session *s;
+  int k;
+} storm_arg;
+static storm_arg storm_args[STORM_CO];
+
+static void storm_co(void *arg) {
+  storm_arg *a = arg;
+  for (int i = 0; i < 8; i++) {
+    switch ((a->k + i) % 4) {
+    case 0:
+      loom_session_close(a->s);
+      break;
+    case 1:
+      loom_session_abort(a->s, -ECONNABORTED);
+      break;
+    case 2: {
+      int rc = loom_session_write(a->s, "x", 1, 0);
+      CHECKF(rc == 0 || rc == LOOM_ECLOSED, "write: %s", loom_err_name(rc));
+      break;
+    }
+    default:
+      loom_yield();
+      break;
+    }
+  }
+  CHECK(loom_session_closed(a->s));
+  loom_session_unref(a->s);
+  atomic_fetch_add(&storm_done, 1);
+}
+
+static void storm_main(void *arg) {
+  (void)arg;
+  codecs_init();
+  loom_server_opts o = server_opts(&line);
+  o.session.listener = &storm_listener;
+  char addr[128];
+  loom_server *srv = serve(&o, addr);
+  int rounds = CHECK_SCALE(40, 20, 10);
+  for (int r = 0; r < rounds; r++) {
+    loom_conn *peer;
+    CHECK_OK(loom_dial(&peer, "tcp", addr));
+    WAIT_FOR(atomic_load(&storm_s) != NULL, 5);
+    loom_session *s = atomic_exchange(&storm_s, NULL);
+    CHECK_EQ(loom_write(peer, "a\nclose\nabort\n", 14), 14);
+    for (int k = 0; k < STORM_CO; k++) {
+      storm_args[k] = (storm_arg){loom_session_ref(s), k + r};
+      CHECK_OK(loom_go(storm_co, &storm_args[k]));
+    }
+    WAIT_FOR(atomic_load(&storm_done) == (r + 1) * STORM_CO, 5);
+    WAIT_FOR(atomic_load(&recs[r].closes) == 1, 5);
+    loom_session_unref(s);
+    CHECK_OK(loom_close(peer));
+  }
+  loom_sleep(50 * CHECK_MS);
+  for (int r = 0; r < rounds; r++) {
+    CHECK_EQ(atomic_load(&recs[r].closes), 1);
+    CHECK_LE(atomic_load(&recs[r].errs), 1);
+    int e = atomic_load(&recs[r].err);
+    CHECKF(e == 0 || e == -ECONNABORTED || e == -EIO, "session %d: %s", r,
+           loom_err_name(e));
+  }
+  CHECK_EQ(metrics(srv).sessions_total, rounds);
+  CHECK_OK(loom_server_close(srv, loom_now() + 5 * SEC));
+}
+TEST(close_abort_storm_on_close_once) { run(storm_main, 2, "close storm"); }
+
+/* Close and abort from inside on_cron, on_error and on_close: the first
+ * abort's reason is the one reported, once; on_close runs once; writes
+ * from on_error / on_close fail with LOOM_ECLOSED. */
+static atomic_int cb_crons, cb_errs, cb_closes, cb_err;
+static int cb_open(loom_session *s) {
+  CHECK_OK(loom_session_write(s, "hi", 2, 0));
+  return 0;
+}
+static void cb_cron(loom_session *s) {
+  if (atomic_fetch_add(&cb_crons, 1) != 2)
+    return;
+  loom_session_abort(s, -EIO);
+  loom_session_close(s);
+  loom_session_abort(s, -EPIPE);
+}
+static void cb_error(loom_session *s, int err) {
+  atomic_store(&cb_err, err);
+  loom_session_close(s);
+  loom_session_abort(s, -EINVAL);
+  CHECK_ERR(loom_session_write(s, "x", 1, 0), LOOM_ECLOSED);
+  atomic_fetch_add(&cb_errs, 1);
+}
+static void cb_close(loom_session *s) {
+  loom_session_close(s);
+  loom_session_abort(s, -EINVAL);
+  CHECK_ERR(loom_session_write(s, "x", 1, 0), LOOM_ECLOSED);
+  CHECK(loom_session_closed(s));
+  atomic_fetch_add(&cb_closes, 1);
+}
+static const loom_session_listener cb_listener = {
+    .on_open = cb_open,
+    .on_cron = cb_cron,
+    .on_error = cb_error,
+    .on_close = cb_close,
+};
+
+static void callbacks_main(void *arg) {
+  (void)arg;
+  codecs_init();
+  loom_server_opts o = server_opts(&line);
+  o.session.listener = &cb_listener;
+  o.session.cron_period = 10 * CHECK_MS;
+  char addr[128];
+  loom_server *srv = serve(&o, addr);
+  loom_conn *peer;
+  CHECK_OK(loom_dial(&peer, "tcp", addr));
+  char hi[3];
+  conn_read_full(peer, hi, 3);
+  CHECK(memcmp(hi, "hi\n", 3) == 0);
+  conn_expect_eof(peer);
+  WAIT_FOR(atomic_load(&cb_closes) == 1, 5);
+  loom_sleep(50 * CHECK_MS);
+  CHECK_EQ(atomic_load(&cb_closes), 1);
+  CHECK_EQ(atomic_load(&cb_errs), 1);
+  CHECK_ERR(atomic_load(&cb_err), -EIO);
+  CHECK_EQ(atomic_load(&cb_crons), 3);
+  loom_metrics m = metrics(srv);
+  CHECK_EQ(m.errors.other, 1);
+  finish(srv, peer);
+}
+TEST(close_abort_from_every_callback) {
+  run(callbacks_main, 2, "callbacks close");
+}
+
+/* An abort after a graceful close cuts the close short and is reported
+ * (that is how a server's close deadline ends sessions); an abort decides
+ * for good: a second abort, or a close, changes nothing.  One P, so the
+ * calls happen before the reader runs. */
+static void close_then_abort_main(void *arg) {
+  (void)arg;
+  codecs_init();
+  loom_server_opts o = server_opts(&line);
+  E.keep = true;
+  char addr[128];
+  loom_server *srv = serve(&o, addr);
+  loom_conn *peer;
+  CHECK_OK(loom_dial(&peer, "tcp", addr));
+  loom_session *s = kept_session();
+  loom_session_close(s);
+  loom_session_abort(s, -EIO);
+  loom_session_abort(s, -EPIPE);
+  loom_session_close(s);
+  WAIT_FOR(atomic_load(&E.closes) == 1, 5);
+  CHECK_EQ(atomic_load(&E.errs), 1);
+  CHECK_ERR(atomic_load(&E.err), -EIO);
+  loom_session_unref(s);
+  finish(srv, peer);
+}
+TEST(abort_after_close_cuts_it_short) {
+  run(close_then_abort_main, 1, "close then abort");
+}
+
+/* A reference keeps the session valid after on_close: id, closed,
+ * stats, attributes; writes fail with LOOM_ECLOSED; close is a no-op. */
+static int attr_key, attr_val;
+static void ref_main(void *arg) {
+  (void)arg;
+  codecs_init();
+  loom_server_opts o = server_opts(&line);
+  E.keep = true;
+  char addr[128];
+  loom_server *srv = serve(&o, addr);
+  loom_conn *peer;
+  CHECK_OK(loom_dial(&peer, "tcp", addr));
+  loom_session *s = kept_session();
+  uint64_t id = atomic_load(&E.id);
+  CHECK_OK(loom_session_set_attr(s, &attr_key, &attr_val));
+  CHECK_OK(loom_close(peer)); /* end of stream: graceful */
+  WAIT_FOR(atomic_load(&E.closes) == 1, 5);
+  CHECK(loom_session_closed(s));
+  CHECK_EQ(loom_session_id(s), id);
+  CHECK(loom_session_attr(s, &attr_key) == &attr_val);
+  CHECK(loom_session_user(s) == &E);
+  loom_session_stats st;
+  loom_session_stats_get(s, &st);
+  CHECK_EQ(st.wq_bytes, 0);
+  CHECK_ERR(loom_session_write(s, "x", 1, 0), LOOM_ECLOSED);
+  CHECK_ERR(loom_session_write(s, "x", 1, -1), LOOM_ECLOSED);
+  loom_session_close(s);
+  loom_sleep(20 * CHECK_MS);
+  CHECK_EQ(atomic_load(&E.closes), 1);
+  CHECK_EQ(atomic_load(&E.errs), 0);
+  loom_session_unref(s);
+  CHECK_OK(loom_server_close(srv, loom_now() + 5 * SEC));
+}
+TEST(ref_outlives_on_close) { run(ref_main, 2, "ref after close"); }
+
+/* on_free runs once per session, after on_close, where the last
+ * reference goes: on the reader for an unreferenced session, in the
+ * holder's loom_session_unref otherwise, even after loom_server_close. */
+static void free_set_attr(loom_session *s, const loom_pkg *pkg) {
+  (void)pkg;
+  CHECK_OK(loom_session_set_attr(s, &free_key, loom_session_user(s)));
+}
+
+static void free_main(void *arg) {
+  (void)arg;
+  codecs_init();
+  loom_server_opts o = server_opts(&line);
+  o.session.listener = &free_listener;
+  E.keep = true;
+  E.msg = free_set_attr;
+  char addr[128];
+  loom_server *srv = serve(&o, addr);
+  loom_conn *a, *b;
+  CHECK_OK(loom_dial(&a, "tcp", addr));
+  loom_session *sa = kept_session(); /* the first: referenced */
+  CHECK_OK(loom_session_set_attr(sa, &free_key, &E));
+  CHECK_OK(loom_dial(&b, "tcp", addr));
+  WAIT_FOR(atomic_load(&E.opens) == 2, 5);
+  /* The second session is not referenced: its attribute is set by
+   * a message. */
+  CHECK_EQ(loom_write(b, "x\n", 2), 2);
+  WAIT_FOR(atomic_load(&E.msgs) == 1, 5);
+  CHECK_OK(loom_close(b));
+  WAIT_FOR(atomic_load(&E.frees) == 1, 5);
+  CHECK_EQ(atomic_load(&E.closes), 1);
+  CHECK_OK(loom_server_close(srv, loom_now() + 5 * SEC));
+  CHECK_EQ(atomic_load(&E.closes), 2);
+  loom_sleep(20 * CHECK_MS);
+  CHECK_EQ(atomic_load(&E.frees), 1); /* sa is still referenced */
+  loom_session_unref(sa);
+  CHECK_EQ(atomic_load(&E.frees), 2);
+  conn_expect_eof(a);
+  CHECK_OK(loom_close(a));
+}
+TEST(on_free_after_last_unref) { run(free_main, 2, "on_free"); }
+
+/* loom_session_abort through a reference after on_close: a no-op, no
+ * callback, and no touch of the closed socket. */
+static void abort_after_main(void *arg) {
+  (void)arg;
+  codecs_init();
+  loom_server_opts o = server_opts(&line);
+  E.keep = true;
+  char addr[128];
+  loom_server *srv = serve(&o, addr);
+  loom_conn *peer;
+  CHECK_OK(loom_dial(&peer, "tcp", addr));
+  loom_session *s = kept_session();
+  CHECK_OK(loom_close(peer));
+  WAIT_FOR(atomic_load(&E.closes) == 1, 5);
+  loom_session_abort(s, -EIO);
+  loom_sleep(20 * CHECK_MS);
+  CHECK_EQ(atomic_load(&E.closes), 1);
+  CHECK_EQ(atomic_load(&E.errs), 0);
+  CHECK_ERR(loom_session_write(s, "x", 1, 0), LOOM_ECLOSED);
+  loom_session_unref(s);
+  CHECK_OK(loom_server_close(srv, loom_now() + 5 * SEC));
+}
+TEST(abort_via_ref_after_on_close) {
+  run(abort_after_main, 2, "abort after close");
+}
+
+/* loom_session_name and loom_session_remote_addr from on_error and
+ * on_close (the name never asked for before): the real addresses. */
+static char err_name[300], close_name[300], close_remote[128];
+static void name_on_error(loom_session *s, int err) {
+  (void)err;
+  snprintf(err_name, sizeof err_name, "%s", loom_session_name(s));
+}
+static void name_on_close(loom_session *s) {
+  snprintf(close_name, sizeof close_name, "%s", loom_session_name(s));
+  if (loom_session_remote_addr(s, close_remote, sizeof close_remote) < 0)
+    snprintf(close_remote, sizeof close_remote, "(error)");
+}
+
+static void name_main(void *arg) {
+  (void)arg;
+  codecs_init();
+  loom_server_opts o = server_opts(&line);
+  E.keep = true;
+  E.error = name_on_error;
+  E.close = name_on_close;
+  char addr[128];
+  loom_server *srv = serve(&o, addr);
+  loom_conn *peer;
+  CHECK_OK(loom_dial(&peer, "tcp", addr));
+  loom_session *s = kept_session();
+  char local[128], want[300];
+  CHECK_OK(loom_conn_local_addr(peer, local, sizeof local));
+  snprintf(want, sizeof want, "tcp %s<-%s", addr, local);
+  loom_session_abort(s, -EIO);
+  WAIT_FOR(atomic_load(&E.closes) == 1, 5);
+  CHECK_STREQ(err_name, want);
+  CHECK_STREQ(close_name, want);
+  CHECK_STREQ(close_remote, local);
+  loom_session_unref(s);
+  finish(srv, peer);
+}
+TEST(name_in_on_error_and_on_close) { run(name_main, 2, "name in callbacks"); }
+
+/* A reference kept past loom_server_close: the session is closed, and
+ * writes (even one the codec refuses) fail without touching the freed
+ * server. */
+static void ref_server_main(void *arg) {
+  (void)arg;
+  codecs_init();
+  loom_server_opts o = server_opts(&line);
+  o.session.max_pkg_len = 100;
+  E.keep = true;
+  char addr[128];
+  loom_server *srv = serve(&o, addr);
+  loom_conn *peer;
+  CHECK_OK(loom_dial(&peer, "tcp", addr));
+  loom_session *s = kept_session();
+  CHECK_OK(loom_server_close(srv, loom_now() + 5 * SEC));
+  CHECK_EQ(atomic_load(&E.closes), 1);
+  CHECK(loom_session_closed(s));
+  CHECK_ERR(loom_session_write(s, "x", 1, 0), LOOM_ECLOSED);
+  char b[200];
+  memset(b, 'y', sizeof b);
+  int rc = loom_session_write(s, b, sizeof b, 0);
+  CHECKF(rc == LOOM_ECLOSED || rc == -EMSGSIZE, "write: %s", loom_err_name(rc));
+  loom_session_unref(s);
+  conn_expect_eof(peer);
+  CHECK_OK(loom_close(peer));
+}
+TEST(ref_outlives_server) { run(ref_server_main, 2, "ref after server"); }
+
+/* With a task pool: on_close runs after every pooled on_message has
+ * returned, and replies written from the pool reach the peer first. */
+static atomic_int pool_in_flight, pool_done;
+static void pool_msg(loom_session *s, const loom_pkg *pkg) {
+  (void)s;
+  (void)pkg;
+  CHECK_EQ(atomic_fetch_add(&pool_in_flight, 1),
+           0); /* in order, one at a time */
+  loom_sleep(20 * CHECK_MS);
+  atomic_fetch_sub(&pool_in_flight, 1);
+  atomic_fetch_add(&pool_done, 1);
+}
+static void pool_close(loom_session *s) {
+  (void)s;
+  CHECK_EQ(atomic_load(&pool_in_flight), 0);
+  CHECK_EQ(atomic_load(&pool_done), 5);
+}
+
+static void pool_main(void *arg) {
+  (void)arg;
+  codecs_init();
+  loom_taskpool *pool;
+  loom_taskpool_opts po = {.queues = 2, .workers = 1, .queue_len = 4};
+  CHECK_OK(loom_taskpool_make(&pool, &po));
+  loom_server_opts o = server_opts(&line);
+  o.session.pool = pool;
+  E.echo = true;
+  E.msg = pool_msg;
+  E.close = pool_close;
+  char addr[128];
+  loom_server *srv = serve(&o, addr);
+  loom_conn *peer;
+  CHECK_OK(loom_dial(&peer, "tcp", addr));
+  const char req[] = "1\n2\n3\n4\n5\n";
+  CHECK_EQ(loom_write(peer, req, 10), 10);
+  CHECK_OK(loom_shutdown(peer, SHUT_WR));
+  char back[10];
+  conn_read_full(peer, back, 10);
+  CHECK(memcmp(back, req, 10) == 0);
+  conn_expect_eof(peer);
+  WAIT_FOR(atomic_load(&E.closes) == 1, 5);
+  CHECK_EQ(atomic_load(&E.errs), 0);
+  CHECK_EQ(atomic_load(&E.msgs), 5);
+  CHECK_EQ(metrics(srv).pool_queued, 0);
+  finish(srv, peer);
+  loom_taskpool_close(pool);
+}
+TEST(pool_on_close_after_messages) { run(pool_main, 2, "pool close"); }
+
+/* ------------------------------------------------------------------ */
+/* 9. Identity, attributes, user pointer, statistics.                   */
+
+static char attr_keys[10];
+static int attr_vals[10], other_tag;
+
+typedef struct attr_arg {
+  loom_session *s;
+  int base;
+} attr_arg;
+static attr_arg attr_args[4];
+static char conc_keys[4][8];
+static int conc_vals[4][8];
+static atomic_int attr_done;
+
+/* Each coroutine sets, reads and removes its own keys, many times, at
+ * the same time as the others. */
+static void attr_co(void *arg) {
+  attr_arg *a = arg;
+  for (int it = 0; it < 200; it++) {
+    for (int k = 0; k < 8; k++)
+      CHECK_OK(loom_session_set_attr(a->s, &conc_keys[a->base][k],
+                                     &conc_vals[a->base][k]));
+    for (int k = 0; k < 8; k++)
+      CHECK(loom_session_attr(a->s, &conc_keys[a->base][k]) ==
+            &conc_vals[a->base][k]);
+    for (int k = 0; k < 8; k += 2)
+      CHECK_OK(loom_session_set_attr(a->s, &conc_keys[a->base][k], NULL));
+    for (int k = 0; k < 8; k++)
+      CHECK(loom_session_attr(a->s, &conc_keys[a->base][k]) ==
+            (k % 2 ? &conc_vals[a->base][k] : NULL));
+    if (it % 16 == 0)
+      loom_yield();
+  }
+  atomic_fetch_add(&attr_done, 1);
+}
+
+static void ident_main(void *arg) {
+  (void)arg;
+  codecs_init();
+  loom_server_opts o = server_opts(&lenpfx);
+  E.keep = true;
+  E.echo = true;
+  char addr[128];
+  loom_server *srv = serve(&o, addr);
+  loom_conn *peer;
+  CHECK_OK(loom_dial(&peer, "tcp", addr));
+  loom_session *s = kept_session();
+
+  /* Identity. */
+  CHECK_NE(loom_session_id(s), 0);
+  CHECK_EQ(loom_session_id(s), atomic_load(&E.id));
+  char local[128], want[300], buf[128];
+  CHECK_OK(loom_conn_local_addr(peer, local, sizeof local));
+  snprintf(want, sizeof want, "tcp %s<-%s", addr, local);
+  CHECK_STREQ(loom_session_name(s), want);
+  CHECK_OK(loom_session_remote_addr(s, buf, sizeof buf));
+  CHECK_STREQ(buf, local);
+  CHECK_OK(loom_session_local_addr(s, buf, sizeof buf));
+  CHECK_STREQ(buf, addr);
+  CHECK_OK(loom_session_set_name(s, "alice"));
+  CHECK_STREQ(loom_session_name(s), "alice");
+  CHECK_OK(loom_session_set_name(s, "bob"));
+  CHECK_STREQ(loom_session_name(s), "bob");
+
+  /* The user pointer: opts.user first (no callback runs meanwhile: the
+   * peer is silent and there is no cron). */
+  CHECK(loom_session_user(s) == &E);
+  loom_session_set_user(s, &other_tag);
+  CHECK(loom_session_user(s) == &other_tag);
+  loom_session_set_user(s, &E);
+
+  /* Attributes. */
+  for (int i = 0; i < 10; i++)
+    CHECK(loom_session_attr(s, &attr_keys[i]) == NULL);
+  for (int i = 0; i < 10; i++)
+    CHECK_OK(loom_session_set_attr(s, &attr_keys[i], &attr_vals[i]));
+  for (int i = 0; i < 10; i++)
+    CHECK(loom_session_attr(s, &attr_keys[i]) == &attr_vals[i]);
+  CHECK_OK(loom_session_set_attr(s, &attr_keys[3], &other_tag));
+  CHECK_OK(loom_session_set_attr(s, &attr_keys[5], NULL));
+  CHECK_OK(loom_session_set_attr(s, &attr_keys[5], NULL)); /* absent */
+  for (int i = 0; i < 10; i++)
+    CHECK(loom_session_attr(s, &attr_keys[i]) == (i == 3 ? (void *)&other_tag
+                                                  : i == 5
+                                                      ? NULL
+                                                      : (void *)&attr_vals[i]));
+  CHECK(loom_session_attr(s, &other_tag) == NULL);
+  for (int c = 0; c < 4; c++) {
+    attr_args[c] = (attr_arg){s, c};
+    CHECK_OK(loom_go(attr_co, &attr_args[c]));
+  }
+  WAIT_FOR(atomic_load(&attr_done) == 4, 10);
+  for (int i = 0; i < 10; i++) /* untouched by the others */
+    CHECK(loom_session_attr(s, &attr_keys[i]) == (i == 3 ? (void *)&other_tag
+                                                  : i == 5
+                                                      ? NULL
+                                                      : (void *)&attr_vals[i]));
+
+  /* Statistics after a known exchange: 3 packages of 10, 100, 1000
+   * bytes each way. */
+  static uint8_t out[1200], back[1200];
+  size_t n = 0;
+  for (size_t len = 10; len <= 1000; len *= 10) {
+    uint8_t p[1000];
+    memset(p, (int)len, len);
+    n += frame(out + n, p, len);
+  }
+  CHECK_EQ(n, 1122);
+  CHECK_EQ(loom_write(peer, out, n), (ssize_t)n);
+  conn_read_full(peer, back, n);
+  CHECK(memcmp(back, out, n) == 0);
+  loom_session_stats st;
+  WAIT_FOR((loom_session_stats_get(s, &st), st.bytes_out == n), 5);
+  CHECK_EQ(st.bytes_in, n);
+  CHECK_EQ(st.pkgs_in, 3);
+  CHECK_EQ(st.pkgs_out, 3);
+  CHECK_EQ(st.wq_bytes, 0);
+  CHECK_GT(st.opened, 0);
+  CHECK_LE(st.opened, atomic_load(&E.opened_at));
+  CHECK_GE(st.last_read, st.opened);
+  CHECK_GE(st.last_write, st.opened);
+  CHECK_LE(st.last_read, loom_now());
+  CHECK_LE(st.last_write, loom_now());
+
+  CHECK_OK(loom_close(peer));
+  WAIT_FOR(atomic_load(&E.closes) == 1, 5);
+  CHECK_EQ(E.final.bytes_in, n);
+  CHECK_EQ(E.final.bytes_out, n);
+  CHECK_EQ(E.final.pkgs_in, 3);
+  CHECK_EQ(E.final.pkgs_out, 3);
+  CHECK_EQ(atomic_load(&E.errs), 0);
+  loom_session_unref(s);
+  CHECK_OK(loom_server_close(srv, loom_now() + 5 * SEC));
+}
+TEST(identity_attrs_user_stats) { run(ident_main, 2, "identity"); }
+
+/* ------------------------------------------------------------------ */
+/* 10. Metrics and their Prometheus text.                               */
+
+static void metrics_main(void *arg) {
+  (void)arg;
+  codecs_init();
+  loom_server_opts o = server_opts(&lenpfx);
+  E.echo = true;
+  char addr[128];
+  loom_server *srv = serve(&o, addr);
+  loom_metrics m0 = metrics(srv);
+  CHECK_EQ(m0.sessions_total, 0);
+  CHECK_EQ(m0.bytes_in, 0);
+
+  /* Peer i sends i + 1 packages of 50 * (j + 1) bytes and reads the
+   * echoes; the last one then sends half a frame and ends its stream. */
+  uint64_t bytes = 0, pkgs = 0;
+  loom_conn *peers[3];
+  for (int i = 0; i < 3; i++) {
+    CHECK_OK(loom_dial(&peers[i], "tcp", addr));
+    for (int j = 0; j <= i; j++) {
+      uint8_t p[200], f[204], back[204];
+      size_t len = 50 * (size_t)(j + 1);
+      memset(p, 'a' + i, len);
+      size_t n = frame(f, p, len);
+      CHECK_EQ(loom_write(peers[i], f, n), (ssize_t)n);
+      conn_read_full(peers[i], back, n);
+      CHECK(memcmp(back, f, n) == 0);
+      bytes += n;
+      pkgs++;
+    }
+  }
+  const uint8_t part[] = {0, 0, 0, 10, 'x'};
+  CHECK_EQ(loom_write(peers[2], part, sizeof part), (ssize_t)sizeof part);
+  CHECK_OK(loom_shutdown(peers[2], SHUT_WR));
+  conn_expect_eof(peers[2]);
+  for (int i = 0; i < 3; i++)
+    CHECK_OK(loom_close(peers[i]));
+  WAIT_FOR(atomic_load(&E.closes) == 3 && metrics(srv).sessions_open == 0, 5);
+
+  loom_metrics m = metrics(srv);
+  CHECK_EQ(m.sessions_total, 3);
+  CHECK_EQ(m.sessions_open, 0);
+  CHECK_EQ(m.bytes_in, bytes + sizeof part);
+  CHECK_EQ(m.bytes_out, bytes);
+  CHECK_EQ(m.pkgs_in, pkgs);
+  CHECK_EQ(m.pkgs_out, pkgs);
+  CHECK_EQ(m.wq_bytes, 0);
+  CHECK_EQ(m.wq_max, 0);
+  CHECK_EQ(m.pool_queued, 0);
+  CHECK_EQ(m.errors.decode, 1);
+#define ZERO_BUT_DECODE_(name, help)                                           \
+  if (strcmp(#name, "decode") != 0)                                            \
+    CHECKF(m.errors.name == 0, "errors.%s = %llu", #name,                      \
+           (unsigned long long)m.errors.name);
+  LOOM_METRIC_ERRORS(ZERO_BUT_DECODE_)
+#undef ZERO_BUT_DECODE_
+  CHECK_EQ(atomic_load(&E.errs), 1);
+
+  static char text[8192], text2[8192], small[8192];
+  int n = loom_metrics_prometheus(&m, NULL, text, sizeof text);
+  CHECK_GT(n, 0);
+  CHECK_EQ((size_t)n, strlen(text));
+  char line_[128];
+  CHECK(strstr(text, "\nloom_sessions_total 3\n") != NULL);
+  CHECK(strstr(text, "\nloom_sessions_open 0\n") != NULL);
+  CHECK(strstr(text, "# TYPE loom_sessions_total counter\n") != NULL);
+  CHECK(strstr(text, "loom_errors_total{kind=\"decode\"} 1\n") != NULL);
+  snprintf(line_, sizeof line_, "\nloom_bytes_in_total %llu\n",
+           (unsigned long long)m.bytes_in);
+  CHECK(strstr(text, line_) != NULL);
+  snprintf(line_, sizeof line_, "\nloom_packages_out_total %llu\n",
+           (unsigned long long)m.pkgs_out);
+  CHECK(strstr(text, line_) != NULL);
+#define KIND_LINE_(name, help)                                                 \
+  snprintf(line_, sizeof line_, "loom_errors_total{kind=\"%s\"} %llu\n",       \
+           #name, (unsigned long long)m.errors.name);                          \
+  CHECKF(strstr(text, line_) != NULL, "no line %s", line_);
+  LOOM_METRIC_ERRORS(KIND_LINE_)
+#undef KIND_LINE_
+
+  int n2 = loom_metrics_prometheus(&m, "edge", text2, sizeof text2);
+  CHECK_GT(n2, 0);
+  CHECK(strstr(text2, "\nedge_sessions_total 3\n") != NULL);
+  CHECK(strstr(text2, "edge_errors_total{kind=\"decode\"} 1\n") != NULL);
+  CHECK(strstr(text2, "loom_") == NULL);
+
+  /* Room for the text and its NUL, not one byte less. */
+  CHECK_ERR(loom_metrics_prometheus(&m, NULL, small, (size_t)n), -ENOSPC);
+  CHECK_ERR(loom_metrics_prometheus(&m, NULL, small, 16), -ENOSPC);
+  CHECK_EQ(loom_metrics_prometheus(&m, NULL, small, (size_t)n + 1), n);
+  CHECK_STREQ(small, text);
+  CHECK_OK(loom_server_close(srv, loom_now() + 5 * SEC));
+}
+TEST(metrics_and_prometheus) { run(metrics_main, 2, "metrics"); }
+
+/* ------------------------------------------------------------------ */
+/* 11. The task pool on its own.                                        */
+
+static loom_sema gate;
+static atomic_int gate_started, tasks_ran;
+
+static void blocker(void *arg) {
+  (void)arg;
+  atomic_fetch_add(&gate_started, 1);
+  CHECK_OK(loom_sema_acquire(&gate, 0));
+  atomic_fetch_add(&tasks_ran, 1);
+}
+static void count_task(void *arg) {
+  (void)arg;
+  atomic_fetch_add(&tasks_ran, 1);
+}
+
+/* A full queue: NOWAIT is -EAGAIN, a deadline is -ETIMEDOUT; the other
+ * queue still takes tasks. */
+static void tp_full_main(void *arg) {
+  (void)arg;
+  loom_taskpool *p;
+  loom_taskpool_opts o = {.queues = 2, .workers = 1, .queue_len = 2};
+  CHECK_OK(loom_taskpool_make(&p, &o));
+  CHECK_EQ(loom_taskpool_queues(p), 2);
+  CHECK_OK(loom_taskpool_submit(p, 0, blocker, NULL, 0));
+  WAIT_FOR(atomic_load(&gate_started) == 1, 5); /* the worker holds it */
+  CHECK_OK(loom_taskpool_submit(p, 2, count_task, NULL, 0));
+  CHECK_OK(loom_taskpool_submit(p, 4, count_task, NULL, LOOM_TASKPOOL_NOWAIT));
+  CHECK_EQ(loom_taskpool_queued(p), 2);
+  CHECK_ERR(loom_taskpool_submit(p, 0, count_task, NULL, LOOM_TASKPOOL_NOWAIT),
+            -EAGAIN);
+  CHECK_ERR(
+      loom_taskpool_submit(p, 1000, count_task, NULL, LOOM_TASKPOOL_NOWAIT),
+      -EAGAIN); /* 1000 % 2 == 0: the same queue */
+  int64_t t0 = loom_now();
+  CHECK_ERR(
+      loom_taskpool_submit(p, 6, count_task, NULL, loom_now() + 50 * CHECK_MS),
+      -ETIMEDOUT);
+  int64_t el = loom_now() - t0;
+  CHECKF(el >= 25 * CHECK_MS && el < 10 * SEC, "waited %lld ms",
+         (long long)(el / CHECK_MS));
+  CHECK_EQ(loom_taskpool_queued(p), 2);
+  /* Queue 1 is free. */
+  CHECK_OK(loom_taskpool_submit(p, 1, count_task, NULL, LOOM_TASKPOOL_NOWAIT));
+  WAIT_FOR(atomic_load(&tasks_ran) == 1, 5);
+  loom_sema_release(&gate);
+  WAIT_FOR(atomic_load(&tasks_ran) == 4, 5);
+  CHECK_EQ(loom_taskpool_queued(p), 0);
+  loom_taskpool_close(p);
+  CHECK_EQ(atomic_load(&tasks_ran), 4);
+}
+TEST(taskpool_nowait_and_deadline) { run(tp_full_main, 2, "taskpool full"); }
+
+/* loom_taskpool_close runs every queued task, in order per queue, before
+ * it returns. */
+static int order_log[2][64];
+static atomic_int order_n[2];
+static void order_task(void *arg) {
+  intptr_t v = (intptr_t)arg;
+  int q = (int)(v % 2);
+  int i = atomic_fetch_add(&order_n[q], 1);
+  order_log[q][i] = (int)(v / 2);
+  atomic_fetch_add(&tasks_ran, 1);
+}
+static void release_gate_later(void *arg) {
+  (void)arg;
+  loom_sleep(30 * CHECK_MS);
+  loom_sema_release(&gate);
+  loom_sema_release(&gate);
+}
+
+static void tp_close_main(void *arg) {
+  (void)arg;
+  loom_taskpool *p;
+  loom_taskpool_opts o = {.queues = 2, .workers = 1, .queue_len = 64};
+  CHECK_OK(loom_taskpool_make(&p, &o));
+  CHECK_OK(loom_taskpool_submit(p, 0, blocker, NULL, 0));
+  CHECK_OK(loom_taskpool_submit(p, 1, blocker, NULL, 0));
+  WAIT_FOR(atomic_load(&gate_started) == 2, 5);
+  for (intptr_t i = 0; i < 64; i++)
+    for (int q = 0; q < 2; q++)
+      CHECK_OK(loom_taskpool_submit(p, (uint64_t)q, order_task,
+                                    (void *)(i * 2 + q), LOOM_TASKPOOL_NOWAIT));
+  CHECK_EQ(loom_taskpool_queued(p), 128);
+  CHECK_OK(loom_go(release_gate_later, NULL));
+  loom_taskpool_close(p);
+  CHECK_EQ(atomic_load(&tasks_ran), 130);
+  for (int q = 0; q < 2; q++) {
+    CHECK_EQ(atomic_load(&order_n[q]), 64);
+    for (int i = 0; i < 64; i++)
+      CHECK_EQ(order_log[q][i], i);
+  }
+}
+TEST(taskpool_close_runs_queued) { run(tp_close_main, 2, "taskpool close"); }
+
+/* A submitter waiting for room when the pool closes gets LOOM_ECLOSED,
+ * and its task never runs. */
+static atomic_int waiting_rc = 1, waiting_ran;
+static loom_taskpool *waiting_pool;
+static void never_task(void *arg) {
+  (void)arg;
+  atomic_store(&waiting_ran, 1);
+}
+static void waiting_submitter(void *arg) {
+  (void)arg;
+  atomic_store(&waiting_rc,
+               loom_taskpool_submit(waiting_pool, 0, never_task, NULL, 0));
+}
+
+static void tp_waiting_main(void *arg) {
+  (void)arg;
+  loom_taskpool_opts o = {.queues = 1, .workers = 1, .queue_len = 1};
+  CHECK_OK(loom_taskpool_make(&waiting_pool, &o));
+  CHECK_OK(loom_taskpool_submit(waiting_pool, 0, blocker, NULL, 0));
+  WAIT_FOR(atomic_load(&gate_started) == 1, 5);
+  CHECK_OK(loom_taskpool_submit(waiting_pool, 0, count_task, NULL, 0));
+  CHECK_OK(loom_go(waiting_submitter, NULL));
+  loom_sleep(50 * CHECK_MS);
+  CHECK_EQ(atomic_load(&waiting_rc), 1); /* parked for room */
+  CHECK_OK(loom_go(release_gate_later, NULL));
+  loom_taskpool_close(waiting_pool);
+  WAIT_FOR(atomic_load(&waiting_rc) != 1, 5);
+  CHECK_ERR(atomic_load(&waiting_rc), LOOM_ECLOSED);
+  CHECK_EQ(atomic_load(&waiting_ran), 0);
+  CHECK_EQ(atomic_load(&tasks_ran), 2);
+}
+TEST(taskpool_close_releases_waiting_submitter) {
+  run(tp_waiting_main, 2, "taskpool waiting submitter");
+}
+
+/* Per-key order with one worker per queue: 8 submitters x 5000 tasks on
+ * keys 0..15 over 4 queues (small, so submitters wait for room).  Each
+ * task checks that its (submitter, key) sequence goes up by one and that
+ * no other task of its queue runs at the same time. */
+enum { KO_SUBS = 8, KO_KEYS = 16, KO_QUEUES = 4 };
+typedef struct ko_task {
+  uint16_t sub, key;
+  uint32_t seq;
+} ko_task;
+static ko_task *ko_tasks[KO_SUBS];
+static int ko_per_sub;
+static int64_t ko_last[KO_SUBS][KO_KEYS];
+static atomic_int ko_busy[KO_QUEUES], ko_ran, ko_subs_done;
+static loom_taskpool *ko_pool;
+
+static void ko_run(void *arg) {
+  ko_task *t = arg;
+  int q = t->key % KO_QUEUES;
+  CHECK_EQ(atomic_fetch_add(&ko_busy[q], 1), 0);
+  CHECK_EQ(ko_last[t->sub][t->key] + 1, (int64_t)t->seq);
+  ko_last[t->sub][t->key] = t->seq;
+  if (t->seq % 64 == 0)
+    loom_yield(); /* give another worker the chance to break the rule */
+  atomic_fetch_sub(&ko_busy[q], 1);
+  atomic_fetch_add(&ko_ran, 1);
+}
+
+static void ko_submitter(void *arg) {
+  int sub = (int)(intptr_t)arg;
+  uint32_t seq[KO_KEYS] = {0};
+  uint64_t x = (uint64_t)sub * 0x9e3779b97f4a7c15u + 1;
+  for (int i = 0; i < ko_per_sub; i++) {
+    x ^= x << 13;
+    x ^= x >> 7;
+    x ^= x << 17;
+    uint16_t key = (uint16_t)(x % KO_KEYS);
+    ko_task *t = &ko_tasks[sub][i];
+    *t = (ko_task){(uint16_t)sub, key, seq[key]++};
+    CHECK_OK(loom_taskpool_submit(ko_pool, key, ko_run, t, 0));
+  }
+  atomic_fetch_add(&ko_subs_done, 1);
+}
+
+static void ko_main(void *arg) {
+  (void)arg;
+  ko_per_sub = CHECK_SCALE(5000, 5000, 2000);
+  for (int s = 0; s < KO_SUBS; s++) {
+    ko_tasks[s] = calloc((size_t)ko_per_sub, sizeof(ko_task));
+    CHECK(ko_tasks[s] != NULL);
+    for (int k = 0; k < KO_KEYS; k++)
+      ko_last[s][k] = -1;
+  }
+  loom_taskpool_opts o = {.queues = KO_QUEUES, .workers = 1, .queue_len = 16};
+  CHECK_OK(loom_taskpool_make(&ko_pool, &o));
+  for (intptr_t s = 0; s < KO_SUBS; s++)
+    CHECK_OK(loom_go(ko_submitter, (void *)s));
+  WAIT_FOR(atomic_load(&ko_subs_done) == KO_SUBS, 20);
+  loom_taskpool_close(ko_pool);
+  CHECK_EQ(atomic_load(&ko_ran), KO_SUBS * ko_per_sub);
+  for (int s = 0; s < KO_SUBS; s++)
+    free(ko_tasks[s]);
+}
+TEST(taskpool_key_order) { run(ko_main, 2, "taskpool key order"); }
+
+/* loom_taskpool_close frees the pool once its workers are done: again
+ * and again, with the last worker on another thread finishing as close
+ * looks.  (A worker still inside its loom_wg_done when the pool is freed
+ * is a use after free; ASan may miss the window, TSan sees it.) */
+static void tp_churn_main(void *arg) {
+  (void)arg;
+  int rounds = CHECK_SCALE(2000, 2000, 2000);
+  for (int i = 0; i < rounds; i++) {
+    loom_taskpool *p;
+    loom_taskpool_opts o = {.queues = 2, .workers = 1, .queue_len = 4};
+    CHECK_OK(loom_taskpool_make(&p, &o));
+    CHECK_OK(loom_taskpool_submit(p, (uint64_t)i, count_task, NULL, 0));
+    if (i % 2)
+      loom_yield();
+    loom_taskpool_close(p);
+    CHECK_EQ(atomic_load(&tasks_ran), i + 1);
+  }
+}
+TEST(taskpool_close_churn) { run(tp_churn_main, 2, "taskpool churn"); }
+
+/* Submitting from a plain thread blocks that thread for room. */
+static atomic_int thread_done;
+static void *thread_submitter(void *arg) {
+  loom_taskpool *p = arg;
+  for (intptr_t i = 0; i < 1000; i++)
+    CHECK_OK(loom_taskpool_submit(p, 0, count_task, NULL, 0));
+  atomic_store(&thread_done, 1);
+  return NULL;
+}
+
+static void tp_thread_main(void *arg) {
+  (void)arg;
+  loom_taskpool *p;
+  loom_taskpool_opts o = {.queues = 1, .workers = 1, .queue_len = 4};
+  CHECK_OK(loom_taskpool_make(&p, &o));
+  pthread_t t;
+  CHECK_EQ(pthread_create(&t, NULL, thread_submitter, p), 0);
+  WAIT_FOR(atomic_load(&thread_done), 10);
+  CHECK_EQ(pthread_join(t, NULL), 0);
+  loom_taskpool_close(p);
+  CHECK_EQ(atomic_load(&tasks_ran), 1000);
+}
+TEST(taskpool_submit_from_thread) { run(tp_thread_main, 2, "taskpool thread"); }
+
+/* ------------------------------------------------------------------ */
+/* 12. Many coroutines writing to one session.                          */
+
+/* Package of writer w, number seq: [w][seq, 4 bytes BE][len bytes]. */
+enum { MW_MAX = 32, MW_WQ = 64 * 1024 };
+static int mw_writers, mw_per;
+static uint32_t mw_next[MW_MAX];
+static atomic_int mw_got, mw_written;
+static loom_session *mw_s;
+
+static size_t mw_len(int w, uint32_t seq) {
+  return ((size_t)seq * 131 + (size_t)w * 17) % 3000;
+}
+static uint8_t mw_byte(int w, uint32_t seq, size_t i) {
+  return (uint8_t)(w * 31 + seq * 7 + i);
+}
+
+static void mw_check(const uint8_t *p, size_t n) {
+  CHECK_GE(n, 5);
+  int w = p[0];
+  uint32_t seq = get_be32(p + 1);
+  CHECK_LT(w, mw_writers);
+  CHECKF(seq == mw_next[w], "writer %d: package %u after %u", w, seq,
+         mw_next[w]);
+  mw_next[w]++;
+  size_t len = mw_len(w, seq);
+  CHECK_EQ(n, 5 + len);
+  for (size_t i = 0; i < len; i++)
+    if (p[5 + i] != mw_byte(w, seq, i))
+      CHECK_FAIL("writer %d package %u: byte %zu differs", w, seq, i);
+  atomic_fetch_add(&mw_got, 1);
+}
+
+static void mw_writer(void *arg) {
+  int w = (int)(intptr_t)arg;
+  uint8_t p[5 + 3000];
+  for (uint32_t seq = 0; seq < (uint32_t)mw_per; seq++) {
+    size_t len = mw_len(w, seq);
+    p[0] = (uint8_t)w;
+    put_be32(p + 1, seq);
+    for (size_t i = 0; i < len; i++)
+      p[5 + i] = mw_byte(w, seq, i);
+    CHECK_OK(loom_session_write(mw_s, p, 5 + len, -1));
+    if (seq % 32 == 0)
+      loom_yield();
+  }
+  atomic_fetch_add(&mw_written, 1);
+}
+
+/* Until the writers are done: the queue stays under wq_high + one
+ * package. */
+static atomic_int mw_sampler_done;
+static void mw_sampler(void *arg) {
+  (void)arg;
+  while (atomic_load(&mw_written) < mw_writers) {
+    loom_session_stats st;
+    loom_session_stats_get(mw_s, &st);
+    CHECKF(st.wq_bytes <= MW_WQ + 4 + 5 + 3000, "wq_bytes %zu", st.wq_bytes);
+    loom_sleep(CHECK_MS / 4);
+  }
+  atomic_store(&mw_sampler_done, 1);
+}
+
+static void mw_start(loom_session *s) {
+  mw_s = s;
+  for (intptr_t w = 0; w < mw_writers; w++)
+    CHECK_OK(loom_go(mw_writer, (void *)w));
+  CHECK_OK(loom_go(mw_sampler, NULL));
+}
+
+/* A raw peer reads the stream and checks every frame. */
+static void mw_plain_main(void *arg) {
+  (void)arg;
+  codecs_init();
+  mw_writers = CHECK_SCALE(16, 16, 8);
+  mw_per = CHECK_SCALE(400, 200, 100);
+  loom_server_opts o = server_opts(&lenpfx);
+  o.session.wq_high = MW_WQ;
+  E.keep = true;
+  char addr[128];
+  loom_server *srv = serve(&o, addr);
+  loom_conn *peer;
+  CHECK_OK(loom_dial(&peer, "tcp", addr));
+  mw_start(kept_session());
+  static uint8_t buf[1 << 16];
+  size_t have = 0;
+  int total = mw_writers * mw_per;
+  CHECK_OK(loom_set_read_deadline(peer, loom_now() + 20 * SEC));
+  while (atomic_load(&mw_got) < total) {
+    ssize_t k = loom_read(peer, buf + have, sizeof buf - have);
+    CHECKF(k > 0, "read %zd after %d packages", k, atomic_load(&mw_got));
+    have += (size_t)k;
+    size_t off = 0;
+    while (have - off >= 4) {
+      uint32_t len = get_be32(buf + off);
+      CHECK_LE(len, 5 + 3000);
+      if (have - off < 4 + (size_t)len)
+        break;
+      mw_check(buf + off + 4, len);
+      off += 4 + len;
+    }
+    memmove(buf, buf + off, have - off);
+    have -= off;
+  }
+  CHECK_EQ(have, 0);
+  WAIT_FOR(atomic_load(&mw_sampler_done), 5);
+  loom_session_stats st;
+  loom_session_stats_get(mw_s, &st);
+  CHECK_EQ(st.pkgs_out, total);
+  CHECK_EQ(atomic_load(&E.errs), 0);
+  CHECK_OK(loom_close(peer));
+  WAIT_FOR(atomic_load(&E.closes) == 1, 5);
+  loom_session_unref(mw_s);
+  CHECK_OK(loom_server_close(srv, loom_now() + 5 * SEC));
+}
+TEST(many_writers_one_session) { run(mw_plain_main, 2, "many writers"); }
+
+/* The same through compression, read by a compressing loom_client. */
+static void mw_client_msg(loom_session *s, const loom_pkg *pkg) {
+  (void)s;
+  mw_check(pkg->data, pkg->len);
+}
+
+static void mw_compressed_main(void *arg) {
+  (void)arg;
+  codecs_init();
+  mw_writers = CHECK_SCALE(16, 16, 8);
+  mw_per = CHECK_SCALE(300, 150, 60);
+  loom_server_opts o = server_opts(&lenpfx);
+  o.session.wq_high = MW_WQ;
+  o.session.compress = 6;
+  E.keep = true;
+  char addr[128];
+  loom_server *srv = serve(&o, addr);
+  loom_client_opts co;
+  memset(&co, 0, sizeof co);
+  co.network = "tcp";
+  co.addr = addr;
+  co.session.listener = &ev_listener;
+  co.session.codec = &lenpfx;
+  co.session.user = &CE;
+  co.session.compress = 6;
+  CE.msg = mw_client_msg;
+  loom_client *cl;
+  CHECK_OK(loom_client_start(&cl, &co));
+  mw_start(kept_session());
+  int total = mw_writers * mw_per;
+  WAIT_FOR(atomic_load(&mw_got) == total, 20);
+  WAIT_FOR(atomic_load(&mw_sampler_done), 5);
+  CHECK_EQ(atomic_load(&E.errs), 0);
+  CHECK_EQ(atomic_load(&CE.errs), 0);
+  CHECK_OK(loom_client_close(cl, loom_now() + 5 * SEC));
+  WAIT_FOR(atomic_load(&E.closes) == 1, 5);
+  loom_session_unref(mw_s);
+  CHECK_OK(loom_server_close(srv, loom_now() + 5 * SEC));
+}
+TEST(many_writers_compressed) {
+  run(mw_compressed_main, 2, "many writers zlib");
+}
+
+CHECK_MAIN()
