@@ -21,16 +21,17 @@
 #   SPAWN_YIELD_EVERY=256  the spawner yields every k spawns in case spawnk
 #   CASES="switch yield spawn spawnk parked cpu chan sync"   which cases to run
 #   GO=go               the Go toolchain (Go 1.19+, standard library only)
+#
+# The shell helpers it shares with the other bench scripts are in bench/lib.sh.
 set -u -o pipefail
+# shellcheck source-path=SCRIPTDIR source=lib.sh
+. "$(dirname "$0")/lib.sh" || exit 2
 
 # A build directory given as an argument or in BUILD_DIR is taken relative
 # to the caller's directory; the default, build/, to the repository root.
-BUILD=${1:-${BUILD_DIR:-}}
-if [[ -n $BUILD && $BUILD != /* ]]; then
-  BUILD=$PWD/$BUILD
-fi
-cd "$(dirname "$0")/.." || exit 2
-BUILD=${BUILD:-$PWD/build}
+# bench_init also unsets LOOM_PROCS, GOMAXPROCS and the like: the programs
+# choose their processor counts themselves.
+bench_init "${1:-}"
 ROUNDS=${ROUNDS:-7}
 BUDGET_S=${BUDGET_S:-260}
 RUN_TIMEOUT_S=${RUN_TIMEOUT_S:-60}
@@ -44,13 +45,8 @@ GO=${GO:-go}
 SPAWN_YIELD_EVERY=${SPAWN_YIELD_EVERY:-256}
 CASES=${CASES:-switch yield spawn spawnk parked cpu chan sync}
 
-# The programs choose their processor counts themselves; do not let a
-# stray setting in the caller's environment change what is compared.
-unset LOOM_PROCS LOOM_SCHEDTRACE LOOM_STACK_SIZE GOMAXPROCS GOGC GODEBUG
-
 LOOM_BIN=$BUILD/bench
 GO_BIN=$BUILD/bench/go
-START=$SECONDS
 
 # ---- loom binaries -------------------------------------------------------
 have_loom=1
@@ -64,69 +60,34 @@ if ((!have_loom)); then
   echo "  cmake -S . -B $BUILD -DCMAKE_BUILD_TYPE=Release && cmake --build $BUILD -j2" >&2
   echo "run.sh: running the Go side only" >&2
 fi
-if [[ -f $BUILD/CMakeCache.txt ]]; then
-  btype=$(sed -n 's/^CMAKE_BUILD_TYPE:[A-Z]*=//p' "$BUILD/CMakeCache.txt")
-  san=$(sed -n 's/^LOOM_SANITIZE:[A-Z]*=//p' "$BUILD/CMakeCache.txt")
-  case $btype in
-    Release | RelWithDebInfo | MinSizeRel) ;;
-    *) echo "run.sh: warning: $BUILD is a '$btype' build; the library is not optimised" >&2 ;;
-  esac
-  if [[ -n $san ]]; then
-    echo "run.sh: warning: $BUILD is built with sanitizers ($san); numbers are meaningless" >&2
-  fi
-fi
+warn_build_type
 
 # ---- Go binaries ---------------------------------------------------------
-if ! command -v "$GO" >/dev/null; then
-  echo "run.sh: '$GO' not found; install Go or set GO=" >&2
-  exit 2
-fi
-mkdir -p "$GO_BIN"
-GOCACHE_TMP=$(mktemp -d)
-trap 'rm -rf "$GOCACHE_TMP"' EXIT
+need_go
+make_tmp # the Go cache
 for b in yield spawn parked cpu chan sync; do
-  if ! GOCACHE=$GOCACHE_TMP GO111MODULE=off GOFLAGS='' \
-    "$GO" build -o "$GO_BIN/$b" "bench/go/$b.go"; then
-    echo "run.sh: go build bench/go/$b.go failed" >&2
-    exit 2
-  fi
+  go_build "$GO_BIN/$b" "bench/go/$b.go"
 done
 
 # ---- running -------------------------------------------------------------
-declare -A SAMPLES # key "side:case:field" -> space-separated values
-declare -A FAILS   # key "side:case" -> count
-SKIPPED=0          # runs not started: the time budget was spent
-
-# field NAME LINE: the value of ` NAME=` in a RESULT line.
-field() { sed -n "s/.* $1=\([^ ]*\).*/\1/p" <<<"$2"; }
-
 # run SIDE CASE CMD...: run once, store the fields this case reports.
 run() {
-  local side=$1 case=$2 out line rc limit
+  local side=$1 case=$2 out line rc
   shift 2
   # Hard stop: no run may end later than BUDGET_S + 20 s after the start.
-  limit=$((BUDGET_S + 20 - (SECONDS - START)))
-  if ((limit <= 0)); then
-    SKIPPED=$((SKIPPED + 1))
-    return
-  fi
-  ((limit > RUN_TIMEOUT_S)) && limit=$RUN_TIMEOUT_S
-  out=$(timeout -k 5 "$limit" "$@" 2>&1)
+  time_left 20 "$RUN_TIMEOUT_S" || return
+  out=$(timeout -k 5 "$LIMIT" "$@" 2>&1)
   rc=$?
   line=$(grep -m1 '^RESULT ' <<<"$out")
   if ((rc != 0)) || [[ -z $line ]]; then
     # A result printed before a crash or a hang at exit still counts as a
     # sample, but the run is reported and the script fails.
-    FAILS[$side:$case]=$((${FAILS[$side:$case]:-0} + 1))
-    echo "  $side $case FAILED (exit $rc$( ((rc == 124)) && echo ", timed out after ${limit}s")):" \
+    count_fail "$side:$case"
+    echo "  $side $case FAILED (exit $rc$( ((rc == 124)) && echo ", timed out after ${LIMIT}s")):" \
       "$(grep -v '^RESULT ' <<<"$out" | tail -n 3 | tr '\n' ' ')" >&2
     [[ -z $line ]] && return
   fi
-  local f v
-  for f in ns_per_op cold_ns_per_op kib_per_op ms; do
-    v=$(field "$f" "$line")
-    [[ -n $v ]] && SAMPLES[$side:$case:$f]+="$v "
-  done
+  keep_fields "$side:$case" "$line" ns_per_op cold_ns_per_op kib_per_op ms
   printf '  %-7s %-7s %s\n' "$side" "$case" "${line#RESULT }"
   grep '^INFO ' <<<"$out" | sed 's/^/       /'
 }
@@ -136,17 +97,8 @@ sides=(go)
 want() { [[ " $CASES " == *" $1 "* ]]; }
 bin() { if [[ $1 == loom ]]; then echo "$LOOM_BIN/$2"; else echo "$GO_BIN/$2"; fi; }
 
-echo "loom vs Go microbenchmarks: $(nproc) CPUs, $ROUNDS rounds, $(date -u '+%Y-%m-%d %H:%M UTC')"
-echo "load average: $(cut -d' ' -f1-3 /proc/loadavg)"
-rounds_done=0
-longest=0 # the longest round so far, in seconds
-for ((r = 1; r <= ROUNDS; r++)); do
-  if ((SECONDS - START + longest > BUDGET_S)); then
-    echo "run.sh: another round would overrun the ${BUDGET_S}s budget; stopping after $rounds_done rounds" >&2
-    break
-  fi
-  round_start=$SECONDS
-  echo "round $r/$ROUNDS"
+one_round() {
+  local s n m
   if want switch && ((have_loom)) && [[ -x $LOOM_BIN/switch ]]; then
     run loom switch "$LOOM_BIN/switch" # no Go peer: the floor under yield
   fi
@@ -186,47 +138,25 @@ for ((r = 1; r <= ROUNDS; r++)); do
       for s in "${sides[@]}"; do run "$s" "sync$m" "$(bin "$s" sync)" "$m"; done
     done
   fi
-  rounds_done=$r
-  ((SECONDS - round_start > longest)) && longest=$((SECONDS - round_start))
-done
+}
+
+echo "loom vs Go microbenchmarks: $(nproc) CPUs, $ROUNDS rounds, $(date -u '+%Y-%m-%d %H:%M UTC')"
+echo "load average: $(cut -d' ' -f1-3 /proc/loadavg)"
+run_rounds one_round
 
 # ---- summary -------------------------------------------------------------
-# summ VALUES...: "median min max n" (empty input: "- - - 0").
-summ() {
-  printf '%s\n' "$@" | awk 'NF { a[n++] = $1 }
-    END {
-      if (n == 0) { print "- - - 0"; exit }
-      # insertion sort: n is small
-      for (i = 1; i < n; i++) { v = a[i]; for (j = i - 1; j >= 0 && a[j] > v; j--) a[j+1] = a[j]; a[j+1] = v }
-      m = (n % 2) ? a[(n-1)/2] : (a[n/2-1] + a[n/2]) / 2
-      printf "%.4g %.4g %.4g %d\n", m, a[0], a[n-1], n
-    }'
-}
-# div A B: A/B with 2 decimals, "-" if either is missing.
-div() { awk -v a="$1" -v b="$2" 'BEGIN { if (a == "-" || b == "-" || b == 0) print "-"; else printf "%.2f\n", a / b }'; }
-# meets VALUE OP LIMIT: "yes", "NO" or "-".
-meets() { awk -v v="$1" -v op="$2" -v l="$3" 'BEGIN {
-  if (v == "-") { print "-"; exit }
-  ok = (op == "<=") ? (v + 0 <= l + 0) : (v + 0 >= l + 0); print ok ? "yes" : "NO" }'; }
-
 echo
 echo "medians of $rounds_done rounds [min..max]; ratio = loom/Go (lower is better for loom"
 echo "except the speed-up rows); target and 'met' judge the loom median"
 printf '%-25s %-7s %-26s %-26s %-7s %-8s %s\n' case unit "loom" "go" "loom/go" target met
 row() { # row LABEL UNIT CASE FIELD TARGET_OP TARGET
   local label=$1 unit=$2 case=$3 f=$4 op=${5:-} lim=${6:-}
-  local lm lmin lmax gm gmin gmax vals
-  read -ra vals <<<"${SAMPLES[loom:$case:$f]:-}"
-  read -r lm lmin lmax _ <<<"$(summ "${vals[@]}")"
-  read -ra vals <<<"${SAMPLES[go:$case:$f]:-}"
-  read -r gm gmin gmax _ <<<"$(summ "${vals[@]}")"
-  local lcell="-" gcell="-"
-  [[ $lm != - ]] && lcell="$lm [$lmin..$lmax]"
-  [[ $gm != - ]] && gcell="$gm [$gmin..$gmax]"
-  local tgt="-" met="-"
+  local lm gm tgt="-" met="-"
+  lm=$(med loom "$case" "$f")
+  gm=$(med go "$case" "$f")
   if [[ -n $op ]]; then tgt="$op $lim"; met=$(meets "$lm" "$op" "$lim"); fi
-  printf '%-25s %-7s %-26s %-26s %-7s %-8s %s\n' "$label" "$unit" "$lcell" "$gcell" \
-    "$(div "$lm" "$gm")" "$tgt" "$met"
+  printf '%-25s %-7s %-26s %-26s %-7s %-8s %s\n' "$label" "$unit" "$(cell loom "$case" "$f")" \
+    "$(cell go "$case" "$f")" "$(div "$lm" "$gm")" "$tgt" "$met"
 }
 row "bare context switch" ns/op switch ns_per_op
 row "yield" ns/op yield ns_per_op "<=" 10
@@ -274,11 +204,4 @@ if [[ $tsm != - ]]; then
   fi
 fi
 
-nfail=0
-for k in "${!FAILS[@]}"; do
-  echo "failed runs: $k x${FAILS[$k]}"
-  nfail=$((nfail + FAILS[$k]))
-done
-((SKIPPED > 0)) && echo "runs skipped for lack of time: $SKIPPED"
-echo "total time: $((SECONDS - START)) s"
-((nfail == 0))
+finish

@@ -43,14 +43,13 @@
 #   BUDGET_S=540      start no round that would end after this; no run
 #                     goes on past BUDGET_S + 30 s either
 #   GO=go
+#
+# The shell helpers it shares with the other bench scripts are in bench/lib.sh.
 set -u -o pipefail
+# shellcheck source-path=SCRIPTDIR source=../lib.sh
+. "$(dirname "$0")/../lib.sh" || exit 2
 
-BUILD=${1:-${BUILD_DIR:-}}
-if [[ -n $BUILD && $BUILD != /* ]]; then
-  BUILD=$PWD/$BUILD
-fi
-cd "$(dirname "$0")/../.." || exit 2
-BUILD=${BUILD:-$PWD/build}
+bench_init "${1:-}"
 ROUNDS=${ROUNDS:-7}
 SECS=${SECS:-3}
 WARMUP_S=${WARMUP_S:-0.5}
@@ -63,8 +62,6 @@ STORM_PARALLEL=${STORM_PARALLEL:-64}
 PORT_BASE=${PORT_BASE:-19400}
 BUDGET_S=${BUDGET_S:-540}
 GO=${GO:-go}
-unset LOOM_PROCS LOOM_SCHEDTRACE LOOM_STACK_SIZE GOMAXPROCS GOGC GODEBUG
-START=$SECONDS
 LOADGEN=$BUILD/bench/echo/loadgen
 BIN=$BUILD/bench/engine
 
@@ -95,51 +92,16 @@ if has engine; then
 fi
 # Configured every time (it keeps the cache's settings): a build tree set
 # up before a target such as engine_echo was added does not know it.
-if [[ ! -f $BUILD/CMakeCache.txt ]]; then
-  cmake -S . -B "$BUILD" -DCMAKE_BUILD_TYPE=Release >/dev/null || exit 2
-else
-  cmake -S . -B "$BUILD" >/dev/null || exit 2
-fi
-btype=$(sed -n 's/^CMAKE_BUILD_TYPE:[A-Z]*=//p' "$BUILD/CMakeCache.txt")
-san=$(sed -n 's/^LOOM_SANITIZE:[A-Z]*=//p' "$BUILD/CMakeCache.txt")
-case $btype in
-  Release | RelWithDebInfo | MinSizeRel) ;;
-  *) echo "run.sh: warning: $BUILD is a '$btype' build; the library is not optimised" >&2 ;;
-esac
-[[ -n $san ]] && echo "run.sh: warning: $BUILD uses sanitizers ($san); numbers are meaningless" >&2
-if ! cmake --build "$BUILD" --target "${targets[@]}" -j2 >/dev/null; then
-  echo "run.sh: building ${targets[*]} in $BUILD failed" >&2
-  exit 2
-fi
-TMP=$(mktemp -d) # the Go cache and the servers' logs
-SPID=            # the server running now, killed on any exit
-cleanup() {
-  [[ -n $SPID ]] && kill -9 "$SPID" 2>/dev/null
-  rm -rf "$TMP"
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
+configure_build always
+cmake_build "${targets[*]}" "${targets[@]}"
+make_tmp # the Go cache and the servers' logs; the server running now is killed on any exit
 if has go; then
-  if ! command -v "$GO" >/dev/null; then
-    echo "run.sh: '$GO' not found; install Go or set GO=" >&2
-    exit 2
-  fi
-  mkdir -p "$BIN" "$TMP/gocache"
-  if ! GOCACHE=$TMP/gocache GO111MODULE=off GOFLAGS='' \
-    "$GO" build -o "$BIN/go_lenpfx_echo" bench/engine/go_lenpfx_echo.go; then
-    echo "run.sh: go build bench/engine/go_lenpfx_echo.go failed" >&2
-    exit 2
-  fi
+  need_go
+  go_build "$BIN/go_lenpfx_echo" bench/engine/go_lenpfx_echo.go
 fi
 
 # ---- running ---------------------------------------------------------
-declare -A SAMPLES # "server:case:field" -> values
-declare -A FAILS   # "server:case" -> count
-PORT=$PORT_BASE
-SKIPPED=0
 LOG=$TMP/server.log
-
-field() { sed -n "s/.* $1=\([^ ]*\).*/\1/p" <<<"$2"; }
 
 start_server() { # start_server SERVER PORT: sets SPID; output to $LOG
   local a=127.0.0.1:$2
@@ -151,131 +113,18 @@ start_server() { # start_server SERVER PORT: sets SPID; output to $LOG
   SPID=$!
 }
 
-stop_server() {
-  kill -9 "$SPID" 2>/dev/null
-  wait "$SPID" 2>/dev/null
-  SPID=
-}
-
-# run SERVER CASE: one run of CASE against a fresh SERVER.
-run() {
-  local server=$1 case=$2 out line rc limit a
-  limit=$((BUDGET_S + 30 - (SECONDS - START)))
-  if ((limit <= 0)); then
-    SKIPPED=$((SKIPPED + 1))
-    return
-  fi
-  ((limit > 60)) && limit=60
-  PORT=$((PORT + 1))
-  a=127.0.0.1:$PORT
-  start_server "$server" "$PORT"
-  if ! "$LOADGEN" wait --addr "$a" --timeout-ms 5000; then
-    FAILS[$server:$case]=$((${FAILS[$server:$case]:-0} + 1))
-    echo "  $server $case FAILED: the server did not start: $(tail -n 3 "$LOG" | tr '\n' ' ')" >&2
-    stop_server
-    return
-  fi
-  local -a args=(--addr "$a" --pid "$SPID" --name "$case" --impl "$server" --frame 4)
-  case $case in
-    pp64) args=(pingpong "${args[@]}" --conns 64 --size 64 --inflight 1) ;;
-    pp1k) args=(pingpong "${args[@]}" --conns 1000 --size 64 --inflight 1) ;;
-    pipe4k) args=(pingpong "${args[@]}" --conns 64 --size 4096 --inflight 16) ;;
-    storm) args=(storm "${args[@]}" --count "$STORM_N" --parallel "$STORM_PARALLEL" --size 64) ;;
-  esac
-  [[ $case == pp* || $case == pipe* ]] && args+=(--secs "$SECS" --warmup "$WARMUP_S")
-  out=$(timeout -k 2 "$limit" "$LOADGEN" "${args[@]}" 2>&1)
-  rc=$?
-  local alive=1
-  kill -0 "$SPID" 2>/dev/null || alive=0
-  stop_server
-  line=$(grep -m1 '^RESULT ' <<<"$out")
-  if ((rc != 0 || !alive)) || [[ -z $line ]]; then
-    FAILS[$server:$case]=$((${FAILS[$server:$case]:-0} + 1))
-    echo "  $server $case FAILED (loadgen exit $rc$( ((rc == 124)) && echo ", timed out")$( ((!alive)) && echo ", server died")):" \
-      "$(grep -v '^RESULT ' <<<"$out" | tail -n 3 | tr '\n' ' ')" >&2
-    [[ -s $LOG ]] && echo "    server said: $(tail -n 3 "$LOG" | tr '\n' ' ')" >&2
-    [[ -z $line ]] && return
-  fi
-  local f v
-  for f in cpu_us_per_msg msgs_per_s p50_us p99_us \
-    server_cpu_util lg_cpu_util host_cpu_util steal_cpu_util sleeps_per_msg; do
-    v=$(field "$f" "$line")
-    [[ -n $v ]] && SAMPLES[$server:$case:$f]+="$v "
-  done
-  printf '  %-6s %-6s cpu_us/msg=%-7s sleeps/msg=%-6s msgs/s=%-7s p50=%-7s p99=%-8s cores: server=%s lg=%s host=%s steal=%s\n' \
-    "$server" "$case" "$(field cpu_us_per_msg "$line")" "$(field sleeps_per_msg "$line")" "$(field msgs_per_s "$line")" \
-    "$(field p50_us "$line")" "$(field p99_us "$line")" "$(field server_cpu_util "$line")" \
-    "$(field lg_cpu_util "$line")" "$(field host_cpu_util "$line")" "$(field steal_cpu_util "$line")"
-}
-
-# Host load before we start: busy CPUs over one second, from /proc/stat.
-host_busy() {
-  local a b
-  a=$(head -1 /proc/stat)
-  sleep 1
-  b=$(head -1 /proc/stat)
-  awk -v a="$a" -v b="$b" -v n="$(nproc)" 'BEGIN {
-    na = split(a, x); split(b, y); t = 0; i = 0
-    for (k = 2; k <= na; k++) t += y[k] - x[k]
-    i = (y[5] - x[5]) + (y[6] - x[6])
-    printf("%.2f", (t > 0) ? (t - i) / t * n : 0) }'
-}
+# run SERVER CASE: one run of CASE against a fresh SERVER, framed.
+run() { loadgen_run "$1" "$2" --frame 4 && print_run 6 "$1" "$2"; }
 
 echo "engine bench: length-prefixed echo, servers: $SERVERS (go: -write $GO_WRITE); $(nproc) CPUs, $ROUNDS rounds, ${SECS}s per run, $PROCS server threads; $(date -u '+%Y-%m-%d %H:%M UTC')"
-echo "before start: load average $(cut -d' ' -f1-3 /proc/loadavg); CPUs busy over 1 s: $(host_busy) of $(nproc)"
-rounds_done=0
-longest=0
-for ((r = 1; r <= ROUNDS; r++)); do
-  if ((SECONDS - START + longest > BUDGET_S)); then
-    echo "run.sh: another round would overrun the ${BUDGET_S}s budget; stopping after $rounds_done rounds" >&2
-    break
-  fi
-  round_start=$SECONDS
-  echo "round $r/$ROUNDS"
-  for c in $CASES; do
-    for s in $SERVERS; do run "$s" "$c"; done
-  done
-  rounds_done=$r
-  ((SECONDS - round_start > longest)) && longest=$((SECONDS - round_start))
-done
+say_load_before
+run_rounds cases_by_servers
 
 # ---- summary ---------------------------------------------------------
-summ() { # "median min max n"
-  printf '%s\n' "$@" | awk 'NF { a[n++] = $1 }
-    END {
-      if (n == 0) { print "- - - 0"; exit }
-      for (i = 1; i < n; i++) { v = a[i]; for (j = i - 1; j >= 0 && a[j] > v; j--) a[j+1] = a[j]; a[j+1] = v }
-      m = (n % 2) ? a[(n-1)/2] : (a[n/2-1] + a[n/2]) / 2
-      printf "%s %s %s %d\n", g(m), g(a[0]), g(a[n-1]), n
-    }
-    function g(v) { return sprintf((v >= 10000) ? "%.0f" : "%.4g", v) }  # msgs/s, µs as integers'
-}
-med() { # med SERVER CASE FIELD -> median or "-"
-  local -a vals
-  read -ra vals <<<"${SAMPLES[$1:$2:$3]:-}"
-  summ "${vals[@]}" | cut -d' ' -f1
-}
-cell() { # cell SERVER CASE FIELD -> "median [min..max]"
-  local -a vals
-  local m lo hi
-  read -ra vals <<<"${SAMPLES[$1:$2:$3]:-}"
-  read -r m lo hi _ <<<"$(summ "${vals[@]}")"
-  if [[ $m == - ]]; then echo "-"; else echo "$m [$lo..$hi]"; fi
-}
-div() { awk -v a="$1" -v b="$2" 'BEGIN { if (a == "-" || b == "-" || b == 0) print "-"; else printf "%.2f\n", a / b }'; }
-
 echo
 echo "medians of $rounds_done rounds [min..max]; CPU = server CPU time (all threads) per framed message"
 echo "(storm: per connect-echo-close); latencies in µs"
-printf '%-7s %-6s %-22s %-24s %-20s %-22s %s\n' case server "CPU µs/msg" "msgs/s" "p50 µs" "p99 µs" "sleeps/msg; cores server/lg/host/steal"
-for c in $CASES; do
-  for s in $SERVERS; do
-    printf '%-7s %-6s %-22s %-24s %-20s %-22s %-6s %s/%s/%s/%s\n' "$c" "$s" "$(cell "$s" "$c" cpu_us_per_msg)" \
-      "$(cell "$s" "$c" msgs_per_s)" "$(cell "$s" "$c" p50_us)" "$(cell "$s" "$c" p99_us)" \
-      "$(med "$s" "$c" sleeps_per_msg)" "$(med "$s" "$c" server_cpu_util)" "$(med "$s" "$c" lg_cpu_util)" "$(med "$s" "$c" host_cpu_util)" \
-      "$(med "$s" "$c" steal_cpu_util)"
-  done
-done
+table_medians
 
 echo
 echo "ratios of the medians (CPU µs/msg; p99): below 1 means the first is cheaper / faster"
@@ -290,15 +139,5 @@ for c in $CASES; do
 done
 
 echo
-echo "after: load average $(cut -d' ' -f1-3 /proc/loadavg)"
-echo "(cores: host = this VM's CPUs busy during a run; host - server - lg is what other"
-echo " processes here took; steal = CPU the hypervisor gave to other VMs on the shared"
-echo " host.  Runs with much of either were disturbed.)"
-nfail=0
-for k in "${!FAILS[@]}"; do
-  echo "failed runs: $k x${FAILS[$k]}"
-  nfail=$((nfail + FAILS[$k]))
-done
-((SKIPPED > 0)) && echo "runs skipped for lack of time: $SKIPPED"
-echo "total time: $((SECONDS - START)) s"
-((nfail == 0))
+say_load_after
+finish
