@@ -425,8 +425,22 @@ static void uncork(loom_session *s) {
   loom_mutex_unlock(&s->wmu);
 }
 
-/* Queue the encoded bytes in `b` (or send them at once).  Takes them. */
-static int queue_bytes(loom_session *s, loom_buf *b, int64_t timeout) {
+/* Encode with wmu held (codecs do no I/O and never park).  An oversized
+ * package is counted on the owner only while the socket is open: the
+ * owner outlives the socket, not the session, which a reference may keep. */
+static int encode_locked(loom_session *s, const void *data, size_t len,
+                         loom_buf *b) {
+  int rc = s->codec->encode(s->codec, data, len, s->o.max_write_len, b);
+  if (rc == -EMSGSIZE && !s->io_closed)
+    loom__owner_count(s->owner, LOOM__ERR_oversize);
+  return rc;
+}
+
+/* A stream package: sent at once when nothing is queued before it, else
+ * encoded straight into the queue (one copy, no allocation but the
+ * queue's chunks). */
+static int queue_pkg(loom_session *s, const void *data, size_t len,
+                     int64_t timeout) {
   int rc = 0;
   loom_mutex_lock(&s->wmu);
   if (loom_buf_len(&s->wq) >= s->o.wq_high)
@@ -437,32 +451,29 @@ static int queue_bytes(loom_session *s, loom_buf *b, int64_t timeout) {
     goto out;
   bool corked = s->corked && loom_id() == s->reader_g;
   if (!s->wbusy && loom_buf_len(&s->wq) == 0 && s->top == &s->sock &&
-      !corked)
-    try_send(s, b);
-  BUMP(pkgs_out, 1);
-  if (loom_buf_len(b)) {
-    if (loom_buf_move(&s->wq, b) < 0) {
-      rc = -ENOMEM;
-      goto out;
+      !corked) {
+    _Alignas(16) uint8_t mem[ENC_STACK];
+    loom_buf b;
+    loom_buf_init_on(&b, mem, sizeof mem);
+    rc = encode_locked(s, data, len, &b);
+    if (rc == 0) {
+      try_send(s, &b);
+      if (loom_buf_len(&b)) {
+        rc = loom_buf_move(&s->wq, &b);
+        if (rc == 0)
+          loom_cond_signal(&s->wcond);
+      }
     }
-    if (!s->wbusy && !corked)
+    loom_buf_reset(&b);
+  } else {
+    rc = encode_locked(s, data, len, &s->wq);
+    if (rc == 0 && !s->wbusy && !corked)
       loom_cond_signal(&s->wcond);
   }
+  if (rc == 0)
+    BUMP(pkgs_out, 1);
 out:
   loom_mutex_unlock(&s->wmu);
-  return rc;
-}
-
-static int encode(loom_session *s, const void *data, size_t len, loom_buf *b) {
-  int rc = s->codec->encode(s->codec, data, len, s->o.max_write_len, b);
-  if (rc == -EMSGSIZE) {
-    /* The owner outlives the session's socket, not the session (which a
-     * reference may keep): count only while the socket is open. */
-    loom_mutex_lock(&s->wmu);
-    if (!s->io_closed)
-      loom__owner_count(s->owner, LOOM__ERR_oversize);
-    loom_mutex_unlock(&s->wmu);
-  }
   return rc;
 }
 
@@ -494,21 +505,22 @@ static int write_common(loom_session *s, const void *data, size_t len,
                         int64_t timeout) {
   if (atomic_load(&s->state) == S_ABORTED)
     return LOOM_ECLOSED;
+  if (!s->packet) {
+    int rc = queue_pkg(s, data, len, timeout);
+    /* A loop of writes that never wait (queue never full) is a loop
+     * without a scheduling point: let others run now and then. */
+    loom__io_progress();
+    return rc;
+  }
   _Alignas(16) uint8_t mem[ENC_STACK];
   loom_buf b;
   loom_buf_init_on(&b, mem, sizeof mem);
-  int rc = encode(s, data, len, &b);
-  if (rc == 0) {
-    if (s->packet)
-      rc = send_packet(s, &b, to, tolen);
-    else
-      rc = queue_bytes(s, &b, timeout);
-  }
+  loom_mutex_lock(&s->wmu);
+  int rc = encode_locked(s, data, len, &b);
+  loom_mutex_unlock(&s->wmu);
+  if (rc == 0)
+    rc = send_packet(s, &b, to, tolen);
   loom_buf_reset(&b);
-  /* A loop of writes that never wait (queue never full) is a loop
-   * without a scheduling point: let others run now and then. */
-  if (!s->packet)
-    loom__io_progress();
   return rc;
 }
 
@@ -1024,7 +1036,7 @@ int loom__session_start(loom__owner *owner, const loom_session_opts *o,
   snprintf(s->network, sizeof s->network, "%s", network);
   s->user = o->user;
   atomic_init(&s->state, S_OPEN);
-  loom_buf_init(&s->wq, 4096);
+  loom_buf_init(&s->wq, 0);
   s->opened_at = loom_now();
 
   loom_mutex_lock(&owner->mu);
