@@ -2,10 +2,12 @@
  * session.c — one connection of the engine: its reader, its writer, its
  * write queue and its close protocol.
  *
- * Coroutines.  A stream session runs two: the reader (read, decode,
- * dispatch, cron; it owns the session's life and runs every callback but
- * pooled on_message) and the writer (drains the write queue).  A packet
- * session runs only the reader; its writes go out from the caller.
+ * Coroutines.  A stream session runs the reader (read, decode, dispatch,
+ * cron; it owns the session's life and runs every callback but pooled
+ * on_message) and, from the first time its socket pushes back, the
+ * writer (drains the write queue); until then its writes go out from
+ * their callers and it costs one coroutine.  A packet session runs only
+ * the reader; its writes always go out from the caller.
  * Stream bytes pass through the session's layer stack (layer.h): the
  * socket, and zlib above it when the session compresses.
  *
@@ -103,6 +105,7 @@ struct loom_session {
                                 writes wait in the queue for uncork() */
   uint64_t reader_g;         /* the reader's loom_id() */
   bool wfinal;               /* no more bytes will come: drain and exit */
+  bool writer_on;            /* the writer coroutine has been started */
   bool wdone;                /* the writer has exited */
   bool io_closed;            /* the socket is closed (or closing): calls
                                 from outside must not touch it */
@@ -120,6 +123,8 @@ struct loom_session {
   _Atomic int64_t last_read, last_write;
   int64_t opened_at;
 };
+
+static void writer_main(void *arg);
 
 /* The most a writer batch holds when the session has a write timeout. */
 #define WRITE_GRAIN ((size_t)65536)
@@ -381,6 +386,22 @@ static void try_send(loom_session *s, loom_buf *b) {
   }
 }
 
+/* Wake the writer, starting it on first use: most sessions' writes go
+ * out from their callers, so a session gets its writer coroutine (and
+ * its stack) only once its socket pushes back.  wmu held.  0, or
+ * -ENOMEM: the caller aborts the session once it has let go of wmu. */
+static int kick_writer(loom_session *s) {
+  if (s->writer_on) {
+    if (!s->wbusy)
+      loom_cond_signal(&s->wcond);
+    return 0;
+  }
+  if (loom_go(writer_main, s) < 0)
+    return -ENOMEM;
+  s->writer_on = true;
+  return 0;
+}
+
 /* The queue is full: wait for room per `timeout`, or apply close_on_full.
  * Called and returns with wmu held.  0: room (or the state changed). */
 static int wait_room(loom_session *s, int64_t timeout) {
@@ -392,7 +413,13 @@ static int wait_room(loom_session *s, int64_t timeout) {
       try_send(s, &s->wq);
     if (loom_buf_len(&s->wq) < s->o.wq_high)
       return 0;
-    loom_cond_signal(&s->wcond);
+    int rc = kick_writer(s);
+    if (rc < 0) {
+      loom_mutex_unlock(&s->wmu);
+      loom_session_abort(s, rc);
+      loom_mutex_lock(&s->wmu);
+      return rc;
+    }
   }
   while (loom_buf_len(&s->wq) >= s->o.wq_high && writable(s)) {
     int rc = timeout == 0 ? -EAGAIN
@@ -418,11 +445,14 @@ static void uncork(loom_session *s) {
   s->corked = false;
   if (!s->wbusy && loom_buf_len(&s->wq) && s->top == &s->sock && writable(s))
     try_send(s, &s->wq);
+  int rc = 0;
   if (loom_buf_len(&s->wq) == 0)
     loom_buf_reset(&s->wq);
-  else if (!s->wbusy)
-    loom_cond_signal(&s->wcond);
+  else
+    rc = kick_writer(s);
   loom_mutex_unlock(&s->wmu);
+  if (rc < 0)
+    loom_session_abort(s, rc);
 }
 
 /* Encode with wmu held (codecs do no I/O and never park).  An oversized
@@ -450,6 +480,7 @@ static int queue_pkg(loom_session *s, const void *data, size_t len,
   if (rc < 0)
     goto out;
   bool corked = s->corked && loom_id() == s->reader_g;
+  bool kick = false;
   if (!s->wbusy && loom_buf_len(&s->wq) == 0 && s->top == &s->sock &&
       !corked) {
     _Alignas(16) uint8_t mem[ENC_STACK];
@@ -461,17 +492,21 @@ static int queue_pkg(loom_session *s, const void *data, size_t len,
       if (loom_buf_len(&b)) {
         rc = loom_buf_move(&s->wq, &b);
         if (rc == 0)
-          loom_cond_signal(&s->wcond);
+          kick = true;
       }
     }
     loom_buf_reset(&b);
   } else {
     rc = encode_locked(s, data, len, &s->wq);
-    if (rc == 0 && !s->wbusy && !corked)
-      loom_cond_signal(&s->wcond);
+    kick = rc == 0 && !corked;
   }
   if (rc == 0)
     BUMP(pkgs_out, 1);
+  if (kick && (rc = kick_writer(s)) < 0) {
+    loom_mutex_unlock(&s->wmu);
+    loom_session_abort(s, rc);
+    return rc;
+  }
 out:
   loom_mutex_unlock(&s->wmu);
   return rc;
@@ -920,9 +955,6 @@ static void reader_main(void *arg) {
   s->reader_g = loom_id();
   if (s->o.compress && !s->packet)
     rc = loom__zlib_layer_new(&s->top, &s->sock, s->o.compress);
-  if (rc == 0 && !s->packet && loom_go(writer_main, s) < 0)
-    rc = -ENOMEM;
-  bool writer = rc == 0 && !s->packet;
   if (rc < 0) {
     loom_session_abort(s, rc);
     goto end;
@@ -964,7 +996,7 @@ static void reader_main(void *arg) {
 end:
   /* Every pooled package of the session is handled before on_close. */
   loom_wg_wait(&s->pooled, 0);
-  if (writer) {
+  if (!s->packet) {
     loom_mutex_lock(&s->wmu);
     s->wfinal = true;
     if (s->o.linger < 0 && !s->wbusy)
@@ -980,9 +1012,11 @@ end:
                                                    S_ABORTED
                                            ? 1
                                            : s->final_deadline);
+    bool writer = s->writer_on; /* none: nothing was ever queued */
     loom_cond_signal(&s->wcond);
     loom_mutex_unlock(&s->wmu);
-    loom_sema_acquire(&s->writer_exit, 0);
+    if (writer)
+      loom_sema_acquire(&s->writer_exit, 0);
   }
   loom__free(r.buf);
   int err = atomic_load(&s->err);
