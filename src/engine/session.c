@@ -446,9 +446,7 @@ static void uncork(loom_session *s) {
   if (!s->wbusy && loom_buf_len(&s->wq) && s->top == &s->sock && writable(s))
     try_send(s, &s->wq);
   int rc = 0;
-  if (loom_buf_len(&s->wq) == 0)
-    loom_buf_reset(&s->wq);
-  else
+  if (loom_buf_len(&s->wq) > 0)
     rc = kick_writer(s);
   loom_mutex_unlock(&s->wmu);
   if (rc < 0)
@@ -601,11 +599,11 @@ static void writer_main(void *arg) {
   int64_t wd = 0; /* the write deadline now set */
   loom_mutex_lock(&s->wmu);
   for (;;) {
+    /* Idle: the queue keeps its chunk for the next burst; the reader
+     * sheds it when the session goes quiet. */
     while (loom_buf_len(&s->wq) == 0 && !s->wfinal &&
-           atomic_load(&s->state) != S_ABORTED) {
-      loom_buf_reset(&s->wq); /* an idle session holds no queue memory */
+           atomic_load(&s->state) != S_ABORTED)
       loom_cond_wait(&s->wcond, &s->wmu, 0);
-    }
     if (atomic_load(&s->state) == S_ABORTED || loom_buf_len(&s->wq) == 0 ||
         (s->wfinal && s->o.linger < 0))
       break;
@@ -720,8 +718,8 @@ typedef struct reader {
   int64_t deadline;     /* the read deadline now set (0: none) */
   int64_t next_cron;    /* 0: no cron */
   int64_t idle_check;   /* when to look at last_read again; 0: never */
-  size_t last;          /* bytes the last read brought */
-  bool filled;          /* ... and they filled all the room offered */
+  int small;            /* reads in a row that used < 1/4 of the room */
+  bool filled;          /* the last read filled all the room offered */
 } reader;
 
 /* Decode and dispatch every whole package in r's buffer. */
@@ -759,6 +757,8 @@ static int drain(loom_session *s, reader *r) {
 /* How far the read buffer grows for throughput (a long package may take
  * it further, up to max_pkg_len). */
 #define READ_BURST ((size_t)65536)
+/* Small reads in a row after which a session counts as quiet. */
+#define QUIET_READS 16
 
 static int resize(reader *r, size_t cap) {
   uint8_t *nb = loom__realloc(r->buf, cap);
@@ -769,20 +769,41 @@ static int resize(reader *r, size_t cap) {
   return 0;
 }
 
+/* The session has gone quiet: give back the memory a burst took — the
+ * read buffer beyond read_buf, and the write queue's chunks. */
+static void shed(loom_session *s, reader *r) {
+  if (r->cap > s->o.read_buf && r->off == r->len) {
+    uint8_t *nb = loom__malloc(s->o.read_buf); /* nothing to keep */
+    if (nb) {
+      loom__free(r->buf);
+      r->buf = nb;
+      r->cap = s->o.read_buf;
+      r->off = r->len = 0;
+    }
+  }
+  loom_mutex_lock(&s->wmu);
+  if (!s->wbusy && loom_buf_len(&s->wq) == 0)
+    loom_buf_reset(&s->wq);
+  loom_mutex_unlock(&s->wmu);
+}
+
 /*
  * Room at the end of r's buffer.  The buffer adapts to the traffic: a
  * read that filled all the room offered doubles it (up to READ_BURST),
  * so a pipelining peer is read in large gulps and its replies leave
- * corked, a few syscalls per many packages; once the buffer is empty
- * after a small read it goes back to read_buf, so a quiet session holds
- * little.  A package longer than the buffer grows it to fit.
+ * corked, a few syscalls per many packages; after QUIET_READS small reads
+ * in a row (or a cron tick) shed() takes it back to read_buf, so a quiet
+ * session holds little — and a busy one does not flap between sizes.  A
+ * package longer than the buffer grows it to fit, and the buffer goes
+ * back to read_buf as soon as that package is handled.
  */
 static int make_room(loom_session *s, reader *r) {
   size_t base = s->o.read_buf;
+  size_t burst = READ_BURST > base ? READ_BURST : base;
   if (r->off == r->len) {
     r->off = r->len = 0;
-    if (r->cap > base && r->last < r->cap / 4) {
-      uint8_t *nb = loom__malloc(base); /* nothing to keep: no realloc */
+    if (r->cap > burst) { /* grown for one long package: give it back now */
+      uint8_t *nb = loom__malloc(base);
       if (nb) {
         loom__free(r->buf);
         r->buf = nb;
@@ -790,7 +811,6 @@ static int make_room(loom_session *s, reader *r) {
       }
     }
   }
-  size_t burst = READ_BURST > base ? READ_BURST : base;
   if (r->filled && r->cap < burst) {
     r->filled = false;
     if (resize(r, r->cap * 2 < burst ? r->cap * 2 : burst) < 0)
@@ -831,6 +851,8 @@ static void arm(loom_session *s, reader *r) {
 static int on_deadline(loom_session *s, reader *r) {
   int64_t now = loom_now();
   r->deadline = -1; /* the socket's deadline is in the past: re-arm */
+  if (!s->packet)
+    shed(s, r); /* a cron tick or idle check: a quiet moment */
   if (r->idle_check && now >= r->idle_check) {
     int64_t idle_until = LOAD(last_read) + s->o.read_timeout;
     if (now >= idle_until)
@@ -859,12 +881,14 @@ static int read_stream(loom_session *s, reader *r) {
     ssize_t n = s->top->ops->read(s->top, r->buf + r->len, room);
     if (n > 0) {
       atomic_store_explicit(&s->last_read, loom_now(), memory_order_relaxed);
-      r->last = (size_t)n;
       r->filled = (size_t)n == room;
+      r->small = (size_t)n < room / 4 ? r->small + 1 : 0;
       r->len += (size_t)n;
       rc = drain(s, r);
       if (rc < 0)
         return rc;
+      if (r->small == QUIET_READS)
+        shed(s, r);
       continue;
     }
     if (n == 0) /* the peer shut down its side: all it sent is handled */
