@@ -882,7 +882,10 @@ static int read_stream(loom_session *s, reader *r) {
     if (n > 0) {
       atomic_store_explicit(&s->last_read, loom_now(), memory_order_relaxed);
       r->filled = (size_t)n == room;
-      r->small = (size_t)n < room / 4 ? r->small + 1 : 0;
+      if ((size_t)n >= room / 4)
+        r->small = 0;
+      else if (r->small <= QUIET_READS)
+        r->small++; /* stops past QUIET_READS: shed() runs once */
       r->len += (size_t)n;
       rc = drain(s, r);
       if (rc < 0)
