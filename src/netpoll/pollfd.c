@@ -234,9 +234,11 @@ int loom__pd_set_deadline(loom__pd *pd, int mode, int64_t d) {
   if (m == NULL || m->p == NULL)
     loom__throw("pd_set_deadline: not on a coroutine");
   loom__p *p = m->p;
-  if (d != 0 && loom__timers_reserve(&p->timers, 2) != 0)
-    return -ENOMEM;
   int64_t now = loom_now();
+  /* Only a deadline still ahead needs a timer; one in the past (how a
+   * close wakes a blocked call) must work without memory. */
+  if (d > now && loom__timers_reserve(&p->timers, 2) != 0)
+    return -ENOMEM;
   loom__g *rg = NULL, *wg = NULL;
   pd_lock(pd);
   if (mode == 'r' || mode == 'r' + 'w')

@@ -166,6 +166,21 @@ static bool any_blocked(loom__rt *rt) {
   return false;
 }
 
+/* Runnable work that no thread will take: an idle P whose run queue is
+ * not empty (the thread that was to run it could not be started, out of
+ * memory or threads) while nobody spins looking for work. */
+static bool stranded(loom__rt *rt) {
+  if (atomic_load(&rt->nmspinning) > 0)
+    return false;
+  for (int i = 0; i < rt->nprocs; i++) {
+    loom__p *p = rt->allp[i];
+    if (atomic_load_explicit(&p->status, memory_order_acquire) == P_IDLE &&
+        !loom__runq_empty(p))
+      return true;
+  }
+  return false;
+}
+
 static void *sysmon_main(void *arg) {
   loom__rt *rt = arg;
   prctl(PR_SET_TIMERSLACK, 1000UL, 0, 0, 0);
@@ -193,7 +208,7 @@ static void *sysmon_main(void *arg) {
       break;
     now = loom_now();
     if (next_trace == 0 && atomic_load(&rt->npidle) == rt->nprocs &&
-        !any_blocked(rt)) {
+        !any_blocked(rt) && !stranded(rt)) {
       /* Everything idle: sleep until somebody needs us. */
       atomic_store(&rt->sysmonwait, true);
       if (atomic_load(&rt->npidle) == rt->nprocs && !any_blocked(rt) &&
@@ -221,8 +236,8 @@ static void *sysmon_main(void *arg) {
     else
       idle++;
     int64_t next = loom__earliest_timer(rt);
-    if (next != 0 && next < now - 1000000)
-      loom__wakep(rt);
+    if ((next != 0 && next < now - 1000000) || stranded(rt))
+      loom__wakep(rt); /* retries a thread that could not be started */
     if (next_trace != 0 && now >= next_trace) {
       schedtrace(rt, now);
       next_trace = now + (int64_t)rt->cfg.schedtrace_ms * 1000000;

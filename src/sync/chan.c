@@ -209,7 +209,7 @@ static int send_impl(loom_chan *c, const void *elem, bool block,
     lock(c);
     unlink_sudog(&c->sendq, &s);
     unlock(c);
-    return -ETIMEDOUT;
+    return loom__waiter_err(&w, NULL);
   }
   return s.success ? 0 : -EPIPE;
 }
@@ -236,7 +236,7 @@ static int recv_impl(loom_chan *c, void *elem, bool block, int64_t deadline) {
     lock(c);
     unlink_sudog(&c->recvq, &s);
     unlock(c);
-    return -ETIMEDOUT;
+    return loom__waiter_err(&w, NULL);
   }
   return s.success ? 1 : 0;
 }
@@ -419,7 +419,7 @@ int loom_select(loom_case *cases, int n, int64_t deadline) { // NOLINT(readabili
   for (int i = nu - 1; i >= 0; i--)
     unlock(locks[i]);
   if (w.fired < 0) {
-    result = -ETIMEDOUT;
+    result = loom__waiter_err(&w, NULL);
   } else {
     result = w.fired;
     cases[result].ok = sg[result].success;

@@ -109,7 +109,7 @@ static int lock_slow(loom_mutex *mu, int64_t deadline, loom_ctx *ctx) {
       if ((t & STARVING) && mu->q_.q_.head_ == NULL)
         __atomic_and_fetch(&mu->state_, ~STARVING, __ATOMIC_ACQ_REL);
       loom__spin_unlock(lk);
-      return w.fired == LOOM__FIRED_CANCEL ? loom_ctx_err(ctx) : -ETIMEDOUT;
+      return loom__waiter_err(&w, ctx);
     }
     if (w.handed)
       return 0; /* starvation mode: the unlocker gave it to us */

@@ -26,7 +26,7 @@ static int wait_on(loom_waitlist_ *l, int64_t deadline, loom_ctx *ctx) {
   loom__spin_lock(&l->lock_);
   loom__waitq_unlink(&l->q_, &n);
   loom__spin_unlock(&l->lock_);
-  return w.fired == LOOM__FIRED_CANCEL ? loom_ctx_err(ctx) : -ETIMEDOUT;
+  return loom__waiter_err(&w, ctx);
 }
 
 /* Wake every waiter of l; called with l's lock held, returns with it
@@ -185,7 +185,7 @@ static int cond_wait(loom_cond *c, loom_mutex *mu, int64_t deadline,
     loom__spin_lock(&c->q_.lock_);
     loom__waitq_unlink(&c->q_.q_, &n);
     loom__spin_unlock(&c->q_.lock_);
-    r = w.fired == LOOM__FIRED_CANCEL ? loom_ctx_err(ctx) : -ETIMEDOUT;
+    r = loom__waiter_err(&w, ctx);
   }
   loom_mutex_lock(mu);
   return r;

@@ -10,6 +10,7 @@
  */
 #include "sync/wait.h"
 
+#include <errno.h>
 #include <sched.h>
 #include <stdatomic.h>
 
@@ -183,9 +184,19 @@ void loom__waiter_wait_ctx(loom__waiter *w, void (*release)(void *arg),
                            struct loom_ctx *ctx) {
   loom__ctx_hook hook = {cancel_fire, w, NULL, NULL, false};
   if (w->g != NULL) {
-    if (deadline != 0 &&
-        loom__timers_reserve(&loom__getm()->p->timers, 1) != 0)
-      deadline = loom_now() + 1000000; /* out of memory: poll every ms */
+    loom__timers *ts = &loom__getm()->p->timers;
+    if (deadline != 0 && loom__timers_reserve(ts, 1) != 0 &&
+        loom__timers_reserve(ts, 1) != 0) { /* once more: memory comes back */
+      /* No memory for the deadline's timer: the wait cannot be bounded,
+       * so it ends now with -ENOMEM — unless a waker has claimed it
+       * already: then its wake is on the way, and no timer is needed. */
+      if (loom__waiter_claim(w)) {
+        w->fired = LOOM__FIRED_NOMEM;
+        release(arg);
+        return;
+      }
+      deadline = 0;
+    }
     atomic_store_explicit(&w->committed, 0, memory_order_relaxed);
     struct park_arg pa = {w, release, arg, deadline, ctx, &hook, false};
     loom__park(park_commit, &pa, "sync");
@@ -219,6 +230,12 @@ void loom__waiter_wait_ctx(loom__waiter *w, void (*release)(void *arg),
   }
   if (hooked)
     loom__ctx_unhook(ctx, &hook);
+}
+
+int loom__waiter_err(const loom__waiter *w, struct loom_ctx *ctx) {
+  if (w->fired == LOOM__FIRED_NOMEM)
+    return -ENOMEM;
+  return w->fired == LOOM__FIRED_CANCEL ? loom_ctx_err(ctx) : -ETIMEDOUT;
 }
 
 void loom__waiter_wait(loom__waiter *w, void (*release)(void *arg), void *arg,

@@ -72,7 +72,14 @@ struct loom_ctx;
  * then w->fired is LOOM__FIRED_CANCEL.  The waiter must not be exclusive
  * when ctx is given. */
 #define LOOM__FIRED_CANCEL (-2)
+/* A deadline's timer could not get memory (twice): the wait ended at
+ * once, and the call reports -ENOMEM. */
+#define LOOM__FIRED_NOMEM (-3)
 void loom__waiter_wait_ctx(loom__waiter *w, void (*release)(void *arg),
                            void *arg, int64_t deadline, struct loom_ctx *ctx);
+
+/* What a wait that was not claimed by a waker reports: -ETIMEDOUT, the
+ * context's reason, or -ENOMEM. */
+int loom__waiter_err(const loom__waiter *w, struct loom_ctx *ctx);
 
 #endif
