@@ -35,26 +35,6 @@ void loom__owner_count_error(loom__owner *o, int err) {
   loom__owner_count(o, k);
 }
 
-/* References to the live sessions, taken under the lock, so they can be
- * used outside it (closing or sampling a session takes its own locks and
- * may park).  *n is the count; NULL with *n > 0 is out of memory. */
-static loom_session **live_sessions(loom__owner *o, size_t *n) {
-  loom_mutex_lock(&o->mu);
-  size_t cnt = (size_t)o->open, i = 0;
-  loom_session **v = cnt ? loom__malloc(cnt * sizeof *v) : NULL;
-  for (loom_session *s = o->head; s && v; s = loom__session_next(s))
-    v[i++] = loom_session_ref(s);
-  loom_mutex_unlock(&o->mu);
-  *n = v ? i : cnt;
-  return v;
-}
-
-static void unref_all(loom_session **v, size_t n) {
-  for (size_t i = 0; i < n; i++)
-    loom_session_unref(v[i]);
-  loom__free(v);
-}
-
 void loom__owner_metrics(loom__owner *o, loom_metrics *m) {
   memset(m, 0, sizeof *m);
   /* One pass under the owner's lock (lock order: owner, then a session's
@@ -88,33 +68,37 @@ void loom__owner_metrics(loom__owner *o, loom_metrics *m) {
 }
 
 int loom__owner_close_all(loom__owner *o, int err, int64_t deadline) {
+  /* Closing a session takes only its own queue lock (lock order: the
+   * owner's, then a session's), so it is done under the owner's lock:
+   * no list to allocate, which a close with no memory left must not
+   * need. */
+  loom_mutex_lock(&o->mu);
+  int rc = 0;
   for (;;) {
-    size_t n;
-    loom_session **live = live_sessions(o, &n);
-    for (size_t i = 0; live && i < n; i++) {
+    for (loom_session *s = o->head; s; s = loom__session_next(s)) {
       if (err < 0)
-        loom_session_abort(live[i], err);
+        loom_session_abort(s, err);
       else
-        loom_session_close(live[i]);
+        loom_session_close(s);
     }
-    if (live)
-      unref_all(live, n);
-    else if (n)
-      loom_sleep(1000000); /* out of memory for the list: try again */
     /* Wait for the list to empty.  New sessions may still appear (a
      * connection accepted just before the listener closed): go round. */
-    loom_mutex_lock(&o->mu);
     uint64_t before = o->total;
-    int rc = 0;
-    while (o->open > 0 && o->total == before && rc == 0)
+    while (o->open > 0 && o->total == before && rc == 0) {
       rc = loom_cond_wait(&o->changed, &o->mu, deadline);
-    bool done = o->open == 0;
-    loom_mutex_unlock(&o->mu);
-    if (done)
-      return 0;
-    if (rc == -ETIMEDOUT)
-      return -ETIMEDOUT;
+      if (rc == -ENOMEM) { /* no timer for the deadline: poll it */
+        rc = deadline != 0 && loom_now() >= deadline ? -ETIMEDOUT : 0;
+        loom_mutex_unlock(&o->mu);
+        loom_yield();
+        loom_mutex_lock(&o->mu);
+      }
+    }
+    if (o->open == 0 || rc == -ETIMEDOUT)
+      break;
   }
+  rc = o->open == 0 ? 0 : -ETIMEDOUT;
+  loom_mutex_unlock(&o->mu);
+  return rc;
 }
 
 /* ---- Prometheus text ---------------------------------------------------- */

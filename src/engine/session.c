@@ -607,8 +607,11 @@ static void writer_main(void *arg) {
     if (atomic_load(&s->state) == S_ABORTED || loom_buf_len(&s->wq) == 0 ||
         (s->wfinal && s->o.linger < 0))
       break;
-    struct iovec iov[64];
-    int n = loom_buf_peek(&s->wq, iov, 64);
+    /* 16 pieces (256 KiB of chunks): loom_writev copies more than 16
+     * iovecs to the heap, which a writer under memory pressure must not
+     * depend on. */
+    struct iovec iov[16];
+    int n = loom_buf_peek(&s->wq, iov, 16);
     size_t total = 0;
     for (int i = 0; i < n; i++) {
       /* With a write timeout, a batch is at most WRITE_GRAIN bytes: the
