@@ -386,17 +386,10 @@ static void app_main(void *arg) {
                     .wq_high = app.max_queue,
                     .close_on_full = true},
     };
-    int rc = loom_server_start(&srv[n], &o);
-    if (rc < 0) {
-      fprintf(stderr, "%s: cannot listen on %s://%s: %s\n", PROG,
-              app.urls[n].network, app.urls[n].addr, loom_strerror(rc));
+    if (cli_serve(PROG, &srv[n], &o) < 0) {
       app.status = 1;
       break;
     }
-    char addr[200], shown[300];
-    loom_server_addr(srv[n], addr, sizeof addr);
-    echo_url_format(shown, sizeof shown, app.urls[n].network, addr);
-    printf("%s: listening on %s\n", PROG, shown);
   }
   if (app.status == 0) {
     printf("%s: %d procs; SIGINT or SIGTERM stops it\n", PROG, loom_procs());

@@ -12,6 +12,7 @@
 #include <sys/signalfd.h>
 #include <unistd.h>
 
+#include "echo_url.h"
 #include "loom.h"
 
 long cli_number(const char *prog, const char *opt, const char *v, long lo,
@@ -70,5 +71,19 @@ int cli_run(const char *prog, void (*fn)(void *), void *arg, int procs) {
     fprintf(stderr, "%s: %s\n", prog, loom_strerror(rc));
     return 1;
   }
+  return 0;
+}
+
+int cli_serve(const char *prog, loom_server **srv, const loom_server_opts *o) {
+  int rc = loom_server_start(srv, o);
+  if (rc < 0) {
+    fprintf(stderr, "%s: cannot listen on %s://%s: %s\n", prog, o->network,
+            o->addr, loom_strerror(rc));
+    return rc;
+  }
+  char addr[200], shown[300];
+  loom_server_addr(*srv, addr, sizeof addr);
+  echo_url_format(shown, sizeof shown, o->network, addr);
+  printf("%s: listening on %s\n", prog, shown);
   return 0;
 }

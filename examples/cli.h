@@ -22,6 +22,13 @@ int cli_stop_signals(const char *prog);
  * ns have passed (0: no limit); says which. */
 void cli_wait_for_stop(const char *prog, int sigfd, int64_t duration);
 
+typedef struct loom_server loom_server;
+typedef struct loom_server_opts loom_server_opts;
+
+/* On a coroutine: loom_server_start(srv, o) and print "PROG: listening
+ * on URL" with the address bound (or a message).  0 or the error. */
+int cli_serve(const char *prog, loom_server **srv, const loom_server_opts *o);
+
 /* loom_run(fn, arg) with `procs` Ps (0: the default); 0, or 1 with a
  * message. */
 int cli_run(const char *prog, void (*fn)(void *), void *arg, int procs);
