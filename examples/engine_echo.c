@@ -51,8 +51,8 @@ static struct {
 static void on_message(loom_session *s, const loom_pkg *pkg) {
   int rc;
   if (pkg->from != NULL)
-    rc = loom_session_write_to(s, pkg->data, pkg->len, pkg->from,
-                               pkg->fromlen, -1);
+    rc = loom_session_write_to(s, pkg->data, pkg->len, pkg->from, pkg->fromlen,
+                               -1);
   else
     rc = loom_session_write(s, pkg->data, pkg->len, -1);
   if (rc < 0 && rc != LOOM_ECLOSED && !app.quiet)
@@ -182,8 +182,8 @@ int main(int argc, char **argv) {
   }
   if (app.nurls == 0) {
     char err[300];
-    if (echo_url_parse("tcp://127.0.0.1:7001", &app.urls[0], err,
-                       sizeof err) != 0)
+    if (echo_url_parse("tcp://127.0.0.1:7001", &app.urls[0], err, sizeof err) !=
+        0)
       return 1;
     app.nurls = 1;
   }

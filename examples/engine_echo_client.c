@@ -98,8 +98,8 @@ static void app_main(void *arg) {
   int64_t t0 = loom_now(), deadline = t0 + app.timeout * INT64_C(1000000000);
   rc = loom_client_wait(cl, app.conns, deadline);
   if (rc < 0) {
-    fprintf(stderr, "%s: connecting to %s://%s: %s\n", PROG,
-            app.url.network, app.url.addr, loom_strerror(rc));
+    fprintf(stderr, "%s: connecting to %s://%s: %s\n", PROG, app.url.network,
+            app.url.addr, loom_strerror(rc));
     app.status = 1;
     loom_client_close(cl, 0);
     return;

@@ -32,12 +32,13 @@ typedef struct loom_buf_chunk loom_buf_chunk;
  * stack or inside another object. */
 typedef struct loom_buf {
   loom_buf_chunk *head, *tail;
-  size_t len;      /* bytes queued */
-  size_t chunk;    /* size of a new chunk (0: 16 KiB) */
+  size_t len;            /* bytes queued */
+  size_t chunk;          /* size of a new chunk (0: 16 KiB) */
   loom_buf_chunk *spare; /* one emptied chunk kept for reuse */
 } loom_buf;
 
-#define LOOM_BUF_INIT {0, 0, 0, 0, 0}
+#define LOOM_BUF_INIT                                                          \
+  { 0, 0, 0, 0, 0 }
 
 /* An empty buffer whose chunks hold `chunk` bytes (0: 16 KiB). */
 LOOM_API void loom_buf_init(loom_buf *b, size_t chunk);

@@ -107,32 +107,32 @@ typedef enum loom_dispatch {
 /* Everything a session is configured with.  Zero means the default. */
 typedef struct loom_session_opts {
   const loom_session_listener *listener;
-  const loom_codec *codec;  /* NULL: raw bytes */
-  void *user;               /* initial loom_session_user() */
-  int64_t read_timeout;     /* ns without a byte from the peer before the
-                               session closes with -ETIMEDOUT; 0: none */
-  int64_t write_timeout;    /* ns the socket may take to accept the next
-                               64 KiB of queued bytes (all of them if
-                               fewer) before the session closes with
-                               -ETIMEDOUT; 0: none */
-  int64_t cron_period;      /* ns between on_cron calls; 0: no cron */
-  int64_t linger;           /* ns a graceful close may spend writing what is
-                               queued (0: 5 s; negative: drop it) */
-  size_t max_pkg_len;       /* larger packages received close the session
-                               with -EMSGSIZE (0: 1 MiB) */
-  size_t max_write_len;     /* larger packages written fail with -EMSGSIZE
-                               (0: max_pkg_len) */
-  size_t read_buf;          /* initial read buffer (0: 4 KiB); it grows to
-                               hold one package, and shrinks back */
-  size_t wq_high;           /* write queue high watermark (0: 1 MiB) */
-  size_t wq_low;            /* low watermark (0: wq_high / 2) */
-  bool close_on_full;       /* a write that cannot be queued closes */
-  loom_taskpool *pool;      /* NULL: on_message runs on the reader */
+  const loom_codec *codec; /* NULL: raw bytes */
+  void *user;              /* initial loom_session_user() */
+  int64_t read_timeout;    /* ns without a byte from the peer before the
+                              session closes with -ETIMEDOUT; 0: none */
+  int64_t write_timeout;   /* ns the socket may take to accept the next
+                              64 KiB of queued bytes (all of them if
+                              fewer) before the session closes with
+                              -ETIMEDOUT; 0: none */
+  int64_t cron_period;     /* ns between on_cron calls; 0: no cron */
+  int64_t linger;          /* ns a graceful close may spend writing what is
+                              queued (0: 5 s; negative: drop it) */
+  size_t max_pkg_len;      /* larger packages received close the session
+                              with -EMSGSIZE (0: 1 MiB) */
+  size_t max_write_len;    /* larger packages written fail with -EMSGSIZE
+                              (0: max_pkg_len) */
+  size_t read_buf;         /* initial read buffer (0: 4 KiB); it grows to
+                              hold one package, and shrinks back */
+  size_t wq_high;          /* write queue high watermark (0: 1 MiB) */
+  size_t wq_low;           /* low watermark (0: wq_high / 2) */
+  bool close_on_full;      /* a write that cannot be queued closes */
+  loom_taskpool *pool;     /* NULL: on_message runs on the reader */
   loom_dispatch dispatch;
   uint64_t (*dispatch_key)(loom_session *s, const loom_pkg *pkg);
-  int compress;             /* zlib level 1..9 for both directions, -1: zlib's
-                               default, 0: off; TCP and Unix only, and
-                               both ends must agree */
+  int compress; /* zlib level 1..9 for both directions, -1: zlib's
+                   default, 0: off; TCP and Unix only, and
+                   both ends must agree */
 } loom_session_opts;
 
 /* ---- sessions ---------------------------------------------------------- */
@@ -198,11 +198,11 @@ LOOM_API int loom_session_remote_addr(loom_session *s, char *buf, size_t len);
 LOOM_API int loom_session_local_addr(loom_session *s, char *buf, size_t len);
 
 typedef struct loom_session_stats {
-  uint64_t bytes_in, bytes_out;   /* on the wire (compressed if it is) */
+  uint64_t bytes_in, bytes_out; /* on the wire (compressed if it is) */
   uint64_t pkgs_in, pkgs_out;
-  int64_t last_read, last_write;  /* loom_now() of the last byte each way */
-  int64_t opened;                 /* loom_now() at accept or connect */
-  size_t wq_bytes;                /* queued, not yet written */
+  int64_t last_read, last_write; /* loom_now() of the last byte each way */
+  int64_t opened;                /* loom_now() at accept or connect */
+  size_t wq_bytes;               /* queued, not yet written */
 } loom_session_stats;
 /* A snapshot (each field read atomically). Any thread. */
 LOOM_API void loom_session_stats_get(loom_session *s, loom_session_stats *out);
@@ -210,24 +210,24 @@ LOOM_API void loom_session_stats_get(loom_session *s, loom_session_stats *out);
 /* ---- metrics ----------------------------------------------------------- */
 
 /* Errors by kind, as counted in loom_metrics. */
-#define LOOM_METRIC_ERRORS(X)                                              \
-  X(decode, "malformed packages (-EBADMSG)")                               \
-  X(oversize, "packages over max_pkg_len (-EMSGSIZE)")                     \
-  X(timeout, "read or write timeouts")                                     \
-  X(reset, "connections reset or broken by the peer")                      \
-  X(wq_full, "writes refused by a full write queue")                       \
-  X(compress, "corrupt compressed streams")                                \
-  X(refused, "sessions refused (connection limit, on_open)")               \
-  X(accept, "accept or dial failures")                                     \
+#define LOOM_METRIC_ERRORS(X)                                                  \
+  X(decode, "malformed packages (-EBADMSG)")                                   \
+  X(oversize, "packages over max_pkg_len (-EMSGSIZE)")                         \
+  X(timeout, "read or write timeouts")                                         \
+  X(reset, "connections reset or broken by the peer")                          \
+  X(wq_full, "writes refused by a full write queue")                           \
+  X(compress, "corrupt compressed streams")                                    \
+  X(refused, "sessions refused (connection limit, on_open)")                   \
+  X(accept, "accept or dial failures")                                         \
   X(other, "other errors")
 
 typedef struct loom_metrics {
   uint64_t sessions_open;  /* now */
   uint64_t sessions_total; /* ever started (refused ones included) */
   uint64_t bytes_in, bytes_out, pkgs_in, pkgs_out;
-  uint64_t wq_bytes;       /* queued now, over all sessions */
-  uint64_t wq_max;         /* the longest queue now */
-  uint64_t pool_queued;    /* tasks waiting in the task pool, if any */
+  uint64_t wq_bytes;    /* queued now, over all sessions */
+  uint64_t wq_max;      /* the longest queue now */
+  uint64_t pool_queued; /* tasks waiting in the task pool, if any */
   struct {
 #define LOOM_METRIC_FIELD_(name, help) uint64_t name;
     LOOM_METRIC_ERRORS(LOOM_METRIC_FIELD_)
@@ -247,18 +247,18 @@ LOOM_API int loom_metrics_prometheus(const loom_metrics *m, const char *prefix,
 /* ---- servers ----------------------------------------------------------- */
 
 typedef struct loom_server_opts {
-  const char *network;    /* "tcp", "tcp4", "tcp6", "unix", "udp", ...,
-                             "unixgram" */
-  const char *addr;       /* "host:port" or a path */
+  const char *network; /* "tcp", "tcp4", "tcp6", "unix", "udp", ...,
+                          "unixgram" */
+  const char *addr;    /* "host:port" or a path */
   loom_session_opts session;
-  int max_conns;          /* sessions open at once; more are closed at
-                             accept (counted as refused); 0: no limit */
-  int backlog;            /* 0: SOMAXCONN */
+  int max_conns; /* sessions open at once; more are closed at
+                    accept (counted as refused); 0: no limit */
+  int backlog;   /* 0: SOMAXCONN */
   bool reuseport;
-  bool no_delay_off;      /* leave Nagle on (TCP_NODELAY is set by default) */
-  int keepalive;          /* seconds of idle before keep-alive probes; 0:
-                             the system default */
-  int rcvbuf, sndbuf;     /* socket buffer sizes; 0: the system default */
+  bool no_delay_off;  /* leave Nagle on (TCP_NODELAY is set by default) */
+  int keepalive;      /* seconds of idle before keep-alive probes; 0:
+                         the system default */
+  int rcvbuf, sndbuf; /* socket buffer sizes; 0: the system default */
 } loom_server_opts;
 
 /*
@@ -306,8 +306,8 @@ typedef struct loom_client_opts {
  * inside a callback: the first conns dials go out at once; a session that
  * closes is replaced by a redial, at most one per reconnect_interval; a
  * failed dial is retried after a back-off (interval, doubling up to
- * reconnect_max, back to interval after a success).  Returns 0 and *cl at once, connected or
- * not; -EINVAL, -ENOMEM.  On a coroutine.
+ * reconnect_max, back to interval after a success).  Returns 0 and *cl at once,
+ * connected or not; -EINVAL, -ENOMEM.  On a coroutine.
  */
 LOOM_API int loom_client_start(loom_client **cl, const loom_client_opts *o);
 

@@ -22,7 +22,7 @@
 struct loom_buf_chunk {
   loom_buf_chunk *next;
   size_t off, len, cap;
-  int borrowed;          /* caller storage: never freed, never the spare */
+  int borrowed; /* caller storage: never freed, never the spare */
   uint8_t data[];
 };
 
@@ -229,8 +229,7 @@ int loom_buf_move(loom_buf *dst, loom_buf *src) {
   loom_buf_chunk *h = src->head;
   while (h->off == h->len)
     h = h->next;
-  if (dst->tail && dst->tail->off == dst->tail->len &&
-      dst->head == dst->tail) {
+  if (dst->tail && dst->tail->off == dst->tail->len && dst->head == dst->tail) {
     chunk_drop(dst, dst->head); /* an empty chunk left by consume */
     dst->head = dst->tail = NULL;
   }

@@ -5,9 +5,9 @@
  * on the owner's `changed` condition while enough sessions are live, and
  * when one is missing it dials: the first `conns` dials back to back, a
  * redial at most once per interval, and after a failure it backs off
- * (interval, doubling up to reconnect_max).  Sessions never redial from their own callbacks, so a
- * reconnect cannot re-enter user code, and a server that accepts and
- * drops at once costs at most one dial per interval.
+ * (interval, doubling up to reconnect_max).  Sessions never redial from their
+ * own callbacks, so a reconnect cannot re-enter user code, and a server that
+ * accepts and drops at once costs at most one dial per interval.
  */
 #include <errno.h>
 #include <stdio.h>
@@ -25,14 +25,14 @@ struct loom_client {
   char *addr;
   int conns;
   int64_t interval, max_wait, dial_timeout;
-  bool oneshot;          /* reconnect_interval < 0: one dial per session */
-  uint64_t dials;        /* dials started (owner.mu) */
-  uint64_t dials_done;   /* dials finished, either way (owner.mu) */
-  uint64_t failures;     /* dials failed (owner.mu) */
-  int last_err;          /* the latest failure's error (owner.mu) */
-  loom_ctx *ctx;         /* cancelled by loom_client_close */
-  loom_sema sup_done;    /* released as the supervisor leaves */
-  uint64_t rr;           /* loom_client_session's round robin */
+  bool oneshot;        /* reconnect_interval < 0: one dial per session */
+  uint64_t dials;      /* dials started (owner.mu) */
+  uint64_t dials_done; /* dials finished, either way (owner.mu) */
+  uint64_t failures;   /* dials failed (owner.mu) */
+  int last_err;        /* the latest failure's error (owner.mu) */
+  loom_ctx *ctx;       /* cancelled by loom_client_close */
+  loom_sema sup_done;  /* released as the supervisor leaves */
+  uint64_t rr;         /* loom_client_session's round robin */
 };
 
 static int dial_one(loom_client *cl) {
@@ -52,8 +52,7 @@ static int dial_one(loom_client *cl) {
   int rc = loom_dial_with(&c, cl->network, cl->addr, &o);
   if (rc < 0)
     return rc;
-  return loom__session_start(&cl->owner, &cl->so, cl->network, c, NULL,
-                             false);
+  return loom__session_start(&cl->owner, &cl->so, cl->network, c, NULL, false);
 }
 
 /* Another dial is due: fewer sessions than wanted, and (one-shot) a
@@ -66,8 +65,8 @@ static bool dial_due(loom_client *cl) {
 
 static void supervisor(void *arg) {
   loom_client *cl = arg;
-  int64_t backoff = 0;  /* after a failure: doubles up to max_wait */
-  int64_t next_at = 0;  /* no dial before this loom_now() time */
+  int64_t backoff = 0; /* after a failure: doubles up to max_wait */
+  int64_t next_at = 0; /* no dial before this loom_now() time */
   for (;;) {
     loom_mutex_lock(&cl->owner.mu);
     while (!dial_due(cl) && !loom_ctx_err(cl->ctx))
@@ -110,8 +109,7 @@ static void supervisor(void *arg) {
 }
 
 int loom_client_start(loom_client **out, const loom_client_opts *o) {
-  if (!o || !o->network || !o->addr || o->conns < 0 ||
-      o->reconnect_max < 0 ||
+  if (!o || !o->network || !o->addr || o->conns < 0 || o->reconnect_max < 0 ||
       o->dial_timeout < 0)
     return -EINVAL;
   if (loom_id() == 0)

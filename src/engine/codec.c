@@ -107,8 +107,8 @@ int loom_codec_lenpfx(loom_codec *c, const loom_lenpfx_opts *o) {
 
 /* ---- line --------------------------------------------------------------- */
 
-static ssize_t line_decode(const loom_codec *c, const uint8_t *buf,
-                           size_t len, size_t max_len, loom_pkg *pkg) {
+static ssize_t line_decode(const loom_codec *c, const uint8_t *buf, size_t len,
+                           size_t max_len, loom_pkg *pkg) {
   size_t scan = len;
   size_t limit = max_len + 1 + (c->u.line.strip_cr ? 1 : 0);
   if (limit < max_len) /* overflow: max_len near SIZE_MAX */

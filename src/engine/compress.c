@@ -26,8 +26,8 @@
 
 typedef struct zlayer {
   loom__layer l;
-  z_stream in;   /* reader's */
-  z_stream out;  /* writer's */
+  z_stream in;     /* reader's */
+  z_stream out;    /* writer's */
   uint8_t *inbuf;  /* compressed bytes read; in.next_in points into it */
   loom_buf outbuf; /* compressed bytes for below */
 } zlayer;
@@ -123,12 +123,11 @@ static ssize_t zwritev(loom__layer *l, const struct iovec *iov, int n) {
     else
       loom_buf_consume(&z->outbuf, (size_t)k);
   }
-  /* After a failure the stream is broken (the peer missed bytes); the
-   * session is closing, and what is left is dropped. */
-  if (rc < 0)
+  /* Drained: an idle session holds no buffer.  After a failure the
+   * stream is broken (the peer missed bytes), the session is closing,
+   * and what is left is dropped. */
+  if (rc < 0 || loom_buf_len(&z->outbuf) == 0)
     loom_buf_reset(&z->outbuf);
-  else if (loom_buf_len(&z->outbuf) == 0)
-    loom_buf_reset(&z->outbuf); /* an idle session holds no buffer */
   return rc < 0 ? rc : (ssize_t)total;
 }
 

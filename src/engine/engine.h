@@ -28,20 +28,20 @@ enum loom__errkind {
 };
 
 typedef struct loom__owner {
-  loom_mutex mu;            /* protects the fields up to `changed` */
-  loom_session *head;       /* live sessions (s->prev/next) */
-  uint64_t open;            /* sessions on the list */
-  uint64_t total;           /* sessions ever started */
+  loom_mutex mu;      /* protects the fields up to `changed` */
+  loom_session *head; /* live sessions (s->prev/next) */
+  uint64_t open;      /* sessions on the list */
+  uint64_t total;     /* sessions ever started */
   uint64_t bytes_in, bytes_out, pkgs_in, pkgs_out; /* of ended sessions */
-  loom_cond changed;        /* a session was added, opened or removed */
+  loom_cond changed; /* a session was added, opened or removed */
   _Atomic uint64_t errors[LOOM__ERR_KINDS]; /* relaxed counters */
-  loom_taskpool *pool;      /* for the pool_queued metric, or NULL */
+  loom_taskpool *pool; /* for the pool_queued metric, or NULL */
 } loom__owner;
 
 void loom__owner_init(loom__owner *o);
 void loom__owner_count_error(loom__owner *o, int err);
 void loom__owner_count(loom__owner *o, enum loom__errkind kind);
-void loom__owner_metrics(loom__owner *o, loom_metrics *out);
+void loom__owner_metrics(loom__owner *o, loom_metrics *m);
 /* Close every live session (gracefully, or abort with `err` if err < 0),
  * and wait until none is left or `deadline` passes: 0 or -ETIMEDOUT. */
 int loom__owner_close_all(loom__owner *o, int err, int64_t deadline);

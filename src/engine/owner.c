@@ -20,17 +20,30 @@ void loom__owner_count(loom__owner *o, enum loom__errkind kind) {
 void loom__owner_count_error(loom__owner *o, int err) {
   enum loom__errkind k;
   switch (err) {
-  case -EBADMSG: k = LOOM__ERR_decode; break;
-  case -EMSGSIZE: k = LOOM__ERR_oversize; break;
-  case -ETIMEDOUT: k = LOOM__ERR_timeout; break;
+  case -EBADMSG:
+    k = LOOM__ERR_decode;
+    break;
+  case -EMSGSIZE:
+    k = LOOM__ERR_oversize;
+    break;
+  case -ETIMEDOUT:
+    k = LOOM__ERR_timeout;
+    break;
   case -ECONNRESET:
   case -EPIPE:
   case -ECONNABORTED:
   case -ECONNREFUSED:
-  case -ENOTCONN: k = LOOM__ERR_reset; break;
-  case -ENOBUFS: return; /* counted as wq_full where it happened */
-  case LOOM_ECOMPRESS: k = LOOM__ERR_compress; break;
-  default: k = LOOM__ERR_other; break;
+  case -ENOTCONN:
+    k = LOOM__ERR_reset;
+    break;
+  case -ENOBUFS:
+    return; /* counted as wq_full where it happened */
+  case LOOM_ECOMPRESS:
+    k = LOOM__ERR_compress;
+    break;
+  default:
+    k = LOOM__ERR_other;
+    break;
   }
   loom__owner_count(o, k);
 }
@@ -60,8 +73,8 @@ void loom__owner_metrics(loom__owner *o, loom_metrics *m) {
   loom_mutex_unlock(&o->mu);
   if (o->pool)
     m->pool_queued = loom_taskpool_queued(o->pool);
-#define LOOM_ERR_LOAD_(name, help)                                           \
-  m->errors.name = atomic_load_explicit(&o->errors[LOOM__ERR_##name],        \
+#define LOOM_ERR_LOAD_(name, help)                                             \
+  m->errors.name = atomic_load_explicit(&o->errors[LOOM__ERR_##name],          \
                                         memory_order_relaxed);
   LOOM_METRIC_ERRORS(LOOM_ERR_LOAD_)
 #undef LOOM_ERR_LOAD_
@@ -126,14 +139,16 @@ __attribute__((format(printf, 2, 3))) static void put(out *o, const char *fmt,
   o->total += n;
 }
 
-static void metric(out *o, const char *pfx, const char *name,
-                   const char *type, const char *help, uint64_t v) {
-  put(o, "# HELP %s_%s %s\n# TYPE %s_%s %s\n%s_%s %llu\n", pfx, name, help,
-      pfx, name, type, pfx, name, (unsigned long long)v);
+static void metric(out *o, const char *pfx, const char *name, const char *type,
+                   const char *help, uint64_t v) {
+  put(o, "# HELP %s_%s %s\n# TYPE %s_%s %s\n%s_%s %llu\n", pfx, name, help, pfx,
+      name, type, pfx, name, (unsigned long long)v);
 }
 
-int loom_metrics_prometheus(const loom_metrics *m, const char *prefix,
-                            char *buf, size_t len) {
+int loom_metrics_prometheus(
+    const loom_metrics *m, const char *prefix,
+    char *buf, // NOLINT(readability-non-const-parameter): written through o.p
+    size_t len) {
   const char *p = prefix ? prefix : "loom";
   out o = {buf, len, 0, 0};
   metric(&o, p, "sessions_open", "gauge", "Sessions open now.",
@@ -146,16 +161,18 @@ int loom_metrics_prometheus(const loom_metrics *m, const char *prefix,
          m->pkgs_in);
   metric(&o, p, "packages_out_total", "counter", "Packages queued to send.",
          m->pkgs_out);
-  metric(&o, p, "write_queue_bytes", "gauge",
-         "Bytes waiting in write queues.", m->wq_bytes);
+  metric(&o, p, "write_queue_bytes", "gauge", "Bytes waiting in write queues.",
+         m->wq_bytes);
   metric(&o, p, "write_queue_max_bytes", "gauge",
          "Bytes in the longest write queue.", m->wq_max);
   metric(&o, p, "pool_queued_tasks", "gauge",
          "Packages waiting in the task pool.", m->pool_queued);
-  put(&o, "# HELP %s_errors_total Errors by kind.\n"
-          "# TYPE %s_errors_total counter\n", p, p);
-#define LOOM_ERR_PUT_(name, help)                                            \
-  put(&o, "%s_errors_total{kind=\"" #name "\"} %llu\n", p,                   \
+  put(&o,
+      "# HELP %s_errors_total Errors by kind.\n"
+      "# TYPE %s_errors_total counter\n",
+      p, p);
+#define LOOM_ERR_PUT_(name, help)                                              \
+  put(&o, "%s_errors_total{kind=\"" #name "\"} %llu\n", p,                     \
       (unsigned long long)m->errors.name);
   LOOM_METRIC_ERRORS(LOOM_ERR_PUT_)
 #undef LOOM_ERR_PUT_

@@ -21,12 +21,12 @@ struct loom_server {
   loom__owner owner;
   loom_session_opts so;
   char network[12];
-  char addr[128];          /* as bound */
+  char addr[128]; /* as bound */
   int max_conns, keepalive, rcvbuf, sndbuf;
   bool nodelay_off;
-  loom_listener *ln;       /* the accept loop's */
-  loom_ctx *ctx;           /* cancelled to stop accepting */
-  loom_sema loop_done;     /* released as the accept loop leaves */
+  loom_listener *ln;   /* the accept loop's */
+  loom_ctx *ctx;       /* cancelled to stop accepting */
+  loom_sema loop_done; /* released as the accept loop leaves */
   bool packet;
 };
 

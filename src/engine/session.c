@@ -79,9 +79,9 @@ struct loom_session {
   loom_session *prev, *next; /* on the owner's list (owner->mu) */
   loom_session_opts o;
   const loom_codec *codec;
-  loom_codec raw;            /* the codec when o.codec is NULL */
-  loom_conn *conn;           /* stream sessions */
-  loom_pconn *pc;            /* packet sessions */
+  loom_codec raw;  /* the codec when o.codec is NULL */
+  loom_conn *conn; /* stream sessions */
+  loom_pconn *pc;  /* packet sessions */
   bool packet, connected;
   int fd;
   char network[12];
@@ -89,34 +89,34 @@ struct loom_session {
   void *user;
 
   _Atomic int state;
-  _Atomic int err;           /* the abort reason */
-  bool opened;               /* on_open accepted it (reader only) */
+  _Atomic int err; /* the abort reason */
+  bool opened;     /* on_open accepted it (reader only) */
 
-  loom_mutex amu;            /* attrs */
+  loom_mutex amu; /* attrs */
   attr *attrs;
   size_t nattrs, capattrs;
 
-  loom_mutex wmu;            /* the write queue and the w* fields */
+  loom_mutex wmu; /* the write queue and the w* fields */
   loom_buf wq;
-  loom_cond wcond;           /* writer: bytes queued or wfinal */
-  loom_cond wspace;          /* producers: the queue fell to wq_low */
-  bool wbusy;                /* the writer is writing queued bytes */
-  bool corked;               /* the reader is dispatching a batch: its own
-                                writes wait in the queue for uncork() */
-  uint64_t reader_g;         /* the reader's loom_id() */
-  bool wfinal;               /* no more bytes will come: drain and exit */
-  bool writer_on;            /* the writer coroutine has been started */
-  bool wdone;                /* the writer has exited */
-  bool io_closed;            /* the socket is closed (or closing): calls
-                                from outside must not touch it */
-  int64_t final_deadline;    /* set with wfinal: now + linger (0: none) */
-  loom_wg io_users;          /* packet sessions: senders on the socket */
-  loom_sema writer_exit;     /* released by the writer as it exits */
+  loom_cond wcond;        /* writer: bytes queued or wfinal */
+  loom_cond wspace;       /* producers: the queue fell to wq_low */
+  bool wbusy;             /* the writer is writing queued bytes */
+  bool corked;            /* the reader is dispatching a batch: its own
+                             writes wait in the queue for uncork() */
+  uint64_t reader_g;      /* the reader's loom_id() */
+  bool wfinal;            /* no more bytes will come: drain and exit */
+  bool writer_on;         /* the writer coroutine has been started */
+  bool wdone;             /* the writer has exited */
+  bool io_closed;         /* the socket is closed (or closing): calls
+                             from outside must not touch it */
+  int64_t final_deadline; /* set with wfinal: now + linger (0: none) */
+  loom_wg io_users;       /* packet sessions: senders on the socket */
+  loom_sema writer_exit;  /* released by the writer as it exits */
 
-  loom_wg pooled;            /* packages handed to the pool, not yet done */
-  uint64_t rr;               /* round-robin dispatch counter */
-  loom__layer sock;          /* the bottom layer: conn, counting bytes */
-  loom__layer *top;          /* what reader and writer use (layer.h) */
+  loom_wg pooled;   /* packages handed to the pool, not yet done */
+  uint64_t rr;      /* round-robin dispatch counter */
+  loom__layer sock; /* the bottom layer: conn, counting bytes */
+  loom__layer *top; /* what reader and writer use (layer.h) */
 
   /* Statistics: one writer each (relaxed). */
   _Atomic uint64_t bytes_in, bytes_out, pkgs_in, pkgs_out;
@@ -422,8 +422,8 @@ static int wait_room(loom_session *s, int64_t timeout) {
     }
   }
   while (loom_buf_len(&s->wq) >= s->o.wq_high && writable(s)) {
-    int rc = timeout == 0 ? -EAGAIN
-                          : loom_cond_wait(&s->wspace, &s->wmu, deadline);
+    int rc =
+        timeout == 0 ? -EAGAIN : loom_cond_wait(&s->wspace, &s->wmu, deadline);
     if (rc < 0) {
       loom__owner_count(s->owner, LOOM__ERR_wq_full);
       if (s->o.close_on_full) {
@@ -479,8 +479,7 @@ static int queue_pkg(loom_session *s, const void *data, size_t len,
     goto out;
   bool corked = s->corked && loom_id() == s->reader_g;
   bool kick = false;
-  if (!s->wbusy && loom_buf_len(&s->wq) == 0 && s->top == &s->sock &&
-      !corked) {
+  if (!s->wbusy && loom_buf_len(&s->wq) == 0 && s->top == &s->sock && !corked) {
     _Alignas(16) uint8_t mem[ENC_STACK];
     loom_buf b;
     loom_buf_init_on(&b, mem, sizeof mem);
@@ -626,9 +625,9 @@ static void writer_main(void *arg) {
     s->wbusy = true;
     /* After a graceful close, the linger deadline bounds what is left;
      * before, each batch gets write_timeout. */
-    int64_t want = s->wfinal ? s->final_deadline
-                 : s->o.write_timeout ? loom_now() + s->o.write_timeout
-                                      : 0;
+    int64_t want = s->wfinal            ? s->final_deadline
+                   : s->o.write_timeout ? loom_now() + s->o.write_timeout
+                                        : 0;
     loom_mutex_unlock(&s->wmu);
 
     if (want != wd) {
@@ -701,9 +700,15 @@ static int dispatch(loom_session *s, const loom_pkg *pkg) {
   }
   uint64_t key;
   switch (s->o.dispatch) {
-  case LOOM_DISPATCH_ROUND_ROBIN: key = s->id + s->rr++; break;
-  case LOOM_DISPATCH_KEY: key = s->o.dispatch_key(s, pkg); break;
-  default: key = s->id; break;
+  case LOOM_DISPATCH_ROUND_ROBIN:
+    key = s->id + s->rr++;
+    break;
+  case LOOM_DISPATCH_KEY:
+    key = s->o.dispatch_key(s, pkg);
+    break;
+  default:
+    key = s->id;
+    break;
   }
   loom_wg_add(&s->pooled, 1);
   int rc = loom_taskpool_submit(s->o.pool, key, pooled_message, t, 0);
@@ -929,8 +934,8 @@ static int read_packets(loom_session *s, reader *r) {
         continue;
       }
       loom_pkg pkg = {0};
-      ssize_t k = s->codec->decode(s->codec, r->buf, (size_t)n,
-                                   s->o.max_pkg_len, &pkg);
+      ssize_t k =
+          s->codec->decode(s->codec, r->buf, (size_t)n, s->o.max_pkg_len, &pkg);
       if (k != n) { /* need-more, leftovers or an error: this datagram */
         loom__owner_count(s->owner, k == -EMSGSIZE ? LOOM__ERR_oversize
                                                    : LOOM__ERR_decode);
@@ -1037,11 +1042,10 @@ end:
      * by the linger now — or cut it, with linger < 0 or after an abort
      * (whose past deadline this must not move back to the future). */
     if (s->wbusy)
-      loom_set_write_deadline(s->conn, s->o.linger < 0 ||
-                                               atomic_load(&s->state) ==
-                                                   S_ABORTED
-                                           ? 1
-                                           : s->final_deadline);
+      loom_set_write_deadline(
+          s->conn, s->o.linger < 0 || atomic_load(&s->state) == S_ABORTED
+                       ? 1
+                       : s->final_deadline);
     bool writer = s->writer_on; /* none: nothing was ever queued */
     loom_cond_signal(&s->wcond);
     loom_mutex_unlock(&s->wmu);

@@ -47,7 +47,7 @@ static void worker_main(void *arg) {
 }
 
 static void pool_free(loom_taskpool *p) {
-  for (int i = 0; i < p->nq; i++)
+  for (int i = 0; p->q != NULL && i < p->nq; i++)
     loom_chan_free(p->q[i]);
   loom__free(p->q);
   loom__free(p);

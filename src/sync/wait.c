@@ -17,7 +17,8 @@
 #include "ctx/ctx_internal.h"
 #include "runtime/runtime.h"
 
-void loom__spin_lock(int *l) { // NOLINT(readability-non-const-parameter): written by __atomic
+void loom__spin_lock(
+    int *l) { // NOLINT(readability-non-const-parameter): written by __atomic
   unsigned spins = 1;
   while (__atomic_exchange_n(l, 1, __ATOMIC_ACQUIRE)) {
     /* Back off while it is held: hammering the line slows the holder. */
@@ -57,8 +58,7 @@ bool loom__waiter_claim(loom__waiter *w) {
     return true;
   uint64_t expect = w->seq << 1;
   return atomic_compare_exchange_strong_explicit(
-      w->word, &expect, expect | 1, memory_order_acq_rel,
-      memory_order_acquire);
+      w->word, &expect, expect | 1, memory_order_acq_rel, memory_order_acquire);
 }
 
 void loom__waiter_wake(loom__waiter *w) {
@@ -180,8 +180,7 @@ static bool park_commit(loom__g *g, void *arg) {
 }
 
 void loom__waiter_wait_ctx(loom__waiter *w, void (*release)(void *arg),
-                           void *arg, int64_t deadline,
-                           struct loom_ctx *ctx) {
+                           void *arg, int64_t deadline, struct loom_ctx *ctx) {
   loom__ctx_hook hook = {cancel_fire, w, NULL, NULL, false};
   if (w->g != NULL) {
     loom__timers *ts = &loom__getm()->p->timers;

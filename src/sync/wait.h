@@ -21,11 +21,11 @@ typedef struct loom__waiter {
   _Atomic uint64_t own_word; /* a thread's wait word */
   _Atomic uint64_t *word;    /* &g->wait_word or &own_word */
   uint64_t seq;
-  int fired;                 /* what completed it (>= 0); -1: the deadline */
-  bool exclusive;            /* on one queue, no deadline: claims skip CAS */
-  bool handed;               /* mutex: ownership was handed to this waiter */
-  _Atomic int committed;     /* the park's commit has finished with the
-                                waiter's stack (see wait.c) */
+  int fired;             /* what completed it (>= 0); -1: the deadline */
+  bool exclusive;        /* on one queue, no deadline: claims skip CAS */
+  bool handed;           /* mutex: ownership was handed to this waiter */
+  _Atomic int committed; /* the park's commit has finished with the
+                            waiter's stack (see wait.c) */
 } loom__waiter;
 
 typedef struct loom__wnode {
