@@ -693,4 +693,51 @@ static void dialerr_main(void *arg) {
 
 TEST(client_dial_errors_and_one_shot) { check_run(dialerr_main, NULL, 2); }
 
+/* ---- the name after a reset ------------------------------------------------ */
+
+static char reset_name[300];
+static atomic_int reset_err;
+
+static void name_on_error(loom_session *s, int err) {
+  snprintf(reset_name, sizeof reset_name, "%s", loom_session_name(s));
+  atomic_store(&reset_err, err);
+}
+
+static const loom_session_listener reset_listener = {
+    .on_message = echo_message,
+    .on_error = name_on_error,
+};
+
+static void reset_main(void *arg) {
+  (void)arg;
+  loom_codec_lenpfx(&lenpfx, NULL);
+  loom_server_opts o = {
+      .network = "tcp",
+      .addr = "127.0.0.1:0",
+      .session = {.listener = &reset_listener, .codec = &lenpfx},
+  };
+  loom_server *srv;
+  CHECK_OK(loom_server_start(&srv, &o));
+  CHECK_OK(loom_server_addr(srv, srv_addr, sizeof srv_addr));
+  loom_conn *c;
+  CHECK_OK(loom_dial(&c, "tcp", srv_addr));
+  char mine[128];
+  CHECK_OK(loom_conn_local_addr(c, mine, sizeof mine));
+  framed_roundtrip(c, 1, 10, 3); /* the session is open and has read */
+  struct linger lg = {1, 0};     /* close with a reset */
+  CHECK_EQ(setsockopt(loom_conn_fd(c), SOL_SOCKET, SO_LINGER, &lg, sizeof lg),
+           0);
+  CHECK_OK(loom_close(c));
+  int64_t give_up = loom_now() + 5000000000;
+  while (atomic_load(&reset_err) == 0 && loom_now() < give_up)
+    loom_sleep(1000000);
+  CHECK_ERR(atomic_load(&reset_err), -ECONNRESET);
+  /* The peer's address survives the reset (getpeername would fail). */
+  CHECKF(strstr(reset_name, mine) != NULL, "name \"%s\" lacks %s",
+         reset_name, mine);
+  CHECK_OK(loom_server_close(srv, 0));
+}
+
+TEST(name_survives_a_reset) { check_run(reset_main, NULL, 2); }
+
 CHECK_MAIN()

@@ -178,8 +178,9 @@ LOOM_API void loom_session_unref(loom_session *s);
 
 /* A number unique among this process's sessions. Any thread. */
 LOOM_API uint64_t loom_session_id(loom_session *s);
-/* The name ("tcp 127.0.0.1:7000<-127.0.0.1:51234" until set; made as
- * the session starts). */
+/* The name ("tcp 127.0.0.1:7000<-127.0.0.1:51234" until set; made on
+ * first use, from addresses that stay readable until on_close returns,
+ * even after the peer has reset the connection). */
 LOOM_API const char *loom_session_name(loom_session *s);
 /* Copies `name`; -ENOMEM.  Not safe against a concurrent name read. */
 LOOM_API int loom_session_set_name(loom_session *s, const char *name);

@@ -1002,9 +1002,6 @@ static void reader_main(void *arg) {
     loom_session_abort(s, -ENOMEM);
     goto end;
   }
-  /* The name now, while both addresses can be read: a peer that resets
-   * the connection takes its address with it. */
-  (void)loom_session_name(s);
   if (l->on_open) {
     rc = l->on_open(s);
     if (rc < 0) {

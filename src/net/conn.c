@@ -24,11 +24,18 @@
 
 struct loom_conn {
   loom__netfd nf; /* first: the netfd's free_fn gets the conn back */
+  /* The peer's address as accept or connect gave it (peerlen 0: not
+   * known).  Set before the conn is handed out, then never changed: any
+   * thread may read it, and it outlives a reset, which getpeername does
+   * not. */
+  struct sockaddr_storage peer;
+  socklen_t peerlen;
 };
 
 static void conn_free(loom__netfd *f) { loom__free(f); }
 
-int loom__conn_new(int fd, int family, loom_conn **out) {
+int loom__conn_new(int fd, int family, const struct sockaddr *peer,
+                   socklen_t peerlen, loom_conn **out) {
   loom_conn *c = loom__calloc(1, sizeof *c);
   int err =
       c == NULL ? -ENOMEM : loom__netfd_init(&c->nf, fd, family, SOCK_STREAM);
@@ -38,6 +45,10 @@ int loom__conn_new(int fd, int family, loom_conn **out) {
     return err;
   }
   c->nf.free_fn = conn_free;
+  if (peer != NULL && peerlen > 0 && peerlen <= sizeof c->peer) {
+    memcpy(&c->peer, peer, peerlen);
+    c->peerlen = peerlen;
+  }
   if (family == AF_INET || family == AF_INET6) {
     int one = 1;
     setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
@@ -206,7 +217,12 @@ int loom_conn_local_addr(loom_conn *c, char *buf, size_t len) {
 }
 
 int loom_conn_remote_addr(loom_conn *c, char *buf, size_t len) {
-  return c == NULL ? -EINVAL : loom__fd_addr(c->nf.fd, true, buf, len);
+  if (c == NULL || buf == NULL)
+    return -EINVAL;
+  if (c->peerlen > 0)
+    return loom__format_addr((const struct sockaddr *)&c->peer, c->peerlen,
+                             buf, len);
+  return loom__fd_addr(c->nf.fd, true, buf, len);
 }
 
 static int opt(loom_conn *c, int level, int name, int v) {
@@ -246,7 +262,7 @@ static int dial_one(const struct sockaddr *sa, socklen_t len, int type,
   if (fd < 0)
     return -errno;
   loom_conn *c;
-  int err = loom__conn_new(fd, sa->sa_family, &c);
+  int err = loom__conn_new(fd, sa->sa_family, sa, len, &c);
   if (err != 0)
     return err;
   if (deadline != 0)

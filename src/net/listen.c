@@ -126,13 +126,16 @@ int loom_accept(loom_listener *l, loom_conn **c) {
       r = LOOM_ECLOSED;
       break;
     }
-    int fd = accept4(f->fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
+    struct sockaddr_storage peer;
+    socklen_t peerlen = sizeof peer;
+    int fd = accept4(f->fd, (struct sockaddr *)&peer, &peerlen,
+                     SOCK_NONBLOCK | SOCK_CLOEXEC);
     if (fd >= 0) {
       if (l->starved) {
         l->starved = false;
         loom__log(loom__rt_get(), "accept: descriptors available again");
       }
-      r = loom__conn_new(fd, f->family, c);
+      r = loom__conn_new(fd, f->family, (struct sockaddr *)&peer, peerlen, c);
       break;
     }
     int e = errno;

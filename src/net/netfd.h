@@ -16,6 +16,7 @@
 #include <stdatomic.h>
 #include <stdbool.h>
 #include <stdint.h>
+#include <sys/socket.h>
 #include <sys/types.h>
 
 #include "netpoll/pollfd.h"
@@ -58,7 +59,9 @@ ssize_t loom__netfd_with_ctx(loom__netfd *f, int mode, struct loom_ctx *ctx,
 
 struct loom_conn;
 /* Wrap a connected non-blocking stream socket (conn.c); closes fd on
- * failure. */
-int loom__conn_new(int fd, int family, struct loom_conn **out);
+ * failure.  `peer` (NULL: unknown) is the peer's address as accept or
+ * connect knew it, kept for loom_conn_remote_addr. */
+int loom__conn_new(int fd, int family, const struct sockaddr *peer,
+                   socklen_t peerlen, struct loom_conn **out);
 
 #endif
