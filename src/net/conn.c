@@ -220,8 +220,8 @@ int loom_conn_remote_addr(loom_conn *c, char *buf, size_t len) {
   if (c == NULL || buf == NULL)
     return -EINVAL;
   if (c->peerlen > 0)
-    return loom__format_addr((const struct sockaddr *)&c->peer, c->peerlen,
-                             buf, len);
+    return loom__format_addr((const struct sockaddr *)&c->peer, c->peerlen, buf,
+                             len);
   return loom__fd_addr(c->nf.fd, true, buf, len);
 }
 
