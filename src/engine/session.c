@@ -484,21 +484,36 @@ static int queue_pkg(loom_session *s, const void *data, size_t len,
     loom_buf b;
     loom_buf_init_on(&b, mem, sizeof mem);
     rc = encode_locked(s, data, len, &b);
+    bool broken = false;
     if (rc == 0) {
+      /* Counted before any byte leaves: the peer may answer before the
+       * metrics would otherwise show it. */
+      BUMP(pkgs_out, 1);
+      size_t whole = loom_buf_len(&b);
       try_send(s, &b);
       if (loom_buf_len(&b)) {
         rc = loom_buf_move(&s->wq, &b);
         if (rc == 0)
           kick = true;
+        else
+          broken = loom_buf_len(&b) < whole; /* a part went out: the
+                                                 stream is cut */
       }
+      if (rc < 0)
+        atomic_fetch_sub_explicit(&s->pkgs_out, 1, memory_order_relaxed);
     }
     loom_buf_reset(&b);
+    if (broken) {
+      loom_mutex_unlock(&s->wmu);
+      loom_session_abort(s, rc);
+      return rc;
+    }
   } else {
     rc = encode_locked(s, data, len, &s->wq);
     kick = rc == 0 && !corked;
+    if (rc == 0)
+      BUMP(pkgs_out, 1);
   }
-  if (rc == 0)
-    BUMP(pkgs_out, 1);
   if (kick && (rc = kick_writer(s)) < 0) {
     loom_mutex_unlock(&s->wmu);
     loom_session_abort(s, rc);
@@ -522,12 +537,19 @@ static int send_packet(loom_session *s, loom_buf *b, const struct sockaddr *to,
     return LOOM_ECLOSED;
   struct iovec iov[8];
   int n = loom_buf_peek(b, iov, 8);
+  /* Counted before it leaves (and taken back if it does not): the peer
+   * may answer before this coroutine runs again, and whoever reads the
+   * metrics after the answer must see the datagram counted. */
+  uint64_t len = loom_buf_len(b);
+  BUMP(bytes_out, len);
+  BUMP(pkgs_out, 1);
   ssize_t k = loom_pconn_write_msg(s->pc, iov, n, to, tolen);
   loom_wg_done(&s->io_users);
-  if (k < 0)
+  if (k < 0) {
+    atomic_fetch_sub_explicit(&s->bytes_out, len, memory_order_relaxed);
+    atomic_fetch_sub_explicit(&s->pkgs_out, 1, memory_order_relaxed);
     return (int)k;
-  BUMP(bytes_out, (uint64_t)k);
-  BUMP(pkgs_out, 1);
+  }
   atomic_store_explicit(&s->last_write, loom_now(), memory_order_relaxed);
   return 0;
 }
