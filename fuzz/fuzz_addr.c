@@ -9,12 +9,10 @@
  *   - formatting an IP address and parsing the result again gives the
  *     same socket address (the two are inverses).
  *
- * Built twice: with libFuzzer (LOOM_FUZZ, clang) for fuzzing, and with
- * the small main below (LOOM_FUZZ_STANDALONE) that replays files, which
- * ctest runs over fuzz/corpus/addr in every build.
+ * Built twice: with libFuzzer (clang) for fuzzing, and with replay.c's
+ * main, which ctest runs over fuzz/corpus/addr in every build.
  */
 #include <stdint.h>
-#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
@@ -73,23 +71,3 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
   free(addr);
   return 0;
 }
-
-#ifdef LOOM_FUZZ_STANDALONE
-int main(int argc, char **argv) {
-  int n = 0;
-  for (int i = 1; i < argc; i++) {
-    FILE *f = fopen(argv[i], "rb");
-    if (f == NULL) {
-      perror(argv[i]);
-      return 1;
-    }
-    static uint8_t buf[1 << 16];
-    size_t len = fread(buf, 1, sizeof buf, f);
-    fclose(f);
-    LLVMFuzzerTestOneInput(buf, len);
-    n++;
-  }
-  printf("fuzz_addr: %d inputs replayed\n", n);
-  return 0;
-}
-#endif

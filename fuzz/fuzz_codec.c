@@ -24,9 +24,8 @@
  *   - the input pushed through a loom_buf in odd-sized appends, reserves
  *     and moves, and drained by odd-sized consumes, comes out unchanged.
  *
- * Built twice: with libFuzzer (clang) for fuzzing, and with the small
- * main below (LOOM_FUZZ_STANDALONE) that replays files, which ctest runs
- * over fuzz/corpus/codec in every build.
+ * Built twice: with libFuzzer (clang) for fuzzing, and with replay.c's
+ * main, which ctest runs over fuzz/corpus/codec in every build.
  */
 #include <errno.h>
 #include <limits.h>
@@ -384,23 +383,3 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
   loom_buf_reset(&enc);
   return 0;
 }
-
-#ifdef LOOM_FUZZ_STANDALONE
-int main(int argc, char **argv) {
-  int n = 0;
-  for (int i = 1; i < argc; i++) {
-    FILE *f = fopen(argv[i], "rb");
-    if (f == NULL) {
-      perror(argv[i]);
-      return 1;
-    }
-    static uint8_t buf[1 << 16];
-    size_t len = fread(buf, 1, sizeof buf, f);
-    fclose(f);
-    LLVMFuzzerTestOneInput(buf, len);
-    n++;
-  }
-  printf("fuzz_codec: %d inputs replayed\n", n);
-  return 0;
-}
-#endif
