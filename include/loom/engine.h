@@ -7,9 +7,10 @@
  *
  * Session.  One connection.  Its reader coroutine reads, decodes as many
  * packages as the bytes hold and hands each to on_message (or to a task
- * pool); its writer coroutine drains the write queue with writev.  A
- * session also has a name, attributes, statistics, read and write
- * timeouts, a cron period and a maximum package length.
+ * pool); a writer coroutine, started the first time the socket does not
+ * take a write at once, drains the write queue with writev.  A session
+ * also has a name, attributes, statistics, read and write timeouts, a
+ * cron period and a maximum package length.
  *
  * Callbacks.  on_open, on_message (without a pool), on_cron and on_error
  * run on the session's reader coroutine, so they never run at the same
@@ -23,7 +24,9 @@
  * Write queue.  loom_session_write encodes the package and queues its
  * bytes.  When the queue is empty and the socket takes them, the bytes
  * go out at once from the caller (no wake-up of the writer); the rest
- * waits for the writer.  The queue is bounded by two watermarks: once it
+ * waits for the writer.  Replies that on_message writes while the reader
+ * dispatches several packages of one read leave together, in one send
+ * after the batch.  The queue is bounded by two watermarks: once it
  * holds `wq_high` bytes, a write waits (up to its timeout) until the
  * writer has drained it below `wq_low`; a write with timeout 0 fails at
  * once with -EAGAIN.  With close_on_full, a write that cannot be queued
