@@ -435,17 +435,11 @@ int main(int argc, char **argv) {
       usage(stderr);
       return 2;
     } else if (!strcmp(a, "--listen")) {
-      if (app.nurls == MAX_URLS ||
-          echo_url_parse(v, &app.urls[app.nurls], err, sizeof err) != 0) {
-        fprintf(stderr, "%s: --listen %s: %s\n", PROG, v,
-                app.nurls == MAX_URLS ? "too many" : err);
-        return 2;
-      }
-      if (app.urls[app.nurls].packet) {
+      cli_url(PROG, a, v, app.urls, &app.nurls, MAX_URLS);
+      if (app.urls[app.nurls - 1].packet) {
         fprintf(stderr, "%s: --listen %s: a chat needs a stream\n", PROG, v);
         return 2;
       }
-      app.nurls++;
     } else if (!strcmp(a, "--procs")) {
       app.procs = (int)cli_number(PROG, a, v, 1, 1024);
     } else if (!strcmp(a, "--duration")) {

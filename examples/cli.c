@@ -27,6 +27,20 @@ long cli_number(const char *prog, const char *opt, const char *v, long lo,
   return n;
 }
 
+void cli_url(const char *prog, const char *opt, const char *v,
+             echo_url *urls, int *n, int max) {
+  char err[300];
+  if (*n == max) {
+    fprintf(stderr, "%s: %s %s: more than %d\n", prog, opt, v, max);
+    exit(2);
+  }
+  if (echo_url_parse(v, &urls[*n], err, sizeof err) != 0) {
+    fprintf(stderr, "%s: %s %s: %s\n", prog, opt, v, err);
+    exit(2);
+  }
+  (*n)++;
+}
+
 int cli_stop_signals(const char *prog) {
   sigset_t stop;
   sigemptyset(&stop);

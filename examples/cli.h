@@ -13,6 +13,12 @@
 long cli_number(const char *prog, const char *opt, const char *v, long lo,
                 long hi);
 
+struct echo_url;
+/* Parse the URL of option `opt` into urls[*n] and count it, at most max;
+ * otherwise a message and exit status 2. */
+void cli_url(const char *prog, const char *opt, const char *v,
+             struct echo_url *urls, int *n, int max);
+
 /* Block SIGINT and SIGTERM in the calling thread — before loom_run, so
  * every runtime thread inherits the mask — and return a non-blocking
  * signalfd for them, or -1 with a message. */

@@ -138,7 +138,6 @@ int main(int argc, char **argv) {
   for (int i = 1; i < argc; i++) {
     const char *a = argv[i];
     const char *v = i + 1 < argc ? argv[i + 1] : NULL;
-    char err[300];
     if (!strcmp(a, "-h") || !strcmp(a, "--help")) {
       usage(stdout);
       return 0;
@@ -151,13 +150,7 @@ int main(int argc, char **argv) {
       usage(stderr);
       return 2;
     } else if (!strcmp(a, "--listen")) {
-      if (app.nurls == MAX_URLS ||
-          echo_url_parse(v, &app.urls[app.nurls], err, sizeof err) != 0) {
-        fprintf(stderr, "%s: --listen %s: %s\n", PROG, v,
-                app.nurls == MAX_URLS ? "too many" : err);
-        return 2;
-      }
-      app.nurls++;
+      cli_url(PROG, a, v, app.urls, &app.nurls, MAX_URLS);
       i++;
     } else if (!strcmp(a, "--procs")) {
       app.procs = (int)cli_number(PROG, a, v, 1, 1024);
