@@ -27,8 +27,8 @@ long cli_number(const char *prog, const char *opt, const char *v, long lo,
   return n;
 }
 
-void cli_url(const char *prog, const char *opt, const char *v,
-             echo_url *urls, int *n, int max) {
+void cli_url(const char *prog, const char *opt, const char *v, echo_url *urls,
+             int *n, int max) {
   char err[300];
   if (*n == max) {
     fprintf(stderr, "%s: %s %s: more than %d\n", prog, opt, v, max);
