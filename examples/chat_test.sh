@@ -24,24 +24,8 @@ set -u
 export LC_ALL=C # bytes, whatever the locale
 
 SERVER=$1 CLIENT=$2
-DIR=$(mktemp -d "${TMPDIR:-/tmp}/loom-chat-test.XXXXXX") || exit 1
-PIDS=()
-cleanup() {
-  for pid in "${PIDS[@]}"; do
-    kill -KILL "$pid" 2>/dev/null && wait "$pid" 2>/dev/null
-  done
-  rm -rf "$DIR"
-}
-trap cleanup EXIT
-trap 'exit 1' INT TERM
-
-fail() {
-  echo "FAIL: $*"
-  for f in "$DIR"/*.out; do
-    [ -f "$f" ] && { echo "--- $(basename "$f"):"; cat -A "$f" | cut -c1-200; }
-  done
-  exit 1
-}
+# shellcheck source=examples/test_lib.sh
+. "$(dirname "$0")/test_lib.sh" chat
 
 # start_server NAME ARGS...: start a server in the background, set $SPID
 # and wait for its "listening on" lines.
@@ -50,16 +34,9 @@ start_server() {
   shift
   "$SERVER" "$@" --duration 50 >"$DIR/$name.out" 2>&1 &
   SPID=$!
-  PIDS+=("$SPID")
-  local want n
-  want=$(printf '%s\n' "$@" | grep -c -- '--listen')
-  for _ in $(seq 100); do
-    n=$(grep -c '^chat_server: listening on ' "$DIR/$name.out")
-    [ "$n" -ge "$want" ] && return
-    kill -0 "$SPID" 2>/dev/null || fail "$name exited at startup"
-    sleep 0.1
-  done
-  fail "$name did not start listening in 10 s"
+  started "$SPID"
+  wait_listening chat_server "$DIR/$name.out" \
+    "$(printf '%s\n' "$@" | grep -c -- '--listen')" "$SPID"
 }
 
 # stop_server PID SIGNAL NAME: the server must exit 0 with its summary.
@@ -67,6 +44,7 @@ stop_server() {
   kill "-$2" "$1"
   wait "$1"
   local status=$?
+  reaped "$1"
   [ "$status" -eq 0 ] || fail "$3 exited with $status after SIG$2"
   grep -q '^chat_server: room: ' "$DIR/$3.out" || fail "$3: no summary"
 }
@@ -98,11 +76,12 @@ for me in "${NICKS[@]}"; do
   done
   timeout 20 "$CLIENT" "${args[@]}" >"$DIR/$me.out" 2>"$DIR/$me.err" &
   CPIDS+=($!)
-  PIDS+=($!)
+  started $!
 done
 for i in "${!NICKS[@]}"; do
   wait "${CPIDS[$i]}" ||
     fail "${NICKS[$i]} exited with $?: $(cat "$DIR/${NICKS[$i]}.err")"
+  reaped "${CPIDS[$i]}"
 done
 for me in "${NICKS[@]}"; do
   for peer in "${NICKS[@]}"; do
@@ -134,7 +113,7 @@ echo "ok: interactive client"
 timeout 20 "$CLIENT" --connect "$TCP" --nick dave --peer frank --expect 2 \
   --timeout 10 >"$DIR/dave.out" 2>&1 &
 DAVE=$!
-PIDS+=("$DAVE")
+started "$DAVE"
 timeout 20 "$CLIENT" --connect "$TCP" --nick big --peer dave \
   --say "$(head -c 5000 /dev/zero | tr '\0' B)" --timeout 10 \
   >"$DIR/big.out" 2>&1
@@ -144,6 +123,7 @@ timeout 20 "$CLIENT" --connect "$UNIX" --nick frank --peer dave \
   --say "still" --say "here" --timeout 10 >"$DIR/frank.out" 2>&1 ||
   fail "frank exited with $?"
 wait "$DAVE" || fail "dave exited with $?"
+reaped "$DAVE"
 [ "$(grep -av '^\* ' "$DIR/dave.out")" = $'frank: still\nfrank: here' ] ||
   fail "dave's messages are not frank's two lines"
 grep -qx '\* big left' "$DIR/dave.out" || fail "dave did not see big leave"
@@ -183,6 +163,7 @@ timeout 20 "$CLIENT" --connect "unix://$DIR/nobody.sock" --nick x \
 [ $? -eq 1 ] || fail "a client with no server did not exit 1"
 for bad in "--listen udp://127.0.0.1:0" "--idle -1" "--max-line 1" "--listen"
 do
+  # shellcheck disable=SC2086 # $bad is several words on purpose
   timeout 20 "$SERVER" $bad >/dev/null 2>&1
   [ $? -eq 2 ] || fail "chat_server $bad did not exit 2"
 done

@@ -15,26 +15,8 @@
 set -u
 
 SERVER=$1 CLIENT=$2 MODE=$3
-DIR=$(mktemp -d "${TMPDIR:-/tmp}/loom-echo-test.XXXXXX") || exit 1
-SERVER_PID=
-cleanup() {
-  if [ -n "$SERVER_PID" ] && kill -0 "$SERVER_PID" 2>/dev/null; then
-    kill -KILL "$SERVER_PID" 2>/dev/null
-    wait "$SERVER_PID" 2>/dev/null
-  fi
-  rm -rf "$DIR"
-}
-trap cleanup EXIT
-trap 'exit 1' INT TERM
-
-fail() {
-  echo "FAIL: $*"
-  if [ -f "$DIR/server.out" ]; then
-    echo '--- server output:'
-    cat "$DIR/server.out"
-  fi
-  exit 1
-}
+# shellcheck source=examples/test_lib.sh
+. "$(dirname "$0")/test_lib.sh" echo
 
 # expect STATUS CMD...: run CMD (bounded), its exit status must be STATUS.
 expect() {
@@ -80,37 +62,30 @@ WANT=$((${#LISTEN[@]} / 2))
 
 "$SERVER" "${LISTEN[@]}" --duration 50 --quiet >"$DIR/server.out" 2>&1 &
 SERVER_PID=$!
-
-# Wait for the server to print every address it listens on.
-for _ in $(seq 100); do
-  n=$(grep -c '^echo_server: listening on ' "$DIR/server.out")
-  [ "$n" -ge "$WANT" ] && break
-  kill -0 "$SERVER_PID" 2>/dev/null || fail "the server exited at startup"
-  sleep 0.1
-done
-[ "$n" -ge "$WANT" ] || fail "the server did not start listening in 10 s"
+started "$SERVER_PID"
+wait_listening echo_server "$DIR/server.out" "$WANT" "$SERVER_PID"
 mapfile -t URLS < <(sed -n 's/^echo_server: listening on //p' \
                       "$DIR/server.out")
 
 # Clients, in parallel: each URL gets a many-small-messages run, and a
 # stream also a run of messages larger than the socket buffers.
-PIDS=()
+CLIENTS=()
 for url in "${URLS[@]}"; do
   case $url in
     udp*|unixgram*)
       timeout 40 "$CLIENT" --connect "$url" --conns 4 --count 300 \
         --size 1000 &
-      PIDS+=($!) ;;
+      CLIENTS+=($!) ;;
     *)
       timeout 40 "$CLIENT" --connect "$url" --conns 8 --count 500 \
         --size 100 &
-      PIDS+=($!)
+      CLIENTS+=($!)
       timeout 40 "$CLIENT" --connect "$url" --conns 2 --count 20 \
         --size 300000 &
-      PIDS+=($!) ;;
+      CLIENTS+=($!) ;;
   esac
 done
-for pid in "${PIDS[@]}"; do
+for pid in "${CLIENTS[@]}"; do
   wait "$pid" || fail "a client failed (exit status $?), see above"
 done
 
@@ -118,7 +93,7 @@ done
 kill -TERM "$SERVER_PID"
 wait "$SERVER_PID"
 status=$?
-SERVER_PID=
+reaped "$SERVER_PID"
 [ "$status" -eq 0 ] || fail "the server exited with $status after SIGTERM"
 grep -q '^echo_server: served ' "$DIR/server.out" ||
   fail "the server did not print its summary"

@@ -15,23 +15,8 @@
 set -u
 
 SERVER=$1 CLIENT=$2 MODE=$3
-DIR=$(mktemp -d "${TMPDIR:-/tmp}/loom-engine-test.XXXXXX") || exit 1
-SERVER_PID=
-cleanup() {
-  if [ -n "$SERVER_PID" ] && kill -0 "$SERVER_PID" 2>/dev/null; then
-    kill -KILL "$SERVER_PID" 2>/dev/null
-    wait "$SERVER_PID" 2>/dev/null
-  fi
-  rm -rf "$DIR"
-}
-trap cleanup EXIT
-trap 'exit 1' INT TERM
-
-fail() {
-  echo "FAIL: $*"
-  [ -f "$DIR/server.out" ] && { echo '--- server output:'; cat "$DIR/server.out"; }
-  exit 1
-}
+# shellcheck source=examples/test_lib.sh
+. "$(dirname "$0")/test_lib.sh" engine
 
 EXTRA=()
 case $MODE in
@@ -45,14 +30,12 @@ esac
   --listen "unix://$DIR/engine.sock" --duration 60 --metrics "${EXTRA[@]}" \
   >"$DIR/server.out" 2>&1 &
 SERVER_PID=$!
-for _ in $(seq 100); do
-  [ "$(grep -c 'listening on' "$DIR/server.out")" -ge 3 ] && break
-  sleep 0.05
-done
+started "$SERVER_PID"
+wait_listening engine_echo "$DIR/server.out" 3 "$SERVER_PID"
 TCP=$(sed -n 's/.*listening on \(tcp:\/\/.*\)/\1/p' "$DIR/server.out")
 UDP=$(sed -n 's/.*listening on \(udp:\/\/.*\)/\1/p' "$DIR/server.out")
 UNIX=$(sed -n 's/.*listening on \(unix:\/\/.*\)/\1/p' "$DIR/server.out")
-[ -n "$TCP" ] && [ -n "$UDP" ] && [ -n "$UNIX" ] || fail "server did not listen"
+if [ -z "$TCP" ] || [ -z "$UDP" ] || [ -z "$UNIX" ]; then fail "server did not listen"; fi
 
 run() {
   echo "+ $*"
@@ -93,7 +76,7 @@ fi
 kill -TERM "$SERVER_PID"
 wait "$SERVER_PID"
 rc=$?
-SERVER_PID=
+reaped "$SERVER_PID"
 [ $rc -eq 0 ] || fail "server exit status $rc"
 grep -q 'engine_echo_errors_total{kind="decode"} 0' "$DIR/server.out" ||
   fail "server counted decode errors"
