@@ -15,6 +15,23 @@
 #include "echo_url.h"
 #include "loom.h"
 
+const char *cli_option(int argc, char **argv, int *i, const char *name,
+                       bool *missing) {
+  size_t n = strlen(name);
+  const char *a = argv[*i];
+  if (strncmp(a, name, n) != 0)
+    return NULL;
+  if (a[n] == '=')
+    return a + n + 1;
+  if (a[n] != '\0')
+    return NULL;
+  if (*i + 1 >= argc) {
+    *missing = true;
+    return NULL;
+  }
+  return argv[++*i];
+}
+
 long cli_number(const char *prog, const char *opt, const char *v, long lo,
                 long hi) {
   char *end;

@@ -8,6 +8,14 @@
 
 #include <stdint.h>
 
+#include <stdbool.h>
+
+/* "--name VALUE" or "--name=VALUE" at argv[*i]: the value, advancing *i
+ * past it; NULL when argv[*i] is another option.  *missing is set when
+ * the option is there but its value is not. */
+const char *cli_option(int argc, char **argv, int *i, const char *name,
+                       bool *missing);
+
 /* The integer value of option `opt` ("--procs"), lo..hi; otherwise a
  * message and exit status 2. */
 long cli_number(const char *prog, const char *opt, const char *v, long lo,

@@ -47,6 +47,7 @@
 #include <loom.h>
 #include <loom/net.h>
 
+#include "cli.h"
 #include "echo_url.h"
 
 #define PROG "echo_client"
@@ -429,23 +430,6 @@ static int bad_usage(const char *fmt, ...) {
   return 2;
 }
 
-static const char *option(int argc, char **argv, int *i, const char *name,
-                          bool *missing) {
-  size_t n = strlen(name);
-  const char *a = argv[*i];
-  if (strncmp(a, name, n) != 0)
-    return NULL;
-  if (a[n] == '=')
-    return a + n + 1;
-  if (a[n] != '\0')
-    return NULL;
-  if (*i + 1 >= argc) {
-    *missing = true;
-    return NULL;
-  }
-  return argv[++*i];
-}
-
 static bool parse_ulong(const char *v, unsigned long lo, unsigned long hi,
                         unsigned long *out) {
   char *end;
@@ -470,24 +454,24 @@ int main(int argc, char **argv) {
     if (!strcmp(argv[i], "-h") || !strcmp(argv[i], "--help")) {
       usage(stdout);
       return 0;
-    } else if ((v = option(argc, argv, &i, "--connect", &missing))) {
+    } else if ((v = cli_option(argc, argv, &i, "--connect", &missing))) {
       url = v;
-    } else if ((v = option(argc, argv, &i, "--count", &missing))) {
+    } else if ((v = cli_option(argc, argv, &i, "--count", &missing))) {
       if (!parse_ulong(v, 1, 100000000, &count))
         return bad_usage("--count \"%s\": want 1 to 100000000", v);
-    } else if ((v = option(argc, argv, &i, "--size", &missing))) {
+    } else if ((v = cli_option(argc, argv, &i, "--size", &missing))) {
       if (!parse_ulong(v, 1, MAX_STREAM_MSG, &size))
         return bad_usage("--size \"%s\": want 1 to 67108864", v);
-    } else if ((v = option(argc, argv, &i, "--conns", &missing))) {
+    } else if ((v = cli_option(argc, argv, &i, "--conns", &missing))) {
       if (!parse_ulong(v, 1, 100000, &conns))
         return bad_usage("--conns \"%s\": want 1 to 100000", v);
-    } else if ((v = option(argc, argv, &i, "--retries", &missing))) {
+    } else if ((v = cli_option(argc, argv, &i, "--retries", &missing))) {
       if (!parse_ulong(v, 0, 1000, &retries))
         return bad_usage("--retries \"%s\": want 0 to 1000", v);
-    } else if ((v = option(argc, argv, &i, "--procs", &missing))) {
+    } else if ((v = cli_option(argc, argv, &i, "--procs", &missing))) {
       if (!parse_ulong(v, 1, 1024, &procs))
         return bad_usage("--procs \"%s\": want 1 to 1024", v);
-    } else if ((v = option(argc, argv, &i, "--timeout", &missing))) {
+    } else if ((v = cli_option(argc, argv, &i, "--timeout", &missing))) {
       char *end;
       timeout = strtod(v, &end);
       if (end == v || *end != '\0' || !(timeout > 0) || timeout > 3600)

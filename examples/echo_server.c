@@ -52,6 +52,7 @@
 #include <loom/fd.h>
 #include <loom/net.h>
 
+#include "cli.h"
 #include "echo_url.h"
 
 #define PROG "echo_server"
@@ -459,25 +460,6 @@ static int bad_usage(const char *fmt, ...) {
   return 2;
 }
 
-/* "--name VALUE" or "--name=VALUE": the value, advancing *i; NULL when
- * argv[*i] is not this option.  *missing is set when the value is. */
-static const char *option(int argc, char **argv, int *i, const char *name,
-                          bool *missing) {
-  size_t n = strlen(name);
-  const char *a = argv[*i];
-  if (strncmp(a, name, n) != 0)
-    return NULL;
-  if (a[n] == '=')
-    return a + n + 1;
-  if (a[n] != '\0')
-    return NULL;
-  if (*i + 1 >= argc) {
-    *missing = true;
-    return NULL;
-  }
-  return argv[++*i];
-}
-
 /* A Unix socket file left behind by a server that was killed: nobody
  * listens on it, so binding would fail with "address in use".  Remove it
  * — but only a socket, and only when connecting to it is refused. */
@@ -512,21 +494,22 @@ int main(int argc, char **argv) {
       return 0;
     } else if (!strcmp(argv[i], "-q") || !strcmp(argv[i], "--quiet")) {
       srv.quiet = true;
-    } else if ((v = option(argc, argv, &i, "--listen", &missing)) != NULL) {
+    } else if ((v = cli_option(argc, argv, &i, "--listen", &missing)) != NULL) {
       if (srv.neps == MAX_ENDPOINTS)
         return bad_usage("more than %d --listen URLs", MAX_ENDPOINTS);
       if (echo_url_parse(v, &srv.eps[srv.neps].url, err, sizeof err) != 0)
         return bad_usage("--listen %s", err);
       srv.eps[srv.neps].srv = &srv;
       srv.neps++;
-    } else if ((v = option(argc, argv, &i, "--duration", &missing)) != NULL) {
+    } else if ((v = cli_option(argc, argv, &i, "--duration", &missing)) !=
+               NULL) {
       char *end;
       errno = 0;
       double d = strtod(v, &end);
       if (errno != 0 || end == v || *end != '\0' || !(d >= 0) || d > 1e9)
         return bad_usage("--duration \"%s\": want seconds >= 0", v);
       srv.duration = (int64_t)(d * 1e9);
-    } else if ((v = option(argc, argv, &i, "--procs", &missing)) != NULL) {
+    } else if ((v = cli_option(argc, argv, &i, "--procs", &missing)) != NULL) {
       char *end;
       long n = strtol(v, &end, 10);
       if (end == v || *end != '\0' || n < 1 || n > 1024)
