@@ -16,6 +16,9 @@ BUILD_DIR   ?= build
 ASAN_DIR    ?= build-asan
 TSAN_DIR    ?= build-tsan
 BUILD_TYPE  ?= RelWithDebInfo
+# Unoptimised, so that ASan instruments every local: frames left on a
+# coroutine stack are only visible to it there.
+ASAN_BUILD_TYPE ?= Debug
 JOBS        ?= $(shell nproc 2>/dev/null || echo 2)
 TEST_JOBS   ?= 2
 PREFIX      ?= /usr/local
@@ -53,7 +56,7 @@ help:
 	@echo '  demo          build, then run the runtime tour (examples/runtime_demo)'
 	@echo '  test          build, then run the test suite with ctest'
 	@echo '  build         configure and build into $(BUILD_DIR)/ ($(BUILD_TYPE))'
-	@echo '  asan          ASan+UBSan build in $(ASAN_DIR)/ with clang, run the tests'
+	@echo '  asan          ASan+UBSan build in $(ASAN_DIR)/ ($(ASAN_BUILD_TYPE)) with clang, run the tests'
 	@echo '  tsan          TSan build in $(TSAN_DIR)/ with clang, run the tests'
 	@echo '  bench         build, then run bench/run.sh'
 	@echo '  install       install the build into PREFIX (now $(PREFIX))'
@@ -62,7 +65,7 @@ help:
 	@echo '  tidy          clang-tidy over src/ (uses $(BUILD_DIR)/compile_commands.json)'
 	@echo '  clean         remove $(BUILD_DIR)/ $(ASAN_DIR)/ $(TSAN_DIR)/'
 	@echo '  deps          install missing build and test tools (scripts/deps.sh)'
-	@echo 'variables: BUILD_TYPE JOBS TEST_JOBS PREFIX CMAKE_ARGS CTEST_ARGS NO_DEPS=1'
+	@echo 'variables: BUILD_TYPE ASAN_BUILD_TYPE JOBS TEST_JOBS PREFIX CMAKE_ARGS CTEST_ARGS NO_DEPS=1'
 	@echo '           DEMO_ARGS (demo), ECHO_HOST ECHO_PORT ECHO_SOCK (run)'
 
 deps:
@@ -70,16 +73,17 @@ ifeq ($(NO_DEPS),)
 	@bash scripts/deps.sh
 endif
 
-# configure DIR, EXTRA-CMAKE-ARGS: (re)configure DIR.  Cheap when nothing
-# changed, and it applies BUILD_TYPE and CMAKE_ARGS to an existing DIR too.
+# configure DIR, BUILD-TYPE, EXTRA-CMAKE-ARGS: (re)configure DIR.  Cheap
+# when nothing changed, and it applies the build type and CMAKE_ARGS to an
+# existing DIR too.
 define configure
-	echo '==> configure $(1)/ ($(BUILD_TYPE)$(if $(2), $(strip $(2))))'
-	$(CMAKE) -S . -B $(1) -DCMAKE_BUILD_TYPE=$(BUILD_TYPE) \
-	  -DCMAKE_EXPORT_COMPILE_COMMANDS=ON $(2) $(CMAKE_ARGS) >/dev/null
+	echo '==> configure $(1)/ ($(2)$(if $(3), $(strip $(3))))'
+	$(CMAKE) -S . -B $(1) -DCMAKE_BUILD_TYPE=$(2) \
+	  -DCMAKE_EXPORT_COMPILE_COMMANDS=ON $(3) $(CMAKE_ARGS) >/dev/null
 endef
 
 build: deps
-	@$(call configure,$(BUILD_DIR),)
+	@$(call configure,$(BUILD_DIR),$(BUILD_TYPE),)
 	$(CMAKE) --build $(BUILD_DIR) --parallel $(JOBS)
 
 # The echo server on TCP, UDP and a Unix socket at once, until Ctrl-C.
@@ -109,14 +113,14 @@ test: build
 	cd $(BUILD_DIR) && $(CTEST_RUN)
 
 asan: deps
-	@$(call configure,$(ASAN_DIR),-DCMAKE_C_COMPILER=$(SAN_CC) \
+	@$(call configure,$(ASAN_DIR),$(ASAN_BUILD_TYPE),-DCMAKE_C_COMPILER=$(SAN_CC) \
 	  -DLOOM_SANITIZE=address$(,)undefined)
 	$(CMAKE) --build $(ASAN_DIR) --parallel $(JOBS)
 	cd $(ASAN_DIR) && ASAN_OPTIONS='$(ASAN_OPTIONS)' \
 	  UBSAN_OPTIONS='$(UBSAN_OPTIONS)' $(CTEST_RUN)
 
 tsan: deps
-	@$(call configure,$(TSAN_DIR),-DCMAKE_C_COMPILER=$(SAN_CC) \
+	@$(call configure,$(TSAN_DIR),$(BUILD_TYPE),-DCMAKE_C_COMPILER=$(SAN_CC) \
 	  -DLOOM_SANITIZE=thread)
 	$(CMAKE) --build $(TSAN_DIR) --parallel $(JOBS)
 	cd $(TSAN_DIR) && TSAN_OPTIONS='$(TSAN_OPTIONS)' $(CTEST_RUN)

@@ -75,6 +75,7 @@ void __sanitizer_start_switch_fiber(void **fake_stack_save, const void *bottom,
 void __sanitizer_finish_switch_fiber(void *fake_stack_save,
                                      const void **bottom_old,
                                      size_t *size_old);
+void __asan_unpoison_memory_region(void const volatile *addr, size_t size);
 #endif
 #ifdef LOOM_TSAN
 void *__tsan_get_current_fiber(void);
@@ -410,8 +411,22 @@ static void post_yield(loom__m *m, loom__g *g, void *arg) {
   loom__runq_put(m->rt, m->p, g, false);
 }
 
+/* The frames a coroutine left on its stack when it stopped for good
+ * never returned, so ASan still has their redzones poisoned; the next
+ * coroutine on that stack would trip over them. */
+static void unpoison_dead_frames(loom__g *g) {
+#ifdef LOOM_ASAN
+  char *sp = g->ctx.sp; /* NULL: never ran */
+  if (sp > g->stk.base && sp < (char *)g)
+    __asan_unpoison_memory_region(sp, (size_t)((char *)g - sp));
+#else
+  (void)g;
+#endif
+}
+
 static void post_exit(loom__m *m, loom__g *g, void *arg) {
   (void)arg;
+  unpoison_dead_frames(g);
   atomic_store_explicit(&g->status, G_DEAD, memory_order_relaxed);
   g_free(m->rt, m->p, g);
 }
@@ -1319,6 +1334,7 @@ static void begin_shutdown(loom__rt *rt) {
 static void destroy_g(loom__rt *rt, loom__g *g) {
   if (g->locals != NULL)
     loom__locals_destroy(g, false);
+  unpoison_dead_frames(g);
 #ifdef LOOM_TSAN
   if (g->tsan_fiber != NULL)
     __tsan_destroy_fiber(g->tsan_fiber);
