@@ -282,6 +282,88 @@ TEST(global_queue_not_starved_by_pingpong) {
 }
 
 /* ------------------------------------------------------------------ */
+/* Coroutines queued behind one that runs long without a scheduling     */
+/* point, and timers on its P, are taken over by a P that is itself     */
+/* busy (2 Ps).  Scheduling is cooperative, so nothing stops the long   */
+/* runner; without the stall check the busy P never steals and they     */
+/* wait until it is done.                                               */
+
+#define STALL_SHORTS 8
+#define STALL_HOG_MS 800
+static atomic_int yielder_proc = -1;
+static atomic_int shorts_ran;
+static atomic_llong shorts_spawned_at, shorts_worst;
+
+static void busy_yielder(void *arg) {
+  (void)arg;
+  while (!atomic_load(&stop_flag)) {
+    atomic_store(&yielder_proc, loom__test_proc_id());
+    loom_yield();
+  }
+}
+
+static void hog(void *arg) {
+  (void)arg;
+  check_spin_ns(STALL_HOG_MS * CHECK_MS);
+}
+
+static void short_one(void *arg) {
+  long long waited = loom_now() - atomic_load(&shorts_spawned_at);
+  long long worst = atomic_load(&shorts_worst);
+  (void)arg;
+  while (waited > worst && !atomic_compare_exchange_weak(&shorts_worst, &worst, waited))
+    ;
+  atomic_fetch_add(&shorts_ran, 1);
+}
+
+static void stall_main(void *arg) {
+  int i;
+  int64_t slept, end = deadline_in_ms(5000);
+  (void)arg;
+  CHECK_OK(loom_go(busy_yielder, NULL));
+  /* Wait until the yielder has the other P to itself: from then on that
+   * P always has work and never looks for more the ordinary way. */
+  while (atomic_load(&yielder_proc) < 0 || atomic_load(&yielder_proc) == loom__test_proc_id()) {
+    CHECKF(loom_now() < end, "the yielder never moved to the other P");
+    loom_sleep(CHECK_MS);
+  }
+  atomic_store(&shorts_spawned_at, loom_now());
+  CHECK_OK(loom_go(hog, NULL));
+  for (i = 0; i < STALL_SHORTS; i++)
+    CHECK_OK(loom_go(short_one, NULL));
+  /* Our P now runs one short coroutine, then the hog, with the other
+   * shorts queued behind it and our sleep's timer in its heap. */
+  slept = loom_now();
+  loom_sleep(CHECK_MS);
+  slept = loom_now() - slept;
+  end = deadline_in_ms(5000);
+  while (atomic_load(&shorts_ran) < STALL_SHORTS && loom_now() < end)
+    loom_sleep(CHECK_MS);
+  atomic_store(&stop_flag, 1);
+  CHECK_EQ(atomic_load(&shorts_ran), STALL_SHORTS);
+  printf("the last of %d queued coroutines started %.3f ms after its spawn, beside a %d ms "
+         "runner\n",
+         STALL_SHORTS, atomic_load(&shorts_worst) / 1e6, STALL_HOG_MS);
+  CHECKF(atomic_load(&shorts_worst) < STALL_HOG_MS * CHECK_MS / 2,
+         "coroutines queued behind a %d ms runner waited %.1f ms although another P "
+         "was running",
+         STALL_HOG_MS, atomic_load(&shorts_worst) / 1e6);
+  printf("a 1 ms sleep whose timer was on the runner's P took %.3f ms\n", slept / 1e6);
+  CHECKF(slept < STALL_HOG_MS * CHECK_MS / 2,
+         "a 1 ms sleep took %.1f ms: its timer waited for a %d ms runner", slept / 1e6,
+         STALL_HOG_MS);
+}
+
+TEST(busy_p_takes_over_a_stalled_queue) {
+  loom_config cfg;
+  check_watchdog(20, "coroutines queued behind a long runner never ran");
+  loom_config_init(&cfg);
+  cfg.procs = 2;
+  cfg.long_run_warn_ns = -1; /* the hog is on purpose */
+  CHECK_OK(loom_run(stall_main, NULL, &cfg));
+}
+
+/* ------------------------------------------------------------------ */
 /* Spawn from foreign threads while the runtime runs.                   */
 
 #define FOREIGN_THREADS 4

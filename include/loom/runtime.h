@@ -13,7 +13,9 @@
  * run queue; OS threads (M) run coroutines only while they hold a P; idle
  * threads steal work from busy ones.  Scheduling is cooperative: a
  * coroutine runs until it parks, yields, or returns.  A coroutine that runs
- * for more than 10 ms without doing so is reported by the monitor thread.
+ * for more than 10 ms without doing so is reported by the monitor thread,
+ * and from then on, with more than one processor, the coroutines queued
+ * behind it and the timers on its processor are taken over by the others.
  *
  * Calls that block the thread (file I/O, a foreign library) belong between
  * loom_block_enter() and loom_block_exit() so the processor can be handed

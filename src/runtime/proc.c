@@ -347,18 +347,77 @@ static void run_due_timers(loom__p *p) {
     loom__timers_run(&p->timers, loom_now());
 }
 
+/*
+ * A P that makes no progress.  Scheduling is cooperative: while one of a
+ * P's Gs runs long without a scheduling point, the Gs queued behind it
+ * and the timers in its heap wait for as long as it runs.  An idle P would
+ * steal them, but a busy M steals only when its own queue, the global
+ * queue and the poller are all empty, which under steady load never
+ * happens.  So a P that has switched no G for LOOM_STALL_NS (10 ms: when
+ * Go would preempt, and when sysmon warns) while it had Gs queued or
+ * timers set counts as stalled: we run its due timers (the Gs they ready
+ * land on our P) and steal half its queue, runnext included, and again at
+ * every check until it moves.  Checked whenever our own queue runs dry
+ * and on every 61st switch, with the global queue.
+ */
+static loom__g *steal_stalled(loom__m *m, loom__p *p) {
+  loom__rt *rt = m->rt;
+  /* A steal copies up to half a ring to our tail: it needs the room. */
+  if (loom__runq_len(p) > LOOM_RUNQ_SIZE / 2)
+    return NULL;
+  for (int i = 0; i < rt->nprocs; i++) {
+    loom__p *v = rt->allp[i];
+    struct loom__pwatch *w = &p->watch[i];
+    if (v == p)
+      continue;
+    uint32_t t = atomic_load_explicit(&v->schedtick, memory_order_relaxed);
+    int64_t timer = loom__timers_next(&v->timers);
+    if (t != w->tick ||
+        atomic_load_explicit(&v->status, memory_order_relaxed) != P_RUNNING ||
+        (timer == 0 && loom__runq_empty(v))) {
+      w->tick = t;
+      w->since = 0;
+      continue;
+    }
+    /* Still, with Gs queued or timers set: the clock is read only now. */
+    int64_t now = loom_now();
+    if (w->since == 0)
+      w->since = now;
+    if (now - w->since < LOOM_STALL_NS)
+      continue;
+    /* Its due timers too: the Gs they ready land on our P. */
+    if (timer != 0 && timer <= now) {
+      loom__timers_run(&v->timers, now);
+      loom__g *g = loom__runq_get(p);
+      if (g != NULL)
+        return g;
+    }
+    loom__g *g = loom__runq_steal(p, v, true);
+    if (g != NULL) {
+      atomic_fetch_add_explicit(&rt->steals, 1, memory_order_relaxed);
+      return g;
+    }
+  }
+  return NULL;
+}
+
 /* The next G this P should run without consulting g0, or NULL. */
 static loom__g *fast_next(loom__m *m, loom__p *p) {
   loom__rt *rt = m->rt;
   uint32_t t = atomic_load_explicit(&p->schedtick, memory_order_relaxed);
-  if (t % 61 == 0 &&
-      atomic_load_explicit(&rt->runqsize, memory_order_relaxed) != 0)
-    return NULL;
+  loom__g *g = NULL;
+  if (t % 61 == 0) {
+    if (atomic_load_explicit(&rt->runqsize, memory_order_relaxed) != 0)
+      return NULL;
+    if (rt->nprocs > 1)
+      g = steal_stalled(m, p);
+  }
   /* Reading the clock costs more than the rest of a switch, so the fast
    * path looks at timers every 8th switch; g0 looks every time. */
   if ((t & 7) == 0)
     run_due_timers(p);
-  loom__g *g = loom__runq_get(p);
+  if (g == NULL)
+    g = loom__runq_get(p);
   if (g != NULL && g->lockedm != NULL) {
     m->handoff = g; /* g0 hands the P to g's M */
     return NULL;
@@ -770,16 +829,23 @@ top:
   }
   loom__p *p = m->p;
   run_due_timers(p);
-  if (atomic_load_explicit(&p->schedtick, memory_order_relaxed) % 61 == 0 &&
-      atomic_load(&rt->runqsize) != 0) {
+  loom__g *g;
+  bool tick61 =
+      atomic_load_explicit(&p->schedtick, memory_order_relaxed) % 61 == 0;
+  if (tick61 && atomic_load(&rt->runqsize) != 0) {
     pthread_mutex_lock(&rt->lock);
-    loom__g *g = loom__globrunq_get(rt, p, 1);
+    g = loom__globrunq_get(rt, p, 1);
     pthread_mutex_unlock(&rt->lock);
     if (g != NULL)
       return g;
   }
-  loom__g *g = loom__runq_get(p);
+  /* Stalled Ps: every 61st tick, and whenever our queue is empty. */
+  if (tick61 && rt->nprocs > 1 && (g = steal_stalled(m, p)) != NULL)
+    return g;
+  g = loom__runq_get(p);
   if (g != NULL)
+    return g;
+  if (!tick61 && rt->nprocs > 1 && (g = steal_stalled(m, p)) != NULL)
     return g;
   if (atomic_load(&rt->runqsize) != 0) {
     pthread_mutex_lock(&rt->lock);
@@ -1444,7 +1510,8 @@ int loom_run(void (*main_fn)(void *), void *arg, const loom_config *cfg) {
   if (rt->allp == NULL)
     goto fail_np;
   for (int i = 0; i < rt->nprocs; i++) {
-    loom__p *p = loom__calloc(1, sizeof *p);
+    loom__p *p = loom__calloc(
+        1, sizeof *p + (size_t)rt->nprocs * sizeof p->watch[0]);
     if (p == NULL)
       goto fail_ps;
     p->id = i;

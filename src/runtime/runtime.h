@@ -50,6 +50,7 @@ typedef struct loom__rt loom__rt;
 
 #define LOOM_RUNQ_SIZE 256
 #define LOOM_PCACHE 64 /* free Gs a P keeps; half spill when full */
+#define LOOM_STALL_NS 10000000 /* see steal_stalled in proc.c */
 
 /*
  * G states.  Who owns the G in each:
@@ -172,6 +173,13 @@ struct loom__p {
   uint32_t sm_blocktick;
   int64_t sm_blockwhen;
   bool sm_warned;
+
+  /* Owner only: what this P last saw of every P (indexed by id), to find
+   * one that stalls with Gs queued (see steal_stalled in proc.c). */
+  struct loom__pwatch {
+    uint32_t tick;               /* the other P's schedtick */
+    int64_t since;               /* since when it has not moved (0: moving) */
+  } watch[];
 };
 
 struct loom__rt {
@@ -270,6 +278,8 @@ void loom__runq_put(loom__rt *rt, loom__p *p, loom__g *g, bool next);
 loom__g *loom__runq_get(loom__p *p);
 bool loom__runq_empty(loom__p *p);
 uint32_t loom__runq_len(loom__p *p);
+/* Moves up to half of victim's queue to p's tail: p's ring must have room
+ * for half a ring (at most LOOM_RUNQ_SIZE / 2 queued). */
 loom__g *loom__runq_steal(loom__p *p, loom__p *victim, bool stealnext);
 void loom__globrunq_put(loom__rt *rt, loom__g *g);      /* lock held */
 void loom__globrunq_putbatch(loom__rt *rt, loom__g *const *gs,
