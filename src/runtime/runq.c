@@ -55,6 +55,12 @@ static bool runq_put_slow(loom__rt *rt, loom__p *p, loom__g *g, uint32_t h,
 
 void loom__runq_put(loom__rt *rt, loom__p *p, loom__g *g, bool next) {
   if (next) {
+    /* Only the owner makes runnext non-NULL (thieves and the owner's get
+     * only empty it), so an empty one is ours to fill with a store. */
+    if (atomic_load_explicit(&p->runnext, memory_order_relaxed) == NULL) {
+      atomic_store_explicit(&p->runnext, g, memory_order_release);
+      return;
+    }
     loom__g *old = atomic_exchange_explicit(&p->runnext, g,
                                             memory_order_acq_rel);
     if (old == NULL)
