@@ -357,8 +357,9 @@ static void run_due_timers(loom__p *p) {
  * Go would preempt, and when sysmon warns) while it had Gs queued or
  * timers set counts as stalled: we run its due timers (the Gs they ready
  * land on our P) and steal half its queue, runnext included, and again at
- * every check until it moves.  Checked whenever our own queue runs dry
- * and on every 61st switch, with the global queue.
+ * every check until it moves.  Checked on every 61st switch, with the
+ * global queue (a P whose queue runs dry steals from a stalled one anyway,
+ * unless the global queue or the poller keeps it busy).
  */
 static loom__g *steal_stalled(loom__m *m, loom__p *p) {
   loom__rt *rt = m->rt;
@@ -839,13 +840,10 @@ top:
     if (g != NULL)
       return g;
   }
-  /* Stalled Ps: every 61st tick, and whenever our queue is empty. */
   if (tick61 && rt->nprocs > 1 && (g = steal_stalled(m, p)) != NULL)
     return g;
   g = loom__runq_get(p);
   if (g != NULL)
-    return g;
-  if (!tick61 && rt->nprocs > 1 && (g = steal_stalled(m, p)) != NULL)
     return g;
   if (atomic_load(&rt->runqsize) != 0) {
     pthread_mutex_lock(&rt->lock);
