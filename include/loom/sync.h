@@ -35,10 +35,11 @@ typedef struct loom_waitlist_ {
 /*
  * Mutex.  A locker that finds it held spins briefly, then parks (never
  * the thread).  Normal mode lets a running locker take a just-released
- * mutex ahead of the woken waiter (throughput); a waiter that has waited
- * more than 1 ms switches the mutex to starvation mode, in which unlock
- * hands it straight to the first waiter, so no waiter is bypassed forever
- * (Go's sync.Mutex).  Not reentrant; any coroutine may unlock it.
+ * mutex ahead of the woken waiter (throughput); a waiter that has kept
+ * losing for more than 1 ms switches the mutex to starvation mode, in
+ * which unlock hands it straight to the first waiter, so no waiter is
+ * bypassed forever (Go's sync.Mutex).  Not reentrant; any coroutine may
+ * unlock it.
  */
 typedef struct loom_mutex {
   uint32_t state_;

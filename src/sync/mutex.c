@@ -8,7 +8,8 @@
  * Normal mode: unlock clears the locked bit and wakes the first waiter,
  * which competes with any running locker (a running locker usually wins:
  * better throughput, and the waiter goes back to the front of the queue).
- * Starvation mode: set by a waiter that has waited more than 1 ms; unlock
+ * Starvation mode: set by a waiter that has kept losing for more than
+ * 1 ms (counted from the first time it had to queue again); unlock
  * then hands the mutex straight to the first waiter and nobody barges, so
  * no waiter can be bypassed forever.  It ends when the queue empties.
  *
@@ -83,14 +84,17 @@ static int lock_slow(loom_mutex *mu, int64_t deadline, loom_ctx *ctx) {
       continue;
     }
     uint32_t ns = s + WAITER;
+    /* The wait is timed from the first time a woken waiter has to queue
+     * again: most waits end at the first wake-up, and a clock read costs
+     * as much as the rest of a contended lock (25 ns here). */
+    if (requeue && wait_start == 0)
+      wait_start = loom_now();
     if (wait_start != 0 && loom_now() - wait_start > STARVE_NS)
       ns |= STARVING;
     if (!cas(mu, s, ns)) {
       loom__spin_unlock(lk);
       continue;
     }
-    if (wait_start == 0)
-      wait_start = loom_now();
     loom__waiter w;
     loom__waiter_init(&w, deadline == 0 && ctx == NULL);
     loom__wnode n = {.w = &w};
