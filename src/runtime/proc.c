@@ -509,11 +509,11 @@ void loom__park(bool (*commit)(loom__g *g, void *arg), void *arg,
 }
 
 void loom__ready(loom__g *g) {
-  uint32_t s = G_WAITING;
-  if (!atomic_compare_exchange_strong_explicit(&g->status, &s, G_RUNNABLE,
-                                               memory_order_acq_rel,
-                                               memory_order_relaxed))
+  /* The caller owns the wake-up (G_WAITING's contract), so a store does;
+   * the check catches a second waker, not a racing one. */
+  if (atomic_load_explicit(&g->status, memory_order_relaxed) != G_WAITING)
     loom__throw("ready: bad g status");
+  atomic_store_explicit(&g->status, G_RUNNABLE, memory_order_relaxed);
   loom__m *m = loom__getm();
   loom__rt *rt = m ? m->rt : atomic_load(&current_rt);
   if (m != NULL && m->p != NULL) {
