@@ -11,6 +11,7 @@
 #include <limits.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
+#include <stdint.h>
 #include <string.h>
 #include <sys/socket.h>
 #include <unistd.h>
@@ -27,16 +28,20 @@ struct loom_conn {
   /* The peer's address as accept or connect gave it (peerlen 0: not
    * known).  Set before the conn is handed out, then never changed: any
    * thread may read it, and it outlives a reset, which getpeername does
-   * not. */
-  struct sockaddr_storage peer;
+   * not.  Only its own length is allocated (16 bytes for IPv4, not a
+   * sockaddr_storage's 128: an idle connection's memory counts). */
   socklen_t peerlen;
+  uint64_t peer[]; /* words, for the sockaddr's alignment */
 };
 
 static void conn_free(loom__netfd *f) { loom__free(f); }
 
 int loom__conn_new(int fd, int family, const struct sockaddr *peer,
                    socklen_t peerlen, loom_conn **out) {
-  loom_conn *c = loom__calloc(1, sizeof *c);
+  if (peer == NULL || peerlen > sizeof(struct sockaddr_storage))
+    peerlen = 0;
+  size_t words = ((size_t)peerlen + sizeof(uint64_t) - 1) / sizeof(uint64_t);
+  loom_conn *c = loom__calloc(1, sizeof *c + words * sizeof(uint64_t));
   int err =
       c == NULL ? -ENOMEM : loom__netfd_init(&c->nf, fd, family, SOCK_STREAM);
   if (err != 0) {
@@ -45,8 +50,8 @@ int loom__conn_new(int fd, int family, const struct sockaddr *peer,
     return err;
   }
   c->nf.free_fn = conn_free;
-  if (peer != NULL && peerlen > 0 && peerlen <= sizeof c->peer) {
-    memcpy(&c->peer, peer, peerlen);
+  if (peerlen > 0) {
+    memcpy(c->peer, peer, peerlen);
     c->peerlen = peerlen;
   }
   if (family == AF_INET || family == AF_INET6) {
@@ -220,7 +225,7 @@ int loom_conn_remote_addr(loom_conn *c, char *buf, size_t len) {
   if (c == NULL || buf == NULL)
     return -EINVAL;
   if (c->peerlen > 0)
-    return loom__format_addr((const struct sockaddr *)&c->peer, c->peerlen, buf,
+    return loom__format_addr((const struct sockaddr *)c->peer, c->peerlen, buf,
                              len);
   return loom__fd_addr(c->nf.fd, true, buf, len);
 }
