@@ -219,6 +219,16 @@ def _gdb_threads():
 _sym_cache = {}
 
 
+def _live_count(rt):
+    """Coroutines spawned and not returned: the runtime counts them per P
+    (loom__gcount), plus those spawned or ended without a P."""
+    n = int(rt["nspawned_nop"]) - int(rt["nexited_nop"])
+    for i in range(int(rt["nprocs"])):
+        p = rt["allp"][i].dereference()
+        n += int(p["nspawned"]) - int(p["nexited"])
+    return max(n, 0)
+
+
 def _sym(pc, is_return_address):
     key = (pc, is_return_address)
     if key not in _sym_cache:
@@ -363,7 +373,7 @@ coroutine running on the selected thread.  See also loom-bt."""
                   for i in range(len(head) - 1)]
         gdb.write("loom runtime at 0x%x: %d procs, %d threads, %d live "
                   "coroutines\n" % (int(rt), int(rt["nprocs"]),
-                                    len(snap.ms), int(rt["gcount"])))
+                                    len(snap.ms), _live_count(rt)))
         for r in [head] + rows:
             cols = [r[0].ljust(widths[0]), r[1].rjust(widths[1])]
             cols += [r[i].ljust(widths[i]) for i in range(2, len(widths))]

@@ -989,6 +989,33 @@ static void schedule(loom__m *m) {
 
 static void begin_shutdown(loom__rt *rt);
 
+/* +1 on a P's own counter (only its owner writes it: a plain add, no
+ * lock prefix), or on the shared one when there is no P. */
+static void count_one(_Atomic uint64_t *mine, _Atomic uint64_t *shared) {
+  if (mine != NULL)
+    atomic_store_explicit(
+        mine, atomic_load_explicit(mine, memory_order_relaxed) + 1,
+        memory_order_relaxed);
+  else
+    atomic_fetch_add_explicit(shared, 1, memory_order_relaxed);
+}
+
+uint64_t loom__spawned(loom__rt *rt) {
+  uint64_t n = atomic_load_explicit(&rt->nspawned_nop, memory_order_relaxed);
+  for (int i = 0; i < rt->nprocs; i++)
+    n += atomic_load_explicit(&rt->allp[i]->nspawned, memory_order_relaxed);
+  return n;
+}
+
+uint64_t loom__gcount(loom__rt *rt) {
+  uint64_t out =
+      atomic_load_explicit(&rt->nexited_nop, memory_order_relaxed);
+  for (int i = 0; i < rt->nprocs; i++)
+    out += atomic_load_explicit(&rt->allp[i]->nexited, memory_order_relaxed);
+  uint64_t in = loom__spawned(rt); /* after the exits: never below them */
+  return in > out ? in - out : 0;
+}
+
 LOOM_NORETURN static void g_exit(loom__g *g) {
   if (g->locals != NULL)
     loom__locals_destroy(g, true);
@@ -999,7 +1026,7 @@ LOOM_NORETURN static void g_exit(loom__g *g) {
     g->lockedm = NULL;
     m->lockedg = NULL;
   }
-  atomic_fetch_sub_explicit(&rt->gcount, 1, memory_order_relaxed);
+  count_one(m->p != NULL ? &m->p->nexited : NULL, &rt->nexited_nop);
   if (g->is_main)
     begin_shutdown(rt);
   m->post_fn = post_exit;
@@ -1044,8 +1071,7 @@ static int spawn(loom__rt *rt, loom__m *m, void (*fn)(void *), void *arg,
   g->wait_reason = NULL;
   loom__ctx_make(&g->ctx, (char *)g, g_entry, g);
   atomic_store_explicit(&g->status, G_RUNNABLE, memory_order_relaxed);
-  atomic_fetch_add_explicit(&rt->gcount, 1, memory_order_relaxed);
-  atomic_fetch_add_explicit(&rt->spawned, 1, memory_order_relaxed);
+  count_one(p != NULL ? &p->nspawned : NULL, &rt->nspawned_nop);
   g->is_main = is_main; /* before the G is visible to any other M */
   if (p != NULL) {
     loom__runq_put(rt, p, g, true);
@@ -1626,8 +1652,8 @@ static void stats_fill(loom__rt *rt, loom_stats *out) {
   out->idle_threads = atomic_load(&rt->nmidle_pub);
   out->spinning_threads = atomic_load(&rt->nmspinning);
   out->global_runq = atomic_load(&rt->runqsize);
-  out->coroutines = atomic_load(&rt->gcount);
-  out->spawned = atomic_load(&rt->spawned);
+  out->coroutines = loom__gcount(rt);
+  out->spawned = loom__spawned(rt);
   out->steals = atomic_load(&rt->steals);
   out->netpoll_wakeups = atomic_load(&rt->netpoll_wakeups);
 }

@@ -141,6 +141,9 @@ struct loom__p {
   _Atomic uint32_t status;       /* P_*; CAS by the M and by sysmon */
   loom__p *link;                 /* idle-P list */
   _Atomic uint32_t schedtick;    /* +1 per G switched in; sysmon reads */
+  /* Gs spawned and exited on this P: written by the owner only (no
+   * shared cache line per spawn), summed by loom__gcount for stats. */
+  _Atomic uint64_t nspawned, nexited;
   _Atomic uint32_t blocktick;    /* +1 per block section; sysmon reads */
   /* Id and spawn site of the G running on this P (0: none), for
    * sysmon's long-run warning.  Copies, so sysmon never reads a G. */
@@ -206,8 +209,9 @@ struct loom__rt {
 
   _Atomic bool stopping;         /* main returned: every M winds down */
   _Atomic uint64_t goidgen;
-  _Atomic uint64_t gcount;       /* live Gs */
-  _Atomic uint64_t spawned;
+  /* Gs spawned and exited without a P (foreign threads, inside
+   * loom_block_enter/exit); the rest are counted per P. */
+  _Atomic uint64_t nspawned_nop, nexited_nop;
   _Atomic uint64_t steals;
   _Atomic uint64_t mnext;        /* M id generator */
 
@@ -272,6 +276,11 @@ int64_t loom__earliest_timer(loom__rt *rt); /* 0: no timer anywhere */
 const char *loom__symbolize(const void *pc, char *buf, size_t len);
 void loom__log(loom__rt *rt, const char *fmt, ...)
     __attribute__((format(printf, 2, 3)));
+
+/* Gs spawned so far, and Gs alive (spawned and not returned): sums over
+ * the Ps, for stats; a snapshot, not exact while Gs come and go. */
+uint64_t loom__spawned(loom__rt *rt);
+uint64_t loom__gcount(loom__rt *rt);
 
 /* Run queues (runq.c). */
 void loom__runq_put(loom__rt *rt, loom__p *p, loom__g *g, bool next);

@@ -243,7 +243,7 @@ static void *sysmon_main(void *arg) {
       next_trace = now + (int64_t)rt->cfg.schedtrace_ms * 1000000;
     }
     if (now >= next_trim) {
-      uint64_t spawned = atomic_load(&rt->spawned);
+      uint64_t spawned = loom__spawned(rt);
       if (spawned == trimmed_at) /* only when spawning has calmed down */
         trim_free_stacks(rt);
       trimmed_at = spawned;
