@@ -167,12 +167,25 @@ void loom__log(loom__rt *rt, const char *fmt, ...) {
   rt->cfg.log(rt->cfg.log_arg, buf);
 }
 
-static uint32_t fastrand(loom__m *m) {
-  uint32_t x = m->fastrand;
+static uint32_t xorshift32(uint32_t x) {
   x ^= x << 13;
   x ^= x >> 17;
   x ^= x << 5;
-  return m->fastrand = x;
+  return x;
+}
+
+static uint32_t fastrand(loom__m *m) {
+  return m->fastrand = xorshift32(m->fastrand);
+}
+
+uint32_t loom__fastrand(void) {
+  loom__m *m = loom__getm();
+  if (m != NULL)
+    return fastrand(m);
+  static __thread uint32_t state; /* a plain thread never switches */
+  if (state == 0)
+    state = (uint32_t)(uintptr_t)&state | 1;
+  return state = xorshift32(state);
 }
 
 /* ---- Gs: allocation, stacks, switching ---------------------------- */

@@ -277,6 +277,10 @@ const char *loom__symbolize(const void *pc, char *buf, size_t len);
 void loom__log(loom__rt *rt, const char *fmt, ...)
     __attribute__((format(printf, 2, 3)));
 
+/* A cheap pseudo-random number, from the calling M's own state (no
+ * shared line), or the thread's outside the runtime. */
+uint32_t loom__fastrand(void);
+
 /* Gs spawned so far, and Gs alive (spawned and not returned): sums over
  * the Ps, for stats; a snapshot, not exact while Gs come and go. */
 uint64_t loom__spawned(loom__rt *rt);

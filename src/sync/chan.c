@@ -291,15 +291,6 @@ int loom_chan_close(loom_chan *c) {
 
 /* ---- select --------------------------------------------------------------- */
 
-static uint32_t rand_u32(void) {
-  static _Atomic uint64_t state = 0x9E3779B97F4A7C15u;
-  uint64_t x = atomic_fetch_add(&state, 0x9E3779B97F4A7C15u);
-  x ^= x >> 33;
-  x *= 0xff51afd7ed558ccdu;
-  x ^= x >> 33;
-  return (uint32_t)x;
-}
-
 static int cmp_chan(const void *a, const void *b) {
   uintptr_t x = (uintptr_t) * (loom_chan *const *)a;
   uintptr_t y = (uintptr_t) * (loom_chan *const *)b;
@@ -341,7 +332,7 @@ int loom_select(loom_case *cases, int n, int64_t deadline) { // NOLINT(readabili
   /* A random permutation for polling; channels sorted, deduplicated. */
   int nl = 0;
   for (int i = 0; i < n; i++) {
-    int j = (int)(rand_u32() % (uint32_t)(i + 1));
+    int j = (int)(loom__fastrand() % (uint32_t)(i + 1));
     if (j != i)
       order[i] = order[j]; /* inside-out Fisher-Yates */
     order[j] = i;
