@@ -93,8 +93,8 @@ static int retake(loom__rt *rt, int64_t now) {
         p->sm_warned = true;
         loom__log(rt,
                   "coroutine %llu has run %lld ms without a scheduling "
-                  "point (spawned at %s); it delays every coroutine "
-                  "queued behind it",
+                  "point (spawned at %s); it holds its thread and "
+                  "processor",
                   (unsigned long long)id,
                   (long long)((now - p->sm_schedwhen) / 1000000),
                   loom__symbolize(atomic_load_explicit(&p->run_pc,
