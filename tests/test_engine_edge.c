@@ -189,6 +189,14 @@ static loom_server *serve(const loom_server_opts *o, char addr[128]) {
   return srv;
 }
 
+/* A server started with `o`, and one peer connected to it over TCP. */
+static loom_server *serve_dial(const loom_server_opts *o, loom_conn **peer) {
+  char addr[128];
+  loom_server *srv = serve(o, addr);
+  CHECK_OK(loom_dial(peer, "tcp", addr));
+  return srv;
+}
+
 static loom_metrics metrics(loom_server *srv) {
   loom_metrics m;
   loom_server_metrics(srv, &m);
@@ -538,10 +546,8 @@ static void shrink_main(void *arg) {
   codecs_init();
   loom_server_opts o = server_opts(&lenpfx);
   o.session.max_pkg_len = 2 << 20;
-  char addr[128];
-  loom_server *srv = serve(&o, addr);
   loom_conn *peer;
-  CHECK_OK(loom_dial(&peer, "tcp", addr));
+  loom_server *srv = serve_dial(&o, &peer);
   WAIT_FOR(atomic_load(&E.opens) == 1, 5);
   loom_sleep(10 * CHECK_MS);
   long long base = atomic_load(&live_bytes);
@@ -585,10 +591,8 @@ static void cron_main(void *arg) {
   codecs_init();
   loom_server_opts o = server_opts(&line);
   o.session.cron_period = 20 * CHECK_MS;
-  char addr[128];
-  loom_server *srv = serve(&o, addr);
   loom_conn *peer;
-  CHECK_OK(loom_dial(&peer, "tcp", addr));
+  loom_server *srv = serve_dial(&o, &peer);
   WAIT_FOR(atomic_load(&E.opens) == 1, 5);
   WAIT_FOR(atomic_load(&E.crons) >= 5, 5);
   loom_sleep(100 * CHECK_MS);
@@ -639,10 +643,8 @@ static void cron_idle_main(void *arg) {
   loom_server_opts o = server_opts(&line);
   o.session.read_timeout = 150 * CHECK_MS;
   o.session.cron_period = 20 * CHECK_MS;
-  char addr[128];
-  loom_server *srv = serve(&o, addr);
   loom_conn *peer;
-  CHECK_OK(loom_dial(&peer, "tcp", addr));
+  loom_server *srv = serve_dial(&o, &peer);
   WAIT_FOR(atomic_load(&E.closes) == 1, 5);
   CHECK_ERR(atomic_load(&E.err), -ETIMEDOUT);
   CHECK_GE(atomic_load(&E.crons), 2);
@@ -659,10 +661,8 @@ static void busy_main(void *arg) {
   codecs_init();
   loom_server_opts o = server_opts(&line);
   o.session.read_timeout = 250 * CHECK_MS;
-  char addr[128];
-  loom_server *srv = serve(&o, addr);
   loom_conn *peer;
-  CHECK_OK(loom_dial(&peer, "tcp", addr));
+  loom_server *srv = serve_dial(&o, &peer);
   int sent = 0;
   int64_t end = loom_now() + 750 * CHECK_MS;
   while (loom_now() < end) {
@@ -751,43 +751,44 @@ TEST(write_timeout_spares_reading_peer) {
   run(wto_steady_main, 2, "steady reader");
 }
 
-/* A graceful close with bytes queued for a peer that never reads: the
- * queue is written "for at most linger", then the session ends. */
-static void linger_main(void *arg) {
-  (void)arg;
+/* A graceful close with bytes queued for a peer that never reads and a
+ * writer parked in its write (the state of a session whose peer has
+ * stalled for a while): the session ends with `linger` > 0 after writing
+ * "for at most linger", with `linger` < 0 at once, dropping the queue. */
+static void linger_case(int64_t linger, const char *what) {
   slow t;
-  slow_start(&t, false, 0, 4 << 20, 200 * CHECK_MS);
+  slow_start(&t, false, 0, 4 << 20, linger);
   for (int i = 0; i < 8; i++)
     CHECK_OK(loom_session_write(t.s, big, PKG, 0));
-  /* Let the writer meet the full socket and park in its write (the
-   * state of a session whose peer has stalled for a while). */
-  loom_sleep(100 * CHECK_MS);
+  loom_sleep(100 * CHECK_MS); /* the writer meets the full socket */
   int64_t t0 = loom_now();
   loom_session_close(t.s);
   WAIT_FOR(atomic_load(&E.closes) == 1, 5);
-  printf("on_close %lld ms after close (linger 200 ms), on_error %s\n",
-         (long long)((loom_now() - t0) / CHECK_MS),
+  int64_t took = loom_now() - t0;
+  printf("on_close %lld ms after close (%s), on_error %s\n",
+         (long long)(took / CHECK_MS), what,
          loom_err_name(atomic_load(&E.err)));
+  if (linger > 0) {
+    CHECKF(took >= linger - 10 * CHECK_MS,
+           "on_close %lld ms after close: linger %lld ms not spent writing",
+           (long long)(took / CHECK_MS), (long long)(linger / CHECK_MS));
+  } else {
+    CHECKF(took < 2000 * CHECK_MS, "a dropping close took %lld ms",
+           (long long)(took / CHECK_MS));
+    CHECK_EQ(atomic_load(&E.errs), 0);
+  }
   slow_end(&t);
+}
+
+static void linger_main(void *arg) {
+  (void)arg;
+  linger_case(200 * CHECK_MS, "linger 200 ms");
 }
 TEST(linger_bounds_graceful_close) { run(linger_main, 2, "linger"); }
 
-/* linger < 0: a graceful close drops what is queued ("negative: drop
- * it") and ends at once, whatever the peer does. */
 static void linger_drop_main(void *arg) {
   (void)arg;
-  slow t;
-  slow_start(&t, false, 0, 4 << 20, -1);
-  for (int i = 0; i < 8; i++)
-    CHECK_OK(loom_session_write(t.s, big, PKG, 0));
-  loom_sleep(100 * CHECK_MS); /* the writer is parked in its write */
-  int64_t t0 = loom_now();
-  loom_session_close(t.s);
-  WAIT_FOR(atomic_load(&E.closes) == 1, 5);
-  printf("on_close %lld ms after close (linger < 0), on_error %s\n",
-         (long long)((loom_now() - t0) / CHECK_MS),
-         loom_err_name(atomic_load(&E.err)));
-  slow_end(&t);
+  linger_case(-1, "linger < 0");
 }
 TEST(linger_negative_drops_queue) { run(linger_drop_main, 2, "linger < 0"); }
 
@@ -824,10 +825,8 @@ static void flush_main(void *arg) {
   loom_server_opts o = server_opts(&lenpfx);
   o.session.wq_high = 4 << 20;
   E.keep = true;
-  char addr[128];
-  loom_server *srv = serve(&o, addr);
   loom_conn *peer;
-  CHECK_OK(loom_dial(&peer, "tcp", addr));
+  loom_server *srv = serve_dial(&o, &peer);
   loom_session *s = kept_session();
   for (int i = 0; i < 16; i++) {
     big[0] = (uint8_t)i;
@@ -885,10 +884,8 @@ static void oversize_main(void *arg) {
   loom_server_opts o = server_opts(&lenpfx);
   o.session.max_pkg_len = 1024;
   E.msg = keep_last;
-  char addr[128];
-  loom_server *srv = serve(&o, addr);
   loom_conn *peer;
-  CHECK_OK(loom_dial(&peer, "tcp", addr));
+  loom_server *srv = serve_dial(&o, &peer);
   uint8_t buf[1028], payload[1024];
   memset(payload, 'p', sizeof payload);
   CHECK_EQ(loom_write(peer, buf, frame(buf, payload, 1024)), 1028);
@@ -918,10 +915,8 @@ static void negative_main(void *arg) {
   CHECK_OK(loom_codec_lenpfx(&c, &lo));
   loom_server_opts o = server_opts(&c);
   E.msg = keep_last;
-  char addr[128];
-  loom_server *srv = serve(&o, addr);
   loom_conn *peer;
-  CHECK_OK(loom_dial(&peer, "tcp", addr));
+  loom_server *srv = serve_dial(&o, &peer);
   const uint8_t good[] = {0, 7, 'a', 'b', 'c'}; /* 7 - 4 = 3 bytes */
   CHECK_EQ(loom_write(peer, good, sizeof good), (ssize_t)sizeof good);
   WAIT_FOR(atomic_load(&E.msgs) == 1, 5);
@@ -951,10 +946,8 @@ static void line_main(void *arg) {
   o.session.max_pkg_len = 5000;
   o.session.read_buf = 1024;
   E.msg = keep_last;
-  char addr[128];
-  loom_server *srv = serve(&o, addr);
   loom_conn *peer;
-  CHECK_OK(loom_dial(&peer, "tcp", addr));
+  loom_server *srv = serve_dial(&o, &peer);
   static uint8_t buf[5002];
   memset(buf, 'a', 5000);
   buf[5000] = '\r';
@@ -980,10 +973,8 @@ static void truncated_main(void *arg) {
   codecs_init();
   loom_server_opts o = server_opts(&lenpfx);
   E.msg = keep_last;
-  char addr[128];
-  loom_server *srv = serve(&o, addr);
   loom_conn *peer;
-  CHECK_OK(loom_dial(&peer, "tcp", addr));
+  loom_server *srv = serve_dial(&o, &peer);
   uint8_t buf[64];
   size_t n = frame(buf, "ok", 2);
   const uint8_t part[] = {0, 0, 0, 10, 'a', 'b', 'c'};
@@ -1008,10 +999,8 @@ static void half_close_main(void *arg) {
   codecs_init();
   loom_server_opts o = server_opts(&line);
   E.echo = true;
-  char addr[128];
-  loom_server *srv = serve(&o, addr);
   loom_conn *peer;
-  CHECK_OK(loom_dial(&peer, "tcp", addr));
+  loom_server *srv = serve_dial(&o, &peer);
   const char req[] = "a\nbb\nccc\n";
   CHECK_EQ(loom_write(peer, req, 9), 9);
   CHECK_OK(loom_shutdown(peer, SHUT_WR));
@@ -1049,10 +1038,8 @@ static void pipeline_main(void *arg) {
   loom_server_opts o = server_opts(&line);
   o.session.wq_high = 4096;
   E.msg = reply100;
-  char addr[128];
-  loom_server *srv = serve(&o, addr);
   loom_conn *peer;
-  CHECK_OK(loom_dial(&peer, "tcp", addr));
+  loom_server *srv = serve_dial(&o, &peer);
   char req[400];
   for (int i = 0; i < 200; i++)
     memcpy(req + 2 * i, "q\n", 2);
@@ -1078,10 +1065,8 @@ static void bad_write_main(void *arg) {
   loom_server_opts o = server_opts(&line);
   o.session.max_pkg_len = 100;
   E.keep = true;
-  char addr[128];
-  loom_server *srv = serve(&o, addr);
   loom_conn *peer;
-  CHECK_OK(loom_dial(&peer, "tcp", addr));
+  loom_server *srv = serve_dial(&o, &peer);
   loom_session *s = kept_session();
   char b[101];
   memset(b, 'z', sizeof b);
@@ -1110,10 +1095,8 @@ static void write_len_main(void *arg) {
   o.session.max_pkg_len = 100;
   o.session.max_write_len = 1000;
   E.keep = true;
-  char addr[128];
-  loom_server *srv = serve(&o, addr);
   loom_conn *peer;
-  CHECK_OK(loom_dial(&peer, "tcp", addr));
+  loom_server *srv = serve_dial(&o, &peer);
   loom_session *s = kept_session();
   static char b[1001], back[1001];
   memset(b, 'w', sizeof b);
@@ -1319,10 +1302,8 @@ static void garbage_main(void *arg) {
   codecs_init();
   loom_server_opts o = server_opts(&lenpfx);
   o.session.compress = 6;
-  char addr[128];
-  loom_server *srv = serve(&o, addr);
   loom_conn *peer;
-  CHECK_OK(loom_dial(&peer, "tcp", addr));
+  loom_server *srv = serve_dial(&o, &peer);
   uint8_t junk[64];
   memset(junk, 0xff, sizeof junk);
   CHECK_EQ(loom_write(peer, junk, sizeof junk), (ssize_t)sizeof junk);
@@ -1485,10 +1466,8 @@ static void refuse_main(void *arg) {
   codecs_init();
   loom_server_opts o = server_opts(&line);
   E.open_rc = -EPERM;
-  char addr[128];
-  loom_server *srv = serve(&o, addr);
   loom_conn *peer;
-  CHECK_OK(loom_dial(&peer, "tcp", addr));
+  loom_server *srv = serve_dial(&o, &peer);
   ssize_t w = loom_write(peer, "hello\n", 6);
   CHECKF(w == 6 || w == -EPIPE || w == -ECONNRESET, "write %zd", w);
   WAIT_FOR(atomic_load(&E.closes) == 1, 5);
@@ -1707,10 +1686,8 @@ static void callbacks_main(void *arg) {
   loom_server_opts o = server_opts(&line);
   o.session.listener = &cb_listener;
   o.session.cron_period = 10 * CHECK_MS;
-  char addr[128];
-  loom_server *srv = serve(&o, addr);
   loom_conn *peer;
-  CHECK_OK(loom_dial(&peer, "tcp", addr));
+  loom_server *srv = serve_dial(&o, &peer);
   char hi[3];
   conn_read_full(peer, hi, 3);
   CHECK(memcmp(hi, "hi\n", 3) == 0);
@@ -1738,10 +1715,8 @@ static void close_then_abort_main(void *arg) {
   codecs_init();
   loom_server_opts o = server_opts(&line);
   E.keep = true;
-  char addr[128];
-  loom_server *srv = serve(&o, addr);
   loom_conn *peer;
-  CHECK_OK(loom_dial(&peer, "tcp", addr));
+  loom_server *srv = serve_dial(&o, &peer);
   loom_session *s = kept_session();
   loom_session_close(s);
   loom_session_abort(s, -EIO);
@@ -1765,10 +1740,8 @@ static void ref_main(void *arg) {
   codecs_init();
   loom_server_opts o = server_opts(&line);
   E.keep = true;
-  char addr[128];
-  loom_server *srv = serve(&o, addr);
   loom_conn *peer;
-  CHECK_OK(loom_dial(&peer, "tcp", addr));
+  loom_server *srv = serve_dial(&o, &peer);
   loom_session *s = kept_session();
   uint64_t id = atomic_load(&E.id);
   CHECK_OK(loom_session_set_attr(s, &attr_key, &attr_val));
@@ -1840,10 +1813,8 @@ static void abort_after_main(void *arg) {
   codecs_init();
   loom_server_opts o = server_opts(&line);
   E.keep = true;
-  char addr[128];
-  loom_server *srv = serve(&o, addr);
   loom_conn *peer;
-  CHECK_OK(loom_dial(&peer, "tcp", addr));
+  loom_server *srv = serve_dial(&o, &peer);
   loom_session *s = kept_session();
   CHECK_OK(loom_close(peer));
   WAIT_FOR(atomic_load(&E.closes) == 1, 5);
@@ -1906,10 +1877,8 @@ static void ref_server_main(void *arg) {
   loom_server_opts o = server_opts(&line);
   o.session.max_pkg_len = 100;
   E.keep = true;
-  char addr[128];
-  loom_server *srv = serve(&o, addr);
   loom_conn *peer;
-  CHECK_OK(loom_dial(&peer, "tcp", addr));
+  loom_server *srv = serve_dial(&o, &peer);
   loom_session *s = kept_session();
   CHECK_OK(loom_server_close(srv, loom_now() + 5 * SEC));
   CHECK_EQ(atomic_load(&E.closes), 1);
@@ -1954,10 +1923,8 @@ static void pool_main(void *arg) {
   E.echo = true;
   E.msg = pool_msg;
   E.close = pool_close;
-  char addr[128];
-  loom_server *srv = serve(&o, addr);
   loom_conn *peer;
-  CHECK_OK(loom_dial(&peer, "tcp", addr));
+  loom_server *srv = serve_dial(&o, &peer);
   const char req[] = "1\n2\n3\n4\n5\n";
   CHECK_EQ(loom_write(peer, req, 10), 10);
   CHECK_OK(loom_shutdown(peer, SHUT_WR));
@@ -2525,10 +2492,8 @@ static void mw_plain_main(void *arg) {
   loom_server_opts o = server_opts(&lenpfx);
   o.session.wq_high = MW_WQ;
   E.keep = true;
-  char addr[128];
-  loom_server *srv = serve(&o, addr);
   loom_conn *peer;
-  CHECK_OK(loom_dial(&peer, "tcp", addr));
+  loom_server *srv = serve_dial(&o, &peer);
   mw_start(kept_session());
   static uint8_t buf[1 << 16];
   size_t have = 0;
