@@ -275,8 +275,7 @@ static void app_main(void *arg) {
     rc = loom_client_session(cl, &s);
   if (rc < 0) {
     fprintf(stderr, "%s: cannot connect to %s://%s: %s\n", PROG,
-            app.url.network, app.url.addr,
-            loom_strerror(rc));
+            app.url.network, app.url.addr, loom_strerror(rc));
     goto out;
   }
   int failed = app.scripted ? script(s, deadline) : interactive(s);
@@ -308,36 +307,42 @@ static void usage(FILE *f) {
 int main(int argc, char **argv) {
   const char *url = "tcp://127.0.0.1:7002";
   long timeout = -1;
-  for (int i = 1; i < argc; i += 2) { /* options all take a value */
-    const char *a = argv[i];
-    const char *v = i + 1 < argc ? argv[i + 1] : NULL;
+  for (int i = 1; i < argc; i++) {
+    const char *a = argv[i], *v;
+    bool missing = false;
     if (!strcmp(a, "-h") || !strcmp(a, "--help")) {
       usage(stdout);
       return 0;
-    } else if (v == NULL) {
-      fprintf(stderr, "%s: unknown argument or missing value: %s\n", PROG, a);
-      usage(stderr);
-      return 2;
-    } else if (!strcmp(a, "--connect")) {
+    } else if ((v = cli_option(argc, argv, &i, "--connect", &missing))) {
       url = v;
-    } else if (!strcmp(a, "--timeout")) {
-      timeout = cli_number(PROG, a, v, 1, 1000000);
-    } else if (!strcmp(a, "--nick") && strlen(v) <= 32) {
+    } else if ((v = cli_option(argc, argv, &i, "--timeout", &missing))) {
+      timeout = cli_number(PROG, "--timeout", v, 1, 1000000);
+    } else if ((v = cli_option(argc, argv, &i, "--nick", &missing))) {
+      if (strlen(v) > 32) {
+        fprintf(stderr, "%s: --nick \"%s\": at most 32 bytes\n", PROG, v);
+        return 2;
+      }
       app.nick = v;
       app.scripted = true;
-    } else if (!strcmp(a, "--peer") && app.npeers < MAX_ARGS) {
+    } else if ((v = cli_option(argc, argv, &i, "--peer", &missing))) {
+      if (app.npeers == MAX_ARGS) {
+        fprintf(stderr, "%s: --peer: at most %d\n", PROG, MAX_ARGS);
+        return 2;
+      }
       app.peers[app.npeers++] = v;
       app.scripted = true;
-    } else if (!strcmp(a, "--say") && app.nsays < MAX_ARGS) {
+    } else if ((v = cli_option(argc, argv, &i, "--say", &missing))) {
+      if (app.nsays == MAX_ARGS) {
+        fprintf(stderr, "%s: --say: at most %d\n", PROG, MAX_ARGS);
+        return 2;
+      }
       app.says[app.nsays++] = v;
       app.scripted = true;
-    } else if (!strcmp(a, "--expect")) {
-      app.expect = cli_number(PROG, a, v, 0, 1000000);
+    } else if ((v = cli_option(argc, argv, &i, "--expect", &missing))) {
+      app.expect = cli_number(PROG, "--expect", v, 0, 1000000);
       app.scripted = true;
     } else {
-      fprintf(stderr, "%s: bad argument: %s %s\n", PROG, a, v);
-      usage(stderr);
-      return 2;
+      return cli_bad_arg(PROG, a, missing, usage);
     }
   }
   char err[300];

@@ -424,36 +424,33 @@ int main(int argc, char **argv) {
   app.max_queue = 256 << 10;
   app.idle = INT64_C(300) * 1000000000;
   char err[300];
-  for (int i = 1; i < argc; i += 2) { /* options all take a value */
-    const char *a = argv[i];
-    const char *v = i + 1 < argc ? argv[i + 1] : NULL;
+  for (int i = 1; i < argc; i++) {
+    const char *a = argv[i], *v;
+    bool missing = false;
     if (!strcmp(a, "-h") || !strcmp(a, "--help")) {
       usage(stdout);
       return 0;
-    } else if (v == NULL) {
-      fprintf(stderr, "%s: unknown argument or missing value: %s\n", PROG, a);
-      usage(stderr);
-      return 2;
-    } else if (!strcmp(a, "--listen")) {
-      cli_url(PROG, a, v, app.urls, &app.nurls, MAX_URLS);
+    } else if ((v = cli_option(argc, argv, &i, "--listen", &missing))) {
+      cli_url(PROG, "--listen", v, app.urls, &app.nurls, MAX_URLS);
       if (app.urls[app.nurls - 1].packet) {
         fprintf(stderr, "%s: --listen %s: a chat needs a stream\n", PROG, v);
         return 2;
       }
-    } else if (!strcmp(a, "--procs")) {
-      app.procs = (int)cli_number(PROG, a, v, 1, 1024);
-    } else if (!strcmp(a, "--duration")) {
-      app.duration = cli_number(PROG, a, v, 0, 1000000) * INT64_C(1000000000);
-    } else if (!strcmp(a, "--idle")) {
-      app.idle = cli_number(PROG, a, v, 0, 1000000) * INT64_C(1000000000);
-    } else if (!strcmp(a, "--max-line")) {
-      app.max_line = (size_t)cli_number(PROG, a, v, 16, 1L << 20);
-    } else if (!strcmp(a, "--max-queue")) {
-      app.max_queue = (size_t)cli_number(PROG, a, v, 1024, 1L << 30);
+    } else if ((v = cli_option(argc, argv, &i, "--procs", &missing))) {
+      app.procs = (int)cli_number(PROG, "--procs", v, 1, 1024);
+    } else if ((v = cli_option(argc, argv, &i, "--duration", &missing))) {
+      app.duration =
+          cli_number(PROG, "--duration", v, 0, 1000000) * INT64_C(1000000000);
+    } else if ((v = cli_option(argc, argv, &i, "--idle", &missing))) {
+      app.idle =
+          cli_number(PROG, "--idle", v, 0, 1000000) * INT64_C(1000000000);
+    } else if ((v = cli_option(argc, argv, &i, "--max-line", &missing))) {
+      app.max_line = (size_t)cli_number(PROG, "--max-line", v, 16, 1L << 20);
+    } else if ((v = cli_option(argc, argv, &i, "--max-queue", &missing))) {
+      app.max_queue =
+          (size_t)cli_number(PROG, "--max-queue", v, 1024, 1L << 30);
     } else {
-      fprintf(stderr, "%s: unknown argument: %s\n", PROG, a);
-      usage(stderr);
-      return 2;
+      return cli_bad_arg(PROG, a, missing, usage);
     }
   }
   if (app.nurls == 0 &&

@@ -32,6 +32,17 @@ const char *cli_option(int argc, char **argv, int *i, const char *name,
   return argv[++*i];
 }
 
+int cli_bad_arg(const char *prog, const char *arg, bool missing,
+                void (*usage)(FILE *f)) {
+  if (missing)
+    fprintf(stderr, "%s: %s needs a value\n", prog, arg);
+  else
+    fprintf(stderr, "%s: unknown argument: %s\n", prog, arg);
+  if (usage != NULL)
+    usage(stderr);
+  return 2;
+}
+
 long cli_number(const char *prog, const char *opt, const char *v, long lo,
                 long hi) {
   char *end;

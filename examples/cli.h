@@ -6,15 +6,21 @@
 #ifndef LOOM_EXAMPLES_CLI_H
 #define LOOM_EXAMPLES_CLI_H
 
-#include <stdint.h>
-
 #include <stdbool.h>
+#include <stdint.h>
+#include <stdio.h>
 
 /* "--name VALUE" or "--name=VALUE" at argv[*i]: the value, advancing *i
  * past it; NULL when argv[*i] is another option.  *missing is set when
  * the option is there but its value is not. */
 const char *cli_option(int argc, char **argv, int *i, const char *name,
                        bool *missing);
+
+/* The end of an option loop: argv's `arg` is unknown, or (missing) an
+ * option without its value.  A message, usage(stderr) if given; returns
+ * exit status 2. */
+int cli_bad_arg(const char *prog, const char *arg, bool missing,
+                void (*usage)(FILE *f));
 
 /* The integer value of option `opt` ("--procs"), lo..hi; otherwise a
  * message and exit status 2. */

@@ -136,8 +136,8 @@ static void usage(FILE *f) {
 int main(int argc, char **argv) {
   app.max_pkg = 1 << 20;
   for (int i = 1; i < argc; i++) {
-    const char *a = argv[i];
-    const char *v = i + 1 < argc ? argv[i + 1] : NULL;
+    const char *a = argv[i], *v;
+    bool missing = false;
     if (!strcmp(a, "-h") || !strcmp(a, "--help")) {
       usage(stdout);
       return 0;
@@ -145,32 +145,21 @@ int main(int argc, char **argv) {
       app.quiet = true;
     } else if (!strcmp(a, "--metrics")) {
       app.metrics = true;
-    } else if (v == NULL) {
-      fprintf(stderr, "%s: unknown argument or missing value: %s\n", PROG, a);
-      usage(stderr);
-      return 2;
-    } else if (!strcmp(a, "--listen")) {
-      cli_url(PROG, a, v, app.urls, &app.nurls, MAX_URLS);
-      i++;
-    } else if (!strcmp(a, "--procs")) {
-      app.procs = (int)cli_number(PROG, a, v, 1, 1024);
-      i++;
-    } else if (!strcmp(a, "--pool")) {
-      app.pool_queues = (int)cli_number(PROG, a, v, 0, 4096);
-      i++;
-    } else if (!strcmp(a, "--compress")) {
-      app.compress = (int)cli_number(PROG, a, v, -1, 9);
-      i++;
-    } else if (!strcmp(a, "--max-pkg")) {
-      app.max_pkg = (size_t)cli_number(PROG, a, v, 1, 1L << 30);
-      i++;
-    } else if (!strcmp(a, "--duration")) {
-      app.duration = cli_number(PROG, a, v, 0, 1000000) * INT64_C(1000000000);
-      i++;
+    } else if ((v = cli_option(argc, argv, &i, "--listen", &missing))) {
+      cli_url(PROG, "--listen", v, app.urls, &app.nurls, MAX_URLS);
+    } else if ((v = cli_option(argc, argv, &i, "--procs", &missing))) {
+      app.procs = (int)cli_number(PROG, "--procs", v, 1, 1024);
+    } else if ((v = cli_option(argc, argv, &i, "--pool", &missing))) {
+      app.pool_queues = (int)cli_number(PROG, "--pool", v, 0, 4096);
+    } else if ((v = cli_option(argc, argv, &i, "--compress", &missing))) {
+      app.compress = (int)cli_number(PROG, "--compress", v, -1, 9);
+    } else if ((v = cli_option(argc, argv, &i, "--max-pkg", &missing))) {
+      app.max_pkg = (size_t)cli_number(PROG, "--max-pkg", v, 1, 1L << 30);
+    } else if ((v = cli_option(argc, argv, &i, "--duration", &missing))) {
+      app.duration =
+          cli_number(PROG, "--duration", v, 0, 1000000) * INT64_C(1000000000);
     } else {
-      fprintf(stderr, "%s: unknown argument: %s\n", PROG, a);
-      usage(stderr);
-      return 2;
+      return cli_bad_arg(PROG, a, missing, usage);
     }
   }
   if (app.nurls == 0) {

@@ -142,36 +142,35 @@ static void app_main(void *arg) {
     app.status = 1;
 }
 
+static void usage(FILE *f) {
+  fprintf(f,
+          "usage: %s [--connect URL] [--conns N] [--count M] "
+          "[--size BYTES] [--compress LEVEL] [--timeout S]\n",
+          PROG);
+}
+
 int main(int argc, char **argv) {
   const char *url = "tcp://127.0.0.1:7001";
   for (int i = 1; i < argc; i++) {
-    const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
+    const char *a = argv[i], *v;
+    bool missing = false;
     if (!strcmp(a, "-h") || !strcmp(a, "--help")) {
-      printf("usage: %s [--connect URL] [--conns N] [--count M] "
-             "[--size BYTES] [--compress LEVEL] [--timeout S]\n",
-             PROG);
+      usage(stdout);
       return 0;
-    }
-    if (v == NULL) {
-      fprintf(stderr, "%s: unknown argument or missing value: %s\n", PROG, a);
-      return 2;
-    }
-    i++;
-    if (!strcmp(a, "--connect"))
+    } else if ((v = cli_option(argc, argv, &i, "--connect", &missing))) {
       url = v;
-    else if (!strcmp(a, "--conns"))
-      app.conns = (int)cli_number(PROG, a, v, 1, 10000);
-    else if (!strcmp(a, "--count"))
-      app.count = (int)cli_number(PROG, a, v, 1, 100000000);
-    else if (!strcmp(a, "--size"))
-      app.size = (size_t)cli_number(PROG, a, v, 8, 1 << 20);
-    else if (!strcmp(a, "--compress"))
-      app.compress = (int)cli_number(PROG, a, v, -1, 9);
-    else if (!strcmp(a, "--timeout"))
-      app.timeout = cli_number(PROG, a, v, 1, 3600);
-    else {
-      fprintf(stderr, "%s: unknown argument: %s\n", PROG, a);
-      return 2;
+    } else if ((v = cli_option(argc, argv, &i, "--conns", &missing))) {
+      app.conns = (int)cli_number(PROG, "--conns", v, 1, 10000);
+    } else if ((v = cli_option(argc, argv, &i, "--count", &missing))) {
+      app.count = (int)cli_number(PROG, "--count", v, 1, 100000000);
+    } else if ((v = cli_option(argc, argv, &i, "--size", &missing))) {
+      app.size = (size_t)cli_number(PROG, "--size", v, 8, 1 << 20);
+    } else if ((v = cli_option(argc, argv, &i, "--compress", &missing))) {
+      app.compress = (int)cli_number(PROG, "--compress", v, -1, 9);
+    } else if ((v = cli_option(argc, argv, &i, "--timeout", &missing))) {
+      app.timeout = cli_number(PROG, "--timeout", v, 1, 3600);
+    } else {
+      return cli_bad_arg(PROG, a, missing, usage);
     }
   }
   char err[300];
