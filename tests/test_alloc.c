@@ -7,37 +7,12 @@
  */
 #include <stdatomic.h>
 
-#include "check.h"
+#include "check_alloc.h"
 
-static atomic_long nalloc;   /* realloc-hook calls so far */
-static atomic_long nlive;    /* blocks handed out and not yet freed */
-static atomic_long injected; /* failures we caused */
-static long fail_at = -1;    /* the hook call that fails; -1: none */
+static atomic_long nalloc; /* realloc-hook calls so far */
+static long fail_at = -1;  /* the hook call that fails; -1: none */
 
-static atomic_int fail_all; /* every allocation fails while set */
-
-static void *hook_realloc(void *ud, void *p, size_t n) {
-  long k = atomic_fetch_add(&nalloc, 1);
-  void *q;
-  (void)ud;
-  if (k == fail_at || atomic_load(&fail_all)) {
-    atomic_fetch_add(&injected, 1);
-    return NULL;
-  }
-  q = realloc(p, n);
-  if (q != NULL && p == NULL)
-    atomic_fetch_add(&nlive, 1);
-  return q;
-}
-
-static void hook_free(void *ud, void *p) {
-  (void)ud;
-  CHECK(p != NULL);
-  atomic_fetch_sub(&nlive, 1);
-  free(p);
-}
-
-static const loom_allocator hook = {hook_realloc, hook_free, NULL};
+static bool should_fail(void) { return atomic_fetch_add(&nalloc, 1) == fail_at; }
 
 /* ---- the scenario ---- */
 
@@ -160,7 +135,7 @@ HELPER(alloc_child) {
   fail_at = -1;
   CHECK_OK(run_scenario(-1)); /* and it all works again */
   printf("allocations %ld injected %ld enomem %ld\n", atomic_load(&nalloc),
-         atomic_load(&injected), atomic_load(&enomem_seen));
+         atomic_load(&injected_count), atomic_load(&enomem_seen));
   fflush(stdout);
   loom_set_allocator(NULL);
   exit(0);
@@ -246,7 +221,7 @@ TEST(foreign_spawn_without_memory) {
   CHECK_OK(loom_local_key_create(&key, NULL));
   check_run(no_memory_main, NULL, 1);
   printf("loom_go from a foreign thread without memory: %d; %ld allocations refused\n",
-         atomic_load(&foreign_result), atomic_load(&injected));
+         atomic_load(&foreign_result), atomic_load(&injected_count));
   CHECK_EQ(atomic_load(&nlive), 0);
   loom_set_allocator(NULL);
 }
@@ -284,7 +259,7 @@ static void block_exit_main(void *arg) {
 TEST(block_exit_without_memory) {
   loom_set_allocator(&hook);
   check_run(block_exit_main, NULL, 1);
-  printf("%ld allocations refused around loom_block_exit\n", atomic_load(&injected));
+  printf("%ld allocations refused around loom_block_exit\n", atomic_load(&injected_count));
   CHECK_EQ(atomic_load(&nlive), 0);
   loom_set_allocator(NULL);
 }

@@ -46,90 +46,38 @@
  * a watchdog thread in it aborts naming the i that makes no progress,
  * so a crash or a hang names its allocation; the case lists up to five
  * failing allocations with what went wrong.  To see who made allocation
- * i, see injected() below.
+ * i, see injected() in check_alloc.h (the child to run in gdb:
+ * test_engine_alloc alloc_child server:2:0:53:1:1).
  */
 #include <arpa/inet.h>
-#include <execinfo.h>
 #include <netinet/in.h>
 #include <stdatomic.h>
 #include <stdbool.h>
 #include <sys/socket.h>
 
-#include "check.h"
+#include "check_alloc.h"
 
 #define SEC INT64_C(1000000000)
 
 /* ------------------------------------------------------------------ */
 /* The hook.                                                            */
 
-static atomic_long nalloc;         /* armed hook calls so far */
-static atomic_long nlive;          /* blocks handed out and not yet freed */
-static atomic_long injected_count; /* failures we caused (all runs) */
-static atomic_int armed;           /* count and fail only while set */
-static long fail_at = -1;   /* the armed call (1-based) that fails; -1: none */
-static bool fail_from;      /* ... and every armed call after it */
-static atomic_int fail_all; /* every allocation fails while set */
+static atomic_long nalloc; /* armed hook calls so far */
+static atomic_int armed;   /* count and fail only while set */
+static long fail_at = -1;  /* the armed call (1-based) that fails; -1: none */
+static bool fail_from;     /* ... and every armed call after it */
 
-/* Every injected failure passes here: `break injected` in gdb shows who
- * asked (run the child: test_engine_alloc alloc_child server:2:0:53:1:1),
- * and with LOOM_TEST_ALLOC_BT=1 in the environment each one prints its
- * stack (addresses for addr2line -e test_engine_alloc) — for the failures
- * that timing hides from gdb. */
-__attribute__((noinline)) static void *injected(void) {
-  atomic_fetch_add(&injected_count, 1);
-  const char *bt = getenv("LOOM_TEST_ALLOC_BT");
-  if (bt != NULL && bt[0] == '1') {
-    void *frames[24];
-    int n = backtrace(frames, 24);
-    fprintf(stderr, "injected failure, stack:\n");
-    backtrace_symbols_fd(frames, n, 2);
-  }
-  return NULL;
+static bool should_fail(void) {
+  if (!atomic_load(&armed))
+    return false;
+  long k = atomic_fetch_add(&nalloc, 1) + 1;
+  return fail_at > 0 && (k == fail_at || (fail_from && k > fail_at));
 }
-
-static void *hook_realloc(void *ud, void *p, size_t n) {
-  (void)ud;
-  if (atomic_load(&fail_all))
-    return injected();
-  if (atomic_load(&armed)) {
-    long k = atomic_fetch_add(&nalloc, 1) + 1;
-    if (fail_at > 0 && (k == fail_at || (fail_from && k > fail_at)))
-      return injected();
-  }
-  void *q = realloc(p, n);
-  if (q != NULL && p == NULL)
-    atomic_fetch_add(&nlive, 1);
-  return q;
-}
-
-static void hook_free(void *ud, void *p) {
-  (void)ud;
-  CHECK(p != NULL);
-  atomic_fetch_sub(&nlive, 1);
-  free(p);
-}
-
-static const loom_allocator hook = {hook_realloc, hook_free, NULL};
 
 /* A failed check names the allocation that was failing. */
-__attribute__((noreturn, format(printf, 4, 5))) static void
-fail_here(const char *file, int line, const char *cond, const char *fmt, ...) {
-  va_list ap;
-  fflush(stdout);
-  fprintf(stderr, "%s:%d: CHECK failed: %s: allocation %ld%s: ", file, line,
-          cond, fail_at, fail_from ? " and on" : "");
-  va_start(ap, fmt);
-  vfprintf(stderr, fmt, ap);
-  va_end(ap);
-  fputc('\n', stderr);
-  fflush(stderr);
-  abort();
-}
-#define CHECK_AT(cond, ...)                                                    \
-  do {                                                                         \
-    if (!(cond))                                                               \
-      fail_here(__FILE__, __LINE__, #cond, __VA_ARGS__);                       \
-  } while (0)
+#define CHECK_AT(cond, fmt, ...)                                               \
+  CHECKF(cond, "allocation %ld%s: " fmt, fail_at,                              \
+         fail_from ? " and on" : "", ##__VA_ARGS__)
 
 /* ------------------------------------------------------------------ */
 /* What the scenarios record.                                           */
