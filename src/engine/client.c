@@ -124,11 +124,9 @@ int loom_client_start(loom_client **out, const loom_client_opts *o) {
     goto fail_einval;
   cl->owner.pool = cl->so.pool;
   snprintf(cl->network, sizeof cl->network, "%s", o->network);
-  size_t n = strlen(o->addr) + 1;
-  cl->addr = loom__malloc(n);
+  cl->addr = loom__strdup(o->addr);
   if (!cl->addr)
     goto fail_nomem;
-  memcpy(cl->addr, o->addr, n);
   cl->conns = o->conns ? o->conns : 1;
   cl->oneshot = o->reconnect_interval < 0;
   cl->interval = o->reconnect_interval > 0 ? o->reconnect_interval : 100000000;

@@ -258,14 +258,6 @@ int loom_session_local_addr(loom_session *s, char *buf, size_t len) {
   return sock_addr(s, false, buf, len);
 }
 
-static char *dup_str(const char *src) {
-  size_t n = strlen(src) + 1;
-  char *d = loom__malloc(n);
-  if (d)
-    memcpy(d, src, n);
-  return d;
-}
-
 const char *loom_session_name(loom_session *s) {
   char *n = atomic_load(&s->name);
   if (n)
@@ -275,7 +267,7 @@ const char *loom_session_name(loom_session *s) {
   if (!s->packet || s->connected)
     loom_session_remote_addr(s, remote, sizeof remote);
   snprintf(buf, sizeof buf, "%s %s<-%s", s->network, local, remote);
-  char *d = dup_str(buf);
+  char *d = loom__strdup(buf);
   if (!d)
     return "session";
   char *expected = NULL;
@@ -287,7 +279,7 @@ const char *loom_session_name(loom_session *s) {
 }
 
 int loom_session_set_name(loom_session *s, const char *name) {
-  char *d = dup_str(name);
+  char *d = loom__strdup(name);
   if (!d)
     return -ENOMEM;
   loom__free(atomic_exchange(&s->name, d));

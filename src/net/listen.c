@@ -92,12 +92,8 @@ int loom_listen_with(loom_listener **l, const char *network,
     return err;
   }
   ln->nf.free_fn = listener_free;
-  if (family == AF_UNIX && addr[0] != '@') {
-    size_t n = strlen(addr) + 1;
-    ln->nf.unlink_path = loom__malloc(n);
-    if (ln->nf.unlink_path != NULL)
-      memcpy(ln->nf.unlink_path, addr, n);
-  }
+  if (family == AF_UNIX && addr[0] != '@')
+    ln->nf.unlink_path = loom__strdup(addr);
   *l = ln;
   return 0;
 }

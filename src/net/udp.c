@@ -41,12 +41,8 @@ static int pconn_new(int fd, int family, bool connected, const char *path,
   }
   pc->nf.free_fn = pconn_free;
   pc->connected = connected;
-  if (path != NULL && path[0] != '@') {
-    size_t n = strlen(path) + 1;
-    pc->nf.unlink_path = loom__malloc(n);
-    if (pc->nf.unlink_path != NULL)
-      memcpy(pc->nf.unlink_path, path, n);
-  }
+  if (path != NULL && path[0] != '@')
+    pc->nf.unlink_path = loom__strdup(path);
   *out = pc;
   return 0;
 }

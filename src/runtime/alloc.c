@@ -48,3 +48,11 @@ void loom__free(void *p) {
   if (p != NULL)
     current.free(current.ud, p);
 }
+
+char *loom__strdup(const char *s) {
+  size_t n = strlen(s) + 1;
+  char *d = loom__malloc(n);
+  if (d != NULL)
+    memcpy(d, s, n);
+  return d;
+}
