@@ -281,6 +281,14 @@ int loom_chan_close(loom_chan *c) {
       break;
     s->success = false;
     s->w->fired = s->idx;
+    /* Each waiter sits on its own stack, so each is a TLB miss: start
+     * those of the next waiter's G and of the waiter after it (the next
+     * one's was started a round ago) while this one is woken. */
+    sudog *nx = c->recvq.head_ != NULL ? c->recvq.head_ : c->sendq.head_;
+    if (nx != NULL) {
+      __builtin_prefetch(nx->next);
+      __builtin_prefetch(nx->w->g);
+    }
     unlock(c);
     wake(s->w);
     lock(c);
