@@ -9,6 +9,7 @@
 #include <stdatomic.h>
 
 #include "check.h"
+#include "runtime/export_test.h"
 
 /* ---- a log hook that keeps every message ---- */
 
@@ -116,6 +117,81 @@ TEST(mostly_idle_uses_little_cpu) {
   check_run(idle_parked_main, NULL, 0);
   printf("runtime waking every 10 ms: %.2f ms of CPU over 500 ms\n", idle_cpu_ns / 1e6);
   CHECKF(idle_cpu_ns < 100 * CHECK_MS, "%.1f ms of CPU in 500 ms", idle_cpu_ns / 1e6);
+}
+
+/* A runtime that goes idle and busy again thousands of times a second
+ * (a coroutine sleeping 100 µs in a loop; a server answering one request
+ * at a time) must not wake sysmon into 20 µs rounds at every turn: those
+ * rounds cost a ping-pong server a quarter of its CPU.  sysmon's own
+ * duties are on a 10 ms scale: about a hundred rounds in 500 ms. */
+static void flip_main(void *arg) {
+  int64_t c0, end;
+  uint64_t r0, rounds;
+  long turns = 0;
+  (void)arg;
+  loom_sleep(100 * CHECK_MS);
+  c0 = check_cpu_ns();
+  r0 = loom__test_sysmon_rounds();
+  end = loom_now() + 500 * CHECK_MS;
+  while (loom_now() < end) {
+    loom_sleep(CHECK_MS / 10);
+    turns++;
+  }
+  rounds = loom__test_sysmon_rounds() - r0;
+  idle_cpu_ns = check_cpu_ns() - c0;
+  printf("%ld idle-busy turns in 500 ms: %" PRIu64 " sysmon rounds, %.1f ms of CPU\n", turns,
+         rounds, idle_cpu_ns / 1e6);
+  CHECKF(turns > 100, "only %ld 100 us sleeps in 500 ms", turns);
+  CHECKF(rounds < 400, "%" PRIu64 " sysmon rounds in 500 ms of %ld idle-busy turns", rounds,
+         turns);
+}
+TEST(idle_busy_turns_leave_sysmon_asleep) {
+  unsetenv("LOOM_SCHEDTRACE");
+  check_run(flip_main, NULL, 1);
+}
+
+/* sysmon, woken from its idle sleep by the P leaving the idle list,
+ * sleeps 10 ms between rounds; a coroutine that then enters a blocking
+ * call must still have its P retaken after a round (20 µs), not after
+ * two 10 ms rounds. */
+static atomic_llong other_ran_at;
+static void note_time(void *arg) {
+  (void)arg;
+  atomic_store(&other_ran_at, loom_now());
+}
+static int cmp_i64(const void *a, const void *b) {
+  int64_t x = *(const int64_t *)a, y = *(const int64_t *)b;
+  return x < y ? -1 : x > y;
+}
+static void retake_main(void *arg) {
+  int64_t waited[5];
+  (void)arg;
+  for (int i = 0; i < 5; i++) {
+    loom_sleep(30 * CHECK_MS); /* every P idle: sysmon sleeps until woken */
+    int64_t busy_until = loom_now() + 2 * CHECK_MS;
+    while (loom_now() < busy_until)
+      loom_yield(); /* busy: sysmon, woken, goes back to 10 ms rounds */
+    atomic_store(&other_ran_at, 0);
+    CHECK_OK(loom_go(note_time, NULL)); /* queued behind us on the only P */
+    int64_t t0 = loom_now();
+    loom_block_enter();
+    usleep(30 * 1000);
+    loom_block_exit();
+    int64_t at = atomic_load(&other_ran_at);
+    CHECKF(at != 0, "the queued coroutine did not run during a 30 ms blocking call");
+    waited[i] = at - t0;
+    printf("trial %d: the queued coroutine ran %.3f ms after the blocking call began\n", i,
+           waited[i] / 1e6);
+  }
+  qsort(waited, 5, sizeof waited[0], cmp_i64);
+  CHECKF(waited[2] < 5 * CHECK_MS,
+         "the queued coroutine waited %.1f ms (median of 5): sysmon slept through the "
+         "blocking call",
+         waited[2] / 1e6);
+}
+TEST(blocking_call_right_after_idle_is_retaken) {
+  unsetenv("LOOM_SCHEDTRACE");
+  check_run(retake_main, NULL, 1);
 }
 
 /* ------------------------------------------------------------------ */

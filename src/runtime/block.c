@@ -38,12 +38,12 @@ void loom_block_enter(void) {
   m->in_block = true;
   uint32_t t = atomic_load_explicit(&p->blocktick, memory_order_relaxed);
   atomic_store_explicit(&p->blocktick, t + 1, memory_order_relaxed);
-  /* seq_cst: sysmon stores sysmonwait and then reads the Ps' status; we
-   * store the status and then read sysmonwait.  With weaker orders both
+  /* seq_cst: sysmon stores sysmonslow and then reads the Ps' status; we
+   * store the status and then read sysmonslow.  With weaker orders both
    * loads may see the old values (store-load reordering) and sysmon would
    * sleep through a long blocking call. */
   atomic_store_explicit(&p->status, P_BLOCKED, memory_order_seq_cst);
-  if (atomic_load_explicit(&m->rt->sysmonwait, memory_order_seq_cst))
+  if (atomic_load_explicit(&m->rt->sysmonslow, memory_order_seq_cst))
     loom__sysmon_wake(m->rt);
 }
 

@@ -15,5 +15,8 @@ uint64_t loom__test_thread_id(void);
 /* 1 if stack guards are kernel guard pages (MADV_GUARD_INSTALL), 0 if
  * the canary fallback is in use.  Valid while a runtime runs. */
 int loom__test_stack_guard_pages(void);
+/* Rounds sysmon has made since the runtime started.  Valid while a
+ * runtime runs. */
+uint64_t loom__test_sysmon_rounds(void);
 
 #endif

@@ -1703,3 +1703,8 @@ int loom__test_stack_guard_pages(void) {
   loom__rt *rt = loom__rt_get();
   return rt != NULL && rt->stacks.guard_pages;
 }
+
+uint64_t loom__test_sysmon_rounds(void) {
+  loom__rt *rt = loom__rt_get();
+  return rt != NULL ? atomic_load(&rt->sysmon_rounds) : 0;
+}

@@ -231,7 +231,11 @@ struct loom__rt {
   pthread_t sysmon;
   bool sysmon_started;
   loom__note sysmon_note;
-  _Atomic bool sysmonwait;       /* sysmon sleeps until woken */
+  _Atomic bool sysmonwait;       /* sysmon sleeps until woken (every P
+                                    idle): a P leaving the list wakes it */
+  _Atomic bool sysmonslow;       /* sysmon sleeps longer than a retake
+                                    round: a blocking call wakes it */
+  _Atomic uint64_t sysmon_rounds; /* for the tests */
 
   _Atomic int foreign_users;     /* foreign threads inside loom_go */
   int64_t start_time;

@@ -16,7 +16,12 @@
  *     reserve.
  * When every P is idle it sleeps until woken (by a P leaving the idle
  * list or a coroutine entering a blocking call), so an idle runtime costs
- * no CPU at all.
+ * no CPU at all.  Only a blocking call brings back the 20 µs rounds: a P
+ * leaving the idle list needs nothing sooner than the 10 ms duties, and
+ * a server that goes idle and busy thousands of times a second would
+ * otherwise pay a wake-up of this thread, and 20 µs rounds, each time.
+ * For the same reason any sleep longer than a round is announced, and a
+ * coroutine entering a blocking call cuts it short.
  */
 #include <stdio.h>
 #include <string.h>
@@ -27,6 +32,7 @@
 #include "runtime/runtime.h"
 
 #define RETAKE_NS 20000
+#define MAX_DELAY_NS 10000000
 #define TRIM_KEEP 256
 #define TRIM_BATCH 16384
 #define TRIM_PERIOD_NS 100000000
@@ -42,8 +48,8 @@ static int64_t thread_cpu(loom__p *p) {
   return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
 }
 
-/* Returns how many Ps it retook. */
-static int retake(loom__rt *rt, int64_t now) {
+/* Returns how many Ps it retook.  `delay`: how long we slept. */
+static int retake(loom__rt *rt, int64_t now, int64_t delay) {
   int n = 0;
   for (int i = 0; i < rt->nprocs; i++) {
     loom__p *p = rt->allp[i];
@@ -70,25 +76,30 @@ static int retake(loom__rt *rt, int64_t now) {
       }
     } else if (s == P_RUNNING && rt->cfg.long_run_warn_ns > 0) {
       uint32_t t = atomic_load_explicit(&p->schedtick, memory_order_relaxed);
+      int64_t limit = rt->cfg.long_run_warn_ns;
       if (p->sm_schedtick != t) {
         p->sm_schedtick = t;
         p->sm_schedwhen = now;
         p->sm_warned = false;
-        p->sm_cpu0 = -1;
+        /* Rounds this long would see the half-way point late, if at
+         * all: note the thread's CPU time now (a syscall; at 20 µs
+         * rounds it waits for the half-way point). */
+        p->sm_cpu0 = delay >= limit / 4 ? thread_cpu(p) : -1;
         continue;
       }
       uint64_t id = atomic_load_explicit(&p->run_id, memory_order_relaxed);
-      int64_t limit = rt->cfg.long_run_warn_ns;
-      if (p->sm_warned || id == 0 || now - p->sm_schedwhen <= limit / 2)
+      if (p->sm_warned || id == 0)
         continue;
       /* Half-way, note the thread's CPU time: a thread the kernel left
        * off the CPU (a loaded machine) is not a coroutine that hogs it. */
-      int64_t cpu = thread_cpu(p);
       if (p->sm_cpu0 < 0) {
-        p->sm_cpu0 = cpu;
+        if (now - p->sm_schedwhen > limit / 2)
+          p->sm_cpu0 = thread_cpu(p);
         continue;
       }
-      if (now - p->sm_schedwhen > limit && cpu - p->sm_cpu0 >= limit / 4) {
+      if (now - p->sm_schedwhen <= limit)
+        continue;
+      if (thread_cpu(p) - p->sm_cpu0 >= limit / 4) {
         char buf[256];
         p->sm_warned = true;
         loom__log(rt,
@@ -181,6 +192,39 @@ static bool stranded(loom__rt *rt) {
   return false;
 }
 
+/* A P that entered a blocking call we have not seen yet. */
+static bool new_block(loom__rt *rt) {
+  for (int i = 0; i < rt->nprocs; i++) {
+    loom__p *p = rt->allp[i];
+    if (atomic_load(&p->status) == P_BLOCKED &&
+        atomic_load_explicit(&p->blocktick, memory_order_relaxed) !=
+            p->sm_blocktick)
+      return true;
+  }
+  return false;
+}
+
+/* Sleep `delay` ns; true if woken early or cut short.  A sleep longer
+ * than a retake round is announced in sysmonslow, so that a coroutine
+ * entering a blocking call wakes us (block.c); one that entered just
+ * before the announcement is seen here and cuts the sleep to a round. */
+static bool timed_sleep(loom__rt *rt, int64_t delay) {
+  bool slow = delay > RETAKE_NS, cut = false;
+  if (slow) {
+    atomic_store(&rt->sysmonslow, true);
+    if (new_block(rt)) {
+      delay = RETAKE_NS;
+      cut = true;
+    }
+  }
+  bool woken = loom__note_tsleep(&rt->sysmon_note, delay);
+  if (slow)
+    atomic_store(&rt->sysmonslow, false);
+  if (woken)
+    loom__note_clear(&rt->sysmon_note);
+  return woken || cut;
+}
+
 static void *sysmon_main(void *arg) {
   loom__rt *rt = arg;
   prctl(PR_SET_TIMERSLACK, 1000UL, 0, 0, 0);
@@ -198,25 +242,41 @@ static void *sysmon_main(void *arg) {
       delay = RETAKE_NS;
     else if (idle > 50)
       delay *= 2;
-    if (delay > 10000000)
-      delay = 10000000;
+    if (delay > MAX_DELAY_NS)
+      delay = MAX_DELAY_NS;
     if (next_trace != 0 && next_trace - loom_now() < delay)
       delay = next_trace - loom_now() > 0 ? next_trace - loom_now() : 0;
-    if (loom__note_tsleep(&rt->sysmon_note, delay))
-      loom__note_clear(&rt->sysmon_note);
+    if (timed_sleep(rt, delay) && new_block(rt)) {
+      idle = 0; /* rounds of 20 µs again, from the next one */
+      delay = RETAKE_NS;
+    }
     if (atomic_load(&rt->stopping))
       break;
+    atomic_fetch_add_explicit(&rt->sysmon_rounds, 1, memory_order_relaxed);
     now = loom_now();
     if (next_trace == 0 && atomic_load(&rt->npidle) == rt->nprocs &&
         !any_blocked(rt) && !stranded(rt)) {
       /* Everything idle: sleep until somebody needs us. */
       atomic_store(&rt->sysmonwait, true);
+      atomic_store(&rt->sysmonslow, true);
       if (atomic_load(&rt->npidle) == rt->nprocs && !any_blocked(rt) &&
           !atomic_load(&rt->stopping))
         loom__note_sleep(&rt->sysmon_note);
       loom__note_clear(&rt->sysmon_note);
       atomic_store(&rt->sysmonwait, false);
-      idle = 0;
+      atomic_store(&rt->sysmonslow, false);
+      /* Woken by a coroutine entering a blocking call, or by a P leaving
+       * the idle list.  Only the first needs 20 µs rounds (its P is
+       * retaken after one); what busy Ps need of us is on the 10 ms
+       * scale (the long-run warning, polling for them, trimming).  A
+       * server that goes idle and busy again thousands of times a
+       * second would otherwise wake us for 20 µs rounds each time. */
+      if (new_block(rt)) {
+        idle = 0;
+      } else {
+        idle = 51;
+        delay = MAX_DELAY_NS;
+      }
       continue;
     }
     /* Nobody has polled for 10 ms (every P busy): poll for them, so
@@ -231,7 +291,7 @@ static void *sysmon_main(void *arg) {
         idle = 0;
       }
     }
-    if (retake(rt, now) > 0)
+    if (retake(rt, now, delay) > 0)
       idle = 0;
     else
       idle++;
