@@ -11,10 +11,13 @@
  *   loom__netpoll_close(np)      destroy it; nobody may be polling.
  *   loom__netpoll_poll(np, delay, out)
  *                                wait up to `delay` ns (<0: until an event
- *                                or a break; 0: do not wait), then append
- *                                every G made runnable by I/O readiness to
- *                                `out` (a list linked by schedlink).
- *                                Returns how many it appended.
+ *                                or a break; 0: do not wait), then store
+ *                                every G made runnable by I/O readiness in
+ *                                `out` (room for LOOM__NETPOLL_MAX Gs).
+ *                                Returns how many it stored.  An array,
+ *                                not a list through the Gs: each G sits in
+ *                                its own stack page, and every touch of
+ *                                one is a TLB miss.
  *   loom__netpoll_break(np)      make a current or next poll return soon.
  *   loom__netpoll_add(np, fd, cookie)
  *                                start watching fd for read, write and
@@ -41,10 +44,15 @@ typedef struct loom__netpoll {
 
 struct loom__g;
 
+/* Events taken per poll, and so at most twice as many Gs (a reader and
+ * a writer per fd). */
+#define LOOM__NETPOLL_EVENTS 128
+#define LOOM__NETPOLL_MAX (2 * LOOM__NETPOLL_EVENTS)
+
 int loom__netpoll_init(loom__netpoll *np);
 void loom__netpoll_close(loom__netpoll *np);
 int loom__netpoll_poll(loom__netpoll *np, int64_t delay_ns,
-                       struct loom__g **out_head, struct loom__g **out_tail);
+                       struct loom__g **out);
 void loom__netpoll_break(loom__netpoll *np);
 int loom__netpoll_add(loom__netpoll *np, int fd, uintptr_t cookie);
 void loom__netpoll_del(loom__netpoll *np, int fd);

@@ -52,8 +52,8 @@ void loom__netpoll_break(loom__netpoll *np) {
 }
 
 int loom__netpoll_poll(loom__netpoll *np, int64_t delay_ns,
-                       struct loom__g **out_head, struct loom__g **out_tail) {
-  struct epoll_event evs[128];
+                       struct loom__g **out) {
+  struct epoll_event evs[LOOM__NETPOLL_EVENTS];
   struct timespec ts, *tsp = NULL;
   if (delay_ns >= 0) {
     ts.tv_sec = delay_ns / 1000000000;
@@ -63,10 +63,10 @@ int loom__netpoll_poll(loom__netpoll *np, int64_t delay_ns,
   int saved = errno;
   /* epoll_pwait2 takes a timespec: a sleep wakes on time, not rounded up
    * to the next millisecond. */
-  int n = epoll_pwait2(np->epfd, evs, 128, tsp, NULL);
+  int n = epoll_pwait2(np->epfd, evs, LOOM__NETPOLL_EVENTS, tsp, NULL);
   if (n < 0 && errno == ENOSYS) {
     int ms = delay_ns < 0 ? -1 : (int)((delay_ns + 999999) / 1000000);
-    n = epoll_wait(np->epfd, evs, 128, ms);
+    n = epoll_wait(np->epfd, evs, LOOM__NETPOLL_EVENTS, ms);
   }
   errno = saved;
   int got = 0;
@@ -88,8 +88,7 @@ int loom__netpoll_poll(loom__netpoll *np, int64_t delay_ns,
     if (e & (EPOLLOUT | EPOLLHUP | EPOLLERR))
       mode += 'w';
     if (mode != 0)
-      loom__pd_ready((uintptr_t)evs[i].data.u64, mode, out_head, out_tail,
-                     &got);
+      loom__pd_ready((uintptr_t)evs[i].data.u64, mode, out, &got);
   }
   return got;
 }

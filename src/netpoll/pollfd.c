@@ -335,29 +335,17 @@ void loom__pd_close(loom__pd *pd, bool unregister) {
 
 /* ---- poller side ---------------------------------------------------- */
 
-void loom__pd_ready(uintptr_t cookie, int mode, loom__g **head,
-                    loom__g **tail, int *n) {
+void loom__pd_ready(uintptr_t cookie, int mode, loom__g **gs, int *n) {
   loom__pd *pd =
       (loom__pd *)(cookie & (((uintptr_t)1 << TAG_SHIFT) - 1));
   uint32_t tag = (uint32_t)(cookie >> TAG_SHIFT);
   if ((atomic_load_explicit(&pd->fdseq, memory_order_acquire) & 0xffff) !=
       tag)
     return; /* an event for an fd this pd no longer serves */
-  loom__g *gs[2] = {NULL, NULL};
-  if (mode == 'r' || mode == 'r' + 'w')
-    gs[0] = unblock(pd, 'r', true);
-  if (mode == 'w' || mode == 'r' + 'w')
-    gs[1] = unblock(pd, 'w', true);
-  for (int i = 0; i < 2; i++) {
-    loom__g *g = gs[i];
-    if (g == NULL)
-      continue;
-    g->schedlink = NULL;
-    if (*tail != NULL)
-      (*tail)->schedlink = g;
-    else
-      *head = g;
-    *tail = g;
-    (*n)++;
-  }
+  loom__g *r = mode != 'w' ? unblock(pd, 'r', true) : NULL;
+  loom__g *w = mode != 'r' ? unblock(pd, 'w', true) : NULL;
+  if (r != NULL)
+    gs[(*n)++] = r;
+  if (w != NULL)
+    gs[(*n)++] = w;
 }

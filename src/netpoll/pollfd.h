@@ -92,9 +92,9 @@ void loom__pd_expire_read(void *pd);
 void loom__pd_expire_write(void *pd);
 
 /* Poller side: readiness for mode 'r', 'w' or both ('r'+'w') on the pd
- * behind `cookie`; runnable Gs are appended to the list. */
-void loom__pd_ready(uintptr_t cookie, int mode, struct loom__g **head,
-                    struct loom__g **tail, int *n);
+ * behind `cookie`; the Gs it makes runnable are stored at gs[*n...], and
+ * *n counts them (at most two per call).  The Gs are not touched. */
+void loom__pd_ready(uintptr_t cookie, int mode, struct loom__g **gs, int *n);
 /* The cookie the poller stores with fd's registration. */
 uintptr_t loom__pd_cookie(loom__pd *pd);
 

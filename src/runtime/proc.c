@@ -706,21 +706,31 @@ void loom__wake_netpoller(loom__rt *rt, int64_t when) {
   }
 }
 
-/* Put a list of runnable Gs (linked by schedlink) where they will run. */
-void loom__inject(loom__rt *rt, loom__g *list) {
-  if (list == NULL)
+/* Mark the Gs a poll made ready runnable.  Each sits in its own stack
+ * page, so each first touch is a TLB miss: start them all, then write. */
+static void poll_runnable(loom__g *const *gs, int n) {
+  for (int i = 0; i < n; i++)
+    __builtin_prefetch(gs[i], 1);
+  for (int i = 0; i < n; i++)
+    atomic_store_explicit(&gs[i]->status, G_RUNNABLE, memory_order_relaxed);
+}
+
+void loom__inject(loom__rt *rt, loom__g *const *gs, int n) {
+  if (n <= 0)
     return;
-  int n = 0;
+  poll_runnable(gs, n);
   pthread_mutex_lock(&rt->lock);
-  for (loom__g *g = list, *next; g != NULL; g = next) {
-    next = g->schedlink;
-    atomic_store_explicit(&g->status, G_RUNNABLE, memory_order_relaxed);
-    loom__globrunq_put(rt, g);
-    n++;
-  }
+  loom__globrunq_putbatch(rt, gs, (uint64_t)n);
   pthread_mutex_unlock(&rt->lock);
   for (int i = 0; i < n && atomic_load(&rt->npidle) > 0; i++)
     loom__startm(rt, NULL, false);
+}
+
+/* A poll's Gs: the first one to run now, the rest to the global queue. */
+static loom__g *take_polled(loom__rt *rt, loom__g *const *gs, int n) {
+  poll_runnable(gs, 1);
+  loom__inject(rt, gs + 1, n - 1);
+  return gs[0];
 }
 
 static void stopm(loom__m *m) {
@@ -868,13 +878,10 @@ top:
   /* Non-blocking poll, if there is anything to poll for. */
   if (atomic_load(&rt->netpoll_waiters) != 0 &&
       atomic_load(&rt->lastpoll) != 0) {
-    loom__g *head = NULL, *tail = NULL;
-    if (loom__netpoll_poll(&rt->np, 0, &head, &tail) > 0) {
-      g = head;
-      loom__inject(rt, g->schedlink);
-      atomic_store_explicit(&g->status, G_RUNNABLE, memory_order_relaxed);
-      return g;
-    }
+    loom__g *gs[LOOM__NETPOLL_MAX];
+    int n = loom__netpoll_poll(&rt->np, 0, gs);
+    if (n > 0)
+      return take_polled(rt, gs, n);
   }
   /* Steal, if spinning is allowed. */
   int busy = rt->nprocs - atomic_load(&rt->npidle);
@@ -936,8 +943,8 @@ top:
       if (delay < 0)
         delay = 0;
     }
-    loom__g *head = NULL, *tail = NULL;
-    int n = loom__netpoll_poll(&rt->np, delay, &head, &tail);
+    loom__g *gs[LOOM__NETPOLL_MAX];
+    int n = loom__netpoll_poll(&rt->np, delay, gs);
     atomic_store(&rt->polluntil, 0);
     atomic_store(&rt->lastpoll, loom_now());
     atomic_fetch_add_explicit(&rt->netpoll_wakeups, 1, memory_order_relaxed);
@@ -945,16 +952,11 @@ top:
     loom__p *p2 = loom__pidleget(rt);
     pthread_mutex_unlock(&rt->lock);
     if (p2 == NULL) {
-      if (n > 0)
-        loom__inject(rt, head);
+      loom__inject(rt, gs, n);
     } else {
       loom__acquirep(m, p2);
-      if (n > 0) {
-        g = head;
-        loom__inject(rt, g->schedlink);
-        atomic_store_explicit(&g->status, G_RUNNABLE, memory_order_relaxed);
-        return g;
-      }
+      if (n > 0)
+        return take_polled(rt, gs, n);
       /* Look again with the P: timers may be due (ours or a victim's). */
       goto top;
     }

@@ -271,7 +271,8 @@ void loom__handoffp(loom__rt *rt, loom__p *p);
 void loom__startm(loom__rt *rt, loom__p *p, bool spinning);
 void loom__wakep(loom__rt *rt);
 void loom__wake_netpoller(loom__rt *rt, int64_t when);
-void loom__inject(loom__rt *rt, loom__g *list);
+/* Make Gs readied by the poller runnable, on the global queue. */
+void loom__inject(loom__rt *rt, loom__g *const *gs, int n);
 loom__p *loom__pidleget(loom__rt *rt); /* rt->lock held */
 void loom__acquirep(loom__m *m, loom__p *p);
 void loom__switch_to_g0(loom__m *m, loom__g *g, loom__post_fn fn, void *arg);

@@ -285,9 +285,10 @@ static void *sysmon_main(void *arg) {
     if (atomic_load(&rt->netpoll_waiters) != 0 && lp != 0 &&
         lp < now - 10000000 &&
         atomic_compare_exchange_strong(&rt->lastpoll, &lp, now)) {
-      loom__g *head = NULL, *tail = NULL;
-      if (loom__netpoll_poll(&rt->np, 0, &head, &tail) > 0) {
-        loom__inject(rt, head);
+      loom__g *gs[LOOM__NETPOLL_MAX];
+      int n = loom__netpoll_poll(&rt->np, 0, gs);
+      if (n > 0) {
+        loom__inject(rt, gs, n);
         idle = 0;
       }
     }
