@@ -382,6 +382,90 @@ static void half_main(void *arg) {
 TEST(half_close_delivers_everything) { check_run(half_main, NULL, 2); }
 
 /* ------------------------------------------------------------------ */
+/* Short reads.  After a read that returned less than asked, the next one
+ * waits for readiness before calling read() (conn.c).  Two short reads
+ * leave data behind, and no new event will come for it: one that stops
+ * at the peer's FIN and one that stops at the urgent mark.  On one P the
+ * peer's writes land while nobody polls, so the reader is woken by a
+ * single event that carried everything; its second read must still see
+ * what is left.                                                         */
+
+static loom_conn *short_srv;
+static atomic_int short_step;
+static char short_got[2][8];
+static ssize_t short_n[2];
+static int64_t short_took; /* the second read */
+
+static void short_reader(void *arg) {
+  (void)arg;
+  short_n[0] = loom_read(short_srv, short_got[0], sizeof short_got[0]);
+  /* Waiting for an event that will not come ends at this deadline (and
+   * then the read finds the data): a wait, not a hang, but a bug. */
+  int64_t t0 = loom_now();
+  CHECK_OK(loom_set_read_deadline(short_srv, t0 + 1000 * CHECK_MS));
+  short_n[1] = loom_read(short_srv, short_got[1], sizeof short_got[1]);
+  short_took = loom_now() - t0;
+  atomic_store(&short_step, 1);
+}
+
+static void short_pair(loom_listener *l, const char *addr, loom_conn **c) {
+  CHECK_OK(loom_dial(c, "tcp", addr));
+  CHECK_OK(loom_accept(l, &short_srv));
+  atomic_store(&short_step, 0);
+  memset(short_got, 0, sizeof short_got);
+  CHECK_OK(loom_go(short_reader, NULL));
+  loom_sleep(2 * CHECK_MS); /* the reader parks in its first read */
+}
+
+static void short_wait(void) {
+  while (!atomic_load(&short_step))
+    loom_sleep(CHECK_MS);
+  CHECK_OK(loom_close(short_srv));
+}
+
+static void short_main(void *arg) {
+  (void)arg;
+  loom_listener *l;
+  char addr[128];
+  CHECK_OK(loom_listen(&l, "tcp", "127.0.0.1:0"));
+  CHECK_OK(loom_listener_addr(l, addr, sizeof addr));
+  for (int i = 0; i < 10; i++) {
+    loom_conn *c;
+    /* Data and FIN back to back: "abc", then end of stream. */
+    short_pair(l, addr, &c);
+    CHECK_EQ(loom_write(c, "abc", 3), 3);
+    CHECK_OK(loom_shutdown(c, SHUT_WR));
+    short_wait();
+    CHECK_EQ(short_n[0], 3);
+    CHECKF(short_n[1] == 0, "trial %d: after \"abc\" and the FIN, the second read gave %zd", i,
+           short_n[1]);
+    CHECKF(short_took < 500 * CHECK_MS, "trial %d: the EOF after a short read took %.0f ms", i,
+           short_took / 1e6);
+    CHECK_OK(loom_close(c));
+
+    /* "ab", an urgent "X" (out of band), "cd": the first read stops at
+     * the urgent mark, the second reads past it. */
+    short_pair(l, addr, &c);
+    int fd = loom_conn_fd(c);
+    CHECK_EQ(send(fd, "ab", 2, 0), 2);
+    CHECK_EQ(send(fd, "X", 1, MSG_OOB), 1);
+    CHECK_EQ(send(fd, "cd", 2, 0), 2);
+    short_wait();
+    CHECK_EQ(short_n[0], 2);
+    CHECK(memcmp(short_got[0], "ab", 2) == 0);
+    CHECKF(short_n[1] == 2, "trial %d: after the urgent mark the second read gave %zd", i,
+           short_n[1]);
+    CHECK(memcmp(short_got[1], "cd", 2) == 0);
+    CHECKF(short_took < 500 * CHECK_MS,
+           "trial %d: the data after the urgent mark took %.0f ms", i, short_took / 1e6);
+    CHECK_OK(loom_close(c));
+  }
+  CHECK_OK(loom_listener_close(l));
+}
+
+TEST(short_read_before_fin_or_urgent_mark) { check_run(short_main, NULL, 1); }
+
+/* ------------------------------------------------------------------ */
 /* A peer that resets mid-write: an error, no SIGPIPE.                  */
 
 static void resetter(void *arg) {

@@ -29,6 +29,7 @@ typedef struct loom__netfd {
   int fd;
   int family;
   int type;
+  bool drained;          /* the last read was short: see loom_read */
   loom__pd *pd;
   _Atomic uint64_t ref;  /* users; top bit: closed */
   loom__sema rsema;      /* one reader (or acceptor) at a time */

@@ -20,14 +20,15 @@
  *                                one is a TLB miss.
  *   loom__netpoll_break(np)      make a current or next poll return soon.
  *   loom__netpoll_add(np, fd, cookie)
- *                                start watching fd for read, write and
- *                                peer hang-up, edge-triggered: one
- *                                notification per change of readiness,
- *                                reported with `cookie`.  0 or -errno.
+ *                                start watching fd for read, write, peer
+ *                                hang-up and urgent data, edge-triggered:
+ *                                one notification per change of
+ *                                readiness, reported with `cookie`.
+ *                                0 or -errno.
  *   loom__netpoll_del(np, fd)    stop watching fd (before it is closed).
  *
- * A backend reports readiness by calling loom__pd_ready(cookie, mode)
- * (pollfd.h) for each event; that turns it into runnable Gs.  It never
+ * A backend reports readiness by calling loom__pd_ready(cookie, mode,
+ * hangup) (pollfd.h) for each event; that turns it into runnable Gs.  It never
  * blocks a coroutine itself.  The backend in this build is
  * netpoll_epoll.c.
  */

@@ -81,21 +81,23 @@ int loom__netpoll_poll(loom__netpoll *np, int64_t delay_ns,
       continue;
     }
     /* An error or a hang-up wakes both directions: the next read or
-     * write reports it. */
+     * write reports it.  Urgent data (EPOLLPRI) wakes nobody by itself;
+     * like a hang-up it is remembered (pd->hangup). */
     int mode = 0;
     if (e & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR))
       mode += 'r';
     if (e & (EPOLLOUT | EPOLLHUP | EPOLLERR))
       mode += 'w';
-    if (mode != 0)
-      loom__pd_ready((uintptr_t)evs[i].data.u64, mode, out, &got);
+    bool hangup = (e & (EPOLLRDHUP | EPOLLHUP | EPOLLERR | EPOLLPRI)) != 0;
+    if (mode != 0 || hangup)
+      loom__pd_ready((uintptr_t)evs[i].data.u64, mode, hangup, out, &got);
   }
   return got;
 }
 
 int loom__netpoll_add(loom__netpoll *np, int fd, uintptr_t cookie) {
   struct epoll_event ev = {
-      .events = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET,
+      .events = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLPRI | EPOLLET,
       .data.u64 = (uint64_t)cookie};
   if (epoll_ctl(np->epfd, EPOLL_CTL_ADD, fd, &ev) != 0)
     return -errno;

@@ -76,6 +76,10 @@ void loom__pd_pool_destroy(loom__rt *rt) {
   rt->pd_free = NULL;
 }
 
+bool loom__pd_hungup(loom__pd *pd) {
+  return atomic_load_explicit(&pd->hangup, memory_order_acquire);
+}
+
 uintptr_t loom__pd_cookie(loom__pd *pd) {
   uintptr_t p = (uintptr_t)pd;
   uint32_t seq = atomic_load_explicit(&pd->fdseq, memory_order_relaxed);
@@ -285,6 +289,7 @@ int loom__pd_open(loom__rt *rt, int fd, loom__pd **out) {
   pd_lock(pd);
   pd->fd = fd;
   pd->closing = false;
+  atomic_store_explicit(&pd->hangup, false, memory_order_relaxed);
   pd->rd = pd->wd = 0;
   pd->rseq++;
   pd->wseq++;
@@ -335,15 +340,21 @@ void loom__pd_close(loom__pd *pd, bool unregister) {
 
 /* ---- poller side ---------------------------------------------------- */
 
-void loom__pd_ready(uintptr_t cookie, int mode, loom__g **gs, int *n) {
+void loom__pd_ready(uintptr_t cookie, int mode, bool hangup, loom__g **gs,
+                    int *n) {
   loom__pd *pd =
       (loom__pd *)(cookie & (((uintptr_t)1 << TAG_SHIFT) - 1));
   uint32_t tag = (uint32_t)(cookie >> TAG_SHIFT);
   if ((atomic_load_explicit(&pd->fdseq, memory_order_acquire) & 0xffff) !=
       tag)
     return; /* an event for an fd this pd no longer serves */
-  loom__g *r = mode != 'w' ? unblock(pd, 'r', true) : NULL;
-  loom__g *w = mode != 'r' ? unblock(pd, 'w', true) : NULL;
+  /* Before the wake-ups: a reader woken by this event sees it. */
+  if (hangup && !atomic_load_explicit(&pd->hangup, memory_order_relaxed))
+    atomic_store_explicit(&pd->hangup, true, memory_order_release);
+  loom__g *r = mode == 'r' || mode == 'r' + 'w' ? unblock(pd, 'r', true)
+                                                : NULL;
+  loom__g *w = mode == 'w' || mode == 'r' + 'w' ? unblock(pd, 'w', true)
+                                                : NULL;
   if (r != NULL)
     gs[(*n)++] = r;
   if (w != NULL)

@@ -54,6 +54,8 @@ typedef struct loom__pd {
   _Atomic uintptr_t rg, wg;   /* the waiter words above */
   _Atomic int lock;           /* spinlock: deadlines, seqs, closing */
   bool closing;               /* evicted: every wait fails with ECLOSED */
+  _Atomic bool hangup;        /* an event reported a hang-up, an error or
+                                 urgent data (see loom_read) */
   _Atomic uint32_t fdseq;     /* bumped per open; tags poller cookies */
   uint32_t rseq, wseq;        /* bumped per deadline change and close */
   uint32_t rseq_armed, wseq_armed;
@@ -91,10 +93,16 @@ void loom__pd_expire(loom__pd *pd, int mode);
 void loom__pd_expire_read(void *pd);
 void loom__pd_expire_write(void *pd);
 
-/* Poller side: readiness for mode 'r', 'w' or both ('r'+'w') on the pd
- * behind `cookie`; the Gs it makes runnable are stored at gs[*n...], and
- * *n counts them (at most two per call).  The Gs are not touched. */
-void loom__pd_ready(uintptr_t cookie, int mode, struct loom__g **gs, int *n);
+/* Poller side: readiness for mode 'r', 'w', both ('r'+'w') or neither
+ * (0) on the pd behind `cookie`; `hangup` when the event reported a
+ * hang-up, an error or urgent data (it sets pd->hangup, which stays set).
+ * The Gs it makes runnable are stored at gs[*n...], and *n counts them
+ * (at most two per call).  The Gs are not touched. */
+void loom__pd_ready(uintptr_t cookie, int mode, bool hangup,
+                    struct loom__g **gs, int *n);
+/* Whether an event has reported a hang-up, an error or urgent data since
+ * the pd was opened. */
+bool loom__pd_hungup(loom__pd *pd);
 /* The cookie the poller stores with fd's registration. */
 uintptr_t loom__pd_cookie(loom__pd *pd);
 
