@@ -77,8 +77,8 @@ static int enter(loom_conn *c) {
  * receive queue, and whatever arrives after it raises a new edge-
  * triggered event.  So the next read waits for readiness first instead of
  * calling read() for an EAGAIN: one system call less per message in a
- * request-response exchange (10-15 % of an echo server's CPU).  If the
- * event came already, the wait returns at once.  Two short reads do not
+ * request-response exchange, a third of an echo server's.  If the event
+ * came already, the wait returns at once.  Two short reads do not
  * empty the queue and are excluded: one that stops at the urgent mark
  * (data follows it) and one that stops at the peer's FIN (the EOF
  * follows); the events that brought those set pd->hangup before waking
