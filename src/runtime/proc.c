@@ -229,21 +229,32 @@ static loom__g *g_alloc(loom__rt *rt, loom__p *p, size_t stack_size) {
   }
   if (p != NULL && p->ngfree > 0)
     return p->gfree[--p->ngfree];
+  /* The P's cache is empty (or there is no P): take a batch for it from
+   * the global lists, or else carve one.  Only pointers move under the
+   * lock; fresh slots are set up after it (a guard to install, a page
+   * to fault in), so a spawner does not hold up the Ps that spill dead
+   * Gs here. */
+  int want = p != NULL ? LOOM_PCACHE / 2 : 1, got = 0;
+  loom__g *batch[LOOM_PCACHE / 2];
+  loom__stack fresh[LOOM_PCACHE / 2];
   pthread_mutex_lock(&s->lock);
-  if (s->ngfree == 0 && s->nclean > 0) {
-    g = s->gclean[--s->nclean];
-  } else if (s->ngfree > 0) {
-    g = s->gfree[--s->ngfree];
-    /* Refill the P's cache while the lock is held. */
-    while (p != NULL && s->ngfree > 0 && p->ngfree < LOOM_PCACHE / 2)
-      p->gfree[p->ngfree++] = s->gfree[--s->ngfree];
-  } else {
-    loom__stack st;
-    if (loom__stack_carve(s, &st) == 0)
-      g = g_place(rt, &st);
-  }
+  while (got < want && s->ngfree > 0)
+    batch[got++] = s->gfree[--s->ngfree];
+  while (got < want && s->nclean > 0)
+    batch[got++] = s->gclean[--s->nclean];
+  int nfresh = got == 0 ? loom__stack_carve(s, fresh, want) : 0;
   pthread_mutex_unlock(&s->lock);
-  return g;
+  for (int i = 0; i < nfresh; i++) {
+    loom__stack_prepare(s, &fresh[i]);
+    batch[got++] = g_place(rt, &fresh[i]);
+  }
+  if (got == 0)
+    return NULL;
+  /* The warmest (the first taken: the lists are LIFO) runs now; the rest
+   * go to the cache so that the next warmest is popped next. */
+  for (int i = got - 1; i > 0; i--)
+    p->gfree[p->ngfree++] = batch[i];
+  return batch[0];
 }
 
 static void custom_unlink(loom__rt *rt, loom__g *g) {

@@ -49,7 +49,7 @@ static bool install_guard(loom__stacks *s, char *base) {
   return false;
 }
 
-static void stack_prepare(loom__stacks *s, loom__stack *st) {
+void loom__stack_prepare(loom__stacks *s, loom__stack *st) {
   /* The canary is written only when guards are not kernel guard pages:
    * writing it commits a second page per stack. */
   if (!install_guard(s, st->base))
@@ -111,7 +111,7 @@ int loom__ptrs_push(void ***v, size_t *len, size_t *cap, void *x) {
   return 0;
 }
 
-int loom__stack_carve(loom__stacks *s, loom__stack *out) {
+int loom__stack_carve(loom__stacks *s, loom__stack *out, int n) {
   loom__arena *a = s->arenas;
   if (a == NULL ||
       atomic_load_explicit(&a->ncarved, memory_order_relaxed) == a->nslots) {
@@ -134,11 +134,15 @@ int loom__stack_carve(loom__stacks *s, loom__stack *out) {
     s->arenas = a;
   }
   uint32_t i = atomic_load_explicit(&a->ncarved, memory_order_relaxed);
-  out->base = a->base + (size_t)i * s->slot_size;
-  out->size = s->slot_size;
-  stack_prepare(s, out);
-  atomic_store_explicit(&a->ncarved, i + 1, memory_order_release);
-  return 0;
+  if ((uint32_t)n > a->nslots - i)
+    n = (int)(a->nslots - i);
+  for (int k = 0; k < n; k++) {
+    out[k].base = a->base + (size_t)(i + (uint32_t)k) * s->slot_size;
+    out[k].size = s->slot_size;
+    out[k].vg_id = 0;
+  }
+  atomic_store_explicit(&a->ncarved, i + (uint32_t)n, memory_order_release);
+  return n;
 }
 
 int loom__stack_map(loom__stacks *s, size_t size, loom__stack *out) {

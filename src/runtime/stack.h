@@ -47,8 +47,13 @@ int loom__stacks_init(loom__stacks *s, size_t stack_size);
 void loom__stacks_destroy(loom__stacks *s);
 /* Append to a pointer array, growing it; -ENOMEM. */
 int loom__ptrs_push(void ***v, size_t *len, size_t *cap, void *x);
-/* A fresh slot from the arenas (s->lock must be held). -ENOMEM. */
-int loom__stack_carve(loom__stacks *s, loom__stack *out);
+/* Up to n fresh slots from the arenas, consecutive in one arena
+ * (s->lock must be held): the number carved, at least 1, or -ENOMEM.
+ * Only addresses are handed out; each slot must then go through
+ * loom__stack_prepare, which may run after the lock is dropped. */
+int loom__stack_carve(loom__stacks *s, loom__stack *out, int n);
+/* Sets up a freshly carved slot: its guard, valgrind's registration. */
+void loom__stack_prepare(loom__stacks *s, loom__stack *st);
 /* A slot in a mapping of its own, of `size` bytes (page-rounded). */
 int loom__stack_map(loom__stacks *s, size_t size, loom__stack *out);
 void loom__stack_unmap(loom__stack *st);
