@@ -114,6 +114,118 @@ static void starve_main(void *arg) {
 }
 TEST(mutex_starvation_mode) { check_run(starve_main, NULL, 2); }
 
+/* Every way of waiting at once, on all Ps: plain locks, short deadlines
+ * that often expire, contexts cancelled under the waiters, try-locks.
+ * Exclusion holds, each success is counted once, and when all are done
+ * the state word is back to zero: no waiter count, woken or starving
+ * bit is left behind by a waiter that gave up or by an unlock that woke
+ * nobody because a spinner was about. */
+static loom_mutex mmu = LOOM_MUTEX_INIT;
+static long mixed_count, mixed_inside; /* protected by mmu */
+static atomic_long mixed_ok, mixed_gave_up; /* gave up: timed out, cancelled */
+static loom_wg mwg = LOOM_WG_INIT;
+static loom_ctx *_Atomic mixed_ctx;
+
+static void mixed_hold(void) {
+  CHECK_EQ(++mixed_inside, 1);
+  mixed_count++;
+  if ((mixed_count & 7) == 0)
+    check_spin_ns(5000); /* long enough for waiters to queue and expire */
+  else if ((mixed_count & 63) == 1)
+    loom_yield(); /* park while holding it */
+  mixed_inside--;
+  loom_mutex_unlock(&mmu);
+  atomic_fetch_add(&mixed_ok, 1);
+}
+
+static void mixed_locker(void *arg) {
+  long id = (long)arg, rounds = CHECK_SCALE(20000, 4000, 1500);
+  uint64_t x = (uint64_t)id * 0x9e3779b97f4a7c15ULL + 1;
+  for (long i = 0; i < rounds; i++) {
+    x ^= x << 13, x ^= x >> 7, x ^= x << 17;
+    int rc = 0;
+    switch (x % 4) {
+    case 0:
+      loom_mutex_lock(&mmu);
+      break;
+    case 1:
+      rc = loom_mutex_lock_until(&mmu, loom_now() + (int64_t)(x >> 40) % 50000);
+      if (rc != 0) {
+        CHECK_ERR(rc, -ETIMEDOUT);
+        atomic_fetch_add(&mixed_gave_up, 1);
+      }
+      break;
+    case 2: {
+      loom_ctx *c = atomic_load(&mixed_ctx);
+      rc = loom_mutex_lock_ctx(&mmu, c);
+      if (rc != 0) {
+        CHECK_ERR(rc, -ECANCELED);
+        atomic_fetch_add(&mixed_gave_up, 1);
+      }
+      break;
+    }
+    default:
+      rc = loom_mutex_trylock(&mmu);
+      if (rc != 0)
+        CHECK_ERR(rc, -EBUSY);
+      break;
+    }
+    if (rc == 0)
+      mixed_hold();
+    if ((i & 255) == 0)
+      loom_yield();
+  }
+  loom_wg_done(&mwg);
+}
+
+static atomic_int mixed_stop;
+static loom_ctx *mixed_old[4096];
+static void canceller(void *arg) {
+  /* A new context every 100 µs; the old one is cancelled while lockers
+   * may be queued under it.  Released only at the end: a locker may still
+   * hold a pointer it loaded before the swap. */
+  loom_ctx **old = mixed_old;
+  int n = 0;
+  while (!atomic_load(&mixed_stop) && n < 4096) {
+    loom_ctx *c;
+    CHECK_OK(loom_ctx_with_cancel(&c, loom_ctx_background()));
+    old[n++] = atomic_exchange(&mixed_ctx, c);
+    loom_ctx_cancel(old[n - 1]);
+    loom_sleep(100000);
+  }
+  while (!atomic_load(&mixed_stop))
+    loom_sleep(CHECK_MS);
+  for (int i = 0; i < n; i++)
+    loom_ctx_release(old[i]);
+  loom_wg_done(arg);
+}
+
+static void mixed_main(void *arg) {
+  (void)arg;
+  loom_ctx *first;
+  CHECK_OK(loom_ctx_with_cancel(&first, loom_ctx_background()));
+  atomic_store(&mixed_ctx, first);
+  loom_wg canc = LOOM_WG_INIT;
+  CHECK_OK(loom_wg_add(&canc, 1));
+  CHECK_OK(loom_go(canceller, &canc));
+  CHECK_OK(loom_wg_add(&mwg, 8));
+  for (long i = 0; i < 8; i++)
+    CHECK_OK(loom_go(mixed_locker, (void *)(i + 1)));
+  CHECK_OK(loom_wg_wait(&mwg, 0));
+  atomic_store(&mixed_stop, 1);
+  CHECK_OK(loom_wg_wait(&canc, 0));
+  printf("%ld locked, %ld timed out or cancelled\n", mixed_count,
+         atomic_load(&mixed_gave_up));
+  CHECK_EQ(mixed_count, atomic_load(&mixed_ok));
+  CHECK_GT(mixed_count, 0);
+  CHECK_EQ(__atomic_load_n(&mmu.state_, __ATOMIC_ACQUIRE), 0u);
+  CHECK_OK(loom_mutex_trylock(&mmu));
+  loom_mutex_unlock(&mmu);
+  loom_ctx_cancel(atomic_load(&mixed_ctx));
+  loom_ctx_release(atomic_load(&mixed_ctx));
+}
+TEST(mutex_mixed_waits_leave_no_state) { check_run(mixed_main, NULL, 2); }
+
 /* ------------------------------------------------------------------ */
 /* Semaphore: FIFO, never more than N inside.                           */
 

@@ -1,22 +1,34 @@
 /*
  * mutex.c — loom_mutex (Go's sync.Mutex) and loom_once.
  *
- * state_: bit 0 locked, bit 1 starving, bits 2.. the number of queued
- * waiters.  Locking: a CAS from "not locked, not starving"; else a short
- * spin; else queue and park.  Unlock with no waiters is one CAS.
+ * state_: bit 0 locked, bit 1 starving, bit 2 woken, bits 3.. the
+ * number of queued waiters.  Locking: a CAS from "not locked, not
+ * starving"; else a short spin while the holder runs elsewhere; else
+ * queue and park.  Unlock with no waiters is one CAS.
  *
  * Normal mode: unlock clears the locked bit and wakes the first waiter,
  * which competes with any running locker (a running locker usually wins:
  * better throughput, and the waiter goes back to the front of the queue).
+ * The woken bit says that a locker is awake and will contend without
+ * being woken: a spinner (it sets the bit while waiters are queued) or
+ * the waiter the last unlock woke.  An unlock that finds it set wakes
+ * nobody, and whoever set it clears it in the CAS that takes the mutex
+ * or queues it again, so at most one waiter is woken at a time and a
+ * burst of unlocks by a running locker does not fill the run queues with
+ * waiters that will only queue again.
  * Starvation mode: set by a waiter that has kept losing for more than
  * 1 ms (counted from the first time it had to queue again); unlock
- * then hands the mutex straight to the first waiter and nobody barges, so
- * no waiter can be bypassed forever.  It ends when the queue empties.
+ * then hands the mutex straight to the first waiter and nobody barges or
+ * spins, so no waiter can be bypassed forever.  It ends when the queue
+ * empties.
  *
  * Every change of state_ by a waiter is a CAS from the value it saw under
  * the queue's lock, so an unlock that slips in between (its fast path
  * does not take that lock) makes the CAS fail and the waiter look again,
- * instead of sleeping on a mutex nobody holds.
+ * instead of sleeping on a mutex nobody holds.  An unlock's last touch
+ * of *mu is the atomic operation that drops the locked bit: whoever takes
+ * the mutex next may free it at once (unlock, then free: the common C
+ * pattern).
  */
 #include <errno.h>
 
@@ -26,8 +38,11 @@
 
 #define LOCKED 1u
 #define STARVING 2u
-#define WAITER (1u << 2)
+#define WOKEN 4u
+#define WAITER (1u << 3)
 #define STARVE_NS 1000000
+#define SPIN_ROUNDS 4
+#define SPIN_PAUSES 30
 
 static uint32_t load(loom_mutex *mu) {
   return __atomic_load_n(&mu->state_, __ATOMIC_ACQUIRE);
@@ -50,40 +65,55 @@ int loom_mutex_trylock(loom_mutex *mu) {
 
 static void release_lk(void *arg) { loom__spin_unlock(arg); }
 
-static bool can_spin(void) {
+/* Spin, as Go does, only when it cannot delay anyone: another P is busy
+ * (the holder may be running there) and nothing else is runnable on ours
+ * (the holder may be queued right here, waiting for the P we would be
+ * burning). */
+static bool can_spin(int iter) {
+  if (iter >= SPIN_ROUNDS)
+    return false;
   loom__m *m = loom__getm();
   if (m == NULL || m->p == NULL)
     return true; /* a plain thread: spinning costs only itself */
-  return m->rt->nprocs > 1 && loom__runq_empty(m->p);
+  loom__rt *rt = m->rt;
+  return rt->nprocs > atomic_load_explicit(&rt->npidle, memory_order_relaxed) +
+                          atomic_load_explicit(&rt->nmspinning,
+                                               memory_order_relaxed) +
+                          1 &&
+         loom__runq_empty(m->p);
 }
 
 static int lock_slow(loom_mutex *mu, int64_t deadline, loom_ctx *ctx) {
-  /* Spin a little, as Go does, but only when it cannot delay anyone:
-   * more than one P, and nothing else runnable on ours (the holder may be
-   * queued right here, waiting for the P we would be burning). */
-  if (can_spin())
-    for (int i = 0; i < 4; i++) {
-      for (int k = 0; k < 10; k++)
-        __builtin_ia32_pause();
-      if (loom_mutex_trylock(mu) == 0)
-        return 0;
-      if (!can_spin())
-        break;
-    }
   int *lk = &mu->q_.lock_;
   int64_t wait_start = 0;
   bool requeue = false;
+  bool awoke = false; /* we are why WOKEN is set: clear it when done */
+  int iter = 0;
   for (;;) {
-    loom__spin_lock(lk);
     uint32_t s = load(mu);
+    if ((s & (LOCKED | STARVING)) == LOCKED && can_spin(iter)) {
+      /* Tell unlockers not to wake anyone while we are here. */
+      if (!awoke && !(s & WOKEN) && s >= WAITER && cas(mu, s, s | WOKEN))
+        awoke = true;
+      for (int k = 0; k < SPIN_PAUSES; k++)
+        __builtin_ia32_pause();
+      iter++;
+      continue;
+    }
     if (!(s & (LOCKED | STARVING))) {
-      bool got = cas(mu, s, s | LOCKED);
-      loom__spin_unlock(lk);
-      if (got)
+      if (cas(mu, s, awoke ? (s | LOCKED) & ~WOKEN : s | LOCKED))
         return 0;
       continue;
     }
+    loom__spin_lock(lk);
+    s = load(mu);
+    if (!(s & (LOCKED | STARVING))) {
+      loom__spin_unlock(lk); /* freed meanwhile: take it above */
+      continue;
+    }
     uint32_t ns = s + WAITER;
+    if (awoke)
+      ns &= ~WOKEN;
     /* The wait is timed from the first time a woken waiter has to queue
      * again: most waits end at the first wake-up, and a clock read costs
      * as much as the rest of a contended lock (25 ns here). */
@@ -95,6 +125,7 @@ static int lock_slow(loom_mutex *mu, int64_t deadline, loom_ctx *ctx) {
       loom__spin_unlock(lk);
       continue;
     }
+    awoke = false;
     loom__waiter w;
     loom__waiter_init(&w, deadline == 0 && ctx == NULL);
     loom__wnode n = {.w = &w};
@@ -117,6 +148,8 @@ static int lock_slow(loom_mutex *mu, int64_t deadline, loom_ctx *ctx) {
     }
     if (w.handed)
       return 0; /* starvation mode: the unlocker gave it to us */
+    awoke = true; /* the unlocker set WOKEN for us */
+    iter = 0;
   }
 }
 
@@ -143,32 +176,48 @@ int loom_mutex_lock_ctx(loom_mutex *mu, loom_ctx *ctx) {
 }
 
 void loom_mutex_unlock(loom_mutex *mu) {
-  if (cas(mu, LOCKED, 0))
-    return; /* no waiters, not starving */
-  if (!(load(mu) & LOCKED))
-    loom__throw("mutex_unlock: the mutex is not locked");
+  /* Guess "locked, nothing else" (one CAS); a failed CAS tells the state. */
+  uint32_t s = LOCKED;
+  for (;;) {
+    if (!(s & LOCKED))
+      loom__throw("mutex_unlock: the mutex is not locked");
+    if ((s & STARVING) || ((s & WOKEN) == 0 && s >= WAITER))
+      break;
+    /* Nobody to wake, or someone awake already: just release. */
+    if (__atomic_compare_exchange_n(&mu->state_, &s, s & ~LOCKED, false,
+                                    __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE))
+      return;
+  }
   int *lk = &mu->q_.lock_;
   loom__spin_lock(lk);
-  loom__wnode *n = loom__waitq_pop(&mu->q_.q_);
-  bool release = false;
+  s = load(mu);
+  loom__wnode *n = NULL;
+  bool release = true;
+  if ((s & STARVING) || !(s & WOKEN))
+    n = loom__waitq_pop(&mu->q_.q_);
   if (n != NULL) {
     n->w->fired = 0; /* woken by an unlock, not by its deadline */
-    uint32_t s = __atomic_sub_fetch(&mu->state_, WAITER, __ATOMIC_ACQ_REL);
     if (s & STARVING) {
+      __atomic_sub_fetch(&mu->state_, WAITER, __ATOMIC_ACQ_REL);
       n->w->handed = true; /* stays locked: it is n's now */
+      release = false;
       if (mu->q_.q_.head_ == NULL)
         __atomic_and_fetch(&mu->state_, ~STARVING, __ATOMIC_ACQ_REL);
     } else {
-      release = true;
+      /* n is awake now; a spinner may set WOKEN at the same moment, and
+       * then both clear it (a harmless extra wake later, never a lost
+       * one). */
+      s = load(mu);
+      while (!cas(mu, s, (s - WAITER) | WOKEN))
+        s = load(mu);
     }
-  } else {
-    __atomic_and_fetch(&mu->state_, ~(LOCKED | STARVING), __ATOMIC_ACQ_REL);
+  } else if (s & STARVING) {
+    __atomic_and_fetch(&mu->state_, ~STARVING, __ATOMIC_ACQ_REL);
   }
   loom__spin_unlock(lk);
-  /* Dropping LOCKED is the last touch of *mu: whoever takes the mutex
-   * next may free it at once (unlock, then free: the common C pattern).
-   * A locker that queued meanwhile is not lost: n contends, and n's
-   * unlock finds the new waiter's WAITER count. */
+  /* Dropping LOCKED is the last touch of *mu.  A locker that queued
+   * meanwhile is not lost: n (or the spinner that set WOKEN) contends,
+   * and its unlock finds the new waiter's WAITER count. */
   if (release)
     __atomic_and_fetch(&mu->state_, ~LOCKED, __ATOMIC_ACQ_REL);
   if (n != NULL)
