@@ -370,7 +370,12 @@ static void try_send(loom_session *s, loom_buf *b) {
   struct iovec iov[64];
   struct msghdr m = {.msg_iov = iov};
   m.msg_iovlen = (size_t)loom_buf_peek(b, iov, 64);
-  ssize_t k = sendmsg(s->fd, &m, MSG_DONTWAIT | MSG_NOSIGNAL);
+  /* One piece (a reply encoded on the stack, most often) goes by send:
+   * sendmsg would first copy in and check the header and the vector. */
+  ssize_t k = m.msg_iovlen == 1
+                  ? send(s->fd, iov[0].iov_base, iov[0].iov_len,
+                         MSG_DONTWAIT | MSG_NOSIGNAL)
+                  : sendmsg(s->fd, &m, MSG_DONTWAIT | MSG_NOSIGNAL);
   if (k > 0) {
     loom_buf_consume(b, (size_t)k);
     BUMP(bytes_out, (uint64_t)k);
