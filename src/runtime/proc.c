@@ -41,8 +41,8 @@
  * across the call that switched (brpc's years-long bug).  The scheduler's
  * one thread-local, the current M, is read only through loom__getm(),
  * which is never inlined and has a side effect the optimizer must keep,
- * and is re-read after every switch.  errno is saved and restored per G by
- * the same kind of out-of-line helpers.
+ * and is re-read after every switch.  errno is saved and restored per G
+ * through the address the M took of it on its own thread.
  *
  * Rejected: ucontext (a signal-mask system call per switch); a single
  * global queue (every switch contends); one thread per P with no hand-off
@@ -312,7 +312,7 @@ LOOM_NOIPA static void after_switch(loom__g *g);
  * switches back to `from`, possibly on another M. */
 static void gswitch(loom__m *m, loom__g *from, loom__g *to, bool dying) {
   loom__rt *rt = m->rt;
-  from->err = errno; /* before the switch: this thread's errno */
+  from->err = *m->errno_addr; /* before the switch: this thread's errno */
   if (!from->is_g0 && !dying && !rt->stacks.guard_pages &&
       *(uint64_t *)(void *)g_stack_lo(rt, from) != LOOM_STACK_CANARY) {
     loom__log(rt, "stack overflow in coroutine %llu (canary overwritten)",
@@ -345,8 +345,8 @@ static void gswitch(loom__m *m, loom__g *from, loom__g *to, bool dying) {
 }
 
 /* First thing a context runs when it is switched (back) in.  Never
- * inlined: errno's address (__errno_location is a const function) and
- * the M must be computed afresh here, on the thread we resumed on. */
+ * inlined: the M, and with it the address of errno, must be computed
+ * afresh here, on the thread we resumed on. */
 LOOM_NOIPA static void after_switch(loom__g *g) {
 #ifdef LOOM_ASAN
   __sanitizer_finish_switch_fiber(g->asan_fake, NULL, NULL);
@@ -357,7 +357,7 @@ LOOM_NOIPA static void after_switch(loom__g *g) {
     m->post_fn = NULL;
     fn(m, m->post_g, m->post_arg);
   }
-  errno = g->err;
+  *m->errno_addr = g->err;
 }
 
 static inline void tick(loom__p *p) {
@@ -1338,6 +1338,7 @@ static void restore_fault_handler(void) {
 
 static void m_thread_init(loom__m *m) {
   set_tls_m(m);
+  m->errno_addr = &errno;
   pthread_attr_t attr;
   void *lo = NULL;
   size_t size = 0;

@@ -108,6 +108,8 @@ struct loom__m {
   uint64_t id;
   loom__rt *rt;
   loom__g g0;               /* scheduler context: this thread's stack */
+  int *errno_addr;          /* this thread's errno (saved and restored
+                               around every switch without a call) */
   loom__g *curg;            /* G running on this M (g0 when scheduling) */
   loom__p *p;               /* P held, or NULL */
   loom__p *nextp;           /* P handed over by whoever woke this M */
