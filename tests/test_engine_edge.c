@@ -574,6 +574,114 @@ TEST(read_buf_shrinks_after_big_package) {
   loom_set_allocator(NULL);
 }
 
+/* Send one frame of n payload bytes and read its echo back, byte-exact. */
+static void echo_once(loom_conn *peer, size_t n, uint8_t seed) {
+  static uint8_t f[8192], back[8192];
+  CHECK_LE(n + 4, sizeof f);
+  for (size_t i = 0; i < n; i++)
+    f[4 + i] = (uint8_t)(seed + i * 7);
+  put_be32(f, (uint32_t)n);
+  CHECK_EQ(loom_write(peer, f, n + 4), (ssize_t)(n + 4));
+  conn_read_full(peer, back, n + 4);
+  CHECK(memcmp(f, back, n + 4) == 0);
+}
+
+/* A session whose packages are small reads them on the reader's stack:
+ * it holds no read buffer at all, not even read_buf, before, during or
+ * after such traffic.  A pipelined burst takes a heap buffer, and the
+ * quiet reads after it give it back. */
+static void no_read_buffer_main(void *arg) {
+  (void)arg;
+  codecs_init();
+  loom_server_opts o = server_opts(&lenpfx);
+  E.echo = true;
+  char addr[128];
+  loom_server *srv = serve(&o, addr);
+  loom_sleep(10 * CHECK_MS);
+  long long base = atomic_load(&live_bytes);
+  loom_conn *peer;
+  CHECK_OK(loom_dial(&peer, "tcp", addr));
+  WAIT_FOR(atomic_load(&E.opens) == 1, 5);
+  for (int i = 0; i < 20; i++)
+    echo_once(peer, 64, (uint8_t)i);
+  loom_sleep(10 * CHECK_MS);
+  long long idle = atomic_load(&live_bytes) - base;
+  atomic_store(&peak_bytes, atomic_load(&live_bytes));
+
+  /* 64 frames of 1000 bytes in one write: the reads fill their room. */
+  static uint8_t burst[64 * 1004], back[64 * 1004];
+  for (int k = 0; k < 64; k++) {
+    put_be32(burst + k * 1004, 1000);
+    memset(burst + k * 1004 + 4, 'a' + k % 26, 1000);
+  }
+  CHECK_EQ(loom_write(peer, burst, sizeof burst), (ssize_t)sizeof burst);
+  conn_read_full(peer, back, sizeof back);
+  CHECK(memcmp(burst, back, sizeof burst) == 0);
+  long long grew = atomic_load(&peak_bytes) - base;
+  for (int i = 0; i < 20; i++) /* quiet again: small reads in a row */
+    echo_once(peer, 64, (uint8_t)i);
+  loom_sleep(10 * CHECK_MS);
+  long long after = atomic_load(&live_bytes) - base;
+  printf("session while idle +%lld B; burst peak +%lld B; after +%lld B\n",
+         idle, grew, after);
+  CHECKF(idle < 4096, "an idle session holds %lld bytes: a read buffer?",
+         idle);
+  CHECK_GE(grew, idle + 4096); /* the burst did take a heap buffer */
+  CHECKF(after <= idle, "after the burst it holds %lld bytes, %lld before",
+         after, idle);
+  CHECK_EQ(atomic_load(&E.echo_fail), 0);
+  finish(srv, peer);
+}
+TEST(idle_session_holds_no_read_buffer) {
+  loom_allocator a = {count_realloc, count_free, NULL};
+  loom_set_allocator(&a);
+  run(no_read_buffer_main, 2, "no read buffer while idle");
+  loom_set_allocator(NULL);
+}
+
+/* Frames of every size around the stack buffer and read_buf, each sent
+ * in pieces with pauses between them, so that reads end inside headers
+ * and payloads: whatever a read on the stack leaves pending must move to
+ * the heap intact. */
+static void split_frames_main(void *arg) {
+  (void)arg;
+  codecs_init();
+  loom_server_opts o = server_opts(&lenpfx);
+  E.echo = true;
+  loom_conn *peer;
+  loom_server *srv = serve_dial(&o, &peer);
+  static const size_t sizes[] = {0,   1,   3,   250, 254,  255,  256,  500,
+                                 506, 507, 508, 509, 512,  700,  1020, 1021,
+                                 2000, 4090, 4092, 4093, 5000, 64,   0,   508};
+  static uint8_t f[8192], back[8192];
+  uint64_t x = 88172645463325252ULL;
+  for (size_t k = 0; k < sizeof sizes / sizeof sizes[0]; k++) {
+    size_t n = sizes[k];
+    for (size_t i = 0; i < n; i++)
+      f[4 + i] = (uint8_t)(k * 31 + i);
+    put_be32(f, (uint32_t)n);
+    size_t sent = 0;
+    while (sent < n + 4) {
+      x ^= x << 13, x ^= x >> 7, x ^= x << 17;
+      size_t piece = 1 + (size_t)(x % 600);
+      if (piece > n + 4 - sent)
+        piece = n + 4 - sent;
+      CHECK_EQ(loom_write(peer, f + sent, piece), (ssize_t)piece);
+      sent += piece;
+      loom_sleep(200000); /* let the server read what is there so far */
+    }
+    conn_read_full(peer, back, n + 4);
+    CHECKF(memcmp(f, back, n + 4) == 0, "frame of %zu bytes came back changed",
+           n);
+  }
+  CHECK_EQ(atomic_load(&E.msgs), (int)(sizeof sizes / sizeof sizes[0]));
+  CHECK_EQ(atomic_load(&E.echo_fail), 0);
+  finish(srv, peer);
+}
+TEST(frames_split_around_the_stack_buffer) {
+  run(split_frames_main, 2, "split frames");
+}
+
 TEST(slow_consumer_memory_bound) {
   loom_allocator a = {count_realloc, count_free, NULL};
   loom_set_allocator(&a);

@@ -125,8 +125,11 @@ typedef struct loom_session_opts {
                               with -EMSGSIZE (0: 1 MiB) */
   size_t max_write_len;    /* larger packages written fail with -EMSGSIZE
                               (0: max_pkg_len) */
-  size_t read_buf;         /* initial read buffer (0: 4 KiB); it grows to
-                              hold one package, and shrinks back */
+  size_t read_buf;         /* heap read buffer (0: 4 KiB), taken when a
+                              read leaves part of a package or fills the
+                              512 bytes read on the reader's stack; it
+                              grows to hold one package, and is given
+                              back when reads are small again */
   size_t wq_high;          /* write queue high watermark (0: 1 MiB) */
   size_t wq_low;           /* low watermark (0: wq_high / 2) */
   bool close_on_full;      /* a write that cannot be queued closes */

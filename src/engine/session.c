@@ -367,9 +367,11 @@ static bool writable(loom_session *s) {
  * error (EAGAIN, or one the writer will meet and report) sends nothing.
  * wmu held, and nobody else writing. */
 static void try_send(loom_session *s, loom_buf *b) {
-  struct iovec iov[64];
+  /* 16 pieces, as the writer takes: this runs deep in a reader's stack
+   * (under on_message), which must stay within the page it parks in. */
+  struct iovec iov[16];
   struct msghdr m = {.msg_iov = iov};
-  m.msg_iovlen = (size_t)loom_buf_peek(b, iov, 64);
+  m.msg_iovlen = (size_t)loom_buf_peek(b, iov, 16);
   /* One piece (a reply encoded on the stack, most often) goes by send:
    * sendmsg would first copy in and check the header and the vector. */
   ssize_t k = m.msg_iovlen == 1
@@ -746,7 +748,9 @@ typedef struct reader {
   int64_t next_cron;    /* 0: no cron */
   int64_t idle_check;   /* when to look at last_read again; 0: never */
   int small;            /* reads in a row that used < 1/4 of the room */
+  size_t small_max;     /* the longest of those reads */
   bool filled;          /* the last read filled all the room offered */
+  bool on_stack;        /* buf is read_stream's stack buffer */
 } reader;
 
 /* Decode and dispatch every whole package in r's buffer. */
@@ -786,6 +790,9 @@ static int drain(loom_session *s, reader *r) {
 #define READ_BURST ((size_t)65536)
 /* Small reads in a row after which a session counts as quiet. */
 #define QUIET_READS 16
+/* The reader's stack buffer (see make_room): with the frames below it
+ * while the reader is parked, it stays within one page. */
+#define STACK_READ ((size_t)512)
 
 static int resize(reader *r, size_t cap) {
   uint8_t *nb = loom__realloc(r->buf, cap);
@@ -797,15 +804,24 @@ static int resize(reader *r, size_t cap) {
 }
 
 /* The session has gone quiet: give back the memory a burst took — the
- * read buffer beyond read_buf, and the write queue's chunks. */
-static void shed(loom_session *s, reader *r) {
-  if (r->cap > s->o.read_buf && r->off == r->len) {
-    uint8_t *nb = loom__malloc(s->o.read_buf); /* nothing to keep */
-    if (nb) {
-      loom__free(r->buf);
-      r->buf = nb;
-      r->cap = s->o.read_buf;
-      r->off = r->len = 0;
+ * read buffer and the write queue's chunks.  The read buffer goes
+ * entirely (reads go to the stack again) when the reads lately would
+ * fit there with room to spare, or on a cron tick; else it goes back to
+ * read_buf. */
+static void shed(loom_session *s, reader *r, bool to_stack) {
+  if (!s->packet && !r->on_stack && r->off == r->len) {
+    if (to_stack) {
+      loom__free(r->buf); /* nothing to keep */
+      r->buf = NULL;
+      r->cap = r->off = r->len = 0;
+    } else if (r->cap > s->o.read_buf) {
+      uint8_t *nb = loom__malloc(s->o.read_buf);
+      if (nb) {
+        loom__free(r->buf);
+        r->buf = nb;
+        r->cap = s->o.read_buf;
+        r->off = r->len = 0;
+      }
     }
   }
   loom_mutex_lock(&s->wmu);
@@ -815,14 +831,21 @@ static void shed(loom_session *s, reader *r) {
 }
 
 /*
- * Room at the end of r's buffer.  The buffer adapts to the traffic: a
- * read that filled all the room offered doubles it (up to READ_BURST),
+ * Room at the end of r's heap buffer.  The buffer adapts to the traffic:
+ * a read that filled all the room offered doubles it (up to READ_BURST),
  * so a pipelining peer is read in large gulps and its replies leave
  * corked, a few syscalls per many packages; after QUIET_READS small reads
- * in a row (or a cron tick) shed() takes it back to read_buf, so a quiet
- * session holds little — and a busy one does not flap between sizes.  A
- * package longer than the buffer grows it to fit, and the buffer goes
- * back to read_buf as soon as that package is handled.
+ * in a row (or a cron tick) shed() gives it back, so a quiet session
+ * holds none — and a busy one does not flap between sizes.  A package
+ * longer than the buffer grows it to fit, and the buffer goes back to
+ * read_buf as soon as that package is handled.
+ *
+ * A session without a heap buffer reads into STACK_READ bytes on the
+ * reader's stack (read_stream), in the page its frames use anyway:
+ * small requests and replies never need the heap, and an idle session
+ * parks holding no read buffer at all.  What a stack read leaves
+ * pending (part of a package), or a stack read that filled its room
+ * (more is coming), moves the session to a heap buffer (unstack()).
  */
 static int make_room(loom_session *s, reader *r) {
   size_t base = s->o.read_buf;
@@ -879,7 +902,7 @@ static int on_deadline(loom_session *s, reader *r) {
   int64_t now = loom_now();
   r->deadline = -1; /* the socket's deadline is in the past: re-arm */
   if (!s->packet)
-    shed(s, r); /* a cron tick or idle check: a quiet moment */
+    shed(s, r, true); /* a cron tick or idle check: a quiet moment */
   if (r->idle_check && now >= r->idle_check) {
     int64_t idle_until = LOAD(last_read) + s->o.read_timeout;
     if (now >= idle_until)
@@ -896,43 +919,96 @@ static int on_deadline(loom_session *s, reader *r) {
   return 0;
 }
 
+/* After a read into the stack buffer: back to no buffer if everything
+ * was handled, else onto the heap with what is pending.  A read that
+ * filled the stack buffer moves to the heap too, for larger gulps. */
+static int unstack(loom_session *s, reader *r, bool filled) {
+  size_t pending = r->len - r->off;
+  r->on_stack = false;
+  if (pending == 0 && !filled) {
+    r->buf = NULL;
+    r->cap = r->off = r->len = 0;
+    return 0;
+  }
+  size_t cap = pending > s->o.read_buf ? pending : s->o.read_buf;
+  uint8_t *nb = loom__malloc(cap);
+  if (!nb) {
+    r->buf = NULL;
+    r->cap = r->off = r->len = 0;
+    return -ENOMEM;
+  }
+  memcpy(nb, r->buf + r->off, pending);
+  r->buf = nb;
+  r->cap = cap;
+  r->off = 0;
+  r->len = pending;
+  r->filled = false; /* the heap buffer starts at read_buf */
+  return 0;
+}
+
 static int read_stream(loom_session *s, reader *r) {
+  _Alignas(16) uint8_t stack_buf[STACK_READ];
+  int rc = 0;
   for (;;) {
     arm(s, r);
     if (atomic_load(&s->state) != S_OPEN)
-      return 0;
-    int rc = make_room(s, r);
-    if (rc < 0)
-      return rc;
+      break;
+    if (r->cap == 0) {
+      r->buf = stack_buf;
+      r->cap = s->o.read_buf < STACK_READ ? s->o.read_buf : STACK_READ;
+      r->on_stack = true;
+    } else if ((rc = make_room(s, r)) < 0) {
+      break;
+    }
     size_t room = r->cap - r->len;
     ssize_t n = s->top->ops->read(s->top, r->buf + r->len, room);
     if (n > 0) {
       atomic_store_explicit(&s->last_read, loom_now(), memory_order_relaxed);
       r->filled = (size_t)n == room;
-      if ((size_t)n >= room / 4)
+      if ((size_t)n >= room / 4) {
         r->small = 0;
-      else if (r->small <= QUIET_READS)
+        r->small_max = 0;
+      } else if (r->small <= QUIET_READS) {
         r->small++; /* stops past QUIET_READS: shed() runs once */
+        if ((size_t)n > r->small_max)
+          r->small_max = (size_t)n;
+      }
       r->len += (size_t)n;
       rc = drain(s, r);
+      if (r->on_stack) {
+        int e = unstack(s, r, r->filled);
+        if (rc == 0)
+          rc = e;
+      }
       if (rc < 0)
-        return rc;
+        break;
       if (r->small == QUIET_READS)
-        shed(s, r);
+        shed(s, r, r->small_max <= STACK_READ / 2);
       continue;
     }
-    if (n == 0) /* the peer shut down its side: all it sent is handled */
-      return r->len > r->off ? -EBADMSG : 1;
+    if (r->on_stack) /* nothing was read: nothing is pending */
+      (void)unstack(s, r, false);
+    if (n == 0) { /* the peer shut down its side: all it sent is handled */
+      rc = r->len > r->off ? -EBADMSG : 1;
+      break;
+    }
     if (n == -ETIMEDOUT) {
       if (atomic_load(&s->state) != S_OPEN)
-        return 0;
+        break;
       rc = on_deadline(s, r);
       if (rc < 0)
-        return rc;
+        break;
       continue;
     }
-    return (int)n;
+    rc = (int)n;
+    break;
   }
+  if (r->on_stack) { /* a stack buffer must not outlive this frame */
+    r->buf = NULL;
+    r->cap = r->off = r->len = 0;
+    r->on_stack = false;
+  }
+  return rc;
 }
 
 static int read_packets(loom_session *s, reader *r) {
@@ -1013,13 +1089,15 @@ static void reader_main(void *arg) {
     loom_session_abort(s, rc);
     goto end;
   }
-  r.cap = s->packet ? s->o.max_pkg_len + 64 : s->o.read_buf;
-  if (s->packet && r.cap > 65536 + 64)
-    r.cap = 65536 + 64;
-  r.buf = loom__malloc(r.cap);
-  if (!r.buf) {
-    loom_session_abort(s, -ENOMEM);
-    goto end;
+  if (s->packet) { /* a datagram must fit whole: no stack buffer */
+    r.cap = s->o.max_pkg_len + 64;
+    if (r.cap > 65536 + 64)
+      r.cap = 65536 + 64;
+    r.buf = loom__malloc(r.cap);
+    if (!r.buf) {
+      loom_session_abort(s, -ENOMEM);
+      goto end;
+    }
   }
   if (l->on_open) {
     rc = l->on_open(s);
