@@ -34,11 +34,13 @@
 #   SECS=3            measured seconds of a run (after WARMUP_S)
 #   WARMUP_S=0.5
 #   PROCS=2           threads of every server: loom procs, GOMAXPROCS
-#   CASES="pp64 pp1k pipe4k"    (storm also works: connect, one frame,
-#                                close)
+#   CASES="pp64 pp1k pipe4k idle"   (storm also works: connect, one
+#                                frame, close; idle: IDLE_N connections
+#                                that each echo one frame, then wait:
+#                                the server's RSS growth per connection)
 #   SERVERS="engine go plain"
 #   GO_WRITE=buffered go_lenpfx_echo's -write: buffered or frame
-#   STORM_N=5000 STORM_PARALLEL=64
+#   STORM_N=5000 STORM_PARALLEL=64 IDLE_N=10000
 #   PORT_BASE=19400   the servers listen on 127.0.0.1:PORT_BASE+k
 #   BUDGET_S=540      start no round that would end after this; no run
 #                     goes on past BUDGET_S + 30 s either
@@ -54,11 +56,12 @@ ROUNDS=${ROUNDS:-7}
 SECS=${SECS:-3}
 WARMUP_S=${WARMUP_S:-0.5}
 PROCS=${PROCS:-2}
-CASES=${CASES:-pp64 pp1k pipe4k}
+CASES=${CASES:-pp64 pp1k pipe4k idle}
 SERVERS=${SERVERS:-engine go plain}
 GO_WRITE=${GO_WRITE:-buffered}
 STORM_N=${STORM_N:-5000}
 STORM_PARALLEL=${STORM_PARALLEL:-64}
+IDLE_N=${IDLE_N:-10000}
 PORT_BASE=${PORT_BASE:-19400}
 BUDGET_S=${BUDGET_S:-540}
 GO=${GO:-go}
@@ -73,8 +76,8 @@ for s in $SERVERS; do
 done
 for c in $CASES; do
   case $c in
-    pp64 | pp1k | pipe4k | storm) ;;
-    *) echo "run.sh: unknown case '$c' (pp64, pp1k, pipe4k, storm)" >&2; exit 2 ;;
+    pp64 | pp1k | pipe4k | storm | idle) ;;
+    *) echo "run.sh: unknown case '$c' (pp64, pp1k, pipe4k, storm, idle)" >&2; exit 2 ;;
   esac
 done
 has() { [[ " $SERVERS " == *" $1 "* ]]; }
@@ -113,8 +116,19 @@ start_server() { # start_server SERVER PORT: sets SPID; output to $LOG
   SPID=$!
 }
 
+# The idle case holds IDLE_N connections; the servers inherit the limit.
+[[ " $CASES " == *" idle "* ]] && ulimit -n "$(ulimit -Hn)"
+
 # run SERVER CASE: one run of CASE against a fresh SERVER, framed.
-run() { loadgen_run "$1" "$2" --frame 4 && print_run 6 "$1" "$2"; }
+run() {
+  loadgen_run "$1" "$2" --frame 4 || return
+  if [[ $2 == idle ]]; then
+    printf '  %-6s %-6s kib_per_conn=%s rss_kib=%s (base %s)\n' "$1" "$2" \
+      "$(field kib_per_conn "$LINE")" "$(field rss_kib "$LINE")" "$(field rss_base_kib "$LINE")"
+  else
+    print_run 6 "$1" "$2"
+  fi
+}
 
 echo "engine bench: length-prefixed echo, servers: $SERVERS (go: -write $GO_WRITE); $(nproc) CPUs, $ROUNDS rounds, ${SECS}s per run, $PROCS server threads; $(date -u '+%Y-%m-%d %H:%M UTC')"
 say_load_before
@@ -130,6 +144,7 @@ echo
 echo "ratios of the medians (CPU µs/msg; p99): below 1 means the first is cheaper / faster"
 printf '%-7s %-11s %-13s %-9s %-11s %s\n' case engine/go engine/plain go/plain "p99 e/go" "p99 e/plain"
 for c in $CASES; do
+  [[ $c == idle ]] && continue
   ce=$(med engine "$c" cpu_us_per_msg)
   cg=$(med go "$c" cpu_us_per_msg)
   cp=$(med plain "$c" cpu_us_per_msg)
@@ -137,6 +152,13 @@ for c in $CASES; do
     "$(div "$(med engine "$c" p99_us)" "$(med go "$c" p99_us)")" \
     "$(div "$(med engine "$c" p99_us)" "$(med plain "$c" p99_us)")"
 done
+if [[ " $CASES " == *" idle "* ]]; then
+  echo
+  echo "idle: $IDLE_N connections, each echoed one frame, then held: server RSS growth per connection (KiB)"
+  for s in $SERVERS; do
+    printf '  %-6s %s\n' "$s" "$(cell "$s" idle kib_per_conn)"
+  done
+fi
 
 echo
 say_load_after
