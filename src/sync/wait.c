@@ -17,10 +17,11 @@
 #include "ctx/ctx_internal.h"
 #include "runtime/runtime.h"
 
-void loom__spin_lock(
+/* The lock was held when loom__spin_lock tried it. */
+void loom__spin_lock_slow(
     int *l) { // NOLINT(readability-non-const-parameter): written by __atomic
   unsigned spins = 1;
-  while (__atomic_exchange_n(l, 1, __ATOMIC_ACQUIRE)) {
+  do {
     /* Back off while it is held: hammering the line slows the holder. */
     do {
       for (unsigned i = 0; i < spins; i++)
@@ -30,11 +31,7 @@ void loom__spin_lock(
       else
         sched_yield(); /* the holder may have lost its CPU */
     } while (__atomic_load_n(l, __ATOMIC_RELAXED));
-  }
-}
-
-void loom__spin_unlock(int *l) { // NOLINT(readability-non-const-parameter)
-  __atomic_store_n(l, 0, __ATOMIC_RELEASE);
+  } while (__atomic_exchange_n(l, 1, __ATOMIC_ACQUIRE));
 }
 
 void loom__waiter_init(loom__waiter *w, bool exclusive) {

@@ -44,8 +44,14 @@ typedef loom_waitq_ loom__waitq;
 
 /* Spinlocks over plain ints (the public structs hold plain ints), with
  * __atomic builtins. */
-void loom__spin_lock(int *l);
-void loom__spin_unlock(int *l);
+void loom__spin_lock_slow(int *l);
+static inline void loom__spin_lock(int *l) {
+  if (__atomic_exchange_n(l, 1, __ATOMIC_ACQUIRE))
+    loom__spin_lock_slow(l); /* held: back off there */
+}
+static inline void loom__spin_unlock(int *l) {
+  __atomic_store_n(l, 0, __ATOMIC_RELEASE);
+}
 
 void loom__waiter_init(loom__waiter *w, bool exclusive);
 bool loom__waiter_claim(loom__waiter *w);
