@@ -43,7 +43,7 @@
 #   loadgen_run SERVER CASE [LOADGEN-ARG...]   one run on a fresh server
 #                            (see there); stop_server kills SPID
 #   print_run WIDTH SERVER CASE, say_load_before, say_load_after,
-#   table_medians            the lines both echo benches print
+#   table_medians, table_idle TITLE   the lines both echo benches print
 #
 # A script calls bench_init first (it sets BUILD and START and the working
 # directory), then defines before the calls that use them: ROUNDS and
@@ -285,9 +285,14 @@ loadgen_run() {
     server_cpu_util lg_cpu_util host_cpu_util steal_cpu_util sleeps_per_msg
 }
 
-# print_run WIDTH SERVER CASE: the line of one ping-pong or storm run (LINE),
-# the server's name WIDTH wide.
+# print_run WIDTH SERVER CASE: the line of one run (LINE), the server's
+# name WIDTH wide: CPU, rate and latency, or for idle the RSS figures.
 print_run() {
+  if [[ $3 == idle ]]; then
+    printf "  %-${1}s %-6s kib_per_conn=%s rss_kib=%s (base %s)\n" "$2" "$3" \
+      "$(field kib_per_conn "$LINE")" "$(field rss_kib "$LINE")" "$(field rss_base_kib "$LINE")"
+    return
+  fi
   printf "  %-${1}s %-6s cpu_us/msg=%-7s sleeps/msg=%-6s msgs/s=%-7s p50=%-7s p99=%-8s cores: server=%s lg=%s host=%s steal=%s\n" \
     "$2" "$3" "$(field cpu_us_per_msg "$LINE")" "$(field sleeps_per_msg "$LINE")" "$(field msgs_per_s "$LINE")" \
     "$(field p50_us "$LINE")" "$(field p99_us "$LINE")" "$(field server_cpu_util "$LINE")" \
@@ -303,6 +308,18 @@ say_load_after() {
   echo "(cores: host = this VM's CPUs busy during a run; host - server - lg is what other"
   echo " processes here took; steal = CPU the hypervisor gave to other VMs on the shared"
   echo " host.  Runs with much of either were disturbed.)"
+}
+
+# table_idle TITLE: if CASES has idle, TITLE and each server's median
+# [min..max] RSS growth per connection.
+table_idle() {
+  local s
+  [[ " $CASES " == *" idle "* ]] || return 0
+  echo
+  echo "$1"
+  for s in $SERVERS; do
+    printf '  %-6s %s\n' "$s" "$(cell "$s" idle kib_per_conn)"
+  done
 }
 
 # table_medians: "median [min..max]" of every server and case but idle.

@@ -69,15 +69,7 @@ start_server() { # start_server SERVER PORT: sets SPID
 }
 
 # run SERVER CASE: one run of CASE against a fresh SERVER.
-run() {
-  loadgen_run "$1" "$2" || return
-  if [[ $2 == idle ]]; then
-    printf '  %-5s %-6s kib_per_conn=%s rss_kib=%s (base %s)\n' "$1" "$2" \
-      "$(field kib_per_conn "$LINE")" "$(field rss_kib "$LINE")" "$(field rss_base_kib "$LINE")"
-  else
-    print_run 5 "$1" "$2"
-  fi
-}
+run() { loadgen_run "$1" "$2" && print_run 5 "$1" "$2"; }
 
 echo "echo bench: loom vs Go vs C epoll; $(nproc) CPUs, $ROUNDS rounds, ${SECS}s per ping-pong run, $PROCS server threads; $(date -u '+%Y-%m-%d %H:%M UTC')"
 say_load_before
@@ -105,12 +97,8 @@ for c in $CASES; do
   [[ "$m1 $m2 $m3" == *-* ]] && all=-
   printf '%-7s %-11s %-11s %-8s %-8s %-11s %-8s %s\n' "$c" "$le" "$m1" "$lg" "$m2" "$lp" "$m3" "$all"
 done
+table_idle "idle: $IDLE_N connections held, server RSS growth per connection (KiB; target loom <= 8)"
 if [[ " $CASES " == *" idle "* ]]; then
-  echo
-  echo "idle: $IDLE_N connections held, server RSS growth per connection (KiB; target loom <= 8)"
-  for s in $SERVERS; do
-    printf '  %-6s %s\n' "$s" "$(cell "$s" idle kib_per_conn)"
-  done
   echo "  loom <= 8 KiB: $(meets "$(med loom idle kib_per_conn)" "<=" 8)"
 fi
 

@@ -120,15 +120,7 @@ start_server() { # start_server SERVER PORT: sets SPID; output to $LOG
 [[ " $CASES " == *" idle "* ]] && ulimit -n "$(ulimit -Hn)"
 
 # run SERVER CASE: one run of CASE against a fresh SERVER, framed.
-run() {
-  loadgen_run "$1" "$2" --frame 4 || return
-  if [[ $2 == idle ]]; then
-    printf '  %-6s %-6s kib_per_conn=%s rss_kib=%s (base %s)\n' "$1" "$2" \
-      "$(field kib_per_conn "$LINE")" "$(field rss_kib "$LINE")" "$(field rss_base_kib "$LINE")"
-  else
-    print_run 6 "$1" "$2"
-  fi
-}
+run() { loadgen_run "$1" "$2" --frame 4 && print_run 6 "$1" "$2"; }
 
 echo "engine bench: length-prefixed echo, servers: $SERVERS (go: -write $GO_WRITE); $(nproc) CPUs, $ROUNDS rounds, ${SECS}s per run, $PROCS server threads; $(date -u '+%Y-%m-%d %H:%M UTC')"
 say_load_before
@@ -152,13 +144,7 @@ for c in $CASES; do
     "$(div "$(med engine "$c" p99_us)" "$(med go "$c" p99_us)")" \
     "$(div "$(med engine "$c" p99_us)" "$(med plain "$c" p99_us)")"
 done
-if [[ " $CASES " == *" idle "* ]]; then
-  echo
-  echo "idle: $IDLE_N connections, each echoed one frame, then held: server RSS growth per connection (KiB)"
-  for s in $SERVERS; do
-    printf '  %-6s %s\n' "$s" "$(cell "$s" idle kib_per_conn)"
-  done
-fi
+table_idle "idle: $IDLE_N connections, each echoed one frame, then held: server RSS growth per connection (KiB)"
 
 echo
 say_load_after
