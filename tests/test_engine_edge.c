@@ -509,6 +509,16 @@ static void count_free(void *ud, void *p) {
   free(p);
 }
 
+/* run(), with loom's heap going through `realloc_fn` / `free_fn`. */
+static void run_counted(void *(*realloc_fn)(void *, void *, size_t),
+                        void (*free_fn)(void *, void *),
+                        void (*fn)(void *), int procs, const char *what) {
+  loom_allocator a = {realloc_fn, free_fn, NULL};
+  loom_set_allocator(&a);
+  run(fn, procs, what);
+  loom_set_allocator(NULL);
+}
+
 static void slow_memory_main(void *arg) {
   (void)arg;
   slow t;
@@ -568,10 +578,7 @@ static void shrink_main(void *arg) {
   finish(srv, peer);
 }
 TEST(read_buf_shrinks_after_big_package) {
-  loom_allocator a = {count_realloc, count_free, NULL};
-  loom_set_allocator(&a);
-  run(shrink_main, 2, "read buffer shrink");
-  loom_set_allocator(NULL);
+  run_counted(count_realloc, count_free, shrink_main, 2, "read buffer shrink");
 }
 
 /* Send one frame of n payload bytes and read its echo back, byte-exact. */
@@ -679,10 +686,8 @@ static void no_read_buffer_main(void *arg) {
   finish(srv, peer);
 }
 TEST(idle_session_holds_no_read_buffer) {
-  loom_allocator a = {odd_realloc, odd_free, NULL};
-  loom_set_allocator(&a);
-  run(no_read_buffer_main, 2, "no read buffer while idle");
-  loom_set_allocator(NULL);
+  run_counted(odd_realloc, odd_free, no_read_buffer_main, 2,
+              "no read buffer while idle");
 }
 
 /* Frames of every size around the stack buffer and read_buf, each sent
@@ -729,10 +734,7 @@ TEST(frames_split_around_the_stack_buffer) {
 }
 
 TEST(slow_consumer_memory_bound) {
-  loom_allocator a = {count_realloc, count_free, NULL};
-  loom_set_allocator(&a);
-  run(slow_memory_main, 2, "memory bound");
-  loom_set_allocator(NULL);
+  run_counted(count_realloc, count_free, slow_memory_main, 2, "memory bound");
 }
 
 /* ------------------------------------------------------------------ */
