@@ -466,6 +466,100 @@ static void short_main(void *arg) {
 TEST(short_read_before_fin_or_urgent_mark) { check_run(short_main, NULL, 1); }
 
 /* ------------------------------------------------------------------ */
+/* A read of no bytes waits for readability and consumes nothing: on a
+ * fresh connection (the peek), after a short read (the poller's event),
+ * until a deadline, at end of stream, under a close and under a cancel. */
+
+static loom_conn *zr_srv;
+static atomic_int zr_step;
+static ssize_t zr_got;
+
+static void zr_waiter(void *arg) {
+  (void)arg;
+  zr_got = loom_read(zr_srv, NULL, 0);
+  atomic_store(&zr_step, 1);
+}
+
+/* Start zr_waiter, see it still parked after a while, and return. */
+static void zr_parked(void) {
+  atomic_store(&zr_step, 0);
+  CHECK_OK(loom_go(zr_waiter, NULL));
+  loom_sleep(20 * CHECK_MS);
+  CHECKF(!atomic_load(&zr_step), "a read of no bytes returned %zd with nothing to read",
+         zr_got);
+}
+
+static void zr_done(ssize_t want) {
+  for (int i = 0; i < 1000 && !atomic_load(&zr_step); i++)
+    loom_sleep(CHECK_MS);
+  CHECK(atomic_load(&zr_step));
+  CHECKF(zr_got == want, "a read of no bytes gave %s, not %s", loom_strerror((int)zr_got),
+         loom_strerror((int)want));
+}
+
+static void zero_read_main(void *arg) {
+  (void)arg;
+  loom_listener *l;
+  char addr[128], b[64];
+  CHECK_OK(loom_listen(&l, "tcp", "127.0.0.1:0"));
+  CHECK_OK(loom_listener_addr(l, addr, sizeof addr));
+  loom_conn *c;
+  CHECK_OK(loom_dial(&c, "tcp", addr));
+  CHECK_OK(loom_accept(l, &zr_srv));
+
+  /* Fresh: nothing pending, so it parks until the peer writes. */
+  zr_parked();
+  CHECK_EQ(loom_write(c, "hello", 5), 5);
+  zr_done(0);
+  /* Nothing was consumed, and ready stays ready. */
+  CHECK_EQ(loom_read(zr_srv, NULL, 0), 0);
+  CHECK_EQ(loom_read(zr_srv, b, sizeof b), 5); /* short: drained */
+  CHECK(memcmp(b, "hello", 5) == 0);
+
+  /* After the short read: the event path.  Parks again. */
+  zr_parked();
+  CHECK_EQ(loom_write(c, "world!", 6), 6);
+  zr_done(0);
+  CHECK_EQ(loom_read(zr_srv, b, sizeof b), 6);
+  CHECK(memcmp(b, "world!", 6) == 0);
+
+  /* A deadline ends it, and moving the deadline makes it usable again. */
+  CHECK_OK(loom_set_read_deadline(zr_srv, loom_now() + 30 * CHECK_MS));
+  CHECK_EQ(loom_read(zr_srv, NULL, 0), -ETIMEDOUT);
+  CHECK_OK(loom_set_read_deadline(zr_srv, 0));
+  CHECK_EQ(loom_write(c, "x", 1), 1);
+  CHECK_EQ(loom_read(zr_srv, NULL, 0), 0);
+  CHECK_EQ(loom_read(zr_srv, b, sizeof b), 1);
+
+  /* A cancelled context ends it with the context's reason. */
+  loom_ctx *ctx;
+  CHECK_OK(loom_ctx_with_timeout(&ctx, loom_ctx_background(), 30 * CHECK_MS));
+  CHECK_EQ(loom_read_ctx(zr_srv, NULL, 0, ctx), -ETIMEDOUT);
+  loom_ctx_cancel(ctx);
+  loom_ctx_release(ctx);
+  CHECK_OK(loom_set_read_deadline(zr_srv, 0));
+
+  /* End of stream is readable: the wait returns, the read says EOF. */
+  zr_parked();
+  CHECK_OK(loom_shutdown(c, SHUT_WR));
+  zr_done(0);
+  CHECK_EQ(loom_read(zr_srv, b, sizeof b), 0);
+  CHECK_OK(loom_close(c));
+  CHECK_OK(loom_close(zr_srv));
+
+  /* A close from another coroutine wakes it with LOOM_ECLOSED. */
+  CHECK_OK(loom_dial(&c, "tcp", addr));
+  CHECK_OK(loom_accept(l, &zr_srv));
+  zr_parked();
+  CHECK_OK(loom_close(zr_srv));
+  zr_done(LOOM_ECLOSED);
+  CHECK_OK(loom_close(c));
+  CHECK_OK(loom_listener_close(l));
+}
+
+TEST(zero_length_read_waits_for_data) { check_run(zero_read_main, NULL, 2); }
+
+/* ------------------------------------------------------------------ */
 /* A peer that resets mid-write: an error, no SIGPIPE.                  */
 
 static void resetter(void *arg) {

@@ -110,6 +110,26 @@ LOOM_API int loom_dial_with(loom_conn **c, const char *network,
  * loom_read — read up to `len` bytes.  Returns the count (> 0), 0 at end
  * of stream (the peer shut down its writing side), -ETIMEDOUT,
  * -ECONNRESET, LOOM_ECLOSED, or another -errno.  Parks.
+ *
+ * With `len` 0 (`buf` may be NULL) it waits until a read would not park
+ * — bytes, the end of stream or an error are pending — consumes nothing,
+ * and returns 0, or the error (a pending socket error is returned here
+ * or by the next read, not both), under the same deadline and context
+ * rules.  A server holding many idle connections waits this way first
+ * and takes a read buffer only when there is something to read, so an
+ * idle connection holds no buffer:
+ *
+ *     while (loom_read(c, NULL, 0) == 0) {
+ *       char *buf = malloc(N);          // or from a pool
+ *       ssize_t n;
+ *       do {
+ *         n = loom_read(c, buf, N);     // does not park the first time
+ *         ...
+ *       } while (n == N);               // a full buffer: maybe more
+ *       free(buf);
+ *     }
+ *
+ * After a short read the wait costs no system call.
  */
 LOOM_API ssize_t loom_read(loom_conn *c, void *buf, size_t len);
 

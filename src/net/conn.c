@@ -90,6 +90,36 @@ static bool wait_first(loom__netfd *f) {
          !loom__pd_hungup(f->pd);
 }
 
+/*
+ * A read of no bytes: wait until a read would not block, and consume
+ * nothing.  After a short read the poller's event says so; otherwise a
+ * one-byte peek asks the socket.  A peek that finds an error has taken
+ * it from the socket, so it is returned here, not left for the read.
+ */
+static ssize_t wait_readable(loom__netfd *f) {
+  if (wait_first(f)) {
+    int w = loom__pd_wait(f->pd, 'r');
+    if (w != 0)
+      return w;
+    return loom__netfd_closed(f) ? LOOM_ECLOSED : 0;
+  }
+  for (;;) {
+    if (loom__netfd_closed(f))
+      return LOOM_ECLOSED;
+    char b;
+    if (recv(f->fd, &b, 1, MSG_PEEK) >= 0)
+      return 0;
+    int e = errno;
+    if (e == EINTR)
+      continue;
+    if (e != EAGAIN)
+      return -e;
+    int w = loom__pd_wait(f->pd, 'r');
+    if (w != 0)
+      return w;
+  }
+}
+
 ssize_t loom_read(loom_conn *c, void *buf, size_t len) {
   int err = enter(c);
   if (err != 0)
@@ -97,6 +127,13 @@ ssize_t loom_read(loom_conn *c, void *buf, size_t len) {
   loom__netfd *f = &c->nf;
   ssize_t r;
   loom__sema_acquire(&f->rsema);
+  if (len == 0) {
+    r = wait_readable(f);
+    f->drained = false; /* the event, if any, is spent: read first */
+    loom__sema_release(&f->rsema);
+    loom__netfd_release(f);
+    return r;
+  }
   /* An error (a deadline, a close) shows in the read's own wait. */
   if (wait_first(f))
     (void)loom__pd_wait(f->pd, 'r');
