@@ -3,15 +3,19 @@
  * the code a loom user writes, Go's shape in C.
  *
  * One listener, one accept loop on the main coroutine, one coroutine per
- * connection that reads into a 16 KiB buffer on its own stack and writes
- * back what it read, until end of stream or an error.  Nothing tuned:
- * default stack size, loom_listen's defaults (no SO_REUSEPORT).
+ * connection that writes back what it reads, until end of stream or an
+ * error.  It waits for input holding no buffer (loom_read of 0 bytes, as
+ * net.h shows), then reads into a 16 KiB buffer from malloc, freed when
+ * a read comes back short: an idle connection is its coroutine's one
+ * stack page.  Nothing tuned: default stack size, loom_listen's defaults
+ * (no SO_REUSEPORT).
  *
  * Usage: loom_echo [--addr HOST:PORT] [--procs N]   (default
  * 127.0.0.1:7000; procs 0 or absent: loom's default, every CPU this
  * process may run on).  Runs until killed.
  */
 #define _GNU_SOURCE
+#include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -26,12 +30,19 @@ static const char *addr = "127.0.0.1:7000";
 
 static void serve(void *arg) {
   loom_conn *c = arg;
-  char buf[BUF_SIZE];
-  for (;;) {
-    ssize_t n = loom_read(c, buf, sizeof buf);
-    if (n <= 0)
+  /* Wait with no buffer; take one only to read what has come. */
+  while (loom_read(c, NULL, 0) == 0) {
+    char *buf = malloc(BUF_SIZE);
+    if (buf == NULL)
       break;
-    if (loom_write(c, buf, (size_t)n) != n)
+    ssize_t n;
+    bool ok;
+    do { /* a full buffer: there may be more */
+      n = loom_read(c, buf, BUF_SIZE);
+      ok = n > 0 && loom_write(c, buf, (size_t)n) == n;
+    } while (ok && n == BUF_SIZE);
+    free(buf);
+    if (!ok)
       break;
   }
   loom_close(c);
