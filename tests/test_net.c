@@ -507,7 +507,17 @@ static void zero_read_main(void *arg) {
   CHECK_OK(loom_dial(&c, "tcp", addr));
   CHECK_OK(loom_accept(l, &zr_srv));
 
-  /* Fresh: nothing pending, so it parks until the peer writes. */
+  /* Readiness the poller recorded while nobody waited announced bytes
+   * that the next read takes: after that read, it is not new input. */
+  CHECK_EQ(loom_write(c, "ab", 2), 2);
+  loom_sleep(20 * CHECK_MS); /* the event comes; nobody waits */
+  CHECK_EQ(loom_read(zr_srv, b, sizeof b), 2);
+  CHECK_OK(loom_set_read_deadline(zr_srv, loom_now() + 30 * CHECK_MS));
+  CHECKF(loom_read(zr_srv, NULL, 0) == -ETIMEDOUT,
+         "a read of no bytes took the event of bytes already read for new input");
+  CHECK_OK(loom_set_read_deadline(zr_srv, 0));
+
+  /* Nothing pending: it parks until the peer writes. */
   zr_parked();
   CHECK_EQ(loom_write(c, "hello", 5), 5);
   zr_done(0);

@@ -115,7 +115,9 @@ LOOM_API int loom_dial_with(loom_conn **c, const char *network,
  * — bytes, the end of stream or an error are pending — consumes nothing,
  * and returns 0, or the error (a pending socket error is returned here
  * or by the next read, not both), under the same deadline and context
- * rules.  A server holding many idle connections waits this way first
+ * rules.  Now and then, when bytes landed while the read before it was
+ * running (and that read took them), it returns 0 early and the read
+ * after it parks.  A server holding many idle connections waits this way first
  * and takes a read buffer only when there is something to read, so an
  * idle connection holds no buffer:
  *
@@ -123,7 +125,7 @@ LOOM_API int loom_dial_with(loom_conn **c, const char *network,
  *       char *buf = malloc(N);          // or from a pool
  *       ssize_t n;
  *       do {
- *         n = loom_read(c, buf, N);     // does not park the first time
+ *         n = loom_read(c, buf, N);     // input is there (almost always)
  *         ...
  *       } while (n == N);               // a full buffer: maybe more
  *       free(buf);

@@ -92,9 +92,12 @@ static bool wait_first(loom__netfd *f) {
 
 /*
  * A read of no bytes: wait until a read would not block, and consume
- * nothing.  After a short read the poller's event says so; otherwise a
- * one-byte peek asks the socket.  A peek that finds an error has taken
- * it from the socket, so it is returned here, not left for the read.
+ * nothing.  After a short read the poller's event says so (every read
+ * forgets the readiness recorded before it began, so an event that is
+ * left came later: bytes that landed while that read ran are the one
+ * exception); otherwise a one-byte peek asks the socket.  A peek that
+ * finds an error has taken it from the socket, so it is returned here,
+ * not left for the read.
  */
 static ssize_t wait_readable(loom__netfd *f) {
   if (wait_first(f)) {
@@ -103,6 +106,7 @@ static ssize_t wait_readable(loom__netfd *f) {
       return w;
     return loom__netfd_closed(f) ? LOOM_ECLOSED : 0;
   }
+  loom__pd_consume(f->pd, 'r'); /* the peek sees what it announced */
   for (;;) {
     if (loom__netfd_closed(f))
       return LOOM_ECLOSED;
@@ -137,6 +141,8 @@ ssize_t loom_read(loom_conn *c, void *buf, size_t len) {
   /* An error (a deadline, a close) shows in the read's own wait. */
   if (wait_first(f))
     (void)loom__pd_wait(f->pd, 'r');
+  else
+    loom__pd_consume(f->pd, 'r'); /* the read sees what it announced */
   for (;;) {
     if (loom__netfd_closed(f)) {
       r = LOOM_ECLOSED;

@@ -128,6 +128,15 @@ static bool block_commit(loom__g *g, void *arg) {
   return false; /* readiness or a wake-up came first: do not sleep */
 }
 
+void loom__pd_consume(loom__pd *pd, int mode) {
+  _Atomic uintptr_t *gpp = waiter(pd, mode);
+  uintptr_t v = PD_READY;
+  if (atomic_load_explicit(gpp, memory_order_relaxed) == PD_READY)
+    atomic_compare_exchange_strong_explicit(gpp, &v, PD_NIL,
+                                            memory_order_acq_rel,
+                                            memory_order_relaxed);
+}
+
 /* 0: nothing wrong; else why a wait must fail now. */
 int loom__pd_check(loom__pd *pd, int mode) {
   pd_lock(pd);

@@ -79,6 +79,12 @@ void loom__pd_evict(loom__pd *pd);
  * -ETIMEDOUT when the deadline passed, LOOM_ECLOSED when evicted.
  * Parks.  At most one coroutine waits per direction. */
 int loom__pd_wait(loom__pd *pd, int mode);
+/* Forget a readiness the poller recorded while nobody waited, just
+ * before the system call that takes what it announced: afterwards the
+ * recorded readiness means input that came after that call began (but
+ * for bytes that land between the two, which the call takes anyway).
+ * Only the direction's one waiter calls it. */
+void loom__pd_consume(loom__pd *pd, int mode);
 /* What loom__pd_wait would fail with right now (0: nothing). */
 int loom__pd_check(loom__pd *pd, int mode);
 /* Set the deadline of one direction ('r', 'w') or both ('r'+'w'):
