@@ -48,9 +48,12 @@ static int64_t thread_cpu(loom__p *p) {
   return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
 }
 
-/* Returns how many Ps it retook.  `delay`: how long we slept. */
-static int retake(loom__rt *rt, int64_t now, int64_t delay) {
+/* Returns how many Ps it retook, and in *seen whether it saw a blocking
+ * call for the first time (to be retaken a round from now: the caller
+ * must not sleep longer).  `delay`: how long we slept. */
+static int retake(loom__rt *rt, int64_t now, int64_t delay, bool *seen) {
   int n = 0;
+  *seen = false;
   for (int i = 0; i < rt->nprocs; i++) {
     loom__p *p = rt->allp[i];
     uint32_t s = atomic_load_explicit(&p->status, memory_order_acquire);
@@ -59,6 +62,7 @@ static int retake(loom__rt *rt, int64_t now, int64_t delay) {
       if (p->sm_blocktick != t) {
         p->sm_blocktick = t;
         p->sm_blockwhen = now;
+        *seen = true;
         continue;
       }
       if (now - p->sm_blockwhen < RETAKE_NS)
@@ -292,7 +296,12 @@ static void *sysmon_main(void *arg) {
         idle = 0;
       }
     }
-    if (retake(rt, now, delay) > 0)
+    /* A call seen for the first time entered it after our last sleep
+     * (so after sysmonslow was cleared, and it woke nobody): new_block
+     * will not count it, and only resetting here keeps the next sleep to
+     * a round instead of up to 10 ms. */
+    bool seen;
+    if (retake(rt, now, delay, &seen) > 0 || seen)
       idle = 0;
     else
       idle++;
