@@ -40,8 +40,9 @@
  * a compiler may keep the address of a __thread variable in a register
  * across the call that switched (brpc's years-long bug).  The scheduler's
  * one thread-local, the current M, is read only through loom__getm(),
- * which is never inlined and has a side effect the optimizer must keep,
- * and is re-read after every switch.  errno is saved and restored per G
+ * whose every call reads the thread pointer afresh (a volatile asm with a
+ * memory clobber on x86_64, runtime.h; an opaque call elsewhere), and is
+ * re-read after every switch.  errno is saved and restored per G
  * through the address the M took of it on its own thread.
  *
  * Rejected: ucontext (a signal-mask system call per switch); a single
@@ -89,7 +90,7 @@ void __tsan_switch_to_fiber(void *fiber, unsigned flags);
 #define PCACHE_MAX 64
 #define SIGSTACK_SIZE ((size_t)64 << 10)
 
-static __thread loom__m *tls_m;
+__thread loom__m *loom__tls_m; /* read through loom__getm() only */
 static _Atomic(loom__rt *) current_rt;
 /* Serialises foreign threads' use of current_rt against teardown. */
 static pthread_mutex_t rt_mu = PTHREAD_MUTEX_INITIALIZER;
@@ -103,14 +104,16 @@ static struct sigaction old_segv, old_bus;
 #define LOOM_NOIPA __attribute__((noinline, noipa))
 #endif
 
+#if !defined(__x86_64__)
 LOOM_NOIPA loom__m *loom__getm(void) {
   __asm__ volatile("" ::: "memory");
-  return tls_m;
+  return loom__tls_m;
 }
+#endif
 
 LOOM_NOIPA static void set_tls_m(loom__m *m) {
   __asm__ volatile("" ::: "memory");
-  tls_m = m;
+  loom__tls_m = m;
 }
 
 /* The scheduler's locks are held for a few hundred instructions at most:
@@ -127,13 +130,6 @@ int loom__mutex_init(pthread_mutex_t *mu) {
 loom__rt *loom__rt_get(void) {
   loom__m *m = loom__getm();
   return m ? m->rt : atomic_load(&current_rt);
-}
-
-loom__g *loom__getg(void) {
-  loom__m *m = loom__getm();
-  if (m == NULL || m->curg == NULL || m->curg->is_g0)
-    return NULL;
-  return m->curg;
 }
 
 int64_t loom_now(void) {
@@ -1308,7 +1304,7 @@ static void chain(struct sigaction *old, int sig, siginfo_t *si, void *uc) {
 }
 
 static void fault_handler(int sig, siginfo_t *si, void *uc) {
-  loom__m *m = tls_m;
+  loom__m *m = loom__getm();
   if (m != NULL && m->curg != NULL && !m->curg->is_g0 &&
       loom__stack_guard_hit(&m->rt->stacks, &m->curg->stk, si->si_addr)) {
     overflow_report(m, m->curg, si->si_addr);

@@ -243,8 +243,31 @@ struct loom__rt {
   int64_t start_time;
 };
 
-/* The M running this thread, or NULL.  Never inlined: see proc.c. */
+/*
+ * The M running this thread, or NULL.  A G may resume on another thread
+ * than the one it parked on, so the compiler must never keep the
+ * thread's address (or anything derived from it) across a call that may
+ * switch (see proc.c).  On x86_64 each call reads %fs afresh in a
+ * volatile asm with a memory clobber, which the compiler can neither
+ * merge with another read nor move across a call; the variable uses the
+ * initial-exec model (one GOT load, no __tls_get_addr).  Elsewhere it is
+ * a call the optimizer cannot see through.
+ */
+#if defined(__x86_64__)
+extern __thread loom__m *loom__tls_m
+    __attribute__((visibility("hidden"), tls_model("initial-exec")));
+static inline loom__m *loom__getm(void) {
+  loom__m *m;
+  __asm__ volatile("movq loom__tls_m@gottpoff(%%rip), %0\n\t"
+                   "movq %%fs:(%0), %0"
+                   : "=r"(m)
+                   :
+                   : "memory");
+  return m;
+}
+#else
 loom__m *loom__getm(void);
+#endif
 /* The running runtime, or NULL. */
 loom__rt *loom__rt_get(void);
 
@@ -256,7 +279,12 @@ void loom__ready(loom__g *g);
 void loom__park(bool (*commit)(loom__g *g, void *arg), void *arg,
                 const char *reason);
 /* The G running on this thread, or NULL outside a coroutine. */
-loom__g *loom__getg(void);
+static inline loom__g *loom__getg(void) {
+  loom__m *m = loom__getm();
+  if (m == NULL || m->curg == NULL || m->curg->is_g0)
+    return NULL;
+  return m->curg;
+}
 
 void loom__rt_track(loom__rt *rt, loom__rtobj *o);
 void loom__rt_untrack(loom__rt *rt, loom__rtobj *o);
