@@ -101,6 +101,13 @@ static void *lookup_main(void *arg) {
                            .ai_flags = AI_ADDRCONFIG};
   struct addrinfo *res = NULL;
   int r = getaddrinfo(lk->host, NULL, &hints, &res);
+  /* AI_ADDRCONFIG ignores loopback: on a host with only "lo" (a
+   * container without a network) it makes "localhost" unknown.  Ask
+   * again without it. */
+  if (r == EAI_NONAME || r == EAI_NODATA || r == EAI_ADDRFAMILY) {
+    hints.ai_flags = 0;
+    r = getaddrinfo(lk->host, NULL, &hints, &res);
+  }
   if (r != 0) {
     lk->err = r == EAI_NONAME || r == EAI_NODATA
                   ? LOOM_ENOHOST
