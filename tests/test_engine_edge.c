@@ -2727,4 +2727,37 @@ TEST(many_writers_compressed) {
   run(mw_compressed_main, 2, "many writers zlib");
 }
 
+/* ---- cron under a peer that keeps the socket full ---------------- */
+
+/* A handler that takes a millisecond per package and a peer that keeps
+ * sending: every read fills its buffer and none waits.  The cron rides
+ * on the read deadline, which stops a read even when bytes are there,
+ * so on_cron still runs every cron_period (engine.h). */
+static void slow_msg(loom_session *s, const loom_pkg *pkg) {
+  (void)s;
+  (void)pkg;
+  loom_sleep(CHECK_MS);
+}
+
+static void cron_busy_main(void *arg) {
+  (void)arg;
+  codecs_init();
+  loom_server_opts o = server_opts(NULL); /* raw: every read a package */
+  o.session.cron_period = 20 * CHECK_MS;
+  E.msg = slow_msg;
+  loom_conn *peer;
+  loom_server *srv = serve_dial(&o, &peer);
+  WAIT_FOR(atomic_load(&E.opens) == 1, 5);
+  static uint8_t chunk[65536];
+  int64_t t0 = loom_now(), end = t0 + 600 * CHECK_MS;
+  while (loom_now() < end)
+    CHECK_EQ(loom_write(peer, chunk, sizeof chunk), (ssize_t)sizeof chunk);
+  int n = atomic_load(&E.crons);
+  /* About 30 are due; before, a busy peer got none. */
+  CHECKF(n >= 5, "%d crons in %lld ms of a busy peer (cron every 20 ms)", n,
+         (long long)((loom_now() - t0) / CHECK_MS));
+  finish(srv, peer);
+}
+TEST(cron_runs_under_a_busy_peer) { run(cron_busy_main, 2, "cron busy"); }
+
 CHECK_MAIN()

@@ -13,11 +13,17 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <pthread.h>
+#include <sys/epoll.h>
 #include <sys/resource.h>
 #include <unistd.h>
 
 #include "check.h"
 #include "loom.h"
+#include "net/addr.h"
+#include "net/netfd.h"
 
 /* ------------------------------------------------------------------ */
 /* An echo server: one coroutine per connection.                        */
@@ -940,5 +946,286 @@ static void probe_main(void *arg) {
 }
 
 TEST(packet_dial_probe) { check_run(probe_main, NULL, 2); }
+
+/* ------------------------------------------------------------------ */
+/* Deadlines that have passed stop calls that would not have waited.    */
+
+static void pair(loom_listener **l, loom_conn **c, loom_conn **s) {
+  char addr[128];
+  CHECK_OK(loom_listen(l, "tcp", "127.0.0.1:0"));
+  CHECK_OK(loom_listener_addr(*l, addr, sizeof addr));
+  CHECK_OK(loom_dial(c, "tcp", addr));
+  CHECK_OK(loom_accept(*l, s));
+}
+
+static void passed_main(void *arg) {
+  (void)arg;
+  loom_listener *l;
+  loom_conn *c, *s;
+  pair(&l, &c, &s);
+  CHECK_EQ(loom_write(s, "hi", 2), 2);
+  loom_sleep(10 * CHECK_MS); /* the bytes are there to read */
+  CHECK_OK(loom_set_deadline(c, loom_now() - 1, loom_now() - 1));
+  char b[8];
+  CHECK_EQ(loom_read(c, b, sizeof b), -ETIMEDOUT);
+  CHECK_EQ(loom_read(c, NULL, 0), -ETIMEDOUT);
+  CHECK_EQ(loom_write(c, "yo", 2), -ETIMEDOUT); /* room to send */
+  /* Moved: the same calls go through, and nothing was lost. */
+  CHECK_OK(loom_set_deadline(c, 0, 0));
+  CHECK_EQ(loom_read(c, b, sizeof b), 2);
+  CHECK(memcmp(b, "hi", 2) == 0);
+  CHECK_EQ(loom_write(c, "yo", 2), 2);
+  CHECK_EQ(loom_read(s, b, sizeof b), 2);
+  /* A listener's too, with a connection waiting in its backlog. */
+  loom_conn *c2, *s2;
+  char addr[128];
+  CHECK_OK(loom_listener_addr(l, addr, sizeof addr));
+  CHECK_OK(loom_dial(&c2, "tcp", addr));
+  loom_sleep(10 * CHECK_MS);
+  CHECK_OK(loom_listener_set_deadline(l, loom_now() - 1));
+  CHECK_EQ(loom_accept(l, &s2), -ETIMEDOUT);
+  CHECK_OK(loom_listener_set_deadline(l, 0));
+  CHECK_OK(loom_accept(l, &s2));
+  CHECK_OK(loom_close(c2));
+  CHECK_OK(loom_close(s2));
+  CHECK_OK(loom_close(c));
+  CHECK_OK(loom_close(s));
+  CHECK_OK(loom_listener_close(l));
+}
+
+TEST(passed_deadline_stops_ready_io) { check_run(passed_main, NULL, 2); }
+
+/* ------------------------------------------------------------------ */
+/* A deadline timer that is already running, waiting for the poll       */
+/* descriptor's lock while the deadline is moved later and re-armed,    */
+/* must not expire the new deadline.  A thread holds the lock (as any   */
+/* deadline call does, briefly) so that both wait for it.               */
+
+struct lock_hold {
+  loom__pd *pd;
+  atomic_int held;
+};
+
+static void *hold_pd_lock(void *arg) {
+  struct lock_hold *h = arg;
+  int zero = 0;
+  while (!atomic_compare_exchange_weak(&h->pd->lock, &zero, 1))
+    zero = 0;
+  atomic_store(&h->held, 1);
+  usleep(30000);
+  atomic_store(&h->pd->lock, 0);
+  return NULL;
+}
+
+static void late_writer(void *arg) {
+  loom_sleep(50 * CHECK_MS);
+  CHECK_EQ(loom_write(arg, "x", 1), 1);
+}
+
+static void rearm_main(void *arg) {
+  (void)arg;
+  int bad = 0, trials = 12;
+  for (int i = 0; i < trials; i++) {
+    loom_listener *l;
+    loom_conn *c, *s;
+    pair(&l, &c, &s);
+    loom__pd *pd = ((loom__netfd *)(void *)c)->pd;
+    CHECK_OK(loom_set_read_deadline(c, loom_now() + 5 * CHECK_MS));
+    struct lock_hold h = {pd, 0};
+    pthread_t t;
+    CHECK_EQ(pthread_create(&t, NULL, hold_pd_lock, &h), 0);
+    while (!atomic_load(&h.held))
+      usleep(100);
+    usleep(12000); /* the old deadline passes; its timer waits for the lock */
+    CHECK_OK(loom_set_read_deadline(c, loom_now() + 10000 * CHECK_MS));
+    pthread_join(t, NULL);
+    CHECK_OK(loom_go(late_writer, s));
+    char b[4];
+    ssize_t r = loom_read(c, b, sizeof b);
+    if (r != 1) {
+      printf("trial %d: deadline moved 10 s ahead, read gave %s\n", i,
+             loom_strerror((int)r));
+      bad++;
+    }
+    loom_sleep(60 * CHECK_MS);
+    CHECK_OK(loom_close(c));
+    CHECK_OK(loom_close(s));
+    CHECK_OK(loom_listener_close(l));
+  }
+  CHECKF(bad == 0, "%d of %d reads timed out after their deadline was moved ahead", bad,
+         trials);
+}
+
+TEST(moved_deadline_survives_running_timer) { check_run(rearm_main, NULL, 2); }
+
+/* ------------------------------------------------------------------ */
+/* A dial returns only once the connection exists.  A socket registered  */
+/* before connect() is reported writable and hung up at once; an idle M  */
+/* in epoll_wait takes that event, and the dial must not mistake it for  */
+/* a connection.  The listener's backlog is full, so the SYN is dropped  */
+/* and the dial must time out; a slow TCP_NODELAY (set between the       */
+/* registration and connect()) widens the window.                        */
+
+static atomic_int slow_nodelay;
+int setsockopt(int fd, int level, int name, const void *v, socklen_t len) {
+  static int (*real)(int, int, int, const void *, socklen_t);
+  if (real == NULL)
+    *(void **)&real = dlsym(RTLD_NEXT, "setsockopt");
+  if (atomic_load(&slow_nodelay) && level == IPPROTO_TCP && name == TCP_NODELAY)
+    usleep(3000);
+  return real(fd, level, name, v, len);
+}
+
+static void park_in_accept(void *arg) {
+  loom_conn *c;
+  (void)loom_accept(arg, &c); /* a waiter: the idle M blocks in epoll */
+}
+
+static void dial_state_main(void *arg) {
+  (void)arg;
+  loom_listener *full_l, *other;
+  char addr[128];
+  loom_listen_opts lo = {.backlog = 1};
+  CHECK_OK(loom_listen_with(&full_l, "tcp", "127.0.0.1:0", &lo));
+  CHECK_OK(loom_listener_addr(full_l, addr, sizeof addr));
+  loom_conn *held[64], *c;
+  int nheld = 0;
+  bool full = false;
+  for (int i = 0; i < 60 && !full; i++) {
+    loom_dial_opts o = {.deadline = loom_now() + 100 * CHECK_MS};
+    int r = loom_dial_with(&c, "tcp", addr, &o);
+    if (r == 0)
+      held[nheld++] = c;
+    else
+      full = r == -ETIMEDOUT;
+  }
+  CHECK(full);
+  CHECK_OK(loom_listen(&other, "tcp", "127.0.0.1:0"));
+  CHECK_OK(loom_go(park_in_accept, other));
+  loom_sleep(10 * CHECK_MS);
+  atomic_store(&slow_nodelay, 1);
+  int early = 0;
+  for (int i = 0; i < 5; i++) {
+    loom_dial_opts o = {.deadline = loom_now() + 100 * CHECK_MS};
+    int r = loom_dial_with(&c, "tcp", addr, &o);
+    if (r != 0)
+      continue; /* -ETIMEDOUT: the SYN was dropped */
+    struct tcp_info ti;
+    socklen_t tl = sizeof ti;
+    CHECK_EQ(getsockopt(loom_conn_fd(c), IPPROTO_TCP, TCP_INFO, &ti, &tl), 0);
+    if (ti.tcpi_state != TCP_ESTABLISHED)
+      early++;
+    held[nheld++] = c;
+  }
+  atomic_store(&slow_nodelay, 0);
+  for (int i = 0; i < nheld; i++)
+    CHECK_OK(loom_close(held[i]));
+  CHECK_OK(loom_listener_close(full_l));
+  CHECK_OK(loom_listener_close(other));
+  CHECKF(early == 0, "%d of 5 dials returned before their connection existed", early);
+}
+
+TEST(dial_returns_once_connected) { check_run(dial_state_main, NULL, 2); }
+
+/* ------------------------------------------------------------------ */
+/* A cancel ends an accept that backs off under EMFILE promptly, not    */
+/* when the back-off's sleep ends (up to a second).                     */
+
+static atomic_int backoff_res = 1;
+static loom_ctx *backoff_ctx;
+static void backoff_acceptor(void *arg) {
+  loom_conn *c;
+  atomic_store(&backoff_res, loom_accept_ctx(arg, &c, backoff_ctx));
+}
+
+static int64_t backoff_lag;
+static void backoff_main(void *arg) {
+  (void)arg;
+  loom_listener *l;
+  char addr[128];
+  CHECK_OK(loom_listen(&l, "tcp", "127.0.0.1:0"));
+  CHECK_OK(loom_listener_addr(l, addr, sizeof addr));
+  loom_conn *c;
+  CHECK_OK(loom_dial(&c, "tcp", addr)); /* queued: accept gets EMFILE */
+  static int fillers[1024];
+  int nf = 0, fd;
+  while (nf < 1024 && (fd = dup(0)) >= 0)
+    fillers[nf++] = fd;
+  CHECK_OK(loom_ctx_with_cancel(&backoff_ctx, loom_ctx_background()));
+  CHECK_OK(loom_go(backoff_acceptor, l));
+  loom_sleep(700 * CHECK_MS); /* backed off 5+10+...+320 ms; 640 next */
+  int64_t t0 = loom_now();
+  loom_ctx_cancel(backoff_ctx);
+  while (atomic_load(&backoff_res) == 1)
+    loom_sleep(CHECK_MS);
+  backoff_lag = loom_now() - t0;
+  for (int i = 0; i < nf; i++)
+    close(fillers[i]);
+  CHECK_EQ(atomic_load(&backoff_res), -ECANCELED);
+  loom_ctx_release(backoff_ctx);
+  CHECK_OK(loom_close(c));
+  CHECK_OK(loom_listener_close(l));
+}
+
+TEST(emfile_backoff_ends_on_cancel) {
+  struct rlimit rl;
+  CHECK_EQ(getrlimit(RLIMIT_NOFILE, &rl), 0);
+  rl.rlim_cur = 256;
+  CHECK_EQ(setrlimit(RLIMIT_NOFILE, &rl), 0);
+  check_run(backoff_main, NULL, 2);
+  /* Before, the cancel waited out the 640 ms sleep; now one 5 ms slice. */
+  CHECKF(backoff_lag < 250 * CHECK_MS, "the cancel took %.0f ms to end the accept",
+         backoff_lag / 1e6);
+}
+
+/* ------------------------------------------------------------------ */
+/* A Unix listen that fails after bind() removes the socket file it     */
+/* made, so the path can be listened on again.                          */
+
+static atomic_int fail_epoll_add;
+int epoll_ctl(int epfd, int op, int fd, struct epoll_event *ev) {
+  static int (*real)(int, int, int, struct epoll_event *);
+  if (real == NULL)
+    *(void **)&real = dlsym(RTLD_NEXT, "epoll_ctl");
+  if (op == EPOLL_CTL_ADD && atomic_exchange(&fail_epoll_add, 0)) {
+    errno = ENOSPC;
+    return -1;
+  }
+  return real(epfd, op, fd, ev);
+}
+
+static void unix_fail_main(void *arg) {
+  (void)arg;
+  const char *net[] = {"unix", "unixgram"};
+  for (int k = 0; k < 2; k++) {
+    char path[64];
+    snprintf(path, sizeof path, "/tmp/loom-test-%d-%d.sock", (int)getpid(), k);
+    unlink(path);
+    atomic_store(&fail_epoll_add, 1);
+    int r;
+    if (k == 0) {
+      loom_listener *l;
+      r = loom_listen(&l, net[k], path);
+    } else {
+      loom_pconn *pc;
+      r = loom_listen_packet(&pc, net[k], path);
+    }
+    CHECKF(r == -ENOSPC, "%s: %s", net[k], loom_strerror(r));
+    CHECKF(access(path, F_OK) != 0, "%s: a failed listen left %s behind", net[k], path);
+    if (k == 0) {
+      loom_listener *l;
+      CHECK_OK(loom_listen(&l, net[k], path));
+      CHECK_OK(loom_listener_close(l));
+    } else {
+      loom_pconn *pc;
+      CHECK_OK(loom_listen_packet(&pc, net[k], path));
+      CHECK_OK(loom_pconn_close(pc));
+    }
+    CHECK(access(path, F_OK) != 0); /* and a close removes it */
+  }
+}
+
+TEST(failed_unix_listen_removes_its_file) { check_run(unix_fail_main, NULL, 1); }
+
 
 CHECK_MAIN()

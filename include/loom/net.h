@@ -14,7 +14,10 @@
  *
  * Deadlines are absolute loom_now() times (0: none).  An operation whose
  * deadline passes returns -ETIMEDOUT and leaves the connection usable:
- * move the deadline and try again.
+ * move the deadline and try again.  A deadline that has passed stops an
+ * operation even when it would not wait (bytes pending, room to send,
+ * a connection queued), as in Go: setting it to the past is how a
+ * server stops its handlers.
  *
  * Concurrency: one coroutine may read while another writes; two readers
  * (or two writers) of one connection take turns, in arrival order.
@@ -73,8 +76,8 @@ LOOM_API int loom_listen_with(loom_listener **l, const char *network,
  * (EMFILE, ENFILE) or kernel memory, it does not fail and does not spin:
  * it reports the condition once through the runtime's log, backs off
  * (5 ms doubling to 1 s) and tries again until a descriptor is free or
- * the deadline passes.  LOOM_ECLOSED once the listener is closed.
- * Parks.
+ * the deadline passes; a close, a deadline or a cancel ends the back-off
+ * within 5 ms.  LOOM_ECLOSED once the listener is closed.  Parks.
  */
 LOOM_API int loom_accept(loom_listener *l, loom_conn **c);
 LOOM_API int loom_listener_set_deadline(loom_listener *l, int64_t deadline);
@@ -98,7 +101,10 @@ typedef struct loom_dial_opts {
 
 /*
  * loom_dial — connect to `addr`.  Every address a host name resolves to
- * is tried in turn until one connects.  Returns 0 and *c; -ECONNREFUSED,
+ * is tried in turn until one connects.  It returns once the connection
+ * is established (confirmed with getpeername, not only by writability),
+ * so a refused or unreachable address moves on to the next one.
+ * Returns 0 and *c; -ECONNREFUSED,
  * -ETIMEDOUT (deadline), -ENETUNREACH, LOOM_EBADADDR, LOOM_ENOHOST, ...
  * Parks.
  */

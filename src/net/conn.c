@@ -104,12 +104,13 @@ static ssize_t wait_readable(loom__netfd *f) {
     int w = loom__pd_wait(f->pd, 'r');
     if (w != 0)
       return w;
-    return loom__netfd_closed(f) ? LOOM_ECLOSED : 0;
+    return loom__netfd_check(f, 'r');
   }
   loom__pd_consume(f->pd, 'r'); /* the peek sees what it announced */
   for (;;) {
-    if (loom__netfd_closed(f))
-      return LOOM_ECLOSED;
+    int err = loom__netfd_check(f, 'r');
+    if (err != 0)
+      return err;
     char b;
     if (recv(f->fd, &b, 1, MSG_PEEK) >= 0)
       return 0;
@@ -144,10 +145,9 @@ ssize_t loom_read(loom_conn *c, void *buf, size_t len) {
   else
     loom__pd_consume(f->pd, 'r'); /* the read sees what it announced */
   for (;;) {
-    if (loom__netfd_closed(f)) {
-      r = LOOM_ECLOSED;
+    r = loom__netfd_check(f, 'r'); /* closed, or past the deadline */
+    if (r != 0)
       break;
-    }
     r = read(f->fd, buf, len);
     if (r >= 0)
       break;
@@ -178,8 +178,9 @@ static ssize_t send_all(loom__netfd *f, struct iovec *iov, int n,
                         size_t total) {
   size_t done = 0;
   while (done < total) {
-    if (loom__netfd_closed(f))
-      return LOOM_ECLOSED;
+    int err = loom__netfd_check(f, 'w'); /* closed, or past the deadline */
+    if (err != 0)
+      return err;
     ssize_t w;
     if (n == 1) {
       w = send(f->fd, iov->iov_base, iov->iov_len, MSG_NOSIGNAL);
@@ -326,6 +327,43 @@ int loom_conn_set_buffers(loom_conn *c, int rcvbuf, int sndbuf) {
 
 /* ---- dialing -------------------------------------------------------- */
 
+/* After connect()'s EINPROGRESS: wait until the socket is connected or
+ * has failed.  Writability alone does not say which: a socket registered
+ * before connect() is reported writable and hung up at once, and if the
+ * poller takes that event before the connection exists, the wait returns
+ * with SO_ERROR still 0 (Go's issues 14548 and 19289).  So a 0 is
+ * confirmed with getpeername, and ENOTCONN means wait again. */
+static int wait_connected(loom__netfd *f) {
+  for (;;) {
+    int err = loom__pd_wait(f->pd, 'w');
+    if (err != 0)
+      return err;
+    int soerr = 0;
+    socklen_t sl = sizeof soerr;
+    if (getsockopt(f->fd, SOL_SOCKET, SO_ERROR, &soerr, &sl) != 0)
+      return -errno;
+    switch (soerr) {
+    case 0: {
+      struct sockaddr_storage ss;
+      socklen_t len = sizeof ss;
+      if (getpeername(f->fd, (struct sockaddr *)&ss, &len) == 0)
+        return 0;
+      if (errno != ENOTCONN)
+        return -errno;
+      break; /* not connected yet */
+    }
+    case EINPROGRESS:
+    case EALREADY:
+    case EINTR:
+      break;
+    case EISCONN:
+      return 0;
+    default:
+      return -soerr;
+    }
+  }
+}
+
 static int dial_one(const struct sockaddr *sa, socklen_t len, int type,
                     int64_t deadline, loom_ctx *ctx, loom_conn **out) {
   int fd = socket(sa->sa_family, type | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
@@ -346,16 +384,8 @@ static int dial_one(const struct sockaddr *sa, socklen_t len, int type,
   }
   if (err == 0 && connect(fd, sa, len) != 0) {
     err = -errno;
-    if (err == -EINPROGRESS) {
-      err = loom__pd_wait(c->nf.pd, 'w');
-      if (err == 0) {
-        int soerr = 0;
-        socklen_t sl = sizeof soerr;
-        if (getsockopt(fd, SOL_SOCKET, SO_ERROR, &soerr, &sl) != 0)
-          soerr = errno;
-        err = -soerr;
-      }
-    }
+    if (err == -EINPROGRESS)
+      err = wait_connected(&c->nf);
   }
   if (hooked) {
     loom__ctx_unhook(ctx, &h);

@@ -79,21 +79,25 @@ int loom_listen_with(loom_listener **l, const char *network,
   }
   if (err != 0)
     return err;
-  loom_listener *ln = loom__calloc(1, sizeof *ln);
-  if (ln == NULL) {
-    close(fd);
-    return -ENOMEM;
-  }
   int family = as.a[i].ss_family;
-  err = loom__netfd_init(&ln->nf, fd, family, SOCK_STREAM);
+  /* bind() made a socket file: it goes when the listener closes, or now
+   * if the listener cannot be made, or nobody could listen there again. */
+  bool file = family == AF_UNIX && addr[0] != '@';
+  char *path = file ? loom__strdup(addr) : NULL;
+  loom_listener *ln = loom__calloc(1, sizeof *ln);
+  err = ln == NULL || (file && path == NULL)
+            ? -ENOMEM
+            : loom__netfd_init(&ln->nf, fd, family, SOCK_STREAM);
   if (err != 0) {
     close(fd);
+    if (file)
+      unlink(addr);
+    loom__free(path);
     loom__free(ln);
     return err;
   }
   ln->nf.free_fn = listener_free;
-  if (family == AF_UNIX && addr[0] != '@')
-    ln->nf.unlink_path = loom__strdup(addr);
+  ln->nf.unlink_path = path;
   *l = ln;
   return 0;
 }
@@ -104,6 +108,21 @@ int loom_listen(loom_listener **l, const char *network, const char *addr) {
 
 static bool starving(int e) {
   return e == EMFILE || e == ENFILE || e == ENOBUFS || e == ENOMEM;
+}
+
+/* Sleep `ns` between accepts that found no descriptor, in slices, so
+ * that a close, a passed deadline or a cancel ends the wait within a
+ * slice (they wake only a coroutine parked on the fd itself). */
+#define BACKOFF_SLICE_NS (5 * INT64_C(1000000))
+static int backoff_sleep(loom__netfd *f, int64_t ns) {
+  int64_t end = loom_now() + ns;
+  for (;;) {
+    int r = loom__netfd_check(f, 'r');
+    int64_t left = end - loom_now();
+    if (r != 0 || left <= 0)
+      return r;
+    loom_sleep(left < BACKOFF_SLICE_NS ? left : BACKOFF_SLICE_NS);
+  }
 }
 
 int loom_accept(loom_listener *l, loom_conn **c) {
@@ -118,10 +137,9 @@ int loom_accept(loom_listener *l, loom_conn **c) {
   int r;
   int64_t backoff = 5 * INT64_C(1000000);
   for (;;) {
-    if (loom__netfd_closed(f)) {
-      r = LOOM_ECLOSED;
+    r = loom__netfd_check(f, 'r'); /* closed, or past the deadline */
+    if (r != 0)
       break;
-    }
     struct sockaddr_storage peer;
     socklen_t peerlen = sizeof peer;
     int fd = accept4(f->fd, (struct sockaddr *)&peer, &peerlen,
@@ -154,12 +172,11 @@ int loom_accept(loom_listener *l, loom_conn **c) {
                 "connections are served meanwhile)",
                 loom_strerror(-e));
     }
-    loom_sleep(backoff);
-    if (backoff < 1000 * INT64_C(1000000))
-      backoff *= 2;
-    r = loom__pd_check(f->pd, 'r'); /* closed, or past the deadline */
+    r = backoff_sleep(f, backoff);
     if (r != 0)
       break;
+    if (backoff < 1000 * INT64_C(1000000))
+      backoff *= 2;
   }
   loom__sema_release(&f->rsema);
   loom__netfd_release(f);

@@ -75,6 +75,12 @@ bool loom__netfd_closed(loom__netfd *f) {
   return (atomic_load(&f->ref) & CLOSED) != 0;
 }
 
+int loom__netfd_check(loom__netfd *f, int mode) {
+  if (loom__netfd_closed(f))
+    return LOOM_ECLOSED;
+  return loom__pd_expired(f->pd, mode) ? -ETIMEDOUT : 0;
+}
+
 int loom__netfd_close(loom__netfd *f) {
   /* Hold a reference while evicting, so nobody frees f under us. */
   atomic_fetch_add(&f->ref, 1);

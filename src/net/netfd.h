@@ -44,6 +44,10 @@ int loom__netfd_init(loom__netfd *f, int fd, int family, int type);
 bool loom__netfd_acquire(loom__netfd *f);
 void loom__netfd_release(loom__netfd *f);
 bool loom__netfd_closed(loom__netfd *f);
+/* Why an operation in direction `mode` ('r', 'w') must stop before its
+ * next system call: LOOM_ECLOSED, -ETIMEDOUT (its deadline has passed,
+ * or a context expired it), or 0.  Lock-free. */
+int loom__netfd_check(loom__netfd *f, int mode);
 int loom__netfd_close(loom__netfd *f);
 
 /* Set the deadline of `mode` ('r', 'w', or 'r'+'w' for both) on f, on a

@@ -28,21 +28,27 @@ struct loom_pconn {
 
 static void pconn_free(loom__netfd *f) { loom__free(f); }
 
-/* Wrap a datagram socket; closes fd on failure. */
+/* Wrap a datagram socket; closes fd on failure.  `path`: the socket
+ * file bind() made (NULL: none), removed on close, or now on failure. */
 static int pconn_new(int fd, int family, bool connected, const char *path,
                      loom_pconn **out) {
+  bool file = path != NULL && path[0] != '@';
+  char *keep = file ? loom__strdup(path) : NULL;
   loom_pconn *pc = loom__calloc(1, sizeof *pc);
-  int err = pc == NULL ? -ENOMEM
-                       : loom__netfd_init(&pc->nf, fd, family, SOCK_DGRAM);
+  int err = pc == NULL || (file && keep == NULL)
+                ? -ENOMEM
+                : loom__netfd_init(&pc->nf, fd, family, SOCK_DGRAM);
   if (err != 0) {
+    loom__free(keep);
     loom__free(pc);
     close(fd);
+    if (file)
+      unlink(path);
     return err;
   }
   pc->nf.free_fn = pconn_free;
   pc->connected = connected;
-  if (path != NULL && path[0] != '@')
-    pc->nf.unlink_path = loom__strdup(path);
+  pc->nf.unlink_path = keep;
   *out = pc;
   return 0;
 }
@@ -67,10 +73,9 @@ static ssize_t dgram_io(loom_pconn *pc, struct dgram_op *op) {
   ssize_t r;
   loom__sema_acquire(sem);
   for (;;) {
-    if (loom__netfd_closed(f)) {
-      r = LOOM_ECLOSED;
+    r = loom__netfd_check(f, mode); /* closed, or past the deadline */
+    if (r != 0)
       break;
-    }
     r = op->send ? sendmsg(f->fd, &op->mh, op->flags | MSG_NOSIGNAL)
                  : recvmsg(f->fd, &op->mh, op->flags | MSG_TRUNC);
     if (r >= 0)

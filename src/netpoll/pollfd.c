@@ -35,6 +35,9 @@ static _Atomic uintptr_t *waiter(loom__pd *pd, int mode) {
 
 /* ---- the pool ------------------------------------------------------ */
 
+static void rd_fire(loom__timer *t, void *arg);
+static void wd_fire(loom__timer *t, void *arg);
+
 static loom__pd *pd_alloc(loom__rt *rt) {
   pthread_mutex_lock(&rt->pd_lock);
   if (rt->pd_free == NULL) {
@@ -47,6 +50,12 @@ static loom__pd *pd_alloc(loom__rt *rt) {
     rt->pd_blocks = b;
     for (int i = PD_BLOCK - 1; i >= 0; i--) {
       b->pd[i].owner = rt;
+      /* Set once: a deadline timer may still be running (reading these)
+       * while its deadline is re-armed. */
+      b->pd[i].rt.fn = rd_fire;
+      b->pd[i].rt.arg = &b->pd[i];
+      b->pd[i].wt.fn = wd_fire;
+      b->pd[i].wt.arg = &b->pd[i];
       b->pd[i].link = rt->pd_free;
       rt->pd_free = &b->pd[i];
     }
@@ -137,6 +146,22 @@ void loom__pd_consume(loom__pd *pd, int mode) {
                                             memory_order_relaxed);
 }
 
+/* Store the deadline of `mode` (under pd's lock), and whether it has
+ * passed where loom__pd_expired reads it. */
+static void set_slot(loom__pd *pd, int mode, int64_t d) {
+  unsigned bit = mode == 'r' ? 1u : 2u;
+  *(mode == 'r' ? &pd->rd : &pd->wd) = d;
+  if (d < 0)
+    atomic_fetch_or_explicit(&pd->expired, bit, memory_order_release);
+  else if (atomic_load_explicit(&pd->expired, memory_order_relaxed) & bit)
+    atomic_fetch_and_explicit(&pd->expired, ~bit, memory_order_release);
+}
+
+bool loom__pd_expired(loom__pd *pd, int mode) {
+  return atomic_load_explicit(&pd->expired, memory_order_acquire) &
+         (mode == 'r' ? 1u : 2u);
+}
+
 /* 0: nothing wrong; else why a wait must fail now. */
 int loom__pd_check(loom__pd *pd, int mode) {
   pd_lock(pd);
@@ -196,14 +221,16 @@ static void deadline_fire(loom__pd *pd, int mode, loom__timer *t) {
   pd_lock(pd);
   uint32_t seq = mode == 'r' ? pd->rseq : pd->wseq;
   uint32_t armed = mode == 'r' ? pd->rseq_armed : pd->wseq_armed;
-  if (seq != armed || pd->closing) {
-    pd_unlock(pd); /* a stale timer: the deadline moved since */
+  int64_t d = mode == 'r' ? pd->rd : pd->wd;
+  /* A stale timer: the deadline moved since.  The sequence numbers catch
+   * a timer that fires after the move; a timer already running, and
+   * waiting for our lock while the deadline was moved and re-armed,
+   * sees the new sequence numbers, but not a new deadline that is due. */
+  if (seq != armed || pd->closing || d <= 0 || d > loom_now()) {
+    pd_unlock(pd);
     return;
   }
-  if (mode == 'r')
-    pd->rd = -1;
-  else
-    pd->wd = -1;
+  set_slot(pd, mode, -1);
   loom__g *g = unblock(pd, mode, false);
   pd_unlock(pd);
   if (g != NULL)
@@ -222,22 +249,19 @@ static loom__g *set_one(loom__pd *pd, loom__p *p, int mode, int64_t d,
     pd->wseq++;
   loom__timer_stop(t); /* we hold pd's lock, which a running fn takes;
                           the sequence number makes that fn a no-op */
-  int64_t *slot = mode == 'r' ? &pd->rd : &pd->wd;
   if (d == 0) {
-    *slot = 0;
+    set_slot(pd, mode, 0);
     return NULL;
   }
   if (d <= now) {
-    *slot = -1;
+    set_slot(pd, mode, -1);
     return unblock(pd, mode, false);
   }
-  *slot = d;
+  set_slot(pd, mode, d);
   if (mode == 'r')
     pd->rseq_armed = pd->rseq;
   else
     pd->wseq_armed = pd->wseq;
-  t->fn = mode == 'r' ? rd_fire : wd_fire;
-  t->arg = pd;
   loom__timer_add(&p->timers, t, d);
   return NULL;
 }
@@ -272,13 +296,11 @@ int loom__pd_set_deadline(loom__pd *pd, int mode, int64_t d) {
  * timer needed): a context's cancel uses it to end a blocked call. */
 void loom__pd_expire(loom__pd *pd, int mode) {
   pd_lock(pd);
-  if (mode == 'r') {
+  if (mode == 'r')
     pd->rseq++;
-    pd->rd = -1;
-  } else {
+  else
     pd->wseq++;
-    pd->wd = -1;
-  }
+  set_slot(pd, mode, -1);
   loom__timer_stop(mode == 'r' ? &pd->rt : &pd->wt);
   loom__g *g = unblock(pd, mode, false);
   pd_unlock(pd);
@@ -300,6 +322,7 @@ int loom__pd_open(loom__rt *rt, int fd, loom__pd **out) {
   pd->closing = false;
   atomic_store_explicit(&pd->hangup, false, memory_order_relaxed);
   pd->rd = pd->wd = 0;
+  atomic_store_explicit(&pd->expired, 0, memory_order_relaxed);
   pd->rseq++;
   pd->wseq++;
   atomic_store_explicit(&pd->rg, PD_NIL, memory_order_relaxed);

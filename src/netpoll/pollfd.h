@@ -60,6 +60,7 @@ typedef struct loom__pd {
   uint32_t rseq, wseq;        /* bumped per deadline change and close */
   uint32_t rseq_armed, wseq_armed;
   int64_t rd, wd;             /* deadline: 0 none, -1 passed, else time */
+  _Atomic unsigned expired;   /* 1: rd is -1, 2: wd is -1 (read unlocked) */
   loom__timer rt, wt;
   struct loom__pd *link;      /* pool free list */
   struct loom__rt *owner;
@@ -85,6 +86,10 @@ int loom__pd_wait(loom__pd *pd, int mode);
  * for bytes that land between the two, which the call takes anyway).
  * Only the direction's one waiter calls it. */
 void loom__pd_consume(loom__pd *pd, int mode);
+/* Whether the deadline of `mode` has passed (a load, no lock): every
+ * operation checks it before its first system call, so a passed
+ * deadline stops it even when the fd is ready (as Go's prepareRead). */
+bool loom__pd_expired(loom__pd *pd, int mode);
 /* What loom__pd_wait would fail with right now (0: nothing). */
 int loom__pd_check(loom__pd *pd, int mode);
 /* Set the deadline of one direction ('r', 'w') or both ('r'+'w'):
