@@ -541,6 +541,22 @@ static void sc_server(void) {
     serve_one_peer(srv, CHECK_SCALE(64, 48, 24));
 }
 
+/* The same with every timed option on: arming the cron's and the
+ * timeouts' deadlines needs timer room, which can fail too (and must
+ * end the session, not leave it without its deadlines). */
+static void sc_timed_server(void) {
+  loom_server_opts o = server_opts(NULL, 0);
+  o.session.cron_period = 2 * INT64_C(1000000);
+  o.session.read_timeout = 10 * SEC;
+  o.session.write_timeout = SEC;
+  o.session.linger = SEC / 5;
+  loom_server *srv;
+  int rc = loom_server_start(&srv, &o);
+  expect_rc("loom_server_start", rc, 0);
+  if (rc == 0)
+    serve_one_peer(srv, CHECK_SCALE(64, 48, 24));
+}
+
 /* ------------------------------------------------------------------ */
 /* Scenario 2: a client with two sessions against a plain echo server.  */
 
@@ -827,7 +843,7 @@ typedef struct scenario {
 static const scenario scenarios[] = {
     {"server", sc_server},     {"client", sc_client},
     {"taskpool", sc_taskpool}, {"pool_server", sc_pool_server},
-    {"compress", sc_compress},
+    {"compress", sc_compress}, {"timed_server", sc_timed_server},
 };
 
 static const scenario *find_scenario(const char *name) {
@@ -1066,6 +1082,8 @@ TEST(taskpool_fail_each) { torture("taskpool", false); }
 TEST(taskpool_fail_from) { torture("taskpool", true); }
 
 /* A server whose on_message runs on a task pool. */
+TEST(timed_server_fail_each) { torture("timed_server", false); }
+TEST(timed_server_fail_from) { torture("timed_server", true); }
 TEST(pool_server_fail_each) { torture("pool_server", false); }
 TEST(pool_server_fail_from) { torture("pool_server", true); }
 

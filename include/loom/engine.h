@@ -31,7 +31,9 @@
  * writer has drained it below `wq_low`; a write with timeout 0 fails at
  * once with -EAGAIN.  With close_on_full, a write that cannot be queued
  * closes the session (-ENOBUFS).  So a peer that reads slowly or never
- * holds at most wq_high + one package of our memory.
+ * holds at most wq_high + one package of our memory (with compression,
+ * plus the compressed copy of the batch being written, which is no
+ * larger than that batch and zlib's few bytes of framing).
  *
  * Close.  loom_session_close is graceful and idempotent: the reader
  * stops (bytes read but not yet handed to on_message or to the pool are
@@ -82,7 +84,8 @@ typedef struct loom_session_listener {
   /* A new session, before any package: return 0 to accept it, or a
    * negative code to refuse (the session closes; on_close still runs).
    * It may run for a session already closing (its server or client is
-   * being closed): its writes then fail. */
+   * being closed): its writes are then queued and sent as the close
+   * drains the queue, unless the session was aborted (they fail). */
   int (*on_open)(loom_session *s);
   /* One package; pkg->data is valid until the call returns. */
   void (*on_message)(loom_session *s, const loom_pkg *pkg);
@@ -230,7 +233,9 @@ LOOM_API void loom_session_stats_get(loom_session *s, loom_session_stats *out);
 
 typedef struct loom_metrics {
   uint64_t sessions_open;  /* now */
-  uint64_t sessions_total; /* ever started (refused ones included) */
+  uint64_t sessions_total; /* ever started, on_open's refusals included
+                              (connections refused at max_conns never
+                              became sessions: see errors.refused) */
   uint64_t bytes_in, bytes_out, pkgs_in, pkgs_out;
   uint64_t wq_bytes;    /* queued now, over all sessions */
   uint64_t wq_max;      /* the longest queue now */

@@ -645,16 +645,25 @@ static void writer_main(void *arg) {
     }
     s->wbusy = true;
     /* After a graceful close, the linger deadline bounds what is left;
-     * before, each batch gets write_timeout. */
+     * before, each batch gets write_timeout.  Set under wmu: the close
+     * path (reader's end) sets the deadline of a busy writer under wmu
+     * too, and must not be overwritten by an older choice made here. */
     int64_t want = s->wfinal            ? s->final_deadline
                    : s->o.write_timeout ? loom_now() + s->o.write_timeout
                                         : 0;
-    loom_mutex_unlock(&s->wmu);
-
     if (want != wd) {
-      loom_set_write_deadline(s->conn, want);
+      int err = loom_set_write_deadline(s->conn, want);
+      if (err < 0 && err != LOOM_ECLOSED) { /* -ENOMEM: an unbounded batch */
+        s->wbusy = false;
+        loom_mutex_unlock(&s->wmu);
+        loom_session_abort(s, err);
+        loom_mutex_lock(&s->wmu);
+        break;
+      }
       wd = want;
     }
+    loom_mutex_unlock(&s->wmu);
+
     /* After the deadline: an abort moves it to the past after its state
      * change, so either this sees ABORTED or the write sees the past. */
     ssize_t k = atomic_load(&s->state) == S_ABORTED
@@ -884,17 +893,20 @@ static int make_room(loom_session *s, reader *r) {
 }
 
 /* Set the read deadline to the earliest of cron and idle check. */
-static void arm(loom_session *s, reader *r) {
+static int arm(loom_session *s, reader *r) {
   int64_t d = r->next_cron;
   if (r->idle_check && (d == 0 || r->idle_check < d))
     d = r->idle_check;
   if (d == r->deadline)
-    return;
-  r->deadline = d;
-  if (s->conn)
-    loom_set_read_deadline(s->conn, d);
-  else
-    loom_pconn_set_read_deadline(s->pc, d);
+    return 0;
+  /* Only -ENOMEM (no room for the timer), which ends the session: a
+   * session that cannot keep its deadline would get no cron, no idle
+   * check, or spin on a deadline that stays in the past. */
+  int err = s->conn ? loom_set_read_deadline(s->conn, d)
+                    : loom_pconn_set_read_deadline(s->pc, d);
+  if (err == 0)
+    r->deadline = d;
+  return err == LOOM_ECLOSED ? 0 : err; /* closed: the read says so */
 }
 
 /* A read deadline passed: run cron, check idleness.  0 or an error. */
@@ -950,7 +962,8 @@ static int read_stream(loom_session *s, reader *r) {
   _Alignas(16) uint8_t stack_buf[STACK_READ];
   int rc = 0;
   for (;;) {
-    arm(s, r);
+    if ((rc = arm(s, r)) < 0)
+      break;
     if (atomic_load(&s->state) != S_OPEN)
       break;
     if (r->cap == 0) {
@@ -1013,7 +1026,9 @@ static int read_stream(loom_session *s, reader *r) {
 
 static int read_packets(loom_session *s, reader *r) {
   for (;;) {
-    arm(s, r);
+    int err = arm(s, r);
+    if (err < 0)
+      return err;
     if (atomic_load(&s->state) != S_OPEN)
       return 0;
     struct sockaddr_storage from;
@@ -1135,11 +1150,12 @@ end:
     /* A write under way was bounded by write_timeout at most: bound it
      * by the linger now — or cut it, with linger < 0 or after an abort
      * (whose past deadline this must not move back to the future). */
-    if (s->wbusy)
-      loom_set_write_deadline(
-          s->conn, s->o.linger < 0 || atomic_load(&s->state) == S_ABORTED
-                       ? 1
-                       : s->final_deadline);
+    if (s->wbusy &&
+        loom_set_write_deadline(
+            s->conn, s->o.linger < 0 || atomic_load(&s->state) == S_ABORTED
+                         ? 1
+                         : s->final_deadline) == -ENOMEM)
+      loom_set_write_deadline(s->conn, 1); /* no timer: cut it, not hang */
     bool writer = s->writer_on; /* none: nothing was ever queued */
     loom_cond_signal(&s->wcond);
     loom_mutex_unlock(&s->wmu);
