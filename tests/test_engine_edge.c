@@ -2760,4 +2760,120 @@ static void cron_busy_main(void *arg) {
 }
 TEST(cron_runs_under_a_busy_peer) { run(cron_busy_main, 2, "cron busy"); }
 
+/* ---- a server or a client closed from its own session's callback ---- */
+
+/* Closing from inside a callback of one of its own sessions cannot wait
+ * for that session (it ends after the callback returns): the close goes
+ * on in a coroutine of its own, and every session still gets on_close. */
+/* Atomic: the callback learns of the close through the socket, which
+ * TSan does not see as an order between threads. */
+static loom_server *_Atomic self_srv;
+static loom_client *_Atomic self_cl;
+static atomic_int self_called, self_returned, self_rc;
+
+static void close_server_in_cb(loom_session *s) {
+  (void)s;
+  if (atomic_exchange(&self_called, 1) == 0) { /* once */
+    atomic_store(&self_rc, loom_server_close(atomic_load(&self_srv), loom_now() + 200 * CHECK_MS));
+    atomic_store(&self_returned, 1);
+  }
+}
+
+static void close_from_on_close_main(void *arg) {
+  (void)arg;
+  codecs_init();
+  loom_server_opts o = server_opts(&line);
+  E.close = close_server_in_cb;
+  loom_conn *peer;
+  atomic_store(&self_srv, serve_dial(&o, &peer));
+  WAIT_FOR(atomic_load(&E.opens) == 1, 5);
+  CHECK_OK(loom_close(peer)); /* end of stream: graceful close, on_close */
+  WAIT_FOR(atomic_load(&self_returned), 5);
+  CHECK_OK(atomic_load(&self_rc));
+  WAIT_FOR(atomic_load(&E.closes) == 1, 5);
+}
+TEST(server_closed_from_on_close) {
+  run(close_from_on_close_main, 2, "server closed from on_close");
+}
+
+/* From a pooled on_message, with the pool's only worker, while a second
+ * session has packages queued behind it in the same pool: a close that
+ * waited there would wait for itself. */
+static void close_server_in_msg(loom_session *s, const loom_pkg *pkg) {
+  if (pkg->len == 4 && memcmp(pkg->data, "quit", 4) == 0)
+    close_server_in_cb(s);
+}
+
+static void close_from_pool_main(void *arg) {
+  (void)arg;
+  codecs_init();
+  loom_taskpool_opts po = {.queues = 1, .workers = 1, .queue_len = 64};
+  loom_taskpool *pool;
+  CHECK_OK(loom_taskpool_make(&pool, &po));
+  loom_server_opts o = server_opts(&line);
+  o.session.pool = pool;
+  E.msg = close_server_in_msg;
+  char addr[128];
+  atomic_store(&self_srv, serve(&o, addr));
+  loom_conn *a, *b;
+  CHECK_OK(loom_dial(&a, "tcp", addr));
+  CHECK_OK(loom_dial(&b, "tcp", addr));
+  WAIT_FOR(atomic_load(&E.opens) == 2, 5);
+  CHECK_EQ(loom_write(b, "x\nx\nx\n", 6), 6);
+  CHECK_EQ(loom_write(a, "quit\n", 5), 5);
+  WAIT_FOR(atomic_load(&self_returned), 5);
+  CHECK_OK(atomic_load(&self_rc));
+  WAIT_FOR(atomic_load(&E.closes) == 2, 5); /* both, the caller's too */
+  char c;
+  CHECK_OK(loom_set_read_deadline(a, loom_now() + 5 * SEC));
+  CHECK_EQ(loom_read(a, &c, 1), 0); /* the server closed them */
+  CHECK_OK(loom_close(a));
+  CHECK_OK(loom_close(b));
+  loom_taskpool_close(pool);
+}
+TEST(server_closed_from_pooled_message) {
+  run(close_from_pool_main, 2, "server closed from a pooled on_message");
+}
+
+static void close_client_in_msg(loom_session *s, const loom_pkg *pkg) {
+  (void)s;
+  (void)pkg;
+  if (atomic_exchange(&self_called, 1) == 0) {
+    atomic_store(&self_rc, loom_client_close(atomic_load(&self_cl), loom_now() + 200 * CHECK_MS));
+    atomic_store(&self_returned, 1);
+  }
+}
+
+static void close_client_main(void *arg) {
+  (void)arg;
+  codecs_init();
+  loom_server_opts so = server_opts(&line);
+  E.echo = true;
+  char addr[128];
+  loom_server *srv = serve(&so, addr);
+  loom_client_opts co;
+  memset(&co, 0, sizeof co);
+  co.network = "tcp";
+  co.addr = addr;
+  co.session.listener = &ev_listener;
+  co.session.codec = &line;
+  co.session.user = &CE;
+  CE.msg = close_client_in_msg;
+  CE.keep = true;
+  loom_client *cl;
+  CHECK_OK(loom_client_start(&cl, &co));
+  atomic_store(&self_cl, cl);
+  WAIT_FOR(atomic_load(&CE.opens) == 1, 5);
+  CHECK_OK(loom_session_write(atomic_load(&CE.s), "hi", 2, -1));
+  WAIT_FOR(atomic_load(&self_returned), 5); /* the echo's on_message */
+  CHECK_OK(atomic_load(&self_rc));
+  WAIT_FOR(atomic_load(&CE.closes) == 1, 5);
+  loom_session_unref(atomic_load(&CE.s));
+  WAIT_FOR(atomic_load(&E.closes) == 1, 5); /* the server saw it go */
+  CHECK_OK(loom_server_close(srv, loom_now() + 5 * SEC));
+}
+TEST(client_closed_from_on_message) {
+  run(close_client_main, 2, "client closed from on_message");
+}
+
 CHECK_MAIN()

@@ -291,6 +291,13 @@ LOOM_API int loom_server_addr(loom_server *srv, char *buf, size_t len);
  * (loom_now() time; 0: no limit), then abort what is left with
  * LOOM_ECLOSED and wait for every on_close.  Returns 0, or -ETIMEDOUT if
  * some sessions had to be aborted.  Parks.
+ *
+ * Called from a callback of one of the server's own sessions (an admin
+ * "shutdown" message, an on_close), it cannot wait for that session,
+ * which ends only after the callback returns: the same close then runs
+ * in a coroutine of its own and the call returns 0 at once (-ENOMEM if
+ * that coroutine cannot be started; nothing is closed then).  Either
+ * way `srv` must not be used after the call.
  */
 LOOM_API int loom_server_close(loom_server *srv, int64_t deadline);
 
@@ -335,7 +342,9 @@ LOOM_API int loom_client_wait(loom_client *cl, int n, int64_t deadline);
 LOOM_API int loom_client_session(loom_client *cl, loom_session **s);
 
 /* Stop reconnecting, close every session as loom_server_close does, and
- * free the client.  0 or -ETIMEDOUT.  Parks. */
+ * free the client.  0 or -ETIMEDOUT.  Parks.  From a callback of one of
+ * its own sessions, as loom_server_close: the close goes on in its own
+ * coroutine and the call returns 0 (or -ENOMEM) at once. */
 LOOM_API int loom_client_close(loom_client *cl, int64_t deadline);
 
 LOOM_API void loom_client_metrics(loom_client *cl, loom_metrics *out);

@@ -17,6 +17,7 @@
 #include "loom/ctx.h"
 #include "loom/runtime.h"
 #include "runtime/alloc.h"
+#include "runtime/runtime.h"
 
 struct loom_client {
   loom__owner owner;
@@ -33,6 +34,7 @@ struct loom_client {
   loom_ctx *ctx;       /* cancelled by loom_client_close */
   loom_sema sup_done;  /* released as the supervisor leaves */
   uint64_t rr;         /* loom_client_session's round robin */
+  int64_t close_deadline; /* for a close handed to its own coroutine */
 };
 
 static int dial_one(loom_client *cl) {
@@ -217,7 +219,23 @@ void loom_client_metrics(loom_client *cl, loom_metrics *out) {
   loom__owner_metrics(&cl->owner, out);
 }
 
+static int close_now(loom_client *cl, int64_t deadline);
+
+static void close_main(void *arg) {
+  loom_client *cl = arg;
+  (void)close_now(cl, cl->close_deadline);
+}
+
 int loom_client_close(loom_client *cl, int64_t deadline) {
+  /* From a callback of one of its own sessions: see loom_server_close. */
+  if (loom__cb_tag() == &cl->owner) {
+    cl->close_deadline = deadline;
+    return loom_go(close_main, cl);
+  }
+  return close_now(cl, deadline);
+}
+
+static int close_now(loom_client *cl, int64_t deadline) {
   loom_ctx_cancel(cl->ctx);
   loom_mutex_lock(&cl->owner.mu);
   loom_cond_broadcast(&cl->owner.changed);

@@ -16,6 +16,7 @@
 #include "loom/ctx.h"
 #include "loom/runtime.h"
 #include "runtime/alloc.h"
+#include "runtime/runtime.h"
 
 struct loom_server {
   loom__owner owner;
@@ -28,6 +29,7 @@ struct loom_server {
   loom_ctx *ctx;       /* cancelled to stop accepting */
   loom_sema loop_done; /* released as the accept loop leaves */
   bool packet;
+  int64_t close_deadline; /* for a close handed to its own coroutine */
 };
 
 static void setup_conn(loom_server *srv, loom_conn *c) {
@@ -153,7 +155,24 @@ void loom_server_metrics(loom_server *srv, loom_metrics *out) {
   loom__owner_metrics(&srv->owner, out);
 }
 
+static int close_now(loom_server *srv, int64_t deadline);
+
+static void close_main(void *arg) {
+  loom_server *srv = arg;
+  (void)close_now(srv, srv->close_deadline);
+}
+
 int loom_server_close(loom_server *srv, int64_t deadline) {
+  /* From a callback of one of its own sessions: that session ends only
+   * after the callback returns, so the close cannot wait for it here. */
+  if (loom__cb_tag() == &srv->owner) {
+    srv->close_deadline = deadline;
+    return loom_go(close_main, srv);
+  }
+  return close_now(srv, deadline);
+}
+
+static int close_now(loom_server *srv, int64_t deadline) {
   if (srv->ctx) {
     loom_ctx_cancel(srv->ctx);
     loom_sema_acquire(&srv->loop_done, 0);

@@ -703,8 +703,12 @@ typedef struct ptask {
 static void pooled_message(void *arg) {
   ptask *t = arg;
   loom_session *s = t->s;
-  if (s->o.listener->on_message)
+  if (s->o.listener->on_message) {
+    void *tag = loom__cb_tag();
+    loom__cb_tag_set(s->owner);
     s->o.listener->on_message(s, &t->pkg);
+    loom__cb_tag_set(tag);
+  }
   loom_wg_done(&s->pooled);
   loom_session_unref(s);
   loom__free(t);
@@ -1098,6 +1102,7 @@ static void reader_main(void *arg) {
   reader r = {0};
   int rc = 0;
   s->reader_g = loom_id();
+  loom__cb_tag_set(s->owner); /* every callback but pooled ones runs here */
   if (s->o.compress && !s->packet)
     rc = loom__zlib_layer_new(&s->top, &s->sock, s->o.compress);
   if (rc < 0) {

@@ -1091,6 +1091,7 @@ static int spawn(loom__rt *rt, loom__m *m, void (*fn)(void *), void *arg,
   g->locals = NULL;
   g->asan_fake = NULL;
   g->wait_reason = NULL;
+  g->cb_tag = NULL;
   loom__ctx_make(&g->ctx, (char *)g, g_entry, g);
   atomic_store_explicit(&g->status, G_RUNNABLE, memory_order_relaxed);
   count_one(p != NULL ? &p->nspawned : NULL, &rt->nspawned_nop);

@@ -98,6 +98,8 @@ struct loom__g {
   void *tsan_fiber;         /* TSan fiber of this G */
   loom__g *alllink;         /* live custom-stack Gs, doubly linked (arena */
   loom__g *allprev;         /* Gs are found by walking the arenas) */
+  void *cb_tag;             /* the engine: whose session callbacks this G
+                               is running (loom__cb_tag), or NULL */
 };
 
 /* Post-switch action: run by whichever context a switch lands in, on the
@@ -278,12 +280,29 @@ void loom__ready(loom__g *g);
  * must not park.  Returns when the G is readied. */
 void loom__park(bool (*commit)(loom__g *g, void *arg), void *arg,
                 const char *reason);
+/* A tag the engine puts on a coroutine while it runs callbacks of an
+ * owner's sessions (a server's or a client's), so that closing that
+ * owner from inside one of them can tell.  NULL outside coroutines. */
+static inline void *loom__cb_tag(void);
+static inline void loom__cb_tag_set(void *tag);
+
 /* The G running on this thread, or NULL outside a coroutine. */
 static inline loom__g *loom__getg(void) {
   loom__m *m = loom__getm();
   if (m == NULL || m->curg == NULL || m->curg->is_g0)
     return NULL;
   return m->curg;
+}
+
+static inline void *loom__cb_tag(void) {
+  loom__g *g = loom__getg();
+  return g != NULL ? g->cb_tag : NULL;
+}
+
+static inline void loom__cb_tag_set(void *tag) {
+  loom__g *g = loom__getg();
+  if (g != NULL)
+    g->cb_tag = tag;
 }
 
 void loom__rt_track(loom__rt *rt, loom__rtobj *o);
