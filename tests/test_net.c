@@ -1228,4 +1228,43 @@ static void unix_fail_main(void *arg) {
 TEST(failed_unix_listen_removes_its_file) { check_run(unix_fail_main, NULL, 1); }
 
 
+/* An accepted connection that cannot be registered with the poller (the
+ * kernel's memory, max_user_watches) is closed, and accept backs off and
+ * goes on: the listener does not fail. */
+static atomic_int reg_res = 1;
+static void reg_acceptor(void *arg) {
+  loom_conn *c;
+  int r = loom_accept(arg, &c);
+  if (r == 0)
+    CHECK_OK(loom_close(c));
+  atomic_store(&reg_res, r);
+}
+
+static void reg_fail_main(void *arg) {
+  (void)arg;
+  loom_listener *l;
+  char addr[128];
+  CHECK_OK(loom_listen(&l, "tcp", "127.0.0.1:0"));
+  CHECK_OK(loom_listener_addr(l, addr, sizeof addr));
+  loom_conn *c1, *c2;
+  CHECK_OK(loom_dial(&c1, "tcp", addr));
+  atomic_store(&fail_epoll_add, 1); /* the accepted side's registration */
+  CHECK_OK(loom_go(reg_acceptor, l));
+  loom_sleep(30 * CHECK_MS);
+  CHECKF(atomic_load(&reg_res) == 1, "accept returned %s",
+         loom_strerror(atomic_load(&reg_res)));
+  char b;
+  CHECK_OK(loom_set_read_deadline(c1, loom_now() + 5000 * CHECK_MS));
+  CHECK_EQ(loom_read(c1, &b, 1), 0); /* dropped: closed by the server */
+  CHECK_OK(loom_dial(&c2, "tcp", addr));
+  for (int i = 0; i < 5000 && atomic_load(&reg_res) == 1; i++)
+    loom_sleep(CHECK_MS);
+  CHECK_EQ(atomic_load(&reg_res), 0);
+  CHECK_OK(loom_close(c1));
+  CHECK_OK(loom_close(c2));
+  CHECK_OK(loom_listener_close(l));
+}
+
+TEST(accept_survives_a_failed_registration) { check_run(reg_fail_main, NULL, 2); }
+
 CHECK_MAIN()

@@ -73,7 +73,8 @@ LOOM_API int loom_listen_with(loom_listener **l, const char *network,
  * loom_accept — wait for and return the next connection (TCP_NODELAY set
  * for TCP, as in Go).  With a deadline (loom_listener_set_deadline) it
  * may return -ETIMEDOUT.  When the process runs out of descriptors
- * (EMFILE, ENFILE) or kernel memory, it does not fail and does not spin:
+ * (EMFILE, ENFILE) or memory (the kernel's, or ours to register the new
+ * connection, which is then closed), it does not fail and does not spin:
  * it reports the condition once through the runtime's log, backs off
  * (5 ms doubling to 1 s) and tries again until a descriptor is free or
  * the deadline passes; a close, a deadline or a cancel ends the back-off

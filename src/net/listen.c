@@ -107,7 +107,8 @@ int loom_listen(loom_listener **l, const char *network, const char *addr) {
 }
 
 static bool starving(int e) {
-  return e == EMFILE || e == ENFILE || e == ENOBUFS || e == ENOMEM;
+  return e == EMFILE || e == ENFILE || e == ENOBUFS || e == ENOMEM ||
+         e == ENOSPC; /* epoll_ctl: max_user_watches */
 }
 
 /* Sleep `ns` between accepts that found no descriptor, in slices, so
@@ -144,15 +145,23 @@ int loom_accept(loom_listener *l, loom_conn **c) {
     socklen_t peerlen = sizeof peer;
     int fd = accept4(f->fd, (struct sockaddr *)&peer, &peerlen,
                      SOCK_NONBLOCK | SOCK_CLOEXEC);
+    int e;
     if (fd >= 0) {
-      if (l->starved) {
-        l->starved = false;
-        loom__log(loom__rt_get(), "accept: descriptors available again");
-      }
+      /* Wrapping it may fail for memory (ours, or the kernel's for the
+       * poller's entry): the connection is closed, and that is starving
+       * like EMFILE, not a failure of the listener. */
       r = loom__conn_new(fd, f->family, (struct sockaddr *)&peer, peerlen, c);
-      break;
+      if (r == 0 || !starving(-r)) {
+        if (r == 0 && l->starved) {
+          l->starved = false;
+          loom__log(loom__rt_get(), "accept: descriptors available again");
+        }
+        break;
+      }
+      e = -r;
+    } else {
+      e = errno;
     }
-    int e = errno;
     if (e == EINTR || e == ECONNABORTED || e == EPROTO)
       continue;
     if (e == EAGAIN) {
