@@ -5,8 +5,12 @@
  * configuration, and shutdown.
  */
 #include <dirent.h>
+#include <errno.h>
 #include <stdatomic.h>
+#include <sys/mman.h>
 #include <sys/resource.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 
 #include "check.h"
 #include "runtime/export_test.h"
@@ -1162,6 +1166,45 @@ static void custom_many_main(void *arg) {
 TEST(go_with_many) {
   long n = CHECK_SCALE(20000, 10000, 2000);
   check_run(custom_many_main, &n, 2);
+}
+
+/* A kernel without MADV_GUARD_INSTALL (before 6.13): arena stacks get a
+ * canary, a stack of another size an mprotect guard and no canary.  The
+ * test binary's madvise refuses advice 102 when told to, as such a
+ * kernel does; no coroutine may then be taken for an overflow. */
+static atomic_int no_guard_install;
+int madvise(void *addr, size_t len, int advice) {
+  if (advice == 102 && atomic_load(&no_guard_install)) {
+    errno = EINVAL;
+    return -1;
+  }
+  return (int)syscall(SYS_madvise, addr, len, advice);
+}
+
+static atomic_int old_kernel_yields;
+static void yield_twice(void *arg) {
+  (void)arg;
+  loom_yield();
+  loom_yield();
+  atomic_fetch_add(&old_kernel_yields, 1);
+}
+
+static void old_kernel_main(void *arg) {
+  (void)arg;
+  CHECK(!loom__test_stack_guard_pages()); /* the fallback is in use */
+  loom_go_opts o;
+  memset(&o, 0, sizeof o);
+  o.stack_size = 128 * 1024; /* not the default: a mapping of its own */
+  for (int i = 0; i < 4; i++) {
+    CHECK_OK(loom_go_with(yield_twice, NULL, &o));
+    CHECK_OK(loom_go(yield_twice, NULL)); /* an arena slot, with a canary */
+  }
+  while (atomic_load(&old_kernel_yields) < 8)
+    loom_sleep(CHECK_MS);
+}
+TEST(stacks_without_kernel_guard_pages) {
+  atomic_store(&no_guard_install, 1);
+  check_run(old_kernel_main, NULL, 2);
 }
 
 CHECK_MAIN()

@@ -212,4 +212,27 @@ static void huge_until_main(void *arg) {
 }
 TEST(sleep_until_huge) { check_run(huge_until_main, NULL, 2); }
 
+/* A coroutine that parks in a receive holds the channel's lock until the
+ * park's commit, after the switch.  Timers found due while picking the
+ * next coroutine must run after that commit: a context's deadline timer
+ * closes the context's done channel, and run before the switch it would
+ * spin on the lock its own thread holds (one P, so nobody else runs it). */
+static void ctx_done_park_main(void *arg) {
+  (void)arg;
+  check_watchdog(20, "a receive on a context's done channel as its deadline falls due");
+  for (int i = 0; i < 64; i++) {
+    loom_ctx *c;
+    CHECK_OK(loom_ctx_with_deadline(&c, loom_ctx_background(), loom_now() + 100000));
+    int64_t end = loom_now() + 300000; /* the deadline passes, unfired */
+    while (loom_now() < end) {
+    }
+    char x;
+    CHECK_EQ(loom_chan_recv(loom_ctx_done(c), &x), 0); /* closed */
+    loom_ctx_release(c);
+  }
+}
+TEST(deadline_due_while_parking_on_its_done_channel) {
+  check_run(ctx_done_park_main, NULL, 1);
+}
+
 CHECK_MAIN()

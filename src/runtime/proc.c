@@ -309,7 +309,7 @@ LOOM_NOIPA static void after_switch(loom__g *g);
 static void gswitch(loom__m *m, loom__g *from, loom__g *to, bool dying) {
   loom__rt *rt = m->rt;
   from->err = *m->errno_addr; /* before the switch: this thread's errno */
-  if (!from->is_g0 && !dying && !rt->stacks.guard_pages &&
+  if (!from->is_g0 && !dying && from->stk.canary &&
       *(uint64_t *)(void *)g_stack_lo(rt, from) != LOOM_STACK_CANARY) {
     loom__log(rt, "stack overflow in coroutine %llu (canary overwritten)",
               (unsigned long long)from->id);
@@ -343,6 +343,8 @@ static void gswitch(loom__m *m, loom__g *from, loom__g *to, bool dying) {
 /* First thing a context runs when it is switched (back) in.  Never
  * inlined: the M, and with it the address of errno, must be computed
  * afresh here, on the thread we resumed on. */
+static void run_deferred_timers(loom__m *m);
+
 LOOM_NOIPA static void after_switch(loom__g *g) {
 #ifdef LOOM_ASAN
   __sanitizer_finish_switch_fiber(g->asan_fake, NULL, NULL);
@@ -353,6 +355,8 @@ LOOM_NOIPA static void after_switch(loom__g *g) {
     m->post_fn = NULL;
     fn(m, m->post_g, m->post_arg);
   }
+  if (m->timers_due || m->stalled_timers != NULL)
+    run_deferred_timers(m);
   *m->errno_addr = g->err;
 }
 
@@ -365,6 +369,27 @@ static void run_due_timers(loom__p *p) {
   int64_t next = loom__timers_next(&p->timers);
   if (next != 0 && next <= loom_now())
     loom__timers_run(&p->timers, loom_now());
+}
+
+/*
+ * The fast path (switch_out) only notes that timers are to be looked at;
+ * they run here, after the switch and after the post-switch action.  A
+ * parking G's commit is that action, and until it runs the G may hold a
+ * lock a timer's function needs: a receive on a context's done channel
+ * holds the channel's lock, and the context's deadline timer closes that
+ * channel.  Run before the switch, it would spin on its own thread's lock.
+ */
+static void run_deferred_timers(loom__m *m) {
+  loom__p *v = m->stalled_timers;
+  bool own = m->timers_due;
+  m->timers_due = false;
+  m->stalled_timers = NULL;
+  if (m->p == NULL)
+    return; /* g0 looks at timers itself */
+  if (own)
+    run_due_timers(m->p);
+  if (v != NULL)
+    loom__timers_run(&v->timers, loom_now());
 }
 
 /*
@@ -406,13 +431,10 @@ static loom__g *steal_stalled(loom__m *m, loom__p *p) {
       w->since = now;
     if (now - w->since < LOOM_STALL_NS)
       continue;
-    /* Its due timers too: the Gs they ready land on our P. */
-    if (timer != 0 && timer <= now) {
-      loom__timers_run(&v->timers, now);
-      loom__g *g = loom__runq_get(p);
-      if (g != NULL)
-        return g;
-    }
+    /* Its due timers too, after the switch (run_deferred_timers): the
+     * Gs they ready land on our P. */
+    if (timer != 0 && timer <= now)
+      m->stalled_timers = v;
     loom__g *g = loom__runq_steal(p, v, true);
     if (g != NULL) {
       atomic_fetch_add_explicit(&rt->steals, 1, memory_order_relaxed);
@@ -434,9 +456,10 @@ static loom__g *fast_next(loom__m *m, loom__p *p) {
       g = steal_stalled(m, p);
   }
   /* Reading the clock costs more than the rest of a switch, so the fast
-   * path looks at timers every 8th switch; g0 looks every time. */
+   * path looks at timers every 8th switch (after it: see
+   * run_deferred_timers); g0 looks every time. */
   if ((t & 7) == 0)
-    run_due_timers(p);
+    m->timers_due = true;
   if (g == NULL)
     g = loom__runq_get(p);
   if (g != NULL && g->lockedm != NULL) {
@@ -535,8 +558,23 @@ void loom__ready(loom__g *g) {
     loom__throw("ready: bad g status");
   atomic_store_explicit(&g->status, G_RUNNABLE, memory_order_relaxed);
   loom__m *m = loom__getm();
-  loom__rt *rt = m ? m->rt : atomic_load(&current_rt);
-  if (m != NULL && m->p != NULL) {
+  if (m == NULL) {
+    /* A plain thread (a channel send, a context cancel): hold rt_mu, as
+     * loom_go does, so the runtime cannot be torn down under us.  If it
+     * is gone already, so is the G's chance to run. */
+    pthread_mutex_lock(&rt_mu);
+    loom__rt *rt = atomic_load(&current_rt);
+    if (rt != NULL) {
+      pthread_mutex_lock(&rt->lock);
+      loom__globrunq_put(rt, g);
+      pthread_mutex_unlock(&rt->lock);
+      loom__wakep(rt);
+    }
+    pthread_mutex_unlock(&rt_mu);
+    return;
+  }
+  loom__rt *rt = m->rt;
+  if (m->p != NULL) {
     loom__runq_put(rt, m->p, g, true);
   } else {
     pthread_mutex_lock(&rt->lock);
@@ -1445,6 +1483,25 @@ static void begin_shutdown(loom__rt *rt) {
   loom__sysmon_wake(rt);
 }
 
+/* Join an M that has been told to stop.  It may be about to block in
+ * the poller with no timeout, after another poll drained the break that
+ * begin_shutdown sent (the eventfd's event comes once): break again
+ * until it has gone. */
+static void join_m(loom__rt *rt, pthread_t th) {
+  for (;;) {
+    loom__netpoll_break(&rt->np);
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    ts.tv_nsec += 10000000;
+    if (ts.tv_nsec >= 1000000000) {
+      ts.tv_sec++;
+      ts.tv_nsec -= 1000000000;
+    }
+    if (pthread_timedjoin_np(th, NULL, &ts) != ETIMEDOUT)
+      return;
+  }
+}
+
 static void destroy_g(loom__rt *rt, loom__g *g) {
   if (g->locals != NULL)
     loom__locals_destroy(g, false);
@@ -1465,7 +1522,7 @@ static void rt_free(loom__rt *rt) {
   for (loom__arena *a = s->arenas; a != NULL; a = a->next) {
     uint32_t n = atomic_load(&a->ncarved);
     for (uint32_t i = 0; i < n; i++) {
-      loom__stack st = {a->base + (size_t)i * s->slot_size, s->slot_size, 0};
+      loom__stack st = {a->base + (size_t)i * s->slot_size, s->slot_size, 0, false};
       uintptr_t top = (uintptr_t)(st.base + st.size);
       loom__g *g = (loom__g *)((top - sizeof(loom__g)) & ~(uintptr_t)63);
       destroy_g(rt, g);
@@ -1615,7 +1672,7 @@ int loom_run(void (*main_fn)(void *), void *arg, const loom_config *cfg) {
     pthread_mutex_unlock(&rt->lock);
     if (victim == NULL)
       break;
-    pthread_join(th, NULL);
+    join_m(rt, th);
   }
   loom__sysmon_stop(rt);
   restore_fault_handler();

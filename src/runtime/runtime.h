@@ -129,6 +129,9 @@ struct loom__m {
   loom__post_fn post_fn;
   loom__g *post_g;
   void *post_arg;
+  /* Timers the fast path found due, run after the switch (proc.c). */
+  bool timers_due;          /* this P's */
+  loom__p *stalled_timers;  /* a stalled P's */
   int cpuclock;             /* this thread's CPU-time clockid */
   void *sigstack;           /* alternate signal stack */
   size_t sigstack_size;

@@ -52,7 +52,8 @@ static bool install_guard(loom__stacks *s, char *base) {
 void loom__stack_prepare(loom__stacks *s, loom__stack *st) {
   /* The canary is written only when guards are not kernel guard pages:
    * writing it commits a second page per stack. */
-  if (!install_guard(s, st->base))
+  st->canary = !install_guard(s, st->base);
+  if (st->canary)
     *(uint64_t *)(void *)(st->base + s->page) = LOOM_STACK_CANARY;
   st->vg_id = 0;
 #ifdef LOOM_HAVE_VALGRIND_H
@@ -140,6 +141,7 @@ int loom__stack_carve(loom__stacks *s, loom__stack *out, int n) {
     out[k].base = a->base + (size_t)(i + (uint32_t)k) * s->slot_size;
     out[k].size = s->slot_size;
     out[k].vg_id = 0;
+    out[k].canary = false; /* loom__stack_prepare decides */
   }
   atomic_store_explicit(&a->ncarved, i + (uint32_t)n, memory_order_release);
   return n;
@@ -154,10 +156,13 @@ int loom__stack_map(loom__stacks *s, size_t size, loom__stack *out) {
   madvise(p, size, MADV_NOHUGEPAGE);
   out->base = p;
   out->size = size;
+  out->canary = false;
   if (!s->guard_pages || madvise(p, s->page, MADV_GUARD_INSTALL) != 0) {
     /* A mapping of its own can afford an mprotect guard. */
-    if (mprotect(p, s->page, PROT_NONE) != 0)
+    if (mprotect(p, s->page, PROT_NONE) != 0) {
       *(uint64_t *)(void *)(p + s->page) = LOOM_STACK_CANARY;
+      out->canary = true;
+    }
   }
   out->vg_id = 0;
 #ifdef LOOM_HAVE_VALGRIND_H

@@ -16,6 +16,8 @@ typedef struct loom__stack {
   char *base;
   size_t size;
   unsigned vg_id; /* valgrind stack id, 0 when not under valgrind */
+  bool canary;    /* no guard page: a canary word guards it (checked at
+                     every switch) */
 } loom__stack;
 
 typedef struct loom__arena {

@@ -167,12 +167,15 @@ int64_t loom__timers_run(loom__timers *ts, int64_t now) {
   lock(ts);
   while (ts->len > 0 && ts->h[0]->when <= now) {
     loom__timer *t = ts->h[0];
-    atomic_store_explicit(&t->running, 1, memory_order_relaxed);
+    /* A count, not a flag: a timer re-added while its fn still runs
+     * (loom_sleep does not wait for it) may start again on another
+     * thread, and the first to finish must not clear the second's mark. */
+    atomic_fetch_add_explicit(&t->running, 1, memory_order_relaxed);
     remove_at(ts, 0); /* publishes heap = NULL with release */
     publish(ts);
     unlock(ts);
     t->fn(t, t->arg);
-    atomic_store_explicit(&t->running, 0, memory_order_release);
+    atomic_fetch_sub_explicit(&t->running, 1, memory_order_release);
     lock(ts);
   }
   next = ts->len ? ts->h[0]->when : 0;

@@ -26,7 +26,7 @@ struct loom__timer {
   void *arg;
   _Atomic(loom__timers *) heap;   /* heap holding it, NULL if not pending */
   int32_t idx;                    /* position in that heap */
-  _Atomic int running;            /* fn is executing (see timer_del) */
+  _Atomic int running;            /* fns executing now (see timer_del) */
 };
 
 struct loom__timers {
