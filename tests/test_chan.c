@@ -6,9 +6,12 @@
  */
 #include <errno.h>
 #include <pthread.h>
+#include <sched.h>
 #include <stdatomic.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <time.h>
 
 #include "check.h"
 #include "loom.h"
@@ -320,6 +323,63 @@ TEST(threads_without_runtime) {
   CHECK_OK(loom_chan_close(c));
   pthread_join(t, NULL);
   loom_chan_free(c);
+}
+
+/* A sender waiting when the channel closes fails with -EPIPE, and no
+ * receive gets an element from it after the close (chan.h; Go releases
+ * every waiter under the lock).  loom_chan_close drops the lock between
+ * wake-ups; a receive that came in then paired with a sender close had
+ * not reached yet.  Plain threads, no runtime. */
+#define CW_SENDERS 32
+static loom_chan *cw_c;
+static atomic_int cw_sent_ok, cw_queued, cw_after_close;
+static void *cw_sender(void *arg) {
+  long v = (long)(intptr_t)arg;
+  atomic_fetch_add(&cw_queued, 1);
+  if (loom_chan_send(cw_c, &v) == 0)
+    atomic_fetch_add(&cw_sent_ok, 1);
+  return NULL;
+}
+static void *cw_receiver(void *arg) {
+  (void)arg;
+  long probe = -1, v;
+  while (loom_chan_try_send(cw_c, &probe) != -EPIPE) /* until closed */
+    ;
+  int r;
+  while ((r = loom_chan_try_recv(cw_c, &v)) != 0)
+    if (r == 1)
+      atomic_fetch_add(&cw_after_close, 1);
+  return NULL;
+}
+TEST(close_fails_every_waiting_sender) {
+  check_watchdog(20, "close with waiting senders");
+  int bad_rounds = 0;
+  for (int round = 0; round < 20; round++) {
+    CHECK_OK(loom_chan_make(&cw_c, sizeof(long), 0));
+    atomic_store(&cw_sent_ok, 0);
+    atomic_store(&cw_after_close, 0);
+    atomic_store(&cw_queued, 0);
+    pthread_t s[CW_SENDERS], r;
+    for (long i = 0; i < CW_SENDERS; i++)
+      CHECK_EQ(pthread_create(&s[i], NULL, cw_sender, (void *)(intptr_t)i), 0);
+    while (atomic_load(&cw_queued) < CW_SENDERS)
+      sched_yield();
+    struct timespec ts = {0, 20 * 1000 * 1000}; /* let them all queue */
+    nanosleep(&ts, NULL);
+    CHECK_EQ(pthread_create(&r, NULL, cw_receiver, NULL), 0);
+    CHECK_OK(loom_chan_close(cw_c));
+    pthread_join(r, NULL);
+    for (int i = 0; i < CW_SENDERS; i++)
+      pthread_join(s[i], NULL);
+    if (atomic_load(&cw_sent_ok) != 0 || atomic_load(&cw_after_close) != 0) {
+      bad_rounds++;
+      printf("round %d: %d sends returned 0 although the channel closed while "
+             "they waited; %d receives got an element after the close\n",
+             round, atomic_load(&cw_sent_ok), atomic_load(&cw_after_close));
+    }
+    loom_chan_free(cw_c);
+  }
+  CHECK_EQ(bad_rounds, 0);
 }
 
 CHECK_MAIN()

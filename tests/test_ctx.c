@@ -7,11 +7,15 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <unistd.h>
+#include <pthread.h>
+#include <sched.h>
 #include <stdatomic.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 
 #include "check.h"
+#include "ctx/ctx_internal.h"
 #include "loom.h"
 
 #define NODES 10000
@@ -332,5 +336,62 @@ static void syncctx_main(void *arg) {
   loom_ctx_release(c);
 }
 TEST(sync_waits_cancelled) { check_run(syncctx_main, NULL, 2); }
+
+/* A deadline's timer must not free its own context.  R has a deadline
+ * and a child K.  R's timer fires, and while its cancel walk is inside K
+ * (here: K's cancel hook), the creators drop R and K.  The walk's unref
+ * of K then freed K, then R, from inside R's own timer: loom__timer_del
+ * on that running timer waited for itself forever.  The armed deadline
+ * now holds a reference of its own. */
+static loom_ctx *selffree_r, *selffree_k;
+static atomic_int selffree_in_hook, selffree_dropped, selffree_done;
+static void selffree_hook(void *arg) {
+  (void)arg;
+  atomic_store(&selffree_in_hook, 1);
+  while (!atomic_load(&selffree_dropped))
+    sched_yield();
+}
+static void *selffree_thread(void *arg) {
+  (void)arg;
+  while (!atomic_load(&selffree_in_hook))
+    sched_yield();
+  loom_ctx_release(selffree_r); /* R's creator: R is cancelled already */
+  loom_ctx_unref(selffree_k);   /* K's creator: cancelled, unlinked */
+  atomic_store(&selffree_dropped, 1);
+  return NULL;
+}
+static void selffree_main(void *arg) {
+  (void)arg;
+  static loom__ctx_hook h = {selffree_hook, NULL, NULL, NULL, false};
+  CHECK_OK(loom_ctx_with_timeout(&selffree_r, loom_ctx_background(), 5 * CHECK_MS));
+  CHECK_OK(loom_ctx_with_cancel(&selffree_k, selffree_r));
+  CHECK(loom__ctx_hook_add(selffree_k, &h));
+  pthread_t t;
+  CHECK(pthread_create(&t, NULL, selffree_thread, NULL) == 0);
+  while (!atomic_load(&selffree_dropped))
+    loom_sleep(CHECK_MS);
+  pthread_join(t, NULL);
+  loom_sleep(20 * CHECK_MS);
+  atomic_store(&selffree_done, 1);
+}
+TEST(deadline_timer_survives_its_context_release) {
+  check_watchdog(10, "a context's deadline timer waiting for itself");
+  check_run(selffree_main, NULL, 2);
+  CHECK(atomic_load(&selffree_done));
+}
+
+/* A timeout too large to add to the clock means "never", not "already". */
+static int huge_timeout_err = 1;
+static void huge_timeout_main(void *arg) {
+  (void)arg;
+  loom_ctx *c;
+  CHECK_OK(loom_ctx_with_timeout(&c, loom_ctx_background(), INT64_MAX));
+  huge_timeout_err = loom_ctx_err(c);
+  loom_ctx_release(c);
+}
+TEST(huge_timeout_saturates) {
+  check_run(huge_timeout_main, NULL, 1);
+  CHECK_EQ(huge_timeout_err, 0);
+}
 
 CHECK_MAIN()

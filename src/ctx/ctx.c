@@ -57,8 +57,10 @@ void loom_ctx_unref(loom_ctx *c) {
   while (c != NULL && !c->background &&
          atomic_fetch_sub(&c->refs, 1) == 1) {
     loom_ctx *parent = c->parent;
+    /* The armed timer's reference is gone, so it has fired (and its
+     * timers_run is done with it) or was stopped: a safety net. */
     if (c->has_timer)
-      loom__timer_del(&c->timer); /* waits for a running deadline_fire */
+      loom__timer_del(&c->timer);
     loom_chan_free(c->done);
     loom__free(c);
     c = parent; /* drop the reference c held on its parent */
@@ -92,8 +94,11 @@ static void cancel_one(loom_ctx *n, int err, void ***work, size_t *len, // NOLIN
   }
   loom__spin_unlock(&n->lock);
   loom_chan_close(n->done); /* wakes everything waiting on it */
-  if (n->has_timer)
-    loom__timer_stop(&n->timer); /* no wait: we may be its own fn */
+  /* No wait: we may be its own fn.  A timer stopped before it fired
+   * drops the reference it held; never the last one here (our caller,
+   * or the walk, holds another). */
+  if (n->has_timer && loom__timer_stop(&n->timer))
+    loom_ctx_unref(n);
   while (k != NULL) {
     loom_ctx *next = k->sib_next; /* read before k can be released */
     if (loom__ptrs_push(work, len, cap, k) != 0) {
@@ -158,10 +163,17 @@ void loom__ctx_unhook(loom_ctx *c, loom__ctx_hook *h) {
   loom__spin_unlock(&c->lock);
 }
 
+/* The armed deadline holds a reference to its context, so the cancel
+ * walk it starts cannot free the context under its own running timer
+ * (the walk may drop the last reference of a child, which drops its
+ * reference on us).  The timer's reference goes once timers_run is done
+ * with the timer (deadline_done), or when a cancel stops the timer. */
 static void deadline_fire(loom__timer *t, void *arg) {
   (void)t;
   cancel(arg, -ETIMEDOUT);
 }
+
+static void deadline_done(void *arg) { loom_ctx_unref(arg); }
 
 static int child(loom_ctx **out, loom_ctx *parent, loom_ctx **made) {
   if (out == NULL || parent == NULL)
@@ -246,7 +258,8 @@ int loom_ctx_with_deadline(loom_ctx **out, loom_ctx *parent,
      * reaches us through the parent's cancel). */
     c->has_timer = true;
     c->timer.fn = deadline_fire;
-    c->timer.arg = c;
+    c->timer.done = deadline_done;
+    c->timer.arg = loom_ctx_ref(c); /* the timer's reference */
     loom__timer_add(&m->p->timers, &c->timer, deadline);
     loom__wake_netpoller(m->rt, deadline);
   }
@@ -255,7 +268,12 @@ int loom_ctx_with_deadline(loom_ctx **out, loom_ctx *parent,
 }
 
 int loom_ctx_with_timeout(loom_ctx **out, loom_ctx *parent, int64_t ns) {
-  return loom_ctx_with_deadline(out, parent, loom_now() + (ns > 0 ? ns : 0));
+  int64_t now = loom_now();
+  if (ns < 0)
+    ns = 0;
+  /* Saturate, as loom_sleep does: a huge timeout is "never". */
+  return loom_ctx_with_deadline(out, parent,
+                                ns > INT64_MAX - now ? INT64_MAX : now + ns);
 }
 
 void loom_ctx_cancel(loom_ctx *c) {

@@ -174,8 +174,12 @@ int64_t loom__timers_run(loom__timers *ts, int64_t now) {
     remove_at(ts, 0); /* publishes heap = NULL with release */
     publish(ts);
     unlock(ts);
-    t->fn(t, t->arg);
+    void (*done)(void *) = t->done; /* t may be gone after the count */
+    void *arg = t->arg;
+    t->fn(t, arg);
     atomic_fetch_sub_explicit(&t->running, 1, memory_order_release);
+    if (done != NULL)
+      done(arg);
     lock(ts);
   }
   next = ts->len ? ts->h[0]->when : 0;

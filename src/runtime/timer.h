@@ -24,6 +24,10 @@ struct loom__timer {
   int64_t when;                   /* loom_now() deadline */
   void (*fn)(loom__timer *t, void *arg);
   void *arg;
+  /* Optional: called with `arg` once fn has returned and the timer is
+   * no longer touched, so it may free what holds the timer (a context
+   * whose armed deadline owns a reference to it). */
+  void (*done)(void *arg);
   _Atomic(loom__timers *) heap;   /* heap holding it, NULL if not pending */
   int32_t idx;                    /* position in that heap */
   _Atomic int running;            /* fns executing now (see timer_del) */

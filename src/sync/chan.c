@@ -151,7 +151,9 @@ static int try_send_locked(loom_chan *c, const void *elem, waiter **wk) {
 /* Try to complete a receive now.  1 with an element, 2 closed and
  * drained, 0 would wait. */
 static int try_recv_locked(loom_chan *c, void *elem, waiter **wk) {
-  sudog *s = dequeue(&c->sendq);
+  /* Senders still queued on a closed channel are close's to fail (it
+   * drops the lock between wake-ups): none of them may hand over. */
+  sudog *s = c->closed ? NULL : dequeue(&c->sendq);
   if (s != NULL) {
     if (c->cap == 0) {
       elem_copy(c, elem, s->elem);
