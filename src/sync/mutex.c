@@ -189,39 +189,52 @@ void loom_mutex_unlock(loom_mutex *mu) {
       return;
   }
   int *lk = &mu->q_.lock_;
-  loom__spin_lock(lk);
-  s = load(mu);
-  loom__wnode *n = NULL;
-  bool release = true;
-  if ((s & STARVING) || !(s & WOKEN))
-    n = loom__waitq_pop(&mu->q_.q_);
-  if (n != NULL) {
-    n->w->fired = 0; /* woken by an unlock, not by its deadline */
-    if (s & STARVING) {
-      __atomic_sub_fetch(&mu->state_, WAITER, __ATOMIC_ACQ_REL);
-      n->w->handed = true; /* stays locked: it is n's now */
-      release = false;
-      if (mu->q_.q_.head_ == NULL)
-        __atomic_and_fetch(&mu->state_, ~STARVING, __ATOMIC_ACQ_REL);
-    } else {
+  loom__wnode *woken = NULL; /* a waiter woken to contend (normal mode) */
+  for (;;) {
+    loom__spin_lock(lk);
+    s = load(mu);
+    loom__wnode *n = NULL;
+    if ((s & STARVING) || (!(s & WOKEN) && woken == NULL))
+      n = loom__waitq_pop(&mu->q_.q_);
+    if (n != NULL) {
+      n->w->fired = 0; /* woken by an unlock, not by its deadline */
+      if (s & STARVING) {
+        __atomic_sub_fetch(&mu->state_, WAITER, __ATOMIC_ACQ_REL);
+        n->w->handed = true; /* stays locked: it is n's now */
+        if (mu->q_.q_.head_ == NULL)
+          __atomic_and_fetch(&mu->state_, ~STARVING, __ATOMIC_ACQ_REL);
+        loom__spin_unlock(lk);
+        loom__waiter_wake(n->w);
+        if (woken != NULL)
+          loom__waiter_wake(woken->w);
+        return;
+      }
       /* n is awake now; a spinner may set WOKEN at the same moment, and
        * then both clear it (a harmless extra wake later, never a lost
        * one). */
       s = load(mu);
       while (!cas(mu, s, (s - WAITER) | WOKEN))
         s = load(mu);
+      woken = n;
+    } else if (s & STARVING) {
+      __atomic_and_fetch(&mu->state_, ~STARVING, __ATOMIC_ACQ_REL);
     }
-  } else if (s & STARVING) {
-    __atomic_and_fetch(&mu->state_, ~STARVING, __ATOMIC_ACQ_REL);
+    loom__spin_unlock(lk);
+    /* Dropping LOCKED is the last touch of *mu.  A locker that queued
+     * meanwhile is not lost: the woken waiter (or the spinner that set
+     * WOKEN) contends, and its unlock finds the new waiter's count.  But
+     * a waiter that queued again after waiting too long may have turned
+     * the mutex to starvation mode since we looked: then nobody may take
+     * it by contending, and it must be handed over (go round). */
+    s = load(mu);
+    while (!(s & STARVING))
+      if (__atomic_compare_exchange_n(&mu->state_, &s, s & ~LOCKED, false,
+                                      __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE)) {
+        if (woken != NULL)
+          loom__waiter_wake(woken->w);
+        return;
+      }
   }
-  loom__spin_unlock(lk);
-  /* Dropping LOCKED is the last touch of *mu.  A locker that queued
-   * meanwhile is not lost: n (or the spinner that set WOKEN) contends,
-   * and its unlock finds the new waiter's WAITER count. */
-  if (release)
-    __atomic_and_fetch(&mu->state_, ~LOCKED, __ATOMIC_ACQ_REL);
-  if (n != NULL)
-    loom__waiter_wake(n->w);
 }
 
 void loom_once_do(loom_once *o, void (*fn)(void *), void *arg) {
