@@ -6,6 +6,7 @@
 #include <errno.h>
 #include <pthread.h>
 #include <stdatomic.h>
+#include <stdint.h>
 #include <stdio.h>
 
 #include "check.h"
@@ -432,5 +433,18 @@ static void free_main(void *arg) {
 }
 
 TEST(free_right_after_wait_or_lock) { check_run(free_main, NULL, 2); }
+
+/* The count never goes below zero nor wraps past INT64_MAX. */
+TEST(wg_add_refuses_overflow) {
+  loom_wg g = LOOM_WG_INIT;
+  CHECK_EQ(loom_wg_add(&g, INT64_MIN), -EINVAL);
+  CHECK_EQ(loom_wg_add(&g, -1), -EINVAL);
+  CHECK_OK(loom_wg_add(&g, INT64_MAX));
+  CHECK_EQ(loom_wg_add(&g, 1), -EINVAL);
+  CHECK_EQ(loom_wg_add(&g, INT64_MAX), -EINVAL);
+  CHECK_OK(loom_wg_add(&g, -INT64_MAX)); /* back to zero: reusable */
+  CHECK_OK(loom_wg_add(&g, 2));
+  CHECK_OK(loom_wg_add(&g, -2));
+}
 
 CHECK_MAIN()

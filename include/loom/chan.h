@@ -12,7 +12,9 @@
  * the process (which block in the kernel, without a runtime, too); the
  * two can talk to each other.  Every call is thread-safe.
  *
- * Deadlines are absolute loom_now() times; 0 means none.
+ * Deadlines are absolute loom_now() times; 0 means none.  A wait with a
+ * deadline ahead needs a timer: when none can be had, it returns -ENOMEM
+ * at once (besides the results each call lists).
  */
 #ifndef LOOM_CHAN_H
 #define LOOM_CHAN_H

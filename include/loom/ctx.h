@@ -71,8 +71,10 @@ LOOM_API int64_t loom_ctx_deadline(loom_ctx *c);
 LOOM_API void *loom_ctx_value(loom_ctx *c, const void *key);
 
 /* Take another reference (for a coroutine that outlives the creator's
- * use), and drop one.  loom_ctx_release also cancels the node the first
- * time it is called by the creator; see the ownership note above. */
+ * use), and drop one.  loom_ctx_release is the creator's, called once:
+ * it cancels the node and drops the creator's reference (a second call
+ * would drop a reference the creator no longer has); see the ownership
+ * note above. */
 LOOM_API loom_ctx *loom_ctx_ref(loom_ctx *c);
 LOOM_API void loom_ctx_unref(loom_ctx *c);
 LOOM_API void loom_ctx_release(loom_ctx *c);

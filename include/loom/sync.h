@@ -7,7 +7,9 @@
  * a valid, unlocked / empty one (LOOM_MUTEX_INIT and friends say so
  * explicitly); none needs destroying.  The fields are private.
  *
- * Deadlines are absolute loom_now() times; 0 means none.
+ * Deadlines are absolute loom_now() times; 0 means none.  A wait with a
+ * deadline ahead needs a timer: when none can be had, it returns -ENOMEM
+ * at once (besides the results each call lists).
  */
 #ifndef LOOM_SYNC_H
 #define LOOM_SYNC_H
@@ -76,7 +78,7 @@ LOOM_API void loom_sema_release(loom_sema *s);
  * Wait group: loom_wg_add(n) before starting n tasks, loom_wg_done() as
  * each finishes, loom_wg_wait() until the count is back at zero.
  * Reusable once it is zero.  loom_wg_add returns -EINVAL (and changes
- * nothing) if the count would go negative.
+ * nothing) if the count would go negative or past INT64_MAX.
  */
 typedef struct loom_wg {
   int64_t count_;

@@ -28,7 +28,6 @@ struct loom_ctx {
   _Atomic int refs;
   int err;                  /* 0, -ECANCELED, -ETIMEDOUT; read atomically */
   bool background;
-  bool released;
   bool linked;              /* on its parent's children list */
   bool has_value;
   bool has_timer;

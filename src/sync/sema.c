@@ -5,6 +5,7 @@
  * the unit straight to it, so a newcomer cannot take it first.
  */
 #include <errno.h>
+#include <stdint.h>
 
 #include "loom/sync.h"
 #include "runtime/runtime.h"
@@ -106,7 +107,8 @@ int loom_wg_add(loom_wg *wg, int64_t delta) {
    * common C pattern — while the last loom_wg_done is still inside. */
   int64_t c = __atomic_load_n(&wg->count_, __ATOMIC_ACQUIRE);
   for (;;) {
-    if (c + delta < 0)
+    /* c >= 0 always; c + delta must stay in 0..INT64_MAX. */
+    if (delta < 0 ? delta == INT64_MIN || c < -delta : delta > INT64_MAX - c)
       return -EINVAL;
     if (c + delta == 0 && delta != 0)
       break;
