@@ -690,9 +690,12 @@ void loom__startm(loom__rt *rt, loom__p *p, bool spinning) {
     pthread_mutex_unlock(&rt->lock);
     return;
   }
-  pthread_mutex_unlock(&rt->lock);
+  /* Set under the lock: begin_shutdown takes it before waking every
+   * parked M, so an M that wakes to exit instead sees these writes done
+   * (they were a race with its last reads, TSan saw). */
   nm->spinning = spinning;
   nm->nextp = p;
+  pthread_mutex_unlock(&rt->lock);
   loom__note_wakeup(&nm->park);
 }
 
