@@ -80,24 +80,14 @@ int loom_listen_with(loom_listener **l, const char *network,
   if (err != 0)
     return err;
   int family = as.a[i].ss_family;
-  /* bind() made a socket file: it goes when the listener closes, or now
-   * if the listener cannot be made, or nobody could listen there again. */
-  bool file = family == AF_UNIX && addr[0] != '@';
-  char *path = file ? loom__strdup(addr) : NULL;
   loom_listener *ln = loom__calloc(1, sizeof *ln);
-  err = ln == NULL || (file && path == NULL)
-            ? -ENOMEM
-            : loom__netfd_init(&ln->nf, fd, family, SOCK_STREAM);
+  err = loom__netfd_init_bound(ln ? &ln->nf : NULL, fd, family, SOCK_STREAM,
+                               family == AF_UNIX ? addr : NULL);
   if (err != 0) {
-    close(fd);
-    if (file)
-      unlink(addr);
-    loom__free(path);
     loom__free(ln);
     return err;
   }
   ln->nf.free_fn = listener_free;
-  ln->nf.unlink_path = path;
   *l = ln;
   return 0;
 }

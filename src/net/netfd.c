@@ -57,6 +57,24 @@ static void destroy(loom__netfd *f) {
   release_fd(f);
 }
 
+int loom__netfd_init_bound(loom__netfd *f, int fd, int family, int type,
+                           const char *path) {
+  bool file = path != NULL && path[0] != '@';
+  char *copy = file ? loom__strdup(path) : NULL;
+  int err = f == NULL || (file && copy == NULL)
+                ? -ENOMEM
+                : loom__netfd_init(f, fd, family, type);
+  if (err != 0) {
+    loom__free(copy);
+    close(fd);
+    if (file)
+      unlink(path);
+    return err;
+  }
+  f->unlink_path = copy;
+  return 0;
+}
+
 bool loom__netfd_acquire(loom__netfd *f) {
   uint64_t v = atomic_fetch_add(&f->ref, 1);
   if (v & CLOSED) {

@@ -41,6 +41,13 @@ typedef struct loom__netfd {
 /* Wrap a non-blocking fd (registers it with the poller).  On failure the
  * fd is left open for the caller.  0 or -errno. */
 int loom__netfd_init(loom__netfd *f, int fd, int family, int type);
+/* loom__netfd_init for a socket bound to `path` (a Unix path; NULL or
+ * an '@' abstract name: no file).  The file bind() made goes when f
+ * closes.  `f` NULL says the caller could not allocate it.  On any
+ * failure the fd is closed and the file removed at once, so the path can
+ * be bound again.  0, -ENOMEM or loom__netfd_init's error. */
+int loom__netfd_init_bound(loom__netfd *f, int fd, int family, int type,
+                           const char *path);
 bool loom__netfd_acquire(loom__netfd *f);
 void loom__netfd_release(loom__netfd *f);
 bool loom__netfd_closed(loom__netfd *f);

@@ -32,23 +32,15 @@ static void pconn_free(loom__netfd *f) { loom__free(f); }
  * file bind() made (NULL: none), removed on close, or now on failure. */
 static int pconn_new(int fd, int family, bool connected, const char *path,
                      loom_pconn **out) {
-  bool file = path != NULL && path[0] != '@';
-  char *keep = file ? loom__strdup(path) : NULL;
   loom_pconn *pc = loom__calloc(1, sizeof *pc);
-  int err = pc == NULL || (file && keep == NULL)
-                ? -ENOMEM
-                : loom__netfd_init(&pc->nf, fd, family, SOCK_DGRAM);
+  int err = loom__netfd_init_bound(pc ? &pc->nf : NULL, fd, family,
+                                   SOCK_DGRAM, path);
   if (err != 0) {
-    loom__free(keep);
     loom__free(pc);
-    close(fd);
-    if (file)
-      unlink(path);
     return err;
   }
   pc->nf.free_fn = pconn_free;
   pc->connected = connected;
-  pc->nf.unlink_path = keep;
   *out = pc;
   return 0;
 }
