@@ -283,12 +283,6 @@ void loom__ready(loom__g *g);
  * must not park.  Returns when the G is readied. */
 void loom__park(bool (*commit)(loom__g *g, void *arg), void *arg,
                 const char *reason);
-/* A tag the engine puts on a coroutine while it runs callbacks of an
- * owner's sessions (a server's or a client's), so that closing that
- * owner from inside one of them can tell.  NULL outside coroutines. */
-static inline void *loom__cb_tag(void);
-static inline void loom__cb_tag_set(void *tag);
-
 /* The G running on this thread, or NULL outside a coroutine. */
 static inline loom__g *loom__getg(void) {
   loom__m *m = loom__getm();
@@ -297,6 +291,9 @@ static inline loom__g *loom__getg(void) {
   return m->curg;
 }
 
+/* A tag the engine puts on a coroutine while it runs callbacks of an
+ * owner's sessions (a server's or a client's), so that closing that
+ * owner from inside one of them can tell.  NULL outside coroutines. */
 static inline void *loom__cb_tag(void) {
   loom__g *g = loom__getg();
   return g != NULL ? g->cb_tag : NULL;
