@@ -2771,12 +2771,20 @@ static loom_server *_Atomic self_srv;
 static loom_client *_Atomic self_cl;
 static atomic_int self_called, self_returned, self_rc;
 
+/* Close the client if the case made one, else the server; once. */
+static void close_self_once(void) {
+  if (atomic_exchange(&self_called, 1) != 0)
+    return;
+  int64_t deadline = loom_now() + 200 * CHECK_MS;
+  loom_client *cl = atomic_load(&self_cl);
+  atomic_store(&self_rc, cl != NULL ? loom_client_close(cl, deadline)
+                                    : loom_server_close(atomic_load(&self_srv), deadline));
+  atomic_store(&self_returned, 1);
+}
+
 static void close_server_in_cb(loom_session *s) {
   (void)s;
-  if (atomic_exchange(&self_called, 1) == 0) { /* once */
-    atomic_store(&self_rc, loom_server_close(atomic_load(&self_srv), loom_now() + 200 * CHECK_MS));
-    atomic_store(&self_returned, 1);
-  }
+  close_self_once();
 }
 
 static void close_from_on_close_main(void *arg) {
@@ -2838,10 +2846,7 @@ TEST(server_closed_from_pooled_message) {
 static void close_client_in_msg(loom_session *s, const loom_pkg *pkg) {
   (void)s;
   (void)pkg;
-  if (atomic_exchange(&self_called, 1) == 0) {
-    atomic_store(&self_rc, loom_client_close(atomic_load(&self_cl), loom_now() + 200 * CHECK_MS));
-    atomic_store(&self_returned, 1);
-  }
+  close_self_once();
 }
 
 static void close_client_main(void *arg) {
