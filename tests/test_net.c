@@ -1267,4 +1267,52 @@ static void reg_fail_main(void *arg) {
 
 TEST(accept_survives_a_failed_registration) { check_run(reg_fail_main, NULL, 2); }
 
+/* A Unix dial to a listener whose backlog is full waits for room, as a
+ * blocking connect() does, until its deadline; it does not fail with
+ * EAGAIN. */
+static char ub_path[64];
+static atomic_int ub_res = 1;
+static void ub_dialer(void *arg) {
+  (void)arg;
+  loom_conn *c;
+  loom_dial_opts o = {.deadline = loom_now() + 5000 * CHECK_MS};
+  int r = loom_dial_with(&c, "unix", ub_path, &o);
+  if (r == 0)
+    CHECK_OK(loom_close(c));
+  atomic_store(&ub_res, r);
+}
+
+static void unix_backlog_main(void *arg) {
+  (void)arg;
+  snprintf(ub_path, sizeof ub_path, "/tmp/loom-test-backlog-%d.sock", (int)getpid());
+  unlink(ub_path);
+  loom_listener *l;
+  loom_listen_opts lo = {.backlog = 1};
+  CHECK_OK(loom_listen_with(&l, "unix", ub_path, &lo));
+  loom_conn *held[16];
+  int n = 0, r = 0;
+  while (n < 16) { /* fill the backlog */
+    loom_dial_opts o = {.deadline = loom_now() + 30 * CHECK_MS};
+    r = loom_dial_with(&held[n], "unix", ub_path, &o);
+    if (r != 0)
+      break;
+    n++;
+  }
+  CHECKF(r == -ETIMEDOUT, "a dial to a full backlog gave %s", loom_strerror(r));
+  CHECK_OK(loom_go(ub_dialer, NULL));
+  loom_sleep(50 * CHECK_MS);
+  CHECK_EQ(atomic_load(&ub_res), 1); /* still waiting for room */
+  loom_conn *s;
+  CHECK_OK(loom_accept(l, &s)); /* room */
+  for (int i = 0; i < 5000 && atomic_load(&ub_res) == 1; i++)
+    loom_sleep(CHECK_MS);
+  CHECK_EQ(atomic_load(&ub_res), 0);
+  CHECK_OK(loom_close(s));
+  for (int i = 0; i < n; i++)
+    CHECK_OK(loom_close(held[i]));
+  CHECK_OK(loom_listener_close(l));
+}
+
+TEST(unix_dial_waits_for_backlog_room) { check_run(unix_backlog_main, NULL, 2); }
+
 CHECK_MAIN()

@@ -104,7 +104,10 @@ typedef struct loom_dial_opts {
  * loom_dial — connect to `addr`.  Every address a host name resolves to
  * is tried in turn until one connects.  It returns once the connection
  * is established (confirmed with getpeername, not only by writability),
- * so a refused or unreachable address moves on to the next one.
+ * so a refused or unreachable address moves on to the next one.  A Unix
+ * listener whose backlog is full makes it wait, as a blocking connect
+ * would (retrying every 1 to 32 ms: there is no event for room), until
+ * the deadline, not fail with EAGAIN.
  * Returns 0 and *c; -ECONNREFUSED,
  * -ETIMEDOUT (deadline), -ENETUNREACH, LOOM_EBADADDR, LOOM_ENOHOST, ...
  * Parks.

@@ -3,7 +3,9 @@
  *
  * Every operation is the same loop: try the system call; on EAGAIN park
  * on the poll descriptor for that direction and try again when it is
- * ready.  errno is read right after the call, before anything can park.
+ * ready.  errno is read with loom__errno(): after a park the coroutine
+ * may be on another thread, and the compiler may have kept the first
+ * thread's errno address.
  * Writes use send/sendmsg with MSG_NOSIGNAL: a vanished peer is -EPIPE,
  * never a SIGPIPE.
  */
@@ -114,7 +116,7 @@ static ssize_t wait_readable(loom__netfd *f) {
     char b;
     if (recv(f->fd, &b, 1, MSG_PEEK) >= 0)
       return 0;
-    int e = errno;
+    int e = loom__errno();
     if (e == EINTR)
       continue;
     if (e != EAGAIN)
@@ -151,7 +153,7 @@ ssize_t loom_read(loom_conn *c, void *buf, size_t len) {
     r = read(f->fd, buf, len);
     if (r >= 0)
       break;
-    int e = errno;
+    int e = loom__errno();
     if (e == EINTR)
       continue;
     if (e == EAGAIN) {
@@ -189,7 +191,7 @@ static ssize_t send_all(loom__netfd *f, struct iovec *iov, int n,
       w = sendmsg(f->fd, &mh, MSG_NOSIGNAL);
     }
     if (w < 0) {
-      int e = errno;
+      int e = loom__errno();
       if (e == EINTR)
         continue;
       if (e == EAGAIN) {
@@ -270,7 +272,7 @@ int loom_shutdown(loom_conn *c, int how) {
     return -EINVAL;
   if (!loom__netfd_acquire(&c->nf))
     return LOOM_ECLOSED;
-  int r = shutdown(c->nf.fd, how) == 0 ? 0 : -errno;
+  int r = shutdown(c->nf.fd, how) == 0 ? 0 : -loom__errno();
   loom__netfd_release(&c->nf);
   return r;
 }
@@ -299,7 +301,7 @@ int loom_conn_remote_addr(loom_conn *c, char *buf, size_t len) {
 static int opt(loom_conn *c, int level, int name, int v) {
   if (c == NULL)
     return -EINVAL;
-  return setsockopt(c->nf.fd, level, name, &v, sizeof v) == 0 ? 0 : -errno;
+  return setsockopt(c->nf.fd, level, name, &v, sizeof v) == 0 ? 0 : -loom__errno();
 }
 
 int loom_conn_set_nodelay(loom_conn *c, bool on) {
@@ -341,15 +343,15 @@ static int wait_connected(loom__netfd *f) {
     int soerr = 0;
     socklen_t sl = sizeof soerr;
     if (getsockopt(f->fd, SOL_SOCKET, SO_ERROR, &soerr, &sl) != 0)
-      return -errno;
+      return -loom__errno();
     switch (soerr) {
     case 0: {
       struct sockaddr_storage ss;
       socklen_t len = sizeof ss;
       if (getpeername(f->fd, (struct sockaddr *)&ss, &len) == 0)
         return 0;
-      if (errno != ENOTCONN)
-        return -errno;
+      if (loom__errno() != ENOTCONN)
+        return -loom__errno();
       break; /* not connected yet */
     }
     case EINPROGRESS:
@@ -368,7 +370,7 @@ static int dial_one(const struct sockaddr *sa, socklen_t len, int type,
                     int64_t deadline, loom_ctx *ctx, loom_conn **out) {
   int fd = socket(sa->sa_family, type | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
   if (fd < 0)
-    return -errno;
+    return -loom__errno();
   loom_conn *c;
   int err = loom__conn_new(fd, sa->sa_family, sa, len, &c);
   if (err != 0)
@@ -383,7 +385,7 @@ static int dial_one(const struct sockaddr *sa, socklen_t len, int type,
       err = loom_ctx_err(ctx);
   }
   if (err == 0 && connect(fd, sa, len) != 0) {
-    err = -errno;
+    err = -loom__errno();
     if (err == -EINPROGRESS)
       err = wait_connected(&c->nf);
   }

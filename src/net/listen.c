@@ -34,7 +34,7 @@ static int listen_one(const struct sockaddr *sa, socklen_t len,
   int fd = socket(sa->sa_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC,
                   0);
   if (fd < 0)
-    return -errno;
+    return -loom__errno();
   int one = 1, zero = 0;
   if (sa->sa_family != AF_UNIX)
     setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
@@ -51,7 +51,7 @@ static int listen_one(const struct sockaddr *sa, socklen_t len,
   *out = fd;
   return 0;
 fail:;
-  int err = -errno;
+  int err = -loom__errno();
   close(fd);
   return err;
 }
@@ -150,7 +150,7 @@ int loom_accept(loom_listener *l, loom_conn **c) {
       }
       e = -r;
     } else {
-      e = errno;
+      e = loom__errno();
     }
     if (e == EINTR || e == ECONNABORTED || e == EPROTO)
       continue;

@@ -72,7 +72,7 @@ static ssize_t dgram_io(loom_pconn *pc, struct dgram_op *op) {
                  : recvmsg(f->fd, &op->mh, op->flags | MSG_TRUNC);
     if (r >= 0)
       break;
-    int e = errno;
+    int e = loom__errno();
     if (e == EINTR)
       continue;
     if (e == EAGAIN) {
@@ -164,7 +164,7 @@ int loom_resolve_addr(const char *network, const char *addr,
 
 static int dgram_socket(int family) {
   int fd = socket(family, SOCK_DGRAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
-  return fd < 0 ? -errno : fd;
+  return fd < 0 ? -loom__errno() : fd;
 }
 
 int loom_listen_packet(loom_pconn **pc, const char *network,
@@ -189,7 +189,7 @@ int loom_listen_packet(loom_pconn **pc, const char *network,
       setsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &v6only, sizeof v6only);
     }
     if (bind(fd, sa, as.len[i]) != 0) {
-      err = -errno;
+      err = -loom__errno();
       close(fd);
       if (err == -EAFNOSUPPORT || err == -EADDRNOTAVAIL)
         continue;
@@ -216,12 +216,13 @@ static int probe(loom_pconn *pc, const loom_dial_packet_opts *o) {
     ssize_t r = recv(f->fd, &b, 1, MSG_PEEK | MSG_DONTWAIT);
     if (r >= 0)
       break; /* a reply: the peer is there; leave it queued */
-    if (errno == ECONNREFUSED) {
+    int e = loom__errno();
+    if (e == ECONNREFUSED) {
       err = -ECONNREFUSED;
       break;
     }
-    if (errno != EAGAIN && errno != EINTR) {
-      err = -errno;
+    if (e != EAGAIN && e != EINTR) {
+      err = -e;
       break;
     }
     int w2 = loom__pd_wait(f->pd, 'r');
@@ -253,13 +254,13 @@ int loom_dial_packet_with(loom_pconn **pc, const char *network,
       /* Autobind to an abstract name, so the peer can answer. */
       struct sockaddr_un un = {.sun_family = AF_UNIX};
       if (bind(fd, (struct sockaddr *)&un, sizeof(sa_family_t)) != 0) {
-        err = -errno;
+        err = -loom__errno();
         close(fd);
         return err;
       }
     }
     if (connect(fd, sa, as.len[0]) != 0) {
-      err = -errno;
+      err = -loom__errno();
       close(fd);
       return err;
     }

@@ -20,10 +20,10 @@
 static int poll_once(int fd, short ev, int timeout_ms) {
   struct pollfd p = {.fd = fd, .events = ev};
   int n;
-  while ((n = poll(&p, 1, timeout_ms)) < 0 && errno == EINTR)
+  while ((n = poll(&p, 1, timeout_ms)) < 0 && loom__errno() == EINTR)
     ;
   if (n < 0)
-    return -errno;
+    return -loom__errno();
   if (n == 0)
     return 0;
   if (p.revents & POLLNVAL)

@@ -22,6 +22,7 @@
 #ifndef LOOM_RUNTIME_RUNTIME_H
 #define LOOM_RUNTIME_RUNTIME_H
 
+#include <errno.h>
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdbool.h>
@@ -289,6 +290,20 @@ static inline loom__g *loom__getg(void) {
   if (m == NULL || m->curg == NULL || m->curg->is_g0)
     return NULL;
   return m->curg;
+}
+
+/*
+ * errno of the thread running the caller, read afresh.  glibc declares
+ * __errno_location() const, so a compiler may compute errno's address
+ * once per function and keep it across a call that parks, after which
+ * the coroutine can be running on another thread: a later `errno` then
+ * reads (or writes) the old thread's.  Code that may have parked since
+ * it began reads errno with this; the M's errno address comes through
+ * loom__getm(), which is never merged across a call.
+ */
+static inline int loom__errno(void) {
+  loom__m *m = loom__getm();
+  return m != NULL ? *m->errno_addr : errno;
 }
 
 /* A tag the engine puts on a coroutine while it runs callbacks of an
