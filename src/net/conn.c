@@ -366,6 +366,31 @@ static int wait_connected(loom__netfd *f) {
   }
 }
 
+/* A Unix listener's backlog is full: a blocking connect() would wait for
+ * room, but there is no event for it, so try again, backing off from 1
+ * to 32 ms, until the dial's deadline or a cancel (which expire the
+ * write deadline: loom__netfd_check). */
+static int wait_backlog(loom__netfd *f, const struct sockaddr *sa,
+                        socklen_t len, int64_t deadline) {
+  int64_t pause = 1000000;
+  for (;;) {
+    int err = loom__netfd_check(f, 'w');
+    if (err != 0)
+      return err;
+    int64_t nap = pause;
+    if (deadline != 0 && deadline - loom_now() < nap)
+      nap = deadline - loom_now() > 0 ? deadline - loom_now() : 0;
+    loom_sleep(nap);
+    if (pause < 32000000)
+      pause *= 2;
+    if (connect(f->fd, sa, len) == 0)
+      return 0;
+    int e = loom__errno();
+    if (e != EAGAIN)
+      return e == EINPROGRESS ? wait_connected(f) : -e;
+  }
+}
+
 static int dial_one(const struct sockaddr *sa, socklen_t len, int type,
                     int64_t deadline, loom_ctx *ctx, loom_conn **out) {
   int fd = socket(sa->sa_family, type | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
@@ -388,6 +413,8 @@ static int dial_one(const struct sockaddr *sa, socklen_t len, int type,
     err = -loom__errno();
     if (err == -EINPROGRESS)
       err = wait_connected(&c->nf);
+    if (err == -EAGAIN && sa->sa_family == AF_UNIX)
+      err = wait_backlog(&c->nf, sa, len, deadline);
   }
   if (hooked) {
     loom__ctx_unhook(ctx, &h);
