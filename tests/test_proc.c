@@ -286,6 +286,70 @@ TEST(global_queue_not_starved_by_pingpong) {
 }
 
 /* ------------------------------------------------------------------ */
+/* Nor is the local queue: a pair that hands the P back and forth       */
+/* through runnext (a ping-pong over unbuffered channels, procs=1) lets */
+/* the coroutines queued behind it run.                                 */
+
+static loom_chan *rn_a, *rn_b;
+static atomic_int rn_stop, rn_done;
+static atomic_long rn_rounds;
+
+static void rn_pinger(void *arg) {
+  (void)arg;
+  long v = 0;
+  while (!atomic_load(&rn_stop)) {
+    CHECK_OK(loom_chan_send(rn_a, &v));
+    CHECK_EQ(loom_chan_recv(rn_b, &v), 1);
+    atomic_fetch_add(&rn_rounds, 1);
+  }
+  CHECK_OK(loom_chan_close(rn_a));
+  atomic_fetch_add(&rn_done, 1);
+}
+
+static void rn_ponger(void *arg) {
+  (void)arg;
+  long v;
+  while (loom_chan_recv(rn_a, &v) == 1)
+    CHECK_OK(loom_chan_send(rn_b, &v));
+  atomic_fetch_add(&rn_done, 1);
+}
+
+static atomic_int rn_queued_ran;
+static void rn_queued(void *arg) {
+  (void)arg;
+  atomic_store(&rn_queued_ran, 1);
+}
+
+static void runnext_pair_main(void *arg) {
+  (void)arg;
+  CHECK_OK(loom_chan_make(&rn_a, sizeof(long), 0));
+  CHECK_OK(loom_chan_make(&rn_b, sizeof(long), 0));
+  CHECK_OK(loom_go(rn_pinger, NULL));
+  CHECK_OK(loom_go(rn_ponger, NULL));
+  /* A spawn goes to runnext, from where the pair's next hand-off pushes
+   * it to the queue; main's own wake-up from the sleep lands there too. */
+  CHECK_OK(loom_go(rn_queued, NULL));
+  int64_t t0 = loom_now();
+  loom_sleep(CHECK_MS);
+  int64_t slept = loom_now() - t0;
+  long rounds = atomic_load(&rn_rounds);
+  CHECKF(atomic_load(&rn_queued_ran), "a queued coroutine did not run");
+  atomic_store(&rn_stop, 1);
+  printf("a 1 ms sleep took %.3f ms beside the pair (%ld rounds)\n",
+         (double)slept / 1e6, rounds);
+  CHECKF(rounds > 0, "the pair did not run");
+  while (atomic_load(&rn_done) < 2)
+    loom_yield();
+  loom_chan_free(rn_a);
+  loom_chan_free(rn_b);
+}
+
+TEST(local_queue_not_starved_by_runnext_pair) {
+  check_watchdog(20, "a runnext ping-pong pair starved the local queue");
+  check_run(runnext_pair_main, NULL, 1);
+}
+
+/* ------------------------------------------------------------------ */
 /* Coroutines queued behind one that runs long without a scheduling     */
 /* point, and timers on its P, are taken over by a P that is itself     */
 /* busy (2 Ps).  Scheduling is cooperative, so nothing stops the long   */

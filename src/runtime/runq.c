@@ -11,7 +11,12 @@
  * `runnext` holds the G to run next, ahead of the ring: a G readied by
  * the running one (the other side of a ping-pong, a freshly spawned
  * child) runs in the time slice of its waker instead of waiting behind
- * the whole queue.  Thieves take runnext only as a last resort.
+ * the whole queue.  Thieves take runnext only as a last resort.  Two Gs
+ * that ready each other (a ping-pong over unbuffered channels) would
+ * keep runnext full for as long as they like, and the ring would wait
+ * for ever: after LOOM_RUNNEXT_STREAK Gs in a row from runnext, the
+ * ring's head goes first.  (Go bounds such a chain by the time slice it
+ * inherits, and preempts it.)
  */
 #include <stdatomic.h>
 
@@ -80,13 +85,33 @@ void loom__runq_put(loom__rt *rt, loom__p *p, loom__g *g, bool next) {
   }
 }
 
-loom__g *loom__runq_get(loom__p *p) {
+static loom__g *take_next(loom__p *p) {
   loom__g *next = atomic_load_explicit(&p->runnext, memory_order_relaxed);
   if (next != NULL &&
       atomic_compare_exchange_strong_explicit(&p->runnext, &next, NULL,
                                               memory_order_acq_rel,
                                               memory_order_relaxed))
     return next;
+  return NULL;
+}
+
+static loom__g *take_ring(loom__p *p);
+
+loom__g *loom__runq_get(loom__p *p) {
+  loom__g *g;
+  if (p->next_streak < LOOM_RUNNEXT_STREAK) {
+    g = take_next(p);
+    if (g != NULL) {
+      p->next_streak++;
+      return g;
+    }
+  }
+  p->next_streak = 0;
+  g = take_ring(p);
+  return g != NULL ? g : take_next(p);
+}
+
+static loom__g *take_ring(loom__p *p) {
   for (;;) {
     uint32_t h = load_acq(&p->runqhead);
     uint32_t t = atomic_load_explicit(&p->runqtail, memory_order_relaxed);

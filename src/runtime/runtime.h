@@ -52,6 +52,7 @@ typedef struct loom__rt loom__rt;
 #define LOOM_RUNQ_SIZE 256
 #define LOOM_PCACHE 64 /* free Gs a P keeps; half spill when full */
 #define LOOM_STALL_NS 10000000 /* see steal_stalled in proc.c */
+#define LOOM_RUNNEXT_STREAK 32 /* see loom__runq_get in runq.c */
 
 /*
  * G states.  Who owns the G in each:
@@ -166,6 +167,7 @@ struct loom__p {
   _Atomic uint32_t runqtail;
   _Atomic(loom__g *) runq[LOOM_RUNQ_SIZE];
   _Atomic(loom__g *) runnext;    /* run next, ahead of runq */
+  uint32_t next_streak;          /* Gs in a row from runnext; owner only */
 
   /* Free-G cache, owner only.  Arrays, not lists through the Gs: each
    * G sits in its own stack page, and walking a list of them is a TLB
