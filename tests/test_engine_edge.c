@@ -2881,4 +2881,209 @@ TEST(client_closed_from_on_message) {
   run(close_client_main, 2, "client closed from on_message");
 }
 
+/* ------------------------------------------------------------------ */
+/* Limits at their extremes; packet sessions; a client wait and close. */
+
+/* max_pkg_len = SIZE_MAX means no limit: the read buffer grows for a
+ * package of 200 KB (max_pkg_len + 64 used to wrap to 63). */
+static void r1_main(void *arg) {
+  (void)arg;
+  codecs_init();
+  loom_server_opts o = server_opts(&lenpfx);
+  o.session.max_pkg_len = SIZE_MAX;
+  E.echo = true;
+  loom_conn *peer;
+  loom_server *srv = serve_dial(&o, &peer);
+  static uint8_t p[200000], f[200004], back[200004];
+  memset(p, 'z', sizeof p);
+  size_t n = frame(f, p, sizeof p);
+  CHECK_EQ(loom_write(peer, f, n), (ssize_t)n);
+  WAIT_FOR(atomic_load(&E.msgs) == 1 || atomic_load(&E.errs) == 1, 5);
+  CHECKF(atomic_load(&E.errs) == 0, "session closed with %s",
+         loom_err_name(atomic_load(&E.err)));
+  conn_read_full(peer, back, n);
+  finish(srv, peer);
+}
+TEST(max_pkg_len_size_max_means_no_limit) { run(r1_main, 2, "max_pkg_len SIZE_MAX"); }
+
+/* A UDP server with the raw codec: a datagram longer than max_pkg_len
+ * counts as oversize, not as malformed (decode). */
+static void r2_main(void *arg) {
+  (void)arg;
+  loom_server_opts o = server_opts(NULL);
+  o.network = "udp";
+  o.addr = "127.0.0.1:0";
+  o.session.max_pkg_len = 8;
+  char addr[128];
+  loom_server *srv = serve(&o, addr);
+  loom_pconn *pc;
+  CHECK_OK(loom_dial_packet(&pc, "udp", addr));
+  CHECK_EQ(loom_pconn_write(pc, "0123456789abcdef", 16), 16);
+  WAIT_FOR(metrics(srv).bytes_in == 16, 5);
+  loom_metrics m = metrics(srv);
+  printf("decode=%llu oversize=%llu msgs=%d\n",
+         (unsigned long long)m.errors.decode,
+         (unsigned long long)m.errors.oversize, atomic_load(&E.msgs));
+  CHECK_EQ(m.errors.oversize, 1);
+  CHECK_EQ(m.errors.decode, 0);
+  CHECK_OK(loom_pconn_close(pc));
+  CHECK_OK(loom_server_close(srv, loom_now() + 5 * SEC));
+}
+TEST(udp_raw_oversize_counted_as_oversize) {
+  run(r2_main, 2, "udp raw oversize");
+}
+
+/* unixgram: a datagram within max_pkg_len (default 1 MiB) but over
+ * 64 KiB (UDP's limit) is delivered whole. */
+static void r3_main(void *arg) {
+  (void)arg;
+  loom_server_opts o = server_opts(NULL);
+  char path[64];
+  snprintf(path, sizeof path, "/tmp/loom-test-bigdgram-%d.sock", (int)getpid());
+  unlink(path);
+  o.network = "unixgram";
+  o.addr = path;
+  char addr[128];
+  loom_server *srv = serve(&o, addr);
+  loom_pconn *pc;
+  CHECK_OK(loom_dial_packet(&pc, "unixgram", path));
+  int sz = 1 << 20;
+  setsockopt(loom_pconn_fd(pc), SOL_SOCKET, SO_SNDBUF, &sz, sizeof sz);
+  static uint8_t d[100000];
+  memset(d, 'q', sizeof d);
+  CHECK_EQ(loom_pconn_write(pc, d, sizeof d), (ssize_t)sizeof d);
+  WAIT_FOR(metrics(srv).bytes_in == sizeof d, 5);
+  loom_sleep(50 * CHECK_MS);
+  loom_metrics m = metrics(srv);
+  printf("pkgs_in=%llu oversize=%llu bytes seen=%zu\n",
+         (unsigned long long)m.pkgs_in,
+         (unsigned long long)m.errors.oversize, atomic_load(&E.bytes));
+  CHECK_EQ(atomic_load(&E.bytes), sizeof d);
+  CHECK_OK(loom_pconn_close(pc));
+  CHECK_OK(loom_server_close(srv, loom_now() + 5 * SEC));
+  unlink(path);
+}
+TEST(unixgram_takes_datagrams_over_64k) {
+  run(r3_main, 2, "unixgram big datagram");
+}
+
+/* A UDP server with read_timeout: its one session serves every peer
+ * and does not idle out, so the server still answers after a quiet
+ * period longer than the timeout. */
+static void r4_main(void *arg) {
+  (void)arg;
+  codecs_init();
+  loom_server_opts o = server_opts(&lenpfx);
+  o.network = "udp";
+  o.session.read_timeout = 100 * CHECK_MS;
+  E.echo = false;
+  char addr[128];
+  loom_server *srv = serve(&o, addr);
+  loom_sleep(400 * CHECK_MS);
+  loom_metrics m = metrics(srv);
+  printf("sessions_open=%llu closes=%d err=%s timeouts=%llu\n",
+         (unsigned long long)m.sessions_open, atomic_load(&E.closes),
+         loom_err_name(atomic_load(&E.err)),
+         (unsigned long long)m.errors.timeout);
+  loom_pconn *pc;
+  CHECK_OK(loom_dial_packet(&pc, "udp", addr));
+  uint8_t f[16];
+  size_t n = frame(f, "hello", 5);
+  CHECK_EQ(loom_pconn_write(pc, f, n), (ssize_t)n);
+  loom_sleep(200 * CHECK_MS);
+  printf("msgs after idle: %d\n", atomic_load(&E.msgs));
+  CHECK_EQ(atomic_load(&E.msgs), 1);
+  CHECK_OK(loom_pconn_close(pc));
+  CHECK_OK(loom_server_close(srv, loom_now() + 5 * SEC));
+}
+TEST(udp_server_outlives_its_read_timeout) {
+  run(r4_main, 2, "udp read timeout");
+}
+
+/* max_pkg_len = SIZE_MAX on a packet session: datagrams of any size
+ * UDP carries get through (the read buffer was 63 bytes). */
+static void r1b_main(void *arg) {
+  (void)arg;
+  loom_server_opts o = server_opts(NULL);
+  o.network = "udp";
+  o.session.max_pkg_len = SIZE_MAX;
+  char addr[128];
+  loom_server *srv = serve(&o, addr);
+  loom_pconn *pc;
+  CHECK_OK(loom_dial_packet(&pc, "udp", addr));
+  static uint8_t d[100];
+  memset(d, 'u', sizeof d);
+  CHECK_EQ(loom_pconn_write(pc, d, sizeof d), (ssize_t)sizeof d);
+  WAIT_FOR(metrics(srv).bytes_in == sizeof d, 5);
+  loom_sleep(20 * CHECK_MS);
+  printf("bytes seen=%zu oversize=%llu\n", atomic_load(&E.bytes),
+         (unsigned long long)metrics(srv).errors.oversize);
+  CHECK_EQ(atomic_load(&E.bytes), sizeof d);
+  CHECK_OK(loom_pconn_close(pc));
+  CHECK_OK(loom_server_close(srv, loom_now() + 5 * SEC));
+}
+TEST(udp_max_pkg_len_size_max_means_no_limit) { run(r1b_main, 2, "udp SIZE_MAX"); }
+
+/* A packet write whose encoding is in many pieces (a codec that appends
+ * piece by piece) goes out whole, not cut to the first 8 pieces. */
+static ssize_t r6_decode(const loom_codec *c, const uint8_t *buf, size_t len,
+                         size_t max_len, loom_pkg *pkg) {
+  (void)c;
+  (void)max_len;
+  if (len == 0)
+    return 0;
+  pkg->data = buf;
+  pkg->len = len;
+  return (ssize_t)len;
+}
+static int r6_encode(const loom_codec *c, const void *data, size_t len,
+                     size_t max_len, loom_buf *out) {
+  (void)c;
+  (void)max_len;
+  const uint8_t *p = data;
+  for (size_t i = 0; i < len; i += 1000) { /* a header per 1000 bytes, say */
+    size_t k = len - i < 1000 ? len - i : 1000;
+    if (loom_buf_append(out, p + i, k) < 0)
+      return -ENOMEM;
+  }
+  return 0;
+}
+static const loom_codec r6_codec = {.name = "pieces",
+                                    .decode = r6_decode,
+                                    .encode = r6_encode};
+enum { R6_LEN = 150000 };
+static uint8_t r6_big[R6_LEN];
+static void r6_reply(loom_session *s, const loom_pkg *pkg) {
+  CHECK_OK(loom_session_write_to(s, r6_big, R6_LEN, pkg->from, pkg->fromlen,
+                                 -1));
+}
+static void r6_main(void *arg) {
+  (void)arg;
+  loom_server_opts o = server_opts(&r6_codec);
+  char path[64];
+  snprintf(path, sizeof path, "/tmp/loom-test-pieces-%d.sock", (int)getpid());
+  unlink(path);
+  o.network = "unixgram";
+  o.addr = path;
+  E.msg = r6_reply;
+  char addr[128];
+  loom_server *srv = serve(&o, addr);
+  loom_pconn *pc;
+  CHECK_OK(loom_dial_packet(&pc, "unixgram", path));
+  int sz = 1 << 20;
+  setsockopt(loom_pconn_fd(pc), SOL_SOCKET, SO_RCVBUF, &sz, sizeof sz);
+  CHECK_EQ(loom_pconn_write(pc, "go", 2), 2);
+  static uint8_t back[R6_LEN + 1000];
+  CHECK_OK(loom_pconn_set_read_deadline(pc, loom_now() + 5 * SEC));
+  ssize_t n = loom_pconn_read(pc, back, sizeof back);
+  loom_metrics m = metrics(srv);
+  printf("sent %d, received %zd, bytes_out %llu\n", R6_LEN, n,
+         (unsigned long long)m.bytes_out);
+  CHECK_EQ(n, (ssize_t)R6_LEN);
+  CHECK_OK(loom_pconn_close(pc));
+  CHECK_OK(loom_server_close(srv, loom_now() + 5 * SEC));
+  unlink(path);
+}
+TEST(packet_write_in_many_pieces_goes_whole) { run(r6_main, 2, "8 chunks"); }
+
 CHECK_MAIN()

@@ -53,8 +53,12 @@
  * session for its socket; each datagram is decoded on its own (bytes left
  * over are -EBADMSG, counted and dropped: one bad datagram does not close
  * the session), and on_message sees the sender in pkg->from; reply with
- * loom_session_write_to.  A client's packet session is connected.  Writes
- * go out at once, one datagram per package; there is no write queue.
+ * loom_session_write_to.  A datagram longer than max_pkg_len (plus 64
+ * bytes of framing) is counted as oversize and dropped; so is one over
+ * 64 KiB on udp or 16 MiB on unixgram.  read_timeout does not apply to
+ * that one session (it serves every peer): it never idles out.  A
+ * client's packet session is connected.  Writes go out at once, one
+ * datagram per package; there is no write queue.
  *
  * Unless noted, calls must be made on a coroutine (LOOM_ENOTCO).
  */
@@ -125,7 +129,8 @@ typedef struct loom_session_opts {
   int64_t linger;          /* ns a graceful close may spend writing what is
                               queued (0: 5 s; negative: drop it) */
   size_t max_pkg_len;      /* larger packages received close the session
-                              with -EMSGSIZE (0: 1 MiB) */
+                              with -EMSGSIZE (0: 1 MiB; SIZE_MAX: no
+                              limit; packet sessions drop them) */
   size_t max_write_len;    /* larger packages written fail with -EMSGSIZE
                               (0: max_pkg_len) */
   size_t read_buf;         /* heap read buffer (0: 4 KiB), taken when a

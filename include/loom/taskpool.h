@@ -62,8 +62,11 @@ LOOM_API int loom_taskpool_queues(loom_taskpool *p);
 /*
  * loom_taskpool_close — stop taking tasks, run every task already queued,
  * wait for the workers to finish, and free the pool.  Submitters waiting
- * for room return LOOM_ECLOSED.  On a coroutine that is not one of the
- * pool's workers.  Parks.
+ * for room return LOOM_ECLOSED, and so does a task that submits while the
+ * pool drains.  Any other submit must have begun before the close does:
+ * the caller stops its submitters first (an engine's servers and clients
+ * before the pool they use), as the pool is freed when this returns.  On
+ * a coroutine that is not one of the pool's workers.  Parks.
  */
 LOOM_API void loom_taskpool_close(loom_taskpool *p);
 

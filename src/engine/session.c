@@ -83,6 +83,7 @@ struct loom_session {
   loom_conn *conn; /* stream sessions */
   loom_pconn *pc;  /* packet sessions */
   bool packet, connected;
+  bool unix_dgram; /* "unixgram": datagrams beyond UDP's 64 KiB */
   int fd;
   char network[12];
   _Atomic(char *) name;
@@ -424,7 +425,9 @@ static int wait_room(loom_session *s, int64_t timeout) {
     int rc =
         timeout == 0 ? -EAGAIN : loom_cond_wait(&s->wspace, &s->wmu, deadline);
     if (rc < 0) {
-      loom__owner_count(s->owner, LOOM__ERR_wq_full);
+      /* A session that ended meanwhile may have outlived its owner. */
+      if (!s->io_closed)
+        loom__owner_count(s->owner, LOOM__ERR_wq_full);
       if (s->o.close_on_full) {
         loom_mutex_unlock(&s->wmu);
         loom_session_abort(s, -ENOBUFS);
@@ -527,23 +530,40 @@ out:
  * senders (io_users) that the reader waits out before closing it. */
 static int send_packet(loom_session *s, loom_buf *b, const struct sockaddr *to,
                        socklen_t tolen) {
+  /* A datagram leaves in one call: an encoding in more pieces than the
+   * vector holds is copied into one piece first. */
+  struct iovec iov[8];
+  int n = loom_buf_peek(b, iov, 8);
+  uint64_t len = loom_buf_len(b);
+  size_t got = 0;
+  for (int i = 0; i < n; i++)
+    got += iov[i].iov_len;
+  uint8_t *flat = NULL;
+  if (got < len) {
+    flat = loom__malloc(len);
+    if (!flat)
+      return -ENOMEM;
+    loom_buf_copyout(b, flat, len);
+    iov[0] = (struct iovec){.iov_base = flat, .iov_len = len};
+    n = 1;
+  }
   loom_mutex_lock(&s->wmu);
   bool closed = s->io_closed;
   if (!closed)
     loom_wg_add(&s->io_users, 1);
   loom_mutex_unlock(&s->wmu);
-  if (closed)
+  if (closed) {
+    loom__free(flat);
     return LOOM_ECLOSED;
-  struct iovec iov[8];
-  int n = loom_buf_peek(b, iov, 8);
+  }
   /* Counted before it leaves (and taken back if it does not): the peer
    * may answer before this coroutine runs again, and whoever reads the
    * metrics after the answer must see the datagram counted. */
-  uint64_t len = loom_buf_len(b);
   BUMP(bytes_out, len);
   BUMP(pkgs_out, 1);
   ssize_t k = loom_pconn_write_msg(s->pc, iov, n, to, tolen);
   loom_wg_done(&s->io_users);
+  loom__free(flat);
   if (k < 0) {
     atomic_fetch_sub_explicit(&s->bytes_out, len, memory_order_relaxed);
     atomic_fetch_sub_explicit(&s->pkgs_out, 1, memory_order_relaxed);
@@ -860,6 +880,13 @@ static void shed(loom_session *s, reader *r, bool to_stack) {
  * pending (part of a package), or a stack read that filled its room
  * (more is coming), moves the session to a heap buffer (unstack()).
  */
+/* The most a package and its framing may take: max_pkg_len plus 64
+ * bytes, saturated (SIZE_MAX says "no limit"). */
+static size_t pkg_room(const loom_session *s) {
+  size_t max = s->o.max_pkg_len;
+  return max > SIZE_MAX - 64 ? SIZE_MAX : max + 64;
+}
+
 static int make_room(loom_session *s, reader *r) {
   size_t base = s->o.read_buf;
   size_t burst = READ_BURST > base ? READ_BURST : base;
@@ -890,7 +917,7 @@ static int make_room(loom_session *s, reader *r) {
   /* A partial package fills the buffer.  The codec has not refused it,
    * so it fits max_pkg_len plus framing; a codec that never decides is
    * cut off at max_pkg_len plus 64 bytes of framing. */
-  size_t limit = s->o.max_pkg_len + 64;
+  size_t limit = pkg_room(s);
   if (r->cap >= limit)
     return -EMSGSIZE;
   return resize(r, r->cap * 2 > limit ? limit : r->cap * 2);
@@ -1028,6 +1055,11 @@ static int read_stream(loom_session *s, reader *r) {
   return rc;
 }
 
+/* The largest datagram a packet session takes in: UDP's, and for
+ * unixgram (bounded by the sender's SO_SNDBUF) a generous bound. */
+#define DGRAM_UDP_MAX ((size_t)65536)
+#define DGRAM_UNIX_MAX ((size_t)16 << 20)
+
 static int read_packets(loom_session *s, reader *r) {
   for (;;) {
     int err = arm(s, r);
@@ -1051,8 +1083,10 @@ static int read_packets(loom_session *s, reader *r) {
       ssize_t k =
           s->codec->decode(s->codec, r->buf, (size_t)n, s->o.max_pkg_len, &pkg);
       if (k != n) { /* need-more, leftovers or an error: this datagram */
-        loom__owner_count(s->owner, k == -EMSGSIZE ? LOOM__ERR_oversize
-                                                   : LOOM__ERR_decode);
+        /* Too long for max_pkg_len, whether the codec said so or took
+         * only what the limit allows (the raw codec). */
+        bool big = k == -EMSGSIZE || (k >= 0 && (size_t)n > s->o.max_pkg_len);
+        loom__owner_count(s->owner, big ? LOOM__ERR_oversize : LOOM__ERR_decode);
         continue;
       }
       if (!s->connected) {
@@ -1110,9 +1144,10 @@ static void reader_main(void *arg) {
     goto end;
   }
   if (s->packet) { /* a datagram must fit whole: no stack buffer */
-    r.cap = s->o.max_pkg_len + 64;
-    if (r.cap > 65536 + 64)
-      r.cap = 65536 + 64;
+    r.cap = pkg_room(s);
+    size_t most = s->unix_dgram ? DGRAM_UNIX_MAX : DGRAM_UDP_MAX;
+    if (r.cap > most)
+      r.cap = most;
     r.buf = loom__malloc(r.cap);
     if (!r.buf) {
       loom_session_abort(s, -ENOMEM);
@@ -1135,7 +1170,11 @@ static void reader_main(void *arg) {
   int64_t now = loom_now();
   atomic_store_explicit(&s->last_read, now, memory_order_relaxed);
   r.next_cron = s->o.cron_period ? now + s->o.cron_period : 0;
-  r.idle_check = s->o.read_timeout ? now + s->o.read_timeout : 0;
+  /* An unconnected packet session serves every peer of its socket (a
+   * UDP server's one session): no single peer to time out. */
+  r.idle_check = s->o.read_timeout && (!s->packet || s->connected)
+                     ? now + s->o.read_timeout
+                     : 0;
   rc = s->packet ? read_packets(s, &r) : read_stream(s, &r);
   if (rc < 0)
     loom_session_abort(s, rc);
@@ -1214,6 +1253,7 @@ int loom__session_start(loom__owner *owner, const loom_session_opts *o,
   s->sock.ops = &sock_ops;
   s->top = &s->sock;
   s->packet = pc != NULL;
+  s->unix_dgram = s->packet && strcmp(network, "unixgram") == 0;
   s->connected = conn != NULL || connected;
   s->fd = conn ? loom_conn_fd(conn) : loom_pconn_fd(pc);
   snprintf(s->network, sizeof s->network, "%s", network);
