@@ -3000,6 +3000,46 @@ TEST(udp_server_outlives_its_read_timeout) {
   run(r4_main, 2, "udp read timeout");
 }
 
+/* loom_client_wait parked while loom_client_close runs returns
+ * LOOM_ECLOSED, and the close frees the client only after it has (it
+ * used to free it under the waiter). */
+static atomic_int r5_rc = 1;
+static loom_client *r5_cl;
+static void r5_waiter(void *arg) {
+  (void)arg;
+  atomic_store(&r5_rc, loom_client_wait(r5_cl, 1, 0));
+}
+static void r5_main(void *arg) {
+  (void)arg;
+  /* A port nobody listens on: dials fail, the supervisor backs off. */
+  int fd = socket(AF_INET, SOCK_STREAM, 0);
+  struct sockaddr_in sa = {.sin_family = AF_INET,
+                           .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+  CHECK(bind(fd, (struct sockaddr *)&sa, sizeof sa) == 0);
+  socklen_t sl = sizeof sa;
+  CHECK(getsockname(fd, (struct sockaddr *)&sa, &sl) == 0);
+  char addr[64];
+  snprintf(addr, sizeof addr, "127.0.0.1:%d", ntohs(sa.sin_port));
+  for (int round = 0; round < 200; round++) {
+    loom_client_opts co;
+    memset(&co, 0, sizeof co);
+    co.network = "tcp";
+    co.addr = addr;
+    co.session.listener = &ev_listener;
+    co.session.user = &E;
+    co.reconnect_interval = 10 * SEC; /* stays in its back-off */
+    CHECK_OK(loom_client_start(&r5_cl, &co));
+    atomic_store(&r5_rc, 1);
+    CHECK_OK(loom_go(r5_waiter, NULL));
+    loom_sleep(2 * CHECK_MS); /* the waiter parks, the dial fails */
+    CHECK_OK(loom_client_close(r5_cl, loom_now() + SEC));
+    WAIT_FOR(atomic_load(&r5_rc) != 1, 5);
+    CHECK_ERR(atomic_load(&r5_rc), LOOM_ECLOSED);
+  }
+  close(fd);
+}
+TEST(client_wait_during_close) { run(r5_main, 2, "wait vs close"); }
+
 /* max_pkg_len = SIZE_MAX on a packet session: datagrams of any size
  * UDP carries get through (the read buffer was 63 bytes). */
 static void r1b_main(void *arg) {

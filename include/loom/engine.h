@@ -339,7 +339,8 @@ LOOM_API int loom_client_start(loom_client **cl, const loom_client_opts *o);
  * none) the error of a dial that failed during the wait
  * (-ECONNREFUSED, ...) or else -ETIMEDOUT; for a client that never
  * redials, as soon as it cannot get there, the last dial error;
- * LOOM_ECLOSED once the client is closing.  Parks. */
+ * LOOM_ECLOSED once the client is closing (loom_client_close frees the
+ * client only after every wait under way has returned).  Parks. */
 LOOM_API int loom_client_wait(loom_client *cl, int n, int64_t deadline);
 
 /* A connected session, round-robin, with a reference the caller must

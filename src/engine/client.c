@@ -34,6 +34,7 @@ struct loom_client {
   loom_ctx *ctx;       /* cancelled by loom_client_close */
   loom_sema sup_done;  /* released as the supervisor leaves */
   uint64_t rr;         /* loom_client_session's round robin */
+  int waiters;         /* coroutines in loom_client_wait (owner.mu) */
   int64_t close_deadline; /* for a close handed to its own coroutine */
 };
 
@@ -159,6 +160,7 @@ fail:
 int loom_client_wait(loom_client *cl, int n, int64_t deadline) {
   int rc = 0;
   loom_mutex_lock(&cl->owner.mu);
+  cl->waiters++; /* a close frees the client only once we are out */
   uint64_t failures = cl->failures;
   for (;;) {
     /* Count sessions that are open, not merely started. */
@@ -184,6 +186,8 @@ int loom_client_wait(loom_client *cl, int n, int64_t deadline) {
       break;
     }
   }
+  if (--cl->waiters == 0 && loom_ctx_err(cl->ctx))
+    loom_cond_broadcast(&cl->owner.changed); /* close_now waits for it */
   loom_mutex_unlock(&cl->owner.mu);
   return rc;
 }
@@ -239,6 +243,9 @@ static int close_now(loom_client *cl, int64_t deadline) {
   loom_ctx_cancel(cl->ctx);
   loom_mutex_lock(&cl->owner.mu);
   loom_cond_broadcast(&cl->owner.changed);
+  /* Waiters see the cancel and leave; the client is freed below. */
+  while (cl->waiters > 0)
+    (void)loom_cond_wait(&cl->owner.changed, &cl->owner.mu, 0);
   loom_mutex_unlock(&cl->owner.mu);
   loom_sema_acquire(&cl->sup_done, 0);
   int rc = loom__owner_close_all(&cl->owner, 0, deadline);
