@@ -191,4 +191,26 @@ TEST(shutdown_waits_for_section) {
          "loom_run returned while a coroutine was inside loom_block_enter/exit");
 }
 
+/* A coroutine that returns inside loom_block_enter leaves the section,
+ * as one that returns pinned is unpinned (it used to crash the thread's
+ * scheduler, which has no P there). */
+static atomic_int ret_done;
+static void returns_blocked(void *arg) {
+  (void)arg;
+  loom_block_enter();
+  atomic_store(&ret_done, 1);
+}
+static void ret_blocked_main(void *arg) {
+  (void)arg;
+  CHECK_OK(loom_go(returns_blocked, NULL));
+  while (!atomic_load(&ret_done))
+    loom_sleep(CHECK_MS);
+  for (int i = 0; i < 20; i++) /* the scheduler goes on, on every P */
+    loom_sleep(CHECK_MS);
+}
+TEST(return_inside_block_section) {
+  check_watchdog(20, "a coroutine returned inside a block section");
+  check_run(ret_blocked_main, NULL, 2);
+}
+
 CHECK_MAIN()

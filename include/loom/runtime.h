@@ -155,7 +155,8 @@ LOOM_API int loom_procs(void);
  * back (possibly parking until one is free).  Entering costs two atomic
  * stores; leaving, one compare-and-swap when the P was not taken.
  * The pair must be balanced and not nested, and nothing between them may
- * park.  Outside a coroutine they do nothing.  The other thread may have
+ * park; a coroutine that returns between them leaves the section.
+ * Outside a coroutine they do nothing.  The other thread may have
  * to be created: if that fails (no memory, no threads), the monitor
  * tries again every few milliseconds, and until it succeeds the P's
  * coroutines wait — so a call that waits for one of them can only end

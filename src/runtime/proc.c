@@ -1080,6 +1080,10 @@ uint64_t loom__gcount(loom__rt *rt) {
 }
 
 LOOM_NORETURN static void g_exit(loom__g *g) {
+  /* Returned inside loom_block_enter: leave the section (the M has no P
+   * there), as a return while pinned unpins. */
+  if (loom__getm()->in_block)
+    loom_block_exit();
   if (g->locals != NULL)
     loom__locals_destroy(g, true);
   loom__m *m = loom__getm();
