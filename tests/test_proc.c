@@ -1271,4 +1271,54 @@ TEST(stacks_without_kernel_guard_pages) {
   check_run(old_kernel_main, NULL, 2);
 }
 
+/* Without kernel guard pages, an overflow that overwrites the canary is
+ * reported under the coroutine that did it, whether it then switches or
+ * returns.  Returning was not checked: the slot went back to the cache
+ * with its canary broken, and the next coroutine spawned on it was
+ * reported at its first switch. */
+static atomic_int smash_yield, smashed;
+static __attribute__((noinline)) void smash_fn(void *arg) {
+  (void)arg;
+  volatile char buf[62 * 1024]; /* past the canary, within the slot */
+  for (size_t i = 0; i < sizeof buf; i++)
+    buf[i] = 0x41;
+  atomic_store(&smashed, 1);
+  if (atomic_load(&smash_yield))
+    loom_yield();
+}
+static void innocent_fn(void *arg) {
+  (void)arg;
+  loom_yield();
+}
+static void smash_main(void *arg) {
+  (void)arg;
+  CHECK(!loom__test_stack_guard_pages());
+  CHECK_OK(loom_go(smash_fn, NULL)); /* coroutine 2 */
+  while (!atomic_load(&smashed))
+    loom_sleep(CHECK_MS);
+  for (int i = 0; i < 100; i++)
+    loom_yield();
+  CHECK_OK(loom_go(innocent_fn, NULL)); /* takes the freed slot */
+  loom_sleep(50 * CHECK_MS);
+}
+HELPER(smash_child) {
+  CHECK_EQ(check_argc, 1);
+  atomic_store(&no_guard_install, 1);
+  atomic_store(&smash_yield, check_argv[0][0] == 'y');
+  check_run(smash_main, NULL, 1);
+  _exit(0);
+}
+static void expect_smash_report(const char *mode) {
+  struct check_child c;
+  char how[128];
+  check_spawn_self(&c, 20, "smash_child", mode);
+  printf("child (%s) %s; its output:\n%s\n", mode,
+         check_child_how(&c, how, sizeof how), c.out);
+  CHECKF(strstr(c.out, "stack overflow in coroutine 2 ") != NULL,
+         "coroutine 2 overwrote its canary, then %s: no report naming it",
+         mode);
+}
+TEST(canary_overflow_then_yield) { expect_smash_report("yield"); }
+TEST(canary_overflow_then_return) { expect_smash_report("return"); }
+
 CHECK_MAIN()

@@ -309,7 +309,9 @@ LOOM_NOIPA static void after_switch(loom__g *g);
 static void gswitch(loom__m *m, loom__g *from, loom__g *to, bool dying) {
   loom__rt *rt = m->rt;
   from->err = *m->errno_addr; /* before the switch: this thread's errno */
-  if (!from->is_g0 && !dying && from->stk.canary &&
+  /* A dying G too: its slot goes back to the cache, and a broken canary
+   * left there would be blamed on the next coroutine to use it. */
+  if (!from->is_g0 && from->stk.canary &&
       *(uint64_t *)(void *)g_stack_lo(rt, from) != LOOM_STACK_CANARY) {
     loom__log(rt, "stack overflow in coroutine %llu (canary overwritten)",
               (unsigned long long)from->id);
