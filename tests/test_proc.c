@@ -898,6 +898,33 @@ static void pin_return_main(void *arg) {
 }
 TEST(pin_return_while_pinned) { check_run(pin_return_main, NULL, 2); }
 
+/* Shutdown while pinned coroutines hand the P to each other's threads:
+ * the hand-off's write of the P for the pinned thread raced with that
+ * thread's read when shutdown woke it instead (TSan, about one run in
+ * four of this loop). */
+static atomic_int py_started;
+static void pinned_yield_loop(void *arg) {
+  (void)arg;
+  CHECK_OK(loom_pin());
+  atomic_fetch_add(&py_started, 1);
+  for (;;)
+    loom_yield();
+}
+static void pinned_handoff_main(void *arg) {
+  (void)arg;
+  for (int i = 0; i < 4; i++)
+    CHECK_OK(loom_go(pinned_yield_loop, NULL));
+  while (atomic_load(&py_started) < 4)
+    loom_sleep(CHECK_MS / 10);
+  loom_sleep(CHECK_MS / 5);
+}
+TEST(shutdown_amid_pinned_handoffs) {
+  for (int i = 0; i < 100; i++) {
+    atomic_store(&py_started, 0);
+    check_run(pinned_handoff_main, NULL, 2);
+  }
+}
+
 /* ------------------------------------------------------------------ */
 /* Per-spawn stack size.                                                 */
 

@@ -821,23 +821,33 @@ static void stoplockedm(loom__m *m) {
     loom__p *p = releasep(m);
     loom__handoffp(rt, p);
   }
+  /* nextp is handed over under rt->lock, which begin_shutdown also
+   * takes before it wakes us to exit: either way we read it there. */
   for (;;) {
     loom__note_sleep(&m->park);
     loom__note_clear(&m->park);
-    if (atomic_load(&rt->stopping) || m->nextp != NULL)
-      break;
-  }
-  if (m->nextp != NULL) {
-    loom__acquirep(m, m->nextp);
+    pthread_mutex_lock(&rt->lock);
+    loom__p *p = m->nextp;
     m->nextp = NULL;
+    bool stop = atomic_load(&rt->stopping);
+    pthread_mutex_unlock(&rt->lock);
+    if (p != NULL) {
+      loom__acquirep(m, p);
+      return;
+    }
+    if (stop)
+      return;
   }
 }
 
 /* Give our P to the M that `g` is pinned to, and go idle. */
 static void startlockedm(loom__m *m, loom__g *g) {
+  loom__rt *rt = m->rt;
   loom__m *lm = g->lockedm;
   loom__p *p = releasep(m);
+  pthread_mutex_lock(&rt->lock);
   lm->nextp = p;
+  pthread_mutex_unlock(&rt->lock);
   loom__note_wakeup(&lm->park);
   stopm(m);
 }
