@@ -174,6 +174,28 @@ static void trim_free_stacks(loom__rt *rt) {
   loom__free(batch);
 }
 
+/* Free stacks beyond the reserve, waiting for trim_free_stacks. */
+static bool stacks_to_trim(loom__rt *rt) {
+  loom__stacks *s = &rt->stacks;
+  pthread_mutex_lock(&s->lock);
+  bool more = s->ngfree > TRIM_KEEP;
+  pthread_mutex_unlock(&s->lock);
+  return more;
+}
+
+/* Every TRIM_PERIOD_NS: trim, if nothing was spawned since the last
+ * look (a burst still under way would take the stacks back at once). */
+static void trim_round(loom__rt *rt, int64_t now, int64_t *next_trim,
+                       uint64_t *trimmed_at) {
+  if (now < *next_trim)
+    return;
+  uint64_t spawned = loom__spawned(rt);
+  if (spawned == *trimmed_at)
+    trim_free_stacks(rt);
+  *trimmed_at = spawned;
+  *next_trim = now + TRIM_PERIOD_NS;
+}
+
 static bool any_blocked(loom__rt *rt) {
   for (int i = 0; i < rt->nprocs; i++)
     if (atomic_load(&rt->allp[i]->status) == P_BLOCKED)
@@ -260,15 +282,30 @@ static void *sysmon_main(void *arg) {
     now = loom_now();
     if (next_trace == 0 && atomic_load(&rt->npidle) == rt->nprocs &&
         !any_blocked(rt) && !stranded(rt)) {
-      /* Everything idle: sleep until somebody needs us. */
+      /* Everything idle: sleep until somebody needs us, or, while free
+       * stacks wait to be trimmed, until the next trim (a server that
+       * goes quiet after a burst would keep their memory until its
+       * next busy spell). */
+      bool trim = stacks_to_trim(rt);
       atomic_store(&rt->sysmonwait, true);
       atomic_store(&rt->sysmonslow, true);
+      bool woken = true;
       if (atomic_load(&rt->npidle) == rt->nprocs && !any_blocked(rt) &&
-          !atomic_load(&rt->stopping))
-        loom__note_sleep(&rt->sysmon_note);
+          !atomic_load(&rt->stopping)) {
+        if (!trim)
+          loom__note_sleep(&rt->sysmon_note);
+        else
+          woken = loom__note_tsleep(&rt->sysmon_note,
+                                    next_trim - now > 0 ? next_trim - now : 0);
+      }
       loom__note_clear(&rt->sysmon_note);
       atomic_store(&rt->sysmonwait, false);
       atomic_store(&rt->sysmonslow, false);
+      if (!woken) {
+        now = loom_now();
+        trim_round(rt, now, &next_trim, &trimmed_at);
+        continue;
+      }
       /* Woken by a coroutine entering a blocking call, or by a P leaving
        * the idle list.  Only the first needs 20 µs rounds (its P is
        * retaken after one); what busy Ps need of us is on the 10 ms
@@ -312,13 +349,7 @@ static void *sysmon_main(void *arg) {
       schedtrace(rt, now);
       next_trace = now + (int64_t)rt->cfg.schedtrace_ms * 1000000;
     }
-    if (now >= next_trim) {
-      uint64_t spawned = loom__spawned(rt);
-      if (spawned == trimmed_at) /* only when spawning has calmed down */
-        trim_free_stacks(rt);
-      trimmed_at = spawned;
-      next_trim = now + TRIM_PERIOD_NS;
-    }
+    trim_round(rt, now, &next_trim, &trimmed_at);
   }
   return NULL;
 }
