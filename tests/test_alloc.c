@@ -264,6 +264,27 @@ TEST(block_exit_without_memory) {
   loom_set_allocator(NULL);
 }
 
+/* loom_sleep with no memory for its timer still sleeps, and returns 0
+ * (it used to return -ENOMEM at once: a loop that sleeps to wait spun). */
+static void sleep_nomem_main(void *arg) {
+  (void)arg;
+  atomic_store(&fail_all, 1);
+  int64_t t0 = loom_now();
+  int r = loom_sleep(20 * CHECK_MS);
+  int64_t el = loom_now() - t0;
+  atomic_store(&fail_all, 0);
+  printf("loom_sleep(20 ms) with no memory: %s after %.3f ms\n", loom_err_name(r),
+         (double)el / 1e6);
+  CHECK_OK(r);
+  CHECKF(el >= 20 * CHECK_MS, "it returned after %.3f ms", (double)el / 1e6);
+}
+TEST(sleep_without_memory) {
+  loom_set_allocator(&hook);
+  check_run(sleep_nomem_main, NULL, 1);
+  CHECK_EQ(atomic_load(&nlive), 0);
+  loom_set_allocator(NULL);
+}
+
 /* loom_set_allocator(NULL) goes back to the C library. */
 static void tiny_main(void *arg) { (void)arg; }
 TEST(set_allocator_null) {

@@ -131,8 +131,9 @@ LOOM_API void loom_yield(void);
 /*
  * loom_sleep — park the calling coroutine for at least `ns` nanoseconds
  * (ns <= 0 yields).  loom_sleep_until takes an absolute loom_now() time.
- * Returns 0.  Outside a coroutine the thread sleeps (nanosleep).
- * Parks.
+ * Returns 0.  Outside a coroutine the thread sleeps (nanosleep); so does
+ * a coroutine's when there is no memory for its timer, as a blocking
+ * call (loom_block_enter), so the P goes on.  Parks.
  */
 LOOM_API int loom_sleep(int64_t ns);
 LOOM_API int loom_sleep_until(int64_t deadline);

@@ -681,15 +681,22 @@ void loom__startm(loom__rt *rt, loom__p *p, bool spinning) {
   loom__m *nm = mget(rt);
   if (nm == NULL) {
     int err = newm_locked(rt, p, spinning);
+    /* Said once per spell: sysmon retries every few milliseconds. */
+    bool say = (err != 0) != rt->newm_failing;
+    rt->newm_failing = err != 0;
     if (err != 0) {
       pidleput(rt, p);
       pthread_mutex_unlock(&rt->lock);
       if (spinning)
         atomic_fetch_sub(&rt->nmspinning, 1);
-      loom__log(rt, "cannot start a thread: %s", loom_strerror(err));
+      if (say)
+        loom__log(rt, "cannot start a thread: %s (retrying)",
+                  loom_strerror(err));
       return;
     }
     pthread_mutex_unlock(&rt->lock);
+    if (say)
+      loom__log(rt, "threads can be started again");
     return;
   }
   /* Set under the lock: begin_shutdown takes it before waking every
@@ -1230,25 +1237,43 @@ static bool sleep_commit(loom__g *g, void *arg) {
   return true;
 }
 
+#define SLEEP_SLICE_NS 1000000 /* see loom_sleep_until */
+
+static void thread_sleep_until(int64_t deadline) {
+  int64_t now = loom_now();
+  int64_t left = deadline > now ? deadline - now : 0;
+  if (left > 0) {
+    struct timespec ts = {left / 1000000000, left % 1000000000};
+    while (nanosleep(&ts, &ts) != 0 && loom__errno() == EINTR)
+      ;
+  }
+}
+
 int loom_sleep_until(int64_t deadline) {
   loom__m *m = loom__getm();
   if (m == NULL || m->curg == NULL || m->curg->is_g0 || m->p == NULL) {
-    int64_t now = loom_now();
-    int64_t left = deadline > now ? deadline - now : 0;
-    if (left > 0) {
-      struct timespec ts = {left / 1000000000, left % 1000000000};
-      while (nanosleep(&ts, &ts) != 0 && errno == EINTR)
-        ;
-    }
+    thread_sleep_until(deadline);
     return 0;
   }
   if (deadline <= loom_now()) {
     loom_yield();
     return 0;
   }
-  int err = loom__timers_reserve(&m->p->timers, 1);
-  if (err != 0)
-    return err;
+  while (loom__timers_reserve(&m->p->timers, 1) != 0) {
+    /* No memory for the timer: sleep the thread instead, as a blocking
+     * call, so that the P goes on with its other coroutines if another
+     * thread can take it; in slices with a yield between them, so that
+     * they run anyway when none can (no memory for one either). */
+    int64_t now = loom_now();
+    if (now >= deadline)
+      return 0;
+    loom_block_enter();
+    thread_sleep_until(deadline - now > SLEEP_SLICE_NS ? now + SLEEP_SLICE_NS
+                                                       : deadline);
+    loom_block_exit();
+    loom_yield();
+    m = loom__getm();
+  }
   loom__g *g = m->curg;
   g->timer.fn = sleep_fire;
   g->timer.arg = g;

@@ -210,6 +210,7 @@ struct loom__rt {
   int nmidle;
   loom__m *allm;
   int mcount;
+  bool newm_failing;           /* said so once; under lock */
 
   _Atomic uint64_t runqsize;     /* global queue length, read lock-free */
   _Atomic int npidle;
