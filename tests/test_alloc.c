@@ -285,6 +285,22 @@ TEST(sleep_without_memory) {
   loom_set_allocator(NULL);
 }
 
+/* A context whose deadline is still armed when loom_run returns, and
+ * released after: freed (the armed timer's reference on it was dropped
+ * with the runtime's timers, and never given back). */
+static loom_ctx *late_ctx;
+static void late_ctx_main(void *arg) {
+  (void)arg;
+  CHECK_OK(loom_ctx_with_timeout(&late_ctx, loom_ctx_background(), 3600 * 1000 * CHECK_MS));
+}
+TEST(ctx_released_after_run) {
+  loom_set_allocator(&hook);
+  check_run(late_ctx_main, NULL, 1);
+  loom_ctx_release(late_ctx);
+  CHECK_EQ(atomic_load(&nlive), 0);
+  loom_set_allocator(NULL);
+}
+
 /* loom_set_allocator(NULL) goes back to the C library. */
 static void tiny_main(void *arg) { (void)arg; }
 TEST(set_allocator_null) {

@@ -36,8 +36,15 @@ void loom__timers_init(loom__timers *ts) {
 }
 
 void loom__timers_destroy(loom__timers *ts) {
-  for (int i = 0; i < ts->len; i++)
-    atomic_store_explicit(&ts->h[i]->heap, NULL, memory_order_relaxed);
+  /* A pending timer will never run: its done hook says so now (a
+   * context's armed deadline holds a reference that only done gives
+   * back, and the context may be released after the runtime is gone). */
+  for (int i = 0; i < ts->len; i++) {
+    loom__timer *t = ts->h[i];
+    atomic_store_explicit(&t->heap, NULL, memory_order_relaxed);
+    if (t->done != NULL)
+      t->done(t->arg);
+  }
   loom__free(ts->h);
   ts->h = NULL;
   ts->len = ts->cap = 0;
