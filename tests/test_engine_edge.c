@@ -396,6 +396,32 @@ static void slow_eagain_main(void *arg) {
 }
 TEST(slow_consumer_timeout0_eagain) { run(slow_eagain_main, 2, "slow eagain"); }
 
+/* Timeouts of INT64_MAX mean "never", in the session's options and in
+ * a write: now + timeout used to overflow into the past, so the write
+ * failed at once with -ETIMEDOUT and the writer's deadline closed the
+ * session. */
+static atomic_int huge_rc = 1;
+static void huge_writer(void *arg) {
+  atomic_store(&huge_rc, loom_session_write(arg, big, PKG, INT64_MAX));
+}
+static void slow_huge_timeout_main(void *arg) {
+  (void)arg;
+  slow t;
+  slow_start(&t, false, INT64_MAX, WQ_HIGH, 0);
+  (void)fill_until_stalled(t.s);
+  CHECK_OK(loom_go(huge_writer, t.s));
+  loom_sleep(100 * CHECK_MS);
+  CHECK_EQ(atomic_load(&huge_rc), 1); /* still waiting for room */
+  CHECK(!loom_session_closed(t.s));
+  CHECK_EQ(atomic_load(&E.errs), 0);
+  slow_end(&t);
+  WAIT_FOR(atomic_load(&huge_rc) != 1, 5);
+  CHECK_ERR(atomic_load(&huge_rc), LOOM_ECLOSED);
+}
+TEST(slow_consumer_huge_timeouts_mean_never) {
+  run(slow_huge_timeout_main, 2, "slow huge timeouts");
+}
+
 /* (b) timeout > 0: -ETIMEDOUT after about that long; the session stays. */
 static void slow_timeout_main(void *arg) {
   (void)arg;

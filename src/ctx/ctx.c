@@ -267,12 +267,8 @@ int loom_ctx_with_deadline(loom_ctx **out, loom_ctx *parent,
 }
 
 int loom_ctx_with_timeout(loom_ctx **out, loom_ctx *parent, int64_t ns) {
-  int64_t now = loom_now();
-  if (ns < 0)
-    ns = 0;
-  /* Saturate, as loom_sleep does: a huge timeout is "never". */
-  return loom_ctx_with_deadline(out, parent,
-                                ns > INT64_MAX - now ? INT64_MAX : now + ns);
+  /* Saturated, as loom_sleep's: a huge timeout is "never". */
+  return loom_ctx_with_deadline(out, parent, loom__after(ns < 0 ? 0 : ns));
 }
 
 void loom_ctx_cancel(loom_ctx *c) {
@@ -326,8 +322,7 @@ int loom_sleep_ctx(loom_ctx *c, int64_t ns) {
   if (err != 0)
     return err;
   loom_case cs[1] = {{loom_ctx_done(c), LOOM_RECV, NULL, false}};
-  int64_t now = loom_now();
-  int r = loom_select(cs, 1, ns > INT64_MAX - now ? INT64_MAX : now + ns);
+  int r = loom_select(cs, 1, loom__after(ns < 0 ? 0 : ns));
   return r == -ETIMEDOUT ? 0 : r == 0 ? loom_ctx_err(c) : r;
 }
 

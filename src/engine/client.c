@@ -39,7 +39,7 @@ struct loom_client {
 };
 
 static int dial_one(loom_client *cl) {
-  int64_t deadline = loom_now() + cl->dial_timeout;
+  int64_t deadline = loom__after(cl->dial_timeout);
   if (loom__is_packet(cl->network)) {
     /* getty's probe: an empty datagram makes a refused port fail now. */
     loom_dial_packet_opts po = {.probe = "", .probe_len = 0};
@@ -99,13 +99,13 @@ static void supervisor(void *arg) {
       backoff = backoff ? backoff * 2 : cl->interval;
       if (backoff > cl->max_wait)
         backoff = cl->max_wait;
-      next_at = loom_now() + backoff;
+      next_at = loom__after(backoff);
     } else {
       /* The first `conns` dials go out back to back; a redial (a session
        * was lost) comes at most once per interval, so a server that
        * accepts and drops at once is not hammered. */
       backoff = 0;
-      next_at = redial ? loom_now() + cl->interval : 0;
+      next_at = redial ? loom__after(cl->interval) : 0;
     }
   }
   loom_sema_release(&cl->sup_done);

@@ -405,7 +405,7 @@ static int kick_writer(loom_session *s) {
 /* The queue is full: wait for room per `timeout`, or apply close_on_full.
  * Called and returns with wmu held.  0: room (or the state changed). */
 static int wait_room(loom_session *s, int64_t timeout) {
-  int64_t deadline = timeout > 0 ? loom_now() + timeout : 0;
+  int64_t deadline = timeout > 0 ? loom__after(timeout) : 0;
   if (!s->wbusy) {
     /* Nobody is writing (the queue filled while corked, or the writer has
      * not run yet): what the socket takes now is room at once. */
@@ -669,7 +669,7 @@ static void writer_main(void *arg) {
      * path (reader's end) sets the deadline of a busy writer under wmu
      * too, and must not be overwritten by an older choice made here. */
     int64_t want = s->wfinal            ? s->final_deadline
-                   : s->o.write_timeout ? loom_now() + s->o.write_timeout
+                   : s->o.write_timeout ? loom__after(s->o.write_timeout)
                                         : 0;
     if (want != wd) {
       int err = loom_set_write_deadline(s->conn, want);
@@ -947,15 +947,15 @@ static int on_deadline(loom_session *s, reader *r) {
   if (!s->packet)
     shed(s, r, true); /* a cron tick or idle check: a quiet moment */
   if (r->idle_check && now >= r->idle_check) {
-    int64_t idle_until = LOAD(last_read) + s->o.read_timeout;
+    int64_t idle_until = loom__sat_add(LOAD(last_read), s->o.read_timeout);
     if (now >= idle_until)
       return -ETIMEDOUT;
     r->idle_check = idle_until;
   }
   if (r->next_cron && now >= r->next_cron) {
-    r->next_cron += s->o.cron_period;
+    r->next_cron = loom__sat_add(r->next_cron, s->o.cron_period);
     if (r->next_cron <= now)
-      r->next_cron = now + s->o.cron_period;
+      r->next_cron = loom__sat_add(now, s->o.cron_period);
     if (s->o.listener->on_cron)
       s->o.listener->on_cron(s);
   }
@@ -1169,11 +1169,11 @@ static void reader_main(void *arg) {
 
   int64_t now = loom_now();
   atomic_store_explicit(&s->last_read, now, memory_order_relaxed);
-  r.next_cron = s->o.cron_period ? now + s->o.cron_period : 0;
+  r.next_cron = s->o.cron_period ? loom__sat_add(now, s->o.cron_period) : 0;
   /* An unconnected packet session serves every peer of its socket (a
    * UDP server's one session): no single peer to time out. */
   r.idle_check = s->o.read_timeout && (!s->packet || s->connected)
-                     ? now + s->o.read_timeout
+                     ? loom__sat_add(now, s->o.read_timeout)
                      : 0;
   rc = s->packet ? read_packets(s, &r) : read_stream(s, &r);
   if (rc < 0)
@@ -1190,7 +1190,7 @@ end:
     if (s->o.linger < 0 && !s->wbusy)
       loom_buf_reset(&s->wq);
     else if (s->o.linger > 0)
-      s->final_deadline = loom_now() + s->o.linger;
+      s->final_deadline = loom__after(s->o.linger);
     /* A write under way was bounded by write_timeout at most: bound it
      * by the linger now — or cut it, with linger < 0 or after an abort
      * (whose past deadline this must not move back to the future). */

@@ -3,6 +3,7 @@
  * and an eventfd to break a blocked epoll_wait (see netpoll.h).
  */
 #include <errno.h>
+#include <limits.h>
 #include <stdatomic.h>
 #include <stddef.h>
 #include <sys/epoll.h>
@@ -65,7 +66,13 @@ int loom__netpoll_poll(loom__netpoll *np, int64_t delay_ns,
    * to the next millisecond. */
   int n = epoll_pwait2(np->epfd, evs, LOOM__NETPOLL_EVENTS, tsp, NULL);
   if (n < 0 && errno == ENOSYS) {
-    int ms = delay_ns < 0 ? -1 : (int)((delay_ns + 999999) / 1000000);
+    /* Milliseconds, rounded up; a wait too long for an int is clamped
+     * (the caller polls again when it ends early). */
+    int ms = -1;
+    if (delay_ns >= 0)
+      ms = delay_ns / 1000000 >= INT_MAX
+               ? INT_MAX
+               : (int)((delay_ns + 999999) / 1000000);
     n = epoll_wait(np->epfd, evs, LOOM__NETPOLL_EVENTS, ms);
   }
   errno = saved;

@@ -1286,8 +1286,7 @@ int loom_sleep(int64_t ns) {
     loom_yield();
     return 0;
   }
-  int64_t now = loom_now();
-  return loom_sleep_until(ns > INT64_MAX - now ? INT64_MAX : now + ns);
+  return loom_sleep_until(loom__after(ns));
 }
 
 uint64_t loom_id(void) {

@@ -309,6 +309,15 @@ static inline int loom__errno(void) {
   return m != NULL ? *m->errno_addr : errno;
 }
 
+/* t + ns for t, ns >= 0, saturated at INT64_MAX: a timeout too large
+ * to add is "never", not a time in the past.  loom__after: from now. */
+static inline int64_t loom__sat_add(int64_t t, int64_t ns) {
+  return ns > INT64_MAX - t ? INT64_MAX : t + ns;
+}
+static inline int64_t loom__after(int64_t ns) {
+  return loom__sat_add(loom_now(), ns);
+}
+
 /* A tag the engine puts on a coroutine while it runs callbacks of an
  * owner's sessions (a server's or a client's), so that closing that
  * owner from inside one of them can tell.  NULL outside coroutines. */
