@@ -273,8 +273,8 @@ static void sleep_nomem_main(void *arg) {
   int r = loom_sleep(20 * CHECK_MS);
   int64_t el = loom_now() - t0;
   atomic_store(&fail_all, 0);
-  printf("loom_sleep(20 ms) with no memory: %s after %.3f ms\n", loom_err_name(r),
-         (double)el / 1e6);
+  printf("loom_sleep(20 ms) with no memory: %s after %.3f ms\n",
+         loom_err_name(r), (double)el / 1e6);
   CHECK_OK(r);
   CHECKF(el >= 20 * CHECK_MS, "it returned after %.3f ms", (double)el / 1e6);
 }
@@ -291,7 +291,8 @@ TEST(sleep_without_memory) {
 static loom_ctx *late_ctx;
 static void late_ctx_main(void *arg) {
   (void)arg;
-  CHECK_OK(loom_ctx_with_timeout(&late_ctx, loom_ctx_background(), 3600 * 1000 * CHECK_MS));
+  CHECK_OK(loom_ctx_with_timeout(&late_ctx, loom_ctx_background(),
+                                 3600 * 1000 * CHECK_MS));
 }
 TEST(ctx_released_after_run) {
   loom_set_allocator(&hook);

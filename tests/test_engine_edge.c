@@ -2930,7 +2930,9 @@ static void r1_main(void *arg) {
   conn_read_full(peer, back, n);
   finish(srv, peer);
 }
-TEST(max_pkg_len_size_max_means_no_limit) { run(r1_main, 2, "max_pkg_len SIZE_MAX"); }
+TEST(max_pkg_len_size_max_means_no_limit) {
+  run(r1_main, 2, "max_pkg_len SIZE_MAX");
+}
 
 /* A UDP server with the raw codec: a datagram longer than max_pkg_len
  * counts as oversize, not as malformed (decode). */
@@ -2982,8 +2984,8 @@ static void r3_main(void *arg) {
   loom_sleep(50 * CHECK_MS);
   loom_metrics m = metrics(srv);
   printf("pkgs_in=%llu oversize=%llu bytes seen=%zu\n",
-         (unsigned long long)m.pkgs_in,
-         (unsigned long long)m.errors.oversize, atomic_load(&E.bytes));
+         (unsigned long long)m.pkgs_in, (unsigned long long)m.errors.oversize,
+         atomic_load(&E.bytes));
   CHECK_EQ(atomic_load(&E.bytes), sizeof d);
   CHECK_OK(loom_pconn_close(pc));
   CHECK_OK(loom_server_close(srv, loom_now() + 5 * SEC));
@@ -3088,7 +3090,9 @@ static void r1b_main(void *arg) {
   CHECK_OK(loom_pconn_close(pc));
   CHECK_OK(loom_server_close(srv, loom_now() + 5 * SEC));
 }
-TEST(udp_max_pkg_len_size_max_means_no_limit) { run(r1b_main, 2, "udp SIZE_MAX"); }
+TEST(udp_max_pkg_len_size_max_means_no_limit) {
+  run(r1b_main, 2, "udp SIZE_MAX");
+}
 
 /* A packet write whose encoding is in many pieces (a codec that appends
  * piece by piece) goes out whole, not cut to the first 8 pieces. */
@@ -3114,14 +3118,13 @@ static int r6_encode(const loom_codec *c, const void *data, size_t len,
   }
   return 0;
 }
-static const loom_codec r6_codec = {.name = "pieces",
-                                    .decode = r6_decode,
-                                    .encode = r6_encode};
+static const loom_codec r6_codec = {
+    .name = "pieces", .decode = r6_decode, .encode = r6_encode};
 enum { R6_LEN = 150000 };
 static uint8_t r6_big[R6_LEN];
 static void r6_reply(loom_session *s, const loom_pkg *pkg) {
-  CHECK_OK(loom_session_write_to(s, r6_big, R6_LEN, pkg->from, pkg->fromlen,
-                                 -1));
+  CHECK_OK(
+      loom_session_write_to(s, r6_big, R6_LEN, pkg->from, pkg->fromlen, -1));
 }
 static void r6_main(void *arg) {
   (void)arg;

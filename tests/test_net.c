@@ -1284,7 +1284,8 @@ static void ub_dialer(void *arg) {
 
 static void unix_backlog_main(void *arg) {
   (void)arg;
-  snprintf(ub_path, sizeof ub_path, "/tmp/loom-test-backlog-%d.sock", (int)getpid());
+  snprintf(ub_path, sizeof ub_path, "/tmp/loom-test-backlog-%d.sock",
+           (int)getpid());
   unlink(ub_path);
   loom_listener *l;
   loom_listen_opts lo = {.backlog = 1};
@@ -1313,6 +1314,8 @@ static void unix_backlog_main(void *arg) {
   CHECK_OK(loom_listener_close(l));
 }
 
-TEST(unix_dial_waits_for_backlog_room) { check_run(unix_backlog_main, NULL, 2); }
+TEST(unix_dial_waits_for_backlog_room) {
+  check_run(unix_backlog_main, NULL, 2);
+}
 
 CHECK_MAIN()

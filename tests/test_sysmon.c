@@ -418,9 +418,12 @@ static void trim_main(void *arg) {
       loom_sleep(50 * CHECK_MS); /* every P idle meanwhile */
     r1 = rss_kib();
   }
-  printf("%s after a burst of %d coroutines with 48 KiB stacks: RSS %ld -> %ld KiB in %.0f ms\n",
-         busy ? "busy" : "idle", BURST, r0, r1, (double)(loom_now() - t0) / 1e6);
-  CHECKF(r0 - r1 > 50 * 1024, "free stacks were not trimmed (RSS %ld -> %ld KiB)", r0, r1);
+  printf("%s after a burst of %d coroutines with 48 KiB stacks: RSS %ld -> %ld "
+         "KiB in %.0f ms\n",
+         busy ? "busy" : "idle", BURST, r0, r1,
+         (double)(loom_now() - t0) / 1e6);
+  CHECKF(r0 - r1 > 50 * 1024,
+         "free stacks were not trimmed (RSS %ld -> %ld KiB)", r0, r1);
 }
 TEST(free_stacks_trimmed_while_busy) { check_run(trim_main, (void *)1, 2); }
 TEST(free_stacks_trimmed_while_idle) { check_run(trim_main, NULL, 2); }

@@ -1086,7 +1086,8 @@ static int read_packets(loom_session *s, reader *r) {
         /* Too long for max_pkg_len, whether the codec said so or took
          * only what the limit allows (the raw codec). */
         bool big = k == -EMSGSIZE || (k >= 0 && (size_t)n > s->o.max_pkg_len);
-        loom__owner_count(s->owner, big ? LOOM__ERR_oversize : LOOM__ERR_decode);
+        loom__owner_count(s->owner,
+                          big ? LOOM__ERR_oversize : LOOM__ERR_decode);
         continue;
       }
       if (!s->connected) {

@@ -301,7 +301,8 @@ int loom_conn_remote_addr(loom_conn *c, char *buf, size_t len) {
 static int opt(loom_conn *c, int level, int name, int v) {
   if (c == NULL)
     return -EINVAL;
-  return setsockopt(c->nf.fd, level, name, &v, sizeof v) == 0 ? 0 : -loom__errno();
+  return setsockopt(c->nf.fd, level, name, &v, sizeof v) == 0 ? 0
+                                                              : -loom__errno();
 }
 
 int loom_conn_set_nodelay(loom_conn *c, bool on) {

@@ -70,9 +70,8 @@ int loom__netpoll_poll(loom__netpoll *np, int64_t delay_ns,
      * (the caller polls again when it ends early). */
     int ms = -1;
     if (delay_ns >= 0)
-      ms = delay_ns / 1000000 >= INT_MAX
-               ? INT_MAX
-               : (int)((delay_ns + 999999) / 1000000);
+      ms = delay_ns / 1000000 >= INT_MAX ? INT_MAX
+                                         : (int)((delay_ns + 999999) / 1000000);
     n = epoll_wait(np->epfd, evs, LOOM__NETPOLL_EVENTS, ms);
   }
   errno = saved;
