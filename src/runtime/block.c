@@ -60,6 +60,11 @@ void loom_block_exit(void) {
   if (atomic_compare_exchange_strong_explicit(&p->status, &s, P_RUNNING,
                                               memory_order_acq_rel,
                                               memory_order_relaxed)) {
+    /* Not always the P as we left it: sysmon may have handed it to
+     * another M, which then entered a section of its own (BLOCKED
+     * again, and our CAS took it).  So it gets our thread's CPU clock,
+     * as acquirep would give it, for the long-run warning. */
+    atomic_store_explicit(&p->mclock, m->cpuclock, memory_order_relaxed);
     m->p = p;
     if (!atomic_load_explicit(&rt->stopping, memory_order_relaxed))
       return;
