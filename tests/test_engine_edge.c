@@ -1551,6 +1551,76 @@ static void bomb_main(void *arg) {
 }
 TEST(compress_does_not_lift_max_pkg_len) { run(bomb_main, 2, "compress bomb"); }
 
+/* A compressed stream that inflates a lot from one read of the socket
+ * is decoded in many reads of the zlib layer that never reach the
+ * socket, so never park: they count as I/O progress and yield now and
+ * then, so one session cannot hold its P for the whole burst (it did:
+ * hundreds of ms on one P).  A coroutine that only yields measures it:
+ * the most packages dispatched between two of its turns. */
+enum { ZB_N = 2000, ZB_LEN = 50000 };
+static atomic_long zb_ticks, zb_seen_tick, zb_streak, zb_max_streak,
+    zb_msgs;
+static atomic_int zb_stop;
+static void zb_ticker(void *arg) {
+  (void)arg;
+  while (!atomic_load(&zb_stop)) {
+    atomic_fetch_add(&zb_ticks, 1);
+    loom_yield();
+  }
+}
+static void zb_msg(loom_session *s, const loom_pkg *pkg) {
+  (void)s;
+  (void)pkg;
+  long t = atomic_load(&zb_ticks);
+  long streak = t == atomic_load(&zb_seen_tick) ? atomic_load(&zb_streak) + 1 : 1;
+  atomic_store(&zb_seen_tick, t);
+  atomic_store(&zb_streak, streak);
+  if (streak > atomic_load(&zb_max_streak))
+    atomic_store(&zb_max_streak, streak);
+  atomic_fetch_add(&zb_msgs, 1);
+}
+static void zburst_main(void *arg) {
+  (void)arg;
+  codecs_init();
+  loom_server_opts o = server_opts(&lenpfx);
+  o.session.compress = 6;
+  E.msg = zb_msg;
+  char addr[128];
+  loom_server *srv = serve(&o, addr);
+  loom_client_opts co;
+  memset(&co, 0, sizeof co);
+  co.network = "tcp";
+  co.addr = addr;
+  co.session.listener = &ev_listener;
+  co.session.codec = &lenpfx;
+  co.session.user = &CE;
+  co.session.compress = 6;
+  co.reconnect_interval = -1;
+  loom_client *cl;
+  CHECK_OK(loom_client_start(&cl, &co));
+  CHECK_OK(loom_client_wait(cl, 1, loom_now() + 5 * SEC));
+  loom_session *cs;
+  CHECK_OK(loom_client_session(cl, &cs));
+  CHECK_OK(loom_go(zb_ticker, NULL));
+  static uint8_t zeros[ZB_LEN];
+  for (int i = 0; i < ZB_N; i++)
+    CHECK_OK(loom_session_write(cs, zeros, sizeof zeros, -1));
+  WAIT_FOR(atomic_load(&zb_msgs) == ZB_N, 20);
+  atomic_store(&zb_stop, 1);
+  printf("%d packages of %d zero bytes, compressed: at most %ld dispatched "
+         "between two turns of a yielding coroutine\n",
+         ZB_N, ZB_LEN, atomic_load(&zb_max_streak));
+  CHECKF(atomic_load(&zb_max_streak) <= 128, /* 2 x LOOM_IO_STREAK */
+         "the reader held the P for %ld packages in a row",
+         atomic_load(&zb_max_streak));
+  loom_session_unref(cs);
+  CHECK_OK(loom_client_close(cl, loom_now() + 5 * SEC));
+  CHECK_OK(loom_server_close(srv, loom_now() + 5 * SEC));
+}
+TEST(compressed_burst_does_not_hold_the_p) {
+  run(zburst_main, 1, "compressed burst");
+}
+
 /* loom_client and server both compressing (level 6): an echo of 200 KiB
  * of text.  Both sessions' final stats are kept in E / CE. */
 enum { CPKG = 50 * 1024, CN = 4 };

@@ -21,6 +21,7 @@
 #include "loom/buf.h"
 #include "loom/error.h"
 #include "runtime/alloc.h"
+#include "runtime/runtime.h"
 
 #define ZIN_BUF 16384
 
@@ -58,8 +59,14 @@ static ssize_t inflate_some(zlayer *z, void *out, size_t len) {
 
 static ssize_t zread(loom__layer *l, void *buf, size_t len) {
   zlayer *z = (zlayer *)l;
+  bool from_socket = false;
   for (;;) {
     ssize_t got = inflate_some(z, buf, len);
+    if (got > 0 && !from_socket)
+      /* Inflated from what was buffered: no socket read, so no chance
+       * to park.  One read of a well-compressed stream feeds thousands
+       * of these; count them as I/O, which yields now and then. */
+      loom__io_progress();
     if (got != 0)
       return got;
     /* Nothing more from what is buffered: read compressed bytes after
@@ -72,6 +79,7 @@ static ssize_t zread(loom__layer *l, void *buf, size_t len) {
     ssize_t n = l->below->ops->read(l->below, z->inbuf + keep, ZIN_BUF - keep);
     if (n <= 0)
       return n;
+    from_socket = true; /* the socket read counted itself */
     z->in.next_in = z->inbuf;
     z->in.avail_in = (uInt)(keep + (size_t)n);
   }
