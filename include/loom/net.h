@@ -136,9 +136,13 @@ LOOM_API int loom_dial_with(loom_conn **c, const char *network,
  *       ssize_t n;
  *       do {
  *         n = loom_read(c, buf, N);     // input is there (almost always)
- *         ...
+ *         if (n <= 0)
+ *           break;                      // 0: end of stream; < 0: error
+ *         ...                           // use buf[0..n)
  *       } while (n == N);               // a full buffer: maybe more
  *       free(buf);
+ *       if (n <= 0)
+ *         break;                        // else the wait returns 0 again
  *     }
  *
  * After a short read the wait costs no system call.
