@@ -43,7 +43,7 @@ CTEST_RUN = $(CTEST) --output-on-failure --no-tests=error -j$(TEST_JOBS) \
             $(CTEST_ARGS)
 
 # The C sources `make format` and `make tidy` look at.
-SRC_DIRS := include src tests bench examples
+SRC_DIRS := include src tests bench examples fuzz
 C_FILES = $(shell find $(SRC_DIRS) -type f \( -name '*.c' -o -name '*.h' \) \
             2>/dev/null | sort)
 
@@ -94,14 +94,14 @@ ECHO_LISTEN = --listen tcp://$(ECHO_HOST):$(ECHO_PORT) \
               --listen unix://$(ECHO_SOCK)
 run: build
 	@echo '==> $(BUILD_DIR)/examples/echo_server $(ECHO_LISTEN)'
-	@echo 'Talk to it from another terminal (what you type comes back):'
-	@echo '  nc $(ECHO_HOST) $(ECHO_PORT)            # TCP'
-	@echo '  nc -u $(ECHO_HOST) $(ECHO_PORT)         # UDP'
-	@echo '  nc -U $(ECHO_SOCK)    # Unix stream socket'
-	@echo 'or load it and check every byte:'
+	@echo 'Load it from another terminal; the client checks every byte:'
 	@echo '  $(BUILD_DIR)/examples/echo_client --connect tcp://$(ECHO_HOST):$(ECHO_PORT) --conns 8 --count 10000'
 	@echo '  $(BUILD_DIR)/examples/echo_client --connect udp://$(ECHO_HOST):$(ECHO_PORT)'
 	@echo '  $(BUILD_DIR)/examples/echo_client --connect unix://$(ECHO_SOCK) --size 100000'
+	@echo 'or type at it with netcat-openbsd (what you type comes back):'
+	@echo '  nc $(ECHO_HOST) $(ECHO_PORT)            # TCP'
+	@echo '  nc -u $(ECHO_HOST) $(ECHO_PORT)         # UDP'
+	@echo '  nc -U $(ECHO_SOCK)    # Unix stream socket'
 	@echo 'Ctrl-C stops the server.'
 	@exec $(BUILD_DIR)/examples/echo_server $(ECHO_LISTEN)
 

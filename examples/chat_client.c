@@ -31,12 +31,12 @@
  * non-blocking reads.  O_NONBLOCK is a flag of the open file, which a
  * terminal shares with the shell (a shell left with a non-blocking
  * terminal misbehaves, more so after a crash), and a redirected regular
- * file cannot be polled at all (loom_fd_wait returns -EPERM), so that
- * path would need a second one for files.
+ * file is always "ready" (loom_fd_wait returns 0 at once, as poll(2)
+ * does), so that path would need a second one for files.
  *
  * One session.  loom_client replaces a session that closes; a chat
  * client must not (a server's goodbye would be followed by a new guest),
- * so the reconnect interval is a day: the only dial is the first.
+ * so the reconnect interval is negative: one dial, never redialled.
  */
 #define _GNU_SOURCE /* getline */
 

@@ -1152,8 +1152,7 @@ static void foreign_stats_main(void *arg) {
 }
 TEST(stats_from_foreign_thread) { check_run(foreign_stats_main, NULL, 2); }
 
-/* Bad input gets a clear error, never a crash (DESIGN.md: "It works on
- * bad input"). */
+/* Bad input gets a clear error, never a crash. */
 static void bad_input_main(void *arg) {
   loom_go_opts o;
   (void)arg;

@@ -33,9 +33,11 @@ extern "C" {
  * Outside a coroutine the calling thread waits in poll(2).
  *
  * Returns 0 when ready; -ETIMEDOUT when the deadline passed first;
- * -EINVAL for bad `events`; -EBADF for a bad fd; -EPERM for an fd that
- * cannot be polled (a regular file); -EBUSY when another coroutine is
- * already waiting on the same fd through loom_fd_wait; -ENOMEM.
+ * -EINVAL for bad `events`; -EBADF for a bad fd; -EPERM for an fd the
+ * poller cannot take that poll(2) did not find ready (a regular file or
+ * a directory is always ready, as with poll(2): 0 at once); -EBUSY when
+ * another coroutine is already waiting on the same fd through
+ * loom_fd_wait; -ENOMEM.
  * Parks.  Thread-safe.  The fd must stay open until the call returns.
  */
 LOOM_API int loom_fd_wait(int fd, int events, int64_t deadline);
