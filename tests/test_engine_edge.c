@@ -2193,6 +2193,46 @@ static void pool_main(void *arg) {
 }
 TEST(pool_on_close_after_messages) { run(pool_main, 2, "pool close"); }
 
+/* An aborted session stops waiting for room in a full task pool: the
+ * package its reader was trying to queue is dropped with it, while the
+ * ones already queued still run.  (The reader waited for room however
+ * long the pool took, and queued the package after the abort.) */
+static loom_sema pool_gate;
+static atomic_int gate_entered;
+static void gated_msg(loom_session *s, const loom_pkg *pkg) {
+  (void)s;
+  (void)pkg;
+  if (atomic_fetch_add(&gate_entered, 1) == 0) /* the first holds the worker */
+    CHECK_OK(loom_sema_acquire(&pool_gate, 0));
+}
+static void pool_abort_main(void *arg) {
+  (void)arg;
+  codecs_init();
+  loom_taskpool *pool;
+  loom_taskpool_opts po = {.queues = 1, .workers = 1, .queue_len = 1};
+  CHECK_OK(loom_taskpool_make(&pool, &po));
+  loom_server_opts o = server_opts(&line);
+  o.session.pool = pool;
+  E.keep = true;
+  E.msg = gated_msg;
+  loom_conn *peer;
+  loom_server *srv = serve_dial(&o, &peer);
+  CHECK_EQ(loom_write(peer, "1\n2\n3\n", 6), 6);
+  WAIT_FOR(atomic_load(&gate_entered) == 1 && loom_taskpool_queued(pool) == 1,
+           5);
+  loom_sleep(50 * CHECK_MS); /* the reader waits for room with package 3 */
+  loom_session *ss = kept_session();
+  loom_session_abort(ss, LOOM_ECLOSED);
+  loom_sleep(50 * CHECK_MS);
+  loom_sema_release(&pool_gate); /* package 1 ends; 2 runs */
+  WAIT_FOR(atomic_load(&E.closes) == 1, 5);
+  CHECK_EQ(atomic_load(&E.msgs), 2);
+  loom_session_unref(ss);
+  finish(srv, peer);
+  loom_taskpool_close(pool);
+}
+TEST(pool_wait_ends_at_abort) { run(pool_abort_main, 2, "pool wait vs abort"); }
+
 /* ------------------------------------------------------------------ */
 /* 9. Identity, attributes, user pointer, statistics.                   */
 

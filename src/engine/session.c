@@ -720,6 +720,8 @@ typedef struct ptask {
   uint8_t data[];
 } ptask;
 
+#define POOL_WAIT_SLICE_NS (10 * INT64_C(1000000)) /* see dispatch */
+
 static void pooled_message(void *arg) {
   ptask *t = arg;
   loom_session *s = t->s;
@@ -765,7 +767,17 @@ static int dispatch(loom_session *s, const loom_pkg *pkg) {
     break;
   }
   loom_wg_add(&s->pooled, 1);
-  int rc = loom_taskpool_submit(s->o.pool, key, pooled_message, t, 0);
+  /* A full pool is backpressure: wait for room, in slices, so that an
+   * abort (a forced close) ends the wait and the package goes with the
+   * session instead of being queued after it. */
+  int rc = loom_taskpool_submit(s->o.pool, key, pooled_message, t,
+                                LOOM_TASKPOOL_NOWAIT);
+  while ((rc == -EAGAIN || rc == -ETIMEDOUT) &&
+         atomic_load(&s->state) != S_ABORTED)
+    rc = loom_taskpool_submit(s->o.pool, key, pooled_message, t,
+                              loom__after(POOL_WAIT_SLICE_NS));
+  if (rc == -EAGAIN || rc == -ETIMEDOUT)
+    rc = LOOM_ECLOSED;
   if (rc < 0) {
     loom_wg_done(&s->pooled);
     loom_session_unref(s);
