@@ -7,7 +7,9 @@
  *
  * Session.  One connection.  Its reader coroutine reads, decodes as many
  * packages as the bytes hold and hands each to on_message (or to a task
- * pool); a writer coroutine, started the first time the socket does not
+ * pool, which when full holds the reader back until it has room or the
+ * session is aborted, which drops that package); a writer coroutine,
+ * started the first time the socket does not
  * take a write at once, drains the write queue with writev.  A session
  * also has a name, attributes, statistics, read and write timeouts, a
  * cron period and a maximum package length.
