@@ -394,4 +394,46 @@ TEST(huge_timeout_saturates) {
   CHECK_EQ(huge_timeout_err, 0);
 }
 
+/* A parent cancelled on another thread while a child with a deadline is
+ * being made: the child's timer is armed under the child's lock, and
+ * only while it is live (TSan reported the cancel reading has_timer
+ * while it was being set). */
+static loom_ctx *_Atomic race_parent;
+static atomic_int race_round, race_ack, race_done;
+static void race_canceller(void *arg) {
+  (void)arg;
+  int seen = 0;
+  while (!atomic_load(&race_done)) {
+    int r = atomic_load(&race_round);
+    if (r == seen) {
+      loom_yield();
+      continue;
+    }
+    seen = r;
+    for (int i = 0; i < (r % 13) * 20; i++)
+      __builtin_ia32_pause();
+    loom_ctx_cancel(atomic_load(&race_parent));
+    atomic_store(&race_ack, r);
+  }
+}
+static void deadline_race_main(void *arg) {
+  (void)arg;
+  CHECK_OK(loom_go(race_canceller, NULL));
+  int rounds = (int)CHECK_SCALE(20000, 5000, 5000);
+  for (int round = 1; round <= rounds; round++) {
+    loom_ctx *p, *c;
+    CHECK_OK(loom_ctx_with_cancel(&p, loom_ctx_background()));
+    atomic_store(&race_parent, p);
+    atomic_store(&race_round, round);
+    CHECK_OK(loom_ctx_with_timeout(&c, p, 50 * CHECK_MS));
+    while (atomic_load(&race_ack) != round)
+      loom_yield();
+    CHECK_ERR(loom_ctx_err(c), -ECANCELED);
+    loom_ctx_release(c);
+    loom_ctx_release(p);
+  }
+  atomic_store(&race_done, 1);
+}
+TEST(deadline_child_vs_parent_cancel) { check_run(deadline_race_main, NULL, 2); }
+
 CHECK_MAIN()

@@ -77,6 +77,7 @@ static void cancel_one(loom_ctx *n, int err, void ***work, size_t *len, // NOLIN
     return;
   }
   __atomic_store_n(&n->err, err, __ATOMIC_RELEASE);
+  bool armed = n->has_timer; /* set under this lock (with_deadline) */
   /* Hooks run under the lock: they are short (they expire a poll
    * descriptor) and take no context lock, and running them here means a
    * hook never runs after loom__ctx_unhook returned. */
@@ -96,7 +97,7 @@ static void cancel_one(loom_ctx *n, int err, void ***work, size_t *len, // NOLIN
   /* No wait: we may be its own fn.  A timer stopped before it fired
    * drops the reference it held; never the last one here (our caller,
    * or the walk, holds another). */
-  if (n->has_timer && loom__timer_stop(&n->timer))
+  if (armed && loom__timer_stop(&n->timer))
     loom_ctx_unref(n);
   while (k != NULL) {
     loom_ctx *next = k->sib_next; /* read before k can be released */
@@ -255,12 +256,22 @@ int loom_ctx_with_deadline(loom_ctx **out, loom_ctx *parent,
   } else if (c->deadline == deadline) {
     /* Our own deadline is the earlier one: arm it (an inherited one
      * reaches us through the parent's cancel). */
-    c->has_timer = true;
     c->timer.fn = deadline_fire;
     c->timer.done = deadline_done;
-    c->timer.arg = loom_ctx_ref(c); /* the timer's reference */
-    loom__timer_add(&m->p->timers, &c->timer, deadline);
-    loom__wake_netpoller(m->rt, deadline);
+    c->timer.arg = c;
+    /* Armed under c->lock, and only while c is live: a parent's cancel
+     * may have reached c since attach (cancel_one reads has_timer under
+     * the same lock). */
+    loom__spin_lock(&c->lock);
+    bool arm = c->err == 0;
+    if (arm) {
+      loom_ctx_ref(c); /* the timer's reference */
+      c->has_timer = true;
+      loom__timer_add(&m->p->timers, &c->timer, deadline);
+    }
+    loom__spin_unlock(&c->lock);
+    if (arm)
+      loom__wake_netpoller(m->rt, deadline);
   }
   *out = c;
   return 0;
