@@ -213,4 +213,36 @@ TEST(return_inside_block_section) {
   check_run(ret_blocked_main, NULL, 2);
 }
 
+/* Setting a deadline inside a blocking section: 0 or a passed deadline
+ * needs no timer and works; one ahead needs the P's timer heap, which
+ * the section has given up, and returns LOOM_ENOTCO.  (It aborted the
+ * process: "pd_set_deadline: not on a coroutine".) */
+static void deadline_in_section_main(void *arg) {
+  (void)arg;
+  loom_listener *l;
+  loom_conn *a, *b;
+  char addr[64];
+  CHECK_OK(loom_listen(&l, "tcp", "127.0.0.1:0"));
+  CHECK_OK(loom_listener_addr(l, addr, sizeof addr));
+  CHECK_OK(loom_dial(&a, "tcp", addr));
+  CHECK_OK(loom_accept(l, &b));
+  loom_block_enter();
+  int ahead = loom_set_read_deadline(a, loom_now() + 1000 * CHECK_MS);
+  int none = loom_set_read_deadline(a, 0);
+  int passed = loom_set_write_deadline(a, 1);
+  loom_block_exit();
+  CHECK_ERR(ahead, LOOM_ENOTCO);
+  CHECK_OK(none);
+  CHECK_OK(passed);
+  CHECK_ERR(loom_write(a, "x", 1), -ETIMEDOUT); /* the passed one holds */
+  CHECK_OK(loom_set_write_deadline(a, 0));
+  CHECK_EQ(loom_write(a, "x", 1), 1);
+  CHECK_OK(loom_close(a));
+  CHECK_OK(loom_close(b));
+  CHECK_OK(loom_listener_close(l));
+}
+TEST(deadline_set_inside_block_section) {
+  check_run(deadline_in_section_main, NULL, 2);
+}
+
 CHECK_MAIN()

@@ -268,10 +268,14 @@ static loom__g *set_one(loom__pd *pd, loom__p *p, int mode, int64_t d,
 
 int loom__pd_set_deadline(loom__pd *pd, int mode, int64_t d) {
   loom__m *m = loom__getm();
-  if (m == NULL || m->p == NULL)
+  if (m == NULL)
     loom__throw("pd_set_deadline: not on a coroutine");
   loom__p *p = m->p;
   int64_t now = loom_now();
+  /* Inside loom_block_enter/exit there is no P for a timer: a deadline
+   * ahead cannot be armed there, but 0 or a past one needs none. */
+  if (p == NULL && d > now)
+    return LOOM_ENOTCO;
   /* Only a deadline still ahead needs a timer; one in the past (how a
    * close wakes a blocked call) must work without memory. */
   if (d > now && loom__timers_reserve(&p->timers, 2) != 0)
