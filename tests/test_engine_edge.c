@@ -3022,7 +3022,7 @@ TEST(client_closed_from_on_message) {
 
 /* max_pkg_len = SIZE_MAX means no limit: the read buffer grows for a
  * package of 200 KB (max_pkg_len + 64 used to wrap to 63). */
-static void r1_main(void *arg) {
+static void size_max_main(void *arg) {
   (void)arg;
   codecs_init();
   loom_server_opts o = server_opts(&lenpfx);
@@ -3041,12 +3041,12 @@ static void r1_main(void *arg) {
   finish(srv, peer);
 }
 TEST(max_pkg_len_size_max_means_no_limit) {
-  run(r1_main, 2, "max_pkg_len SIZE_MAX");
+  run(size_max_main, 2, "max_pkg_len SIZE_MAX");
 }
 
 /* A UDP server with the raw codec: a datagram longer than max_pkg_len
  * counts as oversize, not as malformed (decode). */
-static void r2_main(void *arg) {
+static void udp_raw_oversize_main(void *arg) {
   (void)arg;
   loom_server_opts o = server_opts(NULL);
   o.network = "udp";
@@ -3068,12 +3068,12 @@ static void r2_main(void *arg) {
   CHECK_OK(loom_server_close(srv, loom_now() + 5 * SEC));
 }
 TEST(udp_raw_oversize_counted_as_oversize) {
-  run(r2_main, 2, "udp raw oversize");
+  run(udp_raw_oversize_main, 2, "udp raw oversize");
 }
 
 /* unixgram: a datagram within max_pkg_len (default 1 MiB) but over
  * 64 KiB (UDP's limit) is delivered whole. */
-static void r3_main(void *arg) {
+static void big_dgram_main(void *arg) {
   (void)arg;
   loom_server_opts o = server_opts(NULL);
   char path[64];
@@ -3102,13 +3102,13 @@ static void r3_main(void *arg) {
   unlink(path);
 }
 TEST(unixgram_takes_datagrams_over_64k) {
-  run(r3_main, 2, "unixgram big datagram");
+  run(big_dgram_main, 2, "unixgram big datagram");
 }
 
 /* A UDP server with read_timeout: its one session serves every peer
  * and does not idle out, so the server still answers after a quiet
  * period longer than the timeout. */
-static void r4_main(void *arg) {
+static void udp_idle_main(void *arg) {
   (void)arg;
   codecs_init();
   loom_server_opts o = server_opts(&lenpfx);
@@ -3135,19 +3135,19 @@ static void r4_main(void *arg) {
   CHECK_OK(loom_server_close(srv, loom_now() + 5 * SEC));
 }
 TEST(udp_server_outlives_its_read_timeout) {
-  run(r4_main, 2, "udp read timeout");
+  run(udp_idle_main, 2, "udp read timeout");
 }
 
 /* loom_client_wait parked while loom_client_close runs returns
  * LOOM_ECLOSED, and the close frees the client only after it has (it
  * used to free it under the waiter). */
-static atomic_int r5_rc = 1;
-static loom_client *r5_cl;
-static void r5_waiter(void *arg) {
+static atomic_int wait_close_rc = 1;
+static loom_client *wait_close_cl;
+static void wait_close_waiter(void *arg) {
   (void)arg;
-  atomic_store(&r5_rc, loom_client_wait(r5_cl, 1, 0));
+  atomic_store(&wait_close_rc, loom_client_wait(wait_close_cl, 1, 0));
 }
-static void r5_main(void *arg) {
+static void wait_close_main(void *arg) {
   (void)arg;
   /* A port nobody listens on: dials fail, the supervisor backs off. */
   int fd = socket(AF_INET, SOCK_STREAM, 0);
@@ -3166,21 +3166,21 @@ static void r5_main(void *arg) {
     co.session.listener = &ev_listener;
     co.session.user = &E;
     co.reconnect_interval = 10 * SEC; /* stays in its back-off */
-    CHECK_OK(loom_client_start(&r5_cl, &co));
-    atomic_store(&r5_rc, 1);
-    CHECK_OK(loom_go(r5_waiter, NULL));
+    CHECK_OK(loom_client_start(&wait_close_cl, &co));
+    atomic_store(&wait_close_rc, 1);
+    CHECK_OK(loom_go(wait_close_waiter, NULL));
     loom_sleep(2 * CHECK_MS); /* the waiter parks, the dial fails */
-    CHECK_OK(loom_client_close(r5_cl, loom_now() + SEC));
-    WAIT_FOR(atomic_load(&r5_rc) != 1, 5);
-    CHECK_ERR(atomic_load(&r5_rc), LOOM_ECLOSED);
+    CHECK_OK(loom_client_close(wait_close_cl, loom_now() + SEC));
+    WAIT_FOR(atomic_load(&wait_close_rc) != 1, 5);
+    CHECK_ERR(atomic_load(&wait_close_rc), LOOM_ECLOSED);
   }
   close(fd);
 }
-TEST(client_wait_during_close) { run(r5_main, 2, "wait vs close"); }
+TEST(client_wait_during_close) { run(wait_close_main, 2, "wait vs close"); }
 
 /* max_pkg_len = SIZE_MAX on a packet session: datagrams of any size
  * UDP carries get through (the read buffer was 63 bytes). */
-static void r1b_main(void *arg) {
+static void udp_size_max_main(void *arg) {
   (void)arg;
   loom_server_opts o = server_opts(NULL);
   o.network = "udp";
@@ -3201,12 +3201,12 @@ static void r1b_main(void *arg) {
   CHECK_OK(loom_server_close(srv, loom_now() + 5 * SEC));
 }
 TEST(udp_max_pkg_len_size_max_means_no_limit) {
-  run(r1b_main, 2, "udp SIZE_MAX");
+  run(udp_size_max_main, 2, "udp SIZE_MAX");
 }
 
 /* A packet write whose encoding is in many pieces (a codec that appends
  * piece by piece) goes out whole, not cut to the first 8 pieces. */
-static ssize_t r6_decode(const loom_codec *c, const uint8_t *buf, size_t len,
+static ssize_t pieces_decode(const loom_codec *c, const uint8_t *buf, size_t len,
                          size_t max_len, loom_pkg *pkg) {
   (void)c;
   (void)max_len;
@@ -3216,7 +3216,7 @@ static ssize_t r6_decode(const loom_codec *c, const uint8_t *buf, size_t len,
   pkg->len = len;
   return (ssize_t)len;
 }
-static int r6_encode(const loom_codec *c, const void *data, size_t len,
+static int pieces_encode(const loom_codec *c, const void *data, size_t len,
                      size_t max_len, loom_buf *out) {
   (void)c;
   (void)max_len;
@@ -3228,23 +3228,23 @@ static int r6_encode(const loom_codec *c, const void *data, size_t len,
   }
   return 0;
 }
-static const loom_codec r6_codec = {
-    .name = "pieces", .decode = r6_decode, .encode = r6_encode};
-enum { R6_LEN = 150000 };
-static uint8_t r6_big[R6_LEN];
-static void r6_reply(loom_session *s, const loom_pkg *pkg) {
+static const loom_codec pieces_codec = {
+    .name = "pieces", .decode = pieces_decode, .encode = pieces_encode};
+enum { PIECES_LEN = 150000 };
+static uint8_t pieces_big[PIECES_LEN];
+static void pieces_reply(loom_session *s, const loom_pkg *pkg) {
   CHECK_OK(
-      loom_session_write_to(s, r6_big, R6_LEN, pkg->from, pkg->fromlen, -1));
+      loom_session_write_to(s, pieces_big, PIECES_LEN, pkg->from, pkg->fromlen, -1));
 }
-static void r6_main(void *arg) {
+static void pieces_main(void *arg) {
   (void)arg;
-  loom_server_opts o = server_opts(&r6_codec);
+  loom_server_opts o = server_opts(&pieces_codec);
   char path[64];
   snprintf(path, sizeof path, "/tmp/loom-test-pieces-%d.sock", (int)getpid());
   unlink(path);
   o.network = "unixgram";
   o.addr = path;
-  E.msg = r6_reply;
+  E.msg = pieces_reply;
   char addr[128];
   loom_server *srv = serve(&o, addr);
   loom_pconn *pc;
@@ -3252,17 +3252,17 @@ static void r6_main(void *arg) {
   int sz = 1 << 20;
   setsockopt(loom_pconn_fd(pc), SOL_SOCKET, SO_RCVBUF, &sz, sizeof sz);
   CHECK_EQ(loom_pconn_write(pc, "go", 2), 2);
-  static uint8_t back[R6_LEN + 1000];
+  static uint8_t back[PIECES_LEN + 1000];
   CHECK_OK(loom_pconn_set_read_deadline(pc, loom_now() + 5 * SEC));
   ssize_t n = loom_pconn_read(pc, back, sizeof back);
   loom_metrics m = metrics(srv);
-  printf("sent %d, received %zd, bytes_out %llu\n", R6_LEN, n,
+  printf("sent %d, received %zd, bytes_out %llu\n", PIECES_LEN, n,
          (unsigned long long)m.bytes_out);
-  CHECK_EQ(n, (ssize_t)R6_LEN);
+  CHECK_EQ(n, (ssize_t)PIECES_LEN);
   CHECK_OK(loom_pconn_close(pc));
   CHECK_OK(loom_server_close(srv, loom_now() + 5 * SEC));
   unlink(path);
 }
-TEST(packet_write_in_many_pieces_goes_whole) { run(r6_main, 2, "8 chunks"); }
+TEST(packet_write_in_many_pieces_goes_whole) { run(pieces_main, 2, "8 chunks"); }
 
 CHECK_MAIN()
