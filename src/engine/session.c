@@ -200,6 +200,8 @@ static void wake_io(loom_session *s, bool writer_too) {
         loom_set_write_deadline(s->conn, 1);
     } else {
       loom_pconn_set_read_deadline(s->pc, 1);
+      if (writer_too) /* a sender parked on a full peer leaves too */
+        loom_pconn_set_write_deadline(s->pc, 1);
     }
   }
   loom_mutex_unlock(&s->wmu);
@@ -383,6 +385,10 @@ static void try_send(loom_session *s, loom_buf *b) {
     loom_buf_consume(b, (size_t)k);
     BUMP(bytes_out, (uint64_t)k);
     atomic_store_explicit(&s->last_write, loom_now(), memory_order_relaxed);
+    /* Room made by someone other than the writer: wake whoever waits
+     * for it, as the writer would (it may find nothing left to write). */
+    if (b == &s->wq && loom_buf_len(b) <= s->o.wq_low)
+      loom_cond_broadcast(&s->wspace);
   }
 }
 
@@ -792,6 +798,9 @@ typedef struct reader {
   int64_t deadline;     /* the read deadline now set (0: none) */
   int64_t next_cron;    /* 0: no cron */
   int64_t idle_check;   /* when to look at last_read again; 0: never */
+  int64_t handled_at;   /* when the reader last came back from handing
+                           packages over: time in handlers (or waiting
+                           for a full pool) is not the peer's idleness */
   int small;            /* reads in a row that used < 1/4 of the room */
   size_t small_max;     /* the longest of those reads */
   bool filled;          /* the last read filled all the room offered */
@@ -959,7 +968,10 @@ static int on_deadline(loom_session *s, reader *r) {
   if (!s->packet)
     shed(s, r, true); /* a cron tick or idle check: a quiet moment */
   if (r->idle_check && now >= r->idle_check) {
-    int64_t idle_until = loom__sat_add(LOAD(last_read), s->o.read_timeout);
+    int64_t since = LOAD(last_read);
+    if (r->handled_at > since)
+      since = r->handled_at;
+    int64_t idle_until = loom__sat_add(since, s->o.read_timeout);
     if (now >= idle_until)
       return -ETIMEDOUT;
     r->idle_check = idle_until;
@@ -1031,6 +1043,7 @@ static int read_stream(loom_session *s, reader *r) {
       }
       r->len += (size_t)n;
       rc = drain(s, r);
+      r->handled_at = loom_now();
       if (r->on_stack) {
         int e = unstack(s, r, r->filled);
         if (rc == 0)

@@ -1,0 +1,518 @@
+/*
+ * test_engine_focus.c — focused engine cases, each a small reproduction
+ * of a bug a randomized stress of the engine found: a close against a
+ * packet session parked in write_to, half-close on a compressed session,
+ * writers waiting for room while others drain the queue, and read_timeout
+ * against slow handlers and a full task pool.
+ */
+#include <arpa/inet.h>
+#include <dirent.h>
+#include <errno.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <stdatomic.h>
+#include <stdbool.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/un.h>
+#include <unistd.h>
+#include <zlib.h>
+
+#include "check.h"
+#include "loom.h"
+
+#define SEC INT64_C(1000000000)
+
+#define HDR 17
+static size_t mk_payload(uint8_t *p, char type, uint64_t tag, size_t body) {
+  static const char hex[] = "0123456789abcdef";
+  p[0] = (uint8_t)type;
+  for (int i = 0; i < 16; i++)
+    p[1 + i] = (uint8_t)hex[(tag >> (60 - 4 * i)) & 15];
+  for (size_t i = 0; i < body; i++)
+    p[HDR + i] = (uint8_t)('a' + (tag * 31 + i) % 26);
+  return HDR + body;
+}
+
+typedef struct {
+  uint64_t s;
+} rng_t;
+static uint64_t rnd(rng_t *r) {
+  uint64_t x = r->s;
+  x ^= x >> 12;
+  x ^= x << 25;
+  x ^= x >> 27;
+  r->s = x;
+  return x * 0x2545F4914F6CDD1DULL;
+}
+static uint32_t rn(rng_t *r, uint32_t n) {
+  return n ? (uint32_t)(rnd(r) % n) : 0;
+}
+static void rng_seed(rng_t *r, uint64_t s) {
+  r->s = (s * 0x9E3779B97F4A7C15ULL) ^ 0xD1B54A32D192ED03ULL;
+  if (r->s == 0)
+    r->s = 1;
+  for (int i = 0; i < 4; i++)
+    rnd(r);
+}
+
+/* ---- focused: a packet session parked in write_to ------------------- */
+
+static atomic_int ug_msgs, ug_closes, ug_blocked, ug_fail;
+static void ug_message(loom_session *s, const loom_pkg *pkg) {
+  atomic_fetch_add(&ug_msgs, 1);
+  atomic_fetch_add(&ug_blocked, 1);
+  int rc =
+      loom_session_write_to(s, pkg->data, pkg->len, pkg->from, pkg->fromlen, 0);
+  atomic_fetch_sub(&ug_blocked, 1);
+  if (rc != 0)
+    atomic_fetch_add(&ug_fail, 1);
+}
+static void ug_close(loom_session *s) {
+  (void)s;
+  atomic_fetch_add(&ug_closes, 1);
+}
+static const loom_session_listener ug_listener = {.on_message = ug_message,
+                                                  .on_close = ug_close};
+
+static void ug_main(void *arg) {
+  (void)arg;
+  char path[96];
+  snprintf(path, sizeof path, "/tmp/loom-test-ugslow-%d.sock", (int)getpid());
+  unlink(path);
+  loom_server_opts o = {.network = "unixgram",
+                        .addr = path,
+                        .session = {.listener = &ug_listener}};
+  loom_server *srv;
+  CHECK_OK(loom_server_start(&srv, &o));
+  /* A peer that sends and never reads (a plain socket: sends that do
+   * not fit are dropped here, not waited for). */
+  int fd = socket(AF_UNIX, SOCK_DGRAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+  CHECK(fd >= 0);
+  struct sockaddr_un me = {.sun_family = AF_UNIX};
+  snprintf(me.sun_path, sizeof me.sun_path, "%s.peer", path);
+  unlink(me.sun_path);
+  CHECK_EQ(bind(fd, (struct sockaddr *)&me, sizeof me), 0);
+  struct sockaddr_un to = {.sun_family = AF_UNIX};
+  snprintf(to.sun_path, sizeof to.sun_path, "%s", path);
+  int sent = 0;
+  for (int i = 0; i < 100; i++) {
+    char b[1024];
+    memset(b, 'x', sizeof b);
+    if (sendto(fd, b, sizeof b, MSG_DONTWAIT, (struct sockaddr *)&to,
+               sizeof to) == (ssize_t)sizeof b)
+      sent++;
+    loom_sleep(CHECK_MS);
+  }
+  fprintf(stderr, "peer sent %d datagrams\n", sent);
+  loom_sleep(50 * CHECK_MS);
+  fprintf(stderr, "failed writes %d\n", atomic_load(&ug_fail));
+  fprintf(stderr,
+          "messages handled %d, on_message parked in write_to(timeout 0): %d\n",
+          atomic_load(&ug_msgs), atomic_load(&ug_blocked));
+  int64_t t0 = loom_now();
+  int rc = loom_server_close(srv, loom_now() + 200 * CHECK_MS);
+  fprintf(stderr, "loom_server_close: %d (%s) after %lld ms\n", rc,
+          loom_err_name(rc), (long long)((loom_now() - t0) / CHECK_MS));
+  CHECK_EQ(atomic_load(&ug_closes), 1);
+  close(fd);
+  unlink(me.sun_path);
+  unlink(path);
+}
+TEST(unixgram_write_to_slow_peer_vs_close) {
+  check_watchdog(10, "server close with a packet session parked in write_to");
+  check_run(ug_main, NULL, 2);
+}
+
+/* ---- focused: half-close on a compressed session ------------------------- */
+
+static void zh_message(loom_session *s, const loom_pkg *pkg) {
+  int rc = loom_session_write(s, pkg->data, pkg->len, -1);
+  CHECK(rc == 0 || rc == LOOM_ECLOSED);
+}
+static atomic_int zh_closes, zh_err;
+static void zh_error(loom_session *s, int err) {
+  (void)s;
+  atomic_store(&zh_err, err);
+}
+static void zh_close(loom_session *s) {
+  (void)s;
+  atomic_fetch_add(&zh_closes, 1);
+}
+static const loom_session_listener zh_listener = {
+    .on_message = zh_message, .on_error = zh_error, .on_close = zh_close};
+
+static void zh_main(void *arg) {
+  int nframes = (int)(intptr_t)arg;
+  loom_codec lp;
+  loom_codec_lenpfx(&lp, NULL);
+  loom_server_opts o = {
+      .network = "tcp",
+      .addr = "127.0.0.1:0",
+      .session = {.listener = &zh_listener, .codec = &lp, .compress = -1}};
+  loom_server *srv;
+  CHECK_OK(loom_server_start(&srv, &o));
+  char addr[64];
+  CHECK_OK(loom_server_addr(srv, addr, sizeof addr));
+  loom_conn *c;
+  CHECK_OK(loom_dial(&c, "tcp", addr));
+  z_stream zo = {0}, zi = {0};
+  CHECK_EQ(deflateInit(&zo, Z_DEFAULT_COMPRESSION), Z_OK);
+  CHECK_EQ(inflateInit(&zi), Z_OK);
+  static uint8_t plain[1 << 20], comp[1 << 20], back[4 << 20];
+  size_t plen = 0;
+  for (int i = 0; i < nframes; i++) {
+    uint8_t pl[600];
+    size_t n = mk_payload(pl, 'E', (uint64_t)i + 1, (size_t)(i * 37) % 500);
+    plain[plen] = (uint8_t)(n >> 24);
+    plain[plen + 1] = (uint8_t)(n >> 16);
+    plain[plen + 2] = (uint8_t)(n >> 8);
+    plain[plen + 3] = (uint8_t)n;
+    memcpy(plain + plen + 4, pl, n);
+    plen += n + 4;
+  }
+  zo.next_in = plain;
+  zo.avail_in = (uInt)plen;
+  zo.next_out = comp;
+  zo.avail_out = sizeof comp;
+  CHECK_EQ(deflate(&zo, Z_SYNC_FLUSH), Z_OK);
+  size_t clen = sizeof comp - zo.avail_out;
+  CHECK_EQ(loom_write(c, comp, clen), (ssize_t)clen);
+  CHECK_OK(loom_shutdown(c, SHUT_WR));
+  /* Read and inflate everything until the end of stream. */
+  size_t blen = 0;
+  loom_set_read_deadline(c, loom_now() + 5 * SEC);
+  ssize_t n;
+  uint8_t in[8192];
+  while ((n = loom_read(c, in, sizeof in)) > 0) {
+    zi.next_in = in;
+    zi.avail_in = (uInt)n;
+    while (zi.avail_in > 0) {
+      zi.next_out = back + blen;
+      zi.avail_out = (uInt)(sizeof back - blen);
+      int zr = inflate(&zi, Z_SYNC_FLUSH);
+      CHECK(zr == Z_OK || zr == Z_BUF_ERROR);
+      blen = sizeof back - zi.avail_out;
+      if (zr == Z_BUF_ERROR)
+        break;
+    }
+  }
+  fprintf(stderr,
+          "compressed half-close: sent %zu plain bytes in %d frames, got %zu "
+          "back, last read %zd (%s), on_close %d, error %s\n",
+          plen, nframes, blen, n, n < 0 ? loom_err_name((int)n) : "EOF",
+          atomic_load(&zh_closes), loom_err_name(atomic_load(&zh_err)));
+  CHECK_EQ(n, 0);
+  CHECK_EQ(blen, plen);
+  CHECK(memcmp(plain, back, plen) == 0);
+  deflateEnd(&zo);
+  inflateEnd(&zi);
+  loom_close(c);
+  CHECK_OK(loom_server_close(srv, loom_now() + SEC));
+}
+TEST(compressed_half_close_delivers_everything) {
+  check_watchdog(15, "compressed half close");
+  check_run(zh_main, (void *)(intptr_t)200, 2);
+}
+TEST(compressed_half_close_delivers_everything_big) {
+  check_watchdog(15, "compressed half close");
+  check_run(zh_main, (void *)(intptr_t)3000, 2);
+}
+
+/* ---- focused: producers waiting for room while others drain the queue --- */
+
+#define LW_PROD 6
+static loom_session *_Atomic lw_s;
+static _Atomic int64_t lw_since[LW_PROD]; /* in a write since (0: not) */
+static atomic_int lw_stop;
+static atomic_long lw_writes;
+static int lw_open(loom_session *s) {
+  atomic_store(&lw_s, loom_session_ref(s));
+  return 0;
+}
+static const loom_session_listener lw_listener = {.on_open = lw_open};
+
+static void lw_producer(void *arg) {
+  int id = (int)(intptr_t)arg;
+  loom_session *s = atomic_load(&lw_s);
+  uint8_t b[300];
+  memset(b, 'a' + id, sizeof b);
+  rng_t r;
+  rng_seed(&r, (uint64_t)id + 1);
+  while (!atomic_load(&lw_stop)) {
+    atomic_store(&lw_since[id], loom_now());
+    int rc = loom_session_write(s, b, 50 + rn(&r, 250), -1);
+    atomic_store(&lw_since[id], 0);
+    if (rc != 0)
+      break;
+    atomic_fetch_add(&lw_writes, 1);
+    if (rn(&r, 4) == 0)
+      loom_yield();
+  }
+}
+
+static void *lw_reader(void *arg) {
+  int fd = (int)(intptr_t)arg;
+  rng_t r;
+  rng_seed(&r, 99);
+  char buf[8192];
+  while (!atomic_load(&lw_stop)) {
+    ssize_t n = recv(fd, buf, 1 + rn(&r, sizeof buf), MSG_DONTWAIT);
+    if (n == 0)
+      break;
+    if (rn(&r, 3) == 0)
+      usleep(rn(&r, 2000));
+  }
+  return NULL;
+}
+
+static void lw_main(void *arg) {
+  (void)arg;
+  loom_server_opts o = {.network = "tcp",
+                        .addr = "127.0.0.1:0",
+                        .sndbuf = 4096,
+                        .session = {.listener = &lw_listener, .wq_high = 1024}};
+  loom_server *srv;
+  CHECK_OK(loom_server_start(&srv, &o));
+  char addr[64];
+  CHECK_OK(loom_server_addr(srv, addr, sizeof addr));
+  loom_conn *c;
+  CHECK_OK(loom_dial(&c, "tcp", addr));
+  int rcv = 4096;
+  setsockopt(loom_conn_fd(c), SOL_SOCKET, SO_RCVBUF, &rcv, sizeof rcv);
+  while (atomic_load(&lw_s) == NULL)
+    loom_sleep(CHECK_MS);
+  pthread_t th;
+  CHECK_EQ(
+      pthread_create(&th, NULL, lw_reader, (void *)(intptr_t)loom_conn_fd(c)),
+      0);
+  for (int i = 0; i < LW_PROD; i++)
+    CHECK_OK(loom_go(lw_producer, (void *)(intptr_t)i));
+  int64_t end =
+      loom_now() +
+      (int64_t)(getenv("LW_MS") ? atoi(getenv("LW_MS")) : 3000) * CHECK_MS;
+  bool stuck = false;
+  while (loom_now() < end && !stuck) {
+    loom_sleep(10 * CHECK_MS);
+    loom_session_stats st;
+    loom_session_stats_get(atomic_load(&lw_s), &st);
+    for (int i = 0; i < LW_PROD; i++) {
+      int64_t since = atomic_load(&lw_since[i]);
+      if (since && loom_now() - since > 500 * CHECK_MS) {
+        /* The reader thread drains the socket all the time: a write
+         * that waits this long while the queue is below wq_high lost
+         * its wake-up. */
+        loom_session_stats st2;
+        loom_session_stats_get(atomic_load(&lw_s), &st2);
+        if (st.wq_bytes < 1024 && st2.wq_bytes < 1024) {
+          fprintf(stderr,
+                  "producer %d parked in loom_session_write for %lld ms with "
+                  "%zu bytes queued (wq_high 1024)\n",
+                  i, (long long)((loom_now() - since) / CHECK_MS),
+                  st2.wq_bytes);
+          stuck = true;
+        }
+      }
+    }
+  }
+  fprintf(stderr, "%ld writes\n", atomic_load(&lw_writes));
+  atomic_store(&lw_stop, 1);
+  loom_session_abort(atomic_load(&lw_s), LOOM_ECLOSED); /* frees the stuck */
+  loom_block_enter();
+  pthread_join(th, NULL);
+  loom_block_exit();
+  loom_close(c);
+  CHECK_OK(loom_server_close(srv, loom_now() + SEC));
+  loom_sleep(20 * CHECK_MS);
+  loom_session_unref(atomic_load(&lw_s));
+  CHECK(!stuck);
+}
+TEST(write_wait_lost_wakeup) {
+  check_watchdog(20, "lost wake-up of writers waiting for room");
+  check_run(lw_main, NULL, 2);
+}
+
+/* ---- focused, deterministic: a waiting writer's wake-up is lost when
+ * another producer empties the queue before the writer coroutine runs -- */
+
+static loom_session *_Atomic lx_s;
+static loom_sema lx_qgo, lx_pdone_sema;
+static atomic_int lx_drained, lx_pdone, lx_qdone, lx_stop;
+static atomic_int lx_prc = 1;
+static int lx_peer = -1;
+static int lx_open(loom_session *s) {
+  atomic_store(&lx_s, loom_session_ref(s));
+  return 0;
+}
+static const loom_session_listener lx_listener = {.on_open = lx_open};
+
+#define LX_PKG (256 * 1024)
+static uint8_t lx_buf[LX_PKG];
+
+/* Q: readied by P (taking the writer's turn), waits until the peer has
+ * drained the socket, then writes once. */
+static void lx_q(void *arg) {
+  (void)arg;
+  loom_sema_acquire(&lx_qgo, 0);
+  while (!atomic_load(&lx_drained)) {
+  } /* spin: parking here would let the writer coroutine run */
+  int rc = loom_session_write(atomic_load(&lx_s), "q", 1, -1);
+  atomic_store(&lx_qdone, rc == 0 ? 1 : rc);
+}
+
+static void *lx_drainer(void *arg) {
+  (void)arg;
+  usleep(100000); /* P is parked by now */
+  char b[65536];
+  int64_t end = check_mono_ns() + 200 * CHECK_MS;
+  while (check_mono_ns() < end) /* drain what is in flight */
+    (void)recv(lx_peer, b, sizeof b, MSG_DONTWAIT);
+  atomic_store(&lx_drained, 1);
+  while (!atomic_load(&lx_stop)) /* keep reading */
+    if (recv(lx_peer, b, sizeof b, MSG_DONTWAIT) <= 0)
+      usleep(1000);
+  return NULL;
+}
+
+static void lx_p(void *arg) {
+  (void)arg;
+  loom_session *s = atomic_load(&lx_s);
+  loom_session_stats st;
+  int w = 0;
+  /* Fill the socket until a write leaves bytes queued: the writer
+   * coroutine is spawned then (and runs next). */
+  do {
+    CHECK_OK(loom_session_write(s, lx_buf, LX_PKG, -1));
+    w++;
+    loom_session_stats_get(s, &st);
+  } while (st.wq_bytes == 0 && w < 60);
+  CHECK_GT(st.wq_bytes, 0);
+  loom_sema_release(&lx_qgo); /* Q takes the next turn, before the writer */
+  /* Queue up to wq_high and wait for room. */
+  int rc = 0;
+  for (int i = 0; i < 8 && rc == 0; i++)
+    rc = loom_session_write(s, lx_buf, LX_PKG, -1);
+  atomic_store(&lx_prc, rc);
+  atomic_store(&lx_pdone, 1);
+  loom_sema_release(&lx_pdone_sema);
+}
+
+static void lx_main(void *arg) {
+  (void)arg;
+  loom_server_opts o = {
+      .network = "tcp",
+      .addr = "127.0.0.1:0",
+      .session = {.listener = &lx_listener, .wq_high = 2 * LX_PKG}};
+  loom_server *srv;
+  CHECK_OK(loom_server_start(&srv, &o));
+  char addr[64];
+  CHECK_OK(loom_server_addr(srv, addr, sizeof addr));
+  int port = atoi(strrchr(addr, ':') + 1);
+  lx_peer = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  struct sockaddr_in sa = {.sin_family = AF_INET,
+                           .sin_port = htons((uint16_t)port)};
+  sa.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  CHECK_EQ(connect(lx_peer, (struct sockaddr *)&sa, sizeof sa), 0);
+  while (atomic_load(&lx_s) == NULL)
+    loom_sleep(CHECK_MS);
+  pthread_t th;
+  CHECK_EQ(pthread_create(&th, NULL, lx_drainer, NULL), 0);
+  CHECK_OK(loom_go(lx_q, NULL));
+  loom_sleep(10 * CHECK_MS); /* Q parks on its semaphore */
+  CHECK_OK(loom_go(lx_p, NULL));
+  int rc = loom_sema_acquire(&lx_pdone_sema, loom_now() + 1500 * CHECK_MS);
+  loom_session_stats st;
+  loom_session_stats_get(atomic_load(&lx_s), &st);
+  fprintf(stderr,
+          "Q's write returned %d; P's write waiting for room: %s; %zu bytes "
+          "queued, %llu bytes out\n",
+          atomic_load(&lx_qdone) == 1 ? 0 : atomic_load(&lx_qdone),
+          rc == 0 ? "returned" : "still parked after 1.5 s", st.wq_bytes,
+          (unsigned long long)st.bytes_out);
+  loom_session_abort(atomic_load(&lx_s), LOOM_ECLOSED); /* let P go */
+  loom_sema_acquire(&lx_pdone_sema, loom_now() + SEC);
+  atomic_store(&lx_stop, 1);
+  loom_block_enter();
+  pthread_join(th, NULL);
+  loom_block_exit();
+  close(lx_peer);
+  CHECK_OK(loom_server_close(srv, loom_now() + SEC));
+  loom_session_unref(atomic_load(&lx_s));
+  CHECKF(rc == 0, "a write waiting for room was never woken (queue: %zu bytes)",
+         st.wq_bytes);
+}
+TEST(write_wait_lost_wakeup_1p) {
+  check_watchdog(20, "lost wake-up (1 P)");
+  check_run(lx_main, NULL, 1);
+}
+
+/* ---- focused: read_timeout vs a handler that takes a while ------------ */
+
+static atomic_int bh_msgs, bh_closes, bh_err;
+static void bh_message(loom_session *s, const loom_pkg *pkg) {
+  (void)s;
+  (void)pkg;
+  if (atomic_fetch_add(&bh_msgs, 1) == 5)
+    loom_sleep(150 * CHECK_MS); /* one slow package */
+}
+static void bh_error(loom_session *s, int err) {
+  (void)s;
+  atomic_store(&bh_err, err);
+}
+static void bh_close(loom_session *s) {
+  (void)s;
+  atomic_fetch_add(&bh_closes, 1);
+}
+static const loom_session_listener bh_listener = {
+    .on_message = bh_message, .on_error = bh_error, .on_close = bh_close};
+
+static void bh_main(void *arg) {
+  loom_taskpool *pool = NULL;
+  if (arg) {
+    loom_taskpool_opts po = {.queues = 1, .workers = 1, .queue_len = 1};
+    CHECK_OK(loom_taskpool_make(&pool, &po));
+  }
+  loom_codec line;
+  loom_codec_line(&line, '\n', false);
+  loom_server_opts o = {.network = "tcp",
+                        .addr = "127.0.0.1:0",
+                        .session = {.listener = &bh_listener,
+                                    .codec = &line,
+                                    .read_timeout = 100 * CHECK_MS,
+                                    .pool = pool}};
+  loom_server *srv;
+  CHECK_OK(loom_server_start(&srv, &o));
+  char addr[64];
+  CHECK_OK(loom_server_addr(srv, addr, sizeof addr));
+  loom_conn *c;
+  CHECK_OK(loom_dial(&c, "tcp", addr));
+  /* A line every 10 ms for 400 ms: never 100 ms without a byte. */
+  int sent = 0;
+  int64_t end = loom_now() + 400 * CHECK_MS;
+  while (loom_now() < end && atomic_load(&bh_closes) == 0) {
+    CHECK_EQ(loom_write(c, "x\n", 2), 2);
+    sent++;
+    loom_sleep(10 * CHECK_MS);
+  }
+  fprintf(stderr, "%s: sent %d lines, handled %d, on_close %d, error %s\n",
+          pool ? "pooled" : "plain", sent, atomic_load(&bh_msgs),
+          atomic_load(&bh_closes), loom_err_name(atomic_load(&bh_err)));
+  CHECK_EQ(atomic_load(&bh_closes), 0);
+  loom_close(c);
+  CHECK_OK(loom_server_close(srv, loom_now() + SEC));
+  if (pool)
+    loom_taskpool_close(pool);
+}
+TEST(read_timeout_vs_slow_handler) {
+  check_watchdog(10, "read timeout vs slow handler");
+  check_run(bh_main, NULL, 2);
+}
+TEST(read_timeout_vs_pool_backpressure) {
+  check_watchdog(10, "read timeout vs pool backpressure");
+  check_run(bh_main, (void *)1, 2);
+}
+
+CHECK_MAIN()
