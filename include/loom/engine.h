@@ -163,7 +163,11 @@ typedef struct loom_session_opts {
  * codec cannot encode it), LOOM_ECLOSED (the session was aborted, or
  * its graceful close has queued its last bytes; while a graceful close
  * is still handling packages already received, their replies are
- * accepted), -ENOMEM.  Any coroutine; parks only when the queue is full.
+ * accepted), -ENOMEM; -EDESTADDRREQ on an unconnected packet session
+ * (use loom_session_write_to).  Any coroutine; parks only when the queue
+ * is full.  A packet session has no queue: its write sends the datagram
+ * at once and, on a peer whose socket is full, parks until it takes it
+ * or the session is aborted, whatever `timeout` says (a known gap).
  */
 LOOM_API int loom_session_write(loom_session *s, const void *data, size_t len,
                                 int64_t timeout);
