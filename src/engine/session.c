@@ -568,13 +568,16 @@ static int send_packet(loom_session *s, loom_buf *b, const struct sockaddr *to,
   BUMP(bytes_out, len);
   BUMP(pkgs_out, 1);
   ssize_t k = loom_pconn_write_msg(s->pc, iov, n, to, tolen);
-  loom_wg_done(&s->io_users);
-  loom__free(flat);
   if (k < 0) {
+    /* Taken back while the reader still waits for us (io_users): once
+     * it is done, the session's counts go into its owner's totals. */
     atomic_fetch_sub_explicit(&s->bytes_out, len, memory_order_relaxed);
     atomic_fetch_sub_explicit(&s->pkgs_out, 1, memory_order_relaxed);
-    return (int)k;
   }
+  loom_wg_done(&s->io_users);
+  loom__free(flat);
+  if (k < 0)
+    return (int)k;
   atomic_store_explicit(&s->last_write, loom_now(), memory_order_relaxed);
   return 0;
 }
