@@ -382,12 +382,16 @@ static void try_send(loom_session *s, loom_buf *b) {
                          MSG_DONTWAIT | MSG_NOSIGNAL)
                   : sendmsg(s->fd, &m, MSG_DONTWAIT | MSG_NOSIGNAL);
   if (k > 0) {
+    size_t before = loom_buf_len(b);
     loom_buf_consume(b, (size_t)k);
     BUMP(bytes_out, (uint64_t)k);
     atomic_store_explicit(&s->last_write, loom_now(), memory_order_relaxed);
     /* Room made by someone other than the writer: wake whoever waits
-     * for it, as the writer would (it may find nothing left to write). */
-    if (b == &s->wq && loom_buf_len(b) <= s->o.wq_low)
+     * for it, as the writer would (it may find nothing left to write).
+     * Only a drop through wq_low can matter to them (they wait while
+     * the queue holds wq_high), so the usual direct reply, sent from an
+     * almost empty queue, takes no lock here. */
+    if (b == &s->wq && before > s->o.wq_low && loom_buf_len(b) <= s->o.wq_low)
       loom_cond_broadcast(&s->wspace);
   }
 }
@@ -887,6 +891,13 @@ static void shed(loom_session *s, reader *r, bool to_stack) {
   loom_mutex_unlock(&s->wmu);
 }
 
+/* The most a package and its framing may take: max_pkg_len plus 64
+ * bytes, saturated (SIZE_MAX says "no limit"). */
+static size_t pkg_room(const loom_session *s) {
+  size_t max = s->o.max_pkg_len;
+  return max > SIZE_MAX - 64 ? SIZE_MAX : max + 64;
+}
+
 /*
  * Room at the end of r's heap buffer.  The buffer adapts to the traffic:
  * a read that filled all the room offered doubles it (up to READ_BURST),
@@ -904,13 +915,6 @@ static void shed(loom_session *s, reader *r, bool to_stack) {
  * pending (part of a package), or a stack read that filled its room
  * (more is coming), moves the session to a heap buffer (unstack()).
  */
-/* The most a package and its framing may take: max_pkg_len plus 64
- * bytes, saturated (SIZE_MAX says "no limit"). */
-static size_t pkg_room(const loom_session *s) {
-  size_t max = s->o.max_pkg_len;
-  return max > SIZE_MAX - 64 ? SIZE_MAX : max + 64;
-}
-
 static int make_room(loom_session *s, reader *r) {
   size_t base = s->o.read_buf;
   size_t burst = READ_BURST > base ? READ_BURST : base;
@@ -1046,7 +1050,8 @@ static int read_stream(loom_session *s, reader *r) {
       }
       r->len += (size_t)n;
       rc = drain(s, r);
-      r->handled_at = loom_now();
+      if (r->idle_check) /* only the idle check reads it: no clock else */
+        r->handled_at = loom_now();
       if (r->on_stack) {
         int e = unstack(s, r, r->filled);
         if (rc == 0)
