@@ -35,6 +35,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/prctl.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
@@ -234,6 +235,68 @@ static inline void check_spin_ns(int64_t ns) {
 
 /* ---- watchdog: abort with a message instead of waiting for ctest ---- */
 
+/*
+ * A hung test's whole picture, printed before it aborts: gdb, attached to
+ * this process, shows every thread's stack and, through
+ * tools/loom-gdb.py, every coroutine and each parked one's stack (the
+ * first 200).  A hang that shows once in a hundred runs is then
+ * explained by the one log that has it.  Needs gdb (scripts/deps.sh
+ * installs it); LOOM_TEST_HANG_DUMP=0 turns it off.  Under ASan the
+ * coroutine stacks may be partial (fake stacks); thread stacks are not.
+ */
+static inline void check_dump_hang(void) {
+#ifdef LOOM_TEST_GDB_SCRIPT
+  const char *e = getenv("LOOM_TEST_HANG_DUMP");
+  if ((e != NULL && e[0] == '0') || check_under_valgrind())
+    return;
+  char pid[24], src[sizeof LOOM_TEST_GDB_SCRIPT + 16];
+  snprintf(pid, sizeof pid, "%d", (int)getpid());
+  snprintf(src, sizeof src, "source %s", LOOM_TEST_GDB_SCRIPT);
+  /* clang-format off */
+  char *argv[] = {"gdb", "-nx", "-batch", "-p", pid,
+                  "-iex", "set debuginfod enabled off",
+                  "-ex", "set pagination off",
+                  "-ex", "set width 0",
+                  "-ex", src,
+                  "-ex", "thread apply all bt 40",
+                  "-ex", "loom-coroutines",
+                  "-ex", "loom-bt all=200 40",
+                  NULL};
+  /* clang-format on */
+  /* Yama's ptrace_scope 1 lets only a process's ancestors attach. */
+  (void)prctl(PR_SET_PTRACER, PR_SET_PTRACER_ANY, 0, 0, 0);
+  posix_spawn_file_actions_t fa;
+  posix_spawn_file_actions_init(&fa);
+  posix_spawn_file_actions_adddup2(&fa, 2, 1); /* all of it on stderr */
+  posix_spawn_file_actions_addopen(&fa, 0, "/dev/null", O_RDONLY, 0);
+  extern char **environ;
+  pid_t child;
+  fprintf(stderr, "---- hang dump (gdb attached) ----\n");
+  fflush(stderr);
+  int err = posix_spawnp(&child, "gdb", &fa, NULL, argv, environ);
+  posix_spawn_file_actions_destroy(&fa);
+  if (err != 0) {
+    fprintf(stderr, "(no hang dump: cannot run gdb: %s)\n", strerror(err));
+    return;
+  }
+  /* gdb stops every thread while it looks; give it a minute at most. */
+  int status;
+  for (int i = 0; i < 600; i++) {
+    pid_t r = waitpid(child, &status, WNOHANG);
+    if (r == child || (r < 0 && errno != EINTR))
+      break;
+    if (i == 599) {
+      kill(child, SIGKILL);
+      waitpid(child, &status, 0);
+      fprintf(stderr, "(gdb killed after 60 s)\n");
+    }
+    usleep(100 * 1000);
+  }
+  fprintf(stderr, "---- end of hang dump ----\n");
+  fflush(stderr);
+#endif
+}
+
 struct check_watchdog_ {
   int64_t secs;
   const char *what;
@@ -246,6 +309,7 @@ static inline void *check_watchdog_main_(void *p) {
   }
   fprintf(stderr, "watchdog: still running after %lld s: %s\n", (long long)w->secs, w->what);
   fflush(stderr);
+  check_dump_hang();
   abort();
   return NULL;
 }

@@ -878,6 +878,7 @@ static void *run_watchdog(void *arg) {
               atomic_load(&run_at), atomic_load(&run_from) ? " and on" : "",
               RUN_LIMIT_S);
       fflush(stderr);
+      check_dump_hang();
       abort();
     }
   }
@@ -977,8 +978,11 @@ static bool run_child(const char *name, const char *spec, totals *t,
     } else {
       snprintf(why, whylen, "%s", check_child_how(&c, how, sizeof how));
     }
-    size_t off =
-        c.len > 4000 ? c.len - 4000 : 0; /* the tail names the allocation */
+    /* The tail names the allocation; a hang dump is printed whole. */
+    size_t off = c.len > 4000 ? c.len - 4000 : 0;
+    const char *dump = strstr(c.out, "---- hang dump");
+    if (dump != NULL && (size_t)(dump - c.out) < off)
+      off = (size_t)(dump - c.out) > 2000 ? (size_t)(dump - c.out) - 2000 : 0;
     printf("---- child %s %s; end of its output:\n%s\n----\n", spec,
            check_child_how(&c, how, sizeof how), c.out + off);
     return false;

@@ -2,7 +2,7 @@
 #
 #   (gdb) source tools/loom-gdb.py
 #   (gdb) loom-coroutines [-a]        (alias: info coroutines)
-#   (gdb) loom-bt ID [bt options]
+#   (gdb) loom-bt ID|all[=N] [bt options]
 #
 # How it finds things.  The running runtime is the file-static
 # `current_rt` in src/runtime/proc.c.  There is no list of all coroutines:
@@ -387,12 +387,16 @@ class LoomBt(gdb.Command):
     """Backtrace of one loom coroutine.
 
 Usage: loom-bt ID [bt options, e.g. full or -frame-arguments all]
+       loom-bt all[=N] [bt options]
+
 
 For a parked coroutine (waiting or runnable), loads the registers it saved
 when it switched out into frame 0 of the selected thread, runs `bt`, then
 restores the thread's registers; the process must be live and stopped.
 For a running coroutine, says which thread to switch to (`thread N`,
-then `bt`).  IDs are those of loom-coroutines."""
+then `bt`).  IDs are those of loom-coroutines.  `all` shows every parked
+coroutine in turn, or the first N (a hung program's whole picture, like a
+Go goroutine dump; the tests' watchdogs print it)."""
 
     def __init__(self):
         super(LoomBt, self).__init__("loom-bt", gdb.COMMAND_STACK)
@@ -400,7 +404,16 @@ then `bt`).  IDs are those of loom-coroutines."""
     def invoke(self, arg, from_tty):
         args = gdb.string_to_argv(arg)
         if not args:
-            raise LoomError("usage: loom-bt ID [bt options]")
+            raise LoomError("usage: loom-bt ID|all [bt options]")
+        if args[0] == "all" or args[0].startswith("all="):
+            limit = None
+            if args[0] != "all":
+                try:
+                    limit = int(args[0][4:])
+                except ValueError:
+                    raise LoomError("usage: loom-bt all[=N] [bt options]")
+            self._all(limit, args[1:])
+            return
         gid = _parse_id(args[0])
         snap = _Snapshot()
         g = snap.find(gid)
@@ -431,6 +444,21 @@ then `bt`).  IDs are those of loom-coroutines."""
             # No M runs it: it is between its switch and its post-switch
             # action, so its saved frame is already complete.
         self._parked_bt(snap, g, args[1:])
+
+    def _all(self, limit, bt_args):
+        snap = _Snapshot()
+        parked = [g for g in sorted(snap.gs, key=lambda g: (g.id, g.addr))
+                  if g.status in ("waiting", "runnable")]
+        if limit is not None and len(parked) > limit:
+            gdb.write("(%d parked coroutines; the first %d follow)\n"
+                      % (len(parked), limit))
+            parked = parked[:limit]
+        for g in parked:
+            try:
+                self._parked_bt(snap, g, bt_args)
+            except LoomError as e:
+                gdb.write("%s\n" % e)
+            gdb.write("\n")
 
     def _parked_bt(self, snap, g, bt_args):
         inf = gdb.selected_inferior()

@@ -14,6 +14,7 @@
 #     (main's is the selected one, marked *);
 #   - loom-bt of a sleeper shows loom_sleep <- deep_b <- deep_a <- sleeper;
 #   - loom-bt of the spinner names the thread to switch to;
+#   - loom-bt all shows each sleeper's stack;
 #   - the borrowed thread's registers are the same afterwards, and the
 #     program then runs to a normal exit.
 # Exit 0: pass; 1: fail; 77: skipped (gdb cannot run a process here).
@@ -55,6 +56,9 @@ gdb.write("==> loom-bt %s (a sleeper)\n" % sleeper)
 gdb.execute("loom-bt %s" % sleeper)
 gdb.write("==> loom-bt %s (the spinner)\n" % spinner)
 gdb.execute("loom-bt %s" % spinner)
+gdb.write("==> loom-bt all\n")
+gdb.execute("loom-bt all")
+gdb.write("==> end of loom-bt all\n")
 after = gdb.execute(regs, to_string=True)
 gdb.write("==> registers %s\n" % ("restored" if before == after
                                    else "CHANGED:\n" + before + after))
@@ -111,6 +115,10 @@ check "backtrace reaches the coroutine entry (g_entry)" \
   grep -q ' in g_entry ' <<<"$bt"
 check "running coroutine: names the thread to switch to" \
   grep -Eq 'is running on thread [0-9]+ \(M[0-9]+\): switch to it with .thread [0-9]+.' "$out"
+all=$(sed -n '/^==> loom-bt all$/,/^==> end of loom-bt all$/p' "$out")
+nall=$(grep -c 'in loom_sleep .* in deep_b\|in deep_b ' <<<"$all")
+check "loom-bt all: a backtrace through deep_b for each of the 3 sleepers (found $nall)" \
+  [ "$nall" = 3 ]
 check "registers of the borrowed thread restored" \
   grep -q '^==> registers restored' "$out"
 # shellcheck disable=SC2317  # called through check()
