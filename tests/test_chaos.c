@@ -22,6 +22,7 @@
 #include <unistd.h>
 
 #include "check.h"
+#include "check_rng.h"
 #include "loom.h"
 
 /* ---- parameters ----------------------------------------------------- */
@@ -74,30 +75,6 @@ static void params(void) {
     NW = 12;
   fprintf(stderr, "chaos: seed=%llu ms=%lld procs=%d ops=%#x\n",
           (unsigned long long)g_seed, (long long)g_ms, g_procs, g_ops);
-}
-
-/* ---- rng -------------------------------------------------------------- */
-
-typedef struct {
-  uint64_t s;
-} rng_t;
-static uint64_t rnd(rng_t *r) {
-  uint64_t x = r->s;
-  x ^= x >> 12;
-  x ^= x << 25;
-  x ^= x >> 27;
-  r->s = x;
-  return x * 0x2545F4914F6CDD1DULL;
-}
-static uint32_t rn(rng_t *r, uint32_t n) {
-  return n ? (uint32_t)(rnd(r) % n) : 0;
-}
-static void rng_seed(rng_t *r, uint64_t s) {
-  r->s = (s * 0x9E3779B97F4A7C15ULL) ^ 0xD1B54A32D192ED03ULL;
-  if (r->s == 0)
-    r->s = 1;
-  for (int i = 0; i < 4; i++)
-    rnd(r);
 }
 
 /* ---- world ------------------------------------------------------------ */

@@ -22,6 +22,7 @@
 #include <zlib.h>
 
 #include "check.h"
+#include "check_rng.h"
 #include "loom.h"
 
 #define SEC INT64_C(1000000000)
@@ -35,28 +36,6 @@ static size_t mk_payload(uint8_t *p, char type, uint64_t tag, size_t body) {
   for (size_t i = 0; i < body; i++)
     p[HDR + i] = (uint8_t)('a' + (tag * 31 + i) % 26);
   return HDR + body;
-}
-
-typedef struct {
-  uint64_t s;
-} rng_t;
-static uint64_t rnd(rng_t *r) {
-  uint64_t x = r->s;
-  x ^= x >> 12;
-  x ^= x << 25;
-  x ^= x >> 27;
-  r->s = x;
-  return x * 0x2545F4914F6CDD1DULL;
-}
-static uint32_t rn(rng_t *r, uint32_t n) {
-  return n ? (uint32_t)(rnd(r) % n) : 0;
-}
-static void rng_seed(rng_t *r, uint64_t s) {
-  r->s = (s * 0x9E3779B97F4A7C15ULL) ^ 0xD1B54A32D192ED03ULL;
-  if (r->s == 0)
-    r->s = 1;
-  for (int i = 0; i < 4; i++)
-    rnd(r);
 }
 
 /* ---- focused: a packet session parked in write_to ------------------- */
