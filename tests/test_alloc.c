@@ -264,6 +264,58 @@ TEST(block_exit_without_memory) {
   loom_set_allocator(NULL);
 }
 
+/*
+ * No thread can be started, and the P's one other M is on its way into
+ * the poller (nothing to poll for but a pipe that stays quiet: no timer,
+ * so it blocks without limit).  A coroutine leaves a blocking section just
+ * then: the P is not idle yet, so it queues itself globally and asks for
+ * an M — which cannot be created.  Its own M must then take the idle P and
+ * the queued coroutine itself instead of sleeping next to the blocked
+ * poller: everyone asleep with a coroutine queued was a hang (seen with
+ * the engine's failure injection under TSan, about once in 200 runs).
+ * The window is narrow: the loop runs many short sections.
+ */
+static int quiet_pipe[2];
+static atomic_int quiet_done;
+static void quiet_waiter(void *arg) {
+  (void)arg;
+  /* Wakes only at the end, when the pipe is written. */
+  CHECK_OK(loom_fd_wait(quiet_pipe[0], LOOM_FD_READ, 0));
+  atomic_store(&quiet_done, 1);
+}
+static void block_exit_poller_main(void *arg) {
+  (void)arg;
+  CHECK_EQ(pipe2(quiet_pipe, O_CLOEXEC | O_NONBLOCK), 0);
+  CHECK_OK(loom_go(quiet_waiter, NULL));
+  loom_yield(); /* it registers the pipe with the poller */
+  /* A second M, made while threads can still be made. */
+  loom_block_enter();
+  usleep(20 * 1000);
+  loom_block_exit();
+  atomic_store(&fail_all, 1);
+  int rounds = CHECK_SCALE(3000, 1500, 1000);
+  for (int i = 0; i < rounds; i++) {
+    loom_block_enter();
+    struct timespec ts = {0, 10000 + (i * 7919) % 90000}; /* 10-100 us */
+    nanosleep(&ts, NULL);
+    loom_block_exit();
+  }
+  atomic_store(&fail_all, 0);
+  CHECK_EQ(write(quiet_pipe[1], "x", 1), 1);
+  while (!atomic_load(&quiet_done))
+    loom_sleep(CHECK_MS);
+  close(quiet_pipe[0]);
+  close(quiet_pipe[1]);
+}
+TEST(block_exit_races_poller_without_threads) {
+  check_watchdog(60, "a coroutine queued while every M sleeps");
+  loom_set_allocator(&hook);
+  check_run(block_exit_poller_main, NULL, 1);
+  printf("%ld allocations refused\n", atomic_load(&injected_count));
+  CHECK_EQ(atomic_load(&nlive), 0);
+  loom_set_allocator(NULL);
+}
+
 /* loom_sleep with no memory for its timer still sleeps, and returns 0
  * (it used to return -ENOMEM at once: a loop that sleeps to wait spun). */
 static void sleep_nomem_main(void *arg) {

@@ -607,6 +607,26 @@ loom__p *loom__pidleget(loom__rt *rt) {
   return p;
 }
 
+/* An idle P for work that waits with no M coming for it: Gs in the
+ * global queue, or in an idle P's own queue (startm puts a P back with
+ * its Gs when no thread can be started for it).  NULL: no such work, or
+ * no idle P.  rt->lock held. */
+static loom__p *pidleget_stranded(loom__rt *rt) {
+  if (atomic_load(&rt->runqsize) != 0)
+    return loom__pidleget(rt);
+  for (loom__p **pp = &rt->pidle; *pp != NULL; pp = &(*pp)->link) {
+    loom__p *p = *pp;
+    if (!loom__runq_empty(p)) {
+      *pp = p->link;
+      atomic_fetch_sub(&rt->npidle, 1);
+      if (atomic_load_explicit(&rt->sysmonwait, memory_order_relaxed))
+        loom__sysmon_wake(rt);
+      return p;
+    }
+  }
+  return NULL;
+}
+
 void loom__acquirep(loom__m *m, loom__p *p) {
   atomic_store_explicit(&p->mclock, m->cpuclock, memory_order_relaxed);
   atomic_store_explicit(&p->status, P_RUNNING, memory_order_release);
@@ -685,10 +705,15 @@ void loom__startm(loom__rt *rt, loom__p *p, bool spinning) {
     bool say = (err != 0) != rt->newm_failing;
     rt->newm_failing = err != 0;
     if (err != 0) {
+      /* The work this M was for waits for one already running: each
+       * looks for it before it sleeps (stopm), and the poller is woken
+       * to look now — or, if its M is only on its way there, its wait
+       * returns at once (it may have no deadline). */
       pidleput(rt, p);
       pthread_mutex_unlock(&rt->lock);
       if (spinning)
         atomic_fetch_sub(&rt->nmspinning, 1);
+      loom__netpoll_break(&rt->np);
       if (say)
         loom__log(rt, "cannot start a thread: %s (retrying)",
                   loom_strerror(err));
@@ -799,6 +824,14 @@ static void stopm(loom__m *m) {
   pthread_mutex_lock(&rt->lock);
   if (atomic_load(&rt->stopping)) {
     pthread_mutex_unlock(&rt->lock);
+    return;
+  }
+  /* Work no M is coming for (a thread could not be started for it):
+   * ours, rather than sleeping next to it. */
+  loom__p *p = pidleget_stranded(rt);
+  if (p != NULL) {
+    pthread_mutex_unlock(&rt->lock);
+    loom__acquirep(m, p);
     return;
   }
   m->link = rt->midle;
