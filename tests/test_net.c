@@ -2,7 +2,8 @@
  * test_net.c — the net API against real peers on loopback: byte-exact
  * echo over many connections, deadlines, close under a blocked reader,
  * half-close, a peer that resets mid-write, EMFILE, Unix and abstract
- * sockets, IPv6, address parsing, and a slow resolver.
+ * sockets, IPv6, address parsing, a slow resolver, and packet sockets
+ * (their rules, and reads and writes bounded by a context).
  */
 #include <dlfcn.h>
 #include <errno.h>
@@ -946,6 +947,220 @@ static void probe_main(void *arg) {
 }
 
 TEST(packet_dial_probe) { check_run(probe_main, NULL, 2); }
+
+/* ------------------------------------------------------------------ */
+/* Packet sockets bounded by a context: loom_pconn_read_from_ctx and    */
+/* loom_pconn_write_msg_ctx, as loom_read_ctx for a stream.             */
+
+static atomic_long pctx_res = 1; /* 1: still parked */
+static _Atomic int64_t pctx_at;
+
+typedef struct pctx_call {
+  loom_pconn *pc;
+  loom_ctx *ctx;
+  struct sockaddr_storage from;
+  socklen_t fromlen;
+} pctx_call;
+
+static void pctx_reader(void *arg) {
+  pctx_call *c = arg;
+  char b[64];
+  ssize_t r = loom_pconn_read_from_ctx(c->pc, b, sizeof b, &c->from,
+                                       &c->fromlen, c->ctx);
+  atomic_store(&pctx_at, loom_now());
+  atomic_store(&pctx_res, (long)r);
+}
+
+static void pctx_writer(void *arg) {
+  pctx_call *c = arg;
+  struct iovec iov[2] = {{(void *)"ab", 2}, {(void *)"cd", 2}};
+  ssize_t r = loom_pconn_write_msg_ctx(c->pc, iov, 2, NULL, 0, c->ctx);
+  atomic_store(&pctx_at, loom_now());
+  atomic_store(&pctx_res, (long)r);
+}
+
+/* Start fn(c), check that it parks, cancel `cancel` (c's context or an
+ * ancestor) and return what the call returned, checking it was prompt. */
+static long pctx_cancel_parked(void (*fn)(void *), pctx_call *c,
+                               loom_ctx *cancel) {
+  atomic_store(&pctx_res, 1);
+  CHECK_OK(loom_go(fn, c));
+  loom_sleep(20 * CHECK_MS);
+  CHECK_EQ(atomic_load(&pctx_res), 1); /* parked in the poller */
+  int64_t t0 = loom_now();
+  loom_ctx_cancel(cancel);
+  for (int i = 0; i < 5000 && atomic_load(&pctx_res) == 1; i++)
+    loom_sleep(CHECK_MS);
+  printf("cancel to wake-up: %.3f ms\n", (atomic_load(&pctx_at) - t0) / 1e6);
+  CHECK_NE(atomic_load(&pctx_res), 1);
+  CHECK_LT(atomic_load(&pctx_at) - t0, 500 * CHECK_MS);
+  return atomic_load(&pctx_res);
+}
+
+static void pctx_read_main(void *arg) {
+  (void)arg;
+  loom_pconn *srv, *cli;
+  char addr[128];
+  CHECK_OK(loom_listen_packet(&srv, "udp", "127.0.0.1:0"));
+  CHECK_OK(loom_pconn_local_addr(srv, addr, sizeof addr));
+  CHECK_OK(loom_dial_packet(&cli, "udp", addr));
+  loom_ctx *parent, *child, *live;
+  CHECK_OK(loom_ctx_with_cancel(&parent, loom_ctx_background()));
+  CHECK_OK(loom_ctx_with_cancel(&child, parent));
+  CHECK_OK(loom_ctx_with_cancel(&live, loom_ctx_background()));
+
+  /* Parked for a datagram, woken by the parent's cancel; a failed read
+   * leaves its address arguments alone. */
+  pctx_call c = {.pc = srv, .ctx = child, .fromlen = 7};
+  CHECK_EQ(pctx_cancel_parked(pctx_reader, &c, parent), -ECANCELED);
+  CHECK_EQ(c.fromlen, 7);
+  /* Defined state, as loom_read_ctx: reads time out until a new read
+   * deadline is set. */
+  char b[64];
+  CHECK_ERR(loom_pconn_read(srv, b, sizeof b), -ETIMEDOUT);
+  CHECK_OK(loom_pconn_set_read_deadline(srv, 0));
+
+  /* A context cancelled already: its error at once, and no I/O — the
+   * datagram is still there for the next read. */
+  CHECK_EQ(loom_pconn_write(cli, "one", 3), 3);
+  struct sockaddr_storage from;
+  socklen_t fl = sizeof from;
+  CHECK_ERR(loom_pconn_read_from_ctx(srv, b, sizeof b, &from, &fl, child),
+            -ECANCELED);
+  CHECK_EQ(fl, sizeof from);
+  CHECK_OK(loom_pconn_set_read_deadline(srv, loom_now() + 5000 * CHECK_MS));
+  CHECK_EQ(loom_pconn_read_from_ctx(srv, b, sizeof b, &from, &fl, live), 3);
+  CHECK(memcmp(b, "one", 3) == 0);
+  CHECK_EQ(from.ss_family, AF_INET);
+  CHECK_EQ(fl, sizeof(struct sockaddr_in));
+
+  /* A context with a deadline: -ETIMEDOUT, not before it. */
+  CHECK_OK(loom_pconn_set_read_deadline(srv, 0));
+  int64_t t0 = loom_now();
+  loom_ctx *d;
+  CHECK_OK(loom_ctx_with_timeout(&d, loom_ctx_background(), 30 * CHECK_MS));
+  CHECK_ERR(loom_pconn_read_from_ctx(srv, b, sizeof b, NULL, NULL, d),
+            -ETIMEDOUT);
+  int64_t took = loom_now() - t0;
+  printf("deadline context: %.3f ms\n", took / 1e6);
+  CHECK_GE(took, 25 * CHECK_MS);
+  CHECK_LT(took, 5000 * CHECK_MS);
+  loom_ctx_release(d);
+
+  /* And the socket still reads, with a context and without. */
+  CHECK_OK(loom_pconn_set_read_deadline(srv, loom_now() + 5000 * CHECK_MS));
+  CHECK_EQ(loom_pconn_write(cli, "two!", 4), 4);
+  CHECK_EQ(loom_pconn_read_from_ctx(srv, b, sizeof b, NULL, NULL, live), 4);
+  CHECK(memcmp(b, "two!", 4) == 0);
+  CHECK_EQ(loom_pconn_write(cli, "3", 1), 1);
+  CHECK_EQ(loom_pconn_read(srv, b, sizeof b), 1);
+  CHECK_ERR(loom_pconn_read_from_ctx(NULL, b, sizeof b, NULL, NULL, live),
+            -EINVAL);
+
+  loom_ctx_release(live);
+  loom_ctx_release(child);
+  loom_ctx_release(parent);
+  CHECK_OK(loom_pconn_close(cli));
+  CHECK_OK(loom_pconn_close(srv));
+}
+
+TEST(packet_read_bounded_by_context) { check_run(pctx_read_main, NULL, 2); }
+
+/* A datagram write waits for room in a unixgram peer that never reads
+ * (its queue holds a handful of datagrams). */
+static void pctx_write_main(void *arg) {
+  (void)arg;
+  char path[64], upath[64];
+  snprintf(path, sizeof path, "@loom-test-pctxw-%d", (int)getpid());
+  snprintf(upath, sizeof upath, "@loom-test-pctxu-%d", (int)getpid());
+  loom_pconn *sink, *cli, *un;
+  CHECK_OK(loom_listen_packet(&sink, "unixgram", path));
+  CHECK_OK(loom_dial_packet(&cli, "unixgram", path));
+  CHECK_OK(loom_listen_packet(&un, "unixgram", upath));
+  loom_ctx *parent, *child, *live;
+  CHECK_OK(loom_ctx_with_cancel(&parent, loom_ctx_background()));
+  CHECK_OK(loom_ctx_with_cancel(&child, parent));
+  CHECK_OK(loom_ctx_with_cancel(&live, loom_ctx_background()));
+
+  /* Fill the sink, each write bounded by a short deadline context: the
+   * first that finds no room times out. */
+  char d[256];
+  memset(d, 'd', sizeof d);
+  struct iovec one = {d, sizeof d};
+  int sent = 0;
+  ssize_t r;
+  for (;;) {
+    loom_ctx *t;
+    CHECK_OK(loom_ctx_with_timeout(&t, loom_ctx_background(), 20 * CHECK_MS));
+    r = loom_pconn_write_msg_ctx(cli, &one, 1, NULL, 0, t);
+    loom_ctx_release(t);
+    if (r != (ssize_t)sizeof d)
+      break;
+    CHECK_LT(++sent, 100000);
+  }
+  printf("the sink took %d datagrams\n", sent);
+  CHECK_ERR(r, -ETIMEDOUT);
+  CHECK_GT(sent, 0);
+  CHECK_ERR(loom_pconn_write(cli, "x", 1), -ETIMEDOUT); /* defined state */
+  CHECK_OK(loom_pconn_set_write_deadline(cli, 0));
+
+  /* Parked for room, woken by the parent's cancel. */
+  pctx_call c = {.pc = cli, .ctx = child};
+  CHECK_EQ(pctx_cancel_parked(pctx_writer, &c, parent), -ECANCELED);
+  CHECK_ERR(loom_pconn_write(cli, "x", 1), -ETIMEDOUT);
+  CHECK_OK(loom_pconn_set_write_deadline(cli, 0));
+
+  /* Room again: the sink holds exactly what was sent, nothing of the
+   * writes that timed out or were cancelled. */
+  char b[512];
+  CHECK_OK(loom_pconn_set_read_deadline(sink, loom_now() + 5000 * CHECK_MS));
+  for (int i = 0; i < sent; i++)
+    CHECK_EQ(loom_pconn_read_from(sink, b, sizeof b, NULL, NULL),
+             (ssize_t)sizeof d);
+  CHECK_OK(loom_pconn_set_read_deadline(sink, loom_now() + 20 * CHECK_MS));
+  CHECK_ERR(loom_pconn_read_from(sink, b, sizeof b, NULL, NULL), -ETIMEDOUT);
+  CHECK_OK(loom_pconn_set_read_deadline(sink, loom_now() + 5000 * CHECK_MS));
+
+  /* A context cancelled already: its error, and nothing sent though
+   * there is room. */
+  struct iovec iov[2] = {{(void *)"ab", 2}, {(void *)"cd", 2}};
+  CHECK_ERR(loom_pconn_write_msg_ctx(cli, iov, 2, NULL, 0, parent), -ECANCELED);
+  CHECK_EQ(loom_pconn_write_msg_ctx(cli, iov, 2, NULL, 0, live), 4);
+  CHECK_EQ(loom_pconn_read_from(sink, b, sizeof b, NULL, NULL), 4);
+  CHECK(memcmp(b, "abcd", 4) == 0);
+  CHECK_OK(loom_pconn_set_read_deadline(sink, loom_now() + 20 * CHECK_MS));
+  CHECK_ERR(loom_pconn_read_from(sink, b, sizeof b, NULL, NULL), -ETIMEDOUT);
+  CHECK_OK(loom_pconn_set_read_deadline(sink, loom_now() + 5000 * CHECK_MS));
+
+  /* The argument rules of loom_pconn_write_msg, checked before the
+   * context; an unconnected socket writes to an address. */
+  struct sockaddr_storage to;
+  socklen_t tl;
+  CHECK_OK(loom_resolve_addr("unixgram", path, &to, &tl));
+  CHECK_ERR(
+      loom_pconn_write_msg_ctx(cli, iov, 2, (struct sockaddr *)&to, tl, parent),
+      -EISCONN);
+  CHECK_ERR(loom_pconn_write_msg_ctx(un, iov, 2, NULL, 0, parent),
+            -EDESTADDRREQ);
+  CHECK_ERR(loom_pconn_write_msg_ctx(cli, NULL, 1, NULL, 0, live), -EINVAL);
+  CHECK_ERR(loom_pconn_write_msg_ctx(NULL, iov, 2, NULL, 0, live), -EINVAL);
+  CHECK_EQ(
+      loom_pconn_write_msg_ctx(un, iov, 2, (struct sockaddr *)&to, tl, live),
+      4);
+  struct sockaddr_storage from;
+  socklen_t fl = sizeof from;
+  CHECK_EQ(loom_pconn_read_from_ctx(sink, b, sizeof b, &from, &fl, live), 4);
+  CHECK_EQ(from.ss_family, AF_UNIX);
+
+  loom_ctx_release(live);
+  loom_ctx_release(child);
+  loom_ctx_release(parent);
+  CHECK_OK(loom_pconn_close(un));
+  CHECK_OK(loom_pconn_close(cli));
+  CHECK_OK(loom_pconn_close(sink));
+}
+
+TEST(packet_write_bounded_by_context) { check_run(pctx_write_main, NULL, 2); }
 
 /* ------------------------------------------------------------------ */
 /* Deadlines that have passed stop calls that would not have waited.    */

@@ -263,6 +263,27 @@ LOOM_API ssize_t loom_pconn_write_to(loom_pconn *pc, const void *buf,
 LOOM_API ssize_t loom_pconn_write_msg(loom_pconn *pc, const struct iovec *iov,
                                       int iovcnt, const struct sockaddr *to,
                                       socklen_t tolen);
+
+/*
+ * Bounded by a context: as loom_pconn_read_from / loom_pconn_write_msg
+ * (the same rules, checked first), but a cancel of `ctx` (or of an
+ * ancestor, or its deadline) wakes the call with loom_ctx_err(ctx)
+ * (-ECANCELED, -ETIMEDOUT), promptly even while it is parked in the
+ * poller; a `ctx` that is done already returns its error without reading
+ * or sending.  A call cut short has moved no datagram (a read's `from`
+ * and *fromlen are left untouched).  The socket stays usable, in the
+ * state loom_read_ctx leaves a connection in: the deadline of that
+ * direction is in the past, so the next call in that direction returns
+ * -ETIMEDOUT until a new deadline is set.  Parks.
+ */
+LOOM_API ssize_t loom_pconn_read_from_ctx(loom_pconn *pc, void *buf, size_t len,
+                                          struct sockaddr_storage *from,
+                                          socklen_t *fromlen, loom_ctx *ctx);
+LOOM_API ssize_t loom_pconn_write_msg_ctx(loom_pconn *pc,
+                                          const struct iovec *iov, int iovcnt,
+                                          const struct sockaddr *to,
+                                          socklen_t tolen, loom_ctx *ctx);
+
 /* Resolve "host:port" (or a path for "unixgram") for write_to. */
 LOOM_API int loom_resolve_addr(const char *network, const char *addr,
                                struct sockaddr_storage *out,

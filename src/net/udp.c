@@ -5,7 +5,8 @@
  * connects, loom_listen_packet binds.  The read/write/write_to rules are
  * checked before any system call, so a misuse fails the same way on
  * every kernel (Linux itself would let send() on a connected socket take
- * an address).
+ * an address).  The context-bounded forms are the same calls run under
+ * conn.c's with_ctx (loom__netfd_with_ctx), as loom_read_ctx is.
  */
 #include <errno.h>
 #include <limits.h>
@@ -93,9 +94,32 @@ static ssize_t dgram_io(loom_pconn *pc, struct dgram_op *op) {
   return r; /* reads: the datagram's full length, even if truncated */
 }
 
-ssize_t loom_pconn_read_from(loom_pconn *pc, void *buf, size_t len,
-                             struct sockaddr_storage *from,
-                             socklen_t *fromlen) {
+struct dgram_call {
+  loom_pconn *pc;
+  struct dgram_op *op;
+};
+
+static ssize_t dgram_call_io(void *a) {
+  struct dgram_call *c = a;
+  return dgram_io(c->pc, c->op);
+}
+
+/* dgram_io bounded by ctx, through conn.c's with_ctx: a cancel expires
+ * the deadline of op's direction.  A NULL ctx never ends, as there. */
+static ssize_t dgram_io_ctx(loom_pconn *pc, struct dgram_op *op,
+                            loom_ctx *ctx) {
+  if (ctx == NULL)
+    return dgram_io(pc, op);
+  if (pc == NULL)
+    return -EINVAL;
+  struct dgram_call c = {pc, op};
+  return loom__netfd_with_ctx(&pc->nf, op->send ? 'w' : 'r', ctx, dgram_call_io,
+                              &c);
+}
+
+static ssize_t read_from(loom_pconn *pc, void *buf, size_t len,
+                         struct sockaddr_storage *from, socklen_t *fromlen,
+                         loom_ctx *ctx) {
   struct iovec iov = {buf, len};
   struct dgram_op op = {.send = false};
   op.mh.msg_iov = &iov;
@@ -104,19 +128,33 @@ ssize_t loom_pconn_read_from(loom_pconn *pc, void *buf, size_t len,
     op.mh.msg_name = from;
     op.mh.msg_namelen = fromlen != NULL ? *fromlen : sizeof *from;
   }
-  ssize_t r = dgram_io(pc, &op);
+  ssize_t r = dgram_io_ctx(pc, &op, ctx);
   if (r >= 0 && from != NULL && fromlen != NULL)
     *fromlen = op.mh.msg_namelen;
   return r;
+}
+
+ssize_t loom_pconn_read_from(loom_pconn *pc, void *buf, size_t len,
+                             struct sockaddr_storage *from,
+                             socklen_t *fromlen) {
+  return read_from(pc, buf, len, from, fromlen, NULL);
+}
+
+ssize_t loom_pconn_read_from_ctx(loom_pconn *pc, void *buf, size_t len,
+                                 struct sockaddr_storage *from,
+                                 socklen_t *fromlen, loom_ctx *ctx) {
+  return read_from(pc, buf, len, from, fromlen, ctx);
 }
 
 ssize_t loom_pconn_read(loom_pconn *pc, void *buf, size_t len) {
   return loom_pconn_read_from(pc, buf, len, NULL, NULL);
 }
 
-ssize_t loom_pconn_write_msg(loom_pconn *pc, const struct iovec *iov,
-                             int iovcnt, const struct sockaddr *to,
-                             socklen_t tolen) {
+/* The rules are checked before the context: a misuse fails the same
+ * way whatever the context's state. */
+static ssize_t write_msg(loom_pconn *pc, const struct iovec *iov, int iovcnt,
+                         const struct sockaddr *to, socklen_t tolen,
+                         loom_ctx *ctx) {
   if (pc == NULL || iovcnt < 0 || iovcnt > IOV_MAX ||
       (iovcnt > 0 && iov == NULL))
     return -EINVAL;
@@ -129,7 +167,19 @@ ssize_t loom_pconn_write_msg(loom_pconn *pc, const struct iovec *iov,
   op.mh.msg_iovlen = (size_t)iovcnt;
   op.mh.msg_name = (void *)(uintptr_t)to;
   op.mh.msg_namelen = to != NULL ? tolen : 0;
-  return dgram_io(pc, &op);
+  return dgram_io_ctx(pc, &op, ctx);
+}
+
+ssize_t loom_pconn_write_msg(loom_pconn *pc, const struct iovec *iov,
+                             int iovcnt, const struct sockaddr *to,
+                             socklen_t tolen) {
+  return write_msg(pc, iov, iovcnt, to, tolen, NULL);
+}
+
+ssize_t loom_pconn_write_msg_ctx(loom_pconn *pc, const struct iovec *iov,
+                                 int iovcnt, const struct sockaddr *to,
+                                 socklen_t tolen, loom_ctx *ctx) {
+  return write_msg(pc, iov, iovcnt, to, tolen, ctx);
 }
 
 ssize_t loom_pconn_write(loom_pconn *pc, const void *buf, size_t len) {
