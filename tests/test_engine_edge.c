@@ -3265,4 +3265,160 @@ static void pieces_main(void *arg) {
 }
 TEST(packet_write_in_many_pieces_goes_whole) { run(pieces_main, 2, "8 chunks"); }
 
+/* A connected packet session (a unixgram client) whose peer never
+ * reads: once the peer's queue is full, `timeout` bounds the wait for
+ * room as it does for a stream session's full queue — 0 fails at once,
+ * a positive one times out, a negative or huge one waits until there is
+ * room or the session is aborted — and the counts keep only the
+ * datagrams that left. */
+enum { PKW_LEN = 200 };
+static uint8_t pkw_data[PKW_LEN];
+
+typedef struct pkw_writer {
+  loom_session *s;
+  int64_t timeout;
+  atomic_int rc;        /* 1 while the call has not returned */
+  _Atomic int64_t took; /* how long it took */
+} pkw_writer;
+
+static void pkw_write(void *arg) {
+  pkw_writer *w = arg;
+  int64_t t0 = loom_now();
+  int rc = loom_session_write(w->s, pkw_data, PKW_LEN, w->timeout);
+  atomic_store(&w->took, loom_now() - t0);
+  atomic_store(&w->rc, rc);
+}
+
+static void pkw_start(pkw_writer *w, loom_session *s, int64_t timeout) {
+  w->s = s;
+  w->timeout = timeout;
+  atomic_store(&w->rc, 1);
+  atomic_store(&w->took, 0);
+  CHECK_OK(loom_go(pkw_write, w));
+}
+
+/* One write on its own coroutine, waited for at most 5 s: a write that
+ * parks when it should not fails here, not by the watchdog. */
+static int pkw_call(loom_session *s, int64_t timeout, int64_t *took) {
+  static pkw_writer w;
+  pkw_start(&w, s, timeout);
+  WAIT_FOR(atomic_load(&w.rc) != 1, 5);
+  *took = atomic_load(&w.took);
+  return atomic_load(&w.rc);
+}
+
+static void pkw_check_counts(loom_session *s, uint64_t left) {
+  loom_session_stats st;
+  loom_session_stats_get(s, &st);
+  CHECK_EQ(st.pkgs_out, left);
+  CHECK_EQ(st.bytes_out, left * PKW_LEN);
+}
+
+static void pkw_main(void *arg) {
+  (void)arg;
+  memset(pkw_data, 'p', sizeof pkw_data);
+  char path[64];
+  snprintf(path, sizeof path, "@loom-test-pkw-%d", (int)getpid());
+  loom_pconn *sink; /* never reads */
+  CHECK_OK(loom_listen_packet(&sink, "unixgram", path));
+  loom_client_opts co;
+  memset(&co, 0, sizeof co);
+  co.network = "unixgram";
+  co.addr = path;
+  co.reconnect_interval = -1;
+  co.session.listener = &ev_listener;
+  co.session.user = &CE;
+  loom_client *cl;
+  CHECK_OK(loom_client_start(&cl, &co));
+  CHECK_OK(loom_client_wait(cl, 1, loom_now() + 5 * SEC));
+  loom_session *s;
+  CHECK_OK(loom_client_session(cl, &s));
+
+  /* Timeout 0 fills the peer, then fails at once with -EAGAIN. */
+  uint64_t sent = 0;
+  int64_t took;
+  int rc;
+  while ((rc = pkw_call(s, 0, &took)) == 0)
+    CHECK_LT(++sent, 100000);
+  printf("the peer took %llu datagrams\n", (unsigned long long)sent);
+  CHECK_ERR(rc, -EAGAIN);
+  CHECK_GT(sent, 0);
+  CHECK_LT(took, 1 * SEC);
+  CHECK_ERR(pkw_call(s, 0, &took), -EAGAIN);
+  CHECK_LT(took, 1 * SEC);
+  pkw_check_counts(s, sent);
+
+  /* A positive timeout: -ETIMEDOUT, not before it. */
+  CHECK_ERR(pkw_call(s, 50 * CHECK_MS, &took), -ETIMEDOUT);
+  printf("50 ms timeout: %.3f ms\n", took / 1e6);
+  CHECK_GE(took, 45 * CHECK_MS);
+  CHECK_LT(took, 3 * SEC);
+  pkw_check_counts(s, sent);
+
+  /* Three writers that wait without limit (-1, and a timeout too large
+   * to add to now): one waits on the socket, two for their turn. */
+  static pkw_writer w[3];
+  pkw_start(&w[0], s, -1);
+  pkw_start(&w[1], s, INT64_MAX);
+  pkw_start(&w[2], s, -1);
+  loom_sleep(50 * CHECK_MS);
+  for (int i = 0; i < 3; i++)
+    CHECK_EQ(atomic_load(&w[i].rc), 1);
+  /* A bounded writer behind them times out on its own and leaves them
+   * waiting; timeout 0 still fails at once. */
+  CHECK_ERR(pkw_call(s, 50 * CHECK_MS, &took), -ETIMEDOUT);
+  CHECK_GE(took, 45 * CHECK_MS);
+  CHECK_LT(took, 3 * SEC);
+  CHECK_ERR(pkw_call(s, 0, &took), -EAGAIN);
+  loom_sleep(20 * CHECK_MS);
+  for (int i = 0; i < 3; i++)
+    CHECK_EQ(atomic_load(&w[i].rc), 1);
+  pkw_check_counts(s, sent);
+
+  /* Room for one datagram: exactly one of them sends it.  (The first
+   * datagram in the peer is the client's empty dial probe.) */
+  uint8_t b[512];
+  CHECK_OK(loom_pconn_set_read_deadline(sink, loom_now() + 5 * SEC));
+  ssize_t got = loom_pconn_read_from(sink, b, sizeof b, NULL, NULL);
+  CHECK(got == 0 || got == PKW_LEN);
+  WAIT_FOR(atomic_load(&w[0].rc) == 0 || atomic_load(&w[1].rc) == 0 ||
+               atomic_load(&w[2].rc) == 0,
+           5);
+  loom_sleep(50 * CHECK_MS);
+  int done = 0;
+  for (int i = 0; i < 3; i++)
+    done += atomic_load(&w[i].rc) == 0;
+  CHECK_EQ(done, 1);
+  sent++;
+  pkw_check_counts(s, sent);
+
+  /* An abort wakes the other two, waiting on the socket or for their
+   * turn, with LOOM_ECLOSED. */
+  loom_session_abort(s, LOOM_ECLOSED);
+  int closed = 0;
+  for (int i = 0; i < 3; i++) {
+    WAIT_FOR(atomic_load(&w[i].rc) != 1, 5);
+    int r = atomic_load(&w[i].rc);
+    CHECKF(r == 0 || r == LOOM_ECLOSED, "writer %d: %s", i, loom_err_name(r));
+    closed += r == LOOM_ECLOSED;
+  }
+  CHECK_EQ(closed, 2);
+  WAIT_FOR(atomic_load(&CE.closes) == 1, 5);
+  CHECK_EQ(CE.final.pkgs_out, sent);
+  CHECK_EQ(CE.final.bytes_out, sent * PKW_LEN);
+  /* The client's totals: the same datagrams, and every write refused
+   * for want of room (three at timeout 0, two at 50 ms) as wq_full. */
+  loom_metrics m;
+  WAIT_FOR((loom_client_metrics(cl, &m), m.sessions_open == 0), 5);
+  CHECK_EQ(m.pkgs_out, sent);
+  CHECK_EQ(m.bytes_out, sent * PKW_LEN);
+  CHECK_EQ(m.errors.wq_full, 5);
+  loom_session_unref(s);
+  CHECK_OK(loom_client_close(cl, loom_now() + 5 * SEC));
+  CHECK_OK(loom_pconn_close(sink));
+}
+TEST(packet_write_honours_timeout) {
+  run(pkw_main, 2, "packet write on a full peer");
+}
+
 CHECK_MAIN()

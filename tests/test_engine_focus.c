@@ -41,11 +41,13 @@ static size_t mk_payload(uint8_t *p, char type, uint64_t tag, size_t body) {
 /* ---- focused: a packet session parked in write_to ------------------- */
 
 static atomic_int ug_msgs, ug_closes, ug_blocked, ug_fail;
+/* Replies with no limit on the wait (timeout -1): once the peer's queue
+ * is full it parks, and only the close can end it. */
 static void ug_message(loom_session *s, const loom_pkg *pkg) {
   atomic_fetch_add(&ug_msgs, 1);
   atomic_fetch_add(&ug_blocked, 1);
-  int rc =
-      loom_session_write_to(s, pkg->data, pkg->len, pkg->from, pkg->fromlen, 0);
+  int rc = loom_session_write_to(s, pkg->data, pkg->len, pkg->from,
+                                 pkg->fromlen, -1);
   atomic_fetch_sub(&ug_blocked, 1);
   if (rc != 0)
     atomic_fetch_add(&ug_fail, 1);
@@ -89,8 +91,7 @@ static void ug_main(void *arg) {
   fprintf(stderr, "peer sent %d datagrams\n", sent);
   loom_sleep(50 * CHECK_MS);
   fprintf(stderr, "failed writes %d\n", atomic_load(&ug_fail));
-  fprintf(stderr,
-          "messages handled %d, on_message parked in write_to(timeout 0): %d\n",
+  fprintf(stderr, "messages handled %d, on_message parked in write_to: %d\n",
           atomic_load(&ug_msgs), atomic_load(&ug_blocked));
   int64_t t0 = loom_now();
   int rc = loom_server_close(srv, loom_now() + 200 * CHECK_MS);

@@ -166,8 +166,14 @@ typedef struct loom_session_opts {
  * accepted), -ENOMEM; -EDESTADDRREQ on an unconnected packet session
  * (use loom_session_write_to).  Any coroutine; parks only when the queue
  * is full.  A packet session has no queue: its write sends the datagram
- * at once and, on a peer whose socket is full, parks until it takes it
- * or the session is aborted, whatever `timeout` says (a known gap).
+ * at once, and `timeout` bounds the wait when the socket has no room for
+ * it (a unixgram peer that does not read, a full send buffer): 0 fails
+ * with -EAGAIN at once, a positive timeout with -ETIMEDOUT, a negative
+ * one waits until there is room; an abort, or the end of a graceful
+ * close, ends the wait with LOOM_ECLOSED.  Such a refusal is counted as
+ * wq_full; close_on_full does not apply (a server's one packet session
+ * serves every peer).  A datagram is counted in bytes_out and pkgs_out
+ * only once it has left.
  */
 LOOM_API int loom_session_write(loom_session *s, const void *data, size_t len,
                                 int64_t timeout);

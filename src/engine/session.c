@@ -100,7 +100,8 @@ struct loom_session {
   loom_mutex wmu; /* the write queue and the w* fields */
   loom_buf wq;
   loom_cond wcond;        /* writer: bytes queued or wfinal */
-  loom_cond wspace;       /* producers: the queue fell to wq_low */
+  loom_cond wspace;       /* producers: the queue fell to wq_low; or,
+                             packet senders: psend was let go */
   bool wbusy;             /* the writer is writing queued bytes */
   bool corked;            /* the reader is dispatching a batch: its own
                              writes wait in the queue for uncork() */
@@ -112,6 +113,8 @@ struct loom_session {
                              from outside must not touch it */
   int64_t final_deadline; /* set with wfinal: now + linger (0: none) */
   loom_wg io_users;       /* packet sessions: senders on the socket */
+  bool psend;             /* a packet sender waits for room and owns the
+                             pconn's write deadline (wait_send) */
   loom_sema writer_exit;  /* released by the writer as it exits */
 
   loom_wg pooled;   /* packages handed to the pool, not yet done */
@@ -536,10 +539,83 @@ out:
   return rc;
 }
 
+/* The session's socket is closed or closing, or the session aborted: a
+ * packet sender must leave it.  wmu held. */
+static bool packet_ended(loom_session *s) {
+  return s->io_closed || atomic_load(&s->state) == S_ABORTED;
+}
+
+/* The socket is full: wait for room for one datagram until `deadline`
+ * (0: none), in the pconn's write.  That write is bounded by the pconn's
+ * write deadline, which belongs to the direction, not to one caller:
+ * one sender's deadline would cut short another's wait, and resetting it
+ * would cancel an abort's.  So senders wait for room one at a time; the
+ * one in `psend` owns the deadline (set and put back under wmu, where
+ * wake_io moves it for an abort), the others wait for their turn on
+ * wspace, bounded by their own deadlines.  An abort or the end of the
+ * socket wakes both kinds with LOOM_ECLOSED.  Returns what the write
+ * returns, or -ETIMEDOUT, LOOM_ECLOSED, -ENOMEM (no timer). */
+static ssize_t wait_send(loom_session *s, const struct iovec *iov, int n,
+                         const struct sockaddr *to, socklen_t tolen,
+                         int64_t deadline) {
+  int rc = 0;
+  loom_mutex_lock(&s->wmu);
+  while (rc == 0 && s->psend && !packet_ended(s))
+    rc = loom_cond_wait(&s->wspace, &s->wmu, deadline);
+  if (packet_ended(s))
+    rc = LOOM_ECLOSED;
+  if (rc == 0 && deadline != 0)
+    rc = loom_pconn_set_write_deadline(s->pc, deadline);
+  if (rc == 0)
+    s->psend = true;
+  loom_mutex_unlock(&s->wmu);
+  if (rc < 0)
+    return rc;
+  ssize_t k = loom_pconn_write_msg(s->pc, iov, n, to, tolen);
+  loom_mutex_lock(&s->wmu);
+  s->psend = false;
+  if (packet_ended(s)) {
+    if (k == -ETIMEDOUT) /* the abort's deadline (or ours, as it came) */
+      k = LOOM_ECLOSED;
+  } else if (deadline != 0) {
+    loom_pconn_set_write_deadline(s->pc, 0); /* none for the next one */
+  }
+  loom_cond_broadcast(&s->wspace);
+  loom_mutex_unlock(&s->wmu);
+  return k;
+}
+
+/* Offer a datagram to the socket without waiting.  The count, or
+ * -errno (-EAGAIN: no room now). */
+static ssize_t send_now(loom_session *s, const struct iovec *iov, int n,
+                        const struct sockaddr *to, socklen_t tolen) {
+  socklen_t tl = to != NULL ? tolen : 0;
+  ssize_t k;
+  do {
+    if (n == 1) { /* as try_send: no header or vector to copy in */
+      k = sendto(s->fd, iov[0].iov_base, iov[0].iov_len,
+                 MSG_DONTWAIT | MSG_NOSIGNAL, to, tl);
+    } else {
+      struct msghdr m = {.msg_name = (void *)(uintptr_t)to,
+                         .msg_namelen = tl,
+                         .msg_iov = (struct iovec *)(uintptr_t)iov,
+                         .msg_iovlen = (size_t)n};
+      k = sendmsg(s->fd, &m, MSG_DONTWAIT | MSG_NOSIGNAL);
+    }
+    if (k < 0)
+      k = -loom__errno();
+  } while (k == -EINTR);
+  return k;
+}
+
 /* One datagram, from the caller.  The socket is used under a count of
- * senders (io_users) that the reader waits out before closing it. */
+ * senders (io_users) that the reader waits out before closing it.  The
+ * datagram is offered to the socket at once, without waiting (as
+ * try_send does for a stream): most often that is all, and no deadline
+ * is set.  Only a full socket makes `timeout` matter: 0 fails with
+ * -EAGAIN, otherwise wait_send waits for room. */
 static int send_packet(loom_session *s, loom_buf *b, const struct sockaddr *to,
-                       socklen_t tolen) {
+                       socklen_t tolen, int64_t timeout) {
   /* A datagram leaves in one call: an encoding in more pieces than the
    * vector holds is copied into one piece first. */
   struct iovec iov[8];
@@ -571,13 +647,25 @@ static int send_packet(loom_session *s, loom_buf *b, const struct sockaddr *to,
    * metrics after the answer must see the datagram counted. */
   BUMP(bytes_out, len);
   BUMP(pkgs_out, 1);
-  ssize_t k = loom_pconn_write_msg(s->pc, iov, n, to, tolen);
+  ssize_t k = send_now(s, iov, n, to, tolen);
   if (k < 0) {
     /* Taken back while the reader still waits for us (io_users): once
      * it is done, the session's counts go into its owner's totals. */
     atomic_fetch_sub_explicit(&s->bytes_out, len, memory_order_relaxed);
     atomic_fetch_sub_explicit(&s->pkgs_out, 1, memory_order_relaxed);
   }
+  if (k == -EAGAIN && timeout != 0) {
+    /* Not counted while it waits (it may never leave): once it has. */
+    k = wait_send(s, iov, n, to, tolen, timeout > 0 ? loom__after(timeout) : 0);
+    if (k >= 0) {
+      BUMP(bytes_out, len);
+      BUMP(pkgs_out, 1);
+    }
+  }
+  /* Refused for want of room, as a stream's full queue refuses; the
+   * owner is there to count it until io_users is left. */
+  if (k == -EAGAIN || k == -ETIMEDOUT)
+    loom__owner_count(s->owner, LOOM__ERR_wq_full);
   loom_wg_done(&s->io_users);
   loom__free(flat);
   if (k < 0)
@@ -605,8 +693,9 @@ static int write_common(loom_session *s, const void *data, size_t len,
   int rc = encode_locked(s, data, len, &b);
   loom_mutex_unlock(&s->wmu);
   if (rc == 0)
-    rc = send_packet(s, &b, to, tolen);
+    rc = send_packet(s, &b, to, tolen, timeout);
   loom_buf_reset(&b);
+  loom__io_progress(); /* as for a stream: most sends do not wait */
   return rc;
 }
 
@@ -1253,6 +1342,7 @@ end:
     l->on_close(s);
   loom_mutex_lock(&s->wmu);
   s->io_closed = true;
+  loom_cond_broadcast(&s->wspace); /* packet senders waiting for a turn */
   loom_mutex_unlock(&s->wmu);
   if (s->conn) {
     loom_close(s->conn);
