@@ -1687,6 +1687,8 @@ int loom_run(void (*main_fn)(void *), void *arg, const loom_config *cfg) {
   if (err != 0)
     goto fail_stacks;
   err = -ENOMEM;
+  if (loom__globrunq_init(rt) != 0)
+    goto fail_np;
   rt->allp = loom__calloc((size_t)rt->nprocs, sizeof *rt->allp);
   if (rt->allp == NULL)
     goto fail_np;
@@ -1765,6 +1767,7 @@ fail_ps:
     loom__free(rt->allp[i]);
   loom__free(rt->allp);
 fail_np:
+  loom__free(rt->gq);
   loom__netpoll_close(&rt->np);
 fail_stacks:
   loom__stacks_destroy(&rt->stacks);

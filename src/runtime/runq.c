@@ -228,6 +228,8 @@ static bool gq_grow(loom__rt *rt, uint64_t need) {
   return true;
 }
 
+int loom__globrunq_init(loom__rt *rt) { return gq_grow(rt, 1) ? 0 : -ENOMEM; }
+
 void loom__globrunq_put(loom__rt *rt, loom__g *g) {
   loom__globrunq_putbatch(rt, &g, 1);
 }

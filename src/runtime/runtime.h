@@ -376,6 +376,9 @@ uint32_t loom__runq_len(loom__p *p);
  * for half a ring (at most LOOM_RUNQ_SIZE / 2 queued). */
 loom__g *loom__runq_steal(loom__p *p, loom__p *victim, bool stealnext);
 void loom__globrunq_put(loom__rt *rt, loom__g *g);      /* lock held */
+/* The global queue's first ring (1024 Gs), made with the runtime: the
+ * scheduler allocates nothing unless more are queued at once.  -ENOMEM. */
+int loom__globrunq_init(loom__rt *rt);
 void loom__globrunq_putbatch(loom__rt *rt, loom__g *const *gs,
                              uint64_t n);               /* lock held */
 loom__g *loom__globrunq_get(loom__rt *rt, loom__p *p, int max); /* held */
