@@ -1082,8 +1082,10 @@ static void pctx_write_main(void *arg) {
   CHECK_OK(loom_ctx_with_cancel(&child, parent));
   CHECK_OK(loom_ctx_with_cancel(&live, loom_ctx_background()));
 
-  /* Fill the sink, each write bounded by a short deadline context: the
-   * first that finds no room times out. */
+  /* Fill the sink, each write bounded by a deadline context: the first
+   * that finds no room times out.  Not too short: a context that expires
+   * before its write even starts (a stalled machine) leaves the socket's
+   * deadline alone and the sink not full, and the checks below fail. */
   char d[256];
   memset(d, 'd', sizeof d);
   struct iovec one = {d, sizeof d};
@@ -1091,7 +1093,7 @@ static void pctx_write_main(void *arg) {
   ssize_t r;
   for (;;) {
     loom_ctx *t;
-    CHECK_OK(loom_ctx_with_timeout(&t, loom_ctx_background(), 20 * CHECK_MS));
+    CHECK_OK(loom_ctx_with_timeout(&t, loom_ctx_background(), 250 * CHECK_MS));
     r = loom_pconn_write_msg_ctx(cli, &one, 1, NULL, 0, t);
     loom_ctx_release(t);
     if (r != (ssize_t)sizeof d)
