@@ -282,17 +282,23 @@ static void lw_main(void *arg) {
     for (int i = 0; i < LW_PROD; i++) {
       int64_t since = atomic_load(&lw_since[i]);
       if (since && loom_now() - since > 500 * CHECK_MS) {
-        /* The reader thread drains the socket all the time: a write
-         * that waits this long while the queue is below wq_high lost
-         * its wake-up. */
+        /* A write that waits this long may only be unlucky: the woken
+         * producers race for the room, and under TSan one can lose for
+         * over a second while the others' bytes flow.  A lost wake-up
+         * is different: the queue stays below wq_high and nothing moves
+         * (every producer waits, the writer has nothing to write). */
+        loom_sleep(200 * CHECK_MS);
         loom_session_stats st2;
         loom_session_stats_get(atomic_load(&lw_s), &st2);
-        if (st.wq_bytes < 1024 && st2.wq_bytes < 1024) {
+        if (atomic_load(&lw_since[i]) == since && st.wq_bytes < 1024 &&
+            st2.wq_bytes < 1024 && st2.bytes_out == st.bytes_out) {
           fprintf(stderr,
                   "producer %d parked in loom_session_write for %lld ms with "
-                  "%zu bytes queued (wq_high 1024)\n",
+                  "%zu bytes queued (wq_high 1024) and no byte sent for "
+                  "200 ms\n",
                   i, (long long)((loom_now() - since) / CHECK_MS),
                   st2.wq_bytes);
+          check_dump_hang(); /* where it waits */
           stuck = true;
         }
       }
