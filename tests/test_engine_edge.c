@@ -3421,4 +3421,106 @@ TEST(packet_write_honours_timeout) {
   run(pkw_main, 2, "packet write on a full peer");
 }
 
+/* An unconnected unixgram socket has room per peer: a server's one packet
+ * session writing to a peer A that never reads must not hold up a write
+ * to a peer B that has drained.  The poller cannot say when a peer makes
+ * room there (epoll sees the socket's own buffer), so such writes try
+ * again on their own: a write to B with a 5 s timeout goes through soon
+ * after B drains, while one to A with -1 still waits, and one to A with
+ * 50 ms times out.  An abort ends the one to A with LOOM_ECLOSED. */
+typedef struct hol_writer {
+  loom_session *s;
+  const struct sockaddr *to;
+  socklen_t tolen;
+  int64_t timeout;
+  atomic_int rc; /* 1 while the call has not returned */
+} hol_writer;
+
+static void hol_write(void *arg) {
+  hol_writer *w = arg;
+  atomic_store(&w->rc, loom_session_write_to(w->s, pkw_data, PKW_LEN, w->to,
+                                             w->tolen, w->timeout));
+}
+
+static void hol_start(hol_writer *w, loom_session *s,
+                      const struct sockaddr_storage *to, socklen_t tolen,
+                      int64_t timeout) {
+  *w = (hol_writer){s, (const struct sockaddr *)to, tolen, timeout, 1};
+  CHECK_OK(loom_go(hol_write, w));
+}
+
+static int fill_peer(loom_session *s, const struct sockaddr_storage *to,
+                     socklen_t tolen) {
+  int n = 0;
+  while (loom_session_write_to(s, pkw_data, PKW_LEN,
+                               (const struct sockaddr *)to, tolen, 0) == 0)
+    CHECK_LT(++n, 100000);
+  return n;
+}
+
+static void hol_main(void *arg) {
+  (void)arg;
+  memset(pkw_data, 'h', sizeof pkw_data);
+  char path[64], pa[64], pb[64];
+  snprintf(path, sizeof path, "@loom-test-hol-srv-%d", (int)getpid());
+  snprintf(pa, sizeof pa, "@loom-test-hol-a-%d", (int)getpid());
+  snprintf(pb, sizeof pb, "@loom-test-hol-b-%d", (int)getpid());
+  loom_server_opts o = server_opts(NULL);
+  o.network = "unixgram";
+  o.addr = path;
+  E.keep = true;
+  char addr[128];
+  loom_server *srv = serve(&o, addr);
+  loom_session *s = kept_session();
+  loom_pconn *A, *B;
+  CHECK_OK(loom_listen_packet(&A, "unixgram", pa));
+  CHECK_OK(loom_listen_packet(&B, "unixgram", pb));
+  struct sockaddr_storage sa, sb;
+  socklen_t la, lb;
+  CHECK_OK(loom_resolve_addr("unixgram", pa, &sa, &la));
+  CHECK_OK(loom_resolve_addr("unixgram", pb, &sb, &lb));
+  int na = fill_peer(s, &sa, la), nb = fill_peer(s, &sb, lb);
+  printf("A took %d datagrams, B %d\n", na, nb);
+  CHECK_GT(na, 0);
+  CHECK_GT(nb, 0);
+
+  static hol_writer ha, ha50, hb;
+  hol_start(&ha, s, &sa, la, -1);
+  loom_sleep(20 * CHECK_MS);
+  hol_start(&hb, s, &sb, lb, 5 * SEC);
+  int64_t t0 = loom_now();
+  hol_start(&ha50, s, &sa, la, 50 * CHECK_MS);
+  WAIT_FOR(atomic_load(&ha50.rc) != 1, 5);
+  CHECK_ERR(atomic_load(&ha50.rc), -ETIMEDOUT);
+  CHECK_GE(loom_now() - t0, 45 * CHECK_MS);
+  CHECK_EQ(atomic_load(&hb.rc), 1); /* B is still full */
+
+  /* B drains: the write to it goes, though the one to A still waits. */
+  uint8_t b[512];
+  int drained = 0;
+  CHECK_OK(loom_pconn_set_read_deadline(B, loom_now() + 2 * SEC));
+  while (drained < nb) {
+    CHECK_EQ(loom_pconn_read_from(B, b, sizeof b, NULL, NULL), PKW_LEN);
+    drained++;
+  }
+  t0 = loom_now();
+  WAIT_FOR(atomic_load(&hb.rc) != 1, 5);
+  printf("the write to B went %.1f ms after B drained\n",
+         (double)(loom_now() - t0) / 1e6);
+  CHECK_OK(atomic_load(&hb.rc));
+  CHECK_EQ(loom_pconn_read_from(B, b, sizeof b, NULL, NULL), PKW_LEN);
+  CHECK_EQ(atomic_load(&ha.rc), 1);
+
+  loom_session_abort(s, LOOM_ECLOSED);
+  WAIT_FOR(atomic_load(&ha.rc) != 1, 5);
+  CHECK_ERR(atomic_load(&ha.rc), LOOM_ECLOSED);
+  loom_session_unref(s);
+  CHECK_OK(loom_server_close(srv, loom_now() + 5 * SEC));
+  CHECK_OK(loom_pconn_close(A));
+  CHECK_OK(loom_pconn_close(B));
+}
+TEST(packet_write_to_a_stuck_peer_spares_the_others) {
+  run(hol_main, 2, "a unixgram server writing to a stuck peer and another");
+}
+
 CHECK_MAIN()

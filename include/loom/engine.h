@@ -172,8 +172,13 @@ typedef struct loom_session_opts {
  * one waits until there is room; an abort, or the end of a graceful
  * close, ends the wait with LOOM_ECLOSED.  Such a refusal is counted as
  * wq_full; close_on_full does not apply (a server's one packet session
- * serves every peer).  A datagram is counted in bytes_out and pkgs_out
- * only once it has left.
+ * serves every peer).  A datagram that does not leave is not in bytes_out
+ * and pkgs_out (a send that fails takes its counts back).  An unconnected
+ * unixgram socket has room per peer, which the poller cannot watch: a
+ * write waiting there tries again after 1, 2, 4 ... up to 16 ms, so one
+ * peer that never reads holds up no write to another.  Stream writes
+ * waiting for room are woken together when the queue falls to wq_low;
+ * which of them gets the room first is not defined.
  */
 LOOM_API int loom_session_write(loom_session *s, const void *data, size_t len,
                                 int64_t timeout);
