@@ -596,15 +596,18 @@ static void pidleput(loom__rt *rt, loom__p *p) {
   atomic_fetch_add(&rt->npidle, 1);
 }
 
-loom__p *loom__pidleget(loom__rt *rt) {
-  loom__p *p = rt->pidle;
-  if (p != NULL) {
-    rt->pidle = p->link;
-    atomic_fetch_sub(&rt->npidle, 1);
-    if (atomic_load_explicit(&rt->sysmonwait, memory_order_relaxed))
-      loom__sysmon_wake(rt);
-  }
+/* Take the idle P at *pp off the list.  rt->lock held. */
+static loom__p *pidle_take(loom__rt *rt, loom__p **pp) {
+  loom__p *p = *pp;
+  *pp = p->link;
+  atomic_fetch_sub(&rt->npidle, 1);
+  if (atomic_load_explicit(&rt->sysmonwait, memory_order_relaxed))
+    loom__sysmon_wake(rt);
   return p;
+}
+
+loom__p *loom__pidleget(loom__rt *rt) {
+  return rt->pidle != NULL ? pidle_take(rt, &rt->pidle) : NULL;
 }
 
 /* An idle P for work that waits with no M coming for it: Gs in the
@@ -614,16 +617,9 @@ loom__p *loom__pidleget(loom__rt *rt) {
 static loom__p *pidleget_stranded(loom__rt *rt) {
   if (atomic_load(&rt->runqsize) != 0)
     return loom__pidleget(rt);
-  for (loom__p **pp = &rt->pidle; *pp != NULL; pp = &(*pp)->link) {
-    loom__p *p = *pp;
-    if (!loom__runq_empty(p)) {
-      *pp = p->link;
-      atomic_fetch_sub(&rt->npidle, 1);
-      if (atomic_load_explicit(&rt->sysmonwait, memory_order_relaxed))
-        loom__sysmon_wake(rt);
-      return p;
-    }
-  }
+  for (loom__p **pp = &rt->pidle; *pp != NULL; pp = &(*pp)->link)
+    if (!loom__runq_empty(*pp))
+      return pidle_take(rt, pp);
   return NULL;
 }
 
