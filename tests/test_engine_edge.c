@@ -443,6 +443,96 @@ TEST(slow_consumer_timeout_etimedout) {
   run(slow_timeout_main, 2, "slow timeout");
 }
 
+/* Writers waiting for room are served in the order they came, as a Go
+ * channel serves blocked senders (getty's write queue is one): four
+ * writers park one after another on a full queue; the peer then reads,
+ * and their packages reach it in that order.  They used to be woken all
+ * together to race for the room, and the newest often won. */
+enum { FIFO_N = 4, FIFO_MARK = 0xA0 };
+static uint8_t fifo_pkg[FIFO_N][PKG];
+static atomic_int fifo_done;
+static void fifo_writer(void *arg) {
+  int id = (int)(intptr_t)arg;
+  loom_session *s = atomic_load(&E.s);
+  int rc = loom_session_write(s, fifo_pkg[id], PKG, -1);
+  CHECKF(rc == 0, "writer %d: %s", id, loom_err_name(rc));
+  atomic_fetch_add(&fifo_done, 1);
+}
+
+/* The peer's side of the length-prefixed stream: the first payload byte
+ * of every frame, in order (the fill's frames start with 1). */
+typedef struct frame_scan {
+  uint8_t hdr[4];
+  size_t nhdr, left;
+  bool first;
+  int nmarks;
+  int marks[FIFO_N];
+} frame_scan;
+static void frame_scan_bytes(frame_scan *f, const uint8_t *p, size_t n) {
+  while (n > 0) {
+    if (f->left == 0) {
+      f->hdr[f->nhdr++] = *p++;
+      n--;
+      if (f->nhdr == 4) {
+        f->left = (size_t)f->hdr[0] << 24 | (size_t)f->hdr[1] << 16 |
+                  (size_t)f->hdr[2] << 8 | f->hdr[3];
+        f->nhdr = 0;
+        f->first = true;
+      }
+      continue;
+    }
+    if (f->first) {
+      f->first = false;
+      if (*p >= FIFO_MARK && *p < FIFO_MARK + FIFO_N && f->nmarks < FIFO_N)
+        f->marks[f->nmarks++] = *p - FIFO_MARK;
+    }
+    size_t k = n < f->left ? n : f->left;
+    f->left -= k;
+    p += k;
+    n -= k;
+  }
+}
+
+static void fifo_main(void *arg) {
+  (void)arg;
+  slow t;
+  slow_start(&t, false, 0, WQ_HIGH, 0);
+  for (int i = 0; i < FIFO_N; i++)
+    memset(fifo_pkg[i], FIFO_MARK + i, PKG);
+  (void)fill_until_stalled(t.s);
+  for (int i = 0; i < FIFO_N; i++) {
+    CHECK_OK(loom_go(fifo_writer, (void *)(intptr_t)i));
+    loom_sleep(20 * CHECK_MS); /* parked, before the next one comes */
+  }
+  CHECK_EQ(atomic_load(&fifo_done), 0);
+  static uint8_t sink[1 << 16];
+  static frame_scan f;
+  memset(&f, 0, sizeof f);
+  int64_t end = loom_now() + 10 * SEC;
+  while (f.nmarks < FIFO_N) {
+    CHECK(loom_now() < end);
+    (void)loom_fd_wait(t.peer, LOOM_FD_READ, loom_now() + 10 * CHECK_MS);
+    ssize_t n;
+    while ((n = read(t.peer, sink, sizeof sink)) > 0)
+      frame_scan_bytes(&f, sink, (size_t)n);
+  }
+  WAIT_FOR(atomic_load(&fifo_done) == FIFO_N, 5);
+  char got[64] = "";
+  for (int i = 0; i < FIFO_N; i++)
+    snprintf(got + strlen(got), sizeof got - strlen(got), " %d", f.marks[i]);
+  printf("the waiting writers' packages reached the peer in the order:%s\n",
+         got);
+  for (int i = 0; i < FIFO_N; i++)
+    CHECKF(f.marks[i] == i, "order:%s", got);
+  slow_end(&t);
+}
+TEST(slow_consumer_waiting_writers_served_in_order) {
+  run(fifo_main, 1, "writers waiting for room, in order");
+}
+TEST(slow_consumer_waiting_writers_served_in_order_2p) {
+  run(fifo_main, 2, "writers waiting for room, in order");
+}
+
 /* A write waiting without limit on a full queue is released by an abort
  * with LOOM_ECLOSED. */
 static atomic_int blocked_rc = 1;

@@ -154,31 +154,33 @@ typedef struct loom_session_opts {
 /* ---- sessions ---------------------------------------------------------- */
 
 /*
- * loom_session_write — encode the package data[0..len) with the
- * session's codec and queue it.  `timeout` (ns) bounds the wait when the
- * write queue is above its high watermark: 0 fails at once, negative
- * waits without limit.  Returns 0 (queued: it will be written unless the
- * session dies first); -EAGAIN (full, timeout 0), -ETIMEDOUT, -ENOBUFS
- * (full, and close_on_full closed the session), -EMSGSIZE, -EINVAL (the
- * codec cannot encode it), LOOM_ECLOSED (the session was aborted, or
- * its graceful close has queued its last bytes; while a graceful close
- * is still handling packages already received, their replies are
- * accepted), -ENOMEM; -EDESTADDRREQ on an unconnected packet session
- * (use loom_session_write_to).  Any coroutine; parks only when the queue
- * is full.  A packet session has no queue: its write sends the datagram
- * at once, and `timeout` bounds the wait when the socket has no room for
- * it (a unixgram peer that does not read, a full send buffer): 0 fails
- * with -EAGAIN at once, a positive timeout with -ETIMEDOUT, a negative
- * one waits until there is room; an abort, or the end of a graceful
- * close, ends the wait with LOOM_ECLOSED.  Such a refusal is counted as
- * wq_full; close_on_full does not apply (a server's one packet session
- * serves every peer).  A datagram that does not leave is not in bytes_out
- * and pkgs_out (a send that fails takes its counts back).  An unconnected
- * unixgram socket has room per peer, which the poller cannot watch: a
- * write waiting there tries again after 1, 2, 4 ... up to 16 ms, so one
- * peer that never reads holds up no write to another.  Stream writes
- * waiting for room are woken together when the queue falls to wq_low;
- * which of them gets the room first is not defined.
+ * loom_session_write — encode the package data[0..len) with the session's
+ * codec and queue it.  `timeout` (ns) bounds the wait when the write queue
+ * is above its high watermark: 0 fails at once, negative waits without
+ * limit.  Returns 0 (queued: it will be written unless the session dies
+ * first); -EAGAIN (full, timeout 0), -ETIMEDOUT, -ENOBUFS (full, and
+ * close_on_full closed the session), -EMSGSIZE, -EINVAL (the codec cannot
+ * encode it), LOOM_ECLOSED (the session was aborted, or its graceful close
+ * has queued its last bytes; while a graceful close is still handling
+ * packages already received, their replies are accepted), -ENOMEM;
+ * -EDESTADDRREQ on an unconnected packet session (use
+ * loom_session_write_to).  Any coroutine; parks only when the queue is
+ * full, or others wait for room: writes that wait are served in the order
+ * they came, as a Go channel's blocked senders (when the queue falls to
+ * wq_low the first goes, then the next while there is room); a write with
+ * a timeout that comes while others wait queues behind them, one with
+ * timeout 0 takes room that is there.  A packet session has no queue: its
+ * write sends the datagram at once, and `timeout` bounds the wait when the
+ * socket has no room for it (a unixgram peer that does not read, a full
+ * send buffer): 0 fails with -EAGAIN at once, a positive timeout with
+ * -ETIMEDOUT, a negative one waits until there is room; an abort, or the
+ * end of a graceful close, ends the wait with LOOM_ECLOSED.  Such a
+ * refusal is counted as wq_full; close_on_full does not apply (a server's
+ * one packet session serves every peer).  A datagram that does not leave
+ * is not in bytes_out and pkgs_out (a send that fails takes its counts
+ * back).  An unconnected unixgram socket has room per peer, which the
+ * poller cannot watch: a write waiting there tries again after 1, 2, 4 ...
+ * up to 16 ms, so one peer that never reads holds up no write to another.
  */
 LOOM_API int loom_session_write(loom_session *s, const void *data, size_t len,
                                 int64_t timeout);

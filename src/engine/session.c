@@ -22,8 +22,10 @@
  * writer is signalled.  The writer peeks at the queue's chunks under the
  * lock, writes them with the lock released (wbusy tells producers not to
  * write around it, keeping the order), and consumes them under the lock
- * again.  Producers wait on `wspace` while the queue holds wq_high bytes
- * or more; the writer broadcasts it when it falls to wq_low.
+ * again.  Producers wait while the queue holds wq_high bytes or more, in
+ * a line (rw_head): when it falls to wq_low the first is woken, and each
+ * that takes room wakes the next while there is room, so they are
+ * served in the order they came, as a Go channel serves blocked senders.
  *
  * Corking.  When one read brings several packages (a pipelining peer),
  * the reader marks the queue corked while it dispatches them: replies
@@ -100,8 +102,10 @@ struct loom_session {
   loom_mutex wmu; /* the write queue and the w* fields */
   loom_buf wq;
   loom_cond wcond;        /* writer: bytes queued or wfinal */
-  loom_cond wspace;       /* producers: the queue fell to wq_low; or,
-                             packet senders: psend was let go */
+  loom_cond wspace;       /* packet senders: psend was let go, or the
+                             socket ended */
+  struct room_waiter *rw_head, *rw_tail; /* producers waiting for room,
+                                            in order (wait_room) */
   bool wbusy;             /* the writer is writing queued bytes */
   bool corked;            /* the reader is dispatching a batch: its own
                              writes wait in the queue for uncork() */
@@ -193,6 +197,26 @@ bool loom_session_closed(loom_session *s) {
   return atomic_load(&s->state) != S_OPEN;
 }
 
+/* A producer waiting for room in the write queue, on its own stack. */
+typedef struct room_waiter {
+  struct room_waiter *next;
+  loom_cond turn; /* signalled when it may be the one to take room */
+} room_waiter;
+
+/* Wake the first producer in line (it looks whether there is room).
+ * wmu held. */
+static void room_wake(loom_session *s) {
+  if (s->rw_head != NULL)
+    loom_cond_signal(&s->rw_head->turn);
+}
+
+/* Wake every producer in line: the session takes no more bytes.  wmu
+ * held. */
+static void room_wake_all(loom_session *s) {
+  for (room_waiter *w = s->rw_head; w != NULL; w = w->next)
+    loom_cond_signal(&w->turn);
+}
+
 /* Wake the reader out of a read, and the writer out of a write. */
 static void wake_io(loom_session *s, bool writer_too) {
   loom_mutex_lock(&s->wmu);
@@ -232,6 +256,7 @@ void loom_session_abort(loom_session *s, int err) {
     loom_buf_reset(&s->wq);
   loom_cond_broadcast(&s->wcond);
   loom_cond_broadcast(&s->wspace);
+  room_wake_all(s);
   loom_mutex_unlock(&s->wmu);
 }
 
@@ -395,7 +420,7 @@ static void try_send(loom_session *s, loom_buf *b) {
      * the queue holds wq_high), so the usual direct reply, sent from an
      * almost empty queue, takes no lock here. */
     if (b == &s->wq && before > s->o.wq_low && loom_buf_len(b) <= s->o.wq_low)
-      loom_cond_broadcast(&s->wspace);
+      room_wake(s);
   }
 }
 
@@ -415,8 +440,25 @@ static int kick_writer(loom_session *s) {
   return 0;
 }
 
-/* The queue is full: wait for room per `timeout`, or apply close_on_full.
- * Called and returns with wmu held.  0: room (or the state changed). */
+/* Leave the line of producers waiting for room; the next in line looks
+ * whether there is room.  wmu held. */
+static void room_leave(loom_session *s, room_waiter *me) {
+  room_waiter **pp = &s->rw_head, *prev = NULL;
+  while (*pp != me) {
+    prev = *pp;
+    pp = &prev->next;
+  }
+  *pp = me->next;
+  if (s->rw_tail == me)
+    s->rw_tail = prev;
+  if (loom_buf_len(&s->wq) < s->o.wq_high)
+    room_wake(s);
+}
+
+/* The queue is full, or producers wait in line for room: wait for room
+ * per `timeout`, at the end of the line, or apply close_on_full.  Timeout
+ * 0 does not wait in line: it takes room if there is some now.  Called
+ * and returns with wmu held.  0: room (or the state changed). */
 static int wait_room(loom_session *s, int64_t timeout) {
   int64_t deadline = timeout > 0 ? loom__after(timeout) : 0;
   if (!s->wbusy) {
@@ -424,7 +466,7 @@ static int wait_room(loom_session *s, int64_t timeout) {
      * not run yet): what the socket takes now is room at once. */
     if (s->top == &s->sock)
       try_send(s, &s->wq);
-    if (loom_buf_len(&s->wq) < s->o.wq_high)
+    if (loom_buf_len(&s->wq) < s->o.wq_high && s->rw_head == NULL)
       return 0;
     int rc = kick_writer(s);
     if (rc < 0) {
@@ -434,23 +476,38 @@ static int wait_room(loom_session *s, int64_t timeout) {
       return rc;
     }
   }
-  while (loom_buf_len(&s->wq) >= s->o.wq_high && writable(s)) {
-    int rc =
-        timeout == 0 ? -EAGAIN : loom_cond_wait(&s->wspace, &s->wmu, deadline);
-    if (rc < 0) {
-      /* A session that ended meanwhile may have outlived its owner. */
-      if (!s->io_closed)
-        loom__owner_count(s->owner, LOOM__ERR_wq_full);
-      if (s->o.close_on_full) {
-        loom_mutex_unlock(&s->wmu);
-        loom_session_abort(s, -ENOBUFS);
-        loom_mutex_lock(&s->wmu);
-        return -ENOBUFS;
-      }
-      return rc;
+  int rc = 0;
+  if (timeout == 0) {
+    if (loom_buf_len(&s->wq) < s->o.wq_high || !writable(s))
+      return 0;
+    rc = -EAGAIN;
+  } else {
+    room_waiter me = {NULL, {{0}}};
+    if (s->rw_tail != NULL)
+      s->rw_tail->next = &me;
+    else
+      s->rw_head = &me;
+    s->rw_tail = &me;
+    while (writable(s) &&
+           (s->rw_head != &me || loom_buf_len(&s->wq) >= s->o.wq_high)) {
+      rc = loom_cond_wait(&me.turn, &s->wmu, deadline);
+      if (rc < 0)
+        break;
     }
+    room_leave(s, &me);
+    if (rc == 0)
+      return 0;
   }
-  return 0;
+  /* A session that ended meanwhile may have outlived its owner. */
+  if (!s->io_closed)
+    loom__owner_count(s->owner, LOOM__ERR_wq_full);
+  if (s->o.close_on_full) {
+    loom_mutex_unlock(&s->wmu);
+    loom_session_abort(s, -ENOBUFS);
+    loom_mutex_lock(&s->wmu);
+    return -ENOBUFS;
+  }
+  return rc;
 }
 
 /* The reader's batch is dispatched: send what its callbacks queued in
@@ -486,7 +543,8 @@ static int queue_pkg(loom_session *s, const void *data, size_t len,
                      int64_t timeout) {
   int rc = 0;
   loom_mutex_lock(&s->wmu);
-  if (loom_buf_len(&s->wq) >= s->o.wq_high)
+  if (loom_buf_len(&s->wq) >= s->o.wq_high ||
+      (s->rw_head != NULL && timeout != 0)) /* behind those in line */
     rc = wait_room(s, timeout);
   if (rc == 0 && !writable(s))
     rc = LOOM_ECLOSED;
@@ -861,11 +919,11 @@ static void writer_main(void *arg) {
     }
     loom_buf_consume(&s->wq, total);
     if (loom_buf_len(&s->wq) <= s->o.wq_low)
-      loom_cond_broadcast(&s->wspace);
+      room_wake(s);
   }
   loom_buf_reset(&s->wq);
   s->wdone = true;
-  loom_cond_broadcast(&s->wspace);
+  room_wake_all(s);
   loom_mutex_unlock(&s->wmu);
   loom_sema_release(&s->writer_exit);
 }
