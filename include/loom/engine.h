@@ -169,8 +169,9 @@ typedef struct loom_session_opts {
  * they came, as a Go channel's blocked senders (when the queue falls to
  * wq_low the first goes, then the next while there is room); a write with
  * a timeout that comes while others wait queues behind them, one with
- * timeout 0 takes room that is there.  A packet session has no queue: its
- * write sends the datagram at once, and `timeout` bounds the wait when the
+ * timeout 0, or from the session's reader (on_message without a pool),
+ * takes room that is there.  A packet session has no queue: its write
+ * sends the datagram at once, and `timeout` bounds the wait when the
  * socket has no room for it (a unixgram peer that does not read, a full
  * send buffer): 0 fails with -EAGAIN at once, a positive timeout with
  * -ETIMEDOUT, a negative one waits until there is room; an abort, or the

@@ -455,10 +455,19 @@ static void room_leave(loom_session *s, room_waiter *me) {
     room_wake(s);
 }
 
+/* Whether this write may take room that is there without joining the
+ * line of those waiting: timeout 0 never waits, and the reader must not
+ * (its replies wait for it to read; a peer that stops reading until it
+ * has sent its request would wait for us, and the line for the peer). */
+static bool skips_line(loom_session *s, int64_t timeout) {
+  return s->rw_head == NULL || timeout == 0 || loom_id() == s->reader_g;
+}
+
 /* The queue is full, or producers wait in line for room: wait for room
- * per `timeout`, at the end of the line, or apply close_on_full.  Timeout
- * 0 does not wait in line: it takes room if there is some now.  Called
- * and returns with wmu held.  0: room (or the state changed). */
+ * per `timeout`, at the end of the line, or apply close_on_full (only to
+ * a queue that is full: a write that timed out in line below wq_high
+ * just fails).  Called and returns with wmu held.  0: room (or the
+ * state changed). */
 static int wait_room(loom_session *s, int64_t timeout) {
   int64_t deadline = timeout > 0 ? loom__after(timeout) : 0;
   if (!s->wbusy) {
@@ -466,7 +475,7 @@ static int wait_room(loom_session *s, int64_t timeout) {
      * not run yet): what the socket takes now is room at once. */
     if (s->top == &s->sock)
       try_send(s, &s->wq);
-    if (loom_buf_len(&s->wq) < s->o.wq_high && s->rw_head == NULL)
+    if (loom_buf_len(&s->wq) < s->o.wq_high && skips_line(s, timeout))
       return 0;
     int rc = kick_writer(s);
     if (rc < 0) {
@@ -477,8 +486,10 @@ static int wait_room(loom_session *s, int64_t timeout) {
     }
   }
   int rc = 0;
+  if (loom_buf_len(&s->wq) < s->o.wq_high && skips_line(s, timeout))
+    return 0;
   if (timeout == 0) {
-    if (loom_buf_len(&s->wq) < s->o.wq_high || !writable(s))
+    if (!writable(s))
       return 0;
     rc = -EAGAIN;
   } else {
@@ -501,7 +512,7 @@ static int wait_room(loom_session *s, int64_t timeout) {
   /* A session that ended meanwhile may have outlived its owner. */
   if (!s->io_closed)
     loom__owner_count(s->owner, LOOM__ERR_wq_full);
-  if (s->o.close_on_full) {
+  if (s->o.close_on_full && loom_buf_len(&s->wq) >= s->o.wq_high) {
     loom_mutex_unlock(&s->wmu);
     loom_session_abort(s, -ENOBUFS);
     loom_mutex_lock(&s->wmu);
@@ -543,8 +554,7 @@ static int queue_pkg(loom_session *s, const void *data, size_t len,
                      int64_t timeout) {
   int rc = 0;
   loom_mutex_lock(&s->wmu);
-  if (loom_buf_len(&s->wq) >= s->o.wq_high ||
-      (s->rw_head != NULL && timeout != 0)) /* behind those in line */
+  if (loom_buf_len(&s->wq) >= s->o.wq_high || !skips_line(s, timeout))
     rc = wait_room(s, timeout);
   if (rc == 0 && !writable(s))
     rc = LOOM_ECLOSED;
