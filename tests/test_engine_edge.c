@@ -450,10 +450,11 @@ TEST(slow_consumer_timeout_etimedout) {
  * together to race for the room, and the newest often won. */
 enum { FIFO_N = 4, FIFO_MARK = 0xA0 };
 static uint8_t fifo_pkg[FIFO_N][PKG];
-static atomic_int fifo_done;
+static atomic_int fifo_done, fifo_started;
 static void fifo_writer(void *arg) {
   int id = (int)(intptr_t)arg;
   loom_session *s = atomic_load(&E.s);
+  atomic_fetch_add(&fifo_started, 1); /* runs on into the line: no park */
   int rc = loom_session_write(s, fifo_pkg[id], PKG, -1);
   CHECKF(rc == 0, "writer %d: %s", id, loom_err_name(rc));
   atomic_fetch_add(&fifo_done, 1);
@@ -500,9 +501,14 @@ static void fifo_main(void *arg) {
   for (int i = 0; i < FIFO_N; i++)
     memset(fifo_pkg[i], FIFO_MARK + i, PKG);
   (void)fill_until_stalled(t.s);
+  atomic_store(&fifo_started, 0);
   for (int i = 0; i < FIFO_N; i++) {
     CHECK_OK(loom_go(fifo_writer, (void *)(intptr_t)i));
-    loom_sleep(20 * CHECK_MS); /* parked, before the next one comes */
+    /* In line before the next one comes: it has started, and the few
+     * steps from there to the line take no scheduling point but the
+     * session's lock, which nobody holds for long. */
+    WAIT_FOR(atomic_load(&fifo_started) == i + 1, 5);
+    loom_sleep(50 * CHECK_MS);
   }
   CHECK_EQ(atomic_load(&fifo_done), 0);
   static uint8_t sink[1 << 16];
