@@ -38,6 +38,18 @@ static size_t mk_payload(uint8_t *p, char type, uint64_t tag, size_t body) {
   return HDR + body;
 }
 
+/* How a session ended, for the cases that only watch that (each case
+ * runs in a process of its own). */
+static atomic_int end_closes, end_err;
+static void end_error(loom_session *s, int err) {
+  (void)s;
+  atomic_store(&end_err, err);
+}
+static void end_close(loom_session *s) {
+  (void)s;
+  atomic_fetch_add(&end_closes, 1);
+}
+
 /* ---- focused: a packet session parked in write_to ------------------- */
 
 static atomic_int ug_msgs, ug_closes, ug_blocked, ug_fail;
@@ -113,17 +125,8 @@ static void zh_message(loom_session *s, const loom_pkg *pkg) {
   int rc = loom_session_write(s, pkg->data, pkg->len, -1);
   CHECK(rc == 0 || rc == LOOM_ECLOSED);
 }
-static atomic_int zh_closes, zh_err;
-static void zh_error(loom_session *s, int err) {
-  (void)s;
-  atomic_store(&zh_err, err);
-}
-static void zh_close(loom_session *s) {
-  (void)s;
-  atomic_fetch_add(&zh_closes, 1);
-}
 static const loom_session_listener zh_listener = {
-    .on_message = zh_message, .on_error = zh_error, .on_close = zh_close};
+    .on_message = zh_message, .on_error = end_error, .on_close = end_close};
 
 static void zh_main(void *arg) {
   int nframes = (int)(intptr_t)arg;
@@ -184,7 +187,7 @@ static void zh_main(void *arg) {
           "compressed half-close: sent %zu plain bytes in %d frames, got %zu "
           "back, last read %zd (%s), on_close %d, error %s\n",
           plen, nframes, blen, n, n < 0 ? loom_err_name((int)n) : "EOF",
-          atomic_load(&zh_closes), loom_err_name(atomic_load(&zh_err)));
+          atomic_load(&end_closes), loom_err_name(atomic_load(&end_err)));
   CHECK_EQ(n, 0);
   CHECK_EQ(blen, plen);
   CHECK(memcmp(plain, back, plen) == 0);
@@ -437,23 +440,15 @@ TEST(write_wait_lost_wakeup_1p) {
 
 /* ---- focused: read_timeout vs a handler that takes a while ------------ */
 
-static atomic_int bh_msgs, bh_closes, bh_err;
+static atomic_int bh_msgs;
 static void bh_message(loom_session *s, const loom_pkg *pkg) {
   (void)s;
   (void)pkg;
   if (atomic_fetch_add(&bh_msgs, 1) == 5)
     loom_sleep(150 * CHECK_MS); /* one slow package */
 }
-static void bh_error(loom_session *s, int err) {
-  (void)s;
-  atomic_store(&bh_err, err);
-}
-static void bh_close(loom_session *s) {
-  (void)s;
-  atomic_fetch_add(&bh_closes, 1);
-}
 static const loom_session_listener bh_listener = {
-    .on_message = bh_message, .on_error = bh_error, .on_close = bh_close};
+    .on_message = bh_message, .on_error = end_error, .on_close = end_close};
 
 static void bh_main(void *arg) {
   loom_taskpool *pool = NULL;
@@ -478,15 +473,15 @@ static void bh_main(void *arg) {
   /* A line every 10 ms for 400 ms: never 100 ms without a byte. */
   int sent = 0;
   int64_t end = loom_now() + 400 * CHECK_MS;
-  while (loom_now() < end && atomic_load(&bh_closes) == 0) {
+  while (loom_now() < end && atomic_load(&end_closes) == 0) {
     CHECK_EQ(loom_write(c, "x\n", 2), 2);
     sent++;
     loom_sleep(10 * CHECK_MS);
   }
   fprintf(stderr, "%s: sent %d lines, handled %d, on_close %d, error %s\n",
           pool ? "pooled" : "plain", sent, atomic_load(&bh_msgs),
-          atomic_load(&bh_closes), loom_err_name(atomic_load(&bh_err)));
-  CHECK_EQ(atomic_load(&bh_closes), 0);
+          atomic_load(&end_closes), loom_err_name(atomic_load(&end_err)));
+  CHECK_EQ(atomic_load(&end_closes), 0);
   loom_close(c);
   CHECK_OK(loom_server_close(srv, loom_now() + SEC));
   if (pool)
