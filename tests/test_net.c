@@ -1164,6 +1164,74 @@ static void pctx_write_main(void *arg) {
 
 TEST(packet_write_bounded_by_context) { check_run(pctx_write_main, NULL, 2); }
 
+/* An unconnected unixgram socket writing to a peer whose queue is full
+ * of its datagrams parks in the poller, and is woken when the peer reads
+ * them: their memory is charged to the sending socket, so freeing it is
+ * a write-space edge (engine.h's poll_send is for the cases this does not
+ * cover: a peer full of others' datagrams, and the engine's turn). */
+typedef struct ugram_call {
+  loom_pconn *pc;
+  const struct sockaddr_storage *to;
+  socklen_t tolen;
+  atomic_long rc; /* 1 while the call has not returned */
+} ugram_call;
+static void ugram_writer(void *arg) {
+  ugram_call *c = arg;
+  char d[256];
+  memset(d, 'u', sizeof d);
+  atomic_store(&c->rc, (long)loom_pconn_write_to(c->pc, d, sizeof d,
+                                                 (const struct sockaddr *)c->to,
+                                                 c->tolen));
+}
+static void ugram_drain_main(void *arg) {
+  (void)arg;
+  char path[64], upath[64];
+  snprintf(path, sizeof path, "@loom-test-ugram-drain-%d", (int)getpid());
+  snprintf(upath, sizeof upath, "@loom-test-ugram-src-%d", (int)getpid());
+  loom_pconn *sink, *un;
+  CHECK_OK(loom_listen_packet(&sink, "unixgram", path));
+  CHECK_OK(loom_listen_packet(&un, "unixgram", upath));
+  struct sockaddr_storage to;
+  socklen_t tl;
+  CHECK_OK(loom_resolve_addr("unixgram", path, &to, &tl));
+  char d[256];
+  memset(d, 'u', sizeof d);
+  int sent = 0;
+  CHECK_OK(loom_pconn_set_write_deadline(un, loom_now() + 200 * CHECK_MS));
+  while (loom_pconn_write_to(un, d, sizeof d, (struct sockaddr *)&to, tl) ==
+         (ssize_t)sizeof d)
+    CHECK_LT(++sent, 100000);
+  CHECK_GT(sent, 0);
+  /* Full.  One more, with 5 s to go, while the sink drains. */
+  CHECK_OK(loom_pconn_set_write_deadline(un, loom_now() + 5 * CHECK_MS * 1000));
+  static ugram_call c;
+  c.pc = un;
+  c.to = &to;
+  c.tolen = tl;
+  atomic_store(&c.rc, 1);
+  CHECK_OK(loom_go(ugram_writer, &c));
+  loom_sleep(50 * CHECK_MS);
+  CHECK_EQ(atomic_load(&c.rc), 1);
+  char b[512];
+  for (int i = 0; i < sent; i++)
+    CHECK_EQ(loom_pconn_read(sink, b, sizeof b), (ssize_t)sizeof d);
+  int64_t t0 = loom_now();
+  while (atomic_load(&c.rc) == 1 && loom_now() - t0 < 10 * CHECK_MS * 1000)
+    loom_sleep(CHECK_MS);
+  int64_t took = loom_now() - t0;
+  printf("the parked write went %.1f ms after the peer drained\n",
+         (double)took / 1e6);
+  CHECK_EQ(atomic_load(&c.rc), (long)sizeof d);
+  CHECKF(took < 2000 * CHECK_MS, "it went only after %.0f ms",
+         (double)took / 1e6);
+  CHECK_EQ(loom_pconn_read(sink, b, sizeof b), (ssize_t)sizeof d);
+  CHECK_OK(loom_pconn_close(un));
+  CHECK_OK(loom_pconn_close(sink));
+}
+TEST(unixgram_write_to_wakes_when_peer_drains) {
+  check_run(ugram_drain_main, NULL, 2);
+}
+
 /* ------------------------------------------------------------------ */
 /* Deadlines that have passed stop calls that would not have waited.    */
 

@@ -179,8 +179,8 @@ typedef struct loom_session_opts {
  * refusal is counted as wq_full; close_on_full does not apply (a server's
  * one packet session serves every peer).  A datagram that does not leave
  * is not in bytes_out and pkgs_out (a send that fails takes its counts
- * back).  An unconnected unixgram socket has room per peer, which the
- * poller cannot watch: a write waiting there tries again after 1, 2, 4 ...
+ * back).  An unconnected unixgram socket has room per peer, and the poller
+ * does not say whose: a write waiting there tries again after 1, 2, 4 ...
  * up to 16 ms, so one peer that never reads holds up no write to another.
  */
 LOOM_API int loom_session_write(loom_session *s, const void *data, size_t len,
