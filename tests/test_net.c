@@ -1165,10 +1165,8 @@ static void pctx_write_main(void *arg) {
 TEST(packet_write_bounded_by_context) { check_run(pctx_write_main, NULL, 2); }
 
 /* An unconnected unixgram socket writing to a peer whose queue is full
- * of its datagrams parks in the poller, and is woken when the peer reads
- * them: their memory is charged to the sending socket, so freeing it is
- * a write-space edge (engine.h's poll_send is for the cases this does not
- * cover: a peer full of others' datagrams, and the engine's turn). */
+ * of its datagrams waits, and its datagram goes once the peer reads them
+ * (it tries again on its own: see net/udp.c's dgram_io). */
 typedef struct ugram_call {
   loom_pconn *pc;
   const struct sockaddr_storage *to;
@@ -1230,6 +1228,161 @@ static void ugram_drain_main(void *arg) {
 }
 TEST(unixgram_write_to_wakes_when_peer_drains) {
   check_run(ugram_drain_main, NULL, 2);
+}
+
+/* Fill `sink`'s receive queue from `pc`, without waiting; the count. */
+static int ugram_fill(loom_pconn *pc, const struct sockaddr_storage *to,
+                      socklen_t tl) {
+  char d[256];
+  memset(d, 'o', sizeof d);
+  int sent = 0;
+  CHECK_OK(loom_pconn_set_write_deadline(pc, loom_now() + 200 * CHECK_MS));
+  while (loom_pconn_write_to(pc, d, sizeof d, (const struct sockaddr *)to,
+                             tl) == (ssize_t)sizeof d)
+    CHECK_LT(++sent, 100000);
+  CHECK_OK(loom_pconn_set_write_deadline(pc, 0));
+  CHECK_GT(sent, 0);
+  return sent;
+}
+
+/* Wait up to 10 s for a ugram_call to return; its result. */
+static long ugram_result(ugram_call *c) {
+  int64_t t0 = loom_now();
+  while (atomic_load(&c->rc) == 1 && loom_now() - t0 < 10 * CHECK_MS * 1000)
+    loom_sleep(CHECK_MS);
+  return atomic_load(&c->rc);
+}
+
+/* The peer's queue is full of another socket's datagrams: reading them
+ * frees nothing of ours, so the poller reports nothing to our socket
+ * then.  The waiting write_to must still go once the peer has drained
+ * (it tries again on its own), well before its deadline. */
+static void ugram_others_main(void *arg) {
+  (void)arg;
+  char path[64], upath[64], opath[64];
+  snprintf(path, sizeof path, "@loom-test-ugram-oth-sink-%d", (int)getpid());
+  snprintf(upath, sizeof upath, "@loom-test-ugram-oth-un-%d", (int)getpid());
+  snprintf(opath, sizeof opath, "@loom-test-ugram-oth-o-%d", (int)getpid());
+  loom_pconn *sink, *un, *other;
+  CHECK_OK(loom_listen_packet(&sink, "unixgram", path));
+  CHECK_OK(loom_listen_packet(&un, "unixgram", upath));
+  CHECK_OK(loom_listen_packet(&other, "unixgram", opath));
+  struct sockaddr_storage to;
+  socklen_t tl;
+  CHECK_OK(loom_resolve_addr("unixgram", path, &to, &tl));
+  int sent = ugram_fill(other, &to, tl);
+
+  CHECK_OK(loom_pconn_set_write_deadline(un, loom_now() + 8000 * CHECK_MS));
+  static ugram_call c;
+  c = (ugram_call){.pc = un, .to = &to, .tolen = tl};
+  atomic_store(&c.rc, 1);
+  CHECK_OK(loom_go(ugram_writer, &c));
+  loom_sleep(50 * CHECK_MS);
+  /* Waiting, it does not spin: each failed send reports write space on
+   * our socket (its buffer, allocated and freed), so a write that waited
+   * for that retried at once, forever, taking a whole CPU. */
+  int64_t c0 = check_cpu_ns();
+  loom_sleep(300 * CHECK_MS);
+  int64_t cpu = check_cpu_ns() - c0;
+  printf("300 ms waiting for a full peer: %.1f ms of CPU\n", cpu / 1e6);
+  CHECKF(cpu < 60 * CHECK_MS, "the write spun: %.1f ms of CPU in 300 ms",
+         cpu / 1e6);
+  CHECK_EQ(atomic_load(&c.rc), 1); /* parked: the peer is full */
+  char b[512];
+  for (int i = 0; i < sent; i++)
+    CHECK_EQ(loom_pconn_read(sink, b, sizeof b), 256);
+  int64_t t0 = loom_now();
+  long rc = ugram_result(&c);
+  printf("the write went %.1f ms after the peer drained\n",
+         (double)(loom_now() - t0) / 1e6);
+  CHECK_EQ(rc, 256); /* before its deadline: not -ETIMEDOUT */
+  CHECK_EQ(loom_pconn_read(sink, b, sizeof b), 256);
+  CHECK(b[0] == 'u');
+  CHECK_OK(loom_pconn_close(other));
+  CHECK_OK(loom_pconn_close(un));
+  CHECK_OK(loom_pconn_close(sink));
+}
+TEST(unixgram_write_to_resumes_when_a_peer_full_of_others_drains) {
+  check_run(ugram_others_main, NULL, 2);
+}
+
+typedef struct ugram_ctx_call {
+  ugram_call c;
+  loom_ctx *ctx;
+} ugram_ctx_call;
+static void ugram_ctx_writer(void *arg) {
+  ugram_ctx_call *w = arg;
+  struct iovec iov = {.iov_base = "ctx", .iov_len = 3};
+  atomic_store(&w->c.rc, (long)loom_pconn_write_msg_ctx(
+                             w->c.pc, &iov, 1, (const struct sockaddr *)w->c.to,
+                             w->c.tolen, w->ctx));
+}
+
+/* One write_to waits, without a deadline, for a peer that never reads:
+ * the socket's writes to other peers still go; a context's cancel and a
+ * close end the waiting ones at once. */
+static void ugram_spare_main(void *arg) {
+  (void)arg;
+  char path[64], path2[64], upath[64], opath[64];
+  int pid = (int)getpid();
+  snprintf(path, sizeof path, "@loom-test-ugram-sp-stuck-%d", pid);
+  snprintf(path2, sizeof path2, "@loom-test-ugram-sp-free-%d", pid);
+  snprintf(upath, sizeof upath, "@loom-test-ugram-sp-un-%d", pid);
+  snprintf(opath, sizeof opath, "@loom-test-ugram-sp-o-%d", pid);
+  loom_pconn *stuck, *fine, *un, *other;
+  CHECK_OK(loom_listen_packet(&stuck, "unixgram", path));
+  CHECK_OK(loom_listen_packet(&fine, "unixgram", path2));
+  CHECK_OK(loom_listen_packet(&un, "unixgram", upath));
+  CHECK_OK(loom_listen_packet(&other, "unixgram", opath));
+  struct sockaddr_storage to, to2;
+  socklen_t tl, tl2;
+  CHECK_OK(loom_resolve_addr("unixgram", path, &to, &tl));
+  CHECK_OK(loom_resolve_addr("unixgram", path2, &to2, &tl2));
+  ugram_fill(other, &to, tl);
+
+  static ugram_call w1, w2;
+  w1 = (ugram_call){.pc = un, .to = &to, .tolen = tl};
+  atomic_store(&w1.rc, 1);
+  CHECK_OK(loom_go(ugram_writer, &w1));
+  loom_sleep(50 * CHECK_MS);
+  CHECK_EQ(atomic_load(&w1.rc), 1);
+  /* Several, each after the one before is queued behind w1. */
+  for (int i = 0; i < 3; i++) {
+    w2 = (ugram_call){.pc = un, .to = &to2, .tolen = tl2};
+    atomic_store(&w2.rc, 1);
+    CHECK_OK(loom_go(ugram_writer, &w2));
+    CHECK_EQ(ugram_result(&w2), 256);
+    char b[512];
+    CHECK_EQ(loom_pconn_read(fine, b, sizeof b), 256);
+  }
+  CHECK_EQ(atomic_load(&w1.rc), 1); /* still waiting for the stuck one */
+  /* A context's cancel ends a waiting write_msg_ctx, and, as documented,
+   * the other writes waiting then (the direction's deadline expires). */
+  static ugram_ctx_call w3;
+  w3 = (ugram_ctx_call){.c = {.pc = un, .to = &to, .tolen = tl}};
+  atomic_store(&w3.c.rc, 1);
+  CHECK_OK(loom_ctx_with_cancel(&w3.ctx, loom_ctx_background()));
+  CHECK_OK(loom_go(ugram_ctx_writer, &w3));
+  loom_sleep(30 * CHECK_MS);
+  CHECK_EQ(atomic_load(&w3.c.rc), 1);
+  loom_ctx_cancel(w3.ctx);
+  CHECK_EQ(ugram_result(&w3.c), -ECANCELED);
+  CHECK_EQ(ugram_result(&w1), -ETIMEDOUT);
+  loom_ctx_release(w3.ctx);
+  /* A close ends a waiting one with LOOM_ECLOSED. */
+  CHECK_OK(loom_pconn_set_write_deadline(un, 0));
+  atomic_store(&w1.rc, 1);
+  CHECK_OK(loom_go(ugram_writer, &w1));
+  loom_sleep(30 * CHECK_MS);
+  CHECK_EQ(atomic_load(&w1.rc), 1);
+  CHECK_OK(loom_pconn_close(un));
+  CHECK_EQ(ugram_result(&w1), LOOM_ECLOSED);
+  CHECK_OK(loom_pconn_close(other));
+  CHECK_OK(loom_pconn_close(fine));
+  CHECK_OK(loom_pconn_close(stuck));
+}
+TEST(unixgram_write_to_a_stuck_peer_spares_the_others) {
+  check_run(ugram_spare_main, NULL, 2);
 }
 
 /* ------------------------------------------------------------------ */

@@ -222,6 +222,14 @@ LOOM_API int loom_conn_set_buffers(loom_conn *c, int rcvbuf, int sndbuf);
  * length: a result larger than `len` means the datagram was cut to `len`
  * bytes (the rest is dropped, as recv does), so truncation is never
  * silent.  Deadlines, close and addresses behave as for loom_conn.
+ *
+ * A write waits while the socket has no room.  On an unconnected Unix
+ * datagram socket the room is the destination's receive queue, and the
+ * kernel cannot say when a given peer has room: such a write tries again
+ * after 1 ms, then 2, 4, ... up to 16 ms, until it is sent or its
+ * deadline, a context or a close ends it, and while it waits the
+ * socket's writes to other peers go on.  (Elsewhere writes to one socket
+ * go one at a time, in order, as in Go.)
  */
 typedef struct loom_pconn loom_pconn;
 

@@ -620,16 +620,15 @@ static ssize_t send_now(loom_session *s, const struct iovec *iov, int n,
 #define POLL_SEND_MAX_NS (16 * INT64_C(1000000))
 
 /* wait_send for an unconnected unixgram socket.  Its room is per
- * destination (each peer's receive queue), and the poller does not say
- * whose: a peer reading our datagrams frees our socket's memory, a
- * write-space edge that wakes a write parked for any peer (which then
- * finds its own peer still full), and a peer full of others' datagrams
- * wakes nobody of ours when it reads (the kernel's peer wake-up is for
- * connected sockets).  One write parked for a stuck peer, holding the
- * turn, would hold up writes to every other peer.  So each
- * sender on its own tries again after 1 ms, then 2, 4, ... up to 16 ms,
- * until `deadline` (0: none); an abort or the end of the socket wakes it
- * with LOOM_ECLOSED.  The count, or -ETIMEDOUT, LOOM_ECLOSED, -ENOMEM. */
+ * destination (each peer's receive queue), and the poller cannot say
+ * when one has room (net/udp.c, dgram_io: a failed send reports write
+ * space itself, and a peer full of others' datagrams reports nothing to
+ * us when it reads).  One write waiting for a stuck peer, holding the
+ * turn, would hold up writes to every other peer.  So each sender on
+ * its own tries again after 1 ms, then 2, 4, ... up to 16 ms (as
+ * dgram_io does), until `deadline` (0: none); an abort or the end of the
+ * socket wakes it with LOOM_ECLOSED.  The count, or -ETIMEDOUT,
+ * LOOM_ECLOSED, -ENOMEM. */
 static ssize_t poll_send(loom_session *s, const struct iovec *iov, int n,
                          const struct sockaddr *to, socklen_t tolen,
                          int64_t deadline) {

@@ -52,7 +52,16 @@ struct dgram_op {
   int flags;
 };
 
-/* One datagram in or out, parking on EAGAIN. */
+#define RETRY_FIRST_NS INT64_C(1000000) /* see dgram_io */
+#define RETRY_MAX_NS (16 * INT64_C(1000000))
+
+/* One datagram in or out, parking on EAGAIN.  A send from an unconnected
+ * Unix datagram socket cannot wait for write space: it is full for one
+ * destination (that peer's receive queue), the poller does not say for
+ * whom, and the failed send itself reports write space (pollfd.h,
+ * loom__pd_sleep).  So such a sender tries again after 1 ms, then 2, 4,
+ * ... up to 16 ms, and sleeps without the direction's lock: one peer
+ * that never reads does not hold up the socket's writes to others. */
 static ssize_t dgram_io(loom_pconn *pc, struct dgram_op *op) {
   if (pc == NULL)
     return -EINVAL;
@@ -63,6 +72,8 @@ static ssize_t dgram_io(loom_pconn *pc, struct dgram_op *op) {
     return LOOM_ECLOSED;
   loom__sema *sem = op->send ? &f->wsema : &f->rsema;
   int mode = op->send ? 'w' : 'r';
+  bool retry = op->send && !pc->connected && f->family == AF_UNIX;
+  int64_t slice = RETRY_FIRST_NS;
   ssize_t r;
   loom__sema_acquire(sem);
   for (;;) {
@@ -76,6 +87,18 @@ static ssize_t dgram_io(loom_pconn *pc, struct dgram_op *op) {
     int e = loom__errno();
     if (e == EINTR)
       continue;
+    if (e == EAGAIN && retry) {
+      loom__sema_release(sem);
+      int w = loom__pd_sleep(f->pd, loom__sat_add(loom_now(), slice));
+      loom__sema_acquire(sem);
+      if (w != 0) {
+        r = w;
+        break;
+      }
+      if (slice < RETRY_MAX_NS)
+        slice *= 2;
+      continue;
+    }
     if (e == EAGAIN) {
       int w = loom__pd_wait(f->pd, mode);
       if (w != 0) {

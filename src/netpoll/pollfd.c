@@ -10,6 +10,7 @@
 
 #include "runtime/alloc.h"
 #include "runtime/runtime.h"
+#include "sync/wait.h"
 
 #define TAG_SHIFT 48
 #define PD_BLOCK 64
@@ -214,6 +215,51 @@ int loom__pd_wait(loom__pd *pd, int mode) {
   }
 }
 
+/* ---- sleepers ------------------------------------------------------ */
+
+/* Under pd's lock: unlink and claim every sleeper, chained by `next`
+ * for wake_sleepers (after the unlock). */
+static loom__wnode *take_sleepers(loom__pd *pd) {
+  loom__wnode *first = NULL, **tail = &first;
+  loom__wnode *n;
+  while ((n = loom__waitq_pop(&pd->wsleep)) != NULL) {
+    *tail = n;
+    tail = &n->next;
+  }
+  *tail = NULL;
+  return first;
+}
+
+static void wake_sleepers(loom__wnode *n) {
+  while (n != NULL) {
+    loom__wnode *next = n->next; /* n is gone once its waiter runs */
+    loom__waiter_wake(n->w);
+    n = next;
+  }
+}
+
+static void unlock_cb(void *pd) { pd_unlock(pd); }
+
+int loom__pd_sleep(loom__pd *pd, int64_t until) {
+  loom__waiter w;
+  loom__waiter_init(&w, false);
+  loom__wnode n = {.w = &w};
+  pd_lock(pd);
+  int err = pd->closing ? LOOM_ECLOSED : pd->wd < 0 ? -ETIMEDOUT : 0;
+  if (err != 0) {
+    pd_unlock(pd);
+    return err;
+  }
+  loom__waitq_push(&pd->wsleep, &n);
+  loom__waiter_wait(&w, unlock_cb, pd, until);
+  pd_lock(pd);
+  loom__waitq_unlink(&pd->wsleep, &n); /* if its timer ended it */
+  pd_unlock(pd);
+  if (w.fired == LOOM__FIRED_NOMEM)
+    return -ENOMEM;
+  return loom__pd_check(pd, 'w');
+}
+
 /* ---- deadlines ------------------------------------------------------ */
 
 static void deadline_fire(loom__pd *pd, int mode, loom__timer *t) {
@@ -232,9 +278,11 @@ static void deadline_fire(loom__pd *pd, int mode, loom__timer *t) {
   }
   set_slot(pd, mode, -1);
   loom__g *g = unblock(pd, mode, false);
+  loom__wnode *sl = mode == 'w' ? take_sleepers(pd) : NULL;
   pd_unlock(pd);
   if (g != NULL)
     loom__ready(g);
+  wake_sleepers(sl);
 }
 
 static void rd_fire(loom__timer *t, void *arg) { deadline_fire(arg, 'r', t); }
@@ -281,16 +329,20 @@ int loom__pd_set_deadline(loom__pd *pd, int mode, int64_t d) {
   if (d > now && loom__timers_reserve(&p->timers, 2) != 0)
     return -ENOMEM;
   loom__g *rg = NULL, *wg = NULL;
+  loom__wnode *sl = NULL;
   pd_lock(pd);
   if (mode == 'r' || mode == 'r' + 'w')
     rg = set_one(pd, p, 'r', d, now);
-  if (mode == 'w' || mode == 'r' + 'w')
+  if (mode == 'w' || mode == 'r' + 'w') {
     wg = set_one(pd, p, 'w', d, now);
+    sl = take_sleepers(pd); /* each looks at the new deadline */
+  }
   pd_unlock(pd);
   if (rg != NULL)
     loom__ready(rg);
   if (wg != NULL)
     loom__ready(wg);
+  wake_sleepers(sl);
   if (d > now)
     loom__wake_netpoller(m->rt, d);
   return 0;
@@ -307,9 +359,11 @@ void loom__pd_expire(loom__pd *pd, int mode) {
   set_slot(pd, mode, -1);
   loom__timer_stop(mode == 'r' ? &pd->rt : &pd->wt);
   loom__g *g = unblock(pd, mode, false);
+  loom__wnode *sl = mode == 'w' ? take_sleepers(pd) : NULL;
   pd_unlock(pd);
   if (g != NULL)
     loom__ready(g);
+  wake_sleepers(sl);
 }
 
 void loom__pd_expire_read(void *pd) { loom__pd_expire(pd, 'r'); }
@@ -349,11 +403,13 @@ void loom__pd_evict(loom__pd *pd) {
   pd->wseq++;
   loom__g *rg = unblock(pd, 'r', false);
   loom__g *wg = unblock(pd, 'w', false);
+  loom__wnode *sl = take_sleepers(pd);
   pd_unlock(pd);
   if (rg != NULL)
     loom__ready(rg);
   if (wg != NULL)
     loom__ready(wg);
+  wake_sleepers(sl);
 }
 
 void loom__pd_close(loom__pd *pd, bool unregister) {
@@ -366,7 +422,8 @@ void loom__pd_close(loom__pd *pd, bool unregister) {
   pd_unlock(pd);
   loom__timer_del(&pd->rt);
   loom__timer_del(&pd->wt);
-  if (atomic_load(&pd->rg) > PD_WAIT || atomic_load(&pd->wg) > PD_WAIT)
+  if (atomic_load(&pd->rg) > PD_WAIT || atomic_load(&pd->wg) > PD_WAIT ||
+      pd->wsleep.head_ != NULL)
     loom__throw("pd_close: a coroutine still waits on the fd");
   /* Stale events for this fd now carry an old tag. */
   atomic_fetch_add_explicit(&pd->fdseq, 1, memory_order_release);

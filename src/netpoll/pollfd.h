@@ -42,6 +42,7 @@
 #include <stdbool.h>
 #include <stdint.h>
 
+#include "loom/sync.h"
 #include "runtime/timer.h"
 
 struct loom__rt;
@@ -62,6 +63,7 @@ typedef struct loom__pd {
   int64_t rd, wd;             /* deadline: 0 none, -1 passed, else time */
   _Atomic unsigned expired;   /* 1: rd is -1, 2: wd is -1 (read unlocked) */
   loom__timer rt, wt;
+  loom_waitq_ wsleep;         /* loom__pd_sleep's sleepers (sync/wait.h) */
   struct loom__pd *link;      /* pool free list */
   struct loom__rt *owner;
 } loom__pd;
@@ -80,6 +82,17 @@ void loom__pd_evict(loom__pd *pd);
  * -ETIMEDOUT when the deadline passed, LOOM_ECLOSED when evicted.
  * Parks.  At most one coroutine waits per direction. */
 int loom__pd_wait(loom__pd *pd, int mode);
+/* Sleep until `until` (a loom_now() time), for a writer whose fd's
+ * readiness cannot say when to try again: an unconnected Unix datagram
+ * socket has room per destination (each peer's receive queue), and a
+ * send that fails for a full peer reports write space itself (its
+ * buffer, allocated and freed), so waiting on readiness would spin.
+ * Readiness does not end the sleep; a close, or a change or expiry of
+ * the write deadline (a context's cancel too), ends every sleep at once.
+ * Any number of coroutines may sleep, apart from the one waiter of
+ * loom__pd_wait.  0 (the time came, or the deadline was moved: try
+ * again), -ETIMEDOUT, LOOM_ECLOSED, or -ENOMEM (no timer).  Parks. */
+int loom__pd_sleep(loom__pd *pd, int64_t until);
 /* Forget a readiness the poller recorded while nobody waited, just
  * before the system call that takes what it announced: afterwards the
  * recorded readiness means input that came after that call began (but
