@@ -604,6 +604,120 @@ TEST(slow_consumer_close_on_full_enobufs) {
   run(slow_close_on_full_main, 2, "close_on_full");
 }
 
+/* A producer waits in line, and the queue is below wq_high but above
+ * wq_low (so the producer is not woken yet): the state in which the
+ * line, not a full queue, is what a later write meets.  Built by filling
+ * the queue to wq_high without a refusal, parking a producer, then
+ * having the peer read until the socket has taken the queue below
+ * wq_high.  The session has a (long) write_timeout, so that the writer
+ * sends the queue in batches of 64 KiB, not all of it at once (the
+ * queue shrinks when a batch is out): a queue of wq_high plus a package
+ * leaves one batch at a time. */
+enum { LINE_WRITE_TIMEOUT_S = 60 };
+#define LINE_WRITE_TIMEOUT (LINE_WRITE_TIMEOUT_S * SEC)
+static atomic_int line_rc = 1;
+static void line_producer(void *arg) {
+  atomic_store(&line_rc, loom_session_write(arg, big, PKG, 20 * SEC));
+}
+static void line_below_high(slow *t) {
+  size_t before = SIZE_MAX;
+  loom_session_stats st;
+  for (int round = 0;; round++) {
+    CHECKF(round < 100, "the write queue never stalled");
+    for (;;) { /* below wq_high a write is queued at once: no refusal */
+      loom_session_stats_get(t->s, &st);
+      if (st.wq_bytes >= WQ_HIGH)
+        break;
+      CHECK_OK(loom_session_write(t->s, big, PKG, 0));
+    }
+    if (st.wq_bytes == before)
+      break;
+    before = st.wq_bytes;
+    loom_sleep(30 * CHECK_MS);
+  }
+  atomic_store(&line_rc, 1);
+  CHECK_OK(loom_go(line_producer, t->s));
+  loom_sleep(50 * CHECK_MS);
+  CHECK_EQ(atomic_load(&line_rc), 1); /* in line */
+  /* The peer reads 16 KiB at a time until the queue is below wq_high
+   * (what the socket buffers hold varies): 16 KiB below it at most. */
+  static uint8_t sink[4096];
+  for (int step = 0; st.wq_bytes >= WQ_HIGH; step++) {
+    CHECKF(step < 100, "queue %zu: never below wq_high", st.wq_bytes);
+    size_t got = 0;
+    while (got < 16384) {
+      CHECK_OK(loom_fd_wait(t->peer, LOOM_FD_READ, loom_now() + 5 * SEC));
+      size_t want = 16384 - got;
+      ssize_t n = read(t->peer, sink, want < sizeof sink ? want : sizeof sink);
+      if (n < 0)
+        CHECK_EQ(errno, EAGAIN);
+      else
+        got += (size_t)n;
+    }
+    before = SIZE_MAX;
+    for (int i = 0; i < 100; i++) { /* until the socket stops taking */
+      loom_session_stats_get(t->s, &st);
+      if (st.wq_bytes == before)
+        break;
+      before = st.wq_bytes;
+      loom_sleep(30 * CHECK_MS);
+    }
+  }
+  CHECKF(st.wq_bytes < WQ_HIGH && st.wq_bytes > WQ_HIGH / 2,
+         "queue %zu: not between the watermarks", st.wq_bytes);
+  CHECK_EQ(atomic_load(&line_rc), 1); /* still in line */
+}
+
+/* Such a write that times out in line fails with -ETIMEDOUT, and
+ * close_on_full leaves the session alone: the queue was not full. */
+static void line_close_on_full_main(void *arg) {
+  (void)arg;
+  slow t;
+  slow_start(&t, true, LINE_WRITE_TIMEOUT, WQ_HIGH, 0);
+  line_below_high(&t);
+  CHECK_ERR(loom_session_write(t.s, big, PKG, 100 * CHECK_MS), -ETIMEDOUT);
+  CHECK(!loom_session_closed(t.s));
+  CHECK_EQ(atomic_load(&E.errs), 0);
+  CHECK_EQ(metrics(t.srv).errors.wq_full, 1); /* refused for want of room */
+  /* Leaving the line, the write let the producer at its head look again:
+   * it may have taken the room below wq_high, or still wait. */
+  slow_end(&t);
+  WAIT_FOR(atomic_load(&line_rc) != 1, 5);
+  int rc = atomic_load(&line_rc);
+  CHECKF(rc == 0 || rc == LOOM_ECLOSED, "the producer: %s", loom_err_name(rc));
+}
+TEST(slow_consumer_close_on_full_spares_a_timeout_in_line) {
+  run(line_close_on_full_main, 2, "close_on_full, in line below high");
+}
+
+/* The reader's reply (on_message without a pool) takes the room that is
+ * there instead of waiting behind the producer: a peer that waits for
+ * its reply before it reads again must not wait for the line. */
+static atomic_int reply_rc = 1;
+static void reply_in_line(loom_session *s, const loom_pkg *pkg) {
+  (void)pkg;
+  atomic_store(&reply_rc, loom_session_write(s, "pong", 4, 500 * CHECK_MS));
+}
+static void line_reader_main(void *arg) {
+  (void)arg;
+  slow t;
+  slow_start(&t, false, LINE_WRITE_TIMEOUT, WQ_HIGH, 0);
+  line_below_high(&t);
+  atomic_store(&reply_rc, 1);
+  E.msg = reply_in_line;
+  static const uint8_t ping[] = {0, 0, 0, 4, 'p', 'i', 'n', 'g'};
+  CHECK_EQ(write(t.peer, ping, sizeof ping), (ssize_t)sizeof ping);
+  WAIT_FOR(atomic_load(&reply_rc) != 1, 5);
+  CHECK_OK(atomic_load(&reply_rc));
+  CHECK_EQ(atomic_load(&line_rc), 1); /* the producer still waits */
+  E.msg = NULL;
+  slow_end(&t);
+  WAIT_FOR(atomic_load(&line_rc) != 1, 5);
+}
+TEST(slow_consumer_reader_reply_skips_the_line) {
+  run(line_reader_main, 2, "the reader's reply, in line below high");
+}
+
 /* (d) Memory: 200 MB of attempted writes to a peer that never reads
  * costs about wq_high + one package.  Measured two ways: the bytes live
  * in loom's allocator (exact, every build), and the process RSS (plain
