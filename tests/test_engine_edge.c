@@ -309,7 +309,9 @@ typedef struct slow {
 } slow;
 
 /* A server with small socket buffers and watermarks, and a peer with a
- * small receive buffer that never reads. */
+ * small receive buffer that never reads; on_message runs in slow_pool
+ * when it is set. */
+static loom_taskpool *slow_pool;
 static void slow_start(slow *t, bool close_on_full, int64_t write_timeout,
                        size_t wq_high, int64_t linger) {
   codecs_init();
@@ -322,6 +324,7 @@ static void slow_start(slow *t, bool close_on_full, int64_t write_timeout,
   o.session.close_on_full = close_on_full;
   o.session.write_timeout = write_timeout;
   o.session.linger = linger;
+  o.session.pool = slow_pool;
   E.keep = true;
   t->srv = serve(&o, t->addr);
   t->peer = raw_dial(t->addr, 16384);
@@ -690,16 +693,20 @@ TEST(slow_consumer_close_on_full_spares_a_timeout_in_line) {
   run(line_close_on_full_main, 2, "close_on_full, in line below high");
 }
 
-/* The reader's reply (on_message without a pool) takes the room that is
- * there instead of waiting behind the producer: a peer that waits for
- * its reply before it reads again must not wait for the line. */
+/* A reply from on_message takes the room that is there instead of
+ * waiting behind the producer: a peer that waits for its reply before it
+ * reads again must not wait for the line.  On the reader, and in a task
+ * pool (arg non-NULL). */
 static atomic_int reply_rc = 1;
 static void reply_in_line(loom_session *s, const loom_pkg *pkg) {
   (void)pkg;
   atomic_store(&reply_rc, loom_session_write(s, "pong", 4, 500 * CHECK_MS));
 }
-static void line_reader_main(void *arg) {
-  (void)arg;
+static void line_reply_main(void *arg) {
+  if (arg != NULL) {
+    loom_taskpool_opts po = {.queues = 1, .workers = 1};
+    CHECK_OK(loom_taskpool_make(&slow_pool, &po));
+  }
   slow t;
   slow_start(&t, false, LINE_WRITE_TIMEOUT, WQ_HIGH, 0);
   line_below_high(&t);
@@ -713,9 +720,20 @@ static void line_reader_main(void *arg) {
   E.msg = NULL;
   slow_end(&t);
   WAIT_FOR(atomic_load(&line_rc) != 1, 5);
+  if (slow_pool != NULL) {
+    loom_taskpool_close(slow_pool);
+    slow_pool = NULL;
+  }
 }
 TEST(slow_consumer_reader_reply_skips_the_line) {
-  run(line_reader_main, 2, "the reader's reply, in line below high");
+  run(line_reply_main, 2, "the reader's reply, in line below high");
+}
+static void line_reply_pooled_main(void *arg) {
+  (void)arg;
+  line_reply_main(&slow_pool);
+}
+TEST(slow_consumer_pooled_reply_skips_the_line) {
+  run(line_reply_pooled_main, 2, "a pooled reply, in line below high");
 }
 
 /* (d) Memory: 200 MB of attempted writes to a peer that never reads

@@ -169,19 +169,19 @@ typedef struct loom_session_opts {
  * they came, as a Go channel's blocked senders (when the queue falls to
  * wq_low the first goes, then the next while there is room); a write with
  * a timeout that comes while others wait queues behind them, one with
- * timeout 0, or from the session's reader (on_message without a pool),
- * takes room that is there.  A packet session has no queue: its write
- * sends the datagram at once, and `timeout` bounds the wait when the
- * socket has no room for it (a unixgram peer that does not read, a full
- * send buffer): 0 fails with -EAGAIN at once, a positive timeout with
- * -ETIMEDOUT, a negative one waits until there is room; an abort, or the
- * end of a graceful close, ends the wait with LOOM_ECLOSED.  Such a
- * refusal is counted as wq_full; close_on_full does not apply (a server's
- * one packet session serves every peer).  A datagram that does not leave
- * is not in bytes_out and pkgs_out (a send that fails takes its counts
- * back).  An unconnected unixgram socket has room per peer, and the poller
- * does not say whose: a write waiting there tries again after 1, 2, 4 ...
- * up to 16 ms, so one peer that never reads holds up no write to another.
+ * timeout 0, or from a callback of the session's server or client (on its
+ * reader or in its task pool), takes room that is there.  A packet session has
+ * no queue: its write sends the datagram at once, and `timeout` bounds the wait
+ * when the socket has no room for it (a unixgram peer that does not read, a
+ * full send buffer): 0 fails with -EAGAIN at once, a positive timeout with
+ * -ETIMEDOUT, a negative one waits until there is room; an abort, or the end of
+ * a graceful close, ends the wait with LOOM_ECLOSED.  Such a refusal is counted
+ * as wq_full; close_on_full does not apply (a server's one packet session
+ * serves every peer).  A datagram that does not leave is not in bytes_out and
+ * pkgs_out (a send that fails takes its counts back).  An unconnected unixgram
+ * socket has room per peer, and the poller does not say whose: a write waiting
+ * there tries again after 1, 2, 4 ... up to 16 ms, so one peer that never reads
+ * holds up no write to another.
  */
 LOOM_API int loom_session_write(loom_session *s, const void *data, size_t len,
                                 int64_t timeout);

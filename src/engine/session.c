@@ -456,11 +456,15 @@ static void room_leave(loom_session *s, room_waiter *me) {
 }
 
 /* Whether this write may take room that is there without joining the
- * line of those waiting: timeout 0 never waits, and the reader must not
- * (its replies wait for it to read; a peer that stops reading until it
- * has sent its request would wait for us, and the line for the peer). */
+ * line of those waiting: timeout 0 never waits, and neither do the
+ * callbacks of the session's owner, on a reader or in the pool.  A
+ * callback waiting in line holds up its session: the reader stops
+ * reading, a pooled handler its queue, then the reader; and a peer that
+ * waits for its reply before it reads again waits for us, while the
+ * line waits for the peer (the first in line goes only once the queue
+ * falls to wq_low). */
 static bool skips_line(loom_session *s, int64_t timeout) {
-  return s->rw_head == NULL || timeout == 0 || loom_id() == s->reader_g;
+  return s->rw_head == NULL || timeout == 0 || loom__cb_tag() == s->owner;
 }
 
 /* The queue is full, or producers wait in line for room: wait for room
