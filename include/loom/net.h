@@ -227,9 +227,11 @@ LOOM_API int loom_conn_set_buffers(loom_conn *c, int rcvbuf, int sndbuf);
  * datagram socket the room is the destination's receive queue, and the
  * kernel cannot say when a given peer has room: such a write tries again
  * after 1 ms, then 2, 4, ... up to 16 ms, until it is sent or its
- * deadline, a context or a close ends it, and while it waits the
- * socket's writes to other peers go on.  (Elsewhere writes to one socket
- * go one at a time, in order, as in Go.)
+ * deadline, a context or a close ends it (or it fails with -ENOMEM: no
+ * memory for the timer), and while it waits the socket's other writes go
+ * on, to other peers and to the same one: a later datagram to that peer
+ * may get there first.  (Elsewhere writes to one socket go one at a
+ * time, in the order they came, as in Go.)
  */
 typedef struct loom_pconn loom_pconn;
 

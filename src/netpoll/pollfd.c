@@ -217,44 +217,48 @@ int loom__pd_wait(loom__pd *pd, int mode) {
 
 /* ---- sleepers ------------------------------------------------------ */
 
-/* Under pd's lock: unlink and claim every sleeper, chained by `next`
- * for wake_sleepers (after the unlock). */
-static loom__wnode *take_sleepers(loom__pd *pd) {
-  loom__wnode *first = NULL, **tail = &first;
-  loom__wnode *n;
+/* Wake every sleeper, after a change to what they look at (closing,
+ * the write deadline) made under pd's lock and released: a sleeper
+ * queues itself before it looks at that state, both under slock, so
+ * either it sees the change or it is found here. */
+static void wake_sleepers(loom__pd *pd) {
+  loom__wnode *first = NULL, **tail = &first, *n;
+  loom__spin_lock(&pd->slock);
   while ((n = loom__waitq_pop(&pd->wsleep)) != NULL) {
     *tail = n;
     tail = &n->next;
   }
   *tail = NULL;
-  return first;
-}
-
-static void wake_sleepers(loom__wnode *n) {
-  while (n != NULL) {
-    loom__wnode *next = n->next; /* n is gone once its waiter runs */
-    loom__waiter_wake(n->w);
-    n = next;
+  loom__spin_unlock(&pd->slock);
+  while (first != NULL) {
+    n = first->next; /* first is gone once its waiter runs */
+    loom__waiter_wake(first->w);
+    first = n;
   }
 }
 
-static void unlock_cb(void *pd) { pd_unlock(pd); }
+static void slock_release(void *l) { loom__spin_unlock(l); }
 
 int loom__pd_sleep(loom__pd *pd, int64_t until) {
+  loom__m *m = loom__getm();
+  if (m == NULL || m->p == NULL)
+    loom__throw("pd_sleep: not on a coroutine, or inside "
+                "loom_block_enter/exit");
   loom__waiter w;
   loom__waiter_init(&w, false);
   loom__wnode n = {.w = &w};
-  pd_lock(pd);
-  int err = pd->closing ? LOOM_ECLOSED : pd->wd < 0 ? -ETIMEDOUT : 0;
+  loom__spin_lock(&pd->slock);
+  loom__waitq_push(&pd->wsleep, &n);
+  int err = loom__pd_check(pd, 'w');
   if (err != 0) {
-    pd_unlock(pd);
+    loom__waitq_unlink(&pd->wsleep, &n);
+    loom__spin_unlock(&pd->slock);
     return err;
   }
-  loom__waitq_push(&pd->wsleep, &n);
-  loom__waiter_wait(&w, unlock_cb, pd, until);
-  pd_lock(pd);
+  loom__waiter_wait(&w, slock_release, &pd->slock, until);
+  loom__spin_lock(&pd->slock);
   loom__waitq_unlink(&pd->wsleep, &n); /* if its timer ended it */
-  pd_unlock(pd);
+  loom__spin_unlock(&pd->slock);
   if (w.fired == LOOM__FIRED_NOMEM)
     return -ENOMEM;
   return loom__pd_check(pd, 'w');
@@ -278,11 +282,11 @@ static void deadline_fire(loom__pd *pd, int mode, loom__timer *t) {
   }
   set_slot(pd, mode, -1);
   loom__g *g = unblock(pd, mode, false);
-  loom__wnode *sl = mode == 'w' ? take_sleepers(pd) : NULL;
   pd_unlock(pd);
   if (g != NULL)
     loom__ready(g);
-  wake_sleepers(sl);
+  if (mode == 'w')
+    wake_sleepers(pd);
 }
 
 static void rd_fire(loom__timer *t, void *arg) { deadline_fire(arg, 'r', t); }
@@ -329,20 +333,18 @@ int loom__pd_set_deadline(loom__pd *pd, int mode, int64_t d) {
   if (d > now && loom__timers_reserve(&p->timers, 2) != 0)
     return -ENOMEM;
   loom__g *rg = NULL, *wg = NULL;
-  loom__wnode *sl = NULL;
   pd_lock(pd);
   if (mode == 'r' || mode == 'r' + 'w')
     rg = set_one(pd, p, 'r', d, now);
-  if (mode == 'w' || mode == 'r' + 'w') {
+  if (mode == 'w' || mode == 'r' + 'w')
     wg = set_one(pd, p, 'w', d, now);
-    sl = take_sleepers(pd); /* each looks at the new deadline */
-  }
   pd_unlock(pd);
   if (rg != NULL)
     loom__ready(rg);
   if (wg != NULL)
     loom__ready(wg);
-  wake_sleepers(sl);
+  if (mode == 'w' || mode == 'r' + 'w')
+    wake_sleepers(pd); /* each looks at the new deadline */
   if (d > now)
     loom__wake_netpoller(m->rt, d);
   return 0;
@@ -359,11 +361,11 @@ void loom__pd_expire(loom__pd *pd, int mode) {
   set_slot(pd, mode, -1);
   loom__timer_stop(mode == 'r' ? &pd->rt : &pd->wt);
   loom__g *g = unblock(pd, mode, false);
-  loom__wnode *sl = mode == 'w' ? take_sleepers(pd) : NULL;
   pd_unlock(pd);
   if (g != NULL)
     loom__ready(g);
-  wake_sleepers(sl);
+  if (mode == 'w')
+    wake_sleepers(pd);
 }
 
 void loom__pd_expire_read(void *pd) { loom__pd_expire(pd, 'r'); }
@@ -403,13 +405,12 @@ void loom__pd_evict(loom__pd *pd) {
   pd->wseq++;
   loom__g *rg = unblock(pd, 'r', false);
   loom__g *wg = unblock(pd, 'w', false);
-  loom__wnode *sl = take_sleepers(pd);
   pd_unlock(pd);
   if (rg != NULL)
     loom__ready(rg);
   if (wg != NULL)
     loom__ready(wg);
-  wake_sleepers(sl);
+  wake_sleepers(pd);
 }
 
 void loom__pd_close(loom__pd *pd, bool unregister) {

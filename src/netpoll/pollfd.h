@@ -64,6 +64,8 @@ typedef struct loom__pd {
   _Atomic unsigned expired;   /* 1: rd is -1, 2: wd is -1 (read unlocked) */
   loom__timer rt, wt;
   loom_waitq_ wsleep;         /* loom__pd_sleep's sleepers (sync/wait.h) */
+  int slock;                  /* spinlock over wsleep (taken before
+                                 `lock` where both are held) */
   struct loom__pd *link;      /* pool free list */
   struct loom__rt *owner;
 } loom__pd;
