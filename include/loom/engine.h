@@ -199,7 +199,8 @@ LOOM_API void loom_session_close(loom_session *s);
 /* Close at once because of `err` (< 0): on_error(err), the queue is
  * dropped.  It also cuts short a graceful close under way (which then
  * reports err); the first abort decides, later aborts and closes change
- * nothing. */
+ * nothing.  Packages already handed to a task pool are still handled
+ * (their writes fail with LOOM_ECLOSED), and on_close follows them. */
 LOOM_API void loom_session_abort(loom_session *s, int err);
 /* True once the session is closing. Any thread. */
 LOOM_API bool loom_session_closed(loom_session *s);
