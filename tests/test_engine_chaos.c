@@ -1408,6 +1408,249 @@ static void one_round(rng_t *g, unsigned kinds, bool random_close, totals *t) {
   round_report(&rd, t);
 }
 
+/* A chat room: every broadcast that a write took reaches its member,
+ * once, in order per sender (when the pool keeps order). */
+static void chat_round(rng_t *g, totals *t) {
+  round rd;
+  memset(&rd, 0, sizeof rd);
+  rng_seed(&rd.g, rnd(g));
+  cfg c;
+  cfg_draw(&c, &rd.g);
+  cfg_print(&c, "chat server");
+  uint64_t base = coroutines();
+  static srvctx sc;
+  srvctx_init(&sc, &c);
+  rd.sc = &sc;
+  CHECK_OK(server_start(&sc, false));
+  pstate *ps[MAX_PEERS];
+  int np = 2 + (int)rn(&rd.g, CHECK_SCALE(10, 6, 5));
+  for (int i = 0; i < np; i++)
+    ps[i] = spawn_peer(&rd, T_CHAT);
+  WAIT_FOR(atomic_load(&rd.chat_sending) == 0, 30);
+  loom_sleep((int64_t)rn(&rd.g, 20) * MS);
+  int rc = server_close_now(&sc, loom_now() + 10 * SEC);
+  round_end(&rd, ps, np, base);
+  if (rc == 0 && !atomic_load(&sc.aborted))
+    CHECK_EQ(atomic_load(&rd.chat_got), atomic_load(&sc.bcast_ok));
+  if (g_verbose)
+    fprintf(stderr, "  chat: %d members, %d broadcasts taken, %d received\n",
+            np, atomic_load(&sc.bcast_ok), atomic_load(&rd.chat_got));
+  round_report(&rd, t);
+}
+
+/* ---- a client in ping-pong with a server that restarts ---- */
+
+typedef struct cctx {
+  loom_client *cl;
+  atomic_int opens, closes, msgs, errs, wr_ok;
+  atomic_int echoes;        /* ping-pong replies that checked out */
+  atomic_int close_from_cb; /* close the client from its next callback */
+  atomic_int close_started;
+  int64_t close_deadline;
+  int limit; /* pings per session */
+} cctx;
+
+typedef struct crec {
+  cctx *cc;
+  atomic_int closed, in_cb;
+  uint32_t pid, next;
+} crec;
+
+static atomic_uint client_pid = 0x10000;
+
+static void c_close_client(cctx *cc) {
+  int none = 0;
+  if (atomic_compare_exchange_strong(&cc->close_started, &none, 1))
+    (void)loom_client_close(cc->cl, loom_now() + cc->close_deadline);
+}
+
+static void c_ping(loom_session *s, crec *r) {
+  uint8_t *f = malloc(HDR + BODY_MAX);
+  CHECK(f != NULL);
+  size_t n = mk_payload(f, 'E', r->pid, r->next);
+  int rc = loom_session_write(s, f, n, -1);
+  free(f);
+  CHECKF(rc == 0 || rc == LOOM_ECLOSED, "seed %llu: client write: %d (%s)",
+         (unsigned long long)g_seed, rc, loom_err_name(rc));
+  if (rc == 0)
+    atomic_fetch_add(&r->cc->wr_ok, 1);
+}
+
+static int c_open(loom_session *s) {
+  cctx *cc = loom_session_user(s);
+  crec *r = calloc(1, sizeof *r);
+  CHECK(r != NULL);
+  r->cc = cc;
+  r->pid = atomic_fetch_add(&client_pid, 1);
+  loom_session_set_user(s, r);
+  atomic_fetch_add(&cc->opens, 1);
+  c_ping(s, r);
+  return 0;
+}
+
+static void c_message(loom_session *s, const loom_pkg *pkg) {
+  crec *r = loom_session_user(s);
+  cctx *cc = r->cc;
+  CHECKF(!atomic_load(&r->closed), "seed %llu: client callback after close",
+         (unsigned long long)g_seed);
+  atomic_fetch_add(&r->in_cb, 1);
+  atomic_fetch_add(&cc->msgs, 1);
+  CHECK(payload_ok(pkg->data, pkg->len));
+  CHECK_EQ(get32(pkg->data + 1), r->pid);
+  CHECKF(get32(pkg->data + 5) == r->next, "seed %llu: ping-pong: %u, want %u",
+         (unsigned long long)g_seed, get32(pkg->data + 5), r->next);
+  atomic_fetch_add(&cc->echoes, 1);
+  r->next++;
+  if ((int)r->next < cc->limit)
+    c_ping(s, r);
+  else
+    loom_session_close(s); /* the client dials a new one */
+  atomic_fetch_sub(&r->in_cb, 1);
+  if (atomic_load(&cc->close_from_cb))
+    c_close_client(cc);
+}
+
+static void c_error(loom_session *s, int err) {
+  crec *r = loom_session_user(s);
+  CHECK(!atomic_load(&r->closed));
+  CHECK_LT(err, 0);
+  atomic_fetch_add(&r->cc->errs, 1);
+}
+
+static void c_close(loom_session *s) {
+  crec *r = loom_session_user(s);
+  CHECKF(atomic_fetch_add(&r->closed, 1) == 0, "seed %llu: on_close twice",
+         (unsigned long long)g_seed);
+  CHECK_EQ(atomic_load(&r->in_cb), 0);
+  atomic_fetch_add(&r->cc->closes, 1);
+  if (atomic_load(&r->cc->close_from_cb))
+    c_close_client(r->cc);
+}
+
+static void c_free(loom_session *s) {
+  crec *r = loom_session_user(s);
+  CHECK_EQ(atomic_load(&r->closed), 1);
+  free(r);
+}
+
+static const loom_session_listener c_listener = {
+    .on_open = c_open,
+    .on_message = c_message,
+    .on_error = c_error,
+    .on_close = c_close,
+    .on_free = c_free,
+};
+
+/* Close the server (from here or from a callback) and wait until its
+ * address can be listened on again: the restart. */
+static void restart(srvctx *sc, rng_t *g) {
+  enum closer closer = (enum closer)rn(g, C_KINDS);
+  if (closer == C_CRON && sc->c.cron == 0)
+    closer = C_MESSAGE;
+  sc->close_deadline_ns = (int64_t)rn(g, 200) * MS;
+  if (closer == C_MAIN) {
+    (void)server_close_now(sc, loom_now() + sc->close_deadline_ns);
+  } else {
+    atomic_store(&sc->close_from, (int)closer);
+    int64_t until = loom_now() + 300 * MS;
+    while (!atomic_load(&sc->close_started) && loom_now() < until)
+      loom_sleep(MS);
+    (void)server_close_now(sc, loom_now() + sc->close_deadline_ns);
+  }
+  loom_sleep((int64_t)rn(g, 100) * MS); /* the clients find nobody */
+  int64_t until = loom_now() + 10 * SEC;
+  int rc;
+  while ((rc = server_start(sc, true)) == -EADDRINUSE && loom_now() < until)
+    loom_sleep(MS); /* a close from a callback is still under way */
+  CHECK_OK(rc);
+}
+
+static void client_round(rng_t *g, totals *t) {
+  round rd;
+  memset(&rd, 0, sizeof rd);
+  rng_seed(&rd.g, rnd(g));
+  cfg c;
+  cfg_draw(&c, &rd.g);
+  c.policy = W_BLOCK; /* ping-pong never fills a queue anyway */
+  cfg_print(&c, "restarting server");
+  uint64_t base = coroutines();
+  static srvctx sc;
+  srvctx_init(&sc, &c);
+  rd.sc = &sc;
+  CHECK_OK(server_start(&sc, false));
+
+  static cctx cc;
+  memset(&cc, 0, sizeof cc);
+  cc.limit = 1 + (int)rn(&rd.g, 400); /* then the session closes itself */
+  cc.close_deadline = (int64_t)rn(&rd.g, 200) * MS;
+  loom_codec codec;
+  CHECK_OK(loom_codec_lenpfx(&codec, NULL));
+  loom_client_opts co;
+  memset(&co, 0, sizeof co);
+  co.network = c.unix_sock ? "unix" : "tcp";
+  co.addr = sc.addr;
+  co.conns = 1 + (int)rn(&rd.g, 3);
+  co.reconnect_interval = (int64_t)(1 + rn(&rd.g, 30)) * MS;
+  co.reconnect_max = 100 * MS;
+  co.dial_timeout = SEC;
+  co.session.listener = &c_listener;
+  co.session.codec = &codec;
+  co.session.user = &cc;
+  co.session.compress = c.compress;
+  co.session.max_pkg_len = MAX_PKG;
+  CHECK_OK(loom_client_start(&cc.cl, &co));
+
+  int restarts = 1 + (int)rn(&rd.g, CHECK_SCALE(4, 3, 2));
+  for (int i = 0; i <= restarts; i++) {
+    /* Connected again, and talking. */
+    /* One at least: sessions that close themselves after a few pings
+     * may never all be up at once (a redial waits for its interval). */
+    int wrc = loom_client_wait(cc.cl, 1, loom_now() + 10 * SEC);
+    if (wrc != 0) {
+      loom_metrics m, sm;
+      loom_client_metrics(cc.cl, &m);
+      loom_server_metrics(sc.srv, &sm);
+      CHECK_FAIL("seed %llu: the client did not reconnect: %d (%s); client: "
+                 "%llu open, %llu total, %llu dial errors; server: %llu "
+                 "open, %llu total; restart %d",
+                 (unsigned long long)g_seed, wrc, loom_err_name(wrc),
+                 (unsigned long long)m.sessions_open,
+                 (unsigned long long)m.sessions_total,
+                 (unsigned long long)m.errors.accept,
+                 (unsigned long long)sm.sessions_open,
+                 (unsigned long long)sm.sessions_total, i);
+    }
+    int before = atomic_load(&cc.echoes);
+    WAIT_FOR(atomic_load(&cc.echoes) > before, 10);
+    loom_sleep((int64_t)rn(&rd.g, 100) * MS);
+    if (i < restarts)
+      restart(&sc, &rd.g);
+  }
+  /* The client goes first (from here or from its own callback), then
+   * the server. */
+  if (rn(&rd.g, 2)) {
+    atomic_store(&cc.close_from_cb, 1);
+    int64_t until = loom_now() + 300 * MS;
+    while (!atomic_load(&cc.close_started) && loom_now() < until)
+      loom_sleep(MS);
+  }
+  c_close_client(&cc);
+  WAIT_FOR(atomic_load(&cc.closes) == atomic_load(&cc.opens), 20);
+  /* Its counts span several servers: no metrics to hold them to. */
+  (void)server_close_now(&sc, loom_now() + 5 * SEC);
+  round_end(&rd, NULL, 0, base);
+  if (g_verbose)
+    fprintf(stderr,
+            "  client: %d conns, %d restarts, %d sessions, %d echoes, %d "
+            "errors\n",
+            co.conns, restarts, atomic_load(&cc.opens), atomic_load(&cc.echoes),
+            atomic_load(&cc.errs));
+  round_report(&rd, t);
+}
+
+#define CHAT_ROUNDS 0x10000u
+#define CLIENT_ROUNDS 0x20000u
+
 /* Run rounds for the case's time. */
 static void rounds(const char *name, unsigned kinds, bool random_close) {
   rng_t g;
@@ -1415,7 +1658,12 @@ static void rounds(const char *name, unsigned kinds, bool random_close) {
   totals t = {0};
   int64_t end = loom_now() + g_ms * MS;
   do {
-    one_round(&g, kinds, random_close, &t);
+    if (kinds == CHAT_ROUNDS)
+      chat_round(&g, &t);
+    else if (kinds == CLIENT_ROUNDS)
+      client_round(&g, &t);
+    else
+      one_round(&g, kinds, random_close, &t);
   } while (loom_now() < end);
   fprintf(stderr,
           "engine_chaos %s: %d rounds, %d sessions, %d packages, %d strict "
@@ -1463,5 +1711,14 @@ TEST(server_close) {
                BIT(T_TRUNC) | BIT(T_VANISH) | BIT(T_CHAT),
            true);
 }
+
+/* A chat room under each write policy: broadcasts from the sender's
+ * handler to every other member, all delivered when nothing failed. */
+TEST(chat) { run_case("chat", CHAT_ROUNDS, false); }
+
+/* loom_client sessions in ping-pong while the server restarts, closed
+ * from the main coroutine or from inside its callbacks; the client is
+ * closed from outside or from its own callbacks. */
+TEST(client_restart) { run_case("client_restart", CLIENT_ROUNDS, false); }
 
 CHECK_MAIN()
