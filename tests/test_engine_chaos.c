@@ -740,7 +740,8 @@ static ssize_t peer_fill(peer *p, size_t most) {
 }
 
 /* The next frame's payload (valid until the next call): its length, 0
- * at the end of the stream, < 0 an error.  `most` caps each read (a
+ * at the end of the stream, < 0 an error (-EBADMSG: the stream ended
+ * inside a frame).  `most` caps each read (a
  * slow reader's sip). */
 static ssize_t peer_frame(peer *p, const uint8_t **data, size_t most) {
   for (;;) {
@@ -757,8 +758,7 @@ static ssize_t peer_frame(peer *p, const uint8_t **data, size_t most) {
     }
     ssize_t k = peer_fill(p, most);
     if (k == 0 && p->len > p->off)
-      CHECK_FAIL("seed %llu: the stream ended inside a frame",
-                 (unsigned long long)g_seed);
+      return -EBADMSG; /* cut inside a frame: only an abort may do that */
     if (k <= 0)
       return k;
   }
@@ -802,8 +802,8 @@ typedef struct pstate {
   enum ptype type;
   enum endmode end;
   uint32_t pid;
-  uint32_t n; /* frames to send */
-  rng_t g;
+  uint32_t n;  /* frames to send */
+  rng_t g, rg; /* the peer's, its reader's */
   peer p;
   /* The echo peer's reader and its window. */
   loom_mutex mu;
@@ -1017,10 +1017,11 @@ static void run_echo(pstate *ps) {
     break;
   default:
     atomic_store(&ps->rd->echo_loose, 1);
-    if (rn(&ps->g, 2))
-      peer_reset(&ps->p);
-    else
-      loom_shutdown(ps->p.c, SHUT_RDWR);
+    if (rn(&ps->g, 2)) { /* reset: the close below sends an RST */
+      struct linger lg = {1, 0};
+      setsockopt(loom_conn_fd(ps->p.c), SOL_SOCKET, SO_LINGER, &lg, sizeof lg);
+    }
+    loom_shutdown(ps->p.c, SHUT_RDWR); /* ends the reader */
     loom_sema_acquire(&ps->reader_exit, 0);
     break;
   }
@@ -1166,7 +1167,7 @@ static void chat_reader(void *arg) {
            from, seq, last[from] - 1);
     last[from] = seq + 1;
     ps->chat_got++;
-    if (rn(&ps->g, 64) == 0)
+    if (rn(&ps->rg, 64) == 0)
       loom_sleep(MS); /* a slowish reader now and then */
   }
   loom_mutex_lock(&ps->mu);
@@ -1263,6 +1264,7 @@ static pstate *spawn_peer(round *rd, enum ptype type) {
   ps->end = (enum endmode)rn(&rd->g, E_MODES);
   ps->n = 1 + rn(&rd->g, CHECK_SCALE(300, 120, 80));
   rng_seed(&ps->g, rnd(&rd->g));
+  rng_seed(&ps->rg, rnd(&rd->g));
   rd->kinds[type]++;
   if (type == T_CHAT)
     atomic_fetch_add(&rd->chat_sending, 1);
