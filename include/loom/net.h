@@ -23,7 +23,11 @@
  * (or two writers) of one connection take turns, in arrival order.
  * loom_close may be called while others are blocked on the connection:
  * they return LOOM_ECLOSED, and the descriptor is closed once the last of
- * them has left, so its number cannot be reused under them.
+ * them has left, so its number cannot be reused under them.  But the
+ * handle is gone once loom_close returns: a coroutine that may still be
+ * between two calls on it must be stopped another way first (a deadline
+ * in the past, or loom_shutdown, which make its calls fail and leave the
+ * handle valid), and the connection closed when it has let go.
  *
  * All calls below must run on a coroutine (else LOOM_ENOTCO) unless noted.
  * Calls that wait are scheduling points; so is every 64th read, write or
