@@ -736,6 +736,50 @@ TEST(slow_consumer_pooled_reply_skips_the_line) {
   run(line_reply_pooled_main, 2, "a pooled reply, in line below high");
 }
 
+/* Bytes count against wq_high until the socket has taken them, a batch
+ * at a time: the writer offers the socket at most half of wq_high at
+ * once, so a queue at wq_high holds at least half of it that the socket
+ * has not been offered.  Seen from outside: bytes_out, which moves a
+ * batch at a time, never jumps by more than that while the peer drains
+ * the queue 4 KiB at a time.  The batch was the whole queue (up to 256
+ * KiB), and a peer that had read all but its last bytes still found the
+ * queue full. */
+static void batch_room_main(void *arg) {
+  (void)arg;
+  slow t;
+  slow_start(&t, false, 0, WQ_HIGH, 0);
+  (void)fill_until_stalled(t.s);
+  loom_session_stats st;
+  loom_session_stats_get(t.s, &st);
+  uint64_t out = st.bytes_out, most = 0;
+  int jumps = 0;
+  static uint8_t sink[4096];
+  int64_t end = loom_now() + 10 * SEC;
+  while (st.wq_bytes > 0) {
+    CHECKF(loom_now() < end, "queue %zu: not drained", st.wq_bytes);
+    (void)loom_fd_wait(t.peer, LOOM_FD_READ, loom_now() + 10 * CHECK_MS);
+    ssize_t n = read(t.peer, sink, sizeof sink);
+    if (n < 0)
+      CHECK_EQ(errno, EAGAIN);
+    loom_sleep(CHECK_MS / 4); /* the writer takes the room, if any */
+    loom_session_stats_get(t.s, &st);
+    if (st.bytes_out != out) {
+      jumps++;
+      if (st.bytes_out - out > most)
+        most = st.bytes_out - out;
+      out = st.bytes_out;
+    }
+  }
+  printf("%d batches, the largest %llu bytes\n", jumps,
+         (unsigned long long)most);
+  CHECK_GE(jumps, 2);
+  CHECKF(most <= WQ_HIGH / 2, "a batch of %llu bytes", (unsigned long long)most);
+  slow_end(&t);
+}
+TEST(slow_consumer_writer_batch_is_half_of_wq_high) {
+  run(batch_room_main, 2, "the writer's batches");
+}
+
 /* (d) Memory: 200 MB of attempted writes to a peer that never reads
  * costs about wq_high + one package.  Measured two ways: the bytes live
  * in loom's allocator (exact, every build), and the process RSS (plain

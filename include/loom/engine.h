@@ -32,7 +32,11 @@
  * holds `wq_high` bytes, a write waits (up to its timeout) until the
  * writer has drained it below `wq_low`; a write with timeout 0 fails at
  * once with -EAGAIN.  With close_on_full, a write that cannot be queued
- * closes the session (-ENOBUFS).  So a peer that reads slowly or never
+ * closes the session (-ENOBUFS).  Queued bytes count until the socket
+ * has taken them; the writer offers them in batches of at most half of
+ * wq_high (and of 64 KiB with a write_timeout), so a write is refused
+ * or waits only while at least wq_high / 2 queued bytes have not even
+ * been offered to the socket.  So a peer that reads slowly or never
  * holds at most wq_high + one package of our memory (with compression,
  * plus the compressed copy of the batch being written, which is no
  * larger than that batch and zlib's few bytes of framing).
@@ -44,7 +48,8 @@
  * closes.  An error — a reset, a timeout, a malformed or oversized
  * package — closes at once, dropping the queue, after on_error.  When
  * the peer half-closes, every package it sent is delivered and every
- * reply queued by then is written before on_close.
+ * reply queued by then is written before on_close (within `linger`; a
+ * negative linger drops them, as for any graceful close).
  *
  * Cron.  Every cron_period the reader calls on_cron (heartbeats, idle
  * checks, with loom_session_stats' last-activity times).  The period is
@@ -111,9 +116,11 @@ typedef struct loom_session_listener {
 
 /* How a session spreads its packages over a task pool. */
 typedef enum loom_dispatch {
-  LOOM_DISPATCH_SESSION = 0, /* by session: its packages stay in order */
+  LOOM_DISPATCH_SESSION = 0, /* by session: its packages stay in order
+                                (with one worker per queue) */
   LOOM_DISPATCH_ROUND_ROBIN, /* any queue: no order */
-  LOOM_DISPATCH_KEY,         /* by dispatch_key(pkg): in order per key */
+  LOOM_DISPATCH_KEY,         /* by dispatch_key(pkg): in order per key
+                                (with one worker per queue) */
 } loom_dispatch;
 
 /* Everything a session is configured with.  Zero means the default. */

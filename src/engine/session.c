@@ -887,13 +887,19 @@ static void writer_main(void *arg) {
      * depend on. */
     struct iovec iov[16];
     int n = loom_buf_peek(&s->wq, iov, 16);
+    /* A batch's bytes count against wq_high until all of them are out:
+     * at most half of wq_high in one, so a queue at wq_high holds at
+     * least half of it that the socket has not even been offered.  With
+     * a write timeout, at most WRITE_GRAIN bytes too: the timeout is how
+     * long the socket may take to accept that much, so a peer that
+     * reads slowly but steadily is not cut off. */
+    size_t most = s->o.wq_high / 2 > 0 ? s->o.wq_high / 2 : 1;
+    if (s->o.write_timeout && most > WRITE_GRAIN)
+      most = WRITE_GRAIN;
     size_t total = 0;
     for (int i = 0; i < n; i++) {
-      /* With a write timeout, a batch is at most WRITE_GRAIN bytes: the
-       * timeout is how long the socket may take to accept that much, so
-       * a peer that reads slowly but steadily is not cut off. */
-      if (s->o.write_timeout && total + iov[i].iov_len > WRITE_GRAIN) {
-        iov[i].iov_len = WRITE_GRAIN - total;
+      if (total + iov[i].iov_len > most) {
+        iov[i].iov_len = most - total;
         n = i + 1;
       }
       total += iov[i].iov_len;
