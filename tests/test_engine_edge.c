@@ -3195,10 +3195,34 @@ static void close_server_in_cb(loom_session *s) {
   close_self_once();
 }
 
+/* on_closed, recorded: how often, with what, and how many of the
+ * sessions' on_close had run by then. */
+typedef struct closed_rec {
+  ev *e;
+  atomic_int calls, rc, closes;
+} closed_rec;
+static void record_closed(void *arg, int rc) {
+  closed_rec *c = arg;
+  atomic_store(&c->closes, atomic_load(&c->e->closes));
+  atomic_store(&c->rc, rc);
+  atomic_fetch_add(&c->calls, 1);
+}
+/* Wait for it, then check it came once, after `closes` on_close calls. */
+static void check_closed(closed_rec *c, int closes) {
+  WAIT_FOR(atomic_load(&c->calls) > 0, 5);
+  loom_sleep(20 * CHECK_MS);
+  CHECK_EQ(atomic_load(&c->calls), 1);
+  CHECK_OK(atomic_load(&c->rc));
+  CHECK_EQ(atomic_load(&c->closes), closes);
+}
+
 static void close_from_on_close_main(void *arg) {
   (void)arg;
   codecs_init();
   loom_server_opts o = server_opts(&line);
+  static closed_rec done = {.e = &E};
+  o.on_closed = record_closed;
+  o.closed_arg = &done;
   E.close = close_server_in_cb;
   loom_conn *peer;
   atomic_store(&self_srv, serve_dial(&o, &peer));
@@ -3206,7 +3230,7 @@ static void close_from_on_close_main(void *arg) {
   CHECK_OK(loom_close(peer)); /* end of stream: graceful close, on_close */
   WAIT_FOR(atomic_load(&self_returned), 5);
   CHECK_OK(atomic_load(&self_rc));
-  WAIT_FOR(atomic_load(&E.closes) == 1, 5);
+  check_closed(&done, 1);
 }
 TEST(server_closed_from_on_close) {
   run(close_from_on_close_main, 2, "server closed from on_close");
@@ -3228,6 +3252,9 @@ static void close_from_pool_main(void *arg) {
   CHECK_OK(loom_taskpool_make(&pool, &po));
   loom_server_opts o = server_opts(&line);
   o.session.pool = pool;
+  static closed_rec done = {.e = &E};
+  o.on_closed = record_closed;
+  o.closed_arg = &done;
   E.msg = close_server_in_msg;
   char addr[128];
   atomic_store(&self_srv, serve(&o, addr));
@@ -3239,7 +3266,7 @@ static void close_from_pool_main(void *arg) {
   CHECK_EQ(loom_write(a, "quit\n", 5), 5);
   WAIT_FOR(atomic_load(&self_returned), 5);
   CHECK_OK(atomic_load(&self_rc));
-  WAIT_FOR(atomic_load(&E.closes) == 2, 5); /* both, the caller's too */
+  check_closed(&done, 2); /* after both on_close, the caller's too */
   char c;
   CHECK_OK(loom_set_read_deadline(a, loom_now() + 5 * SEC));
   CHECK_EQ(loom_read(a, &c, 1), 0); /* the server closed them */
@@ -3261,6 +3288,9 @@ static void close_client_main(void *arg) {
   (void)arg;
   codecs_init();
   loom_server_opts so = server_opts(&line);
+  static closed_rec sdone = {.e = &E}, cdone = {.e = &CE};
+  so.on_closed = record_closed;
+  so.closed_arg = &sdone;
   E.echo = true;
   char addr[128];
   loom_server *srv = serve(&so, addr);
@@ -3268,6 +3298,8 @@ static void close_client_main(void *arg) {
   memset(&co, 0, sizeof co);
   co.network = "tcp";
   co.addr = addr;
+  co.on_closed = record_closed;
+  co.closed_arg = &cdone;
   co.session.listener = &ev_listener;
   co.session.codec = &line;
   co.session.user = &CE;
@@ -3280,10 +3312,12 @@ static void close_client_main(void *arg) {
   CHECK_OK(loom_session_write(atomic_load(&CE.s), "hi", 2, -1));
   WAIT_FOR(atomic_load(&self_returned), 5); /* the echo's on_message */
   CHECK_OK(atomic_load(&self_rc));
-  WAIT_FOR(atomic_load(&CE.closes) == 1, 5);
+  check_closed(&cdone, 1);
   loom_session_unref(atomic_load(&CE.s));
   WAIT_FOR(atomic_load(&E.closes) == 1, 5); /* the server saw it go */
   CHECK_OK(loom_server_close(srv, loom_now() + 5 * SEC));
+  CHECK_EQ(atomic_load(&sdone.calls), 1); /* before the close returned */
+  check_closed(&sdone, 1);
 }
 TEST(client_closed_from_on_message) {
   run(close_client_main, 2, "client closed from on_message");

@@ -304,6 +304,14 @@ typedef struct loom_server_opts {
   int keepalive;      /* seconds of idle before keep-alive probes; 0:
                          the system default */
   int rcvbuf, sndbuf; /* socket buffer sizes; 0: the system default */
+  /* Called once loom_server_close has finished — every session's
+   * on_close has run and the server is freed — with what the close
+   * returns (0 or -ETIMEDOUT) and closed_arg, on the coroutine that ran
+   * the close.  A close begun in a session's callback returns at once:
+   * this is how to learn that it is over (before closing the task pool
+   * the sessions used, say).  NULL: not called. */
+  void (*on_closed)(void *closed_arg, int rc);
+  void *closed_arg;
 } loom_server_opts;
 
 /*
@@ -329,8 +337,9 @@ LOOM_API int loom_server_addr(loom_server *srv, char *buf, size_t len);
  * "shutdown" message, an on_close), it cannot wait for that session,
  * which ends only after the callback returns: the same close then runs
  * in a coroutine of its own and the call returns 0 at once (-ENOMEM if
- * that coroutine cannot be started; nothing is closed then).  Either
- * way `srv` must not be used after the call.
+ * that coroutine cannot be started; nothing is closed then), and
+ * on_closed (in the options) says when it is over.  Either way `srv`
+ * must not be used after the call.
  */
 LOOM_API int loom_server_close(loom_server *srv, int64_t deadline);
 
@@ -350,6 +359,9 @@ typedef struct loom_client_opts {
                                  is dialled once) */
   int64_t reconnect_max;      /* the wait doubles up to this (0: 5 s) */
   int64_t dial_timeout;       /* 0: 5 s */
+  /* As loom_server_opts': called once loom_client_close has finished. */
+  void (*on_closed)(void *closed_arg, int rc);
+  void *closed_arg;
 } loom_client_opts;
 
 /*
@@ -378,7 +390,8 @@ LOOM_API int loom_client_session(loom_client *cl, loom_session **s);
 /* Stop reconnecting, close every session as loom_server_close does, and
  * free the client.  0 or -ETIMEDOUT.  Parks.  From a callback of one of
  * its own sessions, as loom_server_close: the close goes on in its own
- * coroutine and the call returns 0 (or -ENOMEM) at once. */
+ * coroutine and the call returns 0 (or -ENOMEM) at once; on_closed says
+ * when it is over. */
 LOOM_API int loom_client_close(loom_client *cl, int64_t deadline);
 
 LOOM_API void loom_client_metrics(loom_client *cl, loom_metrics *out);

@@ -36,6 +36,8 @@ struct loom_client {
   uint64_t rr;         /* loom_client_session's round robin */
   int waiters;         /* coroutines in loom_client_wait (owner.mu) */
   int64_t close_deadline; /* for a close handed to its own coroutine */
+  void (*on_closed)(void *arg, int rc);
+  void *closed_arg;
 };
 
 static int dial_one(loom_client *cl) {
@@ -131,6 +133,8 @@ int loom_client_start(loom_client **out, const loom_client_opts *o) {
   if (!cl->addr)
     goto fail_nomem;
   cl->conns = o->conns ? o->conns : 1;
+  cl->on_closed = o->on_closed;
+  cl->closed_arg = o->closed_arg;
   cl->oneshot = o->reconnect_interval < 0;
   cl->interval = o->reconnect_interval > 0 ? o->reconnect_interval : 100000000;
   cl->max_wait = o->reconnect_max ? o->reconnect_max : INT64_C(5000000000);
@@ -252,7 +256,11 @@ static int close_now(loom_client *cl, int64_t deadline) {
   if (rc < 0)
     loom__owner_close_all(&cl->owner, LOOM_ECLOSED, 0);
   loom_ctx_release(cl->ctx);
+  void (*done)(void *, int) = cl->on_closed;
+  void *arg = cl->closed_arg;
   loom__free(cl->addr);
   loom__free(cl);
+  if (done != NULL)
+    done(arg, rc);
   return rc;
 }

@@ -30,6 +30,8 @@ struct loom_server {
   loom_sema loop_done; /* released as the accept loop leaves */
   bool packet;
   int64_t close_deadline; /* for a close handed to its own coroutine */
+  void (*on_closed)(void *arg, int rc);
+  void *closed_arg;
 };
 
 static void setup_conn(loom_server *srv, loom_conn *c) {
@@ -102,6 +104,8 @@ int loom_server_start(loom_server **out, const loom_server_opts *o) {
   srv->rcvbuf = o->rcvbuf;
   srv->sndbuf = o->sndbuf;
   srv->nodelay_off = o->no_delay_off;
+  srv->on_closed = o->on_closed;
+  srv->closed_arg = o->closed_arg;
   srv->packet = loom__is_packet(o->network);
 
   if (srv->packet) {
@@ -181,6 +185,10 @@ static int close_now(loom_server *srv, int64_t deadline) {
   int rc = loom__owner_close_all(&srv->owner, 0, deadline);
   if (rc < 0)
     loom__owner_close_all(&srv->owner, LOOM_ECLOSED, 0);
+  void (*done)(void *, int) = srv->on_closed;
+  void *arg = srv->closed_arg;
   loom__free(srv);
+  if (done != NULL)
+    done(arg, rc);
   return rc;
 }
