@@ -449,6 +449,8 @@ static void sp_reader(void *arg) {
   uint8_t *buf = malloc(cap);
   CHECK(buf != NULL);
   bool calm = false;
+  bool reset = false; /* this reader reset rd to 0, at epoch reset_ep */
+  unsigned reset_ep = 0;
   for (;;) {
     if (!calm && atomic_load(&sp->stop) == 2) {
       calm = true; /* nobody moves the deadline now: no more timeouts */
@@ -458,7 +460,7 @@ static void sp_reader(void *arg) {
       g_leave(g, 1);
       CHECK_OK(e);
     }
-    unsigned how = calm ? 0 : rn(&r, 10);
+    unsigned how = calm || reset ? 0 : rn(&r, 10);
     size_t len = 1 + rn(&r, (uint32_t)cap);
     if (how == 1)
       len = 0;
@@ -512,16 +514,30 @@ static void sp_reader(void *arg) {
         int64_t now = loom_now();
         CHECKF(now >= own, "read timed out %lld ns before its deadline",
                (long long)(own - now));
+        CHECKF(now - own < PROMPT_NS, "read timed out %lld ms late",
+               (long long)((now - own) / CHECK_MS));
       }
+      if (reset && res == -ETIMEDOUT &&
+          atomic_load(&sp->rd_epoch[me]) == reset_ep &&
+          !atomic_load(&sp->dead[me]))
+        CHECK_FAIL("pair %d end %d: read timed out after its deadline was "
+                   "reset",
+                   sp->id, me);
     }
+    reset = false;
     if (ctx != NULL)
       loom_ctx_release(ctx);
     if (d->eof || res == LOOM_ECLOSED || res == -ECONNRESET)
       break;
     if (res < 0) {
       if (rn(&r, 2) && g_enter(g, 1)) {
+        /* Moving the deadline makes the connection usable again: the
+         * next read does not time out, unless the poker moved it too. */
+        unsigned e1 = atomic_load(&sp->rd_epoch[me]);
         CHECK_OK(loom_set_read_deadline(c, 0));
         g_leave(g, 1);
+        reset = (e1 & 1) == 0;
+        reset_ep = e1;
       } else {
         sleep_us(&r, 300);
       }
@@ -903,7 +919,7 @@ struct pk_round {
   loom_mutex ctx_mu;
   loom_ctx *parent;
   loom_wg wg, wwg;
-  long sent, got, truncated;
+  atomic_long sent, truncated;
 };
 
 static loom_ctx *pk_ctx(struct pk_round *pk, rng_t *r) {
@@ -963,7 +979,7 @@ static void pk_writer(void *arg) {
       else
         sleep_us(&r, 500);
     } else {
-      pk->sent++;
+      atomic_fetch_add(&pk->sent, 1);
     }
     if (ctx != NULL)
       loom_ctx_release(ctx);
@@ -979,7 +995,7 @@ static void pk_got(struct pk_round *pk, const uint8_t *buf, size_t len,
                    ssize_t n, int64_t *next) {
   size_t kept = (size_t)n < len ? (size_t)n : len;
   if ((size_t)n > len)
-    pk->truncated++;
+    atomic_fetch_add(&pk->truncated, 1);
   unsigned w;
   uint32_t seq;
   dg_check(buf, (size_t)n, kept, &w, &seq);
@@ -1944,6 +1960,35 @@ static void idle_main(void *arg) {
 
 TEST(parked_idle_then_closed) {
   run_case("parked_idle_then_closed", idle_main);
+}
+
+/* ---- an empty write is an operation too ----------------------------- */
+
+/* "A deadline that has passed stops an operation even when it would not
+ * wait": a write of no bytes with a passed deadline, or on a closed
+ * connection, says so as any other write does. */
+static void empty_write_main(void *arg) {
+  (void)arg;
+  rng_t r;
+  rng_seed(&r, g_seed);
+  for (int net = 0; net < 4; net += 2) {
+    loom_conn *a, *b;
+    CHECK(sp_connect(&r, net, &a, &b) == 0);
+    char byte = 'x';
+    CHECK_OK(loom_set_write_deadline(a, loom_now() - 1));
+    CHECK_ERR((int)loom_write(a, &byte, 1), -ETIMEDOUT);
+    CHECK_ERR((int)loom_write(a, &byte, 0), -ETIMEDOUT);
+    CHECK_ERR((int)loom_writev(a, NULL, 0), -ETIMEDOUT);
+    CHECK_OK(loom_set_write_deadline(a, 0));
+    CHECK_EQ(loom_write(a, &byte, 0), 0);
+    CHECK_EQ(loom_writev(a, NULL, 0), 0);
+    CHECK_OK(loom_close(a));
+    CHECK_OK(loom_close(b));
+  }
+}
+
+TEST(empty_write_obeys_deadline) {
+  run_case("empty_write_obeys_deadline", empty_write_main);
 }
 
 CHECK_MAIN()

@@ -179,6 +179,10 @@ ssize_t loom_read(loom_conn *c, void *buf, size_t len) {
 static ssize_t send_all(loom__netfd *f, struct iovec *iov, int n,
                         size_t total) {
   size_t done = 0;
+  /* Nothing to send still obeys a passed deadline (as Go's prepareWrite):
+   * the loop below would not look. */
+  if (total == 0)
+    return loom__netfd_check(f, 'w');
   while (done < total) {
     int err = loom__netfd_check(f, 'w'); /* closed, or past the deadline */
     if (err != 0)
