@@ -2080,4 +2080,51 @@ TEST(shutdown_under_parked_io) {
   close(shut_pipe[1]);
 }
 
+/* ---- a Unix listener's file goes with its close -----------------------
+ *
+ * loom_listener_close removes the socket file; a server that closes a
+ * listener and listens again on the same path (a restart) must find the
+ * path free, even while an accept of the old listener is still on its
+ * way out. */
+static loom_listener *relisten_l;
+static atomic_int relisten_ret;
+
+static void relisten_acceptor(void *arg) {
+  (void)arg;
+  loom_conn *c;
+  atomic_store(&relisten_ret, loom_accept(relisten_l, &c));
+}
+
+static void relisten_main(void *arg) {
+  (void)arg;
+  char path[108];
+  snprintf(path, sizeof path, "/tmp/loom-ncr-%d", (int)getpid());
+  for (int round = 0; round < 2; round++) {
+    CHECK_OK(loom_listen(&relisten_l, "unix", path));
+    atomic_store(&relisten_ret, IDLE_NOT_YET);
+    CHECK_OK(loom_go(relisten_acceptor, NULL));
+    loom_sleep(10 * CHECK_MS); /* it parks in accept */
+    CHECK_OK(loom_listener_close(relisten_l));
+    CHECKF(access(path, F_OK) != 0,
+           "round %d: %s is still there after the "
+           "close",
+           round, path);
+    loom_listener *l2;
+    CHECK_OK(loom_listen(&l2, "unix", path));
+    while (atomic_load(&relisten_ret) == IDLE_NOT_YET)
+      loom_sleep(CHECK_MS);
+    CHECK_ERR(atomic_load(&relisten_ret), LOOM_ECLOSED);
+    /* the old listener's last user is gone: the new file stays */
+    CHECKF(access(path, F_OK) == 0,
+           "round %d: the new listener's %s is "
+           "gone",
+           round, path);
+    CHECK_OK(loom_listener_close(l2));
+  }
+}
+
+TEST(unix_listener_close_frees_its_path) {
+  run_case("unix_listener_close_frees_its_path", relisten_main);
+}
+
 CHECK_MAIN()

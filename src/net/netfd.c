@@ -32,11 +32,22 @@ int loom__netfd_init(loom__netfd *f, int fd, int family, int type) {
   return 0;
 }
 
-static void release_fd(loom__netfd *f) {
+/* Remove the file bind() made, once: at the close (as Go's Close), so
+ * the path is free when loom_close returns even while a blocked call is
+ * still on its way out, and so that call's leaving cannot remove a file
+ * a new socket has bound since; or at teardown if nobody closed f. */
+static void unlink_bound(loom__netfd *f) {
   if (f->unlink_path != NULL) {
+    int saved = errno;
     unlink(f->unlink_path);
+    errno = saved;
     loom__free(f->unlink_path);
+    f->unlink_path = NULL;
   }
+}
+
+static void release_fd(loom__netfd *f) {
+  unlink_bound(f);
   int saved = errno;
   close(f->fd);
   errno = saved;
@@ -107,6 +118,9 @@ int loom__netfd_close(loom__netfd *f) {
     loom__netfd_release(f);
     return LOOM_ECLOSED;
   }
+  /* Only this first closer gets here; destroy, which reads unlink_path
+   * too, runs after our release below. */
+  unlink_bound(f);
   loom__pd_evict(f->pd);
   loom__netfd_release(f);
   return 0;

@@ -34,7 +34,8 @@ typedef struct loom__netfd {
   _Atomic uint64_t ref;  /* users; top bit: closed */
   loom__sema rsema;      /* one reader (or acceptor) at a time */
   loom__sema wsema;      /* one writer at a time */
-  char *unlink_path;     /* a Unix listener's socket file */
+  char *unlink_path;     /* the socket file bind() made: removed at the
+                            close, or at teardown (netfd.c) */
   void (*free_fn)(struct loom__netfd *f);
 } loom__netfd;
 
