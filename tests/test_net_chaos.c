@@ -2127,4 +2127,54 @@ TEST(unix_listener_close_frees_its_path) {
   run_case("unix_listener_close_frees_its_path", relisten_main);
 }
 
+/* ---- a connected unixgram writer whose full peer vanishes -------------- */
+
+static loom_pconn *cg_tx;
+static atomic_int cg_ret;
+static atomic_llong cg_at;
+
+static void cg_writer(void *arg) {
+  (void)arg;
+  char b[512];
+  memset(b, 'q', sizeof b);
+  ssize_t r;
+  while ((r = loom_pconn_write(cg_tx, b, sizeof b)) == (ssize_t)sizeof b)
+    ;
+  atomic_store(&cg_at, loom_now());
+  atomic_store(&cg_ret, (int)r);
+}
+
+static void cg_main(void *arg) {
+  (void)arg;
+  char path[108];
+  for (int abstract_ = 0; abstract_ < 2; abstract_++) {
+    snprintf(path, sizeof path, "%s/loom-ncc-%d-%d", abstract_ ? "@" : "/tmp",
+             (int)getpid(), abstract_);
+    loom_pconn *rx;
+    CHECK_OK(loom_listen_packet(&rx, "unixgram", path));
+    CHECK_OK(loom_dial_packet(&cg_tx, "unixgram", path));
+    atomic_store(&cg_ret, IDLE_NOT_YET);
+    CHECK_OK(loom_go(cg_writer, NULL));
+    loom_sleep(30 * CHECK_MS); /* the peer is full; the writer parks */
+    CHECK_EQ(atomic_load(&cg_ret), IDLE_NOT_YET);
+    int64_t t0 = loom_now();
+    CHECK_OK(loom_pconn_close(rx));
+    while (atomic_load(&cg_ret) == IDLE_NOT_YET &&
+           loom_now() - t0 < 5000 * CHECK_MS)
+      loom_sleep(CHECK_MS);
+    int r = atomic_load(&cg_ret);
+    CHECKF(r != IDLE_NOT_YET, "the writer still waits for its vanished peer");
+    CHECKF(r == -ECONNREFUSED || r == -ECONNRESET, "write: %d (%s)", r,
+           loom_err_name(r));
+    CHECKF(atomic_load(&cg_at) - t0 < PROMPT_NS,
+           "the writer returned %lld ms after its peer went",
+           (long long)((atomic_load(&cg_at) - t0) / CHECK_MS));
+    CHECK_OK(loom_pconn_close(cg_tx));
+  }
+}
+
+TEST(unixgram_connected_writer_peer_vanishes) {
+  run_case("unixgram_connected_writer_peer_vanishes", cg_main);
+}
+
 CHECK_MAIN()
