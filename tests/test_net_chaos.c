@@ -21,11 +21,16 @@
  *     the records it saw whole are exactly the writes that succeeded, a
  *     failed write having sent a prefix of its record at most;
  *   - a passed deadline gives -ETIMEDOUT, never before it, and moving it
- *     makes the socket usable again; a cancelled context gives its
- *     reason and leaves that direction's deadline in the past;
+ *     makes the socket usable again; a call under a context fails with
+ *     -ECANCELED only when that context was cancelled;
  *   - a close wakes every blocked call with LOOM_ECLOSED promptly;
  *   - no descriptor leaks (/proc/self/fd before and after each case; the
  *     sanitizer builds report leaked memory), no CPU while parked.
+ *
+ * The cases after the randomized ones pin what the randomized ones
+ * found, or what they cannot reach: an empty write under a passed
+ * deadline, the runtime stopping under parked calls, a Unix listener's
+ * path after its close, a connected unixgram writer whose peer goes.
  *
  * A seed names a run: NET_CHAOS_SEED=n (the seed is printed); NET_CHAOS_MS
  * sets the length of each case's randomized part; NET_CHAOS_PROCS the Ps.
@@ -1309,9 +1314,6 @@ static void v_peer(void *arg) {
   struct vanish *v = (struct vanish *)((uintptr_t)arg & ~(uintptr_t)7);
   int k = (int)((uintptr_t)arg & 7);
   uint8_t buf[2048];
-  int64_t next[VW];
-  for (int i = 0; i < VW; i++)
-    next[i] = -1;
   for (;;) {
     if (atomic_load(&v->mode[k]) == 1 && !atomic_load(&v->stop)) {
       loom_sleep(CHECK_MS);
@@ -1328,7 +1330,6 @@ static void v_peer(void *arg) {
     uint32_t seq;
     dg_check(buf, (size_t)res, (size_t)res, &w, &seq);
     CHECK(w < VW);
-    (void)next;
   }
   loom_wg_done(&v->wg);
 }
@@ -1364,9 +1365,6 @@ static void vanish_main(void *arg) {
     /* Peers switch between draining and stuck, then vanish one by one
      * (one stays, stuck or not, until the end). */
     int64_t round_end = loom_now() + (int64_t)(150 + rn(&r, 250)) * CHECK_MS;
-    int order[VP];
-    for (int k = 0; k < VP; k++)
-      order[k] = k;
     int vanished = 0;
     while (loom_now() < round_end) {
       loom_sleep((int64_t)(5 + rn(&r, 30)) * CHECK_MS);
@@ -1383,14 +1381,9 @@ static void vanish_main(void *arg) {
         atomic_store(&v->mode[k], !atomic_load(&v->mode[k]));
       }
     }
-    (void)order;
-    atomic_store(&v->stop, 1); /* stuck peers drain now */
-    /* Writers to a stuck peer wait for it: the peers drain, so they end;
-     * close the rest under their readers. */
-    for (int k = 0; k < VP; k++)
-      if (!atomic_load(&v->gone[k])) {
-        loom_sleep(5 * CHECK_MS);
-      }
+    /* Stuck peers drain now, so writers waiting for them go on; then the
+     * rest of the peers vanish under their readers and the writers. */
+    atomic_store(&v->stop, 1);
     loom_sleep(40 * CHECK_MS);
     for (int k = 0; k < VP; k++)
       if (!atomic_load(&v->gone[k])) {
