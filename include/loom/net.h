@@ -23,7 +23,9 @@
  * (or two writers) of one connection take turns, in arrival order.
  * loom_close may be called while others are blocked on the connection:
  * they return LOOM_ECLOSED, and the descriptor is closed once the last of
- * them has left, so its number cannot be reused under them.  But the
+ * them has left, so its number cannot be reused under them; loom_close
+ * waits for that (as Go's Close does), so when it returns the descriptor
+ * is closed and its address free (a port, a Unix path).  But the
  * handle is gone once loom_close returns: a coroutine that may still be
  * between two calls on it must be stopped another way first (a deadline
  * in the past, or loom_shutdown, which make its calls fail and leave the

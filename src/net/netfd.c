@@ -65,7 +65,10 @@ static void destroy(loom__netfd *f) {
   /* The fd is ours and closed next, which drops its registration; a
    * late event for it finds the pd's tag changed. */
   loom__pd_close(f->pd, false);
+  loom__sema *closed = f->closed;
   release_fd(f);
+  if (closed != NULL)
+    loom__sema_release(closed); /* the closer may go on: f is gone */
 }
 
 int loom__netfd_init_bound(loom__netfd *f, int fd, int family, int type,
@@ -121,8 +124,22 @@ int loom__netfd_close(loom__netfd *f) {
   /* Only this first closer gets here; destroy, which reads unlink_path
    * too, runs after our release below. */
   unlink_bound(f);
+  /* On a coroutine, wait for whoever drops the last reference to close
+   * the fd, as Go's Close does: when this returns, the descriptor is
+   * closed and its address (a port a parked accept held) free.  A sema
+   * on our stack, taken now, that destroy releases (its last touch of
+   * it); elsewhere (a plain thread, a blocking section) nothing waits. */
+  loom__m *m = loom__getm();
+  loom__sema closed = {0};
+  bool wait = loom__getg() != NULL && m != NULL && m->p != NULL;
+  if (wait) {
+    loom__sema_acquire(&closed);
+    f->closed = &closed;
+  }
   loom__pd_evict(f->pd);
   loom__netfd_release(f);
+  if (wait)
+    loom__sema_acquire(&closed); /* released by destroy */
   return 0;
 }
 

@@ -8,7 +8,9 @@
  * (blocked operations wake and fail), and drops its own reference.  Who
  * drops the last one — the closer or the last blocked operation leaving —
  * unregisters and closes the fd and frees the object.  So the fd number
- * cannot be reused while any loom call still uses it.
+ * cannot be reused while any loom call still uses it.  The closer, on a
+ * coroutine, waits for that (as Go's Close does): when loom_close
+ * returns, the descriptor is closed and its address free.
  */
 #ifndef LOOM_NET_NETFD_H
 #define LOOM_NET_NETFD_H
@@ -37,6 +39,7 @@ typedef struct loom__netfd {
   char *unlink_path;     /* the socket file bind() made: removed at the
                             close, or at teardown (netfd.c) */
   void (*free_fn)(struct loom__netfd *f);
+  loom__sema *closed;    /* the closer waits here for the fd's close */
 } loom__netfd;
 
 /* Wrap a non-blocking fd (registers it with the poller).  On failure the
