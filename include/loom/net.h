@@ -171,10 +171,11 @@ LOOM_API ssize_t loom_writev(loom_conn *c, const struct iovec *iov,
  * cancel of `ctx` (or of an ancestor, or its deadline) wakes the call
  * with loom_ctx_err(ctx) (-ECANCELED, -ETIMEDOUT), promptly even while it
  * is parked in the poller.  The connection stays usable, in a defined
- * state: the deadline of that direction is left in the past (as after a
- * deadline of its own), so the next call in that direction returns
- * -ETIMEDOUT until a new deadline is set.  A write cut short may have
- * sent part of its bytes.  Parks.
+ * state: a call the cancel cut short leaves the deadline of that
+ * direction in the past (as after a deadline of its own), so the next
+ * call in that direction returns -ETIMEDOUT until a new deadline is set;
+ * a `ctx` done before the call returns its error and touches nothing.
+ * A write cut short may have sent part of its bytes.  Parks.
  */
 LOOM_API ssize_t loom_read_ctx(loom_conn *c, void *buf, size_t len,
                                loom_ctx *ctx);
@@ -289,9 +290,10 @@ LOOM_API ssize_t loom_pconn_write_msg(loom_pconn *pc, const struct iovec *iov,
  * poller; a `ctx` that is done already returns its error without reading
  * or sending.  A call cut short has moved no datagram (a read's `from`
  * and *fromlen are left untouched).  The socket stays usable, in the
- * state loom_read_ctx leaves a connection in: the deadline of that
- * direction is in the past, so the next call in that direction returns
- * -ETIMEDOUT until a new deadline is set.  Parks.
+ * state loom_read_ctx leaves a connection in: after a call the cancel
+ * cut short, the deadline of that direction is in the past, so the next
+ * call in that direction returns -ETIMEDOUT until a new deadline is set
+ * (a `ctx` done before the call touches nothing).  Parks.
  */
 LOOM_API ssize_t loom_pconn_read_from_ctx(loom_pconn *pc, void *buf, size_t len,
                                           struct sockaddr_storage *from,
