@@ -64,6 +64,7 @@
 #include "engine/engine.h"
 #include "engine/layer.h"
 #include "loom/runtime.h"
+#include "net/netfd.h"
 #include "runtime/alloc.h"
 #include "runtime/runtime.h"
 
@@ -621,60 +622,6 @@ static bool packet_ended(loom_session *s) {
   return s->io_closed || atomic_load(&s->state) == S_ABORTED;
 }
 
-static ssize_t send_now(loom_session *s, const struct iovec *iov, int n,
-                        const struct sockaddr *to, socklen_t tolen);
-
-#define POLL_SEND_FIRST_NS INT64_C(1000000)  /* see poll_send */
-#define POLL_SEND_MAX_NS (16 * INT64_C(1000000))
-
-/* wait_send for an unconnected unixgram socket.  Its room is per
- * destination (each peer's receive queue), and the poller cannot say
- * when one has room (net/udp.c, dgram_io: a failed send reports write
- * space itself, and a peer full of others' datagrams reports nothing to
- * us when it reads).  One write waiting for a stuck peer, holding the
- * turn, would hold up writes to every other peer.  So each sender on
- * its own tries again after 1 ms, then 2, 4, ... up to 16 ms (as
- * dgram_io does), until `deadline` (0: none); an abort or the end of the
- * socket wakes it with LOOM_ECLOSED.  The count, or -ETIMEDOUT,
- * LOOM_ECLOSED, -ENOMEM. */
-static ssize_t poll_send(loom_session *s, const struct iovec *iov, int n,
-                         const struct sockaddr *to, socklen_t tolen,
-                         int64_t deadline) {
-  int64_t slice = POLL_SEND_FIRST_NS;
-  ssize_t k;
-  loom_mutex_lock(&s->wmu);
-  for (;;) {
-    if (packet_ended(s)) {
-      k = LOOM_ECLOSED;
-      break;
-    }
-    int64_t now = loom_now();
-    if (deadline != 0 && now >= deadline) {
-      k = -ETIMEDOUT;
-      break;
-    }
-    int64_t until = loom__sat_add(now, slice);
-    if (deadline != 0 && deadline < until)
-      until = deadline;
-    int w = loom_cond_wait(&s->wspace, &s->wmu, until);
-    if (w < 0 && w != -ETIMEDOUT) {
-      k = w;
-      break;
-    }
-    if (packet_ended(s))
-      continue;
-    loom_mutex_unlock(&s->wmu);
-    k = send_now(s, iov, n, to, tolen);
-    loom_mutex_lock(&s->wmu);
-    if (k != -EAGAIN)
-      break;
-    if (slice < POLL_SEND_MAX_NS)
-      slice *= 2;
-  }
-  loom_mutex_unlock(&s->wmu);
-  return k;
-}
-
 /* The socket is full: wait for room for one datagram until `deadline`
  * (0: none), in the pconn's write.  That write is bounded by the pconn's
  * write deadline, which belongs to the direction, not to one caller:
@@ -684,13 +631,26 @@ static ssize_t poll_send(loom_session *s, const struct iovec *iov, int n,
  * wake_io moves it for an abort), the others wait for their turn on
  * wspace, bounded by their own deadlines.  An abort or the end of the
  * socket wakes both kinds with LOOM_ECLOSED.  Returns what the write
- * returns, or -ETIMEDOUT, LOOM_ECLOSED, -ENOMEM (no timer).  An
- * unconnected unixgram socket cannot wait so: poll_send. */
+ * returns, or -ETIMEDOUT, LOOM_ECLOSED, -ENOMEM (no timer).
+ *
+ * An unconnected unixgram socket has room per destination, and its
+ * writes retry on their own (net/udp.c, dgram_io), each bounded by its
+ * caller's `deadline` without the shared one: no turn, so one peer that
+ * never reads holds up no write to another.  An abort and the end of
+ * the socket move the shared deadline to the past, which ends them. */
 static ssize_t wait_send(loom_session *s, const struct iovec *iov, int n,
                          const struct sockaddr *to, socklen_t tolen,
                          int64_t deadline) {
-  if (s->unix_dgram && !s->connected)
-    return poll_send(s, iov, n, to, tolen, deadline);
+  if (s->unix_dgram && !s->connected) {
+    ssize_t k = loom__pconn_write_msg_until(s->pc, iov, n, to, tolen, deadline);
+    if (k == -ETIMEDOUT) {
+      loom_mutex_lock(&s->wmu);
+      if (packet_ended(s)) /* the abort's deadline, not ours */
+        k = LOOM_ECLOSED;
+      loom_mutex_unlock(&s->wmu);
+    }
+    return k;
+  }
   int rc = 0;
   loom_mutex_lock(&s->wmu);
   while (rc == 0 && s->psend && !packet_ended(s))

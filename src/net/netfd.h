@@ -73,6 +73,18 @@ struct loom_ctx;
 ssize_t loom__netfd_with_ctx(loom__netfd *f, int mode, struct loom_ctx *ctx,
                              ssize_t (*op)(void *a), void *a);
 
+struct loom_pconn;
+struct iovec;
+/* loom_pconn_write_msg whose retries on an unconnected Unix datagram
+ * socket (udp.c, dgram_io) end at `until` (a loom_now() time; 0: none)
+ * with -ETIMEDOUT: a bound of the caller's own, where the direction's
+ * deadline is shared by every writer.  Elsewhere `until` has no effect.
+ * The engine's packet sessions use it. */
+ssize_t loom__pconn_write_msg_until(struct loom_pconn *pc,
+                                    const struct iovec *iov, int iovcnt,
+                                    const struct sockaddr *to, socklen_t tolen,
+                                    int64_t until);
+
 struct loom_conn;
 /* Wrap a connected non-blocking stream socket (conn.c); closes fd on
  * failure.  `peer` (NULL: unknown) is the peer's address as accept or

@@ -50,6 +50,7 @@ struct dgram_op {
   bool send;
   struct msghdr mh;
   int flags;
+  int64_t until; /* the retries' own bound (0: none): see dgram_io */
 };
 
 #define RETRY_FIRST_NS INT64_C(1000000) /* see dgram_io */
@@ -61,7 +62,9 @@ struct dgram_op {
  * whom, and the failed send itself reports write space (pollfd.h,
  * loom__pd_sleep).  So such a sender tries again after 1 ms, then 2, 4,
  * ... up to 16 ms, and sleeps without the direction's lock: one peer
- * that never reads does not hold up the socket's writes to others. */
+ * that never reads does not hold up the socket's writes to others.
+ * op->until, when set, ends those retries with -ETIMEDOUT: a bound of
+ * the caller's own, beside the direction's deadline. */
 static ssize_t dgram_io(loom_pconn *pc, struct dgram_op *op) {
   if (pc == NULL)
     return -EINVAL;
@@ -88,8 +91,15 @@ static ssize_t dgram_io(loom_pconn *pc, struct dgram_op *op) {
     if (e == EINTR)
       continue;
     if (e == EAGAIN && retry) {
+      int64_t now = loom_now(), wake = loom__sat_add(now, slice);
+      if (op->until != 0 && now >= op->until) {
+        r = -ETIMEDOUT;
+        break;
+      }
+      if (op->until != 0 && op->until < wake)
+        wake = op->until;
       loom__sema_release(sem);
-      int w = loom__pd_sleep(f->pd, loom__sat_add(loom_now(), slice));
+      int w = loom__pd_sleep(f->pd, wake);
       loom__sema_acquire(sem);
       if (w != 0) {
         r = w;
@@ -177,7 +187,7 @@ ssize_t loom_pconn_read(loom_pconn *pc, void *buf, size_t len) {
  * way whatever the context's state. */
 static ssize_t write_msg(loom_pconn *pc, const struct iovec *iov, int iovcnt,
                          const struct sockaddr *to, socklen_t tolen,
-                         loom_ctx *ctx) {
+                         loom_ctx *ctx, int64_t until) {
   if (pc == NULL || iovcnt < 0 || iovcnt > IOV_MAX ||
       (iovcnt > 0 && iov == NULL))
     return -EINVAL;
@@ -190,19 +200,26 @@ static ssize_t write_msg(loom_pconn *pc, const struct iovec *iov, int iovcnt,
   op.mh.msg_iovlen = (size_t)iovcnt;
   op.mh.msg_name = (void *)(uintptr_t)to;
   op.mh.msg_namelen = to != NULL ? tolen : 0;
+  op.until = until;
   return dgram_io_ctx(pc, &op, ctx);
 }
 
 ssize_t loom_pconn_write_msg(loom_pconn *pc, const struct iovec *iov,
                              int iovcnt, const struct sockaddr *to,
                              socklen_t tolen) {
-  return write_msg(pc, iov, iovcnt, to, tolen, NULL);
+  return write_msg(pc, iov, iovcnt, to, tolen, NULL, 0);
+}
+
+ssize_t loom__pconn_write_msg_until(loom_pconn *pc, const struct iovec *iov,
+                                    int iovcnt, const struct sockaddr *to,
+                                    socklen_t tolen, int64_t until) {
+  return write_msg(pc, iov, iovcnt, to, tolen, NULL, until);
 }
 
 ssize_t loom_pconn_write_msg_ctx(loom_pconn *pc, const struct iovec *iov,
                                  int iovcnt, const struct sockaddr *to,
                                  socklen_t tolen, loom_ctx *ctx) {
-  return write_msg(pc, iov, iovcnt, to, tolen, ctx);
+  return write_msg(pc, iov, iovcnt, to, tolen, ctx, 0);
 }
 
 ssize_t loom_pconn_write(loom_pconn *pc, const void *buf, size_t len) {
