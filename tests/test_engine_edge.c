@@ -339,16 +339,16 @@ static void check_wq_bound(loom_session *s) {
   CHECKF(st.wq_bytes <= (size_t)WQ_HIGH + PKG + 4, "wq_bytes %zu", st.wq_bytes);
 }
 
-/* Write 64 KiB packages with timeout 0 until the queue refuses one and
- * the socket has stopped taking bytes (the queue length holds still);
- * returns how many were refused. */
-static int fill_until_stalled(loom_session *s) {
+/* Write packages of len bytes (at most PKG) with timeout 0 until the
+ * queue refuses one and the socket has stopped taking bytes (the queue
+ * length holds still); returns how many were refused. */
+static int fill_with_until_stalled(loom_session *s, size_t len) {
   int refused = 0;
   size_t before = SIZE_MAX;
   for (int round = 0; round < 100; round++) {
     int rc;
     for (int i = 0; i < 1024; i++) {
-      rc = loom_session_write(s, big, PKG, 0);
+      rc = loom_session_write(s, big, len, 0);
       check_wq_bound(s);
       if (rc != 0)
         break;
@@ -364,6 +364,9 @@ static int fill_until_stalled(loom_session *s) {
     loom_sleep(30 * CHECK_MS);
   }
   CHECK_FAIL("the write queue never stalled");
+}
+static int fill_until_stalled(loom_session *s) {
+  return fill_with_until_stalled(s, PKG);
 }
 
 static void slow_end(slow *t) {
@@ -748,7 +751,12 @@ static void batch_room_main(void *arg) {
   (void)arg;
   slow t;
   slow_start(&t, false, 0, WQ_HIGH, 0);
-  (void)fill_until_stalled(t.s);
+  /* Frames of 64 KiB exactly, so that every batch but the last is half
+   * of wq_high and the last one is a frame or two: two batches end
+   * between two looks only if the socket took a whole frame at once,
+   * which its 16 KiB buffers cannot.  (With 64 KiB + 4 byte frames, a
+   * last batch of a few bytes ended with the one before it.) */
+  (void)fill_with_until_stalled(t.s, PKG - 4);
   loom_session_stats st;
   loom_session_stats_get(t.s, &st);
   uint64_t out = st.bytes_out, most = 0;
