@@ -3492,6 +3492,64 @@ static void wait_close_main(void *arg) {
 }
 TEST(client_wait_during_close) { run(wait_close_main, 2, "wait vs close"); }
 
+/* Redials are paced.  A server that refuses every session in on_open
+ * (accepts, then drops): the client's two sessions are lost again and
+ * again, and each is replaced by a redial at most once per
+ * reconnect_interval, so in 600 ms at 50 ms the server sees the first
+ * two dials, one immediate redial and about a dozen more, not a storm.
+ * Then the server goes away: failed dials back off, doubling from the
+ * interval up to reconnect_max.  Every client session gets one on_open
+ * and one on_close, and on_closed comes once. */
+static void paced_main(void *arg) {
+  (void)arg;
+  codecs_init();
+  loom_server_opts so = server_opts(&line);
+  E.open_rc = -ECONNREFUSED;
+  char addr[128];
+  loom_server *srv = serve(&so, addr);
+  static closed_rec cdone = {.e = &CE};
+  loom_client_opts co;
+  memset(&co, 0, sizeof co);
+  co.network = "tcp";
+  co.addr = addr;
+  co.conns = 2;
+  co.reconnect_interval = 50 * CHECK_MS;
+  co.reconnect_max = 200 * CHECK_MS;
+  co.on_closed = record_closed;
+  co.closed_arg = &cdone;
+  co.session.listener = &ev_listener;
+  co.session.codec = &line;
+  co.session.user = &CE;
+  loom_client *cl;
+  int64_t t0 = loom_now();
+  CHECK_OK(loom_client_start(&cl, &co));
+  loom_sleep(600 * CHECK_MS);
+  int64_t el = loom_now() - t0;
+  uint64_t dials = metrics(srv).sessions_total;
+  printf("%llu sessions accepted in %lld ms at a 50 ms interval\n",
+         (unsigned long long)dials, (long long)(el / CHECK_MS));
+  CHECK_GE(dials, 4);
+  CHECK_LE(dials, 3 + (uint64_t)(el / (50 * CHECK_MS)) + 1);
+  /* The server goes; the dials that follow fail and back off. */
+  CHECK_OK(loom_server_close(srv, loom_now() + 5 * SEC));
+  loom_metrics m0;
+  loom_client_metrics(cl, &m0);
+  loom_sleep(1000 * CHECK_MS);
+  loom_metrics m1;
+  loom_client_metrics(cl, &m1);
+  uint64_t failed = m1.errors.accept - m0.errors.accept;
+  printf("%llu failed dials in 1 s (interval 50 ms, max 200 ms)\n",
+         (unsigned long long)failed);
+  /* 50, 100, 200, 200, ...: at most 1 + 1000 / 200 + 3 of them. */
+  CHECK_GE(failed, 3);
+  CHECK_LE(failed, 9);
+  CHECK_OK(loom_client_close(cl, loom_now() + 5 * SEC));
+  check_closed(&cdone, atomic_load(&CE.closes));
+  CHECK_EQ(atomic_load(&CE.opens), atomic_load(&CE.closes));
+  CHECK_GE(atomic_load(&CE.opens), 1);
+}
+TEST(client_redials_are_paced) { run(paced_main, 2, "client redial pacing"); }
+
 /* max_pkg_len = SIZE_MAX on a packet session: datagrams of any size
  * UDP carries get through (the read buffer was 63 bytes). */
 static void udp_size_max_main(void *arg) {
