@@ -2877,6 +2877,56 @@ TEST(taskpool_close_releases_waiting_submitter) {
   run(tp_waiting_main, 2, "taskpool waiting submitter");
 }
 
+/* Submitters whose deadline for room runs out just as the pool closes:
+ * each returns -ETIMEDOUT or LOOM_ECLOSED, and none touches the pool's
+ * queues once loom_taskpool_close has freed them.  (A submitter whose
+ * deadline fired is woken by its timer, not by the close; it then takes
+ * itself off the queue's waiters under the queue's lock, and a close
+ * that ran meanwhile has freed that queue.) */
+static loom_taskpool *race_pool;
+static loom_sema race_gate;
+static atomic_int race_done, race_bad;
+static _Atomic int64_t race_deadline;
+static void race_blocker(void *arg) {
+  (void)arg;
+  CHECK_OK(loom_sema_acquire(&race_gate, 0));
+}
+static void race_submitter(void *arg) {
+  (void)arg;
+  int rc = loom_taskpool_submit(race_pool, 0, count_task, NULL,
+                                atomic_load(&race_deadline));
+  if (rc != -ETIMEDOUT && rc != LOOM_ECLOSED)
+    atomic_fetch_add(&race_bad, 1);
+  atomic_fetch_add(&race_done, 1);
+}
+static void tp_deadline_race_main(void *arg) {
+  (void)arg;
+  enum { SUBS = 32 };
+  int rounds = CHECK_SCALE(400, 300, 100);
+  for (int r = 0; r < rounds; r++) {
+    loom_taskpool_opts o = {.queues = 1, .workers = 1, .queue_len = 1};
+    CHECK_OK(loom_taskpool_make(&race_pool, &o));
+    CHECK_OK(loom_taskpool_submit(race_pool, 0, race_blocker, NULL, 0));
+    /* The worker holds the blocker; one more task fills the queue. */
+    WAIT_FOR(loom_taskpool_queued(race_pool) == 0, 5);
+    CHECK_OK(loom_taskpool_submit(race_pool, 0, count_task, NULL,
+                                  LOOM_TASKPOOL_NOWAIT));
+    atomic_store(&race_done, 0);
+    int64_t wait = (int64_t)(r % 5) * 500000 + 1000000; /* 1..3 ms */
+    atomic_store(&race_deadline, loom_now() + wait);
+    for (int i = 0; i < SUBS; i++)
+      CHECK_OK(loom_go(race_submitter, NULL));
+    loom_sleep(wait);
+    loom_sema_release(&race_gate);
+    loom_taskpool_close(race_pool);
+    WAIT_FOR(atomic_load(&race_done) == SUBS, 5);
+  }
+  CHECK_EQ(atomic_load(&race_bad), 0);
+}
+TEST(taskpool_close_vs_submit_deadline) {
+  run(tp_deadline_race_main, 2, "taskpool close vs submit deadline");
+}
+
 /* Per-key order with one worker per queue: 8 submitters x 5000 tasks on
  * keys 0..15 over 4 queues (small, so submitters wait for room).  Each
  * task checks that its (submitter, key) sequence goes up by one and that

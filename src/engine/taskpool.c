@@ -29,6 +29,11 @@ struct loom_taskpool {
   int nq, per_queue;
   loom_chan **q;
   loom_wg workers;
+  /* Submits inside the pool.  A submitter that waited for room and was
+   * woken by its deadline takes itself off the queue's waiters under the
+   * queue's lock, after the close has woken the others: the close frees
+   * the queues only once every submit has left. */
+  loom_wg submits;
   _Atomic int closing;
 };
 
@@ -100,17 +105,21 @@ fail:
 
 int loom_taskpool_submit(loom_taskpool *p, uint64_t key, void (*fn)(void *),
                          void *arg, int64_t deadline) {
-  if (atomic_load(&p->closing))
-    return LOOM_ECLOSED;
-  loom_chan *q = p->q[key % (uint64_t)p->nq];
-  task t = {fn, arg};
+  loom_wg_add(&p->submits, 1);
   int rc;
-  if (deadline == LOOM_TASKPOOL_NOWAIT)
-    rc = loom_chan_try_send(q, &t);
-  else if (deadline > 0)
-    rc = loom_chan_send_until(q, &t, deadline);
-  else
-    rc = loom_chan_send(q, &t);
+  if (atomic_load(&p->closing)) {
+    rc = -EPIPE;
+  } else {
+    loom_chan *q = p->q[key % (uint64_t)p->nq];
+    task t = {fn, arg};
+    if (deadline == LOOM_TASKPOOL_NOWAIT)
+      rc = loom_chan_try_send(q, &t);
+    else if (deadline > 0)
+      rc = loom_chan_send_until(q, &t, deadline);
+    else
+      rc = loom_chan_send(q, &t);
+  }
+  loom_wg_done(&p->submits); /* the last touch of *p */
   return rc == -EPIPE ? LOOM_ECLOSED : rc;
 }
 
@@ -128,5 +137,6 @@ void loom_taskpool_close(loom_taskpool *p) {
   for (int i = 0; i < p->nq; i++)
     loom_chan_close(p->q[i]);
   loom_wg_wait(&p->workers, 0);
+  loom_wg_wait(&p->submits, 0);
   pool_free(p);
 }
