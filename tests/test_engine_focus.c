@@ -496,4 +496,183 @@ TEST(read_timeout_vs_pool_backpressure) {
   check_run(bh_main, (void *)1, 2);
 }
 
+/* ---- focused: a compressed stream cut in the middle of a block ---------- */
+
+/* The compressed analogue of truncated_frame_then_eof_is_ebadmsg: a peer
+ * sends one whole frame (flushed), then the first bytes of the deflate
+ * block that carries a second frame — bytes that inflate takes in without
+ * producing any output yet — and ends its stream.  The second frame was
+ * sent and is lost: the session must end with an error (LOOM_ECOMPRESS
+ * or -EBADMSG), not as a clean half-close. */
+static atomic_int zt_msgs;
+static void zt_message(loom_session *s, const loom_pkg *pkg) {
+  (void)s;
+  (void)pkg;
+  atomic_fetch_add(&zt_msgs, 1);
+}
+static const loom_session_listener zt_listener = {
+    .on_message = zt_message, .on_error = end_error, .on_close = end_close};
+
+static void zt_main(void *arg) {
+  (void)arg;
+  loom_codec lp;
+  loom_codec_lenpfx(&lp, NULL);
+  loom_server_opts o = {
+      .network = "tcp",
+      .addr = "127.0.0.1:0",
+      .session = {.listener = &zt_listener, .codec = &lp, .compress = -1}};
+  loom_server *srv;
+  CHECK_OK(loom_server_start(&srv, &o));
+  char addr[64];
+  CHECK_OK(loom_server_addr(srv, addr, sizeof addr));
+  loom_conn *c;
+  CHECK_OK(loom_dial(&c, "tcp", addr));
+  z_stream zo = {0};
+  CHECK_EQ(deflateInit(&zo, Z_DEFAULT_COMPRESSION), Z_OK);
+  static uint8_t plain[8192], comp[16384];
+  /* Frame 1: "hello", flushed. */
+  size_t plen = 0;
+  plain[plen++] = 0, plain[plen++] = 0, plain[plen++] = 0, plain[plen++] = 5;
+  memcpy(plain + plen, "hello", 5);
+  plen += 5;
+  zo.next_in = plain;
+  zo.avail_in = (uInt)plen;
+  zo.next_out = comp;
+  zo.avail_out = sizeof comp;
+  CHECK_EQ(deflate(&zo, Z_SYNC_FLUSH), Z_OK);
+  size_t first = sizeof comp - zo.avail_out;
+  /* Frame 2: 4000 bytes of varied text (a dynamic-Huffman block). */
+  uint64_t x = 88172645463325252u;
+  size_t body = 4000;
+  plain[0] = 0, plain[1] = 0, plain[2] = (uint8_t)(body >> 8),
+  plain[3] = (uint8_t)body;
+  for (size_t i = 0; i < body; i++) {
+    x ^= x << 13, x ^= x >> 7, x ^= x << 17;
+    plain[4 + i] = (uint8_t)("etaoinshrdlucmfwypvbgkqjxz .,"[x % 29]);
+  }
+  zo.next_in = plain;
+  zo.avail_in = (uInt)(body + 4);
+  CHECK_EQ(deflate(&zo, Z_SYNC_FLUSH), Z_OK);
+  size_t second = sizeof comp - zo.avail_out - first;
+  CHECK_GT(second, 64);
+  /* How much of the second block inflates to nothing yet: feed a fresh
+   * inflater the first block, then the second a byte at a time. */
+  z_stream zi = {0};
+  CHECK_EQ(inflateInit(&zi), Z_OK);
+  static uint8_t out[16384];
+  zi.next_in = comp;
+  zi.avail_in = (uInt)first;
+  zi.next_out = out;
+  zi.avail_out = sizeof out;
+  CHECK_EQ(inflate(&zi, Z_SYNC_FLUSH), Z_OK);
+  CHECK_EQ(sizeof out - zi.avail_out, 9);
+  size_t cut = 0;
+  while (cut < 8) {
+    zi.next_in = comp + first + cut;
+    zi.avail_in = 1;
+    int zr = inflate(&zi, Z_SYNC_FLUSH);
+    CHECK(zr == Z_OK || zr == Z_BUF_ERROR);
+    if (sizeof out - zi.avail_out != 9)
+      break;
+    cut++;
+  }
+  inflateEnd(&zi);
+  CHECKF(cut >= 2, "the second block gives output after %zu bytes", cut);
+  size_t n = first + cut;
+  CHECK_EQ(loom_write(c, comp, n), (ssize_t)n);
+  CHECK_OK(loom_shutdown(c, SHUT_WR));
+  /* The server's end: EOF within a few seconds. */
+  uint8_t in[256];
+  loom_set_read_deadline(c, loom_now() + 5 * SEC);
+  ssize_t k;
+  while ((k = loom_read(c, in, sizeof in)) > 0)
+    ;
+  int64_t end = loom_now() + 5 * SEC;
+  while (atomic_load(&end_closes) == 0 && loom_now() < end)
+    loom_sleep(CHECK_MS);
+  fprintf(stderr,
+          "compressed stream cut %zu bytes into a block: messages %d, "
+          "on_close %d, on_error %s\n",
+          cut, atomic_load(&zt_msgs), atomic_load(&end_closes),
+          loom_err_name(atomic_load(&end_err)));
+  CHECK_EQ(atomic_load(&end_closes), 1);
+  CHECK_EQ(atomic_load(&zt_msgs), 1);
+  CHECKF(atomic_load(&end_err) == LOOM_ECOMPRESS ||
+             atomic_load(&end_err) == -EBADMSG,
+         "a frame was lost in a cut compressed stream, yet the session "
+         "closed cleanly (on_error: %s)",
+         loom_err_name(atomic_load(&end_err)));
+  deflateEnd(&zo);
+  loom_close(c);
+  CHECK_OK(loom_server_close(srv, loom_now() + SEC));
+}
+TEST(compressed_stream_cut_in_a_block_is_an_error) {
+  check_watchdog(15, "compressed stream cut in a block");
+  check_run(zt_main, NULL, 2);
+}
+
+/* ---- focused: compressed bytes that inflate to nothing are still bytes --- */
+
+/* read_timeout is "ns without a byte from the peer", and last_read the
+ * time of the last byte read.  A zlib peer that sends an empty flush
+ * (00 00 ff ff: bytes on the wire, no output) every 40 ms is not idle:
+ * a session with read_timeout 200 ms must not time out on it. */
+static void zi_main(void *arg) {
+  (void)arg;
+  loom_codec lp;
+  loom_codec_lenpfx(&lp, NULL);
+  loom_server_opts o = {.network = "tcp",
+                        .addr = "127.0.0.1:0",
+                        .session = {.listener = &zt_listener,
+                                    .codec = &lp,
+                                    .compress = -1,
+                                    .read_timeout = 200 * CHECK_MS}};
+  loom_server *srv;
+  CHECK_OK(loom_server_start(&srv, &o));
+  char addr[64];
+  CHECK_OK(loom_server_addr(srv, addr, sizeof addr));
+  loom_conn *c;
+  CHECK_OK(loom_dial(&c, "tcp", addr));
+  z_stream zo = {0};
+  CHECK_EQ(deflateInit(&zo, Z_DEFAULT_COMPRESSION), Z_OK);
+  uint8_t comp[64];
+  int sent = 0;
+  for (int i = 0; i < 15 && atomic_load(&end_closes) == 0; i++) {
+    size_t n;
+    if (i == 0) { /* the header and a first empty flush */
+      zo.next_in = NULL;
+      zo.avail_in = 0;
+      zo.next_out = comp;
+      zo.avail_out = sizeof comp;
+      CHECK_EQ(deflate(&zo, Z_SYNC_FLUSH), Z_OK);
+      n = sizeof comp - zo.avail_out;
+    } else { /* zlib says nothing more with no input: an empty stored
+                block, byte-aligned after the last flush, as it would */
+      static const uint8_t empty[] = {0x00, 0x00, 0x00, 0xff, 0xff};
+      memcpy(comp, empty, sizeof empty);
+      n = sizeof empty;
+    }
+    if (n > 0 && loom_write(c, comp, n) == (ssize_t)n)
+      sent += (int)n;
+    loom_sleep(40 * CHECK_MS);
+  }
+  loom_metrics m;
+  loom_server_metrics(srv, &m);
+  fprintf(stderr,
+          "sent %d bytes of empty flushes over 600 ms: on_close %d, "
+          "on_error %s, bytes_in %llu\n",
+          sent, atomic_load(&end_closes), loom_err_name(atomic_load(&end_err)),
+          (unsigned long long)m.bytes_in);
+  CHECKF(atomic_load(&end_closes) == 0,
+         "the session idled out (%s) while its peer kept sending",
+         loom_err_name(atomic_load(&end_err)));
+  deflateEnd(&zo);
+  loom_close(c);
+  CHECK_OK(loom_server_close(srv, loom_now() + SEC));
+}
+TEST(compressed_empty_flushes_keep_the_session_alive) {
+  check_watchdog(15, "compressed empty flushes vs read_timeout");
+  check_run(zi_main, NULL, 2);
+}
+
 CHECK_MAIN()

@@ -155,7 +155,9 @@ typedef struct loom_session_opts {
   uint64_t (*dispatch_key)(loom_session *s, const loom_pkg *pkg);
   int compress; /* zlib level 1..9 for both directions, -1: zlib's
                    default, 0: off; TCP and Unix only, and
-                   both ends must agree */
+                   both ends must agree.  A peer's stream that
+                   zlib cannot parse, or that ends inside a
+                   deflate block, closes with LOOM_ECOMPRESS */
 } loom_session_opts;
 
 /* ---- sessions ---------------------------------------------------------- */

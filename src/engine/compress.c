@@ -8,12 +8,14 @@
  * compressed and ended with Z_SYNC_FLUSH, so the peer can decode
  * everything sent so far without waiting for more.  zlib's own format (a
  * 2-byte header, then deflate blocks), never finished: a peer's stream
- * that ends (Z_STREAM_END), or that zlib cannot parse, is LOOM_ECOMPRESS
- * and the session closes with that error.  zlib allocates through loom's
+ * that ends (Z_STREAM_END), that zlib cannot parse, or that the peer's
+ * EOF cuts inside a block is LOOM_ECOMPRESS and the session closes with
+ * that error.  zlib allocates through loom's
  * hook.
  */
 #include <errno.h>
 #include <limits.h>
+#include <stdbool.h>
 #include <string.h>
 #include <zlib.h>
 
@@ -44,17 +46,33 @@ static void zfree(voidpf opaque, voidpf p) {
 }
 
 /* Inflate what is buffered into out[0..len): the count (0: needs more
- * input), or LOOM_ECOMPRESS. */
+ * input), or LOOM_ECOMPRESS.  Z_BLOCK stops at every block boundary, so
+ * that when the input runs out, data_type says whether it ran out
+ * between two blocks (see at_boundary); a boundary that gave no output
+ * yet is passed, not taken for "needs more input". */
 static ssize_t inflate_some(zlayer *z, void *out, size_t len) {
   uInt room = len > UINT_MAX ? UINT_MAX : (uInt)len;
   z->in.next_out = out;
   z->in.avail_out = room;
-  int rc = inflate(&z->in, Z_SYNC_FLUSH);
-  ssize_t got = (ssize_t)(room - z->in.avail_out);
-  /* Z_BUF_ERROR: no progress was possible — input ran out. */
-  if (rc == Z_OK || rc == Z_BUF_ERROR)
-    return got;
-  return LOOM_ECOMPRESS; /* Z_DATA_ERROR, Z_NEED_DICT, Z_STREAM_END, ... */
+  for (;;) {
+    int rc = inflate(&z->in, Z_BLOCK);
+    /* Z_BUF_ERROR: no progress was possible — input ran out. */
+    if (rc != Z_OK && rc != Z_BUF_ERROR)
+      return LOOM_ECOMPRESS; /* Z_DATA_ERROR, Z_NEED_DICT, Z_STREAM_END.. */
+    if (z->in.avail_out != room || z->in.avail_in == 0 || rc == Z_BUF_ERROR)
+      return (ssize_t)(room - z->in.avail_out);
+  }
+}
+
+/* Whether the peer's stream may end here without losing a byte: nothing
+ * came at all, or inflate stopped between two blocks (data_type bit 7:
+ * after a block's end, or after the header) and holds no input it has
+ * not decoded.  Every batch of a loom writer ends with a flush, so its
+ * stream always stops between blocks; a stream cut inside one lost what
+ * that block carried, which inflate cannot tell from "more is coming". */
+static bool at_boundary(zlayer *z) {
+  return z->in.total_in == 0 ||
+         ((z->in.data_type & 128) != 0 && z->in.avail_in == 0);
 }
 
 static ssize_t zread(loom__layer *l, void *buf, size_t len) {
@@ -77,6 +95,8 @@ static ssize_t zread(loom__layer *l, void *buf, size_t len) {
     if (keep == ZIN_BUF)
       return LOOM_ECOMPRESS; /* a full buffer and no progress */
     ssize_t n = l->below->ops->read(l->below, z->inbuf + keep, ZIN_BUF - keep);
+    if (n == 0 && !at_boundary(z))
+      return LOOM_ECOMPRESS; /* the peer's stream ends inside a block */
     if (n <= 0)
       return n;
     from_socket = true; /* the socket read counted itself */

@@ -807,12 +807,16 @@ int loom_session_write_to(loom_session *s, const void *data, size_t len,
   return write_common(s, data, len, to, tolen, timeout);
 }
 
-/* The socket layer: the bottom of every stream session's stack. */
+/* The socket layer: the bottom of every stream session's stack.  Bytes
+ * count as read here, as they arrive, not when a layer above turns them
+ * into something (compressed bytes may inflate to nothing yet). */
 static ssize_t sock_read(loom__layer *l, void *buf, size_t len) {
   loom_session *s = (loom_session *)((char *)l - offsetof(loom_session, sock));
   ssize_t n = loom_read(s->conn, buf, len);
-  if (n > 0)
+  if (n > 0) {
     BUMP(bytes_in, (uint64_t)n);
+    atomic_store_explicit(&s->last_read, loom_now(), memory_order_relaxed);
+  }
   return n;
 }
 
@@ -1226,7 +1230,6 @@ static int read_stream(loom_session *s, reader *r) {
     size_t room = r->cap - r->len;
     ssize_t n = s->top->ops->read(s->top, r->buf + r->len, room);
     if (n > 0) {
-      atomic_store_explicit(&s->last_read, loom_now(), memory_order_relaxed);
       r->filled = (size_t)n == room;
       if ((size_t)n >= room / 4) {
         r->small = 0;
