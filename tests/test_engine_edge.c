@@ -2338,6 +2338,64 @@ static void free_main(void *arg) {
 }
 TEST(on_free_after_last_unref) { run(free_main, 2, "on_free"); }
 
+/* A session nobody else references is freed before loom_server_close
+ * returns: on_free runs before it, not after (the user frees what on_free
+ * needs once the close has returned).  on_free spins 30 ms, so a close
+ * that returned as soon as the session left its server's list, before
+ * the reader's last unref, sees it not yet done.  With a task pool too:
+ * a pooled package's reference must not be the last one. */
+static void slow_free(loom_session *s) {
+  (void)s;
+  int64_t until = loom_now() + 30 * CHECK_MS;
+  while (loom_now() < until) /* must not park: a busy on_free */
+    ;
+  atomic_fetch_add(&E.frees, 1);
+}
+static const loom_session_listener slow_free_listener = {
+    .on_open = ev_open,
+    .on_message = ev_message,
+    .on_close = ev_close,
+    .on_free = slow_free,
+};
+static void free_before_close_returns_main(void *arg) {
+  codecs_init();
+  loom_taskpool *pool = NULL;
+  if (arg != NULL) {
+    loom_taskpool_opts po = {.queues = 2, .workers = 1};
+    CHECK_OK(loom_taskpool_make(&pool, &po));
+  }
+  loom_server_opts o = server_opts(&line);
+  o.session.listener = &slow_free_listener;
+  o.session.pool = pool;
+  char addr[128];
+  loom_server *srv = serve(&o, addr);
+  enum { N = 4 };
+  loom_conn *c[N];
+  for (int i = 0; i < N; i++) {
+    CHECK_OK(loom_dial(&c[i], "tcp", addr));
+    CHECK_EQ(loom_write(c[i], "x\n", 2), 2);
+  }
+  WAIT_FOR(atomic_load(&E.msgs) == N, 5);
+  CHECK_OK(loom_server_close(srv, loom_now() + 5 * SEC));
+  CHECK_EQ(atomic_load(&E.closes), N);
+  CHECK_EQ(atomic_load(&E.frees), N);
+  for (int i = 0; i < N; i++)
+    CHECK_OK(loom_close(c[i]));
+  if (pool != NULL)
+    loom_taskpool_close(pool);
+}
+TEST(on_free_before_server_close_returns) {
+  run(free_before_close_returns_main, 2, "on_free before close returns");
+}
+static void free_before_close_returns_pooled_main(void *arg) {
+  (void)arg;
+  free_before_close_returns_main(&E); /* non-NULL: with a pool */
+}
+TEST(on_free_before_server_close_returns_pooled) {
+  run(free_before_close_returns_pooled_main, 2,
+      "on_free before close returns, pooled");
+}
+
 /* loom_session_abort through a reference after on_close: a no-op, no
  * callback, and no touch of the closed socket. */
 static void abort_after_main(void *arg) {

@@ -110,7 +110,9 @@ typedef struct loom_session_listener {
   /* The last reference is gone: free what loom_session_user() or the
    * attributes point to.  Runs wherever the last loom_session_unref is
    * (the reader after on_close, or a holder of a reference); it must not
-   * park. */
+   * park.  A server or client close returns after the on_free of every
+   * session nobody else still references.  A session that could not
+   * start (no on_open) gets none. */
   void (*on_free)(loom_session *s);
 } loom_session_listener;
 

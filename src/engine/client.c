@@ -207,9 +207,13 @@ int loom_client_session(loom_client *cl, loom_session **out) {
     loom_session *s = cl->owner.head;
     for (uint64_t i = 0; i < skip && s; i++)
       s = loom__session_next(s);
+    /* n counts sessions that already left the list too (they leave it
+     * before their last unref, and the count after it). */
     for (uint64_t i = 0; i < n && !pick; i++) {
       if (!s)
         s = cl->owner.head;
+      if (!s)
+        break;
       if (loom__session_opened(s) && !loom_session_closed(s))
         pick = s;
       s = loom__session_next(s);

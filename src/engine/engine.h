@@ -30,7 +30,9 @@ enum loom__errkind {
 typedef struct loom__owner {
   loom_mutex mu;      /* protects the fields up to `changed` */
   loom_session *head; /* live sessions (s->prev/next) */
-  uint64_t open;      /* sessions on the list */
+  uint64_t open;      /* sessions whose reader has not ended: those on
+                         the list, and those that left it and are
+                         dropping the reader's reference (on_free) */
   uint64_t total;     /* sessions ever started */
   uint64_t bytes_in, bytes_out, pkgs_in, pkgs_out; /* of ended sessions */
   loom_cond changed; /* a session was added, opened or removed */

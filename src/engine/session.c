@@ -179,8 +179,9 @@ loom_session *loom_session_ref(loom_session *s) {
   return s;
 }
 
-static void session_free(loom_session *s) {
-  if (s->o.listener->on_free)
+/* on_free: false for a session no callback has seen. */
+static void session_free(loom_session *s, bool on_free) {
+  if (on_free && s->o.listener->on_free)
     s->o.listener->on_free(s);
   loom_buf_reset(&s->wq);
   while (s->top && s->top != &s->sock) {
@@ -195,7 +196,7 @@ static void session_free(loom_session *s) {
 
 void loom_session_unref(loom_session *s) {
   if (atomic_fetch_sub_explicit(&s->ref, 1, memory_order_acq_rel) == 1)
-    session_free(s);
+    session_free(s, true);
 }
 
 bool loom_session_closed(loom_session *s) {
@@ -936,9 +937,12 @@ static void pooled_message(void *arg) {
     s->o.listener->on_message(s, &t->pkg);
     loom__cb_tag_set(tag);
   }
-  loom_wg_done(&s->pooled);
+  /* Unref first: the reader keeps its own reference until the wait
+   * for `pooled` is over, so this one is never the last, and on_free
+   * runs on the reader, before its owner hears the session is gone. */
   loom_session_unref(s);
   loom__free(t);
+  loom_wg_done(&s->pooled); /* the last touch of *s */
 }
 
 static int dispatch(loom_session *s, const loom_pkg *pkg) {
@@ -1337,7 +1341,9 @@ static int read_packets(loom_session *s, reader *r) {
   }
 }
 
-static void owner_remove(loom_session *s) {
+/* Off its owner's list, its counters into the owner's totals.  It still
+ * counts as open: see owner_leave. */
+static void owner_unlink(loom_session *s) {
   loom__owner *o = s->owner;
   loom_mutex_lock(&o->mu);
   if (s->prev)
@@ -1346,11 +1352,18 @@ static void owner_remove(loom_session *s) {
     o->head = s->next;
   if (s->next)
     s->next->prev = s->prev;
-  o->open--;
   o->bytes_in += LOAD(bytes_in);
   o->bytes_out += LOAD(bytes_out);
   o->pkgs_in += LOAD(pkgs_in);
   o->pkgs_out += LOAD(pkgs_out);
+  loom_mutex_unlock(&o->mu);
+}
+
+/* The session is gone, on_free included if the reader's reference was
+ * the last: a close of the owner waiting for it may return. */
+static void owner_leave(loom__owner *o) {
+  loom_mutex_lock(&o->mu);
+  o->open--;
   loom_cond_broadcast(&o->changed);
   loom_mutex_unlock(&o->mu);
 }
@@ -1453,8 +1466,13 @@ end:
     loom_wg_wait(&s->io_users, 0);
     loom_pconn_close(s->pc);
   }
-  owner_remove(s);
+  /* Unreferenced by anyone else, the session is freed (on_free) before
+   * its owner hears that it is gone: a server or client close that
+   * returns has seen every on_free but those of users' references. */
+  loom__owner *o = s->owner;
+  owner_unlink(s);
   loom_session_unref(s);
+  owner_leave(o);
 }
 
 /* ---- start -------------------------------------------------------------- */
@@ -1499,8 +1517,9 @@ int loom__session_start(loom__owner *owner, const loom_session_opts *o,
   if (loom_go(reader_main, s) < 0) {
     s->conn = NULL;
     s->pc = NULL;
-    owner_remove(s);
-    loom_session_unref(s);
+    owner_unlink(s);
+    session_free(s, false); /* the only reference, and no on_open */
+    owner_leave(owner);
     goto fail;
   }
   return 0;
