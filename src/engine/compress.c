@@ -92,6 +92,7 @@ static ssize_t zread(loom__layer *l, void *buf, size_t len) {
     size_t keep = z->in.avail_in;
     if (keep)
       memmove(z->inbuf, z->in.next_in, keep);
+    z->in.next_in = z->inbuf; /* also if the read below returns nothing */
     if (keep == ZIN_BUF)
       return LOOM_ECOMPRESS; /* a full buffer and no progress */
     ssize_t n = l->below->ops->read(l->below, z->inbuf + keep, ZIN_BUF - keep);
@@ -100,7 +101,6 @@ static ssize_t zread(loom__layer *l, void *buf, size_t len) {
     if (n <= 0)
       return n;
     from_socket = true; /* the socket read counted itself */
-    z->in.next_in = z->inbuf;
     z->in.avail_in = (uInt)(keep + (size_t)n);
   }
 }
