@@ -17,10 +17,17 @@ static atomic_long started, woken;
 static atomic_uchar *finished;   /* per coroutine: ran to the end once */
 static atomic_llong release_at; /* every coroutine sleeps until then */
 
+static loom_chan *release_gate; /* closed by main at the release */
+
 /* Sleeps until release_at.  main pushes release_at later while it is
  * still spawning (spawning a million parked coroutines takes seconds,
  * more under load), so an early coroutine may wake, see a later
- * release, and park again; none finishes before main stops pushing. */
+ * release, and park again.  main pushes it only when it runs, and a
+ * loaded machine can keep it off its P for longer than the slack
+ * (behind a run queue of fresh coroutines): a coroutine that finds
+ * release_at passed parks on release_gate, which main closes at the
+ * release.  So none finishes before main releases them, however slow
+ * main is, and the timers still wake nearly all of them. */
 static void parker(void *arg) {
   uintptr_t i = (uintptr_t)arg;
   volatile char touch[512]; /* a little real stack use per coroutine */
@@ -30,6 +37,7 @@ static void parker(void *arg) {
   atomic_fetch_add_explicit(&started, 1, memory_order_relaxed);
   while (loom_now() < (r = atomic_load(&release_at)))
     CHECK_OK(loom_sleep_until(r));
+  CHECK_EQ(loom_chan_recv(release_gate, NULL), 0);
   CHECK_EQ(touch[0], (char)i);
   CHECK_EQ(touch[511], (char)(i >> 8));
   atomic_fetch_add_explicit(&finished[i], 1, memory_order_relaxed);
@@ -55,6 +63,7 @@ static void million_parked_main(void *arg) {
   loom_stats st;
   (void)arg;
   atomic_store(&release_at, t0 + 2 * HOLD);
+  CHECK_OK(loom_chan_make(&release_gate, 0, 0));
   printf("guard pages: %s\n",
          loom__test_stack_guard_pages() ? "MADV_GUARD_INSTALL" : "canary fallback");
   for (i = 0; i < parked_n; i++) {
@@ -84,6 +93,7 @@ static void million_parked_main(void *arg) {
   /* Release them: nobody pushes release_at any more. */
   released = atomic_load(&release_at);
   loom_sleep_until(released);
+  CHECK_OK(loom_chan_close(release_gate));
   while (atomic_load(&woken) < parked_n) {
     CHECKF(loom_now() < released + 60000 * CHECK_MS, "only %ld of %ld coroutines woke",
            atomic_load(&woken), parked_n);
@@ -93,6 +103,7 @@ static void million_parked_main(void *arg) {
   for (i = 0; i < parked_n; i++)
     CHECKF(atomic_load(&finished[i]) == 1, "coroutine %ld finished %d times", i,
            (int)atomic_load(&finished[i]));
+  loom_chan_free(release_gate);
 }
 
 /* The full million with the default configuration (64 KiB stacks), on
