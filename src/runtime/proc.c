@@ -437,7 +437,7 @@ static loom__g *steal_stalled(loom__m *m, loom__p *p) {
      * Gs they ready land on our P. */
     if (timer != 0 && timer <= now)
       m->stalled_timers = v;
-    loom__g *g = loom__runq_steal(p, v, true);
+    loom__g *g = loom__runq_steal(p, v, LOOM__STEAL_NEXT_NOW);
     if (g != NULL) {
       atomic_fetch_add_explicit(&rt->steals, 1, memory_order_relaxed);
       return g;
@@ -913,7 +913,8 @@ static loom__g *steal_work(loom__m *m) {
         }
       }
       if (!loom__runq_empty(v)) {
-        loom__g *g = loom__runq_steal(p, v, last);
+        loom__g *g =
+            loom__runq_steal(p, v, last ? LOOM__STEAL_NEXT : LOOM__STEAL_RING);
         if (g != NULL) {
           atomic_fetch_add_explicit(&rt->steals, 1, memory_order_relaxed);
           return g;

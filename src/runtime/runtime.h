@@ -373,8 +373,15 @@ loom__g *loom__runq_get(loom__p *p);
 bool loom__runq_empty(loom__p *p);
 uint32_t loom__runq_len(loom__p *p);
 /* Moves up to half of victim's queue to p's tail: p's ring must have room
- * for half a ring (at most LOOM_RUNQ_SIZE / 2 queued). */
-loom__g *loom__runq_steal(loom__p *p, loom__p *victim, bool stealnext);
+ * for half a ring (at most LOOM_RUNQ_SIZE / 2 queued).  With an empty
+ * ring, `next` says whether to take victim's runnext too: */
+enum loom__steal_next {
+  LOOM__STEAL_RING,     /* no */
+  LOOM__STEAL_NEXT,     /* yes, after a moment if victim runs (runq.c) */
+  LOOM__STEAL_NEXT_NOW, /* yes: victim is stuck in one G */
+};
+loom__g *loom__runq_steal(loom__p *p, loom__p *victim,
+                          enum loom__steal_next next);
 void loom__globrunq_put(loom__rt *rt, loom__g *g);      /* lock held */
 /* The global queue's first ring (1024 Gs), made with the runtime: the
  * scheduler allocates nothing unless more are queued at once.  -ENOMEM. */
