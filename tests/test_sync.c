@@ -447,4 +447,161 @@ TEST(wg_add_refuses_overflow) {
   CHECK_OK(loom_wg_add(&g, -2));
 }
 
+/* Units are never lost nor made up when a release races with the
+ * acquirer's deadline or its context's cancel, with coroutines on two Ps
+ * and plain threads on one semaphore: every unit released is either
+ * taken by exactly one acquire that returned 0 or still counted. */
+static loom_sema ua_sem = LOOM_SEMA_INIT(0);
+static atomic_long ua_taken, ua_released;
+static atomic_int ua_stop, ua_live;
+static void ua_take(int64_t i) {
+  int r;
+  if (i % 3 == 0) {
+    /* A context cancelled already, or one whose deadline races with
+     * the releases (so no taker outlives the releasers). */
+    loom_ctx *c;
+    if (i % 2 == 0) {
+      CHECK_OK(loom_ctx_with_cancel(&c, loom_ctx_background()));
+      loom_ctx_cancel(c); /* the acquire returns at once */
+    } else {
+      CHECK_OK(
+          loom_ctx_with_timeout(&c, loom_ctx_background(), (i % 5) * 20000));
+    }
+    r = loom_sema_acquire_ctx(&ua_sem, c);
+    CHECK(r == 0 || r == -ECANCELED || r == -ETIMEDOUT);
+    loom_ctx_release(c);
+  } else {
+    r = loom_sema_acquire(&ua_sem, loom_now() + (i % 5) * 20000);
+    CHECK(r == 0 || r == -ETIMEDOUT);
+  }
+  if (r == 0)
+    atomic_fetch_add(&ua_taken, 1);
+}
+static void ua_co_taker(void *arg) {
+  (void)arg;
+  for (int64_t i = 0; !atomic_load(&ua_stop); i++)
+    ua_take(i);
+  atomic_fetch_sub(&ua_live, 1);
+}
+static void *ua_thread_taker(void *arg) {
+  (void)arg;
+  for (int64_t i = 1; !atomic_load(&ua_stop); i++) {
+    int r = loom_sema_acquire(&ua_sem, loom_now() + (i % 5) * 20000);
+    CHECK(r == 0 || r == -ETIMEDOUT);
+    if (r == 0)
+      atomic_fetch_add(&ua_taken, 1);
+  }
+  return NULL;
+}
+static void ua_releaser(void *arg) {
+  (void)arg;
+  while (!atomic_load(&ua_stop)) {
+    loom_sema_release(&ua_sem);
+    atomic_fetch_add(&ua_released, 1);
+    if (atomic_load(&ua_released) % 4 == 0)
+      loom_yield();
+  }
+  atomic_fetch_sub(&ua_live, 1);
+}
+static void ua_main(void *arg) {
+  (void)arg;
+  pthread_t t;
+  CHECK_EQ(pthread_create(&t, NULL, ua_thread_taker, NULL), 0);
+  atomic_store(&ua_live, 6);
+  for (int i = 0; i < 4; i++)
+    CHECK_OK(loom_go(ua_co_taker, NULL));
+  for (int i = 0; i < 2; i++)
+    CHECK_OK(loom_go(ua_releaser, NULL));
+  loom_sleep(CHECK_SCALE(300, 300, 300) * CHECK_MS);
+  atomic_store(&ua_stop, 1);
+  while (atomic_load(&ua_live) != 0)
+    loom_sleep(CHECK_MS);
+  pthread_join(t, NULL);
+  long left = 0;
+  while (loom_sema_tryacquire(&ua_sem) == 0)
+    left++;
+  CHECK_EQ(atomic_load(&ua_taken) + left, atomic_load(&ua_released));
+}
+TEST(sema_units_survive_deadlines_and_cancels) {
+  check_watchdog(20, "semaphore with deadline, context and thread waiters");
+  check_run(ua_main, NULL, 2);
+}
+
+/* Exclusion holds and nobody hangs when plain threads and coroutines on
+ * two Ps share one mutex with plain, deadline and context locks. */
+static loom_mutex mm_mu = LOOM_MUTEX_INIT;
+static int mm_inside;
+static long mm_count;
+static atomic_int mm_stop, mm_bad, mm_live;
+static long mm_take(int64_t i) {
+  int r = 0;
+  switch (i % 3) {
+  case 0:
+    loom_mutex_lock(&mm_mu);
+    break;
+  case 1:
+    r = loom_mutex_lock_until(&mm_mu, loom_now() + (i % 7) * 10000);
+    break;
+  default: {
+    loom_ctx *c;
+    CHECK_OK(loom_ctx_with_cancel(&c, loom_ctx_background()));
+    if (i % 2 == 0)
+      loom_ctx_cancel(c);
+    r = loom_mutex_lock_ctx(&mm_mu, c);
+    loom_ctx_release(c);
+  }
+  }
+  if (r != 0)
+    return 0;
+  if (__atomic_fetch_add(&mm_inside, 1, __ATOMIC_RELAXED) != 0)
+    atomic_store(&mm_bad, 1);
+  mm_count++;
+  for (int k = 0; k < (int)(i % 50); k++)
+    __builtin_ia32_pause();
+  __atomic_fetch_sub(&mm_inside, 1, __ATOMIC_RELAXED);
+  loom_mutex_unlock(&mm_mu);
+  return 1;
+}
+static atomic_long mm_locked;
+static void mm_co(void *arg) {
+  (void)arg;
+  for (int64_t i = 0; !atomic_load(&mm_stop); i++) {
+    atomic_fetch_add(&mm_locked, mm_take(i));
+    if (i % 16 == 0)
+      loom_yield();
+  }
+  atomic_fetch_sub(&mm_live, 1);
+}
+static void *mm_thread(void *arg) {
+  (void)arg;
+  for (int64_t i = 0; !atomic_load(&mm_stop); i++)
+    atomic_fetch_add(&mm_locked, mm_take(i));
+  return NULL;
+}
+static void mm_main(void *arg) {
+  (void)arg;
+  pthread_t t[2];
+  for (int i = 0; i < 2; i++)
+    CHECK_EQ(pthread_create(&t[i], NULL, mm_thread, NULL), 0);
+  atomic_store(&mm_live, 6);
+  for (int i = 0; i < 6; i++)
+    CHECK_OK(loom_go(mm_co, NULL));
+  loom_sleep(300 * CHECK_MS);
+  atomic_store(&mm_stop, 1);
+  while (atomic_load(&mm_live) != 0)
+    loom_sleep(CHECK_MS);
+  for (int i = 0; i < 2; i++)
+    pthread_join(t[i], NULL);
+  CHECK_EQ(atomic_load(&mm_bad), 0);
+  loom_mutex_lock(&mm_mu);
+  CHECK_EQ(mm_count, atomic_load(&mm_locked));
+  loom_mutex_unlock(&mm_mu);
+  CHECK_EQ(loom_mutex_trylock(&mm_mu), 0); /* no state left behind */
+  loom_mutex_unlock(&mm_mu);
+}
+TEST(mutex_threads_and_coroutines_mixed_waits) {
+  check_watchdog(60, "mutex shared by threads and coroutines");
+  check_run(mm_main, NULL, 2);
+}
+
 CHECK_MAIN()
