@@ -382,4 +382,51 @@ TEST(close_fails_every_waiting_sender) {
   CHECK_EQ(bad_rounds, 0);
 }
 
+/* A channel closed to signal "done" is freed by the receiver as soon as
+ * its receive reports the close: nobody waits on it any more (chan.h).
+ * loom_chan_close must not touch the channel after the wake-up that lets
+ * that receive return.  Both threads share one CPU, so the woken receiver
+ * usually runs (and frees) before the closer's next instruction.  Plain
+ * threads, no runtime. */
+static loom_chan *cf_c;
+static atomic_int cf_waiting;
+static void cf_pin(void) {
+  cpu_set_t set;
+  CPU_ZERO(&set);
+  if (sched_getaffinity(0, sizeof set, &set) != 0)
+    return;
+  int first = -1;
+  for (int i = 0; i < CPU_SETSIZE && first < 0; i++)
+    if (CPU_ISSET(i, &set))
+      first = i;
+  CPU_ZERO(&set);
+  CPU_SET(first, &set);
+  (void)sched_setaffinity(0, sizeof set, &set);
+}
+static void *cf_receiver(void *arg) {
+  (void)arg;
+  cf_pin();
+  loom_chan *c = cf_c;
+  atomic_store(&cf_waiting, 1);
+  CHECK_EQ(loom_chan_recv(c, NULL), 0); /* closed */
+  loom_chan_free(c);                    /* nobody waits on it any more */
+  return NULL;
+}
+TEST(close_then_free_by_the_woken_receiver) {
+  check_watchdog(30, "close, then free by the woken receiver");
+  cf_pin();
+  for (int round = 0; round < 200; round++) {
+    CHECK_OK(loom_chan_make(&cf_c, 0, 0));
+    atomic_store(&cf_waiting, 0);
+    pthread_t t;
+    CHECK_EQ(pthread_create(&t, NULL, cf_receiver, NULL), 0);
+    while (!atomic_load(&cf_waiting))
+      sched_yield();
+    struct timespec ts = {0, 1000 * 1000}; /* let it park */
+    nanosleep(&ts, NULL);
+    CHECK_OK(loom_chan_close(cf_c));
+    pthread_join(t, NULL);
+  }
+}
+
 CHECK_MAIN()

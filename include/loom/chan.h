@@ -70,7 +70,10 @@ LOOM_API int loom_chan_recv_until(loom_chan *c, void *elem, int64_t deadline);
 LOOM_API int loom_chan_try_send(loom_chan *c, const void *elem);
 LOOM_API int loom_chan_try_recv(loom_chan *c, void *elem);
 
-/* Close: wakes every waiter.  Returns 0, or -EPIPE if already closed. */
+/* Close: wakes every waiter.  Returns 0, or -EPIPE if already closed.
+ * Once every other call on the channel has returned, the channel may be
+ * freed even while the close itself has not (the waiter it woke frees
+ * it): close touches it no more after the last waiter is released. */
 LOOM_API int loom_chan_close(loom_chan *c);
 
 /* Elements buffered now, and the capacity.  Any thread; a snapshot. */

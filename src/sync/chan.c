@@ -287,17 +287,30 @@ int loom_chan_close(loom_chan *c) {
     unlock(c);
     return -EPIPE;
   }
-  c->closed = true;
+  __atomic_store_n(&c->closed, true, __ATOMIC_RELEASE);
   /* Wake every claimable waiter, one at a time, unlocked.  Nobody queues
    * on a closed channel, so the queues only shrink meanwhile.  One pass,
    * not "collect, then wake": each waiter lives on its own stack, and
-   * with thousands of them every touch is a TLB miss. */
+   * with thousands of them every touch is a TLB miss.
+   *
+   * But the channel may be freed as soon as every call on it has
+   * returned (close a done channel, and the woken waiter frees it), and
+   * waiters it does not wake can leave on their own meanwhile (a
+   * deadline): so after unlocking, close touches the channel again only
+   * while it holds a waiter it has claimed and not yet woken, whose call
+   * cannot return before that.  The last one, or two, are woken after
+   * the last unlock. */
+  sudog *held = NULL;
   for (;;) {
     sudog *s = dequeue(&c->recvq);
     if (s == NULL)
       s = dequeue(&c->sendq);
-    if (s == NULL)
-      break;
+    if (s == NULL) {
+      unlock(c);
+      if (held != NULL)
+        wake(held->w);
+      return 0;
+    }
     s->success = false;
     s->w->fired = s->idx;
     /* Each waiter sits on its own stack, so each is a TLB miss: start
@@ -309,11 +322,15 @@ int loom_chan_close(loom_chan *c) {
       __builtin_prefetch(nx->w->g);
     }
     unlock(c);
-    wake(s->w);
+    if (held != NULL)
+      wake(held->w);
+    if (nx == NULL) {
+      wake(s->w); /* the channel is not touched again */
+      return 0;
+    }
+    held = s; /* keeps the channel alive until the next unlock */
     lock(c);
   }
-  unlock(c);
-  return 0;
 }
 
 /* ---- select --------------------------------------------------------------- */
