@@ -3208,6 +3208,98 @@ static void mw_plain_main(void *arg) {
 }
 TEST(many_writers_one_session) { run(mw_plain_main, 2, "many writers"); }
 
+/* A graceful close while many coroutines write: every write that
+ * returned 0 reaches the peer, in order per writer, and the others fail
+ * with LOOM_ECLOSED (loom_session_write: "queued: it will be written
+ * unless the session dies first"; nothing dies here). */
+static atomic_int gcw_ok[16], gcw_done;
+static void gcw_writer(void *arg) {
+  int w = (int)(intptr_t)arg;
+  uint8_t p[5 + 3000];
+  for (uint32_t seq = 0;; seq++) {
+    size_t len = mw_len(w, seq);
+    p[0] = (uint8_t)w;
+    put_be32(p + 1, seq);
+    for (size_t i = 0; i < len; i++)
+      p[5 + i] = mw_byte(w, seq, i);
+    int rc = loom_session_write(mw_s, p, 5 + len, (seq & 1) ? -1 : 0);
+    if (rc == -EAGAIN)
+      rc = loom_session_write(mw_s, p, 5 + len, -1);
+    if (rc != 0) {
+      CHECKF(rc == LOOM_ECLOSED, "writer %d: %s", w, loom_err_name(rc));
+      break;
+    }
+    atomic_fetch_add(&gcw_ok[w], 1);
+    if (seq % 16 == 0)
+      loom_yield();
+  }
+  atomic_fetch_add(&gcw_done, 1);
+}
+
+static void gcw_main(void *arg) {
+  (void)arg;
+  codecs_init();
+  mw_writers = 8;
+  for (int round = 0; round < CHECK_SCALE(20, 8, 4); round++) {
+    memset(&E, 0, sizeof E);
+    memset(mw_next, 0, sizeof mw_next);
+    for (int w = 0; w < 16; w++)
+      atomic_store(&gcw_ok[w], 0);
+    atomic_store(&gcw_done, 0);
+    atomic_store(&mw_got, 0);
+    loom_server_opts o = server_opts(&lenpfx);
+    o.session.wq_high = 32 * 1024;
+    E.keep = true;
+    loom_conn *peer;
+    loom_server *srv = serve_dial(&o, &peer);
+    mw_s = kept_session();
+    for (intptr_t w = 0; w < mw_writers; w++)
+      CHECK_OK(loom_go(gcw_writer, (void *)w));
+    static uint8_t buf[1 << 16];
+    size_t have = 0;
+    bool closed = false;
+    CHECK_OK(loom_set_read_deadline(peer, loom_now() + 20 * SEC));
+    for (;;) {
+      if (!closed && atomic_load(&mw_got) >= 200 + round * 37) {
+        loom_session_close(mw_s);
+        closed = true;
+      }
+      ssize_t k = loom_read(peer, buf + have, sizeof buf - have);
+      if (k == 0)
+        break;
+      CHECKF(k > 0, "read %zd after %d packages", k, atomic_load(&mw_got));
+      have += (size_t)k;
+      size_t off = 0;
+      while (have - off >= 4) {
+        uint32_t len = get_be32(buf + off);
+        CHECK_LE(len, 5 + 3000);
+        if (have - off < 4 + (size_t)len)
+          break;
+        mw_check(buf + off + 4, len);
+        off += 4 + len;
+      }
+      memmove(buf, buf + off, have - off);
+      have -= off;
+    }
+    CHECK(closed);
+    CHECK_EQ(have, 0);
+    WAIT_FOR(atomic_load(&gcw_done) == mw_writers, 5);
+    WAIT_FOR(atomic_load(&E.closes) == 1, 5);
+    CHECKF(atomic_load(&E.errs) == 0, "on_error %s",
+           loom_err_name(atomic_load(&E.err)));
+    for (int w = 0; w < mw_writers; w++)
+      CHECKF((uint32_t)atomic_load(&gcw_ok[w]) == mw_next[w],
+             "round %d writer %d: %d writes returned 0, %u arrived", round, w,
+             atomic_load(&gcw_ok[w]), mw_next[w]);
+    loom_session_unref(mw_s);
+    CHECK_OK(loom_close(peer));
+    CHECK_OK(loom_server_close(srv, loom_now() + 5 * SEC));
+  }
+}
+TEST(graceful_close_under_writers_delivers_every_accepted_write) {
+  run(gcw_main, 2, "graceful close under writers");
+}
+
 /* The same through compression, read by a compressing loom_client. */
 static void mw_client_msg(loom_session *s, const loom_pkg *pkg) {
   (void)s;
@@ -3491,6 +3583,142 @@ static void udp_raw_oversize_main(void *arg) {
 }
 TEST(udp_raw_oversize_counted_as_oversize) {
   run(udp_raw_oversize_main, 2, "udp raw oversize");
+}
+
+/* A UDP server whose on_message runs in a task pool, round-robin: the
+ * pooled package keeps its sender's address (copied with the package),
+ * so each of several peers gets its own replies. */
+static void udp_pooled_main(void *arg) {
+  (void)arg;
+  codecs_init();
+  loom_taskpool *pool;
+  loom_taskpool_opts po = {.queues = 4, .workers = 2};
+  CHECK_OK(loom_taskpool_make(&pool, &po));
+  loom_server_opts o = server_opts(&lenpfx);
+  o.network = "udp";
+  o.session.pool = pool;
+  o.session.dispatch = LOOM_DISPATCH_ROUND_ROBIN;
+  E.msg = echo_to;
+  char addr[128];
+  loom_server *srv = serve(&o, addr);
+  enum { PEERS = 4, ROUNDS = 20 };
+  loom_pconn *pc[PEERS];
+  for (int i = 0; i < PEERS; i++)
+    CHECK_OK(loom_dial_packet(&pc[i], "udp", addr));
+  for (int r = 0; r < ROUNDS; r++) {
+    for (int i = 0; i < PEERS; i++) {
+      uint8_t d[16], back[32];
+      char word[8];
+      snprintf(word, sizeof word, "p%dr%d", i, r);
+      size_t n = frame(d, word, strlen(word));
+      CHECK_EQ(loom_pconn_write(pc[i], d, n), (ssize_t)n);
+      CHECK_OK(loom_pconn_set_read_deadline(pc[i], loom_now() + 5 * SEC));
+      CHECK_EQ(loom_pconn_read(pc[i], back, sizeof back), (ssize_t)n);
+      CHECK(memcmp(back, d, n) == 0);
+    }
+  }
+  loom_metrics m = metrics(srv);
+  CHECK_EQ(m.pkgs_in, PEERS * ROUNDS);
+  CHECK_EQ(m.pkgs_out, PEERS * ROUNDS);
+  CHECK_EQ(atomic_load(&E.echo_fail), 0);
+  for (int i = 0; i < PEERS; i++)
+    CHECK_OK(loom_pconn_close(pc[i]));
+  CHECK_OK(loom_server_close(srv, loom_now() + 5 * SEC));
+  CHECK_EQ(atomic_load(&E.closes), 1);
+  loom_taskpool_close(pool);
+}
+TEST(udp_pooled_replies_reach_each_sender) {
+  run(udp_pooled_main, 2, "udp pooled replies");
+}
+
+/* A CRLF line codec over a stream, fed one byte at a time: a line of
+ * exactly max_pkg_len (its '\r' and '\n' beyond it) and empty lines are
+ * delivered; a line one byte longer closes the session with -EMSGSIZE. */
+static loom_codec crlf;
+static atomic_size_t crlf_lens[8];
+static void crlf_msg(loom_session *s, const loom_pkg *pkg) {
+  (void)s;
+  int i = atomic_load(&E.msgs);
+  if (i < 8)
+    atomic_store(&crlf_lens[i], pkg->len);
+  for (size_t k = 0; k < pkg->len; k++)
+    CHECK(pkg->data[k] == 'L');
+}
+static void crlf_main(void *arg) {
+  (void)arg;
+  CHECK_OK(loom_codec_line(&crlf, '\n', true));
+  loom_server_opts o = server_opts(&crlf);
+  o.session.max_pkg_len = 600; /* beyond the reader's stack buffer */
+  E.msg = crlf_msg;
+  loom_conn *peer;
+  loom_server *srv = serve_dial(&o, &peer);
+  static char in[2000];
+  size_t n = 0;
+  memset(in + n, 'L', 600);
+  n += 600;
+  memcpy(in + n, "\r\n\r\n\n", 5);
+  n += 5;
+  memset(in + n, 'L', 599);
+  n += 599;
+  memcpy(in + n, "\n", 1);
+  n += 1;
+  for (size_t i = 0; i < n; i++) {
+    CHECK_EQ(loom_write(peer, in + i, 1), 1);
+    if (i % 64 == 0)
+      loom_sleep(CHECK_MS / 10);
+  }
+  WAIT_FOR(atomic_load(&E.msgs) == 4, 5);
+  CHECK_EQ(atomic_load(&crlf_lens[0]), 600);
+  CHECK_EQ(atomic_load(&crlf_lens[1]), 0);
+  CHECK_EQ(atomic_load(&crlf_lens[2]), 0);
+  CHECK_EQ(atomic_load(&crlf_lens[3]), 599);
+  CHECK_EQ(atomic_load(&E.errs), 0);
+  memset(in, 'L', 601);
+  memcpy(in + 601, "\r\n", 2);
+  CHECK_EQ(loom_write(peer, in, 603), 603);
+  WAIT_FOR(atomic_load(&E.closes) == 1, 5);
+  CHECK_ERR(atomic_load(&E.err), -EMSGSIZE);
+  CHECK_EQ(atomic_load(&E.msgs), 4);
+  CHECK_EQ(metrics(srv).errors.oversize, 1);
+  finish(srv, peer);
+}
+TEST(line_crlf_at_max_pkg_len_byte_by_byte) {
+  run(crlf_main, 2, "crlf lines at max_pkg_len");
+}
+
+/* Session timeouts of INT64_MAX (read_timeout, cron_period, linger)
+ * mean "never": the session echoes, gets no cron and does not time out,
+ * and a graceful close still flushes its queue. */
+static void huge_opts_main(void *arg) {
+  (void)arg;
+  codecs_init();
+  loom_server_opts o = server_opts(&lenpfx);
+  o.session.read_timeout = INT64_MAX;
+  o.session.cron_period = INT64_MAX;
+  o.session.linger = INT64_MAX;
+  o.session.write_timeout = INT64_MAX;
+  E.echo = true;
+  loom_conn *peer;
+  loom_server *srv = serve_dial(&o, &peer);
+  uint8_t f[64], back[64];
+  size_t n = frame(f, "ping", 4);
+  for (int i = 0; i < 3; i++) {
+    CHECK_EQ(loom_write(peer, f, n), (ssize_t)n);
+    conn_read_full(peer, back, n);
+    CHECK(memcmp(back, f, n) == 0);
+    loom_sleep(20 * CHECK_MS);
+  }
+  CHECK_EQ(atomic_load(&E.crons), 0);
+  CHECK_EQ(atomic_load(&E.errs), 0);
+  CHECK_EQ(atomic_load(&E.closes), 0);
+  CHECK_OK(loom_server_close(srv, loom_now() + 5 * SEC));
+  conn_expect_eof(peer);
+  CHECK_EQ(atomic_load(&E.closes), 1);
+  CHECK_EQ(atomic_load(&E.errs), 0);
+  CHECK_OK(loom_close(peer));
+}
+TEST(session_timeouts_of_int64_max_mean_never) {
+  run(huge_opts_main, 2, "huge session timeouts");
 }
 
 /* unixgram: a datagram within max_pkg_len (default 1 MiB) but over
