@@ -3585,6 +3585,41 @@ TEST(udp_raw_oversize_counted_as_oversize) {
   run(udp_raw_oversize_main, 2, "udp raw oversize");
 }
 
+/* A UDP server with the length-prefixed codec and max_pkg_len 16: a
+ * datagram of 21 bytes (a 3-byte package and 14 bytes left over) and one
+ * of 18 bytes (a header for 16 bytes, 14 of them there) are malformed
+ * (-EBADMSG, counted as decode), not oversized: neither is longer than
+ * max_pkg_len plus 64 bytes of framing, and neither header asks for more
+ * than max_pkg_len. */
+static void udp_malformed_not_oversize_main(void *arg) {
+  (void)arg;
+  codecs_init();
+  loom_server_opts o = server_opts(&lenpfx);
+  o.network = "udp";
+  o.session.max_pkg_len = 16;
+  char addr[128];
+  loom_server *srv = serve(&o, addr);
+  loom_pconn *pc;
+  CHECK_OK(loom_dial_packet(&pc, "udp", addr));
+  uint8_t leftover[21] = {0, 0, 0, 3, 'a', 'b', 'c'};
+  memset(leftover + 7, 'x', 14);
+  uint8_t truncated[18] = {0, 0, 0, 16};
+  memset(truncated + 4, 'y', 14);
+  CHECK_EQ(loom_pconn_write(pc, leftover, sizeof leftover), 21);
+  CHECK_EQ(loom_pconn_write(pc, truncated, sizeof truncated), 18);
+  WAIT_FOR(metrics(srv).bytes_in == 39, 5);
+  loom_metrics m = metrics(srv);
+  CHECKF(m.errors.decode == 2 && m.errors.oversize == 0,
+         "decode=%llu oversize=%llu", (unsigned long long)m.errors.decode,
+         (unsigned long long)m.errors.oversize);
+  CHECK_EQ(atomic_load(&E.msgs), 0);
+  CHECK_OK(loom_pconn_close(pc));
+  CHECK_OK(loom_server_close(srv, loom_now() + 5 * SEC));
+}
+TEST(udp_malformed_over_max_pkg_len_is_decode) {
+  run(udp_malformed_not_oversize_main, 2, "udp malformed, not oversize");
+}
+
 /* A UDP server whose on_message runs in a task pool, round-robin: the
  * pooled package keeps its sender's address (copied with the package),
  * so each of several peers gets its own replies. */

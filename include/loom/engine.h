@@ -61,8 +61,9 @@
  * over are -EBADMSG, counted and dropped: one bad datagram does not close
  * the session), and on_message sees the sender in pkg->from; reply with
  * loom_session_write_to.  A datagram longer than max_pkg_len (plus 64
- * bytes of framing) is counted as oversize and dropped; so is one over
- * 64 KiB on udp or 16 MiB on unixgram.  read_timeout does not apply to
+ * bytes of framing; with the raw codec, plus none) is counted as
+ * oversize and dropped; so is one whose header asks for more than
+ * max_pkg_len, and one over 64 KiB on udp or 16 MiB on unixgram.  read_timeout does not apply to
  * that one session (it serves every peer): it never idles out.  A
  * client's packet session is connected.  Writes go out at once, one
  * datagram per package; there is no write queue.

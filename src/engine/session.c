@@ -1311,9 +1311,13 @@ static int read_packets(loom_session *s, reader *r) {
       ssize_t k =
           s->codec->decode(s->codec, r->buf, (size_t)n, s->o.max_pkg_len, &pkg);
       if (k != n) { /* need-more, leftovers or an error: this datagram */
-        /* Too long for max_pkg_len, whether the codec said so or took
-         * only what the limit allows (the raw codec). */
-        bool big = k == -EMSGSIZE || (k >= 0 && (size_t)n > s->o.max_pkg_len);
+        /* Too long for max_pkg_len: the codec said so, or it took a
+         * package of exactly the limit with no framing, and more was
+         * there (the raw codec, for which the datagram is the package).
+         * A frame with bytes after it, or cut short, is malformed. */
+        bool big = k == -EMSGSIZE ||
+                   (k > 0 && (size_t)k == pkg.len &&
+                    pkg.len == s->o.max_pkg_len);
         loom__owner_count(s->owner,
                           big ? LOOM__ERR_oversize : LOOM__ERR_decode);
         continue;
