@@ -3620,6 +3620,68 @@ TEST(udp_malformed_over_max_pkg_len_is_decode) {
   run(udp_malformed_not_oversize_main, 2, "udp malformed, not oversize");
 }
 
+/* The descriptor of this process's socket bound to 127.0.0.1:port, or -1. */
+static int bound_socket_fd(int port) {
+  for (int fd = 3; fd < 1024; fd++) {
+    struct sockaddr_in sa;
+    socklen_t sl = sizeof sa;
+    if (getsockname(fd, (struct sockaddr *)&sa, &sl) == 0 &&
+        sa.sin_family == AF_INET && ntohs(sa.sin_port) == port)
+      return fd;
+  }
+  return -1;
+}
+
+/* A packet server's rcvbuf and sndbuf size its socket, as they do an
+ * accepted connection's: a UDP server is where a receive buffer matters
+ * most (datagrams that find it full are lost). */
+static void udp_buffers_main(void *arg) {
+  (void)arg;
+  codecs_init();
+  loom_server_opts o = server_opts(&lenpfx);
+  o.network = "udp";
+  o.rcvbuf = 4096;
+  o.sndbuf = 4096;
+  char addr[128];
+  loom_server *srv = serve(&o, addr);
+  int fd = bound_socket_fd(addr_port(addr));
+  CHECK(fd >= 0);
+  int rcv = 0, snd = 0;
+  socklen_t sl = sizeof rcv;
+  CHECK(getsockopt(fd, SOL_SOCKET, SO_RCVBUF, &rcv, &sl) == 0);
+  sl = sizeof snd;
+  CHECK(getsockopt(fd, SOL_SOCKET, SO_SNDBUF, &snd, &sl) == 0);
+  /* Linux doubles what is asked for; the defaults are far larger. */
+  CHECKF(rcv <= 2 * 4096 && snd <= 2 * 4096, "SO_RCVBUF %d, SO_SNDBUF %d", rcv,
+         snd);
+  CHECK_OK(loom_server_close(srv, loom_now() + 5 * SEC));
+}
+TEST(udp_server_buffer_sizes_apply) {
+  run(udp_buffers_main, 2, "udp server buffer sizes");
+}
+
+/* reuseport on a packet server: a second UDP server binds the port of
+ * the first, as a second TCP server does (SO_REUSEPORT is how UDP
+ * servers spread over sockets). */
+static void udp_reuseport_main(void *arg) {
+  (void)arg;
+  codecs_init();
+  loom_server_opts o = server_opts(&lenpfx);
+  o.network = "udp";
+  o.reuseport = true;
+  char addr[128];
+  loom_server *a = serve(&o, addr);
+  o.addr = addr;
+  loom_server *b = NULL;
+  int rc = loom_server_start(&b, &o);
+  CHECKF(rc == 0, "second server on %s: %s", addr, loom_err_name(rc));
+  CHECK_OK(loom_server_close(b, loom_now() + 5 * SEC));
+  CHECK_OK(loom_server_close(a, loom_now() + 5 * SEC));
+}
+TEST(udp_server_reuseport_applies) {
+  run(udp_reuseport_main, 2, "udp server reuseport");
+}
+
 /* A UDP server whose on_message runs in a task pool, round-robin: the
  * pooled package keeps its sender's address (copied with the package),
  * so each of several peers gets its own replies. */

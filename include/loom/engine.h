@@ -304,11 +304,13 @@ typedef struct loom_server_opts {
   int max_conns; /* sessions open at once; more are closed at
                     accept (counted as refused); 0: no limit */
   int backlog;   /* 0: SOMAXCONN */
-  bool reuseport;
+  bool reuseport;     /* SO_REUSEPORT, stream and packet servers alike */
   bool no_delay_off;  /* leave Nagle on (TCP_NODELAY is set by default) */
   int keepalive;      /* seconds of idle before keep-alive probes; 0:
                          the system default */
-  int rcvbuf, sndbuf; /* socket buffer sizes; 0: the system default */
+  int rcvbuf, sndbuf; /* socket buffer sizes (each accepted connection's,
+                         or a packet server's socket); 0: the system
+                         default */
   /* Called once loom_server_close has finished — every session's
    * on_close has run and the server is freed — with what the close
    * returns (0 or -ETIMEDOUT) and closed_arg, on the coroutine that ran

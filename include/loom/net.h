@@ -246,6 +246,12 @@ typedef struct loom_pconn loom_pconn;
 /* Bind an unconnected packet socket to `addr` (port 0: any free port). */
 LOOM_API int loom_listen_packet(loom_pconn **pc, const char *network,
                                 const char *addr);
+/* The same with options: `reuseport` (SO_REUSEPORT, set before the bind:
+ * several sockets share the port, the kernel spreads datagrams over
+ * them); `backlog` does not apply.  o NULL: loom_listen_packet. */
+LOOM_API int loom_listen_packet_with(loom_pconn **pc, const char *network,
+                                     const char *addr,
+                                     const loom_listen_opts *o);
 
 typedef struct loom_dial_packet_opts {
   /* Detect a peer that is not there (getty's probe): after connecting,
@@ -314,6 +320,9 @@ LOOM_API int loom_pconn_close(loom_pconn *pc);
 LOOM_API int loom_pconn_local_addr(loom_pconn *pc, char *buf, size_t len);
 LOOM_API int loom_pconn_remote_addr(loom_pconn *pc, char *buf, size_t len);
 LOOM_API int loom_pconn_fd(loom_pconn *pc);
+/* SO_RCVBUF / SO_SNDBUF (0: leave as is; the kernel doubles them).  A
+ * full receive buffer drops datagrams.  0 or -errno. */
+LOOM_API int loom_pconn_set_buffers(loom_pconn *pc, int rcvbuf, int sndbuf);
 
 #ifdef __cplusplus
 }

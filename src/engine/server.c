@@ -112,9 +112,15 @@ int loom_server_start(loom_server **out, const loom_server_opts *o) {
     if (srv->so.compress)
       goto fail_einval;
     loom_pconn *pc;
-    rc = loom_listen_packet(&pc, o->network, o->addr);
+    loom_listen_opts lo = {.reuseport = o->reuseport};
+    rc = loom_listen_packet_with(&pc, o->network, o->addr, &lo);
     if (rc < 0)
       goto fail;
+    if ((o->rcvbuf || o->sndbuf) &&
+        (rc = loom_pconn_set_buffers(pc, o->rcvbuf, o->sndbuf)) < 0) {
+      loom_pconn_close(pc);
+      goto fail;
+    }
     loom_pconn_local_addr(pc, srv->addr, sizeof srv->addr);
     rc = loom__session_start(&srv->owner, &srv->so, srv->network, NULL, pc,
                              false);

@@ -259,6 +259,11 @@ static int dgram_socket(int family) {
 
 int loom_listen_packet(loom_pconn **pc, const char *network,
                        const char *addr) {
+  return loom_listen_packet_with(pc, network, addr, NULL);
+}
+
+int loom_listen_packet_with(loom_pconn **pc, const char *network,
+                            const char *addr, const loom_listen_opts *o) {
   if (pc == NULL)
     return -EINVAL;
   if (loom__getg() == NULL)
@@ -278,6 +283,13 @@ int loom_listen_packet(loom_pconn **pc, const char *network,
       int v6only = strcmp(network, "udp6") == 0;
       setsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &v6only, sizeof v6only);
     }
+    int one = 1;
+    if (o != NULL && o->reuseport && sa->sa_family != AF_UNIX &&
+        setsockopt(fd, SOL_SOCKET, SO_REUSEPORT, &one, sizeof one) != 0) {
+      err = -loom__errno();
+      close(fd);
+      return err;
+    }
     if (bind(fd, sa, as.len[i]) != 0) {
       err = -loom__errno();
       close(fd);
@@ -290,7 +302,6 @@ int loom_listen_packet(loom_pconn **pc, const char *network,
   }
   return err;
 }
-
 
 /* getty's probe: send, then wait briefly for an ICMP-born ECONNREFUSED. */
 static int probe(loom_pconn *pc, const loom_dial_packet_opts *o) {
@@ -397,6 +408,17 @@ int loom_pconn_close(loom_pconn *pc) {
 
 int loom_pconn_fd(loom_pconn *pc) { return pc ? pc->nf.fd : -EINVAL; }
 
+int loom_pconn_set_buffers(loom_pconn *pc, int rcvbuf, int sndbuf) {
+  if (pc == NULL)
+    return -EINVAL;
+  if (rcvbuf > 0 &&
+      setsockopt(pc->nf.fd, SOL_SOCKET, SO_RCVBUF, &rcvbuf, sizeof rcvbuf) != 0)
+    return -loom__errno();
+  if (sndbuf > 0 &&
+      setsockopt(pc->nf.fd, SOL_SOCKET, SO_SNDBUF, &sndbuf, sizeof sndbuf) != 0)
+    return -loom__errno();
+  return 0;
+}
 
 int loom_pconn_local_addr(loom_pconn *pc, char *buf, size_t len) {
   return pc == NULL ? -EINVAL : loom__fd_addr(pc->nf.fd, false, buf, len);
