@@ -355,8 +355,11 @@ static void *selffree_thread(void *arg) {
   (void)arg;
   while (!atomic_load(&selffree_in_hook))
     sched_yield();
-  loom_ctx_release(selffree_r); /* R's creator: R is cancelled already */
-  loom_ctx_unref(selffree_k);   /* K's creator: cancelled, unlinked */
+  /* The creators' references: both are cancelled already (a release
+   * would wait for R's walk to be through with K, which this hook holds
+   * on purpose). */
+  loom_ctx_unref(selffree_r);
+  loom_ctx_unref(selffree_k);
   atomic_store(&selffree_dropped, 1);
   return NULL;
 }
@@ -446,5 +449,112 @@ static void deadline_race_main(void *arg) {
   atomic_store(&race_done, 1);
 }
 TEST(deadline_child_vs_parent_cancel) { check_run(deadline_race_main, NULL, 2); }
+
+/* Two cancels race: one on a parent, the other on its child, on another
+ * thread.  Whichever returns, the child's whole subtree is cancelled and
+ * the child's done channel is closed (Go: cancel() returns only once its
+ * subtree is done, and Err() != nil implies Done() is closed).  Plain
+ * threads: contexts need no runtime without deadlines. */
+#define CS_KIDS 2000
+static loom_ctx *cs_mid;
+static atomic_int cs_go;
+static void *cs_cancel_mid(void *arg) {
+  (void)arg;
+  while (!atomic_load(&cs_go))
+    ;
+  loom_ctx_cancel(cs_mid);
+  return NULL;
+}
+TEST(cancel_returns_with_the_subtree_cancelled) {
+  check_watchdog(60, "concurrent subtree cancels");
+  int bad_rounds = 0;
+  for (int round = 0; round < 20; round++) {
+    loom_ctx *root, *kids[CS_KIDS];
+    CHECK_OK(loom_ctx_with_cancel(&root, loom_ctx_background()));
+    CHECK_OK(loom_ctx_with_cancel(&cs_mid, root));
+    for (int i = 0; i < CS_KIDS; i++)
+      CHECK_OK(loom_ctx_with_cancel(&kids[i], cs_mid));
+    atomic_store(&cs_go, 0);
+    pthread_t t;
+    CHECK_EQ(pthread_create(&t, NULL, cs_cancel_mid, NULL), 0);
+    atomic_store(&cs_go, 1);
+    while (loom_ctx_err(cs_mid) == 0)
+      ;
+    loom_ctx_cancel(root); /* cancels root and its subtree: all of it */
+    int live = 0;
+    for (int i = 0; i < CS_KIDS; i++)
+      live += loom_ctx_err(kids[i]) == 0;
+    int open = loom_chan_try_recv(loom_ctx_done(cs_mid), NULL) != 0;
+    if (live != 0 || open) {
+      bad_rounds++;
+      printf("round %d: after loom_ctx_cancel(root) returned, %d of %d "
+             "grandchildren were live; the child's done channel was %s\n",
+             round, live, CS_KIDS, open ? "open" : "closed");
+    }
+    pthread_join(t, NULL);
+    for (int i = 0; i < CS_KIDS; i++)
+      loom_ctx_release(kids[i]);
+    loom_ctx_release(cs_mid);
+    loom_ctx_release(root);
+  }
+  CHECK_EQ(bad_rounds, 0);
+}
+
+/* Go: "If Done is not yet closed, Err returns nil".  A context whose err
+ * is already visible must have its done channel closed — also while the
+ * cancel is still waking the waiters hooked on it (plain threads blocked
+ * in loom_sema_acquire_ctx here), and after a second loom_ctx_cancel of
+ * it returned. */
+#define EC_WAITERS 64
+static loom_ctx *ec_ctx;
+static loom_sema ec_sem = LOOM_SEMA_INIT(0);
+static atomic_int ec_queued, ec_go;
+static void *ec_waiter(void *arg) {
+  (void)arg;
+  atomic_fetch_add(&ec_queued, 1);
+  CHECK_ERR(loom_sema_acquire_ctx(&ec_sem, ec_ctx), -ECANCELED);
+  return NULL;
+}
+static void *ec_canceller(void *arg) {
+  (void)arg;
+  while (!atomic_load(&ec_go))
+    ;
+  loom_ctx_cancel(ec_ctx);
+  return NULL;
+}
+TEST(err_set_means_done_closed) {
+  check_watchdog(60, "err and done of a cancelled context");
+  int bad_rounds = 0;
+  for (int round = 0; round < 20; round++) {
+    CHECK_OK(loom_ctx_with_cancel(&ec_ctx, loom_ctx_background()));
+    atomic_store(&ec_queued, 0);
+    atomic_store(&ec_go, 0);
+    pthread_t w[EC_WAITERS], t;
+    for (int i = 0; i < EC_WAITERS; i++)
+      CHECK_EQ(pthread_create(&w[i], NULL, ec_waiter, NULL), 0);
+    while (atomic_load(&ec_queued) < EC_WAITERS)
+      sched_yield();
+    struct timespec ts = {0, 20 * 1000 * 1000}; /* let them all park */
+    nanosleep(&ts, NULL);
+    CHECK_EQ(pthread_create(&t, NULL, ec_canceller, NULL), 0);
+    atomic_store(&ec_go, 1);
+    while (loom_ctx_err(ec_ctx) == 0)
+      ;
+    int open1 = loom_chan_try_recv(loom_ctx_done(ec_ctx), NULL) != 0;
+    loom_ctx_cancel(ec_ctx); /* cancelled already: a no-op that returns */
+    int open2 = loom_chan_try_recv(loom_ctx_done(ec_ctx), NULL) != 0;
+    if (open1 || open2) {
+      bad_rounds++;
+      printf("round %d: err was %d but done was open (%s)\n", round,
+             loom_ctx_err(ec_ctx),
+             open2 ? "also after a second cancel returned" : "at first");
+    }
+    pthread_join(t, NULL);
+    for (int i = 0; i < EC_WAITERS; i++)
+      pthread_join(w[i], NULL);
+    loom_ctx_release(ec_ctx);
+  }
+  CHECK_EQ(bad_rounds, 0);
+}
 
 CHECK_MAIN()

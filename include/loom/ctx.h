@@ -52,10 +52,15 @@ LOOM_API int loom_ctx_with_timeout(loom_ctx **out, loom_ctx *parent,
 LOOM_API int loom_ctx_with_value(loom_ctx **out, loom_ctx *parent,
                                  const void *key, void *value);
 
-/* Cancel c and its subtree with -ECANCELED (no-op if already cancelled). */
+/* Cancel c and its subtree with -ECANCELED (no-op for the nodes already
+ * cancelled).  Returns once every node of the subtree is cancelled, also
+ * when another thread's cancel reached some of them first (as Go's,
+ * which holds each node's lock while it cancels the node's children). */
 LOOM_API void loom_ctx_cancel(loom_ctx *c);
 
-/* 0 while live; -ECANCELED or -ETIMEDOUT once cancelled. */
+/* 0 while live; -ECANCELED or -ETIMEDOUT once cancelled.  Non-zero
+ * exactly when loom_ctx_done(c) is closed (Go: "If Done is not yet
+ * closed, Err returns nil"); waiters woken by the cancel see it. */
 LOOM_API int loom_ctx_err(loom_ctx *c);
 
 /* A channel that is closed when c is cancelled, for loom_select (a

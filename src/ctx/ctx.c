@@ -11,9 +11,21 @@
  * the parent chain in a loop.
  *
  * A node is cancelled exactly once: under its lock, err goes from 0 to
- * the reason, and only the caller that did that closes its done channel.
+ * the reason, and only the caller that did that closes its done channel
+ * and runs its hooks, then sets `fin`.  A cancel returns only once the
+ * whole subtree is cancelled, as Go's does (it holds each node's lock
+ * while it cancels the node's children): a walk that meets a node
+ * another thread is cancelling waits for that node's fin, and goes on
+ * down its children itself.  For that, a cancelled node keeps its
+ * children on its list; only a child's release takes it off (after its
+ * own cancel, which has waited for its subtree).
+ *
+ * loom_ctx_err reports err only once the done channel is marked closed,
+ * so that an err seen means a closed done channel, and a done channel
+ * seen closed means an err (Go's contract).
  */
 #include <errno.h>
+#include <sched.h>
 #include <stdatomic.h>
 
 #include "loom/ctx.h"
@@ -32,7 +44,8 @@ struct loom_ctx {
   bool has_value;
   bool has_timer;
   loom_ctx *parent;         /* counted reference */
-  loom_ctx *kids;           /* children, not counted */
+  loom_ctx *kids;           /* children, not counted; kept at cancel */
+  _Atomic int fin;          /* cancelled: done closed, hooks run */
   loom_ctx *sib_next, *sib_prev;
   loom_chan *done;
   int64_t deadline;         /* effective: min with the parent's, 0 none */
@@ -52,10 +65,42 @@ loom_ctx *loom_ctx_ref(loom_ctx *c) {
   return c;
 }
 
+/* Off its parent's list of children, if it is still on it. */
+static void unlink_child(loom_ctx *c) {
+  loom_ctx *p = c->parent;
+  if (p->background)
+    return;
+  loom__spin_lock(&p->lock);
+  if (c->linked) {
+    if (c->sib_prev != NULL)
+      c->sib_prev->sib_next = c->sib_next;
+    else
+      p->kids = c->sib_next;
+    if (c->sib_next != NULL)
+      c->sib_next->sib_prev = c->sib_prev;
+    c->linked = false;
+  }
+  loom__spin_unlock(&p->lock);
+}
+
+/* A reference to a child found on its parent's list (under the parent's
+ * lock), unless its last one is being dropped: then it has no children
+ * left, and it leaves the list as soon as the lock is free. */
+static bool ref_listed(loom_ctx *c) {
+  int r = atomic_load(&c->refs);
+  while (r > 0)
+    if (atomic_compare_exchange_weak(&c->refs, &r, r + 1))
+      return true;
+  return false;
+}
+
 void loom_ctx_unref(loom_ctx *c) {
   while (c != NULL && !c->background &&
          atomic_fetch_sub(&c->refs, 1) == 1) {
     loom_ctx *parent = c->parent;
+    /* Released, it left the list; dropped without a release (or by
+     * the last holder after it), it leaves now. */
+    unlink_child(c);
     /* The armed timer's reference is gone, so it has fired (and its
      * timers_run is done with it) or was stopped: a safety net. */
     if (c->has_timer)
@@ -66,69 +111,100 @@ void loom_ctx_unref(loom_ctx *c) {
   }
 }
 
-/* Cancel one node; its live children are appended (with a reference
- * each) to the walk's work list. */
+/* Until another thread's cancel of n is through with n itself (it never
+ * parks meanwhile: it closes a channel and runs short hooks). */
+static void wait_fin(loom_ctx *n) {
+  for (int i = 0; !atomic_load_explicit(&n->fin, memory_order_acquire); i++) {
+    if (i < 64)
+      __builtin_ia32_pause();
+    else
+      sched_yield();
+  }
+}
+
+static void cancel_one(loom_ctx *n, int err, void ***work, size_t *len,
+                       size_t *cap);
+
+/* x's whole subtree, with a work list of its own. */
+static void cancel_subtree(loom_ctx *x, int err) { // NOLINT(misc-no-recursion)
+  size_t len = 0, cap = 0;
+  void **work = NULL;
+  cancel_one(x, err, &work, &len, &cap);
+  while (len > 0) {
+    loom_ctx *y = work[--len];
+    cancel_one(y, err, &work, &len, &cap);
+    loom_ctx_unref(y);
+  }
+  loom__free(work);
+}
+
+/* Cancel one node, or wait for the cancel under way; its children are
+ * appended (with a reference each) to the walk's work list. */
 /* Recursion only on the out-of-memory path, one level per failed push. */
 static void cancel_one(loom_ctx *n, int err, void ***work, size_t *len, // NOLINT(misc-no-recursion)
                        size_t *cap) {
   loom__spin_lock(&n->lock);
-  if (n->err != 0) {
+  bool first = n->err == 0;
+  if (first)
+    __atomic_store_n(&n->err, err, __ATOMIC_RELEASE);
+  bool armed = n->has_timer; /* set under this lock (with_deadline) */
+  /* The children, each with a reference: they stay on the list, which
+   * may change as soon as the lock is dropped (a release unlinks). */
+  int nk = 0;
+  for (loom_ctx *x = n->kids; x != NULL; x = x->sib_next)
+    nk++;
+  loom_ctx *kv_s[16];
+  loom_ctx **kv = nk <= 16 ? kv_s : loom__malloc((size_t)nk * sizeof *kv);
+  if (kv != NULL) {
+    nk = 0;
+    for (loom_ctx *x = n->kids; x != NULL; x = x->sib_next)
+      if (ref_listed(x))
+        kv[nk++] = x;
+  }
+  loom__spin_unlock(&n->lock);
+  if (first) {
+    loom_chan_close(n->done); /* wakes everything waiting on it */
+    /* Hooks run under the lock, after the close (a waiter woken by one
+     * finds done closed), and so never after loom__ctx_unhook returned.
+     * None is added once err is set. */
+    loom__spin_lock(&n->lock);
+    for (loom__ctx_hook *h = n->hooks; h != NULL; h = h->next) {
+      h->linked = false;
+      h->fn(h->arg);
+    }
+    n->hooks = NULL;
+    loom__spin_unlock(&n->lock);
+    atomic_store_explicit(&n->fin, 1, memory_order_release);
+    /* No wait: we may be its own fn.  A timer stopped before it fired
+     * drops the reference it held; never the last one here (our caller,
+     * or the walk, holds another). */
+    if (armed && loom__timer_stop(&n->timer))
+      loom_ctx_unref(n);
+  } else {
+    wait_fin(n);
+  }
+  if (kv == NULL) {
+    /* No memory to list the children: each one's subtree, holding our
+     * lock so that none leaves the list meanwhile (locks are taken
+     * from parent to child only). */
+    loom__spin_lock(&n->lock);
+    for (loom_ctx *x = n->kids; x != NULL; x = x->sib_next)
+      if (atomic_load(&x->refs) > 0) /* else it has no subtree left */
+        cancel_subtree(x, err);
     loom__spin_unlock(&n->lock);
     return;
   }
-  __atomic_store_n(&n->err, err, __ATOMIC_RELEASE);
-  bool armed = n->has_timer; /* set under this lock (with_deadline) */
-  /* Hooks run under the lock: they are short (they expire a poll
-   * descriptor) and take no context lock, and running them here means a
-   * hook never runs after loom__ctx_unhook returned. */
-  for (loom__ctx_hook *h = n->hooks; h != NULL; h = h->next) {
-    h->linked = false;
-    h->fn(h->arg);
-  }
-  n->hooks = NULL;
-  loom_ctx *k = n->kids;
-  n->kids = NULL;
-  for (loom_ctx *x = k; x != NULL; x = x->sib_next) {
-    x->linked = false;
-    loom_ctx_ref(x);
-  }
-  loom__spin_unlock(&n->lock);
-  loom_chan_close(n->done); /* wakes everything waiting on it */
-  /* No wait: we may be its own fn.  A timer stopped before it fired
-   * drops the reference it held; never the last one here (our caller,
-   * or the walk, holds another). */
-  if (armed && loom__timer_stop(&n->timer))
-    loom_ctx_unref(n);
-  while (k != NULL) {
-    loom_ctx *next = k->sib_next; /* read before k can be released */
-    if (loom__ptrs_push(work, len, cap, k) != 0) {
-      /* No memory for the list: this child's subtree recursively. */
-      size_t l2 = 0, c2 = 0;
-      void **w2 = NULL;
-      cancel_one(k, err, &w2, &l2, &c2);
-      while (l2 > 0) {
-        loom_ctx *x = w2[--l2];
-        cancel_one(x, err, &w2, &l2, &c2);
-        loom_ctx_unref(x);
-      }
-      loom__free(w2);
-      loom_ctx_unref(k);
+  for (int i = 0; i < nk; i++) {
+    if (loom__ptrs_push(work, len, cap, kv[i]) != 0) {
+      cancel_subtree(kv[i], err); /* no memory for the list: here */
+      loom_ctx_unref(kv[i]);
     }
-    k = next;
   }
+  if (kv != kv_s)
+    loom__free(kv);
 }
 
-static void cancel(loom_ctx *root, int err) {
-  void **work = NULL;
-  size_t len = 0, cap = 0;
-  cancel_one(root, err, &work, &len, &cap);
-  while (len > 0) {
-    loom_ctx *n = work[--len];
-    cancel_one(n, err, &work, &len, &cap);
-    loom_ctx_unref(n);
-  }
-  loom__free(work);
-}
+static void cancel(loom_ctx *root, int err) { cancel_subtree(root, err); }
 
 bool loom__ctx_hook_add(loom_ctx *c, loom__ctx_hook *h) {
   if (c == NULL || c->background)
@@ -288,8 +364,10 @@ void loom_ctx_cancel(loom_ctx *c) {
 }
 
 int loom_ctx_err(loom_ctx *c) {
-  return c == NULL || c->background ? 0
-                                    : __atomic_load_n(&c->err, __ATOMIC_ACQUIRE);
+  if (c == NULL || c->background)
+    return 0;
+  int e = __atomic_load_n(&c->err, __ATOMIC_ACQUIRE);
+  return e != 0 && loom__chan_closed(c->done) ? e : 0;
 }
 
 loom_chan *loom_ctx_done(loom_ctx *c) {
@@ -309,20 +387,7 @@ void loom_ctx_release(loom_ctx *c) {
   if (c == NULL || c->background)
     return;
   cancel(c, -ECANCELED);
-  loom_ctx *p = c->parent;
-  if (!p->background) {
-    loom__spin_lock(&p->lock);
-    if (c->linked) {
-      if (c->sib_prev != NULL)
-        c->sib_prev->sib_next = c->sib_next;
-      else
-        p->kids = c->sib_next;
-      if (c->sib_next != NULL)
-        c->sib_next->sib_prev = c->sib_prev;
-      c->linked = false;
-    }
-    loom__spin_unlock(&p->lock);
-  }
+  unlink_child(c);
   loom_ctx_unref(c);
 }
 

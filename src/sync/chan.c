@@ -279,6 +279,10 @@ int loom_chan_try_recv(loom_chan *c, void *elem) {
   return recv_impl(c, elem, false, 0);
 }
 
+bool loom__chan_closed(loom_chan *c) {
+  return __atomic_load_n(&c->closed, __ATOMIC_ACQUIRE);
+}
+
 int loom_chan_close(loom_chan *c) {
   if (c == NULL)
     return -EINVAL;

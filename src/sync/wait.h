@@ -10,6 +10,7 @@
 #include <stdbool.h>
 #include <stdint.h>
 
+#include "loom/chan.h"
 #include "loom/sync.h"
 #include "runtime/note.h"
 
@@ -87,5 +88,10 @@ void loom__waiter_wait_ctx(loom__waiter *w, void (*release)(void *arg),
 /* What a wait that was not claimed by a waker reports: -ETIMEDOUT, the
  * context's reason, or -ENOMEM. */
 int loom__waiter_err(const loom__waiter *w, struct loom_ctx *ctx);
+
+/* Whether close has begun on c (it is marked before any waiter wakes):
+ * for loom_ctx_err, which must not report a cancel before its done
+ * channel says so. */
+bool loom__chan_closed(loom_chan *c);
 
 #endif
