@@ -106,14 +106,17 @@ typedef struct loom_session_listener {
   /* The session is closing because of `err` (then on_close follows). */
   void (*on_error)(loom_session *s, int err);
   /* The session is closed; exactly once, last.  Its socket closes right
-   * after this returns (so its addresses can still be read here). */
+   * after this returns (so its addresses can still be read here).  It
+   * runs for a session that on_open refused, and for one that ended
+   * before on_open (no memory for its buffers): then on_open has not
+   * run. */
   void (*on_close)(loom_session *s);
   /* The last reference is gone: free what loom_session_user() or the
    * attributes point to.  Runs wherever the last loom_session_unref is
    * (the reader after on_close, or a holder of a reference); it must not
    * park.  A server or client close returns after the on_free of every
-   * session nobody else still references.  A session that could not
-   * start (no on_open) gets none. */
+   * session nobody else still references.  A session whose coroutine
+   * could not be started gets no callback at all. */
   void (*on_free)(loom_session *s);
 } loom_session_listener;
 
