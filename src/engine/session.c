@@ -404,6 +404,10 @@ static bool writable(loom_session *s) {
  * error (EAGAIN, or one the writer will meet and report) sends nothing.
  * wmu held, and nobody else writing. */
 static void try_send(loom_session *s, loom_buf *b) {
+  /* Nothing to send, or the socket is closed (its descriptor number may
+   * be another socket's by now): touch no descriptor. */
+  if (s->io_closed || loom_buf_len(b) == 0)
+    return;
   /* 16 pieces, as the writer takes: this runs deep in a reader's stack
    * (under on_message), which must stay within the page it parks in. */
   struct iovec iov[16];
