@@ -363,6 +363,12 @@ void loom_ctx_cancel(loom_ctx *c) {
     cancel(c, -ECANCELED);
 }
 
+int loom__ctx_reason(loom_ctx *c) {
+  return c == NULL || c->background
+             ? 0
+             : __atomic_load_n(&c->err, __ATOMIC_ACQUIRE);
+}
+
 int loom_ctx_err(loom_ctx *c) {
   if (c == NULL || c->background)
     return 0;

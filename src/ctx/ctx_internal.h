@@ -24,4 +24,9 @@ bool loom__ctx_hook_add(loom_ctx *c, loom__ctx_hook *h);
 /* Remove h; once this returns, h->fn is not running and will not run. */
 void loom__ctx_unhook(loom_ctx *c, loom__ctx_hook *h);
 
+/* c's reason as soon as a cancel has set it (0 while live), before its
+ * done channel is closed, which loom_ctx_err waits to see: for a call
+ * that learned of the cancel from a hook, fired or refused. */
+int loom__ctx_reason(loom_ctx *c);
+
 #endif

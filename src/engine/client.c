@@ -13,6 +13,7 @@
 #include <stdio.h>
 #include <string.h>
 
+#include "ctx/ctx_internal.h"
 #include "engine/engine.h"
 #include "loom/ctx.h"
 #include "loom/runtime.h"
@@ -74,7 +75,7 @@ static void supervisor(void *arg) {
   int64_t next_at = 0; /* no dial before this loom_now() time */
   for (;;) {
     loom_mutex_lock(&cl->owner.mu);
-    while (!dial_due(cl) && !loom_ctx_err(cl->ctx))
+    while (!dial_due(cl) && !loom__ctx_reason(cl->ctx))
       loom_cond_wait(&cl->owner.changed, &cl->owner.mu, 0);
     bool redial = cl->dials >= (uint64_t)cl->conns;
     cl->dials++;
@@ -82,10 +83,11 @@ static void supervisor(void *arg) {
     int64_t now = loom_now();
     if (next_at > now && loom_sleep_ctx(cl->ctx, next_at - now) < 0)
       break;
-    if (loom_ctx_err(cl->ctx))
+    if (loom__ctx_reason(cl->ctx))
       break;
     int rc = dial_one(cl);
-    if (rc < 0 && !loom_ctx_err(cl->ctx)) /* counted before waiters see it */
+    if (rc < 0 &&
+        !loom__ctx_reason(cl->ctx)) /* counted before waiters see it */
       loom__owner_count(&cl->owner, LOOM__ERR_accept);
     loom_mutex_lock(&cl->owner.mu);
     cl->dials_done++;
@@ -96,7 +98,7 @@ static void supervisor(void *arg) {
     loom_cond_broadcast(&cl->owner.changed); /* loom_client_wait */
     loom_mutex_unlock(&cl->owner.mu);
     if (rc < 0) {
-      if (loom_ctx_err(cl->ctx))
+      if (loom__ctx_reason(cl->ctx))
         break;
       backoff = backoff ? backoff * 2 : cl->interval;
       if (backoff > cl->max_wait)
@@ -173,7 +175,7 @@ int loom_client_wait(loom_client *cl, int n, int64_t deadline) {
       live += loom__session_opened(s) && !loom_session_closed(s);
     if (live >= n)
       break;
-    if (loom_ctx_err(cl->ctx)) {
+    if (loom__ctx_reason(cl->ctx)) {
       rc = LOOM_ECLOSED;
       break;
     }
@@ -190,7 +192,7 @@ int loom_client_wait(loom_client *cl, int n, int64_t deadline) {
       break;
     }
   }
-  if (--cl->waiters == 0 && loom_ctx_err(cl->ctx))
+  if (--cl->waiters == 0 && loom__ctx_reason(cl->ctx))
     loom_cond_broadcast(&cl->owner.changed); /* close_now waits for it */
   loom_mutex_unlock(&cl->owner.mu);
   return rc;

@@ -12,6 +12,7 @@
 #include <stdio.h>
 #include <string.h>
 
+#include "ctx/ctx_internal.h"
 #include "engine/engine.h"
 #include "loom/ctx.h"
 #include "loom/runtime.h"
@@ -52,7 +53,7 @@ static void accept_loop(void *arg) {
     loom_conn *c;
     int rc = loom_accept_ctx(srv->ln, &c, srv->ctx);
     if (rc < 0) {
-      if (loom_ctx_err(srv->ctx) || rc == LOOM_ECLOSED)
+      if (loom__ctx_reason(srv->ctx) || rc == LOOM_ECLOSED)
         break;
       /* A failure that is not the descriptor shortage loom_accept rides
        * out itself (ECONNABORTED, EPERM from a firewall, ...): count it

@@ -412,7 +412,7 @@ static int dial_one(const struct sockaddr *sa, socklen_t len, int type,
   if (err == 0 && ctx != NULL) {
     hooked = loom__ctx_hook_add(ctx, &h);
     if (!hooked)
-      err = loom_ctx_err(ctx);
+      err = loom__ctx_reason(ctx);
   }
   if (err == 0 && connect(fd, sa, len) != 0) {
     err = -loom__errno();
@@ -423,8 +423,8 @@ static int dial_one(const struct sockaddr *sa, socklen_t len, int type,
   }
   if (hooked) {
     loom__ctx_unhook(ctx, &h);
-    if (err == -ETIMEDOUT && loom_ctx_err(ctx) != 0)
-      err = loom_ctx_err(ctx);
+    if (err == -ETIMEDOUT && loom__ctx_reason(ctx) != 0)
+      err = loom__ctx_reason(ctx);
   }
   if (err == 0 && (sa->sa_family == AF_INET || sa->sa_family == AF_INET6) &&
       loom__self_connected(fd))
@@ -447,8 +447,8 @@ int loom_dial_with(loom_conn **c, const char *network, const char *addr,
     return LOOM_ENOTCO;
   int64_t deadline = o != NULL ? o->deadline : 0;
   loom_ctx *ctx = o != NULL ? o->ctx : NULL;
-  if (ctx != NULL && loom_ctx_err(ctx) != 0)
-    return loom_ctx_err(ctx);
+  if (ctx != NULL && loom__ctx_reason(ctx) != 0)
+    return loom__ctx_reason(ctx);
   loom__addrs as;
   int err = loom__resolve_type(network, addr, false, SOCK_STREAM, &as);
   if (err != 0)
@@ -481,7 +481,7 @@ int loom_dial(loom_conn **c, const char *network, const char *addr) {
  * cannot be recycled under it. */
 static ssize_t with_ctx(loom__netfd *f, int mode, loom_ctx *ctx,
                         ssize_t (*op)(void *a), void *a) {
-  int e = loom_ctx_err(ctx);
+  int e = loom__ctx_reason(ctx);
   if (e != 0)
     return e;
   if (!loom__netfd_acquire(f))
@@ -491,12 +491,12 @@ static ssize_t with_ctx(loom__netfd *f, int mode, loom_ctx *ctx,
                       f->pd, NULL, NULL, false};
   ssize_t r;
   if (!loom__ctx_hook_add(ctx, &h)) {
-    r = loom_ctx_err(ctx);
+    r = loom__ctx_reason(ctx);
   } else {
     r = op(a);
     loom__ctx_unhook(ctx, &h);
-    if (r == -ETIMEDOUT && loom_ctx_err(ctx) != 0)
-      r = loom_ctx_err(ctx);
+    if (r == -ETIMEDOUT && loom__ctx_reason(ctx) != 0)
+      r = loom__ctx_reason(ctx);
   }
   loom__netfd_release(f);
   return r;

@@ -59,7 +59,7 @@ int loom_fd_wait(int fd, int events, int64_t deadline) {
 }
 
 int loom_fd_wait_ctx(int fd, int events, int64_t deadline, loom_ctx *ctx) {
-  int e = loom_ctx_err(ctx);
+  int e = loom__ctx_reason(ctx);
   if (e != 0)
     return e;
   if (loom__getg() == NULL)
@@ -99,14 +99,14 @@ static int fd_wait_impl(int fd, int events, int64_t deadline, loom_ctx *ctx) {
   if (err == 0 && ctx != NULL) {
     hooked = loom__ctx_hook_add(ctx, &h);
     if (!hooked)
-      err = loom_ctx_err(ctx);
+      err = loom__ctx_reason(ctx);
   }
   if (err == 0)
     err = loom__pd_wait(pd, mode);
   if (hooked) {
     loom__ctx_unhook(ctx, &h);
-    if (err == -ETIMEDOUT && loom_ctx_err(ctx) != 0)
-      err = loom_ctx_err(ctx);
+    if (err == -ETIMEDOUT && loom__ctx_reason(ctx) != 0)
+      err = loom__ctx_reason(ctx);
   }
   loom__pd_close(pd, true); /* the fd is not ours: it stays open */
   return err;

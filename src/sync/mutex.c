@@ -32,6 +32,7 @@
  */
 #include <errno.h>
 
+#include "ctx/ctx_internal.h"
 #include "loom/sync.h"
 #include "runtime/runtime.h"
 #include "sync/wait.h"
@@ -167,7 +168,7 @@ int loom_mutex_lock_until(loom_mutex *mu, int64_t deadline) {
 }
 
 int loom_mutex_lock_ctx(loom_mutex *mu, loom_ctx *ctx) {
-  int e = loom_ctx_err(ctx);
+  int e = loom__ctx_reason(ctx);
   if (e != 0)
     return e;
   if (cas(mu, 0, LOCKED))

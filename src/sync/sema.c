@@ -7,6 +7,7 @@
 #include <errno.h>
 #include <stdint.h>
 
+#include "ctx/ctx_internal.h"
 #include "loom/sync.h"
 #include "runtime/runtime.h"
 #include "sync/wait.h"
@@ -50,7 +51,7 @@ static void wake_all(loom_waitlist_ *l) {
 /* ---- semaphore ---------------------------------------------------------- */
 
 static int sema_acquire(loom_sema *s, int64_t deadline, loom_ctx *ctx) {
-  int e = loom_ctx_err(ctx);
+  int e = loom__ctx_reason(ctx);
   if (e != 0)
     return e;
   loom__spin_lock(&s->q_.lock_);
@@ -145,7 +146,7 @@ static int wg_zero(loom_wg *wg) {
 static int wg_wait(loom_wg *wg, int64_t deadline, loom_ctx *ctx) {
   if (__atomic_load_n(&wg->count_, __ATOMIC_ACQUIRE) == 0)
     return wg_zero(wg);
-  int e = loom_ctx_err(ctx);
+  int e = loom__ctx_reason(ctx);
   if (e != 0)
     return e;
   loom__spin_lock(&wg->q_.lock_);
@@ -170,7 +171,7 @@ int loom_wg_wait_ctx(loom_wg *wg, loom_ctx *ctx) { return wg_wait(wg, 0, ctx); }
 
 static int cond_wait(loom_cond *c, loom_mutex *mu, int64_t deadline,
                      loom_ctx *ctx) {
-  int e = loom_ctx_err(ctx);
+  int e = loom__ctx_reason(ctx);
   if (e != 0)
     return e; /* mu still held, as on every return */
   loom__spin_lock(&c->q_.lock_);

@@ -231,7 +231,7 @@ void loom__waiter_wait_ctx(loom__waiter *w, void (*release)(void *arg),
 int loom__waiter_err(const loom__waiter *w, struct loom_ctx *ctx) {
   if (w->fired == LOOM__FIRED_NOMEM)
     return -ENOMEM;
-  return w->fired == LOOM__FIRED_CANCEL ? loom_ctx_err(ctx) : -ETIMEDOUT;
+  return w->fired == LOOM__FIRED_CANCEL ? loom__ctx_reason(ctx) : -ETIMEDOUT;
 }
 
 void loom__waiter_wait(loom__waiter *w, void (*release)(void *arg), void *arg,
