@@ -2943,7 +2943,7 @@ TEST(taskpool_close_releases_waiting_submitter) {
  * that ran meanwhile has freed that queue.) */
 static loom_taskpool *race_pool;
 static loom_sema race_gate;
-static atomic_int race_done, race_bad;
+static atomic_int race_started, race_done, race_bad;
 static _Atomic int64_t race_deadline;
 static void race_blocker(void *arg) {
   (void)arg;
@@ -2951,6 +2951,8 @@ static void race_blocker(void *arg) {
 }
 static void race_submitter(void *arg) {
   (void)arg;
+  /* From here to inside the submit there is no scheduling point. */
+  atomic_fetch_add(&race_started, 1);
   int rc = loom_taskpool_submit(race_pool, 0, count_task, NULL,
                                 atomic_load(&race_deadline));
   if (rc != -ETIMEDOUT && rc != LOOM_ECLOSED)
@@ -2970,11 +2972,18 @@ static void tp_deadline_race_main(void *arg) {
     CHECK_OK(loom_taskpool_submit(race_pool, 0, count_task, NULL,
                                   LOOM_TASKPOOL_NOWAIT));
     atomic_store(&race_done, 0);
+    atomic_store(&race_started, 0);
     int64_t wait = (int64_t)(r % 5) * 500000 + 1000000; /* 1..3 ms */
     atomic_store(&race_deadline, loom_now() + wait);
     for (int i = 0; i < SUBS; i++)
       CHECK_OK(loom_go(race_submitter, NULL));
-    loom_sleep(wait);
+    /* A submit must have begun before the close does (taskpool.h): a
+     * submitter that had not run yet when a slow machine reached the
+     * close called into a freed pool. */
+    WAIT_FOR(atomic_load(&race_started) == SUBS, 5);
+    int64_t left = atomic_load(&race_deadline) - loom_now();
+    if (left > 0)
+      loom_sleep(left);
     loom_sema_release(&race_gate);
     loom_taskpool_close(race_pool);
     WAIT_FOR(atomic_load(&race_done) == SUBS, 5);
