@@ -27,6 +27,7 @@
 #include <errno.h>
 #include <sched.h>
 #include <stdatomic.h>
+#include <stdint.h>
 
 #include "loom/ctx.h"
 #include "runtime/alloc.h"
@@ -46,6 +47,7 @@ struct loom_ctx {
   loom_ctx *parent;         /* counted reference */
   loom_ctx *kids;           /* children, not counted; kept at cancel */
   _Atomic int fin;          /* cancelled: done closed, hooks run */
+  _Atomic int tree_fin;     /* and its whole subtree (see cancel_subtree) */
   loom_ctx *sib_next, *sib_prev;
   loom_chan *done;
   int64_t deadline;         /* effective: min with the parent's, 0 none */
@@ -125,14 +127,27 @@ static void wait_fin(loom_ctx *n) {
 static void cancel_one(loom_ctx *n, int err, void ***work, size_t *len,
                        size_t *cap);
 
-/* x's whole subtree, with a work list of its own. */
+/* A work list entry that marks the end of a node's subtree: the node's
+ * address with the low bit set (contexts are aligned). */
+#define SUBTREE_END ((uintptr_t)1)
+
+/* x's whole subtree, with a work list of its own.  The list is a stack:
+ * cancel_one pushes a node's end mark below its children, so the mark
+ * comes off once every descendant has been done, and the node is marked
+ * tree_fin.  A later cancel of a node so marked (a release of each node
+ * of a cancelled chain, parents first) then stops there instead of
+ * walking the subtree again. */
 static void cancel_subtree(loom_ctx *x, int err) { // NOLINT(misc-no-recursion)
   size_t len = 0, cap = 0;
   void **work = NULL;
   cancel_one(x, err, &work, &len, &cap);
   while (len > 0) {
-    loom_ctx *y = work[--len];
-    cancel_one(y, err, &work, &len, &cap);
+    uintptr_t e = (uintptr_t)work[--len];
+    loom_ctx *y = (loom_ctx *)(e & ~SUBTREE_END);
+    if (e & SUBTREE_END)
+      atomic_store_explicit(&y->tree_fin, 1, memory_order_release);
+    else
+      cancel_one(y, err, &work, &len, &cap);
     loom_ctx_unref(y);
   }
   loom__free(work);
@@ -143,6 +158,8 @@ static void cancel_subtree(loom_ctx *x, int err) { // NOLINT(misc-no-recursion)
 /* Recursion only on the out-of-memory path, one level per failed push. */
 static void cancel_one(loom_ctx *n, int err, void ***work, size_t *len, // NOLINT(misc-no-recursion)
                        size_t *cap) {
+  if (atomic_load_explicit(&n->tree_fin, memory_order_acquire))
+    return; /* and so is every child added since: attach cancels them */
   loom__spin_lock(&n->lock);
   bool first = n->err == 0;
   if (first)
@@ -192,8 +209,14 @@ static void cancel_one(loom_ctx *n, int err, void ***work, size_t *len, // NOLIN
       if (atomic_load(&x->refs) > 0) /* else it has no subtree left */
         cancel_subtree(x, err);
     loom__spin_unlock(&n->lock);
+    atomic_store_explicit(&n->tree_fin, 1, memory_order_release);
     return;
   }
+  /* n's end mark, below its children (no memory: n stays unmarked,
+   * which costs only a walk more). */
+  if (loom__ptrs_push(work, len, cap,
+                      (void *)((uintptr_t)loom_ctx_ref(n) | SUBTREE_END)) != 0)
+    loom_ctx_unref(n);
   for (int i = 0; i < nk; i++) {
     if (loom__ptrs_push(work, len, cap, kv[i]) != 0) {
       cancel_subtree(kv[i], err); /* no memory for the list: here */
