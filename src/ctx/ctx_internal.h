@@ -24,9 +24,11 @@ bool loom__ctx_hook_add(loom_ctx *c, loom__ctx_hook *h);
 /* Remove h; once this returns, h->fn is not running and will not run. */
 void loom__ctx_unhook(loom_ctx *c, loom__ctx_hook *h);
 
-/* c's reason as soon as a cancel has set it (0 while live), before its
- * done channel is closed, which loom_ctx_err waits to see: for a call
- * that learned of the cancel from a hook, fired or refused. */
+/* c's reason once a cancel has set it (0 while live), for a call that
+ * learned of the cancel from a hook, fired or refused: unlike
+ * loom_ctx_err, it does not report 0 in the moment between the reason
+ * and the done channel's close; it waits that moment out, so that the
+ * caller's user then finds loom_ctx_err agreeing. */
 int loom__ctx_reason(loom_ctx *c);
 
 #endif
