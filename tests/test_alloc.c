@@ -394,6 +394,56 @@ TEST(ctx_timeout_under_cancelled_parent) {
   loom_set_allocator(NULL);
 }
 
+/* A cancel with no memory for its work list still cancels the whole
+ * subtree: 40 children (more than it lists without allocating), each
+ * with 3 children, and each of those with 20, cancelled while every
+ * allocation fails.  Releasing them afterwards frees everything. */
+static void ctx_cancel_nomem_main(void *arg) {
+  (void)arg;
+  enum { K = 40, G = 3, GG = 20 };
+  static loom_ctx *kids[K], *grand[K][G], *great[K][G][GG];
+  loom_ctx *root;
+  CHECK_OK(loom_ctx_with_cancel(&root, loom_ctx_background()));
+  for (int i = 0; i < K; i++) {
+    CHECK_OK(loom_ctx_with_cancel(&kids[i], root));
+    for (int j = 0; j < G; j++) {
+      CHECK_OK(loom_ctx_with_cancel(&grand[i][j], kids[i]));
+      for (int k = 0; k < GG; k++)
+        CHECK_OK(loom_ctx_with_cancel(&great[i][j][k], grand[i][j]));
+    }
+  }
+  long injected_before = atomic_load(&injected_count);
+  atomic_store(&fail_all, 1);
+  loom_ctx_cancel(root);
+  atomic_store(&fail_all, 0);
+  CHECK_GT(atomic_load(&injected_count), injected_before);
+  for (int i = 0; i < K; i++) {
+    CHECK_ERR(loom_ctx_err(kids[i]), -ECANCELED);
+    for (int j = 0; j < G; j++) {
+      CHECK_ERR(loom_ctx_err(grand[i][j]), -ECANCELED);
+      for (int k = 0; k < GG; k++)
+        CHECK_ERR(loom_ctx_err(great[i][j][k]), -ECANCELED);
+    }
+  }
+  /* Parents first: each release finds its subtree cancelled already. */
+  loom_ctx_release(root);
+  for (int i = 0; i < K; i++) {
+    loom_ctx_release(kids[i]);
+    for (int j = 0; j < G; j++) {
+      loom_ctx_release(grand[i][j]);
+      for (int k = 0; k < GG; k++)
+        loom_ctx_release(great[i][j][k]);
+    }
+  }
+}
+TEST(ctx_cancel_without_memory_reaches_every_node) {
+  loom_set_allocator(&hook);
+  long before = atomic_load(&nlive);
+  check_run(ctx_cancel_nomem_main, NULL, 2);
+  CHECK_EQ(atomic_load(&nlive), before);
+  loom_set_allocator(NULL);
+}
+
 /* loom_set_allocator(NULL) goes back to the C library. */
 static void tiny_main(void *arg) { (void)arg; }
 TEST(set_allocator_null) {

@@ -151,6 +151,8 @@ static void cancel_subtree(loom_ctx *x, int err) { // NOLINT(misc-no-recursion)
     loom_ctx_unref(y);
   }
   loom__free(work);
+  /* Done, whether or not its end mark found room on the list. */
+  atomic_store_explicit(&x->tree_fin, 1, memory_order_release);
 }
 
 /* Cancel one node, or wait for the cancel under way; its children are
@@ -201,14 +203,24 @@ static void cancel_one(loom_ctx *n, int err, void ***work, size_t *len, // NOLIN
     wait_fin(n);
   }
   if (kv == NULL) {
-    /* No memory to list the children: each one's subtree, holding our
-     * lock so that none leaves the list meanwhile (locks are taken
-     * from parent to child only). */
-    loom__spin_lock(&n->lock);
-    for (loom_ctx *x = n->kids; x != NULL; x = x->sib_next)
-      if (atomic_load(&x->refs) > 0) /* else it has no subtree left */
-        cancel_subtree(x, err);
-    loom__spin_unlock(&n->lock);
+    /* No memory to list the children at once: 16 at a time, each one's
+     * subtree done (and so marked tree_fin) before the next look.  No
+     * child is added to a cancelled node (attach cancels it instead). */
+    for (;;) {
+      int m = 0;
+      loom__spin_lock(&n->lock);
+      for (loom_ctx *x = n->kids; x != NULL && m < 16; x = x->sib_next)
+        if (!atomic_load_explicit(&x->tree_fin, memory_order_acquire) &&
+            ref_listed(x))
+          kv_s[m++] = x;
+      loom__spin_unlock(&n->lock);
+      if (m == 0)
+        break;
+      for (int i = 0; i < m; i++) {
+        cancel_subtree(kv_s[i], err);
+        loom_ctx_unref(kv_s[i]);
+      }
+    }
     atomic_store_explicit(&n->tree_fin, 1, memory_order_release);
     return;
   }
