@@ -246,9 +246,10 @@ typedef struct loom_pconn loom_pconn;
 /* Bind an unconnected packet socket to `addr` (port 0: any free port). */
 LOOM_API int loom_listen_packet(loom_pconn **pc, const char *network,
                                 const char *addr);
-/* The same with options: `reuseport` (SO_REUSEPORT, set before the bind:
- * several sockets share the port, the kernel spreads datagrams over
- * them); `backlog` does not apply.  o NULL: loom_listen_packet. */
+/* The same with options: `reuseport` (SO_REUSEPORT for udp, set before
+ * the bind: several sockets share the port, the kernel spreads datagrams
+ * over them; unixgram paths cannot be shared and ignore it); `backlog`
+ * does not apply.  o NULL: loom_listen_packet. */
 LOOM_API int loom_listen_packet_with(loom_pconn **pc, const char *network,
                                      const char *addr,
                                      const loom_listen_opts *o);
