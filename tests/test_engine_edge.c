@@ -3896,7 +3896,10 @@ TEST(udp_server_outlives_its_read_timeout) {
 
 /* loom_client_wait parked while loom_client_close runs returns
  * LOOM_ECLOSED, and the close frees the client only after it has (it
- * used to free it under the waiter). */
+ * used to free it under the waiter).  One P: the waiter, spawned before
+ * main sleeps, runs until it parks in the wait before main can resume
+ * and close; with two, a waiter whose thread was descheduled could still
+ * be on its way in when the close freed the client. */
 static atomic_int wait_close_rc = 1;
 static loom_client *wait_close_cl;
 static void wait_close_waiter(void *arg) {
