@@ -557,4 +557,60 @@ TEST(err_set_means_done_closed) {
   CHECK_EQ(bad_rounds, 0);
 }
 
+/* A ctx-bounded call that returns the cancel's reason returns it only
+ * once loom_ctx_err agrees (Go: Err() != nil once the call has seen
+ * Done).  A plain thread spins in loom_mutex_lock_ctx on a free mutex
+ * (its entry check is loom__ctx_reason) while another cancels; the
+ * context has many children, so the cancel spends a while listing them
+ * between setting the reason and closing the done channel. */
+#define RA_KIDS 5000
+static loom_ctx *ra_ctx;
+static loom_mutex ra_mu = LOOM_MUTEX_INIT;
+static atomic_int ra_spinning, ra_bad_rc, ra_bad_err;
+static void *ra_spinner(void *arg) {
+  (void)arg;
+  for (;;) {
+    atomic_store(&ra_spinning, 1);
+    int r = loom_mutex_lock_ctx(&ra_mu, ra_ctx);
+    if (r == 0) {
+      loom_mutex_unlock(&ra_mu);
+      continue;
+    }
+    int e = loom_ctx_err(ra_ctx);
+    if (e != r) {
+      atomic_store(&ra_bad_rc, r);
+      atomic_store(&ra_bad_err, e);
+    }
+    return NULL;
+  }
+}
+TEST(call_reason_agrees_with_err) {
+  check_watchdog(60, "a ctx call's reason against loom_ctx_err");
+  static loom_ctx *kids[RA_KIDS];
+  int bad_rounds = 0;
+  for (int round = 0; round < 50; round++) {
+    CHECK_OK(loom_ctx_with_cancel(&ra_ctx, loom_ctx_background()));
+    for (int i = 0; i < RA_KIDS; i++)
+      CHECK_OK(loom_ctx_with_cancel(&kids[i], ra_ctx));
+    atomic_store(&ra_spinning, 0);
+    atomic_store(&ra_bad_rc, 0);
+    pthread_t t;
+    CHECK_EQ(pthread_create(&t, NULL, ra_spinner, NULL), 0);
+    while (!atomic_load(&ra_spinning))
+      sched_yield();
+    loom_ctx_cancel(ra_ctx);
+    pthread_join(t, NULL);
+    if (atomic_load(&ra_bad_rc) != 0) {
+      bad_rounds++;
+      printf("round %d: loom_mutex_lock_ctx returned %d while loom_ctx_err "
+             "said %d\n",
+             round, atomic_load(&ra_bad_rc), atomic_load(&ra_bad_err));
+    }
+    for (int i = 0; i < RA_KIDS; i++)
+      loom_ctx_release(kids[i]);
+    loom_ctx_release(ra_ctx);
+  }
+  CHECK_EQ(bad_rounds, 0);
+}
+
 CHECK_MAIN()

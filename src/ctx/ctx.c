@@ -399,9 +399,20 @@ void loom_ctx_cancel(loom_ctx *c) {
 }
 
 int loom__ctx_reason(loom_ctx *c) {
-  return c == NULL || c->background
-             ? 0
-             : __atomic_load_n(&c->err, __ATOMIC_ACQUIRE);
+  if (c == NULL || c->background)
+    return 0;
+  int e = __atomic_load_n(&c->err, __ATOMIC_ACQUIRE);
+  /* A call that returns the reason must find loom_ctx_err agreeing with
+   * it: wait out the moment between err and the done channel's close
+   * (the cancel never parks there; it needs only c's lock and the
+   * channel's, which no caller of this holds). */
+  for (int i = 0; e != 0 && !loom__chan_closed(c->done); i++) {
+    if (i < 64)
+      __builtin_ia32_pause();
+    else
+      sched_yield();
+  }
+  return e;
 }
 
 int loom_ctx_err(loom_ctx *c) {
