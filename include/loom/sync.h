@@ -110,7 +110,9 @@ LOOM_API void loom_rwmutex_runlock(loom_rwmutex *rw);
 LOOM_API void loom_rwmutex_lock(loom_rwmutex *rw);
 LOOM_API void loom_rwmutex_unlock(loom_rwmutex *rw);
 
-/* Once: fn(arg) runs exactly once; concurrent callers wait for it. */
+/* Once: fn(arg) runs exactly once; concurrent callers wait for it.  A
+ * call of loom_once_do on the same `o` from inside fn waits for itself
+ * for ever, as Go's Once.Do does. */
 typedef struct loom_once {
   int done_;
   loom_mutex mu_;
