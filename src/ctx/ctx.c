@@ -25,7 +25,6 @@
  * seen closed means an err (Go's contract).
  */
 #include <errno.h>
-#include <sched.h>
 #include <stdatomic.h>
 #include <stdint.h>
 
@@ -116,12 +115,9 @@ void loom_ctx_unref(loom_ctx *c) {
 /* Until another thread's cancel of n is through with n itself (it never
  * parks meanwhile: it closes a channel and runs short hooks). */
 static void wait_fin(loom_ctx *n) {
-  for (int i = 0; !atomic_load_explicit(&n->fin, memory_order_acquire); i++) {
-    if (i < 64)
-      __builtin_ia32_pause();
-    else
-      sched_yield();
-  }
+  unsigned spins = 1;
+  while (!atomic_load_explicit(&n->fin, memory_order_acquire))
+    loom__backoff(&spins);
 }
 
 static void cancel_one(loom_ctx *n, int err, void ***work, size_t *len,
@@ -406,12 +402,9 @@ int loom__ctx_reason(loom_ctx *c) {
    * it: wait out the moment between err and the done channel's close
    * (the cancel never parks there; it needs only c's lock and the
    * channel's, which no caller of this holds). */
-  for (int i = 0; e != 0 && !loom__chan_closed(c->done); i++) {
-    if (i < 64)
-      __builtin_ia32_pause();
-    else
-      sched_yield();
-  }
+  unsigned spins = 1;
+  while (e != 0 && !loom__chan_closed(c->done))
+    loom__backoff(&spins);
   return e;
 }
 

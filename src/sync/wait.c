@@ -23,15 +23,19 @@ void loom__spin_lock_slow(
   unsigned spins = 1;
   do {
     /* Back off while it is held: hammering the line slows the holder. */
-    do {
-      for (unsigned i = 0; i < spins; i++)
-        __builtin_ia32_pause();
-      if (spins < 64)
-        spins <<= 1;
-      else
-        sched_yield(); /* the holder may have lost its CPU */
-    } while (__atomic_load_n(l, __ATOMIC_RELAXED));
+    do
+      loom__backoff(&spins);
+    while (__atomic_load_n(l, __ATOMIC_RELAXED));
   } while (__atomic_exchange_n(l, 1, __ATOMIC_ACQUIRE));
+}
+
+void loom__backoff(unsigned *spins) {
+  for (unsigned i = 0; i < *spins; i++)
+    __builtin_ia32_pause();
+  if (*spins < 64)
+    *spins <<= 1;
+  else
+    sched_yield();
 }
 
 void loom__waiter_init(loom__waiter *w, bool exclusive) {

@@ -46,6 +46,10 @@ typedef loom_waitq_ loom__waitq;
 /* Spinlocks over plain ints (the public structs hold plain ints), with
  * __atomic builtins. */
 void loom__spin_lock_slow(int *l);
+/* One round of waiting for another thread to get somewhere: *spins
+ * pauses, doubling from 1 up to 64, then a yield of the CPU (the other
+ * thread may have lost its own).  Start with *spins = 1. */
+void loom__backoff(unsigned *spins);
 static inline void loom__spin_lock(int *l) {
   if (__atomic_exchange_n(l, 1, __ATOMIC_ACQUIRE))
     loom__spin_lock_slow(l); /* held: back off there */
