@@ -324,12 +324,7 @@ int loom_conn_set_keepalive(loom_conn *c, bool on, int idle_s) {
 }
 
 int loom_conn_set_buffers(loom_conn *c, int rcvbuf, int sndbuf) {
-  int err = 0;
-  if (rcvbuf > 0)
-    err = opt(c, SOL_SOCKET, SO_RCVBUF, rcvbuf);
-  if (err == 0 && sndbuf > 0)
-    err = opt(c, SOL_SOCKET, SO_SNDBUF, sndbuf);
-  return err;
+  return c == NULL ? -EINVAL : loom__netfd_set_buffers(&c->nf, rcvbuf, sndbuf);
 }
 
 /* ---- dialing -------------------------------------------------------- */

@@ -4,6 +4,7 @@
 #include <errno.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/socket.h>
 #include <unistd.h>
 
 #include "loom/error.h"
@@ -153,6 +154,16 @@ int loom__netfd_set_deadline(loom__netfd *f, int mode, int64_t d) {
   int err = loom__pd_set_deadline(f->pd, mode, d);
   loom__netfd_release(f);
   return err;
+}
+
+int loom__netfd_set_buffers(loom__netfd *f, int rcvbuf, int sndbuf) {
+  if (rcvbuf > 0 &&
+      setsockopt(f->fd, SOL_SOCKET, SO_RCVBUF, &rcvbuf, sizeof rcvbuf) != 0)
+    return -loom__errno();
+  if (sndbuf > 0 &&
+      setsockopt(f->fd, SOL_SOCKET, SO_SNDBUF, &sndbuf, sizeof sndbuf) != 0)
+    return -loom__errno();
+  return 0;
 }
 
 int loom__netfd_set_deadlines(loom__netfd *f, int64_t rd, int64_t wd) {

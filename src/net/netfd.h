@@ -65,6 +65,8 @@ int loom__netfd_close(loom__netfd *f);
  * coroutine: -EINVAL (NULL f), LOOM_ENOTCO, LOOM_ECLOSED, -ENOMEM. */
 int loom__netfd_set_deadline(loom__netfd *f, int mode, int64_t d);
 /* Read and write deadlines at once (both the same: one call). */
+/* SO_RCVBUF / SO_SNDBUF, each if > 0: 0 or -errno. */
+int loom__netfd_set_buffers(loom__netfd *f, int rcvbuf, int sndbuf);
 int loom__netfd_set_deadlines(loom__netfd *f, int64_t rd, int64_t wd);
 
 struct loom_ctx;

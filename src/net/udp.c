@@ -409,15 +409,8 @@ int loom_pconn_close(loom_pconn *pc) {
 int loom_pconn_fd(loom_pconn *pc) { return pc ? pc->nf.fd : -EINVAL; }
 
 int loom_pconn_set_buffers(loom_pconn *pc, int rcvbuf, int sndbuf) {
-  if (pc == NULL)
-    return -EINVAL;
-  if (rcvbuf > 0 &&
-      setsockopt(pc->nf.fd, SOL_SOCKET, SO_RCVBUF, &rcvbuf, sizeof rcvbuf) != 0)
-    return -loom__errno();
-  if (sndbuf > 0 &&
-      setsockopt(pc->nf.fd, SOL_SOCKET, SO_SNDBUF, &sndbuf, sizeof sndbuf) != 0)
-    return -loom__errno();
-  return 0;
+  return pc == NULL ? -EINVAL
+                    : loom__netfd_set_buffers(&pc->nf, rcvbuf, sndbuf);
 }
 
 int loom_pconn_local_addr(loom_pconn *pc, char *buf, size_t len) {
