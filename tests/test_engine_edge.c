@@ -3896,14 +3896,18 @@ TEST(udp_server_outlives_its_read_timeout) {
 
 /* loom_client_wait parked while loom_client_close runs returns
  * LOOM_ECLOSED, and the close frees the client only after it has (it
- * used to free it under the waiter).  One P: the waiter, spawned before
- * main sleeps, runs until it parks in the wait before main can resume
- * and close; with two, a waiter whose thread was descheduled could still
- * be on its way in when the close freed the client. */
-static atomic_int wait_close_rc = 1;
+ * used to free it under the waiter).  A wait must begin before the close
+ * does: main waits until the waiter is on its way in (no scheduling point
+ * lies between that mark and the wait's count of waiters, unless the
+ * client's lock is contended), then gives it 2 ms to park.  Waiting only
+ * the 2 ms, a waiter not yet run on a loaded machine called into a freed
+ * client.  Two Ps: with one, the close runs after the waiter has left
+ * whatever the close does, and the test no longer guards the bug. */
+static atomic_int wait_close_rc = 1, wait_close_in;
 static loom_client *wait_close_cl;
 static void wait_close_waiter(void *arg) {
   (void)arg;
+  atomic_store(&wait_close_in, 1);
   atomic_store(&wait_close_rc, loom_client_wait(wait_close_cl, 1, 0));
 }
 static void wait_close_main(void *arg) {
@@ -3927,7 +3931,9 @@ static void wait_close_main(void *arg) {
     co.reconnect_interval = 10 * SEC; /* stays in its back-off */
     CHECK_OK(loom_client_start(&wait_close_cl, &co));
     atomic_store(&wait_close_rc, 1);
+    atomic_store(&wait_close_in, 0);
     CHECK_OK(loom_go(wait_close_waiter, NULL));
+    WAIT_FOR(atomic_load(&wait_close_in) == 1, 5);
     loom_sleep(2 * CHECK_MS); /* the waiter parks, the dial fails */
     CHECK_OK(loom_client_close(wait_close_cl, loom_now() + SEC));
     WAIT_FOR(atomic_load(&wait_close_rc) != 1, 5);
