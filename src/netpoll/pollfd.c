@@ -237,8 +237,6 @@ static void wake_sleepers(loom__pd *pd) {
   }
 }
 
-static void slock_release(void *l) { loom__spin_unlock(l); }
-
 int loom__pd_sleep(loom__pd *pd, int64_t until) {
   loom__m *m = loom__getm();
   if (m == NULL || m->p == NULL)
@@ -255,7 +253,7 @@ int loom__pd_sleep(loom__pd *pd, int64_t until) {
     loom__spin_unlock(&pd->slock);
     return err;
   }
-  loom__waiter_wait(&w, slock_release, &pd->slock, until);
+  loom__waiter_wait_unlock(&w, &pd->slock, until, NULL);
   loom__spin_lock(&pd->slock);
   loom__waitq_unlink(&pd->wsleep, &n); /* if its timer ended it */
   loom__spin_unlock(&pd->slock);

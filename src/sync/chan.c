@@ -222,8 +222,7 @@ static int send_impl(loom_chan *c, const void *elem, bool block,
   sudog s = {.w = &w, .elem = (void *)(uintptr_t)elem, .idx = 0,
              .send = true};
   enqueue(&c->sendq, &s);
-  loom_chan *locked[1] = {c};
-  wait_claimed(&w, locked, 1, deadline);
+  loom__waiter_wait_unlock(&w, &c->lock, deadline, NULL);
   if (w.fired < 0) {
     lock(c);
     unlink_sudog(&c->sendq, &s);
@@ -249,8 +248,7 @@ static int recv_impl(loom_chan *c, void *elem, bool block, int64_t deadline) {
   waiter_init(&w, deadline == 0);
   sudog s = {.w = &w, .elem = elem, .idx = 0, .send = false};
   enqueue(&c->recvq, &s);
-  loom_chan *locked[1] = {c};
-  wait_claimed(&w, locked, 1, deadline);
+  loom__waiter_wait_unlock(&w, &c->lock, deadline, NULL);
   if (w.fired < 0) {
     lock(c);
     unlink_sudog(&c->recvq, &s);

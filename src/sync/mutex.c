@@ -64,8 +64,6 @@ int loom_mutex_trylock(loom_mutex *mu) {
   return -EBUSY;
 }
 
-static void release_lk(void *arg) { loom__spin_unlock(arg); }
-
 /* Spin, as Go does, only when it cannot delay anyone: another P is busy
  * (the holder may be running there) and nothing else is runnable on ours
  * (the holder may be queued right here, waiting for the P we would be
@@ -135,7 +133,7 @@ static int lock_slow(loom_mutex *mu, int64_t deadline, loom_ctx *ctx) {
     else
       loom__waitq_push(&mu->q_.q_, &n);
     requeue = true;
-    loom__waiter_wait_ctx(&w, release_lk, lk, deadline, ctx);
+    loom__waiter_wait_unlock(&w, lk, deadline, ctx);
     if (w.fired < 0) {
       /* Deadline or cancel: we are no longer a waiter (the unlocker counts
        * only the waiters it claims). */

@@ -12,8 +12,6 @@
 #include "runtime/runtime.h"
 #include "sync/wait.h"
 
-static void release_lk(void *arg) { loom__spin_unlock(arg); }
-
 /* Queue the caller on l, wait, and on a deadline take it off again.
  * Called with l's lock held; returns with it released.  0 or
  * -ETIMEDOUT. */
@@ -22,7 +20,7 @@ static int wait_on(loom_waitlist_ *l, int64_t deadline, loom_ctx *ctx) {
   loom__waiter_init(&w, deadline == 0 && ctx == NULL);
   loom__wnode n = {.w = &w};
   loom__waitq_push(&l->q_, &n);
-  loom__waiter_wait_ctx(&w, release_lk, &l->lock_, deadline, ctx);
+  loom__waiter_wait_unlock(&w, &l->lock_, deadline, ctx);
   if (w.fired >= 0)
     return 0;
   loom__spin_lock(&l->lock_);
@@ -182,7 +180,7 @@ static int cond_wait(loom_cond *c, loom_mutex *mu, int64_t deadline,
   loom__wnode n = {.w = &w};
   loom__waitq_push(&c->q_.q_, &n);
   loom_mutex_unlock(mu);
-  loom__waiter_wait_ctx(&w, release_lk, &c->q_.lock_, deadline, ctx);
+  loom__waiter_wait_unlock(&w, &c->q_.lock_, deadline, ctx);
   int r = 0;
   if (w.fired < 0) {
     loom__spin_lock(&c->q_.lock_);

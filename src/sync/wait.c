@@ -232,6 +232,25 @@ void loom__waiter_wait_ctx(loom__waiter *w, void (*release)(void *arg),
     loom__ctx_unhook(ctx, &hook);
 }
 
+static void unlock_lock(void *lock) { loom__spin_unlock(lock); }
+
+/* The short path's commit: `lock` is not on the parking coroutine's
+ * stack, and the unlock is its last touch of memory the coroutine may
+ * reuse once a claimant has readied it. */
+static bool unlock_commit(loom__g *g, void *lock) {
+  (void)g;
+  loom__spin_unlock(lock);
+  return true;
+}
+
+void loom__waiter_wait_unlock(loom__waiter *w, int *lock, int64_t deadline,
+                              struct loom_ctx *ctx) {
+  if (w->g != NULL && deadline == 0 && ctx == NULL)
+    loom__park(unlock_commit, lock, "sync");
+  else
+    loom__waiter_wait_ctx(w, unlock_lock, lock, deadline, ctx);
+}
+
 int loom__waiter_err(const loom__waiter *w, struct loom_ctx *ctx) {
   if (w->fired == LOOM__FIRED_NOMEM)
     return -ENOMEM;

@@ -89,6 +89,14 @@ struct loom_ctx;
 void loom__waiter_wait_ctx(loom__waiter *w, void (*release)(void *arg),
                            void *arg, int64_t deadline, struct loom_ctx *ctx);
 
+/* The same, when the caller holds one spinlock, `lock`, and nothing
+ * else: the wait releases it.  A coroutine's wait with neither a deadline
+ * nor a context takes the short path, whose commit only drops the lock:
+ * nothing on the waiter's stack is touched after that, so the woken
+ * coroutine need not wait for the commit to finish. */
+void loom__waiter_wait_unlock(loom__waiter *w, int *lock, int64_t deadline,
+                              struct loom_ctx *ctx);
+
 /* What a wait that was not claimed by a waker reports: -ETIMEDOUT, the
  * context's reason, or -ENOMEM. */
 int loom__waiter_err(const loom__waiter *w, struct loom_ctx *ctx);
