@@ -128,7 +128,8 @@ size_t loom_chan_cap(loom_chan *c) { return c->cap; }
 
 /* Try to complete a send now.  1 done, -EPIPE closed, 0 would wait.
  * Leaves c locked; fills *wk with a waiter to wake after unlocking. */
-static int try_send_locked(loom_chan *c, const void *elem, waiter **wk) {
+__attribute__((always_inline)) static inline int
+try_send_locked(loom_chan *c, const void *elem, waiter **wk) {
   if (c->closed)
     return -EPIPE;
   sudog *r = dequeue(&c->recvq);
@@ -150,7 +151,8 @@ static int try_send_locked(loom_chan *c, const void *elem, waiter **wk) {
 
 /* Try to complete a receive now.  1 with an element, 2 closed and
  * drained, 0 would wait. */
-static int try_recv_locked(loom_chan *c, void *elem, waiter **wk) {
+__attribute__((always_inline)) static inline int
+try_recv_locked(loom_chan *c, void *elem, waiter **wk) {
   /* Senders still queued on a closed channel are close's to fail (it
    * drops the lock between wake-ups): none of them may hand over. */
   sudog *s = c->closed ? NULL : dequeue(&c->sendq);

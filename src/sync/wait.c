@@ -38,22 +38,6 @@ void loom__backoff(unsigned *spins) {
     sched_yield();
 }
 
-void loom__waiter_init(loom__waiter *w, bool exclusive) {
-  w->g = loom__getg();
-  w->fired = -1;
-  w->exclusive = exclusive;
-  w->handed = false;
-  if (w->g != NULL) {
-    w->word = &w->g->wait_word;
-    w->seq = (atomic_load(w->word) >> 1) + 1;
-  } else {
-    loom__note_clear(&w->note);
-    w->word = &w->own_word;
-    w->seq = 1;
-  }
-  atomic_store_explicit(w->word, w->seq << 1, memory_order_release);
-}
-
 bool loom__waiter_claim(loom__waiter *w) {
   if (w->exclusive)
     return true;
@@ -62,26 +46,7 @@ bool loom__waiter_claim(loom__waiter *w) {
       w->word, &expect, expect | 1, memory_order_acq_rel, memory_order_acquire);
 }
 
-void loom__waiter_wake(loom__waiter *w) {
-  if (w->g != NULL)
-    loom__ready(w->g);
-  else
-    loom__note_wakeup(&w->note);
-}
-
 static loom__wnode *head(loom__waitq *q) { return q->head_; }
-
-void loom__waitq_push(loom__waitq *q, loom__wnode *n) {
-  loom__wnode *t = q->tail_;
-  n->next = NULL;
-  n->prev = t;
-  if (t != NULL)
-    t->next = n;
-  else
-    q->head_ = n;
-  q->tail_ = n;
-  n->queued = true;
-}
 
 void loom__waitq_push_front(loom__waitq *q, loom__wnode *n) {
   loom__wnode *h = q->head_;
@@ -109,7 +74,7 @@ void loom__waitq_unlink(loom__waitq *q, loom__wnode *n) {
   n->queued = false;
 }
 
-loom__wnode *loom__waitq_pop(loom__waitq *q) {
+loom__wnode *loom__waitq_pop_some(loom__waitq *q) {
   for (;;) {
     loom__wnode *n = head(q);
     if (n == NULL)
@@ -180,8 +145,11 @@ static bool park_commit(loom__g *g, void *arg) {
   return stay;
 }
 
-void loom__waiter_wait_ctx(loom__waiter *w, void (*release)(void *arg),
-                           void *arg, int64_t deadline, struct loom_ctx *ctx) {
+/* Not inlined into loom__waiter_wait_unlock, whose short path would
+ * then pay for this one's frame. */
+__attribute__((noinline)) void
+loom__waiter_wait_ctx(loom__waiter *w, void (*release)(void *arg), void *arg,
+                      int64_t deadline, struct loom_ctx *ctx) {
   loom__ctx_hook hook = {cancel_fire, w, NULL, NULL, false};
   if (w->g != NULL) {
     loom__timers *ts = &loom__getm()->p->timers;

@@ -13,6 +13,7 @@
 #include "loom/chan.h"
 #include "loom/sync.h"
 #include "runtime/note.h"
+#include "runtime/runtime.h"
 
 struct loom__g;
 
@@ -58,15 +59,57 @@ static inline void loom__spin_unlock(int *l) {
   __atomic_store_n(l, 0, __ATOMIC_RELEASE);
 }
 
-void loom__waiter_init(loom__waiter *w, bool exclusive);
-bool loom__waiter_claim(loom__waiter *w);
-void loom__waiter_wake(loom__waiter *w);
+/* Inline, as the queue push and the wake below: every wait and wake of
+ * the sync layer goes through them, and a call's frame costs as much as
+ * their bodies. */
+static inline void loom__waiter_init(loom__waiter *w, bool exclusive) {
+  w->g = loom__getg();
+  w->fired = -1;
+  w->exclusive = exclusive;
+  w->handed = false;
+  if (w->g != NULL) {
+    w->word = &w->g->wait_word;
+    /* Nobody claims an exclusive waiter by its word, and it has no
+     * deadline whose timer a new sequence would fence off. */
+    if (exclusive)
+      return;
+    w->seq = (atomic_load(w->word) >> 1) + 1;
+  } else {
+    loom__note_clear(&w->note);
+    w->word = &w->own_word;
+    w->seq = 1;
+  }
+  atomic_store_explicit(w->word, w->seq << 1, memory_order_release);
+}
 
-void loom__waitq_push(loom__waitq *q, loom__wnode *n);
+bool loom__waiter_claim(loom__waiter *w);
+
+static inline void loom__waiter_wake(loom__waiter *w) {
+  if (w->g != NULL)
+    loom__ready(w->g);
+  else
+    loom__note_wakeup(&w->note);
+}
+
+static inline void loom__waitq_push(loom__waitq *q, loom__wnode *n) {
+  loom__wnode *t = q->tail_;
+  n->next = NULL;
+  n->prev = t;
+  if (t != NULL)
+    t->next = n;
+  else
+    q->head_ = n;
+  q->tail_ = n;
+  n->queued = true;
+}
+
 void loom__waitq_push_front(loom__waitq *q, loom__wnode *n);
 void loom__waitq_unlink(loom__waitq *q, loom__wnode *n);
 /* The first node whose waiter we can claim, unlinked; NULL if none. */
-loom__wnode *loom__waitq_pop(loom__waitq *q);
+loom__wnode *loom__waitq_pop_some(loom__waitq *q);
+static inline loom__wnode *loom__waitq_pop(loom__waitq *q) {
+  return q->head_ != NULL ? loom__waitq_pop_some(q) : NULL;
+}
 
 /*
  * Wait until the waiter is claimed.  `release(arg)` drops the caller's
