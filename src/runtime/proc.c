@@ -381,7 +381,7 @@ static void run_due_timers(loom__p *p) {
  * holds the channel's lock, and the context's deadline timer closes that
  * channel.  Run before the switch, it would spin on its own thread's lock.
  */
-static void run_deferred_timers(loom__m *m) {
+__attribute__((noinline)) static void run_deferred_timers(loom__m *m) {
   loom__p *v = m->stalled_timers;
   bool own = m->timers_due;
   m->timers_due = false;
@@ -553,6 +553,8 @@ void loom__park(bool (*commit)(loom__g *g, void *arg), void *arg,
   g->wait_reason = NULL;
 }
 
+static void ready_global(loom__m *m, loom__g *g);
+
 void loom__ready(loom__g *g) {
   /* The caller owns the wake-up (G_WAITING's contract), so a store does;
    * the check catches a second waker, not a racing one. */
@@ -560,6 +562,16 @@ void loom__ready(loom__g *g) {
     loom__throw("ready: bad g status");
   atomic_store_explicit(&g->status, G_RUNNABLE, memory_order_relaxed);
   loom__m *m = loom__getm();
+  if (m == NULL || m->p == NULL) {
+    ready_global(m, g);
+    return;
+  }
+  loom__runq_put(m->rt, m->p, g, true);
+  loom__wakep(m->rt);
+}
+
+/* loom__ready from a plain thread, or from an M without a P. */
+__attribute__((noinline)) static void ready_global(loom__m *m, loom__g *g) {
   if (m == NULL) {
     /* A plain thread (a channel send, a context cancel): hold rt_mu, as
      * loom_go does, so the runtime cannot be torn down under us.  If it
@@ -576,13 +588,9 @@ void loom__ready(loom__g *g) {
     return;
   }
   loom__rt *rt = m->rt;
-  if (m->p != NULL) {
-    loom__runq_put(rt, m->p, g, true);
-  } else {
-    pthread_mutex_lock(&rt->lock);
-    loom__globrunq_put(rt, g);
-    pthread_mutex_unlock(&rt->lock);
-  }
+  pthread_mutex_lock(&rt->lock);
+  loom__globrunq_put(rt, g);
+  pthread_mutex_unlock(&rt->lock);
   loom__wakep(rt);
 }
 
@@ -1696,6 +1704,7 @@ int loom_run(void (*main_fn)(void *), void *arg, const loom_config *cfg) {
       goto fail_ps;
     p->id = i;
     p->rt = rt;
+    p->sole = rt->nprocs == 1;
     loom__timers_init(&p->timers);
     rt->allp[i] = p;
   }

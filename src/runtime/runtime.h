@@ -168,6 +168,7 @@ struct loom__p {
   _Atomic(loom__g *) runq[LOOM_RUNQ_SIZE];
   _Atomic(loom__g *) runnext;    /* run next, ahead of runq */
   uint32_t next_streak;          /* Gs in a row from runnext; owner only */
+  bool sole;                     /* the runtime's only P: nobody steals */
 
   /* Free-G cache, owner only.  Arrays, not lists through the Gs: each
    * G sits in its own stack page, and walking a list of them is a TLB
