@@ -412,13 +412,21 @@ TEST(huge_timeout_saturates) {
  * while it was being set). */
 static loom_ctx *_Atomic race_parent;
 static atomic_int race_round, race_ack, race_done;
+/* The two sides spin for each other, possibly on two Ps.  Give up the
+ * CPU too, not only the P: on a CPU shared by more threads than it can
+ * run, a spinner with nothing else on its P would otherwise hold the CPU
+ * for its whole time slice, once per round. */
+static void race_spin(void) {
+  loom_yield();
+  sched_yield();
+}
 static void race_canceller(void *arg) {
   (void)arg;
   int seen = 0;
   while (!atomic_load(&race_done)) {
     int r = atomic_load(&race_round);
     if (r == seen) {
-      loom_yield();
+      race_spin();
       continue;
     }
     seen = r;
@@ -441,7 +449,7 @@ static void deadline_race_main(void *arg) {
      * that stalls the canceller (50 ms did, once, under ASan at -j2). */
     CHECK_OK(loom_ctx_with_timeout(&c, p, 3600 * 1000 * CHECK_MS));
     while (atomic_load(&race_ack) != round)
-      loom_yield();
+      race_spin();
     CHECK_ERR(loom_ctx_err(c), -ECANCELED);
     loom_ctx_release(c);
     loom_ctx_release(p);
