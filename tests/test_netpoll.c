@@ -292,4 +292,41 @@ TEST(waiting_costs_no_cpu) {
          idle_cpu / 1e6);
 }
 
+/* ------------------------------------------------------------------ */
+/* Inside loom_block_enter/exit the thread waits in poll(2), and a      */
+/* cancel of the context still ends the wait.                            */
+
+static void bctx_canceller(void *arg) {
+  loom_sleep(30 * CHECK_MS);
+  loom_ctx_cancel(arg);
+}
+
+static void bctx_main(void *arg) {
+  (void)arg;
+  int p[2];
+  make_pipe(p);
+  loom_ctx *ctx;
+  CHECK_OK(loom_ctx_with_cancel(&ctx, loom_ctx_background()));
+  CHECK_OK(loom_go(bctx_canceller, ctx));
+  int64_t t0 = loom_now();
+  loom_block_enter();
+  int r = loom_fd_wait_ctx(p[0], LOOM_FD_READ, t0 + 2000 * CHECK_MS, ctx);
+  loom_block_exit();
+  int64_t took = loom_now() - t0;
+  CHECKF(r == -ECANCELED, "the wait ended with %s after %.0f ms",
+         loom_strerror(r), took / 1e6);
+  CHECKF(took < 1000 * CHECK_MS, "the cancel took %.0f ms to end the wait",
+         took / 1e6);
+  /* A context done before the call: its reason, at once. */
+  loom_block_enter();
+  r = loom_fd_wait_ctx(p[0], LOOM_FD_READ, 0, ctx);
+  loom_block_exit();
+  CHECK_EQ(r, -ECANCELED);
+  loom_ctx_release(ctx);
+  close(p[0]);
+  close(p[1]);
+}
+
+TEST(fd_wait_ctx_in_blocking_section) { check_run(bctx_main, NULL, 2); }
+
 CHECK_MAIN()

@@ -11,6 +11,7 @@
  */
 #include <errno.h>
 #include <poll.h>
+#include <stdbool.h>
 
 #include "ctx/ctx_internal.h"
 #include "loom/fd.h"
@@ -31,9 +32,17 @@ static int poll_once(int fd, short ev, int timeout_ms) {
   return 1; /* ready, hung up or in error: the next call says which */
 }
 
-/* Not on a coroutine: the thread waits in poll(2). */
-static int wait_thread(int fd, short ev, int64_t deadline) {
+/* Not on a coroutine, or inside loom_block_enter/exit: the thread waits
+ * in poll(2).  A context's cancel cannot interrupt poll(2), so with a
+ * context that can be cancelled the wait goes in slices and looks at it
+ * between them (as accept's back-off does). */
+#define CTX_SLICE_MS 5
+static int wait_thread(int fd, short ev, int64_t deadline, loom_ctx *ctx) {
+  bool sliced = ctx != NULL && loom_ctx_done(ctx) != NULL;
   for (;;) {
+    int e = loom__ctx_reason(ctx);
+    if (e != 0)
+      return e;
     int ms = -1;
     if (deadline != 0) {
       int64_t left = deadline - loom_now();
@@ -42,6 +51,8 @@ static int wait_thread(int fd, short ev, int64_t deadline) {
       ms = left / 1000000 > 1000000000 ? 1000000000
                                        : (int)((left + 999999) / 1000000);
     }
+    if (sliced && (ms < 0 || ms > CTX_SLICE_MS))
+      ms = CTX_SLICE_MS;
     int r = poll_once(fd, ev, ms);
     if (r < 0)
       return r;
@@ -75,7 +86,7 @@ static int fd_wait_impl(int fd, int events, int64_t deadline, loom_ctx *ctx) {
   short ev = events == LOOM_FD_READ ? POLLIN : POLLOUT;
   loom__m *m = loom__getm();
   if (loom__getg() == NULL || m->p == NULL)
-    return wait_thread(fd, ev, deadline);
+    return wait_thread(fd, ev, deadline, ctx);
 
   int r = poll_once(fd, ev, 0);
   if (r != 0)
