@@ -1762,4 +1762,38 @@ TEST(unix_dial_waits_for_backlog_room) {
   check_run(unix_backlog_main, NULL, 2);
 }
 
+/* reuseport applies to TCP; a Unix listener ignores it, as a unixgram
+ * socket does, instead of failing where the kernel refuses SO_REUSEPORT
+ * on a Unix socket (Linux 6.x: EOPNOTSUPP). */
+static void unix_reuseport_main(void *arg) {
+  (void)arg;
+  char path[64];
+  snprintf(path, sizeof path, "/tmp/loom-test-rp-%d.sock", (int)getpid());
+  unlink(path);
+  const char *addrs[2] = {path, "@loom-test-rp"};
+  loom_listen_opts lo = {.reuseport = true};
+  for (int i = 0; i < 2; i++) {
+    loom_listener *l;
+    int r = loom_listen_with(&l, "unix", addrs[i], &lo);
+    CHECKF(r == 0, "listen unix %s with reuseport: %s", addrs[i],
+           loom_strerror(r));
+    loom_conn *c, *s;
+    CHECK_OK(loom_dial(&c, "unix", addrs[i]));
+    CHECK_OK(loom_accept(l, &s));
+    CHECK_OK(loom_close(c));
+    CHECK_OK(loom_close(s));
+    CHECK_OK(loom_listener_close(l));
+  }
+  /* Still applied to TCP: two listeners share a port. */
+  loom_listener *a, *b;
+  char addr[64];
+  CHECK_OK(loom_listen_with(&a, "tcp4", "127.0.0.1:0", &lo));
+  CHECK_OK(loom_listener_addr(a, addr, sizeof addr));
+  CHECK_OK(loom_listen_with(&b, "tcp4", addr, &lo));
+  CHECK_OK(loom_listener_close(b));
+  CHECK_OK(loom_listener_close(a));
+}
+
+TEST(unix_listen_ignores_reuseport) { check_run(unix_reuseport_main, NULL, 1); }
+
 CHECK_MAIN()

@@ -307,7 +307,8 @@ typedef struct loom_server_opts {
   int max_conns; /* sessions open at once; more are closed at
                     accept (counted as refused); 0: no limit */
   int backlog;   /* 0: SOMAXCONN */
-  bool reuseport;     /* SO_REUSEPORT, stream and packet servers alike */
+  bool reuseport;     /* SO_REUSEPORT, stream and packet servers alike
+                         (tcp and udp; unix paths ignore it) */
   bool no_delay_off;  /* leave Nagle on (TCP_NODELAY is set by default) */
   int keepalive;      /* seconds of idle before keep-alive probes; 0:
                          the system default */

@@ -70,7 +70,8 @@ LOOM_API int loom_listen(loom_listener **l, const char *network,
 /* Options for loom_listen_with. */
 typedef struct loom_listen_opts {
   int backlog;     /* 0: SOMAXCONN */
-  bool reuseport;  /* SO_REUSEPORT: several listeners share the port */
+  bool reuseport;  /* SO_REUSEPORT: several listeners share the port
+                      (tcp; a unix path cannot be shared and ignores it) */
 } loom_listen_opts;
 LOOM_API int loom_listen_with(loom_listener **l, const char *network,
                               const char *addr, const loom_listen_opts *o);

@@ -38,8 +38,10 @@ static int listen_one(const struct sockaddr *sa, socklen_t len,
   int one = 1, zero = 0;
   if (sa->sa_family != AF_UNIX)
     setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
-  if (o->reuseport && setsockopt(fd, SOL_SOCKET, SO_REUSEPORT, &one,
-                                 sizeof one) != 0)
+  /* A Unix path cannot be shared: reuseport is for TCP only, as for
+   * packet sockets (and Linux 6.x refuses it on a Unix socket). */
+  if (o->reuseport && sa->sa_family != AF_UNIX &&
+      setsockopt(fd, SOL_SOCKET, SO_REUSEPORT, &one, sizeof one) != 0)
     goto fail;
   if (sa->sa_family == AF_INET6)
     /* "tcp" on [::] takes IPv4 too; "tcp6" only IPv6. */
