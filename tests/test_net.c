@@ -1796,4 +1796,55 @@ static void unix_reuseport_main(void *arg) {
 
 TEST(unix_listen_ignores_reuseport) { check_run(unix_reuseport_main, NULL, 1); }
 
+/* Unix names at the limits of sun_path (108 bytes): a path of 107 bytes
+ * (its NUL fills the rest), an abstract name of 107 bytes after the '@'
+ * (it has no NUL: the leading 0 byte is the '@'); one byte more is
+ * LOOM_EBADADDR. */
+static void unix_limits_main(void *arg) {
+  (void)arg;
+  char path[128], abs[128];
+  int n = snprintf(path, sizeof path, "/tmp/loom-test-lim-%d-", (int)getpid());
+  memset(path + n, 'p', 107 - (size_t)n);
+  path[107] = '\0';
+  n = snprintf(abs, sizeof abs, "@loom-test-lim-%d-", (int)getpid());
+  memset(abs + n, 'a', 108 - (size_t)n);
+  abs[108] = '\0';
+  unlink(path);
+  const char *names[2] = {path, abs};
+  for (int i = 0; i < 2; i++) {
+    loom_listener *l;
+    int r = loom_listen(&l, "unix", names[i]);
+    CHECKF(r == 0, "listen on a %zu-byte name: %s", strlen(names[i]),
+           loom_strerror(r));
+    char got[128];
+    CHECK_OK(loom_listener_addr(l, got, sizeof got));
+    CHECK_STREQ(got, names[i]);
+    loom_conn *c, *s;
+    CHECK_OK(loom_dial(&c, "unix", names[i]));
+    CHECK_OK(loom_accept(l, &s));
+    CHECK_OK(loom_conn_remote_addr(c, got, sizeof got));
+    CHECK_STREQ(got, names[i]);
+    CHECK_OK(loom_close(c));
+    CHECK_OK(loom_close(s));
+    CHECK_OK(loom_listener_close(l));
+    loom_pconn *pc;
+    CHECK_OK(loom_listen_packet(&pc, "unixgram", names[i]));
+    CHECK_OK(loom_pconn_local_addr(pc, got, sizeof got));
+    CHECK_STREQ(got, names[i]);
+    CHECK_OK(loom_pconn_close(pc));
+  }
+  /* One byte longer each. */
+  char path2[130], abs2[130];
+  snprintf(path2, sizeof path2, "%sp", path);
+  snprintf(abs2, sizeof abs2, "%sa", abs);
+  loom_listener *l;
+  CHECK_ERR(loom_listen(&l, "unix", path2), LOOM_EBADADDR);
+  CHECK_ERR(loom_listen(&l, "unix", abs2), LOOM_EBADADDR);
+  struct sockaddr_storage ss;
+  socklen_t sl;
+  CHECK_ERR(loom_resolve_addr("unixgram", abs2, &ss, &sl), LOOM_EBADADDR);
+}
+
+TEST(unix_names_at_sun_path_limit) { check_run(unix_limits_main, NULL, 1); }
+
 CHECK_MAIN()

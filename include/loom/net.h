@@ -10,7 +10,10 @@
  * "[v6addr]:port", ":port" (every local address, for listen), a host name
  * (resolved with getaddrinfo on a blocking section, so a slow resolver
  * stalls no other coroutine), or for "unix" a path; a path starting with
- * '@' names Linux's abstract namespace.
+ * '@' names Linux's abstract namespace.  A path has at most 107 bytes, an
+ * abstract name 107 after its '@' (else LOOM_EBADADDR); an abstract name
+ * cannot hold a NUL byte, and one that a foreign peer bound with NUL
+ * bytes in it is formatted up to the first.
  *
  * Deadlines are absolute loom_now() times (0: none).  An operation whose
  * deadline passes returns -ETIMEDOUT and leaves the connection usable:

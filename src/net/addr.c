@@ -150,10 +150,14 @@ static int lookup(struct lookup *lk) {
   return r != 0 ? -r : lk->err;
 }
 
+/* A path takes its NUL within sun_path, so 107 bytes at most; an
+ * abstract name has none (its '@' becomes the leading 0 byte), so all
+ * 108 bytes. */
 static int resolve_unix(const char *path, loom__addrs *out) {
   struct sockaddr_un su = {.sun_family = AF_UNIX};
   size_t n = strlen(path);
-  if (n == 0 || n >= sizeof su.sun_path)
+  size_t max = sizeof su.sun_path - (path[0] == '@' ? 0 : 1);
+  if (n == 0 || n > max)
     return LOOM_EBADADDR;
   memcpy(su.sun_path, path, n);
   if (path[0] == '@')
