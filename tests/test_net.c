@@ -1847,4 +1847,40 @@ static void unix_limits_main(void *arg) {
 
 TEST(unix_names_at_sun_path_limit) { check_run(unix_limits_main, NULL, 1); }
 
+/* An address that does not fit in the caller's buffer is -ENOSPC, and
+ * the buffer is left as it was (a failed call touches no out-parameter). */
+static void addr_nospace_main(void *arg) {
+  (void)arg;
+  loom_listener *l;
+  CHECK_OK(loom_listen(&l, "tcp4", "127.0.0.1:0"));
+  char full[64];
+  CHECK_OK(loom_listener_addr(l, full, sizeof full));
+  loom_conn *c, *s;
+  CHECK_OK(loom_dial(&c, "tcp4", full));
+  CHECK_OK(loom_accept(l, &s));
+  loom_pconn *pc;
+  CHECK_OK(loom_listen_packet(&pc, "udp4", "127.0.0.1:0"));
+  for (size_t len = 1; len <= strlen(full); len++) {
+    char buf[64];
+    memset(buf, 'X', sizeof buf);
+    CHECK_ERR(loom_listener_addr(l, buf, len), -ENOSPC);
+    CHECK_ERR(loom_conn_local_addr(s, buf, len), -ENOSPC);
+    CHECK_ERR(loom_conn_remote_addr(c, buf, len), -ENOSPC);
+    CHECK_ERR(loom_conn_remote_addr(s, buf, len), -ENOSPC);
+    CHECK_ERR(loom_pconn_local_addr(pc, buf, len), -ENOSPC);
+    for (size_t i = 0; i < sizeof buf; i++)
+      CHECKF(buf[i] == 'X', "a %zu-byte buffer: byte %zu written on -ENOSPC",
+             len, i);
+  }
+  char buf[64];
+  CHECK_OK(loom_conn_remote_addr(c, buf, strlen(full) + 1));
+  CHECK_STREQ(buf, full);
+  CHECK_OK(loom_pconn_close(pc));
+  CHECK_OK(loom_close(c));
+  CHECK_OK(loom_close(s));
+  CHECK_OK(loom_listener_close(l));
+}
+
+TEST(addr_too_long_leaves_the_buffer) { check_run(addr_nospace_main, NULL, 1); }
+
 CHECK_MAIN()

@@ -100,7 +100,8 @@ LOOM_API int loom_listener_set_deadline(loom_listener *l, int64_t deadline);
  * cancel the context, then let the loop close the listener. */
 LOOM_API int loom_listener_close(loom_listener *l);
 /* The bound address as "host:port" ("[v6]:port", or the path): useful
- * after listening on port 0.  Any thread.  0 or -ENOSPC. */
+ * after listening on port 0.  Any thread.  0, or -ENOSPC with `buf`
+ * left as it was. */
 LOOM_API int loom_listener_addr(loom_listener *l, char *buf, size_t len);
 
 /* Options for loom_dial_with. */

@@ -238,31 +238,38 @@ int loom__resolve_type(const char *network, const char *addr, bool passive,
 
 int loom__format_addr(const struct sockaddr *sa, socklen_t len, char *buf,
                       size_t n) {
+  /* Formatted here first: a buffer too small is left untouched. */
+  char out[sizeof(struct sockaddr_un) + 8];
   char ip[INET6_ADDRSTRLEN];
   int w;
   if (sa->sa_family == AF_INET) {
     const struct sockaddr_in *s4 = (const struct sockaddr_in *)(const void *)sa;
     inet_ntop(AF_INET, &s4->sin_addr, ip, sizeof ip);
-    w = snprintf(buf, n, "%s:%u", ip, ntohs(s4->sin_port));
+    w = snprintf(out, sizeof out, "%s:%u", ip, ntohs(s4->sin_port));
   } else if (sa->sa_family == AF_INET6) {
     const struct sockaddr_in6 *s6 =
         (const struct sockaddr_in6 *)(const void *)sa;
     inet_ntop(AF_INET6, &s6->sin6_addr, ip, sizeof ip);
-    w = snprintf(buf, n, "[%s]:%u", ip, ntohs(s6->sin6_port));
+    w = snprintf(out, sizeof out, "[%s]:%u", ip, ntohs(s6->sin6_port));
   } else if (sa->sa_family == AF_UNIX) {
     const struct sockaddr_un *su = (const struct sockaddr_un *)(const void *)sa;
     size_t pl = len > offsetof(struct sockaddr_un, sun_path)
                     ? len - offsetof(struct sockaddr_un, sun_path)
                     : 0;
+    if (pl > sizeof su->sun_path)
+      pl = sizeof su->sun_path;
     if (pl > 0 && su->sun_path[0] == '\0')
-      w = snprintf(buf, n, "@%.*s", (int)(pl - 1), su->sun_path + 1);
+      w = snprintf(out, sizeof out, "@%.*s", (int)(pl - 1), su->sun_path + 1);
     else
-      w = snprintf(buf, n, "%.*s", (int)strnlen(su->sun_path, pl),
+      w = snprintf(out, sizeof out, "%.*s", (int)strnlen(su->sun_path, pl),
                    su->sun_path);
   } else {
-    w = snprintf(buf, n, "?");
+    w = snprintf(out, sizeof out, "?");
   }
-  return w < 0 || (size_t)w >= n ? -ENOSPC : 0;
+  if (w < 0 || (size_t)w >= sizeof out || (size_t)w >= n)
+    return -ENOSPC;
+  memcpy(buf, out, (size_t)w + 1);
+  return 0;
 }
 
 int loom__fd_addr(int fd, bool peer, char *buf, size_t n) {

@@ -46,7 +46,7 @@ int loom__resolve_type(const char *network, const char *addr, bool passive,
                        int type, loom__addrs *out);
 
 /* "1.2.3.4:80", "[::1]:80", a Unix path ("@name" for abstract), or
- * -ENOSPC if `buf` is too small. */
+ * -ENOSPC if `buf` is too small (and `buf` is left as it was). */
 int loom__format_addr(const struct sockaddr *sa, socklen_t len, char *buf,
                       size_t n);
 
