@@ -1883,4 +1883,41 @@ static void addr_nospace_main(void *arg) {
 
 TEST(addr_too_long_leaves_the_buffer) { check_run(addr_nospace_main, NULL, 1); }
 
+/* A Unix listen whose listen() fails after bind() made the socket file
+ * removes it: the path can be listened on again. */
+static atomic_int fail_listen;
+int listen(int fd, int backlog) {
+  static int (*real)(int, int);
+  if (real == NULL)
+    *(void **)&real = dlsym(RTLD_NEXT, "listen");
+  if (atomic_exchange(&fail_listen, 0)) {
+    errno = ENOBUFS;
+    return -1;
+  }
+  return real(fd, backlog);
+}
+
+static void listen_fail_main(void *arg) {
+  (void)arg;
+  char path[64];
+  snprintf(path, sizeof path, "/tmp/loom-test-lf-%d.sock", (int)getpid());
+  unlink(path);
+  loom_listener *l;
+  atomic_store(&fail_listen, 1);
+  CHECK_ERR(loom_listen(&l, "unix", path), -ENOBUFS);
+  CHECKF(access(path, F_OK) != 0, "a failed listen left %s behind", path);
+  CHECK_OK(loom_listen(&l, "unix", path));
+  CHECK_OK(loom_listener_close(l));
+  /* A bind that fails (the path is another socket's) removes nothing. */
+  CHECK_OK(loom_listen(&l, "unix", path));
+  loom_listener *l2;
+  CHECK_ERR(loom_listen(&l2, "unix", path), -EADDRINUSE);
+  CHECK_EQ(access(path, F_OK), 0);
+  CHECK_OK(loom_listener_close(l));
+}
+
+TEST(unix_listen_failing_after_bind_removes_its_file) {
+  check_run(listen_fail_main, NULL, 1);
+}
+
 CHECK_MAIN()

@@ -47,9 +47,17 @@ static int listen_one(const struct sockaddr *sa, socklen_t len,
     /* "tcp" on [::] takes IPv4 too; "tcp6" only IPv6. */
     setsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY,
                strcmp(network, "tcp6") == 0 ? &one : &zero, sizeof one);
-  if (bind(fd, sa, len) != 0 ||
-      listen(fd, o->backlog > 0 ? o->backlog : SOMAXCONN) != 0)
+  if (bind(fd, sa, len) != 0)
     goto fail;
+  if (listen(fd, o->backlog > 0 ? o->backlog : SOMAXCONN) != 0) {
+    /* bind() made the socket file of a Unix path: it goes too. */
+    const struct sockaddr_un *su = (const struct sockaddr_un *)(const void *)sa;
+    int err = -loom__errno();
+    close(fd);
+    if (sa->sa_family == AF_UNIX && su->sun_path[0] != '\0')
+      unlink(su->sun_path);
+    return err;
+  }
   *out = fd;
   return 0;
 fail:;
