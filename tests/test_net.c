@@ -1920,4 +1920,41 @@ TEST(unix_listen_failing_after_bind_removes_its_file) {
   check_run(listen_fail_main, NULL, 1);
 }
 
+/* A probe wait too long to add to the clock (INT64_MAX: wait as long as
+ * it takes) waits for the reply, not for nothing. */
+static void late_replier(void *arg) {
+  loom_pconn *pc = arg;
+  char b[8];
+  struct sockaddr_storage from;
+  socklen_t fl = sizeof from;
+  CHECK_EQ(loom_pconn_read_from(pc, b, sizeof b, &from, &fl), 4);
+  loom_sleep(50 * CHECK_MS);
+  CHECK_EQ(loom_pconn_write_to(pc, "pong", 4, (struct sockaddr *)&from, fl), 4);
+}
+
+static void probe_forever_main(void *arg) {
+  (void)arg;
+  loom_pconn *pc, *c;
+  char addr[128];
+  CHECK_OK(loom_listen_packet(&pc, "udp4", "127.0.0.1:0"));
+  CHECK_OK(loom_pconn_local_addr(pc, addr, sizeof addr));
+  CHECK_OK(loom_go(late_replier, pc));
+  loom_dial_packet_opts o = {
+      .probe = "ping", .probe_len = 4, .probe_wait = INT64_MAX};
+  int64_t t0 = loom_now();
+  CHECK_OK(loom_dial_packet_with(&c, "udp4", addr, &o));
+  int64_t took = loom_now() - t0;
+  CHECKF(took >= 40 * CHECK_MS,
+         "the dial returned after %.1f ms, before the reply", took / 1e6);
+  char b[8];
+  CHECK_OK(loom_pconn_set_read_deadline(c, loom_now() + 5000 * CHECK_MS));
+  CHECK_EQ(loom_pconn_read(c, b, sizeof b), 4); /* the reply, queued */
+  CHECK_OK(loom_pconn_close(c));
+  CHECK_OK(loom_pconn_close(pc));
+}
+
+TEST(packet_dial_probe_waits_without_limit) {
+  check_run(probe_forever_main, NULL, 2);
+}
+
 CHECK_MAIN()

@@ -311,7 +311,7 @@ static int probe(loom_pconn *pc, const loom_dial_packet_opts *o) {
     return (int)w;
   int64_t wait = o->probe_wait > 0 ? o->probe_wait : 10 * INT64_C(1000000);
   loom__netfd *f = &pc->nf;
-  int err = loom__pd_set_deadline(f->pd, 'r', loom_now() + wait);
+  int err = loom__pd_set_deadline(f->pd, 'r', loom__sat_add(loom_now(), wait));
   for (int tries = 0; err == 0 && tries < 64; tries++) {
     char b;
     ssize_t r = recv(f->fd, &b, 1, MSG_PEEK | MSG_DONTWAIT);
