@@ -751,6 +751,9 @@ static void bad_main(void *arg) {
   CHECK_ERR(loom_listen(&l, "tcp", "[::1:80"), LOOM_EBADADDR);
   CHECK_ERR(loom_listen(&l, "tcp", "999.1.1.1:80"), LOOM_EBADADDR);
   CHECK_ERR(loom_listen(&l, "unix", ""), LOOM_EBADADDR);
+  /* No IPv6 zones (loom/net.h). */
+  CHECK_ERR(loom_listen(&l, "tcp6", "[::1%lo]:0"), LOOM_EBADADDR);
+  CHECK_ERR(loom_dial(&c, "tcp6", "[fe80::1%1]:80"), LOOM_EBADADDR);
   CHECK_ERR(loom_dial(&c, "tcp", "no-such-host.invalid:80") < 0, 1);
   CHECK_ERR(loom_read(NULL, NULL, 0), -EINVAL);
   CHECK_ERR(loom_close(NULL), -EINVAL);
@@ -760,6 +763,13 @@ static void bad_main(void *arg) {
   CHECK_OK(loom_listener_addr(l, addr, sizeof addr));
   loom_listener *l2;
   CHECK_ERR(loom_listen(&l2, "tcp", addr), -EADDRINUSE);
+  /* loom_fd_wait on a socket loom polls already (loom/fd.h). */
+  loom_conn *s;
+  CHECK_OK(loom_dial(&c, "tcp", addr));
+  CHECK_OK(loom_accept(l, &s));
+  CHECK_ERR(loom_fd_wait(loom_conn_fd(s), LOOM_FD_READ, 0), -EBUSY);
+  CHECK_OK(loom_close(c));
+  CHECK_OK(loom_close(s));
   CHECK_OK(loom_listener_close(l));
 }
 

@@ -37,7 +37,8 @@ extern "C" {
  * poller cannot take that poll(2) did not find ready (a regular file or
  * a directory is always ready, as with poll(2): 0 at once); -EBUSY when
  * another coroutine is already waiting on the same fd through
- * loom_fd_wait; -ENOMEM.
+ * loom_fd_wait, or when the fd is one of loom's own sockets (the poller
+ * watches it already: wait through the net API); -ENOMEM.
  * Parks.  Thread-safe.  The fd must stay open until the call returns.
  */
 LOOM_API int loom_fd_wait(int fd, int events, int64_t deadline);

@@ -7,7 +7,8 @@
  * and registered once with the runtime's poller.
  *
  * Networks: "tcp", "tcp4", "tcp6", "unix".  Addresses: "host:port",
- * "[v6addr]:port", ":port" (every local address, for listen), a host name
+ * "[v6addr]:port" (without a zone: "[fe80::1%eth0]:80" is
+ * LOOM_EBADADDR), ":port" (every local address, for listen), a host name
  * (resolved with getaddrinfo on a blocking section, so a slow resolver
  * stalls no other coroutine), or for "unix" a path; a path starting with
  * '@' names Linux's abstract namespace.  A path has at most 107 bytes, an
@@ -180,6 +181,9 @@ LOOM_API ssize_t loom_writev(loom_conn *c, const struct iovec *iov,
  * direction in the past (as after a deadline of its own), so the next
  * call in that direction returns -ETIMEDOUT until a new deadline is set;
  * a `ctx` done before the call returns its error and touches nothing.
+ * A cancel that lands while the call is completing may do the same to a
+ * call that succeeds: after a cancel, set the deadline before reusing
+ * the connection without that context.
  * A write cut short may have sent part of its bytes.  Parks.
  */
 LOOM_API ssize_t loom_read_ctx(loom_conn *c, void *buf, size_t len,
