@@ -29,7 +29,11 @@
  * they return LOOM_ECLOSED, and the descriptor is closed once the last of
  * them has left, so its number cannot be reused under them; loom_close
  * waits for that (as Go's Close does), so when it returns the descriptor
- * is closed and its address free (a port, a Unix path).  But the
+ * is closed and its address free (a port, a Unix path).  (It waits on a
+ * coroutine only: called from a plain thread or inside
+ * loom_block_enter/exit it returns at once, and the last blocked call to
+ * leave closes the descriptor; a Unix path is removed at once either
+ * way.)  But the
  * handle is gone once loom_close returns: a coroutine that may still be
  * between two calls on it must be stopped another way first (a deadline
  * in the past, or loom_shutdown, which make its calls fail and leave the
