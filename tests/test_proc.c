@@ -1347,4 +1347,165 @@ static void expect_smash_report(const char *mode) {
 TEST(canary_overflow_then_yield) { expect_smash_report("yield"); }
 TEST(canary_overflow_then_return) { expect_smash_report("return"); }
 
+/* ------------------------------------------------------------------ */
+/* One P, which takes its work without a CAS (no thief can exist), and  */
+/* everything that readies Gs or moves that P between threads at once: */
+/* ping-pong pairs (runnext and the ring), a coroutine whose blocking   */
+/* sections sysmon retakes the P from, a foreign thread sending to a    */
+/* coroutine (the global queue), a pinned coroutine (the P handed to    */
+/* its M and back), timed receives whose timers race their senders,    */
+/* and a contended mutex.  Every message arrives once, in order.        */
+
+#define SOLE_PAIRS 4
+static loom_chan *sole_ping[SOLE_PAIRS], *sole_pong[SOLE_PAIRS];
+static loom_chan *sole_foreign, *sole_pinned, *sole_timed;
+static loom_mutex sole_mu = LOOM_MUTEX_INIT;
+static long sole_counter;
+static atomic_int sole_stop;
+static atomic_long sole_done, sole_blocks, sole_timed_got;
+
+static void sole_ponger(void *arg) {
+  long k = (long)arg, v;
+  for (long i = 0;; i++) {
+    int r = loom_chan_recv(sole_ping[k], &v);
+    if (r == 0)
+      break; /* closed */
+    CHECK_EQ(r, 1);
+    CHECK_EQ(v, i);
+    loom_mutex_lock(&sole_mu);
+    sole_counter++;
+    loom_mutex_unlock(&sole_mu);
+    CHECK_OK(loom_chan_send(sole_pong[k], &v));
+  }
+  atomic_fetch_add(&sole_done, 1);
+}
+
+static void sole_pinger(void *arg) {
+  long k = (long)arg, rounds = CHECK_SCALE(40000, 10000, 3000), v;
+  for (long i = 0; i < rounds; i++) {
+    CHECK_OK(loom_chan_send(sole_ping[k], &i));
+    CHECK_EQ(loom_chan_recv(sole_pong[k], &v), 1);
+    CHECK_EQ(v, i);
+    loom_mutex_lock(&sole_mu);
+    sole_counter++;
+    loom_mutex_unlock(&sole_mu);
+  }
+  CHECK_OK(loom_chan_close(sole_ping[k]));
+  atomic_fetch_add(&sole_done, 1);
+}
+
+static void sole_blocker(void *arg) {
+  (void)arg;
+  while (!atomic_load(&sole_stop)) {
+    loom_block_enter();
+    struct timespec ts = {0, 200 * 1000}; /* long enough to be retaken */
+    nanosleep(&ts, NULL);
+    loom_block_exit();
+    atomic_fetch_add(&sole_blocks, 1);
+    loom_yield();
+  }
+  atomic_fetch_add(&sole_done, 1);
+}
+
+static void *sole_foreign_sender(void *arg) {
+  long n = (long)arg;
+  for (long i = 0; i < n; i++)
+    CHECK_OK(loom_chan_send(sole_foreign, &i));
+  return NULL;
+}
+
+static void sole_foreign_receiver(void *arg) {
+  long n = (long)arg, v;
+  for (long i = 0; i < n; i++) {
+    CHECK_EQ(loom_chan_recv(sole_foreign, &v), 1);
+    CHECK_EQ(v, i);
+  }
+  atomic_fetch_add(&sole_done, 1);
+}
+
+static void sole_pinned_receiver(void *arg) {
+  long n = (long)arg, v;
+  CHECK_OK(loom_pin());
+  for (long i = 0; i < n; i++) {
+    CHECK_EQ(loom_chan_recv(sole_pinned, &v), 1);
+    CHECK_EQ(v, i);
+  }
+  loom_unpin();
+  atomic_fetch_add(&sole_done, 1);
+}
+
+static void sole_pinned_sender(void *arg) {
+  long n = (long)arg;
+  for (long i = 0; i < n; i++)
+    CHECK_OK(loom_chan_send(sole_pinned, &i));
+  atomic_fetch_add(&sole_done, 1);
+}
+
+static void sole_timed_sender(void *arg) {
+  long n = (long)arg;
+  for (long i = 0; i < n; i++) {
+    (void)loom_chan_try_send(sole_timed, &i);
+    loom_sleep(CHECK_MS / 20);
+  }
+  atomic_store(&sole_stop, 1);
+  atomic_fetch_add(&sole_done, 1);
+}
+
+static void sole_timed_receiver(void *arg) {
+  (void)arg;
+  long last = -1, v;
+  while (!atomic_load(&sole_stop)) {
+    int r = loom_chan_recv_until(sole_timed, &v, loom_now() + CHECK_MS / 20);
+    CHECKF(r == 1 || r == -ETIMEDOUT, "timed receive returned %d", r);
+    if (r == 1) {
+      CHECK_GT(v, last);
+      last = v;
+      atomic_fetch_add(&sole_timed_got, 1);
+    }
+  }
+  atomic_fetch_add(&sole_done, 1);
+}
+
+static void sole_main(void *arg) {
+  (void)arg;
+  long foreign_n = CHECK_SCALE(20000, 5000, 2000);
+  long pinned_n = CHECK_SCALE(20000, 5000, 2000);
+  long timed_n = CHECK_SCALE(4000, 1500, 600);
+  for (long k = 0; k < SOLE_PAIRS; k++) {
+    CHECK_OK(loom_chan_make(&sole_ping[k], sizeof(long), 0));
+    CHECK_OK(loom_chan_make(&sole_pong[k], sizeof(long), 0));
+  }
+  CHECK_OK(loom_chan_make(&sole_foreign, sizeof(long), 0));
+  CHECK_OK(loom_chan_make(&sole_pinned, sizeof(long), 0));
+  CHECK_OK(loom_chan_make(&sole_timed, sizeof(long), 0));
+  for (long k = 0; k < SOLE_PAIRS; k++) {
+    CHECK_OK(loom_go(sole_ponger, (void *)k));
+    CHECK_OK(loom_go(sole_pinger, (void *)k));
+  }
+  CHECK_OK(loom_go(sole_blocker, NULL));
+  CHECK_OK(loom_go(sole_foreign_receiver, (void *)foreign_n));
+  CHECK_OK(loom_go(sole_pinned_receiver, (void *)pinned_n));
+  CHECK_OK(loom_go(sole_pinned_sender, (void *)pinned_n));
+  CHECK_OK(loom_go(sole_timed_receiver, NULL));
+  CHECK_OK(loom_go(sole_timed_sender, (void *)timed_n));
+  pthread_t t;
+  CHECK_EQ(pthread_create(&t, NULL, sole_foreign_sender, (void *)foreign_n), 0);
+  long want = 2 * SOLE_PAIRS + 6;
+  wait_for(&sole_done, want, 20000, "coroutines on one P");
+  pthread_join(t, NULL);
+  CHECK_EQ(sole_counter, 2 * SOLE_PAIRS * CHECK_SCALE(40000, 10000, 3000));
+  CHECK_GT(atomic_load(&sole_blocks), 0);
+  for (long k = 0; k < SOLE_PAIRS; k++) {
+    loom_chan_free(sole_ping[k]);
+    loom_chan_free(sole_pong[k]);
+  }
+  loom_chan_free(sole_foreign);
+  loom_chan_free(sole_pinned);
+  loom_chan_free(sole_timed);
+}
+TEST(sole_p_with_handoffs_foreign_wakes_and_pins) {
+  check_watchdog(25, "one P, work from everywhere");
+  check_run(sole_main, NULL, 1);
+}
+
 CHECK_MAIN()
