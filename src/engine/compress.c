@@ -10,8 +10,22 @@
  * 2-byte header, then deflate blocks), never finished: a peer's stream
  * that ends (Z_STREAM_END), that zlib cannot parse, or that the peer's
  * EOF cuts inside a block is LOOM_ECOMPRESS and the session closes with
- * that error.  zlib allocates through loom's
- * hook.
+ * that error.  zlib allocates through loom's hook.
+ *
+ * Memory.  A stream's state is most of what a compressing session costs
+ * (deflate's is 256 KiB at zlib's defaults), so each is made when first
+ * needed: the deflate stream at the first writev, the inflate stream
+ * when the first compressed bytes arrive.  A session that never sends
+ * holds no deflate state, one that never receives no inflate state, and
+ * an idle session that never exchanged a byte holds only this struct.
+ * The inflate stream takes the window the peer's zlib header declares
+ * (inflateInit2 with windowBits 0): any peer's stream is accepted, and a
+ * peer that compresses with a small window costs a small window here.
+ *
+ * Once made, the streams live as long as the session: the peer's
+ * deflater may refer back to anything in its window, so our inflate
+ * window cannot go, and a new deflate stream would need the peer to know
+ * where the old one ended — a change of the wire format.
  */
 #include <errno.h>
 #include <limits.h>
@@ -27,12 +41,19 @@
 
 #define ZIN_BUF 16384
 
+/* Fields marked reader's are only touched by the reader, writer's only by
+ * the writer (layer.h: one of each at a time); free sees both after they
+ * are done. */
 typedef struct zlayer {
   loom__layer l;
-  z_stream in;     /* reader's */
-  z_stream out;    /* writer's */
-  uint8_t *inbuf;  /* compressed bytes read; in.next_in points into it */
-  loom_buf outbuf; /* compressed bytes for below */
+  z_stream in;     /* reader's; made when in_ready */
+  z_stream out;    /* writer's; made when out_ready */
+  bool in_ready;   /* reader's: inflateInit2 has run */
+  bool out_ready;  /* writer's: deflateInit2 has run */
+  int level;       /* deflate's parameters, for deflateInit2 */
+  uint8_t *inbuf;  /* reader's: compressed bytes read; in.next_in points
+                      into it */
+  loom_buf outbuf; /* writer's: compressed bytes for below */
 } zlayer;
 
 static voidpf zalloc(voidpf opaque, uInt items, uInt size) {
@@ -71,7 +92,7 @@ static ssize_t inflate_some(zlayer *z, void *out, size_t len) {
  * stream always stops between blocks; a stream cut inside one lost what
  * that block carried, which inflate cannot tell from "more is coming". */
 static bool at_boundary(zlayer *z) {
-  return z->in.total_in == 0 ||
+  return !z->in_ready || z->in.total_in == 0 ||
          ((z->in.data_type & 128) != 0 && z->in.avail_in == 0);
 }
 
@@ -79,7 +100,9 @@ static ssize_t zread(loom__layer *l, void *buf, size_t len) {
   zlayer *z = (zlayer *)l;
   bool from_socket = false;
   for (;;) {
-    ssize_t got = inflate_some(z, buf, len);
+    /* Called with no input left too: inflate may still owe output of
+     * what it has taken (the rest of a match, of a stored block). */
+    ssize_t got = z->in_ready ? inflate_some(z, buf, len) : 0;
     if (got > 0 && !from_socket)
       /* Inflated from what was buffered: no socket read, so no chance
        * to park.  One read of a well-compressed stream feeds thousands
@@ -101,6 +124,12 @@ static ssize_t zread(loom__layer *l, void *buf, size_t len) {
     if (n <= 0)
       return n;
     from_socket = true; /* the socket read counted itself */
+    if (!z->in_ready) {
+      /* windowBits 0: the window the stream's header asks for. */
+      if (inflateInit2(&z->in, 0) != Z_OK)
+        return -ENOMEM; /* Z_MEM_ERROR: the arguments are right */
+      z->in_ready = true;
+    }
     z->in.avail_in = (uInt)(keep + (size_t)n);
   }
 }
@@ -125,6 +154,11 @@ static ssize_t zwritev(loom__layer *l, const struct iovec *iov, int n) {
   zlayer *z = (zlayer *)l;
   size_t total = 0;
   int rc = 0;
+  if (!z->out_ready) {
+    if (deflateInit(&z->out, z->level) != Z_OK)
+      return -ENOMEM; /* Z_MEM_ERROR: the level was checked */
+    z->out_ready = true;
+  }
   for (int i = 0; i < n && rc == 0; i++) {
     const uint8_t *p = iov[i].iov_base;
     size_t left = iov[i].iov_len;
@@ -161,8 +195,10 @@ static ssize_t zwritev(loom__layer *l, const struct iovec *iov, int n) {
 
 static void zlayer_free(loom__layer *l) {
   zlayer *z = (zlayer *)l;
-  inflateEnd(&z->in);
-  deflateEnd(&z->out);
+  if (z->in_ready)
+    inflateEnd(&z->in);
+  if (z->out_ready)
+    deflateEnd(&z->out);
   loom_buf_reset(&z->outbuf);
   loom__free(z->inbuf);
   loom__free(z);
@@ -176,20 +212,15 @@ int loom__zlib_layer_new(loom__layer **out, loom__layer *below, int level) {
     return -ENOMEM;
   z->in.zalloc = z->out.zalloc = zalloc;
   z->in.zfree = z->out.zfree = zfree;
+  z->level = level < 0 ? Z_DEFAULT_COMPRESSION : level;
   z->inbuf = loom__malloc(ZIN_BUF);
-  if (!z->inbuf || inflateInit(&z->in) != Z_OK)
-    goto fail_in;
-  if (deflateInit(&z->out, level < 0 ? Z_DEFAULT_COMPRESSION : level) != Z_OK)
-    goto fail_out;
+  if (!z->inbuf) {
+    loom__free(z);
+    return -ENOMEM;
+  }
   loom_buf_init(&z->outbuf, 0);
   z->l.ops = &zlib_ops;
   z->l.below = below;
   *out = &z->l;
   return 0;
-fail_out:
-  inflateEnd(&z->in);
-fail_in:
-  loom__free(z->inbuf);
-  loom__free(z);
-  return -ENOMEM;
 }

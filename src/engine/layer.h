@@ -42,8 +42,10 @@ struct loom__layer {
 };
 
 /* zlib streams over `below` (compress.c): one deflate stream for what is
- * written, one inflate stream for what is read, for the session's life.
- * level 1..9, or -1 for zlib's default.  0 or -ENOMEM. */
+ * written, one inflate stream for what is read, each made when first
+ * needed and kept for the session's life (a stream that cannot be made
+ * then fails that read or writev with -ENOMEM).  level 1..9, or -1 for
+ * zlib's default.  0 or -ENOMEM. */
 int loom__zlib_layer_new(loom__layer **out, loom__layer *below, int level);
 
 #endif
