@@ -39,7 +39,15 @@
 #include "runtime/alloc.h"
 #include "runtime/runtime.h"
 
+/* Compressed bytes are read into ZIN_STACK bytes on the reader's stack
+ * while reads are small, as the session's reader does (session.c):
+ * what zlib does not take at once, and the reads after one that filled
+ * the stack buffer, go to a heap buffer of ZIN_BUF bytes, which is given
+ * back after ZIN_QUIET reads in a row of at most ZIN_STACK / 2 bytes, or
+ * when the session's read deadline passes with nothing pending. */
 #define ZIN_BUF 16384
+#define ZIN_STACK ((size_t)512)
+#define ZIN_QUIET 16
 
 /* Fields marked reader's are only touched by the reader, writer's only by
  * the writer (layer.h: one of each at a time); free sees both after they
@@ -51,8 +59,10 @@ typedef struct zlayer {
   bool in_ready;   /* reader's: inflateInit2 has run */
   bool out_ready;  /* writer's: deflateInit2 has run */
   int level;       /* deflate's parameters, for deflateInit2 */
-  uint8_t *inbuf;  /* reader's: compressed bytes read; in.next_in points
-                      into it */
+  uint8_t *inbuf;  /* reader's: compressed bytes read, on the heap (NULL
+                      while reads are small); what in.next_in points
+                      into between two reads */
+  unsigned quiet;  /* reader's: small reads in a row into inbuf */
   loom_buf outbuf; /* writer's: compressed bytes for below */
 } zlayer;
 
@@ -96,13 +106,41 @@ static bool at_boundary(zlayer *z) {
          ((z->in.data_type & 128) != 0 && z->in.avail_in == 0);
 }
 
+/* Move what zlib has not taken of a read into the stack buffer to the
+ * heap buffer (made now if need be), where the next call finds it. */
+static int unstack(zlayer *z) {
+  if (z->in.avail_in == 0) {
+    z->in.next_in = NULL; /* not into a frame that is going */
+    return 0;
+  }
+  if (!z->inbuf && !(z->inbuf = loom__malloc(ZIN_BUF)))
+    return -ENOMEM;
+  memcpy(z->inbuf, z->in.next_in, z->in.avail_in);
+  z->in.next_in = z->inbuf;
+  return 0;
+}
+
+/* The heap buffer is given back when nothing in it is pending. */
+static void shed(zlayer *z) {
+  loom__free(z->inbuf);
+  z->inbuf = NULL;
+  z->quiet = 0;
+}
+
 static ssize_t zread(loom__layer *l, void *buf, size_t len) {
   zlayer *z = (zlayer *)l;
-  bool from_socket = false;
+  _Alignas(16) uint8_t stack_buf[ZIN_STACK];
+  bool from_socket = false, on_stack = false;
   for (;;) {
     /* Called with no input left too: inflate may still owe output of
      * what it has taken (the rest of a match, of a stored block). */
     ssize_t got = z->in_ready ? inflate_some(z, buf, len) : 0;
+    if (on_stack && got >= 0) {
+      int rc = unstack(z); /* this frame's buffer is about to go */
+      if (rc < 0)
+        return rc;
+      on_stack = false;
+    }
     if (got > 0 && !from_socket)
       /* Inflated from what was buffered: no socket read, so no chance
        * to park.  One read of a well-compressed stream feeds thousands
@@ -111,16 +149,34 @@ static ssize_t zread(loom__layer *l, void *buf, size_t len) {
     if (got != 0)
       return got;
     /* Nothing more from what is buffered: read compressed bytes after
-     * any zlib has not taken yet. */
+     * any zlib has not taken yet.  Pending bytes are on the heap (the
+     * stack's were moved there above). */
     size_t keep = z->in.avail_in;
-    if (keep)
-      memmove(z->inbuf, z->in.next_in, keep);
-    z->in.next_in = z->inbuf; /* also if the read below returns nothing */
-    if (keep == ZIN_BUF)
-      return LOOM_ECOMPRESS; /* a full buffer and no progress */
-    ssize_t n = l->below->ops->read(l->below, z->inbuf + keep, ZIN_BUF - keep);
+    if (keep == 0 && z->inbuf && z->quiet >= ZIN_QUIET)
+      shed(z); /* reads have been small for a while */
+    ssize_t n;
+    if (!z->inbuf) {
+      n = l->below->ops->read(l->below, stack_buf, ZIN_STACK);
+      if (n > 0) {
+        on_stack = true;
+        z->in.next_in = stack_buf;
+      }
+    } else {
+      if (keep)
+        memmove(z->inbuf, z->in.next_in, keep);
+      z->in.next_in = z->inbuf; /* also if the read below returns nothing */
+      if (keep == ZIN_BUF)
+        return LOOM_ECOMPRESS; /* a full buffer and no progress */
+      n = l->below->ops->read(l->below, z->inbuf + keep, ZIN_BUF - keep);
+      if (n > 0 && (size_t)n <= ZIN_STACK / 2)
+        z->quiet += z->quiet < ZIN_QUIET;
+      else if (n > 0)
+        z->quiet = 0;
+    }
     if (n == 0 && !at_boundary(z))
       return LOOM_ECOMPRESS; /* the peer's stream ends inside a block */
+    if (n == -ETIMEDOUT && keep == 0 && z->inbuf)
+      shed(z); /* the session's deadline (cron, idle check): quiet */
     if (n <= 0)
       return n;
     from_socket = true; /* the socket read counted itself */
@@ -131,6 +187,10 @@ static ssize_t zread(loom__layer *l, void *buf, size_t len) {
       z->in_ready = true;
     }
     z->in.avail_in = (uInt)(keep + (size_t)n);
+    if (on_stack && (size_t)n == ZIN_STACK && !z->inbuf)
+      /* A full read: more is coming, read it in larger gulps.  Without
+       * memory, go on with the stack. */
+      z->inbuf = loom__malloc(ZIN_BUF);
   }
 }
 
@@ -213,11 +273,6 @@ int loom__zlib_layer_new(loom__layer **out, loom__layer *below, int level) {
   z->in.zalloc = z->out.zalloc = zalloc;
   z->in.zfree = z->out.zfree = zfree;
   z->level = level < 0 ? Z_DEFAULT_COMPRESSION : level;
-  z->inbuf = loom__malloc(ZIN_BUF);
-  if (!z->inbuf) {
-    loom__free(z);
-    return -ENOMEM;
-  }
   loom_buf_init(&z->outbuf, 0);
   z->l.ops = &zlib_ops;
   z->l.below = below;
