@@ -1988,6 +1988,50 @@ TEST(compress_stats_count_wire_bytes) {
   run(compress_wire_main, 2, "compress stats");
 }
 
+/* A peer that closes after the session's read deadline has passed
+ * (cron ticks) while its stream sat between two blocks: a clean end,
+ * no LOOM_ECOMPRESS.  (The zlib layer took it for a stream cut inside a
+ * block: it called inflate with no input after each deadline, which
+ * moves zlib off the block boundary it reports.) */
+static void zcron_main(void *arg) {
+  (void)arg;
+  codecs_init();
+  loom_server_opts o = server_opts(&lenpfx);
+  o.session.compress = 6;
+  o.session.cron_period = 2 * CHECK_MS;
+  E.echo = true;
+  char addr[128];
+  loom_server *srv = serve(&o, addr);
+  loom_client_opts co;
+  memset(&co, 0, sizeof co);
+  co.network = "tcp";
+  co.addr = addr;
+  co.session.listener = &ev_listener;
+  co.session.codec = &lenpfx;
+  co.session.user = &CE;
+  co.session.compress = 6;
+  co.reconnect_interval = -1;
+  loom_client *cl;
+  CHECK_OK(loom_client_start(&cl, &co));
+  CHECK_OK(loom_client_wait(cl, 1, loom_now() + 5 * SEC));
+  loom_session *cs;
+  CHECK_OK(loom_client_session(cl, &cs));
+  CHECK_OK(loom_session_write(cs, "ping", 4, -1));
+  WAIT_FOR(atomic_load(&CE.msgs) == 1, 5);
+  WAIT_FOR(atomic_load(&E.crons) >= 5, 5);
+  loom_session_unref(cs);
+  CHECK_OK(loom_client_close(cl, loom_now() + 5 * SEC));
+  WAIT_FOR(atomic_load(&E.closes) == 1, 5);
+  CHECKF(atomic_load(&E.errs) == 0, "the server's session: %s",
+         loom_err_name(atomic_load(&E.err)));
+  CHECK_EQ(atomic_load(&CE.errs), 0);
+  CHECK_EQ(metrics(srv).errors.compress, 0);
+  CHECK_OK(loom_server_close(srv, loom_now() + 5 * SEC));
+}
+TEST(compress_peer_closes_after_cron_ticks) {
+  run(zcron_main, 2, "compress close after cron");
+}
+
 /* ------------------------------------------------------------------ */
 /* 7. Refusal and connection limits.                                    */
 

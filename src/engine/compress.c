@@ -58,6 +58,8 @@ typedef struct zlayer {
   z_stream out;    /* writer's; made when out_ready */
   bool in_ready;   /* reader's: inflateInit2 has run */
   bool out_ready;  /* writer's: deflateInit2 has run */
+  bool owed;       /* reader's: inflate stopped with its output full, so
+                      it may have more to give without more input */
   int level;       /* deflate's parameters, for deflateInit2 */
   uint8_t *inbuf;  /* reader's: compressed bytes read, on the heap (NULL
                       while reads are small); what in.next_in points
@@ -90,8 +92,10 @@ static ssize_t inflate_some(zlayer *z, void *out, size_t len) {
     /* Z_BUF_ERROR: no progress was possible — input ran out. */
     if (rc != Z_OK && rc != Z_BUF_ERROR)
       return LOOM_ECOMPRESS; /* Z_DATA_ERROR, Z_NEED_DICT, Z_STREAM_END.. */
-    if (z->in.avail_out != room || z->in.avail_in == 0 || rc == Z_BUF_ERROR)
+    if (z->in.avail_out != room || z->in.avail_in == 0 || rc == Z_BUF_ERROR) {
+      z->owed = z->in.avail_out == 0;
       return (ssize_t)(room - z->in.avail_out);
+    }
   }
 }
 
@@ -132,9 +136,14 @@ static ssize_t zread(loom__layer *l, void *buf, size_t len) {
   _Alignas(16) uint8_t stack_buf[ZIN_STACK];
   bool from_socket = false, on_stack = false;
   for (;;) {
-    /* Called with no input left too: inflate may still owe output of
-     * what it has taken (the rest of a match, of a stored block). */
-    ssize_t got = z->in_ready ? inflate_some(z, buf, len) : 0;
+    /* With no input left, only if inflate may owe output of what it
+     * has taken (the rest of a match, of a stored block): a call with
+     * nothing to do is not harmless, it moves inflate off a block
+     * boundary (mode TYPE to TYPEDO) without a bit read, and data_type
+     * stops saying "between two blocks" (at_boundary). */
+    ssize_t got = z->in_ready && (z->in.avail_in > 0 || z->owed)
+                      ? inflate_some(z, buf, len)
+                      : 0;
     if (on_stack && got >= 0) {
       int rc = unstack(z); /* this frame's buffer is about to go */
       if (rc < 0)
