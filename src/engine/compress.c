@@ -81,8 +81,10 @@ static void zfree(voidpf opaque, voidpf p) {
 /* Inflate what is buffered into out[0..len): the count (0: needs more
  * input), or LOOM_ECOMPRESS.  Z_BLOCK stops at every block boundary, so
  * that when the input runs out, data_type says whether it ran out
- * between two blocks (see at_boundary); a boundary that gave no output
- * yet is passed, not taken for "needs more input". */
+ * between two blocks (see at_boundary); a boundary is passed, not taken
+ * for "needs more input", until the output is full or the input gone —
+ * so the empty block of a sync flush that follows a batch's data is
+ * taken with it, and a small read leaves nothing to keep. */
 static ssize_t inflate_some(zlayer *z, void *out, size_t len) {
   uInt room = len > UINT_MAX ? UINT_MAX : (uInt)len;
   z->in.next_out = out;
@@ -92,7 +94,7 @@ static ssize_t inflate_some(zlayer *z, void *out, size_t len) {
     /* Z_BUF_ERROR: no progress was possible — input ran out. */
     if (rc != Z_OK && rc != Z_BUF_ERROR)
       return LOOM_ECOMPRESS; /* Z_DATA_ERROR, Z_NEED_DICT, Z_STREAM_END.. */
-    if (z->in.avail_out != room || z->in.avail_in == 0 || rc == Z_BUF_ERROR) {
+    if (z->in.avail_out == 0 || z->in.avail_in == 0 || rc == Z_BUF_ERROR) {
       z->owed = z->in.avail_out == 0;
       return (ssize_t)(room - z->in.avail_out);
     }
