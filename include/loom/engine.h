@@ -38,8 +38,9 @@
  * or waits only while at least wq_high / 2 queued bytes have not even
  * been offered to the socket.  So a peer that reads slowly or never
  * holds at most wq_high + one package of our memory (with compression,
- * plus the compressed copy of the batch being written, which is no
- * larger than that batch and zlib's few bytes of framing).
+ * plus the compressed copy of the batch being written, which at zlib's
+ * default settings is no larger than that batch and zlib's few bytes of
+ * framing; see Compression).
  *
  * Close.  loom_session_close is graceful and idempotent: the reader
  * stops (bytes read but not yet handed to on_message or to the pool are
@@ -56,6 +57,34 @@
  * the read's own deadline, so an idle session costs no wake-up beyond
  * its cron.
  *
+ * Compression.  With `compress` on, a stream session's bytes pass
+ * through zlib: one deflate stream for what it writes and one inflate
+ * stream for what it reads, each kept for the session's life so that
+ * its window spans packages; every batch the writer sends ends with a
+ * sync flush.  Per session, zlib holds:
+ *   deflate  (1 << (compress_window_bits + 2)) +
+ *            (1 << (compress_mem_level + 9)) bytes and about 6 KiB:
+ *            262 KiB at the defaults (15, 8), 70 KiB at (13, 6), 38 KiB
+ *            at (12, 5), 9 KiB at (9, 1); made at the session's first
+ *            write.
+ *   inflate  the peer's window (2^its window bits: 32 KiB for zlib's
+ *            default) and about 7 KiB; made when its first bytes come.
+ * and the layer reads compressed bytes into 512 bytes on the reader's
+ * stack, taking a 16 KiB buffer only during bursts.  So a session that
+ * has exchanged no byte holds none of it, and 10 000 sessions idle after
+ * one exchange each hold about 3.2 GB at the defaults, 0.7 GB at (12, 5)
+ * and 0.35 GB at (9, 1) on both ends (bench/engine/zmem, resident
+ * memory).  Once made, the streams stay until the session ends: a
+ * window is the history the other end's stream refers to.  A smaller
+ * window or memLevel costs ratio, and a small memLevel speed
+ * (bench/README.md has figures).  The
+ * window is in the stream's header, and loom's inflate takes any window
+ * the peer declares, so the ends need not agree on these two settings
+ * (any zlib inflater with windowBits 15, or 0, reads loom's stream).
+ * With settings other than the defaults, deflate may make incompressible
+ * bytes a few percent larger (at worst an eighth, zlib's deflateBound),
+ * which adds to the write-queue bound above.
+ *
  * Packet sessions (udp, unixgram).  A server on a packet network has one
  * session for its socket; each datagram is decoded on its own (bytes left
  * over are -EBADMSG, counted and dropped: one bad datagram does not close
@@ -63,9 +92,9 @@
  * loom_session_write_to.  A datagram longer than max_pkg_len (plus 64
  * bytes of framing; with the raw codec, plus none) is counted as
  * oversize and dropped; so is one whose header asks for more than
- * max_pkg_len, and one over 64 KiB on udp or 16 MiB on unixgram.  read_timeout does not apply to
- * that one session (it serves every peer): it never idles out.  A
- * client's packet session is connected.  Writes go out at once, one
+ * max_pkg_len, and one over 64 KiB on udp or 16 MiB on unixgram.  read_timeout
+ * does not apply to that one session (it serves every peer): it never idles
+ * out.  A client's packet session is connected.  Writes go out at once, one
  * datagram per package; there is no write queue.
  *
  * Unless noted, calls must be made on a coroutine (LOOM_ENOTCO).
@@ -159,11 +188,17 @@ typedef struct loom_session_opts {
   loom_taskpool *pool;     /* NULL: on_message runs on the reader */
   loom_dispatch dispatch;
   uint64_t (*dispatch_key)(loom_session *s, const loom_pkg *pkg);
-  int compress; /* zlib level 1..9 for both directions, -1: zlib's
-                   default, 0: off; TCP and Unix only, and
-                   both ends must agree.  A peer's stream that
-                   zlib cannot parse, or that ends inside a
-                   deflate block, closes with LOOM_ECOMPRESS */
+  int compress;             /* zlib level 1..9 for both directions, -1: zlib's
+                               default, 0: off; TCP and Unix only, and
+                               both ends must agree.  A peer's stream that
+                               zlib cannot parse, or that ends inside a
+                               deflate block, closes with LOOM_ECOMPRESS.
+                               Memory: see Compression above */
+  int compress_window_bits; /* our deflate window: 2^bits bytes, 9..15
+                               (0: 15, zlib's default); the peer need
+                               not agree */
+  int compress_mem_level;   /* deflate's memLevel 1..9 (0: 8, zlib's
+                               default); the peer need not agree */
 } loom_session_opts;
 
 /* ---- sessions ---------------------------------------------------------- */
@@ -329,7 +364,9 @@ typedef struct loom_server_opts {
  * loom_server_start — listen and serve: each accepted connection becomes
  * a session.  Returns once listening: 0 and *srv; or the listen error
  * (-EADDRINUSE, LOOM_EBADADDR, ...), -EINVAL (no listener or bad
- * options), -ENOMEM.  On a coroutine.
+ * options: a value out of its range in loom_session_opts, such as
+ * compress_window_bits outside 9..15; compression on a packet network),
+ * -ENOMEM.  On a coroutine.
  */
 LOOM_API int loom_server_start(loom_server **srv, const loom_server_opts *o);
 
@@ -382,7 +419,8 @@ typedef struct loom_client_opts {
  * closes is replaced by a redial, at most one per reconnect_interval; a
  * failed dial is retried after a back-off (interval, doubling up to
  * reconnect_max, back to interval after a success).  Returns 0 and *cl at once,
- * connected or not; -EINVAL, -ENOMEM.  On a coroutine.
+ * connected or not; -EINVAL (bad options, as loom_server_start's), -ENOMEM.
+ * On a coroutine.
  */
 LOOM_API int loom_client_start(loom_client **cl, const loom_client_opts *o);
 

@@ -22,10 +22,21 @@
  * (inflateInit2 with windowBits 0): any peer's stream is accepted, and a
  * peer that compresses with a small window costs a small window here.
  *
- * Once made, the streams live as long as the session: the peer's
- * deflater may refer back to anything in its window, so our inflate
- * window cannot go, and a new deflate stream would need the peer to know
- * where the old one ended — a change of the wire format.
+ * Deflate's memory is the user's choice (compress_window_bits and
+ * compress_mem_level, loom/engine.h): (1 << (window_bits + 2)) + (1 <<
+ * (mem_level + 9)) bytes and about 6 KiB, at the cost of ratio.  The
+ * peer learns our window from the header and needs no setting.
+ *
+ * Once made, the streams live as long as the session.  The inflate
+ * window cannot go: the peer's deflater may refer back to anything in
+ * it.  The deflate state could, between two batches: each ends with a
+ * sync flush, on a block boundary, and a fresh raw deflate stream (no
+ * header) with the same window could go on from there, its blocks
+ * referring only to what it has sent itself — the wire format allows
+ * it and the peer cannot tell.  Not done: it needs a rule for when a
+ * session is idle (the writer would have to learn of the reader's
+ * deadlines), and each wake-up would then cost a deflateInit and the
+ * ratio of an empty window.
  */
 #include <errno.h>
 #include <limits.h>
@@ -60,7 +71,7 @@ typedef struct zlayer {
   bool out_ready;  /* writer's: deflateInit2 has run */
   bool owed;       /* reader's: inflate stopped with its output full, so
                       it may have more to give without more input */
-  int level;       /* deflate's parameters, for deflateInit2 */
+  int level, window_bits, mem_level; /* deflate's, for deflateInit2 */
   uint8_t *inbuf;  /* reader's: compressed bytes read, on the heap (NULL
                       while reads are small); what in.next_in points
                       into between two reads */
@@ -226,8 +237,9 @@ static ssize_t zwritev(loom__layer *l, const struct iovec *iov, int n) {
   size_t total = 0;
   int rc = 0;
   if (!z->out_ready) {
-    if (deflateInit(&z->out, z->level) != Z_OK)
-      return -ENOMEM; /* Z_MEM_ERROR: the level was checked */
+    if (deflateInit2(&z->out, z->level, Z_DEFLATED, z->window_bits,
+                     z->mem_level, Z_DEFAULT_STRATEGY) != Z_OK)
+      return -ENOMEM; /* Z_MEM_ERROR: the parameters were checked */
     z->out_ready = true;
   }
   for (int i = 0; i < n && rc == 0; i++) {
@@ -277,13 +289,16 @@ static void zlayer_free(loom__layer *l) {
 
 static const loom__layer_ops zlib_ops = {"zlib", zread, zwritev, zlayer_free};
 
-int loom__zlib_layer_new(loom__layer **out, loom__layer *below, int level) {
+int loom__zlib_layer_new(loom__layer **out, loom__layer *below, int level,
+                         int window_bits, int mem_level) {
   zlayer *z = loom__calloc(1, sizeof *z);
   if (!z)
     return -ENOMEM;
   z->in.zalloc = z->out.zalloc = zalloc;
   z->in.zfree = z->out.zfree = zfree;
   z->level = level < 0 ? Z_DEFAULT_COMPRESSION : level;
+  z->window_bits = window_bits;
+  z->mem_level = mem_level;
   loom_buf_init(&z->outbuf, 0);
   z->l.ops = &zlib_ops;
   z->l.below = below;

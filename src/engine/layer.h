@@ -44,8 +44,11 @@ struct loom__layer {
 /* zlib streams over `below` (compress.c): one deflate stream for what is
  * written, one inflate stream for what is read, each made when first
  * needed and kept for the session's life (a stream that cannot be made
- * then fails that read or writev with -ENOMEM).  level 1..9, or -1 for
- * zlib's default.  0 or -ENOMEM. */
-int loom__zlib_layer_new(loom__layer **out, loom__layer *below, int level);
+ * then fails that read or writev with -ENOMEM).  Deflate's parameters,
+ * checked by the caller: level 1..9, or -1 for zlib's default;
+ * window_bits 9..15; mem_level 1..9.  The inflate stream takes the
+ * peer's window, whatever it is.  0 or -ENOMEM. */
+int loom__zlib_layer_new(loom__layer **out, loom__layer *below, int level,
+                         int window_bits, int mem_level);
 
 #endif

@@ -153,6 +153,9 @@ int loom__session_opts(loom_session_opts *out, const loom_session_opts *in) {
   loom_session_opts o = *in;
   if (!o.listener || o.read_timeout < 0 || o.write_timeout < 0 ||
       o.cron_period < 0 || o.compress < -1 || o.compress > 9 ||
+      (o.compress_window_bits != 0 &&
+       (o.compress_window_bits < 9 || o.compress_window_bits > 15)) ||
+      o.compress_mem_level < 0 || o.compress_mem_level > 9 ||
       (o.dispatch == LOOM_DISPATCH_KEY && !o.dispatch_key) ||
       o.dispatch > LOOM_DISPATCH_KEY)
     return -EINVAL;
@@ -168,6 +171,10 @@ int loom__session_opts(loom_session_opts *out, const loom_session_opts *in) {
     o.wq_high = (size_t)1 << 20;
   if (o.wq_low == 0 || o.wq_low > o.wq_high)
     o.wq_low = o.wq_high / 2;
+  if (o.compress_window_bits == 0)
+    o.compress_window_bits = 15;
+  if (o.compress_mem_level == 0)
+    o.compress_mem_level = 8;
   *out = o;
   return 0;
 }
@@ -1384,7 +1391,9 @@ static void reader_main(void *arg) {
   s->reader_g = loom_id();
   loom__cb_tag_set(s->owner); /* every callback but pooled ones runs here */
   if (s->o.compress && !s->packet)
-    rc = loom__zlib_layer_new(&s->top, &s->sock, s->o.compress);
+    rc = loom__zlib_layer_new(&s->top, &s->sock, s->o.compress,
+                              s->o.compress_window_bits,
+                              s->o.compress_mem_level);
   if (rc < 0) {
     loom_session_abort(s, rc);
     goto end;
