@@ -35,6 +35,7 @@
 #include <string.h>
 #include <sys/socket.h>
 #include <unistd.h>
+#include <zlib.h>
 
 #include "check.h"
 #include "loom.h"
@@ -1914,7 +1915,21 @@ static void comp_collect(loom_session *s, const loom_pkg *pkg) {
   atomic_store(&comp_got, at + pkg->len);
 }
 
-static void compress_exchange(loom_session_stats *client_live) {
+/* What one end compresses with: level, compress_window_bits,
+ * compress_mem_level. */
+typedef struct zset {
+  int level, wbits, mlevel;
+} zset;
+static const zset Z6 = {6, 0, 0}, ZSMALL = {6, 9, 1};
+
+static void zset_apply(loom_session_opts *so, const zset *z) {
+  so->compress = z->level;
+  so->compress_window_bits = z->wbits;
+  so->compress_mem_level = z->mlevel;
+}
+
+static void compress_exchange(const zset *server_z, const zset *client_z,
+                              loom_session_stats *client_live) {
   codecs_init();
   for (size_t i = 0, k = 0; i < sizeof comp_out; k++) {
     char l[64];
@@ -1923,7 +1938,7 @@ static void compress_exchange(loom_session_stats *client_live) {
       comp_out[i++] = (uint8_t)l[j];
   }
   loom_server_opts o = server_opts(&lenpfx);
-  o.session.compress = 6;
+  zset_apply(&o.session, server_z);
   E.echo = true;
   char addr[128];
   loom_server *srv = serve(&o, addr);
@@ -1934,7 +1949,7 @@ static void compress_exchange(loom_session_stats *client_live) {
   co.session.listener = &ev_listener;
   co.session.codec = &lenpfx;
   co.session.user = &CE;
-  co.session.compress = 6;
+  zset_apply(&co.session, client_z);
   CE.msg = comp_collect;
   loom_client *cl;
   CHECK_OK(loom_client_start(&cl, &co));
@@ -1951,7 +1966,8 @@ static void compress_exchange(loom_session_stats *client_live) {
   CHECK_EQ(atomic_load(&CE.closes), 1);
   CHECK_EQ(atomic_load(&CE.errs), 0);
   WAIT_FOR(atomic_load(&E.closes) == 1, 5);
-  CHECK_EQ(atomic_load(&E.errs), 0);
+  CHECKF(atomic_load(&E.errs) == 0, "the server's session: %s",
+         loom_err_name(atomic_load(&E.err)));
   CHECK_EQ(atomic_load(&E.echo_fail), 0);
   CHECK_OK(loom_server_close(srv, loom_now() + 5 * SEC));
 }
@@ -1959,7 +1975,7 @@ static void compress_exchange(loom_session_stats *client_live) {
 static void compress_echo_main(void *arg) {
   (void)arg;
   loom_session_stats live;
-  compress_exchange(&live);
+  compress_exchange(&Z6, &Z6, &live);
   CHECK_EQ(live.pkgs_out, CN);
   CHECK_EQ(live.pkgs_in, CN);
   printf("client bytes_out %llu for %zu payload bytes\n",
@@ -1975,7 +1991,7 @@ TEST(compress_echo_both_ends) { run(compress_echo_main, 2, "compress echo"); }
 static void compress_wire_main(void *arg) {
   (void)arg;
   loom_session_stats live;
-  compress_exchange(&live);
+  compress_exchange(&Z6, &Z6, &live);
   printf("client out %llu in %llu, server in %llu out %llu\n",
          (unsigned long long)CE.final.bytes_out,
          (unsigned long long)CE.final.bytes_in,
@@ -2030,6 +2046,259 @@ static void zcron_main(void *arg) {
 }
 TEST(compress_peer_closes_after_cron_ticks) {
   run(zcron_main, 2, "compress close after cron");
+}
+
+/* compress_window_bits and compress_mem_level: the smallest (a 512-byte
+ * window, memLevel 1) on both ends, and each end with its own — the
+ * window is in the stream's header and loom's inflate takes the peer's,
+ * so a small-window deflater is read by an end with the default window,
+ * and a default deflater (32 KiB window) by an end whose own is small.
+ * Every byte of the 200 KiB echo comes back. */
+static void compress_settings_main(void *arg) {
+  const zset *const *ends = arg; /* server's, client's */
+  loom_session_stats live;
+  compress_exchange(ends[0], ends[1], &live);
+  printf("server window %d memLevel %d, client window %d memLevel %d: "
+         "client out %llu in %llu for %zu payload bytes\n",
+         ends[0]->wbits, ends[0]->mlevel, ends[1]->wbits, ends[1]->mlevel,
+         (unsigned long long)CE.final.bytes_out,
+         (unsigned long long)CE.final.bytes_in, sizeof comp_out);
+  CHECK_EQ(live.pkgs_out, CN);
+  CHECK_EQ(live.pkgs_in, CN);
+  CHECK_EQ(E.final.pkgs_in, CN);
+  CHECK_EQ(E.final.pkgs_out, CN);
+  /* Still compressed, if less (the text repeats within 512 bytes). */
+  CHECK_LT(CE.final.bytes_out, sizeof comp_out / 2);
+  CHECK_LT(CE.final.bytes_in, sizeof comp_out / 2);
+}
+static void compress_settings(const zset *server_z, const zset *client_z) {
+  const zset *ends[2] = {server_z, client_z};
+  check_watchdog(25, "compress settings");
+  check_run(compress_settings_main, (void *)ends, 2);
+}
+TEST(compress_small_window_both_ends) { compress_settings(&ZSMALL, &ZSMALL); }
+TEST(compress_small_window_server_default_client) {
+  compress_settings(&ZSMALL, &Z6);
+}
+TEST(compress_default_server_small_window_client) {
+  compress_settings(&Z6, &ZSMALL);
+}
+
+/* Against zlib itself, at its defaults (deflateInit, inflateInit: a
+ * 32 KiB window each way): a server whose deflate window is 512 bytes
+ * reads a stream whose matches reach back 4 KiB, and its reply stream
+ * — whose header says 512 bytes — is read by the plain inflater. */
+static void zlib_peer_main(void *arg) {
+  (void)arg;
+  codecs_init();
+  loom_server_opts o = server_opts(&lenpfx);
+  zset_apply(&o.session, &ZSMALL);
+  E.echo = true;
+  loom_conn *peer;
+  loom_server *srv = serve_dial(&o, &peer);
+  z_stream zo, zi;
+  memset(&zo, 0, sizeof zo);
+  memset(&zi, 0, sizeof zi);
+  CHECK_EQ(deflateInit(&zo, Z_DEFAULT_COMPRESSION), Z_OK);
+  CHECK_EQ(inflateInit(&zi), Z_OK);
+  /* 16 frames of the same 4 KiB of noise: only a window of more than
+   * 4 KiB finds the repeats. */
+  enum { ZP_LEN = 4096, ZP_N = 16 };
+  static uint8_t plain[ZP_N * (ZP_LEN + 4)], comp[2 * sizeof plain],
+      back[sizeof plain];
+  uint8_t noise[ZP_LEN];
+  uint32_t x = 12345;
+  for (size_t i = 0; i < ZP_LEN; i++) {
+    x = x * 1103515245u + 12345u;
+    noise[i] = (uint8_t)(x >> 24);
+  }
+  for (int i = 0; i < ZP_N; i++) {
+    put_be32(plain + i * (ZP_LEN + 4), ZP_LEN);
+    memcpy(plain + i * (ZP_LEN + 4) + 4, noise, ZP_LEN);
+  }
+  zo.next_in = plain;
+  zo.avail_in = sizeof plain;
+  zo.next_out = comp;
+  zo.avail_out = sizeof comp;
+  CHECK_EQ(deflate(&zo, Z_SYNC_FLUSH), Z_OK);
+  size_t clen = sizeof comp - zo.avail_out;
+  printf("sent %zu plain bytes as %zu\n", sizeof plain, clen);
+  CHECK_LT(clen, sizeof plain / 4); /* the repeats were found */
+  CHECK_EQ(loom_write(peer, comp, clen), (ssize_t)clen);
+  size_t blen = 0, wire = 0;
+  CHECK_OK(loom_set_read_deadline(peer, loom_now() + 10 * SEC));
+  while (blen < sizeof back) {
+    uint8_t in[4096];
+    ssize_t n = loom_read(peer, in, sizeof in);
+    CHECKF(n > 0, "read %zd (%s) with %zu of %zu bytes back", n,
+           n < 0 ? loom_err_name((int)n) : "EOF", blen, sizeof back);
+    if (wire == 0) /* CMF: CINFO = window bits - 8, CM = 8 (deflate) */
+      CHECKF(in[0] == (((ZSMALL.wbits - 8) << 4) | 8),
+             "the stream's header says %#x", in[0]);
+    wire += (size_t)n;
+    zi.next_in = in;
+    zi.avail_in = (uInt)n;
+    while (zi.avail_in > 0) {
+      zi.next_out = back + blen;
+      zi.avail_out = (uInt)(sizeof back - blen);
+      int zr = inflate(&zi, Z_SYNC_FLUSH);
+      CHECKF(zr == Z_OK || zr == Z_BUF_ERROR, "inflate: %d (%s)", zr,
+             zi.msg ? zi.msg : "");
+      blen = sizeof back - zi.avail_out;
+      if (zr == Z_BUF_ERROR || zi.avail_out == 0)
+        break;
+    }
+  }
+  printf("got %zu plain bytes back as %zu\n", blen, wire);
+  CHECK_EQ(blen, sizeof plain);
+  CHECK(memcmp(back, plain, sizeof plain) == 0);
+  CHECK_EQ(atomic_load(&E.msgs), ZP_N);
+  CHECK_EQ(atomic_load(&E.errs), 0);
+  deflateEnd(&zo);
+  inflateEnd(&zi);
+  finish(srv, peer);
+}
+TEST(compress_small_window_against_zlib_defaults) {
+  run(zlib_peer_main, 2, "compress small window, zlib peer");
+}
+
+/* The settings are checked when a server or client is made: out of
+ * range is -EINVAL, whether compression is on or not; the ends of the
+ * ranges are taken. */
+static void compress_opts_main(void *arg) {
+  (void)arg;
+  codecs_init();
+  static const struct {
+    int level, wbits, mlevel, rc;
+  } cases[] = {
+      {6, 8, 0, -EINVAL},  {6, 16, 0, -EINVAL}, {6, -1, 0, -EINVAL},
+      {6, 0, 10, -EINVAL}, {6, 0, -1, -EINVAL}, {0, 8, 0, -EINVAL},
+      {-1, 9, 1, 0},       {1, 15, 9, 0},       {9, 0, 0, 0},
+      {0, 12, 5, 0},
+  };
+  char addr[128];
+  loom_server_opts base = server_opts(&lenpfx);
+  loom_server *target = serve(&base, addr);
+  for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+    zset z = {cases[i].level, cases[i].wbits, cases[i].mlevel};
+    loom_server_opts o = server_opts(&lenpfx);
+    zset_apply(&o.session, &z);
+    loom_server *srv = NULL;
+    int rc = loom_server_start(&srv, &o);
+    CHECKF(rc == cases[i].rc, "server, level %d window %d memLevel %d: %s",
+           z.level, z.wbits, z.mlevel, loom_err_name(rc));
+    if (rc == 0)
+      CHECK_OK(loom_server_close(srv, loom_now() + 5 * SEC));
+    loom_client_opts co;
+    memset(&co, 0, sizeof co);
+    co.network = "tcp";
+    co.addr = addr;
+    co.session.listener = &ev_listener;
+    co.session.user = &CE;
+    co.reconnect_interval = -1;
+    zset_apply(&co.session, &z);
+    loom_client *cl = NULL;
+    rc = loom_client_start(&cl, &co);
+    CHECKF(rc == cases[i].rc, "client, level %d window %d memLevel %d: %s",
+           z.level, z.wbits, z.mlevel, loom_err_name(rc));
+    if (rc == 0)
+      CHECK_OK(loom_client_close(cl, loom_now() + 5 * SEC));
+  }
+  CHECK_OK(loom_server_close(target, loom_now() + 5 * SEC));
+}
+TEST(compress_bad_settings_are_einval) {
+  run(compress_opts_main, 2, "compress settings checked");
+}
+
+/* What compression holds, counted in loom's heap (zlib allocates through
+ * it): nothing while sessions have exchanged no byte; once one package
+ * has gone each way and the sessions are quiet again (a cron tick gives
+ * back the write queue's chunk, 16 KiB each end), both ends' deflate
+ * state and the peer's window — more than 512 KiB a pair of sessions
+ * at the defaults, about 34 KiB with a 512-byte window and memLevel 1
+ * on both ends.  bench/engine/zmem measures the same as resident
+ * memory. */
+enum { ZM_N = 8 };
+static loom_session *_Atomic zm_client[ZM_N];
+static atomic_int zm_nclient, zm_echoes;
+static int zm_open(loom_session *s) {
+  int i = atomic_fetch_add(&zm_nclient, 1);
+  CHECK_LT(i, ZM_N);
+  atomic_store(&zm_client[i], loom_session_ref(s));
+  return 0;
+}
+static void zm_message(loom_session *s, const loom_pkg *pkg) {
+  (void)s;
+  CHECK_EQ(pkg->len, 64);
+  atomic_fetch_add(&zm_echoes, 1);
+}
+static const loom_session_listener zm_listener = {.on_open = zm_open,
+                                                  .on_message = zm_message};
+
+#define ZM_CRON (5 * CHECK_MS)
+static long long zm_per_pair(long long base) {
+  loom_sleep(10 * ZM_CRON); /* cron ticks: every session is quiet */
+  return (atomic_load(&live_bytes) - base) / ZM_N;
+}
+
+static const zset *zm_z; /* both ends' settings */
+static void compress_memory_main(void *arg) {
+  (void)arg;
+  const zset *z = zm_z;
+  codecs_init();
+  loom_server_opts o = server_opts(&lenpfx);
+  zset_apply(&o.session, z);
+  o.session.cron_period = ZM_CRON;
+  E.echo = true;
+  char addr[128];
+  loom_server *srv = serve(&o, addr);
+  long long base = atomic_load(&live_bytes);
+  loom_client_opts co;
+  memset(&co, 0, sizeof co);
+  co.network = "tcp";
+  co.addr = addr;
+  co.conns = ZM_N;
+  co.reconnect_interval = -1;
+  co.session.listener = &zm_listener;
+  co.session.codec = &lenpfx;
+  co.session.cron_period = ZM_CRON;
+  zset_apply(&co.session, z);
+  loom_client *cl;
+  CHECK_OK(loom_client_start(&cl, &co));
+  CHECK_OK(loom_client_wait(cl, ZM_N, loom_now() + 5 * SEC));
+  WAIT_FOR(atomic_load(&E.opens) == ZM_N && atomic_load(&zm_nclient) == ZM_N,
+           5);
+  long long connected = zm_per_pair(base);
+  uint8_t small[64];
+  memset(small, 'z', sizeof small);
+  for (int i = 0; i < ZM_N; i++)
+    CHECK_OK(loom_session_write(atomic_load(&zm_client[i]), small, 64, -1));
+  WAIT_FOR(atomic_load(&zm_echoes) == ZM_N, 5);
+  long long one = zm_per_pair(base);
+  printf("window %d memLevel %d: loom's heap per pair of sessions: %lld "
+         "bytes connected, %lld after one package each way, then quiet\n",
+         z->wbits, z->mlevel, connected, one);
+  /* No zlib state yet: a session's own struct and its owner's books. */
+  CHECKF(connected < 16 * 1024, "%lld bytes a pair before any byte", connected);
+  if (z == &Z6)
+    CHECKF(one > 2 * 256 * 1024, "%lld bytes a pair at the defaults", one);
+  else
+    CHECKF(one < 48 * 1024, "%lld bytes a pair with window %d memLevel %d", one,
+           z->wbits, z->mlevel);
+  for (int i = 0; i < ZM_N; i++)
+    loom_session_unref(atomic_load(&zm_client[i]));
+  CHECK_OK(loom_client_close(cl, loom_now() + 5 * SEC));
+  CHECK_OK(loom_server_close(srv, loom_now() + 5 * SEC));
+}
+TEST(compress_state_made_when_needed) {
+  zm_z = &Z6;
+  run_counted(count_realloc, count_free, compress_memory_main, 2,
+              "compress memory, defaults");
+}
+TEST(compress_small_window_holds_less) {
+  zm_z = &ZSMALL;
+  run_counted(count_realloc, count_free, compress_memory_main, 2,
+              "compress memory, small window");
 }
 
 /* ------------------------------------------------------------------ */
