@@ -3,8 +3,9 @@
  * server's resident set per session, with a compressing loom client in
  * a child process as the peer (both ends configured alike).
  *
- *   zmem [--sessions N] [--level L] [--size BYTES] [--rounds R]
- *        [--procs P]
+ *   zmem [--sessions N] [--level L] [--window-bits W] [--mem-level M]
+ *        [--peer-window-bits W] [--peer-mem-level M] [--size BYTES]
+ *        [--rounds R] [--procs P]
  *
  * The server, on 127.0.0.1 (port 0), measures its own VmRSS:
  *
@@ -22,8 +23,11 @@
  * line also gives the active rounds' wire bytes over payload bytes
  * (server to client), i.e. the compression ratio the memory buys.
  *
- * The child is this program again (--client ADDR plus the same
- * options): a loom_client keeping N sessions that echo every package.
+ * --window-bits and --mem-level are the server's compress_window_bits
+ * and compress_mem_level (0: the default), --peer-* the client's
+ * (default: the server's).  The child is this program again (--client
+ * ADDR plus the options): a loom_client keeping N sessions that echo
+ * every package.
  * It is killed by its PID at the end.  Defaults: 1000 sessions, level
  * -1 (zlib's default, 6), 16 KiB packages, 8 rounds, 2 procs.
  */
@@ -48,7 +52,7 @@
 
 static struct {
   long sessions, size, rounds;
-  int level, procs;
+  int level, procs, wbits, mlevel, peer_wbits, peer_mlevel;
   const char *client_of; /* --client ADDR: run as the peer */
   char **argv;
   loom_codec codec;
@@ -57,7 +61,13 @@ static struct {
   atomic_long nss;
   atomic_long echoes;
   atomic_long bad;
-} app = {.sessions = 1000, .size = 16384, .rounds = 8, .level = -1, .procs = 2};
+} app = {.sessions = 1000,
+         .size = 16384,
+         .rounds = 8,
+         .level = -1,
+         .procs = 2,
+         .peer_wbits = -1,
+         .peer_mlevel = -1};
 
 /* ---- the peer ------------------------------------------------------------ */
 
@@ -74,6 +84,8 @@ static void session_opts(loom_session_opts *so,
   so->listener = l;
   so->codec = &app.codec;
   so->compress = app.level;
+  so->compress_window_bits = app.wbits;
+  so->compress_mem_level = app.mlevel;
   so->max_pkg_len = (size_t)app.size + SMALL;
 }
 
@@ -198,12 +210,18 @@ static void server_main(void *arg) {
   long base = bench_rss_kib();
 
   /* The peer: this program again. */
-  char n[24], lv[24], sz[24];
+  char n[24], lv[24], sz[24], wb[24], ml[24];
   snprintf(n, sizeof n, "%ld", app.sessions);
   snprintf(lv, sizeof lv, "%d", app.level);
   snprintf(sz, sizeof sz, "%ld", app.size);
-  char *cargv[] = {app.argv[0], "--client", addr,     "--sessions", n,
-                   "--level",   lv,         "--size", sz,           NULL};
+  snprintf(wb, sizeof wb, "%d",
+           app.peer_wbits < 0 ? app.wbits : app.peer_wbits);
+  snprintf(ml, sizeof ml, "%d",
+           app.peer_mlevel < 0 ? app.mlevel : app.peer_mlevel);
+  char *cargv[] = {
+      app.argv[0], "--client", addr, "--sessions",    n,  "--level",
+      lv,          "--size",   sz,   "--window-bits", wb, "--mem-level",
+      ml,          NULL};
   pid_t child;
   loom_block_enter();
   rc = posix_spawn(&child, "/proc/self/exe", NULL, NULL, cargv, environ);
@@ -257,11 +275,14 @@ static void server_main(void *arg) {
   printf("INFO base %ld KiB; connected %ld, one %ld, active peak %ld, after "
          "%ld KiB; rounds %.2f s\n",
          base, connected, one, peak, after, (double)(t1 - t0) / SEC);
-  printf("RESULT sessions=%ld level=%d size=%ld rounds=%ld "
+  printf("RESULT sessions=%ld level=%d wbits=%d mlevel=%d peer_wbits=%d "
+         "peer_mlevel=%d size=%ld rounds=%ld "
          "connected_kib=%.2f one_kib=%.2f active_kib=%.2f after_kib=%.2f "
          "wire_ratio=%.3f bad=%ld\n",
-         app.sessions, app.level, app.size, app.rounds,
-         per_session(connected, base), per_session(one, base),
+         app.sessions, app.level, app.wbits, app.mlevel,
+         app.peer_wbits < 0 ? app.wbits : app.peer_wbits,
+         app.peer_mlevel < 0 ? app.mlevel : app.peer_mlevel, app.size,
+         app.rounds, per_session(connected, base), per_session(one, base),
          per_session(peak, base), per_session(after, base), ratio,
          atomic_load(&app.bad));
   fflush(stdout);
@@ -297,6 +318,14 @@ int main(int argc, char **argv) {
       app.sessions = number(a, v, 1, 100000);
     else if (!strcmp(a, "--level"))
       app.level = (int)number(a, v, -1, 9);
+    else if (!strcmp(a, "--window-bits"))
+      app.wbits = (int)number(a, v, 0, 15);
+    else if (!strcmp(a, "--mem-level"))
+      app.mlevel = (int)number(a, v, 0, 9);
+    else if (!strcmp(a, "--peer-window-bits"))
+      app.peer_wbits = (int)number(a, v, 0, 15);
+    else if (!strcmp(a, "--peer-mem-level"))
+      app.peer_mlevel = (int)number(a, v, 0, 9);
     else if (!strcmp(a, "--size"))
       app.size = number(a, v, SMALL + 1, 1 << 24);
     else if (!strcmp(a, "--rounds"))
@@ -306,8 +335,12 @@ int main(int argc, char **argv) {
     else if (!strcmp(a, "--client") && v)
       app.client_of = v;
     else {
-      fprintf(stderr, "usage: zmem [--sessions N] [--level L] [--size BYTES] "
-                      "[--rounds R] [--procs P]\n");
+      fprintf(stderr,
+              "usage: zmem [--sessions N] [--level L] [--window-bits W] "
+              "[--mem-level M]\n"
+              "            [--peer-window-bits W] [--peer-mem-level M] "
+              "[--size BYTES]\n"
+              "            [--rounds R] [--procs P]\n");
       return 2;
     }
   }
@@ -316,6 +349,11 @@ int main(int argc, char **argv) {
   if (getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur < rl.rlim_max) {
     rl.rlim_cur = rl.rlim_max;
     setrlimit(RLIMIT_NOFILE, &rl);
+  }
+  if ((app.wbits > 0 && app.wbits < 9) ||
+      (app.peer_wbits > 0 && app.peer_wbits < 9)) {
+    fprintf(stderr, "zmem: window bits: 0 or 9..15\n");
+    return 2;
   }
   int rc = loom_codec_lenpfx(&app.codec, NULL);
   if (rc < 0)
