@@ -72,9 +72,9 @@
  * and the layer reads compressed bytes into 512 bytes on the reader's
  * stack, taking a 16 KiB buffer only during bursts.  So a session that
  * has exchanged no byte holds none of it, and 10 000 sessions idle after
- * one exchange each hold about 3.2 GB at the defaults, 0.7 GB at (12, 5)
- * and 0.35 GB at (9, 1) on both ends (bench/engine/zmem, resident
- * memory).  Once made, the streams stay until the session ends: a
+ * one exchange each hold about 3.2 GB at the defaults, 0.64 GB at
+ * (12, 5) and 0.31 GB at (9, 1) on both ends (bench/engine/zmem,
+ * resident memory).  Once made, the streams stay until the session ends: a
  * window is the history the other end's stream refers to.  A smaller
  * window or memLevel costs ratio, and a small memLevel speed
  * (bench/README.md has figures).  The
@@ -190,7 +190,8 @@ typedef struct loom_session_opts {
   uint64_t (*dispatch_key)(loom_session *s, const loom_pkg *pkg);
   int compress;             /* zlib level 1..9 for both directions, -1: zlib's
                                default, 0: off; TCP and Unix only, and
-                               both ends must agree.  A peer's stream that
+                               both ends must have it on (the levels may
+                               differ).  A peer's stream that
                                zlib cannot parse, or that ends inside a
                                deflate block, closes with LOOM_ECOMPRESS.
                                Memory: see Compression above */
