@@ -291,6 +291,36 @@ static void cut_main(void *arg) {
 }
 TEST(cut_at_every_byte) { run(cut_main); }
 
+/* A stream that ends right after a block that filled the reader's
+ * buffer exactly, with no sync flush after it (a stored block made by
+ * hand): the next read finds no input, and the end is clean — the
+ * layer does not take the empty call zlib makes of it for a cut. */
+static void exact_main(void *arg) {
+  (void)arg;
+  enum { N = 300 };
+  uint8_t st[2 + 5 + N];
+  st[0] = 0x78; /* CMF: deflate, 32 KiB window */
+  st[1] = 0x01; /* FLG: (0x78 << 8 | 0x01) % 31 == 0 */
+  st[2] = 0x00; /* BFINAL 0, BTYPE 00 (stored), padding */
+  st[3] = N & 0xff;
+  st[4] = N >> 8;
+  st[5] = (uint8_t)~st[3];
+  st[6] = (uint8_t)~st[4];
+  make_data(st + 7, N, 3);
+  script s;
+  script_init(&s, 0);
+  script_add(&s, st, sizeof st);
+  loom__layer *z = zlayer_over(&s);
+  uint8_t out[N];
+  CHECK_EQ(z->ops->read(z, out, N), N);
+  CHECK(memcmp(out, st + 7, N) == 0);
+  ssize_t n = z->ops->read(z, out, N);
+  CHECKF(n == 0, "read after the last block: %zd (%s)", n,
+         loom_err_name((int)n));
+  z->ops->free(z);
+}
+TEST(stream_ends_after_a_block_that_filled_the_read) { run(exact_main); }
+
 /* What is not a stream that goes on: garbage, and a finished stream
  * (Z_STREAM_END: a loom peer never finishes). */
 static void bad_main(void *arg) {

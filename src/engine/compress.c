@@ -71,6 +71,8 @@ typedef struct zlayer {
   bool out_ready;  /* writer's: deflateInit2 has run */
   bool owed;       /* reader's: inflate stopped with its output full, so
                       it may have more to give without more input */
+  bool boundary;   /* reader's: the last inflate call that took or gave a
+                      byte stopped between two blocks (data_type bit 7) */
   int level, window_bits, mem_level; /* deflate's, for deflateInit2 */
   uint8_t *inbuf;  /* reader's: compressed bytes read, on the heap (NULL
                       while reads are small); what in.next_in points
@@ -101,10 +103,17 @@ static ssize_t inflate_some(zlayer *z, void *out, size_t len) {
   z->in.next_out = out;
   z->in.avail_out = room;
   for (;;) {
+    uInt in0 = z->in.avail_in, out0 = z->in.avail_out;
     int rc = inflate(&z->in, Z_BLOCK);
     /* Z_BUF_ERROR: no progress was possible — input ran out. */
     if (rc != Z_OK && rc != Z_BUF_ERROR)
       return LOOM_ECOMPRESS; /* Z_DATA_ERROR, Z_NEED_DICT, Z_STREAM_END.. */
+    /* A call that moved nothing says nothing: at a boundary it moves
+     * zlib's mode from TYPE to TYPEDO without reading a bit, and
+     * data_type stops saying "between two blocks" although the stream
+     * still is. */
+    if (z->in.avail_in != in0 || z->in.avail_out != out0)
+      z->boundary = (z->in.data_type & 128) != 0;
     if (z->in.avail_out == 0 || z->in.avail_in == 0 || rc == Z_BUF_ERROR) {
       z->owed = z->in.avail_out == 0;
       return (ssize_t)(room - z->in.avail_out);
@@ -113,14 +122,14 @@ static ssize_t inflate_some(zlayer *z, void *out, size_t len) {
 }
 
 /* Whether the peer's stream may end here without losing a byte: nothing
- * came at all, or inflate stopped between two blocks (data_type bit 7:
- * after a block's end, or after the header) and holds no input it has
- * not decoded.  Every batch of a loom writer ends with a flush, so its
+ * came at all, or inflate stopped between two blocks (after a block's
+ * end, or after the header: `boundary`) and holds no input it has not
+ * decoded.  Every batch of a loom writer ends with a flush, so its
  * stream always stops between blocks; a stream cut inside one lost what
  * that block carried, which inflate cannot tell from "more is coming". */
 static bool at_boundary(zlayer *z) {
   return !z->in_ready || z->in.total_in == 0 ||
-         ((z->in.data_type & 128) != 0 && z->in.avail_in == 0);
+         (z->boundary && z->in.avail_in == 0);
 }
 
 /* Move what zlib has not taken of a read into the stack buffer to the
@@ -150,10 +159,8 @@ static ssize_t zread(loom__layer *l, void *buf, size_t len) {
   bool from_socket = false, on_stack = false;
   for (;;) {
     /* With no input left, only if inflate may owe output of what it
-     * has taken (the rest of a match, of a stored block): a call with
-     * nothing to do is not harmless, it moves inflate off a block
-     * boundary (mode TYPE to TYPEDO) without a bit read, and data_type
-     * stops saying "between two blocks" (at_boundary). */
+     * has taken (the rest of a match, of a stored block): else the call
+     * has nothing to do. */
     ssize_t got = z->in_ready && (z->in.avail_in > 0 || z->owed)
                       ? inflate_some(z, buf, len)
                       : 0;
