@@ -139,8 +139,11 @@ static int unstack(zlayer *z) {
     z->in.next_in = NULL; /* not into a frame that is going */
     return 0;
   }
-  if (!z->inbuf && !(z->inbuf = loom__malloc(ZIN_BUF)))
+  if (!z->inbuf && !(z->inbuf = loom__malloc(ZIN_BUF))) {
+    z->in.next_in = NULL; /* lost, and the read fails with -ENOMEM */
+    z->in.avail_in = 0;
     return -ENOMEM;
+  }
   memcpy(z->inbuf, z->in.next_in, z->in.avail_in);
   z->in.next_in = z->inbuf;
   return 0;
@@ -164,11 +167,18 @@ static ssize_t zread(loom__layer *l, void *buf, size_t len) {
     ssize_t got = z->in_ready && (z->in.avail_in > 0 || z->owed)
                       ? inflate_some(z, buf, len)
                       : 0;
-    if (on_stack && got >= 0) {
-      int rc = unstack(z); /* this frame's buffer is about to go */
-      if (rc < 0)
-        return rc;
+    if (on_stack) {
+      /* This frame's buffer is about to go: keep what zlib has not
+       * taken, unless the stream is broken, and point nowhere into it. */
       on_stack = false;
+      if (got < 0) {
+        z->in.next_in = NULL;
+        z->in.avail_in = 0;
+      } else {
+        int rc = unstack(z);
+        if (rc < 0)
+          return rc;
+      }
     }
     if (got > 0 && !from_socket)
       /* Inflated from what was buffered: no socket read, so no chance
