@@ -92,10 +92,11 @@
  * loom_session_write_to.  A datagram longer than max_pkg_len (plus 64
  * bytes of framing; with the raw codec, plus none) is counted as
  * oversize and dropped; so is one whose header asks for more than
- * max_pkg_len, and one over 64 KiB on udp or 16 MiB on unixgram.  read_timeout
- * does not apply to that one session (it serves every peer): it never idles
- * out.  A client's packet session is connected.  Writes go out at once, one
- * datagram per package; there is no write queue.
+ * max_pkg_len, and one over 64 KiB on udp or 16 MiB on unixgram.
+ * read_timeout does not apply to that one session (it serves every
+ * peer): it never idles out.  A client's packet session is connected.
+ * Writes go out at once, one datagram per package; there is no write
+ * queue.
  *
  * Unless noted, calls must be made on a coroutine (LOOM_ENOTCO).
  */
@@ -188,10 +189,10 @@ typedef struct loom_session_opts {
   loom_taskpool *pool;     /* NULL: on_message runs on the reader */
   loom_dispatch dispatch;
   uint64_t (*dispatch_key)(loom_session *s, const loom_pkg *pkg);
-  int compress;             /* zlib level 1..9 for both directions, -1: zlib's
-                               default, 0: off; TCP and Unix only, and
-                               both ends must have it on (the levels may
-                               differ).  A peer's stream that
+  int compress;             /* zlib level 1..9 for both directions,
+                               -1: zlib's default, 0: off; TCP and Unix
+                               only, and both ends must have it on (the
+                               levels may differ).  A peer's stream that
                                zlib cannot parse, or that ends inside a
                                deflate block, closes with LOOM_ECOMPRESS.
                                Memory: see Compression above */
