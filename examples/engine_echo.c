@@ -2,8 +2,9 @@
  * engine_echo — a length-prefixed echo service on loom's engine.
  *
  *   engine_echo [--listen URL]... [--procs N] [--duration SECONDS]
- *               [--pool QUEUES] [--compress LEVEL] [--max-pkg BYTES]
- *               [--metrics] [--quiet]
+ *               [--pool QUEUES] [--compress LEVEL] [--compress-window BITS]
+ *               [--compress-mem LEVEL] [--max-pkg BYTES] [--metrics]
+ *               [--quiet]
  *
  * The protocol, so that a client in any language can talk to it: a frame
  * is a 4-byte big-endian payload length, then the payload; every frame
@@ -15,7 +16,9 @@
  * This is all an engine user writes: a listener whose on_message writes
  * the package back, and a server per URL.  --pool hands messages to a
  * task pool (ordered per session), --compress turns on zlib streams
- * (stream sockets; the client must use the same), --metrics prints the
+ * (stream sockets; the client must turn it on too), --compress-window and
+ * --compress-mem bound what each session's deflate stream holds (the
+ * client need not agree; engine.h, Compression), --metrics prints the
  * engine's metrics in Prometheus' text format when it stops.
  *
  * It stops at SIGINT/SIGTERM (or after --duration) gracefully: the
@@ -39,7 +42,7 @@
 static struct {
   echo_url urls[MAX_URLS];
   int nurls;
-  int procs, pool_queues, compress;
+  int procs, pool_queues, compress, compress_window, compress_mem;
   size_t max_pkg;
   int64_t duration;
   bool metrics, quiet;
@@ -93,7 +96,9 @@ static void app_main(void *arg) {
                     .codec = &app.codec,
                     .max_pkg_len = app.max_pkg,
                     .pool = pool,
-                    .compress = app.urls[n].packet ? 0 : app.compress},
+                    .compress = app.urls[n].packet ? 0 : app.compress,
+                    .compress_window_bits = app.compress_window,
+                    .compress_mem_level = app.compress_mem},
     };
     if (cli_serve(PROG, &srv[n], &o) < 0) {
       app.status = 1;
@@ -125,8 +130,10 @@ static void app_main(void *arg) {
 static void usage(FILE *f) {
   fprintf(f,
           "usage: %s [--listen URL]... [--procs N] [--duration SECONDS]\n"
-          "          [--pool QUEUES] [--compress LEVEL] [--max-pkg BYTES]\n"
-          "          [--metrics] [--quiet]\n"
+          "          [--pool QUEUES] [--compress LEVEL] "
+          "[--compress-window BITS]\n"
+          "          [--compress-mem LEVEL] [--max-pkg BYTES] [--metrics] "
+          "[--quiet]\n"
           "Echoes 4-byte big-endian length-prefixed frames on each URL\n"
           "(tcp://HOST:PORT, udp://..., unix:///PATH, unixgram:///PATH).\n"
           "Default: --listen tcp://127.0.0.1:7001.\n",
@@ -153,6 +160,12 @@ int main(int argc, char **argv) {
       app.pool_queues = (int)cli_number(PROG, "--pool", v, 0, 4096);
     } else if ((v = cli_option(argc, argv, &i, "--compress", &missing))) {
       app.compress = (int)cli_number(PROG, "--compress", v, -1, 9);
+    } else if ((v = cli_option(argc, argv, &i, "--compress-window",
+                               &missing))) {
+      app.compress_window =
+          (int)cli_number(PROG, "--compress-window", v, 9, 15);
+    } else if ((v = cli_option(argc, argv, &i, "--compress-mem", &missing))) {
+      app.compress_mem = (int)cli_number(PROG, "--compress-mem", v, 1, 9);
     } else if ((v = cli_option(argc, argv, &i, "--max-pkg", &missing))) {
       app.max_pkg = (size_t)cli_number(PROG, "--max-pkg", v, 1, 1L << 30);
     } else if ((v = cli_option(argc, argv, &i, "--duration", &missing))) {

@@ -2,7 +2,9 @@
  * engine_echo_client — talks to engine_echo through loom's engine client.
  *
  *   engine_echo_client [--connect URL] [--conns N] [--count M]
- *                      [--size BYTES] [--compress LEVEL] [--timeout S]
+ *                      [--size BYTES] [--compress LEVEL]
+ *                      [--compress-window BITS] [--compress-mem LEVEL]
+ *                      [--timeout S]
  *
  * Keeps N sessions to the server (loom_client), sends M frames spread
  * over them (payload sizes cycle up to --size; each payload is a pattern
@@ -30,7 +32,7 @@
 
 static struct {
   echo_url url;
-  int conns, count, compress;
+  int conns, count, compress, compress_window, compress_mem;
   size_t size;
   int64_t timeout;
   atomic_int got, bad;
@@ -86,7 +88,9 @@ static void app_main(void *arg) {
       .conns = app.conns,
       .session = {.listener = &listener,
                   .codec = &codec,
-                  .compress = app.url.packet ? 0 : app.compress},
+                  .compress = app.url.packet ? 0 : app.compress,
+                  .compress_window_bits = app.compress_window,
+                  .compress_mem_level = app.compress_mem},
   };
   loom_client *cl;
   int rc = loom_client_start(&cl, &o);
@@ -145,7 +149,9 @@ static void app_main(void *arg) {
 static void usage(FILE *f) {
   fprintf(f,
           "usage: %s [--connect URL] [--conns N] [--count M] "
-          "[--size BYTES] [--compress LEVEL] [--timeout S]\n",
+          "[--size BYTES] [--compress LEVEL]\n"
+          "          [--compress-window BITS] [--compress-mem LEVEL] "
+          "[--timeout S]\n",
           PROG);
 }
 
@@ -167,6 +173,12 @@ int main(int argc, char **argv) {
       app.size = (size_t)cli_number(PROG, "--size", v, 8, 1 << 20);
     } else if ((v = cli_option(argc, argv, &i, "--compress", &missing))) {
       app.compress = (int)cli_number(PROG, "--compress", v, -1, 9);
+    } else if ((v = cli_option(argc, argv, &i, "--compress-window",
+                               &missing))) {
+      app.compress_window =
+          (int)cli_number(PROG, "--compress-window", v, 9, 15);
+    } else if ((v = cli_option(argc, argv, &i, "--compress-mem", &missing))) {
+      app.compress_mem = (int)cli_number(PROG, "--compress-mem", v, 1, 9);
     } else if ((v = cli_option(argc, argv, &i, "--timeout", &missing))) {
       app.timeout = cli_number(PROG, "--timeout", v, 1, 3600);
     } else {

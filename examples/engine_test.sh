@@ -5,7 +5,9 @@
 #   MODE plain     tcp, udp and unix listeners in one server; a client on
 #                  each, then a Python client that frames by hand (the
 #                  protocol, not our client, is what is checked)
-#   MODE compress  the server and the clients with zlib streams
+#   MODE compress  the server and the clients with zlib streams, each end
+#                  with its own window and memLevel, then a Python client
+#                  that speaks zlib itself
 #   MODE pool      the server hands messages to a task pool
 #
 # The server listens on port 0 and a socket file in a fresh temporary
@@ -21,7 +23,7 @@ SERVER=$1 CLIENT=$2 MODE=$3
 EXTRA=()
 case $MODE in
   plain) ;;
-  compress) EXTRA=(--compress 6) ;;
+  compress) EXTRA=(--compress 6 --compress-window 10 --compress-mem 2) ;;
   pool) EXTRA=(--pool 4) ;;
   *) echo "usage: $0 SERVER CLIENT plain|compress|pool"; exit 2 ;;
 esac
@@ -48,6 +50,9 @@ CEXTRA=(--timeout 30)
 [ "$MODE" = compress ] && CEXTRA+=(--compress 6)
 run "$CLIENT" --connect "$TCP" --conns 8 --count 20000 --size 2000 "${CEXTRA[@]}"
 run "$CLIENT" --connect "$UNIX" --conns 2 --count 5000 --size 70000 "${CEXTRA[@]}"
+[ "$MODE" = compress ] &&
+  run "$CLIENT" --connect "$TCP" --conns 2 --count 2000 --size 5000 "${CEXTRA[@]}" \
+    --compress-window 9 --compress-mem 1
 [ "$MODE" = compress ] || run "$CLIENT" --connect "$UDP" --conns 2 --count 2000 --size 1200 "${CEXTRA[@]}"
 
 if [ "$MODE" = plain ] && command -v python3 >/dev/null; then
@@ -72,6 +77,31 @@ while True:
     got += c
 assert got == wire, "echo differs: %d vs %d bytes" % (len(got), len(wire))
 print("python client: %d frames, %d bytes intact" % (len(frames), len(wire)))
+PY
+fi
+
+if [ "$MODE" = compress ] && command -v python3 >/dev/null; then
+  # Another zlib user as the peer: Python's zlib with its defaults
+  # (a 32 KiB window), a sync flush after each batch of frames, as
+  # loom's writer does; the server compresses with a 1 KiB window.
+  PORT=${TCP##*:}
+  run python3 - "$PORT" <<'PY'
+import os, socket, struct, sys, zlib
+s = socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=10)
+frames = [b"", b"x"] + [os.urandom(n) for n in (3, 100, 4096)] + \
+         [bytes(range(256)) * 400, b"loom " * 20000]
+wire = b"".join(struct.pack(">I", len(f)) + f for f in frames)
+comp, dec = zlib.compressobj(6), zlib.decompressobj()
+for i in range(0, len(wire), 3000):
+    s.sendall(comp.compress(wire[i:i + 3000]) + comp.flush(zlib.Z_SYNC_FLUSH))
+got = b""
+while len(got) < len(wire):
+    c = s.recv(1 << 16)
+    assert c, "server closed after %d of %d bytes" % (len(got), len(wire))
+    got += dec.decompress(c)
+assert got == wire, "echo differs: %d vs %d bytes" % (len(got), len(wire))
+assert dec.eof is False  # loom's stream never ends
+print("python zlib client: %d frames, %d bytes intact" % (len(frames), len(wire)))
 PY
 fi
 
