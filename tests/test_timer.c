@@ -212,6 +212,29 @@ static void huge_until_main(void *arg) {
 }
 TEST(sleep_until_huge) { check_run(huge_until_main, NULL, 2); }
 
+/* A plain thread (no runtime at all) that waits with a deadline of
+ * INT64_MAX waits "forever" too: the futex wait's own deadline must not
+ * overflow (UBSan watches), and a send still wakes it. */
+static loom_chan *plain_ch;
+static void *plain_sender(void *arg) {
+  (void)arg;
+  usleep(20 * 1000);
+  int v = 7;
+  CHECK_OK(loom_chan_send(plain_ch, &v));
+  return NULL;
+}
+TEST(plain_thread_waits_until_huge) {
+  check_watchdog(20, "a plain thread's receive with a deadline of INT64_MAX");
+  CHECK_OK(loom_chan_make(&plain_ch, sizeof(int), 0));
+  pthread_t t;
+  CHECK_EQ(pthread_create(&t, NULL, plain_sender, NULL), 0);
+  int v = 0;
+  CHECK_EQ(loom_chan_recv_until(plain_ch, &v, INT64_MAX), 1);
+  CHECK_EQ(v, 7);
+  CHECK_EQ(pthread_join(t, NULL), 0);
+  loom_chan_free(plain_ch);
+}
+
 /* A coroutine that parks in a receive holds the channel's lock until the
  * park's commit, after the switch.  Timers found due while picking the
  * next coroutine must run after that commit: a context's deadline timer
