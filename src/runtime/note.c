@@ -3,6 +3,7 @@
 
 #include <errno.h>
 #include <linux/futex.h>
+#include <stdint.h>
 #include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
@@ -28,7 +29,10 @@ void loom__note_sleep(loom__note *n) { (void)loom__note_tsleep(n, -1); }
 
 bool loom__note_tsleep(loom__note *n, int64_t ns) {
   int saved = errno;
-  int64_t deadline = ns >= 0 ? loom_now() + ns : 0;
+  /* Saturated: a deadline of INT64_MAX (a wait "for ever") comes here
+   * as INT64_MAX - now, and now + that must not overflow. */
+  int64_t now = loom_now();
+  int64_t deadline = ns < 0 ? 0 : ns > INT64_MAX - now ? INT64_MAX : now + ns;
   while (__atomic_load_n(&n->key, __ATOMIC_ACQUIRE) == 0) {
     if (ns < 0) {
       futex_wait(&n->key, 0, NULL);

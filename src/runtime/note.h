@@ -20,7 +20,8 @@ typedef struct loom__note {
 void loom__note_clear(loom__note *n);
 void loom__note_wakeup(loom__note *n);
 void loom__note_sleep(loom__note *n);
-/* Sleeps at most `ns` (<0: no limit); returns true if signalled. */
+/* Sleeps at most `ns` (<0: no limit; any ns >= 0 works, INT64_MAX
+ * included); returns true if signalled. */
 bool loom__note_tsleep(loom__note *n, int64_t ns);
 
 #endif
