@@ -370,6 +370,46 @@ TEST(long_run_warning_off) {
   CHECKF(log_count() == 0, "%d messages with the warning off", log_count());
 }
 
+/* A coroutine whose P was taken during a blocking call comes back on
+ * whatever P loom_block_exit finds; when it then runs 30 ms without a
+ * scheduling point, the warning names it, not nobody (an idle P's
+ * "nothing runs here") or the coroutine that ran there before. */
+static atomic_ullong returner_id;
+static atomic_int returner_spun;
+static void block_then_spin(void *arg) {
+  (void)arg;
+  atomic_store(&returner_id, loom_id());
+  loom_block_enter();
+  usleep(40 * 1000); /* long enough for its P to be retaken */
+  loom_block_exit();
+  int64_t end = thread_cpu_ns() + 30 * CHECK_MS;
+  while (thread_cpu_ns() < end) {
+  }
+  atomic_store(&returner_spun, 1);
+}
+static void block_warn_main(void *arg) {
+  (void)arg;
+  for (int i = 0; i < 300; i++) /* ids past small numbers */
+    CHECK_OK(loom_go(sleep_long, NULL));
+  CHECK_OK(loom_go(block_then_spin, NULL));
+  while (!atomic_load(&returner_spun))
+    loom_sleep(CHECK_MS);
+  loom_sleep(50 * CHECK_MS); /* let the monitor speak */
+}
+TEST(long_run_warning_after_blocking_call) {
+  loom_config cfg;
+  unsetenv("LOOM_SCHEDTRACE");
+  cfg_with_log(&cfg, 2);
+  CHECK_OK(loom_run(block_warn_main, NULL, &cfg));
+  int n = log_mentions(atomic_load(&returner_id));
+  log_print_and_free();
+  CHECKF(n >= 1,
+         "no message names coroutine %llu, which ran 30 ms without a "
+         "scheduling point "
+         "after a blocking call",
+         (unsigned long long)atomic_load(&returner_id));
+}
+
 /* Free stacks beyond a reserve give their memory back once spawning has
  * calmed down: while the runtime stays busy, and also when it goes
  * idle (sysmon then used to sleep without a timeout, before trimming). */
