@@ -28,6 +28,15 @@ static void post_abandon(loom__m *m, loom__g *g, void *arg) {
   atomic_store_explicit(&g->status, G_WAITING, memory_order_relaxed);
 }
 
+/* The P now runs g, for sysmon's long-run warning (gswitch does this for
+ * a G switched in; a G leaving a section resumes without a switch).  The
+ * P may come from the idle list, which left "nothing runs here" (0), or
+ * from another M's section, which left that M's coroutine. */
+static void run_here(loom__p *p, const loom__g *g) {
+  atomic_store_explicit(&p->run_id, g->id, memory_order_relaxed);
+  atomic_store_explicit(&p->run_pc, g->spawn_pc, memory_order_relaxed);
+}
+
 void loom_block_enter(void) {
   loom__m *m = loom__getm();
   if (m == NULL || m->p == NULL || m->curg == NULL || m->curg->is_g0)
@@ -63,8 +72,10 @@ void loom_block_exit(void) {
     /* Not always the P as we left it: sysmon may have handed it to
      * another M, which then entered a section of its own (BLOCKED
      * again, and our CAS took it).  So it gets our thread's CPU clock,
-     * as acquirep would give it, for the long-run warning. */
+     * as acquirep would give it, and our coroutine, for the long-run
+     * warning. */
     atomic_store_explicit(&p->mclock, m->cpuclock, memory_order_relaxed);
+    run_here(p, g);
     m->p = p;
     if (!atomic_load_explicit(&rt->stopping, memory_order_relaxed))
       return;
@@ -76,6 +87,7 @@ void loom_block_exit(void) {
     pthread_mutex_unlock(&rt->lock);
     if (idle != NULL) {
       loom__acquirep(m, idle);
+      run_here(idle, g);
       return;
     }
     /* No P: queue g globally; this M goes idle on g0. */
