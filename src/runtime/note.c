@@ -3,12 +3,12 @@
 
 #include <errno.h>
 #include <linux/futex.h>
-#include <stdint.h>
 #include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
 
 #include "loom/runtime.h"
+#include "runtime/runtime.h"
 
 static void futex_wait(uint32_t *addr, uint32_t val,
                        const struct timespec *ts) {
@@ -31,8 +31,7 @@ bool loom__note_tsleep(loom__note *n, int64_t ns) {
   int saved = errno;
   /* Saturated: a deadline of INT64_MAX (a wait "for ever") comes here
    * as INT64_MAX - now, and now + that must not overflow. */
-  int64_t now = loom_now();
-  int64_t deadline = ns < 0 ? 0 : ns > INT64_MAX - now ? INT64_MAX : now + ns;
+  int64_t deadline = ns >= 0 ? loom__after(ns) : 0;
   while (__atomic_load_n(&n->key, __ATOMIC_ACQUIRE) == 0) {
     if (ns < 0) {
       futex_wait(&n->key, 0, NULL);
