@@ -163,6 +163,7 @@ static const loom_session_listener free_listener = {
 };
 
 static ev E; /* each case runs in its own process */
+static ev CE; /* the client side's events */
 
 /* Codecs outlive every server (they are read on the sessions). */
 static loom_codec lenpfx, line;
@@ -188,6 +189,28 @@ static loom_server *serve(const loom_server_opts *o, char addr[128]) {
   CHECK_OK(loom_server_start(&srv, o));
   CHECK_OK(loom_server_addr(srv, addr, 128));
   return srv;
+}
+
+/* A client's options for a server at addr: one TCP session with the
+ * client-side listener (CE), as server_opts is the server's. */
+static loom_client_opts client_opts(const char *addr, const loom_codec *codec) {
+  loom_client_opts co;
+  memset(&co, 0, sizeof co);
+  co.network = "tcp";
+  co.addr = addr;
+  co.session.listener = &ev_listener;
+  co.session.codec = codec;
+  co.session.user = &CE;
+  return co;
+}
+
+/* Start a client and return its first session, referenced. */
+static loom_session *one_session(const loom_client_opts *co, loom_client **cl) {
+  CHECK_OK(loom_client_start(cl, co));
+  CHECK_OK(loom_client_wait(*cl, 1, loom_now() + 5 * SEC));
+  loom_session *cs;
+  CHECK_OK(loom_client_session(*cl, &cs));
+  return cs;
 }
 
 /* A server started with `o`, and one peer connected to it over TCP. */
@@ -1686,7 +1709,6 @@ TEST(stream_write_to_is_eisconn) {
 
 /* A client's packet session is connected: write works, write_to is
  * -EISCONN, and on_message sees no sender. */
-static ev CE; /* the client side's events */
 static void from_is_null(loom_session *s, const loom_pkg *pkg) {
   (void)s;
   CHECK(pkg->from == NULL);
@@ -1706,10 +1728,7 @@ static void udp_client_main(void *arg) {
   co.session.user = &CE;
   CE.msg = from_is_null;
   loom_client *cl;
-  CHECK_OK(loom_client_start(&cl, &co));
-  CHECK_OK(loom_client_wait(cl, 1, loom_now() + 5 * SEC));
-  loom_session *cs;
-  CHECK_OK(loom_client_session(cl, &cs));
+  loom_session *cs = one_session(&co, &cl);
   struct sockaddr_in sa;
   memset(&sa, 0, sizeof sa);
   sa.sin_family = AF_INET;
@@ -1792,21 +1811,13 @@ static void bomb_main(void *arg) {
   o.session.max_pkg_len = 4096;
   char addr[128];
   loom_server *srv = serve(&o, addr);
-  loom_client_opts co;
-  memset(&co, 0, sizeof co);
-  co.network = "tcp";
-  co.addr = addr;
-  co.session.listener = &ev_listener;
-  co.session.codec = NULL; /* raw: the bytes as they are */
-  co.session.user = &CE;
+  loom_client_opts co =
+      client_opts(addr, NULL); /* raw: the bytes as they are */
   co.session.compress = 6;
   co.reconnect_interval = -1; /* one session, never redialled */
   E.keep = true;
   loom_client *cl;
-  CHECK_OK(loom_client_start(&cl, &co));
-  CHECK_OK(loom_client_wait(cl, 1, loom_now() + 5 * SEC));
-  loom_session *cs;
-  CHECK_OK(loom_client_session(cl, &cs));
+  loom_session *cs = one_session(&co, &cl);
   memset(big, 'a', PKG);
   for (int i = 0; i < 64; i++) {
     int rc = loom_session_write(cs, big, PKG, -1);
@@ -1868,20 +1879,11 @@ static void zburst_main(void *arg) {
   E.msg = zb_msg;
   char addr[128];
   loom_server *srv = serve(&o, addr);
-  loom_client_opts co;
-  memset(&co, 0, sizeof co);
-  co.network = "tcp";
-  co.addr = addr;
-  co.session.listener = &ev_listener;
-  co.session.codec = &lenpfx;
-  co.session.user = &CE;
+  loom_client_opts co = client_opts(addr, &lenpfx);
   co.session.compress = 6;
   co.reconnect_interval = -1;
   loom_client *cl;
-  CHECK_OK(loom_client_start(&cl, &co));
-  CHECK_OK(loom_client_wait(cl, 1, loom_now() + 5 * SEC));
-  loom_session *cs;
-  CHECK_OK(loom_client_session(cl, &cs));
+  loom_session *cs = one_session(&co, &cl);
   CHECK_OK(loom_go(zb_ticker, NULL));
   static uint8_t zeros[ZB_LEN];
   for (int i = 0; i < ZB_N; i++)
@@ -1942,20 +1944,11 @@ static void compress_exchange(const zset *server_z, const zset *client_z,
   E.echo = true;
   char addr[128];
   loom_server *srv = serve(&o, addr);
-  loom_client_opts co;
-  memset(&co, 0, sizeof co);
-  co.network = "tcp";
-  co.addr = addr;
-  co.session.listener = &ev_listener;
-  co.session.codec = &lenpfx;
-  co.session.user = &CE;
+  loom_client_opts co = client_opts(addr, &lenpfx);
   zset_apply(&co.session, client_z);
   CE.msg = comp_collect;
   loom_client *cl;
-  CHECK_OK(loom_client_start(&cl, &co));
-  CHECK_OK(loom_client_wait(cl, 1, loom_now() + 5 * SEC));
-  loom_session *cs;
-  CHECK_OK(loom_client_session(cl, &cs));
+  loom_session *cs = one_session(&co, &cl);
   for (int i = 0; i < CN; i++)
     CHECK_OK(loom_session_write(cs, comp_out + i * CPKG, CPKG, -1));
   WAIT_FOR(atomic_load(&comp_got) == sizeof comp_out, 10);
@@ -2018,20 +2011,11 @@ static void zcron_main(void *arg) {
   E.echo = true;
   char addr[128];
   loom_server *srv = serve(&o, addr);
-  loom_client_opts co;
-  memset(&co, 0, sizeof co);
-  co.network = "tcp";
-  co.addr = addr;
-  co.session.listener = &ev_listener;
-  co.session.codec = &lenpfx;
-  co.session.user = &CE;
+  loom_client_opts co = client_opts(addr, &lenpfx);
   co.session.compress = 6;
   co.reconnect_interval = -1;
   loom_client *cl;
-  CHECK_OK(loom_client_start(&cl, &co));
-  CHECK_OK(loom_client_wait(cl, 1, loom_now() + 5 * SEC));
-  loom_session *cs;
-  CHECK_OK(loom_client_session(cl, &cs));
+  loom_session *cs = one_session(&co, &cl);
   CHECK_OK(loom_session_write(cs, "ping", 4, -1));
   WAIT_FOR(atomic_load(&CE.msgs) == 1, 5);
   WAIT_FOR(atomic_load(&E.crons) >= 5, 5);
@@ -3639,13 +3623,7 @@ static void mw_compressed_main(void *arg) {
   E.keep = true;
   char addr[128];
   loom_server *srv = serve(&o, addr);
-  loom_client_opts co;
-  memset(&co, 0, sizeof co);
-  co.network = "tcp";
-  co.addr = addr;
-  co.session.listener = &ev_listener;
-  co.session.codec = &lenpfx;
-  co.session.user = &CE;
+  loom_client_opts co = client_opts(addr, &lenpfx);
   co.session.compress = 6;
   CE.msg = mw_client_msg;
   loom_client *cl;
