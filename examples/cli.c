@@ -55,6 +55,18 @@ long cli_number(const char *prog, const char *opt, const char *v, long lo,
   return n;
 }
 
+bool cli_zoption(const char *prog, int argc, char **argv, int *i, bool *missing,
+                 cli_zopts *z) {
+  const char *v;
+  if ((v = cli_option(argc, argv, i, "--compress", missing)))
+    z->level = (int)cli_number(prog, "--compress", v, -1, 9);
+  else if ((v = cli_option(argc, argv, i, "--compress-window", missing)))
+    z->window = (int)cli_number(prog, "--compress-window", v, 9, 15);
+  else if ((v = cli_option(argc, argv, i, "--compress-mem", missing)))
+    z->mem = (int)cli_number(prog, "--compress-mem", v, 1, 9);
+  return v != NULL;
+}
+
 void cli_url(const char *prog, const char *opt, const char *v, echo_url *urls,
              int *n, int max) {
   char err[300];

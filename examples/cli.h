@@ -27,6 +27,19 @@ int cli_bad_arg(const char *prog, const char *arg, bool missing,
 long cli_number(const char *prog, const char *opt, const char *v, long lo,
                 long hi);
 
+/* The engine examples' compression options: --compress LEVEL (-1..9),
+ * --compress-window BITS (9..15), --compress-mem LEVEL (1..9); 0 leaves
+ * the engine's default (loom/engine.h). */
+typedef struct cli_zopts {
+  int level, window, mem;
+} cli_zopts;
+
+/* If argv[*i] is one of those options, store its value in *z and return
+ * true (as cli_option: *i advanced, *missing set when the value is not
+ * there); else false.  A bad value: a message and exit status 2. */
+bool cli_zoption(const char *prog, int argc, char **argv, int *i, bool *missing,
+                 cli_zopts *z);
+
 struct echo_url;
 /* Parse the URL of option `opt` into urls[*n] and count it, at most max;
  * otherwise a message and exit status 2. */

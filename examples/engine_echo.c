@@ -42,7 +42,8 @@
 static struct {
   echo_url urls[MAX_URLS];
   int nurls;
-  int procs, pool_queues, compress, compress_window, compress_mem;
+  int procs, pool_queues;
+  cli_zopts z;
   size_t max_pkg;
   int64_t duration;
   bool metrics, quiet;
@@ -96,9 +97,9 @@ static void app_main(void *arg) {
                     .codec = &app.codec,
                     .max_pkg_len = app.max_pkg,
                     .pool = pool,
-                    .compress = app.urls[n].packet ? 0 : app.compress,
-                    .compress_window_bits = app.compress_window,
-                    .compress_mem_level = app.compress_mem},
+                    .compress = app.urls[n].packet ? 0 : app.z.level,
+                    .compress_window_bits = app.z.window,
+                    .compress_mem_level = app.z.mem},
     };
     if (cli_serve(PROG, &srv[n], &o) < 0) {
       app.status = 1;
@@ -158,14 +159,7 @@ int main(int argc, char **argv) {
       app.procs = (int)cli_number(PROG, "--procs", v, 1, 1024);
     } else if ((v = cli_option(argc, argv, &i, "--pool", &missing))) {
       app.pool_queues = (int)cli_number(PROG, "--pool", v, 0, 4096);
-    } else if ((v = cli_option(argc, argv, &i, "--compress", &missing))) {
-      app.compress = (int)cli_number(PROG, "--compress", v, -1, 9);
-    } else if ((v = cli_option(argc, argv, &i, "--compress-window",
-                               &missing))) {
-      app.compress_window =
-          (int)cli_number(PROG, "--compress-window", v, 9, 15);
-    } else if ((v = cli_option(argc, argv, &i, "--compress-mem", &missing))) {
-      app.compress_mem = (int)cli_number(PROG, "--compress-mem", v, 1, 9);
+    } else if (cli_zoption(PROG, argc, argv, &i, &missing, &app.z)) {
     } else if ((v = cli_option(argc, argv, &i, "--max-pkg", &missing))) {
       app.max_pkg = (size_t)cli_number(PROG, "--max-pkg", v, 1, 1L << 30);
     } else if ((v = cli_option(argc, argv, &i, "--duration", &missing))) {

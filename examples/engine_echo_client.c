@@ -32,7 +32,8 @@
 
 static struct {
   echo_url url;
-  int conns, count, compress, compress_window, compress_mem;
+  int conns, count;
+  cli_zopts z;
   size_t size;
   int64_t timeout;
   atomic_int got, bad;
@@ -88,9 +89,9 @@ static void app_main(void *arg) {
       .conns = app.conns,
       .session = {.listener = &listener,
                   .codec = &codec,
-                  .compress = app.url.packet ? 0 : app.compress,
-                  .compress_window_bits = app.compress_window,
-                  .compress_mem_level = app.compress_mem},
+                  .compress = app.url.packet ? 0 : app.z.level,
+                  .compress_window_bits = app.z.window,
+                  .compress_mem_level = app.z.mem},
   };
   loom_client *cl;
   int rc = loom_client_start(&cl, &o);
@@ -171,14 +172,7 @@ int main(int argc, char **argv) {
       app.count = (int)cli_number(PROG, "--count", v, 1, 100000000);
     } else if ((v = cli_option(argc, argv, &i, "--size", &missing))) {
       app.size = (size_t)cli_number(PROG, "--size", v, 8, 1 << 20);
-    } else if ((v = cli_option(argc, argv, &i, "--compress", &missing))) {
-      app.compress = (int)cli_number(PROG, "--compress", v, -1, 9);
-    } else if ((v = cli_option(argc, argv, &i, "--compress-window",
-                               &missing))) {
-      app.compress_window =
-          (int)cli_number(PROG, "--compress-window", v, 9, 15);
-    } else if ((v = cli_option(argc, argv, &i, "--compress-mem", &missing))) {
-      app.compress_mem = (int)cli_number(PROG, "--compress-mem", v, 1, 9);
+    } else if (cli_zoption(PROG, argc, argv, &i, &missing, &app.z)) {
     } else if ((v = cli_option(argc, argv, &i, "--timeout", &missing))) {
       app.timeout = cli_number(PROG, "--timeout", v, 1, 3600);
     } else {
