@@ -24,6 +24,7 @@
 #include "check.h"
 #include "loom.h"
 #include "net/addr.h"
+#include "net/export_test.h"
 #include "net/netfd.h"
 
 /* ------------------------------------------------------------------ */
@@ -1965,6 +1966,198 @@ static void probe_forever_main(void *arg) {
 
 TEST(packet_dial_probe_waits_without_limit) {
   check_run(probe_forever_main, NULL, 2);
+}
+
+/* ------------------------------------------------------------------ */
+/* A cancel that lands while a context-bounded call completes: the call */
+/* succeeded, so the connection's deadline is left as the user set it.  */
+/* The cancel is made certain through net/export_test.h's hook, which   */
+/* runs between the operation and the removal of the cancel hook.       */
+
+static loom_ctx *late_ctx;      /* the context the hook cancels */
+static void (*late_then)(void); /* then runs this, still in the window */
+static int late_fired;
+
+static void late_cancel(loom_ctx *ctx, ssize_t r) {
+  if (ctx != late_ctx || r < 0)
+    return;
+  loom_ctx_cancel(ctx);
+  late_fired++;
+  if (late_then != NULL)
+    late_then();
+}
+
+/* op(c) bounded by a fresh context that is cancelled once op has
+ * succeeded; returns op's result. */
+static ssize_t late_call(ssize_t (*op)(void *a, loom_ctx *ctx), void *a,
+                         void (*then)(void)) {
+  loom_ctx *ctx;
+  CHECK_OK(loom_ctx_with_cancel(&ctx, loom_ctx_background()));
+  late_ctx = ctx;
+  late_then = then;
+  late_fired = 0;
+  loom__test_ctx_op_done = late_cancel;
+  ssize_t r = op(a, ctx);
+  loom__test_ctx_op_done = NULL;
+  late_ctx = NULL;
+  CHECK_EQ(late_fired, 1);
+  CHECK_EQ(loom_ctx_err(ctx), -ECANCELED);
+  loom_ctx_release(ctx);
+  return r;
+}
+
+static char late_buf[64];
+static ssize_t late_read(void *a, loom_ctx *ctx) {
+  return loom_read_ctx(a, late_buf, sizeof late_buf, ctx);
+}
+
+static loom_conn *late_c;
+static void late_sleep(void) { loom_sleep(40 * CHECK_MS); }
+static void late_move(void) {
+  CHECK_OK(loom_set_read_deadline(late_c, loom_now() - 1));
+}
+static atomic_int late_closed = 1;
+static void late_closer(void *arg) {
+  atomic_store(&late_closed, loom_close(arg));
+}
+static void late_close(void) {
+  atomic_store(&late_closed, 1);
+  CHECK_OK(loom_go(late_closer, late_c));
+  /* The close marks the conn and wakes its users at once, then waits for
+   * our call to leave. */
+  while (!loom__netfd_closed((loom__netfd *)late_c))
+    loom_sleep(CHECK_MS);
+}
+
+static void late_read_main(void *arg) {
+  (void)arg;
+  loom_listener *l;
+  loom_conn *c, *s;
+  pair(&l, &c, &s);
+  char b[64];
+
+  /* No deadline: the next read waits for data, as if no cancel. */
+  CHECK_EQ(loom_write(s, "ab", 2), 2);
+  CHECK_EQ(late_call(late_read, c, NULL), 2);
+  CHECK(memcmp(late_buf, "ab", 2) == 0);
+  CHECK_EQ(loom_write(s, "cd", 2), 2);
+  CHECK_EQ(loom_read(c, b, sizeof b), 2);
+  CHECK(memcmp(b, "cd", 2) == 0);
+
+  /* The user's deadline ahead: kept, and it ends a read at its time. */
+  int64_t t0 = loom_now();
+  CHECK_OK(loom_set_read_deadline(c, t0 + 100 * CHECK_MS));
+  CHECK_EQ(loom_write(s, "ef", 2), 2);
+  CHECK_EQ(late_call(late_read, c, NULL), 2);
+  CHECK_EQ(loom_write(s, "gh", 2), 2);
+  CHECK_EQ(loom_read(c, b, sizeof b), 2);
+  CHECK(memcmp(b, "gh", 2) == 0);
+  CHECK_ERR(loom_read(c, b, sizeof b), -ETIMEDOUT);
+  CHECK_GE(loom_now() - t0, 100 * CHECK_MS);
+
+  /* The user's deadline passed while the cancel held it: passed, as it
+   * would be without the cancel (data waiting is not read). */
+  CHECK_OK(loom_set_read_deadline(c, loom_now() + 20 * CHECK_MS));
+  CHECK_EQ(loom_write(s, "ij", 2), 2);
+  CHECK_EQ(late_call(late_read, c, late_sleep), 2);
+  CHECK_EQ(loom_write(s, "kl", 2), 2);
+  loom_sleep(5 * CHECK_MS);
+  CHECK_ERR(loom_read(c, b, sizeof b), -ETIMEDOUT);
+  CHECK_OK(loom_set_read_deadline(c, 0));
+  CHECK_EQ(loom_read(c, b, sizeof b), 2);
+
+  /* A deadline the user set in between wins over the one before. */
+  late_c = c;
+  CHECK_OK(loom_set_read_deadline(c, loom_now() + 5000 * CHECK_MS));
+  CHECK_EQ(loom_write(s, "mn", 2), 2);
+  CHECK_EQ(late_call(late_read, c, late_move), 2);
+  CHECK_EQ(loom_write(s, "op", 2), 2);
+  loom_sleep(5 * CHECK_MS);
+  CHECK_ERR(loom_read(c, b, sizeof b), -ETIMEDOUT);
+  CHECK_OK(loom_set_read_deadline(c, 0));
+  CHECK_EQ(loom_read(c, b, sizeof b), 2);
+
+  /* A close in between wins: the call returns its bytes, the close
+   * completes once it has left. */
+  CHECK_OK(loom_set_read_deadline(c, loom_now() + 5000 * CHECK_MS));
+  CHECK_EQ(loom_write(s, "qr", 2), 2);
+  CHECK_EQ(late_call(late_read, c, late_close), 2);
+  while (atomic_load(&late_closed) == 1)
+    loom_sleep(CHECK_MS);
+  CHECK_OK(atomic_load(&late_closed));
+
+  CHECK_OK(loom_close(s));
+  CHECK_OK(loom_listener_close(l));
+}
+
+TEST(late_cancel_leaves_the_read_deadline) {
+  check_run(late_read_main, NULL, 2);
+}
+
+static ssize_t late_write(void *a, loom_ctx *ctx) {
+  return loom_write_ctx(a, "st", 2, ctx);
+}
+
+static loom_conn *late_accepted;
+static ssize_t late_accept(void *a, loom_ctx *ctx) {
+  return loom_accept_ctx(a, &late_accepted, ctx);
+}
+
+static ssize_t late_pread(void *a, loom_ctx *ctx) {
+  return loom_pconn_read_from_ctx(a, late_buf, sizeof late_buf, NULL, NULL,
+                                  ctx);
+}
+
+static ssize_t late_pwrite(void *a, loom_ctx *ctx) {
+  struct iovec iov = {(void *)"uv", 2};
+  return loom_pconn_write_msg_ctx(a, &iov, 1, NULL, 0, ctx);
+}
+
+static void late_others_main(void *arg) {
+  (void)arg;
+  loom_listener *l;
+  loom_conn *c, *s, *c2, *s2;
+  char addr[128], b[64];
+  pair(&l, &c, &s);
+
+  /* write */
+  CHECK_EQ(late_call(late_write, c, NULL), 2);
+  CHECK_EQ(loom_write(c, "wx", 2), 2);
+  CHECK_EQ(loom_read(s, b, 4), 4);
+  CHECK(memcmp(b, "stwx", 4) == 0);
+
+  /* accept */
+  CHECK_OK(loom_listener_addr(l, addr, sizeof addr));
+  CHECK_OK(loom_dial(&c2, "tcp", addr));
+  CHECK_EQ(late_call(late_accept, l, NULL), 0);
+  CHECK_OK(loom_close(late_accepted));
+  CHECK_OK(loom_close(c2));
+  CHECK_OK(loom_dial(&c2, "tcp", addr));
+  CHECK_OK(loom_accept(l, &s2));
+  CHECK_OK(loom_close(s2));
+  CHECK_OK(loom_close(c2));
+
+  /* packet read and write */
+  loom_pconn *ps, *pc;
+  CHECK_OK(loom_listen_packet(&ps, "udp", "127.0.0.1:0"));
+  CHECK_OK(loom_pconn_local_addr(ps, addr, sizeof addr));
+  CHECK_OK(loom_dial_packet(&pc, "udp", addr));
+  CHECK_EQ(late_call(late_pwrite, pc, NULL), 2);
+  CHECK_EQ(loom_pconn_write(pc, "yz", 2), 2);
+  CHECK_EQ(late_call(late_pread, ps, NULL), 2);
+  CHECK(memcmp(late_buf, "uv", 2) == 0);
+  CHECK_EQ(loom_pconn_read(ps, b, sizeof b), 2);
+  CHECK(memcmp(b, "yz", 2) == 0);
+
+  CHECK_OK(loom_pconn_close(pc));
+  CHECK_OK(loom_pconn_close(ps));
+  CHECK_OK(loom_close(c));
+  CHECK_OK(loom_close(s));
+  CHECK_OK(loom_listener_close(l));
+}
+
+TEST(late_cancel_leaves_write_accept_and_packet_deadlines) {
+  check_run(late_others_main, NULL, 2);
 }
 
 CHECK_MAIN()

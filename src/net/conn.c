@@ -21,6 +21,7 @@
 #include "ctx/ctx_internal.h"
 #include "loom/net.h"
 #include "net/addr.h"
+#include "net/export_test.h"
 #include "net/netfd.h"
 #include "runtime/alloc.h"
 #include "runtime/runtime.h"
@@ -470,6 +471,8 @@ int loom_dial(loom_conn **c, const char *network, const char *addr) {
 
 /* ---- bounded by a context ------------------------------------------- */
 
+void (*loom__test_ctx_op_done)(loom_ctx *ctx, ssize_t r);
+
 /* Run op on c with a hook that expires c's deadline for `mode` when ctx
  * is cancelled; a -ETIMEDOUT caused by that becomes ctx's reason.  We
  * hold a reference over the whole call, so the pd the hook points at
@@ -489,6 +492,8 @@ static ssize_t with_ctx(loom__netfd *f, int mode, loom_ctx *ctx,
     r = loom__ctx_reason(ctx);
   } else {
     r = op(a);
+    if (loom__test_ctx_op_done != NULL)
+      loom__test_ctx_op_done(ctx, r);
     loom__ctx_unhook(ctx, &h);
     if (r == -ETIMEDOUT && loom__ctx_reason(ctx) != 0)
       r = loom__ctx_reason(ctx);
