@@ -13,6 +13,8 @@
 
 #include "check.h"
 #include "loom.h"
+#include "netpoll/pollfd.h"
+#include "runtime/runtime.h"
 
 static void make_pipe(int p[2]) {
   CHECK_EQ(pipe2(p, O_NONBLOCK | O_CLOEXEC), 0);
@@ -328,5 +330,79 @@ static void bctx_main(void *arg) {
 }
 
 TEST(fd_wait_ctx_in_blocking_section) { check_run(bctx_main, NULL, 2); }
+
+/* ------------------------------------------------------------------ */
+/* Undoing a context's cancel (loom__pd_cancel): the deadline it        */
+/* overwrote comes back, unless something changed it since.             */
+
+static loom__pd_cancel undo_fire(loom__pd *pd, int64_t want_was) {
+  loom__pd_cancel x = {.pd = pd, .mode = 'r', .fired = false};
+  loom__pd_cancel_fire(&x);
+  CHECK(x.fired);
+  CHECK_EQ(x.was, want_was);
+  CHECK_ERR(loom__pd_check(pd, 'r'), -ETIMEDOUT);
+  return x;
+}
+
+static void undo_main(void *arg) {
+  (void)arg;
+  int p[2];
+  make_pipe(p);
+  loom__pd *pd;
+  CHECK_OK(loom__pd_open(loom__rt_get(), p[0], &pd));
+
+  /* A deadline ahead: back, with its timer. */
+  int64_t d = loom_now() + 60 * CHECK_MS;
+  CHECK_OK(loom__pd_set_deadline(pd, 'r', d));
+  loom__pd_cancel x = undo_fire(pd, d);
+  CHECK_OK(loom__pd_cancel_undo(&x));
+  CHECK_OK(loom__pd_check(pd, 'r'));
+  CHECK_ERR(loom__pd_wait(pd, 'r'), -ETIMEDOUT);
+  CHECK_GE(loom_now(), d);
+
+  /* No deadline: none again. */
+  CHECK_OK(loom__pd_set_deadline(pd, 'r', 0));
+  x = undo_fire(pd, 0);
+  CHECK_OK(loom__pd_cancel_undo(&x));
+  CHECK_OK(loom__pd_check(pd, 'r'));
+
+  /* A deadline that passed meanwhile: passed. */
+  CHECK_OK(loom__pd_set_deadline(pd, 'r', loom_now() + 10 * CHECK_MS));
+  x = undo_fire(pd, pd->rd);
+  loom_sleep(20 * CHECK_MS);
+  CHECK_OK(loom__pd_cancel_undo(&x));
+  CHECK_ERR(loom__pd_check(pd, 'r'), -ETIMEDOUT);
+
+  /* A deadline set after the expire stands. */
+  d = loom_now() + 5000 * CHECK_MS;
+  CHECK_OK(loom__pd_set_deadline(pd, 'r', d));
+  x = undo_fire(pd, d);
+  CHECK_OK(loom__pd_set_deadline(pd, 'r', 0));
+  CHECK_OK(loom__pd_cancel_undo(&x));
+  CHECK_EQ(pd->rd, 0);
+
+  /* So does a second expire (which overwrote the first's -1). */
+  CHECK_OK(loom__pd_set_deadline(pd, 'r', d));
+  x = undo_fire(pd, d);
+  loom__pd_cancel y = undo_fire(pd, -1);
+  CHECK_OK(loom__pd_cancel_undo(&x));
+  CHECK_OK(loom__pd_cancel_undo(&y));
+  CHECK_EQ(pd->rd, -1);
+
+  /* And a close: no deadline, no timer armed. */
+  CHECK_OK(loom__pd_set_deadline(pd, 'r', d));
+  x = undo_fire(pd, d);
+  loom__pd_evict(pd);
+  CHECK_OK(loom__pd_cancel_undo(&x));
+  CHECK_EQ(pd->rd, -1);
+  CHECK_NE(pd->rseq_armed, pd->rseq);
+  CHECK_ERR(loom__pd_check(pd, 'r'), LOOM_ECLOSED);
+
+  loom__pd_close(pd, true);
+  close(p[0]);
+  close(p[1]);
+}
+
+TEST(undone_cancel_yields_to_later_changes) { check_run(undo_main, NULL, 1); }
 
 CHECK_MAIN()

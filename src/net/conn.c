@@ -474,9 +474,11 @@ int loom_dial(loom_conn **c, const char *network, const char *addr) {
 void (*loom__test_ctx_op_done)(loom_ctx *ctx, ssize_t r);
 
 /* Run op on c with a hook that expires c's deadline for `mode` when ctx
- * is cancelled; a -ETIMEDOUT caused by that becomes ctx's reason.  We
- * hold a reference over the whole call, so the pd the hook points at
- * cannot be recycled under it. */
+ * is cancelled; a -ETIMEDOUT caused by that becomes ctx's reason.  A
+ * call that ended otherwise was not cut short (the cancel landed as it
+ * completed): the expire is undone, so the connection's deadline is the
+ * user's again.  We hold a reference over the whole call, so the pd the
+ * hook points at cannot be recycled under it. */
 static ssize_t with_ctx(loom__netfd *f, int mode, loom_ctx *ctx,
                         ssize_t (*op)(void *a), void *a) {
   int e = loom__ctx_reason(ctx);
@@ -484,9 +486,8 @@ static ssize_t with_ctx(loom__netfd *f, int mode, loom_ctx *ctx,
     return e;
   if (!loom__netfd_acquire(f))
     return LOOM_ECLOSED;
-  loom__ctx_hook h = {mode == 'r' ? loom__pd_expire_read
-                                  : loom__pd_expire_write,
-                      f->pd, NULL, NULL, false};
+  loom__pd_cancel pc = {.pd = f->pd, .mode = mode, .fired = false};
+  loom__ctx_hook h = {loom__pd_cancel_fire, &pc, NULL, NULL, false};
   ssize_t r;
   if (!loom__ctx_hook_add(ctx, &h)) {
     r = loom__ctx_reason(ctx);
@@ -497,6 +498,8 @@ static ssize_t with_ctx(loom__netfd *f, int mode, loom_ctx *ctx,
     loom__ctx_unhook(ctx, &h);
     if (r == -ETIMEDOUT && loom__ctx_reason(ctx) != 0)
       r = loom__ctx_reason(ctx);
+    else if (pc.fired)
+      (void)loom__pd_cancel_undo(&pc); /* failing, it stays passed */
   }
   loom__netfd_release(f);
   return r;

@@ -71,7 +71,8 @@ int loom__netfd_set_deadlines(loom__netfd *f, int64_t rd, int64_t wd);
 
 struct loom_ctx;
 /* Run op(a) bounded by ctx: a cancel expires f's deadline for `mode`, and
- * the op's -ETIMEDOUT becomes the context's reason (conn.c). */
+ * the op's -ETIMEDOUT becomes the context's reason; an op that ended
+ * otherwise gets the deadline back (conn.c). */
 ssize_t loom__netfd_with_ctx(loom__netfd *f, int mode, struct loom_ctx *ctx,
                              ssize_t (*op)(void *a), void *a);
 

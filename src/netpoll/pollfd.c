@@ -349,13 +349,14 @@ int loom__pd_set_deadline(loom__pd *pd, int mode, int64_t d) {
 }
 
 /* Move the deadline of `mode` into the past now, from any thread (no
- * timer needed): a context's cancel uses it to end a blocked call. */
-void loom__pd_expire(loom__pd *pd, int mode) {
+ * timer needed): a context's cancel uses it to end a blocked call.
+ * *was gets the deadline it overwrote, *seq the direction's sequence
+ * number after the change (both under the lock, so that an undo can
+ * tell whether anybody moved the deadline since). */
+static void expire(loom__pd *pd, int mode, int64_t *was, uint32_t *seq) {
   pd_lock(pd);
-  if (mode == 'r')
-    pd->rseq++;
-  else
-    pd->wseq++;
+  *was = mode == 'r' ? pd->rd : pd->wd;
+  *seq = mode == 'r' ? ++pd->rseq : ++pd->wseq;
   set_slot(pd, mode, -1);
   loom__timer_stop(mode == 'r' ? &pd->rt : &pd->wt);
   loom__g *g = unblock(pd, mode, false);
@@ -366,8 +367,57 @@ void loom__pd_expire(loom__pd *pd, int mode) {
     wake_sleepers(pd);
 }
 
+void loom__pd_expire(loom__pd *pd, int mode) {
+  int64_t was;
+  uint32_t seq;
+  expire(pd, mode, &was, &seq);
+}
+
 void loom__pd_expire_read(void *pd) { loom__pd_expire(pd, 'r'); }
 void loom__pd_expire_write(void *pd) { loom__pd_expire(pd, 'w'); }
+
+void loom__pd_cancel_fire(void *arg) {
+  loom__pd_cancel *x = arg;
+  expire(x->pd, x->mode, &x->was, &x->seq);
+  x->fired = true;
+}
+
+/* Put back the deadline x's expire overwrote, as loom__pd_set_deadline
+ * would set it now (one that has passed meanwhile is passed), unless
+ * the direction's sequence number moved since: a new deadline, another
+ * expire or a close came after ours and stands.  A deadline ahead needs
+ * a timer, and so a P and room for it; without them the deadline stays
+ * passed, as before the undo. */
+int loom__pd_cancel_undo(loom__pd_cancel *x) {
+  loom__pd *pd = x->pd;
+  int mode = x->mode;
+  if (x->was < 0)
+    return 0; /* it had passed already: the expire changed nothing */
+  loom__m *m = loom__getm();
+  loom__p *p = m != NULL ? m->p : NULL;
+  int64_t now = loom_now();
+  if (x->was > now) {
+    if (p == NULL)
+      return LOOM_ENOTCO;
+    if (loom__timers_reserve(&p->timers, 1) != 0)
+      return -ENOMEM;
+  }
+  loom__g *g = NULL;
+  pd_lock(pd);
+  bool ours = !pd->closing && (mode == 'r' ? pd->rseq : pd->wseq) == x->seq;
+  if (ours)
+    g = set_one(pd, p, mode, x->was, now);
+  pd_unlock(pd);
+  if (!ours)
+    return 0;
+  if (g != NULL)
+    loom__ready(g);
+  if (mode == 'w')
+    wake_sleepers(pd); /* each looks at the new deadline */
+  if (x->was > now)
+    loom__wake_netpoller(m->rt, x->was);
+  return 0;
+}
 
 /* ---- open, evict, close -------------------------------------------- */
 

@@ -119,6 +119,30 @@ void loom__pd_expire(loom__pd *pd, int mode);
 void loom__pd_expire_read(void *pd);
 void loom__pd_expire_write(void *pd);
 
+/* A context's cancel over one call, that can be undone when the call
+ * succeeds all the same (the cancel landed as it completed).  The caller
+ * fills pd and mode, fired false, and hooks loom__pd_cancel_fire with
+ * the record as its argument; the record must outlive the hook (the
+ * caller's frame does: the unhook waits for a running hook).  After the
+ * unhook, `fired` says whether the hook ran, and loom__pd_cancel_undo
+ * puts back what it changed. */
+typedef struct loom__pd_cancel {
+  loom__pd *pd;
+  int mode;     /* 'r' or 'w' */
+  bool fired;   /* the hook ran: was and seq are set */
+  int64_t was;  /* the deadline the expire overwrote */
+  uint32_t seq; /* the direction's sequence number after the expire */
+} loom__pd_cancel;
+/* The hook: loom__pd_expire, recording into the loom__pd_cancel `x`. */
+void loom__pd_cancel_fire(void *x);
+/* Undo a fired cancel: put back the deadline it overwrote, unless a
+ * change since (a new deadline, another expire, a close) stands in its
+ * way.  A deadline that has passed meanwhile is passed, as it would be
+ * without the cancel.  On a coroutine, after the unhook.  0, or (the
+ * deadline then stays passed) LOOM_ENOTCO for a deadline still ahead
+ * inside loom_block_enter/exit, -ENOMEM for no room for its timer. */
+int loom__pd_cancel_undo(loom__pd_cancel *x);
+
 /* Poller side: readiness for mode 'r', 'w', both ('r'+'w') or neither
  * (0) on the pd behind `cookie`; `hangup` when the event reported a
  * hang-up, an error or urgent data (it sets pd->hangup, which stays set).
