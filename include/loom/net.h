@@ -181,14 +181,15 @@ LOOM_API ssize_t loom_writev(loom_conn *c, const struct iovec *iov,
  * cancel of `ctx` (or of an ancestor, or its deadline) wakes the call
  * with loom_ctx_err(ctx) (-ECANCELED, -ETIMEDOUT), promptly even while it
  * is parked in the poller.  The connection stays usable, in a defined
- * state: a call the cancel cut short leaves the deadline of that
- * direction in the past (as after a deadline of its own), so the next
- * call in that direction returns -ETIMEDOUT until a new deadline is set;
- * a `ctx` done before the call returns its error and touches nothing.
- * A cancel that lands while the call is completing may do the same to a
- * call that succeeds: after a cancel, set the deadline before reusing
- * the connection without that context.
- * A write cut short may have sent part of its bytes.  Parks.
+ * state: a call the cancel cut short (it returns the context's reason)
+ * leaves the deadline of that direction in the past (as after a
+ * deadline of its own), so the next call in that direction returns
+ * -ETIMEDOUT until a new deadline is set; a `ctx` done before the call
+ * returns its error and touches nothing.  A call that returns anything
+ * else, though the cancel landed while it was completing, leaves the
+ * deadline as it was before the call (one that has passed meanwhile is
+ * passed), unless it was changed or the connection closed in the
+ * meantime.  A write cut short may have sent part of its bytes.  Parks.
  */
 LOOM_API ssize_t loom_read_ctx(loom_conn *c, void *buf, size_t len,
                                loom_ctx *ctx);
@@ -313,7 +314,8 @@ LOOM_API ssize_t loom_pconn_write_msg(loom_pconn *pc, const struct iovec *iov,
  * state loom_read_ctx leaves a connection in: after a call the cancel
  * cut short, the deadline of that direction is in the past, so the next
  * call in that direction returns -ETIMEDOUT until a new deadline is set
- * (a `ctx` done before the call touches nothing).  Parks.
+ * (a `ctx` done before the call touches nothing); a call that returns
+ * anything else leaves the deadline as it was.  Parks.
  */
 LOOM_API ssize_t loom_pconn_read_from_ctx(loom_pconn *pc, void *buf, size_t len,
                                           struct sockaddr_storage *from,
