@@ -245,4 +245,56 @@ TEST(deadline_set_inside_block_section) {
   check_run(deadline_in_section_main, NULL, 2);
 }
 
+/* The sync layer inside a blocking section waits as a plain thread does:
+ * the thread blocks, the P goes to another thread, and the coroutines
+ * that complete the waits run there — on a runtime with one P too.  (A
+ * channel wait with a deadline crashed on the section's missing P.) */
+static loom_chan *sec_ch;
+static loom_mutex sec_mu = LOOM_MUTEX_INIT;
+static loom_wg sec_wg = LOOM_WG_INIT;
+static atomic_int sec_sent;
+static void sec_sender(void *arg) {
+  (void)arg;
+  loom_sleep(20 * CHECK_MS); /* the receiver is in its section by then */
+  long v = 7;
+  CHECK_OK(loom_chan_send(sec_ch, &v));
+  v = 8;
+  CHECK_OK(loom_chan_send(sec_ch, &v));
+  loom_sleep(20 * CHECK_MS);
+  loom_mutex_unlock(&sec_mu);
+  loom_sleep(20 * CHECK_MS);
+  loom_wg_done(&sec_wg);
+  atomic_store(&sec_sent, 1);
+}
+static void sync_in_section_main(void *arg) {
+  (void)arg;
+  long v = 0;
+  CHECK_OK(loom_chan_make(&sec_ch, sizeof v, 0));
+  loom_mutex_lock(&sec_mu); /* the sender unlocks it */
+  loom_wg_add(&sec_wg, 1);
+  CHECK_OK(loom_go(sec_sender, NULL));
+  loom_block_enter();
+  int r1 = loom_chan_recv(sec_ch, &v);
+  long v1 = v;
+  int r2 = loom_chan_recv_until(sec_ch, &v, loom_now() + 5000 * CHECK_MS);
+  long v2 = v;
+  int r3 = loom_chan_recv_until(sec_ch, &v, loom_now() + 10 * CHECK_MS);
+  loom_mutex_lock(&sec_mu);
+  int r4 = loom_wg_wait(&sec_wg, 0);
+  loom_block_exit();
+  CHECK_EQ(r1, 1);
+  CHECK_EQ(v1, 7);
+  CHECK_EQ(r2, 1);
+  CHECK_EQ(v2, 8);
+  CHECK_ERR(r3, -ETIMEDOUT);
+  CHECK_OK(r4);
+  CHECK(atomic_load(&sec_sent));
+  loom_mutex_unlock(&sec_mu);
+  loom_chan_free(sec_ch);
+}
+TEST(sync_waits_inside_block_section) {
+  check_watchdog(20, "sync waits inside a blocking section");
+  check_run(sync_in_section_main, NULL, 1);
+}
+
 CHECK_MAIN()

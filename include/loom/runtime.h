@@ -155,8 +155,12 @@ LOOM_API int loom_procs(void);
  * thread so other coroutines keep running; loom_block_exit then takes a P
  * back (possibly parking until one is free).  Entering costs two atomic
  * stores; leaving, one compare-and-swap when the P was not taken.
- * The pair must be balanced and not nested, and nothing between them may
- * park; a coroutine that returns between them leaves the section.
+ * The pair must be balanced and not nested; a coroutine that returns
+ * between them leaves the section.  Between them the coroutine waits as
+ * a plain thread does: loom_sleep, loom_yield, loom_fd_wait and the
+ * waits of channels, select, mutexes, semaphores, wait groups and
+ * condition variables block the thread (the P is handed on meanwhile);
+ * a socket call that would wait for readiness must not be made there.
  * Outside a coroutine they do nothing.  The other thread may have
  * to be created: if that fails (no memory, no threads), the monitor
  * tries again every few milliseconds, and until it succeeds the P's

@@ -206,8 +206,8 @@ static void wait_claimed(waiter *w, loom_chan **locked, int nlocked,
 
 /* ---- single operations --------------------------------------------------- */
 
-static int send_impl(loom_chan *c, const void *elem, bool block,
-                     int64_t deadline) {
+__attribute__((always_inline)) static inline int
+send_impl(loom_chan *c, const void *elem, bool block, int64_t deadline) {
   if (c == NULL)
     return -EINVAL;
   waiter *wk = NULL;
@@ -234,7 +234,8 @@ static int send_impl(loom_chan *c, const void *elem, bool block,
   return s.success ? 0 : -EPIPE;
 }
 
-static int recv_impl(loom_chan *c, void *elem, bool block, int64_t deadline) {
+__attribute__((always_inline)) static inline int
+recv_impl(loom_chan *c, void *elem, bool block, int64_t deadline) {
   if (c == NULL)
     return -EINVAL;
   waiter *wk = NULL;

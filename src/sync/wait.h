@@ -63,7 +63,12 @@ static inline void loom__spin_unlock(int *l) {
  * the sync layer goes through them, and a call's frame costs as much as
  * their bodies. */
 static inline void loom__waiter_init(loom__waiter *w, bool exclusive) {
-  w->g = loom__getg();
+  /* A coroutine inside loom_block_enter/exit has no P to park on: it
+   * waits as a plain thread does, and its thread blocks. */
+  loom__m *m = loom__getm();
+  w->g = m != NULL && m->p != NULL && m->curg != NULL && !m->curg->is_g0
+             ? m->curg
+             : NULL;
   w->fired = -1;
   w->exclusive = exclusive;
   w->handed = false;
