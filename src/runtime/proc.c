@@ -608,8 +608,12 @@ static void pidleput(loom__rt *rt, loom__p *p) {
 static loom__p *pidle_take(loom__rt *rt, loom__p **pp) {
   loom__p *p = *pp;
   *pp = p->link;
+  /* Against sysmon's "sysmonwait = true, then read npidle" before it
+   * sleeps: each side writes, then reads the other's word, so both reads
+   * are seq_cst, or both could miss the other's write (on x86_64 the
+   * locked decrement orders them anyway; weaker CPUs need the load). */
   atomic_fetch_sub(&rt->npidle, 1);
-  if (atomic_load_explicit(&rt->sysmonwait, memory_order_relaxed))
+  if (atomic_load(&rt->sysmonwait))
     loom__sysmon_wake(rt);
   return p;
 }
