@@ -1405,12 +1405,19 @@ TEST(unixgram_write_to_a_stuck_peer_spares_the_others) {
 /* ------------------------------------------------------------------ */
 /* Deadlines that have passed stop calls that would not have waited.    */
 
-static void pair(loom_listener **l, loom_conn **c, loom_conn **s) {
-  char addr[128];
-  CHECK_OK(loom_listen(l, "tcp", "127.0.0.1:0"));
-  CHECK_OK(loom_listener_addr(*l, addr, sizeof addr));
-  CHECK_OK(loom_dial(c, "tcp", addr));
+/* A listener on `addr` and a connection to it: the dialled end *c, the
+ * accepted one *s. */
+static void pair_on(const char *network, const char *addr, loom_listener **l,
+                    loom_conn **c, loom_conn **s) {
+  char bound[128];
+  CHECK_OK(loom_listen(l, network, addr));
+  CHECK_OK(loom_listener_addr(*l, bound, sizeof bound));
+  CHECK_OK(loom_dial(c, network, bound));
   CHECK_OK(loom_accept(*l, s));
+}
+
+static void pair(loom_listener **l, loom_conn **c, loom_conn **s) {
+  pair_on("tcp", "127.0.0.1:0", l, c, s);
 }
 
 static void passed_main(void *arg) {
@@ -2159,5 +2166,45 @@ static void late_others_main(void *arg) {
 TEST(late_cancel_leaves_write_accept_and_packet_deadlines) {
   check_run(late_others_main, NULL, 2);
 }
+
+/* Socket options: TCP_NODELAY is on from the start (as in Go), keep-alive
+ * sets its three options, and on a Unix socket, which has no TCP
+ * options, a keep-alive with an idle time fails and changes nothing. */
+static int sockopt(loom_conn *c, int level, int name) {
+  int v = -1;
+  socklen_t n = sizeof v;
+  CHECK_OK(getsockopt(loom_conn_fd(c), level, name, &v, &n));
+  return v;
+}
+static void sockopts_main(void *arg) {
+  (void)arg;
+  loom_listener *l;
+  loom_conn *a, *b;
+  pair(&l, &a, &b);
+  CHECK_EQ(sockopt(a, IPPROTO_TCP, TCP_NODELAY), 1);
+  CHECK_EQ(sockopt(b, IPPROTO_TCP, TCP_NODELAY), 1);
+  CHECK_OK(loom_conn_set_nodelay(a, false));
+  CHECK_EQ(sockopt(a, IPPROTO_TCP, TCP_NODELAY), 0);
+  CHECK_OK(loom_conn_set_keepalive(a, true, 7));
+  CHECK_EQ(sockopt(a, SOL_SOCKET, SO_KEEPALIVE), 1);
+  CHECK_EQ(sockopt(a, IPPROTO_TCP, TCP_KEEPIDLE), 7);
+  CHECK_EQ(sockopt(a, IPPROTO_TCP, TCP_KEEPINTVL), 7);
+  CHECK_OK(loom_conn_set_keepalive(a, false, 0));
+  CHECK_EQ(sockopt(a, SOL_SOCKET, SO_KEEPALIVE), 0);
+  CHECK_OK(loom_close(a));
+  CHECK_OK(loom_close(b));
+  CHECK_OK(loom_listener_close(l));
+
+  char abs[64];
+  snprintf(abs, sizeof abs, "@loom-test-opts-%d", (int)getpid());
+  pair_on("unix", abs, &l, &a, &b);
+  CHECK_ERR(loom_conn_set_keepalive(a, true, 7), -EOPNOTSUPP);
+  CHECK_EQ(sockopt(a, SOL_SOCKET, SO_KEEPALIVE), 0); /* not half set */
+  CHECK_ERR(loom_conn_set_nodelay(a, true), -EOPNOTSUPP);
+  CHECK_OK(loom_close(a));
+  CHECK_OK(loom_close(b));
+  CHECK_OK(loom_listener_close(l));
+}
+TEST(socket_options) { check_run(sockopts_main, NULL, 1); }
 
 CHECK_MAIN()

@@ -220,7 +220,9 @@ LOOM_API int loom_conn_remote_addr(loom_conn *c, char *buf, size_t len);
  * it behind loom's back. */
 LOOM_API int loom_conn_fd(loom_conn *c);
 
-/* Socket options (any thread). */
+/* Socket options (any thread).  TCP_NODELAY is on from the start, as in
+ * Go.  A Unix connection has no TCP options: nodelay, and keep-alive with
+ * idle_s > 0, fail there (-EOPNOTSUPP) and change nothing. */
 LOOM_API int loom_conn_set_nodelay(loom_conn *c, bool on);
 /* idle_s > 0: probes after idle_s seconds, then every idle_s. */
 LOOM_API int loom_conn_set_keepalive(loom_conn *c, bool on, int idle_s);

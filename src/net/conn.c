@@ -315,13 +315,15 @@ int loom_conn_set_nodelay(loom_conn *c, bool on) {
 }
 
 int loom_conn_set_keepalive(loom_conn *c, bool on, int idle_s) {
-  int err = opt(c, SOL_SOCKET, SO_KEEPALIVE, on);
-  if (err == 0 && on && idle_s > 0) {
+  int err = 0;
+  /* The TCP options first: a socket without them (Unix) fails before
+   * keep-alive is turned on, so a failure changes nothing. */
+  if (on && idle_s > 0) {
     err = opt(c, IPPROTO_TCP, TCP_KEEPIDLE, idle_s);
     if (err == 0)
       err = opt(c, IPPROTO_TCP, TCP_KEEPINTVL, idle_s);
   }
-  return err;
+  return err != 0 ? err : opt(c, SOL_SOCKET, SO_KEEPALIVE, on);
 }
 
 int loom_conn_set_buffers(loom_conn *c, int rcvbuf, int sndbuf) {
