@@ -213,6 +213,15 @@ TEST(return_inside_block_section) {
   check_run(ret_blocked_main, NULL, 2);
 }
 
+/* A listener on loopback and a connection to it: *a dialled, *b accepted. */
+static void tcp_pair(loom_listener **l, loom_conn **a, loom_conn **b) {
+  char addr[64];
+  CHECK_OK(loom_listen(l, "tcp", "127.0.0.1:0"));
+  CHECK_OK(loom_listener_addr(*l, addr, sizeof addr));
+  CHECK_OK(loom_dial(a, "tcp", addr));
+  CHECK_OK(loom_accept(*l, b));
+}
+
 /* Setting a deadline inside a blocking section: 0 or a passed deadline
  * needs no timer and works; one ahead needs the P's timer heap, which
  * the section has given up, and returns LOOM_ENOTCO.  (It aborted the
@@ -221,11 +230,7 @@ static void deadline_in_section_main(void *arg) {
   (void)arg;
   loom_listener *l;
   loom_conn *a, *b;
-  char addr[64];
-  CHECK_OK(loom_listen(&l, "tcp", "127.0.0.1:0"));
-  CHECK_OK(loom_listener_addr(l, addr, sizeof addr));
-  CHECK_OK(loom_dial(&a, "tcp", addr));
-  CHECK_OK(loom_accept(l, &b));
+  tcp_pair(&l, &a, &b);
   loom_block_enter();
   int ahead = loom_set_read_deadline(a, loom_now() + 1000 * CHECK_MS);
   int none = loom_set_read_deadline(a, 0);
@@ -295,6 +300,32 @@ static void sync_in_section_main(void *arg) {
 TEST(sync_waits_inside_block_section) {
   check_watchdog(20, "sync waits inside a blocking section");
   check_run(sync_in_section_main, NULL, 1);
+}
+
+/* Two different deadlines at once inside a section, one of them ahead:
+ * LOOM_ENOTCO, and neither is applied (the read deadline was cleared
+ * before the write deadline failed). */
+static void two_deadlines_in_section_main(void *arg) {
+  (void)arg;
+  loom_listener *l;
+  loom_conn *a, *b;
+  tcp_pair(&l, &a, &b);
+  CHECK_OK(loom_set_read_deadline(a, 1)); /* passed */
+  CHECK_EQ(loom_write(b, "x", 1), 1);
+  loom_block_enter();
+  int r = loom_set_deadline(a, 0, loom_now() + 1000 * CHECK_MS);
+  loom_block_exit();
+  CHECK_ERR(r, LOOM_ENOTCO);
+  char c;
+  CHECK_ERR(loom_read(a, &c, 1), -ETIMEDOUT); /* still passed */
+  CHECK_OK(loom_set_deadline(a, 0, 0));
+  CHECK_EQ(loom_read(a, &c, 1), 1);
+  CHECK_OK(loom_close(a));
+  CHECK_OK(loom_close(b));
+  CHECK_OK(loom_listener_close(l));
+}
+TEST(two_deadlines_inside_block_section_apply_neither) {
+  check_run(two_deadlines_in_section_main, NULL, 2);
 }
 
 CHECK_MAIN()

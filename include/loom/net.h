@@ -201,8 +201,8 @@ LOOM_API int loom_accept_ctx(loom_listener *l, loom_conn **c, loom_ctx *ctx);
  * deadline at once.  0, -ENOMEM (no room for the timer), LOOM_ECLOSED;
  * LOOM_ENOTCO for a deadline still ahead set between loom_block_enter
  * and loom_block_exit (its timer needs the P the section gave up; 0 or
- * a passed deadline works there).  The same for every *_set_deadline
- * call below. */
+ * a passed deadline works there).  A call that fails changes neither
+ * deadline.  The same for every *_set_deadline call below. */
 LOOM_API int loom_set_deadline(loom_conn *c, int64_t rd, int64_t wd);
 LOOM_API int loom_set_read_deadline(loom_conn *c, int64_t rd);
 LOOM_API int loom_set_write_deadline(loom_conn *c, int64_t wd);

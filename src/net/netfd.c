@@ -169,6 +169,20 @@ int loom__netfd_set_buffers(loom__netfd *f, int rcvbuf, int sndbuf) {
 int loom__netfd_set_deadlines(loom__netfd *f, int64_t rd, int64_t wd) {
   if (rd == wd)
     return loom__netfd_set_deadline(f, 'r' + 'w', rd);
+  /* Two calls: whatever would fail the second (no P for a timer inside
+   * loom_block_enter/exit, no room for one) is found before the first
+   * applies anything.  The room for both is made now (each call then
+   * asks for two free slots, and the first uses one). */
+  if (loom__getg() == NULL)
+    return LOOM_ENOTCO;
+  int64_t now = loom_now();
+  if (rd > now || wd > now) {
+    loom__p *p = loom__getm()->p;
+    if (p == NULL)
+      return LOOM_ENOTCO;
+    if (loom__timers_reserve(&p->timers, 3) != 0)
+      return -ENOMEM;
+  }
   int err = loom__netfd_set_deadline(f, 'r', rd);
   return err != 0 ? err : loom__netfd_set_deadline(f, 'w', wd);
 }
