@@ -144,16 +144,21 @@ int loom__netfd_close(loom__netfd *f) {
   return 0;
 }
 
-int loom__netfd_set_deadline(loom__netfd *f, int mode, int64_t d) {
+/* rd for reads and wd for writes, of the directions in `mode`. */
+static int set_deadlines(loom__netfd *f, int mode, int64_t rd, int64_t wd) {
   if (f == NULL)
     return -EINVAL;
   if (loom__getg() == NULL)
     return LOOM_ENOTCO;
   if (!loom__netfd_acquire(f))
     return LOOM_ECLOSED;
-  int err = loom__pd_set_deadline(f->pd, mode, d);
+  int err = loom__pd_set_deadlines(f->pd, mode, rd, wd);
   loom__netfd_release(f);
   return err;
+}
+
+int loom__netfd_set_deadline(loom__netfd *f, int mode, int64_t d) {
+  return set_deadlines(f, mode, d, d);
 }
 
 int loom__netfd_set_buffers(loom__netfd *f, int rcvbuf, int sndbuf) {
@@ -167,22 +172,5 @@ int loom__netfd_set_buffers(loom__netfd *f, int rcvbuf, int sndbuf) {
 }
 
 int loom__netfd_set_deadlines(loom__netfd *f, int64_t rd, int64_t wd) {
-  if (rd == wd)
-    return loom__netfd_set_deadline(f, 'r' + 'w', rd);
-  /* Two calls: whatever would fail the second (no P for a timer inside
-   * loom_block_enter/exit, no room for one) is found before the first
-   * applies anything.  The room for both is made now (each call then
-   * asks for two free slots, and the first uses one). */
-  if (loom__getg() == NULL)
-    return LOOM_ENOTCO;
-  int64_t now = loom_now();
-  if (rd > now || wd > now) {
-    loom__p *p = loom__getm()->p;
-    if (p == NULL)
-      return LOOM_ENOTCO;
-    if (loom__timers_reserve(&p->timers, 3) != 0)
-      return -ENOMEM;
-  }
-  int err = loom__netfd_set_deadline(f, 'r', rd);
-  return err != 0 ? err : loom__netfd_set_deadline(f, 'w', wd);
+  return set_deadlines(f, 'r' + 'w', rd, wd);
 }

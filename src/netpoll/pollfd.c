@@ -316,36 +316,48 @@ static loom__g *set_one(loom__pd *pd, loom__p *p, int mode, int64_t d,
   return NULL;
 }
 
-int loom__pd_set_deadline(loom__pd *pd, int mode, int64_t d) {
+int loom__pd_set_deadlines(loom__pd *pd, int mode, int64_t rd, int64_t wd) {
   loom__m *m = loom__getm();
   if (m == NULL)
     loom__throw("pd_set_deadline: not on a coroutine");
+  bool r = mode == 'r' || mode == 'r' + 'w';
+  bool w = mode == 'w' || mode == 'r' + 'w';
   loom__p *p = m->p;
   int64_t now = loom_now();
+  int64_t ahead = 0; /* the earlier of the deadlines still ahead */
+  if (r && rd > now)
+    ahead = rd;
+  if (w && wd > now && (ahead == 0 || wd < ahead))
+    ahead = wd;
   /* Inside loom_block_enter/exit there is no P for a timer: a deadline
    * ahead cannot be armed there, but 0 or a past one needs none. */
-  if (p == NULL && d > now)
+  if (p == NULL && ahead != 0)
     return LOOM_ENOTCO;
   /* Only a deadline still ahead needs a timer; one in the past (how a
-   * close wakes a blocked call) must work without memory. */
-  if (d > now && loom__timers_reserve(&p->timers, 2) != 0)
+   * close wakes a blocked call) must work without memory.  Room for a
+   * timer per direction, before either is touched. */
+  if (ahead != 0 && loom__timers_reserve(&p->timers, 2) != 0)
     return -ENOMEM;
   loom__g *rg = NULL, *wg = NULL;
   pd_lock(pd);
-  if (mode == 'r' || mode == 'r' + 'w')
-    rg = set_one(pd, p, 'r', d, now);
-  if (mode == 'w' || mode == 'r' + 'w')
-    wg = set_one(pd, p, 'w', d, now);
+  if (r)
+    rg = set_one(pd, p, 'r', rd, now);
+  if (w)
+    wg = set_one(pd, p, 'w', wd, now);
   pd_unlock(pd);
   if (rg != NULL)
     loom__ready(rg);
   if (wg != NULL)
     loom__ready(wg);
-  if (mode == 'w' || mode == 'r' + 'w')
+  if (w)
     wake_sleepers(pd); /* each looks at the new deadline */
-  if (d > now)
-    loom__wake_netpoller(m->rt, d);
+  if (ahead != 0)
+    loom__wake_netpoller(m->rt, ahead);
   return 0;
+}
+
+int loom__pd_set_deadline(loom__pd *pd, int mode, int64_t d) {
+  return loom__pd_set_deadlines(pd, mode, d, d);
 }
 
 /* Move the deadline of `mode` into the past now, from any thread (no
