@@ -316,7 +316,11 @@ static loom__g *set_one(loom__pd *pd, loom__p *p, int mode, int64_t d,
   return NULL;
 }
 
-int loom__pd_set_deadlines(loom__pd *pd, int mode, int64_t rd, int64_t wd) {
+/* loom__pd_set_deadlines; with `seq`, only if the direction's sequence
+ * number is still *seq and the pd is not closing (one direction only:
+ * loom__pd_cancel_undo). */
+static int set_guarded(loom__pd *pd, int mode, int64_t rd, int64_t wd,
+                       const uint32_t *seq) {
   loom__m *m = loom__getm();
   if (m == NULL)
     loom__throw("pd_set_deadline: not on a coroutine");
@@ -340,11 +344,15 @@ int loom__pd_set_deadlines(loom__pd *pd, int mode, int64_t rd, int64_t wd) {
     return -ENOMEM;
   loom__g *rg = NULL, *wg = NULL;
   pd_lock(pd);
-  if (r)
+  bool stands =
+      seq == NULL || (!pd->closing && (r ? pd->rseq : pd->wseq) == *seq);
+  if (r && stands)
     rg = set_one(pd, p, 'r', rd, now);
-  if (w)
+  if (w && stands)
     wg = set_one(pd, p, 'w', wd, now);
   pd_unlock(pd);
+  if (!stands)
+    return 0;
   if (rg != NULL)
     loom__ready(rg);
   if (wg != NULL)
@@ -356,8 +364,12 @@ int loom__pd_set_deadlines(loom__pd *pd, int mode, int64_t rd, int64_t wd) {
   return 0;
 }
 
+int loom__pd_set_deadlines(loom__pd *pd, int mode, int64_t rd, int64_t wd) {
+  return set_guarded(pd, mode, rd, wd, NULL);
+}
+
 int loom__pd_set_deadline(loom__pd *pd, int mode, int64_t d) {
-  return loom__pd_set_deadlines(pd, mode, d, d);
+  return set_guarded(pd, mode, d, d, NULL);
 }
 
 /* Move the deadline of `mode` into the past now, from any thread (no
@@ -401,34 +413,9 @@ void loom__pd_cancel_fire(void *arg) {
  * a timer, and so a P and room for it; without them the deadline stays
  * passed, as before the undo. */
 int loom__pd_cancel_undo(loom__pd_cancel *x) {
-  loom__pd *pd = x->pd;
-  int mode = x->mode;
   if (x->was < 0)
     return 0; /* it had passed already: the expire changed nothing */
-  loom__m *m = loom__getm();
-  loom__p *p = m != NULL ? m->p : NULL;
-  int64_t now = loom_now();
-  if (x->was > now) {
-    if (p == NULL)
-      return LOOM_ENOTCO;
-    if (loom__timers_reserve(&p->timers, 1) != 0)
-      return -ENOMEM;
-  }
-  loom__g *g = NULL;
-  pd_lock(pd);
-  bool ours = !pd->closing && (mode == 'r' ? pd->rseq : pd->wseq) == x->seq;
-  if (ours)
-    g = set_one(pd, p, mode, x->was, now);
-  pd_unlock(pd);
-  if (!ours)
-    return 0;
-  if (g != NULL)
-    loom__ready(g);
-  if (mode == 'w')
-    wake_sleepers(pd); /* each looks at the new deadline */
-  if (x->was > now)
-    loom__wake_netpoller(m->rt, x->was);
-  return 0;
+  return set_guarded(x->pd, x->mode, x->was, x->was, &x->seq);
 }
 
 /* ---- open, evict, close -------------------------------------------- */
