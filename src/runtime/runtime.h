@@ -363,6 +363,13 @@ void loom__log(loom__rt *rt, const char *fmt, ...)
  * shared line), or the thread's outside the runtime. */
 uint32_t loom__fastrand(void);
 
+/* A cheap pseudo-random number in [0, n), n > 0: the high half of a
+ * 32 × 32-bit product (Go's fastrandn), where `%` would divide.  Biased
+ * by at most n / 2^32. */
+static inline uint32_t loom__fastrandn(uint32_t n) {
+  return (uint32_t)(((uint64_t)loom__fastrand() * n) >> 32);
+}
+
 /* Gs spawned so far, and Gs alive (spawned and not returned): sums over
  * the Ps, for stats; a snapshot, not exact while Gs come and go. */
 uint64_t loom__spawned(loom__rt *rt);

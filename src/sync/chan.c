@@ -381,7 +381,7 @@ int loom_select(loom_case *cases, int n, int64_t deadline) { // NOLINT(readabili
   /* A random permutation for polling; channels sorted, deduplicated. */
   int nl = 0;
   for (int i = 0; i < n; i++) {
-    int j = (int)(loom__fastrand() % (uint32_t)(i + 1));
+    int j = (int)loom__fastrandn((uint32_t)i + 1);
     if (j != i)
       order[i] = order[j]; /* inside-out Fisher-Yates */
     order[j] = i;
