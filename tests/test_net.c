@@ -1373,8 +1373,8 @@ static void ugram_spare_main(void *arg) {
     CHECK_EQ(loom_pconn_read(fine, b, sizeof b), 256);
   }
   CHECK_EQ(atomic_load(&w1.rc), 1); /* still waiting for the stuck one */
-  /* A context's cancel ends a waiting write_msg_ctx, and, as documented,
-   * the other writes waiting then (the direction's deadline expires). */
+  /* A context's cancel ends a waiting write_msg_ctx, and that one alone:
+   * the other writes go on waiting, the direction's deadline untouched. */
   static ugram_ctx_call w3;
   w3 = (ugram_ctx_call){.c = {.pc = un, .to = &to, .tolen = tl}};
   atomic_store(&w3.c.rc, 1);
@@ -1384,14 +1384,16 @@ static void ugram_spare_main(void *arg) {
   CHECK_EQ(atomic_load(&w3.c.rc), 1);
   loom_ctx_cancel(w3.ctx);
   CHECK_EQ(ugram_result(&w3.c), -ECANCELED);
-  CHECK_EQ(ugram_result(&w1), -ETIMEDOUT);
   loom_ctx_release(w3.ctx);
-  /* A close ends a waiting one with LOOM_ECLOSED. */
-  CHECK_OK(loom_pconn_set_write_deadline(un, 0));
-  atomic_store(&w1.rc, 1);
-  CHECK_OK(loom_go(ugram_writer, &w1));
   loom_sleep(30 * CHECK_MS);
   CHECK_EQ(atomic_load(&w1.rc), 1);
+  w2 = (ugram_call){.pc = un, .to = &to2, .tolen = tl2};
+  atomic_store(&w2.rc, 1);
+  CHECK_OK(loom_go(ugram_writer, &w2));
+  CHECK_EQ(ugram_result(&w2), 256); /* no deadline passed */
+  char b2[512];
+  CHECK_EQ(loom_pconn_read(fine, b2, sizeof b2), 256);
+  /* A close ends a waiting one with LOOM_ECLOSED. */
   CHECK_OK(loom_pconn_close(un));
   CHECK_EQ(ugram_result(&w1), LOOM_ECLOSED);
   CHECK_OK(loom_pconn_close(other));
@@ -2206,5 +2208,177 @@ static void sockopts_main(void *arg) {
   CHECK_OK(loom_listener_close(l));
 }
 TEST(socket_options) { check_run(sockopts_main, NULL, 1); }
+
+/* ---- a cancel of a call waiting for its turn ------------------------ */
+/* Two calls in one direction take turns.  A context-bounded call that
+ * waits for its turn behind another, when its context is cancelled,
+ * returns the context's reason at once, and the call ahead of it goes on
+ * as if nothing happened: not woken, not timed out, its bytes intact. */
+
+enum { TURN_READ, TURN_WRITE, TURN_ACCEPT, TURN_PACKET };
+
+static struct {
+  int kind;
+  loom_conn *c;
+  loom_listener *l;
+  loom_pconn *pc;
+  char buf[1 << 20];
+  atomic_int ahead_res, behind_res;
+  atomic_int ahead_in, behind_done;
+  loom_ctx *ctx;
+} turn;
+
+/* The call ahead, without a context: it holds the direction's turn. */
+static void turn_ahead(void *arg) {
+  (void)arg;
+  ssize_t r = -1;
+  loom_conn *acc = NULL;
+  struct sockaddr_storage from;
+  socklen_t fl = sizeof from;
+  atomic_store(&turn.ahead_in, 1);
+  switch (turn.kind) {
+  case TURN_READ:
+    r = loom_read(turn.c, turn.buf, 3);
+    break;
+  case TURN_WRITE: /* more than the socket buffers take: it waits */
+    r = loom_write(turn.c, turn.buf, sizeof turn.buf);
+    break;
+  case TURN_ACCEPT:
+    r = loom_accept(turn.l, &acc);
+    if (r == 0)
+      CHECK_OK(loom_close(acc));
+    break;
+  case TURN_PACKET:
+    r = loom_pconn_read_from(turn.pc, turn.buf, 3, &from, &fl);
+    break;
+  }
+  atomic_store(&turn.ahead_res, (int)r);
+}
+
+static void turn_behind(void *arg) {
+  (void)arg;
+  char b[8];
+  ssize_t r = -1;
+  loom_conn *acc = NULL;
+  struct sockaddr_storage from;
+  socklen_t fl = sizeof from;
+  switch (turn.kind) {
+  case TURN_READ:
+    r = loom_read_ctx(turn.c, b, sizeof b, turn.ctx);
+    break;
+  case TURN_WRITE:
+    r = loom_write_ctx(turn.c, "xy", 2, turn.ctx);
+    break;
+  case TURN_ACCEPT:
+    r = loom_accept_ctx(turn.l, &acc, turn.ctx);
+    break;
+  case TURN_PACKET:
+    r = loom_pconn_read_from_ctx(turn.pc, b, sizeof b, &from, &fl, turn.ctx);
+    break;
+  }
+  atomic_store(&turn.behind_res, (int)r);
+  atomic_store(&turn.behind_done, 1);
+}
+
+/* Start the call ahead, then the one behind; cancel the second. */
+static void turn_race(int kind) {
+  turn.kind = kind;
+  atomic_store(&turn.ahead_res, 1000);
+  atomic_store(&turn.ahead_in, 0);
+  atomic_store(&turn.behind_done, 0);
+  CHECK_OK(loom_ctx_with_cancel(&turn.ctx, loom_ctx_background()));
+  CHECK_OK(loom_go(turn_ahead, NULL));
+  while (!atomic_load(&turn.ahead_in))
+    loom_sleep(CHECK_MS);
+  loom_sleep(20 * CHECK_MS); /* parked in its call, holding the turn */
+  CHECK_OK(loom_go(turn_behind, NULL));
+  loom_sleep(20 * CHECK_MS); /* waiting for its turn */
+  CHECK_EQ(atomic_load(&turn.ahead_res), 1000);
+  CHECK(!atomic_load(&turn.behind_done));
+  loom_ctx_cancel(turn.ctx);
+  int64_t t0 = loom_now();
+  while (!atomic_load(&turn.behind_done) && loom_now() - t0 < 2000 * CHECK_MS)
+    loom_sleep(CHECK_MS);
+  CHECK(atomic_load(&turn.behind_done)); /* promptly, not after the first */
+  CHECK_EQ(atomic_load(&turn.behind_res), -ECANCELED);
+  loom_sleep(20 * CHECK_MS);
+  CHECK_EQ(atomic_load(&turn.ahead_res), 1000); /* still in its call */
+  loom_ctx_release(turn.ctx);
+}
+
+static void turn_finish(void) {
+  int64_t t0 = loom_now();
+  while (atomic_load(&turn.ahead_res) == 1000 &&
+         loom_now() - t0 < 5000 * CHECK_MS)
+    loom_sleep(CHECK_MS);
+}
+
+static void turn_main(void *arg) {
+  (void)arg;
+  loom_listener *l;
+  loom_conn *c, *s;
+  char b[8], addr[128];
+
+  /* read */
+  pair(&l, &c, &s);
+  turn.c = c;
+  turn_race(TURN_READ);
+  CHECK_EQ(loom_write(s, "abc", 3), 3);
+  turn_finish();
+  CHECK_EQ(atomic_load(&turn.ahead_res), 3);
+  CHECK(memcmp(turn.buf, "abc", 3) == 0);
+  /* The direction is as it was: the next read waits for bytes. */
+  CHECK_EQ(loom_write(s, "d", 1), 1);
+  CHECK_EQ(loom_read(c, b, sizeof b), 1);
+
+  /* write: the peer reads nothing until the race is over */
+  CHECK_OK(loom_conn_set_buffers(c, 4096, 4096));
+  memset(turn.buf, 'w', sizeof turn.buf);
+  turn_race(TURN_WRITE);
+  size_t got = 0;
+  char *sink = malloc(sizeof turn.buf);
+  CHECK(sink != NULL);
+  while (got < sizeof turn.buf) {
+    ssize_t n = loom_read(s, sink + got, sizeof turn.buf - got);
+    CHECK_GT(n, 0);
+    got += (size_t)n;
+  }
+  turn_finish();
+  CHECK_EQ(atomic_load(&turn.ahead_res), (int)sizeof turn.buf);
+  for (size_t i = 0; i < got; i++)
+    CHECK_EQ(sink[i], 'w'); /* nothing of the cancelled write among them */
+  free(sink);
+  CHECK_EQ(loom_write(c, "e", 1), 1);
+  CHECK_EQ(loom_read(s, b, sizeof b), 1);
+  CHECK_OK(loom_close(c));
+  CHECK_OK(loom_close(s));
+
+  /* accept */
+  turn.l = l;
+  turn_race(TURN_ACCEPT);
+  CHECK_OK(loom_listener_addr(l, addr, sizeof addr));
+  CHECK_OK(loom_dial(&c, "tcp", addr));
+  turn_finish();
+  CHECK_OK(atomic_load(&turn.ahead_res));
+  CHECK_OK(loom_close(c));
+  CHECK_OK(loom_listener_close(l));
+
+  /* packet read */
+  loom_pconn *srv, *cli;
+  CHECK_OK(loom_listen_packet(&srv, "udp", "127.0.0.1:0"));
+  CHECK_OK(loom_pconn_local_addr(srv, addr, sizeof addr));
+  CHECK_OK(loom_dial_packet(&cli, "udp", addr));
+  turn.pc = srv;
+  turn_race(TURN_PACKET);
+  CHECK_EQ(loom_pconn_write(cli, "fgh", 3), 3);
+  turn_finish();
+  CHECK_EQ(atomic_load(&turn.ahead_res), 3);
+  CHECK(memcmp(turn.buf, "fgh", 3) == 0);
+  CHECK_OK(loom_pconn_close(cli));
+  CHECK_OK(loom_pconn_close(srv));
+}
+TEST(cancel_behind_another_call_ends_that_call_alone) {
+  check_run(turn_main, NULL, 2);
+}
 
 CHECK_MAIN()

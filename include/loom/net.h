@@ -184,12 +184,16 @@ LOOM_API ssize_t loom_writev(loom_conn *c, const struct iovec *iov,
  * state: a call the cancel cut short (it returns the context's reason)
  * leaves the deadline of that direction in the past (as after a
  * deadline of its own), so the next call in that direction returns
- * -ETIMEDOUT until a new deadline is set; a `ctx` done before the call
- * returns its error and touches nothing.  A call that returns anything
- * else, though the cancel landed while it was completing, leaves the
- * deadline as it was before the call (one that has passed meanwhile is
- * passed), unless it was changed or the connection closed in the
- * meantime.  A write cut short may have sent part of its bytes.  Parks.
+ * -ETIMEDOUT until a new deadline is set.  A `ctx` done before the call
+ * makes it return the error and touch nothing; so does a cancel that
+ * finds the call still waiting for its turn behind another call in the
+ * same direction, and that other call goes on undisturbed: a cancel
+ * reaches its own call only.  A call that returns anything else, though
+ * the cancel landed while it was completing, leaves the deadline as it
+ * was before the call (one that has passed meanwhile is passed), unless
+ * it was changed or the connection closed in the meantime.  A write cut
+ * short may have sent part of its bytes.  `ctx` NULL: as without a
+ * context.  Parks.
  */
 LOOM_API ssize_t loom_read_ctx(loom_conn *c, void *buf, size_t len,
                                loom_ctx *ctx);
@@ -316,8 +320,10 @@ LOOM_API ssize_t loom_pconn_write_msg(loom_pconn *pc, const struct iovec *iov,
  * state loom_read_ctx leaves a connection in: after a call the cancel
  * cut short, the deadline of that direction is in the past, so the next
  * call in that direction returns -ETIMEDOUT until a new deadline is set
- * (a `ctx` done before the call touches nothing); a call that returns
- * anything else leaves the deadline as it was.  Parks.
+ * (a `ctx` done before the call touches nothing, nor does a cancel that
+ * finds the call waiting for its turn, or sleeping between the tries of
+ * a Unix datagram write to a full peer); a call that returns anything
+ * else leaves the deadline as it was.  `ctx` NULL: as without.  Parks.
  */
 LOOM_API ssize_t loom_pconn_read_from_ctx(loom_pconn *pc, void *buf, size_t len,
                                           struct sockaddr_storage *from,

@@ -65,13 +65,12 @@ int loom__conn_new(int fd, int family, const struct sockaddr *peer,
   return 0;
 }
 
-static int enter(loom_conn *c) {
+/* A call on c: -EINVAL, LOOM_ENOTCO, or 0 (it may go on to take c). */
+static int callable(loom_conn *c) {
   if (c == NULL)
     return -EINVAL;
   if (loom__getg() == NULL)
     return LOOM_ENOTCO;
-  if (!loom__netfd_acquire(&c->nf))
-    return LOOM_ECLOSED;
   return 0;
 }
 
@@ -128,19 +127,21 @@ static ssize_t wait_readable(loom__netfd *f) {
   }
 }
 
-ssize_t loom_read(loom_conn *c, void *buf, size_t len) {
-  int err = enter(c);
+/* loom_read, and loom_read_ctx with a ctx. */
+static ssize_t read_impl(loom_conn *c, void *buf, size_t len, loom_ctx *ctx) {
+  int err = callable(c);
   if (err != 0)
     return err;
   loom__netfd *f = &c->nf;
+  loom__netfd_call call;
+  err = loom__netfd_enter(f, 'r', ctx, &call);
+  if (err != 0)
+    return err;
   ssize_t r;
-  loom__sema_acquire(&f->rsema);
   if (len == 0) {
     r = wait_readable(f);
     f->drained = false; /* the event, if any, is spent: read first */
-    loom__sema_release(&f->rsema);
-    loom__netfd_release(f);
-    return r;
+    return loom__netfd_leave(&call, r);
   }
   /* An error (a deadline, a close) shows in the read's own wait. */
   if (wait_first(f))
@@ -169,15 +170,19 @@ ssize_t loom_read(loom_conn *c, void *buf, size_t len) {
     break;
   }
   f->drained = r > 0 && (size_t)r < len;
-  loom__sema_release(&f->rsema);
-  loom__netfd_release(f);
+  r = loom__netfd_leave(&call, r);
   if (r >= 0)
     loom__io_progress();
   return r;
 }
 
+ssize_t loom_read(loom_conn *c, void *buf, size_t len) {
+  return read_impl(c, buf, len, NULL);
+}
+
 /* Send everything in iov[0..n), advancing it in place. */
-static ssize_t send_all(loom__netfd *f, struct iovec *iov, int n,
+__attribute__((always_inline)) static inline ssize_t
+send_all(loom__netfd *f, struct iovec *iov, int n,
                         size_t total) {
   size_t done = 0;
   /* Nothing to send still obeys a passed deadline (as Go's prepareWrite):
@@ -222,7 +227,9 @@ static ssize_t send_all(loom__netfd *f, struct iovec *iov, int n,
   return (ssize_t)total;
 }
 
-ssize_t loom_writev(loom_conn *c, const struct iovec *iov, int iovcnt) {
+/* loom_writev, and loom_write_ctx with a ctx. */
+static ssize_t writev_impl(loom_conn *c, const struct iovec *iov, int iovcnt,
+                           loom_ctx *ctx) {
   if (iovcnt < 0 || iovcnt > IOV_MAX || (iovcnt > 0 && iov == NULL))
     return -EINVAL;
   size_t total = 0;
@@ -231,26 +238,28 @@ ssize_t loom_writev(loom_conn *c, const struct iovec *iov, int iovcnt) {
       return -EINVAL;
     total += iov[i].iov_len;
   }
-  int err = enter(c);
+  int err = callable(c);
   if (err != 0)
     return err;
   struct iovec small[16], *copy = small;
   if (iovcnt > 16 &&
-      (copy = loom__malloc((size_t)iovcnt * sizeof *copy)) == NULL) {
-    loom__netfd_release(&c->nf);
+      (copy = loom__malloc((size_t)iovcnt * sizeof *copy)) == NULL)
     return -ENOMEM;
-  }
   if (iovcnt > 0)
     memcpy(copy, iov, (size_t)iovcnt * sizeof *copy);
-  loom__sema_acquire(&c->nf.wsema);
-  ssize_t r = send_all(&c->nf, copy, iovcnt, total);
-  loom__sema_release(&c->nf.wsema);
+  loom__netfd_call call;
+  ssize_t r = loom__netfd_enter(&c->nf, 'w', ctx, &call);
+  if (r == 0)
+    r = loom__netfd_leave(&call, send_all(&c->nf, copy, iovcnt, total));
   if (copy != small)
     loom__free(copy);
-  loom__netfd_release(&c->nf);
   if (r >= 0)
     loom__io_progress();
   return r;
+}
+
+ssize_t loom_writev(loom_conn *c, const struct iovec *iov, int iovcnt) {
+  return writev_impl(c, iov, iovcnt, NULL);
 }
 
 ssize_t loom_write(loom_conn *c, const void *buf, size_t len) {
@@ -473,72 +482,14 @@ int loom_dial(loom_conn **c, const char *network, const char *addr) {
 
 /* ---- bounded by a context ------------------------------------------- */
 
-void (*loom__test_ctx_op_done)(loom_ctx *ctx, ssize_t r);
-
-/* Run op on c with a hook that expires c's deadline for `mode` when ctx
- * is cancelled; a -ETIMEDOUT caused by that becomes ctx's reason.  A
- * call that ended otherwise was not cut short (the cancel landed as it
- * completed): the expire is undone, so the connection's deadline is the
- * user's again.  We hold a reference over the whole call, so the pd the
- * hook points at cannot be recycled under it. */
-static ssize_t with_ctx(loom__netfd *f, int mode, loom_ctx *ctx,
-                        ssize_t (*op)(void *a), void *a) {
-  int e = loom__ctx_reason(ctx);
-  if (e != 0)
-    return e;
-  if (!loom__netfd_acquire(f))
-    return LOOM_ECLOSED;
-  loom__pd_cancel pc = {.pd = f->pd, .mode = mode, .fired = false};
-  loom__ctx_hook h = {loom__pd_cancel_fire, &pc, NULL, NULL, false};
-  ssize_t r;
-  if (!loom__ctx_hook_add(ctx, &h)) {
-    r = loom__ctx_reason(ctx);
-  } else {
-    r = op(a);
-    if (loom__test_ctx_op_done != NULL)
-      loom__test_ctx_op_done(ctx, r);
-    loom__ctx_unhook(ctx, &h);
-    if (r == -ETIMEDOUT && loom__ctx_reason(ctx) != 0)
-      r = loom__ctx_reason(ctx);
-    else if (pc.fired)
-      (void)loom__pd_cancel_undo(&pc); /* failing, it stays passed */
-  }
-  loom__netfd_release(f);
-  return r;
-}
-
-struct rw_args {
-  loom_conn *c;
-  void *buf;
-  size_t len;
-};
-
-static ssize_t do_read(void *a) {
-  struct rw_args *x = a;
-  return loom_read(x->c, x->buf, x->len);
-}
-
-static ssize_t do_write(void *a) {
-  struct rw_args *x = a;
-  return loom_write(x->c, x->buf, x->len);
-}
-
 ssize_t loom_read_ctx(loom_conn *c, void *buf, size_t len, loom_ctx *ctx) {
-  if (c == NULL)
-    return -EINVAL;
-  struct rw_args x = {c, buf, len};
-  return with_ctx(&c->nf, 'r', ctx, do_read, &x);
+  return read_impl(c, buf, len, ctx);
 }
 
 ssize_t loom_write_ctx(loom_conn *c, const void *buf, size_t len,
                        loom_ctx *ctx) {
-  if (c == NULL)
+  if (len > (size_t)SSIZE_MAX)
     return -EINVAL;
-  struct rw_args x = {c, (void *)(uintptr_t)buf, len};
-  return with_ctx(&c->nf, 'w', ctx, do_write, &x);
-}
-
-ssize_t loom__netfd_with_ctx(loom__netfd *f, int mode, loom_ctx *ctx,
-                             ssize_t (*op)(void *a), void *a) {
-  return with_ctx(f, mode, ctx, op, a);
+  struct iovec iov = {(void *)(uintptr_t)buf, len};
+  return writev_impl(c, &iov, 1, ctx);
 }

@@ -126,16 +126,17 @@ static int backoff_sleep(loom__netfd *f, int64_t ns) {
   }
 }
 
-int loom_accept(loom_listener *l, loom_conn **c) {
+/* loom_accept, and loom_accept_ctx with a ctx. */
+static int accept_impl(loom_listener *l, loom_conn **c, loom_ctx *ctx) {
   if (l == NULL || c == NULL)
     return -EINVAL;
   if (loom__getg() == NULL)
     return LOOM_ENOTCO;
   loom__netfd *f = &l->nf;
-  if (!loom__netfd_acquire(f))
-    return LOOM_ECLOSED;
-  loom__sema_acquire(&f->rsema);
-  int r;
+  loom__netfd_call call;
+  int r = loom__netfd_enter(f, 'r', ctx, &call);
+  if (r != 0)
+    return r;
   int64_t backoff = 5 * INT64_C(1000000);
   for (;;) {
     r = loom__netfd_check(f, 'r'); /* closed, or past the deadline */
@@ -187,11 +188,14 @@ int loom_accept(loom_listener *l, loom_conn **c) {
     if (backoff < 1000 * INT64_C(1000000))
       backoff *= 2;
   }
-  loom__sema_release(&f->rsema);
-  loom__netfd_release(f);
+  r = (int)loom__netfd_leave(&call, r);
   if (r == 0)
     loom__io_progress();
   return r;
+}
+
+int loom_accept(loom_listener *l, loom_conn **c) {
+  return accept_impl(l, c, NULL);
 }
 
 int loom_listener_set_deadline(loom_listener *l, int64_t deadline) {
@@ -208,19 +212,6 @@ int loom_listener_addr(loom_listener *l, char *buf, size_t len) {
   return l == NULL ? -EINVAL : loom__fd_addr(l->nf.fd, false, buf, len);
 }
 
-struct accept_args {
-  loom_listener *l;
-  loom_conn **c;
-};
-
-static ssize_t do_accept(void *a) {
-  struct accept_args *x = a;
-  return loom_accept(x->l, x->c);
-}
-
 int loom_accept_ctx(loom_listener *l, loom_conn **c, loom_ctx *ctx) {
-  if (l == NULL || c == NULL)
-    return -EINVAL;
-  struct accept_args x = {l, c};
-  return (int)loom__netfd_with_ctx(&l->nf, 'r', ctx, do_accept, &x);
+  return accept_impl(l, c, ctx);
 }

@@ -8,6 +8,7 @@
 #include <unistd.h>
 
 #include "loom/error.h"
+#include "net/export_test.h"
 #include "runtime/alloc.h"
 #include "runtime/runtime.h"
 
@@ -112,6 +113,97 @@ int loom__netfd_check(loom__netfd *f, int mode) {
   if (loom__netfd_closed(f))
     return LOOM_ECLOSED;
   return loom__pd_expired(f->pd, mode) ? -ETIMEDOUT : 0;
+}
+
+/* ---- a call: reference, turn, cut ------------------------------------ */
+
+void (*loom__test_ctx_op_done)(loom_ctx *ctx, ssize_t r);
+
+/* The call's hook: a cancel that finds the call waiting for its turn
+ * ends that wait; once the turn is the call's, it is cut: the
+ * direction's deadline expires. */
+static void cancel_fire(void *arg) {
+  loom__netfd_call *call = arg;
+  if (!loom__sema_cancel(call->turn, &call->sw))
+    loom__pd_cancel_fire(&call->pc);
+}
+
+/* Hook the call on its context: 0, or the reason of one done already. */
+static int arm(loom__netfd_call *call) {
+  call->hook = (loom__ctx_hook){cancel_fire, call, NULL, NULL, false};
+  call->armed = loom__ctx_hook_add(call->ctx, &call->hook);
+  return call->armed ? 0 : loom__ctx_reason(call->ctx);
+}
+
+/* Unhook: afterwards cancel_fire is not running and will not run. */
+static void disarm(loom__netfd_call *call) {
+  if (call->armed) {
+    loom__ctx_unhook(call->ctx, &call->hook);
+    call->armed = false;
+  }
+}
+
+static ssize_t finish(loom__netfd_call *call, ssize_t r);
+
+int loom__netfd_enter_ctx(loom__netfd_call *call, int mode) {
+  int e = loom__ctx_reason(call->ctx);
+  if (e != 0)
+    return e;
+  if (!loom__netfd_acquire(call->f))
+    return LOOM_ECLOSED;
+  call->armed = false;
+  call->sw.state = LOOM__SEMA_IDLE;
+  call->pc = (loom__pd_cancel){.pd = call->f->pd, .mode = mode};
+  e = loom__netfd_resume(call);
+  return e != 0 ? (int)finish(call, e) : 0;
+}
+
+ssize_t loom__netfd_leave_ctx(loom__netfd_call *call, ssize_t r) {
+  if (call->armed && loom__test_ctx_op_done != NULL)
+    loom__test_ctx_op_done(call->ctx, r);
+  return finish(call, r);
+}
+
+static ssize_t finish(loom__netfd_call *call, ssize_t r) {
+  disarm(call);
+  if (call->pc.fired) {
+    if (r == -ETIMEDOUT)
+      r = loom__ctx_reason(call->ctx);
+    else
+      (void)loom__pd_cancel_undo(&call->pc); /* failing, it stays passed */
+  } else if (r == -ETIMEDOUT && loom__ctx_reason(call->ctx) != 0) {
+    r = loom__ctx_reason(call->ctx);
+  }
+  /* Unhooked, nothing else changes sw: no lock needed to read it. */
+  if (call->sw.state == LOOM__SEMA_HELD)
+    loom__sema_release_c(call->turn, &call->sw);
+  loom__netfd_release(call->f);
+  return r;
+}
+
+int loom__netfd_pause(loom__netfd_call *call) {
+  if (call->ctx == NULL) {
+    loom__sema_release(call->turn);
+    return 0;
+  }
+  disarm(call);
+  if (call->pc.fired)
+    return loom__ctx_reason(call->ctx); /* cut short: the deadline passed */
+  loom__sema_release_c(call->turn, &call->sw);
+  return 0;
+}
+
+int loom__netfd_resume(loom__netfd_call *call) {
+  if (call->ctx == NULL) {
+    loom__sema_acquire(call->turn);
+    return 0;
+  }
+  int e = arm(call);
+  if (e != 0)
+    return e;
+  return loom__sema_acquire_c(call->turn, &call->sw)
+             ? 0
+             : loom__ctx_reason(call->ctx);
 }
 
 int loom__netfd_close(loom__netfd *f) {

@@ -21,6 +21,8 @@
 #include <sys/socket.h>
 #include <sys/types.h>
 
+#include "ctx/ctx_internal.h"
+#include "loom/error.h"
 #include "netpoll/pollfd.h"
 #include "runtime/runtime.h"
 #include "runtime/sema.h"
@@ -34,8 +36,8 @@ typedef struct loom__netfd {
   bool drained;          /* the last read was short: see loom_read */
   loom__pd *pd;
   _Atomic uint64_t ref;  /* users; top bit: closed */
-  loom__sema rsema;      /* one reader (or acceptor) at a time */
-  loom__sema wsema;      /* one writer at a time */
+  loom__sema rturn;      /* one reader (or acceptor) at a time */
+  loom__sema wturn;      /* one writer at a time (both: loom__netfd_enter) */
   char *unlink_path;     /* the socket file bind() made: removed at the
                             close, or at teardown (netfd.c) */
   void (*free_fn)(struct loom__netfd *f);
@@ -69,12 +71,67 @@ int loom__netfd_set_deadline(loom__netfd *f, int mode, int64_t d);
 int loom__netfd_set_buffers(loom__netfd *f, int rcvbuf, int sndbuf);
 int loom__netfd_set_deadlines(loom__netfd *f, int64_t rd, int64_t wd);
 
-struct loom_ctx;
-/* Run op(a) bounded by ctx: a cancel expires f's deadline for `mode`, and
- * the op's -ETIMEDOUT becomes the context's reason; an op that ended
- * otherwise gets the deadline back (conn.c). */
-ssize_t loom__netfd_with_ctx(loom__netfd *f, int mode, struct loom_ctx *ctx,
-                             ssize_t (*op)(void *a), void *a);
+/*
+ * One call in direction `mode` ('r': reads and accepts, 'w': writes), from
+ * loom__netfd_enter to loom__netfd_leave: a reference on f, the
+ * direction's turn (calls in one direction take turns, in arrival
+ * order), and, when the call is bounded by a context, the cut: a hook
+ * that expires the direction's deadline when the context is cancelled,
+ * so the call wakes from the poller with -ETIMEDOUT, which leave turns
+ * into the context's reason.  The cut is armed only once the turn is
+ * held, so a cancel reaches its own call alone: a call still waiting for
+ * its turn leaves that wait with the reason and touches nothing, and the
+ * call ahead of it goes on undisturbed.  A call that ends otherwise
+ * though its cut fired (the cancel landed as it completed) gets the
+ * deadline back (loom__pd_cancel_undo).
+ */
+typedef struct loom__netfd_call {
+  loom__netfd *f;
+  loom__sema *turn;
+  struct loom_ctx *ctx; /* NULL: unbounded, and nothing below is used */
+  bool armed;           /* the hook is on ctx */
+  loom__sema_waiter sw; /* the wait for the turn, which a cancel ends */
+  loom__pd_cancel pc;   /* the cut, once the turn is held */
+  loom__ctx_hook hook;
+} loom__netfd_call;
+
+int loom__netfd_enter_ctx(loom__netfd_call *call, int mode);
+ssize_t loom__netfd_leave_ctx(loom__netfd_call *call, ssize_t r);
+
+/* Begin a call: 0, or the context's reason (it was done already, or was
+ * cancelled while the call waited for its turn), or LOOM_ECLOSED.  On a
+ * coroutine (the caller checks). */
+static inline int loom__netfd_enter(loom__netfd *f, int mode,
+                                    struct loom_ctx *ctx,
+                                    loom__netfd_call *call) {
+  call->f = f;
+  call->turn = mode == 'r' ? &f->rturn : &f->wturn;
+  call->ctx = ctx;
+  if (ctx != NULL)
+    return loom__netfd_enter_ctx(call, mode);
+  if (!loom__netfd_acquire(f))
+    return LOOM_ECLOSED;
+  loom__sema_acquire(call->turn);
+  return 0;
+}
+
+/* End it with the call's result r; returns r, or the context's reason
+ * for a -ETIMEDOUT the cut caused. */
+static inline ssize_t loom__netfd_leave(loom__netfd_call *call, ssize_t r) {
+  if (call->ctx != NULL)
+    return loom__netfd_leave_ctx(call, r);
+  loom__sema_release(call->turn);
+  loom__netfd_release(call->f);
+  return r;
+}
+
+/* Give the turn up for a while (udp.c's retries sleep without it), and
+ * take it back: 0, or the context's reason — the cut fired (pause: the
+ * call was cut short and keeps its turn), or the context was cancelled
+ * while the call waited for its turn back (resume).  Either way the call
+ * ends next, with loom__netfd_leave. */
+int loom__netfd_pause(loom__netfd_call *call);
+int loom__netfd_resume(loom__netfd_call *call);
 
 struct loom_pconn;
 struct iovec;

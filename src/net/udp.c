@@ -5,8 +5,9 @@
  * connects, loom_listen_packet binds.  The read/write/write_to rules are
  * checked before any system call, so a misuse fails the same way on
  * every kernel (Linux itself would let send() on a connected socket take
- * an address).  The context-bounded forms are the same calls run under
- * conn.c's with_ctx (loom__netfd_with_ctx), as loom_read_ctx is.
+ * an address).  The context-bounded forms are the same calls with a
+ * context for the call's turn and cut (netfd.h, loom__netfd_enter), as
+ * loom_read_ctx is.
  */
 #include <errno.h>
 #include <limits.h>
@@ -65,20 +66,19 @@ struct dgram_op {
  * that never reads does not hold up the socket's writes to others.
  * op->until, when set, ends those retries with -ETIMEDOUT: a bound of
  * the caller's own, beside the direction's deadline. */
-static ssize_t dgram_io(loom_pconn *pc, struct dgram_op *op) {
+static ssize_t dgram_io(loom_pconn *pc, struct dgram_op *op, loom_ctx *ctx) {
   if (pc == NULL)
     return -EINVAL;
   if (loom__getg() == NULL)
     return LOOM_ENOTCO;
   loom__netfd *f = &pc->nf;
-  if (!loom__netfd_acquire(f))
-    return LOOM_ECLOSED;
-  loom__sema *sem = op->send ? &f->wsema : &f->rsema;
   int mode = op->send ? 'w' : 'r';
   bool retry = op->send && !pc->connected && f->family == AF_UNIX;
   int64_t slice = RETRY_FIRST_NS;
-  ssize_t r;
-  loom__sema_acquire(sem);
+  loom__netfd_call call;
+  ssize_t r = loom__netfd_enter(f, mode, ctx, &call);
+  if (r != 0)
+    return r;
   for (;;) {
     r = loom__netfd_check(f, mode); /* closed, or past the deadline */
     if (r != 0)
@@ -98,9 +98,11 @@ static ssize_t dgram_io(loom_pconn *pc, struct dgram_op *op) {
       }
       if (op->until != 0 && op->until < wake)
         wake = op->until;
-      loom__sema_release(sem);
-      int w = loom__pd_sleep(f->pd, wake);
-      loom__sema_acquire(sem);
+      int w = loom__netfd_pause(&call);
+      if (w == 0)
+        w = loom__pd_sleep(f->pd, wake, ctx);
+      if (w == 0)
+        w = loom__netfd_resume(&call);
       if (w != 0) {
         r = w;
         break;
@@ -120,34 +122,10 @@ static ssize_t dgram_io(loom_pconn *pc, struct dgram_op *op) {
     r = -e;
     break;
   }
-  loom__sema_release(sem);
-  loom__netfd_release(f);
+  r = loom__netfd_leave(&call, r);
   if (r >= 0)
     loom__io_progress();
   return r; /* reads: the datagram's full length, even if truncated */
-}
-
-struct dgram_call {
-  loom_pconn *pc;
-  struct dgram_op *op;
-};
-
-static ssize_t dgram_call_io(void *a) {
-  struct dgram_call *c = a;
-  return dgram_io(c->pc, c->op);
-}
-
-/* dgram_io bounded by ctx, through conn.c's with_ctx: a cancel expires
- * the deadline of op's direction.  A NULL ctx never ends, as there. */
-static ssize_t dgram_io_ctx(loom_pconn *pc, struct dgram_op *op,
-                            loom_ctx *ctx) {
-  if (ctx == NULL)
-    return dgram_io(pc, op);
-  if (pc == NULL)
-    return -EINVAL;
-  struct dgram_call c = {pc, op};
-  return loom__netfd_with_ctx(&pc->nf, op->send ? 'w' : 'r', ctx, dgram_call_io,
-                              &c);
 }
 
 static ssize_t read_from(loom_pconn *pc, void *buf, size_t len,
@@ -161,7 +139,7 @@ static ssize_t read_from(loom_pconn *pc, void *buf, size_t len,
     op.mh.msg_name = from;
     op.mh.msg_namelen = fromlen != NULL ? *fromlen : sizeof *from;
   }
-  ssize_t r = dgram_io_ctx(pc, &op, ctx);
+  ssize_t r = dgram_io(pc, &op, ctx);
   if (r >= 0 && from != NULL && fromlen != NULL)
     *fromlen = op.mh.msg_namelen;
   return r;
@@ -201,7 +179,7 @@ static ssize_t write_msg(loom_pconn *pc, const struct iovec *iov, int iovcnt,
   op.mh.msg_name = (void *)(uintptr_t)to;
   op.mh.msg_namelen = to != NULL ? tolen : 0;
   op.until = until;
-  return dgram_io_ctx(pc, &op, ctx);
+  return dgram_io(pc, &op, ctx);
 }
 
 ssize_t loom_pconn_write_msg(loom_pconn *pc, const struct iovec *iov,

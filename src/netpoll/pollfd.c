@@ -237,7 +237,7 @@ static void wake_sleepers(loom__pd *pd) {
   }
 }
 
-int loom__pd_sleep(loom__pd *pd, int64_t until) {
+int loom__pd_sleep(loom__pd *pd, int64_t until, struct loom_ctx *ctx) {
   loom__m *m = loom__getm();
   if (m == NULL || m->p == NULL)
     loom__throw("pd_sleep: not on a coroutine, or inside "
@@ -253,12 +253,12 @@ int loom__pd_sleep(loom__pd *pd, int64_t until) {
     loom__spin_unlock(&pd->slock);
     return err;
   }
-  loom__waiter_wait_unlock(&w, &pd->slock, until, NULL);
+  loom__waiter_wait_unlock(&w, &pd->slock, until, ctx);
   loom__spin_lock(&pd->slock);
   loom__waitq_unlink(&pd->wsleep, &n); /* if its timer ended it */
   loom__spin_unlock(&pd->slock);
-  if (w.fired == LOOM__FIRED_NOMEM)
-    return -ENOMEM;
+  if (w.fired == LOOM__FIRED_NOMEM || w.fired == LOOM__FIRED_CANCEL)
+    return loom__waiter_err(&w, ctx);
   return loom__pd_check(pd, 'w');
 }
 

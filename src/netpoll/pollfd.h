@@ -92,9 +92,11 @@ int loom__pd_wait(loom__pd *pd, int mode);
  * Readiness does not end the sleep; a close, or a change or expiry of
  * the write deadline (a context's cancel too), ends every sleep at once.
  * Any number of coroutines may sleep, apart from the one waiter of
- * loom__pd_wait.  0 (the time came, or the deadline was moved: try
- * again), -ETIMEDOUT, LOOM_ECLOSED, or -ENOMEM (no timer).  Parks. */
-int loom__pd_sleep(loom__pd *pd, int64_t until);
+ * loom__pd_wait.  A cancel of `ctx` (NULL: none) ends this sleep alone.
+ * 0 (the time came, or the deadline was moved: try again), -ETIMEDOUT,
+ * LOOM_ECLOSED, -ENOMEM (no timer), or ctx's reason.  Parks. */
+struct loom_ctx;
+int loom__pd_sleep(loom__pd *pd, int64_t until, struct loom_ctx *ctx);
 /* Forget a readiness the poller recorded while nobody waited, just
  * before the system call that takes what it announced: afterwards the
  * recorded readiness means input that came after that call began (but
