@@ -784,13 +784,16 @@ TEST(bad_input) {
 /* A slow resolver stalls no other coroutine.                            */
 
 /* The test binary's getaddrinfo wraps the C library's: a lookup of
- * "slow.loom.test" takes 300 ms, then resolves as "localhost". */
+ * "slow.loom.test" takes 300 ms, then resolves as "localhost".  It
+ * counts its calls, for the tests of what never reaches it. */
+static atomic_int gai_calls;
 int getaddrinfo(const char *node, const char *service,
                 const struct addrinfo *hints, struct addrinfo **res) {
   static int (*real)(const char *, const char *, const struct addrinfo *,
                      struct addrinfo **);
   if (real == NULL)
     *(void **)&real = dlsym(RTLD_NEXT, "getaddrinfo");
+  atomic_fetch_add(&gai_calls, 1);
   if (node != NULL && strcmp(node, "slow.loom.test") == 0) {
     usleep(300 * 1000);
     node = "localhost";
@@ -831,6 +834,108 @@ static void slow_main(void *arg) {
 }
 
 TEST(slow_dns_stalls_nobody) { check_run(slow_main, NULL, 1); }
+
+/* ------------------------------------------------------------------ */
+/* IPv4 literals: dotted-decimal quads only, as Go's ParseIP.           */
+
+/* inet_aton's other forms (fewer parts, hex, octal, leading zeros), and
+ * anything else whose last label is a number.  getaddrinfo would take
+ * most of them (it tries inet_aton first), so none may reach it. */
+static const char *const v4_refused[] = {
+    "127.1",        "0x7f.1",      "0x7f.0.0.1", "0X7F.0.0.1", "0177.0.0.1",
+    "127.0.0.01",   "127.000.0.1", "00.0.0.0",   "2130706433", "0x7f000001",
+    "0x7f.0x0.0.1", "127.0.0.1.",  "1.2.3.4.5",  "1.2.3",      "256.0.0.1",
+    "1.2.3.4.",     "a.1",         "host.0x10",  "1..2.3",     ".1.2.3.4",
+    "1.2.3.0x",     "0x",          "01"};
+static const char *const v4_accepted[] = {"127.0.0.1", "0.0.0.0",
+                                          "255.255.255.255", "10.20.3.40"};
+/* Names, not literals: they go to the resolver. */
+static const char *const v4_names[] = {"localhost", "a1.example", "1.2.3.com",
+                                       "0xfoo",     "123abc",     "x.0a",
+                                       "localhost."};
+
+static void v4_literal_main(void *arg) {
+  (void)arg;
+  loom_listener *l;
+  CHECK_OK(loom_listen(&l, "tcp4", "127.0.0.1:0"));
+  char addr[64];
+  CHECK_OK(loom_listener_addr(l, addr, sizeof addr));
+  const char *port = strrchr(addr, ':') + 1;
+  int calls = atomic_load(&gai_calls);
+  for (size_t i = 0; i < sizeof v4_refused / sizeof *v4_refused; i++) {
+    char a[64];
+    loom_conn *c;
+    snprintf(a, sizeof a, "%s:%s", v4_refused[i], port);
+    int r = loom_dial(&c, "tcp", a);
+    CHECKF(r == LOOM_EBADADDR, "dial %s: %s", a, loom_err_name(r));
+    r = loom_dial(&c, "tcp4", a);
+    CHECKF(r == LOOM_EBADADDR, "dial tcp4 %s: %s", a, loom_err_name(r));
+  }
+  CHECK_EQ(atomic_load(&gai_calls), calls);
+  snprintf(addr, sizeof addr, "127.0.0.1:%s", port);
+  loom_conn *c, *s;
+  CHECK_OK(loom_dial(&c, "tcp", addr));
+  CHECK_OK(loom_accept(l, &s));
+  CHECK_OK(loom_close(c));
+  CHECK_OK(loom_close(s));
+  CHECK_OK(loom_listener_close(l));
+}
+
+TEST(ipv4_literals_are_dotted_decimal_only) {
+  static const char *const nets[] = {"tcp", "tcp4", "udp", "udp4"};
+  for (size_t n = 0; n < sizeof nets / sizeof *nets; n++) {
+    for (size_t i = 0; i < sizeof v4_refused / sizeof *v4_refused; i++) {
+      char a[64], host[256];
+      loom__addrs as;
+      int family = 0, port = 0;
+      snprintf(a, sizeof a, "%s:80", v4_refused[i]);
+      int r = loom__parse_addr(nets[n], a, false, &as, host, sizeof host,
+                               &family, &port);
+      CHECKF(r == LOOM_EBADADDR, "%s %s: %d", nets[n], a, r);
+      r = loom__parse_addr(nets[n], a, true, &as, host, sizeof host, &family,
+                           &port);
+      CHECKF(r == LOOM_EBADADDR, "%s %s (passive): %d", nets[n], a, r);
+      struct sockaddr_storage ss;
+      socklen_t sl;
+      r = loom_resolve_addr(nets[n], a, &ss, &sl);
+      CHECKF(r == LOOM_EBADADDR, "resolve %s %s: %s", nets[n], a,
+             loom_err_name(r));
+    }
+    for (size_t i = 0; i < sizeof v4_accepted / sizeof *v4_accepted; i++) {
+      char a[64], back[64];
+      struct sockaddr_storage ss;
+      socklen_t sl;
+      snprintf(a, sizeof a, "%s:80", v4_accepted[i]);
+      CHECK_OK(loom_resolve_addr(nets[n], a, &ss, &sl));
+      CHECK_EQ(ss.ss_family, AF_INET);
+      CHECK_OK(
+          loom__format_addr((struct sockaddr *)&ss, sl, back, sizeof back));
+      CHECK_STREQ(back, a);
+    }
+    for (size_t i = 0; i < sizeof v4_names / sizeof *v4_names; i++) {
+      char a[64], host[256];
+      loom__addrs as;
+      int family = 0, port = 0;
+      snprintf(a, sizeof a, "%s:80", v4_names[i]);
+      int r = loom__parse_addr(nets[n], a, false, &as, host, sizeof host,
+                               &family, &port);
+      CHECKF(r == LOOM__NEED_LOOKUP, "%s %s: %d", nets[n], a, r);
+      CHECK_STREQ(host, v4_names[i]);
+    }
+  }
+  CHECK_EQ(atomic_load(&gai_calls), 0);
+  /* An IPv4 literal is no IPv6 address, and the other way round. */
+  struct sockaddr_storage ss;
+  socklen_t sl;
+  CHECK_ERR(loom_resolve_addr("tcp6", "127.0.0.1:80", &ss, &sl), LOOM_EBADADDR);
+  CHECK_ERR(loom_resolve_addr("udp6", "127.0.0.1:80", &ss, &sl), LOOM_EBADADDR);
+  CHECK_ERR(loom_resolve_addr("tcp4", "[::1]:80", &ss, &sl), LOOM_EBADADDR);
+  CHECK_ERR(loom_resolve_addr("udp4", "[fe80::1]:80", &ss, &sl), LOOM_EBADADDR);
+  CHECK_ERR(loom_resolve_addr("tcp", "[fe80::zz]:80", &ss, &sl), LOOM_EBADADDR);
+  CHECK_EQ(atomic_load(&gai_calls), 0);
+  /* And through dial, on a coroutine: 0x7f.1 is not 127.0.0.1 to loom. */
+  check_run(v4_literal_main, NULL, 1);
+}
 
 /* ------------------------------------------------------------------ */
 /* Packet sockets: every rule of loom/net.h, UDP and unixgram.          */

@@ -8,7 +8,12 @@
  *
  * Networks: "tcp", "tcp4", "tcp6", "unix".  Addresses: "host:port",
  * "[v6addr]:port" (without a zone: "[fe80::1%eth0]:80" is
- * LOOM_EBADADDR), ":port" (every local address, for listen), a host name
+ * LOOM_EBADADDR), ":port" (every local address, for listen).  An IPv4
+ * literal is a dotted-decimal quad, as in Go: "127.1", "0x7f.0.0.1",
+ * "0177.0.0.1" (a leading zero), "2130706433" and any other host whose
+ * last label is a number are LOOM_EBADADDR, never looked up (the C
+ * library would read them as inet_aton does).  A literal of the other
+ * family ("[::1]:80" for "tcp4") is LOOM_EBADADDR too.  Else a host name
  * (resolved with getaddrinfo on a blocking section, so a slow resolver
  * stalls no other coroutine), or for "unix" a path; a path starting with
  * '@' names Linux's abstract namespace.  A path has at most 107 bytes, an

@@ -4,6 +4,21 @@
  * Numeric addresses never reach the resolver.  Names go to getaddrinfo on
  * a thread of its own, inside loom_block_enter/exit: glibc's resolver
  * may use far more stack than a coroutine has, and it blocks.
+ *
+ * Which hosts are literals is Go's rule, not the C library's.  An IPv4
+ * literal is a dotted-decimal quad and nothing else: four parts of 0 to
+ * 255, no leading zeros (Go's ParseIP since 1.17).  inet_aton also reads
+ * "127.1", "0x7f.0.0.1", "0177.0.0.1" and "2130706433", and getaddrinfo
+ * tries inet_aton before it looks a name up, so such a host must never
+ * reach it: it would connect somewhere the caller may not have meant
+ * (and "0177" is octal there, 127, where a reader sees 177).  So a host
+ * that is no quad but whose last label is a number as inet_aton reads
+ * one (decimal, octal or 0x hex; the WHATWG URL parser's "ends in a
+ * number") is LOOM_EBADADDR; no top-level domain is numeric, so no real
+ * name is lost.  A host with a ':' that is no IPv6 address is refused
+ * too (a name has none).  Rejected: passing these forms to inet_aton
+ * and accepting them all, which Go does not, and which makes one host
+ * string mean two addresses depending on the reader.
  */
 #include "net/addr.h"
 
@@ -70,21 +85,83 @@ static void add(loom__addrs *out, const void *sa, socklen_t len) {
   out->len[out->n++] = len;
 }
 
-static bool numeric(int family, const char *host, int port,
-                    loom__addrs *out) {
+/* A dotted-decimal quad: four parts 0..255, no leading zeros. */
+static bool parse_ipv4(const char *s, struct in_addr *a) {
+  unsigned char b[4];
+  for (int i = 0; i < 4; i++) {
+    if (i > 0 && *s++ != '.')
+      return false;
+    if (*s < '0' || *s > '9')
+      return false;
+    if (s[0] == '0' && s[1] >= '0' && s[1] <= '9')
+      return false; /* a leading zero: octal to inet_aton */
+    unsigned v = 0;
+    for (; *s >= '0' && *s <= '9'; s++) {
+      v = v * 10 + (unsigned)(*s - '0');
+      if (v > 255)
+        return false;
+    }
+    b[i] = (unsigned char)v;
+  }
+  if (*s != '\0')
+    return false;
+  memcpy(a, b, sizeof b);
+  return true;
+}
+
+static bool is_hex(char c) {
+  return (c >= '0' && c <= '9') || (c >= 'a' && c <= 'f') ||
+         (c >= 'A' && c <= 'F');
+}
+
+/* True if the last label of `host` (a trailing dot aside) is a number as
+ * inet_aton reads one: decimal or octal digits, or 0x and hex digits. */
+static bool ends_in_number(const char *host) {
+  size_t n = strlen(host);
+  if (n > 0 && host[n - 1] == '.')
+    n--;
+  size_t i = n;
+  while (i > 0 && host[i - 1] != '.')
+    i--;
+  const char *l = host + i;
+  size_t ll = n - i;
+  if (ll == 0)
+    return false;
+  size_t j = 0;
+  if (ll >= 2 && l[0] == '0' && (l[1] == 'x' || l[1] == 'X')) {
+    for (j = 2; j < ll && is_hex(l[j]); j++)
+      ;
+  } else {
+    for (j = 0; j < ll && l[j] >= '0' && l[j] <= '9'; j++)
+      ;
+  }
+  return j == ll;
+}
+
+/* A numeric host of `family` (AF_UNSPEC: either): 0 with the address
+ * added to `out`, 1 if `host` is a name, or LOOM_EBADADDR (a malformed
+ * literal, or one of the other family). */
+static int literal(int family, const char *host, int port, loom__addrs *out) {
   struct sockaddr_in s4 = {.sin_family = AF_INET,
                            .sin_port = htons((uint16_t)port)};
   struct sockaddr_in6 s6 = {.sin6_family = AF_INET6,
                             .sin6_port = htons((uint16_t)port)};
-  if (family != AF_INET6 && inet_pton(AF_INET, host, &s4.sin_addr) == 1) {
+  if (parse_ipv4(host, &s4.sin_addr)) {
+    if (family == AF_INET6)
+      return LOOM_EBADADDR;
     add(out, &s4, sizeof s4);
-    return true;
+    return 0;
   }
-  if (family != AF_INET && inet_pton(AF_INET6, host, &s6.sin6_addr) == 1) {
+  if (inet_pton(AF_INET6, host, &s6.sin6_addr) == 1) {
+    if (family == AF_INET)
+      return LOOM_EBADADDR;
     add(out, &s6, sizeof s6);
-    return true;
+    return 0;
   }
-  return false;
+  if (strchr(host, '%') != NULL || strchr(host, ':') != NULL ||
+      ends_in_number(host))
+    return LOOM_EBADADDR; /* looks numeric but is not a valid address */
+  return 1;
 }
 
 struct lookup {
@@ -197,20 +274,17 @@ int loom__parse_addr(const char *network, const char *addr, bool passive,
   if (host[0] == '\0') {
     if (passive) {
       /* Every local address: dual-stack [::] where IPv6 exists. */
-      const char *any = family == AF_INET ? "0.0.0.0" : "::";
-      if (!numeric(family == AF_UNSPEC ? AF_INET6 : family, any, port, out))
-        return LOOM_EBADADDR;
-      if (family == AF_UNSPEC)
-        numeric(AF_INET, "0.0.0.0", port, out); /* fallback */
+      if (family != AF_INET)
+        literal(AF_INET6, "::", port, out);
+      if (family != AF_INET6)
+        literal(AF_INET, "0.0.0.0", port, out); /* fallback for "tcp" */
       return 0;
     }
     snprintf(host, hostlen, "%s", family == AF_INET6 ? "::1" : "127.0.0.1");
   }
-  if (numeric(family, host, port, out))
-    return 0;
-  if (strchr(host, '%') != NULL ||
-      strspn(host, "0123456789.:") == strlen(host))
-    return LOOM_EBADADDR; /* looks numeric but is not a valid address */
+  err = literal(family, host, port, out);
+  if (err <= 0)
+    return err;
   *family_out = family;
   *port_out = port;
   return LOOM__NEED_LOOKUP;

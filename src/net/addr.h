@@ -31,7 +31,8 @@ int loom__resolve(const char *network, const char *addr, bool passive,
 
 /*
  * The parsing half of loom__resolve: no I/O.  Returns 0 with `out` filled
- * for numeric addresses and paths, LOOM__NEED_LOOKUP with the host name
+ * for numeric addresses and paths (IPv4: dotted-decimal quads only, see
+ * addr.c), LOOM__NEED_LOOKUP with the host name
  * in `host` (hostlen >= 64) and its family and port when a resolver must
  * be asked, or an error as loom__resolve.  The fuzz target's entry.
  */
