@@ -5,18 +5,20 @@
  * sockets, IPv6, address parsing, a slow resolver, and packet sockets
  * (their rules, and reads and writes bounded by a context).
  */
+#include <arpa/inet.h>
 #include <dlfcn.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <net/if.h>
 #include <netdb.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <pthread.h>
 #include <signal.h>
 #include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <netinet/in.h>
-#include <netinet/tcp.h>
-#include <pthread.h>
 #include <sys/epoll.h>
 #include <sys/resource.h>
 #include <unistd.h>
@@ -752,9 +754,9 @@ static void bad_main(void *arg) {
   CHECK_ERR(loom_listen(&l, "tcp", "[::1:80"), LOOM_EBADADDR);
   CHECK_ERR(loom_listen(&l, "tcp", "999.1.1.1:80"), LOOM_EBADADDR);
   CHECK_ERR(loom_listen(&l, "unix", ""), LOOM_EBADADDR);
-  /* No IPv6 zones (loom/net.h). */
-  CHECK_ERR(loom_listen(&l, "tcp6", "[::1%lo]:0"), LOOM_EBADADDR);
-  CHECK_ERR(loom_dial(&c, "tcp6", "[fe80::1%1]:80"), LOOM_EBADADDR);
+  /* Zones that name no interface (loom/net.h). */
+  CHECK_ERR(loom_listen(&l, "tcp6", "[::1%]:0"), LOOM_EBADADDR);
+  CHECK_ERR(loom_dial(&c, "tcp6", "[fe80::1%no-such-if]:80"), LOOM_EBADADDR);
   CHECK_ERR(loom_dial(&c, "tcp", "no-such-host.invalid:80") < 0, 1);
   CHECK_ERR(loom_read(NULL, NULL, 0), -EINVAL);
   CHECK_ERR(loom_close(NULL), -EINVAL);
@@ -935,6 +937,192 @@ TEST(ipv4_literals_are_dotted_decimal_only) {
   CHECK_EQ(atomic_load(&gai_calls), 0);
   /* And through dial, on a coroutine: 0x7f.1 is not 127.0.0.1 to loom. */
   check_run(v4_literal_main, NULL, 1);
+}
+
+/* ------------------------------------------------------------------ */
+/* IPv6 zones: parsed, printed back, and dialed on loopback.            */
+
+/* Parse `a` for `net` as one IPv6 address; its scope id, or fail. */
+static uint32_t zone_of(const char *net, const char *a, const char *ip,
+                        int port) {
+  loom__addrs as;
+  char host[256];
+  int family = 0, p = 0;
+  int r = loom__parse_addr(net, a, false, &as, host, sizeof host, &family, &p);
+  CHECKF(r == 0, "%s %s: %s", net, a, loom_err_name(r));
+  CHECK_EQ(as.n, 1);
+  CHECK_EQ(as.len[0], sizeof(struct sockaddr_in6));
+  const struct sockaddr_in6 *s6 = (const struct sockaddr_in6 *)&as.a[0];
+  CHECK_EQ(s6->sin6_family, AF_INET6);
+  CHECK_EQ(ntohs(s6->sin6_port), port);
+  struct in6_addr want;
+  CHECK_EQ(inet_pton(AF_INET6, ip, &want), 1);
+  CHECK(memcmp(&s6->sin6_addr, &want, sizeof want) == 0);
+  return s6->sin6_scope_id;
+}
+
+/* Format `a` as parsed and check the text, then parse that again. */
+static void zone_prints(const char *a, const char *want) {
+  struct sockaddr_storage ss;
+  socklen_t sl;
+  CHECK_OK(loom_resolve_addr("tcp6", a, &ss, &sl));
+  char text[128];
+  CHECK_OK(loom__format_addr((struct sockaddr *)&ss, sl, text, sizeof text));
+  CHECK_STREQ(text, want);
+  struct sockaddr_storage back;
+  socklen_t bl;
+  CHECK_OK(loom_resolve_addr("tcp6", text, &back, &bl));
+  CHECK_EQ(bl, sl);
+  CHECK(memcmp(&back, &ss, sl) == 0);
+}
+
+TEST(ipv6_zones_parse_and_print) {
+  uint32_t lo = if_nametoindex("lo");
+  CHECK(lo != 0);
+  char byindex[64];
+  snprintf(byindex, sizeof byindex, "[fe80::1%%%u]:80", (unsigned)lo);
+  static const char *const nets[] = {"tcp", "tcp6", "udp", "udp6"};
+  for (size_t n = 0; n < sizeof nets / sizeof *nets; n++) {
+    CHECK_EQ(zone_of(nets[n], "[fe80::1%lo]:80", "fe80::1", 80), lo);
+    CHECK_EQ(zone_of(nets[n], byindex, "fe80::1", 80), lo);
+    CHECK_EQ(zone_of(nets[n], "[::1%lo]:0", "::1", 0), lo);
+    CHECK_EQ(zone_of(nets[n], "[ff02::1%lo]:9", "ff02::1", 9), lo);
+    CHECK_EQ(zone_of(nets[n], "[::ffff:127.0.0.1%lo]:1", "::ffff:127.0.0.1", 1),
+             lo);
+    /* A number no interface has is taken as it is (the kernel judges). */
+    CHECK_EQ(zone_of(nets[n], "[fe80::1%4294967295]:80", "fe80::1", 80),
+             4294967295u);
+    CHECK_EQ(zone_of(nets[n], "[fe80::1%0]:80", "fe80::1", 80), 0);
+    CHECK_EQ(zone_of(nets[n], "[fe80::1%00001]:80", "fe80::1", 80), 1);
+  }
+  /* Printed by name, or by number when no interface has the index; and
+   * what is printed parses back to the same address. */
+  zone_prints("[fe80::1%lo]:80", "[fe80::1%lo]:80");
+  zone_prints(byindex, "[fe80::1%lo]:80");
+  zone_prints("[FE80::0:1%lo]:443", "[fe80::1%lo]:443");
+  zone_prints("[fe80::1%4294967295]:80", "[fe80::1%4294967295]:80");
+  zone_prints("[fe80::1%0]:80", "[fe80::1]:80");
+  zone_prints("[::1%lo]:7", "[::1%lo]:7");
+  struct sockaddr_in6 s6 = {
+      .sin6_family = AF_INET6, .sin6_port = htons(8080), .sin6_scope_id = lo};
+  CHECK_EQ(inet_pton(AF_INET6, "fe80::abcd", &s6.sin6_addr), 1);
+  char text[128];
+  CHECK_OK(
+      loom__format_addr((struct sockaddr *)&s6, sizeof s6, text, sizeof text));
+  CHECK_STREQ(text, "[fe80::abcd%lo]:8080");
+  /* The longest an address prints (39 bytes), with a 10-digit zone. */
+  s6.sin6_scope_id = 4000000000u;
+  memset(&s6.sin6_addr, 0xff, sizeof s6.sin6_addr);
+  CHECK_OK(
+      loom__format_addr((struct sockaddr *)&s6, sizeof s6, text, sizeof text));
+  CHECK_STREQ(text,
+              "[ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff%4000000000]:8080");
+  /* Refused, and never looked up. */
+  static const char *const bad[] = {
+      "[fe80::1%]:80",                         /* empty zone */
+      "[fe80::1%no-such-if]:80",               /* no such interface */
+      "[fe80::1%aaaaaaaaaaaaaaaaaaaaaaaa]:80", /* longer than a name */
+      "[fe80::1%4294967296]:80",               /* more than 32 bits */
+      "[fe80::1%-1]:80",
+      "[fe80::1%+1]:80",
+      "[fe80::1%1x]:80",
+      "[fe80::1%lo%lo]:80",
+      "[fe80::1%lo ]:80",
+      "[%lo]:80",
+      "[fe80::1%lo]:",
+      "fe80::1%lo:80",     /* an IPv6 address needs [] */
+      "[127.0.0.1%lo]:80", /* a zone on IPv4 */
+      "127.0.0.1%lo:80",
+      "[127.0.0.1%1]:80",
+      "localhost%lo:80", /* a zone on a name */
+      "[localhost%lo]:80",
+      "[fe80::zz%lo]:80",
+      "[0123456789012345678901234567890123456789012345678%lo]:80"};
+  int calls = atomic_load(&gai_calls);
+  for (size_t n = 0; n < sizeof nets / sizeof *nets; n++)
+    for (size_t i = 0; i < sizeof bad / sizeof *bad; i++) {
+      struct sockaddr_storage ss;
+      socklen_t sl;
+      int r = loom_resolve_addr(nets[n], bad[i], &ss, &sl);
+      CHECKF(r == LOOM_EBADADDR, "%s %s: %s", nets[n], bad[i],
+             loom_err_name(r));
+    }
+  /* A zoned IPv6 literal is no address for tcp4 or udp4. */
+  struct sockaddr_storage ss;
+  socklen_t sl;
+  CHECK_ERR(loom_resolve_addr("tcp4", "[fe80::1%lo]:80", &ss, &sl),
+            LOOM_EBADADDR);
+  CHECK_ERR(loom_resolve_addr("udp4", "[::1%lo]:80", &ss, &sl), LOOM_EBADADDR);
+  CHECK_EQ(atomic_load(&gai_calls), calls);
+}
+
+static void zone_loop_main(void *arg) {
+  (void)arg;
+  /* Linux ignores a zone on ::1 (it needs none): the listener works and
+   * its address reads without one. */
+  loom_listener *l = start_echo("tcp6", "[::1%lo]:0");
+  CHECKF(strncmp(echo_addr, "[::1]:", 6) == 0, "%s", echo_addr);
+  const char *port = strrchr(echo_addr, ':') + 1;
+  char a[64];
+  snprintf(a, sizeof a, "[::1%%lo]:%s", port);
+  echo_roundtrip("tcp", a, 1000, 11);
+  echo_roundtrip("tcp6", a, 1000, 12);
+  snprintf(a, sizeof a, "[::1%%%u]:%s", if_nametoindex("lo"), port);
+  echo_roundtrip("tcp6", a, 1000, 13);
+  /* The dialed address is the remote address, zone and all, and it
+   * dials again as it reads. */
+  snprintf(a, sizeof a, "[::1%%lo]:%s", port);
+  loom_conn *c;
+  CHECK_OK(loom_dial(&c, "tcp6", a));
+  char remote[128], local[128];
+  CHECK_OK(loom_conn_remote_addr(c, remote, sizeof remote));
+  CHECK_STREQ(remote, a);
+  CHECK_OK(loom_conn_local_addr(c, local, sizeof local));
+  CHECKF(strncmp(local, "[::1]:", 6) == 0, "%s", local);
+  CHECK_OK(loom_close(c));
+  echo_roundtrip("tcp6", remote, 1000, 14);
+  stop_echo(l);
+
+  /* UDP: bind, connect and send to a zoned ::1. */
+  loom_pconn *srv, *cli;
+  CHECK_OK(loom_listen_packet(&srv, "udp6", "[::1%lo]:0"));
+  char sa[128];
+  CHECK_OK(loom_pconn_local_addr(srv, sa, sizeof sa));
+  CHECKF(strncmp(sa, "[::1]:", 6) == 0, "%s", sa);
+  snprintf(a, sizeof a, "[::1%%lo]:%s", strrchr(sa, ':') + 1);
+  CHECK_OK(loom_dial_packet(&cli, "udp", a));
+  CHECK_OK(loom_pconn_remote_addr(cli, remote, sizeof remote));
+  CHECK_EQ(loom_pconn_write(cli, "ping", 4), 4);
+  char buf[16];
+  struct sockaddr_storage from;
+  socklen_t fromlen = sizeof from;
+  CHECK_EQ(loom_pconn_read_from(srv, buf, sizeof buf, &from, &fromlen), 4);
+  CHECK(memcmp(buf, "ping", 4) == 0);
+  CHECK_EQ(
+      loom_pconn_write_to(srv, "pong", 4, (struct sockaddr *)&from, fromlen),
+      4);
+  CHECK_EQ(loom_pconn_read(cli, buf, sizeof buf), 4);
+  CHECK(memcmp(buf, "pong", 4) == 0);
+  struct sockaddr_storage to;
+  socklen_t tolen;
+  CHECK_OK(loom_resolve_addr("udp6", a, &to, &tolen));
+  CHECK_EQ(((struct sockaddr_in6 *)&to)->sin6_scope_id, if_nametoindex("lo"));
+  CHECK_EQ(loom_pconn_write_to(srv, "zone", 4, (struct sockaddr *)&to, tolen),
+           4);
+  CHECK_EQ(loom_pconn_read_from(srv, buf, sizeof buf, NULL, NULL), 4);
+  CHECK(memcmp(buf, "zone", 4) == 0);
+  CHECK_OK(loom_pconn_close(cli));
+  CHECK_OK(loom_pconn_close(srv));
+
+  /* Link-local addresses are the kernel's to judge: lo has none, and
+   * one without a zone is refused before any packet could leave. */
+  CHECK_ERR(loom_listen(&l, "tcp6", "[fe80::1%lo]:0"), -EADDRNOTAVAIL);
+  CHECK_ERR(loom_listen(&l, "tcp6", "[fe80::1]:0"), -EINVAL);
+  CHECK_ERR(loom_dial(&c, "tcp6", "[fe80::1]:9"), -EINVAL);
+}
+
+TEST(ipv6_zone_dial_and_listen_on_loopback) {
+  check_run(zone_loop_main, NULL, 2);
 }
 
 /* ------------------------------------------------------------------ */

@@ -7,8 +7,21 @@
  * and registered once with the runtime's poller.
  *
  * Networks: "tcp", "tcp4", "tcp6", "unix".  Addresses: "host:port",
- * "[v6addr]:port" (without a zone: "[fe80::1%eth0]:80" is
- * LOOM_EBADADDR), ":port" (every local address, for listen).  An IPv4
+ * "[v6addr]:port", ":port" (every local address, for listen).  An IPv6
+ * literal may name a zone, the interface of a link-local address, by
+ * name or by index: "[fe80::1%eth0]:80", "[fe80::1%2]:80" (a name first,
+ * as in Go, then a decimal number).  An unknown interface name, an empty
+ * zone ("[fe80::1%]:80"), or a zone on an IPv4 literal or a host name is
+ * LOOM_EBADADDR.  Linux uses a zone only where an address needs one
+ * (link-local fe80::/10, and multicast of interface- or link-local
+ * scope) and ignores it elsewhere: dial and listen on "[::1%lo]:0" work
+ * as on "[::1]:0", and the local address reads "[::1]:port" since the
+ * kernel reports no zone for it (a dialed connection's remote address is
+ * the one dialed, zone included).  A link-local address without a zone
+ * fails in connect and bind with -EINVAL, and listening needs an address
+ * of that interface (else -EADDRNOTAVAIL).  Addresses are printed with
+ * their zone ("[fe80::1%eth0]:80", the number if no interface has that
+ * index), so a printed address dials and listens as it reads.  An IPv4
  * literal is a dotted-decimal quad, as in Go: "127.1", "0x7f.0.0.1",
  * "0177.0.0.1" (a leading zero), "2130706433" and any other host whose
  * last label is a number are LOOM_EBADADDR, never looked up (the C

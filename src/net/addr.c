@@ -19,14 +19,28 @@
  * too (a name has none).  Rejected: passing these forms to inet_aton
  * and accepting them all, which Go does not, and which makes one host
  * string mean two addresses depending on the reader.
+ *
+ * An IPv6 literal may carry a zone, "fe80::1%eth0" or "fe80::1%2": the
+ * interface a link-local address belongs to, which becomes sin6_scope_id.
+ * As in Go, a zone is first an interface name, and a decimal index only
+ * if no interface has that name; unlike Go (which makes it 0, no zone),
+ * an unknown name is LOOM_EBADADDR, as are an empty zone and a zone on
+ * an IPv4 literal or a host name.  Looking the name up (if_nametoindex)
+ * is the one system call of the parser: a read of the kernel's
+ * interface table that never blocks, without which the fuzz target could
+ * not check that a formatted zone parses back.  Formatting prints the
+ * zone by name when the index still names an interface, else the number,
+ * which parses back to the same index.
  */
 #include "net/addr.h"
 
 #include <arpa/inet.h>
 #include <errno.h>
+#include <net/if.h>
 #include <netdb.h>
 #include <netinet/in.h>
 #include <pthread.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -138,16 +152,57 @@ static bool ends_in_number(const char *host) {
   return j == ll;
 }
 
+/* An IPv6 zone: an interface name, else a decimal index (Go's order).
+ * 0, LOOM_EBADADDR, or -errno if the interface table cannot be read
+ * (-EMFILE: if_nametoindex needs a socket). */
+static int parse_zone(const char *zone, uint32_t *scope) {
+  size_t n = strlen(zone);
+  if (n == 0)
+    return LOOM_EBADADDR;
+  if (n < IF_NAMESIZE) {
+    unsigned idx = if_nametoindex(zone);
+    if (idx != 0) {
+      *scope = idx;
+      return 0;
+    }
+    int e = errno;
+    if (e != ENODEV && e != 0)
+      return -e;
+  }
+  uint64_t v = 0;
+  for (const char *p = zone; *p; p++) {
+    if (*p < '0' || *p > '9')
+      return LOOM_EBADADDR; /* no interface of that name */
+    v = v * 10 + (uint64_t)(*p - '0');
+    if (v > UINT32_MAX)
+      return LOOM_EBADADDR;
+  }
+  *scope = (uint32_t)v;
+  return 0;
+}
+
 /* A numeric host of `family` (AF_UNSPEC: either): 0 with the address
- * added to `out`, 1 if `host` is a name, or LOOM_EBADADDR (a malformed
- * literal, or one of the other family). */
+ * added to `out`, 1 if `host` is a name, or an error: LOOM_EBADADDR (a
+ * malformed literal or zone, or a literal of the other family), or
+ * parse_zone's -errno. */
 static int literal(int family, const char *host, int port, loom__addrs *out) {
   struct sockaddr_in s4 = {.sin_family = AF_INET,
                            .sin_port = htons((uint16_t)port)};
   struct sockaddr_in6 s6 = {.sin6_family = AF_INET6,
                             .sin6_port = htons((uint16_t)port)};
+  char ip[INET6_ADDRSTRLEN];
+  const char *zone = strchr(host, '%');
+  if (zone != NULL) {
+    size_t n = (size_t)(zone - host);
+    if (n >= sizeof ip)
+      return LOOM_EBADADDR; /* longer than any IPv6 literal */
+    memcpy(ip, host, n);
+    ip[n] = '\0';
+    host = ip;
+    zone++;
+  }
   if (parse_ipv4(host, &s4.sin_addr)) {
-    if (family == AF_INET6)
+    if (family == AF_INET6 || zone != NULL)
       return LOOM_EBADADDR;
     add(out, &s4, sizeof s4);
     return 0;
@@ -155,11 +210,15 @@ static int literal(int family, const char *host, int port, loom__addrs *out) {
   if (inet_pton(AF_INET6, host, &s6.sin6_addr) == 1) {
     if (family == AF_INET)
       return LOOM_EBADADDR;
+    if (zone != NULL) {
+      int err = parse_zone(zone, &s6.sin6_scope_id);
+      if (err != 0)
+        return err;
+    }
     add(out, &s6, sizeof s6);
     return 0;
   }
-  if (strchr(host, '%') != NULL || strchr(host, ':') != NULL ||
-      ends_in_number(host))
+  if (zone != NULL || strchr(host, ':') != NULL || ends_in_number(host))
     return LOOM_EBADADDR; /* looks numeric but is not a valid address */
   return 1;
 }
@@ -324,7 +383,15 @@ int loom__format_addr(const struct sockaddr *sa, socklen_t len, char *buf,
     const struct sockaddr_in6 *s6 =
         (const struct sockaddr_in6 *)(const void *)sa;
     inet_ntop(AF_INET6, &s6->sin6_addr, ip, sizeof ip);
-    w = snprintf(out, sizeof out, "[%s]:%u", ip, ntohs(s6->sin6_port));
+    if (s6->sin6_scope_id == 0) {
+      w = snprintf(out, sizeof out, "[%s]:%u", ip, ntohs(s6->sin6_port));
+    } else {
+      char zone[IF_NAMESIZE]; /* also holds any uint32_t in decimal */
+      if (if_indextoname(s6->sin6_scope_id, zone) == NULL)
+        snprintf(zone, sizeof zone, "%u", (unsigned)s6->sin6_scope_id);
+      w = snprintf(out, sizeof out, "[%s%%%s]:%u", ip, zone,
+                   ntohs(s6->sin6_port));
+    }
   } else if (sa->sa_family == AF_UNIX) {
     const struct sockaddr_un *su = (const struct sockaddr_un *)(const void *)sa;
     size_t pl = len > offsetof(struct sockaddr_un, sun_path)

@@ -24,17 +24,20 @@ typedef struct loom__addrs {
  * `passive`: for listening (an empty host means every local address).
  * Host names are looked up with getaddrinfo on a helper thread inside a
  * blocking section.  0, LOOM_ENETWORK, LOOM_EBADADDR, LOOM_ENOHOST,
- * LOOM_EDNS, -ENOMEM.
+ * LOOM_EDNS, -ENOMEM, or another -errno (-EMFILE: a zone's interface
+ * name could not be looked up).
  */
 int loom__resolve(const char *network, const char *addr, bool passive,
                   loom__addrs *out);
 
 /*
- * The parsing half of loom__resolve: no I/O.  Returns 0 with `out` filled
- * for numeric addresses and paths (IPv4: dotted-decimal quads only, see
- * addr.c), LOOM__NEED_LOOKUP with the host name
+ * The parsing half of loom__resolve: no I/O but if_nametoindex for an
+ * IPv6 zone given by name (addr.c says why).  Returns 0 with `out` filled
+ * for numeric addresses and paths (IPv4: dotted-decimal quads only;
+ * IPv6 with an optional zone), LOOM__NEED_LOOKUP with the host name
  * in `host` (hostlen >= 64) and its family and port when a resolver must
- * be asked, or an error as loom__resolve.  The fuzz target's entry.
+ * be asked, or an error as loom__resolve (-errno too, if the interface
+ * table cannot be read for a zone: -EMFILE).  The fuzz target's entry.
  */
 #define LOOM__NEED_LOOKUP 1
 int loom__parse_addr(const char *network, const char *addr, bool passive,
@@ -46,8 +49,10 @@ int loom__parse_addr(const char *network, const char *addr, bool passive,
 int loom__resolve_type(const char *network, const char *addr, bool passive,
                        int type, loom__addrs *out);
 
-/* "1.2.3.4:80", "[::1]:80", a Unix path ("@name" for abstract), or
- * -ENOSPC if `buf` is too small (and `buf` is left as it was). */
+/* "1.2.3.4:80", "[::1]:80", "[fe80::1%eth0]:80" (the zone by name, or
+ * its number if no interface has that index), a Unix path ("@name" for
+ * abstract), or -ENOSPC if `buf` is too small (and `buf` is left as it
+ * was). */
 int loom__format_addr(const struct sockaddr *sa, socklen_t len, char *buf,
                       size_t n);
 
