@@ -462,6 +462,43 @@ TEST(input_buffer_only_during_bursts) {
   loom_set_allocator(NULL);
 }
 
+/* inflate makes its window at its first output: when that allocation
+ * fails, the read is -ENOMEM — the session is out of memory, the peer's
+ * stream is fine — never LOOM_ECOMPRESS. */
+static void *no_window_realloc(void *ud, void *p, size_t n) {
+  (void)ud;
+  return p == NULL && n == 32768 ? NULL : realloc(p, n);
+}
+
+static void no_window_free(void *ud, void *p) {
+  (void)ud;
+  free(p);
+}
+
+static void no_window_main(void *arg) {
+  (void)arg;
+  static const size_t batches[] = {500};
+  make_data(data, 2000, 21);
+  size_t clen = deflate_batches(data, 2000, 15, 8, batches, 1, comp,
+                                sizeof comp, ends, dends, &nends);
+  script s;
+  script_init(&s, 0);
+  script_add(&s, comp, clen);
+  loom__layer *z = zlayer_over(&s);
+  size_t got;
+  int rc = read_all(z, 512, back, sizeof back, &got);
+  CHECKF(rc == -ENOMEM, "read without a window: %d (%s)", rc,
+         loom_err_name(rc));
+  CHECK_EQ(got, 0);
+  z->ops->free(z);
+}
+TEST(no_memory_for_the_window_is_enomem) {
+  loom_allocator a = {no_window_realloc, no_window_free, NULL};
+  loom_set_allocator(&a);
+  run(no_window_main);
+  loom_set_allocator(NULL);
+}
+
 /* ------------------------------------------------------------------ */
 /* Writing.                                                             */
 

@@ -92,12 +92,13 @@ static void zfree(voidpf opaque, voidpf p) {
 }
 
 /* Inflate what is buffered into out[0..len): the count (0: needs more
- * input), or LOOM_ECOMPRESS.  Z_BLOCK stops at every block boundary, so
- * that when the input runs out, data_type says whether it ran out
- * between two blocks (see at_boundary); a boundary is passed, not taken
- * for "needs more input", until the output is full or the input gone —
- * so the empty block of a sync flush that follows a batch's data is
- * taken with it, and a small read leaves nothing to keep. */
+ * input), LOOM_ECOMPRESS, or -ENOMEM.  Z_BLOCK stops at every block
+ * boundary, so that when the input runs out, data_type says whether it
+ * ran out between two blocks (see at_boundary); a boundary is passed,
+ * not taken for "needs more input", until the output is full or the
+ * input gone — so the empty block of a sync flush that follows a
+ * batch's data is taken with it, and a small read leaves nothing to
+ * keep. */
 static ssize_t inflate_some(zlayer *z, void *out, size_t len) {
   uInt room = len > UINT_MAX ? UINT_MAX : (uInt)len;
   z->in.next_out = out;
@@ -105,7 +106,11 @@ static ssize_t inflate_some(zlayer *z, void *out, size_t len) {
   for (;;) {
     uInt in0 = z->in.avail_in, out0 = z->in.avail_out;
     int rc = inflate(&z->in, Z_BLOCK);
-    /* Z_BUF_ERROR: no progress was possible — input ran out. */
+    /* Z_BUF_ERROR: no progress was possible — input ran out.  Z_MEM_ERROR:
+     * the window (made at the first output) could not be: the stream is
+     * fine, the session is out of memory. */
+    if (rc == Z_MEM_ERROR)
+      return -ENOMEM;
     if (rc != Z_OK && rc != Z_BUF_ERROR)
       return LOOM_ECOMPRESS; /* Z_DATA_ERROR, Z_NEED_DICT, Z_STREAM_END.. */
     /* A call that moved nothing says nothing: at a boundary it moves
