@@ -54,6 +54,7 @@
 
 #include "check.h"
 #include "check_rng.h"
+#include "check_zlib.h"
 #include "loom.h"
 
 #define SEC INT64_C(1000000000)
@@ -716,16 +717,10 @@ static ssize_t peer_fill(peer *p, size_t most) {
   }
   for (;;) {
     if (p->raw_off < p->raw_len) {
-      p->zi.next_in = p->raw + p->raw_off;
-      p->zi.avail_in = (uInt)(p->raw_len - p->raw_off);
-      p->zi.next_out = p->buf + p->len;
-      p->zi.avail_out = (uInt)room;
-      int zr = inflate(&p->zi, Z_SYNC_FLUSH);
-      CHECKF(zr == Z_OK || zr == Z_BUF_ERROR,
-             "seed %llu: the server's zlib stream: %d",
-             (unsigned long long)g_seed, zr);
-      p->raw_off = p->raw_len - p->zi.avail_in;
-      size_t got = room - p->zi.avail_out;
+      size_t got = 0;
+      p->raw_off += check_inflate(&p->zi, p->raw + p->raw_off,
+                                  p->raw_len - p->raw_off, p->buf + p->len,
+                                  room, &got, "the server's zlib stream");
       if (got > 0) {
         p->len += got;
         return (ssize_t)got;

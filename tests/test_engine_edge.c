@@ -38,6 +38,7 @@
 #include <zlib.h>
 
 #include "check.h"
+#include "check_zlib.h"
 #include "loom.h"
 
 #define SEC INT64_C(1000000000)
@@ -2120,18 +2121,8 @@ static void zlib_peer_main(void *arg) {
       CHECKF(in[0] == (((ZSMALL.wbits - 8) << 4) | 8),
              "the stream's header says %#x", in[0]);
     wire += (size_t)n;
-    zi.next_in = in;
-    zi.avail_in = (uInt)n;
-    while (zi.avail_in > 0) {
-      zi.next_out = back + blen;
-      zi.avail_out = (uInt)(sizeof back - blen);
-      int zr = inflate(&zi, Z_SYNC_FLUSH);
-      CHECKF(zr == Z_OK || zr == Z_BUF_ERROR, "inflate: %d (%s)", zr,
-             zi.msg ? zi.msg : "");
-      blen = sizeof back - zi.avail_out;
-      if (zr == Z_BUF_ERROR || zi.avail_out == 0)
-        break;
-    }
+    check_inflate(&zi, in, (size_t)n, back, sizeof back, &blen,
+                  "the server's stream");
   }
   printf("got %zu plain bytes back as %zu\n", blen, wire);
   CHECK_EQ(blen, sizeof plain);
