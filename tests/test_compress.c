@@ -554,4 +554,97 @@ static void write_main(void *arg) {
 }
 TEST(writes_read_by_zlib_defaults_at_every_window) { run(write_main); }
 
+/* A batch is compressed into 512 bytes on the writer's stack (compress.c,
+ * ZOUT_STACK) and written from there: no allocation.  One whose output
+ * outgrows them, by a byte or by many, goes out through heap chunks,
+ * given back once it is written.  Every batch size around the edge, of
+ * bytes that do not compress (stored blocks: the output is the input
+ * and a few bytes) and of bytes that do; the whole stream is read back
+ * by zlib. */
+enum { ZOUT_STACK = 512 };
+static atomic_long made_blocks, live_blocks;
+
+static void *blocks_realloc(void *ud, void *p, size_t n) {
+  (void)ud;
+  void *q = realloc(p, n);
+  if (q && !p) {
+    atomic_fetch_add(&made_blocks, 1);
+    atomic_fetch_add(&live_blocks, 1);
+  }
+  return q;
+}
+
+static void blocks_free(void *ud, void *p) {
+  (void)ud;
+  atomic_fetch_sub(&live_blocks, 1);
+  free(p);
+}
+
+static void out_edge_main(void *arg) {
+  (void)arg;
+  static uint8_t plain[128 * 1024], sent[64 * 1024];
+  make_data(plain, sizeof plain, 17); /* text, then noise */
+  script s;
+  script_init(&s, 0);
+  loom__layer *z = NULL;
+  CHECK_OK(loom__zlib_layer_new(&z, &s.l, 6, 15, 8));
+  size_t at = 0;
+  int on_stack = 0, spilled = 0;
+  for (int pass = 0; pass < 2; pass++)
+    for (size_t n = pass ? 440 : 480; n <= (pass ? 600 : 560);
+         n += pass ? 8 : 1) {
+      /* Noise first (the second half of plain: never the same bytes
+       * twice, or deflate finds them in its window), then text. */
+      const uint8_t *p =
+          pass ? plain + at % 16384 : plain + sizeof plain / 2 + at;
+      struct iovec iov[2] = {{(void *)(uintptr_t)p, n / 3},
+                             {(void *)(uintptr_t)(p + n / 3), n - n / 3}};
+      size_t out0 = s.outlen;
+      long made0 = atomic_load(&made_blocks);
+      long live0 = atomic_load(&live_blocks);
+      CHECK_EQ(z->ops->writev(z, iov, 2), (ssize_t)n);
+      size_t out = s.outlen - out0;
+      long made = atomic_load(&made_blocks) - made0;
+      if (at == 0) /* the first batch made the deflate state */
+        made = 0;
+      else if (out <= ZOUT_STACK)
+        CHECKF(made == 0, "%zu bytes out of %zu: %ld blocks made", out, n,
+               made);
+      else
+        CHECKF(made == 1, "%zu bytes out of %zu: %ld blocks made", out, n,
+               made);
+      CHECKF(at == 0 || atomic_load(&live_blocks) == live0,
+             "%zu bytes out of %zu: %ld blocks kept", out, n,
+             atomic_load(&live_blocks) - live0);
+      on_stack += at > 0 && out <= ZOUT_STACK;
+      spilled += out > ZOUT_STACK;
+      CHECK_LE(at + n, sizeof sent);
+      memcpy(sent + at, p, n); /* what must come back */
+      at += n;
+    }
+  printf("%d batches written from the stack, %d through the heap\n", on_stack,
+         spilled);
+  CHECK_GT(on_stack, 20);
+  CHECK_GT(spilled, 20);
+  z_stream in;
+  memset(&in, 0, sizeof in);
+  CHECK_EQ(inflateInit(&in), Z_OK);
+  static uint8_t got[64 * 1024];
+  size_t glen = 0;
+  CHECK_EQ(check_inflate(&in, s.out, s.outlen, got, sizeof got, &glen,
+                         "batches around the stack buffer"),
+           s.outlen);
+  CHECK_EQ(glen, at);
+  CHECK(memcmp(got, sent, at) == 0);
+  inflateEnd(&in);
+  z->ops->free(z);
+  script_free(&s.l);
+}
+TEST(small_batches_compress_on_the_stack) {
+  loom_allocator a = {blocks_realloc, blocks_free, NULL};
+  loom_set_allocator(&a);
+  run(out_edge_main);
+  loom_set_allocator(NULL);
+}
+
 CHECK_MAIN()

@@ -60,6 +60,18 @@
 #define ZIN_STACK ((size_t)512)
 #define ZIN_QUIET 16
 
+/* A writer batch is compressed into ZOUT_STACK bytes on the writer's
+ * stack, and written below from there: a small batch (a reply) costs no
+ * allocation.  Output that does not fit goes to outbuf, 16 KiB chunks on
+ * the heap, given back when the batch is written.  With the 16 iovecs
+ * zwritev hands below at a time (256 bytes), the buffer takes less of
+ * the writer's stack than the 64 iovecs it used to (1 KiB).  The
+ * session's write queue counts on this: a compressing session's queue is given
+ * back as it drains (session.c, writer_main), and its next write makes a chunk
+ * — in place of the one this layer made for every batch when all output went to
+ * outbuf. */
+#define ZOUT_STACK ((size_t)512)
+
 /* Fields marked reader's are only touched by the reader, writer's only by
  * the writer (layer.h: one of each at a time); free sees both after they
  * are done. */
@@ -78,7 +90,8 @@ typedef struct zlayer {
                       while reads are small); what in.next_in points
                       into between two reads */
   unsigned quiet;  /* reader's: small reads in a row into inbuf */
-  loom_buf outbuf; /* writer's: compressed bytes for below */
+  loom_buf outbuf; /* writer's: a batch's compressed bytes for below,
+                      once they outgrow the stack (zwritev) */
 } zlayer;
 
 static voidpf zalloc(voidpf opaque, uInt items, uInt size) {
@@ -238,17 +251,34 @@ static ssize_t zread(loom__layer *l, void *buf, size_t len) {
   }
 }
 
-/* Run deflate over the current input with `flush`, output to outbuf. */
-static int deflate_into(zlayer *z, int flush) {
+/* Where a batch's compressed bytes go: ZOUT_STACK bytes on the writer's
+ * stack while they fit, then outbuf, which takes over what the stack
+ * holds.  They are in one of the two, never in both. */
+typedef struct zout {
+  uint8_t *st;
+  size_t used; /* bytes in st */
+} zout;
+
+/* Run deflate over the current input with `flush`, output to o. */
+static int deflate_into(zlayer *z, int flush, zout *o) {
   do {
-    size_t room = 4096;
-    uint8_t *p = loom_buf_reserve(&z->outbuf, room);
-    if (!p)
-      return -ENOMEM;
+    bool stack = o->used < ZOUT_STACK && loom_buf_len(&z->outbuf) == 0;
+    size_t room = stack ? ZOUT_STACK - o->used : 4096;
+    uint8_t *p = o->st + o->used;
+    if (!stack) {
+      if (o->used && loom_buf_append(&z->outbuf, o->st, o->used) < 0)
+        return -ENOMEM;
+      o->used = 0;
+      if (!(p = loom_buf_reserve(&z->outbuf, room)))
+        return -ENOMEM;
+    }
     z->out.next_out = p;
     z->out.avail_out = (uInt)room;
     deflate(&z->out, flush); /* cannot fail on a valid stream */
-    loom_buf_commit(&z->outbuf, room - z->out.avail_out);
+    if (stack)
+      o->used += room - z->out.avail_out;
+    else
+      loom_buf_commit(&z->outbuf, room - z->out.avail_out);
     /* Done when deflate left output room: it has nothing more to say. */
   } while (z->out.avail_out == 0 || z->out.avail_in > 0);
   return 0;
@@ -256,6 +286,8 @@ static int deflate_into(zlayer *z, int flush) {
 
 static ssize_t zwritev(loom__layer *l, const struct iovec *iov, int n) {
   zlayer *z = (zlayer *)l;
+  _Alignas(16) uint8_t stack_out[ZOUT_STACK];
+  zout o = {stack_out, 0};
   size_t total = 0;
   int rc = 0;
   if (!z->out_ready) {
@@ -272,7 +304,7 @@ static ssize_t zwritev(loom__layer *l, const struct iovec *iov, int n) {
       uInt chunk = left > UINT_MAX ? UINT_MAX : (uInt)left;
       z->out.next_in = (Bytef *)(uintptr_t)p;
       z->out.avail_in = chunk;
-      rc = deflate_into(z, Z_NO_FLUSH);
+      rc = deflate_into(z, Z_NO_FLUSH, &o);
       p += chunk;
       left -= chunk;
     }
@@ -280,13 +312,22 @@ static ssize_t zwritev(loom__layer *l, const struct iovec *iov, int n) {
   z->out.next_in = NULL;
   z->out.avail_in = 0;
   if (rc == 0)
-    rc = deflate_into(z, Z_SYNC_FLUSH);
-  while (rc == 0 && loom_buf_len(&z->outbuf)) {
-    struct iovec zv[64];
-    int zn = loom_buf_peek(&z->outbuf, zv, 64);
+    rc = deflate_into(z, Z_SYNC_FLUSH, &o);
+  size_t sent = 0; /* of the stack's bytes */
+  while (rc == 0 && (sent < o.used || loom_buf_len(&z->outbuf))) {
+    /* 16 pieces, as the session's writer takes (loom_writev copies a
+     * longer vector to the heap). */
+    struct iovec zv[16];
+    int zn = 1;
+    if (o.used)
+      zv[0] = (struct iovec){o.st + sent, o.used - sent};
+    else
+      zn = loom_buf_peek(&z->outbuf, zv, 16);
     ssize_t k = l->below->ops->writev(l->below, zv, zn);
     if (k < 0)
       rc = (int)k;
+    else if (o.used)
+      sent += (size_t)k;
     else
       loom_buf_consume(&z->outbuf, (size_t)k);
   }
