@@ -819,6 +819,7 @@ TEST(slow_consumer_writer_batch_is_half_of_wq_high) {
  * builds only: ASan's quarantine and TSan's allocator keep freed blocks
  * resident, which is not the engine's doing). */
 static atomic_llong live_bytes, peak_bytes;
+static atomic_llong new_blocks; /* allocations (not resizes) so far */
 
 static void *count_realloc(void *ud, void *p, size_t n) {
   (void)ud;
@@ -826,6 +827,8 @@ static void *count_realloc(void *ud, void *p, size_t n) {
   void *q = realloc(p, n ? n : 1);
   if (!q)
     return NULL;
+  if (!p)
+    atomic_fetch_add(&new_blocks, 1);
   long long d = (long long)malloc_usable_size(q) - old;
   long long now = atomic_fetch_add(&live_bytes, d) + d;
   long long pk = atomic_load(&peak_bytes);
@@ -2188,9 +2191,9 @@ TEST(compress_bad_settings_are_einval) {
 /* What compression holds, counted in loom's heap (zlib allocates through
  * it): nothing while sessions have exchanged no byte; once one package
  * has gone each way and the sessions are quiet again (a cron tick gives
- * back the write queue's chunk, 16 KiB each end), both ends' deflate
- * state and the peer's window — more than 512 KiB a pair of sessions
- * at the defaults, about 34 KiB with a 512-byte window and memLevel 1
+ * back what a burst took; the write queue's chunk went as it drained),
+ * both ends' deflate state and the peer's window — more than 512 KiB a pair of
+ * sessions at the defaults, about 34 KiB with a 512-byte window and memLevel 1
  * on both ends.  bench/engine/zmem measures the same as resident
  * memory. */
 enum { ZM_N = 8 };
@@ -2274,6 +2277,75 @@ TEST(compress_small_window_holds_less) {
   zm_z = &ZSMALL;
   run_counted(count_realloc, count_free, compress_memory_main, 2,
               "compress memory, small window");
+}
+
+/* An idle compressing session without a cron (nor a read timeout: no
+ * read deadline, so no quiet moment the reader can see) holds no write
+ * queue chunk: its writes all go through the writer (zlib must see every
+ * byte), and the writer gives the chunk back as a batch drains the
+ * queue.  Measured in loom's heap, per pair of sessions, after one
+ * 64-byte package each way: what compress_small_window_holds_less
+ * allows with a cron, where a chunk of 16 KiB at each end would be 32
+ * KiB more.  And it costs the round trip nothing: at most one block
+ * made per batch at each end, in steady request and reply, as when the
+ * queue kept its chunk (the layer then made one for its output). */
+static void compress_idle_main(void *arg) {
+  (void)arg;
+  codecs_init();
+  loom_server_opts o = server_opts(&lenpfx);
+  zset_apply(&o.session, &ZSMALL);
+  E.echo = true;
+  char addr[128];
+  loom_server *srv = serve(&o, addr);
+  long long base = atomic_load(&live_bytes);
+  loom_client_opts co;
+  memset(&co, 0, sizeof co);
+  co.network = "tcp";
+  co.addr = addr;
+  co.conns = ZM_N;
+  co.reconnect_interval = -1;
+  co.session.listener = &zm_listener;
+  co.session.codec = &lenpfx;
+  zset_apply(&co.session, &ZSMALL);
+  loom_client *cl;
+  CHECK_OK(loom_client_start(&cl, &co));
+  CHECK_OK(loom_client_wait(cl, ZM_N, loom_now() + 5 * SEC));
+  WAIT_FOR(atomic_load(&E.opens) == ZM_N && atomic_load(&zm_nclient) == ZM_N,
+           5);
+  uint8_t small[64];
+  memset(small, 'i', sizeof small);
+  for (int i = 0; i < ZM_N; i++)
+    CHECK_OK(loom_session_write(atomic_load(&zm_client[i]), small, 64, -1));
+  WAIT_FOR(atomic_load(&zm_echoes) == ZM_N, 5);
+  long long one = zm_per_pair(base);
+
+  enum { ROUNDS = 200 };
+  loom_session *s0 = atomic_load(&zm_client[0]);
+  long long blocks0 = atomic_load(&new_blocks);
+  for (int r = 0; r < ROUNDS; r++) {
+    int want = atomic_load(&zm_echoes) + 1;
+    CHECK_OK(loom_session_write(s0, small, 64, -1));
+    WAIT_FOR(atomic_load(&zm_echoes) == want, 5);
+  }
+  long long blocks = atomic_load(&new_blocks) - blocks0;
+  long long after = zm_per_pair(base);
+  printf("loom's heap per pair of idle compressing sessions without a cron: "
+         "%lld bytes after one package each way, %lld after %d more round "
+         "trips on one pair, which made %lld blocks (%.2f a round trip)\n",
+         one, after, ROUNDS, blocks, (double)blocks / ROUNDS);
+  CHECKF(one < 48 * 1024, "%lld bytes a pair, idle", one);
+  CHECKF(after < one + 1024, "%lld bytes a pair, idle again (%lld before)",
+         after, one);
+  CHECKF(blocks <= 2 * ROUNDS + ROUNDS / 10,
+         "%lld blocks made in %d round trips", blocks, ROUNDS);
+  for (int i = 0; i < ZM_N; i++)
+    loom_session_unref(atomic_load(&zm_client[i]));
+  CHECK_OK(loom_client_close(cl, loom_now() + 5 * SEC));
+  CHECK_OK(loom_server_close(srv, loom_now() + 5 * SEC));
+}
+TEST(compress_idle_session_holds_no_write_queue) {
+  run_counted(count_realloc, count_free, compress_idle_main, 2,
+              "compress idle without cron");
 }
 
 /* ------------------------------------------------------------------ */

@@ -850,8 +850,10 @@ static void writer_main(void *arg) {
   int64_t wd = 0; /* the write deadline now set */
   loom_mutex_lock(&s->wmu);
   for (;;) {
-    /* Idle: the queue keeps its chunk for the next burst; the reader
-     * sheds it when the session goes quiet. */
+    /* Idle: a bare socket's queue keeps its chunk for the next burst
+     * (most writes never use it: they go out from their callers); the
+     * reader sheds it when the session goes quiet.  A transform's queue
+     * has none left (below). */
     while (loom_buf_len(&s->wq) == 0 && !s->wfinal &&
            atomic_load(&s->state) != S_ABORTED)
       loom_cond_wait(&s->wcond, &s->wmu, 0);
@@ -920,6 +922,19 @@ static void writer_main(void *arg) {
     loom_buf_consume(&s->wq, total);
     if (loom_buf_len(&s->wq) <= s->o.wq_low)
       room_wake(s);
+    /* Under a transform (zlib) every byte goes through the queue, so
+     * the session would keep the chunk of its last reply until a quiet
+     * moment the reader sees — a cron tick, or 16 small reads — which a
+     * session without a cron or read timeout may never have.  Given back
+     * as it drains instead.  The next write makes a chunk again; what
+     * pays for it is that zlib's layer compresses a batch into a stack
+     * buffer (compress.c, ZOUT_STACK) where it made a chunk for every
+     * batch, so a small request and reply make one block a batch, as
+     * before.  A batch whose compressed bytes outgrow that buffer still
+     * makes the layer's chunk: one block more than before, next to
+     * deflating that much. */
+    if (s->top != &s->sock && loom_buf_len(&s->wq) == 0)
+      loom_buf_reset(&s->wq);
   }
   loom_buf_reset(&s->wq);
   s->wdone = true;
