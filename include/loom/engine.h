@@ -70,17 +70,19 @@
  *   inflate  the peer's window (2^its window bits: 32 KiB for zlib's
  *            default) and about 7 KiB; made when its first bytes come.
  * and the layer reads compressed bytes into 512 bytes on the reader's
- * stack, taking a 16 KiB buffer only during bursts.  So a session that
- * has exchanged no byte holds none of it, and 10 000 sessions idle after
- * one exchange each hold about 3.2 GB at the defaults, 0.64 GB at
- * (12, 5) and 0.31 GB at (9, 1) on both ends (bench/engine/zmem,
- * resident memory).  Once made, the streams stay until the session
- * ends: a window is the history the other end's stream refers to.  A
- * smaller window or memLevel costs ratio, and a small memLevel speed
- * (bench/README.md has figures).  The window is in the stream's header,
- * and loom's inflate takes any window the peer declares, so the ends
- * need not agree on these two settings (any zlib inflater with
- * windowBits 15, or 0, reads loom's stream).
+ * stack and compresses a batch into 512 bytes on the writer's, taking a
+ * 16 KiB buffer only for what outgrows them; the write queue's chunk is
+ * given back each time the queue drains.  So a session that has
+ * exchanged no byte holds none of it, and 10 000 sessions idle after one
+ * exchange each hold about 3.2 GB at the defaults, 0.64 GB at (12, 5)
+ * and 0.31 GB at (9, 1) on both ends (bench/engine/zmem, resident
+ * memory).  Once made, the streams stay until the session ends: a window
+ * is the history the other end's stream refers to.  A smaller window or
+ * memLevel costs ratio, and a small memLevel speed (bench/README.md has
+ * figures).  The window is in the stream's header, and loom's inflate
+ * takes any window the peer declares, so the ends need not agree on
+ * these two settings (any zlib inflater with windowBits 15, or 0, reads
+ * loom's stream).
  * With settings other than the defaults, deflate may make incompressible
  * bytes a few percent larger (at worst an eighth, zlib's deflateBound),
  * which adds to the write-queue bound above.
