@@ -3,8 +3,10 @@
  * eventfds: readiness wakes a parked coroutine (and only then), deadlines,
  * many waiters at once, bad input, waiting outside a coroutine.
  */
+#include <dlfcn.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <poll.h>
 #include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -298,9 +300,22 @@ TEST(waiting_costs_no_cpu) {
 /* Inside loom_block_enter/exit the thread waits in poll(2), and a      */
 /* cancel of the context still ends the wait.                            */
 
+/* poll(2), counted per thread: how often a blocked thread woke. */
+static _Thread_local unsigned poll_calls;
+int poll(struct pollfd *fds, nfds_t n, int timeout) {
+  static int (*real)(struct pollfd *, nfds_t, int);
+  if (real == NULL)
+    *(void **)&real = dlsym(RTLD_NEXT, "poll");
+  poll_calls++;
+  return real(fds, n, timeout);
+}
+
+/* Holds its own reference (ctx.h's ownership note): the waiter, woken as
+ * the cancel begins, may release the context before the cancel is over. */
 static void bctx_canceller(void *arg) {
   loom_sleep(30 * CHECK_MS);
   loom_ctx_cancel(arg);
+  loom_ctx_unref(arg);
 }
 
 static void bctx_main(void *arg) {
@@ -309,16 +324,21 @@ static void bctx_main(void *arg) {
   make_pipe(p);
   loom_ctx *ctx;
   CHECK_OK(loom_ctx_with_cancel(&ctx, loom_ctx_background()));
-  CHECK_OK(loom_go(bctx_canceller, ctx));
+  CHECK_OK(loom_go(bctx_canceller, loom_ctx_ref(ctx)));
   int64_t t0 = loom_now();
   loom_block_enter();
+  unsigned polls = poll_calls; /* the section keeps its thread */
   int r = loom_fd_wait_ctx(p[0], LOOM_FD_READ, t0 + 2000 * CHECK_MS, ctx);
+  polls = poll_calls - polls;
   loom_block_exit();
   int64_t took = loom_now() - t0;
   CHECKF(r == -ECANCELED, "the wait ended with %s after %.0f ms",
          loom_strerror(r), took / 1e6);
   CHECKF(took < 1000 * CHECK_MS, "the cancel took %.0f ms to end the wait",
          took / 1e6);
+  /* The thread slept until the cancel woke it: it did not poll the
+   * context in slices (30 ms of them would be 6 calls or more). */
+  CHECKF(polls <= 3, "the waiting thread called poll %u times", polls);
   /* A context done before the call: its reason, at once. */
   loom_block_enter();
   r = loom_fd_wait_ctx(p[0], LOOM_FD_READ, 0, ctx);

@@ -46,7 +46,8 @@ LOOM_API int loom_fd_wait(int fd, int events, int64_t deadline);
 /* As loom_fd_wait, but a cancel of `ctx` ends the wait with its reason
  * (-ECANCELED, -ETIMEDOUT).  Coroutines only (LOOM_ENOTCO otherwise).
  * Inside loom_block_enter/exit, where the thread waits in poll(2), the
- * cancel ends the wait within 5 ms. */
+ * wait takes an eventfd for the cancel to wake it (or, with no
+ * descriptor left for one, looks at the context every 5 ms). */
 LOOM_API int loom_fd_wait_ctx(int fd, int events, int64_t deadline,
                               loom_ctx *ctx);
 

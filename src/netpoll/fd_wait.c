@@ -12,6 +12,9 @@
 #include <errno.h>
 #include <poll.h>
 #include <stdbool.h>
+#include <stdint.h>
+#include <sys/eventfd.h>
+#include <unistd.h>
 
 #include "ctx/ctx_internal.h"
 #include "loom/fd.h"
@@ -32,17 +35,41 @@ static int poll_once(int fd, short ev, int timeout_ms) {
   return 1; /* ready, hung up or in error: the next call says which */
 }
 
+/* A cancel's hook, for a thread waiting in poll(2): it makes the
+ * waiter's eventfd readable. */
+static void wake_poll(void *arg) {
+  int efd = *(int *)arg;
+  uint64_t one = 1;
+  ssize_t n;
+  while ((n = write(efd, &one, sizeof one)) < 0 && errno == EINTR)
+    ;
+  (void)n; /* EAGAIN: the counter is full, so it is readable already */
+}
+
 /* Not on a coroutine, or inside loom_block_enter/exit: the thread waits
- * in poll(2).  A context's cancel cannot interrupt poll(2), so with a
- * context that can be cancelled the wait goes in slices and looks at it
- * between them (as accept's back-off does). */
+ * in poll(2).  With a context that can be cancelled it polls an eventfd
+ * too, which the context's cancel hook makes readable.  Without one for
+ * the eventfd (no descriptor left), the wait goes in slices and looks at
+ * the context between them, as accept's back-off does. */
 #define CTX_SLICE_MS 5
 static int wait_thread(int fd, short ev, int64_t deadline, loom_ctx *ctx) {
-  bool sliced = ctx != NULL && loom_ctx_done(ctx) != NULL;
+  struct pollfd p[2] = {{.fd = fd, .events = ev},
+                        {.fd = -1, .events = POLLIN}};
+  loom__ctx_hook h = {wake_poll, &p[1].fd, NULL, NULL, false};
+  bool hooked = false;
+  if (ctx != NULL && loom_ctx_done(ctx) != NULL) {
+    p[1].fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    if (p[1].fd >= 0 && !(hooked = loom__ctx_hook_add(ctx, &h))) {
+      close(p[1].fd);
+      return loom__ctx_reason(ctx);
+    }
+  }
+  bool sliced = ctx != NULL && loom_ctx_done(ctx) != NULL && !hooked;
+  int r;
   for (;;) {
-    int e = loom__ctx_reason(ctx);
-    if (e != 0)
-      return e;
+    r = loom__ctx_reason(ctx);
+    if (r != 0)
+      break;
     int ms = -1;
     if (deadline != 0) {
       int64_t left = deadline - loom_now();
@@ -53,14 +80,34 @@ static int wait_thread(int fd, short ev, int64_t deadline, loom_ctx *ctx) {
     }
     if (sliced && (ms < 0 || ms > CTX_SLICE_MS))
       ms = CTX_SLICE_MS;
-    int r = poll_once(fd, ev, ms);
-    if (r < 0)
-      return r;
-    if (r > 0)
-      return 0;
-    if (deadline != 0 && loom_now() >= deadline)
-      return -ETIMEDOUT;
+    p[0].revents = p[1].revents = 0;
+    int n = poll(p, hooked ? 2 : 1, ms);
+    if (n < 0 && loom__errno() == EINTR)
+      continue;
+    if (n < 0) {
+      r = -loom__errno();
+      break;
+    }
+    if (p[0].revents & POLLNVAL) {
+      r = -EBADF;
+      break;
+    }
+    if (p[0].revents != 0) {
+      r = 0; /* ready, hung up or in error: the next call says which */
+      break;
+    }
+    if (p[1].revents != 0)
+      continue; /* the cancel: its reason, at the top */
+    if (deadline != 0 && loom_now() >= deadline) {
+      r = -ETIMEDOUT;
+      break;
+    }
   }
+  if (hooked) {
+    loom__ctx_unhook(ctx, &h); /* then the hook no longer writes to it */
+    close(p[1].fd);
+  }
+  return r;
 }
 
 static int fd_wait_impl(int fd, int events, int64_t deadline, loom_ctx *ctx);
