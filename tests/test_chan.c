@@ -325,6 +325,23 @@ TEST(threads_without_runtime) {
   loom_chan_free(c);
 }
 
+/* A NULL channel is Go's nil channel: its length and capacity are 0
+ * (Go's len and cap of a nil channel), and the calls that take one
+ * report -EINVAL instead of crashing.  Plain thread, no runtime. */
+TEST(null_channel_len_cap_and_errors) {
+  long v = 1;
+  CHECK_EQ(loom_chan_len(NULL), 0);
+  CHECK_EQ(loom_chan_cap(NULL), 0);
+  CHECK_ERR(loom_chan_send(NULL, &v), -EINVAL);
+  CHECK_ERR(loom_chan_recv(NULL, &v), -EINVAL);
+  CHECK_ERR(loom_chan_try_send(NULL, &v), -EINVAL);
+  CHECK_ERR(loom_chan_try_recv(NULL, &v), -EINVAL);
+  CHECK_ERR(loom_chan_send_until(NULL, &v, loom_now() + CHECK_MS), -EINVAL);
+  CHECK_ERR(loom_chan_recv_until(NULL, &v, loom_now() + CHECK_MS), -EINVAL);
+  CHECK_ERR(loom_chan_close(NULL), -EINVAL);
+  loom_chan_free(NULL);
+}
+
 /* A sender waiting when the channel closes fails with -EPIPE, and no
  * receive gets an element from it after the close (chan.h; Go releases
  * every waiter under the lock).  loom_chan_close drops the lock between

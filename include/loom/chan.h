@@ -7,6 +7,9 @@
  * buffer is full.  Waiters queue in arrival order (FIFO) on both sides.
  * Closing wakes everybody: receivers drain what is buffered and then see
  * "closed"; a send on a closed channel fails with -EPIPE (no crash).
+ * A NULL channel: sends, receives and close fail with -EINVAL at once
+ * (Go blocks for ever or panics there); a NULL case of loom_select is
+ * never ready, as a nil channel in Go's select.
  *
  * Channels work from coroutines (which park) and from plain threads of
  * the process (which block in the kernel, without a runtime, too); the
@@ -50,7 +53,8 @@ LOOM_API void loom_chan_free(loom_chan *c);
 /*
  * loom_chan_send — copy *elem into the channel, waiting while it has no
  * room (unbuffered: until a receiver takes it).  Returns 0, -EPIPE if the
- * channel is or becomes closed (the element was not sent).  Parks.
+ * channel is or becomes closed (the element was not sent), -EINVAL for a
+ * NULL channel.  Parks.
  * loom_chan_send_until gives up at `deadline` with -ETIMEDOUT.
  */
 LOOM_API int loom_chan_send(loom_chan *c, const void *elem);
@@ -60,8 +64,8 @@ LOOM_API int loom_chan_send_until(loom_chan *c, const void *elem,
 /*
  * loom_chan_recv — take the next element into *elem (elem may be NULL to
  * drop it).  Returns 1 with an element; 0 when the channel is closed and
- * drained (*elem untouched).  Parks.  loom_chan_recv_until gives up at
- * `deadline` with -ETIMEDOUT.
+ * drained (*elem untouched); -EINVAL for a NULL channel.  Parks.
+ * loom_chan_recv_until gives up at `deadline` with -ETIMEDOUT.
  */
 LOOM_API int loom_chan_recv(loom_chan *c, void *elem);
 LOOM_API int loom_chan_recv_until(loom_chan *c, void *elem, int64_t deadline);
@@ -70,13 +74,15 @@ LOOM_API int loom_chan_recv_until(loom_chan *c, void *elem, int64_t deadline);
 LOOM_API int loom_chan_try_send(loom_chan *c, const void *elem);
 LOOM_API int loom_chan_try_recv(loom_chan *c, void *elem);
 
-/* Close: wakes every waiter.  Returns 0, or -EPIPE if already closed.
+/* Close: wakes every waiter.  Returns 0, -EPIPE if already closed, or
+ * -EINVAL for NULL.
  * Once every other call on the channel has returned, the channel may be
  * freed even while the close itself has not (the waiter it woke frees
  * it): close touches it no more after the last waiter is released. */
 LOOM_API int loom_chan_close(loom_chan *c);
 
-/* Elements buffered now, and the capacity.  Any thread; a snapshot. */
+/* Elements buffered now, and the capacity.  Any thread; a snapshot.
+ * Both are 0 for a NULL channel (Go's len and cap of a nil channel). */
 LOOM_API size_t loom_chan_len(loom_chan *c);
 LOOM_API size_t loom_chan_cap(loom_chan *c);
 

@@ -116,13 +116,15 @@ void loom_chan_free(loom_chan *c) {
 }
 
 size_t loom_chan_len(loom_chan *c) {
+  if (c == NULL)
+    return 0; /* Go's len of a nil channel */
   lock(c);
   size_t n = c->count;
   unlock(c);
   return n;
 }
 
-size_t loom_chan_cap(loom_chan *c) { return c->cap; }
+size_t loom_chan_cap(loom_chan *c) { return c != NULL ? c->cap : 0; }
 
 /* ---- the operations on a locked channel -------------------------------- */
 
