@@ -621,4 +621,23 @@ TEST(call_reason_agrees_with_err) {
   CHECK_EQ(bad_rounds, 0);
 }
 
+/* The channel calls bounded by a context return what the plain call
+ * returns (ctx.h): on a NULL channel that is -EINVAL, at once, whatever
+ * the context.  They waited for the context's cancel instead, as a
+ * select on a nil channel and Done would, and then reported the cancel's
+ * reason; with the background context they returned -EINVAL. */
+static void nullch_main(void *arg) {
+  (void)arg;
+  loom_ctx *c;
+  CHECK_OK(loom_ctx_with_timeout(&c, loom_ctx_background(), 50 * CHECK_MS));
+  long v = 1;
+  CHECK_ERR(loom_chan_send_ctx(NULL, &v, c), -EINVAL);
+  CHECK_ERR(loom_chan_recv_ctx(NULL, &v, c), -EINVAL);
+  CHECK_EQ(loom_ctx_err(c), 0); /* answered before the deadline */
+  CHECK_ERR(loom_chan_send_ctx(NULL, &v, loom_ctx_background()), -EINVAL);
+  CHECK_ERR(loom_chan_recv_ctx(NULL, &v, loom_ctx_background()), -EINVAL);
+  loom_ctx_release(c);
+}
+TEST(chan_calls_on_a_null_channel) { check_run(nullch_main, NULL, 2); }
+
 CHECK_MAIN()

@@ -447,7 +447,11 @@ int loom_sleep_ctx(loom_ctx *c, int64_t ns) {
   return r == -ETIMEDOUT ? 0 : r == 0 ? loom_ctx_err(c) : r;
 }
 
+/* A NULL channel is the plain call's -EINVAL, not a case that is never
+ * ready: the select would wait for the cancel. */
 int loom_chan_send_ctx(loom_chan *ch, const void *elem, loom_ctx *c) {
+  if (ch == NULL)
+    return -EINVAL;
   loom_case cs[2] = {{ch, LOOM_SEND, (void *)(uintptr_t)elem, false},
                      {loom_ctx_done(c), LOOM_RECV, NULL, false}};
   int r = loom_select(cs, 2, 0);
@@ -457,6 +461,8 @@ int loom_chan_send_ctx(loom_chan *ch, const void *elem, loom_ctx *c) {
 }
 
 int loom_chan_recv_ctx(loom_chan *ch, void *elem, loom_ctx *c) {
+  if (ch == NULL)
+    return -EINVAL;
   loom_case cs[2] = {{ch, LOOM_RECV, elem, false},
                      {loom_ctx_done(c), LOOM_RECV, NULL, false}};
   int r = loom_select(cs, 2, 0);
