@@ -640,4 +640,29 @@ static void nullch_main(void *arg) {
 }
 TEST(chan_calls_on_a_null_channel) { check_run(nullch_main, NULL, 2); }
 
+/* loom_ctx_deadline is "the earliest deadline of c and its ancestors, 0
+ * if none", and a context that timed out has one.  A deadline of 0 (loom's
+ * "none" everywhere else) made a child cancelled at once with -ETIMEDOUT
+ * that reported no deadline, or, under a parent with a deadline, hid the
+ * parent's.  0 now means none here too: the parent's deadline, if any,
+ * is the child's. */
+static void dl0_main(void *arg) {
+  (void)arg;
+  loom_ctx *none, *p, *kid;
+  CHECK_OK(loom_ctx_with_deadline(&none, loom_ctx_background(), 0));
+  CHECK_EQ(loom_ctx_err(none), 0);
+  CHECK_EQ(loom_ctx_deadline(none), 0);
+  int64_t at = loom_now() + 60000 * CHECK_MS;
+  CHECK_OK(loom_ctx_with_deadline(&p, loom_ctx_background(), at));
+  CHECK_OK(loom_ctx_with_deadline(&kid, p, 0));
+  CHECK_EQ(loom_ctx_err(kid), 0);
+  CHECK_EQ(loom_ctx_deadline(kid), at);
+  loom_ctx_cancel(p); /* and it still goes with its parent */
+  CHECK_EQ(loom_ctx_err(kid), -ECANCELED);
+  loom_ctx_release(kid);
+  loom_ctx_release(p);
+  loom_ctx_release(none);
+}
+TEST(deadline_zero_means_none) { check_run(dl0_main, NULL, 2); }
+
 CHECK_MAIN()

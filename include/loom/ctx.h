@@ -40,9 +40,11 @@ LOOM_API loom_ctx *loom_ctx_background(void);
 LOOM_API int loom_ctx_with_cancel(loom_ctx **out, loom_ctx *parent);
 
 /* A child that is also cancelled, with -ETIMEDOUT, at `deadline` (or
- * earlier if the parent's deadline is earlier).  Must be called on a
- * coroutine (the deadline is a runtime timer): else LOOM_ENOTCO.  A
- * deadline already passed gives a context cancelled at once. */
+ * earlier if the parent's deadline is earlier); 0 means none, as
+ * everywhere in loom (the child then has its parent's deadline, if any).
+ * Must be called on a coroutine, outside loom_block_enter/exit (the
+ * deadline is a runtime timer): else LOOM_ENOTCO.  A deadline already
+ * passed gives a context cancelled at once. */
 LOOM_API int loom_ctx_with_deadline(loom_ctx **out, loom_ctx *parent,
                                     int64_t deadline);
 LOOM_API int loom_ctx_with_timeout(loom_ctx **out, loom_ctx *parent,

@@ -355,12 +355,13 @@ int loom_ctx_with_deadline(loom_ctx **out, loom_ctx *parent,
   int err = child(out, parent, &c);
   if (err != 0)
     return err;
-  if (c->deadline == 0 || deadline < c->deadline)
+  /* 0 is "none", as everywhere in loom: the parent's deadline, if any. */
+  if (deadline != 0 && (c->deadline == 0 || deadline < c->deadline))
     c->deadline = deadline;
   attach(c);
-  if (c->deadline <= loom_now()) {
+  if (c->deadline != 0 && c->deadline <= loom_now()) {
     cancel(c, -ETIMEDOUT);
-  } else if (c->deadline == deadline) {
+  } else if (deadline != 0 && c->deadline == deadline) {
     /* Our own deadline is the earlier one: arm it (an inherited one
      * reaches us through the parent's cancel). */
     c->timer.fn = deadline_fire;
