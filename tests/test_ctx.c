@@ -330,6 +330,12 @@ static void syncctx_main(void *arg) {
   CHECK_OK(loom_wg_done(&cwg2));
   CHECK_OK(loom_wg_wait_ctx(&cwg2, loom_ctx_background()));
   CHECK_ERR(loom_mutex_lock_ctx(&cmu2, c), -ECANCELED); /* cancelled: at once */
+  /* A done context comes first in every one of them, over a wait that
+   * would not wait: an unlocked mutex, a unit free, a count of zero. */
+  loom_sema_release(&csem);
+  CHECK_ERR(loom_sema_acquire_ctx(&csem, c), -ECANCELED);
+  CHECK_OK(loom_sema_tryacquire(&csem)); /* the unit stayed */
+  CHECK_ERR(loom_wg_wait_ctx(&cwg2, c), -ECANCELED);
   loom_mutex_lock(&cvmu);
   CHECK_ERR(loom_cond_wait_ctx(&cv, &cvmu, c), -ECANCELED);
   loom_mutex_unlock(&cvmu);

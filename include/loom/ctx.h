@@ -68,7 +68,9 @@ LOOM_API int loom_ctx_err(loom_ctx *c);
 /* A channel that is closed when c is cancelled, for loom_select (a
  * receive case on it becomes ready, with ok false).  NULL for the
  * background context (a NULL channel is never ready).  Valid while the
- * caller holds a reference to c. */
+ * caller holds a reference to c.  Only to receive from: c closes it, and
+ * a send on it or a close of it by anyone else breaks c (Go makes it a
+ * receive-only channel; C cannot say so). */
 LOOM_API loom_chan *loom_ctx_done(loom_ctx *c);
 
 /* The earliest deadline of c and its ancestors, 0 if none. */

@@ -90,7 +90,9 @@ LOOM_API int loom_wg_add(loom_wg *wg, int64_t delta);
 LOOM_API int loom_wg_done(loom_wg *wg);
 /* 0 or -ETIMEDOUT.  Parks. */
 LOOM_API int loom_wg_wait(loom_wg *wg, int64_t deadline);
-/* Bounded by a context: 0, or loom_ctx_err(ctx). */
+/* Bounded by a context: 0, or loom_ctx_err(ctx) (also when ctx is done
+ * before the call and the count is zero already, as the other *_ctx
+ * calls put a done context first). */
 LOOM_API int loom_wg_wait_ctx(loom_wg *wg, loom_ctx *ctx);
 
 /*

@@ -142,11 +142,13 @@ static int wg_zero(loom_wg *wg) {
 }
 
 static int wg_wait(loom_wg *wg, int64_t deadline, loom_ctx *ctx) {
-  if (__atomic_load_n(&wg->count_, __ATOMIC_ACQUIRE) == 0)
-    return wg_zero(wg);
-  int e = loom__ctx_reason(ctx);
+  /* A context done before the call wins, as in every other *_ctx call,
+   * even over a count that is zero already. */
+  int e = ctx != NULL ? loom__ctx_reason(ctx) : 0;
   if (e != 0)
     return e;
+  if (__atomic_load_n(&wg->count_, __ATOMIC_ACQUIRE) == 0)
+    return wg_zero(wg);
   loom__spin_lock(&wg->q_.lock_);
   if (__atomic_load_n(&wg->count_, __ATOMIC_ACQUIRE) == 0) {
     loom__spin_unlock(&wg->q_.lock_);
