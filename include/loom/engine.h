@@ -74,8 +74,8 @@
  * 16 KiB buffer only for what outgrows them; the write queue's chunk is
  * given back each time the queue drains.  So a session that has
  * exchanged no byte holds none of it, and 10 000 sessions idle after one
- * exchange each hold about 3.2 GB at the defaults, 0.64 GB at (12, 5)
- * and 0.31 GB at (9, 1) on both ends (bench/engine/zmem, resident
+ * exchange each hold about 3.1 GB at the defaults, 0.58 GB at (12, 5)
+ * and 0.26 GB at (9, 1) on both ends (bench/engine/zmem, resident
  * memory).  Once made, the streams stay until the session ends: a window
  * is the history the other end's stream refers to.  A smaller window or
  * memLevel costs ratio, and a small memLevel speed (bench/README.md has
