@@ -2219,18 +2219,19 @@ static long long zm_per_pair(long long base) {
   return (atomic_load(&live_bytes) - base) / ZM_N;
 }
 
-static const zset *zm_z; /* both ends' settings */
-static void compress_memory_main(void *arg) {
-  (void)arg;
-  const zset *z = zm_z;
+/* An echo server and a client with ZM_N sessions to it, both ends with
+ * settings z and cron period `cron` (0: none), all sessions open; *base
+ * is loom's heap before the client started. */
+static void zm_start(const zset *z, int64_t cron, loom_server **srv,
+                     loom_client **cl, long long *base) {
   codecs_init();
   loom_server_opts o = server_opts(&lenpfx);
   zset_apply(&o.session, z);
-  o.session.cron_period = ZM_CRON;
+  o.session.cron_period = cron;
   E.echo = true;
-  char addr[128];
-  loom_server *srv = serve(&o, addr);
-  long long base = atomic_load(&live_bytes);
+  static char addr[128];
+  *srv = serve(&o, addr);
+  *base = atomic_load(&live_bytes);
   loom_client_opts co;
   memset(&co, 0, sizeof co);
   co.network = "tcp";
@@ -2239,19 +2240,42 @@ static void compress_memory_main(void *arg) {
   co.reconnect_interval = -1;
   co.session.listener = &zm_listener;
   co.session.codec = &lenpfx;
-  co.session.cron_period = ZM_CRON;
+  co.session.cron_period = cron;
   zset_apply(&co.session, z);
-  loom_client *cl;
-  CHECK_OK(loom_client_start(&cl, &co));
-  CHECK_OK(loom_client_wait(cl, ZM_N, loom_now() + 5 * SEC));
+  CHECK_OK(loom_client_start(cl, &co));
+  CHECK_OK(loom_client_wait(*cl, ZM_N, loom_now() + 5 * SEC));
   WAIT_FOR(atomic_load(&E.opens) == ZM_N && atomic_load(&zm_nclient) == ZM_N,
            5);
-  long long connected = zm_per_pair(base);
+}
+
+/* Every client session sends one 64-byte package of `fill`; wait for
+ * all the echoes. */
+static void zm_exchange(uint8_t fill) {
   uint8_t small[64];
-  memset(small, 'z', sizeof small);
+  memset(small, fill, sizeof small);
+  int want = atomic_load(&zm_echoes) + ZM_N;
   for (int i = 0; i < ZM_N; i++)
     CHECK_OK(loom_session_write(atomic_load(&zm_client[i]), small, 64, -1));
-  WAIT_FOR(atomic_load(&zm_echoes) == ZM_N, 5);
+  WAIT_FOR(atomic_load(&zm_echoes) == want, 5);
+}
+
+static void zm_stop(loom_server *srv, loom_client *cl) {
+  for (int i = 0; i < ZM_N; i++)
+    loom_session_unref(atomic_load(&zm_client[i]));
+  CHECK_OK(loom_client_close(cl, loom_now() + 5 * SEC));
+  CHECK_OK(loom_server_close(srv, loom_now() + 5 * SEC));
+}
+
+static const zset *zm_z; /* both ends' settings */
+static void compress_memory_main(void *arg) {
+  (void)arg;
+  const zset *z = zm_z;
+  loom_server *srv;
+  loom_client *cl;
+  long long base;
+  zm_start(z, ZM_CRON, &srv, &cl, &base);
+  long long connected = zm_per_pair(base);
+  zm_exchange('z');
   long long one = zm_per_pair(base);
   printf("window %d memLevel %d: loom's heap per pair of sessions: %lld "
          "bytes connected, %lld after one package each way, then quiet\n",
@@ -2263,10 +2287,7 @@ static void compress_memory_main(void *arg) {
   else
     CHECKF(one < 48 * 1024, "%lld bytes a pair with window %d memLevel %d", one,
            z->wbits, z->mlevel);
-  for (int i = 0; i < ZM_N; i++)
-    loom_session_unref(atomic_load(&zm_client[i]));
-  CHECK_OK(loom_client_close(cl, loom_now() + 5 * SEC));
-  CHECK_OK(loom_server_close(srv, loom_now() + 5 * SEC));
+  zm_stop(srv, cl);
 }
 TEST(compress_state_made_when_needed) {
   zm_z = &Z6;
@@ -2291,35 +2312,16 @@ TEST(compress_small_window_holds_less) {
  * queue kept its chunk (the layer then made one for its output). */
 static void compress_idle_main(void *arg) {
   (void)arg;
-  codecs_init();
-  loom_server_opts o = server_opts(&lenpfx);
-  zset_apply(&o.session, &ZSMALL);
-  E.echo = true;
-  char addr[128];
-  loom_server *srv = serve(&o, addr);
-  long long base = atomic_load(&live_bytes);
-  loom_client_opts co;
-  memset(&co, 0, sizeof co);
-  co.network = "tcp";
-  co.addr = addr;
-  co.conns = ZM_N;
-  co.reconnect_interval = -1;
-  co.session.listener = &zm_listener;
-  co.session.codec = &lenpfx;
-  zset_apply(&co.session, &ZSMALL);
+  loom_server *srv;
   loom_client *cl;
-  CHECK_OK(loom_client_start(&cl, &co));
-  CHECK_OK(loom_client_wait(cl, ZM_N, loom_now() + 5 * SEC));
-  WAIT_FOR(atomic_load(&E.opens) == ZM_N && atomic_load(&zm_nclient) == ZM_N,
-           5);
-  uint8_t small[64];
-  memset(small, 'i', sizeof small);
-  for (int i = 0; i < ZM_N; i++)
-    CHECK_OK(loom_session_write(atomic_load(&zm_client[i]), small, 64, -1));
-  WAIT_FOR(atomic_load(&zm_echoes) == ZM_N, 5);
+  long long base;
+  zm_start(&ZSMALL, 0, &srv, &cl, &base);
+  zm_exchange('i');
   long long one = zm_per_pair(base);
 
   enum { ROUNDS = 200 };
+  uint8_t small[64];
+  memset(small, 'i', sizeof small);
   loom_session *s0 = atomic_load(&zm_client[0]);
   long long blocks0 = atomic_load(&new_blocks);
   for (int r = 0; r < ROUNDS; r++) {
@@ -2338,10 +2340,7 @@ static void compress_idle_main(void *arg) {
          after, one);
   CHECKF(blocks <= 2 * ROUNDS + ROUNDS / 10,
          "%lld blocks made in %d round trips", blocks, ROUNDS);
-  for (int i = 0; i < ZM_N; i++)
-    loom_session_unref(atomic_load(&zm_client[i]));
-  CHECK_OK(loom_client_close(cl, loom_now() + 5 * SEC));
-  CHECK_OK(loom_server_close(srv, loom_now() + 5 * SEC));
+  zm_stop(srv, cl);
 }
 TEST(compress_idle_session_holds_no_write_queue) {
   run_counted(count_realloc, count_free, compress_idle_main, 2,
