@@ -99,10 +99,14 @@ static ssize_t dgram_io(loom_pconn *pc, struct dgram_op *op, loom_ctx *ctx) {
       if (op->until != 0 && op->until < wake)
         wake = op->until;
       int w = loom__netfd_pause(&call);
-      if (w == 0)
+      if (w == 0) {
         w = loom__pd_sleep(f->pd, wake, ctx);
-      if (w == 0)
-        w = loom__netfd_resume(&call);
+        /* The turn back whatever the sleep said, as leave expects
+         * (with a cancelled ctx, resume fails at once, turnless). */
+        int back = loom__netfd_resume(&call);
+        if (w == 0)
+          w = back;
+      }
       if (w != 0) {
         r = w;
         break;

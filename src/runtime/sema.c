@@ -54,6 +54,8 @@ void loom__sema_acquire(loom__sema *s) {
 /* With s locked: hand it to the first waiter, or free it.  Returns
  * unlocked. */
 static void hand_off(loom__sema *s) {
+  if (!s->held) /* a release without an acquire: a caller's bug */
+    loom__throw("sema_release: not held");
   loom__sema_waiter *w = s->head;
   if (w == NULL) {
     s->held = false;
