@@ -139,29 +139,29 @@ static void check_ctx_result(ssize_t r, loom_ctx *c, const char *what) {
 /* ---- a guard: closing a socket while others use it ------------------
 
  * loom_close wakes calls that are inside loom, but a call that starts
- * after it uses freed memory.  So users announce each call with its
- * weight (the references it takes: one, two for a *_ctx call, which
- * holds one of its own around the plain call), and the closer, having
- * stopped new calls, waits until the netfd holds at least that many:
- * every announced call is then inside, holding its reference. */
+ * after it uses freed memory.  So users announce each call (each takes
+ * one reference, from before it waits for its turn until it returns,
+ * with a context or without), and the closer, having stopped new calls,
+ * waits until the netfd holds at least that many: every announced call
+ * is then inside, holding its reference. */
 struct guard {
   loom_mutex mu;
   int stopping;
-  int weight;
+  int calls;
 };
 
-static bool g_enter(struct guard *g, int w) {
+static bool g_enter(struct guard *g) {
   loom_mutex_lock(&g->mu);
   bool ok = !g->stopping;
   if (ok)
-    g->weight += w;
+    g->calls++;
   loom_mutex_unlock(&g->mu);
   return ok;
 }
 
-static void g_leave(struct guard *g, int w) {
+static void g_leave(struct guard *g) {
   loom_mutex_lock(&g->mu);
-  g->weight -= w;
+  g->calls--;
   loom_mutex_unlock(&g->mu);
 }
 
@@ -177,7 +177,7 @@ static void g_stop_and_wait(struct guard *g, void *obj) {
   loom_mutex_unlock(&g->mu);
   for (;;) {
     loom_mutex_lock(&g->mu);
-    bool in = nf_refs(obj) >= (uint64_t)g->weight;
+    bool in = nf_refs(obj) >= (uint64_t)g->calls;
     loom_mutex_unlock(&g->mu);
     if (in)
       return;
@@ -379,8 +379,7 @@ static void sp_writer(void *arg) {
     size_t n = rec_make(buf, w, seq, len);
     unsigned how = rn(&r, 10);
     loom_ctx *ctx = NULL;
-    int weight = how >= 7 ? 2 : 1;
-    if (!g_enter(g, weight))
+    if (!g_enter(g))
       break;
     ssize_t res;
     atomic_store(&d->wstate[w], 1 + (int)how);
@@ -403,7 +402,7 @@ static void sp_writer(void *arg) {
         loom_ctx_cancel(ctx);
       res = loom_write_ctx(c, buf, n, ctx);
     }
-    g_leave(g, weight);
+    g_leave(g);
     atomic_store(&d->wstate[w], 100 + (int)res);
     note_return(sp, d->from);
     d->wrote[w][seq] = res == (ssize_t)n ? WROTE_OK : WROTE_FAILED;
@@ -425,9 +424,9 @@ static void sp_writer(void *arg) {
       sleep_us(&r, 500);
       /* A cancel leaves the write deadline passed: move it (or let the
        * poker). */
-      if (rn(&r, 2) && g_enter(g, 1)) {
+      if (rn(&r, 2) && g_enter(g)) {
         CHECK_OK(loom_set_write_deadline(c, 0));
-        g_leave(g, 1);
+        g_leave(g);
       }
     } else if (rn(&r, 16) == 0) {
       sleep_us(&r, 300);
@@ -436,9 +435,9 @@ static void sp_writer(void *arg) {
     }
   }
   free(buf);
-  if (atomic_fetch_sub(&d->writers_left, 1) == 1 && g_enter(g, 1)) {
+  if (atomic_fetch_sub(&d->writers_left, 1) == 1 && g_enter(g)) {
     int e = loom_shutdown(c, SHUT_WR);
-    g_leave(g, 1);
+    g_leave(g);
     CHECKF(e == 0 || (atomic_load(&sp->broken) && e == -ENOTCONN),
            "shutdown: %d (%s)", e, loom_err_name(e));
   }
@@ -462,10 +461,10 @@ static void sp_reader(void *arg) {
   for (;;) {
     if (!calm && atomic_load(&sp->stop) == 2) {
       calm = true; /* nobody moves the deadline now: no more timeouts */
-      if (!g_enter(g, 1))
+      if (!g_enter(g))
         break;
       int e = loom_set_read_deadline(c, 0);
-      g_leave(g, 1);
+      g_leave(g);
       CHECK_OK(e);
     }
     unsigned how = calm || reset ? 0 : rn(&r, 10);
@@ -475,17 +474,16 @@ static void sp_reader(void *arg) {
     loom_ctx *ctx = NULL;
     int64_t own = 0; /* a deadline this reader set itself */
     unsigned ep = 0;
-    int weight = how >= 7 ? 2 : 1;
     if (how == 6) {
       ep = atomic_load(&sp->rd_epoch[me]);
       own = loom_now() + (int64_t)rn(&r, 2000) * 1000;
-      if (!g_enter(g, 1))
+      if (!g_enter(g))
         break;
       int e = loom_set_read_deadline(c, own);
-      g_leave(g, 1);
+      g_leave(g);
       CHECK_OK(e);
     }
-    if (!g_enter(g, weight))
+    if (!g_enter(g))
       break;
     ssize_t res;
     atomic_store(&d->rstate, 1 + (int)how);
@@ -496,7 +494,7 @@ static void sp_reader(void *arg) {
     } else {
       res = loom_read(c, buf, len);
     }
-    g_leave(g, weight);
+    g_leave(g);
     atomic_store(&d->rstate, res > 0 ? 99 : 100 + (int)res);
     note_return(sp, me);
     if (res > 0) {
@@ -538,12 +536,12 @@ static void sp_reader(void *arg) {
     if (d->eof || res == LOOM_ECLOSED || res == -ECONNRESET)
       break;
     if (res < 0) {
-      if (rn(&r, 2) && g_enter(g, 1)) {
+      if (rn(&r, 2) && g_enter(g)) {
         /* Moving the deadline makes the connection usable again: the
          * next read does not time out, unless the poker moved it too. */
         unsigned e1 = atomic_load(&sp->rd_epoch[me]);
         CHECK_OK(loom_set_read_deadline(c, 0));
-        g_leave(g, 1);
+        g_leave(g);
         reset = (e1 & 1) == 0;
         reset_ep = e1;
       } else {
@@ -568,7 +566,7 @@ static void sp_poker(void *arg) {
     struct guard *g = &sp->g[i];
     unsigned how = rn(&r, 10);
     int64_t dl = pick_deadline(&r);
-    if (how < 8 && !g_enter(g, 1))
+    if (how < 8 && !g_enter(g))
       break;
     switch (how) {
     case 0:
@@ -608,7 +606,7 @@ static void sp_poker(void *arg) {
     }
     }
     if (how < 8)
-      g_leave(g, 1);
+      g_leave(g);
     sleep_us(&r, 1500);
   }
   atomic_store(&sp->poker_done, 1);
@@ -768,10 +766,10 @@ static void stream_round(rng_t *r, int end_kind, long *stats) {
     case END_SHUTDOWN:
       /* Both directions of one end shut: its reader sees the end of
        * input, its writers EPIPE; the peer reads to the end. */
-      if (g_enter(&sp->g[victim], 1)) {
+      if (g_enter(&sp->g[victim])) {
         atomic_store(&sp->broken, 1);
         int e = loom_shutdown(sp->c[victim], SHUT_RDWR);
-        g_leave(&sp->g[victim], 1);
+        g_leave(&sp->g[victim]);
         CHECK_OK(e);
       }
       break;
@@ -788,10 +786,10 @@ static void stream_round(rng_t *r, int end_kind, long *stats) {
     while (!atomic_load(&sp->poker_done))
       loom_sleep(100000);
     for (int i = 0; i < 2; i++) {
-      if (g_enter(&sp->g[i], 1)) {
+      if (g_enter(&sp->g[i])) {
         int64_t wd = atomic_load(&sp->broken) ? loom_now() - 1 : 0;
         CHECK_OK(loom_set_write_deadline(sp->c[i], wd));
-        g_leave(&sp->g[i], 1);
+        g_leave(&sp->g[i]);
       }
     }
   }
@@ -1320,10 +1318,10 @@ static void v_peer(void *arg) {
       loom_sleep(CHECK_MS);
       continue;
     }
-    if (!g_enter(&v->g[k], 1))
+    if (!g_enter(&v->g[k]))
       break;
     ssize_t res = loom_pconn_read(v->peer[k], buf, sizeof buf);
-    g_leave(&v->g[k], 1);
+    g_leave(&v->g[k]);
     if (res == LOOM_ECLOSED)
       break;
     CHECKF(res >= 0, "peer %d read: %zd (%s)", k, res, loom_err_name((int)res));
@@ -1690,16 +1688,14 @@ static void ad_acceptor(void *arg) {
   rng_seed(&r, g_seed ^ 0xacc ^ ((uintptr_t)arg & 7));
   for (;;) {
     loom_ctx *ctx = NULL;
-    int w = 1;
     bool calm = atomic_load(&a->stop) != 0;
     if (!calm && rn(&r, 3) == 0) {
       loom_mutex_lock(&a->ctx_mu);
       CHECK_OK(
           loom_ctx_with_timeout(&ctx, a->parent, (int64_t)rn(&r, 5000) * 1000));
       loom_mutex_unlock(&a->ctx_mu);
-      w = 2;
     }
-    if (!g_enter(&a->g, w)) {
+    if (!g_enter(&a->g)) {
       if (ctx != NULL)
         loom_ctx_release(ctx);
       break;
@@ -1707,7 +1703,7 @@ static void ad_acceptor(void *arg) {
     loom_conn *c;
     int e =
         ctx != NULL ? loom_accept_ctx(a->l, &c, ctx) : loom_accept(a->l, &c);
-    g_leave(&a->g, w);
+    g_leave(&a->g);
     if (atomic_load(&a->closed)) {
       int64_t late = loom_now() - a->closed_at;
       if (late > atomic_load(&a->late_ns))
@@ -1735,9 +1731,9 @@ static void ad_acceptor(void *arg) {
         break;
       }
       if (calm || rn(&r, 2)) {
-        if (g_enter(&a->g, 1)) {
+        if (g_enter(&a->g)) {
           CHECK_OK(loom_listener_set_deadline(a->l, 0));
-          g_leave(&a->g, 1);
+          g_leave(&a->g);
         }
       }
     }
@@ -1792,9 +1788,9 @@ static void ad_main(void *arg) {
         loom_ctx_release(old);
       } else {
         int64_t dl = pick_deadline(&r);
-        CHECK(g_enter(&a->g, 1));
+        CHECK(g_enter(&a->g));
         CHECK_OK(loom_listener_set_deadline(a->l, dl));
-        g_leave(&a->g, 1);
+        g_leave(&a->g);
       }
     }
     if (rn(&r, 3) == 0) {
@@ -1817,9 +1813,9 @@ static void ad_main(void *arg) {
     atomic_store(&a->stop, 1);
     CHECKF(loom_wg_wait(&a->dwg, loom_now() + 20000 * CHECK_MS) == 0,
            "dialers did not finish");
-    CHECK(g_enter(&a->g, 1));
+    CHECK(g_enter(&a->g));
     CHECK_OK(loom_listener_set_deadline(a->l, 0));
-    g_leave(&a->g, 1);
+    g_leave(&a->g);
     /* Every connection made is accepted and its token read. */
     int64_t give_up = loom_now() + 5000 * CHECK_MS;
     while (atomic_load(&a->accepted) < atomic_load(&a->dialed)) {
