@@ -647,8 +647,12 @@ TEST(slow_consumer_close_on_full_enobufs) {
 enum { LINE_WRITE_TIMEOUT_S = 60 };
 #define LINE_WRITE_TIMEOUT (LINE_WRITE_TIMEOUT_S * SEC)
 static atomic_int line_rc = 1;
+/* The producer holds a reference of its own: the cases end the session
+ * (slow_end drops the test's reference) before its write has returned. */
 static void line_producer(void *arg) {
-  atomic_store(&line_rc, loom_session_write(arg, big, PKG, 20 * SEC));
+  int rc = loom_session_write(arg, big, PKG, 20 * SEC);
+  loom_session_unref(arg);
+  atomic_store(&line_rc, rc);
 }
 static void line_below_high(slow *t) {
   size_t before = SIZE_MAX;
@@ -667,7 +671,7 @@ static void line_below_high(slow *t) {
     loom_sleep(30 * CHECK_MS);
   }
   atomic_store(&line_rc, 1);
-  CHECK_OK(loom_go(line_producer, t->s));
+  CHECK_OK(loom_go(line_producer, loom_session_ref(t->s)));
   loom_sleep(50 * CHECK_MS);
   CHECK_EQ(atomic_load(&line_rc), 1); /* in line */
   /* The peer reads 16 KiB at a time until the queue is below wq_high
