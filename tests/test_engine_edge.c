@@ -2627,6 +2627,59 @@ TEST(abort_after_close_cuts_it_short) {
   run(close_then_abort_main, 1, "close then abort");
 }
 
+/* loom_session_close and loom_session_abort from a plain thread (one the
+ * application made, not a coroutine) end the session as they do from a
+ * coroutine.  They used to flip the state and nothing else: moving the
+ * read and write deadlines into the past, which is how a close wakes a
+ * parked reader and writer, was refused off a coroutine, so an idle
+ * session stayed open (loom_session_closed said otherwise), and so did
+ * an aborted one whose writer was stuck on a peer that never reads. */
+static void *thread_close(void *s) {
+  loom_session_close(s);
+  return NULL;
+}
+static void *thread_abort(void *s) {
+  loom_session_abort(s, -ECANCELED);
+  return NULL;
+}
+static void from_thread(void *(*fn)(void *), loom_session *s) {
+  pthread_t t;
+  CHECK_EQ(pthread_create(&t, NULL, fn, s), 0);
+  CHECK_EQ(pthread_join(t, NULL), 0);
+}
+static void thread_close_main(void *arg) {
+  (void)arg;
+  codecs_init();
+  /* An idle session: closed from a thread, it ends at once. */
+  loom_server_opts o = server_opts(&lenpfx);
+  E.keep = true;
+  loom_conn *peer;
+  loom_server *srv = serve_dial(&o, &peer);
+  loom_session *s = kept_session();
+  from_thread(thread_close, s);
+  CHECK(loom_session_closed(s));
+  WAIT_FOR(atomic_load(&E.closes) == 1, 5);
+  CHECK_EQ(atomic_load(&E.errs), 0);
+  conn_expect_eof(peer);
+  loom_session_unref(s);
+  finish(srv, peer);
+
+  /* A session whose writer is stuck on a peer that never reads: aborted
+   * from a thread, it ends at once, not after the linger. */
+  memset(&E, 0, sizeof E);
+  slow t;
+  slow_start(&t, false, 0, WQ_HIGH, LONG_LINGER_S * SEC);
+  fill_until_stalled(t.s);
+  from_thread(thread_abort, t.s);
+  WAIT_FOR(atomic_load(&E.closes) == 1, 5);
+  CHECK_EQ(atomic_load(&E.errs), 1);
+  CHECK_ERR(atomic_load(&E.err), -ECANCELED);
+  slow_end(&t);
+}
+TEST(close_and_abort_from_a_plain_thread) {
+  run(thread_close_main, 2, "close and abort from a thread");
+}
+
 /* A reference keeps the session valid after on_close: id, closed,
  * stats, attributes; writes fail with LOOM_ECLOSED; close is a no-op. */
 static int attr_key, attr_val;

@@ -342,6 +342,7 @@ static void close_main(void *arg) {
 
 TEST(close_wakes_blocked_reader) { check_run(close_main, NULL, 2); }
 
+
 /* ------------------------------------------------------------------ */
 /* Half-close: the peer shuts its writing side; we still deliver all.   */
 
@@ -2501,6 +2502,56 @@ static void sockopts_main(void *arg) {
   CHECK_OK(loom_listener_close(l));
 }
 TEST(socket_options) { check_run(sockopts_main, NULL, 1); }
+
+/* A thread that is not a coroutine stops a blocked read with a deadline
+ * in the past (no timer needed); one still ahead needs a P to time it,
+ * and is refused there, changing nothing. */
+static loom_conn *thr_conn;
+static atomic_int thr_res[4];
+static void *deadline_thread(void *arg) {
+  (void)arg;
+  usleep(30 * 1000); /* the reader is parked by then */
+  atomic_store(&thr_res[0],
+               loom_set_read_deadline(thr_conn, loom_now() + 60 * 1000 *
+                                                    CHECK_MS));
+  atomic_store(&thr_res[1], loom_set_read_deadline(thr_conn, 1));
+  return NULL;
+}
+
+static void *clear_deadline_thread(void *arg) {
+  (void)arg;
+  atomic_store(&thr_res[2], loom_set_deadline(thr_conn, 0, 0));
+  return NULL;
+}
+
+static void thr_deadline_main(void *arg) {
+  (void)arg;
+  loom_listener *l;
+  loom_conn *c, *s;
+  pair(&l, &c, &s);
+  thr_conn = c;
+  pthread_t t;
+  CHECK_OK(pthread_create(&t, NULL, deadline_thread, NULL));
+  char b[8];
+  int64_t t0 = loom_now();
+  CHECK_ERR(loom_read(c, b, sizeof b), -ETIMEDOUT);
+  CHECK_LT(loom_now() - t0, 10000 * CHECK_MS);
+  pthread_join(t, NULL);
+  CHECK_ERR(atomic_load(&thr_res[0]), LOOM_ENOTCO);
+  CHECK_OK(atomic_load(&thr_res[1]));
+  /* 0 from a thread clears it: the connection reads again. */
+  CHECK_OK(pthread_create(&t, NULL, clear_deadline_thread, NULL));
+  pthread_join(t, NULL);
+  CHECK_OK(atomic_load(&thr_res[2]));
+  CHECK_EQ(loom_write(s, "ok", 2), 2);
+  CHECK_EQ(loom_read(c, b, sizeof b), 2);
+  CHECK_OK(loom_close(c));
+  CHECK_OK(loom_close(s));
+  CHECK_OK(loom_listener_close(l));
+}
+TEST(deadline_in_the_past_from_a_plain_thread) {
+  check_run(thr_deadline_main, NULL, 2);
+}
 
 /* ---- a cancel of a call waiting for its turn ------------------------ */
 /* Two calls in one direction take turns.  A context-bounded call that

@@ -247,14 +247,15 @@ LOOM_API int loom_session_write_to(loom_session *s, const void *data,
                                    size_t len, const struct sockaddr *to,
                                    socklen_t tolen, int64_t timeout);
 
-/* Close gracefully (see above).  Idempotent; any coroutine or callback;
- * returns at once. */
+/* Close gracefully (see above).  Idempotent; any thread (a coroutine, a
+ * callback, or a thread of the application's own); returns at once. */
 LOOM_API void loom_session_close(loom_session *s);
 /* Close at once because of `err` (< 0): on_error(err), the queue is
  * dropped.  It also cuts short a graceful close under way (which then
  * reports err); the first abort decides, later aborts and closes change
  * nothing.  Packages already handed to a task pool are still handled
- * (their writes fail with LOOM_ECLOSED), and on_close follows them. */
+ * (their writes fail with LOOM_ECLOSED), and on_close follows them.
+ * Any thread; returns at once. */
 LOOM_API void loom_session_abort(loom_session *s, int err);
 /* True once the session is closing. Any thread. */
 LOOM_API bool loom_session_closed(loom_session *s);

@@ -221,10 +221,12 @@ LOOM_API int loom_accept_ctx(loom_listener *l, loom_conn **c, loom_ctx *ctx);
 
 /* Deadlines for reads and writes (0: none).  Blocked calls see the new
  * deadline at once.  0, -ENOMEM (no room for the timer), LOOM_ECLOSED;
- * LOOM_ENOTCO for a deadline still ahead set between loom_block_enter
- * and loom_block_exit (its timer needs the P the section gave up; 0 or
- * a passed deadline works there).  A call that fails changes neither
- * deadline.  The same for every *_set_deadline call below. */
+ * LOOM_ENOTCO for a deadline still ahead set from a thread that is not a
+ * coroutine, or between loom_block_enter and loom_block_exit (its timer
+ * needs a P); 0 or a passed deadline works from any thread, so a
+ * thread of the application's own can stop the calls blocked on a
+ * connection.  A call that fails changes neither deadline.  The same for
+ * every *_set_deadline call below. */
 LOOM_API int loom_set_deadline(loom_conn *c, int64_t rd, int64_t wd);
 LOOM_API int loom_set_read_deadline(loom_conn *c, int64_t rd);
 LOOM_API int loom_set_write_deadline(loom_conn *c, int64_t wd);

@@ -230,7 +230,9 @@ static void room_wake_all(loom_session *s) {
     loom_cond_signal(&w->turn);
 }
 
-/* Wake the reader out of a read, and the writer out of a write. */
+/* Wake the reader out of a read, and the writer out of a write: a
+ * deadline in the past, which any thread may set (no timer), so close
+ * and abort work from a thread of the application's own too. */
 static void wake_io(loom_session *s, bool writer_too) {
   loom_mutex_lock(&s->wmu);
   if (!s->io_closed) {

@@ -240,8 +240,8 @@ int loom__netfd_close(loom__netfd *f) {
 static int set_deadlines(loom__netfd *f, int mode, int64_t rd, int64_t wd) {
   if (f == NULL)
     return -EINVAL;
-  if (loom__getg() == NULL)
-    return LOOM_ENOTCO;
+  /* Any thread: one that is no coroutine (or has no P) gets LOOM_ENOTCO
+   * from the pd for a deadline ahead, which needs a timer. */
   if (!loom__netfd_acquire(f))
     return LOOM_ECLOSED;
   int err = loom__pd_set_deadlines(f->pd, mode, rd, wd);

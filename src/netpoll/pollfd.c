@@ -322,19 +322,19 @@ static loom__g *set_one(loom__pd *pd, loom__p *p, int mode, int64_t d,
 static int set_guarded(loom__pd *pd, int mode, int64_t rd, int64_t wd,
                        const uint32_t *seq) {
   loom__m *m = loom__getm();
-  if (m == NULL)
-    loom__throw("pd_set_deadline: not on a coroutine");
   bool r = mode == 'r' || mode == 'r' + 'w';
   bool w = mode == 'w' || mode == 'r' + 'w';
-  loom__p *p = m->p;
+  loom__p *p = m != NULL ? m->p : NULL;
   int64_t now = loom_now();
   int64_t ahead = 0; /* the earlier of the deadlines still ahead */
   if (r && rd > now)
     ahead = rd;
   if (w && wd > now && (ahead == 0 || wd < ahead))
     ahead = wd;
-  /* Inside loom_block_enter/exit there is no P for a timer: a deadline
-   * ahead cannot be armed there, but 0 or a past one needs none. */
+  /* On a thread that is no coroutine, or inside loom_block_enter/exit,
+   * there is no P for a timer: a deadline ahead cannot be armed there,
+   * but 0 or a past one needs none (a timer stop and a ready work from
+   * any thread). */
   if (p == NULL && ahead != 0)
     return LOOM_ENOTCO;
   /* Only a deadline still ahead needs a timer; one in the past (how a

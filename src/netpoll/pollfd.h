@@ -111,13 +111,13 @@ bool loom__pd_expired(loom__pd *pd, int mode);
 int loom__pd_check(loom__pd *pd, int mode);
 /* Set the deadline of one direction ('r', 'w') or both ('r'+'w'):
  * 0 none, else an absolute loom_now() time (already passed: waiters
- * wake with -ETIMEDOUT).  Must run on a coroutine.  0, -ENOMEM, or
- * LOOM_ENOTCO for a deadline ahead inside loom_block_enter/exit. */
+ * wake with -ETIMEDOUT).  Any thread.  0, -ENOMEM, or LOOM_ENOTCO for
+ * a deadline ahead where there is no P to time it (a thread that is not
+ * a coroutine, or inside loom_block_enter/exit). */
 int loom__pd_set_deadline(loom__pd *pd, int mode, int64_t deadline);
 /* The same with a deadline per direction: rd for reads, wd for writes
  * (each if `mode` has it), under one lock, so a call that fails (also
- * LOOM_ENOTCO, for a deadline ahead inside loom_block_enter/exit) has
- * changed neither. */
+ * LOOM_ENOTCO) has changed neither. */
 int loom__pd_set_deadlines(loom__pd *pd, int mode, int64_t rd, int64_t wd);
 
 /* Expire the deadline of `mode` ('r' or 'w') at once; any thread, no
