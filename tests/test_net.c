@@ -1698,6 +1698,74 @@ TEST(unixgram_write_to_a_stuck_peer_spares_the_others) {
   check_run(ugram_spare_main, NULL, 2);
 }
 
+/* A write_to that sleeps for a full peer gives the direction's turn up
+ * while it sleeps.  When the sleep ends in an error (here its deadline)
+ * the turn may be another call's: the write must not give it up again,
+ * or a second write gets in beside that call. */
+static atomic_int turn_held; /* 1: the holder has it; 2: let it go */
+static void turn_holder(void *arg) {
+  loom__netfd *f = arg;
+  loom__sema_acquire(&f->wturn);
+  /* At once, while the sleeper sleeps (it cannot be queued for the
+   * turn yet unless its sleep ended just now): its deadline ends it. */
+  CHECK_OK(loom_pconn_set_write_deadline(arg, loom_now() - 1));
+  atomic_store(&turn_held, 1);
+  while (atomic_load(&turn_held) == 1)
+    loom_sleep(CHECK_MS);
+  loom__sema_release(&f->wturn);
+}
+static void ugram_once_main(void *arg) {
+  (void)arg;
+  char path[64], path2[64], upath[64], opath[64];
+  int pid = (int)getpid();
+  snprintf(path, sizeof path, "@loom-test-ugram-once-stuck-%d", pid);
+  snprintf(path2, sizeof path2, "@loom-test-ugram-once-free-%d", pid);
+  snprintf(upath, sizeof upath, "@loom-test-ugram-once-un-%d", pid);
+  snprintf(opath, sizeof opath, "@loom-test-ugram-once-o-%d", pid);
+  loom_pconn *stuck, *fine, *un, *other;
+  CHECK_OK(loom_listen_packet(&stuck, "unixgram", path));
+  CHECK_OK(loom_listen_packet(&fine, "unixgram", path2));
+  CHECK_OK(loom_listen_packet(&un, "unixgram", upath));
+  CHECK_OK(loom_listen_packet(&other, "unixgram", opath));
+  struct sockaddr_storage to, to2;
+  socklen_t tl, tl2;
+  CHECK_OK(loom_resolve_addr("unixgram", path, &to, &tl));
+  CHECK_OK(loom_resolve_addr("unixgram", path2, &to2, &tl2));
+  ugram_fill(other, &to, tl);
+
+  static ugram_call w1, w2;
+  w1 = (ugram_call){.pc = un, .to = &to, .tolen = tl};
+  atomic_store(&w1.rc, 1);
+  CHECK_OK(loom_go(ugram_writer, &w1));
+  loom_sleep(30 * CHECK_MS);
+  CHECK_EQ(atomic_load(&w1.rc), 1); /* sleeping, without the turn */
+  atomic_store(&turn_held, 0);
+  CHECK_OK(loom_go(turn_holder, un));
+  while (atomic_load(&turn_held) != 1)
+    loom_sleep(CHECK_MS);
+  loom_sleep(30 * CHECK_MS);
+  CHECK_OK(loom_pconn_set_write_deadline(un, 0));
+  /* The holder still has the turn: a write to the free peer waits. */
+  w2 = (ugram_call){.pc = un, .to = &to2, .tolen = tl2};
+  atomic_store(&w2.rc, 1);
+  CHECK_OK(loom_go(ugram_writer, &w2));
+  loom_sleep(30 * CHECK_MS);
+  CHECK_EQ(atomic_load(&w2.rc), 1);
+  atomic_store(&turn_held, 2);
+  CHECK_EQ(ugram_result(&w2), 256);
+  char b[512];
+  CHECK_EQ(loom_pconn_read(fine, b, sizeof b), 256);
+  CHECK_OK(loom_pconn_close(un));
+  long r1 = ugram_result(&w1);
+  CHECK(r1 == -ETIMEDOUT || r1 == LOOM_ECLOSED);
+  CHECK_OK(loom_pconn_close(other));
+  CHECK_OK(loom_pconn_close(fine));
+  CHECK_OK(loom_pconn_close(stuck));
+}
+TEST(unixgram_write_to_whose_sleep_fails_gives_its_turn_up_once) {
+  check_run(ugram_once_main, NULL, 2);
+}
+
 /* ------------------------------------------------------------------ */
 /* Deadlines that have passed stop calls that would not have waited.    */
 
