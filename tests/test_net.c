@@ -1766,6 +1766,75 @@ TEST(unixgram_write_to_whose_sleep_fails_gives_its_turn_up_once) {
   check_run(ugram_once_main, NULL, 2);
 }
 
+/* A cancel that lands as a context-bounded write_to finds its peer full,
+ * before the write gives its turn up to sleep, cuts the call short: it
+ * returns the context's reason, and the write deadline is left passed,
+ * as after any call the cancel cut short (loom/net.h).  The sendmsg
+ * below lands the cancel there. */
+static _Atomic(loom_ctx *) cut_on_eagain;
+ssize_t sendmsg(int fd, const struct msghdr *mh, int flags) {
+  static _Atomic(void *) real;
+  void *p = atomic_load(&real);
+  if (p == NULL) {
+    p = dlsym(RTLD_NEXT, "sendmsg");
+    atomic_store(&real, p);
+  }
+  ssize_t (*fn)(int, const struct msghdr *, int);
+  *(void **)&fn = p;
+  ssize_t r = fn(fd, mh, flags);
+  int e = errno;
+  loom_ctx *c;
+  if (r < 0 && e == EAGAIN && (c = atomic_exchange(&cut_on_eagain, NULL)))
+    loom_ctx_cancel(c);
+  errno = e;
+  return r;
+}
+static void ugram_cut_main(void *arg) {
+  (void)arg;
+  char path[64], path2[64], upath[64], opath[64];
+  int pid = (int)getpid();
+  snprintf(path, sizeof path, "@loom-test-ugram-cut-stuck-%d", pid);
+  snprintf(path2, sizeof path2, "@loom-test-ugram-cut-free-%d", pid);
+  snprintf(upath, sizeof upath, "@loom-test-ugram-cut-un-%d", pid);
+  snprintf(opath, sizeof opath, "@loom-test-ugram-cut-o-%d", pid);
+  loom_pconn *stuck, *fine, *un, *other;
+  CHECK_OK(loom_listen_packet(&stuck, "unixgram", path));
+  CHECK_OK(loom_listen_packet(&fine, "unixgram", path2));
+  CHECK_OK(loom_listen_packet(&un, "unixgram", upath));
+  CHECK_OK(loom_listen_packet(&other, "unixgram", opath));
+  struct sockaddr_storage to, to2;
+  socklen_t tl, tl2;
+  CHECK_OK(loom_resolve_addr("unixgram", path, &to, &tl));
+  CHECK_OK(loom_resolve_addr("unixgram", path2, &to2, &tl2));
+  ugram_fill(other, &to, tl);
+
+  loom_ctx *ctx;
+  CHECK_OK(loom_ctx_with_cancel(&ctx, loom_ctx_background()));
+  atomic_store(&cut_on_eagain, ctx);
+  struct iovec iov = {.iov_base = "cut", .iov_len = 3};
+  CHECK_ERR(
+      loom_pconn_write_msg_ctx(un, &iov, 1, (struct sockaddr *)&to, tl, ctx),
+      -ECANCELED);
+  CHECK(atomic_load(&cut_on_eagain) == NULL); /* it landed */
+  loom_ctx_release(ctx);
+  /* Cut short: the next write, to a peer with room, finds the deadline
+   * passed until a new one is set. */
+  CHECK_ERR(loom_pconn_write_to(un, "x", 1, (struct sockaddr *)&to2, tl2),
+            -ETIMEDOUT);
+  CHECK_OK(loom_pconn_set_write_deadline(un, 0));
+  CHECK_EQ(loom_pconn_write_to(un, "y", 1, (struct sockaddr *)&to2, tl2), 1);
+  char b[8];
+  CHECK_EQ(loom_pconn_read(fine, b, sizeof b), 1);
+  CHECK(b[0] == 'y');
+  CHECK_OK(loom_pconn_close(un));
+  CHECK_OK(loom_pconn_close(other));
+  CHECK_OK(loom_pconn_close(fine));
+  CHECK_OK(loom_pconn_close(stuck));
+}
+TEST(unixgram_write_to_cut_before_its_sleep_leaves_the_deadline_passed) {
+  check_run(ugram_cut_main, NULL, 2);
+}
+
 /* ------------------------------------------------------------------ */
 /* Deadlines that have passed stop calls that would not have waited.    */
 

@@ -187,8 +187,12 @@ int loom__netfd_pause(loom__netfd_call *call) {
     return 0;
   }
   disarm(call);
+  /* Cut short: the deadline has passed, and the call fails as it would
+   * at its next check, which leave reports as the context's reason,
+   * leaving the deadline passed (an error of another kind would undo
+   * the cut as if the call had completed). */
   if (call->pc.fired)
-    return loom__ctx_reason(call->ctx); /* cut short: the deadline passed */
+    return -ETIMEDOUT;
   loom__sema_release_c(call->turn, &call->sw);
   return 0;
 }

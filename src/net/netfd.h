@@ -126,11 +126,12 @@ static inline ssize_t loom__netfd_leave(loom__netfd_call *call, ssize_t r) {
 }
 
 /* Give the turn up for a while (udp.c's retries sleep without it), and
- * take it back: 0, or the context's reason — the cut fired (pause: the
- * call was cut short and keeps its turn), or the context was cancelled
- * while the call waited for its turn back (resume).  Either way the call
- * ends next, with loom__netfd_leave.  A pause that returned 0 must be
- * followed by a resume before the leave, whatever happened between. */
+ * take it back: 0, -ETIMEDOUT from pause when the cut fired (the call was
+ * cut short and keeps its turn; leave makes it the context's reason), or
+ * the context's reason from resume when the context was cancelled while
+ * the call waited for its turn back.  Either way the call ends next,
+ * with loom__netfd_leave.  A pause that returned 0 must be followed by a
+ * resume before the leave, whatever happened between. */
 int loom__netfd_pause(loom__netfd_call *call);
 int loom__netfd_resume(loom__netfd_call *call);
 
