@@ -2600,6 +2600,64 @@ TEST(late_cancel_leaves_write_accept_and_packet_deadlines) {
   check_run(late_others_main, NULL, 2);
 }
 
+/* A cancel that lands as a write_to completes expires the write deadline
+ * until that call, having succeeded, puts it back; meanwhile it wakes
+ * the socket's writes that sleep for a full peer.  Those are other
+ * calls: they go on waiting, they do not fail with -ETIMEDOUT. */
+static struct sockaddr_storage late_to;
+static socklen_t late_tolen;
+static ssize_t late_pwrite_to(void *a, loom_ctx *ctx) {
+  struct iovec iov = {(void *)"wt", 2};
+  return loom_pconn_write_msg_ctx(a, &iov, 1, (struct sockaddr *)&late_to,
+                                  late_tolen, ctx);
+}
+
+static void late_sleeper_main(void *arg) {
+  (void)arg;
+  char path[64], path2[64], upath[64], opath[64];
+  int pid = (int)getpid();
+  snprintf(path, sizeof path, "@loom-test-late-sl-stuck-%d", pid);
+  snprintf(path2, sizeof path2, "@loom-test-late-sl-free-%d", pid);
+  snprintf(upath, sizeof upath, "@loom-test-late-sl-un-%d", pid);
+  snprintf(opath, sizeof opath, "@loom-test-late-sl-o-%d", pid);
+  loom_pconn *stuck, *fine, *un, *other;
+  CHECK_OK(loom_listen_packet(&stuck, "unixgram", path));
+  CHECK_OK(loom_listen_packet(&fine, "unixgram", path2));
+  CHECK_OK(loom_listen_packet(&un, "unixgram", upath));
+  CHECK_OK(loom_listen_packet(&other, "unixgram", opath));
+  struct sockaddr_storage to;
+  socklen_t tl;
+  CHECK_OK(loom_resolve_addr("unixgram", path, &to, &tl));
+  CHECK_OK(loom_resolve_addr("unixgram", path2, &late_to, &late_tolen));
+  ugram_fill(other, &to, tl);
+
+  static ugram_call w1;
+  w1 = (ugram_call){.pc = un, .to = &to, .tolen = tl};
+  atomic_store(&w1.rc, 1);
+  CHECK_OK(loom_go(ugram_writer, &w1));
+  loom_sleep(30 * CHECK_MS);
+  CHECK_EQ(atomic_load(&w1.rc), 1); /* sleeping for the stuck peer */
+  /* The cancel lands, and the sleeper runs, before the call undoes it. */
+  CHECK_EQ(late_call(late_pwrite_to, un, late_sleep), 2);
+  loom_sleep(30 * CHECK_MS);
+  CHECK_EQ(atomic_load(&w1.rc), 1);
+  CHECK_EQ(
+      loom_pconn_write_to(un, "z", 1, (struct sockaddr *)&late_to, late_tolen),
+      1);
+  char b[8];
+  CHECK_EQ(loom_pconn_read(fine, b, sizeof b), 2);
+  CHECK_EQ(loom_pconn_read(fine, b, sizeof b), 1);
+  CHECK_OK(loom_pconn_close(un));
+  CHECK_EQ(ugram_result(&w1), LOOM_ECLOSED);
+  CHECK_OK(loom_pconn_close(other));
+  CHECK_OK(loom_pconn_close(fine));
+  CHECK_OK(loom_pconn_close(stuck));
+}
+
+TEST(late_cancel_leaves_sleeping_unixgram_writes_alone) {
+  check_run(late_sleeper_main, NULL, 2);
+}
+
 /* Socket options: TCP_NODELAY is on from the start (as in Go), keep-alive
  * sets its three options, and on a Unix socket, which has no TCP
  * options, a keep-alive with an idle time fails and changes nothing. */

@@ -102,9 +102,12 @@ static ssize_t dgram_io(loom_pconn *pc, struct dgram_op *op, loom_ctx *ctx) {
       if (w == 0) {
         w = loom__pd_sleep(f->pd, wake, ctx);
         /* The turn back whatever the sleep said, as leave expects
-         * (with a cancelled ctx, resume fails at once, turnless). */
+         * (with a cancelled ctx, resume fails at once, turnless).  A
+         * passed deadline is looked at again with the turn: the call
+         * holding it may have expired the deadline by a cancel that it
+         * undoes, having completed all the same, before it lets go. */
         int back = loom__netfd_resume(&call);
-        if (w == 0)
+        if (w == 0 || w == -ETIMEDOUT)
           w = back;
       }
       if (w != 0) {
