@@ -2920,4 +2920,85 @@ TEST(cancel_behind_another_call_ends_that_call_alone) {
   check_run(turn_main, NULL, 2);
 }
 
+/* ---- a cancel, then a new deadline before the call looks ------------- */
+/* A cancel ends a call parked in the poller by expiring the direction's
+ * deadline.  If another coroutine sets a deadline of its own before the
+ * woken call looks (one P: the call runs only after the setter), the
+ * call must still end with the context's reason: it must not go back
+ * to sleep with its context done and nothing left to wake it. */
+
+static struct {
+  loom_conn *c;
+  loom_listener *l;
+  loom_ctx *ctx;
+  atomic_long res; /* 1000 while the call has not returned */
+  int kind;        /* 0: read, 1: accept */
+} moved;
+
+static void moved_call(void *arg) {
+  (void)arg;
+  char b[8];
+  loom_conn *acc;
+  long r = moved.kind == 0
+               ? (long)loom_read_ctx(moved.c, b, sizeof b, moved.ctx)
+               : (long)loom_accept_ctx(moved.l, &acc, moved.ctx);
+  atomic_store(&moved.res, r);
+}
+
+static long moved_race(int kind) {
+  moved.kind = kind;
+  atomic_store(&moved.res, 1000);
+  CHECK_OK(loom_ctx_with_cancel(&moved.ctx, loom_ctx_background()));
+  CHECK_OK(loom_go(moved_call, NULL));
+  loom_sleep(20 * CHECK_MS); /* parked in the poller */
+  CHECK_EQ(atomic_load(&moved.res), 1000);
+  loom_ctx_cancel(moved.ctx);
+  if (kind == 0)
+    CHECK_OK(loom_set_read_deadline(moved.c, 0));
+  else
+    CHECK_OK(loom_listener_set_deadline(moved.l, 0));
+  int64_t t0 = loom_now();
+  while (atomic_load(&moved.res) == 1000 && loom_now() - t0 < 500 * CHECK_MS)
+    loom_sleep(CHECK_MS);
+  long r = atomic_load(&moved.res);
+  loom_ctx_release(moved.ctx);
+  return r;
+}
+
+static void moved_main(void *arg) {
+  (void)arg;
+  loom_listener *l;
+  loom_conn *c, *s;
+  char b[8], addr[128];
+  pair(&l, &c, &s);
+  moved.c = c;
+  moved.l = l;
+  long r = moved_race(0);
+  if (r == 1000) /* still parked: let it go before failing */
+    CHECK_EQ(loom_write(s, "!", 1), 1);
+  CHECK_EQ(r, -ECANCELED);
+  /* The deadline set after the cancel stands: a read waits for bytes. */
+  CHECK_EQ(loom_write(s, "ok", 2), 2);
+  CHECK_EQ(loom_read(c, b, sizeof b), 2);
+
+  r = moved_race(1);
+  CHECK_OK(loom_listener_addr(l, addr, sizeof addr));
+  loom_conn *c2, *s2;
+  if (r == 1000) {
+    CHECK_OK(loom_dial(&c2, "tcp", addr));
+    CHECK_OK(loom_close(c2));
+  }
+  CHECK_EQ(r, -ECANCELED);
+  CHECK_OK(loom_dial(&c2, "tcp", addr));
+  CHECK_OK(loom_accept(l, &s2));
+  CHECK_OK(loom_close(s2));
+  CHECK_OK(loom_close(c2));
+  CHECK_OK(loom_close(c));
+  CHECK_OK(loom_close(s));
+  CHECK_OK(loom_listener_close(l));
+}
+TEST(cancel_ends_a_call_whose_deadline_is_reset_before_it_wakes) {
+  check_run(moved_main, NULL, 1);
+}
+
 CHECK_MAIN()

@@ -202,11 +202,13 @@ LOOM_API ssize_t loom_writev(loom_conn *c, const struct iovec *iov,
  * state: a call the cancel cut short (it returns the context's reason)
  * leaves the deadline of that direction in the past (as after a
  * deadline of its own), so the next call in that direction returns
- * -ETIMEDOUT until a new deadline is set.  A `ctx` done before the call
- * makes it return the error and touch nothing; so does a cancel that
- * finds the call still waiting for its turn behind another call in the
- * same direction, and that other call goes on undisturbed: a cancel
- * reaches its own call only.  A call that returns anything else, though
+ * -ETIMEDOUT until a new deadline is set.  A deadline another coroutine
+ * sets after the cancel does not keep it from ending the call, and
+ * stands afterwards.  A `ctx` done before the call makes it return the
+ * error and touch nothing; so does a cancel that finds the call still
+ * waiting for its turn behind another call in the same direction, and
+ * that other call goes on undisturbed: a cancel reaches its own call
+ * only.  A call that returns anything else, though
  * the cancel landed while it was completing, leaves the deadline as it
  * was before the call (one that has passed meanwhile is passed), unless
  * it was changed or the connection closed in the meantime.  A write cut

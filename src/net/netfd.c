@@ -167,10 +167,12 @@ ssize_t loom__netfd_leave_ctx(loom__netfd_call *call, ssize_t r) {
 static ssize_t finish(loom__netfd_call *call, ssize_t r) {
   disarm(call);
   if (call->pc.fired) {
-    if (r == -ETIMEDOUT)
+    if (r == -ETIMEDOUT) {
       r = loom__ctx_reason(call->ctx);
-    else
+      loom__pd_cancel_clear(&call->pc); /* the deadline stays passed */
+    } else {
       (void)loom__pd_cancel_undo(&call->pc); /* failing, it stays passed */
+    }
   } else if (r == -ETIMEDOUT && loom__ctx_reason(call->ctx) != 0) {
     r = loom__ctx_reason(call->ctx);
   }

@@ -77,12 +77,13 @@ int loom__netfd_set_deadlines(loom__netfd *f, int64_t rd, int64_t wd);
  * direction's turn (calls in one direction take turns, in arrival
  * order), and, when the call is bounded by a context, the cut: a hook
  * that expires the direction's deadline when the context is cancelled,
- * so the call wakes from the poller with -ETIMEDOUT, which leave turns
- * into the context's reason.  The cut is armed only once the turn is
- * held, so a cancel reaches its own call alone: a call still waiting for
- * its turn leaves that wait with the reason and touches nothing, and the
- * call ahead of it goes on undisturbed.  A call that ends otherwise
- * though its cut fired (the cancel landed as it completed) gets the
+ * and marks the direction cut until the call leaves (a deadline set
+ * meanwhile does not clear the mark), so the call wakes from the poller
+ * with -ETIMEDOUT, which leave turns into the context's reason.  The cut is
+ * armed only once the turn is held, so a cancel reaches its own call alone: a
+ * call still waiting for its turn leaves that wait with the reason and touches
+ * nothing, and the call ahead of it goes on undisturbed.  A call that ends
+ * otherwise though its cut fired (the cancel landed as it completed) gets the
  * deadline back (loom__pd_cancel_undo).
  */
 typedef struct loom__netfd_call {

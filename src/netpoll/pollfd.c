@@ -158,9 +158,12 @@ static void set_slot(loom__pd *pd, int mode, int64_t d) {
     atomic_fetch_and_explicit(&pd->expired, ~bit, memory_order_release);
 }
 
+/* The bit of `expired` that marks a direction cut by a context. */
+static unsigned cut_bit(int mode) { return mode == 'r' ? 4u : 8u; }
+
 bool loom__pd_expired(loom__pd *pd, int mode) {
   return atomic_load_explicit(&pd->expired, memory_order_acquire) &
-         (mode == 'r' ? 1u : 2u);
+         (mode == 'r' ? 1u | 4u : 2u | 8u);
 }
 
 /* 0: nothing wrong; else why a wait must fail now. */
@@ -169,7 +172,9 @@ int loom__pd_check(loom__pd *pd, int mode) {
   int err = 0;
   if (pd->closing)
     err = LOOM_ECLOSED;
-  else if ((mode == 'r' ? pd->rd : pd->wd) < 0)
+  else if ((mode == 'r' ? pd->rd : pd->wd) < 0 ||
+           (atomic_load_explicit(&pd->expired, memory_order_relaxed) &
+            cut_bit(mode)))
     err = -ETIMEDOUT;
   pd_unlock(pd);
   return err;
@@ -376,12 +381,16 @@ int loom__pd_set_deadline(loom__pd *pd, int mode, int64_t d) {
  * timer needed): a context's cancel uses it to end a blocked call.
  * *was gets the deadline it overwrote, *seq the direction's sequence
  * number after the change (both under the lock, so that an undo can
- * tell whether anybody moved the deadline since). */
-static void expire(loom__pd *pd, int mode, int64_t *was, uint32_t *seq) {
+ * tell whether anybody moved the deadline since).  `cut` also marks the
+ * direction cut (loom__pd_cancel). */
+static void expire(loom__pd *pd, int mode, bool cut, int64_t *was,
+                   uint32_t *seq) {
   pd_lock(pd);
   *was = mode == 'r' ? pd->rd : pd->wd;
   *seq = mode == 'r' ? ++pd->rseq : ++pd->wseq;
   set_slot(pd, mode, -1);
+  if (cut)
+    atomic_fetch_or_explicit(&pd->expired, cut_bit(mode), memory_order_release);
   loom__timer_stop(mode == 'r' ? &pd->rt : &pd->wt);
   loom__g *g = unblock(pd, mode, false);
   pd_unlock(pd);
@@ -394,7 +403,7 @@ static void expire(loom__pd *pd, int mode, int64_t *was, uint32_t *seq) {
 void loom__pd_expire(loom__pd *pd, int mode) {
   int64_t was;
   uint32_t seq;
-  expire(pd, mode, &was, &seq);
+  expire(pd, mode, false, &was, &seq);
 }
 
 void loom__pd_expire_read(void *pd) { loom__pd_expire(pd, 'r'); }
@@ -402,8 +411,13 @@ void loom__pd_expire_write(void *pd) { loom__pd_expire(pd, 'w'); }
 
 void loom__pd_cancel_fire(void *arg) {
   loom__pd_cancel *x = arg;
-  expire(x->pd, x->mode, &x->was, &x->seq);
+  expire(x->pd, x->mode, true, &x->was, &x->seq);
   x->fired = true;
+}
+
+void loom__pd_cancel_clear(loom__pd_cancel *x) {
+  atomic_fetch_and_explicit(&x->pd->expired, ~cut_bit(x->mode),
+                            memory_order_release);
 }
 
 /* Put back the deadline x's expire overwrote, as loom__pd_set_deadline
@@ -413,6 +427,7 @@ void loom__pd_cancel_fire(void *arg) {
  * a timer, and so a P and room for it; without them the deadline stays
  * passed, as before the undo. */
 int loom__pd_cancel_undo(loom__pd_cancel *x) {
+  loom__pd_cancel_clear(x);
   if (x->was < 0)
     return 0; /* it had passed already: the expire changed nothing */
   return set_guarded(x->pd, x->mode, x->was, x->was, &x->seq);

@@ -61,7 +61,10 @@ typedef struct loom__pd {
   uint32_t rseq, wseq;        /* bumped per deadline change and close */
   uint32_t rseq_armed, wseq_armed;
   int64_t rd, wd;             /* deadline: 0 none, -1 passed, else time */
-  _Atomic unsigned expired;   /* 1: rd is -1, 2: wd is -1 (read unlocked) */
+  _Atomic unsigned expired;   /* 1: rd is -1, 2: wd is -1 (read unlocked);
+                                 4, 8: a read, a write was cut by its
+                                 context (loom__pd_cancel_fire), which a
+                                 deadline set since does not undo */
   loom__timer rt, wt;
   loom_waitq_ wsleep;         /* loom__pd_sleep's sleepers (sync/wait.h) */
   int slock;                  /* spinlock over wsleep (taken before
@@ -133,7 +136,15 @@ void loom__pd_expire_write(void *pd);
  * the record as its argument; the record must outlive the hook (the
  * caller's frame does: the unhook waits for a running hook).  After the
  * unhook, `fired` says whether the hook ran, and loom__pd_cancel_undo
- * puts back what it changed. */
+ * puts back what it changed.
+ *
+ * Besides expiring the deadline, the hook marks the direction cut: the
+ * waits and checks of `mode` fail with -ETIMEDOUT while the mark is set,
+ * whatever deadline is set meanwhile, so a deadline another coroutine
+ * sets between the cancel and the call's wake-up cannot put the call
+ * back to sleep with its context done.  The mark is the call's: at most
+ * one call per direction may use a loom__pd_cancel at a time (net's
+ * turns), and it ends with loom__pd_cancel_clear or _undo. */
 typedef struct loom__pd_cancel {
   loom__pd *pd;
   int mode;     /* 'r' or 'w' */
@@ -150,6 +161,10 @@ void loom__pd_cancel_fire(void *x);
  * deadline then stays passed) LOOM_ENOTCO for a deadline still ahead
  * inside loom_block_enter/exit, -ENOMEM for no room for its timer. */
 int loom__pd_cancel_undo(loom__pd_cancel *x);
+/* A fired cancel whose call was cut short and is leaving: remove the
+ * mark, and leave the deadline as it is (passed, unless set since).
+ * loom__pd_cancel_undo removes it too. */
+void loom__pd_cancel_clear(loom__pd_cancel *x);
 
 /* Poller side: readiness for mode 'r', 'w', both ('r'+'w') or neither
  * (0) on the pd behind `cookie`; `hangup` when the event reported a
