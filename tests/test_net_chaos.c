@@ -2119,6 +2119,180 @@ TEST(unix_listener_close_frees_its_path) {
   run_case("unix_listener_close_frees_its_path", relisten_main);
 }
 
+/* ---- many readers on one stream, cancelled at random -----------------
+ *
+ * Several coroutines read one connection, each call under a context of
+ * its own, which a canceller cuts at random moments (before the call,
+ * while it waits for its turn behind the others, while it is parked in
+ * the poller, or as it completes) or which times out; after an error a
+ * reader may reset the read deadline, which a cut leaves passed, racing
+ * the others' cancels.  One writer sends a random stream, then shuts
+ * down.  Every byte is read exactly once (the readers' counts of each
+ * byte value add up to the writer's), every error is a documented one
+ * (-ECANCELED only from a cancelled context), and every reader sees the
+ * end of the stream. */
+#define MR_READERS 8
+
+struct mr {
+  loom_conn *rc, *wc; /* the readers' end, the writer's */
+  size_t total;
+  uint64_t sent[256]; /* the writer's, read after the wait */
+  atomic_ullong seen[256];
+  atomic_llong got;
+  atomic_long cancelled, timed_out;
+  atomic_int readers_left;
+  loom_mutex mu;
+  loom_ctx *parent; /* the readers' contexts hang here */
+  loom_wg wg;
+};
+
+static void mr_writer(void *arg) {
+  struct mr *m = arg;
+  rng_t r;
+  rng_seed(&r, g_seed ^ 0x3172);
+  uint8_t *buf = malloc(65536);
+  CHECK(buf != NULL);
+  for (size_t off = 0; off < m->total;) {
+    size_t n = 1 + rn(&r, 65536);
+    if (n > m->total - off)
+      n = m->total - off;
+    for (size_t i = 0; i < n; i++) {
+      buf[i] = (uint8_t)rnd(&r);
+      m->sent[buf[i]]++;
+    }
+    CHECK_EQ(loom_write(m->wc, buf, n), (ssize_t)n);
+    off += n;
+    if (rn(&r, 8) == 0)
+      sleep_us(&r, 500);
+  }
+  CHECK_OK(loom_shutdown(m->wc, SHUT_WR));
+  free(buf);
+  loom_wg_done(&m->wg);
+}
+
+static void mr_reader(void *arg) {
+  struct mr *m = (struct mr *)((uintptr_t)arg & ~(uintptr_t)15);
+  unsigned id = (unsigned)((uintptr_t)arg & 15);
+  rng_t r;
+  rng_seed(&r, g_seed ^ 0x4eade ^ ((uint64_t)id << 16));
+  uint8_t *buf = malloc(16384);
+  CHECK(buf != NULL);
+  for (;;) {
+    unsigned how = rn(&r, 8);
+    loom_mutex_lock(&m->mu);
+    loom_ctx *parent = loom_ctx_ref(m->parent);
+    loom_mutex_unlock(&m->mu);
+    loom_ctx *ctx;
+    CHECK_OK(how == 0 ? loom_ctx_with_timeout(&ctx, parent,
+                                              (int64_t)rn(&r, 2000) * 1000)
+                      : loom_ctx_with_cancel(&ctx, parent));
+    loom_ctx_unref(parent);
+    if (how == 1)
+      loom_ctx_cancel(ctx); /* done before the call */
+    size_t len = how == 2 ? 0 : 1 + rn(&r, 16384);
+    ssize_t n = loom_read_ctx(m->rc, buf, len, ctx);
+    if (n > 0) {
+      CHECK((size_t)n <= len);
+      for (ssize_t i = 0; i < n; i++)
+        atomic_fetch_add_explicit(&m->seen[buf[i]], 1, memory_order_relaxed);
+      atomic_fetch_add(&m->got, n);
+    } else if (n < 0) {
+      CHECKF(n == -ECANCELED || n == -ETIMEDOUT, "read_ctx: %zd (%s)", n,
+             loom_err_name((int)n));
+      check_ctx_result(n, ctx, "read_ctx");
+      atomic_fetch_add(n == -ECANCELED ? &m->cancelled : &m->timed_out, 1);
+      if (rn(&r, 2))
+        CHECK_OK(loom_set_read_deadline(m->rc, 0));
+    }
+    loom_ctx_release(ctx);
+    if (n == 0 && len > 0)
+      break; /* the end of the stream */
+  }
+  free(buf);
+  atomic_fetch_sub(&m->readers_left, 1);
+  loom_wg_done(&m->wg);
+}
+
+static void mr_canceller(void *arg) {
+  struct mr *m = arg;
+  rng_t r;
+  rng_seed(&r, g_seed ^ 0xca9ce1);
+  while (atomic_load(&m->readers_left) > 0) {
+    sleep_us(&r, 1500);
+    loom_ctx *n, *old;
+    CHECK_OK(loom_ctx_with_cancel(&n, loom_ctx_background()));
+    loom_mutex_lock(&m->mu);
+    old = m->parent;
+    m->parent = n;
+    loom_mutex_unlock(&m->mu);
+    loom_ctx_release(old); /* cancels every read under it */
+  }
+  loom_wg_done(&m->wg);
+}
+
+static void mr_main(void *arg) {
+  (void)arg;
+  rng_t r;
+  rng_seed(&r, g_seed);
+  int64_t end = loom_now() + g_ms * CHECK_MS;
+  int rounds = 0;
+  long long bytes = 0, cancelled = 0, timed_out = 0;
+  while (loom_now() < end) {
+    struct mr *m = calloc(1, sizeof *m);
+    CHECK(m != NULL);
+    loom_listener *l;
+    char addr[128];
+    if (rn(&r, 2)) {
+      CHECK_OK(loom_listen(&l, "tcp", "127.0.0.1:0"));
+      CHECK_OK(loom_listener_addr(l, addr, sizeof addr));
+      CHECK_OK(loom_dial(&m->wc, "tcp", addr));
+    } else {
+      snprintf(addr, sizeof addr, "@loom-nmr-%d-%d", (int)getpid(),
+               atomic_fetch_add(&g_uniq, 1));
+      CHECK_OK(loom_listen(&l, "unix", addr));
+      CHECK_OK(loom_dial(&m->wc, "unix", addr));
+    }
+    CHECK_OK(loom_accept(l, &m->rc));
+    CHECK_OK(loom_listener_close(l));
+    m->total =
+        (size_t)CHECK_SCALE(1 << 20, 256 << 10, 128 << 10) + rn(&r, 1 << 18);
+    CHECK_OK(loom_ctx_with_cancel(&m->parent, loom_ctx_background()));
+    int nr = 2 + (int)rn(&r, MR_READERS - 1);
+    atomic_store(&m->readers_left, nr);
+    CHECK_OK(loom_wg_add(&m->wg, nr + 2));
+    CHECK_OK(loom_go(mr_writer, m));
+    for (int i = 0; i < nr; i++)
+      CHECK_OK(loom_go(mr_reader, (void *)((uintptr_t)m | (unsigned)i)));
+    CHECK_OK(loom_go(mr_canceller, m));
+    CHECKF(loom_wg_wait(&m->wg, loom_now() + 20000 * CHECK_MS) == 0,
+           "round %d: %lld of %zu bytes read, %d readers left", rounds,
+           (long long)atomic_load(&m->got), m->total,
+           atomic_load(&m->readers_left));
+    CHECK_EQ(atomic_load(&m->got), (long long)m->total);
+    for (int b = 0; b < 256; b++)
+      CHECKF(atomic_load(&m->seen[b]) == m->sent[b],
+             "round %d: byte %#x read %llu times, sent %llu", rounds, b,
+             (unsigned long long)atomic_load(&m->seen[b]),
+             (unsigned long long)m->sent[b]);
+    bytes += (long long)m->total;
+    cancelled += atomic_load(&m->cancelled);
+    timed_out += atomic_load(&m->timed_out);
+    loom_ctx_release(m->parent);
+    CHECK_OK(loom_close(m->rc));
+    CHECK_OK(loom_close(m->wc));
+    free(m);
+    rounds++;
+  }
+  fprintf(stderr,
+          "%d rounds, %lld bytes; %lld reads cancelled, %lld timed "
+          "out\n",
+          rounds, bytes, cancelled, timed_out);
+}
+
+TEST(stream_many_readers_cancelled) {
+  run_case("stream_many_readers_cancelled", mr_main);
+}
+
 /* ---- a connected unixgram writer whose full peer vanishes -------------- */
 
 static loom_pconn *cg_tx;
