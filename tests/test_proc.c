@@ -1054,6 +1054,31 @@ TEST(restart_leaves_no_threads_or_fds) {
   CHECK_EQ(atomic_load(&ran_count[0]), 31);
 }
 
+/* loom_run gives its thread an alternate signal stack of its own (for
+ * the stack overflow report) while it runs: the caller's comes back
+ * afterwards, not a disabled one. */
+static void signal_stack_main(void *arg) {
+  (void)arg;
+  loom_sleep(CHECK_MS);
+}
+
+TEST(run_restores_callers_signal_stack) {
+  static char buf[1 << 16];
+  stack_t ss, old;
+  memset(&ss, 0, sizeof ss);
+  ss.ss_sp = buf;
+  ss.ss_size = sizeof buf;
+  CHECK_OK(sigaltstack(&ss, NULL));
+  check_run(signal_stack_main, NULL, 2);
+  CHECK_OK(sigaltstack(NULL, &old));
+  CHECK_EQ(old.ss_flags & SS_DISABLE, 0);
+  CHECK(old.ss_sp == (void *)buf);
+  CHECK_EQ(old.ss_size, sizeof buf);
+  memset(&ss, 0, sizeof ss);
+  ss.ss_flags = SS_DISABLE;
+  CHECK_OK(sigaltstack(&ss, NULL));
+}
+
 /* Shutdown while a coroutine is pinned and asleep (its M is wired to
  * it), another pinned and spinning in yields, and one spawning more
  * coroutines in a loop. */

@@ -1479,7 +1479,8 @@ static void m_thread_init(loom__m *m) {
                      MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
   if (m->sigstack != MAP_FAILED) {
     stack_t ss = {.ss_sp = m->sigstack, .ss_size = SIGSTACK_SIZE};
-    sigaltstack(&ss, NULL);
+    if (sigaltstack(&ss, &m->old_sigstack) != 0)
+      m->old_sigstack.ss_flags = SS_DISABLE;
     m->sigstack_size = SIGSTACK_SIZE;
   } else {
     m->sigstack = NULL;
@@ -1488,7 +1489,12 @@ static void m_thread_init(loom__m *m) {
 
 static void m_thread_fini(loom__m *m) {
   if (m->sigstack != NULL) {
-    stack_t ss = {.ss_flags = SS_DISABLE};
+    /* The thread's own again: m0 is the caller's thread, which may have
+     * had one (a disabled one is "none", as it was). */
+    stack_t ss = m->old_sigstack;
+    ss.ss_flags &= ~SS_ONSTACK; /* a state, not a flag to set */
+    if (ss.ss_flags & SS_DISABLE)
+      ss = (stack_t){.ss_flags = SS_DISABLE};
     sigaltstack(&ss, NULL);
     munmap(m->sigstack, m->sigstack_size);
     m->sigstack = NULL;

@@ -24,6 +24,7 @@
 
 #include <errno.h>
 #include <pthread.h>
+#include <signal.h>
 #include <stdatomic.h>
 #include <stdbool.h>
 #include <stddef.h>
@@ -137,6 +138,8 @@ struct loom__m {
   int cpuclock;             /* this thread's CPU-time clockid */
   void *sigstack;           /* alternate signal stack */
   size_t sigstack_size;
+  stack_t old_sigstack; /* the thread's own before ours (m0: the
+                           caller's, put back when loom_run ends) */
 };
 
 enum {
