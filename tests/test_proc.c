@@ -150,6 +150,62 @@ static void burst_main(void *arg) {
 
 TEST(steal_spreads_burst) { check_run(burst_main, NULL, 2); }
 
+/*
+ * A coroutine spawned while the other P's thread is on its way to sleep
+ * is run there, not left behind a coroutine that keeps its own thread
+ * busy.  The spawner puts the child in its runnext and then reads
+ * whether anyone spins; the thread going idle says it no longer spins
+ * and then looks at the queues.  Unless each side's write is ordered
+ * before its read, both can miss the other's (a store-load reordering,
+ * which x86 does), and the child waits, an idle P beside it, until the
+ * busy one parks.  Here the other thread runs each child and goes idle
+ * again, while the spawner busy-waits a varying time and spawns the next
+ * one, and then busy-waits up to 20 ms for it.  The window is a few
+ * nanoseconds wide: tens of thousands of rounds catch it most of the
+ * time, not always.  (A child that is late while the other thread holds
+ * a P or spins is only an overloaded machine, not a lost wake-up.)
+ */
+static atomic_int child_ran;
+static atomic_long lost_wakeups;
+static void mark_ran(void *arg) {
+  (void)arg;
+  atomic_store(&child_ran, 1);
+}
+static void spawn_then_busy_main(void *arg) {
+  int64_t end = loom_now() + 5000 * CHECK_MS;
+  uint32_t x = 1;
+  (void)arg;
+  while (loom_now() < end && atomic_load(&lost_wakeups) == 0) {
+    int64_t t0, spun;
+    x = x * 1103515245u + 12345u;
+    spun = (int64_t)((x >> 8) % 20000);
+    for (t0 = loom_now(); loom_now() - t0 < spun;)
+      ;
+    atomic_store(&child_ran, 0);
+    CHECK_OK(loom_go(mark_ran, NULL));
+    for (t0 = loom_now();
+         !atomic_load(&child_ran) && loom_now() - t0 < 20 * CHECK_MS;)
+      ;
+    if (!atomic_load(&child_ran)) {
+      loom_stats st;
+      CHECK_OK(loom_stats_get(&st));
+      if (st.idle_procs == 1 && st.spinning_threads == 0 &&
+          !atomic_load(&child_ran))
+        atomic_fetch_add(&lost_wakeups, 1);
+      loom_yield(); /* let the child finish here if it is still queued */
+    }
+  }
+}
+
+TEST(spawn_while_other_thread_goes_idle_is_not_stranded) {
+  loom_config cfg;
+  loom_config_init(&cfg);
+  cfg.procs = 2;
+  cfg.long_run_warn_ns = -1;
+  CHECK_OK(loom_run(spawn_then_busy_main, NULL, &cfg));
+  CHECK_EQ(atomic_load(&lost_wakeups), 0);
+}
+
 /* ------------------------------------------------------------------ */
 /* A coroutine that yields in a loop does not starve others (procs=1). */
 

@@ -742,10 +742,12 @@ void loom__startm(loom__rt *rt, loom__p *p, bool spinning) {
 }
 
 void loom__wakep(loom__rt *rt) {
-  if (atomic_load_explicit(&rt->npidle, memory_order_acquire) == 0)
+  /* seq_cst loads: after the caller's seq_cst write of the work (see
+   * loom__runq_put), against a spinning M that stops (findrunnable). */
+  if (atomic_load_explicit(&rt->npidle, memory_order_seq_cst) == 0)
     return;
   int zero = 0;
-  if (atomic_load_explicit(&rt->nmspinning, memory_order_acquire) != 0 ||
+  if (atomic_load_explicit(&rt->nmspinning, memory_order_seq_cst) != 0 ||
       !atomic_compare_exchange_strong(&rt->nmspinning, &zero, 1))
     return;
   loom__startm(rt, NULL, true);

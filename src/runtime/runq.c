@@ -86,9 +86,18 @@ __attribute__((noinline)) static void put_full(loom__rt *rt, loom__p *p,
 void loom__runq_put(loom__rt *rt, loom__p *p, loom__g *g, bool next) {
   if (next) {
     /* Only the owner makes runnext non-NULL (thieves and the owner's get
-     * only empty it), so an empty one is ours to fill with a store. */
+     * only empty it), so an empty one is ours to fill with a store.  A
+     * seq_cst one (an xchg): the caller then reads in loom__wakep whether
+     * an M spins, and a spinning M that stops writes nmspinning and then
+     * looks at our runnext (findrunnable).  Unless each write is ordered
+     * before the read after it, both reads may miss the other's write
+     * (x86 lets a load pass an earlier store) and the G waits, with a P
+     * idle, until this one parks.  The only P has nobody to wake. */
     if (atomic_load_explicit(&p->runnext, memory_order_relaxed) == NULL) {
-      atomic_store_explicit(&p->runnext, g, memory_order_release);
+      if (p->sole)
+        atomic_store_explicit(&p->runnext, g, memory_order_release);
+      else
+        atomic_store_explicit(&p->runnext, g, memory_order_seq_cst);
       return;
     }
     loom__g *old = atomic_exchange_explicit(&p->runnext, g,
@@ -168,7 +177,8 @@ bool loom__runq_empty(loom__p *p) {
   for (;;) {
     uint32_t h = load_acq(&p->runqhead);
     uint32_t t = load_acq(&p->runqtail);
-    loom__g *next = atomic_load_explicit(&p->runnext, memory_order_acquire);
+    /* seq_cst: after a spinning M's nmspinning write (see runq_put). */
+    loom__g *next = atomic_load_explicit(&p->runnext, memory_order_seq_cst);
     if (t == load_acq(&p->runqtail))
       return h == t && next == NULL;
   }
