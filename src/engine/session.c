@@ -63,6 +63,7 @@
 
 #include "engine/engine.h"
 #include "engine/layer.h"
+#include "engine/readbuf.h"
 #include "loom/runtime.h"
 #include "net/netfd.h"
 #include "runtime/alloc.h"
@@ -1024,38 +1025,34 @@ static int dispatch(loom_session *s, const loom_pkg *pkg) {
 }
 
 typedef struct reader {
-  uint8_t *buf;
-  size_t cap, off, len; /* unconsumed bytes are buf[off, len) */
+  loom__readbuf b;      /* a packet session: buf and cap, one datagram */
   int64_t deadline;     /* the read deadline now set (0: none) */
   int64_t next_cron;    /* 0: no cron */
   int64_t idle_check;   /* when to look at last_read again; 0: never */
   int64_t handled_at;   /* when the reader last came back from handing
                            packages over: time in handlers (or waiting
                            for a full pool) is not the peer's idleness */
-  int small;            /* reads in a row that used < 1/4 of the room */
-  size_t small_max;     /* the longest of those reads */
-  bool filled;          /* the last read filled all the room offered */
-  bool on_stack;        /* buf is read_stream's stack buffer */
 } reader;
 
 /* Decode and dispatch every whole package in r's buffer. */
 static int drain(loom_session *s, reader *r) {
   bool cork = false;
   int rc = 0;
-  while (r->len > r->off) {
+  loom__readbuf *b = &r->b;
+  while (b->len > b->off) {
     loom_pkg pkg = {0};
-    ssize_t k = s->codec->decode(s->codec, r->buf + r->off, r->len - r->off,
+    ssize_t k = s->codec->decode(s->codec, b->buf + b->off, b->len - b->off,
                                  s->o.max_pkg_len, &pkg);
     if (k <= 0) {
       rc = (int)k;
       break;
     }
-    r->off += (size_t)k;
+    b->off += (size_t)k;
     /* More than one package in this read (pipelining): replies written
      * by on_message gather in the queue and leave in one send after the
      * batch, instead of a send each.  A single package goes out at once
      * from on_message, as without corking. */
-    if (!cork && !s->o.pool && r->len > r->off) {
+    if (!cork && !s->o.pool && b->len > b->off) {
       cork = true;
       loom_mutex_lock(&s->wmu);
       s->corked = true;
@@ -1070,109 +1067,15 @@ static int drain(loom_session *s, reader *r) {
   return rc;
 }
 
-/* How far the read buffer grows for throughput (a long package may take
- * it further, up to max_pkg_len). */
-#define READ_BURST ((size_t)65536)
-/* Small reads in a row after which a session counts as quiet. */
-#define QUIET_READS 16
-/* The reader's stack buffer (see make_room): with the frames below it
- * while the reader is parked, it stays within one page. */
-#define STACK_READ ((size_t)512)
-
-static int resize(reader *r, size_t cap) {
-  uint8_t *nb = loom__realloc(r->buf, cap);
-  if (!nb)
-    return -ENOMEM;
-  r->buf = nb;
-  r->cap = cap;
-  return 0;
-}
-
 /* The session has gone quiet: give back the memory a burst took — the
- * read buffer and the write queue's chunks.  The read buffer goes
- * entirely (reads go to the stack again) when the reads lately would
- * fit there with room to spare, or on a cron tick; else it goes back to
- * read_buf. */
+ * read buffer (loom__readbuf_shed) and the write queue's chunks. */
 static void shed(loom_session *s, reader *r, bool to_stack) {
-  if (!s->packet && !r->on_stack && r->off == r->len) {
-    if (to_stack) {
-      loom__free(r->buf); /* nothing to keep */
-      r->buf = NULL;
-      r->cap = r->off = r->len = 0;
-    } else if (r->cap > s->o.read_buf) {
-      uint8_t *nb = loom__malloc(s->o.read_buf);
-      if (nb) {
-        loom__free(r->buf);
-        r->buf = nb;
-        r->cap = s->o.read_buf;
-        r->off = r->len = 0;
-      }
-    }
-  }
+  if (!s->packet)
+    loom__readbuf_shed(&r->b, to_stack);
   loom_mutex_lock(&s->wmu);
   if (!s->wbusy && loom_buf_len(&s->wq) == 0)
     loom_buf_reset(&s->wq);
   loom_mutex_unlock(&s->wmu);
-}
-
-/* The most a package and its framing may take: max_pkg_len plus 64
- * bytes, saturated (SIZE_MAX says "no limit"). */
-static size_t pkg_room(const loom_session *s) {
-  size_t max = s->o.max_pkg_len;
-  return max > SIZE_MAX - 64 ? SIZE_MAX : max + 64;
-}
-
-/*
- * Room at the end of r's heap buffer.  The buffer adapts to the traffic:
- * a read that filled all the room offered doubles it (up to READ_BURST),
- * so a pipelining peer is read in large gulps and its replies leave
- * corked, a few syscalls per many packages; after QUIET_READS small reads
- * in a row (or a cron tick) shed() gives it back, so a quiet session
- * holds none — and a busy one does not flap between sizes.  A package
- * longer than the buffer grows it to fit, and the buffer goes back to
- * read_buf as soon as that package is handled.
- *
- * A session without a heap buffer reads into STACK_READ bytes on the
- * reader's stack (read_stream), in the page its frames use anyway:
- * small requests and replies never need the heap, and an idle session
- * parks holding no read buffer at all.  What a stack read leaves
- * pending (part of a package), or a stack read that filled its room
- * (more is coming), moves the session to a heap buffer (unstack()).
- */
-static int make_room(loom_session *s, reader *r) {
-  size_t base = s->o.read_buf;
-  size_t burst = READ_BURST > base ? READ_BURST : base;
-  if (r->off == r->len) {
-    r->off = r->len = 0;
-    if (r->cap > burst) { /* grown for one long package: give it back now */
-      uint8_t *nb = loom__malloc(base);
-      if (nb) {
-        loom__free(r->buf);
-        r->buf = nb;
-        r->cap = base;
-      }
-    }
-  }
-  if (r->filled && r->cap < burst) {
-    r->filled = false;
-    if (resize(r, r->cap * 2 < burst ? r->cap * 2 : burst) < 0)
-      return -ENOMEM;
-  }
-  if (r->len < r->cap)
-    return 0;
-  if (r->off > 0) {
-    memmove(r->buf, r->buf + r->off, r->len - r->off);
-    r->len -= r->off;
-    r->off = 0;
-    return 0;
-  }
-  /* A partial package fills the buffer.  The codec has not refused it,
-   * so it fits max_pkg_len plus framing; a codec that never decides is
-   * cut off at max_pkg_len plus 64 bytes of framing. */
-  size_t limit = pkg_room(s);
-  if (r->cap >= limit)
-    return -EMSGSIZE;
-  return resize(r, r->cap * 2 > limit ? limit : r->cap * 2);
 }
 
 /* Set the read deadline to the earliest of cron and idle check. */
@@ -1217,79 +1120,41 @@ static int on_deadline(loom_session *s, reader *r) {
   return 0;
 }
 
-/* After a read into the stack buffer: back to no buffer if everything
- * was handled, else onto the heap with what is pending.  A read that
- * filled the stack buffer moves to the heap too, for larger gulps. */
-static int unstack(loom_session *s, reader *r, bool filled) {
-  size_t pending = r->len - r->off;
-  r->on_stack = false;
-  if (pending == 0 && !filled) {
-    r->buf = NULL;
-    r->cap = r->off = r->len = 0;
-    return 0;
-  }
-  size_t cap = pending > s->o.read_buf ? pending : s->o.read_buf;
-  uint8_t *nb = loom__malloc(cap);
-  if (!nb) {
-    r->buf = NULL;
-    r->cap = r->off = r->len = 0;
-    return -ENOMEM;
-  }
-  memcpy(nb, r->buf + r->off, pending);
-  r->buf = nb;
-  r->cap = cap;
-  r->off = 0;
-  r->len = pending;
-  r->filled = false; /* the heap buffer starts at read_buf */
-  return 0;
-}
-
 static int read_stream(loom_session *s, reader *r) {
-  _Alignas(16) uint8_t stack_buf[STACK_READ];
+  _Alignas(16) uint8_t stack_buf[LOOM__STACK_READ];
+  loom__readbuf *b = &r->b;
   int rc = 0;
   for (;;) {
     if ((rc = arm(s, r)) < 0)
       break;
     if (atomic_load(&s->state) != S_OPEN)
       break;
-    if (r->cap == 0) {
-      r->buf = stack_buf;
-      r->cap = s->o.read_buf < STACK_READ ? s->o.read_buf : STACK_READ;
-      r->on_stack = true;
-    } else if ((rc = make_room(s, r)) < 0) {
+    if (b->cap == 0)
+      loom__readbuf_stack(b, stack_buf);
+    else if ((rc = loom__readbuf_room(b)) < 0)
       break;
-    }
-    size_t room = r->cap - r->len;
-    ssize_t n = s->top->ops->read(s->top, r->buf + r->len, room);
+    size_t room = b->cap - b->len;
+    ssize_t n = s->top->ops->read(s->top, b->buf + b->len, room);
     if (n > 0) {
-      r->filled = (size_t)n == room;
-      if ((size_t)n >= room / 4) {
-        r->small = 0;
-        r->small_max = 0;
-      } else if (r->small <= QUIET_READS) {
-        r->small++; /* stops past QUIET_READS: shed() runs once */
-        if ((size_t)n > r->small_max)
-          r->small_max = (size_t)n;
-      }
-      r->len += (size_t)n;
+      loom__readbuf_took(b, (size_t)n, room);
       rc = drain(s, r);
       if (r->idle_check) /* only the idle check reads it: no clock else */
         r->handled_at = loom_now();
-      if (r->on_stack) {
-        int e = unstack(s, r, r->filled);
+      if (b->on_stack) {
+        int e = loom__readbuf_unstack(b, b->filled);
         if (rc == 0)
           rc = e;
       }
       if (rc < 0)
         break;
-      if (r->small == QUIET_READS)
-        shed(s, r, r->small_max <= STACK_READ / 2);
+      if (loom__readbuf_quiet(b))
+        shed(s, r, loom__readbuf_quiet_to_stack(b));
       continue;
     }
-    if (r->on_stack) /* nothing was read: nothing is pending */
-      (void)unstack(s, r, false);
+    if (b->on_stack) /* nothing was read: nothing is pending */
+      (void)loom__readbuf_unstack(b, false);
     if (n == 0) { /* the peer shut down its side: all it sent is handled */
-      rc = r->len > r->off ? -EBADMSG : 1;
+      rc = b->len > b->off ? -EBADMSG : 1;
       break;
     }
     if (n == -ETIMEDOUT) {
@@ -1303,11 +1168,7 @@ static int read_stream(loom_session *s, reader *r) {
     rc = (int)n;
     break;
   }
-  if (r->on_stack) { /* a stack buffer must not outlive this frame */
-    r->buf = NULL;
-    r->cap = r->off = r->len = 0;
-    r->on_stack = false;
-  }
+  loom__readbuf_leave_stack(b); /* it must not outlive this frame */
   return rc;
 }
 
@@ -1325,19 +1186,20 @@ static int read_packets(loom_session *s, reader *r) {
       return 0;
     struct sockaddr_storage from;
     socklen_t fromlen = sizeof from;
-    ssize_t n = loom_pconn_read_from(s->pc, r->buf, r->cap, &from, &fromlen);
+    ssize_t n =
+        loom_pconn_read_from(s->pc, r->b.buf, r->b.cap, &from, &fromlen);
     if (n == 0)
       continue; /* an empty datagram (a dial probe) carries no package */
     if (n > 0) {
       BUMP(bytes_in, (uint64_t)n);
       atomic_store_explicit(&s->last_read, loom_now(), memory_order_relaxed);
-      if ((size_t)n > r->cap) { /* cut short: longer than any package */
+      if ((size_t)n > r->b.cap) { /* cut short: longer than any package */
         loom__owner_count(s->owner, LOOM__ERR_oversize);
         continue;
       }
       loom_pkg pkg = {0};
-      ssize_t k =
-          s->codec->decode(s->codec, r->buf, (size_t)n, s->o.max_pkg_len, &pkg);
+      ssize_t k = s->codec->decode(s->codec, r->b.buf, (size_t)n,
+                                   s->o.max_pkg_len, &pkg);
       if (k != n) { /* need-more, leftovers or an error: this datagram */
         /* Too long for max_pkg_len: the codec said so, or it took a
          * package of exactly the limit with no framing, and more was
@@ -1405,6 +1267,7 @@ static void reader_main(void *arg) {
   const loom_session_listener *l = s->o.listener;
   reader r = {0};
   int rc = 0;
+  loom__readbuf_init(&r.b, s->o.read_buf, s->o.max_pkg_len);
   s->reader_g = loom_id();
   loom__cb_tag_set(s->owner); /* every callback but pooled ones runs here */
   if (s->o.compress && !s->packet)
@@ -1416,12 +1279,12 @@ static void reader_main(void *arg) {
     goto end;
   }
   if (s->packet) { /* a datagram must fit whole: no stack buffer */
-    r.cap = pkg_room(s);
+    r.b.cap = loom__readbuf_limit(s->o.max_pkg_len);
     size_t most = s->unix_dgram ? DGRAM_UNIX_MAX : DGRAM_UDP_MAX;
-    if (r.cap > most)
-      r.cap = most;
-    r.buf = loom__malloc(r.cap);
-    if (!r.buf) {
+    if (r.b.cap > most)
+      r.b.cap = most;
+    r.b.buf = loom__malloc(r.b.cap);
+    if (!r.b.buf) {
       loom_session_abort(s, -ENOMEM);
       goto end;
     }
@@ -1478,7 +1341,7 @@ end:
     if (writer)
       loom_sema_acquire(&s->writer_exit, 0);
   }
-  loom__free(r.buf);
+  loom__free(r.b.buf);
   int err = atomic_load(&s->err);
   if (err < 0 && s->opened) {
     loom__owner_count_error(s->owner, err);
