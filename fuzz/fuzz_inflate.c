@@ -12,15 +12,16 @@
  *           (1 to 20 000 at a time) and where the read deadline passes
  *           (-ETIMEDOUT, after which the session reads on);
  *   byte 2: the seed of the sips;
- *   byte 3: 0xf0 | i: allocation i (from 0) through loom's hook fails;
- *           anything else: none does.
+ *   byte 3: 0xf0 | i: the layer's allocation i (from 0) through loom's
+ *           hook fails; 0xe0 | i: the reader's allocation or growth i
+ *           fails; anything else: none does.
  * The layer sits over a scripted layer that hands out the stream (as
  * tests/test_compress.c does, through engine/export_test.h), and a
- * model of session.c's read_stream calls it: reads into 512 bytes on
- * the stack, then into a heap buffer of read_buf that doubles while
- * reads fill it (to 64 KiB) and grows for a long package up to
- * max_pkg_len + 64, decoding packages with the session's codec after
- * each read.
+ * model of session.c's read_stream loop calls it, with the session's
+ * own read buffer (engine/readbuf.h): reads into 512 bytes on the
+ * stack, then into a heap buffer of read_buf that doubles while reads
+ * fill it (to 64 KiB) and grows for a long package up to max_pkg_len +
+ * 64, decoding packages with the session's codec after each read.
  *
  * Properties checked beyond "no crash, no sanitizer report":
  *   - a read returns at most the bytes asked for, and -ETIMEDOUT exactly
@@ -33,13 +34,15 @@
  *     after every byte it made; LOOM_ECOMPRESS only if zlib refused the
  *     stream (corrupt, finished, a preset dictionary) or the stream was
  *     cut inside a block; -ENOMEM only after an injected failure (a
- *     failed allocation is never reported as a corrupt stream);
+ *     failed allocation is never reported as a corrupt stream, nor
+ *     lost by the reader);
  *   - a package is at most max_pkg_len, and the reader's buffer never
  *     grows past max_pkg_len + 64: a bomb is an oversized package, not
  *     memory;
  *   - what the layer holds through loom's allocator stays under
  *     LAYER_MAX whatever the stream (zlib's state and window, the 16 KiB
- *     input buffer, the layer), and all of it is freed with the layer.
+ *     input buffer, the layer), and all of it is freed with the layer;
+ *     the reader's buffer is all freed with it too.
  * The reference sees at most REF_CAP bytes of output; past them nothing
  * is compared and the run stops.
  *
@@ -73,12 +76,6 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 #define LAYER_MAX ((size_t)64 << 10)
 #define AT_CAP 1 /* the reader's end: REF_CAP bytes compared */
 
-/* session.c's read_stream: its stack buffer, how far the heap buffer
- * grows for throughput, and the small reads after which it sheds. */
-#define STACK_READ ((size_t)512)
-#define READ_BURST ((size_t)65536)
-#define QUIET_READS 16
-
 static uint32_t next_rand(uint32_t *x) {
   *x ^= *x << 13;
   *x ^= *x >> 17;
@@ -88,19 +85,29 @@ static uint32_t next_rand(uint32_t *x) {
 
 /* ---- loom's allocator: sizes, a peak, one failure ------------------------ */
 
+/* Whose allocations: the layer's (zlib's included) or the reader's
+ * buffer, counted apart: the layer's bound says nothing of a buffer
+ * that holds a long package. */
+enum { LAYER, READER };
+
 typedef struct hdr {
   size_t size;
-  size_t pad; /* keeps what follows aligned to 16 */
+  size_t who; /* also keeps what follows aligned to 16 */
 } hdr;
 
-static size_t live, peak;
-static long nalloc, fail_at = -1;
+static int who;              /* whose allocations the code running now makes */
+static size_t live[2], peak; /* peak: of the layer's */
+static long nalloc[2], fail_at[2];
 static bool failed;
 
+/* The layer's new allocations count, as they did when only the layer
+ * used the hook; the reader's growths count too: the reader's -ENOMEM
+ * paths are the ones it has. */
 static void *hook_realloc(void *ud, void *p, size_t n) {
   (void)ud;
   hdr *h = p ? (hdr *)p - 1 : NULL;
-  if (!h && nalloc++ == fail_at) {
+  int w = h ? (int)h->who : who;
+  if ((!h || w == READER) && nalloc[w]++ == fail_at[w]) {
     failed = true;
     return NULL;
   }
@@ -109,16 +116,17 @@ static void *hook_realloc(void *ud, void *p, size_t n) {
   if (!q)
     return NULL;
   q->size = n;
-  live = live - old + n;
-  if (live > peak)
-    peak = live;
+  q->who = (size_t)w;
+  live[w] = live[w] - old + n;
+  if (live[LAYER] > peak)
+    peak = live[LAYER];
   return q + 1;
 }
 
 static void hook_free(void *ud, void *p) {
   (void)ud;
   hdr *h = (hdr *)p - 1;
-  live -= h->size;
+  live[h->who] -= h->size;
   free(h);
 }
 
@@ -217,91 +225,22 @@ static const loom__layer_ops script_ops = {"script", script_read, script_writev,
 /* ---- the session's reader (session.c, read_stream) ----------------------- */
 
 typedef struct reader {
-  uint8_t *buf;
-  size_t cap, off, len; /* unconsumed bytes are buf[off, len) */
-  bool on_stack, filled;
-  int small;
-  size_t small_max;
-  size_t read_buf, max_pkg_len;
+  loom__readbuf b; /* the session's, as the session uses it */
   loom_codec codec;
 } reader;
 
-static size_t pkg_room(const reader *r) { return r->max_pkg_len + 64; }
-
-static void grow(reader *r, size_t cap) {
-  uint8_t *nb = realloc(r->buf, cap);
-  if (!nb)
-    FAIL("out of memory");
-  r->buf = nb;
-  r->cap = cap;
-}
-
-/* make_room: 0, or -EMSGSIZE when a partial package fills max_pkg_len. */
-static int make_room(reader *r) {
-  size_t burst = READ_BURST > r->read_buf ? READ_BURST : r->read_buf;
-  if (r->off == r->len) {
-    r->off = r->len = 0;
-    if (r->cap > burst) {
-      free(r->buf);
-      r->buf = NULL;
-      grow(r, r->read_buf);
-    }
-  }
-  if (r->filled && r->cap < burst) {
-    r->filled = false;
-    grow(r, r->cap * 2 < burst ? r->cap * 2 : burst);
-  }
-  if (r->len < r->cap)
-    return 0;
-  if (r->off > 0) {
-    memmove(r->buf, r->buf + r->off, r->len - r->off);
-    r->len -= r->off;
-    r->off = 0;
-    return 0;
-  }
-  if (r->cap >= pkg_room(r))
-    return -EMSGSIZE;
-  grow(r, r->cap * 2 > pkg_room(r) ? pkg_room(r) : r->cap * 2);
-  return 0;
-}
-
-/* After a read into the stack buffer: no buffer, or the heap. */
-static void unstack(reader *r) {
-  size_t pending = r->len - r->off;
-  r->on_stack = false;
-  const uint8_t *from = r->buf + r->off;
-  r->buf = NULL;
-  r->cap = r->off = r->len = 0;
-  if (pending == 0 && !r->filled)
-    return;
-  grow(r, pending > r->read_buf ? pending : r->read_buf);
-  memcpy(r->buf, from, pending);
-  r->len = pending;
-  r->filled = false;
-}
-
-/* shed: a quiet session's buffer goes back to the stack. */
-static void shed(reader *r, bool to_stack) {
-  if (r->on_stack || r->off != r->len || r->cap == 0)
-    return;
-  if (to_stack || r->cap > r->read_buf) {
-    free(r->buf);
-    r->buf = NULL;
-    r->cap = r->off = r->len = 0;
-  }
-}
-
 /* Every whole package in the buffer: 0, or the codec's error. */
 static int drain(reader *r) {
-  while (r->len > r->off) {
+  loom__readbuf *b = &r->b;
+  while (b->len > b->off) {
     loom_pkg pkg = {0};
-    ssize_t k = r->codec.decode(&r->codec, r->buf + r->off, r->len - r->off,
-                                r->max_pkg_len, &pkg);
+    ssize_t k = r->codec.decode(&r->codec, b->buf + b->off, b->len - b->off,
+                                b->max_pkg_len, &pkg);
     if (k <= 0)
       return (int)k;
-    if (pkg.len > r->max_pkg_len)
-      FAIL("a package of %zu > max_pkg_len %zu", pkg.len, r->max_pkg_len);
-    r->off += (size_t)k;
+    if (pkg.len > b->max_pkg_len)
+      FAIL("a package of %zu > max_pkg_len %zu", pkg.len, b->max_pkg_len);
+    b->off += (size_t)k;
   }
   return 0;
 }
@@ -317,8 +256,9 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
 
   reader r;
   memset(&r, 0, sizeof r);
-  r.max_pkg_len = (size_t)16 << (data[0] & 15);
-  r.read_buf = (size_t)64 << 2 * (data[0] >> 4 & 3);
+  loom__readbuf *b = &r.b;
+  loom__readbuf_init(b, (size_t)64 << 2 * (data[0] >> 4 & 3),
+                     (size_t)16 << (data[0] & 15));
   if (data[0] & 0x40)
     loom_codec_raw(&r.codec);
   else if (loom_codec_lenpfx(&r.codec, NULL) != 0)
@@ -338,9 +278,11 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
 
   static const loom_allocator hook = {hook_realloc, hook_free, NULL};
   loom_set_allocator(&hook);
-  live = peak = 0;
-  nalloc = 0;
-  fail_at = (data[3] & 0xf0) == 0xf0 ? data[3] & 0x0f : -1;
+  who = LAYER;
+  live[LAYER] = live[READER] = peak = 0;
+  nalloc[LAYER] = nalloc[READER] = 0;
+  fail_at[LAYER] = (data[3] & 0xf0) == 0xf0 ? data[3] & 0x0f : -1;
+  fail_at[READER] = (data[3] & 0xf0) == 0xe0 ? data[3] & 0x0f : -1;
   failed = false;
 
   loom__layer *z = NULL;
@@ -352,24 +294,25 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     return 0;
   }
 
-  _Alignas(16) uint8_t stack_buf[STACK_READ];
+  _Alignas(16) uint8_t stack_buf[LOOM__STACK_READ];
   size_t got = 0; /* bytes the layer gave, checked against want */
   long timeouts = 0;
   int end; /* why the reader stopped */
+  who = READER;
   for (;;) {
-    if (r.cap == 0) {
-      r.buf = stack_buf;
-      r.cap = r.read_buf < STACK_READ ? r.read_buf : STACK_READ;
-      r.on_stack = true;
-    } else if ((end = make_room(&r)) < 0) {
+    if (b->cap == 0)
+      loom__readbuf_stack(b, stack_buf);
+    else if ((end = loom__readbuf_room(b)) < 0)
       break;
-    }
-    if (r.cap > pkg_room(&r) && r.cap > READ_BURST)
-      FAIL("a read buffer of %zu for max_pkg_len %zu", r.cap, r.max_pkg_len);
-    size_t room = r.cap - r.len, ask = room;
+    if (b->cap > loom__readbuf_limit(b->max_pkg_len) &&
+        b->cap > LOOM__READ_BURST)
+      FAIL("a read buffer of %zu for max_pkg_len %zu", b->cap, b->max_pkg_len);
+    size_t room = b->cap - b->len, ask = room;
     if (sips && next_rand(&sip) % 4 == 0)
       ask = 1 + next_rand(&sip) % room;
-    ssize_t n = z->ops->read(z, r.buf + r.len, ask);
+    who = LAYER;
+    ssize_t n = z->ops->read(z, b->buf + b->len, ask);
+    who = READER;
     if (n > (ssize_t)ask)
       FAIL("%zd bytes for a read of %zu", n, ask);
     if (n == -ETIMEDOUT)
@@ -381,46 +324,39 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
       if (!want.capped && k > want.len - got)
         FAIL("%zu bytes out, the stream holds %zu", got + k, want.len);
       size_t cmp = got < want.len ? want.len - got : 0;
-      if (memcmp(r.buf + r.len, want.out + got, k < cmp ? k : cmp) != 0)
+      if (memcmp(b->buf + b->len, want.out + got, k < cmp ? k : cmp) != 0)
         FAIL("bytes %zu..%zu differ from zlib's", got, got + k);
       got += k;
-      r.filled = k == room;
-      if (k >= room / 4) {
-        r.small = 0;
-        r.small_max = 0;
-      } else if (r.small <= QUIET_READS) {
-        r.small++;
-        if (k > r.small_max)
-          r.small_max = k;
-      }
-      r.len += k;
+      loom__readbuf_took(b, k, room);
       end = drain(&r);
-      if (r.on_stack)
-        unstack(&r);
+      if (b->on_stack) {
+        int e = loom__readbuf_unstack(b, b->filled);
+        if (end == 0)
+          end = e;
+      }
       if (end < 0)
         break;
       if (want.capped && got >= REF_CAP) {
         end = AT_CAP;
         break;
       }
-      if (r.small == QUIET_READS)
-        shed(&r, r.small_max <= STACK_READ / 2);
+      if (loom__readbuf_quiet(b))
+        loom__readbuf_shed(b, loom__readbuf_quiet_to_stack(b));
       continue;
     }
-    if (r.on_stack) {
-      r.filled = false;
-      unstack(&r);
-    }
+    if (b->on_stack)
+      (void)loom__readbuf_unstack(b, false);
     if (n == -ETIMEDOUT) {
-      shed(&r, true); /* a cron tick: a quiet moment */
+      loom__readbuf_shed(b, true); /* a cron tick: a quiet moment */
       continue;
     }
     end = (int)n;
     break;
   }
-  if (r.on_stack)
-    r.buf = NULL;
-  free(r.buf);
+  loom__readbuf_free(b);
+  who = LAYER;
+  if (live[READER] != 0)
+    FAIL("%zu bytes of the reader's left after its free", live[READER]);
 
   if (peak > LAYER_MAX)
     FAIL("the layer held %zu bytes", peak);
@@ -449,8 +385,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     FAIL("the reader ends with %d (%s)", end, loom_err_name(end));
   }
   z->ops->free(z);
-  if (live != 0)
-    FAIL("%zu bytes left after the layer's free", live);
+  if (live[LAYER] != 0)
+    FAIL("%zu bytes left after the layer's free", live[LAYER]);
   loom_set_allocator(NULL);
   return 0;
 }
