@@ -21,12 +21,16 @@ OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "corpus",
 
 
 def header(max_pkg_shift=8, read_buf=3, raw=False, sips=False, cuts=1,
-           sip_seed=0, fail=None):
-    """max_pkg_len 16 << max_pkg_shift, read_buf 64 << 2 * read_buf."""
+           sip_seed=0, fail=None, reader_fail=None):
+    """max_pkg_len 16 << max_pkg_shift, read_buf 64 << 2 * read_buf;
+    fail: the layer's allocation number `fail` fails, reader_fail: the
+    session read buffer's allocation or growth number `reader_fail`."""
     b0 = (max_pkg_shift & 15) | (read_buf & 3) << 4
     b0 |= 0x40 if raw else 0
     b0 |= 0x80 if sips else 0
     b3 = 0xF0 | fail if fail is not None else 0
+    if reader_fail is not None:
+        b3 = 0xE0 | reader_fail
     return bytes([b0, cuts & 0xFF, sip_seed & 0xFF, b3])
 
 
@@ -135,6 +139,12 @@ def main():
                                                    fail=i) + s
     s, _ = batches(small, 1)
     seeds["enomem_input_buffer_small_reads"] = header(cuts=21, fail=3) + s
+    # The session's read buffer cannot be made, or cannot grow for a
+    # package larger than read_buf.
+    s, _ = batches(big[:2], 1)
+    for i in range(3):
+        seeds["enomem_read_buffer_%d" % i] = header(
+            max_pkg_shift=12, read_buf=0, cuts=4, reader_fail=i) + s
 
     os.makedirs(OUT, exist_ok=True)
     for name, blob in sorted(seeds.items()):
