@@ -1629,27 +1629,47 @@ static void ugram_ctx_writer(void *arg) {
                              w->c.tolen, w->ctx));
 }
 
+/* Four unixgram sockets named after `tag`: `stuck` is a peer whose
+ * queue `other` has filled (to: its address), `fine` one with room (to2),
+ * and `un` the unconnected socket under test. */
+typedef struct ugram_four {
+  loom_pconn *stuck, *fine, *un, *other;
+  struct sockaddr_storage to, to2;
+  socklen_t tl, tl2;
+} ugram_four;
+
+static void ugram_four_open(const char *tag, ugram_four *q) {
+  static const char *const role[] = {"stuck", "free", "un", "o"};
+  loom_pconn **pc[] = {&q->stuck, &q->fine, &q->un, &q->other};
+  char path[4][64];
+  for (int i = 0; i < 4; i++) {
+    snprintf(path[i], sizeof path[i], "@loom-test-%s-%s-%d", tag, role[i],
+             (int)getpid());
+    CHECK_OK(loom_listen_packet(pc[i], "unixgram", path[i]));
+  }
+  CHECK_OK(loom_resolve_addr("unixgram", path[0], &q->to, &q->tl));
+  CHECK_OK(loom_resolve_addr("unixgram", path[1], &q->to2, &q->tl2));
+  ugram_fill(q->other, &q->to, q->tl);
+}
+
+/* Close all but `un` (the tests close it themselves, to see what its
+ * waiting calls get). */
+static void ugram_four_close(ugram_four *q) {
+  CHECK_OK(loom_pconn_close(q->other));
+  CHECK_OK(loom_pconn_close(q->fine));
+  CHECK_OK(loom_pconn_close(q->stuck));
+}
+
 /* One write_to waits, without a deadline, for a peer that never reads:
  * the socket's writes to other peers still go; a context's cancel and a
  * close end the waiting ones at once. */
 static void ugram_spare_main(void *arg) {
   (void)arg;
-  char path[64], path2[64], upath[64], opath[64];
-  int pid = (int)getpid();
-  snprintf(path, sizeof path, "@loom-test-ugram-sp-stuck-%d", pid);
-  snprintf(path2, sizeof path2, "@loom-test-ugram-sp-free-%d", pid);
-  snprintf(upath, sizeof upath, "@loom-test-ugram-sp-un-%d", pid);
-  snprintf(opath, sizeof opath, "@loom-test-ugram-sp-o-%d", pid);
-  loom_pconn *stuck, *fine, *un, *other;
-  CHECK_OK(loom_listen_packet(&stuck, "unixgram", path));
-  CHECK_OK(loom_listen_packet(&fine, "unixgram", path2));
-  CHECK_OK(loom_listen_packet(&un, "unixgram", upath));
-  CHECK_OK(loom_listen_packet(&other, "unixgram", opath));
-  struct sockaddr_storage to, to2;
-  socklen_t tl, tl2;
-  CHECK_OK(loom_resolve_addr("unixgram", path, &to, &tl));
-  CHECK_OK(loom_resolve_addr("unixgram", path2, &to2, &tl2));
-  ugram_fill(other, &to, tl);
+  static ugram_four q;
+  ugram_four_open("ugram-sp", &q);
+  loom_pconn *fine = q.fine, *un = q.un;
+  struct sockaddr_storage to = q.to, to2 = q.to2;
+  socklen_t tl = q.tl, tl2 = q.tl2;
 
   static ugram_call w1, w2;
   w1 = (ugram_call){.pc = un, .to = &to, .tolen = tl};
@@ -1690,9 +1710,7 @@ static void ugram_spare_main(void *arg) {
   /* A close ends a waiting one with LOOM_ECLOSED. */
   CHECK_OK(loom_pconn_close(un));
   CHECK_EQ(ugram_result(&w1), LOOM_ECLOSED);
-  CHECK_OK(loom_pconn_close(other));
-  CHECK_OK(loom_pconn_close(fine));
-  CHECK_OK(loom_pconn_close(stuck));
+  ugram_four_close(&q);
 }
 TEST(unixgram_write_to_a_stuck_peer_spares_the_others) {
   check_run(ugram_spare_main, NULL, 2);
@@ -1716,22 +1734,11 @@ static void turn_holder(void *arg) {
 }
 static void ugram_once_main(void *arg) {
   (void)arg;
-  char path[64], path2[64], upath[64], opath[64];
-  int pid = (int)getpid();
-  snprintf(path, sizeof path, "@loom-test-ugram-once-stuck-%d", pid);
-  snprintf(path2, sizeof path2, "@loom-test-ugram-once-free-%d", pid);
-  snprintf(upath, sizeof upath, "@loom-test-ugram-once-un-%d", pid);
-  snprintf(opath, sizeof opath, "@loom-test-ugram-once-o-%d", pid);
-  loom_pconn *stuck, *fine, *un, *other;
-  CHECK_OK(loom_listen_packet(&stuck, "unixgram", path));
-  CHECK_OK(loom_listen_packet(&fine, "unixgram", path2));
-  CHECK_OK(loom_listen_packet(&un, "unixgram", upath));
-  CHECK_OK(loom_listen_packet(&other, "unixgram", opath));
-  struct sockaddr_storage to, to2;
-  socklen_t tl, tl2;
-  CHECK_OK(loom_resolve_addr("unixgram", path, &to, &tl));
-  CHECK_OK(loom_resolve_addr("unixgram", path2, &to2, &tl2));
-  ugram_fill(other, &to, tl);
+  static ugram_four q;
+  ugram_four_open("ugram-once", &q);
+  loom_pconn *fine = q.fine, *un = q.un;
+  struct sockaddr_storage to = q.to, to2 = q.to2;
+  socklen_t tl = q.tl, tl2 = q.tl2;
 
   static ugram_call w1, w2;
   w1 = (ugram_call){.pc = un, .to = &to, .tolen = tl};
@@ -1758,9 +1765,7 @@ static void ugram_once_main(void *arg) {
   CHECK_OK(loom_pconn_close(un));
   long r1 = ugram_result(&w1);
   CHECK(r1 == -ETIMEDOUT || r1 == LOOM_ECLOSED);
-  CHECK_OK(loom_pconn_close(other));
-  CHECK_OK(loom_pconn_close(fine));
-  CHECK_OK(loom_pconn_close(stuck));
+  ugram_four_close(&q);
 }
 TEST(unixgram_write_to_whose_sleep_fails_gives_its_turn_up_once) {
   check_run(ugram_once_main, NULL, 2);
@@ -1791,22 +1796,11 @@ ssize_t sendmsg(int fd, const struct msghdr *mh, int flags) {
 }
 static void ugram_cut_main(void *arg) {
   (void)arg;
-  char path[64], path2[64], upath[64], opath[64];
-  int pid = (int)getpid();
-  snprintf(path, sizeof path, "@loom-test-ugram-cut-stuck-%d", pid);
-  snprintf(path2, sizeof path2, "@loom-test-ugram-cut-free-%d", pid);
-  snprintf(upath, sizeof upath, "@loom-test-ugram-cut-un-%d", pid);
-  snprintf(opath, sizeof opath, "@loom-test-ugram-cut-o-%d", pid);
-  loom_pconn *stuck, *fine, *un, *other;
-  CHECK_OK(loom_listen_packet(&stuck, "unixgram", path));
-  CHECK_OK(loom_listen_packet(&fine, "unixgram", path2));
-  CHECK_OK(loom_listen_packet(&un, "unixgram", upath));
-  CHECK_OK(loom_listen_packet(&other, "unixgram", opath));
-  struct sockaddr_storage to, to2;
-  socklen_t tl, tl2;
-  CHECK_OK(loom_resolve_addr("unixgram", path, &to, &tl));
-  CHECK_OK(loom_resolve_addr("unixgram", path2, &to2, &tl2));
-  ugram_fill(other, &to, tl);
+  static ugram_four q;
+  ugram_four_open("ugram-cut", &q);
+  loom_pconn *fine = q.fine, *un = q.un;
+  struct sockaddr_storage to = q.to, to2 = q.to2;
+  socklen_t tl = q.tl, tl2 = q.tl2;
 
   loom_ctx *ctx;
   CHECK_OK(loom_ctx_with_cancel(&ctx, loom_ctx_background()));
@@ -1827,9 +1821,7 @@ static void ugram_cut_main(void *arg) {
   CHECK_EQ(loom_pconn_read(fine, b, sizeof b), 1);
   CHECK(b[0] == 'y');
   CHECK_OK(loom_pconn_close(un));
-  CHECK_OK(loom_pconn_close(other));
-  CHECK_OK(loom_pconn_close(fine));
-  CHECK_OK(loom_pconn_close(stuck));
+  ugram_four_close(&q);
 }
 TEST(unixgram_write_to_cut_before_its_sleep_leaves_the_deadline_passed) {
   check_run(ugram_cut_main, NULL, 2);
@@ -2614,22 +2606,13 @@ static ssize_t late_pwrite_to(void *a, loom_ctx *ctx) {
 
 static void late_sleeper_main(void *arg) {
   (void)arg;
-  char path[64], path2[64], upath[64], opath[64];
-  int pid = (int)getpid();
-  snprintf(path, sizeof path, "@loom-test-late-sl-stuck-%d", pid);
-  snprintf(path2, sizeof path2, "@loom-test-late-sl-free-%d", pid);
-  snprintf(upath, sizeof upath, "@loom-test-late-sl-un-%d", pid);
-  snprintf(opath, sizeof opath, "@loom-test-late-sl-o-%d", pid);
-  loom_pconn *stuck, *fine, *un, *other;
-  CHECK_OK(loom_listen_packet(&stuck, "unixgram", path));
-  CHECK_OK(loom_listen_packet(&fine, "unixgram", path2));
-  CHECK_OK(loom_listen_packet(&un, "unixgram", upath));
-  CHECK_OK(loom_listen_packet(&other, "unixgram", opath));
-  struct sockaddr_storage to;
-  socklen_t tl;
-  CHECK_OK(loom_resolve_addr("unixgram", path, &to, &tl));
-  CHECK_OK(loom_resolve_addr("unixgram", path2, &late_to, &late_tolen));
-  ugram_fill(other, &to, tl);
+  static ugram_four q;
+  ugram_four_open("late-sl", &q);
+  loom_pconn *fine = q.fine, *un = q.un;
+  struct sockaddr_storage to = q.to;
+  socklen_t tl = q.tl;
+  late_to = q.to2;
+  late_tolen = q.tl2;
 
   static ugram_call w1;
   w1 = (ugram_call){.pc = un, .to = &to, .tolen = tl};
@@ -2649,9 +2632,7 @@ static void late_sleeper_main(void *arg) {
   CHECK_EQ(loom_pconn_read(fine, b, sizeof b), 1);
   CHECK_OK(loom_pconn_close(un));
   CHECK_EQ(ugram_result(&w1), LOOM_ECLOSED);
-  CHECK_OK(loom_pconn_close(other));
-  CHECK_OK(loom_pconn_close(fine));
-  CHECK_OK(loom_pconn_close(stuck));
+  ugram_four_close(&q);
 }
 
 TEST(late_cancel_leaves_sleeping_unixgram_writes_alone) {
