@@ -185,12 +185,18 @@ static void unix_main(void *arg) {
   CHECK_OK(loom_dial(&c, "unix", srv_addr));
   framed_roundtrip(c, 50, 5000, 42);
   CHECK_OK(loom_close(c));
-  /* The session ends on the peer's close; metrics then count it. */
-  int64_t give_up = loom_now() + 5000000000;
-  while (atomic_load(&server_closes) < 1 && loom_now() < give_up)
-    loom_sleep(1000000);
+  /* The session ends on the peer's close.  It leaves the server's list
+   * (sessions_open) after on_close returns, so wait for that, not for
+   * on_close. */
   loom_metrics m;
-  loom_server_metrics(srv, &m);
+  int64_t give_up = loom_now() + 5000000000;
+  for (;;) {
+    loom_server_metrics(srv, &m);
+    if (m.sessions_open == 0 || loom_now() > give_up)
+      break;
+    loom_sleep(1000000);
+  }
+  CHECK_EQ(atomic_load(&server_closes), 1);
   CHECK_EQ(m.sessions_total, 1);
   CHECK_EQ(m.sessions_open, 0);
   CHECK_EQ(m.pkgs_in, 50);
@@ -683,6 +689,13 @@ static void dialerr_main(void *arg) {
   CHECK_OK(loom_client_start(&cl, &o));
   CHECK_OK(loom_client_wait(cl, 1, loom_now() + 5000000000));
   CHECK_OK(loom_server_close(srv, loom_now() + 5000000000));
+  /* The client's session ends on the server's close; then give a
+   * reconnect, which must not come, time to happen. */
+  int64_t give_up = loom_now() + 5000000000;
+  do {
+    loom_sleep(1000000);
+    loom_client_metrics(cl, &m);
+  } while (m.sessions_open != 0 && loom_now() < give_up);
   loom_sleep(50000000);
   loom_client_metrics(cl, &m);
   CHECK_EQ(m.sessions_total, 1);
