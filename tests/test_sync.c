@@ -434,6 +434,50 @@ static void free_main(void *arg) {
 
 TEST(free_right_after_wait_or_lock) { check_run(free_main, NULL, 2); }
 
+/* The same for a reader/writer mutex: a reader that was queued behind a
+ * writer may free it as soon as its read lock is taken and dropped, so
+ * the writer's unlock must be done with it by then.  The writer is a
+ * plain thread, so the woken reader runs on a P of its own at once. */
+static loom_sema rwf_go = LOOM_SEMA_INIT(0);
+static loom_rwmutex *_Atomic rwf_obj;
+static atomic_int rwf_stop;
+
+static void *rw_unlock_later(void *arg) {
+  (void)arg;
+  for (;;) {
+    CHECK_OK(loom_sema_acquire(&rwf_go, 0));
+    if (atomic_load(&rwf_stop))
+      return NULL;
+    loom_rwmutex *obj = atomic_load(&rwf_obj);
+    for (int k = 0; k < 100; k++) /* let the main coroutine queue */
+      __builtin_ia32_pause();
+    loom_rwmutex_unlock(obj);
+  }
+}
+
+static void rw_free_main(void *arg) {
+  (void)arg;
+  int rounds = CHECK_SCALE(20000, 5000, 2000);
+  pthread_t t;
+  CHECK_EQ(pthread_create(&t, NULL, rw_unlock_later, NULL), 0);
+  for (int i = 0; i < rounds; i++) {
+    loom_rwmutex *obj = calloc(1, sizeof *obj);
+    loom_rwmutex_lock(obj);
+    atomic_store(&rwf_obj, obj);
+    loom_sema_release(&rwf_go);
+    loom_rwmutex_rlock(obj); /* parks until the thread unlocks */
+    loom_rwmutex_runlock(obj);
+    free(obj);
+  }
+  atomic_store(&rwf_stop, 1);
+  loom_sema_release(&rwf_go);
+  loom_block_enter();
+  pthread_join(t, NULL);
+  loom_block_exit();
+}
+
+TEST(rwmutex_free_right_after_rlock) { check_run(rw_free_main, NULL, 2); }
+
 /* The count never goes below zero nor wraps past INT64_MAX. */
 TEST(wg_add_refuses_overflow) {
   loom_wg g = LOOM_WG_INIT;

@@ -252,7 +252,14 @@ void loom_once_do(loom_once *o, void (*fn)(void *), void *arg) {
  * arriving readers see it negative and queue on reader_sem_.  departing_
  * counts the readers the writer still waits for; the last of them
  * releases writer_sem_.  The semaphores count, so a release that comes
- * before its acquire is not lost. */
+ * before its acquire is not lost.
+ *
+ * Unlike Go, a writer's unlock drops w_ before it gives readers_ back:
+ * from that add on, a reader may take the lock, drop it and free the
+ * rwmutex (unlock, then free), so the add must be the unlock's last
+ * touch of *rw but for the releases owed to readers still queued.  The
+ * next writer, which may get w_ in between, waits for the add before it
+ * subtracts. */
 
 #define RW_MAX (1 << 30)
 
@@ -273,6 +280,11 @@ void loom_rwmutex_runlock(loom_rwmutex *rw) {
 
 void loom_rwmutex_lock(loom_rwmutex *rw) {
   loom_mutex_lock(&rw->w_); /* one writer at a time */
+  /* The writer before us may still be between its w_ unlock and its
+   * add: readers_ is negative until then (a few instructions). */
+  unsigned spins = 1;
+  while (__atomic_load_n(&rw->readers_, __ATOMIC_ACQUIRE) < 0)
+    loom__backoff(&spins);
   int32_t r =
       __atomic_sub_fetch(&rw->readers_, RW_MAX, __ATOMIC_ACQ_REL) + RW_MAX;
   if (r != 0 && __atomic_add_fetch(&rw->departing_, r, __ATOMIC_ACQ_REL) != 0)
@@ -280,11 +292,11 @@ void loom_rwmutex_lock(loom_rwmutex *rw) {
 }
 
 void loom_rwmutex_unlock(loom_rwmutex *rw) {
-  int32_t r =
-      __atomic_add_fetch(&rw->readers_, RW_MAX, __ATOMIC_ACQ_REL);
-  if (r >= RW_MAX)
+  /* Negative only while write-locked; only the holder gives it back. */
+  if (__atomic_load_n(&rw->readers_, __ATOMIC_RELAXED) >= 0)
     loom__throw("rwmutex_unlock: not write-locked");
+  loom_mutex_unlock(&rw->w_);
+  int32_t r = __atomic_add_fetch(&rw->readers_, RW_MAX, __ATOMIC_ACQ_REL);
   for (int32_t i = 0; i < r; i++)
     loom_sema_release(&rw->reader_sem_); /* readers that queued meanwhile */
-  loom_mutex_unlock(&rw->w_);
 }
