@@ -648,4 +648,26 @@ TEST(mutex_threads_and_coroutines_mixed_waits) {
   check_run(mm_main, NULL, 2);
 }
 
+/* A NULL object is a bad argument: every call that returns an error
+ * says -EINVAL at once (and touches nothing), as the channel calls do. */
+TEST(null_objects_are_einval) {
+  loom_mutex m = LOOM_MUTEX_INIT;
+  loom_cond c = LOOM_COND_INIT;
+  CHECK_ERR(loom_mutex_trylock(NULL), -EINVAL);
+  CHECK_ERR(loom_mutex_lock_until(NULL, 0), -EINVAL);
+  CHECK_ERR(loom_mutex_lock_ctx(NULL, NULL), -EINVAL);
+  CHECK_ERR(loom_sema_acquire(NULL, 0), -EINVAL);
+  CHECK_ERR(loom_sema_acquire_ctx(NULL, NULL), -EINVAL);
+  CHECK_ERR(loom_sema_tryacquire(NULL), -EINVAL);
+  CHECK_ERR(loom_wg_add(NULL, 1), -EINVAL);
+  CHECK_ERR(loom_wg_done(NULL), -EINVAL);
+  CHECK_ERR(loom_wg_wait(NULL, 0), -EINVAL);
+  CHECK_ERR(loom_wg_wait_ctx(NULL, NULL), -EINVAL);
+  CHECK_ERR(loom_cond_wait(NULL, &m, 0), -EINVAL);
+  CHECK_ERR(loom_cond_wait(&c, NULL, 0), -EINVAL);
+  CHECK_ERR(loom_cond_wait_ctx(NULL, &m, NULL), -EINVAL);
+  CHECK_ERR(loom_cond_wait_ctx(&c, NULL, NULL), -EINVAL);
+  CHECK_EQ(m.state_, 0u); /* untouched */
+}
+
 CHECK_MAIN()

@@ -9,7 +9,9 @@
  *
  * Deadlines are absolute loom_now() times; 0 means none.  A wait with a
  * deadline ahead needs a timer: when none can be had, it returns -ENOMEM
- * at once (besides the results each call lists).
+ * at once (besides the results each call lists).  Every call that
+ * returns int returns -EINVAL for a NULL object (or mutex), touching
+ * nothing; the void calls need a valid one.
  */
 #ifndef LOOM_SYNC_H
 #define LOOM_SYNC_H

@@ -55,6 +55,8 @@ static bool cas(loom_mutex *mu, uint32_t old, uint32_t new_) {
 }
 
 int loom_mutex_trylock(loom_mutex *mu) {
+  if (mu == NULL)
+    return -EINVAL;
   uint32_t s = load(mu);
   while (!(s & (LOCKED | STARVING))) {
     if (cas(mu, s, s | LOCKED))
@@ -158,6 +160,8 @@ void loom_mutex_lock(loom_mutex *mu) {
 }
 
 int loom_mutex_lock_until(loom_mutex *mu, int64_t deadline) {
+  if (mu == NULL)
+    return -EINVAL;
   if (cas(mu, 0, LOCKED))
     return 0;
   if (deadline != 0 && deadline <= loom_now())
@@ -166,6 +170,8 @@ int loom_mutex_lock_until(loom_mutex *mu, int64_t deadline) {
 }
 
 int loom_mutex_lock_ctx(loom_mutex *mu, loom_ctx *ctx) {
+  if (mu == NULL)
+    return -EINVAL;
   int e = loom__ctx_reason(ctx);
   if (e != 0)
     return e;

@@ -49,6 +49,8 @@ static void wake_all(loom_waitlist_ *l) {
 /* ---- semaphore ---------------------------------------------------------- */
 
 static int sema_acquire(loom_sema *s, int64_t deadline, loom_ctx *ctx) {
+  if (s == NULL)
+    return -EINVAL;
   int e = loom__ctx_reason(ctx);
   if (e != 0)
     return e;
@@ -74,6 +76,8 @@ int loom_sema_acquire_ctx(loom_sema *s, loom_ctx *ctx) {
 }
 
 int loom_sema_tryacquire(loom_sema *s) {
+  if (s == NULL)
+    return -EINVAL;
   loom__spin_lock(&s->q_.lock_);
   int r = -EAGAIN;
   if (s->count_ > 0 && s->q_.q_.head_ == NULL) {
@@ -104,6 +108,8 @@ int loom_wg_add(loom_wg *wg, int64_t delta) {
    * last touch of *wg.  A waiter that sees zero takes the lock once
    * before it returns, so it cannot return — and free the wait group, the
    * common C pattern — while the last loom_wg_done is still inside. */
+  if (wg == NULL)
+    return -EINVAL;
   int64_t c = __atomic_load_n(&wg->count_, __ATOMIC_ACQUIRE);
   for (;;) {
     /* c >= 0 always; c + delta must stay in 0..INT64_MAX. */
@@ -142,6 +148,8 @@ static int wg_zero(loom_wg *wg) {
 }
 
 static int wg_wait(loom_wg *wg, int64_t deadline, loom_ctx *ctx) {
+  if (wg == NULL)
+    return -EINVAL;
   /* A context done before the call wins, as in every other *_ctx call,
    * even over a count that is zero already. */
   int e = ctx != NULL ? loom__ctx_reason(ctx) : 0;
@@ -171,6 +179,8 @@ int loom_wg_wait_ctx(loom_wg *wg, loom_ctx *ctx) { return wg_wait(wg, 0, ctx); }
 
 static int cond_wait(loom_cond *c, loom_mutex *mu, int64_t deadline,
                      loom_ctx *ctx) {
+  if (c == NULL || mu == NULL)
+    return -EINVAL;
   int e = loom__ctx_reason(ctx);
   if (e != 0)
     return e; /* mu still held, as on every return */
