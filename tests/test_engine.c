@@ -12,6 +12,7 @@
 #include <sys/resource.h>
 
 #include "check.h"
+#include "runtime/runtime.h"
 
 /* ---- the echo service ---------------------------------------------- */
 
@@ -752,5 +753,88 @@ static void reset_main(void *arg) {
 }
 
 TEST(name_survives_a_reset) { check_run(reset_main, NULL, 2); }
+
+/* ---- a redial whose pause finds no memory for its timer ------------------ */
+
+/* Allocations of exactly `nomem_size` bytes fail (0: none). */
+static _Atomic size_t nomem_size;
+static atomic_int nomem_hits;
+static void *nomem_realloc(void *ud, void *p, size_t n) {
+  (void)ud;
+  if (n != 0 && n == atomic_load(&nomem_size)) {
+    atomic_fetch_add(&nomem_hits, 1);
+    return NULL;
+  }
+  return realloc(p, n);
+}
+static void nomem_free(void *ud, void *p) {
+  (void)ud;
+  free(p);
+}
+static const loom_allocator nomem_alloc = {nomem_realloc, nomem_free, NULL};
+
+static loom_sema parked_gate;
+static loom_wg parked_wg;
+static void timer_holder(void *arg) {
+  (void)arg;
+  (void)loom_sema_acquire(&parked_gate, loom_now() + 30000000000);
+  loom_wg_done(&parked_wg);
+}
+
+/* One P, so every timer is in one heap.  The heap is filled with parked
+ * timers to its capacity, and growing it fails: the client's pause
+ * before a redial has no timer then.  The client must still redial
+ * once memory is back (it stopped redialling for good). */
+static void nomem_pause_main(void *arg) {
+  (void)arg;
+  loom_server *srv =
+      start_server("tcp", "127.0.0.1:0", NULL, 0, srv_addr, sizeof srv_addr);
+  loom_client_opts o = {
+      .network = "tcp",
+      .addr = srv_addr,
+      .reconnect_interval = 20000000,
+      .session = {.listener = &client_listener, .codec = &lenpfx},
+  };
+  loom_client *cl;
+  CHECK_OK(loom_client_start(&cl, &o));
+  CHECK_OK(loom_client_wait(cl, 1, loom_now() + 5000000000));
+
+  loom__timers *ts = &loom__getm()->p->timers;
+  int spawned = 0;
+  while (loom__timers_len(ts) < ts->cap) {
+    int before = loom__timers_len(ts);
+    loom_wg_add(&parked_wg, 1);
+    CHECK_OK(loom_go(timer_holder, NULL));
+    spawned++;
+    while (loom__timers_len(ts) == before)
+      loom_yield();
+  }
+  atomic_store(&nomem_size, (size_t)ts->cap * 2 * sizeof(loom__timer *));
+
+  loom_session *s;
+  CHECK_OK(loom_client_session(cl, &s));
+  loom_session_close(s);
+  loom_session_unref(s);
+  /* The supervisor found no room for its pause's timer (twice: it
+   * tries again). */
+  int64_t give_up = loom_now() + 5000000000;
+  while (atomic_load(&nomem_hits) < 2 && loom_now() < give_up)
+    loom_yield();
+  CHECK_GE(atomic_load(&nomem_hits), 2);
+  atomic_store(&nomem_size, 0);
+  for (int i = 0; i < spawned; i++)
+    loom_sema_release(&parked_gate);
+  CHECK_OK(loom_wg_wait(&parked_wg, 0));
+
+  CHECK_OK(loom_client_wait(cl, 1, loom_now() + 5000000000));
+  CHECK_OK(loom_client_close(cl, loom_now() + 5000000000));
+  CHECK_OK(loom_server_close(srv, loom_now() + 5000000000));
+}
+
+TEST(client_redials_after_a_pause_without_memory) {
+  loom_set_allocator(&nomem_alloc);
+  check_run(nomem_pause_main, NULL, 1);
+  loom_set_allocator(NULL);
+}
 
 CHECK_MAIN()
