@@ -837,4 +837,33 @@ TEST(client_redials_after_a_pause_without_memory) {
   loom_set_allocator(NULL);
 }
 
+/* ---- task pool: a task without a function ---------------------------------
+ */
+
+static atomic_int null_fn_ran;
+static void null_fn_count(void *arg) {
+  (void)arg;
+  atomic_fetch_add(&null_fn_ran, 1);
+}
+
+/* A NULL function is refused with -EINVAL, with or without a wait, and
+ * the queue goes on with the tasks around it (a worker used to call it). */
+static void null_fn_main(void *arg) {
+  (void)arg;
+  loom_taskpool *p;
+  loom_taskpool_opts o = {.queues = 1, .workers = 1, .queue_len = 4};
+  CHECK_OK(loom_taskpool_make(&p, &o));
+  CHECK_OK(loom_taskpool_submit(p, 0, null_fn_count, NULL, 0));
+  CHECK_ERR(loom_taskpool_submit(p, 0, NULL, NULL, 0), -EINVAL);
+  CHECK_ERR(loom_taskpool_submit(p, 1, NULL, NULL, LOOM_TASKPOOL_NOWAIT),
+            -EINVAL);
+  CHECK_ERR(loom_taskpool_submit(p, 2, NULL, NULL, loom_now() + 1000000000),
+            -EINVAL);
+  CHECK_OK(loom_taskpool_submit(p, 0, null_fn_count, NULL, 0));
+  loom_taskpool_close(p);
+  CHECK_EQ(atomic_load(&null_fn_ran), 2);
+}
+
+TEST(taskpool_refuses_null_function) { check_run(null_fn_main, NULL, 2); }
+
 CHECK_MAIN()

@@ -105,6 +105,8 @@ fail:
 
 int loom_taskpool_submit(loom_taskpool *p, uint64_t key, void (*fn)(void *),
                          void *arg, int64_t deadline) {
+  if (fn == NULL) /* a worker would call it */
+    return -EINVAL;
   loom_wg_add(&p->submits, 1);
   int rc;
   if (atomic_load(&p->closing)) {
