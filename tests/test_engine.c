@@ -866,4 +866,22 @@ static void null_fn_main(void *arg) {
 
 TEST(taskpool_refuses_null_function) { check_run(null_fn_main, NULL, 2); }
 
+/* A queue length whose buffer cannot even be sized is a bad option,
+ * -EINVAL, not a lack of memory; *p is left alone. */
+static void huge_queue_main(void *arg) {
+  (void)arg;
+  static int untouched;
+  loom_taskpool *p = (loom_taskpool *)(void *)&untouched;
+  loom_taskpool_opts o = {.queues = 2, .workers = 1, .queue_len = SIZE_MAX};
+  CHECK_ERR(loom_taskpool_make(&p, &o), -EINVAL);
+  o.queue_len = SIZE_MAX / 2;
+  CHECK_ERR(loom_taskpool_make(&p, &o), -EINVAL);
+  CHECK(p == (loom_taskpool *)(void *)&untouched);
+  o.queue_len = 8;
+  CHECK_OK(loom_taskpool_make(&p, &o));
+  loom_taskpool_close(p);
+}
+
+TEST(taskpool_huge_queue_len_is_einval) { check_run(huge_queue_main, NULL, 2); }
+
 CHECK_MAIN()

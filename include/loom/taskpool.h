@@ -38,7 +38,9 @@ typedef struct loom_taskpool_opts {
 
 /*
  * loom_taskpool_make — start a pool (`o` NULL: defaults).  On a
- * coroutine.  Returns 0 and *p; -EINVAL, -ENOMEM, LOOM_ENOTCO.
+ * coroutine.  Returns 0 and *p; -EINVAL (a negative count, more than
+ * 65536 queues or workers per queue, a queue_len too large for any
+ * buffer), -ENOMEM, LOOM_ENOTCO.
  */
 LOOM_API int loom_taskpool_make(loom_taskpool **p, const loom_taskpool_opts *o);
 

@@ -13,6 +13,7 @@
  */
 #include <errno.h>
 #include <stdatomic.h>
+#include <stdint.h>
 
 #include "loom/chan.h"
 #include "loom/runtime.h"
@@ -66,6 +67,8 @@ int loom_taskpool_make(loom_taskpool **out, const loom_taskpool_opts *o) {
     return -EINVAL;
   if (loom_id() == 0)
     return LOOM_ENOTCO;
+  if (qlen > SIZE_MAX / sizeof(task)) /* no buffer that size */
+    return -EINVAL;
   loom_taskpool *p = loom__calloc(1, sizeof *p);
   if (!p)
     return -ENOMEM;
