@@ -10,6 +10,8 @@
  */
 #include <stdatomic.h>
 #include <sys/resource.h>
+#include <sys/socket.h>
+#include <sys/un.h>
 
 #include "check.h"
 #include "runtime/runtime.h"
@@ -883,5 +885,65 @@ static void huge_queue_main(void *arg) {
 }
 
 TEST(taskpool_huge_queue_len_is_einval) { check_run(huge_queue_main, NULL, 2); }
+
+/* ---- a unixgram client against a peer that has stopped reading ------------
+ */
+
+static loom_client *stuck_cl;
+static atomic_int stuck_closed;
+static void stuck_close(void *arg) {
+  (void)arg;
+  CHECK_OK(loom_client_close(stuck_cl, loom_now() + 1000000000));
+  atomic_store(&stuck_closed, 1);
+}
+
+/* The server's socket queue is full (its reader is held up, by a full
+ * task pool, say).  A unixgram client still connects (connect() does
+ * not need room), and its close returns; the dial used to wait for room
+ * for an empty probe datagram, with no bound, so the client never
+ * connected and its close waited for that dial for ever. */
+static void stuck_main(void *arg) {
+  (void)arg;
+  char path[80];
+  snprintf(path, sizeof path, "/tmp/loom-test-stuckdgram-%d.sock",
+           (int)getpid());
+  unlink(path);
+  struct sockaddr_un un = {.sun_family = AF_UNIX};
+  snprintf(un.sun_path, sizeof un.sun_path, "%s", path);
+  int peer = socket(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+  CHECK(peer >= 0);
+  CHECK_EQ(bind(peer, (struct sockaddr *)&un, sizeof un), 0);
+  int filler = socket(AF_UNIX, SOCK_DGRAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+  CHECK(filler >= 0);
+  CHECK_EQ(connect(filler, (struct sockaddr *)&un, sizeof un), 0);
+  int sent = 0;
+  while (send(filler, "x", 1, 0) == 1)
+    sent++;
+  CHECK_EQ(errno, EAGAIN);
+  CHECK_GT(sent, 0);
+
+  loom_codec_lenpfx(&lenpfx, NULL);
+  loom_client_opts o = {
+      .network = "unixgram",
+      .addr = path,
+      .reconnect_interval = 50000000,
+      .dial_timeout = 200000000,
+      .session = {.listener = &client_listener, .codec = &lenpfx},
+  };
+  CHECK_OK(loom_client_start(&stuck_cl, &o));
+  CHECK_OK(loom_client_wait(stuck_cl, 1, loom_now() + 2000000000));
+  CHECK_OK(loom_go(stuck_close, NULL));
+  int64_t give_up = loom_now() + 5000000000;
+  while (!atomic_load(&stuck_closed) && loom_now() < give_up)
+    loom_sleep(1000000);
+  CHECK(atomic_load(&stuck_closed));
+  close(filler);
+  close(peer);
+  unlink(path);
+}
+
+TEST(unixgram_client_of_a_stuck_peer_connects_and_closes) {
+  check_run(stuck_main, NULL, 2);
+}
 
 CHECK_MAIN()

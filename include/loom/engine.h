@@ -411,7 +411,8 @@ typedef struct loom_client_opts {
                                  ms; negative: never redial — each session
                                  is dialled once) */
   int64_t reconnect_max;      /* the wait doubles up to this (0: 5 s) */
-  int64_t dial_timeout;       /* 0: 5 s */
+  int64_t dial_timeout;       /* 0: 5 s.  A packet dial does not wait
+                                 (udp: at most 10 ms for a refusal) */
   /* As loom_server_opts': called once loom_client_close has finished. */
   void (*on_closed)(void *closed_arg, int rc);
   void *closed_arg;

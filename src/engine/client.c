@@ -44,10 +44,16 @@ struct loom_client {
 static int dial_one(loom_client *cl) {
   int64_t deadline = loom__after(cl->dial_timeout);
   if (loom__is_packet(cl->network)) {
-    /* getty's probe: an empty datagram makes a refused port fail now. */
+    /* getty's probe: an empty datagram makes a refused UDP port fail
+     * now.  Not on unixgram, where connect() fails already when nobody
+     * is there, and where the probe would wait, with no bound, for room
+     * in the queue of a peer that has stopped reading: the client would
+     * neither connect nor close. */
     loom_dial_packet_opts po = {.probe = "", .probe_len = 0};
+    bool udp = strncmp(cl->network, "udp", 3) == 0;
     loom_pconn *pc;
-    int rc = loom_dial_packet_with(&pc, cl->network, cl->addr, &po);
+    int rc =
+        loom_dial_packet_with(&pc, cl->network, cl->addr, udp ? &po : NULL);
     if (rc < 0)
       return rc;
     return loom__session_start(&cl->owner, &cl->so, cl->network, NULL, pc,
