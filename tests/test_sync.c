@@ -115,6 +115,55 @@ static void starve_main(void *arg) {
 }
 TEST(mutex_starvation_mode) { check_run(starve_main, NULL, 2); }
 
+/* Starvation mode ends, as Go's does, as soon as it hands the mutex to
+ * a waiter that did not starve (waited under 1 ms), not only when the
+ * queue empties: else lockers that re-lock at once keep the queue full
+ * and every lock stays a hand-off and a context switch for good.  On one
+ * P: three lockers queue behind main, main makes the first of them lose
+ * for 2 ms (starvation mode), then lets them go.  The state word's
+ * starving bit (bit 1) is read by the holder at each lock. */
+#define LS_ROUNDS 1000
+static loom_mutex lsmu = LOOM_MUTEX_INIT;
+static int ls_starving; /* protected by lsmu */
+static atomic_int ls_done;
+static void lockstep(void *arg) {
+  (void)arg;
+  for (int i = 0; i < LS_ROUNDS; i++) {
+    loom_mutex_lock(&lsmu);
+    if (__atomic_load_n(&lsmu.state_, __ATOMIC_RELAXED) & 2u)
+      ls_starving++;
+    loom_mutex_unlock(&lsmu); /* and re-lock at once */
+  }
+  atomic_fetch_add(&ls_done, 1);
+}
+static void starve_end_main(void *arg) {
+  (void)arg;
+  loom_mutex_lock(&lsmu);
+  for (int i = 0; i < 3; i++)
+    CHECK_OK(loom_go(lockstep, NULL));
+  loom_sleep(CHECK_MS); /* all three queue */
+  for (int round = 0; round < 2; round++) {
+    loom_mutex_unlock(&lsmu); /* wakes the first locker... */
+    loom_mutex_lock(&lsmu);   /* ...which loses: one P, we run first */
+    loom_sleep(2 * CHECK_MS); /* it queues again, 2 ms later the 2nd time */
+  }
+  CHECKF(__atomic_load_n(&lsmu.state_, __ATOMIC_RELAXED) & 2u,
+         "not in starvation mode: state %#x", lsmu.state_);
+  loom_mutex_unlock(&lsmu); /* hand-off to the starved locker */
+  int64_t end = loom_now() + 10000 * CHECK_MS;
+  while (atomic_load(&ls_done) < 3) {
+    CHECKF(loom_now() < end, "the lockers did not finish in 10 s");
+    loom_sleep(CHECK_MS);
+  }
+  printf("%d of %d locks taken in starvation mode\n", ls_starving,
+         3 * LS_ROUNDS);
+  CHECKF(ls_starving < LS_ROUNDS / 10,
+         "%d of %d locks taken in starvation mode", ls_starving, 3 * LS_ROUNDS);
+}
+TEST(mutex_starvation_mode_ends_on_a_short_wait) {
+  check_run(starve_end_main, NULL, 1);
+}
+
 /* Every way of waiting at once, on all Ps: plain locks, short deadlines
  * that often expire, contexts cancelled under the waiters, try-locks.
  * Exclusion holds, each success is counted once, and when all are done

@@ -19,8 +19,10 @@
  * Starvation mode: set by a waiter that has kept losing for more than
  * 1 ms (counted from the first time it had to queue again); unlock
  * then hands the mutex straight to the first waiter and nobody barges or
- * spins, so no waiter can be bypassed forever.  It ends when the queue
- * empties.
+ * spins, so no waiter can be bypassed forever.  It ends, as Go's does,
+ * when the queue empties or when it hands the mutex to a waiter that did
+ * not starve (waited under 1 ms): else lockers that re-lock at once would
+ * keep the queue full, and every lock would stay a hand-off for good.
  *
  * Every change of state_ by a waiter is a CAS from the value it saw under
  * the queue's lock, so an unlock that slips in between (its fast path
@@ -120,6 +122,8 @@ static int lock_slow(loom_mutex *mu, int64_t deadline, loom_ctx *ctx) {
      * as much as the rest of a contended lock (25 ns here). */
     if (requeue && wait_start == 0)
       wait_start = loom_now();
+    else if (wait_start == 0 && (s & STARVING))
+      wait_start = loom_now(); /* a hand-off will ask how long we waited */
     if (wait_start != 0 && loom_now() - wait_start > STARVE_NS)
       ns |= STARVING;
     if (!cas(mu, s, ns)) {
@@ -147,8 +151,13 @@ static int lock_slow(loom_mutex *mu, int64_t deadline, loom_ctx *ctx) {
       loom__spin_unlock(lk);
       return loom__waiter_err(&w, ctx);
     }
-    if (w.handed)
-      return 0; /* starvation mode: the unlocker gave it to us */
+    if (w.handed) { /* starvation mode: the unlocker gave it to us */
+      /* We did not starve: leave the mode (a waiter that queued before
+       * it began has no time, and may have starved: keep it). */
+      if (wait_start != 0 && loom_now() - wait_start <= STARVE_NS)
+        __atomic_and_fetch(&mu->state_, ~STARVING, __ATOMIC_ACQ_REL);
+      return 0;
+    }
     awoke = true; /* the unlocker set WOKEN for us */
     iter = 0;
   }
