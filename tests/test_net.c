@@ -1827,6 +1827,38 @@ TEST(unixgram_write_to_cut_before_its_sleep_leaves_the_deadline_passed) {
   check_run(ugram_cut_main, NULL, 2);
 }
 
+/* A probing dial to a unixgram peer whose queue is full: the probe's
+ * send is bounded by probe_wait like its wait for an answer, and a full
+ * queue means someone is there, so the dial succeeds (it used to wait
+ * for room with no bound and no way out). */
+static atomic_int pfull_rc = 1;
+static void pfull_dialer(void *arg) {
+  loom_dial_packet_opts o = {.probe = "", .probe_len = 0};
+  loom_pconn *c;
+  int rc = loom_dial_packet_with(&c, "unixgram", arg, &o);
+  if (rc == 0)
+    CHECK_OK(loom_pconn_close(c));
+  atomic_store(&pfull_rc, rc);
+}
+static void ugram_probe_full_main(void *arg) {
+  (void)arg;
+  static ugram_four q;
+  ugram_four_open("ugram-pf", &q);
+  static char path[64];
+  snprintf(path, sizeof path, "@loom-test-ugram-pf-stuck-%d", (int)getpid());
+  CHECK_OK(loom_go(pfull_dialer, path));
+  int64_t end = loom_now() + 5000 * CHECK_MS;
+  while (atomic_load(&pfull_rc) == 1 && loom_now() < end)
+    loom_sleep(CHECK_MS);
+  CHECKF(atomic_load(&pfull_rc) != 1, "the dial still waits after 5 s");
+  CHECK_OK(atomic_load(&pfull_rc));
+  CHECK_OK(loom_pconn_close(q.un));
+  ugram_four_close(&q);
+}
+TEST(unixgram_probing_dial_to_a_full_peer_does_not_wait) {
+  check_run(ugram_probe_full_main, NULL, 2);
+}
+
 /* ------------------------------------------------------------------ */
 /* Deadlines that have passed stop calls that would not have waited.    */
 

@@ -302,7 +302,9 @@ typedef struct loom_dial_packet_opts {
    * up to probe_wait ns (default 10 ms) for the ICMP "port unreachable"
    * that makes the dial fail with -ECONNREFUSED.  A reply, or silence,
    * means the dial succeeds; a reply stays queued for the next read.
-   * Without `probe`, nothing is sent and the dial cannot tell. */
+   * The send is bounded by probe_wait too: a unixgram peer whose queue
+   * is full is there, and the dial succeeds.  Without `probe`, nothing
+   * is sent and the dial cannot tell. */
   const void *probe;
   size_t probe_len;
   int64_t probe_wait;

@@ -290,13 +290,23 @@ int loom_listen_packet_with(loom_pconn **pc, const char *network,
 
 /* getty's probe: send, then wait briefly for an ICMP-born ECONNREFUSED. */
 static int probe(loom_pconn *pc, const loom_dial_packet_opts *o) {
-  struct iovec iov = {(void *)(uintptr_t)o->probe, o->probe_len};
-  ssize_t w = loom_pconn_write_msg(pc, &iov, 1, NULL, 0);
-  if (w < 0)
-    return (int)w;
   int64_t wait = o->probe_wait > 0 ? o->probe_wait : 10 * INT64_C(1000000);
   loom__netfd *f = &pc->nf;
-  int err = loom__pd_set_deadline(f->pd, 'r', loom__sat_add(loom_now(), wait));
+  /* The send waits no longer than the answer: a unixgram peer whose
+   * queue is full is there, and would keep it waiting for room. */
+  int err = loom__pd_set_deadline(f->pd, 'w', loom__sat_add(loom_now(), wait));
+  if (err != 0)
+    return err;
+  struct iovec iov = {(void *)(uintptr_t)o->probe, o->probe_len};
+  ssize_t w = loom_pconn_write_msg(pc, &iov, 1, NULL, 0);
+  err = loom__pd_set_deadline(f->pd, 'w', 0);
+  if (w == -ETIMEDOUT)
+    return err; /* no room: someone is there, not reading */
+  if (w < 0)
+    return (int)w;
+  if (err != 0)
+    return err;
+  err = loom__pd_set_deadline(f->pd, 'r', loom__sat_add(loom_now(), wait));
   for (int tries = 0; err == 0 && tries < 64; tries++) {
     char b;
     ssize_t r = recv(f->fd, &b, 1, MSG_PEEK | MSG_DONTWAIT);
