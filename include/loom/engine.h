@@ -435,7 +435,8 @@ LOOM_API int loom_client_start(loom_client **cl, const loom_client_opts *o);
  * (-ECONNREFUSED, ...) or else -ETIMEDOUT; for a client that never
  * redials, as soon as it cannot get there, the last dial error;
  * LOOM_ECLOSED once the client is closing (loom_client_close frees the
- * client only after every wait under way has returned).  Parks.  A
+ * client only after every wait under way has returned); -ENOMEM when a
+ * deadline ahead finds no memory for its timer.  Parks.  A
  * session counts until its reader has ended, after on_close: a wait in
  * one of a session's own callbacks for the session that replaces it
  * cannot succeed (with deadline 0 it never returns). */

@@ -49,7 +49,8 @@ LOOM_API int loom_taskpool_make(loom_taskpool **p, const loom_taskpool_opts *o);
  * room until `deadline` (loom_now() time; 0: no limit;
  * LOOM_TASKPOOL_NOWAIT: do not wait).  Returns 0; -EAGAIN (full, no wait),
  * -ETIMEDOUT, LOOM_ECLOSED (the pool is closing: fn will not run),
- * -EINVAL (fn is NULL).
+ * -EINVAL (fn is NULL), -ENOMEM (no memory for the deadline's timer,
+ * as for a channel send with a deadline).
  * Callable from any coroutine or plain thread (which then blocks); parks.
  */
 #define LOOM_TASKPOOL_NOWAIT INT64_C(-1)

@@ -126,7 +126,9 @@ static void supervisor(void *arg) {
     if (rc < 0) {
       if (loom__ctx_reason(cl->ctx))
         break;
-      backoff = backoff ? backoff * 2 : cl->interval;
+      backoff = !backoff                     ? cl->interval
+                : backoff > cl->max_wait / 2 ? cl->max_wait
+                                             : backoff * 2;
       if (backoff > cl->max_wait)
         backoff = cl->max_wait;
       next_at = loom__after(backoff);
