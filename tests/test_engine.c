@@ -410,6 +410,70 @@ TEST(pool_keeps_key_order) {
   check_run(order_main, NULL, 2);
 }
 
+/* Keys with a pattern still spread over the pool's queues: four keys
+ * that are multiples of the queue count (0, 4, 8, 12 with 4 queues of
+ * one worker each) must not all wait for one worker.  Each handler
+ * waits (up to 2 s) for another to run beside it. */
+static atomic_int spread_running, spread_max, spread_done;
+static uint64_t spread_key(loom_session *s, const loom_pkg *pkg) {
+  (void)s;
+  return (uint64_t)pkg->data[0] * 4;
+}
+static void spread_message(loom_session *s, const loom_pkg *pkg) {
+  (void)s;
+  (void)pkg;
+  int now = atomic_fetch_add(&spread_running, 1) + 1;
+  int seen = atomic_load(&spread_max);
+  while (now > seen && !atomic_compare_exchange_weak(&spread_max, &seen, now))
+    ;
+  int64_t end = loom_now() + 2000000000;
+  while (atomic_load(&spread_max) < 2 && loom_now() < end)
+    loom_sleep(1000000);
+  atomic_fetch_sub(&spread_running, 1);
+  atomic_fetch_add(&spread_done, 1);
+}
+static const loom_session_listener spread_listener = {
+    .on_message = spread_message,
+};
+static void spread_main(void *arg) {
+  (void)arg;
+  loom_taskpool *pool;
+  loom_taskpool_opts po = {.queues = 4};
+  CHECK_OK(loom_taskpool_make(&pool, &po));
+  loom_codec_lenpfx(&lenpfx, NULL);
+  loom_server_opts o = {
+      .network = "tcp",
+      .addr = "127.0.0.1:0",
+      .session = {.listener = &spread_listener,
+                  .codec = &lenpfx,
+                  .pool = pool,
+                  .dispatch = LOOM_DISPATCH_KEY,
+                  .dispatch_key = spread_key},
+  };
+  loom_server *srv;
+  CHECK_OK(loom_server_start(&srv, &o));
+  CHECK_OK(loom_server_addr(srv, srv_addr, sizeof srv_addr));
+  loom_conn *c;
+  CHECK_OK(loom_dial(&c, "tcp", srv_addr));
+  uint8_t out[4 * 5];
+  for (uint8_t i = 0; i < 4; i++)
+    put_frame(out + i * 5, &i, 1);
+  CHECK_EQ(loom_write(c, out, sizeof out), (ssize_t)sizeof out);
+  int64_t end = loom_now() + 10000000000;
+  while (atomic_load(&spread_done) < 4 && loom_now() < end)
+    loom_sleep(1000000);
+  CHECK_EQ(atomic_load(&spread_done), 4);
+  CHECKF(atomic_load(&spread_max) >= 2,
+         "keys 0, 4, 8, 12 all ran on one queue of 4");
+  CHECK_OK(loom_close(c));
+  CHECK_OK(loom_server_close(srv, loom_now() + 5000000000));
+  loom_taskpool_close(pool);
+}
+
+TEST(pool_key_dispatch_spreads_patterned_keys) {
+  check_run(spread_main, NULL, 2);
+}
+
 /* ---- half-close and graceful shutdown ---------------------------------- */
 
 static void half_main(void *arg) {

@@ -157,8 +157,10 @@ typedef enum loom_dispatch {
   LOOM_DISPATCH_SESSION = 0, /* by session: its packages stay in order
                                 (with one worker per queue) */
   LOOM_DISPATCH_ROUND_ROBIN, /* any queue: no order */
-  LOOM_DISPATCH_KEY,         /* by dispatch_key(pkg): in order per key
-                                (with one worker per queue) */
+  LOOM_DISPATCH_KEY,         /* by a hash of dispatch_key(pkg): in
+                                order per key (with one worker per
+                                queue), keys spread over the queues
+                                whatever their pattern */
 } loom_dispatch;
 
 /* Everything a session is configured with.  Zero means the default. */

@@ -974,6 +974,17 @@ static void pooled_message(void *arg) {
   loom_wg_done(&s->pooled); /* the last touch of *s */
 }
 
+/* One step of splitmix64: every input bit moves every output bit, so
+ * key % queues spreads whatever keys the user picks (the added constant
+ * keeps small keys from mapping to small values). */
+static uint64_t mix64(uint64_t x) {
+  x += UINT64_C(0x9e3779b97f4a7c15);
+  x ^= x >> 30;
+  x *= UINT64_C(0xbf58476d1ce4e5b9);
+  x ^= x >> 27;
+  x *= UINT64_C(0x94d049bb133111eb);
+  return x ^ (x >> 31);
+}
 static int dispatch(loom_session *s, const loom_pkg *pkg) {
   BUMP(pkgs_in, 1);
   if (!s->o.pool) {
@@ -998,7 +1009,9 @@ static int dispatch(loom_session *s, const loom_pkg *pkg) {
     key = s->id + s->rr++;
     break;
   case LOOM_DISPATCH_KEY:
-    key = s->o.dispatch_key(s, pkg);
+    /* The pool takes key % queues: mixed first, so that keys with a
+     * pattern (multiples of the queue count, say) still spread. */
+    key = mix64(s->o.dispatch_key(s, pkg));
     break;
   default:
     key = s->id;
