@@ -8,6 +8,9 @@
  * sends is checked against the protocol, not against itself; loom_client
  * is tested against the same server.
  */
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <stdatomic.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
@@ -1009,5 +1012,65 @@ static void stuck_main(void *arg) {
 TEST(unixgram_client_of_a_stuck_peer_connects_and_closes) {
   check_run(stuck_main, NULL, 2);
 }
+
+/* ---- a client's socket options ---------------------------------------- */
+
+/* The descriptor of this process's TCP socket bound to 127.0.0.1:port. */
+static int fd_bound_to(int port) {
+  for (int fd = 0; fd < 4096; fd++) {
+    struct sockaddr_in a;
+    socklen_t al = sizeof a;
+    if (getsockname(fd, (struct sockaddr *)&a, &al) == 0 &&
+        a.sin_family == AF_INET && ntohs(a.sin_port) == port)
+      return fd;
+  }
+  return -1;
+}
+
+static int sockopt(int fd, int level, int name) {
+  int v = -1;
+  socklen_t l = sizeof v;
+  CHECK_EQ(getsockopt(fd, level, name, &v, &l), 0);
+  return v;
+}
+
+static void client_sockopts_main(void *arg) {
+  (void)arg;
+  loom_server *srv =
+      start_server("tcp", "127.0.0.1:0", NULL, 0, srv_addr, sizeof srv_addr);
+  loom_client_opts o = {
+      .network = "tcp",
+      .addr = srv_addr,
+      .no_delay_off = true,
+      .keepalive = 7,
+      .rcvbuf = 32768,
+      .sndbuf = 32768,
+      .session = {.listener = &client_listener, .codec = &lenpfx},
+  };
+  loom_client *cl;
+  o.keepalive = -1;
+  CHECK_ERR(loom_client_start(&cl, &o), -EINVAL);
+  o.keepalive = 7;
+  CHECK_OK(loom_client_start(&cl, &o));
+  CHECK_OK(loom_client_wait(cl, 1, loom_now() + 5000000000));
+  loom_session *s;
+  CHECK_OK(loom_client_session(cl, &s));
+  char local[64];
+  CHECK_OK(loom_session_local_addr(s, local, sizeof local));
+  loom_session_unref(s);
+  const char *colon = strrchr(local, ':');
+  CHECK(colon != NULL);
+  int fd = fd_bound_to(atoi(colon + 1));
+  CHECKF(fd >= 0, "no socket bound to %s", local);
+  CHECK_EQ(sockopt(fd, IPPROTO_TCP, TCP_NODELAY), 0);
+  CHECK_EQ(sockopt(fd, SOL_SOCKET, SO_KEEPALIVE), 1);
+  CHECK_EQ(sockopt(fd, IPPROTO_TCP, TCP_KEEPIDLE), 7);
+  CHECK_EQ(sockopt(fd, SOL_SOCKET, SO_RCVBUF), 2 * 32768); /* Linux doubles */
+  CHECK_EQ(sockopt(fd, SOL_SOCKET, SO_SNDBUF), 2 * 32768);
+  CHECK_OK(loom_client_close(cl, loom_now() + 5000000000));
+  CHECK_OK(loom_server_close(srv, loom_now() + 5000000000));
+}
+
+TEST(client_sets_socket_options) { check_run(client_sockopts_main, NULL, 2); }
 
 CHECK_MAIN()

@@ -353,10 +353,10 @@ typedef struct loom_server_opts {
                          (tcp and udp; unix paths ignore it) */
   bool no_delay_off;  /* leave Nagle on (TCP_NODELAY is set by default) */
   int keepalive;      /* seconds of idle before keep-alive probes; 0:
-                         the system default */
+                         the system default (negative: -EINVAL) */
   int rcvbuf, sndbuf; /* socket buffer sizes (each accepted connection's,
                          or a packet server's socket); 0: the system
-                         default */
+                         default (negative: -EINVAL) */
   /* Called once loom_server_close has finished — every session's
    * on_close has run and the server is freed — with what the close
    * returns (0 or -ETIMEDOUT) and closed_arg, on the coroutine that ran
@@ -415,6 +415,11 @@ typedef struct loom_client_opts {
   int64_t reconnect_max;      /* the wait doubles up to this (0: 5 s) */
   int64_t dial_timeout;       /* 0: 5 s.  A packet dial does not wait
                                  (udp: at most 10 ms for a refusal) */
+  /* Socket options of each dialled connection, as loom_server_opts'
+   * (buffer sizes: a packet session's socket's too). */
+  bool no_delay_off;
+  int keepalive;
+  int rcvbuf, sndbuf;
   /* As loom_server_opts': called once loom_client_close has finished. */
   void (*on_closed)(void *closed_arg, int rc);
   void *closed_arg;

@@ -37,6 +37,7 @@ struct loom_client {
   uint64_t rr;         /* loom_client_session's round robin */
   int waiters;         /* coroutines in loom_client_wait (owner.mu) */
   int64_t close_deadline; /* for a close handed to its own coroutine */
+  loom__sockopts sock;
   void (*on_closed)(void *arg, int rc);
   void *closed_arg;
 };
@@ -56,6 +57,10 @@ static int dial_one(loom_client *cl) {
         loom_dial_packet_with(&pc, cl->network, cl->addr, udp ? &po : NULL);
     if (rc < 0)
       return rc;
+    if ((rc = loom__sockopts_apply(&cl->sock, cl->network, NULL, pc)) < 0) {
+      loom_pconn_close(pc);
+      return rc;
+    }
     return loom__session_start(&cl->owner, &cl->so, cl->network, NULL, pc,
                                true);
   }
@@ -64,6 +69,10 @@ static int dial_one(loom_client *cl) {
   int rc = loom_dial_with(&c, cl->network, cl->addr, &o);
   if (rc < 0)
     return rc;
+  if ((rc = loom__sockopts_apply(&cl->sock, cl->network, c, NULL)) < 0) {
+    loom_close(c);
+    return rc;
+  }
   return loom__session_start(&cl->owner, &cl->so, cl->network, c, NULL, false);
 }
 
@@ -145,7 +154,7 @@ static void supervisor(void *arg) {
 
 int loom_client_start(loom_client **out, const loom_client_opts *o) {
   if (!o || !o->network || !o->addr || o->conns < 0 || o->reconnect_max < 0 ||
-      o->dial_timeout < 0)
+      o->dial_timeout < 0 || o->keepalive < 0 || o->rcvbuf < 0 || o->sndbuf < 0)
     return -EINVAL;
   if (loom_id() == 0)
     return LOOM_ENOTCO;
@@ -163,6 +172,10 @@ int loom_client_start(loom_client **out, const loom_client_opts *o) {
   if (!cl->addr)
     goto fail_nomem;
   cl->conns = o->conns ? o->conns : 1;
+  cl->sock = (loom__sockopts){.nodelay_off = o->no_delay_off,
+                              .keepalive = o->keepalive,
+                              .rcvbuf = o->rcvbuf,
+                              .sndbuf = o->sndbuf};
   cl->on_closed = o->on_closed;
   cl->closed_arg = o->closed_arg;
   cl->oneshot = o->reconnect_interval < 0;

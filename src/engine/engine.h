@@ -61,6 +61,18 @@ static inline bool loom__is_packet(const char *network) {
   return strncmp(network, "udp", 3) == 0 || strcmp(network, "unixgram") == 0;
 }
 
+/* The socket options servers and clients set on each connection (the
+ * fields of loom_server_opts / loom_client_opts of the same names). */
+typedef struct loom__sockopts {
+  bool nodelay_off;
+  int keepalive, rcvbuf, sndbuf;
+} loom__sockopts;
+
+/* Set them on a stream connection (Nagle and keep-alive on TCP only) or
+ * on a packet socket (the buffer sizes): 0 or the first error. */
+int loom__sockopts_apply(const loom__sockopts *so, const char *network,
+                         loom_conn *c, loom_pconn *pc);
+
 /* Check `in` and fill `out` with the defaults of loom/engine.h.
  * 0 or -EINVAL. */
 int loom__session_opts(loom_session_opts *out, const loom_session_opts *in);

@@ -178,3 +178,21 @@ int loom_metrics_prometheus(
 #undef LOOM_ERR_PUT_
   return o.full ? -ENOSPC : o.total;
 }
+
+int loom__sockopts_apply(const loom__sockopts *so, const char *network,
+                         loom_conn *c, loom_pconn *pc) {
+  int rc = 0;
+  if (pc != NULL)
+    return so->rcvbuf || so->sndbuf
+               ? loom_pconn_set_buffers(pc, so->rcvbuf, so->sndbuf)
+               : 0;
+  if (strncmp(network, "tcp", 3) == 0) {
+    if (so->nodelay_off)
+      rc = loom_conn_set_nodelay(c, false);
+    if (rc == 0 && so->keepalive > 0)
+      rc = loom_conn_set_keepalive(c, true, so->keepalive);
+  }
+  if (rc == 0 && (so->rcvbuf || so->sndbuf))
+    rc = loom_conn_set_buffers(c, so->rcvbuf, so->sndbuf);
+  return rc;
+}

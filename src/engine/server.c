@@ -24,8 +24,8 @@ struct loom_server {
   loom_session_opts so;
   char network[12];
   char addr[128]; /* as bound */
-  int max_conns, keepalive, rcvbuf, sndbuf;
-  bool nodelay_off;
+  int max_conns;
+  loom__sockopts sock;
   loom_listener *ln;   /* the accept loop's */
   loom_ctx *ctx;       /* cancelled to stop accepting */
   loom_sema loop_done; /* released as the accept loop leaves */
@@ -34,17 +34,6 @@ struct loom_server {
   void (*on_closed)(void *arg, int rc);
   void *closed_arg;
 };
-
-static void setup_conn(loom_server *srv, loom_conn *c) {
-  if (strncmp(srv->network, "tcp", 3) == 0) {
-    if (srv->nodelay_off)
-      loom_conn_set_nodelay(c, false);
-    if (srv->keepalive > 0)
-      loom_conn_set_keepalive(c, true, srv->keepalive);
-  }
-  if (srv->rcvbuf || srv->sndbuf)
-    loom_conn_set_buffers(c, srv->rcvbuf, srv->sndbuf);
-}
 
 static void accept_loop(void *arg) {
   loom_server *srv = arg;
@@ -76,7 +65,7 @@ static void accept_loop(void *arg) {
         continue;
       }
     }
-    setup_conn(srv, c);
+    (void)loom__sockopts_apply(&srv->sock, srv->network, c, NULL);
     if (loom__session_start(&srv->owner, &srv->so, srv->network, c, NULL,
                             false) < 0)
       loom__owner_count(&srv->owner, LOOM__ERR_other);
@@ -96,15 +85,16 @@ int loom_server_start(loom_server **out, const loom_server_opts *o) {
     return -ENOMEM;
   loom__owner_init(&srv->owner);
   int rc = loom__session_opts(&srv->so, &o->session);
-  if (rc < 0 || o->max_conns < 0 || strlen(o->network) >= sizeof srv->network)
+  if (rc < 0 || o->max_conns < 0 || o->keepalive < 0 || o->rcvbuf < 0 ||
+      o->sndbuf < 0 || strlen(o->network) >= sizeof srv->network)
     goto fail_einval;
   srv->owner.pool = srv->so.pool;
   snprintf(srv->network, sizeof srv->network, "%s", o->network);
   srv->max_conns = o->max_conns;
-  srv->keepalive = o->keepalive;
-  srv->rcvbuf = o->rcvbuf;
-  srv->sndbuf = o->sndbuf;
-  srv->nodelay_off = o->no_delay_off;
+  srv->sock = (loom__sockopts){.nodelay_off = o->no_delay_off,
+                               .keepalive = o->keepalive,
+                               .rcvbuf = o->rcvbuf,
+                               .sndbuf = o->sndbuf};
   srv->on_closed = o->on_closed;
   srv->closed_arg = o->closed_arg;
   srv->packet = loom__is_packet(o->network);
@@ -117,8 +107,7 @@ int loom_server_start(loom_server **out, const loom_server_opts *o) {
     rc = loom_listen_packet_with(&pc, o->network, o->addr, &lo);
     if (rc < 0)
       goto fail;
-    if ((o->rcvbuf || o->sndbuf) &&
-        (rc = loom_pconn_set_buffers(pc, o->rcvbuf, o->sndbuf)) < 0) {
+    if ((rc = loom__sockopts_apply(&srv->sock, srv->network, NULL, pc)) < 0) {
       loom_pconn_close(pc);
       goto fail;
     }
