@@ -1148,6 +1148,68 @@ static void cron_idle_main(void *arg) {
 }
 TEST(cron_does_not_defer_read_timeout) { run(cron_idle_main, 2, "cron+idle"); }
 
+/* Cron and read timeout changed while the session runs, from outside
+ * its reader: a session that had neither gets on_cron, then none again,
+ * then times out on its silent peer. */
+static void retime_main(void *arg) {
+  (void)arg;
+  codecs_init();
+  loom_server_opts o = server_opts(&line);
+  E.keep = true;
+  loom_conn *peer;
+  loom_server *srv = serve_dial(&o, &peer);
+  loom_session *s = kept_session();
+  CHECK_ERR(loom_session_set_cron_period(s, -1), -EINVAL);
+  CHECK_OK(loom_session_set_cron_period(s, 10 * CHECK_MS));
+  WAIT_FOR(atomic_load(&E.crons) >= 3, 5);
+  CHECK_OK(loom_session_set_cron_period(s, 0));
+  loom_sleep(20 * CHECK_MS); /* a tick under way may still land */
+  int n = atomic_load(&E.crons);
+  loom_sleep(100 * CHECK_MS);
+  CHECK_EQ(atomic_load(&E.crons), n);
+  CHECK_EQ(atomic_load(&E.closes), 0);
+  int64_t t0 = loom_now();
+  CHECK_OK(loom_session_set_read_timeout(s, 50 * CHECK_MS));
+  WAIT_FOR(atomic_load(&E.closes) == 1, 5);
+  CHECK_GE(loom_now() - t0, 50 * CHECK_MS); /* counted from the change */
+  CHECK_ERR(atomic_load(&E.err), -ETIMEDOUT);
+  CHECK_ERR(loom_session_set_read_timeout(s, 0), LOOM_ECLOSED);
+  loom_session_unref(s);
+  conn_expect_eof(peer);
+  CHECK_OK(loom_close(peer));
+  CHECK_OK(loom_server_close(srv, loom_now() + 5 * SEC));
+}
+TEST(timeouts_changed_while_running) { run(retime_main, 2, "retime"); }
+
+/* The same from a plain thread of the application's own. */
+static void *retime_thread(void *arg) {
+  loom_session *s = arg;
+  CHECK_OK(loom_session_set_cron_period(s, 10 * CHECK_MS));
+  return NULL;
+}
+static void retime_thread_main(void *arg) {
+  (void)arg;
+  codecs_init();
+  loom_server_opts o = server_opts(&line);
+  E.keep = true;
+  loom_conn *peer;
+  loom_server *srv = serve_dial(&o, &peer);
+  loom_session *s = kept_session();
+  pthread_t th;
+  CHECK_EQ(pthread_create(&th, NULL, retime_thread, s), 0);
+  loom_block_enter();
+  pthread_join(th, NULL);
+  loom_block_exit();
+  WAIT_FOR(atomic_load(&E.crons) >= 3, 5);
+  CHECK_OK(loom_close(peer));
+  WAIT_FOR(atomic_load(&E.closes) == 1, 5);
+  loom_session_unref(s);
+  CHECK_OK(loom_server_close(srv, loom_now() + 5 * SEC));
+}
+TEST(cron_period_set_from_a_thread) {
+  run(retime_thread_main, 2, "retime thread");
+}
+
 /* A peer that sends more often than read_timeout is not closed; once it
  * stops, it is. */
 static void busy_main(void *arg) {
@@ -1199,6 +1261,28 @@ static void wto_main(void *arg) {
   slow_end(&t);
 }
 TEST(write_timeout_never_reading_peer) { run(wto_main, 2, "write timeout"); }
+
+/* A write timeout set while the writer is stuck in a batch that had
+ * none: the batch gets it, and the session aborts with -ETIMEDOUT. */
+static void wto_set_main(void *arg) {
+  (void)arg;
+  slow t;
+  slow_start(&t, false, 0, 4 << 20, 0);
+  for (int i = 0; i < 12; i++) /* 768 KiB: far over the socket buffers */
+    CHECK_OK(loom_session_write(t.s, big, PKG, 0));
+  loom_sleep(50 * CHECK_MS); /* the writer waits, with no deadline */
+  CHECK_EQ(atomic_load(&E.closes), 0);
+  CHECK_ERR(loom_session_set_write_timeout(t.s, -1), -EINVAL);
+  CHECK_OK(loom_session_set_write_timeout(t.s, 100 * CHECK_MS));
+  WAIT_FOR(atomic_load(&E.closes) == 1, 5);
+  CHECK_ERR(atomic_load(&E.err), -ETIMEDOUT);
+  CHECK_EQ(metrics(t.srv).errors.timeout, 1);
+  CHECK_ERR(loom_session_set_write_timeout(t.s, 0), LOOM_ECLOSED);
+  slow_end(&t);
+}
+TEST(write_timeout_set_on_a_stuck_writer) {
+  run(wto_set_main, 2, "write timeout set");
+}
 
 /* A peer that reads steadily, a little every 10 ms, is never kept
  * waiting anywhere near write_timeout (200 ms) for room, so the session

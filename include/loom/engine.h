@@ -279,6 +279,19 @@ LOOM_API int loom_session_set_name(loom_session *s, const char *name);
 LOOM_API void *loom_session_user(loom_session *s);
 LOOM_API void loom_session_set_user(loom_session *s, void *user);
 
+/* Change a running session's timeouts (a gateway that tightens them
+ * once a peer has logged in, say), with the meaning and units of the
+ * loom_session_opts fields of the same names; 0 turns one off.  A new
+ * read timeout and a new cron period count from the change (the next
+ * on_cron comes one period later); a new write timeout bounds the
+ * writer's batch under way too (set from a plain thread: the next
+ * batch).  Safe from any coroutine or
+ * thread, the session's own callbacks included.  0; -EINVAL (a negative
+ * value); LOOM_ECLOSED once the session is closing. */
+LOOM_API int loom_session_set_read_timeout(loom_session *s, int64_t ns);
+LOOM_API int loom_session_set_write_timeout(loom_session *s, int64_t ns);
+LOOM_API int loom_session_set_cron_period(loom_session *s, int64_t ns);
+
 /* Attributes: user values under pointer keys (a NULL value removes the
  * key).  Safe from any coroutine.  set: 0 or -ENOMEM. */
 LOOM_API int loom_session_set_attr(loom_session *s, const void *key,

@@ -85,6 +85,8 @@ struct loom_session {
   loom__owner *owner;
   _Atomic int state;
   _Atomic int err; /* the abort reason */
+  _Atomic bool retime; /* read_timeout or cron_period changed: the reader
+                          recomputes its deadlines (retime) */
   int fd;
   bool packet, connected;
   bool unix_dgram; /* "unixgram": datagrams beyond UDP's 64 KiB */
@@ -207,6 +209,12 @@ void loom_session_unref(loom_session *s) {
     session_free(s, true);
 }
 
+/* Options that may change while the session runs (the setters below)
+ * are read with this; the rest of s->o is fixed at the start. */
+static int64_t opt_load(const int64_t *v) {
+  return __atomic_load_n(v, __ATOMIC_RELAXED);
+}
+
 bool loom_session_closed(loom_session *s) {
   return atomic_load(&s->state) != S_OPEN;
 }
@@ -274,6 +282,45 @@ void loom_session_abort(loom_session *s, int err) {
   loom_cond_broadcast(&s->wspace);
   room_wake_all(s);
   loom_mutex_unlock(&s->wmu);
+}
+
+/* ---- timeouts changed while the session runs ---------------------------- */
+
+/* read_timeout and cron_period: the reader recomputes its deadlines
+ * (arm), woken out of a read under the old ones. */
+static int set_reader_opt(loom_session *s, int64_t *field, int64_t ns) {
+  if (s == NULL || ns < 0)
+    return -EINVAL;
+  if (atomic_load(&s->state) != S_OPEN)
+    return LOOM_ECLOSED;
+  __atomic_store_n(field, ns, __ATOMIC_RELAXED);
+  atomic_store(&s->retime, true); /* after the value: see arm */
+  wake_io(s, false);
+  return 0;
+}
+
+int loom_session_set_read_timeout(loom_session *s, int64_t ns) {
+  return set_reader_opt(s, s ? &s->o.read_timeout : NULL, ns);
+}
+
+int loom_session_set_cron_period(loom_session *s, int64_t ns) {
+  return set_reader_opt(s, s ? &s->o.cron_period : NULL, ns);
+}
+
+int loom_session_set_write_timeout(loom_session *s, int64_t ns) {
+  if (s == NULL || ns < 0)
+    return -EINVAL;
+  if (atomic_load(&s->state) != S_OPEN)
+    return LOOM_ECLOSED;
+  loom_mutex_lock(&s->wmu); /* the writer reads it under wmu */
+  s->o.write_timeout = ns;
+  /* A batch under way, bounded by the old value or by none, gets the
+   * new bound now.  Not from a plain thread (a deadline ahead needs a
+   * P): the next batch has it then. */
+  if (s->wbusy && !s->wfinal && !s->io_closed && s->conn && loom_id() != 0)
+    (void)loom_set_write_deadline(s->conn, ns ? loom__after(ns) : 0);
+  loom_mutex_unlock(&s->wmu);
+  return 0;
 }
 
 /* ---- identity, attributes, stats ---------------------------------------- */
@@ -1091,21 +1138,44 @@ static void shed(loom_session *s, reader *r, bool to_stack) {
   loom_mutex_unlock(&s->wmu);
 }
 
+/* The idle check and the next cron from the options: at the start, and
+ * after loom_session_set_read_timeout / _set_cron_period (both count
+ * from then).  An unconnected packet session serves every peer of its
+ * socket (a UDP server's one session): no single peer to time out. */
+static void retime(loom_session *s, reader *r, int64_t now) {
+  int64_t rt = opt_load(&s->o.read_timeout);
+  int64_t cp = opt_load(&s->o.cron_period);
+  r->idle_check =
+      rt && (!s->packet || s->connected) ? loom__sat_add(now, rt) : 0;
+  r->next_cron = cp ? loom__sat_add(now, cp) : 0;
+}
+
 /* Set the read deadline to the earliest of cron and idle check. */
 static int arm(loom_session *s, reader *r) {
-  int64_t d = r->next_cron;
-  if (r->idle_check && (d == 0 || r->idle_check < d))
-    d = r->idle_check;
-  if (d == r->deadline)
-    return 0;
-  /* Only -ENOMEM (no room for the timer), which ends the session: a
-   * session that cannot keep its deadline would get no cron, no idle
-   * check, or spin on a deadline that stays in the past. */
-  int err = s->conn ? loom_set_read_deadline(s->conn, d)
-                    : loom_pconn_set_read_deadline(s->pc, d);
-  if (err == 0)
+  for (;;) {
+    if (atomic_load_explicit(&s->retime, memory_order_acquire)) {
+      atomic_store_explicit(&s->retime, false, memory_order_relaxed);
+      retime(s, r, loom_now());
+      r->deadline = -1; /* the change set a past one: set ours again */
+    }
+    int64_t d = r->next_cron;
+    if (r->idle_check && (d == 0 || r->idle_check < d))
+      d = r->idle_check;
+    if (d == r->deadline)
+      return 0;
+    /* Only -ENOMEM (no room for the timer), which ends the session: a
+     * session that cannot keep its deadline would get no cron, no idle
+     * check, or spin on a deadline that stays in the past. */
+    int err = s->conn ? loom_set_read_deadline(s->conn, d)
+                      : loom_pconn_set_read_deadline(s->pc, d);
+    if (err != 0)
+      return err == LOOM_ECLOSED ? 0 : err; /* closed: the read says so */
     r->deadline = d;
-  return err == LOOM_ECLOSED ? 0 : err; /* closed: the read says so */
+    /* A change made meanwhile may have had its wake-up (a past deadline)
+     * overwritten by ours: look again. */
+    if (!atomic_load_explicit(&s->retime, memory_order_acquire))
+      return 0;
+  }
 }
 
 /* A read deadline passed: run cron, check idleness.  0 or an error. */
@@ -1118,15 +1188,16 @@ static int on_deadline(loom_session *s, reader *r) {
     int64_t since = LOAD(last_read);
     if (r->handled_at > since)
       since = r->handled_at;
-    int64_t idle_until = loom__sat_add(since, s->o.read_timeout);
+    int64_t idle_until = loom__sat_add(since, opt_load(&s->o.read_timeout));
     if (now >= idle_until)
       return -ETIMEDOUT;
     r->idle_check = idle_until;
   }
   if (r->next_cron && now >= r->next_cron) {
-    r->next_cron = loom__sat_add(r->next_cron, s->o.cron_period);
+    int64_t period = opt_load(&s->o.cron_period);
+    r->next_cron = loom__sat_add(r->next_cron, period);
     if (r->next_cron <= now)
-      r->next_cron = loom__sat_add(now, s->o.cron_period);
+      r->next_cron = loom__sat_add(now, period);
     if (s->o.listener->on_cron)
       s->o.listener->on_cron(s);
   }
@@ -1317,12 +1388,8 @@ static void reader_main(void *arg) {
 
   int64_t now = loom_now();
   atomic_store_explicit(&s->last_read, now, memory_order_relaxed);
-  r.next_cron = s->o.cron_period ? loom__sat_add(now, s->o.cron_period) : 0;
-  /* An unconnected packet session serves every peer of its socket (a
-   * UDP server's one session): no single peer to time out. */
-  r.idle_check = s->o.read_timeout && (!s->packet || s->connected)
-                     ? loom__sat_add(now, s->o.read_timeout)
-                     : 0;
+  atomic_store_explicit(&s->retime, false, memory_order_relaxed);
+  retime(s, &r, now);
   rc = s->packet ? read_packets(s, &r) : read_stream(s, &r);
   if (rc < 0)
     loom_session_abort(s, rc);
