@@ -448,6 +448,100 @@ static void rw_main(void *arg) {
 }
 TEST(rwmutex) { check_run(rw_main, NULL, 2); }
 
+/* Try forms: they take what is free, never wait, and keep exclusion
+ * when mixed with the waiting forms on all Ps. */
+static loom_rwmutex trw = LOOM_RWMUTEX_INIT;
+static atomic_int trw_readers, trw_writers, trw_bad;
+static atomic_long trw_got;
+static loom_wg trw_wg = LOOM_WG_INIT;
+static void trw_inside(bool writer) {
+  if (writer) {
+    if (atomic_fetch_add(&trw_writers, 1) != 0 || atomic_load(&trw_readers))
+      atomic_fetch_add(&trw_bad, 1);
+    atomic_fetch_sub(&trw_writers, 1);
+  } else {
+    atomic_fetch_add(&trw_readers, 1);
+    if (atomic_load(&trw_writers))
+      atomic_fetch_add(&trw_bad, 1);
+    atomic_fetch_sub(&trw_readers, 1);
+  }
+  atomic_fetch_add(&trw_got, 1);
+}
+static void trw_worker(void *arg) {
+  long id = (long)arg;
+  for (int i = 0; i < CHECK_SCALE(20000, 5000, 2000); i++) {
+    switch ((id + i) % 4) {
+    case 0:
+      if (loom_rwmutex_tryrlock(&trw) == 0) {
+        trw_inside(false);
+        loom_rwmutex_runlock(&trw);
+      }
+      break;
+    case 1:
+      if (loom_rwmutex_trylock(&trw) == 0) {
+        trw_inside(true);
+        loom_rwmutex_unlock(&trw);
+      }
+      break;
+    case 2:
+      loom_rwmutex_rlock(&trw);
+      trw_inside(false);
+      loom_rwmutex_runlock(&trw);
+      break;
+    default:
+      loom_rwmutex_lock(&trw);
+      trw_inside(true);
+      loom_rwmutex_unlock(&trw);
+      break;
+    }
+    if ((i & 15) == 0)
+      loom_yield();
+  }
+  loom_wg_done(&trw_wg);
+}
+static atomic_int trw_waiter_in;
+static void trw_writer_waits(void *arg) {
+  (void)arg;
+  loom_rwmutex_lock(&trw); /* waits for main's read lock */
+  atomic_store(&trw_waiter_in, 1);
+  loom_rwmutex_unlock(&trw);
+}
+static void trw_main(void *arg) {
+  (void)arg;
+  CHECK_ERR(loom_rwmutex_tryrlock(NULL), -EINVAL);
+  CHECK_ERR(loom_rwmutex_trylock(NULL), -EINVAL);
+  CHECK_OK(loom_rwmutex_tryrlock(&trw));
+  CHECK_OK(loom_rwmutex_tryrlock(&trw)); /* readers share it */
+  CHECK_ERR(loom_rwmutex_trylock(&trw), -EBUSY);
+  loom_rwmutex_runlock(&trw);
+  CHECK_ERR(loom_rwmutex_trylock(&trw), -EBUSY);
+  /* A writer waiting for the last reader stops new readers, tries too. */
+  CHECK_OK(loom_go(trw_writer_waits, NULL));
+  while (__atomic_load_n(&trw.readers_, __ATOMIC_RELAXED) >= 0)
+    loom_yield();
+  CHECK_ERR(loom_rwmutex_tryrlock(&trw), -EBUSY);
+  CHECK_ERR(loom_rwmutex_trylock(&trw), -EBUSY);
+  loom_rwmutex_runlock(&trw);
+  while (!atomic_load(&trw_waiter_in))
+    loom_yield();
+  loom_rwmutex_lock(&trw); /* the waiter's unlock is complete */
+  CHECK_ERR(loom_rwmutex_tryrlock(&trw), -EBUSY);
+  CHECK_ERR(loom_rwmutex_trylock(&trw), -EBUSY);
+  loom_rwmutex_unlock(&trw);
+  CHECK_OK(loom_rwmutex_trylock(&trw));
+  loom_rwmutex_unlock(&trw);
+
+  loom_wg_add(&trw_wg, 8);
+  for (long i = 0; i < 8; i++)
+    CHECK_OK(loom_go(trw_worker, (void *)i));
+  CHECK_OK(loom_wg_wait(&trw_wg, 0));
+  CHECK_EQ(atomic_load(&trw_bad), 0);
+  CHECK_GT(atomic_load(&trw_got), 0);
+  CHECK_OK(loom_rwmutex_trylock(&trw)); /* all released */
+  loom_rwmutex_unlock(&trw);
+}
+TEST(rwmutex_try_forms) { check_run(trw_main, NULL, 2); }
+
 /* Freed the moment the wait returns (or the lock is taken): the other
  * side's loom_wg_done / loom_mutex_unlock must be done with the object by
  * then.  ASan names any late touch; the plain build corrupts the heap. */

@@ -113,6 +113,13 @@ LOOM_API void loom_rwmutex_rlock(loom_rwmutex *rw);
 LOOM_API void loom_rwmutex_runlock(loom_rwmutex *rw);
 LOOM_API void loom_rwmutex_lock(loom_rwmutex *rw);
 LOOM_API void loom_rwmutex_unlock(loom_rwmutex *rw);
+/* Take it without waiting (Go's TryRLock / TryLock): 0, or -EBUSY when
+ * that would wait (tryrlock: a writer holds it or waits for it;
+ * trylock: anyone holds it or a writer waits); -EINVAL for NULL.  Waits
+ * for an rwmutex cannot be bounded by a deadline or a context (nor in
+ * Go): poll with these where a wait must be bounded. */
+LOOM_API int loom_rwmutex_tryrlock(loom_rwmutex *rw);
+LOOM_API int loom_rwmutex_trylock(loom_rwmutex *rw);
 
 /* Once: fn(arg) runs exactly once; concurrent callers wait for it.  A
  * call of loom_once_do on the same `o` from inside fn waits for itself

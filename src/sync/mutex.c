@@ -306,6 +306,32 @@ void loom_rwmutex_lock(loom_rwmutex *rw) {
     (void)loom_sema_acquire(&rw->writer_sem_, 0);
 }
 
+int loom_rwmutex_tryrlock(loom_rwmutex *rw) {
+  if (rw == NULL)
+    return -EINVAL;
+  int32_t r = __atomic_load_n(&rw->readers_, __ATOMIC_RELAXED);
+  while (r >= 0) /* no writer holds it or waits for it */
+    if (__atomic_compare_exchange_n(&rw->readers_, &r, r + 1, true,
+                                    __ATOMIC_ACQ_REL, __ATOMIC_RELAXED))
+      return 0;
+  return -EBUSY;
+}
+
+int loom_rwmutex_trylock(loom_rwmutex *rw) {
+  if (rw == NULL)
+    return -EINVAL;
+  if (loom_mutex_trylock(&rw->w_) != 0)
+    return -EBUSY;
+  /* No readers (and no writer before us still giving readers_ back):
+   * take it as loom_rwmutex_lock does, with nobody to wait for. */
+  int32_t zero = 0;
+  if (__atomic_compare_exchange_n(&rw->readers_, &zero, -RW_MAX, false,
+                                  __ATOMIC_ACQ_REL, __ATOMIC_RELAXED))
+    return 0;
+  loom_mutex_unlock(&rw->w_);
+  return -EBUSY;
+}
+
 void loom_rwmutex_unlock(loom_rwmutex *rw) {
   /* Negative only while write-locked; only the holder gives it back. */
   if (__atomic_load_n(&rw->readers_, __ATOMIC_RELAXED) >= 0)
