@@ -167,4 +167,43 @@ TEST(abandoned_run_no_destructor) {
   CHECK_EQ(atomic_load(&dtor_calls), 0);
 }
 
+/* A destructor that enters a blocking section and returns without
+ * leaving it: its coroutine returns inside the section, which it leaves
+ * as any coroutine returning there does (the M has no P meanwhile). */
+static atomic_long enter_dtors;
+static void enter_dtor(void *p) {
+  (void)p;
+  loom_block_enter();
+  atomic_fetch_add(&enter_dtors, 1);
+}
+static void enter_user(void *arg) {
+  (void)arg;
+  CHECK_OK(loom_local_set(key, (void *)1));
+  loom_yield();
+}
+static void enter_main(void *arg) {
+  int64_t end = loom_now() + 10000 * CHECK_MS;
+  long i;
+  (void)arg;
+  for (i = 0; i < 8; i++)
+    CHECK_OK(loom_go(enter_user, NULL));
+  while (atomic_load(&enter_dtors) < 8) {
+    CHECKF(loom_now() < end, "%ld destructors ran", atomic_load(&enter_dtors));
+    loom_sleep(CHECK_MS);
+  }
+  /* and the runtime goes on: the same Ps and stacks serve new ones */
+  atomic_store(&done, 0);
+  for (i = 0; i < 8; i++)
+    CHECK_OK(loom_go(setter_of_null, NULL));
+  while (atomic_load(&done) < 8) {
+    CHECKF(loom_now() < end, "%ld coroutines done", atomic_load(&done));
+    loom_sleep(CHECK_MS);
+  }
+}
+TEST(destructor_returns_inside_block_section) {
+  check_watchdog(20, "destructors that enter a blocking section");
+  CHECK_OK(loom_local_key_create(&key, enter_dtor));
+  check_run(enter_main, NULL, 2);
+}
+
 CHECK_MAIN()

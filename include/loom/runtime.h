@@ -156,7 +156,8 @@ LOOM_API int loom_procs(void);
  * back (possibly parking until one is free).  Entering costs two atomic
  * stores; leaving, one compare-and-swap when the P was not taken.
  * The pair must be balanced and not nested; a coroutine that returns
- * between them leaves the section.  Between them the coroutine waits as
+ * between them (or whose local destructor enters and returns) leaves
+ * the section.  Between them the coroutine waits as
  * a plain thread does: loom_sleep, loom_yield, loom_fd_wait and the
  * waits of channels, select, mutexes, semaphores, wait groups and
  * condition variables block the thread (the P is handed on meanwhile);

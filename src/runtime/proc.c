@@ -1147,8 +1147,13 @@ LOOM_NORETURN static void g_exit(loom__g *g) {
    * there), as a return while pinned unpins. */
   if (loom__getm()->in_block)
     loom_block_exit();
-  if (g->locals != NULL)
+  if (g->locals != NULL) {
     loom__locals_destroy(g, true);
+    /* A destructor may have entered one and returned: the dead G goes
+     * back to a P's cache, so its M needs the P again. */
+    if (loom__getm()->in_block)
+      loom_block_exit();
+  }
   loom__m *m = loom__getm();
   loom__rt *rt = m->rt;
   if (g->lockcount != 0) {
