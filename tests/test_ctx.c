@@ -671,4 +671,46 @@ static void dl0_main(void *arg) {
 }
 TEST(deadline_zero_means_none) { check_run(dl0_main, NULL, 2); }
 
+/* A cancel needs no memory: loom_ctx_release cannot fail, and it
+ * cancels.  A cancel that could not get memory for its work list fell
+ * back to recursion, one level per node of a chain: a chain of 10,000
+ * cancelled on a coroutine (64 KiB of stack) with the allocator failing
+ * overflowed the stack.  Every allocation made on the cancelling thread
+ * fails here, while the cancel runs (it never parks). */
+static _Thread_local int nomem_here;
+static void *nomem_realloc(void *ud, void *p, size_t n) {
+  (void)ud;
+  return nomem_here ? NULL : realloc(p, n);
+}
+static void nomem_free(void *ud, void *p) {
+  (void)ud;
+  free(p);
+}
+#define NM_CHAIN 10000
+#define NM_FAN 40
+static loom_ctx *nm_nodes[NM_CHAIN + NM_FAN];
+static void nomem_cancel_main(void *arg) {
+  (void)arg;
+  CHECK_OK(loom_ctx_with_cancel(&nm_nodes[0], loom_ctx_background()));
+  for (int i = 1; i < NM_CHAIN; i++)
+    CHECK_OK(loom_ctx_with_cancel(&nm_nodes[i], nm_nodes[i - 1]));
+  /* A fan-out too wide for the on-stack list, under a node mid-chain. */
+  for (int i = 0; i < NM_FAN; i++)
+    CHECK_OK(
+        loom_ctx_with_cancel(&nm_nodes[NM_CHAIN + i], nm_nodes[NM_CHAIN / 2]));
+  nomem_here = 1;
+  loom_ctx_cancel(nm_nodes[0]);
+  nomem_here = 0;
+  for (int i = 0; i < NM_CHAIN + NM_FAN; i++)
+    CHECK_EQ(loom_ctx_err(nm_nodes[i]), -ECANCELED);
+  for (int i = NM_CHAIN + NM_FAN - 1; i >= 0; i--)
+    loom_ctx_release(nm_nodes[i]);
+}
+TEST(cancel_without_memory) {
+  static const loom_allocator a = {nomem_realloc, nomem_free, NULL};
+  loom_set_allocator(&a);
+  check_run(nomem_cancel_main, NULL, 1);
+  loom_set_allocator(NULL);
+}
+
 CHECK_MAIN()

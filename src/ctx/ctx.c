@@ -5,9 +5,11 @@
  * are looked up toward the root) and a list of its children (not counted:
  * cancellation goes down it).  Cancelling walks the subtree with an
  * explicit stack threaded through the nodes, never recursion: a chain of
- * ten thousand contexts must not overflow a coroutine's stack.  While a
- * node is on that stack it holds a reference, so a child released during
- * its parent's cancel is not freed under it.  Freeing likewise walks up
+ * ten thousand contexts must not overflow a coroutine's stack, and when
+ * that stack cannot get memory the walk goes on through the tree's own
+ * links (cancel_nomem): a cancel never fails.  While a node is on that
+ * stack it holds a reference, so a child released during its parent's
+ * cancel is not freed under it.  Freeing likewise walks up
  * the parent chain in a loop.
  *
  * A node is cancelled exactly once: under its lock, err goes from 0 to
@@ -120,12 +122,126 @@ static void wait_fin(loom_ctx *n) {
     loom__backoff(&spins);
 }
 
-static void cancel_one(loom_ctx *n, int err, void ***work, size_t *len,
-                       size_t *cap);
+/* Cancel n itself, or wait for the cancel of it under way. */
+static void cancel_node(loom_ctx *n, int err) {
+  loom__spin_lock(&n->lock);
+  bool first = n->err == 0;
+  if (first)
+    __atomic_store_n(&n->err, err, __ATOMIC_RELEASE);
+  bool armed = n->has_timer; /* set under this lock (with_deadline) */
+  loom__spin_unlock(&n->lock);
+  if (!first) {
+    wait_fin(n);
+    return;
+  }
+  loom_chan_close(n->done); /* wakes everything waiting on it */
+  /* Hooks run under the lock, after the close (a waiter woken by one
+   * finds done closed), and so never after loom__ctx_unhook returned.
+   * None is added once err is set. */
+  loom__spin_lock(&n->lock);
+  for (loom__ctx_hook *h = n->hooks; h != NULL; h = h->next) {
+    h->linked = false;
+    h->fn(h->arg);
+  }
+  n->hooks = NULL;
+  loom__spin_unlock(&n->lock);
+  atomic_store_explicit(&n->fin, 1, memory_order_release);
+  /* No wait: we may be its own fn.  A timer stopped before it fired
+   * drops the reference it held; never the last one here (our caller,
+   * or the walk, holds another). */
+  if (armed && loom__timer_stop(&n->timer))
+    loom_ctx_unref(n);
+}
+
+/* x and its subtree, when there is no memory for a work list: a walk
+ * down and back up the tree itself.  It goes down to a child not yet
+ * tree_fin, and back up (by the parent pointer) from a node none of
+ * whose children is left; so it holds a reference on the node it is at,
+ * nothing else, and needs neither memory nor recursion.  A node with k
+ * children costs k looks along their list, each up to k long: slow for
+ * a wide fan-out, but only when memory has run out.  It ends: a
+ * cancelled node gets no new children (attach cancels them instead). */
+static void cancel_nomem(loom_ctx *x, int err) {
+  if (atomic_load_explicit(&x->tree_fin, memory_order_acquire))
+    return;
+  cancel_node(x, err);
+  loom_ctx *n = x; /* the caller's reference covers x */
+  for (;;) {
+    loom_ctx *k = NULL;
+    loom__spin_lock(&n->lock);
+    for (loom_ctx *y = n->kids; y != NULL && k == NULL; y = y->sib_next)
+      if (!atomic_load_explicit(&y->tree_fin, memory_order_acquire) &&
+          ref_listed(y))
+        k = y;
+    loom__spin_unlock(&n->lock);
+    if (k != NULL) {
+      cancel_node(k, err);
+      /* Down, with the reference ref_listed took; n's own (none on x)
+       * goes: k's reference on its parent keeps n alive. */
+      if (n != x)
+        loom_ctx_unref(n);
+      n = k;
+      continue;
+    }
+    atomic_store_explicit(&n->tree_fin, 1, memory_order_release);
+    if (n == x)
+      return;
+    /* Up: a reference on the parent (kept alive by n's until then),
+     * but none on x, which the caller's covers. */
+    loom_ctx *p = n->parent;
+    if (p != x)
+      loom_ctx_ref(p);
+    loom_ctx_unref(n);
+    n = p;
+  }
+}
 
 /* A work list entry that marks the end of a node's subtree: the node's
  * address with the low bit set (contexts are aligned). */
 #define SUBTREE_END ((uintptr_t)1)
+
+/* Cancel one node (unless its subtree is done already), and append its
+ * children, with a reference each, to the walk's work list, below its
+ * end mark.  What finds no room on the list is done here, without
+ * memory. */
+static void cancel_one(loom_ctx *n, int err, void ***work, size_t *len,
+                       size_t *cap) {
+  if (atomic_load_explicit(&n->tree_fin, memory_order_acquire))
+    return; /* and so is every child added since: attach cancels them */
+  cancel_node(n, err);
+  /* The children, each with a reference: they stay on the list, which
+   * may change as soon as the lock is dropped (a release unlinks). */
+  loom__spin_lock(&n->lock);
+  int nk = 0;
+  for (loom_ctx *x = n->kids; x != NULL; x = x->sib_next)
+    nk++;
+  loom_ctx *kv_s[16];
+  loom_ctx **kv = nk <= 16 ? kv_s : loom__malloc((size_t)nk * sizeof *kv);
+  if (kv != NULL) {
+    nk = 0;
+    for (loom_ctx *x = n->kids; x != NULL; x = x->sib_next)
+      if (ref_listed(x))
+        kv[nk++] = x;
+  }
+  loom__spin_unlock(&n->lock);
+  if (kv == NULL) {
+    cancel_nomem(n, err);
+    return;
+  }
+  /* n's end mark, below its children (no memory: n stays unmarked,
+   * which costs only a walk more). */
+  if (loom__ptrs_push(work, len, cap,
+                      (void *)((uintptr_t)loom_ctx_ref(n) | SUBTREE_END)) != 0)
+    loom_ctx_unref(n);
+  for (int i = 0; i < nk; i++) {
+    if (loom__ptrs_push(work, len, cap, kv[i]) != 0) {
+      cancel_nomem(kv[i], err);
+      loom_ctx_unref(kv[i]);
+    }
+  }
+  if (kv != kv_s)
+    loom__free(kv);
+}
 
 /* x's whole subtree, with a work list of its own.  The list is a stack:
  * cancel_one pushes a node's end mark below its children, so the mark
@@ -133,7 +249,7 @@ static void cancel_one(loom_ctx *n, int err, void ***work, size_t *len,
  * tree_fin.  A later cancel of a node so marked (a release of each node
  * of a cancelled chain, parents first) then stops there instead of
  * walking the subtree again. */
-static void cancel_subtree(loom_ctx *x, int err) { // NOLINT(misc-no-recursion)
+static void cancel_subtree(loom_ctx *x, int err) {
   size_t len = 0, cap = 0;
   void **work = NULL;
   cancel_one(x, err, &work, &len, &cap);
@@ -149,90 +265,6 @@ static void cancel_subtree(loom_ctx *x, int err) { // NOLINT(misc-no-recursion)
   loom__free(work);
   /* Done, whether or not its end mark found room on the list. */
   atomic_store_explicit(&x->tree_fin, 1, memory_order_release);
-}
-
-/* Cancel one node, or wait for the cancel under way; its children are
- * appended (with a reference each) to the walk's work list. */
-/* Recursion only on the out-of-memory path, one level per failed push. */
-static void cancel_one(loom_ctx *n, int err, void ***work, size_t *len, // NOLINT(misc-no-recursion)
-                       size_t *cap) {
-  if (atomic_load_explicit(&n->tree_fin, memory_order_acquire))
-    return; /* and so is every child added since: attach cancels them */
-  loom__spin_lock(&n->lock);
-  bool first = n->err == 0;
-  if (first)
-    __atomic_store_n(&n->err, err, __ATOMIC_RELEASE);
-  bool armed = n->has_timer; /* set under this lock (with_deadline) */
-  /* The children, each with a reference: they stay on the list, which
-   * may change as soon as the lock is dropped (a release unlinks). */
-  int nk = 0;
-  for (loom_ctx *x = n->kids; x != NULL; x = x->sib_next)
-    nk++;
-  loom_ctx *kv_s[16];
-  loom_ctx **kv = nk <= 16 ? kv_s : loom__malloc((size_t)nk * sizeof *kv);
-  if (kv != NULL) {
-    nk = 0;
-    for (loom_ctx *x = n->kids; x != NULL; x = x->sib_next)
-      if (ref_listed(x))
-        kv[nk++] = x;
-  }
-  loom__spin_unlock(&n->lock);
-  if (first) {
-    loom_chan_close(n->done); /* wakes everything waiting on it */
-    /* Hooks run under the lock, after the close (a waiter woken by one
-     * finds done closed), and so never after loom__ctx_unhook returned.
-     * None is added once err is set. */
-    loom__spin_lock(&n->lock);
-    for (loom__ctx_hook *h = n->hooks; h != NULL; h = h->next) {
-      h->linked = false;
-      h->fn(h->arg);
-    }
-    n->hooks = NULL;
-    loom__spin_unlock(&n->lock);
-    atomic_store_explicit(&n->fin, 1, memory_order_release);
-    /* No wait: we may be its own fn.  A timer stopped before it fired
-     * drops the reference it held; never the last one here (our caller,
-     * or the walk, holds another). */
-    if (armed && loom__timer_stop(&n->timer))
-      loom_ctx_unref(n);
-  } else {
-    wait_fin(n);
-  }
-  if (kv == NULL) {
-    /* No memory to list the children at once: 16 at a time, each one's
-     * subtree done (and so marked tree_fin) before the next look.  No
-     * child is added to a cancelled node (attach cancels it instead). */
-    for (;;) {
-      int m = 0;
-      loom__spin_lock(&n->lock);
-      for (loom_ctx *x = n->kids; x != NULL && m < 16; x = x->sib_next)
-        if (!atomic_load_explicit(&x->tree_fin, memory_order_acquire) &&
-            ref_listed(x))
-          kv_s[m++] = x;
-      loom__spin_unlock(&n->lock);
-      if (m == 0)
-        break;
-      for (int i = 0; i < m; i++) {
-        cancel_subtree(kv_s[i], err);
-        loom_ctx_unref(kv_s[i]);
-      }
-    }
-    atomic_store_explicit(&n->tree_fin, 1, memory_order_release);
-    return;
-  }
-  /* n's end mark, below its children (no memory: n stays unmarked,
-   * which costs only a walk more). */
-  if (loom__ptrs_push(work, len, cap,
-                      (void *)((uintptr_t)loom_ctx_ref(n) | SUBTREE_END)) != 0)
-    loom_ctx_unref(n);
-  for (int i = 0; i < nk; i++) {
-    if (loom__ptrs_push(work, len, cap, kv[i]) != 0) {
-      cancel_subtree(kv[i], err); /* no memory for the list: here */
-      loom_ctx_unref(kv[i]);
-    }
-  }
-  if (kv != kv_s)
-    loom__free(kv);
 }
 
 static void cancel(loom_ctx *root, int err) { cancel_subtree(root, err); }
