@@ -161,8 +161,10 @@ __attribute__((noinline)) static unsigned long recurse(unsigned long n, int yiel
   volatile char frame[256];
   if (never)
     return 0;
-  frame[0] = (char)n;
-  frame[255] = (char)n;
+  /* Every byte written, as a frame of real locals would be: a canary
+   * cannot be stepped over. */
+  for (int i = 0; i < 256; i++)
+    frame[i] = (char)n;
   if (yield_every > 0 && n % (unsigned long)yield_every == 0)
     loom_yield();
   /* not a tail call: the result is used after the call returns */
@@ -216,17 +218,24 @@ static void overflow_main(void *arg) {
   _exit(4);
 }
 
-/* Child: argv = yield_every:stack_size. */
+/* Child: argv = yield_every:stack_size[:fallback] (stack_size 0: the
+ * runtime's, a slot of an arena; fallback: loom__test_stack_fallback's
+ * mode, as on a kernel without MADV_GUARD_INSTALL). */
 HELPER(overflow_child) {
   unsigned long stack = 0;
+  int mode = 0;
   CHECK_EQ(check_argc, 1);
-  CHECK_EQ(sscanf(check_argv[0], "%d:%lu", &overflow_yield_every, &stack), 2);
+  CHECK_GE(
+      sscanf(check_argv[0], "%d:%lu:%d", &overflow_yield_every, &stack, &mode),
+      2);
+  loom__test_stack_fallback(mode);
   check_run(overflow_main, (void *)(uintptr_t)stack, 2);
   fprintf(stderr, "loom_run returned after an overflow\n");
   _exit(5);
 }
 
-static void expect_overflow_report(const char *spec) {
+static void expect_overflow_report_where(const char *spec,
+                                         bool want_spawn_site) {
   struct check_child c;
   char how[128], want[96];
   unsigned long long id = 0;
@@ -263,7 +272,8 @@ static void expect_overflow_report(const char *spec) {
       if (strstr(buf, "stack overflow") != NULL && strstr(buf, "overflowing coroutine") == NULL) {
         const char *q = strstr(buf, want);
         /* "coroutine 12" must not match inside "coroutine 123" */
-        if (q != NULL && (q[strlen(want)] < '0' || q[strlen(want)] > '9'))
+        if (q != NULL && (q[strlen(want)] < '0' || q[strlen(want)] > '9') &&
+            (!want_spawn_site || strstr(buf, "spawned at ") != NULL))
           found = line;
       }
       line = end ? end + 1 : NULL;
@@ -275,6 +285,10 @@ static void expect_overflow_report(const char *spec) {
          "child %s", how);
 }
 
+static void expect_overflow_report(const char *spec) {
+  expect_overflow_report_where(spec, false);
+}
+
 /* Unbounded recursion with no scheduling point in it (only a guard page
  * can catch this one). */
 TEST(overflow_reported) { expect_overflow_report("0:65536"); }
@@ -283,5 +297,17 @@ TEST(overflow_reported_small_stack) { expect_overflow_report("0:16384"); }
 /* Recursion that yields every 4 frames (a canary checked at each switch
  * can catch this one too). */
 TEST(overflow_reported_with_yields) { expect_overflow_report("4:65536"); }
+/* A slot of an arena (the runtime's stack size) on a kernel without
+ * MADV_GUARD_INSTALL: an mprotect guard catches what has no scheduling
+ * point, and no neighbour is damaged. */
+TEST(overflow_reported_mprotect_guard) { expect_overflow_report("0:0:1"); }
+TEST(overflow_reported_mprotect_guard_with_yields) {
+  expect_overflow_report("4:0:1");
+}
+/* Beyond the mprotect budget, the canary: caught at a switch, and the
+ * report names where the coroutine was spawned. */
+TEST(overflow_reported_canary_names_spawn_site) {
+  expect_overflow_report_where("4:0:2", true);
+}
 
 CHECK_MAIN()

@@ -92,7 +92,10 @@ LOOM_API void loom_config_init(loom_config *cfg);
  * running on another thread until it reaches a scheduling point.
  * A stack overflow in a coroutine (a touch of the guard page at the bottom
  * of its stack) ends the process with a report on stderr naming the
- * coroutine and where it was spawned.
+ * coroutine and where it was spawned.  Before Linux 6.13 (no
+ * MADV_GUARD_INSTALL) only the first vm.max_map_count / 8 stacks get a
+ * guard page; the others have a canary checked at each switch, which
+ * catches an overflow late (docs/runtime.md, "Stacks").
  *
  * Returns 0; LOOM_ERUNNING if a runtime is already running in this
  * process (one at a time); -EINVAL for a bad configuration; -ENOMEM or

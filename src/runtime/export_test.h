@@ -15,6 +15,10 @@ uint64_t loom__test_thread_id(void);
 /* 1 if stack guards are kernel guard pages (MADV_GUARD_INSTALL), 0 if
  * the canary fallback is in use.  Valid while a runtime runs. */
 int loom__test_stack_guard_pages(void);
+/* Before loom_run: act as on a kernel without MADV_GUARD_INSTALL —
+ * mode 1: mprotect guards (within their budget), 2: canaries only;
+ * 0: what the kernel has. */
+void loom__test_stack_fallback(int mode);
 /* Rounds sysmon has made since the runtime started.  Valid while a
  * runtime runs. */
 uint64_t loom__test_sysmon_rounds(void);

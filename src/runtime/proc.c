@@ -313,8 +313,12 @@ static void gswitch(loom__m *m, loom__g *from, loom__g *to, bool dying) {
    * left there would be blamed on the next coroutine to use it. */
   if (!from->is_g0 && from->stk.canary &&
       *(uint64_t *)(void *)g_stack_lo(rt, from) != LOOM_STACK_CANARY) {
-    loom__log(rt, "stack overflow in coroutine %llu (canary overwritten)",
-              (unsigned long long)from->id);
+    char where[160];
+    loom__log(rt,
+              "stack overflow in coroutine %llu (stack %zu KiB, canary "
+              "overwritten, spawned at %s)",
+              (unsigned long long)from->id, from->stk.size >> 10,
+              loom__symbolize(from->spawn_pc, where, sizeof where));
     loom__throw("stack overflow");
   }
   m->curg = to;

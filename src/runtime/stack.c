@@ -11,10 +11,13 @@
  *  - The lowest page of each slot is a guard.  MADV_GUARD_INSTALL (Linux
  *    6.13) marks it without splitting the VMA; a touch raises SIGSEGV,
  *    which proc.c turns into a report naming the coroutine.  Older
- *    kernels fall back to a canary word at the bottom of the usable
- *    stack, checked whenever the coroutine switches out: it catches an
- *    overflow late rather than never.  (mprotect guards were rejected:
- *    two VMAs per stack exhaust max_map_count at 32 000 coroutines.)
+ *    kernels get an mprotect(PROT_NONE) guard instead, which splits the
+ *    arena's VMA (two more per stack), for as many slots as an eighth of
+ *    vm.max_map_count allows (8 191 by default: a quarter of the limit);
+ *    slots beyond that fall back to a canary word at the bottom of the
+ *    usable stack, checked whenever the coroutine switches out, which
+ *    catches an overflow late (the slot below may be damaged by then)
+ *    rather than never.
  *  - Slots are never unmapped while the runtime runs.  A free slot keeps
  *    its G header in its top page and goes to a P's cache (proc.c); when
  *    caches spill into the global list, the rest of the slot is handed
@@ -27,10 +30,12 @@
 
 #include <errno.h>
 #include <stdatomic.h>
+#include <stdio.h>
 #include <sys/mman.h>
 #include <unistd.h>
 
 #include "runtime/alloc.h"
+#include "runtime/export_test.h"
 #include "runtime/runtime.h"
 
 #ifdef LOOM_HAVE_VALGRIND_H
@@ -43,10 +48,34 @@
 
 #define ARENA_BYTES ((size_t)64 << 20)
 
+/* Tests make the runtime act as on an older kernel (export_test.h). */
+static _Atomic int test_fallback;
+void loom__test_stack_fallback(int mode) { atomic_store(&test_fallback, mode); }
+
 static bool install_guard(loom__stacks *s, char *base) {
   if (s->guard_pages)
     return madvise(base, s->page, MADV_GUARD_INSTALL) == 0;
+  /* One guard of the budget; given back if mprotect fails (no VMA left
+   * under the limit: ENOMEM). */
+  if (atomic_fetch_sub_explicit(&s->mprotect_left, 1, memory_order_relaxed) >
+          0 &&
+      mprotect(base, s->page, PROT_NONE) == 0)
+    return true;
+  atomic_fetch_add_explicit(&s->mprotect_left, 1, memory_order_relaxed);
   return false;
+}
+
+/* How many slots may have an mprotect guard: an eighth of the kernel's
+ * limit on mappings (each guarded slot costs about two). */
+static long mprotect_budget(void) {
+  long max = 65530; /* the kernel's default */
+  FILE *f = fopen("/proc/sys/vm/max_map_count", "re");
+  if (f != NULL) {
+    if (fscanf(f, "%ld", &max) != 1 || max < 0)
+      max = 65530;
+    fclose(f);
+  }
+  return max / 8;
 }
 
 void loom__stack_prepare(loom__stacks *s, loom__stack *st) {
@@ -81,6 +110,11 @@ int loom__stacks_init(loom__stacks *s, size_t stack_size) {
     return -errno;
   s->guard_pages = madvise(probe, s->page, MADV_GUARD_INSTALL) == 0;
   munmap(probe, s->page * 2);
+  int mode = atomic_load(&test_fallback);
+  if (mode != 0)
+    s->guard_pages = false;
+  atomic_init(&s->mprotect_left,
+              s->guard_pages || mode == 2 ? 0 : mprotect_budget());
   return loom__mutex_init(&s->lock);
 }
 

@@ -40,6 +40,8 @@ typedef struct loom__stacks {
   size_t nclean, capclean;
   void *custom;         /* live custom-stack Gs (loom__g *), by alllink */
   bool guard_pages;     /* MADV_GUARD_INSTALL works on this kernel */
+  _Atomic long mprotect_left; /* else: slots that may still get an
+                                 mprotect guard (then: a canary) */
 } loom__stacks;
 
 #define LOOM_STACK_CANARY 0x6c6f6f6d5354434bULL /* "loomSTCK" */
