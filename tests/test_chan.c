@@ -184,6 +184,29 @@ static void deadline_main(void *arg) {
 }
 TEST(deadlines_and_nowait) { check_run(deadline_main, NULL, 2); }
 
+/* A send with no element on a channel of elements is refused, not a
+ * copy from NULL; on a channel of signals (elem_size 0) it is the way
+ * to send. */
+static void null_elem_main(void *arg) {
+  (void)arg;
+  loom_chan *c, *sig;
+  CHECK_OK(loom_chan_make(&c, sizeof(long), 1));
+  CHECK_OK(loom_chan_make(&sig, 0, 1));
+  CHECK_ERR(loom_chan_send(c, NULL), -EINVAL);
+  CHECK_ERR(loom_chan_try_send(c, NULL), -EINVAL);
+  CHECK_ERR(loom_chan_send_until(c, NULL, loom_now() + CHECK_MS), -EINVAL);
+  loom_case cs[1] = {{c, LOOM_SEND, NULL, false}};
+  CHECK_ERR(loom_select(cs, 1, LOOM_SELECT_NOWAIT), -EINVAL);
+  CHECK_EQ(loom_chan_len(c), 0);
+  CHECK_OK(loom_chan_send(sig, NULL));
+  loom_case ss[1] = {{sig, LOOM_RECV, NULL, false}};
+  CHECK_EQ(loom_select(ss, 1, 0), 0);
+  CHECK(ss[0].ok);
+  loom_chan_free(c);
+  loom_chan_free(sig);
+}
+TEST(send_of_null_elem_is_einval) { check_run(null_elem_main, NULL, 1); }
+
 /* ------------------------------------------------------------------ */
 /* Select fairness: two always-ready cases, each chosen 50% ± 1%.       */
 

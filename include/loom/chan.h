@@ -54,7 +54,7 @@ LOOM_API void loom_chan_free(loom_chan *c);
  * loom_chan_send — copy *elem into the channel, waiting while it has no
  * room (unbuffered: until a receiver takes it).  Returns 0, -EPIPE if the
  * channel is or becomes closed (the element was not sent), -EINVAL for a
- * NULL channel.  Parks.
+ * NULL channel or a NULL elem (allowed only when elem_size is 0).  Parks.
  * loom_chan_send_until gives up at `deadline` with -ETIMEDOUT.
  */
 LOOM_API int loom_chan_send(loom_chan *c, const void *elem);
@@ -108,10 +108,11 @@ typedef struct loom_case {
  * ok false and nothing sent (Go panics there; loom reports).  Returns the
  * index; -ETIMEDOUT at
  * `deadline` (0: none); -EAGAIN with LOOM_SELECT_NOWAIT when no case is
- * ready; -EINVAL for n < 0, n > 1024, a bad case, or no channel and no
- * deadline (which would wait forever); -ENOMEM.  Parks.  Two selects
- * over the same channels in different orders never deadlock (channels are
- * locked in address order).
+ * ready; -EINVAL for n < 0, n > 1024, a bad case (a direction that is
+ * neither, a send with a NULL elem on a channel whose elem_size is not
+ * 0), or no channel and no deadline (which would wait forever); -ENOMEM. Parks.
+ * Two selects over the same channels in different orders never deadlock
+ * (channels are locked in address order).
  */
 LOOM_API int loom_select(loom_case *cases, int n, int64_t deadline);
 

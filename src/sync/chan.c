@@ -210,7 +210,7 @@ static void wait_claimed(waiter *w, loom_chan **locked, int nlocked,
 
 __attribute__((always_inline)) static inline int
 send_impl(loom_chan *c, const void *elem, bool block, int64_t deadline) {
-  if (c == NULL)
+  if (c == NULL || (elem == NULL && c->esize != 0))
     return -EINVAL;
   waiter *wk = NULL;
   lock(c);
@@ -355,9 +355,11 @@ int loom_select(loom_case *cases, int n, int64_t deadline) { // NOLINT(readabili
   if (n < 0 || n > SELECT_MAX || (n > 0 && cases == NULL))
     return -EINVAL;
   for (int i = 0; i < n; i++)
-    if (cases[i].chan != NULL && cases[i].dir != LOOM_SEND &&
-        cases[i].dir != LOOM_RECV)
-      return -EINVAL;
+    if (cases[i].chan != NULL &&
+        ((cases[i].dir != LOOM_SEND && cases[i].dir != LOOM_RECV) ||
+         (cases[i].dir == LOOM_SEND && cases[i].elem == NULL &&
+          cases[i].chan->esize != 0)))
+      return -EINVAL; /* no direction, or nothing to send */
   bool nowait = deadline == LOOM_SELECT_NOWAIT;
 
   /* Scratch: the poll order, the lock order, the sudogs.  Small selects
