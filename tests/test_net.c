@@ -294,6 +294,67 @@ static void dial_main(void *arg) {
 
 TEST(dial_refused_and_timeout) { check_run(dial_main, NULL, 2); }
 
+/* A dial to a name with several addresses gives each its share of the
+ * deadline: an address that never answers (a listener whose backlog is
+ * full drops the SYNs) leaves time for the next one, as in Go, whether
+ * the deadline is the dial's own or its context's.  "two.loom.test"
+ * resolves to 127.0.0.1, where nothing answers, then ::1. */
+static void dial_share_main(void *arg) {
+  (void)arg;
+  loom_listener *full, *good;
+  char addr[128];
+  loom_listen_opts lo = {.backlog = 1};
+  CHECK_OK(loom_listen_with(&full, "tcp4", "127.0.0.1:0", &lo));
+  CHECK_OK(loom_listener_addr(full, addr, sizeof addr));
+  const char *port = strrchr(addr, ':') + 1;
+  char a6[64], two[64];
+  snprintf(a6, sizeof a6, "[::1]:%s", port);
+  snprintf(two, sizeof two, "two.loom.test:%s", port);
+  CHECK_OK(loom_listen(&good, "tcp6", a6));
+  loom_conn *held[64], *c;
+  int nheld = 0, timed_out = 0;
+  for (int i = 0; i < 64 && !timed_out; i++) {
+    loom_dial_opts o = {.deadline = loom_now() + 200 * CHECK_MS};
+    int r = loom_dial_with(&c, "tcp4", addr, &o);
+    if (r == 0)
+      held[nheld++] = c;
+    else if (r == -ETIMEDOUT)
+      timed_out = 1;
+    else
+      CHECK_FAIL("dial: %s", loom_strerror(r));
+  }
+  CHECKF(timed_out, "%d dials to a full backlog all connected", nheld);
+  for (int round = 0; round < 2; round++) {
+    /* 4 s over two addresses: 2 s for 127.0.0.1, the rest for ::1. */
+    int64_t at = loom_now() + 4000 * CHECK_MS;
+    loom_ctx *ctx = NULL;
+    loom_dial_opts o = {.deadline = at};
+    if (round == 1) {
+      CHECK_OK(loom_ctx_with_deadline(&ctx, loom_ctx_background(), at));
+      o = (loom_dial_opts){.ctx = ctx};
+    }
+    int r = loom_dial_with(&c, "tcp", two, &o);
+    CHECKF(r == 0, "round %d: dial %s: %s", round, two, loom_err_name(r));
+    char peer[128];
+    CHECK_OK(loom_conn_remote_addr(c, peer, sizeof peer));
+    CHECK_STREQ(peer, a6);
+    loom_conn *s;
+    CHECK_OK(loom_accept(good, &s));
+    CHECK_OK(loom_close(s));
+    CHECK_OK(loom_close(c));
+    if (ctx != NULL)
+      loom_ctx_release(ctx);
+  }
+  for (int i = 0; i < nheld; i++)
+    CHECK_OK(loom_close(held[i]));
+  CHECK_OK(loom_listener_close(full));
+  CHECK_OK(loom_listener_close(good));
+}
+
+TEST(dial_gives_each_address_its_share_of_the_deadline) {
+  check_run(dial_share_main, NULL, 2);
+}
+
 /* ------------------------------------------------------------------ */
 /* Close while another coroutine is blocked reading.                    */
 
@@ -797,6 +858,26 @@ int getaddrinfo(const char *node, const char *service,
   if (real == NULL)
     *(void **)&real = dlsym(RTLD_NEXT, "getaddrinfo");
   atomic_fetch_add(&gai_calls, 1);
+  if (node != NULL && strcmp(node, "two.loom.test") == 0) {
+    /* Two addresses, 127.0.0.1 then ::1: one list after the other (each
+     * node is freed on its own by freeaddrinfo). */
+    struct addrinfo h = {.ai_socktype = hints ? hints->ai_socktype : 0,
+                         .ai_flags = AI_NUMERICHOST};
+    struct addrinfo *a, *b;
+    int r = real("127.0.0.1", service, &h, &a);
+    if (r != 0)
+      return r;
+    if ((r = real("::1", service, &h, &b)) != 0) {
+      freeaddrinfo(a);
+      return r;
+    }
+    struct addrinfo *t = a;
+    while (t->ai_next != NULL)
+      t = t->ai_next;
+    t->ai_next = b;
+    *res = a;
+    return 0;
+  }
   if (node != NULL && strcmp(node, "slow.loom.test") == 0) {
     usleep(300 * 1000);
     node = "localhost";

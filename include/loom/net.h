@@ -132,12 +132,17 @@ typedef struct loom_dial_opts {
   int64_t deadline; /* for connecting, over every address tried; name
                        resolution is not bounded by it; 0: none */
   loom_ctx *ctx;    /* NULL, or a context whose cancel ends the connect
-                       with its reason (-ECANCELED, -ETIMEDOUT) */
+                       with its reason (-ECANCELED, -ETIMEDOUT); its
+                       deadline, if earlier, acts as `deadline` too */
 } loom_dial_opts;
 
 /*
  * loom_dial — connect to `addr`.  Every address a host name resolves to
- * is tried in turn until one connects.  It returns once the connection
+ * is tried in turn until one connects.  Under a deadline each address
+ * gets an even share of the time left (at least 2 s, or all of it if
+ * less is left), as in Go, so one that never answers does not use up
+ * the time of the others; a timeout of a share moves on to the next
+ * address.  It returns once the connection
  * is established (confirmed with getpeername, not only by writability),
  * so a refused or unreachable address moves on to the next one.  A Unix
  * listener whose backlog is full makes it wait, as a blocking connect

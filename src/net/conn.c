@@ -446,6 +446,23 @@ static int dial_one(const struct sockaddr *sa, socklen_t len, int type,
   return 0;
 }
 
+/* The deadline for one of `left` addresses still to try, from `now`,
+ * of a dial that must be done by `deadline` (0: none, and none for the
+ * address either): an even share of the time left, so that one address
+ * that never answers leaves time for the others, as Go's dial does.  A
+ * share too short to connect anywhere real is raised to DIAL_MIN_NS
+ * (the later addresses get less), or to all the time left if that is
+ * less. */
+#define DIAL_MIN_NS (2000 * INT64_C(1000000))
+static int64_t share_deadline(int64_t now, int64_t deadline, int left) {
+  if (deadline == 0)
+    return 0;
+  int64_t rest = deadline - now, part = rest / left;
+  if (part < DIAL_MIN_NS)
+    part = rest < DIAL_MIN_NS ? rest : DIAL_MIN_NS;
+  return now + part;
+}
+
 int loom_dial_with(loom_conn **c, const char *network, const char *addr,
                    const loom_dial_opts *o) {
   if (c == NULL)
@@ -456,21 +473,33 @@ int loom_dial_with(loom_conn **c, const char *network, const char *addr,
   loom_ctx *ctx = o != NULL ? o->ctx : NULL;
   if (ctx != NULL && loom__ctx_reason(ctx) != 0)
     return loom__ctx_reason(ctx);
+  /* The context's deadline bounds the dial as much as the dial's own,
+   * and is shared out over the addresses the same way. */
+  int64_t cd = ctx != NULL ? loom_ctx_deadline(ctx) : 0;
+  if (cd > 0 && (deadline == 0 || cd < deadline))
+    deadline = cd;
   loom__addrs as;
   int err = loom__resolve_type(network, addr, false, SOCK_STREAM, &as);
   if (err != 0)
     return err;
   err = LOOM_ENOHOST;
   for (int i = 0; i < as.n; i++) {
-    if (deadline != 0 && loom_now() >= deadline)
+    int64_t now = loom_now();
+    if (deadline != 0 && now >= deadline)
       return -ETIMEDOUT;
+    int64_t part = share_deadline(now, deadline, as.n - i);
     for (int tries = 0; tries < 3; tries++) {
-      err = dial_one((struct sockaddr *)&as.a[i], as.len[i], SOCK_STREAM,
-                     deadline, ctx, c);
+      err = dial_one((struct sockaddr *)&as.a[i], as.len[i], SOCK_STREAM, part,
+                     ctx, c);
       if (err != -EADDRNOTAVAIL)
         break;
     }
-    if (err == 0 || err == -ETIMEDOUT || err == -ECANCELED)
+    if (err == 0 || err == -ECANCELED)
+      return err;
+    /* A timeout of this address's share moves on to the next address;
+     * one of the whole dial, or of its context, ends it. */
+    if (err == -ETIMEDOUT && ((ctx != NULL && loom__ctx_reason(ctx) != 0) ||
+                              (deadline != 0 && loom_now() >= deadline)))
       return err;
   }
   return err;
