@@ -3095,4 +3095,50 @@ TEST(cancel_ends_a_call_whose_deadline_is_reset_before_it_wakes) {
   check_run(moved_main, NULL, 1);
 }
 
+/* ------------------------------------------------------------------ */
+/* Between loom_block_enter and loom_block_exit a coroutine has no P to */
+/* park on: a socket call there fails with LOOM_ENOTCO and touches      */
+/* nothing, instead of stopping the process when it would wait.         */
+
+static void block_section_main(void *arg) {
+  (void)arg;
+  loom_listener *l;
+  loom_conn *c, *s, *x;
+  pair(&l, &c, &s);
+  char addr[128], b[8];
+  CHECK_OK(loom_listener_addr(l, addr, sizeof addr));
+  loom_pconn *pc;
+  CHECK_OK(loom_listen_packet(&pc, "udp4", "127.0.0.1:0"));
+  struct sockaddr_storage from;
+  socklen_t fl = sizeof from;
+  loom_ctx *ctx;
+  CHECK_OK(loom_ctx_with_cancel(&ctx, loom_ctx_background()));
+  ssize_t r[8];
+  loom_block_enter();
+  r[0] = loom_read(c, b, sizeof b); /* nothing to read: it would wait */
+  r[1] = loom_read_ctx(c, NULL, 0, ctx);
+  r[2] = loom_accept(l, &x); /* nobody dialing */
+  r[3] = loom_pconn_read_from(pc, b, sizeof b, &from, &fl);
+  r[4] = loom_write(c, "x", 1); /* room, but the same rule */
+  r[5] = loom_dial(&x, "tcp", addr);
+  loom_block_exit();
+  for (int i = 0; i < 6; i++)
+    CHECKF(r[i] == LOOM_ENOTCO, "call %d: %s", i, loom_err_name((int)r[i]));
+  /* Nothing was taken or sent: the connection goes on. */
+  CHECK_EQ(loom_write(s, "hi", 2), 2);
+  CHECK_EQ(loom_read(c, b, sizeof b), 2);
+  CHECK_EQ(loom_write(c, "yo", 2), 2);
+  CHECK_EQ(loom_read(s, b, sizeof b), 2);
+  CHECK(memcmp(b, "yo", 2) == 0);
+  loom_ctx_release(ctx);
+  CHECK_OK(loom_pconn_close(pc));
+  CHECK_OK(loom_close(c));
+  CHECK_OK(loom_close(s));
+  CHECK_OK(loom_listener_close(l));
+}
+
+TEST(socket_calls_in_a_blocking_section_fail_with_enotco) {
+  check_run(block_section_main, NULL, 2);
+}
+
 CHECK_MAIN()

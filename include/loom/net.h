@@ -58,6 +58,9 @@
  * handle valid), and the connection closed when it has let go.
  *
  * All calls below must run on a coroutine (else LOOM_ENOTCO) unless noted.
+ * Those that may wait (reads, writes, accepts, dials) also fail with
+ * LOOM_ENOTCO between loom_block_enter and loom_block_exit, where the
+ * coroutine has no processor to park on, and touch nothing.
  * Calls that wait are scheduling points; so is every 64th read, write or
  * accept in a row that did not have to wait (it yields), so a coroutine
  * whose socket is always ready cannot starve the others on its thread.

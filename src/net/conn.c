@@ -69,9 +69,7 @@ int loom__conn_new(int fd, int family, const struct sockaddr *peer,
 static int callable(loom_conn *c) {
   if (c == NULL)
     return -EINVAL;
-  if (loom__getg() == NULL)
-    return LOOM_ENOTCO;
-  return 0;
+  return loom__net_callable();
 }
 
 /*
@@ -467,7 +465,7 @@ int loom_dial_with(loom_conn **c, const char *network, const char *addr,
                    const loom_dial_opts *o) {
   if (c == NULL)
     return -EINVAL;
-  if (loom__getg() == NULL)
+  if (loom__net_callable() != 0)
     return LOOM_ENOTCO;
   int64_t deadline = o != NULL ? o->deadline : 0;
   loom_ctx *ctx = o != NULL ? o->ctx : NULL;

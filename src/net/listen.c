@@ -130,7 +130,7 @@ static int backoff_sleep(loom__netfd *f, int64_t ns) {
 static int accept_impl(loom_listener *l, loom_conn **c, loom_ctx *ctx) {
   if (l == NULL || c == NULL)
     return -EINVAL;
-  if (loom__getg() == NULL)
+  if (loom__net_callable() != 0)
     return LOOM_ENOTCO;
   loom__netfd *f = &l->nf;
   loom__netfd_call call;

@@ -47,6 +47,14 @@ typedef struct loom__netfd {
 /* Wrap a non-blocking fd (registers it with the poller).  On failure the
  * fd is left open for the caller.  0 or -errno. */
 int loom__netfd_init(loom__netfd *f, int fd, int family, int type);
+/* Whether the caller may make a socket call that can wait: 0 on a
+ * coroutine that has a P, LOOM_ENOTCO elsewhere, including inside
+ * loom_block_enter/exit, where there is no P to park on (the park
+ * would stop the process). */
+static inline int loom__net_callable(void) {
+  loom__m *m = loom__getm();
+  return loom__getg() != NULL && m != NULL && m->p != NULL ? 0 : LOOM_ENOTCO;
+}
 /* loom__netfd_init for a socket bound to `path` (a Unix path; NULL or
  * an '@' abstract name: no file).  The file bind() made goes when f
  * closes.  `f` NULL says the caller could not allocate it.  On any

@@ -69,7 +69,7 @@ struct dgram_op {
 static ssize_t dgram_io(loom_pconn *pc, struct dgram_op *op, loom_ctx *ctx) {
   if (pc == NULL)
     return -EINVAL;
-  if (loom__getg() == NULL)
+  if (loom__net_callable() != 0)
     return LOOM_ENOTCO;
   loom__netfd *f = &pc->nf;
   int mode = op->send ? 'w' : 'r';
