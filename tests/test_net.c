@@ -3141,4 +3141,36 @@ TEST(socket_calls_in_a_blocking_section_fail_with_enotco) {
   check_run(block_section_main, NULL, 2);
 }
 
+/* A host name looked up inside the caller's own blocking section (a
+ * resolve, a listen) leaves that section as it was: the lookup's own
+ * section nests in it rather than ending it early, so the caller's next
+ * blocking call still hands its processor on.  A deadline ahead, which
+ * needs a processor, is refused there before and after the lookup. */
+static void block_lookup_main(void *arg) {
+  (void)arg;
+  loom_listener *l;
+  loom_conn *c, *s;
+  pair(&l, &c, &s);
+  struct sockaddr_storage ss;
+  socklen_t sl;
+  int r[4];
+  loom_block_enter();
+  r[0] = loom_set_read_deadline(c, loom_now() + 60000 * CHECK_MS);
+  r[1] = loom_resolve_addr("tcp4", "localhost:80", &ss, &sl);
+  r[2] = loom_set_read_deadline(c, loom_now() + 60000 * CHECK_MS);
+  loom_block_exit();
+  r[3] = loom_set_read_deadline(c, loom_now() + 60000 * CHECK_MS);
+  CHECK_ERR(r[0], LOOM_ENOTCO);
+  CHECK_OK(r[1]);
+  CHECK_ERR(r[2], LOOM_ENOTCO);
+  CHECK_OK(r[3]);
+  CHECK_OK(loom_close(c));
+  CHECK_OK(loom_close(s));
+  CHECK_OK(loom_listener_close(l));
+}
+
+TEST(lookup_inside_a_blocking_section_keeps_it) {
+  check_run(block_lookup_main, NULL, 1);
+}
+
 CHECK_MAIN()

@@ -47,6 +47,7 @@
 #include <sys/un.h>
 
 #include "loom/runtime.h"
+#include "runtime/runtime.h"
 
 static int parse_port(const char *s, int *port) {
   if (*s == '\0')
@@ -277,11 +278,18 @@ static int lookup(struct lookup *lk) {
   pthread_attr_t attr;
   pthread_attr_init(&attr);
   pthread_attr_setstacksize(&attr, (size_t)256 << 10);
-  loom_block_enter();
+  /* Inside the caller's own blocking section already, it stays the
+   * caller's: blocking sections do not nest, and an exit here would end
+   * it early, leaving the caller's next blocking call holding its P. */
+  loom__m *m = loom__getm();
+  bool own = m == NULL || !m->in_block;
+  if (own)
+    loom_block_enter();
   int r = pthread_create(&t, &attr, lookup_main, lk);
   if (r == 0)
     pthread_join(t, NULL);
-  loom_block_exit();
+  if (own)
+    loom_block_exit();
   pthread_attr_destroy(&attr);
   return r != 0 ? -r : lk->err;
 }
