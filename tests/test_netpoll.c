@@ -7,10 +7,12 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <poll.h>
+#include <pthread.h>
 #include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <sys/eventfd.h>
+#include <sys/socket.h>
 #include <unistd.h>
 
 #include "check.h"
@@ -226,7 +228,8 @@ static void misc_main(void *arg) {
   int p[2];
   make_pipe(p);
   CHECK_ERR(loom_fd_wait(p[0], 0, 0), -EINVAL);
-  CHECK_ERR(loom_fd_wait(p[0], LOOM_FD_READ | LOOM_FD_WRITE, 0), -EINVAL);
+  CHECK_ERR(loom_fd_wait(p[0], 4, 0), -EINVAL);
+  CHECK_ERR(loom_fd_wait(p[0], LOOM_FD_READ | 4, 0), -EINVAL);
   CHECK_ERR(loom_fd_wait(-1, LOOM_FD_READ, 0), -EBADF);
   close(p[0]);
   close(p[1]);
@@ -424,5 +427,86 @@ static void undo_main(void *arg) {
 }
 
 TEST(undone_cancel_yields_to_later_changes) { check_run(undo_main, NULL, 1); }
+
+/* ------------------------------------------------------------------ */
+/* Both directions at once: ready when either is, whichever comes.      */
+
+static int both_sp[2];
+static atomic_int both_rc = 1;
+static void both_waiter(void *arg) {
+  (void)arg;
+  atomic_store(&both_rc, loom_fd_wait(both_sp[0], LOOM_FD_READ | LOOM_FD_WRITE,
+                                      loom_now() + 10000 * CHECK_MS));
+}
+static int both_result(void) {
+  int64_t end = loom_now() + 10000 * CHECK_MS;
+  while (atomic_load(&both_rc) == 1 && loom_now() < end)
+    loom_sleep(CHECK_MS);
+  return atomic_load(&both_rc);
+}
+static void both_main(void *arg) {
+  (void)arg;
+  static char buf[65536];
+  CHECK_EQ(socketpair(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK, 0, both_sp), 0);
+  /* Ready already: writable, at once. */
+  CHECK_OK(loom_fd_wait(both_sp[0], LOOM_FD_READ | LOOM_FD_WRITE, 0));
+  /* Neither: nothing to read, no room to write. */
+  while (write(both_sp[0], buf, sizeof buf) > 0)
+    ;
+  while (write(both_sp[0], buf, 1) > 0)
+    ;
+  CHECK_EQ(errno, EAGAIN);
+  int64_t t0 = loom_now();
+  CHECK_ERR(loom_fd_wait(both_sp[0], LOOM_FD_READ | LOOM_FD_WRITE,
+                         t0 + 20 * CHECK_MS),
+            -ETIMEDOUT);
+  CHECK_GE(loom_now() - t0, 20 * CHECK_MS);
+  /* The peer speaks: readable wakes it. */
+  CHECK_OK(loom_go(both_waiter, NULL));
+  loom_sleep(20 * CHECK_MS);
+  CHECK_EQ(atomic_load(&both_rc), 1); /* parked */
+  CHECK_EQ(write(both_sp[1], "x", 1), 1);
+  CHECK_OK(both_result());
+  char c;
+  CHECK_EQ(read(both_sp[0], &c, 1), 1);
+  /* The peer drains: writable wakes it. */
+  atomic_store(&both_rc, 1);
+  CHECK_OK(loom_go(both_waiter, NULL));
+  loom_sleep(20 * CHECK_MS);
+  CHECK_EQ(atomic_load(&both_rc), 1); /* parked */
+  while (read(both_sp[1], buf, sizeof buf) > 0)
+    ;
+  CHECK_OK(both_result());
+  close(both_sp[0]);
+  close(both_sp[1]);
+}
+TEST(fd_wait_either_direction) { check_run(both_main, NULL, 2); }
+
+/* loom_fd_wait_ctx on a plain thread: the cancel ends its poll(2). */
+static int tctx_pipe[2];
+static atomic_int tctx_rc = 1;
+static void *tctx_thread(void *arg) {
+  atomic_store(&tctx_rc, loom_fd_wait_ctx(tctx_pipe[0], LOOM_FD_READ, 0, arg));
+  return NULL;
+}
+static void tctx_main(void *arg) {
+  (void)arg;
+  make_pipe(tctx_pipe);
+  loom_ctx *ctx;
+  CHECK_OK(loom_ctx_with_cancel(&ctx, loom_ctx_background()));
+  pthread_t th;
+  CHECK_EQ(pthread_create(&th, NULL, tctx_thread, ctx), 0);
+  loom_sleep(20 * CHECK_MS);
+  CHECK_EQ(atomic_load(&tctx_rc), 1); /* waiting */
+  loom_ctx_cancel(ctx);
+  loom_block_enter();
+  pthread_join(th, NULL);
+  loom_block_exit();
+  CHECK_ERR(atomic_load(&tctx_rc), -ECANCELED);
+  loom_ctx_release(ctx);
+  close(tctx_pipe[0]);
+  close(tctx_pipe[1]);
+}
+TEST(fd_wait_ctx_on_a_plain_thread) { check_run(tctx_main, NULL, 2); }
 
 CHECK_MAIN()

@@ -120,17 +120,16 @@ int loom_fd_wait_ctx(int fd, int events, int64_t deadline, loom_ctx *ctx) {
   int e = loom__ctx_reason(ctx);
   if (e != 0)
     return e;
-  if (loom__getg() == NULL)
-    return LOOM_ENOTCO; /* a thread has no poller wait to cut short */
   return fd_wait_impl(fd, events, deadline, ctx);
 }
 
 static int fd_wait_impl(int fd, int events, int64_t deadline, loom_ctx *ctx) {
-  if (events != LOOM_FD_READ && events != LOOM_FD_WRITE)
+  if (events == 0 || (events & ~(LOOM_FD_READ | LOOM_FD_WRITE)) != 0)
     return -EINVAL;
   if (fd < 0)
     return -EBADF;
-  short ev = events == LOOM_FD_READ ? POLLIN : POLLOUT;
+  short ev = (short)((events & LOOM_FD_READ ? POLLIN : 0) |
+                     (events & LOOM_FD_WRITE ? POLLOUT : 0));
   loom__m *m = loom__getm();
   if (loom__getg() == NULL || m->p == NULL)
     return wait_thread(fd, ev, deadline, ctx);
@@ -147,7 +146,13 @@ static int fd_wait_impl(int fd, int events, int64_t deadline, loom_ctx *ctx) {
     return -EBUSY;
   if (err != 0)
     return err;
-  int mode = events == LOOM_FD_READ ? 'r' : 'w';
+  /* Both directions: the wait takes the read side's word, which a
+   * write readiness then wakes too. */
+  int mode = events == LOOM_FD_WRITE ? 'w' : 'r';
+  if (events == (LOOM_FD_READ | LOOM_FD_WRITE) && loom__pd_either(pd)) {
+    loom__pd_close(pd, true);
+    return 0; /* became writable since the poll */
+  }
   if (deadline != 0)
     err = loom__pd_set_deadline(pd, mode, deadline);
   loom__ctx_hook h = {mode == 'r' ? loom__pd_expire_read

@@ -108,9 +108,10 @@ static loom__g *unblock(loom__pd *pd, int mode, bool ioready) {
     if (old == PD_NIL && !ioready)
       return NULL;
     uintptr_t new_ = ioready ? PD_READY : PD_NIL;
-    if (atomic_compare_exchange_weak_explicit(gpp, &old, new_,
-                                              memory_order_acq_rel,
-                                              memory_order_acquire)) {
+    /* seq_cst: against loom__pd_either's store and load (the same
+     * instruction on x86 as acq_rel). */
+    if (atomic_compare_exchange_weak_explicit(
+            gpp, &old, new_, memory_order_seq_cst, memory_order_acquire)) {
       if (old == PD_WAIT || old == PD_NIL)
         return NULL;
       atomic_fetch_sub_explicit(&pd->owner->netpoll_waiters, 1,
@@ -443,6 +444,7 @@ int loom__pd_open(loom__rt *rt, int fd, loom__pd **out) {
   pd->fd = fd;
   pd->closing = false;
   atomic_store_explicit(&pd->hangup, false, memory_order_relaxed);
+  atomic_store_explicit(&pd->either, false, memory_order_relaxed);
   pd->rd = pd->wd = 0;
   atomic_store_explicit(&pd->expired, 0, memory_order_relaxed);
   pd->rseq++;
@@ -458,6 +460,14 @@ int loom__pd_open(loom__rt *rt, int fd, loom__pd **out) {
   }
   *out = pd;
   return 0;
+}
+
+/* A write event either finds `either` set (and wakes the read waiter),
+ * or marked the write word ready before our load of it (both sides
+ * seq_cst: a store, then a load of the other's word). */
+bool loom__pd_either(loom__pd *pd) {
+  atomic_store_explicit(&pd->either, true, memory_order_seq_cst);
+  return atomic_load_explicit(&pd->wg, memory_order_seq_cst) == PD_READY;
 }
 
 void loom__pd_evict(loom__pd *pd) {
@@ -507,10 +517,12 @@ void loom__pd_ready(uintptr_t cookie, int mode, bool hangup, loom__g **gs,
   /* Before the wake-ups: a reader woken by this event sees it. */
   if (hangup && !atomic_load_explicit(&pd->hangup, memory_order_relaxed))
     atomic_store_explicit(&pd->hangup, true, memory_order_release);
-  loom__g *r = mode == 'r' || mode == 'r' + 'w' ? unblock(pd, 'r', true)
-                                                : NULL;
   loom__g *w = mode == 'w' || mode == 'r' + 'w' ? unblock(pd, 'w', true)
                                                 : NULL;
+  /* After the write side's word: see loom__pd_either. */
+  bool rd = mode == 'r' || mode == 'r' + 'w' ||
+            atomic_load_explicit(&pd->either, memory_order_seq_cst);
+  loom__g *r = rd ? unblock(pd, 'r', true) : NULL;
   if (r != NULL)
     gs[(*n)++] = r;
   if (w != NULL)

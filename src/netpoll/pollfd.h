@@ -58,6 +58,8 @@ typedef struct loom__pd {
   _Atomic bool hangup;        /* an event reported a hang-up, an error or
                                  urgent data (see loom_read) */
   _Atomic uint32_t fdseq;     /* bumped per open; tags poller cookies */
+  _Atomic bool either;        /* write readiness wakes the read waiter too
+                                 (loom__pd_either) */
   uint32_t rseq, wseq;        /* bumped per deadline change and close */
   uint32_t rseq_armed, wseq_armed;
   int64_t rd, wd;             /* deadline: 0 none, -1 passed, else time */
@@ -83,6 +85,10 @@ int loom__pd_open(struct loom__rt *rt, int fd, loom__pd **out);
 void loom__pd_close(loom__pd *pd, bool unregister);
 /* Wake every coroutine waiting on pd; later waits fail with LOOM_ECLOSED. */
 void loom__pd_evict(loom__pd *pd);
+/* From now on a write readiness also wakes the one waiting for 'r' (a
+ * wait for either direction, loom_fd_wait's).  True if write readiness
+ * came already (then there is no need to wait). */
+bool loom__pd_either(loom__pd *pd);
 /* Wait for readiness: mode 'r' or 'w'.  Returns 0 when ready,
  * -ETIMEDOUT when the deadline passed, LOOM_ECLOSED when evicted.
  * Parks.  At most one coroutine waits per direction. */
