@@ -848,15 +848,20 @@ TEST(bad_input) {
 /* A slow resolver stalls no other coroutine.                            */
 
 /* The test binary's getaddrinfo wraps the C library's: a lookup of
- * "slow.loom.test" takes 300 ms, then resolves as "localhost".  It
+ * "slow.loom.test" takes 300 ms ("slower.loom.test" 3 s), then resolves
+ * as "localhost".  It
  * counts its calls, for the tests of what never reaches it. */
 static atomic_int gai_calls;
 int getaddrinfo(const char *node, const char *service,
                 const struct addrinfo *hints, struct addrinfo **res) {
-  static int (*real)(const char *, const char *, const struct addrinfo *,
-                     struct addrinfo **);
-  if (real == NULL)
+  typedef int (*gai_fn)(const char *, const char *, const struct addrinfo *,
+                        struct addrinfo **);
+  static _Atomic(gai_fn) real_once; /* lookups run on threads at once */
+  gai_fn real = atomic_load(&real_once);
+  if (real == NULL) {
     *(void **)&real = dlsym(RTLD_NEXT, "getaddrinfo");
+    atomic_store(&real_once, real);
+  }
   atomic_fetch_add(&gai_calls, 1);
   if (node != NULL && strcmp(node, "two.loom.test") == 0) {
     /* Two addresses, 127.0.0.1 then ::1: one list after the other (each
@@ -880,6 +885,10 @@ int getaddrinfo(const char *node, const char *service,
   }
   if (node != NULL && strcmp(node, "slow.loom.test") == 0) {
     usleep(300 * 1000);
+    node = "localhost";
+  }
+  if (node != NULL && strcmp(node, "slower.loom.test") == 0) {
+    usleep(3000 * 1000);
     node = "localhost";
   }
   return real(node, service, hints, res);
@@ -918,6 +927,46 @@ static void slow_main(void *arg) {
 }
 
 TEST(slow_dns_stalls_nobody) { check_run(slow_main, NULL, 1); }
+
+/* A dial's deadline and context bound its lookup too: a 3 s lookup
+ * does not hold a dial of 50 ms, nor one whose context is cancelled.
+ * (The lookups go on, unwaited for, on their own threads.) */
+static loom_ctx *slower_ctx;
+static void slower_cancel(void *arg) {
+  (void)arg;
+  loom_sleep(30 * CHECK_MS);
+  loom_ctx_cancel(slower_ctx);
+}
+static void slower_main(void *arg) {
+  (void)arg;
+  loom_conn *c;
+  int64_t t0 = loom_now();
+  loom_dial_opts o = {.deadline = t0 + 50 * CHECK_MS};
+  CHECK_ERR(loom_dial_with(&c, "tcp", "slower.loom.test:1", &o), -ETIMEDOUT);
+  int64_t took = loom_now() - t0;
+  CHECKF(took < 2000 * CHECK_MS, "the dial waited %.0f ms for its lookup",
+         took / 1e6);
+  CHECK_OK(loom_ctx_with_cancel(&slower_ctx, loom_ctx_background()));
+  CHECK_OK(loom_go(slower_cancel, NULL));
+  t0 = loom_now();
+  o = (loom_dial_opts){.ctx = slower_ctx};
+  CHECK_ERR(loom_dial_with(&c, "tcp", "slower.loom.test:1", &o), -ECANCELED);
+  took = loom_now() - t0;
+  CHECKF(took < 2000 * CHECK_MS, "the dial waited %.0f ms for its lookup",
+         took / 1e6);
+  loom_ctx_release(slower_ctx);
+  /* A context with a deadline, the same way. */
+  loom_ctx *d;
+  CHECK_OK(loom_ctx_with_timeout(&d, loom_ctx_background(), 50 * CHECK_MS));
+  o = (loom_dial_opts){.ctx = d};
+  t0 = loom_now();
+  CHECK_ERR(loom_dial_with(&c, "tcp", "slower.loom.test:1", &o), -ETIMEDOUT);
+  CHECK_LT(loom_now() - t0, 2000 * CHECK_MS);
+  loom_ctx_release(d);
+}
+TEST(dial_deadline_and_context_bound_the_lookup) {
+  check_run(slower_main, NULL, 2);
+}
 
 /* ------------------------------------------------------------------ */
 /* IPv4 literals: dotted-decimal quads only, as Go's ParseIP.           */

@@ -27,8 +27,10 @@
  * last label is a number are LOOM_EBADADDR, never looked up (the C
  * library would read them as inet_aton does).  A literal of the other
  * family ("[::1]:80" for "tcp4") is LOOM_EBADADDR too.  Else a host name
- * (resolved with getaddrinfo on a blocking section, so a slow resolver
- * stalls no other coroutine), or for "unix" a path; a path starting with
+ * (resolved with getaddrinfo on a thread of its own while the caller
+ * parks, so a slow resolver stalls no other coroutine; at most 64
+ * lookups run at once, more wait for one to end), or for "unix" a path; a path
+ * starting with
  * '@' names Linux's abstract namespace.  A path has at most 107 bytes, an
  * abstract name 107 after its '@' (else LOOM_EBADADDR); an abstract name
  * cannot hold a NUL byte, and one that a foreign peer bound with NUL
@@ -132,11 +134,13 @@ LOOM_API int loom_listener_addr(loom_listener *l, char *buf, size_t len);
 
 /* Options for loom_dial_with. */
 typedef struct loom_dial_opts {
-  int64_t deadline; /* for connecting, over every address tried; name
-                       resolution is not bounded by it; 0: none */
-  loom_ctx *ctx;    /* NULL, or a context whose cancel ends the connect
-                       with its reason (-ECANCELED, -ETIMEDOUT); its
-                       deadline, if earlier, acts as `deadline` too */
+  int64_t deadline; /* for the whole dial: the name's lookup, then
+                       connecting over every address tried; 0: none */
+  loom_ctx *ctx;    /* NULL, or a context whose cancel ends the dial, the
+                       lookup included, with its reason (-ECANCELED,
+                       -ETIMEDOUT); its deadline, if earlier, acts as
+                       `deadline` too.  A lookup given up on finishes
+                       on its own thread, unwaited for. */
 } loom_dial_opts;
 
 /*

@@ -2,8 +2,14 @@
  * addr.c — parsing and resolving network addresses (see addr.h).
  *
  * Numeric addresses never reach the resolver.  Names go to getaddrinfo on
- * a thread of its own, inside loom_block_enter/exit: glibc's resolver
- * may use far more stack than a coroutine has, and it blocks.
+ * a thread of its own: glibc's resolver may use far more stack than a
+ * coroutine has, and it blocks, for seconds when a name server is gone.
+ * The caller waits on an eventfd the thread writes when it is done,
+ * bounded by the caller's deadline and context (a dial's), and a caller
+ * that gives up leaves the lookup to finish on its own: the lookup is
+ * shared by the two, and whoever is done last frees it.  At most
+ * LOOKUP_MAX lookups run at once; more wait for one to end (a name
+ * server that hangs must not cost a thread per dial for ever).
  *
  * Which hosts are literals is Go's rule, not the C library's.  An IPv4
  * literal is a dotted-decimal quad and nothing else: four parts of 0 to
@@ -44,9 +50,14 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/eventfd.h>
 #include <sys/un.h>
+#include <unistd.h>
 
+#include "ctx/ctx_internal.h"
+#include "loom/fd.h"
 #include "loom/runtime.h"
+#include "runtime/alloc.h"
 #include "runtime/runtime.h"
 
 static int parse_port(const char *s, int *port) {
@@ -224,15 +235,28 @@ static int literal(int family, const char *host, int port, loom__addrs *out) {
   return 1;
 }
 
+/* One lookup, shared by its caller and its thread (refs). */
 struct lookup {
-  const char *host;
+  _Atomic int refs;
+  _Atomic int done; /* set (release) before the eventfd is written */
+  int efd;          /* written once when the answer is in */
   int family, socktype, port;
-  loom__addrs *out;
   int err;
+  loom__addrs out;
+  char host[]; /* a copy: the caller may be gone when it is read */
 };
 
-static void *lookup_main(void *arg) {
-  struct lookup *lk = arg;
+#define LOOKUP_MAX 64
+static _Atomic int lookups_running;
+
+static void lookup_put(struct lookup *lk) {
+  if (atomic_fetch_sub_explicit(&lk->refs, 1, memory_order_acq_rel) == 1) {
+    close(lk->efd);
+    loom__free(lk);
+  }
+}
+
+static void resolve_host(struct lookup *lk) {
   struct addrinfo hints = {.ai_family = lk->family,
                            .ai_socktype = lk->socktype,
                            .ai_flags = AI_ADDRCONFIG};
@@ -249,7 +273,7 @@ static void *lookup_main(void *arg) {
     lk->err = r == EAI_NONAME || r == EAI_NODATA
                   ? LOOM_ENOHOST
                   : r == EAI_MEMORY ? -ENOMEM : LOOM_EDNS;
-    return NULL;
+    return;
   }
   /* IPv4 first, then IPv6 (what dialing "localhost" expects here). */
   for (int pass = 0; pass < 2; pass++)
@@ -260,38 +284,96 @@ static void *lookup_main(void *arg) {
         struct sockaddr_in s4;
         memcpy(&s4, ai->ai_addr, sizeof s4);
         s4.sin_port = htons((uint16_t)lk->port);
-        add(lk->out, &s4, sizeof s4);
+        add(&lk->out, &s4, sizeof s4);
       } else if (ai->ai_family == AF_INET6) {
         struct sockaddr_in6 s6;
         memcpy(&s6, ai->ai_addr, sizeof s6);
         s6.sin6_port = htons((uint16_t)lk->port);
-        add(lk->out, &s6, sizeof s6);
+        add(&lk->out, &s6, sizeof s6);
       }
     }
   freeaddrinfo(res);
-  lk->err = lk->out->n > 0 ? 0 : LOOM_ENOHOST;
+  lk->err = lk->out.n > 0 ? 0 : LOOM_ENOHOST;
+}
+
+static void *lookup_main(void *arg) {
+  struct lookup *lk = arg;
+  resolve_host(lk);
+  atomic_fetch_sub_explicit(&lookups_running, 1, memory_order_relaxed);
+  atomic_store_explicit(&lk->done, 1, memory_order_release);
+  uint64_t one = 1;
+  while (write(lk->efd, &one, sizeof one) < 0 && errno == EINTR)
+    ;
+  lookup_put(lk);
   return NULL;
 }
 
-static int lookup(struct lookup *lk) {
-  pthread_t t;
+/* Wait for a free lookup slot, in 1 ms slices, until the deadline or the
+ * context's end. */
+static int lookup_slot(int64_t deadline, loom_ctx *ctx) {
+  for (;;) {
+    int n = atomic_load_explicit(&lookups_running, memory_order_relaxed);
+    if (n < LOOKUP_MAX && atomic_compare_exchange_weak_explicit(
+                              &lookups_running, &n, n + 1, memory_order_relaxed,
+                              memory_order_relaxed))
+      return 0;
+    if (n < LOOKUP_MAX)
+      continue;
+    int err = loom__ctx_reason(ctx);
+    if (err != 0)
+      return err;
+    if (deadline != 0 && loom_now() >= deadline)
+      return -ETIMEDOUT;
+    loom_sleep(1000000);
+  }
+}
+
+static int lookup(const char *host, int family, int socktype, int port,
+                  loom__addrs *out, int64_t deadline, loom_ctx *ctx) {
+  int err = lookup_slot(deadline, ctx);
+  if (err != 0)
+    return err;
+  size_t hl = strlen(host) + 1;
+  struct lookup *lk = loom__malloc(sizeof *lk + hl);
+  if (lk == NULL) {
+    atomic_fetch_sub_explicit(&lookups_running, 1, memory_order_relaxed);
+    return -ENOMEM;
+  }
+  memset(lk, 0, sizeof *lk);
+  memcpy(lk->host, host, hl);
+  lk->family = family;
+  lk->socktype = socktype;
+  lk->port = port;
+  atomic_init(&lk->refs, 2);
+  atomic_init(&lk->done, 0);
+  lk->efd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
   pthread_attr_t attr;
-  pthread_attr_init(&attr);
-  pthread_attr_setstacksize(&attr, (size_t)256 << 10);
-  /* Inside the caller's own blocking section already, it stays the
-   * caller's: blocking sections do not nest, and an exit here would end
-   * it early, leaving the caller's next blocking call holding its P. */
-  loom__m *m = loom__getm();
-  bool own = m == NULL || !m->in_block;
-  if (own)
-    loom_block_enter();
-  int r = pthread_create(&t, &attr, lookup_main, lk);
-  if (r == 0)
-    pthread_join(t, NULL);
-  if (own)
-    loom_block_exit();
-  pthread_attr_destroy(&attr);
-  return r != 0 ? -r : lk->err;
+  pthread_t t;
+  int r = lk->efd < 0 ? errno : pthread_attr_init(&attr);
+  if (r == 0) {
+    pthread_attr_setstacksize(&attr, (size_t)256 << 10);
+    pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+    r = pthread_create(&t, &attr, lookup_main, lk);
+    pthread_attr_destroy(&attr);
+  }
+  if (r != 0) {
+    atomic_fetch_sub_explicit(&lookups_running, 1, memory_order_relaxed);
+    if (lk->efd >= 0)
+      close(lk->efd);
+    loom__free(lk);
+    return -r;
+  }
+  /* Parks a coroutine; a plain thread (or one in a blocking section,
+   * which stays its own) waits in poll(2). */
+  do {
+    err = loom_fd_wait_ctx(lk->efd, LOOM_FD_READ, deadline, ctx);
+  } while (err == 0 && !atomic_load_explicit(&lk->done, memory_order_acquire));
+  if (err == 0) {
+    *out = lk->out;
+    err = lk->err;
+  }
+  lookup_put(lk);
+  return err;
 }
 
 /* A path takes its NUL within sun_path, so 107 bytes at most; an
@@ -357,24 +439,37 @@ int loom__parse_addr(const char *network, const char *addr, bool passive,
   return LOOM__NEED_LOOKUP;
 }
 
-int loom__resolve(const char *network, const char *addr, bool passive,
-                  loom__addrs *out) {
+int loom__resolve_until(const char *network, const char *addr, bool passive,
+                        loom__addrs *out, int64_t deadline, loom_ctx *ctx) {
   char host[256];
   int family = 0, port = 0;
   int err = loom__parse_addr(network, addr, passive, out, host, sizeof host,
                              &family, &port);
   if (err != LOOM__NEED_LOOKUP)
     return err;
-  struct lookup lk = {host, family, out->type, port, out, 0};
-  return lookup(&lk);
+  int type = out->type;
+  err = lookup(host, family, type, port, out, deadline, ctx);
+  out->type = type;
+  return err;
+}
+
+int loom__resolve(const char *network, const char *addr, bool passive,
+                  loom__addrs *out) {
+  return loom__resolve_until(network, addr, passive, out, 0, NULL);
+}
+
+int loom__resolve_type_until(const char *network, const char *addr,
+                             bool passive, int type, loom__addrs *out,
+                             int64_t deadline, loom_ctx *ctx) {
+  int err = loom__resolve_until(network, addr, passive, out, deadline, ctx);
+  if (err == 0 && out->type != type)
+    return LOOM_ENETWORK;
+  return err;
 }
 
 int loom__resolve_type(const char *network, const char *addr, bool passive,
                        int type, loom__addrs *out) {
-  int err = loom__resolve(network, addr, passive, out);
-  if (err == 0 && out->type != type)
-    return LOOM_ENETWORK;
-  return err;
+  return loom__resolve_type_until(network, addr, passive, type, out, 0, NULL);
 }
 
 int loom__format_addr(const struct sockaddr *sa, socklen_t len, char *buf,

@@ -7,7 +7,10 @@
 
 #include <stdbool.h>
 #include <stddef.h>
+#include <stdint.h>
 #include <sys/socket.h>
+
+#include "loom/ctx.h"
 
 #define LOOM_ADDRS_MAX 8
 
@@ -22,13 +25,18 @@ typedef struct loom__addrs {
  * Resolve `addr` of `network` into up to LOOM_ADDRS_MAX socket addresses
  * (IPv4 first for "tcp", as the order of preference when dialing).
  * `passive`: for listening (an empty host means every local address).
- * Host names are looked up with getaddrinfo on a helper thread inside a
- * blocking section.  0, LOOM_ENETWORK, LOOM_EBADADDR, LOOM_ENOHOST,
- * LOOM_EDNS, -ENOMEM, or another -errno (-EMFILE: a zone's interface
- * name could not be looked up).
+ * Host names are looked up with getaddrinfo on a thread of its own,
+ * which the caller waits for (a coroutine parks).  0, LOOM_ENETWORK,
+ * LOOM_EBADADDR, LOOM_ENOHOST, LOOM_EDNS, -ENOMEM, or another -errno
+ * (-EMFILE: a zone's interface name could not be looked up).
  */
 int loom__resolve(const char *network, const char *addr, bool passive,
                   loom__addrs *out);
+/* The same, a lookup bounded by `deadline` (0: none; -ETIMEDOUT) and by
+ * `ctx` (NULL: none; its reason): the lookup goes on without the caller,
+ * who returns at once. */
+int loom__resolve_until(const char *network, const char *addr, bool passive,
+                        loom__addrs *out, int64_t deadline, loom_ctx *ctx);
 
 /*
  * The parsing half of loom__resolve: no I/O but if_nametoindex for an
@@ -48,6 +56,9 @@ int loom__parse_addr(const char *network, const char *addr, bool passive,
  * the other (a "udp" address for a stream socket, say). */
 int loom__resolve_type(const char *network, const char *addr, bool passive,
                        int type, loom__addrs *out);
+int loom__resolve_type_until(const char *network, const char *addr,
+                             bool passive, int type, loom__addrs *out,
+                             int64_t deadline, loom_ctx *ctx);
 
 /* "1.2.3.4:80", "[::1]:80", "[fe80::1%eth0]:80" (the zone by name, or
  * its number if no interface has that index), a Unix path ("@name" for

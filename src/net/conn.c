@@ -477,7 +477,9 @@ int loom_dial_with(loom_conn **c, const char *network, const char *addr,
   if (cd > 0 && (deadline == 0 || cd < deadline))
     deadline = cd;
   loom__addrs as;
-  int err = loom__resolve_type(network, addr, false, SOCK_STREAM, &as);
+  /* The lookup counts against the dial's deadline and context. */
+  int err = loom__resolve_type_until(network, addr, false, SOCK_STREAM, &as,
+                                     deadline, ctx);
   if (err != 0)
     return err;
   err = LOOM_ENOHOST;
