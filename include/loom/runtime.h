@@ -164,8 +164,8 @@ LOOM_API int loom_procs(void);
  * a plain thread does: loom_sleep, loom_yield, loom_fd_wait and the
  * waits of channels, select, mutexes, semaphores, wait groups and
  * condition variables block the thread (the P is handed on meanwhile);
- * a socket call that would wait (for readiness, or for another call in
- * the same direction on the same socket) must not be made there.
+ * socket calls (read, write, accept, dial and the packet calls) fail
+ * there with LOOM_ENOTCO (net.h), since they would park.
  * Outside a coroutine they do nothing.  The other thread may have
  * to be created: if that fails (no memory, no threads), the monitor
  * tries again every few milliseconds, and until it succeeds the P's
