@@ -254,6 +254,46 @@ static void net_main(void *arg) {
 }
 TEST(cancelled_read_on_a_socket) { check_run(net_main, NULL, 2); }
 
+/* loom_writev_ctx: all of it with a live context; the context's reason,
+ * touching nothing, with a done one; cut short by a cancel while the
+ * peer does not read. */
+static loom_ctx *wv_ctx;
+static void wv_cancel(void *arg) {
+  (void)arg;
+  loom_sleep(30 * CHECK_MS);
+  loom_ctx_cancel(wv_ctx);
+}
+static void writev_ctx_main(void *arg) {
+  (void)arg;
+  loom_listener *l;
+  char addr[64];
+  CHECK_OK(loom_listen(&l, "tcp", "127.0.0.1:0"));
+  CHECK_OK(loom_listener_addr(l, addr, sizeof addr));
+  loom_conn *c, *peer;
+  CHECK_OK(loom_dial(&c, "tcp", addr));
+  CHECK_OK(loom_accept(l, &peer));
+  struct iovec iov[3] = {{"ab", 2}, {"", 0}, {"cde", 3}};
+  CHECK_EQ(loom_writev_ctx(c, iov, 3, loom_ctx_background()), 5);
+  char b[8];
+  CHECK_EQ(loom_read(peer, b, sizeof b), 5);
+  CHECK(memcmp(b, "abcde", 5) == 0);
+  CHECK_OK(loom_ctx_with_cancel(&wv_ctx, loom_ctx_background()));
+  CHECK_OK(loom_go(wv_cancel, NULL));
+  static char big[1 << 20];
+  struct iovec biov[2] = {{big, sizeof big}, {big, sizeof big}};
+  ssize_t r;
+  do /* until the socket buffers are full and the cancel cuts a write */
+    r = loom_writev_ctx(c, biov, 2, wv_ctx);
+  while (r == (ssize_t)(2 * sizeof big));
+  CHECK_ERR(r, -ECANCELED);
+  CHECK_ERR(loom_writev_ctx(c, iov, 3, wv_ctx), -ECANCELED);
+  loom_ctx_release(wv_ctx);
+  CHECK_OK(loom_close(c));
+  CHECK_OK(loom_close(peer));
+  CHECK_OK(loom_listener_close(l));
+}
+TEST(writev_bounded_by_a_context) { check_run(writev_ctx_main, NULL, 2); }
+
 /* loom_fd_wait bounded by a context. */
 static atomic_int fdw_result = 1;
 static int fdw_pipe[2];

@@ -207,12 +207,12 @@ LOOM_API ssize_t loom_writev(loom_conn *c, const struct iovec *iov,
                              int iovcnt);
 
 /*
- * Bounded by a context: as loom_read / loom_write / loom_accept, but a
- * cancel of `ctx` (or of an ancestor, or its deadline) wakes the call
- * with loom_ctx_err(ctx) (-ECANCELED, -ETIMEDOUT), promptly even while it
- * is parked in the poller.  The connection stays usable, in a defined
- * state: a call the cancel cut short (it returns the context's reason)
- * leaves the deadline of that direction in the past (as after a
+ * Bounded by a context: as loom_read / loom_write / loom_writev /
+ * loom_accept, but a cancel of `ctx` (or of an ancestor, or its
+ * deadline) wakes the call with loom_ctx_err(ctx) (-ECANCELED, -ETIMEDOUT),
+ * promptly even while it is parked in the poller.  The connection stays usable,
+ * in a defined state: a call the cancel cut short (it returns the context's
+ * reason) leaves the deadline of that direction in the past (as after a
  * deadline of its own), so the next call in that direction returns
  * -ETIMEDOUT until a new deadline is set.  A deadline another coroutine
  * sets after the cancel does not keep it from ending the call, and
@@ -231,6 +231,8 @@ LOOM_API ssize_t loom_read_ctx(loom_conn *c, void *buf, size_t len,
                                loom_ctx *ctx);
 LOOM_API ssize_t loom_write_ctx(loom_conn *c, const void *buf, size_t len,
                                 loom_ctx *ctx);
+LOOM_API ssize_t loom_writev_ctx(loom_conn *c, const struct iovec *iov,
+                                 int iovcnt, loom_ctx *ctx);
 LOOM_API int loom_accept_ctx(loom_listener *l, loom_conn **c, loom_ctx *ctx);
 
 /* Deadlines for reads and writes (0: none).  Blocked calls see the new

@@ -225,7 +225,7 @@ send_all(loom__netfd *f, struct iovec *iov, int n,
   return (ssize_t)total;
 }
 
-/* loom_writev, and loom_write_ctx with a ctx. */
+/* loom_writev, and loom_writev_ctx / loom_write_ctx with a ctx. */
 static ssize_t writev_impl(loom_conn *c, const struct iovec *iov, int iovcnt,
                            loom_ctx *ctx) {
   if (iovcnt < 0 || iovcnt > IOV_MAX || (iovcnt > 0 && iov == NULL))
@@ -513,6 +513,11 @@ int loom_dial(loom_conn **c, const char *network, const char *addr) {
 
 ssize_t loom_read_ctx(loom_conn *c, void *buf, size_t len, loom_ctx *ctx) {
   return read_impl(c, buf, len, ctx);
+}
+
+ssize_t loom_writev_ctx(loom_conn *c, const struct iovec *iov, int iovcnt,
+                        loom_ctx *ctx) {
+  return writev_impl(c, iov, iovcnt, ctx);
 }
 
 ssize_t loom_write_ctx(loom_conn *c, const void *buf, size_t len,
