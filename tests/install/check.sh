@@ -90,6 +90,10 @@ do_install() {
     echo "no include/loom.h installed"
     return 1
   }
+  [ -f "$prefix/share/loom/loom-gdb.py" ] || {
+    echo "no share/loom/loom-gdb.py installed"
+    return 1
+  }
   # Internal headers stay in the source tree.
   if find "$prefix/include" -name 'export_test.h' | grep -q .; then
     echo "an internal header was installed"
