@@ -3334,6 +3334,10 @@ static void tp_full_main(void *arg) {
   CHECK_OK(loom_taskpool_submit(p, 2, count_task, NULL, 0));
   CHECK_OK(loom_taskpool_submit(p, 4, count_task, NULL, LOOM_TASKPOOL_NOWAIT));
   CHECK_EQ(loom_taskpool_queued(p), 2);
+  CHECK_EQ(loom_taskpool_queue_len(p, 0), 2); /* both in queue 0 */
+  CHECK_EQ(loom_taskpool_queue_len(p, 1), 0);
+  CHECK_EQ(loom_taskpool_queue_len(p, 2), 0); /* no such queue */
+  CHECK_EQ(loom_taskpool_queue_len(p, -1), 0);
   CHECK_ERR(loom_taskpool_submit(p, 0, count_task, NULL, LOOM_TASKPOOL_NOWAIT),
             -EAGAIN);
   CHECK_ERR(

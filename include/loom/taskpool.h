@@ -62,6 +62,9 @@ LOOM_API int loom_taskpool_submit(loom_taskpool *p, uint64_t key,
 LOOM_API size_t loom_taskpool_queued(loom_taskpool *p);
 /* Number of queues.  Any thread. */
 LOOM_API int loom_taskpool_queues(loom_taskpool *p);
+/* Tasks waiting in queue `i` (0 .. queues - 1; 0 for another i): one key
+ * that floods its queue shows here, not in the total.  Any thread. */
+LOOM_API size_t loom_taskpool_queue_len(loom_taskpool *p, int i);
 
 /*
  * loom_taskpool_close — stop taking tasks, run every task already queued,

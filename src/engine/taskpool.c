@@ -137,6 +137,10 @@ size_t loom_taskpool_queued(loom_taskpool *p) {
 
 int loom_taskpool_queues(loom_taskpool *p) { return p->nq; }
 
+size_t loom_taskpool_queue_len(loom_taskpool *p, int i) {
+  return i >= 0 && i < p->nq ? loom_chan_len(p->q[i]) : 0;
+}
+
 void loom_taskpool_close(loom_taskpool *p) {
   atomic_store(&p->closing, 1);
   for (int i = 0; i < p->nq; i++)
