@@ -1150,17 +1150,25 @@ static void retime(loom_session *s, reader *r, int64_t now) {
   r->next_cron = cp ? loom__sat_add(now, cp) : 0;
 }
 
-/* Set the read deadline to the earliest of cron and idle check. */
-static int arm(loom_session *s, reader *r) {
+/* The read deadline the reader wants: the earlier of cron and idle
+ * check. */
+static inline int64_t wanted_deadline(const reader *r) {
+  int64_t d = r->next_cron;
+  if (r->idle_check && (d == 0 || r->idle_check < d))
+    d = r->idle_check;
+  return d;
+}
+
+/* arm's work when there is some: a change of the options, or a deadline
+ * to set. */
+__attribute__((noinline)) static int arm_slow(loom_session *s, reader *r) {
   for (;;) {
     if (atomic_load_explicit(&s->retime, memory_order_acquire)) {
       atomic_store_explicit(&s->retime, false, memory_order_relaxed);
       retime(s, r, loom_now());
       r->deadline = -1; /* the change set a past one: set ours again */
     }
-    int64_t d = r->next_cron;
-    if (r->idle_check && (d == 0 || r->idle_check < d))
-      d = r->idle_check;
+    int64_t d = wanted_deadline(r);
     if (d == r->deadline)
       return 0;
     /* Only -ENOMEM (no room for the timer), which ends the session: a
@@ -1176,6 +1184,16 @@ static int arm(loom_session *s, reader *r) {
     if (!atomic_load_explicit(&s->retime, memory_order_acquire))
       return 0;
   }
+}
+
+/* Set the read deadline to the earliest of cron and idle check, after a
+ * change of the options (loom_session_set_read_timeout, ...) if any.  On
+ * every read: the common case, nothing to do, stays inline. */
+static inline int arm(loom_session *s, reader *r) {
+  if (!atomic_load_explicit(&s->retime, memory_order_acquire) &&
+      wanted_deadline(r) == r->deadline)
+    return 0;
+  return arm_slow(s, r);
 }
 
 /* A read deadline passed: run cron, check idleness.  0 or an error. */

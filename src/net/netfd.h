@@ -52,8 +52,10 @@ int loom__netfd_init(loom__netfd *f, int fd, int family, int type);
  * loom_block_enter/exit, where there is no P to park on (the park
  * would stop the process). */
 static inline int loom__net_callable(void) {
-  loom__m *m = loom__getm();
-  return loom__getg() != NULL && m != NULL && m->p != NULL ? 0 : LOOM_ENOTCO;
+  loom__m *m = loom__getm(); /* once: loom__getg would read it again */
+  return m != NULL && m->curg != NULL && !m->curg->is_g0 && m->p != NULL
+             ? 0
+             : LOOM_ENOTCO;
 }
 /* loom__netfd_init for a socket bound to `path` (a Unix path; NULL or
  * an '@' abstract name: no file).  The file bind() made goes when f
