@@ -6,6 +6,7 @@
  * (their rules, and reads and writes bounded by a context).
  */
 #include <arpa/inet.h>
+#include <dirent.h>
 #include <dlfcn.h>
 #include <errno.h>
 #include <fcntl.h>
@@ -966,6 +967,42 @@ static void slower_main(void *arg) {
 }
 TEST(dial_deadline_and_context_bound_the_lookup) {
   check_run(slower_main, NULL, 2);
+}
+
+/* A runtime that stops while a coroutine waits for a lookup abandons
+ * that coroutine; the lookup, finishing on its own thread afterwards,
+ * leaves no descriptor (nor memory) behind. */
+static void abandoned_lookup(void *arg) {
+  (void)arg;
+  loom_conn *c;
+  (void)loom_dial(&c, "tcp", "slow.loom.test:1");
+  CHECK_FAIL("the runtime stopped before the lookup ended");
+}
+static void abandon_lookup_main(void *arg) {
+  (void)arg;
+  CHECK_OK(loom_go(abandoned_lookup, NULL));
+  loom_sleep(50 * CHECK_MS); /* it waits for its lookup (300 ms) */
+}
+static int open_fds(void) {
+  int n = 0;
+  DIR *d = opendir("/proc/self/fd");
+  CHECK(d != NULL);
+  for (struct dirent *e; (e = readdir(d)) != NULL;)
+    n += e->d_name[0] != '.';
+  closedir(d);
+  return n - 1; /* opendir's own */
+}
+TEST(lookup_abandoned_at_shutdown_leaves_nothing) {
+  int fds0 = open_fds();
+  check_run(abandon_lookup_main, NULL, 1);
+  /* The lookup ends 300 ms after it began: 3 s is plenty. */
+  int fds1 = open_fds();
+  for (int i = 0; i < 30 && fds1 != fds0; i++) {
+    usleep(100 * 1000);
+    fds1 = open_fds();
+  }
+  CHECKF(fds1 == fds0, "%d descriptors after the lookup ended, %d before", fds1,
+         fds0);
 }
 
 /* ------------------------------------------------------------------ */

@@ -237,6 +237,8 @@ static int literal(int family, const char *host, int port, loom__addrs *out) {
 
 /* One lookup, shared by its caller and its thread (refs). */
 struct lookup {
+  loom__rtobj obj; /* first: a coroutine's share, dropped by the runtime
+                      if it stops while the coroutine waits */
   _Atomic int refs;
   _Atomic int done; /* set (release) before the eventfd is written */
   int efd;          /* written once when the answer is in */
@@ -254,6 +256,10 @@ static void lookup_put(struct lookup *lk) {
     close(lk->efd);
     loom__free(lk);
   }
+}
+
+static void lookup_abandon(loom__rtobj *o) {
+  lookup_put((struct lookup *)(void *)o); /* obj is the first member */
 }
 
 static void resolve_host(struct lookup *lk) {
@@ -363,6 +369,14 @@ static int lookup(const char *host, int family, int socktype, int port,
     loom__free(lk);
     return -r;
   }
+  /* A coroutine the runtime abandons at shutdown never comes back for
+   * its share: the runtime drops it then. */
+  loom__m *m = loom__getm();
+  loom__rt *rt = m != NULL ? m->rt : NULL;
+  if (rt != NULL) {
+    lk->obj.abandon = lookup_abandon;
+    loom__rt_track(rt, &lk->obj);
+  }
   /* Parks a coroutine; a plain thread (or one in a blocking section,
    * which stays its own) waits in poll(2). */
   do {
@@ -372,6 +386,8 @@ static int lookup(const char *host, int family, int socktype, int port,
     *out = lk->out;
     err = lk->err;
   }
+  if (rt != NULL)
+    loom__rt_untrack(rt, &lk->obj);
   lookup_put(lk);
   return err;
 }
