@@ -1210,6 +1210,39 @@ TEST(cron_period_set_from_a_thread) {
   run(retime_thread_main, 2, "retime thread");
 }
 
+/* A cron that sets its own period at every tick (a heartbeat that
+ * adjusts itself) does not defer the read timeout either: a silent
+ * peer still times out. */
+static void recron(loom_session *s) {
+  ev_cron(s);
+  CHECK_OK(loom_session_set_cron_period(s, 20 * CHECK_MS));
+}
+static const loom_session_listener recron_listener = {
+    .on_open = ev_open,
+    .on_message = ev_message,
+    .on_cron = recron,
+    .on_error = ev_error,
+    .on_close = ev_close,
+};
+static void recron_main(void *arg) {
+  (void)arg;
+  codecs_init();
+  loom_server_opts o = server_opts(&line);
+  o.session.listener = &recron_listener;
+  o.session.read_timeout = 150 * CHECK_MS;
+  o.session.cron_period = 20 * CHECK_MS;
+  loom_conn *peer;
+  loom_server *srv = serve_dial(&o, &peer);
+  WAIT_FOR(atomic_load(&E.closes) == 1, 5);
+  CHECK_ERR(atomic_load(&E.err), -ETIMEDOUT);
+  CHECK_GE(atomic_load(&E.crons), 2);
+  CHECK_OK(loom_close(peer));
+  CHECK_OK(loom_server_close(srv, loom_now() + 5 * SEC));
+}
+TEST(cron_period_set_does_not_defer_read_timeout) {
+  run(recron_main, 2, "cron period set from on_cron");
+}
+
 /* A peer that sends more often than read_timeout is not closed; once it
  * stops, it is. */
 static void busy_main(void *arg) {

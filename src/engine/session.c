@@ -85,8 +85,9 @@ struct loom_session {
   loom__owner *owner;
   _Atomic int state;
   _Atomic int err; /* the abort reason */
-  _Atomic bool retime; /* read_timeout or cron_period changed: the reader
-                          recomputes its deadlines (retime) */
+  _Atomic unsigned retime; /* RETIME_ bits: read_timeout or cron_period
+                              changed, the reader recomputes that one's
+                              deadline (retime) */
   int fd;
   bool packet, connected;
   bool unix_dgram; /* "unixgram": datagrams beyond UDP's 64 KiB */
@@ -286,25 +287,28 @@ void loom_session_abort(loom_session *s, int err) {
 
 /* ---- timeouts changed while the session runs ---------------------------- */
 
-/* read_timeout and cron_period: the reader recomputes its deadlines
- * (arm), woken out of a read under the old ones. */
-static int set_reader_opt(loom_session *s, int64_t *field, int64_t ns) {
+/* read_timeout and cron_period: the reader recomputes the deadline of
+ * the one changed (arm), woken out of a read under the old ones. */
+#define RETIME_IDLE 1u
+#define RETIME_CRON 2u
+static int set_reader_opt(loom_session *s, int64_t *field, unsigned what,
+                          int64_t ns) {
   if (s == NULL || ns < 0)
     return -EINVAL;
   if (atomic_load(&s->state) != S_OPEN)
     return LOOM_ECLOSED;
   __atomic_store_n(field, ns, __ATOMIC_RELAXED);
-  atomic_store(&s->retime, true); /* after the value: see arm */
+  atomic_fetch_or(&s->retime, what); /* after the value: see arm */
   wake_io(s, false);
   return 0;
 }
 
 int loom_session_set_read_timeout(loom_session *s, int64_t ns) {
-  return set_reader_opt(s, s ? &s->o.read_timeout : NULL, ns);
+  return set_reader_opt(s, s ? &s->o.read_timeout : NULL, RETIME_IDLE, ns);
 }
 
 int loom_session_set_cron_period(loom_session *s, int64_t ns) {
-  return set_reader_opt(s, s ? &s->o.cron_period : NULL, ns);
+  return set_reader_opt(s, s ? &s->o.cron_period : NULL, RETIME_CRON, ns);
 }
 
 int loom_session_set_write_timeout(loom_session *s, int64_t ns) {
@@ -1139,15 +1143,21 @@ static void shed(loom_session *s, reader *r, bool to_stack) {
 }
 
 /* The idle check and the next cron from the options: at the start, and
- * after loom_session_set_read_timeout / _set_cron_period (both count
- * from then).  An unconnected packet session serves every peer of its
- * socket (a UDP server's one session): no single peer to time out. */
-static void retime(loom_session *s, reader *r, int64_t now) {
-  int64_t rt = opt_load(&s->o.read_timeout);
-  int64_t cp = opt_load(&s->o.cron_period);
-  r->idle_check =
-      rt && (!s->packet || s->connected) ? loom__sat_add(now, rt) : 0;
-  r->next_cron = cp ? loom__sat_add(now, cp) : 0;
+ * after loom_session_set_read_timeout / _set_cron_period (each counts
+ * from then; `what` says which changed, and only that one moves: a cron
+ * period set at every tick must not defer the idle check for ever).  An
+ * unconnected packet session serves every peer of its socket (a UDP
+ * server's one session): no single peer to time out. */
+static void retime(loom_session *s, reader *r, int64_t now, unsigned what) {
+  if (what & RETIME_IDLE) {
+    int64_t rt = opt_load(&s->o.read_timeout);
+    r->idle_check =
+        rt && (!s->packet || s->connected) ? loom__sat_add(now, rt) : 0;
+  }
+  if (what & RETIME_CRON) {
+    int64_t cp = opt_load(&s->o.cron_period);
+    r->next_cron = cp ? loom__sat_add(now, cp) : 0;
+  }
 }
 
 /* The read deadline the reader wants: the earlier of cron and idle
@@ -1163,9 +1173,12 @@ static inline int64_t wanted_deadline(const reader *r) {
  * to set. */
 __attribute__((noinline)) static int arm_slow(loom_session *s, reader *r) {
   for (;;) {
-    if (atomic_load_explicit(&s->retime, memory_order_acquire)) {
-      atomic_store_explicit(&s->retime, false, memory_order_relaxed);
-      retime(s, r, loom_now());
+    /* Taken in one step: a change made between a load and a store
+     * would be lost. */
+    unsigned what =
+        atomic_exchange_explicit(&s->retime, 0, memory_order_acquire);
+    if (what != 0) {
+      retime(s, r, loom_now(), what);
       r->deadline = -1; /* the change set a past one: set ours again */
     }
     int64_t d = wanted_deadline(r);
@@ -1406,8 +1419,8 @@ static void reader_main(void *arg) {
 
   int64_t now = loom_now();
   atomic_store_explicit(&s->last_read, now, memory_order_relaxed);
-  atomic_store_explicit(&s->retime, false, memory_order_relaxed);
-  retime(s, &r, now);
+  (void)atomic_exchange_explicit(&s->retime, 0, memory_order_acquire);
+  retime(s, &r, now, RETIME_IDLE | RETIME_CRON);
   rc = s->packet ? read_packets(s, &r) : read_stream(s, &r);
   if (rc < 0)
     loom_session_abort(s, rc);
