@@ -1073,4 +1073,44 @@ static void client_sockopts_main(void *arg) {
 
 TEST(client_sets_socket_options) { check_run(client_sockopts_main, NULL, 2); }
 
+/* Linux takes at most 32767 s of idle before keep-alive probes: more is
+ * refused at the start, by servers and clients alike, rather than left
+ * to fail every connection a client dials (or be ignored by a server). */
+static void keepalive_max_main(void *arg) {
+  (void)arg;
+  loom_server *srv =
+      start_server("tcp", "127.0.0.1:0", NULL, 0, srv_addr, sizeof srv_addr);
+  loom_client_opts o = {
+      .network = "tcp",
+      .addr = srv_addr,
+      .keepalive = 32768,
+      .reconnect_interval = -1,
+      .session = {.listener = &client_listener, .codec = &lenpfx},
+  };
+  loom_client *cl;
+  int rc = loom_client_start(&cl, &o);
+  if (rc == 0) { /* how its connection fares, for the message */
+    int w = loom_client_wait(cl, 1, loom_now() + 5000000000);
+    CHECK_OK(loom_client_close(cl, loom_now() + 5000000000));
+    CHECKF(rc != 0, "a client with keepalive 32768 started; its dial: %d", w);
+  }
+  CHECK_ERR(rc, -EINVAL);
+  o.keepalive = 32767;
+  CHECK_OK(loom_client_start(&cl, &o));
+  CHECK_OK(loom_client_wait(cl, 1, loom_now() + 5000000000));
+  CHECK_OK(loom_client_close(cl, loom_now() + 5000000000));
+  loom_server_opts so = {
+      .network = "tcp",
+      .addr = "127.0.0.1:0",
+      .keepalive = 32768,
+      .session = {.listener = &client_listener, .codec = &lenpfx},
+  };
+  loom_server *srv2;
+  CHECK_ERR(loom_server_start(&srv2, &so), -EINVAL);
+  CHECK_OK(loom_server_close(srv, loom_now() + 5000000000));
+}
+TEST(keepalive_beyond_the_kernel_limit_is_refused) {
+  check_run(keepalive_max_main, NULL, 2);
+}
+
 CHECK_MAIN()

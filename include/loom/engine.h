@@ -365,8 +365,9 @@ typedef struct loom_server_opts {
   bool reuseport;     /* SO_REUSEPORT, stream and packet servers alike
                          (tcp and udp; unix paths ignore it) */
   bool no_delay_off;  /* leave Nagle on (TCP_NODELAY is set by default) */
-  int keepalive;      /* seconds of idle before keep-alive probes; 0:
-                         the system default (negative: -EINVAL) */
+  int keepalive;      /* seconds of idle before keep-alive probes, at
+                         most 32767 (Linux's limit); 0: the system
+                         default (negative or more: -EINVAL) */
   int rcvbuf, sndbuf; /* socket buffer sizes (each accepted connection's,
                          or a packet server's socket); 0: the system
                          default (negative: -EINVAL) */

@@ -154,7 +154,8 @@ static void supervisor(void *arg) {
 
 int loom_client_start(loom_client **out, const loom_client_opts *o) {
   if (!o || !o->network || !o->addr || o->conns < 0 || o->reconnect_max < 0 ||
-      o->dial_timeout < 0 || o->keepalive < 0 || o->rcvbuf < 0 || o->sndbuf < 0)
+      o->dial_timeout < 0 || o->keepalive < 0 ||
+      o->keepalive > LOOM__KEEPALIVE_MAX || o->rcvbuf < 0 || o->sndbuf < 0)
     return -EINVAL;
   if (loom_id() == 0)
     return LOOM_ENOTCO;

@@ -68,6 +68,11 @@ typedef struct loom__sockopts {
   int keepalive, rcvbuf, sndbuf;
 } loom__sockopts;
 
+/* The most seconds of idle before keep-alive probes Linux takes
+ * (TCP_KEEPIDLE's limit); more is -EINVAL at a server's or client's
+ * start, not a failure of every connection. */
+#define LOOM__KEEPALIVE_MAX 32767
+
 /* Set them on a stream connection (Nagle and keep-alive on TCP only) or
  * on a packet socket (the buffer sizes): 0 or the first error. */
 int loom__sockopts_apply(const loom__sockopts *so, const char *network,

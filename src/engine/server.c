@@ -85,8 +85,9 @@ int loom_server_start(loom_server **out, const loom_server_opts *o) {
     return -ENOMEM;
   loom__owner_init(&srv->owner);
   int rc = loom__session_opts(&srv->so, &o->session);
-  if (rc < 0 || o->max_conns < 0 || o->keepalive < 0 || o->rcvbuf < 0 ||
-      o->sndbuf < 0 || strlen(o->network) >= sizeof srv->network)
+  if (rc < 0 || o->max_conns < 0 || o->keepalive < 0 ||
+      o->keepalive > LOOM__KEEPALIVE_MAX || o->rcvbuf < 0 || o->sndbuf < 0 ||
+      strlen(o->network) >= sizeof srv->network)
     goto fail_einval;
   srv->owner.pool = srv->so.pool;
   snprintf(srv->network, sizeof srv->network, "%s", o->network);
