@@ -1215,6 +1215,11 @@ static int on_deadline(loom_session *s, reader *r) {
   r->deadline = -1; /* the socket's deadline is in the past: re-arm */
   if (!s->packet)
     shed(s, r, true); /* a cron tick or idle check: a quiet moment */
+  /* An option changed (its wake-up may be what woke us): arm recomputes
+   * both deadlines first, and the idle check must not measure an old
+   * deadline against a new read_timeout (0 would close at once). */
+  if (atomic_load_explicit(&s->retime, memory_order_acquire) != 0)
+    return 0;
   if (r->idle_check && now >= r->idle_check) {
     int64_t since = LOAD(last_read);
     if (r->handled_at > since)
