@@ -57,7 +57,6 @@
 #include "ctx/ctx_internal.h"
 #include "loom/fd.h"
 #include "loom/runtime.h"
-#include "runtime/alloc.h"
 #include "runtime/runtime.h"
 
 static int parse_port(const char *s, int *port) {
@@ -254,7 +253,7 @@ static _Atomic int lookups_running;
 static void lookup_put(struct lookup *lk) {
   if (atomic_fetch_sub_explicit(&lk->refs, 1, memory_order_acq_rel) == 1) {
     close(lk->efd);
-    loom__free(lk);
+    free(lk); /* see lookup() for why not loom__free */
   }
 }
 
@@ -340,7 +339,10 @@ static int lookup(const char *host, int family, int socktype, int port,
   if (err != 0)
     return err;
   size_t hl = strlen(host) + 1;
-  struct lookup *lk = loom__malloc(sizeof *lk + hl);
+  /* From the C library, not loom_set_allocator's: the lookup's thread
+   * may free it after loom_run has returned and another allocator (or
+   * none) has been set. */
+  struct lookup *lk = malloc(sizeof *lk + hl);
   if (lk == NULL) {
     atomic_fetch_sub_explicit(&lookups_running, 1, memory_order_relaxed);
     return -ENOMEM;
@@ -366,7 +368,7 @@ static int lookup(const char *host, int family, int socktype, int port,
     atomic_fetch_sub_explicit(&lookups_running, 1, memory_order_relaxed);
     if (lk->efd >= 0)
       close(lk->efd);
-    loom__free(lk);
+    free(lk);
     return -r;
   }
   /* A coroutine the runtime abandons at shutdown never comes back for
