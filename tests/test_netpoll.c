@@ -306,9 +306,13 @@ TEST(waiting_costs_no_cpu) {
 /* poll(2), counted per thread: how often a blocked thread woke. */
 static _Thread_local unsigned poll_calls;
 int poll(struct pollfd *fds, nfds_t n, int timeout) {
-  static int (*real)(struct pollfd *, nfds_t, int);
-  if (real == NULL)
+  typedef int (*poll_fn)(struct pollfd *, nfds_t, int);
+  static _Atomic(poll_fn) real_once; /* threads poll at once */
+  poll_fn real = atomic_load(&real_once);
+  if (real == NULL) {
     *(void **)&real = dlsym(RTLD_NEXT, "poll");
+    atomic_store(&real_once, real);
+  }
   poll_calls++;
   return real(fds, n, timeout);
 }
@@ -508,5 +512,57 @@ static void tctx_main(void *arg) {
   close(tctx_pipe[1]);
 }
 TEST(fd_wait_ctx_on_a_plain_thread) { check_run(tctx_main, NULL, 2); }
+
+/* A reader and a writer wait on one foreign fd at once, each woken by
+ * its own direction; a second waiter in a taken direction is -EBUSY. */
+static int duo_sp[2];
+static atomic_int duo_r = 1, duo_w = 1;
+static void duo_reader(void *arg) {
+  (void)arg;
+  atomic_store(&duo_r, loom_fd_wait(duo_sp[0], LOOM_FD_READ,
+                                    loom_now() + 10000 * CHECK_MS));
+}
+static void duo_writer(void *arg) {
+  (void)arg;
+  atomic_store(&duo_w, loom_fd_wait(duo_sp[0], LOOM_FD_WRITE,
+                                    loom_now() + 10000 * CHECK_MS));
+}
+static int duo_result(atomic_int *v) {
+  int64_t end = loom_now() + 10000 * CHECK_MS;
+  while (atomic_load(v) == 1 && loom_now() < end)
+    loom_sleep(CHECK_MS);
+  return atomic_load(v);
+}
+static void duo_main(void *arg) {
+  (void)arg;
+  static char buf[65536];
+  CHECK_EQ(socketpair(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK, 0, duo_sp), 0);
+  while (write(duo_sp[0], buf, sizeof buf) > 0)
+    ;
+  while (write(duo_sp[0], buf, 1) > 0)
+    ;
+  CHECK_OK(loom_go(duo_reader, NULL));
+  CHECK_OK(loom_go(duo_writer, NULL));
+  loom_sleep(20 * CHECK_MS);
+  CHECK_EQ(atomic_load(&duo_r), 1); /* both parked */
+  CHECK_EQ(atomic_load(&duo_w), 1);
+  CHECK_ERR(loom_fd_wait(duo_sp[0], LOOM_FD_READ, 0), -EBUSY);
+  CHECK_ERR(loom_fd_wait(duo_sp[0], LOOM_FD_WRITE, 0), -EBUSY);
+  CHECK_ERR(loom_fd_wait(duo_sp[0], LOOM_FD_READ | LOOM_FD_WRITE, 0), -EBUSY);
+  CHECK_EQ(write(duo_sp[1], "x", 1), 1); /* the reader's turn */
+  CHECK_OK(duo_result(&duo_r));
+  CHECK_EQ(atomic_load(&duo_w), 1); /* still waiting for room */
+  while (read(duo_sp[1], buf, sizeof buf) > 0)
+    ;
+  CHECK_OK(duo_result(&duo_w));
+  /* Both gone: the registration went with the last; any wait works. */
+  char c;
+  CHECK_EQ(read(duo_sp[0], &c, 1), 1);
+  CHECK_ERR(loom_fd_wait(duo_sp[0], LOOM_FD_READ, loom_now() + CHECK_MS),
+            -ETIMEDOUT);
+  close(duo_sp[0]);
+  close(duo_sp[1]);
+}
+TEST(fd_wait_reader_and_writer_at_once) { check_run(duo_main, NULL, 2); }
 
 CHECK_MAIN()

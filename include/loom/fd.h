@@ -35,12 +35,15 @@ extern "C" {
  * Outside a coroutine the calling thread waits in poll(2).
  *
  * Returns 0 when ready (for both: one of them is; try each operation);
- * -ETIMEDOUT when the deadline passed first; -EINVAL for bad `events`; -EBADF
- * for a bad fd; -EPERM for an fd the poller cannot take that poll(2) did not
- * find ready (a regular file or a directory is always ready, as with poll(2): 0
- * at once); -EBUSY when another coroutine is already waiting on the same fd
- * through loom_fd_wait, or when the fd is one of loom's own sockets (the poller
- * watches it already: wait through the net API); -ENOMEM.
+ * -ETIMEDOUT when the deadline passed first; -EINVAL for bad `events`;
+ * -EBADF for a bad fd; -EPERM for an fd the poller cannot take that
+ * poll(2) did not find ready (a regular file or a directory is always
+ * ready, as with poll(2): 0 at once); -EBUSY when another coroutine is
+ * already waiting on the same fd in the same direction through
+ * loom_fd_wait (one reader and one writer may wait at once; a wait for
+ * both directions excludes every other), or when the fd is one of
+ * loom's own sockets (the poller watches it already: wait through the
+ * net API); -ENOMEM.
  * Parks.  Thread-safe.  The fd must stay open until the call returns.
  */
 LOOM_API int loom_fd_wait(int fd, int events, int64_t deadline);

@@ -7,10 +7,14 @@
  * moment of registration, so nothing arriving between the check and the
  * registration is missed) and unregistered after.  A registration per
  * wait is what makes the call safe for fds loom does not own: it never
- * holds a registration across the caller's close().
+ * holds a registration across the caller's close().  Two coroutines may
+ * wait on one fd at once, one per direction (a reader and a writer of a
+ * foreign library's socket): they share the registration, and the last
+ * to leave removes it.
  */
 #include <errno.h>
 #include <poll.h>
+#include <pthread.h>
 #include <stdbool.h>
 #include <stdint.h>
 #include <sys/eventfd.h>
@@ -112,6 +116,61 @@ static int wait_thread(int fd, short ev, int64_t deadline, loom_ctx *ctx) {
 
 static int fd_wait_impl(int fd, int events, int64_t deadline, loom_ctx *ctx);
 
+/* ---- sharing a foreign fd between waiters ------------------------------ */
+
+/* Over every runtime's fdw_pds list and the pds' fdw fields.  Waits on
+ * foreign fds are few and slow: one lock is enough. */
+static pthread_mutex_t fdw_lock = PTHREAD_MUTEX_INITIALIZER;
+
+/* Take direction `dirs` (1 read, 2 write) of fd's shared pd, opening it
+ * if nobody waits on fd yet.  -EBUSY: a direction taken, or an fd that
+ * loom's net layer owns (registered already). */
+static int fdw_take(loom__rt *rt, int fd, unsigned dirs, loom__pd **out) {
+  pthread_mutex_lock(&fdw_lock);
+  loom__pd *pd = rt->fdw_pds;
+  while (pd != NULL && pd->fd != fd)
+    pd = pd->fdw_next;
+  int err = 0;
+  if (pd != NULL) {
+    if (pd->fdw_dirs & dirs)
+      err = -EBUSY;
+  } else {
+    err = loom__pd_open(rt, fd, &pd);
+    if (err == -EEXIST)
+      err = -EBUSY;
+    if (err == 0) {
+      pd->fdw_dirs = 0;
+      pd->fdw_next = rt->fdw_pds;
+      rt->fdw_pds = pd;
+    }
+  }
+  if (err == 0) {
+    pd->fdw_dirs |= dirs;
+    *out = pd;
+  }
+  pthread_mutex_unlock(&fdw_lock);
+  return err;
+}
+
+/* Give direction `dirs` back: its deadline (and a wait for either
+ * direction) goes with it; the last user unregisters the fd. */
+static void fdw_give(loom__rt *rt, loom__pd *pd, unsigned dirs, int mode) {
+  pthread_mutex_lock(&fdw_lock);
+  pd->fdw_dirs &= ~dirs;
+  if (pd->fdw_dirs == 0) {
+    loom__pd **pp = &rt->fdw_pds;
+    while (*pp != pd)
+      pp = &(*pp)->fdw_next;
+    *pp = pd->fdw_next;
+    loom__pd_close(pd, true); /* the fd is not ours: it stays open */
+  } else {
+    (void)loom__pd_set_deadline(pd, mode, 0);
+    if (dirs == 3)
+      loom__pd_either_off(pd);
+  }
+  pthread_mutex_unlock(&fdw_lock);
+}
+
 int loom_fd_wait(int fd, int events, int64_t deadline) {
   return fd_wait_impl(fd, events, deadline, NULL);
 }
@@ -140,17 +199,18 @@ static int fd_wait_impl(int fd, int events, int64_t deadline, loom_ctx *ctx) {
   if (deadline != 0 && deadline <= loom_now())
     return -ETIMEDOUT;
 
+  /* Both directions: the wait takes the read side's word, which a
+   * write readiness then wakes too; it excludes other waiters in either
+   * direction. */
+  unsigned dirs = (unsigned)events;
+  int mode = events == LOOM_FD_WRITE ? 'w' : 'r';
+  loom__rt *rt = m->rt; /* m may not be ours after the park; rt is */
   loom__pd *pd;
-  int err = loom__pd_open(m->rt, fd, &pd);
-  if (err == -EEXIST)
-    return -EBUSY;
+  int err = fdw_take(rt, fd, dirs, &pd);
   if (err != 0)
     return err;
-  /* Both directions: the wait takes the read side's word, which a
-   * write readiness then wakes too. */
-  int mode = events == LOOM_FD_WRITE ? 'w' : 'r';
-  if (events == (LOOM_FD_READ | LOOM_FD_WRITE) && loom__pd_either(pd)) {
-    loom__pd_close(pd, true);
+  if (dirs == 3 && loom__pd_either(pd)) {
+    fdw_give(rt, pd, dirs, mode);
     return 0; /* became writable since the poll */
   }
   if (deadline != 0)
@@ -171,6 +231,6 @@ static int fd_wait_impl(int fd, int events, int64_t deadline, loom_ctx *ctx) {
     if (err == -ETIMEDOUT && loom__ctx_reason(ctx) != 0)
       err = loom__ctx_reason(ctx);
   }
-  loom__pd_close(pd, true); /* the fd is not ours: it stays open */
+  fdw_give(rt, pd, dirs, mode);
   return err;
 }

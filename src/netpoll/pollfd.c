@@ -470,6 +470,10 @@ bool loom__pd_either(loom__pd *pd) {
   return atomic_load_explicit(&pd->wg, memory_order_seq_cst) == PD_READY;
 }
 
+void loom__pd_either_off(loom__pd *pd) {
+  atomic_store_explicit(&pd->either, false, memory_order_relaxed);
+}
+
 void loom__pd_evict(loom__pd *pd) {
   pd_lock(pd);
   pd->closing = true;

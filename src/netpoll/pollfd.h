@@ -72,6 +72,10 @@ typedef struct loom__pd {
   int slock;                  /* spinlock over wsleep (taken before
                                  `lock` where both are held) */
   struct loom__pd *link;      /* pool free list */
+  /* loom_fd_wait's sharing of a foreign fd (fd_wait.c, under its lock):
+   * the directions taken ('r' 1, 'w' 2) and the next shared pd. */
+  unsigned fdw_dirs;
+  struct loom__pd *fdw_next;
   struct loom__rt *owner;
 } loom__pd;
 
@@ -89,6 +93,8 @@ void loom__pd_evict(loom__pd *pd);
  * wait for either direction, loom_fd_wait's).  True if write readiness
  * came already (then there is no need to wait). */
 bool loom__pd_either(loom__pd *pd);
+/* And back: a write readiness wakes only the write waiter. */
+void loom__pd_either_off(loom__pd *pd);
 /* Wait for readiness: mode 'r' or 'w'.  Returns 0 when ready,
  * -ETIMEDOUT when the deadline passed, LOOM_ECLOSED when evicted.
  * Parks.  At most one coroutine waits per direction. */

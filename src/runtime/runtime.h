@@ -242,6 +242,7 @@ struct loom__rt {
   pthread_mutex_t pd_lock;       /* the poll-descriptor pool */
   struct loom__pd *pd_free;
   struct pd_block *pd_blocks;
+  struct loom__pd *fdw_pds; /* foreign fds loom_fd_wait waits on */
 
   pthread_t sysmon;
   bool sysmon_started;
