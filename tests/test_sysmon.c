@@ -252,6 +252,44 @@ TEST(schedtrace_env) {
   check_trace_lines();
 }
 
+/* More Ps than one line can list: the list ends with how many it left
+ * out, and the entries and that number add up to every P. */
+static void trace_many_main(void *arg) {
+  (void)arg;
+  int64_t t0 = loom_now();
+  while (log_count() < 1 && loom_now() - t0 < 3000 * CHECK_MS)
+    loom_sleep(5 * CHECK_MS);
+}
+TEST(schedtrace_many_procs_says_what_it_left_out) {
+  loom_config cfg;
+  unsetenv("LOOM_SCHEDTRACE");
+  cfg_with_log(&cfg, 300);
+  cfg.schedtrace_ms = 20;
+  CHECK_OK(loom_run(trace_many_main, NULL, &cfg));
+  CHECK_GE(log_count(), 1);
+  const char *open = strrchr(log_lines[0], '[');
+  CHECK(open != NULL);
+  int listed = 0, more = 0;
+  const char *p = open + 1;
+  while (*p != ']' && *p != '\0') {
+    if (*p == '+') {
+      CHECK_EQ(sscanf(p, "+%d more", &more), 1);
+      break;
+    }
+    while (*p == ' ')
+      p++;
+    if (*p >= '0' && *p <= '9') {
+      listed++;
+      while (*p >= '0' && *p <= '9')
+        p++;
+    }
+  }
+  printf("%d Ps listed, %d more\n", listed, more);
+  CHECK_GT(more, 0);
+  CHECK_EQ(listed + more, 300);
+  log_print_and_free();
+}
+
 /* Without tracing an idle runtime says nothing. */
 TEST(schedtrace_off_is_silent) {
   loom_config cfg;

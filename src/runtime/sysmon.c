@@ -125,9 +125,12 @@ static void schedtrace(loom__rt *rt, int64_t now) {
   loom_stats st;
   char queues[512];
   size_t off = 0;
-  for (int i = 0; i < rt->nprocs && off + 16 < sizeof queues; i++)
+  int i = 0;
+  for (; i < rt->nprocs && off + 32 < sizeof queues; i++)
     off += (size_t)snprintf(queues + off, sizeof queues - off, "%s%u",
                             i ? " " : "", loom__runq_len(rt->allp[i]));
+  if (i < rt->nprocs) /* the line has a limit: say what it left out */
+    snprintf(queues + off, sizeof queues - off, " +%d more", rt->nprocs - i);
   loom_stats_get(&st);
   loom__log(rt,
             "schedtrace %lldms: procs=%d idleprocs=%d threads=%d "
