@@ -33,9 +33,10 @@
  *     stream without error and stopped between two blocks, and then
  *     after every byte it made; LOOM_ECOMPRESS only if zlib refused the
  *     stream (corrupt, finished, a preset dictionary) or the stream was
- *     cut inside a block; -ENOMEM only after an injected failure (a
- *     failed allocation is never reported as a corrupt stream, nor
- *     lost by the reader);
+ *     cut inside a block, and only after every byte zlib made of the
+ *     stream before it broke, however it was cut; -ENOMEM only after
+ *     an injected failure (a failed allocation is never reported as a
+ *     corrupt stream, nor lost by the reader);
  *   - a package is at most max_pkg_len, and the reader's buffer never
  *     grows past max_pkg_len + 64: a bomb is an oversized package, not
  *     memory;
@@ -373,6 +374,9 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
       FAIL("LOOM_ECOMPRESS after %zu bytes of a stream zlib takes whole "
            "(%zu bytes)",
            got, want.len);
+    if (!want.capped && got != want.len)
+      FAIL("LOOM_ECOMPRESS after %zu of the %zu bytes zlib makes first", got,
+           want.len);
     break;
   case -ENOMEM:
     if (!failed)

@@ -354,6 +354,66 @@ static void bad_main(void *arg) {
 }
 TEST(garbage_and_finished_streams_are_ecompress) { run(bad_main); }
 
+/* Good batches, then bytes that end the stream: junk (an invalid block
+ * type), or the peer finishing it (Z_FINISH after the batches).  Every
+ * byte inflated before the end comes back first, however the stream is
+ * cut into reads and whatever the reader's room — as a plain session
+ * handles the frames before a bad one — and then LOOM_ECOMPRESS, on
+ * that read and on any after it. */
+static void bytes_before_main(void *arg) {
+  (void)arg;
+  static const size_t batches[] = {200, 37, 900};
+  static const size_t pieces[] = {0, 1, 3, 64, 511};
+  static const size_t rooms[] = {1, 100, 512, 4096};
+  enum { N = 1137 };
+  make_data(data, N, 23);
+  for (int finish = 0; finish < 2; finish++) {
+    size_t clen = deflate_batches(data, N, 15, 8, batches, 3, comp, sizeof comp,
+                                  ends, dends, &nends);
+    size_t want = N;
+    if (finish) { /* a last batch, and the end of the stream */
+      z_stream d;
+      memset(&d, 0, sizeof d);
+      CHECK_EQ(deflateInit(&d, 6), Z_OK);
+      d.next_in = data;
+      d.avail_in = N;
+      d.next_out = comp;
+      d.avail_out = sizeof comp;
+      CHECK_EQ(deflate(&d, Z_SYNC_FLUSH), Z_OK);
+      make_data(data + N, 300, 29);
+      d.next_in = data + N;
+      d.avail_in = 300;
+      CHECK_EQ(deflate(&d, Z_FINISH), Z_STREAM_END);
+      clen = sizeof comp - d.avail_out;
+      deflateEnd(&d);
+      want = N + 300;
+    } else {
+      memset(comp + clen, 0xff, 16); /* BFINAL 1, BTYPE 11: invalid */
+      clen += 16;
+    }
+    for (size_t pi = 0; pi < sizeof pieces / sizeof pieces[0]; pi++)
+      for (size_t ri = 0; ri < sizeof rooms / sizeof rooms[0]; ri++) {
+        script s;
+        script_init(&s, pieces[pi]);
+        script_add(&s, comp, clen);
+        loom__layer *z = zlayer_over(&s);
+        size_t got;
+        int rc = read_all(z, rooms[ri], back, sizeof back, &got);
+        CHECKF(rc == LOOM_ECOMPRESS && got == want &&
+                   memcmp(back, data, want) == 0,
+               "%s, pieces of %zu, reads of %zu: rc %d (%s), %zu of %zu "
+               "bytes",
+               finish ? "finished" : "junk", pieces[pi], rooms[ri], rc,
+               loom_err_name(rc), got, want);
+        ssize_t again = z->ops->read(z, back, sizeof back);
+        CHECKF(again == LOOM_ECOMPRESS, "a read after the error: %zd (%s)",
+               again, loom_err_name((int)again));
+        z->ops->free(z);
+      }
+  }
+}
+TEST(bytes_before_a_broken_block_come_first) { run(bytes_before_main); }
+
 /* ------------------------------------------------------------------ */
 /* The input buffer: on the heap only during bursts.                    */
 

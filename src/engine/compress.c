@@ -85,6 +85,8 @@ typedef struct zlayer {
                       it may have more to give without more input */
   bool boundary;   /* reader's: the last inflate call that took or gave a
                       byte stopped between two blocks (data_type bit 7) */
+  int err;         /* reader's: LOOM_ECOMPRESS once the peer's stream is
+                      broken; every read after returns it */
   int level, window_bits, mem_level; /* deflate's, for deflateInit2 */
   uint8_t *inbuf;  /* reader's: compressed bytes read, on the heap (NULL
                       while reads are small); what in.next_in points
@@ -105,13 +107,16 @@ static void zfree(voidpf opaque, voidpf p) {
 }
 
 /* Inflate what is buffered into out[0..len): the count (0: needs more
- * input), LOOM_ECOMPRESS, or -ENOMEM.  Z_BLOCK stops at every block
- * boundary, so that when the input runs out, data_type says whether it
- * ran out between two blocks (see at_boundary); a boundary is passed,
- * not taken for "needs more input", until the output is full or the
- * input gone — so the empty block of a sync flush that follows a
- * batch's data is taken with it, and a small read leaves nothing to
- * keep. */
+ * input), LOOM_ECOMPRESS, or -ENOMEM.  A stream that breaks after
+ * giving bytes in this call gives those first, and the error waits in
+ * z->err for the next read: what the reader gets before the error does
+ * not depend on how the stream was cut into reads.  Z_BLOCK stops at
+ * every block boundary, so that when the input runs out, data_type
+ * says whether it ran out between two blocks (see at_boundary); a
+ * boundary is passed, not taken for "needs more input", until the
+ * output is full or the input gone — so the empty block of a sync
+ * flush that follows a batch's data is taken with it, and a small read
+ * leaves nothing to keep. */
 static ssize_t inflate_some(zlayer *z, void *out, size_t len) {
   uInt room = len > UINT_MAX ? UINT_MAX : (uInt)len;
   z->in.next_out = out;
@@ -124,8 +129,12 @@ static ssize_t inflate_some(zlayer *z, void *out, size_t len) {
      * fine, the session is out of memory. */
     if (rc == Z_MEM_ERROR)
       return -ENOMEM;
-    if (rc != Z_OK && rc != Z_BUF_ERROR)
-      return LOOM_ECOMPRESS; /* Z_DATA_ERROR, Z_NEED_DICT, Z_STREAM_END.. */
+    if (rc != Z_OK && rc != Z_BUF_ERROR) {
+      /* Z_DATA_ERROR, Z_NEED_DICT, Z_STREAM_END... */
+      z->err = LOOM_ECOMPRESS;
+      size_t got = room - z->in.avail_out;
+      return got ? (ssize_t)got : LOOM_ECOMPRESS;
+    }
     /* A call that moved nothing says nothing: at a boundary it moves
      * zlib's mode from TYPE to TYPEDO without reading a bit, and
      * data_type stops saying "between two blocks" although the stream
@@ -178,6 +187,8 @@ static ssize_t zread(loom__layer *l, void *buf, size_t len) {
   zlayer *z = (zlayer *)l;
   _Alignas(16) uint8_t stack_buf[ZIN_STACK];
   bool from_socket = false, on_stack = false;
+  if (z->err)
+    return z->err;
   for (;;) {
     /* With no input left, only if inflate may owe output of what it
      * has taken (the rest of a match, of a stored block): else the call
@@ -189,7 +200,7 @@ static ssize_t zread(loom__layer *l, void *buf, size_t len) {
       /* This frame's buffer is about to go: keep what zlib has not
        * taken, unless the stream is broken, and point nowhere into it. */
       on_stack = false;
-      if (got < 0) {
+      if (got < 0 || z->err) {
         z->in.next_in = NULL;
         z->in.avail_in = 0;
       } else {
@@ -223,7 +234,7 @@ static ssize_t zread(loom__layer *l, void *buf, size_t len) {
         memmove(z->inbuf, z->in.next_in, keep);
       z->in.next_in = z->inbuf; /* also if the read below returns nothing */
       if (keep == ZIN_BUF)
-        return LOOM_ECOMPRESS; /* a full buffer and no progress */
+        return z->err = LOOM_ECOMPRESS; /* a full buffer and no progress */
       n = l->below->ops->read(l->below, z->inbuf + keep, ZIN_BUF - keep);
       if (n > 0 && (size_t)n <= ZIN_STACK / 2)
         z->quiet += z->quiet < ZIN_QUIET;
@@ -231,7 +242,7 @@ static ssize_t zread(loom__layer *l, void *buf, size_t len) {
         z->quiet = 0;
     }
     if (n == 0 && !at_boundary(z))
-      return LOOM_ECOMPRESS; /* the peer's stream ends inside a block */
+      return z->err = LOOM_ECOMPRESS; /* the stream ends inside a block */
     if (n == -ETIMEDOUT && keep == 0 && z->inbuf)
       shed(z); /* the session's deadline (cron, idle check): quiet */
     if (n <= 0)
