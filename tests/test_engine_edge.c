@@ -1362,6 +1362,62 @@ TEST(write_timeout_spares_reading_peer) {
   run(wto_steady_main, 2, "steady reader");
 }
 
+/* Read exactly n bytes from a raw non-blocking socket (within 10 s). */
+static void raw_read_full(int fd, uint8_t *p, size_t n) {
+  int64_t end = loom_now() + 10 * SEC;
+  while (n > 0) {
+    ssize_t k = recv(fd, p, n, 0);
+    if (k > 0) {
+      p += k;
+      n -= (size_t)k;
+      continue;
+    }
+    CHECKF(k < 0 && errno == EAGAIN, "recv %zd with %zu bytes to go: %s", k, n,
+           strerror(errno));
+    CHECK_OK(loom_fd_wait(fd, LOOM_FD_READ, end));
+  }
+}
+
+/* A write timeout set on a batch under way and then turned off again
+ * while the writer is idle: the next batch has no deadline.  The peer
+ * takes a pause well past the old timeout before it reads that batch,
+ * and everything arrives; the session is not timed out. */
+enum { WTO_PKG = 512 * 1024 };
+static uint8_t wto_pkg[WTO_PKG], wto_got[WTO_PKG + 4];
+static void wto_off_main(void *arg) {
+  (void)arg;
+  slow t;
+  slow_start(&t, false, 0, 4 << 20, 0);
+  for (size_t i = 0; i < WTO_PKG; i++)
+    wto_pkg[i] = (uint8_t)(i * 31 + 7);
+  /* One package far over the socket buffers: its rest is the writer's
+   * one batch, stuck without a deadline. */
+  CHECK_OK(loom_session_write(t.s, wto_pkg, WTO_PKG, 0));
+  loom_sleep(50 * CHECK_MS);
+  CHECK_OK(loom_session_set_write_timeout(t.s, 300 * CHECK_MS));
+  raw_read_full(t.peer, wto_got, WTO_PKG + 4); /* the batch completes */
+  CHECK(memcmp(wto_got + 4, wto_pkg, WTO_PKG) == 0);
+  loom_session_stats st;
+  for (;;) { /* the writer is idle */
+    loom_session_stats_get(t.s, &st);
+    if (st.wq_bytes == 0)
+      break;
+    loom_sleep(CHECK_MS);
+  }
+  CHECK_OK(loom_session_set_write_timeout(t.s, 0));
+  CHECK_OK(loom_session_write(t.s, wto_pkg, WTO_PKG, 0));
+  loom_sleep(600 * CHECK_MS); /* twice the old timeout, not reading */
+  CHECKF(atomic_load(&E.closes) == 0, "the session closed with %s",
+         loom_err_name(atomic_load(&E.err)));
+  raw_read_full(t.peer, wto_got, WTO_PKG + 4);
+  CHECK(memcmp(wto_got + 4, wto_pkg, WTO_PKG) == 0);
+  CHECK_EQ(atomic_load(&E.closes), 0);
+  slow_end(&t);
+}
+TEST(write_timeout_turned_off_stays_off) {
+  run(wto_off_main, 2, "write timeout off");
+}
+
 /* A graceful close with bytes queued for a peer that never reads and a
  * writer parked in its write (the state of a session whose peer has
  * stalled for a while): the session ends with `linger` > 0 after writing

@@ -124,6 +124,10 @@ struct loom_session {
   loom_cond wspace;       /* packet senders: psend was let go, or the
                              socket ended */
   int64_t final_deadline; /* set with wfinal: now + linger (0: none) */
+  int64_t wdl;            /* the socket's write deadline as last set by
+                             the writer, loom_session_set_write_timeout
+                             or the close (wmu): the writer sets a
+                             batch's only when it differs */
   loom_wg io_users;       /* packet sessions: senders on the socket */
   loom_sema writer_exit;  /* released by the writer as it exits */
   loom_wg pooled;         /* packages handed to the pool, not yet done */
@@ -321,8 +325,11 @@ int loom_session_set_write_timeout(loom_session *s, int64_t ns) {
   /* A batch under way, bounded by the old value or by none, gets the
    * new bound now.  Not from a plain thread (a deadline ahead needs a
    * P): the next batch has it then. */
-  if (s->wbusy && !s->wfinal && !s->io_closed && s->conn && loom_id() != 0)
-    (void)loom_set_write_deadline(s->conn, ns ? loom__after(ns) : 0);
+  if (s->wbusy && !s->wfinal && !s->io_closed && s->conn && loom_id() != 0) {
+    int64_t d = ns ? loom__after(ns) : 0;
+    if (loom_set_write_deadline(s->conn, d) == 0)
+      s->wdl = d;
+  }
   loom_mutex_unlock(&s->wmu);
   return 0;
 }
@@ -901,7 +908,6 @@ static const loom__layer_ops sock_ops = {"socket", sock_read, sock_writev,
 
 static void writer_main(void *arg) {
   loom_session *s = arg;
-  int64_t wd = 0; /* the write deadline now set */
   loom_mutex_lock(&s->wmu);
   for (;;) {
     /* Idle: a bare socket's queue keeps its chunk for the next burst
@@ -944,7 +950,7 @@ static void writer_main(void *arg) {
     int64_t want = s->wfinal            ? s->final_deadline
                    : s->o.write_timeout ? loom__after(s->o.write_timeout)
                                         : 0;
-    if (want != wd) {
+    if (want != s->wdl) {
       int err = loom_set_write_deadline(s->conn, want);
       if (err < 0 && err != LOOM_ECLOSED) { /* -ENOMEM: an unbounded batch */
         s->wbusy = false;
@@ -953,7 +959,7 @@ static void writer_main(void *arg) {
         loom_mutex_lock(&s->wmu);
         break;
       }
-      wd = want;
+      s->wdl = want;
     }
     loom_mutex_unlock(&s->wmu);
 
@@ -1445,12 +1451,15 @@ end:
     /* A write under way was bounded by write_timeout at most: bound it
      * by the linger now — or cut it, with linger < 0 or after an abort
      * (whose past deadline this must not move back to the future). */
-    if (s->wbusy &&
-        loom_set_write_deadline(
-            s->conn, s->o.linger < 0 || atomic_load(&s->state) == S_ABORTED
-                         ? 1
-                         : s->final_deadline) == -ENOMEM)
-      loom_set_write_deadline(s->conn, 1); /* no timer: cut it, not hang */
+    if (s->wbusy) {
+      s->wdl = s->o.linger < 0 || atomic_load(&s->state) == S_ABORTED
+                   ? 1
+                   : s->final_deadline;
+      if (loom_set_write_deadline(s->conn, s->wdl) == -ENOMEM) {
+        s->wdl = 1;
+        loom_set_write_deadline(s->conn, 1); /* no timer: cut it, not hang */
+      }
+    }
     bool writer = s->writer_on; /* none: nothing was ever queued */
     loom_cond_signal(&s->wcond);
     loom_mutex_unlock(&s->wmu);
