@@ -1459,6 +1459,58 @@ static void linger_drop_main(void *arg) {
 }
 TEST(linger_negative_drops_queue) { run(linger_drop_main, 2, "linger < 0"); }
 
+/* A graceful close while on_message waits for room (timeout < 0) to a
+ * peer that never reads: the wait ends within the linger with
+ * LOOM_ECLOSED, and the close ends.  The reader (or the pooled handler
+ * the reader waits for) was held in that wait for ever, and so was the
+ * close.  On the reader, and in a task pool (arg non-NULL). */
+static atomic_int flood_rc = 1;
+static void flood_reply(loom_session *s, const loom_pkg *pkg) {
+  (void)pkg;
+  int rc = 0;
+  for (int i = 0; i < 1024 && rc == 0; i++)
+    rc = loom_session_write(s, big, PKG, -1);
+  atomic_store(&flood_rc, rc);
+}
+static void close_room_main(void *arg) {
+  if (arg != NULL) {
+    loom_taskpool_opts po = {.queues = 1, .workers = 1};
+    CHECK_OK(loom_taskpool_make(&slow_pool, &po));
+  }
+  slow t;
+  slow_start(&t, false, 0, WQ_HIGH, 200 * CHECK_MS);
+  E.msg = flood_reply;
+  static const uint8_t ping[] = {0, 0, 0, 4, 'p', 'i', 'n', 'g'};
+  CHECK_EQ(write(t.peer, ping, sizeof ping), (ssize_t)sizeof ping);
+  loom_session_stats st;
+  do { /* the reply waits for room */
+    loom_sleep(10 * CHECK_MS);
+    loom_session_stats_get(t.s, &st);
+  } while (st.wq_bytes < (size_t)WQ_HIGH);
+  loom_sleep(50 * CHECK_MS);
+  CHECK_EQ(atomic_load(&flood_rc), 1);
+  loom_session_close(t.s);
+  WAIT_FOR(atomic_load(&E.closes) == 1, 5);
+  CHECK_ERR(atomic_load(&flood_rc), LOOM_ECLOSED);
+  CHECK_EQ(metrics(t.srv).errors.wq_full, 0);
+  E.msg = NULL;
+  slow_end(&t);
+  if (slow_pool != NULL) {
+    loom_taskpool_close(slow_pool);
+    slow_pool = NULL;
+  }
+}
+TEST(graceful_close_bounds_a_reply_waiting_for_room) {
+  run(close_room_main, 2, "close vs a reply waiting for room");
+}
+static void close_room_pooled_main(void *arg) {
+  (void)arg;
+  close_room_main(&slow_pool);
+}
+TEST(graceful_close_bounds_a_pooled_reply_waiting_for_room) {
+  run(close_room_pooled_main, 2, "close vs a pooled reply waiting for room");
+}
+
 /* loom_server_close with a deadline, and a session that cannot finish
  * (its peer never reads what is queued): at the deadline it is aborted
  * with LOOM_ECLOSED and the close returns -ETIMEDOUT. */

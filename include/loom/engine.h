@@ -46,11 +46,15 @@
  * stops (bytes read but not yet handed to on_message or to the pool are
  * dropped), packages already handed over are handled, queued bytes are
  * written (for at most `linger`), then on_close runs and the socket
- * closes.  An error — a reset, a timeout, a malformed or oversized
- * package — closes at once, dropping the queue, after on_error.  When
- * the peer half-closes, every package it sent is delivered and every
- * reply queued by then is written before on_close (within `linger`; a
- * negative linger drops them, as for any graceful close).
+ * closes.  A write waiting for room in the queue (its own timeout
+ * aside) waits at most `linger` from the close (none with a negative
+ * linger), then fails with LOOM_ECLOSED: a reply that waits for a peer
+ * that never reads does not hold the close for ever.  An error — a
+ * reset, a timeout, a malformed or oversized package — closes at once,
+ * dropping the queue, after on_error.  When the peer half-closes,
+ * every package it sent is delivered and every reply queued by then is
+ * written before on_close (within `linger`; a negative linger drops
+ * them, as for any graceful close).
  *
  * Cron.  Every cron_period the reader calls on_cron (heartbeats, idle
  * checks, with loom_session_stats' last-activity times).  The period is
@@ -218,7 +222,8 @@ typedef struct loom_session_opts {
  * close_on_full closed the session), -EMSGSIZE, -EINVAL (the codec cannot
  * encode it), LOOM_ECLOSED (the session was aborted, or its graceful close
  * has queued its last bytes; while a graceful close is still handling
- * packages already received, their replies are accepted), -ENOMEM;
+ * packages already received, their replies are accepted, and one that
+ * waits for room waits at most `linger` from the close), -ENOMEM;
  * -EDESTADDRREQ on an unconnected packet session (use
  * loom_session_write_to).  Any coroutine; parks only when the queue is
  * full, or others wait for room: writes that wait are served in the order

@@ -124,6 +124,8 @@ struct loom_session {
   loom_cond wspace;       /* packet senders: psend was let go, or the
                              socket ended */
   int64_t final_deadline; /* set with wfinal: now + linger (0: none) */
+  int64_t close_by;       /* set by a graceful close: writes waiting for
+                             room give up then (1: at once, linger < 0) */
   int64_t wdl;            /* the socket's write deadline as last set by
                              the writer, loom_session_set_write_timeout
                              or the close (wmu): the writer sets a
@@ -263,11 +265,19 @@ static void wake_io(loom_session *s, bool writer_too) {
   loom_mutex_unlock(&s->wmu);
 }
 
+/* A graceful close bounds the writes waiting for room by the linger,
+ * counted from now: one of them may be a reply on the reader or in the
+ * pool, which the close waits for before it writes the queue out, and a
+ * peer that never reads would hold it (and the close) for ever. */
 void loom_session_close(loom_session *s) {
   int st = S_OPEN;
   if (!atomic_compare_exchange_strong(&s->state, &st, S_CLOSING))
     return;
   wake_io(s, false);
+  loom_mutex_lock(&s->wmu);
+  s->close_by = s->o.linger < 0 ? 1 : loom__after(s->o.linger);
+  room_wake_all(s); /* each waits again, bounded by close_by */
+  loom_mutex_unlock(&s->wmu);
 }
 
 void loom_session_abort(loom_session *s, int err) {
@@ -548,8 +558,9 @@ static bool skips_line(loom_session *s, int64_t timeout) {
 /* The queue is full, or producers wait in line for room: wait for room
  * per `timeout`, at the end of the line, or apply close_on_full (only to
  * a queue that is full: a write that timed out in line below wq_high
- * just fails).  Called and returns with wmu held.  0: room (or the
- * state changed). */
+ * just fails).  After a graceful close, the wait ends at close_by at
+ * the latest, with LOOM_ECLOSED.  Called and returns with wmu held.  0:
+ * room (or the state changed). */
 static int wait_room(loom_session *s, int64_t timeout) {
   int64_t deadline = timeout > 0 ? loom__after(timeout) : 0;
   if (!s->wbusy) {
@@ -581,15 +592,22 @@ static int wait_room(loom_session *s, int64_t timeout) {
     else
       s->rw_head = &me;
     s->rw_tail = &me;
+    bool closed = false; /* the close's bound ended the wait */
     while (writable(s) &&
            (s->rw_head != &me || loom_buf_len(&s->wq) >= s->o.wq_high)) {
-      rc = loom_cond_wait(&me.turn, &s->wmu, deadline);
+      int64_t d = deadline;
+      closed = s->close_by != 0 && (d == 0 || s->close_by < d);
+      if (closed)
+        d = s->close_by;
+      rc = loom_cond_wait(&me.turn, &s->wmu, d);
       if (rc < 0)
         break;
     }
     room_leave(s, &me);
     if (rc == 0)
       return 0;
+    if (closed)
+      return LOOM_ECLOSED;
   }
   /* A session that ended meanwhile may have outlived its owner. */
   if (!s->io_closed)
