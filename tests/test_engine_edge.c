@@ -1295,6 +1295,47 @@ static void wto_main(void *arg) {
 }
 TEST(write_timeout_never_reading_peer) { run(wto_main, 2, "write timeout"); }
 
+/* What a batch cut short by the write timeout sent before the cut is in
+ * bytes_out: the peer, reading to the end, gets exactly that many. */
+static void wto_count_main(void *arg) {
+  (void)arg;
+  slow t;
+  slow_start(&t, false, 100 * CHECK_MS, 4 << 20, 0);
+  for (int i = 0; i < 12; i++) { /* 768 KiB: far over the socket buffers */
+    int rc = loom_session_write(t.s, big, PKG, 0);
+    if (rc == LOOM_ECLOSED)
+      break;
+    CHECK_OK(rc);
+  }
+  WAIT_FOR(atomic_load(&E.closes) == 1, 5);
+  CHECK_ERR(atomic_load(&E.err), -ETIMEDOUT);
+  static uint8_t sink[1 << 16];
+  uint64_t got = 0;
+  int64_t end = loom_now() + 10 * SEC;
+  for (;;) {
+    ssize_t k = recv(t.peer, sink, sizeof sink, 0);
+    if (k > 0) {
+      got += (uint64_t)k;
+      continue;
+    }
+    if (k == 0)
+      break; /* the session's close */
+    CHECK_EQ(errno, EAGAIN);
+    CHECK_LT(loom_now(), end);
+    CHECK_OK(loom_fd_wait(t.peer, LOOM_FD_READ, end));
+  }
+  loom_mutex_lock(&final_mu);
+  uint64_t counted = E.final.bytes_out;
+  loom_mutex_unlock(&final_mu);
+  printf("the peer got %llu bytes; bytes_out %llu\n", (unsigned long long)got,
+         (unsigned long long)counted);
+  CHECK_EQ(counted, got);
+  slow_end(&t);
+}
+TEST(write_timeout_counts_what_went_out) {
+  run(wto_count_main, 2, "write timeout count");
+}
+
 /* A write timeout set while the writer is stuck in a batch that had
  * none: the batch gets it, and the session aborts with -ETIMEDOUT. */
 static void wto_set_main(void *arg) {

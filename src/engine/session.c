@@ -913,9 +913,10 @@ static ssize_t sock_read(loom__layer *l, void *buf, size_t len) {
 
 static ssize_t sock_writev(loom__layer *l, const struct iovec *iov, int n) {
   loom_session *s = (loom_session *)((char *)l - offsetof(loom_session, sock));
-  ssize_t k = loom_writev(s->conn, iov, n);
-  if (k > 0) {
-    BUMP(bytes_out, (uint64_t)k);
+  size_t sent = 0; /* what went also when the write fails part way */
+  ssize_t k = loom__writev_sent(s->conn, iov, n, &sent);
+  if (sent > 0) {
+    BUMP(bytes_out, (uint64_t)sent);
     atomic_store_explicit(&s->last_write, loom_now(), memory_order_relaxed);
   }
   return k;

@@ -178,10 +178,10 @@ ssize_t loom_read(loom_conn *c, void *buf, size_t len) {
   return read_impl(c, buf, len, NULL);
 }
 
-/* Send everything in iov[0..n), advancing it in place. */
+/* Send everything in iov[0..n), advancing it in place; *sent says how
+ * much went, also when it fails part way. */
 __attribute__((always_inline)) static inline ssize_t
-send_all(loom__netfd *f, struct iovec *iov, int n,
-                        size_t total) {
+send_all(loom__netfd *f, struct iovec *iov, int n, size_t total, size_t *sent) {
   size_t done = 0;
   /* Nothing to send still obeys a passed deadline (as Go's prepareWrite):
    * the loop below would not look. */
@@ -211,6 +211,7 @@ send_all(loom__netfd *f, struct iovec *iov, int n,
       return -e;
     }
     done += (size_t)w;
+    *sent = done;
     size_t k = (size_t)w;
     while (n > 0 && k >= iov->iov_len) {
       k -= iov->iov_len;
@@ -227,7 +228,8 @@ send_all(loom__netfd *f, struct iovec *iov, int n,
 
 /* loom_writev, and loom_writev_ctx / loom_write_ctx with a ctx. */
 static ssize_t writev_impl(loom_conn *c, const struct iovec *iov, int iovcnt,
-                           loom_ctx *ctx) {
+                           loom_ctx *ctx, size_t *sent) {
+  *sent = 0;
   if (iovcnt < 0 || iovcnt > IOV_MAX || (iovcnt > 0 && iov == NULL))
     return -EINVAL;
   size_t total = 0;
@@ -248,7 +250,7 @@ static ssize_t writev_impl(loom_conn *c, const struct iovec *iov, int iovcnt,
   loom__netfd_call call;
   ssize_t r = loom__netfd_enter(&c->nf, 'w', ctx, &call);
   if (r == 0)
-    r = loom__netfd_leave(&call, send_all(&c->nf, copy, iovcnt, total));
+    r = loom__netfd_leave(&call, send_all(&c->nf, copy, iovcnt, total, sent));
   if (copy != small)
     loom__free(copy);
   if (r >= 0)
@@ -257,7 +259,13 @@ static ssize_t writev_impl(loom_conn *c, const struct iovec *iov, int iovcnt,
 }
 
 ssize_t loom_writev(loom_conn *c, const struct iovec *iov, int iovcnt) {
-  return writev_impl(c, iov, iovcnt, NULL);
+  size_t sent;
+  return writev_impl(c, iov, iovcnt, NULL, &sent);
+}
+
+ssize_t loom__writev_sent(loom_conn *c, const struct iovec *iov, int iovcnt,
+                          size_t *sent) {
+  return writev_impl(c, iov, iovcnt, NULL, sent);
 }
 
 ssize_t loom_write(loom_conn *c, const void *buf, size_t len) {
@@ -517,7 +525,8 @@ ssize_t loom_read_ctx(loom_conn *c, void *buf, size_t len, loom_ctx *ctx) {
 
 ssize_t loom_writev_ctx(loom_conn *c, const struct iovec *iov, int iovcnt,
                         loom_ctx *ctx) {
-  return writev_impl(c, iov, iovcnt, ctx);
+  size_t sent;
+  return writev_impl(c, iov, iovcnt, ctx, &sent);
 }
 
 ssize_t loom_write_ctx(loom_conn *c, const void *buf, size_t len,
@@ -525,5 +534,6 @@ ssize_t loom_write_ctx(loom_conn *c, const void *buf, size_t len,
   if (len > (size_t)SSIZE_MAX)
     return -EINVAL;
   struct iovec iov = {(void *)(uintptr_t)buf, len};
-  return writev_impl(c, &iov, 1, ctx);
+  size_t sent;
+  return writev_impl(c, &iov, 1, ctx, &sent);
 }

@@ -23,6 +23,7 @@
 
 #include "ctx/ctx_internal.h"
 #include "loom/error.h"
+#include "loom/net.h"
 #include "netpoll/pollfd.h"
 #include "runtime/runtime.h"
 #include "runtime/sema.h"
@@ -51,6 +52,12 @@ int loom__netfd_init(loom__netfd *f, int fd, int family, int type);
  * coroutine that has a P, LOOM_ENOTCO elsewhere, including inside
  * loom_block_enter/exit, where there is no P to park on (the park
  * would stop the process). */
+/* loom_writev that also says, in *sent, how many bytes went before it
+ * failed (all of them when it returns the total): for counters that
+ * must match the wire. */
+ssize_t loom__writev_sent(loom_conn *c, const struct iovec *iov, int iovcnt,
+                          size_t *sent);
+
 static inline int loom__net_callable(void) {
   loom__m *m = loom__getm(); /* once: loom__getg would read it again */
   return m != NULL && m->curg != NULL && !m->curg->is_g0 && m->p != NULL
