@@ -3228,9 +3228,10 @@ TEST(socket_calls_in_a_blocking_section_fail_with_enotco) {
 }
 
 /* A host name looked up inside the caller's own blocking section (a
- * resolve, a listen) leaves that section as it was: the lookup's own
- * section nests in it rather than ending it early, so the caller's next
- * blocking call still hands its processor on.  A deadline ahead, which
+ * resolve, a listen) leaves that section as it was (the lookup waits
+ * for its thread in poll(2) there, and opens no section of its own that
+ * would end the caller's early), so the caller's next blocking call
+ * still hands its processor on.  A deadline ahead, which
  * needs a processor, is refused there before and after the lookup. */
 static void block_lookup_main(void *arg) {
   (void)arg;
