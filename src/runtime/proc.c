@@ -304,6 +304,30 @@ static void g_free(loom__rt *rt, loom__p *p, loom__g *g) {
 
 LOOM_NOIPA static void after_switch(loom__g *g);
 
+/* The canary word at the bottom of g's usable stack.  Not instrumented:
+ * ASan may have poisoned that word as the redzone of a frame of the very
+ * overflow the check is there to catch. */
+#if defined(__clang__) || defined(__GNUC__)
+__attribute__((no_sanitize_address))
+#endif
+static uint64_t
+stack_canary(loom__rt *rt, loom__g *g) {
+  return *(const volatile uint64_t *)(const void *)g_stack_lo(rt, g);
+}
+
+/* Run on g0 (see gswitch) for a coroutine whose canary was overwritten:
+ * report and stop. */
+static void canary_broken(loom__m *m, loom__g *g, void *arg) {
+  (void)arg;
+  char where[160];
+  loom__log(m->rt,
+            "stack overflow in coroutine %llu (stack %zu KiB, canary "
+            "overwritten, spawned at %s)",
+            (unsigned long long)g->id, g->stk.size >> 10,
+            loom__symbolize(g->spawn_pc, where, sizeof where));
+  loom__throw("stack overflow");
+}
+
 /* Switch from `from` (running on m) to `to`.  Returns when something
  * switches back to `from`, possibly on another M. */
 static void gswitch(loom__m *m, loom__g *from, loom__g *to, bool dying) {
@@ -312,14 +336,14 @@ static void gswitch(loom__m *m, loom__g *from, loom__g *to, bool dying) {
   /* A dying G too: its slot goes back to the cache, and a broken canary
    * left there would be blamed on the next coroutine to use it. */
   if (!from->is_g0 && from->stk.canary &&
-      *(uint64_t *)(void *)g_stack_lo(rt, from) != LOOM_STACK_CANARY) {
-    char where[160];
-    loom__log(rt,
-              "stack overflow in coroutine %llu (stack %zu KiB, canary "
-              "overwritten, spawned at %s)",
-              (unsigned long long)from->id, from->stk.size >> 10,
-              loom__symbolize(from->spawn_pc, where, sizeof where));
-    loom__throw("stack overflow");
+      stack_canary(rt, from) != LOOM_STACK_CANARY) {
+    /* The report is made on the thread's own stack: this one has no
+     * room left, and the log and the symbolizer would run on into the
+     * slot below (a neighbour's stack). */
+    m->post_fn = canary_broken;
+    m->post_g = from;
+    m->post_arg = NULL;
+    to = &m->g0;
   }
   m->curg = to;
   if (m->p != NULL) {
