@@ -471,13 +471,26 @@ void loom_ctx_release(loom_ctx *c) {
 
 /* ---- blocking calls bounded by a context ------------------------------- */
 
+/* Without memory for the select's timer, loom_sleep_ctx sleeps in
+ * slices of this, as loom_sleep does, and looks at the context between
+ * them: like the plain call, it does not fail for want of a timer. */
+#define SLEEP_CTX_SLICE_NS (5 * INT64_C(1000000))
+
 int loom_sleep_ctx(loom_ctx *c, int64_t ns) {
-  int err = loom_ctx_err(c);
-  if (err != 0)
-    return err;
-  loom_case cs[1] = {{loom_ctx_done(c), LOOM_RECV, NULL, false}};
-  int r = loom_select(cs, 1, loom__after(ns < 0 ? 0 : ns));
-  return r == -ETIMEDOUT ? 0 : r == 0 ? loom_ctx_err(c) : r;
+  int64_t until = loom__after(ns < 0 ? 0 : ns);
+  for (;;) {
+    int err = loom_ctx_err(c);
+    if (err != 0)
+      return err;
+    loom_case cs[1] = {{loom_ctx_done(c), LOOM_RECV, NULL, false}};
+    int r = loom_select(cs, 1, until);
+    if (r != -ENOMEM)
+      return r == -ETIMEDOUT ? 0 : r == 0 ? loom_ctx_err(c) : r;
+    int64_t left = until - loom_now();
+    if (left <= 0)
+      return 0;
+    loom_sleep(left < SLEEP_CTX_SLICE_NS ? left : SLEEP_CTX_SLICE_NS);
+  }
 }
 
 /* A NULL channel is the plain call's -EINVAL, not a case that is never

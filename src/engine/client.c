@@ -84,27 +84,6 @@ static bool dial_due(loom_client *cl) {
   return cl->owner.open < (uint64_t)cl->conns;
 }
 
-/* Wait until `at` (a loom_now() time): 0, or the context's error once
- * the client is closing.  A pause that finds no memory for its timer
- * must not end the supervisor (the client would never dial again): it
- * sleeps in slices instead (loom_sleep gets by without a timer), looking
- * at the context between them, and tries for a timer again after each. */
-#define PAUSE_SLICE_NS (10 * INT64_C(1000000))
-static int pause_until(loom_client *cl, int64_t at) {
-  for (;;) {
-    int64_t left = at - loom_now();
-    if (left <= 0)
-      return 0;
-    int rc = loom_sleep_ctx(cl->ctx, left);
-    if (rc != -ENOMEM)
-      return rc;
-    loom_sleep(left < PAUSE_SLICE_NS ? left : PAUSE_SLICE_NS);
-    rc = loom__ctx_reason(cl->ctx);
-    if (rc != 0)
-      return rc;
-  }
-}
-
 static void supervisor(void *arg) {
   loom_client *cl = arg;
   int64_t backoff = 0; /* after a failure: doubles up to max_wait */
@@ -116,7 +95,8 @@ static void supervisor(void *arg) {
     bool redial = cl->dials >= (uint64_t)cl->conns;
     cl->dials++;
     loom_mutex_unlock(&cl->owner.mu);
-    if (pause_until(cl, next_at) < 0)
+    int64_t now = loom_now();
+    if (next_at > now && loom_sleep_ctx(cl->ctx, next_at - now) < 0)
       break;
     if (loom__ctx_reason(cl->ctx))
       break;
