@@ -1061,6 +1061,7 @@ static uint64_t mix64(uint64_t x) {
   x *= UINT64_C(0x94d049bb133111eb);
   return x ^ (x >> 31);
 }
+
 static int dispatch(loom_session *s, const loom_pkg *pkg) {
   BUMP(pkgs_in, 1);
   if (!s->o.pool) {
@@ -1241,7 +1242,7 @@ static int on_deadline(loom_session *s, reader *r) {
   if (!s->packet)
     shed(s, r, true); /* a cron tick or idle check: a quiet moment */
   /* An option changed (its wake-up may be what woke us): arm recomputes
-   * both deadlines first, and the idle check must not measure an old
+   * its deadline first, and the idle check must not measure an old
    * deadline against a new read_timeout (0 would close at once). */
   if (atomic_load_explicit(&s->retime, memory_order_acquire) != 0)
     return 0;

@@ -52,18 +52,17 @@ int loom__netfd_init(loom__netfd *f, int fd, int family, int type);
  * coroutine that has a P, LOOM_ENOTCO elsewhere, including inside
  * loom_block_enter/exit, where there is no P to park on (the park
  * would stop the process). */
-/* loom_writev that also says, in *sent, how many bytes went before it
- * failed (all of them when it returns the total): for counters that
- * must match the wire. */
-ssize_t loom__writev_sent(loom_conn *c, const struct iovec *iov, int iovcnt,
-                          size_t *sent);
-
 static inline int loom__net_callable(void) {
   loom__m *m = loom__getm(); /* once: loom__getg would read it again */
   return m != NULL && m->curg != NULL && !m->curg->is_g0 && m->p != NULL
              ? 0
              : LOOM_ENOTCO;
 }
+/* loom_writev that also says, in *sent, how many bytes went before it
+ * failed (all of them when it returns the total): for counters that
+ * must match the wire. */
+ssize_t loom__writev_sent(loom_conn *c, const struct iovec *iov, int iovcnt,
+                          size_t *sent);
 /* loom__netfd_init for a socket bound to `path` (a Unix path; NULL or
  * an '@' abstract name: no file).  The file bind() made goes when f
  * closes.  `f` NULL says the caller could not allocate it.  On any
