@@ -18,6 +18,10 @@
  *     max_len long, and a failed decode leaves the package untouched;
  *   - decoding just the bytes a package spans gives it again, and every
  *     proper prefix of a frame or a line needs more bytes;
+ *   - lenpfx encode of a length taken from the input (the first 8 bytes,
+ *     and two values derived from them, most beyond any real buffer)
+ *     returns what a reference computes in 128-bit arithmetic, and one
+ *     it refuses appends nothing and reads no byte of the data;
  *   - encoding each package gives back the bytes it was decoded from (a
  *     line decoded from "\r\n" with strip_cr re-encodes with "\n" alone),
  *     and decoding the concatenated encodings gives the packages again;
@@ -122,6 +126,42 @@ static ssize_t ref_decode(const struct setup *s, const uint8_t *b, size_t len,
   default:
     return ref_raw(s, b, len, pkg_off, pkg_len);
   }
+}
+
+/* What lenpfx encode must return for a package of n bytes: 0, or the
+ * error, in the order the codec checks them. */
+static int ref_lenpfx_encode(const struct setup *s, uint64_t n) {
+  unsigned __int128 frame = (unsigned __int128)n + s->width;
+  if (n > s->max_len || frame > (unsigned __int128)SSIZE_MAX)
+    return -EMSGSIZE;
+  __int128 field = (__int128)n - s->adjust;
+  if (field < 0)
+    return -EINVAL;
+  if ((unsigned __int128)field >> (8 * s->width))
+    return -EMSGSIZE;
+  return 0;
+}
+
+/* Encode n bytes of `in` (len of them there): refused exactly as the
+ * reference says, without a byte appended; n beyond len is only tried
+ * where it must be refused, and then no byte of `in` may be read. */
+static void lenpfx_encode_probe(const loom_codec *c, const struct setup *s,
+                                const uint8_t *in, size_t len, uint64_t n) {
+  int want = ref_lenpfx_encode(s, n);
+  if (want == 0 && n > len)
+    return;
+  loom_buf b;
+  loom_buf_init(&b, 64);
+  int r = c->encode(c, in, (size_t)n, s->max_len, &b);
+  if (r != want)
+    FAIL("lenpfx encode of %llu: %d, reference %d", (unsigned long long)n, r,
+         want);
+  if (r != 0 && loom_buf_len(&b) != 0)
+    FAIL("lenpfx encode of %llu: refused, but appended", (unsigned long long)n);
+  if (r == 0 && loom_buf_len(&b) != s->width + n)
+    FAIL("lenpfx encode of %llu: %zu bytes", (unsigned long long)n,
+         loom_buf_len(&b));
+  loom_buf_reset(&b);
 }
 
 /* ---- decode with the invariants ------------------------------------------ */
@@ -298,6 +338,15 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
   default:
     loom_codec_raw(&c);
     break;
+  }
+
+  if (s.kind == KIND_LENPFX && len >= 8) {
+    uint64_t n = 0;
+    for (int i = 0; i < 8; i++)
+      n = n << 8 | in[i];
+    lenpfx_encode_probe(&c, &s, in, len, n);
+    lenpfx_encode_probe(&c, &s, in, len, n >> (8 * (8 - s.width)));
+    lenpfx_encode_probe(&c, &s, in, len, UINT64_MAX - (n & 0xffff));
   }
 
   /* Decode the stream; after an error, skip a byte and go on. */

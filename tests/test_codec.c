@@ -793,6 +793,52 @@ TEST(lenpfx_encode_emsgsize) {
   loom_buf_reset(&b);
 }
 
+/* A length no frame can carry — its frame would be longer than a decode
+ * can return (SSIZE_MAX), or its field plus a negative adjust would pass
+ * 2^64 — is -EMSGSIZE before anything is reserved or read: `data` here
+ * is one byte long, so a copy would be reported by ASan (and crash the
+ * plain build). */
+TEST(lenpfx_encode_refuses_lengths_no_frame_can_carry) {
+  static const int64_t adjusts[] = {0, -8, 8, -((INT64_C(1) << 62) - 1),
+                                    (INT64_C(1) << 62) - 1};
+  static const size_t lens[] = {SIZE_MAX,
+                                SIZE_MAX - 3,
+                                SIZE_MAX - 8,
+                                (size_t)SSIZE_MAX,
+                                (size_t)SSIZE_MAX - 7,
+                                (size_t)1 << 63,
+                                SIZE_MAX - ((size_t)1 << 61)};
+  const uint8_t one = 'x';
+  for (size_t wi = 0; wi < 4; wi++) {
+    for (size_t ai = 0; ai < sizeof adjusts / sizeof adjusts[0]; ai++) {
+      loom_lenpfx_opts o = {widths[wi], false, adjusts[ai]};
+      loom_codec c;
+      CHECK_OK(loom_codec_lenpfx(&c, &o));
+      for (size_t li = 0; li < sizeof lens / sizeof lens[0]; li++) {
+        loom_buf b;
+        loom_buf_init(&b, 64);
+        CHECK_OK(loom_buf_append(&b, "ab", 2));
+        CHECKF(c.encode(&c, &one, lens[li], SIZE_MAX, &b) == -EMSGSIZE,
+               "width %u adjust %lld len %zu", widths[wi],
+               (long long)adjusts[ai], lens[li]);
+        CHECK_EQ(loom_buf_len(&b), 2); /* nothing appended */
+        loom_buf_reset(&b);
+      }
+    }
+  }
+  /* The bound is the decoder's: a width-8 field of SSIZE_MAX - 8 makes
+   * a frame of SSIZE_MAX bytes (it waits for them), one more is refused. */
+  loom_lenpfx_opts o8 = {8, false, 0};
+  loom_codec c;
+  CHECK_OK(loom_codec_lenpfx(&c, &o8));
+  loom_pkg pkg;
+  uint8_t h[8];
+  field_put(h, 8, false, (uint64_t)SSIZE_MAX - 8);
+  decode_chk(&c, h, 8, SIZE_MAX, &pkg, 0); /* a frame: needs its bytes */
+  field_put(h, 8, false, (uint64_t)SSIZE_MAX - 7);
+  decode_chk(&c, h, 8, SIZE_MAX, &pkg, -EMSGSIZE);
+}
+
 /* Bad options: -EINVAL and the codec untouched. */
 TEST(lenpfx_invalid_options) {
   loom_codec c, saved;

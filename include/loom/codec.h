@@ -94,7 +94,10 @@ typedef struct loom_lenpfx_opts {
 /*
  * loom_codec_lenpfx — a length-prefixed codec.  `o` NULL: 4-byte
  * big-endian length of the payload alone.  Decoding a field whose
- * payload length (field + adjust) is negative is -EBADMSG.
+ * payload length (field + adjust) is negative is -EBADMSG.  A frame
+ * longer than SSIZE_MAX bytes (header included) is -EMSGSIZE both ways:
+ * no decode could return it, so encode refuses such a length before it
+ * reserves or reads anything.
  * Returns 0, or -EINVAL (bad width, or |adjust| of 2^62 or more) with *c
  * untouched.
  */

@@ -65,7 +65,10 @@ static ssize_t lenpfx_decode(const loom_codec *c, const uint8_t *buf,
 static int lenpfx_encode(const loom_codec *c, const void *data, size_t len,
                          size_t max_len, loom_buf *out) {
   unsigned w = c->u.lenpfx.width;
-  if (len > max_len)
+  /* A frame longer than SSIZE_MAX is one no decode can return; refusing
+   * it first also keeps w + len and len + |adjust| (|adjust| < 2^62)
+   * below 2^64, so neither the reserve nor the field wraps. */
+  if (len > max_len || len > (size_t)SSIZE_MAX - w)
     return -EMSGSIZE;
   int64_t adj = c->u.lenpfx.adjust;
   uint64_t field;
