@@ -577,10 +577,48 @@ static void op_mutex(int wid, rng_t *r) {
   }
 }
 
+/* Take rw (as a writer or a reader) plainly, by a deadline or bounded
+ * by a context that may be cancelled meanwhile: 0 when held. */
+static int rw_take(int wid, rng_t *r, bool writer, loom_ctx **cx,
+                   loom_ctx **p) {
+  int res = 0;
+  switch (rn(r, 3)) {
+  case 0:
+    at(wid, writer ? "rw_lock" : "rw_rlock");
+    if (writer)
+      loom_rwmutex_lock(&rw);
+    else
+      loom_rwmutex_rlock(&rw);
+    break;
+  case 1: {
+    at(wid, writer ? "rw_lock_until" : "rw_rlock_until");
+    int64_t dl = rdeadline(r);
+    res = writer ? loom_rwmutex_lock_until(&rw, dl)
+                 : loom_rwmutex_rlock_until(&rw, dl);
+    CHECK_LATE(res, dl);
+    CHECKF(res == 0 || res == -ETIMEDOUT, "rw until: %d", res);
+    break;
+  }
+  default:
+    *cx = ctx_child(r, p);
+    if (rn(r, 3) == 0)
+      spawn_canceller(*cx, rn(r, 500) * 1000);
+    at(wid, writer ? "rw_lock_ctx" : "rw_rlock_ctx");
+    res = writer ? loom_rwmutex_lock_ctx(&rw, *cx)
+                 : loom_rwmutex_rlock_ctx(&rw, *cx);
+    if (res != 0)
+      check_ctx_err(*cx, res, "rw ctx");
+    break;
+  }
+  return res;
+}
+
 static void op_rw(int wid, rng_t *r) {
-  if (rn(r, 4) == 0) {
-    at(wid, "rw_lock");
-    loom_rwmutex_lock(&rw);
+  bool writer = rn(r, 4) == 0;
+  loom_ctx *p = NULL, *cx = NULL;
+  if (rw_take(wid, r, writer, &cx, &p) != 0) {
+    atomic_fetch_add(&n_timeouts, 1);
+  } else if (writer) {
     CHECK_EQ(atomic_fetch_add(&rw_writer, 1), 0);
     CHECK_EQ(atomic_load(&rw_readers), 0);
     if (rn(r, 4) == 0)
@@ -589,8 +627,6 @@ static void op_rw(int wid, rng_t *r) {
     atomic_fetch_sub(&rw_writer, 1);
     loom_rwmutex_unlock(&rw);
   } else {
-    at(wid, "rw_rlock");
-    loom_rwmutex_rlock(&rw);
     atomic_fetch_add(&rw_readers, 1);
     CHECK_EQ(atomic_load(&rw_writer), 0);
     if (rn(r, 4) == 0)
@@ -598,6 +634,10 @@ static void op_rw(int wid, rng_t *r) {
     CHECK_EQ(atomic_load(&rw_writer), 0);
     atomic_fetch_sub(&rw_readers, 1);
     loom_rwmutex_runlock(&rw);
+  }
+  if (cx != NULL) {
+    loom_ctx_release(cx);
+    ctx_put(p);
   }
 }
 

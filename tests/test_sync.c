@@ -517,7 +517,7 @@ static void trw_main(void *arg) {
   CHECK_ERR(loom_rwmutex_trylock(&trw), -EBUSY);
   /* A writer waiting for the last reader stops new readers, tries too. */
   CHECK_OK(loom_go(trw_writer_waits, NULL));
-  while (__atomic_load_n(&trw.readers_, __ATOMIC_RELAXED) >= 0)
+  while ((int32_t)(uint32_t)__atomic_load_n(&trw.state_, __ATOMIC_RELAXED) >= 0)
     loom_yield();
   CHECK_ERR(loom_rwmutex_tryrlock(&trw), -EBUSY);
   CHECK_ERR(loom_rwmutex_trylock(&trw), -EBUSY);
@@ -620,6 +620,459 @@ static void rw_free_main(void *arg) {
 }
 
 TEST(rwmutex_free_right_after_rlock) { check_run(rw_free_main, NULL, 2); }
+
+/* ------------------------------------------------------------------ */
+/* RWMutex waits bounded by a deadline or a context.                    */
+
+#define RW_WRITER (1 << 30) /* what a writer takes off the count (mutex.c) */
+
+/* The reader count: negative while a writer holds or waits. */
+static int32_t rw_count(loom_rwmutex *m) {
+  return (int32_t)(uint32_t)__atomic_load_n(&m->state_, __ATOMIC_ACQUIRE);
+}
+
+/* Nobody in it, waiting for it, or owed a unit: what waits that gave up
+ * must leave behind once everyone else has left. */
+static void check_rw_idle(loom_rwmutex *m) {
+  CHECK_EQ(rw_count(m), 0);
+  CHECK_EQ(__atomic_load_n(&m->w_.state_, __ATOMIC_ACQUIRE), 0);
+  CHECK_EQ(__atomic_load_n(&m->reader_sem_.count_, __ATOMIC_ACQUIRE), 0);
+  CHECK_EQ(__atomic_load_n(&m->writer_sem_.count_, __ATOMIC_ACQUIRE), 0);
+  CHECK(__atomic_load_n(&m->reader_sem_.q_.q_.head_, __ATOMIC_ACQUIRE) == NULL);
+  CHECK(__atomic_load_n(&m->writer_sem_.q_.q_.head_, __ATOMIC_ACQUIRE) == NULL);
+  CHECK_OK(loom_rwmutex_trylock(m));
+  loom_rwmutex_unlock(m);
+}
+
+static loom_rwmutex brw = LOOM_RWMUTEX_INIT;
+static atomic_int bw_result = 1, br_result = 1, b_in;
+static void bw_until(void *ns) {
+  int64_t d = loom_now() + (int64_t)(intptr_t)ns;
+  atomic_store(&bw_result, loom_rwmutex_lock_until(&brw, d));
+}
+static void bw_ctx(void *c) {
+  atomic_store(&bw_result, loom_rwmutex_lock_ctx(&brw, c));
+}
+static void br_until(void *ns) {
+  int64_t d = loom_now() + (int64_t)(intptr_t)ns;
+  atomic_store(&br_result, loom_rwmutex_rlock_until(&brw, d));
+}
+static void br_ctx(void *c) {
+  atomic_store(&br_result, loom_rwmutex_rlock_ctx(&brw, c));
+}
+/* A plain reader: says when it is in, leaves when told to. */
+static void b_reader(void *arg) {
+  (void)arg;
+  loom_rwmutex_rlock(&brw);
+  atomic_store(&b_in, 1);
+  while (atomic_load(&b_in) != 2)
+    loom_yield();
+  loom_rwmutex_runlock(&brw);
+  atomic_store(&b_in, 3);
+}
+static void *b_reader_thread(void *arg) {
+  b_reader(arg);
+  return NULL;
+}
+/* A plain writer: says when it is in, and leaves. */
+static void b_writer(void *arg) {
+  (void)arg;
+  loom_rwmutex_lock(&brw);
+  atomic_store(&b_in, 1);
+  loom_rwmutex_unlock(&brw);
+}
+static int wait_result(atomic_int *r) {
+  while (atomic_load(r) == 1)
+    loom_yield();
+  int v = atomic_load(r);
+  atomic_store(r, 1);
+  return v;
+}
+static void wait_for_writer(void) {
+  while (rw_count(&brw) >= 0) /* the writer has announced itself */
+    loom_yield();
+}
+
+static void brw_main(void *arg) {
+  (void)arg;
+  CHECK_ERR(loom_rwmutex_rlock_until(NULL, 0), -EINVAL);
+  CHECK_ERR(loom_rwmutex_rlock_ctx(NULL, NULL), -EINVAL);
+  CHECK_ERR(loom_rwmutex_lock_until(NULL, 0), -EINVAL);
+  CHECK_ERR(loom_rwmutex_lock_ctx(NULL, NULL), -EINVAL);
+
+  /* A context done before the call wins, even over a free rwmutex, and
+   * touches nothing. */
+  loom_ctx *done;
+  CHECK_OK(loom_ctx_with_cancel(&done, loom_ctx_background()));
+  loom_ctx_cancel(done);
+  CHECK_ERR(loom_rwmutex_rlock_ctx(&brw, done), -ECANCELED);
+  CHECK_ERR(loom_rwmutex_lock_ctx(&brw, done), -ECANCELED);
+  check_rw_idle(&brw);
+
+  /* Free: every form takes it, a passed deadline as the try form does. */
+  CHECK_OK(loom_rwmutex_rlock_until(&brw, 0));
+  CHECK_OK(loom_rwmutex_rlock_until(&brw, 1)); /* passed: readers share */
+  CHECK_OK(loom_rwmutex_rlock_ctx(&brw, loom_ctx_background()));
+  CHECK_EQ(rw_count(&brw), 3);
+  CHECK_ERR(loom_rwmutex_lock_until(&brw, 1), -ETIMEDOUT); /* at once */
+  CHECK_EQ(rw_count(&brw), 3); /* and nothing announced */
+  for (int i = 0; i < 3; i++)
+    loom_rwmutex_runlock(&brw);
+  CHECK_OK(loom_rwmutex_lock_until(&brw, 1));
+  CHECK_ERR(loom_rwmutex_rlock_until(&brw, 1), -ETIMEDOUT);
+  CHECK_ERR(loom_rwmutex_lock_until(&brw, 1), -ETIMEDOUT);
+  loom_rwmutex_unlock(&brw);
+  CHECK_OK(loom_rwmutex_lock_ctx(&brw, loom_ctx_background()));
+  loom_rwmutex_unlock(&brw);
+  check_rw_idle(&brw);
+
+  /* A reader behind a writer: its deadline, then its context. */
+  loom_rwmutex_lock(&brw);
+  int64_t t0 = loom_now();
+  CHECK_OK(loom_go(br_until, (void *)(intptr_t)(20 * CHECK_MS)));
+  CHECK_ERR(wait_result(&br_result), -ETIMEDOUT);
+  CHECK_GE(loom_now() - t0, 20 * CHECK_MS);
+  CHECK_EQ(rw_count(&brw), -RW_WRITER); /* it counted itself out again */
+  loom_ctx *c;
+  CHECK_OK(loom_ctx_with_cancel(&c, loom_ctx_background()));
+  CHECK_OK(loom_go(br_ctx, c));
+  while (rw_count(&brw) != -RW_WRITER + 1)
+    loom_yield();
+  loom_sleep(2 * CHECK_MS);
+  CHECK_EQ(atomic_load(&br_result), 1);
+  loom_ctx_cancel(c);
+  CHECK_ERR(wait_result(&br_result), -ECANCELED);
+  loom_ctx_release(c);
+  CHECK_EQ(rw_count(&brw), -RW_WRITER);
+  loom_rwmutex_unlock(&brw);
+  check_rw_idle(&brw);
+
+  /* A writer that times out behind a reader lets in the reader that
+   * queued behind it, while the first reader is still in. */
+  loom_rwmutex_rlock(&brw);
+  CHECK_OK(loom_go(bw_until, (void *)(intptr_t)(30 * CHECK_MS)));
+  wait_for_writer();
+  CHECK_OK(loom_go(b_reader, NULL));
+  loom_sleep(5 * CHECK_MS);
+  CHECK_EQ(atomic_load(&b_in), 0); /* held back by the writer */
+  CHECK_ERR(wait_result(&bw_result), -ETIMEDOUT);
+  while (atomic_load(&b_in) != 1)
+    loom_yield();
+  atomic_store(&b_in, 2);
+  while (atomic_load(&b_in) != 3)
+    loom_yield();
+  atomic_store(&b_in, 0);
+  loom_rwmutex_runlock(&brw);
+  check_rw_idle(&brw);
+
+  /* The same with a context cancelled, and the held-back reader a
+   * plain thread. */
+  loom_rwmutex_rlock(&brw);
+  CHECK_OK(loom_ctx_with_cancel(&c, loom_ctx_background()));
+  CHECK_OK(loom_go(bw_ctx, c));
+  wait_for_writer();
+  pthread_t t;
+  CHECK_EQ(pthread_create(&t, NULL, b_reader_thread, NULL), 0);
+  loom_sleep(5 * CHECK_MS);
+  CHECK_EQ(atomic_load(&b_in), 0);
+  loom_ctx_cancel(c);
+  CHECK_ERR(wait_result(&bw_result), -ECANCELED);
+  while (atomic_load(&b_in) != 1)
+    loom_yield();
+  atomic_store(&b_in, 2);
+  loom_block_enter();
+  pthread_join(t, NULL);
+  loom_block_exit();
+  atomic_store(&b_in, 0);
+  loom_ctx_release(c);
+  loom_rwmutex_runlock(&brw);
+  check_rw_idle(&brw);
+
+  /* A reader that counted itself behind a writer waiting for an earlier
+   * reader gives up: the writer still waits for that reader alone, and
+   * gets in once it leaves. */
+  loom_rwmutex_rlock(&brw);
+  CHECK_OK(loom_go(b_writer, NULL));
+  wait_for_writer();
+  CHECK_OK(loom_ctx_with_cancel(&c, loom_ctx_background()));
+  CHECK_OK(loom_go(br_ctx, c));
+  while (rw_count(&brw) != -RW_WRITER + 2)
+    loom_yield();
+  loom_sleep(2 * CHECK_MS);
+  loom_ctx_cancel(c);
+  CHECK_ERR(wait_result(&br_result), -ECANCELED);
+  loom_ctx_release(c);
+  CHECK_EQ(rw_count(&brw), -RW_WRITER + 1);
+  loom_sleep(2 * CHECK_MS);
+  CHECK_EQ(atomic_load(&b_in), 0);
+  loom_rwmutex_runlock(&brw);
+  while (atomic_load(&b_in) != 1)
+    loom_yield();
+  atomic_store(&b_in, 0);
+  check_rw_idle(&brw);
+
+  /* A writer that gives up while another writer holds it (waiting for
+   * the inner mutex) leaves nothing behind either. */
+  loom_rwmutex_lock(&brw);
+  CHECK_OK(loom_go(bw_until, (void *)(intptr_t)(5 * CHECK_MS)));
+  CHECK_ERR(wait_result(&bw_result), -ETIMEDOUT);
+  CHECK_OK(loom_ctx_with_cancel(&c, loom_ctx_background()));
+  CHECK_OK(loom_go(bw_ctx, c));
+  loom_sleep(2 * CHECK_MS);
+  loom_ctx_cancel(c);
+  CHECK_ERR(wait_result(&bw_result), -ECANCELED);
+  loom_ctx_release(c);
+  loom_rwmutex_unlock(&brw);
+  check_rw_idle(&brw);
+  loom_ctx_release(done);
+}
+TEST(rwmutex_bounded_waits) { check_run(brw_main, NULL, 2); }
+
+/* A bounded wait that ends just as the lock comes free, over and over:
+ * a writer whose deadline passes as a plain thread's last read lock is
+ * dropped, and a reader whose deadline passes as the write lock is.
+ * Either outcome may happen; whichever it is, the waiter holds the lock
+ * exactly when it says 0, and nothing is left behind (no unit owed to
+ * nobody, no count off by one). */
+static loom_rwmutex erw = LOOM_RWMUTEX_INIT;
+static atomic_int e_phase;  /* 0 idle, 1 go (thread holds), 2 released */
+static atomic_long e_at;    /* when the thread lets go */
+static atomic_int e_writer; /* what the thread holds: 1 write, 0 read */
+static atomic_int e_stop;
+static void *e_thread(void *arg) {
+  (void)arg;
+  for (;;) {
+    while (atomic_load(&e_phase) != 1)
+      if (atomic_load(&e_stop))
+        return NULL;
+      else
+        __builtin_ia32_pause();
+    while (loom_now() < atomic_load(&e_at))
+      __builtin_ia32_pause();
+    if (atomic_load(&e_writer))
+      loom_rwmutex_unlock(&erw);
+    else
+      loom_rwmutex_runlock(&erw);
+    atomic_store(&e_phase, 2);
+  }
+}
+static void edge_main(void *arg) {
+  (void)arg;
+  pthread_t t;
+  CHECK_EQ(pthread_create(&t, NULL, e_thread, NULL), 0);
+  int rounds = CHECK_SCALE(3000, 1000, 300);
+  long got[2] = {0, 0}, gave_up[2] = {0, 0};
+  for (int i = 0; i < rounds; i++) {
+    int writer_waits = i & 1; /* the thread holds the other kind */
+    atomic_store(&e_writer, !writer_waits);
+    if (writer_waits)
+      loom_rwmutex_rlock(&erw); /* the thread's read lock, dropped there */
+    else
+      loom_rwmutex_lock(&erw);
+    int64_t now = loom_now();
+    int64_t at = now + 30000;
+    int64_t deadline = at + ((i / 2) % 21 - 10) * 2000; /* ±20 µs */
+    atomic_store(&e_at, at);
+    atomic_store(&e_phase, 1);
+    int r;
+    if (i % 4 < 2) {
+      r = writer_waits ? loom_rwmutex_lock_until(&erw, deadline)
+                       : loom_rwmutex_rlock_until(&erw, deadline);
+    } else {
+      loom_ctx *c;
+      CHECK_OK(loom_ctx_with_deadline(&c, loom_ctx_background(), deadline));
+      r = writer_waits ? loom_rwmutex_lock_ctx(&erw, c)
+                       : loom_rwmutex_rlock_ctx(&erw, c);
+      loom_ctx_release(c);
+    }
+    CHECK(r == 0 || r == -ETIMEDOUT);
+    if (r == 0) {
+      got[writer_waits]++;
+      /* Holding it means the thread has let go of its own. */
+      CHECK_EQ(rw_count(&erw), writer_waits ? -RW_WRITER : 1);
+      CHECK_ERR(loom_rwmutex_trylock(&erw), -EBUSY);
+      if (writer_waits)
+        CHECK_ERR(loom_rwmutex_tryrlock(&erw), -EBUSY);
+    } else {
+      gave_up[writer_waits]++;
+    }
+    while (atomic_load(&e_phase) != 2)
+      loom_yield();
+    atomic_store(&e_phase, 0);
+    if (r == 0) {
+      if (writer_waits)
+        loom_rwmutex_unlock(&erw);
+      else
+        loom_rwmutex_runlock(&erw);
+    }
+    check_rw_idle(&erw);
+  }
+  atomic_store(&e_stop, 1);
+  loom_block_enter();
+  pthread_join(t, NULL);
+  loom_block_exit();
+  printf("writer: %ld got, %ld gave up; reader: %ld got, %ld gave up\n", got[1],
+         gave_up[1], got[0], gave_up[0]);
+}
+TEST(rwmutex_wait_ends_as_the_lock_comes_free) {
+  check_watchdog(60, "rwmutex waits ending as the lock comes free");
+  check_run(edge_main, NULL, 2);
+}
+
+/* Many readers and writers on every P and on plain threads, with plain,
+ * deadline and context waits; deadlines of zero (passed) and a few
+ * microseconds, contexts cancelled before the call, by their timeout or
+ * by another coroutine while they wait.  Exclusion holds throughout,
+ * every worker finishes (nobody is stranded behind a writer that gave
+ * up), and the rwmutex ends idle. */
+static loom_rwmutex srw = LOOM_RWMUTEX_INIT;
+static atomic_int s_readers, s_writers, s_bad, s_stop, s_live;
+static long s_value; /* under the write lock */
+static atomic_long s_writes, s_reads, s_gave_up;
+#define S_SLOTS 4
+static loom_ctx *_Atomic s_slot[S_SLOTS]; /* for the canceller */
+
+static loom_ctx *s_ctx(int64_t i, bool co) {
+  loom_ctx *c;
+  int kind = (int)(i % 4);
+  if (kind == 1 && !co)
+    kind = 2; /* a timeout needs a coroutine */
+  if (kind == 1) {
+    CHECK_OK(loom_ctx_with_timeout(&c, loom_ctx_background(), (i % 5) * 4000));
+    return c;
+  }
+  CHECK_OK(loom_ctx_with_cancel(&c, loom_ctx_background()));
+  if (kind == 0) {
+    loom_ctx_cancel(c); /* done before the call */
+    return c;
+  }
+  loom_ctx *old = atomic_exchange(&s_slot[i % S_SLOTS], loom_ctx_ref(c));
+  if (old != NULL)
+    loom_ctx_unref(old);
+  return c;
+}
+
+static void s_take(int64_t i, bool co) {
+  bool writer = i % 4 == 0;
+  int form = (int)((i / 4) % 3); /* plain, deadline, context */
+  int r = 0;
+  loom_ctx *c = NULL;
+  if (form == 0) {
+    if (writer)
+      loom_rwmutex_lock(&srw);
+    else
+      loom_rwmutex_rlock(&srw);
+  } else if (form == 1) {
+    int64_t d = loom_now() + (i % 5) * 5000; /* 0: passed already */
+    r = writer ? loom_rwmutex_lock_until(&srw, d)
+               : loom_rwmutex_rlock_until(&srw, d);
+    CHECK(r == 0 || r == -ETIMEDOUT);
+  } else {
+    c = s_ctx(i / 12, co);
+    r = writer ? loom_rwmutex_lock_ctx(&srw, c)
+               : loom_rwmutex_rlock_ctx(&srw, c);
+    CHECK(r == 0 || r == -ETIMEDOUT || r == -ECANCELED);
+    if (r != 0)
+      CHECK_EQ(r, loom_ctx_err(c));
+  }
+  if (r != 0) {
+    atomic_fetch_add(&s_gave_up, 1);
+  } else if (writer) {
+    if (atomic_fetch_add(&s_writers, 1) != 0 || atomic_load(&s_readers) != 0)
+      atomic_store(&s_bad, 1);
+    s_value++;
+    if (co && i % 8 == 0)
+      loom_yield();
+    else
+      for (int k = 0; k < (int)(i % 64); k++)
+        __builtin_ia32_pause();
+    if (atomic_load(&s_readers) != 0)
+      atomic_store(&s_bad, 1);
+    atomic_fetch_sub(&s_writers, 1);
+    atomic_fetch_add(&s_writes, 1);
+    loom_rwmutex_unlock(&srw);
+  } else {
+    atomic_fetch_add(&s_readers, 1);
+    if (atomic_load(&s_writers) != 0)
+      atomic_store(&s_bad, 1);
+    if (co && i % 8 == 1)
+      loom_yield();
+    else
+      for (int k = 0; k < (int)(i % 64); k++)
+        __builtin_ia32_pause();
+    if (atomic_load(&s_writers) != 0)
+      atomic_store(&s_bad, 1);
+    atomic_fetch_sub(&s_readers, 1);
+    atomic_fetch_add(&s_reads, 1);
+    loom_rwmutex_runlock(&srw);
+  }
+  if (c != NULL)
+    loom_ctx_release(c);
+}
+
+static void s_co(void *arg) {
+  for (int64_t i = (intptr_t)arg; !atomic_load(&s_stop); i++)
+    s_take(i, true);
+  atomic_fetch_sub(&s_live, 1);
+}
+static void *s_thread(void *arg) {
+  for (int64_t i = (intptr_t)arg; !atomic_load(&s_stop); i++)
+    s_take(i, false);
+  return NULL;
+}
+/* Cancels the contexts waiters published, as they wait (or not). */
+static void s_canceller(void *arg) {
+  (void)arg;
+  for (unsigned k = 0; !atomic_load(&s_stop); k++) {
+    loom_ctx *c = atomic_exchange(&s_slot[k % S_SLOTS], NULL);
+    if (c != NULL) {
+      loom_ctx_cancel(c);
+      loom_ctx_unref(c);
+    }
+    if (k % 4 == 0)
+      loom_sleep(3000);
+    else
+      loom_yield();
+  }
+  atomic_fetch_sub(&s_live, 1);
+}
+static void stress_main(void *arg) {
+  (void)arg;
+  enum { NCO = 8, NTH = 2 };
+  pthread_t t[NTH];
+  atomic_store(&s_live, NCO + 1);
+  for (int i = 0; i < NTH; i++)
+    CHECK_EQ(pthread_create(&t[i], NULL, s_thread, (void *)(intptr_t)(i * 7)),
+             0);
+  for (int i = 0; i < NCO; i++)
+    CHECK_OK(loom_go(s_co, (void *)(intptr_t)(i * 13)));
+  CHECK_OK(loom_go(s_canceller, NULL));
+  loom_sleep(CHECK_SCALE(400, 400, 400) * CHECK_MS);
+  atomic_store(&s_stop, 1);
+  while (atomic_load(&s_live) != 0)
+    loom_sleep(CHECK_MS);
+  loom_block_enter();
+  for (int i = 0; i < NTH; i++)
+    pthread_join(t[i], NULL);
+  loom_block_exit();
+  for (int i = 0; i < S_SLOTS; i++) {
+    loom_ctx *c = atomic_exchange(&s_slot[i], NULL);
+    if (c != NULL)
+      loom_ctx_unref(c);
+  }
+  CHECK_EQ(atomic_load(&s_bad), 0);
+  CHECK_EQ(s_value, atomic_load(&s_writes));
+  CHECK_GT(atomic_load(&s_writes), 0);
+  CHECK_GT(atomic_load(&s_reads), 0);
+  CHECK_GT(atomic_load(&s_gave_up), 0);
+  check_rw_idle(&srw);
+  printf("%ld writes, %ld reads, %ld gave up\n", atomic_load(&s_writes),
+         atomic_load(&s_reads), atomic_load(&s_gave_up));
+}
+TEST(rwmutex_bounded_stress) {
+  check_watchdog(60, "rwmutex with waits that give up");
+  check_run(stress_main, NULL, 4);
+}
 
 /* The count never goes below zero nor wraps past INT64_MAX. */
 TEST(wg_add_refuses_overflow) {

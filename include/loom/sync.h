@@ -105,21 +105,35 @@ LOOM_API int loom_wg_wait_ctx(loom_wg *wg, loom_ctx *ctx);
 typedef struct loom_rwmutex {
   loom_mutex w_;
   loom_sema writer_sem_, reader_sem_;
-  int32_t readers_, departing_;
+  uint64_t state_; /* readers (low 32 bits), departing (high 32 bits) */
 } loom_rwmutex;
-#define LOOM_RWMUTEX_INIT                                                    \
-  {LOOM_MUTEX_INIT, LOOM_SEMA_INIT(0), LOOM_SEMA_INIT(0), 0, 0}
+#define LOOM_RWMUTEX_INIT                                                      \
+  { LOOM_MUTEX_INIT, LOOM_SEMA_INIT(0), LOOM_SEMA_INIT(0), 0 }
 LOOM_API void loom_rwmutex_rlock(loom_rwmutex *rw);
 LOOM_API void loom_rwmutex_runlock(loom_rwmutex *rw);
 LOOM_API void loom_rwmutex_lock(loom_rwmutex *rw);
 LOOM_API void loom_rwmutex_unlock(loom_rwmutex *rw);
 /* Take it without waiting (Go's TryRLock / TryLock): 0, or -EBUSY when
  * that would wait (tryrlock: a writer holds it or waits for it;
- * trylock: anyone holds it or a writer waits); -EINVAL for NULL.  Waits
- * for an rwmutex cannot be bounded by a deadline or a context (nor in
- * Go): poll with these where a wait must be bounded. */
+ * trylock: anyone holds it or a writer waits); -EINVAL for NULL. */
 LOOM_API int loom_rwmutex_tryrlock(loom_rwmutex *rw);
 LOOM_API int loom_rwmutex_trylock(loom_rwmutex *rw);
+/*
+ * Bounded waits (Go has none): the _until forms return 0 or -ETIMEDOUT
+ * (with a deadline already passed they take the lock only where the try
+ * form would, as loom_mutex_lock_until does); the _ctx forms 0, or
+ * loom_ctx_err(ctx) once it is cancelled (at once, touching nothing, if
+ * it is done before the call).  Either may also return -ENOMEM (no
+ * timer), or -EINVAL for a NULL rwmutex.  A writer that gives up
+ * withdraws its claim: the readers its wait held back are let in, and
+ * the next writer may go.  A wait that ends just as the lock comes free
+ * (the last reader leaving as a writer's deadline passes) may return 0:
+ * the caller then holds it.  Parks.
+ */
+LOOM_API int loom_rwmutex_rlock_until(loom_rwmutex *rw, int64_t deadline);
+LOOM_API int loom_rwmutex_rlock_ctx(loom_rwmutex *rw, loom_ctx *ctx);
+LOOM_API int loom_rwmutex_lock_until(loom_rwmutex *rw, int64_t deadline);
+LOOM_API int loom_rwmutex_lock_ctx(loom_rwmutex *rw, loom_ctx *ctx);
 
 /* Once: fn(arg) runs exactly once; concurrent callers wait for it.  A
  * call of loom_once_do on the same `o` from inside fn waits for itself
