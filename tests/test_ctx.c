@@ -145,14 +145,156 @@ static void misc_main(void *arg) {
 }
 TEST(deadlines_values_release) { check_run(misc_main, NULL, 2); }
 
-TEST(deadline_needs_a_coroutine) {
-  loom_ctx *d;
-  CHECK_ERR(loom_ctx_with_deadline(&d, loom_ctx_background(), 1), LOOM_ENOTCO);
+/* Without a runtime a deadline of its own that is still ahead has no
+ * timer to fire it: LOOM_ENORUNTIME, *out untouched.  One already passed
+ * (or none) needs no timer. */
+TEST(deadline_without_a_runtime) {
+  loom_ctx *d = (loom_ctx *)&d;
+  CHECK_ERR(loom_ctx_with_timeout(&d, loom_ctx_background(), 1000 * CHECK_MS),
+            LOOM_ENORUNTIME);
+  CHECK(d == (loom_ctx *)&d);
+  CHECK_OK(loom_ctx_with_deadline(&d, loom_ctx_background(), 1));
+  CHECK_EQ(loom_ctx_err(d), -ETIMEDOUT); /* passed: cancelled at once */
+  loom_ctx *k;
+  CHECK_OK(loom_ctx_with_deadline(&k, d, loom_now() + 1000 * CHECK_MS));
+  CHECK_EQ(loom_ctx_err(k), -ETIMEDOUT); /* its parent's passed first */
+  loom_ctx_release(k);
+  loom_ctx_release(d);
+  CHECK_OK(loom_ctx_with_deadline(&d, loom_ctx_background(), 0));
+  CHECK_EQ(loom_ctx_err(d), 0);
+  CHECK_EQ(loom_ctx_deadline(d), 0);
+  loom_ctx_release(d);
   loom_ctx *c;
   CHECK_OK(loom_ctx_with_cancel(&c, loom_ctx_background()));
   loom_ctx_cancel(c);
   CHECK_EQ(loom_ctx_err(c), -ECANCELED);
   loom_ctx_release(c);
+}
+
+/* A plain thread of a process whose runtime runs (and a coroutine inside
+ * loom_block_enter/exit) makes contexts with deadlines: they fire on
+ * time, not early, whether the Ps are busy or idle; released earlier,
+ * they leave nothing behind; and they bound the thread's own waits. */
+static int64_t fthr_timeout = 20 * CHECK_MS;
+static atomic_int fthr_fired;
+static void *fthr_one(void *arg) {
+  (void)arg;
+  int64_t t0 = loom_now();
+  loom_ctx *c;
+  CHECK_OK(loom_ctx_with_timeout(&c, loom_ctx_background(), fthr_timeout));
+  CHECK_EQ(loom_ctx_deadline(c) >= t0 + fthr_timeout, 1);
+  CHECK_EQ(loom_ctx_err(c), 0);
+  long v;
+  CHECK_EQ(loom_chan_recv(loom_ctx_done(c), &v), 0); /* closed */
+  int64_t took = loom_now() - t0;
+  CHECK_GE(took, fthr_timeout);
+  CHECKF(took < fthr_timeout + 2000 * CHECK_MS, "fired after %lld ms",
+         (long long)(took / CHECK_MS));
+  CHECK_EQ(loom_ctx_err(c), -ETIMEDOUT);
+  loom_ctx_release(c);
+  /* A wait bounded by one: a mutex nobody unlocks. */
+  static loom_mutex held = LOOM_MUTEX_INIT;
+  (void)loom_mutex_trylock(&held);
+  CHECK_OK(loom_ctx_with_timeout(&c, loom_ctx_background(), 5 * CHECK_MS));
+  CHECK_ERR(loom_mutex_lock_ctx(&held, c), -ETIMEDOUT);
+  loom_ctx_release(c);
+  /* Released long before its deadline: the timer goes with it. */
+  CHECK_OK(
+      loom_ctx_with_timeout(&c, loom_ctx_background(), 3600000 * CHECK_MS));
+  loom_ctx_release(c);
+  atomic_fetch_add(&fthr_fired, 1);
+  return NULL;
+}
+/* Many threads at once, with deadlines spread over a few ms. */
+static void *fthr_many(void *arg) {
+  long id = (long)arg;
+  for (int i = 0; i < CHECK_SCALE(200, 100, 50); i++) {
+    loom_ctx *c;
+    int64_t ns = (int64_t)((id * 7 + i) % 13) * 100000;
+    CHECK_OK(loom_ctx_with_timeout(&c, loom_ctx_background(), ns));
+    if (i % 3 == 0) {
+      loom_ctx_release(c); /* before it fires, or as it does */
+      continue;
+    }
+    long v;
+    CHECK_EQ(loom_chan_recv(loom_ctx_done(c), &v), 0);
+    CHECK_EQ(loom_ctx_err(c), -ETIMEDOUT);
+    loom_ctx_release(c);
+  }
+  atomic_fetch_add(&fthr_fired, 1);
+  return NULL;
+}
+static void fthr_join(pthread_t t) {
+  loom_block_enter(); /* this P is left to sysmon, or idle */
+  pthread_join(t, NULL);
+  loom_block_exit();
+}
+static void fthr_busy(void *arg) {
+  atomic_int *stop = arg;
+  while (!atomic_load(stop))
+    loom_yield();
+}
+static void fthr_main(void *arg) {
+  (void)arg;
+  pthread_t t;
+  /* Every P idle (this one blocked in the join). */
+  CHECK_EQ(pthread_create(&t, NULL, fthr_one, NULL), 0);
+  fthr_join(t);
+  CHECK_EQ(atomic_load(&fthr_fired), 1);
+  /* Every P busy with coroutines that only yield. */
+  static atomic_int stop;
+  for (int i = 0; i < 4; i++)
+    CHECK_OK(loom_go(fthr_busy, &stop));
+  CHECK_EQ(pthread_create(&t, NULL, fthr_one, NULL), 0);
+  fthr_join(t);
+  atomic_store(&stop, 1);
+  CHECK_EQ(atomic_load(&fthr_fired), 2);
+  /* A coroutine inside a blocking section. */
+  loom_block_enter();
+  fthr_one(NULL);
+  loom_block_exit();
+  CHECK_EQ(atomic_load(&fthr_fired), 3);
+  /* Many threads at once. */
+  pthread_t ts[4];
+  for (long i = 0; i < 4; i++)
+    CHECK_EQ(pthread_create(&ts[i], NULL, fthr_many, (void *)i), 0);
+  for (int i = 0; i < 4; i++)
+    fthr_join(ts[i]);
+  CHECK_EQ(atomic_load(&fthr_fired), 7);
+}
+TEST(deadline_from_a_plain_thread) {
+  check_watchdog(60, "deadlines armed from plain threads");
+  check_run(fthr_main, NULL, 2);
+}
+/* With one P, which the blocking section leaves to sysmon. */
+TEST(deadline_from_a_plain_thread_one_p) {
+  check_watchdog(60, "deadlines armed from plain threads, one P");
+  check_run(fthr_main, NULL, 1);
+}
+
+/* A context a thread armed outlives the runtime: its timer goes with the
+ * runtime, and the context is still the thread's to use and release. */
+static loom_ctx *outlive;
+static void *outlive_thread(void *arg) {
+  (void)arg;
+  CHECK_OK(loom_ctx_with_timeout(&outlive, loom_ctx_background(),
+                                 3600000 * CHECK_MS));
+  return NULL;
+}
+static void outlive_main(void *arg) {
+  (void)arg;
+  pthread_t t;
+  CHECK_EQ(pthread_create(&t, NULL, outlive_thread, NULL), 0);
+  fthr_join(t);
+}
+TEST(deadline_from_a_thread_outlives_the_runtime) {
+  check_run(outlive_main, NULL, 2);
+  CHECK_EQ(loom_ctx_err(outlive), 0);
+  loom_ctx *k;
+  CHECK_OK(loom_ctx_with_cancel(&k, outlive));
+  loom_ctx_release(outlive);
+  CHECK_EQ(loom_ctx_err(k), -ECANCELED);
+  loom_ctx_release(k);
 }
 
 /* ------------------------------------------------------------------ */

@@ -932,11 +932,9 @@ static atomic_long s_writes, s_reads, s_gave_up;
 #define S_SLOTS 4
 static loom_ctx *_Atomic s_slot[S_SLOTS]; /* for the canceller */
 
-static loom_ctx *s_ctx(int64_t i, bool co) {
+static loom_ctx *s_ctx(int64_t i) {
   loom_ctx *c;
   int kind = (int)(i % 4);
-  if (kind == 1 && !co)
-    kind = 2; /* a timeout needs a coroutine */
   if (kind == 1) {
     CHECK_OK(loom_ctx_with_timeout(&c, loom_ctx_background(), (i % 5) * 4000));
     return c;
@@ -968,7 +966,7 @@ static void s_take(int64_t i, bool co) {
                : loom_rwmutex_rlock_until(&srw, d);
     CHECK(r == 0 || r == -ETIMEDOUT);
   } else {
-    c = s_ctx(i / 12, co);
+    c = s_ctx(i / 12);
     r = writer ? loom_rwmutex_lock_ctx(&srw, c)
                : loom_rwmutex_rlock_ctx(&srw, c);
     CHECK(r == 0 || r == -ETIMEDOUT || r == -ECANCELED);

@@ -42,9 +42,12 @@ LOOM_API int loom_ctx_with_cancel(loom_ctx **out, loom_ctx *parent);
 /* A child that is also cancelled, with -ETIMEDOUT, at `deadline` (or
  * earlier if the parent's deadline is earlier); 0 means none, as
  * everywhere in loom (the child then has its parent's deadline, if any).
- * Must be called on a coroutine, outside loom_block_enter/exit (the
- * deadline is a runtime timer): else LOOM_ENOTCO.  A deadline already
- * passed gives a context cancelled at once. */
+ * A deadline already passed gives a context cancelled at once.  A
+ * deadline of its own still ahead is a runtime timer: it may be armed on
+ * a coroutine, inside loom_block_enter/exit, or on a plain thread while
+ * a runtime runs, and LOOM_ENORUNTIME (nothing made) when none does; a
+ * runtime that ends takes the timer with it, and the context is never
+ * cancelled by it.  0, -ENOMEM, -EINVAL (NULL out or parent). */
 LOOM_API int loom_ctx_with_deadline(loom_ctx **out, loom_ctx *parent,
                                     int64_t deadline);
 LOOM_API int loom_ctx_with_timeout(loom_ctx **out, loom_ctx *parent,

@@ -376,43 +376,87 @@ int loom_ctx_with_value(loom_ctx **out, loom_ctx *parent, const void *key,
   return 0;
 }
 
-int loom_ctx_with_deadline(loom_ctx **out, loom_ctx *parent,
-                           int64_t deadline) {
+/* Where a deadline's timer goes: the caller's P's heap when it runs on
+ * one (only the owner adds there), else the runtime's heap for threads
+ * without a P (a plain thread, a coroutine inside loom_block_enter/exit),
+ * locked from begin to end.  Room is made before the context, so that
+ * without memory the call fails with nothing made. */
+struct arm {
+  loom__rt *rt;       /* the runtime to wake */
+  loom__timers *heap; /* NULL: no timer needed */
+  bool nop;           /* the no-P heap, held */
+};
+
+static int arm_begin(struct arm *a, loom_ctx *parent, int64_t deadline) {
+  a->heap = NULL;
+  a->nop = false;
+  int64_t pd = parent->deadline;
+  if (deadline == 0 || (pd != 0 && pd <= deadline) || deadline <= loom_now())
+    return 0; /* none of its own, the parent's first, or passed: no timer */
   loom__m *m = loom__getm();
-  if (m == NULL || m->p == NULL || loom__getg() == NULL)
-    return LOOM_ENOTCO;
-  if (loom__timers_reserve(&m->p->timers, 1) != 0)
-    return -ENOMEM;
-  loom_ctx *c;
-  int err = child(out, parent, &c);
+  if (m != NULL && m->p != NULL && loom__getg() != NULL) {
+    if (loom__timers_reserve(&m->p->timers, 1) != 0)
+      return -ENOMEM;
+    a->rt = m->rt;
+    a->heap = &m->p->timers;
+    return 0;
+  }
+  int err = loom__nop_timers_begin(&a->rt);
   if (err != 0)
     return err;
+  a->heap = &a->rt->nop_timers;
+  a->nop = true;
+  return 0;
+}
+
+static void arm_end(struct arm *a, int64_t armed) {
+  if (a->nop)
+    loom__nop_timers_end(a->rt, armed);
+  else if (armed != 0)
+    loom__wake_netpoller(a->rt, armed);
+}
+
+int loom_ctx_with_deadline(loom_ctx **out, loom_ctx *parent,
+                           int64_t deadline) {
+  if (out == NULL || parent == NULL)
+    return -EINVAL;
+  struct arm a;
+  int err = arm_begin(&a, parent, deadline);
+  if (err != 0)
+    return err;
+  loom_ctx *c;
+  err = child(out, parent, &c);
+  if (err != 0) {
+    arm_end(&a, 0);
+    return err;
+  }
   /* 0 is "none", as everywhere in loom: the parent's deadline, if any. */
   if (deadline != 0 && (c->deadline == 0 || deadline < c->deadline))
     c->deadline = deadline;
   attach(c);
-  if (c->deadline != 0 && c->deadline <= loom_now()) {
-    cancel(c, -ETIMEDOUT);
-  } else if (deadline != 0 && c->deadline == deadline) {
-    /* Our own deadline is the earlier one: arm it (an inherited one
-     * reaches us through the parent's cancel). */
+  int64_t armed = 0;
+  if (a.heap == NULL) {
+    if (c->deadline != 0 && c->deadline <= loom_now())
+      cancel(c, -ETIMEDOUT);
+    /* else none, or the parent's: it reaches us through its cancel */
+  } else {
+    /* Our own deadline is the earlier one: arm it, even if it has passed
+     * since arm_begin looked (it fires at once).  Armed under c->lock,
+     * and only while c is live: a parent's cancel may have reached c
+     * since attach (cancel_one reads has_timer under the same lock). */
     c->timer.fn = deadline_fire;
     c->timer.done = deadline_done;
     c->timer.arg = c;
-    /* Armed under c->lock, and only while c is live: a parent's cancel
-     * may have reached c since attach (cancel_one reads has_timer under
-     * the same lock). */
     loom__spin_lock(&c->lock);
-    bool arm = c->err == 0;
-    if (arm) {
+    if (c->err == 0) {
       loom_ctx_ref(c); /* the timer's reference */
       c->has_timer = true;
-      loom__timer_add(&m->p->timers, &c->timer, deadline);
+      loom__timer_add(a.heap, &c->timer, deadline);
+      armed = deadline;
     }
     loom__spin_unlock(&c->lock);
-    if (arm)
-      loom__wake_netpoller(m->rt, deadline);
   }
+  arm_end(&a, armed);
   *out = c;
   return 0;
 }

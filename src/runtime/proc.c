@@ -395,10 +395,22 @@ static inline void tick(loom__p *p) {
   atomic_store_explicit(&p->schedtick, t + 1, memory_order_relaxed);
 }
 
+/* The clock is read only when a heap has a timer, once. */
+static void run_due(loom__timers *ts, int64_t *now) {
+  int64_t next = loom__timers_next(ts);
+  if (next == 0)
+    return;
+  if (*now == 0)
+    *now = loom_now();
+  if (next <= *now)
+    loom__timers_run(ts, *now);
+}
+
+/* This P's due timers, and those armed without a P (any M runs them). */
 static void run_due_timers(loom__p *p) {
-  int64_t next = loom__timers_next(&p->timers);
-  if (next != 0 && next <= loom_now())
-    loom__timers_run(&p->timers, loom_now());
+  int64_t now = 0;
+  run_due(&p->timers, &now);
+  run_due(&p->rt->nop_timers, &now);
 }
 
 /*
@@ -804,6 +816,7 @@ void loom__handoffp(loom__rt *rt, loom__p *p) {
   if (atomic_load(&rt->npidle) == rt->nprocs - 1 &&
       atomic_load(&rt->lastpoll) != 0 &&
       (loom__timers_next(&p->timers) != 0 ||
+       loom__timers_next(&rt->nop_timers) != 0 ||
        atomic_load(&rt->netpoll_waiters) != 0)) {
     pthread_mutex_unlock(&rt->lock);
     loom__startm(rt, p, false);
@@ -824,6 +837,46 @@ void loom__wake_netpoller(loom__rt *rt, int64_t when) {
   } else {
     loom__wakep(rt);
   }
+}
+
+int loom__nop_timers_begin(loom__rt **rtp) {
+  loom__m *m = loom__getm();
+  loom__rt *rt;
+  if (m != NULL) {
+    rt = m->rt; /* lives while its M does */
+  } else {
+    /* A foreign thread: rt_mu keeps the runtime from being torn down
+     * under us until loom__nop_timers_end, as in go_impl. */
+    pthread_mutex_lock(&rt_mu);
+    rt = atomic_load(&current_rt);
+    if (rt == NULL) {
+      pthread_mutex_unlock(&rt_mu);
+      return LOOM_ENORUNTIME;
+    }
+  }
+  pthread_mutex_lock(&rt->nop_timers_mu);
+  if (loom__timers_reserve(&rt->nop_timers, 1) != 0) {
+    pthread_mutex_unlock(&rt->nop_timers_mu);
+    if (m == NULL)
+      pthread_mutex_unlock(&rt_mu);
+    return -ENOMEM;
+  }
+  *rtp = rt;
+  return 0;
+}
+
+void loom__nop_timers_end(loom__rt *rt, int64_t when) {
+  pthread_mutex_unlock(&rt->nop_timers_mu);
+  if (when != 0) {
+    /* The heap's new earliest before the poller's and the spinners'
+     * state, against an M that is about to sleep: either it sees our
+     * timer, or we see it still polling or spinning (loom__wakep's
+     * seq_cst loads; a runq put does the same with a seq_cst store). */
+    atomic_thread_fence(memory_order_seq_cst);
+    loom__wake_netpoller(rt, when);
+  }
+  if (loom__getm() == NULL)
+    pthread_mutex_unlock(&rt_mu);
 }
 
 /* Mark the Gs a poll made ready runnable.  Each sits in its own stack
@@ -968,7 +1021,7 @@ static loom__g *steal_work(loom__m *m) {
 }
 
 int64_t loom__earliest_timer(loom__rt *rt) {
-  int64_t best = 0;
+  int64_t best = loom__timers_next(&rt->nop_timers);
   for (int i = 0; i < rt->nprocs; i++) {
     int64_t w = loom__timers_next(&rt->allp[i]->timers);
     if (w != 0 && (best == 0 || w < best))
@@ -1643,6 +1696,7 @@ static void rt_free(loom__rt *rt) {
   /* Timers first: pending ones live in Gs, which the stacks hold. */
   for (int i = 0; i < rt->nprocs; i++)
     loom__timers_destroy(&rt->allp[i]->timers);
+  loom__timers_destroy(&rt->nop_timers);
   /* Every G that ever had a slot, alive or cached. */
   loom__stacks *s = &rt->stacks;
   for (loom__arena *a = s->arenas; a != NULL; a = a->next) {
@@ -1682,6 +1736,7 @@ static void rt_free(loom__rt *rt) {
     o->abandon(o);
   }
   pthread_mutex_destroy(&rt->objs_lock);
+  pthread_mutex_destroy(&rt->nop_timers_mu);
   loom__pd_pool_destroy(rt);
   loom__netpoll_close(&rt->np);
   pthread_mutex_destroy(&rt->pd_lock);
@@ -1728,6 +1783,8 @@ int loom_run(void (*main_fn)(void *), void *arg, const loom_config *cfg) {
   loom__mutex_init(&rt->lock);
   loom__mutex_init(&rt->pd_lock);
   loom__mutex_init(&rt->objs_lock);
+  loom__mutex_init(&rt->nop_timers_mu);
+  loom__timers_init(&rt->nop_timers);
   rt->start_time = loom_now();
   atomic_store(&rt->lastpoll, rt->start_time);
   err = loom__stacks_init(&rt->stacks, c.stack_size);
@@ -1823,6 +1880,7 @@ fail_np:
 fail_stacks:
   loom__stacks_destroy(&rt->stacks);
 fail_rt:
+  pthread_mutex_destroy(&rt->nop_timers_mu);
   pthread_mutex_destroy(&rt->objs_lock);
   pthread_mutex_destroy(&rt->pd_lock);
   pthread_mutex_destroy(&rt->lock);

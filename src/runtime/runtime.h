@@ -255,6 +255,15 @@ struct loom__rt {
 
   _Atomic int foreign_users;     /* foreign threads inside loom_go */
   int64_t start_time;
+
+  /* Timers armed by threads that hold no P (a foreign thread, an M
+   * inside loom_block_enter/exit): no P's heap is theirs to add to.
+   * Every M runs this heap's due timers where it runs its own P's, and
+   * the poller sleeps until its earliest too.  nop_timers_mu orders the
+   * adders (a reserve and its add, as a P's owner does alone); running
+   * and stopping take only the heap's own lock. */
+  pthread_mutex_t nop_timers_mu;
+  loom__timers nop_timers;
 };
 
 /*
@@ -359,6 +368,14 @@ void loom__acquirep(loom__m *m, loom__p *p);
 void loom__switch_to_g0(loom__m *m, loom__g *g, loom__post_fn fn, void *arg);
 int loom__mutex_init(pthread_mutex_t *mu);
 int64_t loom__earliest_timer(loom__rt *rt); /* 0: no timer anywhere */
+/* For a thread that holds no P, arming a timer: the runtime's no-P heap
+ * (its M's runtime, or the one running), locked for one
+ * loom__timer_add with room reserved, and the runtime kept from being
+ * torn down meanwhile.  0 and *rt set, LOOM_ENORUNTIME or -ENOMEM.
+ * loom__nop_timers_end drops the lock; `when` is the deadline of the
+ * timer added (0: none), to wake an M to run it. */
+int loom__nop_timers_begin(loom__rt **rt);
+void loom__nop_timers_end(loom__rt *rt, int64_t when);
 const char *loom__symbolize(const void *pc, char *buf, size_t len);
 void loom__log(loom__rt *rt, const char *fmt, ...)
     __attribute__((format(printf, 2, 3)));
