@@ -1147,6 +1147,121 @@ TEST(server_close_without_memory) {
 }
 
 /* ------------------------------------------------------------------ */
+/* sessions_total counts the sessions that started: one whose reader   */
+/* coroutine could not be had is no session (no callback ever sees it), */
+/* so it is in no count, only in errors.other.                          */
+
+/* A coroutine of the runtime's next arena would be made only after an
+ * allocation through the hook (the arena's record), so the case fills
+ * the arena it has first: stacks of 4 MiB, 16 to an arena, taken by
+ * coroutines that wait on `gate` until every allocation fails. */
+static loom_wg gate = LOOM_WG_INIT, parked = LOOM_WG_INIT;
+
+static void parker(void *arg) {
+  (void)arg;
+  loom_wg_wait(&gate, 0);
+  loom_wg_done(&parked);
+}
+
+typedef struct started_run {
+  long at;        /* the armed allocation that fails (-1: none) */
+  long allocs;    /* armed allocations made */
+  loom_metrics m; /* the server's, once the connection is dealt with */
+  int closes;     /* sessions that had on_close */
+} started_run;
+
+static void started_main(void *arg) {
+  started_run *r = arg;
+  loom_server_opts o = server_opts(NULL, 0);
+  loom_server *srv;
+  CHECK_OK(loom_server_start(&srv, &o));
+  char addr[128];
+  CHECK_OK(loom_server_addr(srv, addr, sizeof addr));
+  CHECK_OK(loom_wg_add(&gate, 1));
+  atomic_store(&fail_all, 1);
+  int n = 0;
+  for (;; n++) {
+    CHECK_OK(loom_wg_add(&parked, 1));
+    if (loom_go(parker, NULL) < 0) {
+      loom_wg_done(&parked);
+      break;
+    }
+  }
+  atomic_store(&fail_all, 0);
+  CHECK_GT(n, 0);
+  CHECK_LT(n, 16);
+  /* Now the allocations of one connection's way in, i-th failing. */
+  atomic_store(&nalloc, 0);
+  fail_at = r->at;
+  fail_from = false;
+  atomic_store(&armed, 1);
+  /* The peer ends its side and waits for the server to close the
+   * connection: a session reads the end and closes; a connection that
+   * could not become one is closed at once. */
+  loom_block_enter();
+  int fd = tcp_connect(addr, 0);
+  CHECK(fd >= 0);
+  CHECK(shutdown(fd, SHUT_WR) == 0);
+  uint8_t b;
+  ssize_t k = recv(fd, &b, 1, 0);
+  int result = io_result(k);
+  close(fd);
+  loom_block_exit();
+  CHECK_AT(result == IO_CLOSED, "the peer's connection stayed open");
+  bool ok;
+  WAIT_UNTIL(ok, (loom_server_metrics(srv, &r->m), r->m.sessions_open == 0),
+             10 * SEC);
+  atomic_store(&armed, 0);
+  r->allocs = atomic_load(&nalloc);
+  CHECK_AT(ok, "a session still open after its peer left");
+  r->closes = count_role(ROLE_SERVER, true);
+  loom_wg_done(&gate);
+  loom_wg_wait(&parked, 0);
+  CHECK_OK(loom_server_close(srv, loom_now() + 5 * SEC));
+  wait_all_freed();
+}
+
+static void started_once(started_run *r) {
+  pthread_mutex_lock(&tab_mu);
+  ntab = 0;
+  pthread_mutex_unlock(&tab_mu);
+  loom_config cfg;
+  loom_config_init(&cfg);
+  cfg.procs = 1; /* one P's cache of coroutines to empty */
+  cfg.stack_size = (size_t)4 << 20;
+  CHECK_OK(loom_run(started_main, r, &cfg));
+  CHECK_AT(atomic_load(&nlive) == 0, "%ld blocks still allocated",
+           atomic_load(&nlive));
+}
+
+TEST(sessions_total_counts_started_sessions) {
+  CHECK_OK(loom_codec_lenpfx(&lenpfx, NULL));
+  loom_set_allocator(&hook);
+  check_watchdog(120, "sessions_total_counts_started_sessions");
+  started_run clean = {.at = -1};
+  started_once(&clean);
+  CHECK_EQ(clean.closes, 1);
+  CHECK_EQ(clean.m.sessions_total, 1);
+  int unstarted = 0;
+  for (long i = 1; i <= clean.allocs + 8; i++) {
+    started_run r = {.at = i};
+    started_once(&r);
+    /* The session's record or its reader's coroutine failed. */
+    if (r.m.errors.other > 0)
+      unstarted++;
+    CHECKF(r.m.sessions_total == (uint64_t)r.closes,
+           "allocation %ld failing: sessions_total %llu, on_close %d", i,
+           (unsigned long long)r.m.sessions_total, r.closes);
+  }
+  printf("%ld allocations on a connection's way in; %d runs without a "
+         "session\n",
+         clean.allocs, unstarted);
+  /* Both ways for a session not to start were taken. */
+  CHECK_GE(unstarted, 2);
+  loom_set_allocator(NULL);
+}
+
+/* ------------------------------------------------------------------ */
 /* Codecs: each encode fails cleanly.                                   */
 
 /* test_codec.c fails each allocation of loom_buf and one of the

@@ -336,7 +336,11 @@ typedef struct loom_metrics {
   uint64_t sessions_open;  /* now */
   uint64_t sessions_total; /* ever started, on_open's refusals included
                               (connections refused at max_conns never
-                              became sessions: see errors.refused) */
+                              became sessions: see errors.refused; nor
+                              did a connection whose reader coroutine
+                              could not be started, which no callback
+                              sees: a server counts it in errors.other,
+                              a client as a failed dial) */
   uint64_t bytes_in, bytes_out, pkgs_in, pkgs_out;
   uint64_t wq_bytes;    /* queued now, over all sessions */
   uint64_t wq_max;      /* the longest queue now */

@@ -1561,6 +1561,11 @@ int loom__session_start(loom__owner *owner, const loom_session_opts *o,
     s->pc = NULL;
     owner_unlink(s);
     session_free(s, false); /* the only reference, and no on_open */
+    /* It never started: out of the total as out of the open count (no
+     * callback saw it; the caller counts the failure). */
+    loom_mutex_lock(&owner->mu);
+    owner->total--;
+    loom_mutex_unlock(&owner->mu);
     owner_leave(owner);
     goto fail;
   }
