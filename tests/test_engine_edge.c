@@ -1485,6 +1485,11 @@ static void linger_case(int64_t linger, const char *what) {
            (long long)(took / CHECK_MS));
     CHECK_EQ(atomic_load(&E.errs), 0);
   }
+  /* Either way the peer never took them all: what did not leave whole
+   * is dropped, and counted so. */
+  CHECK_GT(E.final.pkgs_dropped, 0);
+  CHECK_EQ(E.final.pkgs_out + E.final.pkgs_dropped, 8);
+  CHECK_EQ(E.final.pkgs_out, E.final.bytes_out / (PKG + 4));
   slow_end(&t);
 }
 
@@ -1611,6 +1616,64 @@ static void flush_main(void *arg) {
   CHECK_OK(loom_server_close(srv, loom_now() + 5 * SEC));
 }
 TEST(graceful_close_flushes_queue) { run(flush_main, 2, "flush"); }
+
+/* pkgs_out counts the packages that left, not those queued: an abort
+ * drops what the socket has not taken, and the packages dropped (in
+ * whole or in part) are counted in pkgs_dropped instead.  Packages of 1000
+ * bytes: the first ones go out from the write, one is cut short there and
+ * queued, the rest wait in the queue, and the writer is parked in a batch when
+ * the abort comes.  The peer then reads what left: bytes_out bytes, of which
+ * pkgs_out whole packages. */
+enum { CUT_PKG = 1000, CUT_N = 300 };
+static void abort_counts_main(void *arg) {
+  (void)arg;
+  slow t;
+  slow_start(&t, false, 0, 4 << 20, LONG_LINGER_S * SEC);
+  for (int i = 0; i < CUT_N; i++)
+    CHECK_OK(loom_session_write(t.s, big, CUT_PKG, 0));
+  loom_sleep(100 * CHECK_MS); /* the writer meets the full socket */
+  loom_session_stats st;
+  loom_session_stats_get(t.s, &st);
+  CHECK_GT(st.wq_bytes, 0);
+  CHECK_LE(st.pkgs_out, CUT_N);
+  loom_session_abort(t.s, -ECANCELED);
+  WAIT_FOR(atomic_load(&E.closes) == 1, 5);
+  loom_metrics m;
+  WAIT_FOR((loom_server_metrics(t.srv, &m), m.sessions_open == 0), 5);
+  uint64_t whole = E.final.bytes_out / (CUT_PKG + 4);
+  printf("%llu bytes left of %d packages queued: %llu whole, pkgs_out %llu\n",
+         (unsigned long long)E.final.bytes_out, CUT_N,
+         (unsigned long long)whole, (unsigned long long)E.final.pkgs_out);
+  CHECK_GT(whole, 0);
+  CHECK_LT(whole, CUT_N);
+  CHECK_EQ(E.final.pkgs_out, whole);
+  CHECK_EQ(E.final.pkgs_dropped, CUT_N - whole);
+  CHECK_EQ(E.final.wq_bytes, 0);
+  CHECK_EQ(m.pkgs_out, whole);
+  CHECK_EQ(m.pkgs_dropped, CUT_N - whole);
+  CHECK_EQ(m.bytes_out, E.final.bytes_out);
+  /* The peer gets exactly that much, then the end of the stream. */
+  static uint8_t buf[PKG];
+  uint64_t got = 0;
+  for (;;) {
+    ssize_t k = read(t.peer, buf, sizeof buf);
+    if (k > 0) {
+      got += (uint64_t)k;
+      continue;
+    }
+    if (k < 0 && errno == EAGAIN) {
+      CHECK_OK(loom_fd_wait(t.peer, LOOM_FD_READ, loom_now() + 5 * SEC));
+      continue;
+    }
+    CHECKF(k == 0, "read: %s", strerror(errno));
+    break;
+  }
+  CHECK_EQ(got, E.final.bytes_out);
+  slow_end(&t);
+}
+TEST(abort_leaves_dropped_packages_out_of_pkgs_out) {
+  run(abort_counts_main, 2, "pkgs_out after an abort");
+}
 
 /* ------------------------------------------------------------------ */
 /* 4. Oversized, malformed and truncated input.                         */
@@ -3464,6 +3527,7 @@ static void metrics_main(void *arg) {
   snprintf(line_, sizeof line_, "\nloom_packages_out_total %llu\n",
            (unsigned long long)m.pkgs_out);
   CHECK(strstr(text, line_) != NULL);
+  CHECK(strstr(text, "\nloom_packages_dropped_total 0\n") != NULL);
 #define KIND_LINE_(name, help)                                                 \
   snprintf(line_, sizeof line_, "loom_errors_total{kind=\"%s\"} %llu\n",       \
            #name, (unsigned long long)m.errors.name);                          \

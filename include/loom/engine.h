@@ -40,7 +40,9 @@
  * holds at most wq_high + one package of our memory (with compression,
  * plus the compressed copy of the batch being written, which at zlib's
  * default settings is no larger than that batch and zlib's few bytes of
- * framing; see Compression).
+ * framing; see Compression), and 4 bytes for each queued package past
+ * the eighth: its length, so that pkgs_out counts only what leaves (see
+ * loom_session_stats).
  *
  * Close.  loom_session_close is graceful and idempotent: the reader
  * stops (bytes read but not yet handed to on_message or to the pool are
@@ -218,8 +220,9 @@ typedef struct loom_session_opts {
  * codec and queue it.  `timeout` (ns) bounds the wait when the write queue
  * is above its high watermark: 0 fails at once, negative waits without
  * limit.  Returns 0 (queued: it will be written unless the session dies
- * first); -EAGAIN (full, timeout 0), -ETIMEDOUT, -ENOBUFS (full, and
- * close_on_full closed the session), -EMSGSIZE, -EINVAL (the codec cannot
+ * first; it counts in pkgs_out once it has left whole, in pkgs_dropped
+ * if a close drops it); -EAGAIN (full, timeout 0), -ETIMEDOUT, -ENOBUFS (full,
+ * and close_on_full closed the session), -EMSGSIZE, -EINVAL (the codec cannot
  * encode it), LOOM_ECLOSED (the session was aborted, or its graceful close
  * has queued its last bytes; while a graceful close is still handling
  * packages already received, their replies are accepted, and one that
@@ -309,8 +312,20 @@ LOOM_API int loom_session_remote_addr(loom_session *s, char *buf, size_t len);
 LOOM_API int loom_session_local_addr(loom_session *s, char *buf, size_t len);
 
 typedef struct loom_session_stats {
-  uint64_t bytes_in, bytes_out; /* on the wire (compressed if it is) */
-  uint64_t pkgs_in, pkgs_out;
+  uint64_t bytes_in, bytes_out; /* on the wire (compressed if it is): every
+                                   byte the socket took, those of a
+                                   package cut short by a close too */
+  uint64_t pkgs_in;
+  uint64_t pkgs_out;     /* packages that left whole: a stream package
+                            counts once the socket has taken its last
+                            byte (a write under way counts its packages
+                            as it offers them, and takes back those the
+                            socket does not take), a datagram once sent */
+  uint64_t pkgs_dropped; /* packages written (loom_session_write returned
+                            0) that a close dropped from the write queue
+                            before they left whole: an abort, a negative
+                            linger, a write that failed.  Every package
+                            written ends in pkgs_out or here */
   int64_t last_read, last_write; /* loom_now() of the last byte each way */
   int64_t opened;                /* loom_now() at accept or connect */
   size_t wq_bytes;               /* queued, not yet written */
@@ -341,7 +356,8 @@ typedef struct loom_metrics {
                               could not be started, which no callback
                               sees: a server counts it in errors.other,
                               a client as a failed dial) */
-  uint64_t bytes_in, bytes_out, pkgs_in, pkgs_out;
+  /* Traffic, as in loom_session_stats. */
+  uint64_t bytes_in, bytes_out, pkgs_in, pkgs_out, pkgs_dropped;
   uint64_t wq_bytes;    /* queued now, over all sessions */
   uint64_t wq_max;      /* the longest queue now */
   uint64_t pool_queued; /* tasks waiting in the task pool, if any */

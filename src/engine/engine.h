@@ -34,7 +34,8 @@ typedef struct loom__owner {
                          the list, and those that left it and are
                          dropping the reader's reference (on_free) */
   uint64_t total;     /* sessions ever started */
-  uint64_t bytes_in, bytes_out, pkgs_in, pkgs_out; /* of ended sessions */
+  uint64_t bytes_in, bytes_out, pkgs_in, pkgs_out,
+      pkgs_dropped;  /* of ended sessions */
   loom_cond changed; /* a session was added, opened or removed */
   _Atomic uint64_t errors[LOOM__ERR_KINDS]; /* relaxed counters */
   loom_taskpool *pool; /* for the pool_queued metric, or NULL */
@@ -50,11 +51,11 @@ int loom__owner_close_all(loom__owner *o, int err, int64_t deadline);
 
 /* The next session on an owner's list (owner->mu held), and a session's
  * traffic counters and queue length: bytes in/out, packages in/out,
- * queued bytes. */
+ * queued bytes, packages dropped. */
 loom_session *loom__session_next(loom_session *s);
 /* on_open has accepted the session (owner->mu held). */
 bool loom__session_opened(loom_session *s);
-void loom__session_sample(loom_session *s, uint64_t v[5]);
+void loom__session_sample(loom_session *s, uint64_t v[6]);
 
 /* A datagram network ("udp*", "unixgram"): one session per socket. */
 static inline bool loom__is_packet(const char *network) {

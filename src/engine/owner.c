@@ -59,14 +59,16 @@ void loom__owner_metrics(loom__owner *o, loom_metrics *m) {
   m->bytes_out = o->bytes_out;
   m->pkgs_in = o->pkgs_in;
   m->pkgs_out = o->pkgs_out;
+  m->pkgs_dropped = o->pkgs_dropped;
   for (loom_session *s = o->head; s; s = loom__session_next(s)) {
-    uint64_t v[5];
+    uint64_t v[6];
     loom__session_sample(s, v);
     m->bytes_in += v[0];
     m->bytes_out += v[1];
     m->pkgs_in += v[2];
     m->pkgs_out += v[3];
     m->wq_bytes += v[4];
+    m->pkgs_dropped += v[5];
     if (v[4] > m->wq_max)
       m->wq_max = v[4];
   }
@@ -159,8 +161,9 @@ int loom_metrics_prometheus(
   metric(&o, p, "bytes_out_total", "counter", "Bytes sent.", m->bytes_out);
   metric(&o, p, "packages_in_total", "counter", "Packages received.",
          m->pkgs_in);
-  metric(&o, p, "packages_out_total", "counter", "Packages queued to send.",
-         m->pkgs_out);
+  metric(&o, p, "packages_out_total", "counter", "Packages sent.", m->pkgs_out);
+  metric(&o, p, "packages_dropped_total", "counter",
+         "Packages written but dropped unsent by a close.", m->pkgs_dropped);
   metric(&o, p, "write_queue_bytes", "gauge", "Bytes waiting in write queues.",
          m->wq_bytes);
   metric(&o, p, "write_queue_max_bytes", "gauge",

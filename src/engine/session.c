@@ -98,7 +98,8 @@ struct loom_session {
   loom_pconn *pc;    /* packet sessions */
   uint64_t reader_g; /* the reader's loom_id() */
 
-  /* Statistics: one writer each (relaxed). */
+  /* Statistics (relaxed): one writer each at a time — pkgs_in the
+   * reader's, bytes_out and pkgs_out a stream session's under wmu. */
   _Atomic uint64_t bytes_in, bytes_out, pkgs_in, pkgs_out;
   _Atomic int64_t last_read, last_write;
 
@@ -120,6 +121,18 @@ struct loom_session {
 
   loom_session_opts o;
 
+  /* The packages in wq, oldest first (wmu; see "The write queue's
+   * packages" below): a ring of pk_n lengths from pk_head in
+   * pk[0..pk_cap), pk_cap a power of two; pk_off bytes of the first are
+   * taken already.  Only queued packages use it: out of the lines every
+   * reply touches. */
+  uint32_t *pk; /* pk_mem, or the heap while more packages are queued */
+  uint32_t pk_head, pk_n, pk_cap, pk_off;
+  bool pk_head_counted;          /* the first package is in pkgs_out already (a
+                                    direct send cut short, queue_pkg) */
+  _Atomic uint64_t pkgs_dropped; /* statistics, as pkgs_out (wmu) */
+  uint32_t pk_mem[8];            /* the ring while it fits */
+
   loom_cond wcond;        /* writer: bytes queued or wfinal */
   loom_cond wspace;       /* packet senders: psend was let go, or the
                              socket ended */
@@ -134,6 +147,8 @@ struct loom_session {
   loom_sema writer_exit;  /* released by the writer as it exits */
   loom_wg pooled;         /* packages handed to the pool, not yet done */
   uint64_t rr;            /* round-robin dispatch counter */
+  size_t wsent;           /* the writer's: bytes the socket took in its
+                             last writev, also of one that failed */
 
   uint64_t id;
   loom_session *prev, *next; /* on the owner's list (owner->mu) */
@@ -189,6 +204,147 @@ int loom__session_opts(loom_session_opts *out, const loom_session_opts *in) {
   return 0;
 }
 
+/* ---- the write queue's packages ---------------------------------------- */
+
+/* pkgs_out counts a stream package once its last byte has left — been
+ * taken by the socket — and never one that a close drops from the
+ * queue, even in part.  The queue is bytes, so the session keeps beside
+ * it the lengths of the packages in it (pk), 4 bytes a package; bytes
+ * taken off the queue are taken off these lengths too, and each length
+ * used up is a package that left.
+ *
+ * Counted as it is offered: a package whose last byte a send offers is
+ * counted before the send, and taken back if the socket does not take
+ * it (pk_count, then pk_take), as the direct send of queue_pkg does, so
+ * that a peer's answer never comes before the count.  The writer counts
+ * the packages of a batch before its writev; if the writev fails (the
+ * session then ends), it takes back those the socket did not take
+ * whole — under a transform (zlib), whose writev takes a batch whole or
+ * fails, all of them.  So pkgs_out may run ahead of the wire by the batch
+ * being written, never behind it, and once the session has ended it is
+ * exact.
+ *
+ * Rejected: counting packages as they are queued (the count of a
+ * session that is aborted with a full queue says packages left that
+ * never did); decoding the queue with the codec to find its packages (a
+ * codec's encode need not be decodable by its own decode, and the raw
+ * codec has no boundaries at all). */
+#define PK_PART 0x80000000u /* not the last piece of its package */
+#define PK_MAX 0x7fffffffu  /* the longest piece: a package longer is cut */
+
+static uint32_t pk_pieces(size_t n) {
+  return n == 0 ? 0 : (uint32_t)((n - 1) / PK_MAX + 1);
+}
+
+/* Room for `more` entries.  0 or -ENOMEM.  wmu held. */
+static int pk_reserve(loom_session *s, uint32_t more) {
+  if (more <= s->pk_cap - s->pk_n)
+    return 0;
+  uint64_t cap = s->pk_cap;
+  while (cap - s->pk_n < more)
+    cap *= 2;
+  if (cap > UINT32_MAX / 2 + 1)
+    return -ENOMEM;
+  uint32_t *a = loom__malloc((size_t)cap * sizeof *a);
+  if (!a)
+    return -ENOMEM;
+  for (uint32_t i = 0; i < s->pk_n; i++)
+    a[i] = s->pk[(s->pk_head + i) & (s->pk_cap - 1)];
+  if (s->pk != s->pk_mem)
+    loom__free(s->pk);
+  s->pk = a;
+  s->pk_cap = (uint32_t)cap;
+  s->pk_head = 0;
+  return 0;
+}
+
+/* A package of n > 0 bytes at the queue's tail (room reserved).  wmu
+ * held. */
+static void pk_push(loom_session *s, size_t n) {
+  while (n > 0) {
+    uint32_t piece = n > PK_MAX ? PK_MAX : (uint32_t)n;
+    n -= piece;
+    s->pk[(s->pk_head + s->pk_n++) & (s->pk_cap - 1)] =
+        piece | (n ? PK_PART : 0);
+  }
+}
+
+/* Take the queue's first n bytes off the lengths: the packages whose
+ * last byte was among them, but for the first one if it was counted
+ * already.  wmu held. */
+static uint64_t pk_take(loom_session *s, size_t n) {
+  uint64_t done = 0;
+  /* n beyond the lengths: only in a session being aborted, whose queue
+   * took a package it could not count (queue_pkg). */
+  while (n > 0 && s->pk_n > 0) {
+    uint32_t e = s->pk[s->pk_head];
+    size_t left = (e & PK_MAX) - s->pk_off;
+    if (n < left) {
+      s->pk_off += (uint32_t)n;
+      break;
+    }
+    n -= left;
+    s->pk_off = 0;
+    s->pk_head = (s->pk_head + 1) & (s->pk_cap - 1);
+    s->pk_n--;
+    if (e & PK_PART)
+      continue;
+    if (s->pk_head_counted)
+      s->pk_head_counted = false;
+    else
+      done++;
+  }
+  return done;
+}
+
+/* What pk_take(s, n) would return, taking nothing.  wmu held. */
+static uint64_t pk_count(const loom_session *s, size_t n) {
+  uint64_t done = 0;
+  bool skip = s->pk_head_counted;
+  size_t off = s->pk_off;
+  for (uint32_t i = 0; i < s->pk_n; i++) {
+    uint32_t e = s->pk[(s->pk_head + i) & (s->pk_cap - 1)];
+    size_t left = (e & PK_MAX) - off;
+    off = 0;
+    if (n < left)
+      break;
+    n -= left;
+    if (e & PK_PART)
+      continue;
+    if (skip)
+      skip = false;
+    else
+      done++;
+  }
+  return done;
+}
+
+/* Forget the lengths, and give back their heap ring. */
+static void pk_reset(loom_session *s) {
+  if (s->pk != s->pk_mem)
+    loom__free(s->pk);
+  s->pk = s->pk_mem;
+  s->pk_cap = sizeof s->pk_mem / sizeof s->pk_mem[0];
+  s->pk_head = s->pk_n = s->pk_off = 0;
+  s->pk_head_counted = false;
+}
+
+/* Drop what is queued (an abort, a negative linger, a failed write, or
+ * an empty queue giving back its memory): none of its packages leaves
+ * whole — each is counted as dropped, and one counted as it began to
+ * leave is taken back.  wmu held, nobody writing. */
+static void wq_drop(loom_session *s) {
+  uint64_t dropped = 0;
+  for (uint32_t i = 0; i < s->pk_n; i++)
+    dropped += !(s->pk[(s->pk_head + i) & (s->pk_cap - 1)] & PK_PART);
+  if (dropped)
+    atomic_fetch_add_explicit(&s->pkgs_dropped, dropped, memory_order_relaxed);
+  if (s->pk_head_counted)
+    atomic_fetch_sub_explicit(&s->pkgs_out, 1, memory_order_relaxed);
+  loom_buf_reset(&s->wq);
+  pk_reset(s);
+}
+
 /* ---- references, state -------------------------------------------------- */
 
 loom_session *loom_session_ref(loom_session *s) {
@@ -201,6 +357,7 @@ static void session_free(loom_session *s, bool on_free) {
   if (on_free && s->o.listener->on_free)
     s->o.listener->on_free(s);
   loom_buf_reset(&s->wq);
+  pk_reset(s);
   while (s->top && s->top != &s->sock) {
     loom__layer *below = s->top->below;
     s->top->ops->free(s->top);
@@ -292,7 +449,7 @@ void loom_session_abort(loom_session *s, int err) {
   wake_io(s, true);
   loom_mutex_lock(&s->wmu);
   if (!s->wbusy) /* else the writer is using the chunks; it drops them */
-    loom_buf_reset(&s->wq);
+    wq_drop(s);
   loom_cond_broadcast(&s->wcond);
   loom_cond_broadcast(&s->wspace);
   room_wake_all(s);
@@ -448,6 +605,7 @@ void loom_session_stats_get(loom_session *s, loom_session_stats *out) {
   out->bytes_out = LOAD(bytes_out);
   out->pkgs_in = LOAD(pkgs_in);
   out->pkgs_out = LOAD(pkgs_out);
+  out->pkgs_dropped = LOAD(pkgs_dropped);
   out->last_read = LOAD(last_read);
   out->last_write = LOAD(last_write);
   out->opened = s->opened_at;
@@ -459,11 +617,12 @@ void loom_session_stats_get(loom_session *s, loom_session_stats *out) {
 loom_session *loom__session_next(loom_session *s) { return s->next; }
 bool loom__session_opened(loom_session *s) { return s->opened; }
 
-void loom__session_sample(loom_session *s, uint64_t v[5]) {
+void loom__session_sample(loom_session *s, uint64_t v[6]) {
   v[0] = LOAD(bytes_in);
   v[1] = LOAD(bytes_out);
   v[2] = LOAD(pkgs_in);
   v[3] = LOAD(pkgs_out);
+  v[5] = LOAD(pkgs_dropped);
   loom_mutex_lock(&s->wmu);
   v[4] = loom_buf_len(&s->wq);
   loom_mutex_unlock(&s->wmu);
@@ -480,8 +639,12 @@ static bool writable(loom_session *s) {
 
 /* Send what the socket takes of b's bytes now, without waiting.  An
  * error (EAGAIN, or one the writer will meet and report) sends nothing.
- * wmu held, and nobody else writing. */
-static void try_send(loom_session *s, loom_buf *b) {
+ * wmu held, and nobody else writing.  b is the queue (queue: try_send_wq)
+ * or a package encoded on the caller's stack (try_send); inlined into
+ * each, so that a reply sent from the stack pays nothing for the
+ * queue's counts. */
+static inline __attribute__((always_inline)) void
+stream_send(loom_session *s, loom_buf *b, bool queue) {
   /* Nothing to send, or the socket is closed (its descriptor number may
    * be another socket's by now): touch no descriptor. */
   if (s->io_closed || loom_buf_len(b) == 0)
@@ -491,12 +654,27 @@ static void try_send(loom_session *s, loom_buf *b) {
   struct iovec iov[16];
   struct msghdr m = {.msg_iov = iov};
   m.msg_iovlen = (size_t)loom_buf_peek(b, iov, 16);
+  /* The queue's packages this send may finish are counted before it,
+   * and those it does not finish taken back after (pk_count). */
+  uint64_t offered = 0;
+  if (queue) {
+    size_t bytes = 0;
+    for (size_t i = 0; i < m.msg_iovlen; i++)
+      bytes += iov[i].iov_len;
+    offered = pk_count(s, bytes);
+    BUMP(pkgs_out, offered);
+  }
   /* One piece (a reply encoded on the stack, most often) goes by send:
    * sendmsg would first copy in and check the header and the vector. */
   ssize_t k = m.msg_iovlen == 1
                   ? send(s->fd, iov[0].iov_base, iov[0].iov_len,
                          MSG_DONTWAIT | MSG_NOSIGNAL)
                   : sendmsg(s->fd, &m, MSG_DONTWAIT | MSG_NOSIGNAL);
+  uint64_t left = 0;
+  if (queue)
+    left = offered - (k > 0 ? pk_take(s, (size_t)k) : 0);
+  if (left > 0)
+    atomic_fetch_sub_explicit(&s->pkgs_out, left, memory_order_relaxed);
   if (k > 0) {
     size_t before = loom_buf_len(b);
     loom_buf_consume(b, (size_t)k);
@@ -507,10 +685,13 @@ static void try_send(loom_session *s, loom_buf *b) {
      * Only a drop through wq_low can matter to them (they wait while
      * the queue holds wq_high), so the usual direct reply, sent from an
      * almost empty queue, takes no lock here. */
-    if (b == &s->wq && before > s->o.wq_low && loom_buf_len(b) <= s->o.wq_low)
+    if (queue && before > s->o.wq_low && loom_buf_len(b) <= s->o.wq_low)
       room_wake(s);
   }
 }
+
+static void try_send(loom_session *s, loom_buf *b) { stream_send(s, b, false); }
+static void try_send_wq(loom_session *s) { stream_send(s, &s->wq, true); }
 
 /* Wake the writer, starting it on first use: most sessions' writes go
  * out from their callers, so a session gets its writer coroutine (and
@@ -567,7 +748,7 @@ static int wait_room(loom_session *s, int64_t timeout) {
     /* Nobody is writing (the queue filled while corked, or the writer has
      * not run yet): what the socket takes now is room at once. */
     if (s->top == &s->sock)
-      try_send(s, &s->wq);
+      try_send_wq(s);
     if (loom_buf_len(&s->wq) < s->o.wq_high && skips_line(s, timeout))
       return 0;
     int rc = kick_writer(s);
@@ -627,7 +808,7 @@ static void uncork(loom_session *s) {
   loom_mutex_lock(&s->wmu);
   s->corked = false;
   if (!s->wbusy && loom_buf_len(&s->wq) && s->top == &s->sock && writable(s))
-    try_send(s, &s->wq);
+    try_send_wq(s);
   int rc = 0;
   if (loom_buf_len(&s->wq) > 0)
     rc = kick_writer(s);
@@ -670,17 +851,23 @@ static int queue_pkg(loom_session *s, const void *data, size_t len,
     bool broken = false;
     if (rc == 0) {
       /* Counted before any byte leaves: the peer may answer before the
-       * metrics would otherwise show it. */
+       * metrics would otherwise show it.  What the socket does not take
+       * is queued as a package counted already (pk_head_counted): the
+       * queue was empty, so it is the first. */
       BUMP(pkgs_out, 1);
-      size_t whole = loom_buf_len(&b);
+      size_t whole = loom_buf_len(&b), rest;
       try_send(s, &b);
-      if (loom_buf_len(&b)) {
-        rc = loom_buf_move(&s->wq, &b);
+      if ((rest = loom_buf_len(&b)) > 0) {
+        rc = pk_reserve(s, pk_pieces(rest));
         if (rc == 0)
+          rc = loom_buf_move(&s->wq, &b);
+        if (rc == 0) {
+          pk_push(s, rest);
+          s->pk_head_counted = true;
           kick = true;
-        else
-          broken = loom_buf_len(&b) < whole; /* a part went out: the
-                                                 stream is cut */
+        } else {
+          broken = rest < whole; /* a part went out: the stream is cut */
+        }
       }
       if (rc < 0)
         atomic_fetch_sub_explicit(&s->pkgs_out, 1, memory_order_relaxed);
@@ -692,10 +879,26 @@ static int queue_pkg(loom_session *s, const void *data, size_t len,
       return rc;
     }
   } else {
-    rc = encode_locked(s, data, len, &s->wq);
-    kick = rc == 0 && !corked;
+    /* Room for its length first: the encoded bytes cannot be taken back
+     * out of the queue. */
+    size_t before = loom_buf_len(&s->wq), n = 0;
+    rc = pk_reserve(s, 1);
     if (rc == 0)
-      BUMP(pkgs_out, 1);
+      rc = encode_locked(s, data, len, &s->wq);
+    if (rc == 0)
+      n = loom_buf_len(&s->wq) - before;
+    if (rc == 0 && n == 0) {
+      BUMP(pkgs_out, 1); /* no byte to send: it has left */
+    } else if (rc == 0 && pk_reserve(s, pk_pieces(n)) == 0) {
+      pk_push(s, n); /* counted as its last byte is sent */
+    } else if (rc == 0) {
+      /* More than 2 GiB, and no room for its lengths: queued, but the
+       * queue's count would not hold. */
+      loom_mutex_unlock(&s->wmu);
+      loom_session_abort(s, -ENOMEM);
+      return -ENOMEM;
+    }
+    kick = rc == 0 && !corked;
   }
   if (kick && (rc = kick_writer(s)) < 0) {
     loom_mutex_unlock(&s->wmu);
@@ -915,6 +1118,7 @@ static ssize_t sock_writev(loom__layer *l, const struct iovec *iov, int n) {
   loom_session *s = (loom_session *)((char *)l - offsetof(loom_session, sock));
   size_t sent = 0; /* what went also when the write fails part way */
   ssize_t k = loom__writev_sent(s->conn, iov, n, &sent);
+  s->wsent = sent;
   if (sent > 0) {
     BUMP(bytes_out, (uint64_t)sent);
     atomic_store_explicit(&s->last_write, loom_now(), memory_order_relaxed);
@@ -980,6 +1184,11 @@ static void writer_main(void *arg) {
       }
       s->wdl = want;
     }
+    /* The batch's packages: counted now, and those that do not leave
+     * taken back if it fails (see "The write queue's packages"). */
+    uint64_t pkgs = pk_count(s, total);
+    BUMP(pkgs_out, pkgs);
+    s->wsent = 0;
     loom_mutex_unlock(&s->wmu);
 
     /* After the deadline: an abort moves it to the past after its state
@@ -991,6 +1200,13 @@ static void writer_main(void *arg) {
     loom_mutex_lock(&s->wmu);
     s->wbusy = false;
     if (k < 0) {
+      /* What the socket took of the batch left; under a transform, whose
+       * batch goes whole or not at all, none did. */
+      size_t sent = s->top == &s->sock ? s->wsent : 0;
+      uint64_t left = pk_take(s, sent);
+      loom_buf_consume(&s->wq, sent);
+      atomic_fetch_sub_explicit(&s->pkgs_out, pkgs - left,
+                                memory_order_relaxed);
       bool dropping = s->wfinal && s->o.linger < 0; /* cut short on purpose */
       loom_mutex_unlock(&s->wmu);
       if (!dropping)
@@ -998,6 +1214,7 @@ static void writer_main(void *arg) {
       loom_mutex_lock(&s->wmu);
       break;
     }
+    pk_take(s, total);
     loom_buf_consume(&s->wq, total);
     if (loom_buf_len(&s->wq) <= s->o.wq_low)
       room_wake(s);
@@ -1013,9 +1230,9 @@ static void writer_main(void *arg) {
      * makes the layer's chunk: one block more than before, next to
      * deflating that much. */
     if (s->top != &s->sock && loom_buf_len(&s->wq) == 0)
-      loom_buf_reset(&s->wq);
+      wq_drop(s); /* nothing to drop: the memory */
   }
-  loom_buf_reset(&s->wq);
+  wq_drop(s);
   s->wdone = true;
   room_wake_all(s);
   loom_mutex_unlock(&s->wmu);
@@ -1164,7 +1381,7 @@ static void shed(loom_session *s, reader *r, bool to_stack) {
     loom__readbuf_shed(&r->b, to_stack);
   loom_mutex_lock(&s->wmu);
   if (!s->wbusy && loom_buf_len(&s->wq) == 0)
-    loom_buf_reset(&s->wq);
+    wq_drop(s); /* nothing to drop: the memory */
   loom_mutex_unlock(&s->wmu);
 }
 
@@ -1396,6 +1613,7 @@ static void owner_unlink(loom_session *s) {
   o->bytes_out += LOAD(bytes_out);
   o->pkgs_in += LOAD(pkgs_in);
   o->pkgs_out += LOAD(pkgs_out);
+  o->pkgs_dropped += LOAD(pkgs_dropped);
   loom_mutex_unlock(&o->mu);
 }
 
@@ -1465,7 +1683,7 @@ end:
     loom_mutex_lock(&s->wmu);
     s->wfinal = true;
     if (s->o.linger < 0 && !s->wbusy)
-      loom_buf_reset(&s->wq);
+      wq_drop(s);
     else if (s->o.linger > 0)
       s->final_deadline = loom__after(s->o.linger);
     /* A write under way was bounded by write_timeout at most: bound it
@@ -1546,6 +1764,7 @@ int loom__session_start(loom__owner *owner, const loom_session_opts *o,
   s->user = o->user;
   atomic_init(&s->state, S_OPEN);
   loom_buf_init(&s->wq, 0);
+  pk_reset(s);
   s->opened_at = loom_now();
 
   loom_mutex_lock(&owner->mu);
