@@ -47,6 +47,8 @@ typedef struct script {
   int nseg, at;
   size_t off;   /* into seg[at] */
   size_t piece; /* the most one read returns (0: no limit) */
+  int werr;     /* a write takes half of its first piece, then fails with
+                   this (0: writes take everything) */
   uint8_t *out; /* what was written */
   size_t outlen, outcap;
 } script;
@@ -75,20 +77,30 @@ static ssize_t script_read(loom__layer *l, void *buf, size_t len) {
   return (ssize_t)n;
 }
 
+static void script_keep(script *s, const void *p, size_t n);
+
 static ssize_t script_writev(loom__layer *l, const struct iovec *iov, int n) {
   script *s = (script *)l;
+  if (s->werr != 0) { /* cut part way, as a reset socket's write */
+    script_keep(s, iov[0].iov_base, iov[0].iov_len / 2);
+    return s->werr;
+  }
   size_t total = 0;
   for (int i = 0; i < n; i++) {
-    if (s->outlen + iov[i].iov_len > s->outcap) {
-      s->outcap = (s->outlen + iov[i].iov_len) * 2;
-      s->out = realloc(s->out, s->outcap);
-      CHECK(s->out != NULL);
-    }
-    memcpy(s->out + s->outlen, iov[i].iov_base, iov[i].iov_len);
-    s->outlen += iov[i].iov_len;
+    script_keep(s, iov[i].iov_base, iov[i].iov_len);
     total += iov[i].iov_len;
   }
   return (ssize_t)total;
+}
+
+static void script_keep(script *s, const void *p, size_t n) {
+  if (s->outlen + n > s->outcap) {
+    s->outcap = (s->outlen + n) * 2;
+    s->out = realloc(s->out, s->outcap);
+    CHECK(s->out != NULL);
+  }
+  memcpy(s->out + s->outlen, p, n);
+  s->outlen += n;
 }
 
 static void script_free(loom__layer *l) {
@@ -613,6 +625,75 @@ static void write_main(void *arg) {
     }
 }
 TEST(writes_read_by_zlib_defaults_at_every_window) { run(write_main); }
+
+/* A writev that fails part way has handed below bytes of a deflate
+ * stream the peer now lacks the rest of, and deflate has gone on as if
+ * they had all left: whatever it wrote after that, the peer's inflate
+ * would read against the wrong history.  So the layer is broken for
+ * good: every later writev fails with LOOM_ECOMPRESS and writes nothing.
+ * Twice: with the layer below failing, and with deflate's own output
+ * buffer failing for memory (a batch that outgrows the stack buffer). */
+static bool fail_blocks; /* no_block_realloc fails new blocks */
+static void *no_block_realloc(void *ud, void *p, size_t n) {
+  (void)ud;
+  return fail_blocks && p == NULL ? NULL : realloc(p, n);
+}
+
+static void no_block_free(void *ud, void *p) {
+  (void)ud;
+  free(p);
+}
+
+static void broken_write_main(void *arg) {
+  (void)arg;
+  make_data(data, DATA, 23);
+  for (int how = 0; how < 2; how++) {
+    script s;
+    script_init(&s, 0);
+    loom__layer *z = zlayer_over(&s);
+    struct iovec one = {data, 3000};
+    CHECK_EQ(z->ops->writev(z, &one, 1), 3000);
+    size_t good = s.outlen;
+    /* Noise from the second half: its compressed bytes outgrow the
+     * stack buffer, so the batch needs a heap block. */
+    struct iovec two = {data + DATA / 2, 4000};
+    int want;
+    if (how == 0) {
+      s.werr = want = -ECONNRESET;
+    } else {
+      fail_blocks = true;
+      want = -ENOMEM;
+    }
+    CHECK_ERR(z->ops->writev(z, &two, 1), want);
+    s.werr = 0;
+    fail_blocks = false;
+    size_t cut = s.outlen;
+    struct iovec three = {data + 3000, 500};
+    for (int i = 0; i < 2; i++) {
+      CHECK_ERR(z->ops->writev(z, &three, 1), LOOM_ECOMPRESS);
+      CHECK_EQ(s.outlen, cut);
+    }
+    /* What left before the failure is a good stream. */
+    z_stream in;
+    memset(&in, 0, sizeof in);
+    CHECK_EQ(inflateInit(&in), Z_OK);
+    size_t blen = 0;
+    CHECK_EQ(check_inflate(&in, s.out, good, back, sizeof back, &blen,
+                           "the batch before the failure"),
+             good);
+    CHECK_EQ(blen, 3000);
+    CHECK(memcmp(back, data, 3000) == 0);
+    inflateEnd(&in);
+    z->ops->free(z);
+    script_free(&s.l);
+  }
+}
+TEST(a_write_that_fails_breaks_the_stream) {
+  loom_allocator a = {no_block_realloc, no_block_free, NULL};
+  loom_set_allocator(&a);
+  run(broken_write_main);
+  loom_set_allocator(NULL);
+}
 
 /* A batch is compressed into 512 bytes on the writer's stack (compress.c,
  * ZOUT_STACK) and written from there: no allocation.  One whose output

@@ -87,6 +87,9 @@ typedef struct zlayer {
                       byte stopped between two blocks (data_type bit 7) */
   int err;         /* reader's: LOOM_ECOMPRESS once the peer's stream is
                       broken; every read after returns it */
+  int werr;        /* writer's: LOOM_ECOMPRESS once a writev has failed
+                      after deflate ran (see zwritev); every writev after
+                      returns it */
   int level, window_bits, mem_level; /* deflate's, for deflateInit2 */
   uint8_t *inbuf;  /* reader's: compressed bytes read, on the heap (NULL
                       while reads are small); what in.next_in points
@@ -301,6 +304,8 @@ static ssize_t zwritev(loom__layer *l, const struct iovec *iov, int n) {
   zout o = {stack_out, 0};
   size_t total = 0;
   int rc = 0;
+  if (z->werr)
+    return z->werr;
   if (!z->out_ready) {
     if (deflateInit2(&z->out, z->level, Z_DEFLATED, z->window_bits,
                      z->mem_level, Z_DEFAULT_STRATEGY) != Z_OK)
@@ -343,10 +348,19 @@ static ssize_t zwritev(loom__layer *l, const struct iovec *iov, int n) {
       loom_buf_consume(&z->outbuf, (size_t)k);
   }
   /* Drained: an idle session holds no buffer.  After a failure the
-   * stream is broken (the peer missed bytes), the session is closing,
-   * and what is left is dropped. */
-  if (rc < 0 || loom_buf_len(&z->outbuf) == 0)
+   * stream is broken: deflate has taken the batch into its history and
+   * the peer missed some of what it made of it (part went below, or
+   * none, for want of memory), so any block after would be read
+   * against the wrong history.  What is left is dropped and no writev
+   * goes on with the stream.  The session's writer never tries (it ends
+   * the session at its first failed write); the layer does not count on
+   * that. */
+  if (rc < 0) {
+    z->werr = LOOM_ECOMPRESS;
     loom_buf_reset(&z->outbuf);
+  } else if (loom_buf_len(&z->outbuf) == 0) {
+    loom_buf_reset(&z->outbuf);
+  }
   return rc < 0 ? rc : (ssize_t)total;
 }
 

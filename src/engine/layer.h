@@ -16,6 +16,11 @@
  *   writev — take all of iov[0..n) or fail: the count of bytes of iov
  *            (not of what went below), or a negative error; may park.
  *            Bytes are handed below in order, and before returning.
+ *            A writev that fails may have handed part of what it made
+ *            below: a layer with a stream of its own (zlib's window)
+ *            is then broken, and every later writev fails with an
+ *            error of its own (zlib: LOOM_ECOMPRESS) and writes
+ *            nothing.
  *   free   — release the layer (not the one below).  The session frees
  *            the stack top down, after both of its coroutines are done.
  * One reader and one writer may use a stack at the same time; a layer
