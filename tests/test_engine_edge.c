@@ -1880,6 +1880,80 @@ TEST(pipelined_replies_timeout0_not_refused) {
   run(pipeline_main, 2, "pipelined replies");
 }
 
+/* Replies that on_message writes while the reader dispatches the
+ * packages of one read wait to leave together after the batch (corked).
+ * A later on_message of the batch that stops for a while — parks, or
+ * enters a blocking section — must not hold up the replies before it:
+ * they go out as it stops.  The peer pipelines "a" and "b" in one write;
+ * on_message answers "a" at once, and for "b" waits until the peer has
+ * the answer to "a" (it would wait for ever if that answer waited for
+ * it), then answers "b". */
+static loom_chan *held_go;    /* the test lets "b"'s handler go */
+static atomic_int held_block; /* 1: "b" waits in a blocking section */
+static atomic_int held_released;
+static void held_reply(loom_session *s, const loom_pkg *pkg) {
+  if (pkg->len != 1)
+    return;
+  if (pkg->data[0] == 'b') {
+    if (atomic_load(&held_block)) {
+      loom_block_enter();
+      while (!atomic_load(&held_released))
+        usleep(1000);
+      loom_block_exit();
+    } else {
+      int v;
+      CHECK_EQ(loom_chan_recv(held_go, &v), 1);
+    }
+  }
+  char r = (char)(pkg->data[0] - 'a' + 'A');
+  CHECK_OK(loom_session_write(s, &r, 1, 0));
+}
+
+static void held_case(bool block) {
+  codecs_init();
+  loom_server_opts o = server_opts(&line);
+  E.msg = held_reply;
+  atomic_store(&held_block, block);
+  atomic_store(&held_released, 0);
+  CHECK_OK(loom_chan_make(&held_go, sizeof(int), 1));
+  loom_conn *peer;
+  loom_server *srv = serve_dial(&o, &peer);
+  CHECK_EQ(loom_write(peer, "a\nb\n", 4), 4);
+  char back[2];
+  CHECK_OK(loom_set_read_deadline(peer, loom_now() + 2 * SEC));
+  ssize_t k = loom_read(peer, back, 2);
+  CHECKF(k == 2,
+         "the answer to \"a\" waited for \"b\"'s handler (%s): read %zd "
+         "(%s)",
+         block ? "in a blocking section" : "parked", k, loom_err_name((int)k));
+  CHECK(memcmp(back, "A\n", 2) == 0);
+  CHECK_EQ(atomic_load(&E.msgs), 1); /* "b"'s handler is still waiting */
+  int v = 1;
+  atomic_store(&held_released, 1);
+  CHECK_OK(loom_chan_send(held_go, &v));
+  conn_read_full(peer, back, 2);
+  CHECK(memcmp(back, "B\n", 2) == 0);
+  WAIT_FOR(atomic_load(&E.msgs) == 2, 5);
+  CHECK_EQ(atomic_load(&E.echo_fail), 0);
+  finish(srv, peer);
+  loom_chan_close(held_go);
+  loom_chan_free(held_go);
+}
+static void held_park_main(void *arg) {
+  (void)arg;
+  held_case(false);
+}
+static void held_block_main(void *arg) {
+  (void)arg;
+  held_case(true);
+}
+TEST(corked_replies_leave_when_a_handler_parks) {
+  run(held_park_main, 2, "corked replies and a parked handler");
+}
+TEST(corked_replies_leave_when_a_handler_blocks) {
+  run(held_block_main, 2, "corked replies and a blocking handler");
+}
+
 /* Writes the codec refuses fail alone: -EMSGSIZE (counted as oversize)
  * and -EINVAL leave the session open and writable. */
 static void bad_write_main(void *arg) {

@@ -28,7 +28,10 @@
  * go out at once from the caller (no wake-up of the writer); the rest
  * waits for the writer.  Replies that on_message writes while the reader
  * dispatches several packages of one read leave together, in one send
- * after the batch.  The queue is bounded by two watermarks: once it
+ * after the batch — unless a callback of the batch parks or enters a
+ * blocking section (loom_block_enter): then the replies written so far
+ * leave as it stops, not after it, and the batch's later replies as
+ * they are written.  The queue is bounded by two watermarks: once it
  * holds `wq_high` bytes, a write waits (up to its timeout) until the
  * writer has drained it below `wq_low`; a write with timeout 0 fails at
  * once with -EAGAIN.  With close_on_full, a write that cannot be queued

@@ -30,7 +30,20 @@
  * Corking.  When one read brings several packages (a pipelining peer),
  * the reader marks the queue corked while it dispatches them: replies
  * its own on_message writes gather in the queue, and one send after the
- * batch takes them all (uncork), instead of one send per package.
+ * batch takes them all (uncork), instead of one send per package.  A
+ * callback of the batch may stop for a while (it parks on a channel,
+ * sleeps, enters a blocking section); the replies held before it must
+ * not wait with it.  So once the reader holds a reply, it sets its
+ * coroutine's park hook (runtime.h, loom__park_hook_set), which the
+ * runtime runs as the reader parks or blocks, and which hands the
+ * replies to a coroutine of their own to send (cork_parked): the batch
+ * ends there, and what its later callbacks write goes out as they write
+ * it.  A batch whose callbacks do not stop costs two stores to the
+ * coroutine; ping-pong, one package a read, never corks.  Rejected:
+ * sending from the hook itself (it runs inside the park, maybe with the
+ * queue's own lock in the middle of being taken: it must not take it);
+ * a timer that bounds how long replies are held (a timer per batch, and
+ * a delay still).
  *
  * States (`state`, seq_cst):
  *   OPEN     — reading; writes accepted.
@@ -146,6 +159,9 @@ struct loom_session {
   loom_wg io_users;       /* packet sessions: senders on the socket */
   loom_sema writer_exit;  /* released by the writer as it exits */
   loom_wg pooled;         /* packages handed to the pool, not yet done */
+  loom_wg flushing;       /* cork_flush coroutines under way */
+  bool cork_armed;        /* the reader's park hook is set: it holds
+                             corked replies (reader only) */
   uint64_t rr;            /* round-robin dispatch counter */
   size_t wsent;           /* the writer's: bytes the socket took in its
                              last writev, also of one that failed */
@@ -802,19 +818,53 @@ static int wait_room(loom_session *s, int64_t timeout) {
   return rc;
 }
 
-/* The reader's batch is dispatched: send what its callbacks queued in
- * one go, and leave the rest to the writer. */
-static void uncork(loom_session *s) {
-  loom_mutex_lock(&s->wmu);
+/* The batch is over: send what the reader's callbacks queued in one go,
+ * and leave the rest to the writer.  0, or -ENOMEM: the caller aborts
+ * the session once it has let go of wmu.  wmu held. */
+static int uncork_locked(loom_session *s) {
   s->corked = false;
   if (!s->wbusy && loom_buf_len(&s->wq) && s->top == &s->sock && writable(s))
     try_send_wq(s);
-  int rc = 0;
-  if (loom_buf_len(&s->wq) > 0)
-    rc = kick_writer(s);
+  return loom_buf_len(&s->wq) > 0 ? kick_writer(s) : 0;
+}
+
+/* The reader's batch is dispatched. */
+static void uncork(loom_session *s) {
+  if (s->cork_armed) { /* its callbacks did not stop: the hook goes */
+    s->cork_armed = false;
+    loom__park_hook_set(NULL, NULL);
+  }
+  loom_mutex_lock(&s->wmu);
+  int rc = uncork_locked(s);
   loom_mutex_unlock(&s->wmu);
   if (rc < 0)
     loom_session_abort(s, rc);
+}
+
+/* The batch ends early: a callback stopped with replies held (see
+ * Corking).  The reader waits for this before it ends (flushing), so
+ * the session outlives it. */
+static void cork_flush(void *arg) {
+  loom_session *s = arg;
+  loom_mutex_lock(&s->wmu);
+  int rc = s->corked ? uncork_locked(s) : 0; /* else uncork was first */
+  loom_mutex_unlock(&s->wmu);
+  if (rc < 0)
+    loom_session_abort(s, rc);
+  loom_wg_done(&s->flushing); /* the last touch of *s */
+}
+
+/* The reader's park hook: it parks, or blocks, holding corked replies.
+ * On the reader, inside the park: it must not park or take wmu, so the
+ * sending is cork_flush's, on a coroutine of its own, which runs as
+ * soon as the reader is off the P.  Without a coroutine, the replies
+ * wait for the batch's end, as they did. */
+static void cork_parked(void *arg) {
+  loom_session *s = arg;
+  s->cork_armed = false;
+  loom_wg_add(&s->flushing, 1);
+  if (loom_go(cork_flush, s) < 0)
+    loom_wg_done(&s->flushing);
 }
 
 /* Encode with wmu held (codecs do no I/O and never park).  An oversized
@@ -899,6 +949,10 @@ static int queue_pkg(loom_session *s, const void *data, size_t len,
       return -ENOMEM;
     }
     kick = rc == 0 && !corked;
+    if (rc == 0 && corked && !s->cork_armed) { /* see Corking */
+      s->cork_armed = true;
+      loom__park_hook_set(cork_parked, s);
+    }
   }
   if (kick && (rc = kick_writer(s)) < 0) {
     loom_mutex_unlock(&s->wmu);
@@ -1679,6 +1733,7 @@ static void reader_main(void *arg) {
 end:
   /* Every pooled package of the session is handled before on_close. */
   loom_wg_wait(&s->pooled, 0);
+  loom_wg_wait(&s->flushing, 0); /* they touch the queue and the socket */
   if (!s->packet) {
     loom_mutex_lock(&s->wmu);
     s->wfinal = true;

@@ -41,6 +41,8 @@ void loom_block_enter(void) {
   loom__m *m = loom__getm();
   if (m == NULL || m->p == NULL || m->curg == NULL || m->curg->is_g0)
     return;
+  if (m->curg->park_hook != NULL) /* while the P is ours: it may loom_go */
+    loom__park_hook_run(m->curg);
   loom__p *p = m->p;
   m->oldp = p;
   m->p = NULL;

@@ -34,7 +34,9 @@
  *   is where a timer is armed or a wait-queue lock released); if commit
  *   returns false the G is readied at once.  From G_WAITING only
  *   loom__ready() moves it on.  So a wake-up can never race ahead of the
- *   save: whoever can wake the G learns about it only in commit.
+ *   save: whoever can wake the G learns about it only in commit.  Before
+ *   the switch, the G's park hook runs if it has one (loom__park_hook_set:
+ *   the engine's corked replies), on the G, under the caller's locks.
  *
  * Thread-local state.  A G that parks on one M may resume on another, and
  * a compiler may keep the address of a __thread variable in a register
@@ -576,6 +578,12 @@ static void post_exit(loom__m *m, loom__g *g, void *arg) {
   g_free(m->rt, m->p, g);
 }
 
+__attribute__((noinline)) void loom__park_hook_run(loom__g *g) {
+  void (*fn)(void *) = g->park_hook;
+  g->park_hook = NULL; /* once; and fn must not park, but if it did */
+  fn(g->park_hook_arg);
+}
+
 void loom__park(bool (*commit)(loom__g *g, void *arg), void *arg,
                 const char *reason) {
   loom__m *m = loom__getm();
@@ -584,6 +592,8 @@ void loom__park(bool (*commit)(loom__g *g, void *arg), void *arg,
     loom__throw("park: not on a coroutine");
   if (m->p == NULL)
     loom__throw("park: inside loom_block_enter/exit");
+  if (g->park_hook != NULL)
+    loom__park_hook_run(g); /* it does not park: still this M, this P */
   struct park_req r = {commit, arg};
   g->wait_reason = reason;
   m->post_fn = post_park;
@@ -1286,6 +1296,7 @@ static int spawn(loom__rt *rt, loom__m *m, void (*fn)(void *), void *arg,
   g->asan_fake = NULL;
   g->wait_reason = NULL;
   g->cb_tag = NULL;
+  g->park_hook = NULL;
   loom__ctx_make(&g->ctx, (char *)g, g_entry, g);
   atomic_store_explicit(&g->status, G_RUNNABLE, memory_order_relaxed);
   count_one(p != NULL ? &p->nspawned : NULL, &rt->nspawned_nop);

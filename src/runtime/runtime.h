@@ -96,6 +96,10 @@ struct loom__g {
   void **locals;            /* loom_local slots, allocated on first set */
   const void *spawn_pc;     /* return address of the loom_go call */
   const char *wait_reason;  /* why it is parked, for the debugger */
+  void (*park_hook)(void *arg); /* run once as this G next stops running
+                                   for a while (loom__park_hook_set); in
+                                   the line every park writes */
+  void *park_hook_arg;
   loom__timer timer;        /* loom_sleep's timer */
   void *asan_fake;          /* ASan fake-stack handle while switched out */
   void *tsan_fiber;         /* TSan fiber of this G */
@@ -345,6 +349,33 @@ static inline void loom__cb_tag_set(void *tag) {
   if (g != NULL)
     g->cb_tag = tag;
 }
+
+/*
+ * A function the running coroutine wants run, once, the next time it
+ * stops running for a while: as it parks (loom__park), or as it enters
+ * a blocking section (loom_block_enter) — the way Linux flushes a
+ * task's plugged I/O when the task goes to sleep (blk_flush_plug in
+ * schedule).  NULL clears it; a new coroutine starts without one.  The
+ * engine's reader sets one while it holds replies back to send them
+ * together (session.c, corking), so that a callback that parks does not
+ * hold them up.
+ *
+ * `fn(arg)` runs on the coroutine, inside loom__park before it switches
+ * away: with whatever the parking primitive holds (a channel's or a
+ * mutex's spinlock, a loom_cond's mutex).  So it must not park, nor take
+ * a lock a parking primitive may hold — it may start a coroutine
+ * (loom_go) to do such work, and little else.  In a blocking section,
+ * before the P is given up.  Outside a coroutine: nothing.
+ */
+static inline void loom__park_hook_set(void (*fn)(void *), void *arg) {
+  loom__g *g = loom__getg();
+  if (g != NULL) {
+    g->park_hook = fn;
+    g->park_hook_arg = arg;
+  }
+}
+/* Run and clear g's park hook (loom__park, loom_block_enter). */
+void loom__park_hook_run(loom__g *g);
 
 void loom__rt_track(loom__rt *rt, loom__rtobj *o);
 void loom__rt_untrack(loom__rt *rt, loom__rtobj *o);
