@@ -1264,4 +1264,51 @@ TEST(null_objects_are_einval) {
   CHECK_EQ(m.state_, 0u); /* untouched */
 }
 
+/* A deadline long past — INT64_MIN, or -1 — ends every wait at once
+ * with -ETIMEDOUT on a plain thread, as it does on a coroutine: a
+ * condition variable's wait included, which queues before it looks. */
+static void past_waits(void) {
+  loom_mutex pmu = LOOM_MUTEX_INIT, held = LOOM_MUTEX_INIT;
+  loom_cond pcv = LOOM_COND_INIT;
+  loom_sema psem = LOOM_SEMA_INIT(0);
+  loom_wg pwg = LOOM_WG_INIT;
+  loom_chan *ch;
+  int v;
+  static const int64_t pasts[] = {INT64_MIN, INT64_MIN + 1, -1, 1};
+  CHECK_OK(loom_chan_make(&ch, sizeof(int), 0));
+  CHECK_OK(loom_wg_add(&pwg, 1));
+  CHECK_OK(loom_mutex_lock_until(&held, 0));
+  for (size_t i = 0; i < sizeof pasts / sizeof pasts[0]; i++) {
+    int64_t d = pasts[i];
+    CHECK_OK(loom_mutex_lock_until(&pmu, 0));
+    CHECK_ERR(loom_cond_wait(&pcv, &pmu, d), -ETIMEDOUT);
+    loom_mutex_unlock(&pmu);
+    CHECK_ERR(loom_mutex_lock_until(&held, d), -ETIMEDOUT);
+    CHECK_ERR(loom_sema_acquire(&psem, d), -ETIMEDOUT);
+    CHECK_ERR(loom_wg_wait(&pwg, d), -ETIMEDOUT);
+    CHECK_ERR(loom_chan_recv_until(ch, &v, d), -ETIMEDOUT);
+  }
+  loom_mutex_unlock(&held);
+  loom_chan_free(ch);
+}
+static void *past_thread(void *arg) {
+  (void)arg;
+  past_waits();
+  return NULL;
+}
+static void past_main(void *arg) {
+  (void)arg;
+  past_waits();
+  loom_block_enter();
+  past_waits();
+  loom_block_exit();
+}
+TEST(deadline_long_past_ends_waits_at_once) {
+  check_watchdog(20, "waits with a deadline long past");
+  pthread_t t;
+  CHECK_EQ(pthread_create(&t, NULL, past_thread, NULL), 0);
+  CHECK_EQ(pthread_join(t, NULL), 0);
+  check_run(past_main, NULL, 2);
+}
+
 CHECK_MAIN()

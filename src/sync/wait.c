@@ -189,8 +189,11 @@ loom__waiter_wait_ctx(loom__waiter *w, void (*release)(void *arg), void *arg,
   if (deadline == 0) {
     loom__note_sleep(&w->note);
   } else {
-    int64_t left = deadline - loom_now();
-    if (!loom__note_tsleep(&w->note, left > 0 ? left : 0)) {
+    /* Compared before subtracting: deadline - now overflows for a
+     * deadline long past (INT64_MIN), which is "at once" too. */
+    int64_t now = loom_now();
+    int64_t left = deadline > now ? deadline - now : 0;
+    if (!loom__note_tsleep(&w->note, left)) {
       if (!loom__waiter_claim(w))
         loom__note_sleep(&w->note); /* a claimant is on its way */
       /* else timed out: w->fired stays -1 */
