@@ -565,4 +565,38 @@ static void duo_main(void *arg) {
 }
 TEST(fd_wait_reader_and_writer_at_once) { check_run(duo_main, NULL, 2); }
 
+/* A deadline long past — as far back as INT64_MIN — ends a wait at once
+ * on a plain thread (and inside a blocking section) as on a coroutine,
+ * with -ETIMEDOUT: it is not taken for one far ahead. */
+static void *past_thread(void *arg) {
+  int *p = arg;
+  int64_t t0 = check_mono_ns();
+  CHECK_ERR(loom_fd_wait(p[0], LOOM_FD_READ, INT64_MIN), -ETIMEDOUT);
+  CHECK_ERR(loom_fd_wait(p[0], LOOM_FD_READ, INT64_MIN + 1), -ETIMEDOUT);
+  CHECK_ERR(loom_fd_wait(p[0], LOOM_FD_READ, -1), -ETIMEDOUT);
+  CHECK_LT(check_mono_ns() - t0, 5000 * CHECK_MS);
+  return NULL;
+}
+static void past_main(void *arg) {
+  int *p = arg;
+  CHECK_ERR(loom_fd_wait(p[0], LOOM_FD_READ, INT64_MIN), -ETIMEDOUT);
+  int64_t t0 = loom_now();
+  loom_block_enter();
+  int r = loom_fd_wait(p[0], LOOM_FD_READ, INT64_MIN);
+  loom_block_exit();
+  CHECK_ERR(r, -ETIMEDOUT);
+  CHECK_LT(loom_now() - t0, 5000 * CHECK_MS);
+}
+TEST(fd_wait_deadline_long_past) {
+  check_watchdog(20, "a wait with a deadline of INT64_MIN");
+  int p[2];
+  make_pipe(p);
+  pthread_t t;
+  CHECK_EQ(pthread_create(&t, NULL, past_thread, p), 0);
+  CHECK_EQ(pthread_join(t, NULL), 0);
+  check_run(past_main, p, 2);
+  close(p[0]);
+  close(p[1]);
+}
+
 CHECK_MAIN()

@@ -76,9 +76,10 @@ static int wait_thread(int fd, short ev, int64_t deadline, loom_ctx *ctx) {
       break;
     int ms = -1;
     if (deadline != 0) {
-      int64_t left = deadline - loom_now();
-      if (left < 0)
-        left = 0;
+      /* Compared before subtracting: deadline - now overflows for a
+       * deadline long past (INT64_MIN), which is "at once" too. */
+      int64_t now = loom_now();
+      int64_t left = deadline > now ? deadline - now : 0;
       ms = left / 1000000 > 1000000000 ? 1000000000
                                        : (int)((left + 999999) / 1000000);
     }
