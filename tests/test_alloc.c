@@ -457,4 +457,35 @@ TEST(set_allocator_null) {
   CHECK_EQ(atomic_load(&nalloc), 0);
 }
 
+/* A wait whose deadline has passed needs no timer: with no memory at
+ * all it times out, as it does with memory, and does not fail with
+ * -ENOMEM (which sync.h reserves for a deadline ahead). */
+static void past_nomem_main(void *arg) {
+  (void)arg;
+  loom_mutex mu = LOOM_MUTEX_INIT;
+  loom_cond cv = LOOM_COND_INIT;
+  loom_sema sem = LOOM_SEMA_INIT(0);
+  loom_chan *ch;
+  CHECK_OK(loom_chan_make(&ch, sizeof(int), 0));
+  int v;
+  atomic_store(&fail_all, 1);
+  int64_t past = loom_now() - 1;
+  loom_mutex_lock(&mu);
+  int r0 = loom_cond_wait(&cv, &mu, past);
+  loom_mutex_unlock(&mu);
+  int r1 = loom_sema_acquire(&sem, past);
+  int r2 = loom_chan_recv_until(ch, &v, past);
+  atomic_store(&fail_all, 0);
+  CHECK_ERR(r0, -ETIMEDOUT);
+  CHECK_ERR(r1, -ETIMEDOUT);
+  CHECK_ERR(r2, -ETIMEDOUT);
+  loom_chan_free(ch);
+}
+TEST(passed_deadline_needs_no_memory) {
+  loom_set_allocator(&hook);
+  check_run(past_nomem_main, NULL, 1);
+  CHECK_EQ(atomic_load(&nlive), 0);
+  loom_set_allocator(NULL);
+}
+
 CHECK_MAIN()

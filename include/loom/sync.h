@@ -148,7 +148,8 @@ LOOM_API void loom_once_do(loom_once *o, void (*fn)(void *arg), void *arg);
 /*
  * Condition variable, used with a loom_mutex held.  loom_cond_wait
  * unlocks `mu`, parks until signalled (or the deadline), and locks `mu`
- * again before returning: 0, or -ETIMEDOUT (mu is held either way).
+ * again before returning: 0, or -ETIMEDOUT (mu is held either way; a
+ * deadline that has passed already returns it at once, `mu` untouched).
  * Spurious wake-ups do not happen, but the condition may have changed
  * again by the time `mu` is back: wait in a loop.
  */

@@ -184,6 +184,10 @@ static int cond_wait(loom_cond *c, loom_mutex *mu, int64_t deadline,
   int e = loom__ctx_reason(ctx);
   if (e != 0)
     return e; /* mu still held, as on every return */
+  /* A deadline that has passed needs no wait, and so no timer: the
+   * other waits look before they queue too. */
+  if (deadline != 0 && deadline <= loom_now())
+    return -ETIMEDOUT;
   loom__spin_lock(&c->q_.lock_);
   /* Unlock mu only once we are queued, so a signal sent right after
    * cannot be missed; mu's unlock never parks. */
