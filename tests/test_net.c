@@ -3262,4 +3262,497 @@ TEST(lookup_inside_a_blocking_section_keeps_it) {
   check_run(block_lookup_main, NULL, 1);
 }
 
+/* ---- moving a deadline under a blocked call -------------------------- */
+/* A read, a write and an accept are blocked; the deadline of their
+ * direction is moved later, to "never" (INT64_MAX), to none and back,
+ * from a coroutine and from a plain thread: none of those ends the
+ * call.  A deadline in the past (negative too) ends it at once with
+ * -ETIMEDOUT, and the connection goes on once the deadline is cleared. */
+
+enum { MV_READ, MV_WRITE, MV_ACCEPT };
+static struct {
+  int kind;
+  loom_conn *c;
+  loom_listener *l;
+  char buf[1 << 20];
+  atomic_long res; /* 1000 while the call is blocked */
+  atomic_int in;
+} mv;
+
+static void mv_call(void *arg) {
+  (void)arg;
+  long r = -1;
+  loom_conn *acc;
+  atomic_store(&mv.in, 1);
+  switch (mv.kind) {
+  case MV_READ:
+    r = (long)loom_read(mv.c, mv.buf, 16);
+    break;
+  case MV_WRITE: /* more than the buffers take: it waits for room */
+    for (;;) {
+      r = (long)loom_write(mv.c, mv.buf, sizeof mv.buf);
+      if (r != (long)sizeof mv.buf)
+        break;
+    }
+    break;
+  case MV_ACCEPT:
+    r = loom_accept(mv.l, &acc);
+    if (r == 0)
+      CHECK_OK(loom_close(acc));
+    break;
+  }
+  atomic_store(&mv.res, r);
+}
+
+static int mv_set(int64_t d) {
+  switch (mv.kind) {
+  case MV_READ:
+    return loom_set_read_deadline(mv.c, d);
+  case MV_WRITE:
+    return loom_set_write_deadline(mv.c, d);
+  default:
+    return loom_listener_set_deadline(mv.l, d);
+  }
+}
+
+static atomic_int mv_thread_res[4];
+static void *mv_thread(void *arg) {
+  (void)arg;
+  atomic_store(&mv_thread_res[0], mv_set(0));
+  atomic_store(&mv_thread_res[1], mv_set(INT64_MAX)); /* ahead: refused */
+  atomic_store(&mv_thread_res[2], mv_set(0));
+  return NULL;
+}
+
+static void mv_wait_done(void) {
+  int64_t t0 = loom_now();
+  while (atomic_load(&mv.res) == 1000 && loom_now() - t0 < 2000 * CHECK_MS)
+    loom_sleep(CHECK_MS);
+}
+
+/* Start the call; move its deadline around without ending it; then end
+ * it with `past`. */
+static void mv_round(int kind, int64_t past) {
+  mv.kind = kind;
+  atomic_store(&mv.res, 1000);
+  atomic_store(&mv.in, 0);
+  CHECK_OK(loom_go(mv_call, NULL));
+  while (!atomic_load(&mv.in))
+    loom_sleep(CHECK_MS);
+  loom_sleep(10 * CHECK_MS); /* parked */
+  CHECK_OK(mv_set(loom_now() + 60000 * CHECK_MS));
+  CHECK_OK(mv_set(INT64_MAX));
+  CHECK_OK(mv_set(0));
+  CHECK_OK(mv_set(loom_now() + 30000 * CHECK_MS));
+  pthread_t t;
+  CHECK_EQ(pthread_create(&t, NULL, mv_thread, NULL), 0);
+  pthread_join(t, NULL);
+  CHECK_OK(atomic_load(&mv_thread_res[0]));
+  CHECK_ERR(atomic_load(&mv_thread_res[1]), LOOM_ENOTCO);
+  CHECK_OK(atomic_load(&mv_thread_res[2]));
+  CHECK_OK(mv_set(INT64_MAX));
+  loom_sleep(20 * CHECK_MS);
+  CHECKF(atomic_load(&mv.res) == 1000, "kind %d: the call ended with %s", kind,
+         loom_err_name((int)atomic_load(&mv.res)));
+  CHECK_OK(mv_set(past));
+  mv_wait_done();
+  CHECK_EQ(atomic_load(&mv.res), -ETIMEDOUT);
+}
+
+/* Reads s to its end; the last byte it saw. */
+static atomic_int mv_last;
+static void mv_drain(void *arg) {
+  char *b = malloc(65536);
+  CHECK(b != NULL);
+  ssize_t n;
+  while ((n = loom_read(arg, b, 65536)) > 0)
+    atomic_store(&mv_last, b[n - 1]);
+  CHECK_EQ(n, 0);
+  free(b);
+  atomic_store(&mv_last, -atomic_load(&mv_last));
+}
+
+static void mv_main(void *arg) {
+  (void)arg;
+  static const int64_t pasts[] = {-1, INT64_MIN, 1};
+  loom_listener *l;
+  loom_conn *c, *s;
+  char b[16], addr[128];
+  for (int k = 0; k < 3; k++) {
+    int64_t past = pasts[k];
+    pair(&l, &c, &s);
+    mv.c = c;
+    mv.l = l;
+    CHECK_OK(loom_listener_addr(l, addr, sizeof addr));
+    /* read */
+    mv_round(MV_READ, past);
+    CHECK_ERR(loom_read(c, b, sizeof b), -ETIMEDOUT); /* it stays passed */
+    CHECK_OK(loom_set_read_deadline(c, 0));
+    CHECK_EQ(loom_write(s, "abc", 3), 3);
+    CHECK_EQ(loom_read(c, b, sizeof b), 3);
+    /* write; then the peer reads it all, and a last byte goes through */
+    CHECK_OK(loom_conn_set_buffers(c, 0, 4096));
+    mv_round(MV_WRITE, past);
+    CHECK_ERR(loom_write(c, "x", 1), -ETIMEDOUT);
+    CHECK_OK(loom_set_write_deadline(c, 0));
+    atomic_store(&mv_last, 0);
+    CHECK_OK(loom_go(mv_drain, s));
+    CHECK_EQ(loom_write(c, "y", 1), 1);
+    CHECK_OK(loom_shutdown(c, SHUT_WR));
+    while (atomic_load(&mv_last) >= 0)
+      loom_sleep(CHECK_MS);
+    CHECK_EQ(atomic_load(&mv_last), -'y');
+    CHECK_OK(loom_close(c));
+    CHECK_OK(loom_close(s));
+    /* accept */
+    mv_round(MV_ACCEPT, past);
+    loom_conn *x, *y;
+    CHECK_OK(loom_dial(&x, "tcp", addr));
+    CHECK_ERR(loom_accept(l, &y), -ETIMEDOUT);
+    CHECK_OK(loom_listener_set_deadline(l, 0));
+    CHECK_OK(loom_accept(l, &y));
+    CHECK_OK(loom_close(x));
+    CHECK_OK(loom_close(y));
+    CHECK_OK(loom_listener_close(l));
+  }
+  /* Earlier: a deadline brought in from "never" to soon ends the call. */
+  pair(&l, &c, &s);
+  mv.c = c;
+  mv.kind = MV_READ;
+  atomic_store(&mv.res, 1000);
+  CHECK_OK(loom_set_read_deadline(c, INT64_MAX));
+  CHECK_OK(loom_go(mv_call, NULL));
+  loom_sleep(10 * CHECK_MS);
+  CHECK_OK(loom_set_read_deadline(c, loom_now() + 10 * CHECK_MS));
+  mv_wait_done();
+  CHECK_EQ(atomic_load(&mv.res), -ETIMEDOUT);
+  CHECK_OK(loom_close(c));
+  CHECK_OK(loom_close(s));
+  CHECK_OK(loom_listener_close(l));
+}
+TEST(deadline_moved_under_blocked_calls) { check_run(mv_main, NULL, 2); }
+
+/* ---- a deadline flipped under a stream ------------------------------ */
+/* A plain thread flips the read deadline between passed and none as
+ * fast as it can, and a coroutine moves it ahead now and then, while a
+ * reader takes a stream of bytes: every read returns bytes, in order,
+ * or -ETIMEDOUT; none is lost, and the reader never stays asleep once
+ * the deadline is cleared for good. */
+
+static struct {
+  loom_conn *c, *s;
+  atomic_int stop, mover_done;
+  atomic_long timeouts, flips;
+} flip;
+
+static void *flip_thread(void *arg) {
+  (void)arg;
+  while (!atomic_load(&flip.stop)) {
+    CHECK_OK(loom_set_read_deadline(flip.c, -1));
+    CHECK_OK(loom_set_read_deadline(flip.c, 0));
+    atomic_fetch_add(&flip.flips, 1);
+  }
+  return NULL;
+}
+
+static void flip_mover(void *arg) {
+  (void)arg;
+  while (!atomic_load(&flip.stop)) {
+    CHECK_OK(loom_set_read_deadline(flip.c, loom_now() + 200000));
+    loom_yield();
+  }
+  atomic_store(&flip.mover_done, 1);
+}
+
+#define FLIP_BYTES (1 << 20)
+static void flip_writer(void *arg) {
+  (void)arg;
+  unsigned char b[1000];
+  for (int i = 0; i < FLIP_BYTES; i += (int)sizeof b) {
+    for (size_t j = 0; j < sizeof b; j++)
+      b[j] = (unsigned char)((i + (int)j) * 7);
+    size_t n =
+        FLIP_BYTES - i < (int)sizeof b ? (size_t)(FLIP_BYTES - i) : sizeof b;
+    CHECK_EQ(loom_write(flip.s, b, n), (ssize_t)n);
+    if (i % 20000 == 0)
+      loom_sleep(100000); /* let the reader park now and then */
+  }
+}
+
+static void flip_main(void *arg) {
+  (void)arg;
+  loom_listener *l;
+  pair(&l, &flip.c, &flip.s);
+  pthread_t t;
+  CHECK_EQ(pthread_create(&t, NULL, flip_thread, NULL), 0);
+  CHECK_OK(loom_go(flip_mover, NULL));
+  CHECK_OK(loom_go(flip_writer, NULL));
+  unsigned char b[4096];
+  int got = 0;
+  int64_t end = loom_now() + 20000 * CHECK_MS;
+  while (got < FLIP_BYTES) {
+    CHECK(loom_now() < end);
+    if (got > FLIP_BYTES / 2 && !atomic_load(&flip.stop)) {
+      /* second half: the deadline is left alone */
+      atomic_store(&flip.stop, 1);
+      pthread_join(t, NULL);
+      while (!atomic_load(&flip.mover_done))
+        loom_sleep(CHECK_MS);
+      CHECK_OK(loom_set_read_deadline(flip.c, 0));
+    }
+    ssize_t n = loom_read(flip.c, b, sizeof b);
+    if (n == -ETIMEDOUT) {
+      CHECK(!atomic_load(&flip.stop) || got <= FLIP_BYTES / 2);
+      atomic_fetch_add(&flip.timeouts, 1);
+      loom_yield(); /* a passed deadline does not wait: let others run */
+      continue;
+    }
+    CHECKF(n > 0, "read: %s", loom_err_name((int)n));
+    for (ssize_t j = 0; j < n; j++)
+      CHECK_EQ(b[j], (unsigned char)((got + j) * 7));
+    got += (int)n;
+  }
+  printf("%ld flips, %ld reads timed out\n", atomic_load(&flip.flips),
+         atomic_load(&flip.timeouts));
+  CHECK_OK(loom_close(flip.c));
+  CHECK_OK(loom_close(flip.s));
+  CHECK_OK(loom_listener_close(l));
+}
+TEST(deadline_flipped_from_a_thread_under_a_stream) {
+  check_run(flip_main, NULL, 2);
+}
+
+/* ---- a cancel, a passed deadline and bytes at once ------------------- */
+/* A read bounded by a context is parked; at the same moment its context
+ * is cancelled, a plain thread sets the read deadline in the past and
+ * the peer sends a byte.  The read returns the byte, -ECANCELED or
+ * -ETIMEDOUT; whatever it returned, the deadline set last (passed)
+ * stands, the next read says so, and no byte is lost. */
+
+static struct {
+  loom_conn *c, *s;
+  loom_ctx *ctx;
+  atomic_int go, ready;
+} tri;
+
+static void *tri_thread(void *arg) {
+  (void)arg;
+  atomic_fetch_add(&tri.ready, 1);
+  while (!atomic_load(&tri.go)) {
+  }
+  CHECK_OK(loom_set_read_deadline(tri.c, -1));
+  return NULL;
+}
+
+static void *tri_cancel(void *arg) {
+  (void)arg;
+  atomic_fetch_add(&tri.ready, 1);
+  while (!atomic_load(&tri.go)) {
+  }
+  loom_ctx_cancel(tri.ctx);
+  return NULL;
+}
+
+static void tri_main(void *arg) {
+  (void)arg;
+  loom_listener *l;
+  pair(&l, &tri.c, &tri.s);
+  long outcome[3] = {0, 0, 0};
+  int trials = CHECK_SCALE(60, 40, 20);
+  int sent = 0, got = 0;
+  for (int i = 0; i < trials; i++) {
+    CHECK_OK(loom_ctx_with_cancel(&tri.ctx, loom_ctx_background()));
+    atomic_store(&tri.go, 0);
+    atomic_store(&tri.ready, 0);
+    pthread_t t1, t2;
+    CHECK_EQ(pthread_create(&t1, NULL, tri_thread, NULL), 0);
+    CHECK_EQ(pthread_create(&t2, NULL, tri_cancel, NULL), 0);
+    while (atomic_load(&tri.ready) < 2)
+      loom_yield();
+    /* the reader is us: the byte and the two threads at once */
+    atomic_store(&tri.go, 1);
+    CHECK_EQ(loom_write(tri.s, "z", 1), 1);
+    sent++;
+    char b[4];
+    ssize_t r = loom_read_ctx(tri.c, b, sizeof b, tri.ctx);
+    pthread_join(t1, NULL);
+    pthread_join(t2, NULL);
+    if (r > 0) {
+      got += (int)r;
+      outcome[0]++;
+    } else if (r == -ECANCELED) {
+      outcome[1]++;
+    } else {
+      CHECKF(r == -ETIMEDOUT, "read_ctx: %s", loom_err_name((int)r));
+      outcome[2]++;
+    }
+    CHECK_ERR(loom_read(tri.c, b, sizeof b), -ETIMEDOUT);
+    CHECK_OK(loom_set_read_deadline(tri.c, 0));
+    while (got < sent) {
+      r = loom_read(tri.c, b, sizeof b);
+      CHECK_GT(r, 0);
+      got += (int)r;
+    }
+    loom_ctx_release(tri.ctx);
+  }
+  printf("bytes %ld, cancelled %ld, timed out %ld\n", outcome[0], outcome[1],
+         outcome[2]);
+  CHECK_OK(loom_close(tri.c));
+  CHECK_OK(loom_close(tri.s));
+  CHECK_OK(loom_listener_close(l));
+}
+TEST(cancel_passed_deadline_and_bytes_at_once) { check_run(tri_main, NULL, 2); }
+
+/* ---- deadlines of pinned coroutines ---------------------------------- */
+/* Coroutines pinned to their threads (more of them than Ps) wait under
+ * deadlines of every kind: a read's, a context's, loom_fd_wait's and a
+ * sleep's.  Each ends when its deadline passes, on its own thread. */
+static atomic_int pin_done;
+static void pin_waiter(void *arg) {
+  loom_conn *c = arg;
+  CHECK_OK(loom_pin());
+  pthread_t self = pthread_self();
+  int p[2];
+  CHECK_EQ(pipe2(p, O_NONBLOCK | O_CLOEXEC), 0);
+  char b[8];
+  for (int i = 0; i < 5; i++) {
+    CHECK_OK(loom_set_read_deadline(c, loom_now() + 3 * CHECK_MS));
+    CHECK_ERR(loom_read(c, b, sizeof b), -ETIMEDOUT);
+    CHECK(pthread_equal(self, pthread_self()));
+    CHECK_OK(loom_set_read_deadline(c, 0));
+    loom_ctx *ctx;
+    CHECK_OK(loom_ctx_with_timeout(&ctx, loom_ctx_background(), 3 * CHECK_MS));
+    CHECK_ERR(loom_read_ctx(c, b, sizeof b, ctx), -ETIMEDOUT);
+    loom_ctx_release(ctx);
+    CHECK_OK(loom_set_read_deadline(c, 0)); /* the cut left it passed */
+    CHECK(pthread_equal(self, pthread_self()));
+    CHECK_ERR(loom_fd_wait(p[0], LOOM_FD_READ, loom_now() + 3 * CHECK_MS),
+              -ETIMEDOUT);
+    CHECK(pthread_equal(self, pthread_self()));
+    CHECK_OK(loom_sleep(CHECK_MS));
+    CHECK(pthread_equal(self, pthread_self()));
+  }
+  close(p[0]);
+  close(p[1]);
+  loom_unpin();
+  atomic_fetch_add(&pin_done, 1);
+}
+static void pin_main(void *arg) {
+  (void)arg;
+  loom_listener *l[3];
+  loom_conn *c[3], *s[3];
+  for (int i = 0; i < 3; i++) {
+    pair(&l[i], &c[i], &s[i]);
+    CHECK_OK(loom_go(pin_waiter, c[i]));
+  }
+  int64_t end = loom_now() + 10000 * CHECK_MS;
+  while (atomic_load(&pin_done) < 3) {
+    CHECK(loom_now() < end);
+    loom_sleep(CHECK_MS);
+  }
+  for (int i = 0; i < 3; i++) {
+    CHECK_OK(loom_close(c[i]));
+    CHECK_OK(loom_close(s[i]));
+    CHECK_OK(loom_listener_close(l[i]));
+  }
+}
+TEST(deadlines_of_pinned_coroutines) { check_run(pin_main, NULL, 2); }
+
+/* ---- packet sockets under moved deadlines ---------------------------- */
+/* A passed deadline stops a packet read with a datagram queued and a
+ * write with room, as on a stream; a read blocked on an empty socket
+ * and a unixgram write sleeping for a full peer are both ended by a
+ * deadline moved into the past from a plain thread, and left alone by
+ * one moved to "never" or cleared; nothing queued is lost. */
+static loom_pconn *pk_pc, *pk_un;
+static struct sockaddr_storage pk_to;
+static socklen_t pk_tolen;
+static atomic_long pk_rres, pk_wres;
+static void pk_reader(void *arg) {
+  (void)arg;
+  char b[16];
+  atomic_store(&pk_rres, (long)loom_pconn_read(pk_pc, b, sizeof b));
+}
+static void pk_writer(void *arg) {
+  (void)arg;
+  char b[256];
+  memset(b, 'p', sizeof b);
+  ssize_t r;
+  while ((r = loom_pconn_write_to(pk_un, b, sizeof b, (struct sockaddr *)&pk_to,
+                                  pk_tolen)) == (ssize_t)sizeof b) {
+  }
+  atomic_store(&pk_wres, (long)r);
+}
+static void *pk_past(void *arg) {
+  (void)arg;
+  CHECK_OK(loom_pconn_set_deadline(pk_pc, -1, 0));
+  CHECK_OK(loom_pconn_set_write_deadline(pk_un, INT64_MIN));
+  return NULL;
+}
+static void pk_main(void *arg) {
+  (void)arg;
+  loom_pconn *cli;
+  char addr[128], b[16];
+  CHECK_OK(loom_listen_packet(&pk_pc, "udp", "127.0.0.1:0"));
+  CHECK_OK(loom_pconn_local_addr(pk_pc, addr, sizeof addr));
+  CHECK_OK(loom_dial_packet(&cli, "udp", addr));
+  CHECK_EQ(loom_pconn_write(cli, "one", 3), 3);
+  loom_sleep(10 * CHECK_MS);
+  CHECK_OK(loom_pconn_set_deadline(pk_pc, loom_now() - 1, 1));
+  CHECK_OK(loom_pconn_set_deadline(cli, 1, -1));
+  CHECK_ERR(loom_pconn_read(pk_pc, b, sizeof b), -ETIMEDOUT);
+  CHECK_ERR(loom_pconn_write(cli, "two", 3), -ETIMEDOUT);
+  CHECK_ERR(loom_pconn_write(cli, "", 0), -ETIMEDOUT);
+  CHECK_OK(loom_pconn_set_deadline(pk_pc, 0, 0));
+  CHECK_OK(loom_pconn_set_deadline(cli, 0, 0));
+  CHECK_EQ(loom_pconn_read(pk_pc, b, sizeof b), 3); /* still there */
+  /* A blocked read, and a unixgram write sleeping for a full peer. */
+  char path[64];
+  loom_pconn *sink;
+  snprintf(path, sizeof path, "@loom-test-pk-sink-%d", (int)getpid());
+  CHECK_OK(loom_listen_packet(&sink, "unixgram", path));
+  CHECK_OK(loom_resolve_addr("unixgram", path, &pk_to, &pk_tolen));
+  snprintf(path, sizeof path, "@loom-test-pk-un-%d", (int)getpid());
+  CHECK_OK(loom_listen_packet(&pk_un, "unixgram", path));
+  atomic_store(&pk_rres, 1000);
+  atomic_store(&pk_wres, 1000);
+  CHECK_OK(loom_go(pk_reader, NULL));
+  CHECK_OK(loom_go(pk_writer, NULL));
+  loom_sleep(30 * CHECK_MS);
+  CHECK_OK(loom_pconn_set_deadline(pk_pc, INT64_MAX, INT64_MAX));
+  CHECK_OK(loom_pconn_set_deadline(pk_un, INT64_MAX, INT64_MAX));
+  loom_sleep(20 * CHECK_MS);
+  CHECK_OK(loom_pconn_set_deadline(pk_pc, 0, 0));
+  CHECK_OK(loom_pconn_set_write_deadline(pk_un, loom_now() + 60000 * CHECK_MS));
+  loom_sleep(20 * CHECK_MS);
+  CHECK_EQ(atomic_load(&pk_rres), 1000);
+  CHECK_EQ(atomic_load(&pk_wres), 1000);
+  pthread_t t;
+  CHECK_EQ(pthread_create(&t, NULL, pk_past, NULL), 0);
+  pthread_join(t, NULL);
+  int64_t end = loom_now() + 2000 * CHECK_MS;
+  while ((atomic_load(&pk_rres) == 1000 || atomic_load(&pk_wres) == 1000) &&
+         loom_now() < end)
+    loom_sleep(CHECK_MS);
+  CHECK_ERR(atomic_load(&pk_rres), -ETIMEDOUT);
+  CHECK_ERR(atomic_load(&pk_wres), -ETIMEDOUT);
+  /* Cleared: the unixgram write goes once the sink reads one datagram,
+   * and the read takes the next one sent. */
+  CHECK_OK(loom_pconn_set_deadline(pk_pc, 0, 0));
+  CHECK_OK(loom_pconn_set_write_deadline(pk_un, 0));
+  CHECK_EQ(loom_pconn_read(sink, b, sizeof b), 256);
+  CHECK_EQ(loom_pconn_write_to(pk_un, "last", 4, (struct sockaddr *)&pk_to,
+                               pk_tolen),
+           4);
+  CHECK_EQ(loom_pconn_write(cli, "three", 5), 5);
+  CHECK_EQ(loom_pconn_read(pk_pc, b, sizeof b), 5);
+  CHECK_OK(loom_pconn_close(cli));
+  CHECK_OK(loom_pconn_close(pk_pc));
+  CHECK_OK(loom_pconn_close(pk_un));
+  CHECK_OK(loom_pconn_close(sink));
+}
+TEST(packet_deadlines_moved_under_blocked_calls) {
+  check_run(pk_main, NULL, 2);
+}
+
 CHECK_MAIN()
