@@ -3603,6 +3603,113 @@ static void tri_main(void *arg) {
 }
 TEST(cancel_passed_deadline_and_bytes_at_once) { check_run(tri_main, NULL, 2); }
 
+/* ---- the runtime stops with deadlines and timers pending ------------- */
+/* main returns while coroutines wait under deadlines of every kind: a
+ * read, a write and an accept with deadlines far ahead, a unixgram write
+ * sleeping between its tries for a full peer, a dial waiting for room in
+ * a Unix backlog, a loom_fd_wait on a pipe, sleeps short and endless,
+ * and a context whose deadline timer is armed though its owner has
+ * released it.  loom_run returns promptly, nothing runs late, and
+ * everything is freed (ASan's leak check, valgrind). */
+
+static atomic_int sd_parked, sd_woke;
+static loom_conn *sd_c[2];
+static loom_listener *sd_l;
+static loom_pconn *sd_un;
+static struct sockaddr_storage sd_to;
+static socklen_t sd_tolen;
+static char sd_path[64];
+static int sd_pipe[2];
+
+static void sd_waiter(void *arg) {
+  int k = (int)(intptr_t)arg;
+  static char big[1 << 20];
+  char b[8];
+  loom_conn *x;
+  atomic_fetch_add(&sd_parked, 1);
+  switch (k) {
+  case 0:
+    (void)loom_read(sd_c[0], b, sizeof b);
+    break;
+  case 1:
+    while (loom_write(sd_c[0], big, sizeof big) == (ssize_t)sizeof big) {
+    }
+    break;
+  case 2:
+    (void)loom_accept(sd_l, &x);
+    break;
+  case 3:
+    while (loom_pconn_write_to(sd_un, b, sizeof b, (struct sockaddr *)&sd_to,
+                               sd_tolen) == (ssize_t)sizeof b) {
+    }
+    break;
+  case 4: {
+    loom_dial_opts o = {.deadline = loom_now() + 60000 * CHECK_MS};
+    for (;;)
+      if (loom_dial_with(&x, "unix", sd_path, &o) != 0)
+        break;
+    break;
+  }
+  case 5:
+    (void)loom_fd_wait(sd_pipe[0], LOOM_FD_READ, loom_now() + 60000 * CHECK_MS);
+    break;
+  case 6:
+    loom_sleep(INT64_MAX);
+    break;
+  case 7:
+    loom_sleep(3000 * CHECK_MS);
+    break;
+  }
+  atomic_fetch_add(&sd_woke, 1);
+}
+
+static int64_t sd_returned;
+static void sd_main(void *arg) {
+  (void)arg;
+  int64_t far = loom_now() + 60000 * CHECK_MS;
+  loom_listener *l;
+  pair(&l, &sd_c[0], &sd_c[1]);
+  sd_l = l;
+  CHECK_OK(loom_set_deadline(sd_c[0], far, far));
+  CHECK_OK(loom_set_deadline(sd_c[1], far, far));
+  CHECK_OK(loom_conn_set_buffers(sd_c[0], 0, 4096)); /* s never reads */
+  CHECK_OK(loom_listener_set_deadline(l, far));
+  char path[64];
+  snprintf(path, sizeof path, "@loom-test-sd-sink-%d", (int)getpid());
+  loom_pconn *sink;
+  CHECK_OK(loom_listen_packet(&sink, "unixgram", path));
+  CHECK_OK(loom_resolve_addr("unixgram", path, &sd_to, &sd_tolen));
+  snprintf(path, sizeof path, "@loom-test-sd-un-%d", (int)getpid());
+  CHECK_OK(loom_listen_packet(&sd_un, "unixgram", path));
+  CHECK_OK(loom_pconn_set_deadline(sd_un, far, far));
+  snprintf(sd_path, sizeof sd_path, "@loom-test-sd-backlog-%d", (int)getpid());
+  loom_listener *ul;
+  loom_listen_opts lo = {.backlog = 1};
+  CHECK_OK(loom_listen_with(&ul, "unix", sd_path, &lo));
+  CHECK_EQ(pipe2(sd_pipe, O_NONBLOCK | O_CLOEXEC), 0);
+  loom_ctx *ctx;
+  CHECK_OK(loom_ctx_with_deadline(&ctx, loom_ctx_background(), far));
+  loom_ctx_release(ctx); /* the armed timer keeps it */
+  for (int k = 0; k < 8; k++)
+    CHECK_OK(loom_go(sd_waiter, (void *)(intptr_t)k));
+  while (atomic_load(&sd_parked) < 8)
+    loom_sleep(CHECK_MS);
+  loom_sleep(50 * CHECK_MS); /* every one of them parked, the dials full */
+  CHECK_EQ(atomic_load(&sd_woke), 0);
+  sd_returned = check_mono_ns();
+}
+
+TEST(shutdown_with_deadlines_and_timers_pending) {
+  check_watchdog(30, "loom_run returning with deadlines pending");
+  check_run(sd_main, NULL, 2);
+  int64_t took = check_mono_ns() - sd_returned;
+  printf("loom_run returned %.1f ms after main\n", took / 1e6);
+  CHECK_LT(took, 2000 * CHECK_MS);
+  CHECK_EQ(atomic_load(&sd_woke), 0);
+  close(sd_pipe[0]);
+  close(sd_pipe[1]);
+}
+
 /* ---- deadlines of pinned coroutines ---------------------------------- */
 /* Coroutines pinned to their threads (more of them than Ps) wait under
  * deadlines of every kind: a read's, a context's, loom_fd_wait's and a
