@@ -565,6 +565,136 @@ static void duo_main(void *arg) {
 }
 TEST(fd_wait_reader_and_writer_at_once) { check_run(duo_main, NULL, 2); }
 
+/* One foreign fd, a writer waiting for room with no deadline, and
+ * readers coming and going with deadlines of their own: one that passes,
+ * one in the past, a context cancelled from a plain thread.  Each reader
+ * ends as its own bound says and leaves the writer waiting; then the
+ * other way round: a writer's deadline passes under a waiting reader.
+ * Room and bytes still wake the one that waits for them. */
+static int dl_sp[2];
+static atomic_int dl_w = 1, dl_r = 1;
+static loom_ctx *dl_ctx;
+static void dl_writer(void *arg) {
+  int64_t d = (int64_t)(intptr_t)arg;
+  atomic_store(&dl_w,
+               loom_fd_wait(dl_sp[0], LOOM_FD_WRITE, d ? loom_now() + d : 0));
+}
+static void dl_reader(void *arg) {
+  (void)arg;
+  atomic_store(&dl_r, loom_fd_wait(dl_sp[0], LOOM_FD_READ, 0));
+}
+static void *dl_cancel(void *arg) {
+  (void)arg;
+  usleep(10 * 1000);
+  loom_ctx_cancel(dl_ctx);
+  return NULL;
+}
+static void dl_main(void *arg) {
+  (void)arg;
+  static char buf[65536];
+  CHECK_EQ(socketpair(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK, 0, dl_sp), 0);
+  while (write(dl_sp[0], buf, sizeof buf) > 0)
+    ;
+  while (write(dl_sp[0], buf, 1) > 0)
+    ;
+  CHECK_OK(loom_go(dl_writer, NULL));
+  loom_sleep(10 * CHECK_MS);
+  int64_t t0 = loom_now();
+  CHECK_ERR(loom_fd_wait(dl_sp[0], LOOM_FD_READ, t0 + 20 * CHECK_MS),
+            -ETIMEDOUT);
+  CHECK_GE(loom_now() - t0, 20 * CHECK_MS);
+  CHECK_ERR(loom_fd_wait(dl_sp[0], LOOM_FD_READ, -1), -ETIMEDOUT);
+  CHECK_ERR(loom_fd_wait(dl_sp[0], LOOM_FD_READ, 1), -ETIMEDOUT);
+  CHECK_OK(loom_ctx_with_cancel(&dl_ctx, loom_ctx_background()));
+  pthread_t t;
+  CHECK_EQ(pthread_create(&t, NULL, dl_cancel, NULL), 0);
+  CHECK_ERR(loom_fd_wait_ctx(dl_sp[0], LOOM_FD_READ, INT64_MAX, dl_ctx),
+            -ECANCELED);
+  pthread_join(t, NULL);
+  loom_ctx_release(dl_ctx);
+  CHECK_ERR(loom_fd_wait(dl_sp[0], LOOM_FD_READ, loom_now() + CHECK_MS),
+            -ETIMEDOUT);
+  loom_sleep(10 * CHECK_MS);
+  CHECK_EQ(atomic_load(&dl_w), 1); /* none of that touched the writer */
+  while (read(dl_sp[1], buf, sizeof buf) > 0)
+    ;
+  int64_t end = loom_now() + 5000 * CHECK_MS;
+  while (atomic_load(&dl_w) == 1 && loom_now() < end)
+    loom_sleep(CHECK_MS);
+  CHECK_OK(atomic_load(&dl_w));
+
+  /* The other way: a reader without a deadline, writers timing out. */
+  while (write(dl_sp[0], buf, sizeof buf) > 0)
+    ;
+  while (write(dl_sp[0], buf, 1) > 0)
+    ;
+  CHECK_OK(loom_go(dl_reader, NULL));
+  for (int i = 0; i < 3; i++) {
+    atomic_store(&dl_w, 1);
+    CHECK_OK(loom_go(dl_writer, (void *)(intptr_t)(5 * CHECK_MS)));
+    end = loom_now() + 5000 * CHECK_MS;
+    while (atomic_load(&dl_w) == 1 && loom_now() < end)
+      loom_sleep(CHECK_MS);
+    CHECK_ERR(atomic_load(&dl_w), -ETIMEDOUT);
+  }
+  CHECK_EQ(atomic_load(&dl_r), 1);
+  while (read(dl_sp[1], buf, sizeof buf) > 0)
+    ;
+  CHECK_EQ(write(dl_sp[1], "x", 1), 1);
+  end = loom_now() + 5000 * CHECK_MS;
+  while (atomic_load(&dl_r) == 1 && loom_now() < end)
+    loom_sleep(CHECK_MS);
+  CHECK_OK(atomic_load(&dl_r));
+  close(dl_sp[0]);
+  close(dl_sp[1]);
+}
+TEST(fd_wait_deadlines_of_a_reader_and_a_writer_are_their_own) {
+  check_run(dl_main, NULL, 2);
+}
+
+/* An eventfd waited on for both directions and for each, with deadlines
+ * that collide: many coroutines, each on its own eventfd, all with the
+ * same deadline; half get a write first.  Every wait ends, the right way. */
+#define EV_N 200
+static int ev_fds[EV_N];
+static atomic_int ev_res[EV_N];
+static atomic_int ev_left;
+static int64_t ev_deadline;
+static void ev_one(void *arg) {
+  int i = (int)(intptr_t)arg;
+  atomic_store(&ev_res[i], loom_fd_wait(ev_fds[i], LOOM_FD_READ, ev_deadline));
+  atomic_fetch_sub(&ev_left, 1);
+}
+static void ev_main(void *arg) {
+  (void)arg;
+  atomic_store(&ev_left, EV_N);
+  ev_deadline = loom_now() + 30 * CHECK_MS;
+  for (int i = 0; i < EV_N; i++) {
+    ev_fds[i] = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    CHECK_GE(ev_fds[i], 0);
+    atomic_store(&ev_res[i], 1);
+    CHECK_OK(loom_go(ev_one, (void *)(intptr_t)i));
+  }
+  loom_sleep(5 * CHECK_MS);
+  uint64_t one = 1;
+  for (int i = 0; i < EV_N; i += 2)
+    CHECK_EQ(write(ev_fds[i], &one, sizeof one), (ssize_t)sizeof one);
+  int64_t end = loom_now() + 5000 * CHECK_MS;
+  while (atomic_load(&ev_left) > 0 && loom_now() < end)
+    loom_sleep(CHECK_MS);
+  CHECK_EQ(atomic_load(&ev_left), 0);
+  for (int i = 0; i < EV_N; i++) {
+    if (i % 2 == 0)
+      CHECK_OK(atomic_load(&ev_res[i]));
+    else
+      CHECK_ERR(atomic_load(&ev_res[i]), -ETIMEDOUT);
+    /* both directions: writable at once */
+    CHECK_OK(loom_fd_wait(ev_fds[i], LOOM_FD_READ | LOOM_FD_WRITE, -1));
+    close(ev_fds[i]);
+  }
+}
+TEST(fd_wait_colliding_deadlines) { check_run(ev_main, NULL, 2); }
+
 /* A deadline long past — as far back as INT64_MIN — ends a wait at once
  * on a plain thread (and inside a blocking section) as on a coroutine,
  * with -ETIMEDOUT: it is not taken for one far ahead. */
