@@ -8,6 +8,7 @@
 #include <arpa/inet.h>
 #include <dirent.h>
 #include <errno.h>
+#include <linux/sockios.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <stdatomic.h>
@@ -16,6 +17,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/ioctl.h>
 #include <sys/socket.h>
 #include <sys/un.h>
 #include <unistd.h>
@@ -245,6 +247,34 @@ static void *lw_reader(void *arg) {
   return NULL;
 }
 
+/* The server's end of the connection whose other end is `fd`. */
+static int lw_server_fd(int fd) {
+  struct sockaddr_in me, srv;
+  socklen_t l = sizeof me;
+  CHECK_EQ(getsockname(fd, (struct sockaddr *)&me, &l), 0);
+  l = sizeof srv;
+  CHECK_EQ(getpeername(fd, (struct sockaddr *)&srv, &l), 0);
+  for (int f = 3; f < 4096; f++) {
+    struct sockaddr_in a, b;
+    socklen_t la = sizeof a, lb = sizeof b;
+    if (f == fd || getsockname(f, (struct sockaddr *)&a, &la) != 0 ||
+        a.sin_family != AF_INET ||
+        getpeername(f, (struct sockaddr *)&b, &lb) != 0)
+      continue;
+    if (a.sin_port == srv.sin_port && b.sin_port == me.sin_port)
+      return f;
+  }
+  return -1;
+}
+
+/* Bytes the server's socket holds, sent or not, that the peer has not
+ * acknowledged. */
+static int lw_outq(int sfd) {
+  int q = 0;
+  CHECK_EQ(ioctl(sfd, SIOCOUTQ, &q), 0);
+  return q;
+}
+
 static void lw_main(void *arg) {
   (void)arg;
   loom_server_opts o = {.network = "tcp",
@@ -255,16 +285,34 @@ static void lw_main(void *arg) {
   CHECK_OK(loom_server_start(&srv, &o));
   char addr[64];
   CHECK_OK(loom_server_addr(srv, addr, sizeof addr));
-  loom_conn *c;
-  CHECK_OK(loom_dial(&c, "tcp", addr));
+  /* The peer is a plain socket read by a plain thread, its receive
+   * buffer made small before it connects: shrunk after the handshake,
+   * the window it has already offered cannot shrink with it, segments
+   * beyond the buffer are dropped, and the sender waits out a
+   * retransmission timeout (200 ms and up) with nothing to send: a
+   * stall of TCP's that looked like a lost wake-up here. */
+  const char *colon = strrchr(addr, ':');
+  CHECK(colon != NULL);
+  struct sockaddr_in sa = {.sin_family = AF_INET,
+                           .sin_port = htons((uint16_t)atoi(colon + 1)),
+                           .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+  int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  CHECK(fd >= 0);
   int rcv = 4096;
-  setsockopt(loom_conn_fd(c), SOL_SOCKET, SO_RCVBUF, &rcv, sizeof rcv);
+  CHECK_EQ(setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &rcv, sizeof rcv), 0);
+  loom_block_enter();
+  int crc = connect(fd, (struct sockaddr *)&sa, sizeof sa);
+  loom_block_exit();
+  CHECK_EQ(crc, 0);
   while (atomic_load(&lw_s) == NULL)
     loom_sleep(CHECK_MS);
+  int sfd = lw_server_fd(fd);
+  CHECK(sfd >= 0);
+  int sndbuf = 0;
+  socklen_t sl = sizeof sndbuf;
+  CHECK_EQ(getsockopt(sfd, SOL_SOCKET, SO_SNDBUF, &sndbuf, &sl), 0);
   pthread_t th;
-  CHECK_EQ(
-      pthread_create(&th, NULL, lw_reader, (void *)(intptr_t)loom_conn_fd(c)),
-      0);
+  CHECK_EQ(pthread_create(&th, NULL, lw_reader, (void *)(intptr_t)fd), 0);
   for (int i = 0; i < LW_PROD; i++)
     CHECK_OK(loom_go(lw_producer, (void *)(intptr_t)i));
   int64_t end =
@@ -275,6 +323,7 @@ static void lw_main(void *arg) {
     loom_sleep(10 * CHECK_MS);
     loom_session_stats st;
     loom_session_stats_get(atomic_load(&lw_s), &st);
+    int q1 = lw_outq(sfd);
     for (int i = 0; i < LW_PROD; i++) {
       int64_t since = atomic_load(&lw_since[i]);
       if (since && loom_now() - since > 500 * CHECK_MS) {
@@ -282,18 +331,24 @@ static void lw_main(void *arg) {
          * producers race for the room, and under TSan one can lose for
          * over a second while the others' bytes flow.  A lost wake-up
          * is different: the queue stays below wq_high and nothing moves
-         * (every producer waits, the writer has nothing to write). */
+         * (every producer waits, the writer has nothing to write) while
+         * the socket has sent everything and had it acknowledged (under
+         * 1 KiB outstanding).  A socket full of bytes the peer has not
+         * acknowledged is TCP waiting out a retransmission timeout (the
+         * peer's tiny buffer drops segments now and then): not ours. */
         loom_sleep(200 * CHECK_MS);
         loom_session_stats st2;
         loom_session_stats_get(atomic_load(&lw_s), &st2);
+        int q2 = lw_outq(sfd);
         if (atomic_load(&lw_since[i]) == since && st.wq_bytes < 1024 &&
-            st2.wq_bytes < 1024 && st2.bytes_out == st.bytes_out) {
+            st2.wq_bytes < 1024 && st2.bytes_out == st.bytes_out && q1 < 1024 &&
+            q2 < 1024) {
           fprintf(stderr,
                   "producer %d parked in loom_session_write for %lld ms with "
-                  "%zu bytes queued (wq_high 1024) and no byte sent for "
-                  "200 ms\n",
-                  i, (long long)((loom_now() - since) / CHECK_MS),
-                  st2.wq_bytes);
+                  "%zu bytes queued (wq_high 1024), no byte sent for 200 ms, "
+                  "and %d of the socket's %d bytes unacknowledged\n",
+                  i, (long long)((loom_now() - since) / CHECK_MS), st2.wq_bytes,
+                  q2, sndbuf);
           check_dump_hang(); /* where it waits */
           stuck = true;
         }
@@ -306,7 +361,7 @@ static void lw_main(void *arg) {
   loom_block_enter();
   pthread_join(th, NULL);
   loom_block_exit();
-  loom_close(c);
+  close(fd);
   CHECK_OK(loom_server_close(srv, loom_now() + SEC));
   loom_sleep(20 * CHECK_MS);
   loom_session_unref(atomic_load(&lw_s));
