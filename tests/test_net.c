@@ -3863,3 +3863,60 @@ TEST(packet_deadlines_moved_under_blocked_calls) {
 }
 
 CHECK_MAIN()
+
+/* ------------------------------------------------------------------ */
+/* A call that fails at once is no more a scheduling point than one that
+ * succeeds at once: a coroutine retrying a read past its deadline, a
+ * write past its deadline, an accept past its deadline or a read under a
+ * cancelled context must still let the others on its (only) processor
+ * run. */
+
+static atomic_int fr_stop;
+static atomic_long fr_calls;
+
+static void fr_stopper(void *arg) {
+  (void)arg;
+  loom_sleep(5 * CHECK_MS); /* a timer: runs only if the spinner yields */
+  atomic_store(&fr_stop, 1);
+}
+
+static void fr_main(void *arg) {
+  int which = (int)(intptr_t)arg;
+  loom_listener *l;
+  loom_conn *c, *s;
+  pair(&l, &c, &s);
+  int64_t past = loom_now() - 1;
+  CHECK_OK(loom_set_deadline(c, past, past));
+  CHECK_OK(loom_listener_set_deadline(l, past));
+  atomic_store(&fr_stop, 0);
+  atomic_store(&fr_calls, 0);
+  loom_ctx *done; /* which == 3: a read under a cancelled context */
+  CHECK_OK(loom_ctx_with_cancel(&done, loom_ctx_background()));
+  loom_ctx_cancel(done);
+  CHECK_OK(loom_go(fr_stopper, NULL));
+  char b[1] = {0};
+  while (!atomic_load(&fr_stop)) {
+    ssize_t r;
+    loom_conn *x = NULL;
+    if (which == 0)
+      r = loom_read(c, b, 1);
+    else if (which == 1)
+      r = loom_write(c, b, 1);
+    else if (which == 2)
+      r = loom_accept(l, &x);
+    else
+      r = loom_read_ctx(c, b, 1, done) == -ECANCELED ? -ETIMEDOUT : -1;
+    CHECK_EQ(r, -ETIMEDOUT);
+    atomic_fetch_add(&fr_calls, 1);
+  }
+  CHECK_GT(atomic_load(&fr_calls), 0);
+  loom_ctx_release(done);
+  CHECK_OK(loom_close(c));
+  CHECK_OK(loom_close(s));
+  CHECK_OK(loom_listener_close(l));
+}
+TEST(failing_calls_in_a_row_yield) {
+  check_watchdog(20, "a loop of calls past their deadline starves the P");
+  for (int which = 0; which < 4; which++)
+    check_run(fr_main, (void *)(intptr_t)which, 1);
+}

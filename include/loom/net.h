@@ -64,8 +64,10 @@
  * LOOM_ENOTCO between loom_block_enter and loom_block_exit, where the
  * coroutine has no processor to park on, and touch nothing.
  * Calls that wait are scheduling points; so is every 64th read, write or
- * accept in a row that did not have to wait (it yields), so a coroutine
- * whose socket is always ready cannot starve the others on its thread.
+ * accept in a row that did not have to wait (it yields), whether it
+ * succeeded or failed, so a coroutine whose socket is always ready, or
+ * that retries a call failing at once (a deadline that has passed), cannot
+ * starve the others on its thread.
  */
 #ifndef LOOM_NET_H
 #define LOOM_NET_H

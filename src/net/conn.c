@@ -133,8 +133,10 @@ static ssize_t read_impl(loom_conn *c, void *buf, size_t len, loom_ctx *ctx) {
   loom__netfd *f = &c->nf;
   loom__netfd_call call;
   err = loom__netfd_enter(f, 'r', ctx, &call);
-  if (err != 0)
+  if (err != 0) { /* closed, a done ctx: a loop on it must yield too */
+    loom__io_progress();
     return err;
+  }
   ssize_t r;
   if (len == 0) {
     r = wait_readable(f);
@@ -169,8 +171,7 @@ static ssize_t read_impl(loom_conn *c, void *buf, size_t len, loom_ctx *ctx) {
   }
   f->drained = r > 0 && (size_t)r < len;
   r = loom__netfd_leave(&call, r);
-  if (r >= 0)
-    loom__io_progress();
+  loom__io_progress(); /* failed at once or not: see net.h */
   return r;
 }
 
@@ -253,8 +254,7 @@ static ssize_t writev_impl(loom_conn *c, const struct iovec *iov, int iovcnt,
     r = loom__netfd_leave(&call, send_all(&c->nf, copy, iovcnt, total, sent));
   if (copy != small)
     loom__free(copy);
-  if (r >= 0)
-    loom__io_progress();
+  loom__io_progress();
   return r;
 }
 

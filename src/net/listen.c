@@ -135,8 +135,10 @@ static int accept_impl(loom_listener *l, loom_conn **c, loom_ctx *ctx) {
   loom__netfd *f = &l->nf;
   loom__netfd_call call;
   int r = loom__netfd_enter(f, 'r', ctx, &call);
-  if (r != 0)
+  if (r != 0) {
+    loom__io_progress();
     return r;
+  }
   int64_t backoff = 5 * INT64_C(1000000);
   for (;;) {
     r = loom__netfd_check(f, 'r'); /* closed, or past the deadline */
@@ -189,8 +191,7 @@ static int accept_impl(loom_listener *l, loom_conn **c, loom_ctx *ctx) {
       backoff *= 2;
   }
   r = (int)loom__netfd_leave(&call, r);
-  if (r == 0)
-    loom__io_progress();
+  loom__io_progress();
   return r;
 }
 

@@ -77,8 +77,10 @@ static ssize_t dgram_io(loom_pconn *pc, struct dgram_op *op, loom_ctx *ctx) {
   int64_t slice = RETRY_FIRST_NS;
   loom__netfd_call call;
   ssize_t r = loom__netfd_enter(f, mode, ctx, &call);
-  if (r != 0)
+  if (r != 0) {
+    loom__io_progress();
     return r;
+  }
   for (;;) {
     r = loom__netfd_check(f, mode); /* closed, or past the deadline */
     if (r != 0)
@@ -130,8 +132,7 @@ static ssize_t dgram_io(loom_pconn *pc, struct dgram_op *op, loom_ctx *ctx) {
     break;
   }
   r = loom__netfd_leave(&call, r);
-  if (r >= 0)
-    loom__io_progress();
+  loom__io_progress();
   return r; /* reads: the datagram's full length, even if truncated */
 }
 
