@@ -20,10 +20,14 @@ struct pd_block {
   loom__pd pd[PD_BLOCK];
 };
 
+/* Held for a few instructions; a waiter that keeps finding it held backs
+ * off to yielding its CPU, in case the holder's thread was preempted
+ * (two cores, a plain thread setting deadlines in a loop). */
 static void pd_lock(loom__pd *pd) {
+  unsigned spins = 1;
   while (atomic_exchange_explicit(&pd->lock, 1, memory_order_acquire))
     while (atomic_load_explicit(&pd->lock, memory_order_relaxed))
-      __builtin_ia32_pause();
+      loom__backoff(&spins);
 }
 
 static void pd_unlock(loom__pd *pd) {

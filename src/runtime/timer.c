@@ -15,12 +15,18 @@
 
 #include "runtime/alloc.h"
 
+/* A waiter that keeps finding the heap locked yields its CPU now and
+ * then (every 1024 pauses), in case the holder's thread was preempted. */
 static void lock(loom__timers *ts) {
+  unsigned spins = 0;
   for (;;) {
     if (!atomic_exchange_explicit(&ts->lock, 1, memory_order_acquire))
       return;
     while (atomic_load_explicit(&ts->lock, memory_order_relaxed))
-      __builtin_ia32_pause();
+      if ((++spins & 1023) == 0)
+        sched_yield();
+      else
+        __builtin_ia32_pause();
   }
 }
 
