@@ -2881,8 +2881,8 @@ static void sockopts_main(void *arg) {
 TEST(socket_options) { check_run(sockopts_main, NULL, 1); }
 
 /* A thread that is not a coroutine stops a blocked read with a deadline
- * in the past (no timer needed); one still ahead needs a P to time it,
- * and is refused there, changing nothing. */
+ * in the past (no timer needed); one still ahead is timed by the
+ * runtime's timers for threads without a P. */
 static loom_conn *thr_conn;
 static atomic_int thr_res[4];
 static void *deadline_thread(void *arg) {
@@ -2914,7 +2914,7 @@ static void thr_deadline_main(void *arg) {
   CHECK_ERR(loom_read(c, b, sizeof b), -ETIMEDOUT);
   CHECK_LT(loom_now() - t0, 10000 * CHECK_MS);
   pthread_join(t, NULL);
-  CHECK_ERR(atomic_load(&thr_res[0]), LOOM_ENOTCO);
+  CHECK_OK(atomic_load(&thr_res[0]));
   CHECK_OK(atomic_load(&thr_res[1]));
   /* 0 from a thread clears it: the connection reads again. */
   CHECK_OK(pthread_create(&t, NULL, clear_deadline_thread, NULL));
@@ -3233,8 +3233,8 @@ TEST(socket_calls_in_a_blocking_section_fail_with_enotco) {
  * resolve, a listen) leaves that section as it was (the lookup waits
  * for its thread in poll(2) there, and opens no section of its own that
  * would end the caller's early), so the caller's next blocking call
- * still hands its processor on.  A deadline ahead, which
- * needs a processor, is refused there before and after the lookup. */
+ * still hands its processor on.  A deadline ahead can be set there
+ * before and after the lookup (the timers for threads without a P). */
 static void block_lookup_main(void *arg) {
   (void)arg;
   loom_listener *l;
@@ -3249,9 +3249,9 @@ static void block_lookup_main(void *arg) {
   r[2] = loom_set_read_deadline(c, loom_now() + 60000 * CHECK_MS);
   loom_block_exit();
   r[3] = loom_set_read_deadline(c, loom_now() + 60000 * CHECK_MS);
-  CHECK_ERR(r[0], LOOM_ENOTCO);
+  CHECK_OK(r[0]);
   CHECK_OK(r[1]);
-  CHECK_ERR(r[2], LOOM_ENOTCO);
+  CHECK_OK(r[2]);
   CHECK_OK(r[3]);
   CHECK_OK(loom_close(c));
   CHECK_OK(loom_close(s));
@@ -3319,7 +3319,7 @@ static atomic_int mv_thread_res[4];
 static void *mv_thread(void *arg) {
   (void)arg;
   atomic_store(&mv_thread_res[0], mv_set(0));
-  atomic_store(&mv_thread_res[1], mv_set(INT64_MAX)); /* ahead: refused */
+  atomic_store(&mv_thread_res[1], mv_set(INT64_MAX)); /* ahead: no P's */
   atomic_store(&mv_thread_res[2], mv_set(0));
   return NULL;
 }
@@ -3348,7 +3348,7 @@ static void mv_round(int kind, int64_t past) {
   CHECK_EQ(pthread_create(&t, NULL, mv_thread, NULL), 0);
   pthread_join(t, NULL);
   CHECK_OK(atomic_load(&mv_thread_res[0]));
-  CHECK_ERR(atomic_load(&mv_thread_res[1]), LOOM_ENOTCO);
+  CHECK_OK(atomic_load(&mv_thread_res[1]));
   CHECK_OK(atomic_load(&mv_thread_res[2]));
   CHECK_OK(mv_set(INT64_MAX));
   loom_sleep(20 * CHECK_MS);
@@ -3919,4 +3919,89 @@ TEST(failing_calls_in_a_row_yield) {
   check_watchdog(20, "a loop of calls past their deadline starves the P");
   for (int which = 0; which < 4; which++)
     check_run(fr_main, (void *)(intptr_t)which, 1);
+}
+
+/* A deadline ahead set from a plain thread fires: a read, a write and an
+ * accept blocked on coroutines end with -ETIMEDOUT after it, on one P
+ * and on two, and the connection reads again once it is cleared. */
+static loom_conn *ft_c;
+static loom_listener *ft_l;
+static atomic_int ft_res[3];
+static void *ft_thread(void *arg) {
+  (void)arg;
+  int64_t d = loom_now() + 30 * CHECK_MS;
+  atomic_store(&ft_res[0], loom_set_deadline(ft_c, d, d));
+  atomic_store(&ft_res[1], loom_listener_set_deadline(ft_l, d));
+  return NULL;
+}
+static atomic_long ft_ended[3];
+static void ft_reader(void *arg) {
+  (void)arg;
+  char b[8];
+  atomic_store(&ft_ended[0], loom_read(ft_c, b, sizeof b));
+}
+static void ft_acceptor(void *arg) {
+  (void)arg;
+  loom_conn *x;
+  atomic_store(&ft_ended[2], loom_accept(ft_l, &x));
+}
+static loom_conn *ft_s;
+static atomic_int ft_drained;
+static void ft_drain(void *arg) {
+  (void)arg;
+  static char b[4096];
+  for (;;) {
+    ssize_t k = loom_read(ft_s, b, sizeof b);
+    CHECK_GT(k, 0);
+    if (b[k - 1] == 'x')
+      break;
+  }
+  atomic_store(&ft_drained, 1);
+}
+static void ft_main(void *arg) {
+  (void)arg;
+  loom_conn *s;
+  pair(&ft_l, &ft_c, &s);
+  for (int i = 0; i < 3; i++)
+    atomic_store(&ft_ended[i], 1);
+  CHECK_OK(loom_conn_set_buffers(ft_c, 4096, 4096));
+  CHECK_OK(loom_conn_set_buffers(s, 4096, 4096));
+  CHECK_OK(loom_go(ft_reader, NULL));
+  CHECK_OK(loom_go(ft_acceptor, NULL));
+  loom_sleep(10 * CHECK_MS); /* both parked */
+  pthread_t t;
+  CHECK_EQ(pthread_create(&t, NULL, ft_thread, NULL), 0);
+  loom_block_enter();
+  pthread_join(t, NULL);
+  loom_block_exit();
+  CHECK_OK(atomic_load(&ft_res[0]));
+  CHECK_OK(atomic_load(&ft_res[1]));
+  /* The writer: a peer that never reads fills the buffers, then the
+   * write waits until the deadline. */
+  static char big[1 << 20];
+  atomic_store(&ft_ended[1], loom_write(ft_c, big, sizeof big));
+  int64_t give_up = loom_now() + 10000 * CHECK_MS;
+  while ((atomic_load(&ft_ended[0]) == 1 || atomic_load(&ft_ended[2]) == 1) &&
+         loom_now() < give_up)
+    loom_sleep(CHECK_MS);
+  CHECK_EQ(atomic_load(&ft_ended[0]), -ETIMEDOUT);
+  CHECK_EQ(atomic_load(&ft_ended[1]), -ETIMEDOUT);
+  CHECK_EQ(atomic_load(&ft_ended[2]), -ETIMEDOUT);
+  /* Cleared, the connection works again: what of big got through, then
+   * "x", reach the peer. */
+  CHECK_OK(loom_set_deadline(ft_c, 0, 0));
+  ft_s = s;
+  atomic_store(&ft_drained, 0);
+  CHECK_OK(loom_go(ft_drain, NULL));
+  CHECK_EQ(loom_write(ft_c, "x", 1), 1);
+  while (!atomic_load(&ft_drained))
+    loom_sleep(CHECK_MS);
+  CHECK_OK(loom_close(ft_c));
+  CHECK_OK(loom_close(s));
+  CHECK_OK(loom_listener_close(ft_l));
+}
+TEST(deadline_ahead_from_a_plain_thread_fires) {
+  check_watchdog(30, "a deadline set from a plain thread never fired");
+  check_run(ft_main, NULL, 1);
+  check_run(ft_main, NULL, 2);
 }

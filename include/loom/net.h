@@ -238,13 +238,14 @@ LOOM_API ssize_t loom_writev_ctx(loom_conn *c, const struct iovec *iov,
 LOOM_API int loom_accept_ctx(loom_listener *l, loom_conn **c, loom_ctx *ctx);
 
 /* Deadlines for reads and writes (0: none).  Blocked calls see the new
- * deadline at once.  0, -ENOMEM (no room for the timer), LOOM_ECLOSED;
- * LOOM_ENOTCO for a deadline still ahead set from a thread that is not a
- * coroutine, or between loom_block_enter and loom_block_exit (its timer
- * needs a P); 0 or a passed deadline works from any thread, so a
- * thread of the application's own can stop the calls blocked on a
- * connection.  A call that fails changes neither deadline.  The same for
- * every *_set_deadline call below. */
+ * deadline at once.  0, -ENOMEM (no room for the timer), LOOM_ECLOSED.
+ * Any thread: a coroutine, one between loom_block_enter and
+ * loom_block_exit, or a thread of the application's own (a deadline
+ * ahead set from there is timed by the runtime's timers for threads
+ * without a processor; LOOM_ENORUNTIME if no runtime runs), so such a
+ * thread can also stop the calls blocked on a connection at once with a
+ * deadline that has passed.  A call that fails changes neither deadline.
+ * The same for every *_set_deadline call below. */
 LOOM_API int loom_set_deadline(loom_conn *c, int64_t rd, int64_t wd);
 LOOM_API int loom_set_read_deadline(loom_conn *c, int64_t rd);
 LOOM_API int loom_set_write_deadline(loom_conn *c, int64_t wd);

@@ -401,7 +401,7 @@ static int arm_begin(struct arm *a, loom_ctx *parent, int64_t deadline) {
     a->heap = &m->p->timers;
     return 0;
   }
-  int err = loom__nop_timers_begin(&a->rt);
+  int err = loom__nop_timers_begin(&a->rt, 1);
   if (err != 0)
     return err;
   a->heap = &a->rt->nop_timers;

@@ -300,7 +300,7 @@ static void deadline_fire(loom__pd *pd, int mode, loom__timer *t) {
 static void rd_fire(loom__timer *t, void *arg) { deadline_fire(arg, 'r', t); }
 static void wd_fire(loom__timer *t, void *arg) { deadline_fire(arg, 'w', t); }
 
-static loom__g *set_one(loom__pd *pd, loom__p *p, int mode, int64_t d,
+static loom__g *set_one(loom__pd *pd, loom__timers *heap, int mode, int64_t d,
                         int64_t now) {
   loom__timer *t = mode == 'r' ? &pd->rt : &pd->wt;
   if (mode == 'r')
@@ -322,7 +322,7 @@ static loom__g *set_one(loom__pd *pd, loom__p *p, int mode, int64_t d,
     pd->rseq_armed = pd->rseq;
   else
     pd->wseq_armed = pd->wseq;
-  loom__timer_add(&p->timers, t, d);
+  loom__timer_add(heap, t, d);
   return NULL;
 }
 
@@ -341,26 +341,36 @@ static int set_guarded(loom__pd *pd, int mode, int64_t rd, int64_t wd,
     ahead = rd;
   if (w && wd > now && (ahead == 0 || wd < ahead))
     ahead = wd;
-  /* On a thread that is no coroutine, or inside loom_block_enter/exit,
-   * there is no P for a timer: a deadline ahead cannot be armed there,
-   * but 0 or a past one needs none (a timer stop and a ready work from
-   * any thread). */
-  if (p == NULL && ahead != 0)
-    return LOOM_ENOTCO;
   /* Only a deadline still ahead needs a timer; one in the past (how a
    * close wakes a blocked call) must work without memory.  Room for a
-   * timer per direction, before either is touched. */
-  if (ahead != 0 && loom__timers_reserve(&p->timers, 2) != 0)
-    return -ENOMEM;
+   * timer per direction, before either is touched: in our P's heap, or,
+   * on a thread that is no coroutine or inside loom_block_enter/exit, in
+   * the runtime's heap for threads without a P, held until the timers
+   * are in (a timer stop and a ready work from any thread). */
+  loom__timers *heap = NULL;
+  loom__rt *rt = NULL;
+  if (ahead != 0 && p != NULL) {
+    if (loom__timers_reserve(&p->timers, 2) != 0)
+      return -ENOMEM;
+    heap = &p->timers;
+    rt = m->rt;
+  } else if (ahead != 0) {
+    int err = loom__nop_timers_begin(&rt, 2);
+    if (err != 0)
+      return err;
+    heap = &rt->nop_timers;
+  }
   loom__g *rg = NULL, *wg = NULL;
   pd_lock(pd);
   bool stands =
       seq == NULL || (!pd->closing && (r ? pd->rseq : pd->wseq) == *seq);
   if (r && stands)
-    rg = set_one(pd, p, 'r', rd, now);
+    rg = set_one(pd, heap, 'r', rd, now);
   if (w && stands)
-    wg = set_one(pd, p, 'w', wd, now);
+    wg = set_one(pd, heap, 'w', wd, now);
   pd_unlock(pd);
+  if (heap != NULL && p == NULL) /* wakes an M for the timer, if armed */
+    loom__nop_timers_end(rt, stands ? ahead : 0);
   if (!stands)
     return 0;
   if (rg != NULL)
@@ -369,8 +379,8 @@ static int set_guarded(loom__pd *pd, int mode, int64_t rd, int64_t wd,
     loom__ready(wg);
   if (w)
     wake_sleepers(pd); /* each looks at the new deadline */
-  if (ahead != 0)
-    loom__wake_netpoller(m->rt, ahead);
+  if (ahead != 0 && p != NULL)
+    loom__wake_netpoller(rt, ahead);
   return 0;
 }
 

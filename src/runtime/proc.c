@@ -849,7 +849,7 @@ void loom__wake_netpoller(loom__rt *rt, int64_t when) {
   }
 }
 
-int loom__nop_timers_begin(loom__rt **rtp) {
+int loom__nop_timers_begin(loom__rt **rtp, int n) {
   loom__m *m = loom__getm();
   loom__rt *rt;
   if (m != NULL) {
@@ -865,7 +865,7 @@ int loom__nop_timers_begin(loom__rt **rtp) {
     }
   }
   pthread_mutex_lock(&rt->nop_timers_mu);
-  if (loom__timers_reserve(&rt->nop_timers, 1) != 0) {
+  if (loom__timers_reserve(&rt->nop_timers, n) != 0) {
     pthread_mutex_unlock(&rt->nop_timers_mu);
     if (m == NULL)
       pthread_mutex_unlock(&rt_mu);

@@ -399,13 +399,13 @@ void loom__acquirep(loom__m *m, loom__p *p);
 void loom__switch_to_g0(loom__m *m, loom__g *g, loom__post_fn fn, void *arg);
 int loom__mutex_init(pthread_mutex_t *mu);
 int64_t loom__earliest_timer(loom__rt *rt); /* 0: no timer anywhere */
-/* For a thread that holds no P, arming a timer: the runtime's no-P heap
- * (its M's runtime, or the one running), locked for one
- * loom__timer_add with room reserved, and the runtime kept from being
+/* For a thread that holds no P, arming timers: the runtime's no-P heap
+ * (its M's runtime, or the one running), locked for up to n
+ * loom__timer_adds with room reserved, and the runtime kept from being
  * torn down meanwhile.  0 and *rt set, LOOM_ENORUNTIME or -ENOMEM.
  * loom__nop_timers_end drops the lock; `when` is the deadline of the
  * timer added (0: none), to wake an M to run it. */
-int loom__nop_timers_begin(loom__rt **rt);
+int loom__nop_timers_begin(loom__rt **rt, int n);
 void loom__nop_timers_end(loom__rt *rt, int64_t when);
 const char *loom__symbolize(const void *pc, char *buf, size_t len);
 void loom__log(loom__rt *rt, const char *fmt, ...)
