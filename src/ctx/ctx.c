@@ -376,51 +376,27 @@ int loom_ctx_with_value(loom_ctx **out, loom_ctx *parent, const void *key,
   return 0;
 }
 
-/* Where a deadline's timer goes: the caller's P's heap when it runs on
- * one (only the owner adds there), else the runtime's heap for threads
- * without a P (a plain thread, a coroutine inside loom_block_enter/exit),
- * locked from begin to end.  Room is made before the context, so that
- * without memory the call fails with nothing made. */
-struct arm {
-  loom__rt *rt;       /* the runtime to wake */
-  loom__timers *heap; /* NULL: no timer needed */
-  bool nop;           /* the no-P heap, held */
-};
-
-static int arm_begin(struct arm *a, loom_ctx *parent, int64_t deadline) {
+/* Where a deadline's timer goes (loom__arm_begin: any thread), unless
+ * it needs none (a->heap NULL).  Room is made before the context, so
+ * that without memory the call fails with nothing made. */
+static int arm_begin(loom__arm *a, loom_ctx *parent, int64_t deadline) {
   a->heap = NULL;
-  a->nop = false;
   int64_t pd = parent->deadline;
   if (deadline == 0 || (pd != 0 && pd <= deadline) || deadline <= loom_now())
     return 0; /* none of its own, the parent's first, or passed: no timer */
-  loom__m *m = loom__getm();
-  if (m != NULL && m->p != NULL && loom__getg() != NULL) {
-    if (loom__timers_reserve(&m->p->timers, 1) != 0)
-      return -ENOMEM;
-    a->rt = m->rt;
-    a->heap = &m->p->timers;
-    return 0;
-  }
-  int err = loom__nop_timers_begin(&a->rt, 1);
-  if (err != 0)
-    return err;
-  a->heap = &a->rt->nop_timers;
-  a->nop = true;
-  return 0;
+  return loom__arm_begin(a, 1);
 }
 
-static void arm_end(struct arm *a, int64_t armed) {
-  if (a->nop)
-    loom__nop_timers_end(a->rt, armed);
-  else if (armed != 0)
-    loom__wake_netpoller(a->rt, armed);
+static void arm_end(loom__arm *a, int64_t armed) {
+  if (a->heap != NULL)
+    loom__arm_end(a, armed);
 }
 
 int loom_ctx_with_deadline(loom_ctx **out, loom_ctx *parent,
                            int64_t deadline) {
   if (out == NULL || parent == NULL)
     return -EINVAL;
-  struct arm a;
+  loom__arm a;
   int err = arm_begin(&a, parent, deadline);
   if (err != 0)
     return err;

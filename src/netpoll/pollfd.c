@@ -331,10 +331,8 @@ static loom__g *set_one(loom__pd *pd, loom__timers *heap, int mode, int64_t d,
  * loom__pd_cancel_undo). */
 static int set_guarded(loom__pd *pd, int mode, int64_t rd, int64_t wd,
                        const uint32_t *seq) {
-  loom__m *m = loom__getm();
   bool r = mode == 'r' || mode == 'r' + 'w';
   bool w = mode == 'w' || mode == 'r' + 'w';
-  loom__p *p = m != NULL ? m->p : NULL;
   int64_t now = loom_now();
   int64_t ahead = 0; /* the earlier of the deadlines still ahead */
   if (r && rd > now)
@@ -342,35 +340,27 @@ static int set_guarded(loom__pd *pd, int mode, int64_t rd, int64_t wd,
   if (w && wd > now && (ahead == 0 || wd < ahead))
     ahead = wd;
   /* Only a deadline still ahead needs a timer; one in the past (how a
-   * close wakes a blocked call) must work without memory.  Room for a
-   * timer per direction, before either is touched: in our P's heap, or,
-   * on a thread that is no coroutine or inside loom_block_enter/exit, in
-   * the runtime's heap for threads without a P, held until the timers
-   * are in (a timer stop and a ready work from any thread). */
-  loom__timers *heap = NULL;
-  loom__rt *rt = NULL;
-  if (ahead != 0 && p != NULL) {
-    if (loom__timers_reserve(&p->timers, 2) != 0)
-      return -ENOMEM;
-    heap = &p->timers;
-    rt = m->rt;
-  } else if (ahead != 0) {
-    int err = loom__nop_timers_begin(&rt, 2);
+   * close wakes a blocked call) must work without memory, from any
+   * thread (a timer stop and a ready work anywhere).  Room for a timer
+   * per direction, before either is touched (loom__arm_begin: any
+   * thread too). */
+  loom__arm a = {.heap = NULL};
+  if (ahead != 0) {
+    int err = loom__arm_begin(&a, 2);
     if (err != 0)
       return err;
-    heap = &rt->nop_timers;
   }
   loom__g *rg = NULL, *wg = NULL;
   pd_lock(pd);
   bool stands =
       seq == NULL || (!pd->closing && (r ? pd->rseq : pd->wseq) == *seq);
   if (r && stands)
-    rg = set_one(pd, heap, 'r', rd, now);
+    rg = set_one(pd, a.heap, 'r', rd, now);
   if (w && stands)
-    wg = set_one(pd, heap, 'w', wd, now);
+    wg = set_one(pd, a.heap, 'w', wd, now);
   pd_unlock(pd);
-  if (heap != NULL && p == NULL) /* wakes an M for the timer, if armed */
-    loom__nop_timers_end(rt, stands ? ahead : 0);
+  if (a.heap != NULL) /* wakes an M for the timer, if armed */
+    loom__arm_end(&a, stands ? ahead : 0);
   if (!stands)
     return 0;
   if (rg != NULL)
@@ -379,8 +369,6 @@ static int set_guarded(loom__pd *pd, int mode, int64_t rd, int64_t wd,
     loom__ready(wg);
   if (w)
     wake_sleepers(pd); /* each looks at the new deadline */
-  if (ahead != 0 && p != NULL)
-    loom__wake_netpoller(rt, ahead);
   return 0;
 }
 

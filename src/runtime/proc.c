@@ -849,14 +849,22 @@ void loom__wake_netpoller(loom__rt *rt, int64_t when) {
   }
 }
 
-int loom__nop_timers_begin(loom__rt **rtp, int n) {
+int loom__arm_begin(loom__arm *a, int n) {
   loom__m *m = loom__getm();
   loom__rt *rt;
+  a->nop = false;
+  if (m != NULL && m->p != NULL) {
+    if (loom__timers_reserve(&m->p->timers, n) != 0)
+      return -ENOMEM;
+    a->rt = m->rt;
+    a->heap = &m->p->timers;
+    return 0;
+  }
   if (m != NULL) {
     rt = m->rt; /* lives while its M does */
   } else {
     /* A foreign thread: rt_mu keeps the runtime from being torn down
-     * under us until loom__nop_timers_end, as in go_impl. */
+     * under us until loom__arm_end, as in go_impl. */
     pthread_mutex_lock(&rt_mu);
     rt = atomic_load(&current_rt);
     if (rt == NULL) {
@@ -871,11 +879,19 @@ int loom__nop_timers_begin(loom__rt **rtp, int n) {
       pthread_mutex_unlock(&rt_mu);
     return -ENOMEM;
   }
-  *rtp = rt;
+  a->rt = rt;
+  a->heap = &rt->nop_timers;
+  a->nop = true;
   return 0;
 }
 
-void loom__nop_timers_end(loom__rt *rt, int64_t when) {
+void loom__arm_end(loom__arm *a, int64_t when) {
+  loom__rt *rt = a->rt;
+  if (!a->nop) {
+    if (when != 0)
+      loom__wake_netpoller(rt, when);
+    return;
+  }
   pthread_mutex_unlock(&rt->nop_timers_mu);
   if (when != 0) {
     /* The heap's new earliest before the poller's and the spinners'

@@ -399,14 +399,23 @@ void loom__acquirep(loom__m *m, loom__p *p);
 void loom__switch_to_g0(loom__m *m, loom__g *g, loom__post_fn fn, void *arg);
 int loom__mutex_init(pthread_mutex_t *mu);
 int64_t loom__earliest_timer(loom__rt *rt); /* 0: no timer anywhere */
-/* For a thread that holds no P, arming timers: the runtime's no-P heap
- * (its M's runtime, or the one running), locked for up to n
- * loom__timer_adds with room reserved, and the runtime kept from being
- * torn down meanwhile.  0 and *rt set, LOOM_ENORUNTIME or -ENOMEM.
- * loom__nop_timers_end drops the lock; `when` is the deadline of the
- * timer added (0: none), to wake an M to run it. */
-int loom__nop_timers_begin(loom__rt **rt, int n);
-void loom__nop_timers_end(loom__rt *rt, int64_t when);
+/*
+ * Arming up to n timers from any thread: loom__arm_begin finds the heap
+ * and makes room in it, so that the adds cannot fail.  On a thread that
+ * holds a P that is the P's own heap (only its owner adds there);
+ * elsewhere (a plain thread, a coroutine inside loom_block_enter/exit)
+ * the runtime's heap for threads without a P, locked until
+ * loom__arm_end, with the runtime kept from being torn down meanwhile.
+ * 0, LOOM_ENORUNTIME or -ENOMEM.  loom__arm_end(a, when): `when` is the
+ * earliest deadline added (0: none), for which an M is woken.
+ */
+typedef struct loom__arm {
+  loom__rt *rt;
+  loom__timers *heap; /* where to loom__timer_add */
+  bool nop;           /* the runtime's no-P heap, held */
+} loom__arm;
+int loom__arm_begin(loom__arm *a, int n);
+void loom__arm_end(loom__arm *a, int64_t when);
 const char *loom__symbolize(const void *pc, char *buf, size_t len);
 void loom__log(loom__rt *rt, const char *fmt, ...)
     __attribute__((format(printf, 2, 3)));
