@@ -51,6 +51,7 @@
 # table_medians), GO (need_go, go_build), a function `run SERVER CASE`
 # (cases_by_servers; run_rounds takes any FUNC); for loadgen_run also LOADGEN,
 # PORT_BASE, SECS, WARMUP_S, STORM_N, STORM_PARALLEL, IDLE_N (case idle),
+# RATE (cases rate64 and rate1k: the offered messages/s),
 # a function `start_server SERVER PORT` that starts it in the background
 # and sets SPID, and optionally LOG (set after sourcing this), the file the
 # servers write to: its tail is shown when a run fails.
@@ -267,8 +268,10 @@ loadgen_run() {
     pipe4k) args=(pingpong "${args[@]}" --conns 64 --size 4096 --inflight 16) ;;
     storm) args=(storm "${args[@]}" --count "$STORM_N" --parallel "$STORM_PARALLEL" --size 64) ;;
     idle) args=(idle "${args[@]}" --conns "$IDLE_N") ;;
+    rate64) args=(rate "${args[@]}" --conns 64 --size 64 --rate "$RATE") ;;
+    rate1k) args=(rate "${args[@]}" --conns 1000 --size 64 --rate "$RATE") ;;
   esac
-  [[ $case == pp* || $case == pipe* ]] && args+=(--secs "$SECS" --warmup "$WARMUP_S")
+  [[ $case == pp* || $case == pipe* || $case == rate* ]] && args+=(--secs "$SECS" --warmup "$WARMUP_S")
   out=$(timeout -k 2 "$LIMIT" "$LOADGEN" "${args[@]}" 2>&1)
   rc=$?
   kill -0 "$SPID" 2>/dev/null || alive=0
@@ -281,7 +284,7 @@ loadgen_run() {
     [[ -n ${LOG:-} && -s $LOG ]] && echo "    server said: $(tail -n 3 "$LOG" | tr '\n' ' ')" >&2
     [[ -z $LINE ]] && return 1
   fi
-  keep_fields "$server:$case" "$LINE" cpu_us_per_msg msgs_per_s p50_us p99_us kib_per_conn \
+  keep_fields "$server:$case" "$LINE" cpu_us_per_msg msgs_per_s p50_us p99_us p999_us kib_per_conn \
     server_cpu_util lg_cpu_util host_cpu_util steal_cpu_util sleeps_per_msg
 }
 
@@ -293,10 +296,11 @@ print_run() {
       "$(field kib_per_conn "$LINE")" "$(field rss_kib "$LINE")" "$(field rss_base_kib "$LINE")"
     return
   fi
-  printf "  %-${1}s %-6s cpu_us/msg=%-7s sleeps/msg=%-6s msgs/s=%-7s p50=%-7s p99=%-8s cores: server=%s lg=%s host=%s steal=%s\n" \
+  printf "  %-${1}s %-6s cpu_us/msg=%-7s sleeps/msg=%-6s msgs/s=%-7s p50=%-7s p99=%-8s cores: server=%s lg=%s host=%s steal=%s%s\n" \
     "$2" "$3" "$(field cpu_us_per_msg "$LINE")" "$(field sleeps_per_msg "$LINE")" "$(field msgs_per_s "$LINE")" \
     "$(field p50_us "$LINE")" "$(field p99_us "$LINE")" "$(field server_cpu_util "$LINE")" \
-    "$(field lg_cpu_util "$LINE")" "$(field host_cpu_util "$LINE")" "$(field steal_cpu_util "$LINE")"
+    "$(field lg_cpu_util "$LINE")" "$(field host_cpu_util "$LINE")" "$(field steal_cpu_util "$LINE")" \
+    "$([[ $(field skipped "$LINE") =~ ^[1-9] ]] && echo " SKIPPED=$(field skipped "$LINE") (fell behind)")"
 }
 
 say_load_before() {

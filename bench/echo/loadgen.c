@@ -32,6 +32,22 @@
  *             Warm up W s, then measure D s: messages completed, the
  *             latency of each (from when it was queued for sending to
  *             when its last byte came back), and the server's CPU time.
+ *   rate      open loop: C connections share a fixed offered load of R
+ *             messages/s, sent on a schedule that does not wait for the
+ *             echoes (message s is due at start + s/R, on connection
+ *             s mod C), so a server that falls behind sees its queue grow
+ *             and its latency with it, as it would in production, instead
+ *             of being sent less (the closed loop of pingpong measures how
+ *             requests queue at whichever side is the bottleneck; below
+ *             saturation this measures how the server schedules).  Latency
+ *             runs from the send() of a message to its last echoed byte.
+ *             A connection holds at most --inflight messages unanswered;
+ *             a message due on a full connection is not sent and counted
+ *             as skipped: any skip means the server did not keep up for
+ *             a while (a stall of the server or of the host), and the
+ *             run's latencies describe that stall more than the server.
+ *             Between sends the thread sleeps in epoll_pwait2 with a 1 ns
+ *             timer slack, so it wakes on time without spinning a core.
  *   storm     N connect-write-read-close cycles, K at a time; a cycle's
  *             latency runs from socket() to the echo's last byte.  The
  *             "message" of the CPU figure is one whole cycle.
@@ -69,6 +85,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/epoll.h>
+#include <sys/prctl.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/types.h>
@@ -574,6 +591,59 @@ static void check_events(uint32_t e, struct conn *c) {
   }
 }
 
+/* The measuring window of pingpong and rate: returns 1 when it opens at
+ * `now` (a taken), -1 when it closes (b taken: stop), else 0. */
+static int window(int64_t now, int64_t t_measure, int64_t t_end,
+                  struct cpu_sample *a, struct cpu_sample *b) {
+  if (!measuring && now >= t_measure && now < t_end) {
+    measuring = true;
+    hist_reset();
+    done_msgs = 0;
+    *a = cpu_sample();
+    return 1;
+  }
+  if (measuring && now >= t_end) {
+    *b = cpu_sample();
+    measuring = false;
+    return -1;
+  }
+  return 0;
+}
+
+/* Take in what epoll reported; with `echo_more` (closed loop) every
+ * message that came back sends the next. */
+static void handle_events(const struct epoll_event *evs, int n, int64_t now,
+                          bool echo_more) {
+  for (int i = 0; i < n; i++) {
+    struct conn *c = evs[i].data.ptr;
+    check_events(evs[i].events, c);
+    if (evs[i].events & (EPOLLIN | EPOLLRDHUP)) {
+      unsigned k = drain(c, now);
+      if (measuring)
+        done_msgs += k;
+      while (echo_more && k-- > 0)
+        queue_msg(c, now);
+    }
+    flush(c);
+  }
+}
+
+/* The end of a pingpong or rate RESULT line (after its own fields), then
+ * the connections closed. */
+static void finish_result(struct conn *cs, long nconns,
+                          const struct cpu_sample *a,
+                          const struct cpu_sample *b) {
+  uint64_t back = 0;
+  for (long i = 0; i < nconns; i++)
+    back += cs[i].received;
+  print_frame();
+  print_cpu(a, b, done_msgs);
+  printf(" verified_bytes=%" PRIu64 "\n", back);
+  fflush(stdout);
+  for (long i = 0; i < nconns; i++)
+    close(cs[i].fd);
+}
+
 static int mode_pingpong(const char *name, const char *impl, long nconns,
                          double warmup_s, double secs) {
   struct conn *cs = conns_alloc((size_t)nconns);
@@ -595,40 +665,73 @@ static int mode_pingpong(const char *name, const char *impl, long nconns,
     if (n < 0 && errno != EINTR)
       die("epoll_wait");
     int64_t now = now_ns();
-    if (!measuring && now >= t_measure && now < t_end) {
-      measuring = true;
-      hist_reset();
-      done_msgs = 0;
-      a = cpu_sample();
-    } else if (measuring && now >= t_end) {
-      b = cpu_sample();
-      measuring = false;
+    if (window(now, t_measure, t_end, &a, &b) < 0)
       break;
-    }
-    for (int i = 0; i < n; i++) {
-      struct conn *c = evs[i].data.ptr;
-      check_events(evs[i].events, c);
-      if (evs[i].events & (EPOLLIN | EPOLLRDHUP)) {
-        unsigned k = drain(c, now);
-        if (measuring)
-          done_msgs += k;
-        while (k-- > 0)
-          queue_msg(c, now);
-      }
-      flush(c);
-    }
+    handle_events(evs, n, now, true);
   }
-  uint64_t back = 0;
-  for (long i = 0; i < nconns; i++)
-    back += cs[i].received;
   printf("RESULT name=%s impl=%s conns=%ld size=%zu inflight=%u", name, impl,
          nconns, payload, inflight);
-  print_frame();
-  print_cpu(&a, &b, done_msgs);
-  printf(" verified_bytes=%" PRIu64 "\n", back);
-  fflush(stdout);
-  for (long i = 0; i < nconns; i++)
-    close(cs[i].fd);
+  finish_result(cs, nconns, &a, &b);
+  return done_msgs > 0 ? 0 : 1;
+}
+
+/* rate: see the top of the file.  Measures from warmup_s to
+ * warmup_s + secs; sends stop at the end of the window. */
+static int mode_rate(const char *name, const char *impl, long nconns,
+                     double rate, double warmup_s, double secs) {
+  if (rate <= 0) {
+    fprintf(stderr, "loadgen: rate needs --rate > 0 (messages/s)\n");
+    return 2;
+  }
+  (void)prctl(PR_SET_TIMERSLACK, 1UL, 0UL, 0UL, 0UL);
+  struct conn *cs = conns_alloc((size_t)nconns);
+  for (long i = 0; i < nconns; i++) {
+    cs[i].id = (uint64_t)i;
+    cs[i].fd = start_connect();
+    cs[i].state = C_OPEN;
+    conn_register(&cs[i]);
+  }
+  struct epoll_event evs[512];
+  int64_t start = now_ns();
+  int64_t t_measure = start + (int64_t)(warmup_s * 1e9);
+  int64_t t_end = t_measure + (int64_t)(secs * 1e9);
+  double gap_ns = 1e9 / rate;
+  uint64_t s = 0, sent = 0, skipped = 0;
+  struct cpu_sample a = {0}, b = {0};
+  for (;;) {
+    int64_t now = now_ns();
+    int w = window(now, t_measure, t_end, &a, &b);
+    if (w < 0)
+      break;
+    if (w > 0)
+      sent = skipped = 0;
+    /* Every message due by now, each stamped when it goes out. */
+    int64_t due;
+    while ((due = start + (int64_t)((double)s * gap_ns)) <= now) {
+      struct conn *c = &cs[s++ % (uint64_t)nconns];
+      if ((c->queued - c->received) / msg_size >= inflight) {
+        skipped++;
+        continue;
+      }
+      queue_msg(c, now_ns());
+      flush(c);
+      sent++;
+    }
+    int64_t wait = due - now_ns();
+    struct timespec ts = {0, 0};
+    if (wait > 0) {
+      ts.tv_sec = wait / 1000000000;
+      ts.tv_nsec = wait % 1000000000;
+    }
+    int n = epoll_pwait2(ep, evs, 512, &ts, NULL);
+    if (n < 0 && errno != EINTR)
+      die("epoll_pwait2");
+    handle_events(evs, n, now_ns(), false);
+  }
+  printf("RESULT name=%s impl=%s conns=%ld size=%zu inflight=%u rate=%.0f"
+         " sent=%" PRIu64 " skipped=%" PRIu64,
+         name, impl, nconns, payload, inflight, rate, sent, skipped);
+  finish_result(cs, nconns, &a, &b);
   return done_msgs > 0 ? 0 : 1;
 }
 
@@ -848,6 +951,8 @@ static void usage(void) {
           "  wait     [--timeout-ms 5000]\n"
           "  pingpong --pid PID [--conns 64] [--size 64] [--inflight 1]\n"
           "           [--warmup 0.5] [--secs 3]\n"
+          "  rate     --pid PID --rate MSGS_PER_S [--conns 64] [--size 64]\n"
+          "           [--inflight 16] [--warmup 0.5] [--secs 3]\n"
           "  storm    --pid PID [--count 5000] [--parallel 64] [--size 64]\n"
           "           [--warm 500]\n"
           "  idle     --pid PID [--conns 10000] [--settle-ms 1000]\n"
@@ -873,7 +978,8 @@ int main(int argc, char **argv) {
   const char *mode = argv[1], *addr = NULL, *name = NULL, *impl = "?";
   long conns = -1, count = 5000, parallel = 64, warm = 500, timeout_ms = 5000;
   long settle_ms = 1000;
-  double warmup = 0.5, secs = 3;
+  double warmup = 0.5, secs = 3, rate = 0;
+  bool inflight_set = false;
   for (int i = 2; i < argc; i++) {
     const char *o = argv[i];
     if (i + 1 >= argc)
@@ -889,8 +995,12 @@ int main(int argc, char **argv) {
       payload = (size_t)num(o, v);
     else if (strcmp(o, "--frame") == 0)
       frame_hdr = (size_t)num(o, v);
-    else if (strcmp(o, "--inflight") == 0)
+    else if (strcmp(o, "--inflight") == 0) {
       inflight = (unsigned)num(o, v);
+      inflight_set = true;
+    }
+    else if (strcmp(o, "--rate") == 0)
+      rate = num(o, v);
     else if (strcmp(o, "--warmup") == 0)
       warmup = num(o, v);
     else if (strcmp(o, "--secs") == 0)
@@ -919,6 +1029,8 @@ int main(int argc, char **argv) {
     return 2;
   }
   msg_size = frame_hdr + payload;
+  if (strcmp(mode, "rate") == 0 && !inflight_set)
+    inflight = 16; /* room for a server that lags; more is overload */
   /* A sanity bound on the payload in flight (flush and drain go in
    * CHUNKs, so the headers may take it over: pipe4k's 16 frames of 4 KiB
    * are 65 600 bytes). */
@@ -943,6 +1055,9 @@ int main(int argc, char **argv) {
   if (strcmp(mode, "pingpong") == 0)
     return mode_pingpong(name ? name : "pingpong", impl,
                          conns < 0 ? 64 : conns, warmup, secs);
+  if (strcmp(mode, "rate") == 0)
+    return mode_rate(name ? name : "rate", impl, conns < 0 ? 64 : conns, rate,
+                     warmup, secs);
   if (strcmp(mode, "storm") == 0)
     return mode_storm(name ? name : "storm", impl, count,
                       parallel < 1 ? 1 : parallel, warm);

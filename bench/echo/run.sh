@@ -21,7 +21,18 @@
 #   WARMUP_S=0.5
 #   PROCS=2           threads of every server: loom procs, GOMAXPROCS,
 #                     epoll threads
-#   CASES="pp64 pp1k pipe4k storm idle"
+#   CASES="pp64 pp1k pipe4k storm rate64 idle"   (rate1k also works)
+#                     pp64, pp1k, pipe4k: closed loop (loadgen pingpong):
+#                     each connection sends when its echo is back, so
+#                     the latency is mostly queueing at whichever side
+#                     (server or load generator) is the bottleneck;
+#                     rate64, rate1k: open loop (loadgen rate), 64 or
+#                     1,000 connections sharing RATE messages/s sent on a
+#                     fixed schedule, below what any server here can
+#                     take: latency as a client of a server that is not
+#                     saturated sees it, and CPU per message including
+#                     the cost of sleeping and waking between messages
+#   RATE=20000        messages/s offered by the rate cases
 #   SERVERS="loom go epoll"
 #   STORM_N=5000 STORM_PARALLEL=64 IDLE_N=10000
 #   PORT_BASE=19100   the servers listen on 127.0.0.1:PORT_BASE+k
@@ -39,7 +50,8 @@ ROUNDS=${ROUNDS:-7}
 SECS=${SECS:-3}
 WARMUP_S=${WARMUP_S:-0.5}
 PROCS=${PROCS:-2}
-CASES=${CASES:-pp64 pp1k pipe4k storm idle}
+CASES=${CASES:-pp64 pp1k pipe4k storm rate64 idle}
+RATE=${RATE:-20000}
 SERVERS=${SERVERS:-loom go epoll}
 STORM_N=${STORM_N:-5000}
 STORM_PARALLEL=${STORM_PARALLEL:-64}

@@ -37,7 +37,11 @@
 #   CASES="pp64 pp1k pipe4k idle"   (storm also works: connect, one
 #                                frame, close; idle: IDLE_N connections
 #                                that each echo one frame, then wait:
-#                                the server's RSS growth per connection)
+#                                the server's RSS growth per connection;
+#                                rate64 and rate1k: an open loop of RATE
+#                                frames/s over 64 or 1,000 connections,
+#                                as in bench/echo/run.sh)
+#   RATE=20000
 #   SERVERS="engine go plain"
 #   GO_WRITE=buffered go_lenpfx_echo's -write: buffered or frame
 #   STORM_N=5000 STORM_PARALLEL=64 IDLE_N=10000
@@ -58,6 +62,7 @@ WARMUP_S=${WARMUP_S:-0.5}
 PROCS=${PROCS:-2}
 CASES=${CASES:-pp64 pp1k pipe4k idle}
 SERVERS=${SERVERS:-engine go plain}
+RATE=${RATE:-20000}
 GO_WRITE=${GO_WRITE:-buffered}
 STORM_N=${STORM_N:-5000}
 STORM_PARALLEL=${STORM_PARALLEL:-64}
@@ -76,8 +81,8 @@ for s in $SERVERS; do
 done
 for c in $CASES; do
   case $c in
-    pp64 | pp1k | pipe4k | storm | idle) ;;
-    *) echo "run.sh: unknown case '$c' (pp64, pp1k, pipe4k, storm, idle)" >&2; exit 2 ;;
+    pp64 | pp1k | pipe4k | storm | idle | rate64 | rate1k) ;;
+    *) echo "run.sh: unknown case '$c' (pp64, pp1k, pipe4k, storm, idle, rate64, rate1k)" >&2; exit 2 ;;
   esac
 done
 has() { [[ " $SERVERS " == *" $1 "* ]]; }
