@@ -284,7 +284,7 @@ loadgen_run() {
     [[ -n ${LOG:-} && -s $LOG ]] && echo "    server said: $(tail -n 3 "$LOG" | tr '\n' ' ')" >&2
     [[ -z $LINE ]] && return 1
   fi
-  keep_fields "$server:$case" "$LINE" cpu_us_per_msg msgs_per_s p50_us p99_us p999_us kib_per_conn \
+  keep_fields "$server:$case" "$LINE" cpu_us_per_msg msgs_per_s p50_us p99_us p999_us fairness least_share kib_per_conn \
     server_cpu_util lg_cpu_util host_cpu_util steal_cpu_util sleeps_per_msg
 }
 
@@ -337,6 +337,16 @@ table_medians() {
         "$(cell "$s" "$c" msgs_per_s)" "$(cell "$s" "$c" p50_us)" "$(cell "$s" "$c" p99_us)" \
         "$(med "$s" "$c" sleeps_per_msg)" "$(med "$s" "$c" server_cpu_util)" "$(med "$s" "$c" lg_cpu_util)" "$(med "$s" "$c" host_cpu_util)" \
         "$(med "$s" "$c" steal_cpu_util)"
+    done
+  done
+  echo
+  echo "how evenly each server served its connections (closed-loop cases): Jain's"
+  echo "index of bytes per connection (1 = all alike) and the least-served one's share of the mean"
+  printf '%-7s %-6s %-26s %s\n' case server fairness least_share
+  for c in $CASES; do
+    [[ $c == pp* || $c == pipe* ]] || continue
+    for s in $SERVERS; do
+      printf '%-7s %-6s %-26s %s\n' "$c" "$s" "$(cell "$s" "$c" fairness)" "$(cell "$s" "$c" least_share)"
     done
   done
 }

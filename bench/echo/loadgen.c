@@ -31,7 +31,8 @@
  *             a new message goes out when one has come back whole.
  *             Warm up W s, then measure D s: messages completed, the
  *             latency of each (from when it was queued for sending to
- *             when its last byte came back), and the server's CPU time.
+ *             when its last byte came back), the server's CPU time, and
+ *             how evenly the connections were served (finish_result).
  *   rate      open loop: C connections share a fixed offered load of R
  *             messages/s, sent on a schedule that does not wait for the
  *             echoes (message s is due at start + s/R, on connection
@@ -439,6 +440,7 @@ struct conn {
   uint64_t written;  /* bytes written */
   uint64_t received; /* bytes echoed back and verified */
   int64_t t0;        /* storm: start of the cycle */
+  uint64_t rx0;      /* pingpong, rate: received when measuring began */
   int64_t *ts;       /* ring of `inflight` queue times, by message number */
 };
 
@@ -594,11 +596,14 @@ static void check_events(uint32_t e, struct conn *c) {
 /* The measuring window of pingpong and rate: returns 1 when it opens at
  * `now` (a taken), -1 when it closes (b taken: stop), else 0. */
 static int window(int64_t now, int64_t t_measure, int64_t t_end,
-                  struct cpu_sample *a, struct cpu_sample *b) {
+                  struct conn *cs, long nconns, struct cpu_sample *a,
+                  struct cpu_sample *b) {
   if (!measuring && now >= t_measure && now < t_end) {
     measuring = true;
     hist_reset();
     done_msgs = 0;
+    for (long i = 0; i < nconns; i++)
+      cs[i].rx0 = cs[i].received;
     *a = cpu_sample();
     return 1;
   }
@@ -629,16 +634,31 @@ static void handle_events(const struct epoll_event *evs, int n, int64_t now,
 }
 
 /* The end of a pingpong or rate RESULT line (after its own fields), then
- * the connections closed. */
+ * the connections closed.  How evenly the connections were served while
+ * measuring: Jain's index of their byte counts, (sum x)^2 / (n sum x^2),
+ * 1 when all got the same and 1/n when one got everything; and the
+ * least-served connection's count over the mean.  In a closed loop every
+ * connection asks again as soon as it is answered, so these say directly
+ * whether the server serves its connections in turn, which a closed
+ * loop's p99 says only through queueing. */
 static void finish_result(struct conn *cs, long nconns,
                           const struct cpu_sample *a,
                           const struct cpu_sample *b) {
   uint64_t back = 0;
-  for (long i = 0; i < nconns; i++)
+  double sum = 0, sumsq = 0, least = -1;
+  for (long i = 0; i < nconns; i++) {
     back += cs[i].received;
+    double x = (double)(cs[i].received - cs[i].rx0);
+    sum += x;
+    sumsq += x * x;
+    if (least < 0 || x < least)
+      least = x;
+  }
   print_frame();
   print_cpu(a, b, done_msgs);
-  printf(" verified_bytes=%" PRIu64 "\n", back);
+  printf(" fairness=%.4f least_share=%.3f verified_bytes=%" PRIu64 "\n",
+         sumsq > 0 ? sum * sum / ((double)nconns * sumsq) : 0,
+         sum > 0 ? least * (double)nconns / sum : 0, back);
   fflush(stdout);
   for (long i = 0; i < nconns; i++)
     close(cs[i].fd);
@@ -665,7 +685,7 @@ static int mode_pingpong(const char *name, const char *impl, long nconns,
     if (n < 0 && errno != EINTR)
       die("epoll_wait");
     int64_t now = now_ns();
-    if (window(now, t_measure, t_end, &a, &b) < 0)
+    if (window(now, t_measure, t_end, cs, nconns, &a, &b) < 0)
       break;
     handle_events(evs, n, now, true);
   }
@@ -700,7 +720,7 @@ static int mode_rate(const char *name, const char *impl, long nconns,
   struct cpu_sample a = {0}, b = {0};
   for (;;) {
     int64_t now = now_ns();
-    int w = window(now, t_measure, t_end, &a, &b);
+    int w = window(now, t_measure, t_end, cs, nconns, &a, &b);
     if (w < 0)
       break;
     if (w > 0)
