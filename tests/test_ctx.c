@@ -272,6 +272,60 @@ TEST(deadline_from_a_plain_thread_one_p) {
   check_run(fthr_main, NULL, 1);
 }
 
+/* A plain thread makes children with deadlines of a context that a
+ * second plain thread cancels while coroutines wait on it.  The cancel
+ * runs the waiters' hooks under the parent's lock, and each wakes its
+ * coroutine from a thread without an M, which takes the lock that keeps
+ * the runtime alive; the maker must not hold that lock while it waits
+ * for the parent's (to hang the child under it), or neither moves. */
+#define XC_WAITERS 64
+static loom_ctx *xc_parent;
+static atomic_int xc_stop;
+static loom_sema xc_never = LOOM_SEMA_INIT(0);
+static loom_wg xc_wg = LOOM_WG_INIT;
+static void xc_waiter(void *arg) {
+  (void)arg;
+  CHECK_ERR(loom_sema_acquire_ctx(&xc_never, xc_parent), -ECANCELED);
+  loom_wg_done(&xc_wg);
+}
+static void *xc_maker(void *arg) {
+  (void)arg;
+  while (!atomic_load(&xc_stop)) {
+    loom_ctx *c;
+    CHECK_OK(loom_ctx_with_timeout(&c, xc_parent, 3600000 * CHECK_MS));
+    loom_ctx_release(c);
+  }
+  return NULL;
+}
+static void *xc_canceller(void *arg) {
+  (void)arg;
+  loom_ctx_cancel(xc_parent);
+  return NULL;
+}
+static void xc_main(void *arg) {
+  (void)arg;
+  for (int round = 0; round < CHECK_SCALE(50, 20, 10); round++) {
+    CHECK_OK(loom_ctx_with_cancel(&xc_parent, loom_ctx_background()));
+    CHECK_OK(loom_wg_add(&xc_wg, XC_WAITERS));
+    for (int i = 0; i < XC_WAITERS; i++)
+      CHECK_OK(loom_go(xc_waiter, NULL));
+    loom_sleep(CHECK_MS); /* most of them parked, hooked on the parent */
+    atomic_store(&xc_stop, 0);
+    pthread_t m, k;
+    CHECK_EQ(pthread_create(&m, NULL, xc_maker, NULL), 0);
+    CHECK_EQ(pthread_create(&k, NULL, xc_canceller, NULL), 0);
+    fthr_join(k);
+    atomic_store(&xc_stop, 1);
+    fthr_join(m);
+    CHECK_OK(loom_wg_wait(&xc_wg, 0));
+    loom_ctx_release(xc_parent);
+  }
+}
+TEST(deadline_child_from_a_thread_while_another_cancels_the_parent) {
+  check_watchdog(60, "a plain thread's deadline child against a cancel");
+  check_run(xc_main, NULL, 2);
+}
+
 /* A context a thread armed outlives the runtime: its timer goes with the
  * runtime, and the context is still the thread's to use and release. */
 static loom_ctx *outlive;

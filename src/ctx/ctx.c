@@ -377,8 +377,7 @@ int loom_ctx_with_value(loom_ctx **out, loom_ctx *parent, const void *key,
 }
 
 /* Where a deadline's timer goes (loom__arm_begin: any thread), unless
- * it needs none (a->heap NULL).  Room is made before the context, so
- * that without memory the call fails with nothing made. */
+ * it needs none (a->heap NULL). */
 static int arm_begin(loom__arm *a, loom_ctx *parent, int64_t deadline) {
   a->heap = NULL;
   int64_t pd = parent->deadline;
@@ -396,20 +395,25 @@ int loom_ctx_with_deadline(loom_ctx **out, loom_ctx *parent,
                            int64_t deadline) {
   if (out == NULL || parent == NULL)
     return -EINVAL;
-  loom__arm a;
-  int err = arm_begin(&a, parent, deadline);
+  loom_ctx *c;
+  int err = child(out, parent, &c);
   if (err != 0)
     return err;
-  loom_ctx *c;
-  err = child(out, parent, &c);
-  if (err != 0) {
-    arm_end(&a, 0);
-    return err;
-  }
   /* 0 is "none", as everywhere in loom: the parent's deadline, if any. */
   if (deadline != 0 && (c->deadline == 0 || deadline < c->deadline))
     c->deadline = deadline;
+  /* Hung under the parent before the heap is held: a plain thread holds
+   * the runtime's lock from loom__arm_begin on, and a plain thread that
+   * cancels the parent takes that lock while it holds the parent's (its
+   * hooks wake coroutines).  Without room for the timer, the child goes
+   * again, and nobody has seen it. */
   attach(c);
+  loom__arm a;
+  err = arm_begin(&a, parent, deadline);
+  if (err != 0) {
+    loom_ctx_release(c);
+    return err;
+  }
   int64_t armed = 0;
   if (a.heap == NULL) {
     if (c->deadline != 0 && c->deadline <= loom_now())
