@@ -351,6 +351,46 @@ TEST(deadline_from_a_thread_outlives_the_runtime) {
   loom_ctx_release(k);
 }
 
+/* Plain threads make and release contexts with deadlines ahead while
+ * runtimes start and end under them: a release that stops its timer as
+ * the runtime ends takes its timer's reference back once, or finds the
+ * timer gone with the runtime (whose end gave the reference back), never
+ * both; and it never touches the heap of a runtime that is gone. */
+static atomic_int churn_stop;
+static atomic_long churn_made;
+static void *churn_thread(void *arg) {
+  (void)arg;
+  while (!atomic_load(&churn_stop)) {
+    loom_ctx *c;
+    int r =
+        loom_ctx_with_timeout(&c, loom_ctx_background(), 3600000 * CHECK_MS);
+    if (r == LOOM_ENORUNTIME) {
+      usleep(20); /* between runtimes: let the next one start */
+      continue;
+    }
+    CHECK_OK(r);
+    atomic_fetch_add(&churn_made, 1);
+    loom_ctx_release(c);
+  }
+  return NULL;
+}
+static void churn_main(void *arg) {
+  (void)arg;
+  loom_sleep(CHECK_MS / 5);
+}
+TEST(deadlines_from_threads_as_runtimes_end) {
+  check_watchdog(25, "contexts released as runtimes end");
+  pthread_t ts[3];
+  for (int i = 0; i < 3; i++)
+    CHECK_EQ(pthread_create(&ts[i], NULL, churn_thread, NULL), 0);
+  for (int i = 0; i < CHECK_SCALE(1000, 300, 50); i++)
+    check_run(churn_main, NULL, 2);
+  atomic_store(&churn_stop, 1);
+  for (int i = 0; i < 3; i++)
+    pthread_join(ts[i], NULL);
+  printf("%ld contexts made\n", (long)atomic_load(&churn_made));
+}
+
 /* ------------------------------------------------------------------ */
 /* A read parked in the netpoller is woken by a cancel; the connection  */
 /* stays usable once a new deadline is set.                             */

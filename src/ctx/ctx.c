@@ -149,7 +149,7 @@ static void cancel_node(loom_ctx *n, int err) {
   /* No wait: we may be its own fn.  A timer stopped before it fired
    * drops the reference it held; never the last one here (our caller,
    * or the walk, holds another). */
-  if (armed && loom__timer_stop(&n->timer))
+  if (armed && loom__timer_stop_any(&n->timer)) /* any thread */
     loom_ctx_unref(n);
 }
 

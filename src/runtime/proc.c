@@ -1719,8 +1719,33 @@ static void destroy_g(loom__rt *rt, loom__g *g) {
   (void)rt;
 }
 
+/* Every timer heap of the runtime closed (loom__timers_close): under
+ * rt_mu, with every M gone.  A plain thread stops a timer only under it
+ * too (loom__timer_stop_any: a context it releases as the runtime ends),
+ * so it either stops one that is still in its heap or finds it out of
+ * any — never touching a heap as it is taken apart, or after it is
+ * freed.  Their done hooks run later, in rt_free, without rt_mu: one
+ * may free a context, which takes its parent's lock, and a plain thread
+ * that holds that lock to cancel the parent may be waiting for rt_mu to
+ * wake a coroutine. */
+static void timers_close(loom__rt *rt) {
+  for (int i = 0; i < rt->nprocs; i++)
+    loom__timers_close(&rt->allp[i]->timers);
+  loom__timers_close(&rt->nop_timers);
+}
+
+bool loom__timer_stop_any(loom__timer *t) {
+  if (loom__getm() != NULL)
+    return loom__timer_stop(t); /* an M's runtime outlives its threads */
+  pthread_mutex_lock(&rt_mu);
+  bool stopped = loom__timer_stop(t);
+  pthread_mutex_unlock(&rt_mu);
+  return stopped;
+}
+
 static void rt_free(loom__rt *rt) {
-  /* Timers first: pending ones live in Gs, which the stacks hold. */
+  /* Timers first (closed already: timers_close): pending ones live in
+   * Gs, which the stacks hold. */
   for (int i = 0; i < rt->nprocs; i++)
     loom__timers_destroy(&rt->allp[i]->timers);
   loom__timers_destroy(&rt->nop_timers);
@@ -1893,6 +1918,7 @@ int loom_run(void (*main_fn)(void *), void *arg, const loom_config *cfg) {
 
   pthread_mutex_lock(&rt_mu);
   atomic_store(&current_rt, NULL);
+  timers_close(rt);
   pthread_mutex_unlock(&rt_mu);
   rt_free(rt);
   return err;

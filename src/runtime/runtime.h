@@ -416,6 +416,11 @@ typedef struct loom__arm {
 } loom__arm;
 int loom__arm_begin(loom__arm *a, int n);
 void loom__arm_end(loom__arm *a, int64_t when);
+/* loom__timer_stop from any thread, while a runtime runs or after: a
+ * thread without an M holds the lock the runtime's end destroys its
+ * timer heaps under, so the heap it finds is not taken apart or freed
+ * meanwhile. */
+bool loom__timer_stop_any(loom__timer *t);
 const char *loom__symbolize(const void *pc, char *buf, size_t len);
 void loom__log(loom__rt *rt, const char *fmt, ...)
     __attribute__((format(printf, 2, 3)));

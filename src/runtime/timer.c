@@ -41,6 +41,16 @@ void loom__timers_init(loom__timers *ts) {
   atomic_init(&ts->timer0, 0);
 }
 
+void loom__timers_close(loom__timers *ts) {
+  lock(ts);
+  for (int i = 0; i < ts->len; i++) {
+    ts->h[i]->idx = -1;
+    atomic_store_explicit(&ts->h[i]->heap, NULL, memory_order_release);
+  }
+  atomic_store_explicit(&ts->timer0, 0, memory_order_relaxed);
+  unlock(ts);
+}
+
 void loom__timers_destroy(loom__timers *ts) {
   /* A pending timer will never run: its done hook says so now (a
    * context's armed deadline holds a reference that only done gives

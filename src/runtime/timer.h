@@ -42,6 +42,12 @@ struct loom__timers {
 };
 
 void loom__timers_init(loom__timers *ts);
+/* The heap's end, in two steps: close marks every pending timer out of
+ * any heap (a loom__timer_stop after it finds none there, and touches
+ * nothing), and no timer may be added, run or stopped meanwhile; destroy
+ * then tells each pending timer it never runs (its done hook), and frees
+ * the heap. */
+void loom__timers_close(loom__timers *ts);
 void loom__timers_destroy(loom__timers *ts);
 /* Make room for `n` more timers (only the owning P adds). -ENOMEM. */
 int loom__timers_reserve(loom__timers *ts, int n);
