@@ -246,8 +246,8 @@ int loom__netfd_close(loom__netfd *f) {
 static int set_deadlines(loom__netfd *f, int mode, int64_t rd, int64_t wd) {
   if (f == NULL)
     return -EINVAL;
-  /* Any thread: one that is no coroutine (or has no P) gets LOOM_ENOTCO
-   * from the pd for a deadline ahead, which needs a timer. */
+  /* Any thread: one without a P arms a deadline ahead on the runtime's
+   * heap for such threads (loom__arm_begin). */
   if (!loom__netfd_acquire(f))
     return LOOM_ECLOSED;
   int err = loom__pd_set_deadlines(f->pd, mode, rd, wd);

@@ -427,8 +427,8 @@ void loom__pd_cancel_clear(loom__pd_cancel *x) {
  * would set it now (one that has passed meanwhile is passed), unless
  * the direction's sequence number moved since: a new deadline, another
  * expire or a close came after ours and stands.  A deadline ahead needs
- * a timer, and so a P and room for it; without them the deadline stays
- * passed, as before the undo. */
+ * a timer, and so room for it; without it the deadline stays passed, as
+ * before the undo. */
 int loom__pd_cancel_undo(loom__pd_cancel *x) {
   loom__pd_cancel_clear(x);
   if (x->was < 0)
