@@ -395,9 +395,11 @@ static int wait_backlog(loom__netfd *f, const struct sockaddr *sa,
     int err = loom__netfd_check(f, 'w');
     if (err != 0)
       return err;
-    int64_t nap = pause;
-    if (deadline != 0 && deadline - loom_now() < nap)
-      nap = deadline - loom_now() > 0 ? deadline - loom_now() : 0;
+    /* Compared before subtracting, as everywhere: a deadline long past
+     * (INT64_MIN) minus now overflows. */
+    int64_t nap = pause, now = loom_now();
+    if (deadline != 0 && deadline < now + nap)
+      nap = deadline > now ? deadline - now : 0;
     loom_sleep(nap);
     if (pause < 32000000)
       pause *= 2;
