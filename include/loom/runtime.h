@@ -7,7 +7,12 @@
  * they are stackful, so any function may park (sleep, wait on a channel,
  * wait for a socket) anywhere in its call stack.  loom_run() returns when
  * the main coroutine returns; coroutines still parked or runnable then are
- * abandoned, their stacks freed, and every runtime thread joined.
+ * abandoned, their stacks freed, and every runtime thread joined.  An
+ * abandoned coroutine that was waiting on an object that outlives the
+ * runtime (a channel, a context, a static or heap sync object)
+ * is still queued on it, and its queue entry was on the freed stack:
+ * such an object can no longer be used, freed, cancelled or released.
+ * Wake or cancel what your coroutines wait on before main returns.
  *
  * Scheduling follows Go's G/M/P model: `procs` processors (P) each own a
  * run queue; OS threads (M) run coroutines only while they hold a P; idle
