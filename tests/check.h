@@ -31,6 +31,7 @@
 #include <signal.h>
 #include <spawn.h>
 #include <stdarg.h>
+#include <stdatomic.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -329,6 +330,112 @@ static inline void check_watchdog(int64_t secs, const char *what) {
   if (pthread_create(&t, &a, check_watchdog_main_, &w) != 0)
     CHECK_FAIL("watchdog: pthread_create");
   pthread_attr_destroy(&a);
+}
+
+/* ---- stalls: the host taking the CPUs away ---- */
+
+/*
+ * A shared VM stops the whole process now and then — every thread at
+ * once, for tens of milliseconds — and when it comes back every clock
+ * has jumped.  A test that bounds how late something happens cannot tell
+ * that from a late runtime by looking at the clock alone, so it asks a
+ * witness: check_stall_start() starts a plain thread that wakes every
+ * millisecond and records each wake-up that came more than
+ * CHECK_STALL_SLACK late (the thread did not run, so likely nothing of
+ * the process did).  check_stalled_ns(t0, t1) then says how much of
+ * [t0, t1] (CLOCK_MONOTONIC, loom_now's clock) such gaps covered.
+ *
+ * A test subtracts that from the lateness it measured, or retries a
+ * round that was stalled; a runtime that is late while the process runs
+ * leaves no gap, and the test still fails.  tests/stall/run.sh makes
+ * such stalls on purpose.  Under valgrind the witness does not run and
+ * reports no stall.
+ */
+#define CHECK_STALL_TICK (1 * CHECK_MS)
+#define CHECK_STALL_SLACK (2 * CHECK_MS)
+#define CHECK_STALL_GAPS 1024
+
+struct check_stall_ {
+  pthread_mutex_t mu; /* protects gaps, ngaps */
+  struct {
+    int64_t from, to; /* the witness ran at `from`, next at `to` */
+  } gaps[CHECK_STALL_GAPS];
+  int ngaps; /* total recorded; gaps[] keeps the last CHECK_STALL_GAPS */
+  /* The witness's last wake-up: a gap that ends before it is recorded.
+   * Release after recording, acquire in check_stalled_ns. */
+  _Atomic int64_t last;
+  atomic_int started; /* read by any thread, set once before it starts */
+};
+static struct check_stall_ check_stall_ = {
+    PTHREAD_MUTEX_INITIALIZER, {{0, 0}}, 0, 0, 0};
+
+static inline void *check_stall_main_(void *p) {
+  (void)p;
+  int64_t prev = check_mono_ns();
+  for (;;) {
+    struct timespec ts = {0, (long)CHECK_STALL_TICK};
+    nanosleep(&ts, NULL);
+    int64_t now = check_mono_ns();
+    if (now - prev > CHECK_STALL_TICK + CHECK_STALL_SLACK) {
+      pthread_mutex_lock(&check_stall_.mu);
+      int i = check_stall_.ngaps++ % CHECK_STALL_GAPS;
+      check_stall_.gaps[i].from = prev;
+      check_stall_.gaps[i].to = now;
+      pthread_mutex_unlock(&check_stall_.mu);
+    }
+    atomic_store_explicit(&check_stall_.last, now, memory_order_release);
+    prev = now;
+  }
+  return NULL;
+}
+
+/* Start the witness (once; later calls do nothing). */
+static inline void check_stall_start(void) {
+  pthread_t t;
+  pthread_attr_t a;
+  if (atomic_load(&check_stall_.started) || check_under_valgrind())
+    return;
+  atomic_store(&check_stall_.last, check_mono_ns());
+  atomic_store(&check_stall_.started, 1);
+  pthread_attr_init(&a);
+  pthread_attr_setdetachstate(&a, PTHREAD_CREATE_DETACHED);
+  if (pthread_create(&t, &a, check_stall_main_, NULL) != 0)
+    CHECK_FAIL("stall witness: pthread_create");
+  pthread_attr_destroy(&a);
+}
+
+/*
+ * How many ns of [t0, t1] the process was seen stalled: the part of each
+ * recorded gap inside [t0, t1], less the tick the witness meant to sleep
+ * anyway.  Waits (100 ms at most) for the witness to wake after t1, so
+ * that a stall still going on at t1 is counted; a witness that does not
+ * wake in that time was itself stalled, and what it missed counts.
+ */
+static inline int64_t check_stalled_ns(int64_t t0, int64_t t1) {
+  if (!atomic_load(&check_stall_.started))
+    return 0;
+  int64_t give_up = check_mono_ns() + 100 * CHECK_MS, last;
+  while ((last = atomic_load_explicit(&check_stall_.last,
+                                      memory_order_acquire)) < t1 &&
+         check_mono_ns() < give_up) {
+    struct timespec ts = {0, (long)(CHECK_STALL_TICK / 4)};
+    nanosleep(&ts, NULL);
+  }
+  int64_t sum = 0;
+  if (last < t1)
+    sum += t1 - (last > t0 ? last : t0);
+  pthread_mutex_lock(&check_stall_.mu);
+  int n = check_stall_.ngaps < CHECK_STALL_GAPS ? check_stall_.ngaps
+                                                : CHECK_STALL_GAPS;
+  for (int i = 0; i < n; i++) {
+    int64_t a = check_stall_.gaps[i].from, b = check_stall_.gaps[i].to;
+    int64_t lo = a > t0 ? a : t0, hi = b < t1 ? b : t1;
+    int64_t excess = b - a - CHECK_STALL_TICK;
+    if (hi > lo)
+      sum += hi - lo < excess ? hi - lo : excess;
+  }
+  pthread_mutex_unlock(&check_stall_.mu);
+  return sum;
 }
 
 /* ---- running the runtime ---- */
