@@ -350,6 +350,17 @@ static int io_result(ssize_t r) {
   return IO_CLOSED;
 }
 
+/* One blocking recv, again after EINTR: with SO_RCVTIMEO set, Linux ends
+ * a recv with EINTR when the process is stopped and continued (signal(7)),
+ * as job control or a debugger does. */
+static ssize_t recv_once(int fd, void *p, size_t n) {
+  ssize_t k;
+  do
+    k = recv(fd, p, n, 0);
+  while (k < 0 && errno == EINTR);
+  return k;
+}
+
 static int send_all(int fd, const void *p, size_t n) {
   const uint8_t *b = p;
   while (n) {
@@ -472,7 +483,7 @@ static void *peer_main(void *arg) {
   atomic_store(&p->exchanged, 1);
   if (p->keep_open && r == IO_OK) {
     uint8_t b;
-    ssize_t k = recv(fd, &b, 1, 0);
+    ssize_t k = recv_once(fd, &b, 1);
     p->close_result = io_result(k);
     CHECK_AT(k <= 0, "a byte after the exchange");
   }
@@ -1203,7 +1214,7 @@ static void started_main(void *arg) {
   CHECK(fd >= 0);
   CHECK(shutdown(fd, SHUT_WR) == 0);
   uint8_t b;
-  ssize_t k = recv(fd, &b, 1, 0);
+  ssize_t k = recv_once(fd, &b, 1);
   int result = io_result(k);
   close(fd);
   loom_block_exit();
