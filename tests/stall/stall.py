@@ -83,8 +83,13 @@ def run_case(case, rng, logf):
         k, _, v = kv.partition("=")
         env[k] = v
     t0 = time.monotonic()
+    # A process group of its own, whose parent (we) is in another group
+    # of the same session: never an orphaned group, which the kernel
+    # would send SIGHUP when a member exits while another is stopped
+    # (another case's exit, in our group, would do).
     p = subprocess.Popen(case["cmd"], cwd=case["cwd"], env=env, stdout=logf,
-                         stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+                         stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                         process_group=0)
     limit = t0 + case["timeout"]
     stalls = 0
     stalled = 0.0
