@@ -23,6 +23,15 @@
 # killed (with its descendants) after twice its ctest timeout plus 30 s,
 # so a hang is reported as a timeout and the run stays bounded.
 #
+# A stop is a little more than a VM's stall: on Linux, some blocking
+# calls end with EINTR after a stop and a continue even with no signal
+# handler (signal(7): epoll_wait, and recv/send/connect on a socket with
+# SO_RCVTIMEO or SO_SNDTIMEO, among others).  Code that does not retry
+# them fails here as it would under a debugger or Ctrl-Z: a bug too, but
+# not one of timing.  Each case runs in a process group of its own (its
+# parent, this script, in another), so the group is never orphaned and
+# the kernel sends it no SIGHUP for having stopped members.
+#
 # At the end it prints, for each case that failed, how often and how (the
 # last lines of its output); the full output of every failing round is
 # kept in the log directory it names.  Exit status: 0 when every round of
@@ -47,7 +56,7 @@
 
 set -euo pipefail
 if [[ $# -lt 1 || $1 == -h || $1 == --help ]]; then
-  sed -n '3,45p' "$0" | sed 's/^# \{0,1\}//'
+  sed -n '3,54p' "$0" | sed 's/^# \{0,1\}//'
   exit 2
 fi
 exec python3 "$(dirname "$0")/stall.py" "$@"
