@@ -330,8 +330,22 @@ static int tcp_connect(const char *addr, int rcvbuf) {
   CHECK(setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv) == 0);
   CHECK(setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv) == 0);
   if (connect(fd, (struct sockaddr *)&sa, sizeof sa) != 0) {
-    close(fd);
-    return -errno;
+    int err = errno;
+    /* With SO_SNDTIMEO set, a stop and continue ends connect with EINTR
+     * (signal(7)) while the handshake goes on: wait for its end. */
+    if (err == EINTR) {
+      struct pollfd p = {fd, POLLOUT, 0};
+      int r;
+      while ((r = poll(&p, 1, PEER_TIMEOUT_S * 1000)) < 0 && errno == EINTR) {
+      }
+      socklen_t len = sizeof err;
+      CHECK(r == 1);
+      CHECK(getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &len) == 0);
+    }
+    if (err != 0) {
+      close(fd);
+      return -err;
+    }
   }
   return fd;
 }
