@@ -849,6 +849,75 @@ TEST(err_set_means_done_closed) {
   CHECK_EQ(bad_rounds, 0);
 }
 
+/* A child made while its parent's cancel is under way is cancelled at
+ * once, with the parent's reason; it is done no sooner than its parent
+ * (Go: a parent's Err is non-nil once a child's Done has closed for its
+ * sake).  Plain threads blocked on the parent's done channel make the
+ * cancel spend a while waking them between setting the reason and
+ * finishing the close; another thread makes children of the parent all
+ * along, and checks the parent each time a child is born cancelled. */
+#define BC_WAITERS 64
+static loom_ctx *bc_parent;
+static atomic_int bc_queued, bc_go, bc_early;
+static void *bc_waiter(void *arg) {
+  (void)arg;
+  atomic_fetch_add(&bc_queued, 1);
+  CHECK_EQ(loom_chan_recv(loom_ctx_done(bc_parent), NULL), 0);
+  return NULL;
+}
+static void *bc_canceller(void *arg) {
+  (void)arg;
+  while (!atomic_load(&bc_go))
+    ;
+  loom_ctx_cancel(bc_parent);
+  return NULL;
+}
+static void *bc_births(void *arg) {
+  (void)arg;
+  for (;;) {
+    loom_ctx *g;
+    CHECK_OK(loom_ctx_with_cancel(&g, bc_parent));
+    int ge = loom_ctx_err(g), pe = loom_ctx_err(bc_parent);
+    loom_ctx_release(g);
+    if (ge != 0 && pe == 0)
+      atomic_fetch_add(&bc_early, 1);
+    if (ge != 0 && pe != 0)
+      return NULL;
+    atomic_store(&bc_go, 1); /* after the first child: both race from here */
+  }
+}
+TEST(child_born_cancelled_after_its_parent) {
+  check_watchdog(60, "children of a context being cancelled");
+  int bad_rounds = 0;
+  for (int round = 0; round < 50; round++) {
+    CHECK_OK(loom_ctx_with_cancel(&bc_parent, loom_ctx_background()));
+    atomic_store(&bc_queued, 0);
+    atomic_store(&bc_go, 0);
+    atomic_store(&bc_early, 0);
+    pthread_t w[BC_WAITERS], t, b;
+    for (int i = 0; i < BC_WAITERS; i++)
+      CHECK_EQ(pthread_create(&w[i], NULL, bc_waiter, NULL), 0);
+    while (atomic_load(&bc_queued) < BC_WAITERS)
+      sched_yield();
+    struct timespec ts = {0, 20 * 1000 * 1000}; /* let them all block */
+    nanosleep(&ts, NULL);
+    CHECK_EQ(pthread_create(&t, NULL, bc_canceller, NULL), 0);
+    CHECK_EQ(pthread_create(&b, NULL, bc_births, NULL), 0);
+    pthread_join(b, NULL);
+    pthread_join(t, NULL);
+    for (int i = 0; i < BC_WAITERS; i++)
+      pthread_join(w[i], NULL);
+    if (atomic_load(&bc_early) != 0) {
+      bad_rounds++;
+      printf("round %d: %d children were born cancelled while their "
+             "parent's loom_ctx_err was still 0\n",
+             round, atomic_load(&bc_early));
+    }
+    loom_ctx_release(bc_parent);
+  }
+  CHECK_EQ(bad_rounds, 0);
+}
+
 /* A ctx-bounded call that returns the cancel's reason returns it only
  * once loom_ctx_err agrees (Go: Err() != nil once the call has seen
  * Done).  A plain thread spins in loom_mutex_lock_ctx on a free mutex

@@ -348,8 +348,13 @@ static void attach(loom_ctx *c) {
     c->linked = true;
   }
   loom__spin_unlock(&p->lock);
-  if (perr != 0)
+  if (perr != 0) {
+    /* The parent's cancel may still be closing its done channel: a child
+     * done before its parent would have loom_ctx_err(parent) say 0 to
+     * whoever saw the child's cancel.  That cancel never parks. */
+    wait_fin(p);
     cancel(c, perr);
+  }
 }
 
 int loom_ctx_with_cancel(loom_ctx **out, loom_ctx *parent) {
