@@ -1018,6 +1018,40 @@ static void dl0_main(void *arg) {
 }
 TEST(deadline_zero_means_none) { check_run(dl0_main, NULL, 2); }
 
+/* A child whose deadline comes from its parent is not done before its
+ * parent, even when that deadline has passed and the parent's timer has
+ * not run yet (Go's WithDeadline hands back a WithCancel child then):
+ * on one P, a coroutine that runs past its parent's deadline without a
+ * scheduling point makes children of it.  A deadline of the child's
+ * own, earlier than the parent's and passed, still cancels it at once
+ * (as Go's does). */
+static void inh_main(void *arg) {
+  (void)arg;
+  loom_ctx *p, *inherited, *later, *own;
+  CHECK_OK(loom_ctx_with_timeout(&p, loom_ctx_background(), CHECK_MS));
+  check_spin_ns(3 * CHECK_MS); /* past it; the timer waits for a switch */
+  CHECK_OK(loom_ctx_with_deadline(&inherited, p, 0));
+  CHECK_OK(loom_ctx_with_timeout(&later, p, 60000 * CHECK_MS));
+  CHECK_OK(loom_ctx_with_deadline(&own, p, loom_ctx_deadline(p) - 1));
+  int pe = loom_ctx_err(p);
+  if (pe == 0) { /* as it should be: nothing switched yet */
+    CHECK_EQ(loom_ctx_err(inherited), 0);
+    CHECK_EQ(loom_ctx_err(later), 0);
+  }
+  CHECK_ERR(loom_ctx_err(own), -ETIMEDOUT);
+  CHECK_EQ(loom_chan_recv(loom_ctx_done(inherited), NULL), 0); /* closed */
+  CHECK_ERR(loom_ctx_err(p), -ETIMEDOUT);
+  CHECK_ERR(loom_ctx_err(inherited), -ETIMEDOUT);
+  CHECK_ERR(loom_ctx_err(later), -ETIMEDOUT);
+  loom_ctx_release(own);
+  loom_ctx_release(later);
+  loom_ctx_release(inherited);
+  loom_ctx_release(p);
+}
+TEST(inherited_deadline_passed_waits_for_the_parent) {
+  check_run(inh_main, NULL, 1);
+}
+
 /* A cancel needs no memory: loom_ctx_release cannot fail, and it
  * cancels.  A cancel that could not get memory for its work list fell
  * back to recursion, one level per node of a chain: a chain of 10,000

@@ -46,7 +46,10 @@ LOOM_API int loom_ctx_with_cancel(loom_ctx **out, loom_ctx *parent);
 /* A child that is also cancelled, with -ETIMEDOUT, at `deadline` (or
  * earlier if the parent's deadline is earlier); 0 means none, as
  * everywhere in loom (the child then has its parent's deadline, if any).
- * A deadline already passed gives a context cancelled at once.  A
+ * A deadline of its own already passed gives a context cancelled at
+ * once; one it takes from its parent cancels it with the parent, never
+ * before (also when it has passed and the parent's timer is yet to run,
+ * as Go's WithDeadline hands back a WithCancel child then).  A
  * deadline of its own still ahead is a runtime timer: it may be armed on
  * a coroutine, inside loom_block_enter/exit, or on a plain thread while
  * a runtime runs, and LOOM_ENORUNTIME (nothing made) when none does; a

@@ -420,10 +420,14 @@ int loom_ctx_with_deadline(loom_ctx **out, loom_ctx *parent,
     return err;
   }
   int64_t armed = 0;
+  int64_t pd = parent->deadline;
   if (a.heap == NULL) {
-    if (c->deadline != 0 && c->deadline <= loom_now())
+    /* Our own deadline, passed: cancelled now.  None, or the parent's
+     * (passed or not): its cancel reaches us, and we are never done
+     * before it is, also when its timer has yet to run (Go's
+     * WithDeadline gives a WithCancel child then). */
+    if (deadline != 0 && (pd == 0 || deadline < pd) && deadline <= loom_now())
       cancel(c, -ETIMEDOUT);
-    /* else none, or the parent's: it reaches us through its cancel */
   } else {
     /* Our own deadline is the earlier one: arm it, even if it has passed
      * since arm_begin looked (it fires at once).  Armed under c->lock,
