@@ -1720,14 +1720,18 @@ static void destroy_g(loom__rt *rt, loom__g *g) {
 }
 
 /* Every timer heap of the runtime closed (loom__timers_close): under
- * rt_mu, with every M gone.  A plain thread stops a timer only under it
- * too (loom__timer_stop_any: a context it releases as the runtime ends),
- * so it either stops one that is still in its heap or finds it out of
- * any — never touching a heap as it is taken apart, or after it is
- * freed.  Their done hooks run later, in rt_free, without rt_mu: one
- * may free a context, which takes its parent's lock, and a plain thread
- * that holds that lock to cancel the parent may be waiting for rt_mu to
- * wake a coroutine. */
+ * rt_mu, with every M gone.  A plain thread stops a context's timer
+ * under it too (loom__timer_stop_any: a context may outlive the runtime
+ * and be released as it ends), so it either stops one still in its heap
+ * or finds it out of any — never touching a heap as it is taken apart,
+ * or after it is freed.  A connection's deadline timers are stopped
+ * without it (from loom__pd_set_deadlines or a cancel's expire, where
+ * rt_mu may be held already, by loom__arm_begin): a connection does
+ * not outlive its runtime, whose end frees its poll descriptor.  The
+ * done hooks run later, in rt_free, without rt_mu: one may free a
+ * context, which takes its parent's lock, and a plain thread that holds
+ * that lock to cancel the parent may be waiting for rt_mu to wake a
+ * coroutine. */
 static void timers_close(loom__rt *rt) {
   for (int i = 0; i < rt->nprocs; i++)
     loom__timers_close(&rt->allp[i]->timers);
