@@ -958,6 +958,16 @@ static loom_ctx *s_ctx(int64_t i) {
   return c;
 }
 
+/* Hold the lock a while: a coroutine yields on every 8th round (at
+ * `phase`), otherwise up to 63 pauses. */
+static void s_hold(int64_t i, bool co, int phase) {
+  if (co && i % 8 == phase)
+    loom_yield();
+  else
+    for (int k = 0; k < (int)(i % 64); k++)
+      __builtin_ia32_pause();
+}
+
 static void s_take(int64_t i, bool co) {
   bool writer = i % 4 == 0;
   int form = (int)((i / 4) % 3); /* plain, deadline, context */
@@ -987,11 +997,7 @@ static void s_take(int64_t i, bool co) {
     if (atomic_fetch_add(&s_writers, 1) != 0 || atomic_load(&s_readers) != 0)
       atomic_store(&s_bad, 1);
     s_value++;
-    if (co && i % 8 == 0)
-      loom_yield();
-    else
-      for (int k = 0; k < (int)(i % 64); k++)
-        __builtin_ia32_pause();
+    s_hold(i, co, 0);
     if (atomic_load(&s_readers) != 0)
       atomic_store(&s_bad, 1);
     atomic_fetch_sub(&s_writers, 1);
@@ -1001,11 +1007,7 @@ static void s_take(int64_t i, bool co) {
     atomic_fetch_add(&s_readers, 1);
     if (atomic_load(&s_writers) != 0)
       atomic_store(&s_bad, 1);
-    if (co && i % 8 == 1)
-      loom_yield();
-    else
-      for (int k = 0; k < (int)(i % 64); k++)
-        __builtin_ia32_pause();
+    s_hold(i, co, 1);
     if (atomic_load(&s_writers) != 0)
       atomic_store(&s_bad, 1);
     atomic_fetch_sub(&s_readers, 1);
