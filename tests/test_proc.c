@@ -163,8 +163,17 @@ TEST(steal_spreads_burst) { check_run(burst_main, NULL, 2); }
  * again, while the spawner busy-waits a varying time and spawns the next
  * one, and then busy-waits up to 20 ms for it.  The window is a few
  * nanoseconds wide: tens of thousands of rounds catch it most of the
- * time, not always.  (A child that is late while the other thread holds
- * a P or spins is only an overloaded machine, not a lost wake-up.)
+ * time, not always.
+ *
+ * A child that is only late is an overloaded machine, not a lost
+ * wake-up: the other thread may hold a P or spin, or have been
+ * descheduled between giving its P back and looking at the queues (the
+ * stats then read idle and not spinning while it is about to take the
+ * child).  A lost child stays where it is for as long as the spawner
+ * keeps its P, so a late one is judged only after the spawner has left
+ * the CPU to the other thread 200 times (a 1 ms sleep of its thread, not
+ * of the coroutine, so the P stays busy), and only if the child is still
+ * queued with a P idle and nobody spinning.
  */
 static atomic_int child_ran;
 static atomic_long lost_wakeups;
@@ -189,6 +198,10 @@ static void spawn_then_busy_main(void *arg) {
       ;
     if (!atomic_load(&child_ran)) {
       loom_stats st;
+      for (int i = 0; i < 200 && !atomic_load(&child_ran); i++) {
+        struct timespec ms = {0, CHECK_MS};
+        nanosleep(&ms, NULL);
+      }
       CHECK_OK(loom_stats_get(&st));
       if (st.idle_procs == 1 && st.spinning_threads == 0 &&
           !atomic_load(&child_ran))
