@@ -649,7 +649,7 @@ static void *selffree_thread(void *arg) {
 }
 static void selffree_main(void *arg) {
   (void)arg;
-  static loom__ctx_hook h = {selffree_hook, NULL, NULL, NULL, false};
+  static loom__ctx_hook h = {.fn = selffree_hook};
   /* R's deadline must come after K's hook is in: a machine that stalls
    * us longer than the timeout (TSan at -j3 did) makes the setup again. */
   for (int tries = 0;; tries++) {
@@ -657,7 +657,7 @@ static void selffree_main(void *arg) {
     CHECK_OK(loom_ctx_with_timeout(&selffree_r, loom_ctx_background(),
                                    20 * CHECK_MS));
     CHECK_OK(loom_ctx_with_cancel(&selffree_k, selffree_r));
-    if (loom__ctx_hook_add(selffree_k, &h))
+    if (loom__ctx_hook_add(selffree_k, &h, NULL)) /* not on a stack */
       break;
     loom_ctx_release(selffree_k);
     loom_ctx_release(selffree_r);

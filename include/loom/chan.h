@@ -13,10 +13,9 @@
  *
  * Channels work from coroutines (which park) and from plain threads of
  * the process (which block in the kernel, without a runtime, too); the
- * two can talk to each other.  Every call is thread-safe.  A channel on
- * which coroutines were still blocked when their loom_run returned keeps
- * those waiters, which are gone: it can be neither used nor freed
- * (loom_chan_free stops the process on a channel with waiters).
+ * two can talk to each other.  Every call is thread-safe.  Coroutines
+ * still blocked on a channel when their loom_run returns leave it as if
+ * they had never waited (runtime.h): it can go on being used, and freed.
  *
  * Deadlines are absolute loom_now() times; 0 means none.  A wait with a
  * deadline ahead needs a timer: when none can be had, it returns -ENOMEM

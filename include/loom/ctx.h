@@ -15,11 +15,11 @@
  * uses a node of it, as long as that coroutine holds its own reference.
  * The background context is static: never cancelled, release is a no-op.
  *
- * All calls are thread-safe.  Times are loom_now() nanoseconds.  A
- * context under which coroutines still waited when their loom_run
+ * All calls are thread-safe.  Times are loom_now() nanoseconds.
+ * Coroutines that still waited under a context when their loom_run
  * returned (a receive on its done channel, or any call bounded by it)
- * keeps those waiters, which are gone: as such a channel (chan.h), it
- * can then be neither cancelled nor released, nor can its ancestors.
+ * leave it as if they had never waited (runtime.h): it can then be
+ * cancelled and released as any other.
  */
 #ifndef LOOM_CTX_H
 #define LOOM_CTX_H

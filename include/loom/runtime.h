@@ -7,12 +7,18 @@
  * they are stackful, so any function may park (sleep, wait on a channel,
  * wait for a socket) anywhere in its call stack.  loom_run() returns when
  * the main coroutine returns; coroutines still parked or runnable then are
- * abandoned, their stacks freed, and every runtime thread joined.  An
- * abandoned coroutine that was waiting on an object that outlives the
- * runtime (a channel, a context, a static or heap sync object)
- * is still queued on it, and its queue entry was on the freed stack:
- * such an object can no longer be used, freed, cancelled or released.
- * Wake or cancel what your coroutines wait on before main returns.
+ * abandoned, their stacks freed, and every runtime thread joined.  What an
+ * abandoned coroutine was waiting on (a channel, a select's channels, a
+ * context, a sync object) is left as if it had given up its wait at that
+ * moment: it is off every queue and hook, a mutex or rwmutex it was
+ * waiting for counts it no longer, and one it had been handed but had
+ * not yet run to take is unlocked again; but a channel element, a
+ * semaphore unit or a condition's signal handed to it is gone with it.
+ * So an object that outlives the runtime stays usable from plain threads
+ * (or a later runtime), and can be freed, cancelled or released.  Such
+ * an object must still be alive when loom_run ends (a wait on freed
+ * memory was a bug already).  A lock an abandoned coroutine held stays
+ * locked.
  *
  * Scheduling follows Go's G/M/P model: `procs` processors (P) each own a
  * run queue; OS threads (M) run coroutines only while they hold a P; idle

@@ -28,6 +28,7 @@
  */
 #include <errno.h>
 #include <stdatomic.h>
+#include <stddef.h>
 #include <stdint.h>
 
 #include "loom/ctx.h"
@@ -269,7 +270,14 @@ static void cancel_subtree(loom_ctx *x, int err) {
 
 static void cancel(loom_ctx *root, int err) { cancel_subtree(root, err); }
 
-bool loom__ctx_hook_add(loom_ctx *c, loom__ctx_hook *h) {
+static void hook_undo(loom__undo *u, loom__g *g) {
+  (void)g;
+  loom__ctx_hook *h =
+      (loom__ctx_hook *)(void *)((char *)u - offsetof(loom__ctx_hook, undo));
+  loom__ctx_unhook(h->ctx, h);
+}
+
+bool loom__ctx_hook_add(loom_ctx *c, loom__ctx_hook *h, loom__g *g) {
   if (c == NULL || c->background)
     return true; /* never cancelled: nothing to hook */
   loom__spin_lock(&c->lock);
@@ -283,12 +291,20 @@ bool loom__ctx_hook_add(loom_ctx *c, loom__ctx_hook *h) {
     h->linked = true;
   }
   loom__spin_unlock(&c->lock);
+  h->g = live ? g : NULL;
+  if (h->g != NULL) {
+    h->ctx = c;
+    h->undo.fn = hook_undo;
+    loom__undo_push(g, &h->undo);
+  }
   return live;
 }
 
 void loom__ctx_unhook(loom_ctx *c, loom__ctx_hook *h) {
   if (c == NULL || c->background)
     return;
+  if (h->g != NULL)
+    loom__undo_pop(h->g, &h->undo);
   loom__spin_lock(&c->lock);
   if (h->linked) {
     if (h->prev != NULL)

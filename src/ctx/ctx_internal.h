@@ -10,17 +10,25 @@
 #include <stdbool.h>
 
 #include "loom/ctx.h"
+#include "runtime/runtime.h"
 
 typedef struct loom__ctx_hook {
   void (*fn)(void *arg); /* short, may not park, takes no context lock */
   void *arg;
   struct loom__ctx_hook *next, *prev;
   bool linked;
+  /* Set by loom__ctx_hook_add for a hook on a coroutine's stack: */
+  loom__undo undo;
+  loom_ctx *ctx;
+  loom__g *g;
 } loom__ctx_hook;
 
 /* Run h->fn(h->arg) when c is cancelled.  false (nothing added) if c is
- * cancelled already.  The background context never runs hooks. */
-bool loom__ctx_hook_add(loom_ctx *c, loom__ctx_hook *h);
+ * cancelled already.  The background context never runs hooks.  `g` is
+ * the coroutine on whose stack h lives (NULL: a plain thread's): if the
+ * runtime abandons it before loom__ctx_unhook, its end unhooks h
+ * (loom__undo in runtime/runtime.h). */
+bool loom__ctx_hook_add(loom_ctx *c, loom__ctx_hook *h, loom__g *g);
 /* Remove h; once this returns, h->fn is not running and will not run. */
 void loom__ctx_unhook(loom_ctx *c, loom__ctx_hook *h);
 

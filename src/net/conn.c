@@ -422,10 +422,10 @@ static int dial_one(const struct sockaddr *sa, socklen_t len, int type,
     return err;
   if (deadline != 0)
     err = loom__pd_set_deadline(c->nf.pd, 'w', deadline);
-  loom__ctx_hook h = {loom__pd_expire_write, c->nf.pd, NULL, NULL, false};
+  loom__ctx_hook h = {.fn = loom__pd_expire_write, .arg = c->nf.pd};
   bool hooked = false;
   if (err == 0 && ctx != NULL) {
-    hooked = loom__ctx_hook_add(ctx, &h);
+    hooked = loom__ctx_hook_add(ctx, &h, loom__getg());
     if (!hooked)
       err = loom__ctx_reason(ctx);
   }

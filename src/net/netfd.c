@@ -130,8 +130,8 @@ static void cancel_fire(void *arg) {
 
 /* Hook the call on its context: 0, or the reason of one done already. */
 static int arm(loom__netfd_call *call) {
-  call->hook = (loom__ctx_hook){cancel_fire, call, NULL, NULL, false};
-  call->armed = loom__ctx_hook_add(call->ctx, &call->hook);
+  call->hook = (loom__ctx_hook){.fn = cancel_fire, .arg = call};
+  call->armed = loom__ctx_hook_add(call->ctx, &call->hook, loom__getg());
   return call->armed ? 0 : loom__ctx_reason(call->ctx);
 }
 

@@ -59,11 +59,11 @@ static void wake_poll(void *arg) {
 static int wait_thread(int fd, short ev, int64_t deadline, loom_ctx *ctx) {
   struct pollfd p[2] = {{.fd = fd, .events = ev},
                         {.fd = -1, .events = POLLIN}};
-  loom__ctx_hook h = {wake_poll, &p[1].fd, NULL, NULL, false};
+  loom__ctx_hook h = {.fn = wake_poll, .arg = &p[1].fd};
   bool hooked = false;
   if (ctx != NULL && loom_ctx_done(ctx) != NULL) {
     p[1].fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
-    if (p[1].fd >= 0 && !(hooked = loom__ctx_hook_add(ctx, &h))) {
+    if (p[1].fd >= 0 && !(hooked = loom__ctx_hook_add(ctx, &h, NULL))) {
       close(p[1].fd);
       return loom__ctx_reason(ctx);
     }
@@ -216,12 +216,12 @@ static int fd_wait_impl(int fd, int events, int64_t deadline, loom_ctx *ctx) {
   }
   if (deadline != 0)
     err = loom__pd_set_deadline(pd, mode, deadline);
-  loom__ctx_hook h = {mode == 'r' ? loom__pd_expire_read
-                                  : loom__pd_expire_write,
-                      pd, NULL, NULL, false};
+  loom__ctx_hook h = {.fn = mode == 'r' ? loom__pd_expire_read
+                                        : loom__pd_expire_write,
+                      .arg = pd};
   bool hooked = false;
   if (err == 0 && ctx != NULL) {
-    hooked = loom__ctx_hook_add(ctx, &h);
+    hooked = loom__ctx_hook_add(ctx, &h, loom__getg());
     if (!hooked)
       err = loom__ctx_reason(ctx);
   }

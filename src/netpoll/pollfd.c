@@ -247,6 +247,16 @@ static void wake_sleepers(loom__pd *pd) {
   }
 }
 
+/* A sleep taken back (loom__abandon): off the queue. */
+static bool withdraw_sleep(loom__waiter *w) {
+  loom__pd *pd = w->obj;
+  if (!loom__waitq_withdraw(&pd->slock, &pd->wsleep, w->node))
+    return false;
+  loom__spin_unlock(&pd->slock);
+  return true;
+}
+static const loom__abandon abandon_sleep = {withdraw_sleep, NULL};
+
 int loom__pd_sleep(loom__pd *pd, int64_t until, struct loom_ctx *ctx) {
   loom__m *m = loom__getm();
   if (m == NULL || m->p == NULL)
@@ -263,7 +273,9 @@ int loom__pd_sleep(loom__pd *pd, int64_t until, struct loom_ctx *ctx) {
     loom__spin_unlock(&pd->slock);
     return err;
   }
+  loom__waiter_watch(&w, &abandon_sleep, pd, &n);
   loom__waiter_wait_unlock(&w, &pd->slock, until, ctx);
+  loom__waiter_unwatch(&w);
   loom__spin_lock(&pd->slock);
   loom__waitq_unlink(&pd->wsleep, &n); /* if its timer ended it */
   loom__spin_unlock(&pd->slock);

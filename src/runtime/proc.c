@@ -607,10 +607,12 @@ static void ready_global(loom__m *m, loom__g *g);
 
 void loom__ready(loom__g *g) {
   /* The caller owns the wake-up (G_WAITING's contract), so a store does;
-   * the check catches a second waker, not a racing one. */
+   * the check catches a second waker, not a racing one.  A release (a
+   * plain store here too): an abandoned G's undo (loom__waiter_undo)
+   * waits for it, then reads what the waker wrote before. */
   if (atomic_load_explicit(&g->status, memory_order_relaxed) != G_WAITING)
     loom__throw("ready: bad g status");
-  atomic_store_explicit(&g->status, G_RUNNABLE, memory_order_relaxed);
+  atomic_store_explicit(&g->status, G_RUNNABLE, memory_order_release);
   loom__m *m = loom__getm();
   if (m == NULL || m->p == NULL) {
     ready_global(m, g);
@@ -1313,6 +1315,8 @@ static int spawn(loom__rt *rt, loom__m *m, void (*fn)(void *), void *arg,
   g->wait_reason = NULL;
   g->cb_tag = NULL;
   g->park_hook = NULL;
+  g->undo = NULL;
+  g->wait_undo = NULL;
   loom__ctx_make(&g->ctx, (char *)g, g_entry, g);
   atomic_store_explicit(&g->status, G_RUNNABLE, memory_order_relaxed);
   count_one(p != NULL ? &p->nspawned : NULL, &rt->nspawned_nop);
@@ -1747,32 +1751,60 @@ bool loom__timer_stop_any(loom__timer *t) {
   return stopped;
 }
 
-static void rt_free(loom__rt *rt) {
-  /* Timers first (closed already: timers_close): pending ones live in
-   * Gs, which the stacks hold. */
-  for (int i = 0; i < rt->nprocs; i++)
-    loom__timers_destroy(&rt->allp[i]->timers);
-  loom__timers_destroy(&rt->nop_timers);
-  /* Every G that ever had a slot, alive or cached. */
+/* fn(rt, g) for every G that ever had a slot, alive or cached; then,
+ * if `unmap`, the custom stacks go (g with them). */
+static void each_g(loom__rt *rt, void (*fn)(loom__rt *rt, loom__g *g),
+                   bool unmap) {
   loom__stacks *s = &rt->stacks;
   for (loom__arena *a = s->arenas; a != NULL; a = a->next) {
     uint32_t n = atomic_load(&a->ncarved);
     for (uint32_t i = 0; i < n; i++) {
-      loom__stack st = {a->base + (size_t)i * s->slot_size, s->slot_size, 0, false};
-      uintptr_t top = (uintptr_t)(st.base + st.size);
-      loom__g *g = (loom__g *)((top - sizeof(loom__g)) & ~(uintptr_t)63);
-      destroy_g(rt, g);
+      uintptr_t top = (uintptr_t)(a->base + (size_t)(i + 1) * s->slot_size);
+      fn(rt, (loom__g *)((top - sizeof(loom__g)) & ~(uintptr_t)63));
     }
   }
   loom__g *g = s->custom;
   while (g != NULL) {
     loom__g *next = g->alllink;
-    destroy_g(rt, g);
-    loom__stack st = g->stk;
-    loom__stack_unmap(&st);
+    fn(rt, g);
+    if (unmap) {
+      loom__stack st = g->stk;
+      loom__stack_unmap(&st);
+    }
     g = next;
   }
-  s->custom = NULL;
+  if (unmap)
+    s->custom = NULL;
+}
+
+/* An abandoned G's undo records (loom__undo). */
+static void undo_g(loom__rt *rt, loom__g *g) {
+  (void)rt;
+  uint32_t st = atomic_load(&g->status);
+  if (st != G_WAITING && st != G_RUNNABLE)
+    return;
+  loom__undo *u;
+  while ((u = g->undo) != NULL) {
+    g->undo = u->next;
+    u->fn(u, g);
+  }
+  if ((u = g->wait_undo) != NULL) {
+    g->wait_undo = NULL;
+    u->fn(u, g);
+  }
+}
+
+static void rt_free(loom__rt *rt) {
+  /* What abandoned Gs left on objects that may outlive us, while their
+   * stacks are still there (and the sockets, which a record may name). */
+  each_g(rt, undo_g, false);
+  /* Timers (closed already: timers_close): pending ones live in Gs,
+   * which the stacks hold. */
+  for (int i = 0; i < rt->nprocs; i++)
+    loom__timers_destroy(&rt->allp[i]->timers);
+  loom__timers_destroy(&rt->nop_timers);
+  each_g(rt, destroy_g, true);
+  loom__stacks *s = &rt->stacks;
   loom__stacks_destroy(s);
   for (int i = 0; i < rt->nprocs; i++) {
     loom__free(rt->allp[i]);

@@ -92,6 +92,7 @@ struct loom__g {
   int err;                  /* errno while switched out */
   uint32_t io_streak;       /* I/O calls in a row that did not park */
   _Atomic uint64_t wait_word; /* chan waits: seq << 1 | claimed */
+  struct loom__undo *wait_undo; /* its sync wait's undo (loom__undo) */
   uint64_t wait_timer_seq;  /* the seq its deadline timer may claim */
   void **locals;            /* loom_local slots, allocated on first set */
   const void *spawn_pc;     /* return address of the loom_go call */
@@ -107,6 +108,7 @@ struct loom__g {
   loom__g *allprev;         /* Gs are found by walking the arenas) */
   void *cb_tag;             /* the engine: whose session callbacks this G
                                is running (loom__cb_tag), or NULL */
+  struct loom__undo *undo;  /* what else it left elsewhere (loom__undo) */
 };
 
 /* Post-switch action: run by whichever context a switch lands in, on the
@@ -348,6 +350,44 @@ static inline void loom__cb_tag_set(void *tag) {
   loom__g *g = loom__getg();
   if (g != NULL)
     g->cb_tag = tag;
+}
+
+/*
+ * What a waiting coroutine has left where other threads find it — a wait
+ * node on a channel's or a mutex's queue, a hook on a context — and how to
+ * take it back.  A coroutine abandoned by loom_run (parked, or readied
+ * and never run again) never takes back what it left, and what it left
+ * lives on its stack, which the runtime's end frees; the objects may
+ * outlive the runtime.  So a wait records an undo on its G for as long
+ * as it lasts, and the runtime's end runs the records of every abandoned
+ * G before it frees a stack: those of g->undo newest first
+ * (loom__undo_push before the coroutine parks, loom__undo_pop once it
+ * has taken everything back), then g->wait_undo, the one wait of the
+ * sync layer a coroutine can be in, which is on every channel operation's
+ * path and so is one store to set and one to clear (sync/wait.h).
+ * They run on the thread that called loom_run, with every M joined, the
+ * runtime no longer current (a wake-up from there is a no-op) and no
+ * runtime lock held; plain threads may be using the same objects.  Only
+ * the G's own code touches the list, and then teardown.
+ */
+typedef struct loom__undo {
+  void (*fn)(struct loom__undo *u, loom__g *g);
+  struct loom__undo *next;
+} loom__undo;
+
+static inline void loom__undo_push(loom__g *g, loom__undo *u) {
+  u->next = g->undo;
+  g->undo = u;
+}
+
+/* Take u off g's list (a no-op if it is not there: teardown takes each
+ * record off before it runs it). */
+static inline void loom__undo_pop(loom__g *g, loom__undo *u) {
+  for (loom__undo **pp = &g->undo; *pp != NULL; pp = &(*pp)->next)
+    if (*pp == u) {
+      *pp = u->next;
+      return;
+    }
 }
 
 /*

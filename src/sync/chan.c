@@ -200,11 +200,16 @@ static void unlock_all(void *arg) {
     unlock(u->locked[i]);
 }
 
-static void wait_claimed(waiter *w, loom_chan **locked, int nlocked,
-                         int64_t deadline) {
-  struct unlock_set u = {locked, nlocked};
-  loom__waiter_wait(w, unlock_all, &u, deadline);
+/* A send's or a receive's wait taken back (loom__abandon). */
+static bool withdraw_one(waiter *w) {
+  loom_chan *c = w->obj;
+  sudog *s = w->node;
+  if (!loom__waitq_withdraw(&c->lock, s->send ? &c->sendq : &c->recvq, s))
+    return false;
+  unlock(c);
+  return true;
 }
+static const loom__abandon abandon_one = {withdraw_one, NULL};
 
 /* ---- single operations --------------------------------------------------- */
 
@@ -226,7 +231,9 @@ send_impl(loom_chan *c, const void *elem, bool block, int64_t deadline) {
   sudog s = {.w = &w, .elem = (void *)(uintptr_t)elem, .idx = 0,
              .send = true};
   enqueue(&c->sendq, &s);
+  loom__waiter_watch(&w, &abandon_one, c, &s);
   loom__waiter_wait_unlock(&w, &c->lock, deadline, NULL);
+  loom__waiter_unwatch(&w);
   if (w.fired < 0) {
     lock(c);
     unlink_sudog(&c->sendq, &s);
@@ -253,7 +260,9 @@ recv_impl(loom_chan *c, void *elem, bool block, int64_t deadline) {
   waiter_init(&w, deadline == 0);
   sudog s = {.w = &w, .elem = elem, .idx = 0, .send = false};
   enqueue(&c->recvq, &s);
+  loom__waiter_watch(&w, &abandon_one, c, &s);
   loom__waiter_wait_unlock(&w, &c->lock, deadline, NULL);
+  loom__waiter_unwatch(&w);
   if (w.fired < 0) {
     lock(c);
     unlink_sudog(&c->recvq, &s);
@@ -349,6 +358,47 @@ static int cmp_chan(const void *a, const void *b) {
 }
 
 #define SELECT_MAX 1024
+
+/* A waiting select, for the clean-up after its wait and for teardown. */
+struct sel {
+  loom_case *cases;
+  int n;
+  sudog *sg;
+  loom_chan **locks; /* sorted, each once */
+  int nu;
+  int *order; /* with sg and locks, on the heap past 8 cases */
+};
+
+/* Take every sudog of the select off its queue. */
+static void dequeue_all(const struct sel *s) {
+  for (int i = 0; i < s->nu; i++)
+    lock(s->locks[i]);
+  for (int i = 0; i < s->n; i++)
+    if (s->cases[i].chan != NULL)
+      unlink_sudog(s->sg[i].send ? &s->cases[i].chan->sendq
+                                 : &s->cases[i].chan->recvq,
+                   &s->sg[i]);
+  for (int i = s->nu - 1; i >= 0; i--)
+    unlock(s->locks[i]);
+}
+
+/* A select taken back (loom__abandon), fired or not: it would lock every
+ * channel again to take its sudogs off.  It never returns, so its
+ * scratch goes too. */
+static void give_back_select(waiter *w) {
+  struct sel *s = w->obj;
+  dequeue_all(s);
+  if (s->n > 8) {
+    loom__free(s->order);
+    loom__free(s->locks);
+    loom__free(s->sg);
+  }
+}
+static bool withdraw_select(waiter *w) {
+  give_back_select(w);
+  return true;
+}
+static const loom__abandon abandon_select = {withdraw_select, give_back_select};
 
 /* Long, like Go's selectgo: poll, queue, wait, dequeue, in one place. */
 int loom_select(loom_case *cases, int n, int64_t deadline) { // NOLINT(readability-function-cognitive-complexity)
@@ -450,18 +500,12 @@ int loom_select(loom_case *cases, int n, int64_t deadline) { // NOLINT(readabili
       enqueue(cs->dir == LOOM_SEND ? &cs->chan->sendq : &cs->chan->recvq,
               &sg[i]);
   }
-  wait_claimed(&w, locks, nu, deadline);
-
-  /* Take our other sudogs off their queues. */
-  for (int i = 0; i < nu; i++)
-    lock(locks[i]);
-  for (int i = 0; i < n; i++)
-    if (cases[i].chan != NULL)
-      unlink_sudog(sg[i].send ? &cases[i].chan->sendq
-                              : &cases[i].chan->recvq,
-                   &sg[i]);
-  for (int i = nu - 1; i >= 0; i--)
-    unlock(locks[i]);
+  struct sel sel = {cases, n, sg, locks, nu, order};
+  struct unlock_set u = {locks, nu};
+  loom__waiter_watch(&w, &abandon_select, &sel, NULL);
+  loom__waiter_wait(&w, unlock_all, &u, deadline);
+  loom__waiter_unwatch(&w);
+  dequeue_all(&sel); /* our other sudogs */
   if (w.fired < 0) {
     result = loom__waiter_err(&w, NULL);
   } else {

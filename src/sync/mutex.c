@@ -86,6 +86,42 @@ static bool can_spin(int iter) {
          loom__runq_empty(m->p);
 }
 
+/* A waiter that gave up (deadline, cancel, or abandoned): off the queue,
+ * and no longer counted (the unlocker counts only those it claims).
+ * Under the queue's lock. */
+static void give_up_locked(loom_mutex *mu, loom__wnode *n) {
+  loom__waitq_unlink(&mu->q_.q_, n);
+  uint32_t t = __atomic_sub_fetch(&mu->state_, WAITER, __ATOMIC_ACQ_REL);
+  if ((t & STARVING) && mu->q_.q_.head_ == NULL)
+    __atomic_and_fetch(&mu->state_, ~STARVING, __ATOMIC_ACQ_REL);
+}
+
+/* A lock's wait taken back (loom__abandon). */
+static bool withdraw_lock(loom__waiter *w) {
+  loom_mutex *mu = w->obj;
+  if (!loom__waitq_withdraw(&mu->q_.lock_, &mu->q_.q_, w->node))
+    return false;
+  give_up_locked(mu, w->node);
+  loom__spin_unlock(&mu->q_.lock_);
+  return true;
+}
+
+/* Handed the mutex, the waiter unlocks it.  Woken to contend, it is why
+ * WOKEN is set, which tells unlockers not to wake anyone: it clears that,
+ * and if the mutex is free, takes and releases it, so that a waiter
+ * queued behind is woken. */
+static void give_back_lock(loom__waiter *w) {
+  loom_mutex *mu = w->obj;
+  if (!w->handed) {
+    __atomic_and_fetch(&mu->state_, ~WOKEN, __ATOMIC_ACQ_REL);
+    if (loom_mutex_trylock(mu) != 0)
+      return; /* its holder's unlock wakes the next */
+  }
+  loom_mutex_unlock(mu);
+}
+
+static const loom__abandon abandon_lock = {withdraw_lock, give_back_lock};
+
 static int lock_slow(loom_mutex *mu, int64_t deadline, loom_ctx *ctx) {
   int *lk = &mu->q_.lock_;
   int64_t wait_start = 0;
@@ -139,15 +175,12 @@ static int lock_slow(loom_mutex *mu, int64_t deadline, loom_ctx *ctx) {
     else
       loom__waitq_push(&mu->q_.q_, &n);
     requeue = true;
+    loom__waiter_watch(&w, &abandon_lock, mu, &n);
     loom__waiter_wait_unlock(&w, lk, deadline, ctx);
-    if (w.fired < 0) {
-      /* Deadline or cancel: we are no longer a waiter (the unlocker counts
-       * only the waiters it claims). */
+    loom__waiter_unwatch(&w);
+    if (w.fired < 0) { /* deadline or cancel */
       loom__spin_lock(lk);
-      loom__waitq_unlink(&mu->q_.q_, &n);
-      uint32_t t = __atomic_sub_fetch(&mu->state_, WAITER, __ATOMIC_ACQ_REL);
-      if ((t & STARVING) && mu->q_.q_.head_ == NULL)
-        __atomic_and_fetch(&mu->state_, ~STARVING, __ATOMIC_ACQ_REL);
+      give_up_locked(mu, &n);
       loom__spin_unlock(lk);
       return loom__waiter_err(&w, ctx);
     }

@@ -117,6 +117,38 @@ static void release_units(loom_sema *s, int32_t n) {
 
 /* ---- readers ------------------------------------------------------------ */
 
+/* A reader whose wait gave up, under reader_sem_'s lock: off the queue,
+ * and either in (true: a unit came free as it gave up, and it took it)
+ * or counted out (see the top of the file). */
+static bool give_up_locked(loom_rwmutex *rw, loom__wnode *n) {
+  loom_sema *s = &rw->reader_sem_;
+  loom__waitq_unlink(&s->q_.q_, n);
+  if (s->count_ > 0) {
+    s->count_--;
+    return true;
+  }
+  uint64_t old = __atomic_fetch_sub(&rw->state_, READER, __ATOMIC_ACQ_REL);
+  if (readers(old) >= 0)
+    loom__throw("rwmutex_rlock: gave up with no writer to wait for");
+  return false;
+}
+
+/* A reader's wait taken back (loom__abandon): counted out, or, if it
+ * got in (handed a unit, or taking one as it gives up), out again. */
+static bool withdraw_read(loom__waiter *w) {
+  loom_rwmutex *rw = w->obj;
+  loom_sema *s = &rw->reader_sem_;
+  if (!loom__waitq_withdraw(&s->q_.lock_, &s->q_.q_, w->node))
+    return false;
+  bool in = give_up_locked(rw, w->node);
+  loom__spin_unlock(&s->q_.lock_);
+  if (in)
+    loom_rwmutex_runlock(rw);
+  return true;
+}
+static void give_back_read(loom__waiter *w) { loom_rwmutex_runlock(w->obj); }
+static const loom__abandon abandon_read = {withdraw_read, give_back_read};
+
 /* Counted in while a writer holds the lock or waits for it: wait for a
  * unit of reader_sem_, or give up (see the top of the file). */
 static int rlock_slow(loom_rwmutex *rw, int64_t deadline, loom_ctx *ctx) {
@@ -132,20 +164,13 @@ static int rlock_slow(loom_rwmutex *rw, int64_t deadline, loom_ctx *ctx) {
   loom__waiter_init(&w, deadline == 0 && ctx == NULL);
   loom__wnode n = {.w = &w};
   loom__waitq_push(&s->q_.q_, &n);
+  loom__waiter_watch(&w, &abandon_read, rw, &n);
   loom__waiter_wait_unlock(&w, lk, deadline, ctx);
+  loom__waiter_unwatch(&w);
   if (w.fired >= 0)
     return 0; /* a unit was handed to us */
   loom__spin_lock(lk);
-  loom__waitq_unlink(&s->q_.q_, &n);
-  int r = 0;
-  if (s->count_ > 0) {
-    s->count_--; /* the lock came free as we gave up: take it */
-  } else {
-    uint64_t old = __atomic_fetch_sub(&rw->state_, READER, __ATOMIC_ACQ_REL);
-    if (readers(old) >= 0)
-      loom__throw("rwmutex_rlock: gave up with no writer to wait for");
-    r = loom__waiter_err(&w, ctx);
-  }
+  int r = give_up_locked(rw, &n) ? 0 : loom__waiter_err(&w, ctx);
   loom__spin_unlock(lk);
   return r;
 }
@@ -226,6 +251,22 @@ static int withdraw(loom_rwmutex *rw, int err) {
   return err;
 }
 
+/* A writer's wait for the readers taken back (loom__abandon): it
+ * withdraws, or if the last reader let it in meanwhile, leaves; handed
+ * the lock, it leaves. */
+static bool withdraw_write(loom__waiter *w) {
+  loom_rwmutex *rw = w->obj;
+  loom_sema *s = &rw->writer_sem_;
+  if (!loom__waitq_withdraw(&s->q_.lock_, &s->q_.q_, w->node))
+    return false;
+  loom__spin_unlock(&s->q_.lock_);
+  if (withdraw(rw, -ECANCELED) == 0)
+    loom_rwmutex_unlock(rw);
+  return true;
+}
+static void give_back_write(loom__waiter *w) { loom_rwmutex_unlock(w->obj); }
+static const loom__abandon abandon_write = {withdraw_write, give_back_write};
+
 /* Holding w_: announce ourselves, and wait for the readers we found. */
 static int lock_slow(loom_rwmutex *rw, int64_t deadline, loom_ctx *ctx) {
   /* The writer before us may still be between its w_ unlock and its
@@ -244,8 +285,8 @@ static int lock_slow(loom_rwmutex *rw, int64_t deadline, loom_ctx *ctx) {
   }
   if (r == 0)
     return 0;
-  int e = ctx != NULL ? loom_sema_acquire_ctx(&rw->writer_sem_, ctx)
-                      : loom_sema_acquire(&rw->writer_sem_, deadline);
+  int e = loom__sema_acquire_how(&rw->writer_sem_, deadline, ctx,
+                                 &abandon_write, rw);
   return e == 0 ? 0 : withdraw(rw, e);
 }
 

@@ -12,15 +12,30 @@
 #include "runtime/runtime.h"
 #include "sync/wait.h"
 
+/* A wait on a waitlist (obj) taken back (loom__abandon): off the queue.
+ * A semaphore's unit, a wait group's zero or a condition's signal handed
+ * to the waiter needs nothing given back. */
+static bool withdraw_wait(loom__waiter *w) {
+  loom_waitlist_ *l = w->obj;
+  if (!loom__waitq_withdraw(&l->lock_, &l->q_, w->node))
+    return false;
+  loom__spin_unlock(&l->lock_);
+  return true;
+}
+static const loom__abandon abandon_wait = {withdraw_wait, NULL};
+
 /* Queue the caller on l, wait, and on a deadline take it off again.
  * Called with l's lock held; returns with it released.  0 or
- * -ETIMEDOUT. */
-static int wait_on(loom_waitlist_ *l, int64_t deadline, loom_ctx *ctx) {
+ * -ETIMEDOUT.  If abandoned: `how`, with `obj` (loom__waiter_watch). */
+static int wait_on(loom_waitlist_ *l, int64_t deadline, loom_ctx *ctx,
+                   const loom__abandon *how, void *obj) {
   loom__waiter w;
   loom__waiter_init(&w, deadline == 0 && ctx == NULL);
   loom__wnode n = {.w = &w};
   loom__waitq_push(&l->q_, &n);
+  loom__waiter_watch(&w, how, obj, &n);
   loom__waiter_wait_unlock(&w, &l->lock_, deadline, ctx);
+  loom__waiter_unwatch(&w);
   if (w.fired >= 0)
     return 0;
   loom__spin_lock(&l->lock_);
@@ -48,7 +63,8 @@ static void wake_all(loom_waitlist_ *l) {
 
 /* ---- semaphore ---------------------------------------------------------- */
 
-static int sema_acquire(loom_sema *s, int64_t deadline, loom_ctx *ctx) {
+int loom__sema_acquire_how(loom_sema *s, int64_t deadline, loom_ctx *ctx,
+                           const loom__abandon *how, void *obj) {
   if (s == NULL)
     return -EINVAL;
   int e = loom__ctx_reason(ctx);
@@ -64,15 +80,15 @@ static int sema_acquire(loom_sema *s, int64_t deadline, loom_ctx *ctx) {
     loom__spin_unlock(&s->q_.lock_);
     return -ETIMEDOUT;
   }
-  return wait_on(&s->q_, deadline, ctx);
+  return wait_on(&s->q_, deadline, ctx, how, obj != NULL ? obj : &s->q_);
 }
 
 int loom_sema_acquire(loom_sema *s, int64_t deadline) {
-  return sema_acquire(s, deadline, NULL);
+  return loom__sema_acquire_how(s, deadline, NULL, &abandon_wait, NULL);
 }
 
 int loom_sema_acquire_ctx(loom_sema *s, loom_ctx *ctx) {
-  return sema_acquire(s, 0, ctx);
+  return loom__sema_acquire_how(s, 0, ctx, &abandon_wait, NULL);
 }
 
 int loom_sema_tryacquire(loom_sema *s) {
@@ -166,7 +182,7 @@ static int wg_wait(loom_wg *wg, int64_t deadline, loom_ctx *ctx) {
     loom__spin_unlock(&wg->q_.lock_);
     return -ETIMEDOUT;
   }
-  return wait_on(&wg->q_, deadline, ctx);
+  return wait_on(&wg->q_, deadline, ctx, &abandon_wait, &wg->q_);
 }
 
 int loom_wg_wait(loom_wg *wg, int64_t deadline) {
@@ -195,8 +211,10 @@ static int cond_wait(loom_cond *c, loom_mutex *mu, int64_t deadline,
   loom__waiter_init(&w, deadline == 0 && ctx == NULL);
   loom__wnode n = {.w = &w};
   loom__waitq_push(&c->q_.q_, &n);
+  loom__waiter_watch(&w, &abandon_wait, &c->q_, &n);
   loom_mutex_unlock(mu);
   loom__waiter_wait_unlock(&w, &c->q_.lock_, deadline, ctx);
+  loom__waiter_unwatch(&w);
   int r = 0;
   if (w.fired < 0) {
     loom__spin_lock(&c->q_.lock_);

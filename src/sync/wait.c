@@ -13,6 +13,7 @@
 #include <errno.h>
 #include <sched.h>
 #include <stdatomic.h>
+#include <stddef.h>
 
 #include "ctx/ctx_internal.h"
 #include "runtime/runtime.h"
@@ -44,6 +45,25 @@ bool loom__waiter_claim(loom__waiter *w) {
   uint64_t expect = w->seq << 1;
   return atomic_compare_exchange_strong_explicit(
       w->word, &expect, expect | 1, memory_order_acq_rel, memory_order_acquire);
+}
+
+void loom__waiter_undo(loom__undo *u, loom__g *g) {
+  loom__waiter *w =
+      (loom__waiter *)(void *)((char *)u - offsetof(loom__waiter, undo));
+  if (atomic_load_explicit(&g->status, memory_order_acquire) == G_WAITING) {
+    if (w->exclusive ? w->how->withdraw(w) : loom__waiter_claim(w)) {
+      if (!w->exclusive)
+        (void)w->how->withdraw(w);
+      return;
+    }
+    /* A claimant was first: its wake-up is on its way. */
+    while (atomic_load_explicit(&g->status, memory_order_acquire) == G_WAITING)
+      sched_yield();
+  }
+  if (w->fired < 0)
+    (void)w->how->withdraw(w); /* its deadline or a cancel ended it */
+  else if (w->how->give_back != NULL)
+    w->how->give_back(w);
 }
 
 static loom__wnode *head(loom__waitq *q) { return q->head_; }
@@ -134,7 +154,7 @@ static bool park_commit(loom__g *g, void *arg) {
     loom__wake_netpoller(m->rt, pa->deadline);
   }
   if (pa->ctx != NULL) {
-    pa->hooked = loom__ctx_hook_add(pa->ctx, pa->hook);
+    pa->hooked = loom__ctx_hook_add(pa->ctx, pa->hook, g);
     if (!pa->hooked && loom__waiter_claim(w)) {
       w->fired = LOOM__FIRED_CANCEL; /* cancelled already: do not sleep */
       stay = false;
@@ -150,7 +170,7 @@ static bool park_commit(loom__g *g, void *arg) {
 __attribute__((noinline)) void
 loom__waiter_wait_ctx(loom__waiter *w, void (*release)(void *arg), void *arg,
                       int64_t deadline, struct loom_ctx *ctx) {
-  loom__ctx_hook hook = {cancel_fire, w, NULL, NULL, false};
+  loom__ctx_hook hook = {.fn = cancel_fire, .arg = w};
   if (w->g != NULL) {
     loom__timers *ts = &loom__getm()->p->timers;
     if (deadline != 0 && loom__timers_reserve(ts, 1) != 0 &&
@@ -178,7 +198,7 @@ loom__waiter_wait_ctx(loom__waiter *w, void (*release)(void *arg), void *arg,
   }
   bool hooked = false;
   if (ctx != NULL) {
-    hooked = loom__ctx_hook_add(ctx, &hook);
+    hooked = loom__ctx_hook_add(ctx, &hook, NULL);
     if (!hooked && loom__waiter_claim(w)) {
       w->fired = LOOM__FIRED_CANCEL;
       release(arg);

@@ -28,6 +28,11 @@ typedef struct loom__waiter {
   bool handed;           /* mutex: ownership was handed to this waiter */
   _Atomic int committed; /* the park's commit has finished with the
                             waiter's stack (see wait.c) */
+  /* A coroutine's wait, while it lasts (loom__waiter_watch): */
+  loom__undo undo;
+  const struct loom__abandon *how;
+  void *obj;                /* what it waits on */
+  struct loom__wnode *node; /* its node there, if it has one */
 } loom__waiter;
 
 typedef struct loom__wnode {
@@ -89,6 +94,58 @@ static inline void loom__waiter_init(loom__waiter *w, bool exclusive) {
 
 bool loom__waiter_claim(loom__waiter *w);
 
+/*
+ * A coroutine's wait may be abandoned by loom_run's end (loom__undo in
+ * runtime/runtime.h).  loom__waiter_watch records, on the coroutine's G
+ * (g->wait_undo: a coroutine is in one such wait at a time, and a context
+ * hook of the wait, on g->undo, is undone before it), how to take it
+ * back, until loom__waiter_unwatch (after the wait and the clean-up after
+ * it); for a plain thread both do nothing.  Teardown (loom__waiter_undo)
+ * then does one of:
+ *
+ *   withdraw(w): the wait is still pending, and now nobody will complete
+ *     it (teardown has claimed the waiter, or it is exclusive): take w's
+ *     node(s) off obj's queues and undo what the wait did to obj, as its
+ *     deadline would.  An exclusive waiter is claimed by taking its node
+ *     off its queue: withdraw returns false, doing nothing, if a waker
+ *     has taken it already (loom__waitq_withdraw).  Also called for a
+ *     wait that its deadline or a cancel ended, whose coroutine never ran
+ *     to clean up.
+ *   give_back(w) (may be NULL): a waker completed the wait (w->fired >=
+ *     0) and readied the coroutine, which never ran.  Undo only what the
+ *     coroutine would still have done to obj — unlock a lock it was
+ *     handed, take its other select cases off their channels: the waker
+ *     may have freed anything else (a channel after its last hand-off, a
+ *     semaphore after its release), as it may once a wait is over.  A
+ *     channel's element, a semaphore's unit or a condition's signal
+ *     handed to the coroutine is gone with it.
+ *
+ * Until a waker has readied the G, it may still touch w: teardown waits
+ * for that before it looks at w->fired, and before the stack is freed.
+ */
+typedef struct loom__abandon {
+  bool (*withdraw)(loom__waiter *w);
+  void (*give_back)(loom__waiter *w);
+} loom__abandon;
+
+void loom__waiter_undo(loom__undo *u, struct loom__g *g);
+
+static inline void loom__waiter_watch(loom__waiter *w, const loom__abandon *how,
+                                      void *obj, struct loom__wnode *node) {
+  if (w->g == NULL)
+    return;
+  w->how = how;
+  w->obj = obj;
+  w->node = node;
+  w->undo.fn = loom__waiter_undo;
+  w->g->wait_undo = &w->undo;
+}
+
+static inline void loom__waiter_unwatch(loom__waiter *w) {
+  if (w->g != NULL)
+    w->g->wait_undo = NULL;
+}
+
 static inline void loom__waiter_wake(loom__waiter *w) {
   if (w->g != NULL)
     loom__ready(w->g);
@@ -110,6 +167,20 @@ static inline void loom__waitq_push(loom__waitq *q, loom__wnode *n) {
 
 void loom__waitq_push_front(loom__waitq *q, loom__wnode *n);
 void loom__waitq_unlink(loom__waitq *q, loom__wnode *n);
+
+/* For a withdraw (loom__abandon): take `lock`, and take n off q, unless
+ * n's waiter is exclusive and a waker has taken n off already: then
+ * false, with the lock released.  True with the lock held. */
+static inline bool loom__waitq_withdraw(int *lock, loom__waitq *q,
+                                        loom__wnode *n) {
+  loom__spin_lock(lock);
+  if (n->w->exclusive && !n->queued) {
+    loom__spin_unlock(lock);
+    return false;
+  }
+  loom__waitq_unlink(q, n);
+  return true;
+}
 /* The first node whose waiter we can claim, unlinked; NULL if none. */
 loom__wnode *loom__waitq_pop_some(loom__waitq *q);
 static inline loom__wnode *loom__waitq_pop(loom__waitq *q) {
@@ -144,6 +215,12 @@ void loom__waiter_wait_ctx(loom__waiter *w, void (*release)(void *arg),
  * coroutine need not wait for the commit to finish. */
 void loom__waiter_wait_unlock(loom__waiter *w, int *lock, int64_t deadline,
                               struct loom_ctx *ctx);
+
+/* loom_sema_acquire(_ctx), for a wait that, if abandoned, takes itself
+ * back as `how` says, with `obj` (NULL: the semaphore's waitlist): the
+ * rwmutex's writer. */
+int loom__sema_acquire_how(loom_sema *s, int64_t deadline, struct loom_ctx *ctx,
+                           const loom__abandon *how, void *obj);
 
 /* What a wait that was not claimed by a waker reports: -ETIMEDOUT, the
  * context's reason, or -ENOMEM. */

@@ -1,0 +1,428 @@
+/*
+ * test_abandon.c — what loom_run leaves behind when its main coroutine
+ * returns while others still wait: every object they waited on, if it
+ * outlives the runtime (a channel, a context, a static sync object), must
+ * hold nothing of theirs afterwards, and be usable from plain threads as
+ * if they had never waited — or, for a wait that had completed but not
+ * yet returned, as if they had then given back the lock they got (a
+ * unit, a signal or an element handed to them is gone with them).
+ *
+ * Each case runs one P, so "parked" and "readied but never run" are
+ * certain: the main coroutine yields once to let the others run until
+ * they park, and it returns right after it wakes one, which then never
+ * runs.  Under ASan a queue entry left on a freed stack is a
+ * use-after-free; in the plain build the checks on the objects' state
+ * fail.
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <poll.h>
+#include <stdint.h>
+#include <unistd.h>
+
+#include "check.h"
+#include "loom.h"
+
+static int parked;
+static void run1(void (*fn)(void *), void *arg) { check_run(fn, arg, 1); }
+
+/* Let every coroutine spawned so far run until it parks (one P). */
+static void settle(int n) {
+  loom_yield();
+  CHECK_EQ(parked, n);
+}
+
+/* ---- channels ---------------------------------------------------- */
+
+static loom_chan *ca, *cb, *cc;
+
+static void recv_a(void *arg) {
+  (void)arg;
+  int v;
+  parked++;
+  loom_chan_recv(ca, &v);
+  CHECK_FAIL("a receiver abandoned at the end of loom_run ran on");
+}
+static void send_b(void *arg) {
+  (void)arg;
+  int v = 7;
+  parked++;
+  loom_chan_send(cb, &v);
+  CHECK_FAIL("a sender abandoned at the end of loom_run ran on");
+}
+static void select_abc(void *arg) {
+  (void)arg;
+  int r1, s = 9, r2;
+  loom_case cs[3] = {{.chan = ca, .dir = LOOM_RECV, .elem = &r1},
+                     {.chan = cb, .dir = LOOM_SEND, .elem = &s},
+                     {.chan = cc, .dir = LOOM_RECV, .elem = &r2}};
+  parked++;
+  loom_select(cs, 3, loom_now() + 3600 * 1000 * CHECK_MS);
+  CHECK_FAIL("a select abandoned at the end of loom_run ran on");
+}
+
+static void make_abc(void) {
+  parked = 0;
+  CHECK_OK(loom_chan_make(&ca, sizeof(int), 0));
+  CHECK_OK(loom_chan_make(&cb, sizeof(int), 0));
+  CHECK_OK(loom_chan_make(&cc, sizeof(int), 0));
+}
+
+/* Nobody waits on a, b or c any more: a plain thread finds no partner,
+ * and the channels close and free cleanly. */
+static void check_abc_empty(void) {
+  int v = 1;
+  CHECK_ERR(loom_chan_try_send(ca, &v), -EAGAIN);
+  CHECK_ERR(loom_chan_try_recv(cb, &v), -EAGAIN);
+  CHECK_ERR(loom_chan_try_send(cc, &v), -EAGAIN);
+  CHECK_OK(loom_chan_close(ca));
+  CHECK_OK(loom_chan_close(cb));
+  CHECK_OK(loom_chan_close(cc));
+  loom_chan_free(ca);
+  loom_chan_free(cb);
+  loom_chan_free(cc);
+}
+
+static void chan_parked_main(void *arg) {
+  (void)arg;
+  CHECK_OK(loom_go(recv_a, NULL));
+  CHECK_OK(loom_go(send_b, NULL));
+  CHECK_OK(loom_go(select_abc, NULL));
+  settle(3);
+}
+
+TEST(chan_waiters_parked) {
+  make_abc();
+  run1(chan_parked_main, NULL);
+  check_abc_empty();
+}
+
+/* The select is woken through a, and abandoned before it runs: its
+ * entries on b and c are still queued until it would have taken them
+ * off itself. */
+static void select_woken_main(void *arg) {
+  (void)arg;
+  CHECK_OK(loom_go(select_abc, NULL));
+  settle(1);
+  int v = 5;
+  CHECK_OK(loom_chan_try_send(ca, &v)); /* to the select: now runnable */
+}
+
+TEST(select_readied_not_run) {
+  make_abc();
+  run1(select_woken_main, NULL);
+  check_abc_empty();
+}
+
+/* Past 8 cases a select's scratch is on the heap: abandoned, it is
+ * freed (valgrind runs this case). */
+#define NMANY 12
+static loom_chan *many[NMANY];
+
+static void select_many(void *arg) {
+  (void)arg;
+  int v[NMANY];
+  loom_case cs[NMANY];
+  for (int i = 0; i < NMANY; i++)
+    cs[i] = (loom_case){.chan = many[i], .dir = LOOM_RECV, .elem = &v[i]};
+  parked++;
+  loom_select(cs, NMANY, 0);
+  CHECK_FAIL("ran on");
+}
+
+static void select_many_main(void *arg) {
+  (void)arg;
+  CHECK_OK(loom_go(select_many, NULL));
+  CHECK_OK(loom_go(select_many, NULL));
+  settle(2);
+  int v = 1;
+  CHECK_OK(loom_chan_try_send(many[3], &v)); /* one of them: readied */
+}
+
+TEST(select_many_cases) {
+  parked = 0;
+  for (int i = 0; i < NMANY; i++)
+    CHECK_OK(loom_chan_make(&many[i], sizeof(int), 0));
+  run1(select_many_main, NULL);
+  for (int i = 0; i < NMANY; i++) {
+    int v = 1;
+    CHECK_ERR(loom_chan_try_send(many[i], &v), -EAGAIN);
+    loom_chan_free(many[i]);
+  }
+}
+
+/* ---- contexts ------------------------------------------------------ */
+
+static loom_ctx *ctx;
+static loom_mutex held_mu = LOOM_MUTEX_INIT;
+static loom_sema zero_sema = LOOM_SEMA_INIT(0);
+static int pipefd[2];
+
+static void wait_done(void *arg) {
+  (void)arg;
+  parked++;
+  loom_chan_recv(loom_ctx_done(ctx), NULL);
+  CHECK_FAIL("ran on");
+}
+static void sleep_ctx(void *arg) {
+  (void)arg;
+  parked++;
+  loom_sleep_ctx(ctx, 3600 * 1000 * CHECK_MS);
+  CHECK_FAIL("ran on");
+}
+static void lock_ctx(void *arg) {
+  (void)arg;
+  parked++;
+  loom_mutex_lock_ctx(&held_mu, ctx);
+  CHECK_FAIL("ran on");
+}
+static void sema_ctx(void *arg) {
+  (void)arg;
+  parked++;
+  loom_sema_acquire_ctx(&zero_sema, ctx);
+  CHECK_FAIL("ran on");
+}
+static void fd_ctx(void *arg) {
+  (void)arg;
+  parked++;
+  loom_fd_wait_ctx(pipefd[0], POLLIN, 0, ctx);
+  CHECK_FAIL("ran on");
+}
+static void recv_ctx(void *arg) {
+  (void)arg;
+  int v;
+  parked++;
+  loom_chan_recv_ctx(ca, &v, ctx);
+  CHECK_FAIL("ran on");
+}
+
+static void ctx_main(void *arg) {
+  (void)arg;
+  CHECK_OK(loom_go(wait_done, NULL));
+  CHECK_OK(loom_go(sleep_ctx, NULL));
+  CHECK_OK(loom_go(lock_ctx, NULL));
+  CHECK_OK(loom_go(sema_ctx, NULL));
+  CHECK_OK(loom_go(fd_ctx, NULL));
+  CHECK_OK(loom_go(recv_ctx, NULL));
+  settle(6);
+}
+
+/* Every kind of wait a context can cut, abandoned: the cancel and the
+ * release afterwards find none of their hooks. */
+TEST(ctx_waiters_parked) {
+  parked = 0;
+  CHECK_OK(pipe2(pipefd, O_CLOEXEC));
+  CHECK_OK(loom_chan_make(&ca, sizeof(int), 0));
+  CHECK_OK(loom_ctx_with_cancel(&ctx, loom_ctx_background()));
+  CHECK_OK(loom_mutex_trylock(&held_mu));
+  run1(ctx_main, NULL);
+  loom_ctx_cancel(ctx);
+  loom_ctx_release(ctx);
+  loom_mutex_unlock(&held_mu);
+  CHECK_EQ(held_mu.state_, 0u);
+  CHECK_ERR(loom_sema_tryacquire(&zero_sema), -EAGAIN);
+  int v = 1;
+  CHECK_ERR(loom_chan_try_send(ca, &v), -EAGAIN);
+  loom_chan_free(ca);
+  close(pipefd[0]);
+  close(pipefd[1]);
+}
+
+/* ---- mutex ---------------------------------------------------------- */
+
+static loom_mutex mu = LOOM_MUTEX_INIT;
+
+static void locker(void *arg) {
+  (void)arg;
+  parked++;
+  loom_mutex_lock(&mu);
+  CHECK_FAIL("ran on");
+}
+
+static void mutex_parked_main(void *arg) {
+  (void)arg;
+  CHECK_OK(loom_go(locker, NULL));
+  CHECK_OK(loom_go(locker, NULL));
+  settle(2);
+}
+
+/* Two waiters abandoned: unlocked afterwards, the mutex is free and
+ * counts no waiter. */
+TEST(mutex_waiters_parked) {
+  parked = 0;
+  CHECK_OK(loom_mutex_trylock(&mu)); /* held by this thread throughout */
+  run1(mutex_parked_main, NULL);
+  loom_mutex_unlock(&mu);
+  CHECK_EQ(mu.state_, 0u);
+  CHECK_OK(loom_mutex_trylock(&mu));
+  loom_mutex_unlock(&mu);
+}
+
+static void mutex_woken_main(void *arg) {
+  (void)arg;
+  CHECK_OK(loom_mutex_trylock(&mu));
+  CHECK_OK(loom_go(locker, NULL));
+  settle(1);
+  loom_mutex_unlock(&mu); /* wakes the locker, which never runs */
+}
+
+/* The unlock woke the waiter to contend, and set the bit that tells the
+ * next unlocks someone is awake: left set, a plain thread queued later
+ * would never be woken. */
+TEST(mutex_waiter_woken_not_run) {
+  parked = 0;
+  run1(mutex_woken_main, NULL);
+  CHECK_EQ(mu.state_, 0u);
+}
+
+/* ---- semaphore, wait group, condition variable -------------------- */
+
+static loom_sema sem = LOOM_SEMA_INIT(0);
+static loom_wg wg = LOOM_WG_INIT;
+static loom_cond cond = LOOM_COND_INIT;
+static loom_mutex cond_mu = LOOM_MUTEX_INIT;
+
+static void sem_taker(void *arg) {
+  (void)arg;
+  parked++;
+  loom_sema_acquire(&sem, 0);
+  CHECK_FAIL("ran on");
+}
+static void wg_waiter(void *arg) {
+  (void)arg;
+  parked++;
+  loom_wg_wait(&wg, 0);
+  CHECK_FAIL("ran on");
+}
+static void cond_waiter(void *arg) {
+  (void)arg;
+  loom_mutex_lock(&cond_mu);
+  parked++;
+  loom_cond_wait(&cond, &cond_mu, 0);
+  CHECK_FAIL("ran on");
+}
+
+static void sema_wg_cond_main(void *arg) {
+  (void)arg;
+  CHECK_OK(loom_go(sem_taker, NULL));
+  CHECK_OK(loom_go(sem_taker, NULL));
+  CHECK_OK(loom_go(wg_waiter, NULL));
+  CHECK_OK(loom_go(cond_waiter, NULL));
+  settle(4);
+  loom_sema_release(&sem); /* handed to the first taker, never run */
+}
+
+/* The unit handed to a taker that never ran is gone with it (its
+ * releaser may have freed the semaphore since); the parked taker, the
+ * wait group's waiter and the condition's are gone, and take nothing. */
+TEST(sema_wg_cond_waiters) {
+  parked = 0;
+  CHECK_OK(loom_wg_add(&wg, 1));
+  run1(sema_wg_cond_main, NULL);
+  CHECK_ERR(loom_sema_tryacquire(&sem), -EAGAIN);
+  loom_sema_release(&sem);
+  CHECK_OK(loom_sema_tryacquire(&sem));
+  CHECK_OK(loom_wg_done(&wg));
+  CHECK_OK(loom_wg_wait(&wg, 0));
+  loom_cond_signal(&cond);
+  loom_cond_broadcast(&cond);
+  CHECK_EQ(cond_mu.state_, 0u);
+}
+
+/* ---- rwmutex ------------------------------------------------------- */
+
+static loom_rwmutex rw = LOOM_RWMUTEX_INIT;
+
+static void reader(void *arg) {
+  (void)arg;
+  parked++;
+  loom_rwmutex_rlock(&rw);
+  CHECK_FAIL("ran on");
+}
+static void writer(void *arg) {
+  (void)arg;
+  parked++;
+  loom_rwmutex_lock(&rw);
+  CHECK_FAIL("ran on");
+}
+
+static void readers_main(void *arg) {
+  (void)arg;
+  CHECK_OK(loom_go(reader, NULL));
+  CHECK_OK(loom_go(reader, NULL));
+  settle(2);
+}
+
+/* Readers abandoned behind a writer (this thread): the writer's unlock
+ * lets nobody in, and a writer after it gets the lock at once. */
+TEST(rwmutex_readers_parked) {
+  parked = 0;
+  CHECK_OK(loom_rwmutex_trylock(&rw));
+  run1(readers_main, NULL);
+  loom_rwmutex_unlock(&rw);
+  CHECK_OK(loom_rwmutex_trylock(&rw));
+  loom_rwmutex_unlock(&rw);
+  CHECK_EQ((uint32_t)rw.state_, 0u); /* no reader counted */
+}
+
+static void reader_handed_main(void *arg) {
+  (void)arg;
+  CHECK_OK(loom_rwmutex_trylock(&rw));
+  CHECK_OK(loom_go(reader, NULL));
+  settle(1);
+  loom_rwmutex_unlock(&rw); /* lets the reader in: it never runs */
+}
+
+/* A reader let in but never run holds a read lock nobody will drop: its
+ * undo drops it. */
+TEST(rwmutex_reader_let_in_not_run) {
+  parked = 0;
+  run1(reader_handed_main, NULL);
+  CHECK_OK(loom_rwmutex_trylock(&rw));
+  loom_rwmutex_unlock(&rw);
+  CHECK_EQ((uint32_t)rw.state_, 0u);
+}
+
+static void writer_main(void *arg) {
+  (void)arg;
+  CHECK_OK(loom_go(writer, NULL));
+  CHECK_OK(loom_go(writer, NULL));
+  settle(2);
+}
+
+/* A writer abandoned while it waits for a reader (this thread) to leave,
+ * and one behind it: once the reader leaves, the lock is free. */
+TEST(rwmutex_writers_parked) {
+  parked = 0;
+  CHECK_OK(loom_rwmutex_tryrlock(&rw));
+  run1(writer_main, NULL);
+  loom_rwmutex_runlock(&rw);
+  CHECK_OK(loom_rwmutex_trylock(&rw));
+  loom_rwmutex_unlock(&rw);
+  CHECK_OK(loom_rwmutex_tryrlock(&rw));
+  loom_rwmutex_runlock(&rw);
+  CHECK_EQ((uint32_t)rw.state_, 0u);
+  CHECK_EQ(rw.w_.state_, 0u);
+}
+
+static void writer_handed_main(void *arg) {
+  (void)arg;
+  CHECK_OK(loom_rwmutex_tryrlock(&rw));
+  CHECK_OK(loom_go(writer, NULL));
+  settle(1);
+  loom_rwmutex_runlock(&rw); /* the last reader: the writer's turn */
+}
+
+/* The writer the last reader let in never runs: its undo unlocks. */
+TEST(rwmutex_writer_let_in_not_run) {
+  parked = 0;
+  run1(writer_handed_main, NULL);
+  CHECK_OK(loom_rwmutex_tryrlock(&rw));
+  loom_rwmutex_runlock(&rw);
+  CHECK_OK(loom_rwmutex_trylock(&rw));
+  loom_rwmutex_unlock(&rw);
+  CHECK_EQ((uint32_t)rw.state_, 0u);
+  CHECK_EQ(rw.w_.state_, 0u);
+}
+
+CHECK_MAIN()
