@@ -1751,60 +1751,48 @@ bool loom__timer_stop_any(loom__timer *t) {
   return stopped;
 }
 
-/* fn(rt, g) for every G that ever had a slot, alive or cached; then,
- * if `unmap`, the custom stacks go (g with them). */
-static void each_g(loom__rt *rt, void (*fn)(loom__rt *rt, loom__g *g),
-                   bool unmap) {
+/* An abandoned G's undo records (loom__undo), then its runtime state. */
+static void undo_destroy_g(loom__rt *rt, loom__g *g) {
+  uint32_t st = atomic_load(&g->status);
+  if (st == G_WAITING || st == G_RUNNABLE) {
+    loom__undo *u;
+    while ((u = g->undo) != NULL) {
+      g->undo = u->next;
+      u->fn(u, g);
+    }
+    if ((u = g->wait_undo) != NULL) {
+      g->wait_undo = NULL;
+      u->fn(u, g);
+    }
+  }
+  destroy_g(rt, g);
+}
+
+static void rt_free(loom__rt *rt) {
+  /* Timers first (closed already: timers_close): pending ones live in
+   * Gs, which the stacks hold. */
+  for (int i = 0; i < rt->nprocs; i++)
+    loom__timers_destroy(&rt->allp[i]->timers);
+  loom__timers_destroy(&rt->nop_timers);
+  /* Every G that ever had a slot, alive or cached, in one pass; no stack
+   * goes before it is over: an undo may touch an object on another G's
+   * stack (and a socket, which goes last). */
   loom__stacks *s = &rt->stacks;
   for (loom__arena *a = s->arenas; a != NULL; a = a->next) {
     uint32_t n = atomic_load(&a->ncarved);
     for (uint32_t i = 0; i < n; i++) {
       uintptr_t top = (uintptr_t)(a->base + (size_t)(i + 1) * s->slot_size);
-      fn(rt, (loom__g *)((top - sizeof(loom__g)) & ~(uintptr_t)63));
+      undo_destroy_g(rt, (loom__g *)((top - sizeof(loom__g)) & ~(uintptr_t)63));
     }
   }
-  loom__g *g = s->custom;
-  while (g != NULL) {
-    loom__g *next = g->alllink;
-    fn(rt, g);
-    if (unmap) {
-      loom__stack st = g->stk;
-      loom__stack_unmap(&st);
-    }
-    g = next;
+  for (loom__g *g = s->custom; g != NULL; g = g->alllink)
+    undo_destroy_g(rt, g);
+  while (s->custom != NULL) {
+    loom__g *g = s->custom;
+    s->custom = g->alllink;
+    loom__stack st = g->stk;
+    loom__stack_unmap(&st); /* g with it */
   }
-  if (unmap)
-    s->custom = NULL;
-}
-
-/* An abandoned G's undo records (loom__undo). */
-static void undo_g(loom__rt *rt, loom__g *g) {
-  (void)rt;
-  uint32_t st = atomic_load(&g->status);
-  if (st != G_WAITING && st != G_RUNNABLE)
-    return;
-  loom__undo *u;
-  while ((u = g->undo) != NULL) {
-    g->undo = u->next;
-    u->fn(u, g);
-  }
-  if ((u = g->wait_undo) != NULL) {
-    g->wait_undo = NULL;
-    u->fn(u, g);
-  }
-}
-
-static void rt_free(loom__rt *rt) {
-  /* What abandoned Gs left on objects that may outlive us, while their
-   * stacks are still there (and the sockets, which a record may name). */
-  each_g(rt, undo_g, false);
-  /* Timers (closed already: timers_close): pending ones live in Gs,
-   * which the stacks hold. */
-  for (int i = 0; i < rt->nprocs; i++)
-    loom__timers_destroy(&rt->allp[i]->timers);
-  loom__timers_destroy(&rt->nop_timers);
-  each_g(rt, destroy_g, true);
-  loom__stacks *s = &rt->stacks;
   loom__stacks_destroy(s);
   for (int i = 0; i < rt->nprocs; i++) {
     loom__free(rt->allp[i]);
