@@ -16,10 +16,15 @@
  */
 #include <errno.h>
 #include <fcntl.h>
+#include <netinet/in.h>
 #include <poll.h>
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
 #include <unistd.h>
 
 #include "check.h"
@@ -426,6 +431,61 @@ TEST(rwmutex_writer_let_in_not_run) {
   loom_rwmutex_unlock(&rw);
   CHECK_EQ((uint32_t)rw.state_, 0u);
   CHECK_EQ(rw.w_.state_, 0u);
+}
+
+/* ---- sockets ---------------------------------------------------------- */
+
+static char tcp_addr[64], unix_path[64];
+static int conn_fds[2];
+
+static void read_forever(void *arg) {
+  char b[16];
+  parked++;
+  (void)loom_read(arg, b, sizeof b);
+  CHECK_FAIL("ran on");
+}
+
+static void sockets_main(void *arg) {
+  (void)arg;
+  loom_listener *tl, *ul;
+  loom_conn *c1, *c2;
+  CHECK_OK(loom_listen(&tl, "tcp", "127.0.0.1:0"));
+  CHECK_OK(loom_listener_addr(tl, tcp_addr, sizeof tcp_addr));
+  CHECK_OK(loom_listen(&ul, "unix", unix_path));
+  CHECK_OK(loom_dial(&c1, "tcp", tcp_addr));
+  CHECK_OK(loom_accept(tl, &c2));
+  conn_fds[0] = loom_conn_fd(c1);
+  conn_fds[1] = loom_conn_fd(c2);
+  CHECK_OK(loom_go(read_forever, c1));
+  CHECK_OK(loom_go(read_forever, c2));
+  settle(2);
+} /* nothing closed */
+
+/* Sockets left open are closed and freed when loom_run ends, a Unix
+ * listener's path removed (net.h). */
+TEST(sockets_left_open) {
+  parked = 0;
+  snprintf(unix_path, sizeof unix_path, "/tmp/loom-abandon-%d.sock",
+           (int)getpid());
+  unlink(unix_path);
+  run1(sockets_main, NULL);
+  for (int i = 0; i < 2; i++) {
+    errno = 0;
+    CHECK_EQ(fcntl(conn_fds[i], F_GETFD), -1);
+    CHECK_EQ(errno, EBADF);
+  }
+  CHECK_EQ(access(unix_path, F_OK), -1);
+  CHECK_EQ(errno, ENOENT);
+  /* The TCP listener's port is free again. */
+  int port = atoi(strrchr(tcp_addr, ':') + 1);
+  int s = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  CHECK_GE(s, 0);
+  struct sockaddr_in sa = {.sin_family = AF_INET,
+                           .sin_port = htons((uint16_t)port),
+                           .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+  CHECK_EQ(connect(s, (struct sockaddr *)&sa, sizeof sa), -1);
+  CHECK_EQ(errno, ECONNREFUSED);
+  close(s);
 }
 
 /* ---- the end racing plain threads ----------------------------------- */

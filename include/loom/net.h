@@ -59,6 +59,12 @@
  * in the past, or loom_shutdown, which make its calls fail and leave the
  * handle valid), and the connection closed when it has let go.
  *
+ * Sockets belong to the runtime that opened them.  When loom_run
+ * returns, every socket still open (connection, listener, UDP or Unix
+ * socket) has been closed and freed, a bound Unix path removed, and its
+ * handle is gone as if loom_close had returned: no call, loom_close
+ * included, may use it after.
+ *
  * All calls below must run on a coroutine (else LOOM_ENOTCO) unless noted.
  * Those that may wait (reads, writes, accepts, dials) also fail with
  * LOOM_ENOTCO between loom_block_enter and loom_block_exit, where the
