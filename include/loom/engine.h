@@ -437,6 +437,12 @@ LOOM_API int loom_server_addr(loom_server *srv, char *buf, size_t len);
  * that coroutine cannot be started; nothing is closed then), and
  * on_closed (in the options) says when it is over.  Either way `srv`
  * must not be used after the call.
+ *
+ * Close servers and clients before the main coroutine returns.  One
+ * still running when loom_run ends is not closed: its coroutines are
+ * abandoned (runtime.h), its sockets closed with the runtime (net.h),
+ * no on_close runs, the memory of the server, its sessions and its pool
+ * is not freed, and `srv` must not be used after.
  */
 LOOM_API int loom_server_close(loom_server *srv, int64_t deadline);
 
