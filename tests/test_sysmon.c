@@ -511,4 +511,58 @@ static void trim_main(void *arg) {
 TEST(free_stacks_trimmed_while_busy) { check_run(trim_main, (void *)1, 2); }
 TEST(free_stacks_trimmed_while_idle) { check_run(trim_main, NULL, 2); }
 
+/* ------------------------------------------------------------------ */
+/* A lost wake-up costs at most a sysmon round.  A coroutine queued on a
+ * busy P while another P is idle and nobody looks for work would wait
+ * until the busy P's coroutine parks: the wake-up that should have come
+ * with it is made to be lost here, the busy coroutine never parks, and
+ * sysmon must see the work nobody takes and wake a thread for it, which
+ * steals it (Go's sysmon would preempt the busy one).  The bound of 2 s
+ * only keeps the test finite: sysmon rounds are 10 ms apart here. */
+
+static atomic_int stranded_ran;
+static void mark_stranded_ran(void *arg) {
+  (void)arg;
+  atomic_store(&stranded_ran, 1);
+}
+
+/* The other P idle and nobody spinning (the thread that woke us may
+ * still be looking for work a while). */
+static bool other_p_idle(void) {
+  loom_stats st;
+  CHECK_OK(loom_stats_get(&st));
+  return st.idle_procs == 1 && st.spinning_threads == 0;
+}
+
+static void lost_wakeup_main(void *arg) {
+  (void)arg;
+  for (int tries = 0;; tries++) {
+    CHECK(tries < 100);
+    loom_sleep(CHECK_MS);
+    int64_t t0 = loom_now();
+    while (!other_p_idle() && loom_now() - t0 < 100 * CHECK_MS)
+      loom_yield(); /* our P only */
+    loom__test_lose_wakeps(1);
+    CHECK_OK(loom_go(mark_stranded_ran, NULL));
+    if (loom__test_lose_wakeps(0) == 0)
+      break; /* the spawn's wake-up was the one lost */
+    /* The other P was not idle after all: the spawn did not ask. */
+    while (!atomic_load(&stranded_ran))
+      loom_yield();
+    atomic_store(&stranded_ran, 0);
+  }
+  int64_t t0 = loom_now();
+  while (!atomic_load(&stranded_ran) && loom_now() - t0 < 2000 * CHECK_MS)
+    ; /* busy, never parks: only a thief can run the child */
+  CHECK(atomic_load(&stranded_ran));
+}
+
+TEST(lost_wakeup_is_recovered_by_sysmon) {
+  loom_config cfg;
+  loom_config_init(&cfg);
+  cfg.procs = 2;
+  cfg.long_run_warn_ns = -1;
+  CHECK_OK(loom_run(lost_wakeup_main, NULL, &cfg));
+}
+
 CHECK_MAIN()

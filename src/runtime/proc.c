@@ -793,11 +793,17 @@ void loom__startm(loom__rt *rt, loom__p *p, bool spinning) {
   loom__note_wakeup(&nm->park);
 }
 
+static _Atomic int lose_wakeps; /* loom__test_lose_wakeps */
+
 void loom__wakep(loom__rt *rt) {
   /* seq_cst loads: after the caller's seq_cst write of the work (see
    * loom__runq_put), against a spinning M that stops (findrunnable). */
   if (atomic_load_explicit(&rt->npidle, memory_order_seq_cst) == 0)
     return;
+  int lose = atomic_load_explicit(&lose_wakeps, memory_order_relaxed);
+  while (lose > 0) /* a test's lost wake-up (export_test.h) */
+    if (atomic_compare_exchange_weak(&lose_wakeps, &lose, lose - 1))
+      return;
   int zero = 0;
   if (atomic_load_explicit(&rt->nmspinning, memory_order_seq_cst) != 0 ||
       !atomic_compare_exchange_strong(&rt->nmspinning, &zero, 1))
@@ -2035,6 +2041,10 @@ uint64_t loom__test_thread_id(void) {
 int loom__test_stack_guard_pages(void) {
   loom__rt *rt = loom__rt_get();
   return rt != NULL && rt->stacks.guard_pages;
+}
+
+int loom__test_lose_wakeps(int n) {
+  return atomic_exchange(&lose_wakeps, n > 0 ? n : 0);
 }
 
 uint64_t loom__test_sysmon_rounds(void) {

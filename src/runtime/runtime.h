@@ -190,6 +190,7 @@ struct loom__p {
 
   /* sysmon's private bookkeeping */
   uint32_t sm_schedtick;
+  uint32_t sm_runtick; /* schedtick at sysmon's stuck_behind */
   int64_t sm_schedwhen;
   int64_t sm_cpu0;               /* holder's CPU time at half the limit */
   _Atomic int mclock;            /* CPU-time clock of the M holding it */

@@ -10,7 +10,9 @@
  *     cooperative, so such a coroutine starves its P's queue;
  *   - polls the network itself when nobody has for 10 ms (every P busy
  *     with coroutines that never run dry) and queues what became ready;
- *   - starts an M when a timer is overdue and nobody is looking;
+ *   - starts an M when a timer is overdue and nobody is looking, or when
+ *     work waits behind a coroutine that keeps its P while another P is
+ *     idle and nobody is looking (a lost wake-up: stuck_behind);
  *   - prints the LOOM_SCHEDTRACE line when one is due;
  *   - gives back to the kernel the memory of free stacks beyond a small
  *     reserve.
@@ -221,6 +223,32 @@ static bool stranded(loom__rt *rt) {
   return false;
 }
 
+/* Work queued behind a coroutine that has kept its P since we last
+ * looked, while another P is idle and nobody spins.  Whoever queued it
+ * woke a thread for the idle P (loom__wakep), which would have stolen
+ * it; if that wake-up was lost, the work waits until the coroutine
+ * parks, which may be never.  Go's sysmon would preempt the coroutine;
+ * ours wakes a thread, which steals the work: a lost wake-up costs a
+ * round or two (at most 10 ms each).  A P that switches coroutines at
+ * all (one that yields in a loop, with itself queued in between) is not
+ * stuck: it gets to its queue by itself. */
+static bool stuck_behind(loom__rt *rt) {
+  if (atomic_load(&rt->npidle) == 0 || atomic_load(&rt->nmspinning) > 0)
+    return false;
+  bool stuck = false;
+  for (int i = 0; i < rt->nprocs; i++) {
+    loom__p *p = rt->allp[i];
+    uint32_t t = atomic_load_explicit(&p->schedtick, memory_order_relaxed);
+    bool same = t == p->sm_runtick;
+    p->sm_runtick = t;
+    if (same &&
+        atomic_load_explicit(&p->status, memory_order_acquire) == P_RUNNING &&
+        !loom__runq_empty(p))
+      stuck = true;
+  }
+  return stuck;
+}
+
 /* A P that entered a blocking call we have not seen yet. */
 static bool new_block(loom__rt *rt) {
   for (int i = 0; i < rt->nprocs; i++) {
@@ -346,7 +374,7 @@ static void *sysmon_main(void *arg) {
     else
       idle++;
     int64_t next = loom__earliest_timer(rt);
-    if ((next != 0 && next < now - 1000000) || stranded(rt))
+    if ((next != 0 && next < now - 1000000) || stranded(rt) || stuck_behind(rt))
       loom__wakep(rt); /* retries a thread that could not be started */
     if (next_trace != 0 && now >= next_trace) {
       schedtrace(rt, now);
