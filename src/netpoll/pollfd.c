@@ -250,10 +250,7 @@ static void wake_sleepers(loom__pd *pd) {
 /* A sleep taken back (loom__abandon): off the queue. */
 static bool withdraw_sleep(loom__waiter *w) {
   loom__pd *pd = w->obj;
-  if (!loom__waitq_withdraw(&pd->slock, &pd->wsleep, w->node))
-    return false;
-  loom__spin_unlock(&pd->slock);
-  return true;
+  return loom__waitq_take_back(&pd->slock, &pd->wsleep, w->node);
 }
 static const loom__abandon abandon_sleep = {withdraw_sleep, NULL};
 

@@ -204,10 +204,7 @@ static void unlock_all(void *arg) {
 static bool withdraw_one(waiter *w) {
   loom_chan *c = w->obj;
   sudog *s = w->node;
-  if (!loom__waitq_withdraw(&c->lock, s->send ? &c->sendq : &c->recvq, s))
-    return false;
-  unlock(c);
-  return true;
+  return loom__waitq_take_back(&c->lock, s->send ? &c->sendq : &c->recvq, s);
 }
 static const loom__abandon abandon_one = {withdraw_one, NULL};
 

@@ -257,9 +257,8 @@ static int withdraw(loom_rwmutex *rw, int err) {
 static bool withdraw_write(loom__waiter *w) {
   loom_rwmutex *rw = w->obj;
   loom_sema *s = &rw->writer_sem_;
-  if (!loom__waitq_withdraw(&s->q_.lock_, &s->q_.q_, w->node))
+  if (!loom__waitq_take_back(&s->q_.lock_, &s->q_.q_, w->node))
     return false;
-  loom__spin_unlock(&s->q_.lock_);
   if (withdraw(rw, -ECANCELED) == 0)
     loom_rwmutex_unlock(rw);
   return true;

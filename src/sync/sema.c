@@ -17,10 +17,7 @@
  * to the waiter needs nothing given back. */
 static bool withdraw_wait(loom__waiter *w) {
   loom_waitlist_ *l = w->obj;
-  if (!loom__waitq_withdraw(&l->lock_, &l->q_, w->node))
-    return false;
-  loom__spin_unlock(&l->lock_);
-  return true;
+  return loom__waitq_take_back(&l->lock_, &l->q_, w->node);
 }
 static const loom__abandon abandon_wait = {withdraw_wait, NULL};
 

@@ -108,9 +108,9 @@ bool loom__waiter_claim(loom__waiter *w);
  *     node(s) off obj's queues and undo what the wait did to obj, as its
  *     deadline would.  An exclusive waiter is claimed by taking its node
  *     off its queue: withdraw returns false, doing nothing, if a waker
- *     has taken it already (loom__waitq_withdraw).  Also called for a
- *     wait that its deadline or a cancel ended, whose coroutine never ran
- *     to clean up.
+ *     has taken it already (loom__waitq_withdraw, loom__waitq_take_back).
+ *     Also called for a wait that its deadline or a cancel ended, whose
+ *     coroutine never ran to clean up.
  *   give_back(w) (may be NULL): a waker completed the wait (w->fired >=
  *     0) and readied the coroutine, which never ran.  Undo only what the
  *     coroutine would still have done to obj — unlock a lock it was
@@ -181,6 +181,17 @@ static inline bool loom__waitq_withdraw(int *lock, loom__waitq *q,
   loom__waitq_unlink(q, n);
   return true;
 }
+
+/* The same, with the lock released either way: a withdraw with nothing
+ * to undo under the lock but the node. */
+static inline bool loom__waitq_take_back(int *lock, loom__waitq *q,
+                                         loom__wnode *n) {
+  if (!loom__waitq_withdraw(lock, q, n))
+    return false;
+  loom__spin_unlock(lock);
+  return true;
+}
+
 /* The first node whose waiter we can claim, unlinked; NULL if none. */
 loom__wnode *loom__waitq_pop_some(loom__waitq *q);
 static inline loom__wnode *loom__waitq_pop(loom__waitq *q) {
