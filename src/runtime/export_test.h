@@ -23,7 +23,7 @@ void loom__test_stack_fallback(int mode);
  * runtime runs. */
 uint64_t loom__test_sysmon_rounds(void);
 /* The next n wake-ups that would start a thread for an idle P
- * (loom__wakep past its "is any P idle" test) do nothing: a lost
+ * (loom__wakep, once it has claimed the spinning slot) do nothing: a lost
  * wake-up, for the tests of what recovers from one.  Returns how many
  * of the previous request were still to be lost (0 cancels it). */
 int loom__test_lose_wakeps(int n);

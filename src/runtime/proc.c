@@ -800,14 +800,19 @@ void loom__wakep(loom__rt *rt) {
    * loom__runq_put), against a spinning M that stops (findrunnable). */
   if (atomic_load_explicit(&rt->npidle, memory_order_seq_cst) == 0)
     return;
-  int lose = atomic_load_explicit(&lose_wakeps, memory_order_relaxed);
-  while (lose > 0) /* a test's lost wake-up (export_test.h) */
-    if (atomic_compare_exchange_weak(&lose_wakeps, &lose, lose - 1))
-      return;
   int zero = 0;
   if (atomic_load_explicit(&rt->nmspinning, memory_order_seq_cst) != 0 ||
       !atomic_compare_exchange_strong(&rt->nmspinning, &zero, 1))
     return;
+  /* A test's lost wake-up (export_test.h), here where a thread is about
+   * to be started anyway, off the path of every wakep that finds one
+   * spinning. */
+  int lose = atomic_load_explicit(&lose_wakeps, memory_order_relaxed);
+  while (lose > 0)
+    if (atomic_compare_exchange_weak(&lose_wakeps, &lose, lose - 1)) {
+      atomic_fetch_sub(&rt->nmspinning, 1);
+      return;
+    }
   loom__startm(rt, NULL, true);
 }
 
