@@ -155,6 +155,93 @@ static void close_main(void *arg) {
 }
 TEST(close_wakes_everyone) { check_run(close_main, NULL, 2); }
 
+/* A crowd on each queue, of every kind of wait: plain, select (the
+ * channel first or second, the other case never ready) and with a
+ * deadline that falls around the close.  Close takes the waiters a batch
+ * at a time from both ends of the queue while the deadlines withdraw
+ * theirs; each waiter must see exactly its one outcome.  The last one to
+ * return frees the channel, as chan.h allows even while the close has
+ * not returned. */
+enum { CROWD = 400, CROWD_ROUNDS = 10 };
+static loom_chan *cr_c, *cr_never;
+static atomic_int cr_left, cr_started, cr_closed, cr_timedout;
+static int64_t cr_close_at;
+
+static void cr_done(void) {
+  if (atomic_fetch_sub(&cr_left, 1) == 1)
+    loom_chan_free(cr_c);
+}
+
+static void cr_waiter(void *arg) {
+  long i = (long)arg, v = 7;
+  bool send = i & 1;
+  loom_chan *c = cr_c;
+  atomic_fetch_add(&cr_started, 1);
+  int r;
+  switch ((i >> 1) % 4) {
+  case 0:
+    r = send ? loom_chan_send(c, &v) : loom_chan_recv(c, &v);
+    CHECK_EQ(r, send ? -EPIPE : 0);
+    atomic_fetch_add(&cr_closed, 1);
+    break;
+  case 1:
+  case 2: {
+    int mine = (i >> 1) % 4 - 1;
+    loom_case cs[2];
+    cs[mine] = (loom_case){c, send ? LOOM_SEND : LOOM_RECV, &v, true};
+    cs[1 - mine] = (loom_case){cr_never, LOOM_RECV, NULL, true};
+    CHECK_EQ(loom_select(cs, 2, 0), mine);
+    CHECK(!cs[mine].ok);
+    atomic_fetch_add(&cr_closed, 1);
+    break;
+  }
+  default: { /* a deadline within 1 ms either side of the close */
+    int64_t dl = cr_close_at - CHECK_MS + (i % 21) * (CHECK_MS / 10);
+    r = send ? loom_chan_send_until(c, &v, dl)
+             : loom_chan_recv_until(c, &v, dl);
+    if (r == -ETIMEDOUT) {
+      atomic_fetch_add(&cr_timedout, 1);
+    } else {
+      CHECK_EQ(r, send ? -EPIPE : 0);
+      atomic_fetch_add(&cr_closed, 1);
+    }
+  }
+  }
+  CHECK_EQ(v, 7); /* nothing received, nothing sent */
+  cr_done();
+}
+
+static void crowd_main(void *arg) {
+  (void)arg;
+  CHECK_OK(loom_chan_make(&cr_never, sizeof(long), 0));
+  for (int round = 0; round < CROWD_ROUNDS; round++) {
+    /* Even rounds: receivers on an unbuffered channel.  Odd rounds:
+     * senders on a full one. */
+    bool senders = round & 1;
+    long v = 1;
+    CHECK_OK(loom_chan_make(&cr_c, sizeof(long), senders ? 1 : 0));
+    if (senders)
+      CHECK_OK(loom_chan_send(cr_c, &v));
+    atomic_store(&cr_left, CROWD);
+    atomic_store(&cr_started, 0);
+    atomic_store(&cr_closed, 0);
+    atomic_store(&cr_timedout, 0);
+    cr_close_at = loom_now() + 30 * CHECK_MS;
+    for (long i = 0; i < CROWD; i++)
+      CHECK_OK(loom_go(cr_waiter, (void *)(2 * i + senders)));
+    while (atomic_load(&cr_started) < CROWD)
+      loom_sleep(CHECK_MS);
+    loom_sleep(cr_close_at - loom_now());
+    CHECK_OK(loom_chan_close(cr_c)); /* cr_c may be gone on return */
+    while (atomic_load(&cr_left) != 0)
+      loom_sleep(CHECK_MS);
+    CHECK_EQ(atomic_load(&cr_closed) + atomic_load(&cr_timedout), CROWD);
+    CHECK(atomic_load(&cr_closed) >= CROWD / 4 * 3); /* all but deadlines */
+  }
+  loom_chan_free(cr_never);
+}
+TEST(close_wakes_a_crowd_each_once) { check_run(crowd_main, NULL, 2); }
+
 /* ------------------------------------------------------------------ */
 /* Deadlines and nowait.                                                */
 

@@ -59,6 +59,18 @@ static void unlock(loom_chan *c) { loom__spin_unlock(&c->lock); }
 #define wake loom__waiter_wake
 #define claim loom__waiter_claim
 
+/* dequeue from the back: the last claimable waiter, or NULL. */
+static sudog *dequeue_back(waitq *q) {
+  for (;;) {
+    sudog *s = q->tail_;
+    if (s == NULL)
+      return NULL;
+    unlink_sudog(q, s);
+    if (claim(s->w))
+      return s;
+  }
+}
+
 static void elem_copy(loom_chan *c, void *dst, const void *src) {
   if (dst == NULL)
     return;
@@ -301,47 +313,66 @@ int loom_chan_close(loom_chan *c) {
     return -EPIPE;
   }
   __atomic_store_n(&c->closed, true, __ATOMIC_RELEASE);
-  /* Wake every claimable waiter, one at a time, unlocked.  Nobody queues
-   * on a closed channel, so the queues only shrink meanwhile.  One pass,
-   * not "collect, then wake": each waiter lives on its own stack, and
-   * with thousands of them every touch is a TLB miss.
+  /* Wake every claimable waiter, a batch at a time, unlocked.  Nobody
+   * queues on a closed channel, so the queues only shrink meanwhile.
    *
-   * But the channel may be freed as soon as every call on it has
-   * returned (close a done channel, and the woken waiter frees it), and
-   * waiters it does not wake can leave on their own meanwhile (a
-   * deadline): so after unlocking, close touches the channel again only
-   * while it holds a waiter it has claimed and not yet woken, whose call
-   * cannot return before that.  The last one, or two, are woken after
-   * the last unlock. */
+   * The channel may be freed as soon as every call on it has returned
+   * (close a done channel, and the woken waiter frees it), and waiters
+   * close does not wake can leave on their own meanwhile (a deadline):
+   * so after unlocking, close touches the channel again only while it
+   * holds a waiter it has claimed and not yet woken, whose call cannot
+   * return before that: the last of each batch, woken after the next
+   * unlock.
+   *
+   * Each node sits on its waiter's stack, a page of its own: with
+   * thousands of waiters whose stacks came from a long-recycled free
+   * list, every node is a TLB miss, and a list walk a chain of them,
+   * each address in the node before.  So the batch is taken from both
+   * ends of the queue, two chains whose misses overlap (Go's close
+   * promises no order either: it readies the waiters last first). */
+  enum { BATCH = 32 };
+  sudog *batch[BATCH];
   sudog *held = NULL;
   for (;;) {
-    sudog *s = dequeue(&c->recvq);
-    if (s == NULL)
-      s = dequeue(&c->sendq);
-    if (s == NULL) {
-      unlock(c);
-      if (held != NULL)
-        wake(held->w);
-      return 0;
+    /* The head's waiters fill the batch from the front, the tail's from
+     * the back, so that each part is in queue order: woken so, they run
+     * so, and the run queue walks each part's stacks in address order
+     * when they were carved in order. */
+    int front = 0, back = BATCH;
+    waitq *q = &c->recvq;
+    while (front < back) {
+      bool from_back = (front + BATCH - back) & 1;
+      sudog *s = from_back ? dequeue_back(q) : dequeue(q);
+      if (s == NULL) {
+        if (q == &c->sendq || c->sendq.head_ == NULL)
+          break;
+        q = &c->sendq;
+        continue;
+      }
+      s->success = false;
+      s->w->fired = s->idx;
+      __builtin_prefetch(s->w->g); /* its wake touches the G */
+      __builtin_prefetch(from_back ? q->tail_ : q->head_); /* that end's next */
+      if (from_back)
+        batch[--back] = s;
+      else
+        batch[front++] = s;
     }
-    s->success = false;
-    s->w->fired = s->idx;
-    /* Each waiter sits on its own stack, so each is a TLB miss: start
-     * those of the next waiter's G and of the waiter after it (the next
-     * one's was started a round ago) while this one is woken. */
-    sudog *nx = c->recvq.head_ != NULL ? c->recvq.head_ : c->sendq.head_;
-    if (nx != NULL) {
-      __builtin_prefetch(nx->next);
-      __builtin_prefetch(nx->w->g);
-    }
+    int n = front + BATCH - back;
+    memmove(batch + front, batch + back,
+            (size_t)(BATCH - back) * sizeof *batch);
+    bool more = c->recvq.head_ != NULL || c->sendq.head_ != NULL;
     unlock(c);
     if (held != NULL)
       wake(held->w);
-    if (nx == NULL) {
-      wake(s->w); /* the channel is not touched again */
+    if (!more) {
+      for (int i = 0; i < n; i++)
+        wake(batch[i]->w); /* the channel is not touched again */
       return 0;
     }
-    held = s; /* keeps the channel alive until the next unlock */
+    for (int i = 0; i < n - 1; i++)
+      wake(batch[i]->w);
+    held = batch[n - 1]; /* keeps the channel alive until the next unlock */
     lock(c);
   }
 }
