@@ -87,7 +87,7 @@ run() {
       "$(grep -v '^RESULT ' <<<"$out" | tail -n 3 | tr '\n' ' ')" >&2
     [[ -z $line ]] && return
   fi
-  keep_fields "$side:$case" "$line" ns_per_op cold_ns_per_op kib_per_op ms
+  keep_fields "$side:$case" "$line" ns_per_op cold_ns_per_op recycled_ns_per_op kib_per_op ms
   printf '  %-7s %-7s %s\n' "$side" "$case" "${line#RESULT }"
   grep '^INFO ' <<<"$out" | sed 's/^/       /'
 }
@@ -133,7 +133,8 @@ one_round() {
   fi
   if want sync; then
     # A contended mutex (8 coroutines, 2 Ps) and cancelling 10,000
-    # coroutines blocked on one context.
+    # coroutines blocked on one context: a first crowd on fresh stacks,
+    # and crowds on stacks recycled 10 to 20 times.
     for m in mutex cancel; do
       for s in "${sides[@]}"; do run "$s" "sync$m" "$(bin "$s" sync)" "$m"; done
     done
@@ -170,6 +171,7 @@ row "chan 4x4 producers, buf." ns/op chanmpmc ns_per_op
 row "select over 4 channels" ns/op chanselect ns_per_op
 row "contended mutex, 8 co." ns/op syncmutex ns_per_op
 row "cancel 10,000 waiters" ns/op synccancel ns_per_op
+row "cancel 10,000, recycled" ns/op synccancel recycled_ns_per_op
 row "cpu-bound, 1 P" ms cpu1 ms
 row "cpu-bound, 2 P" ms cpu2 ms
 

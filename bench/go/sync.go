@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"os"
 	"runtime"
+	"sort"
 	"strconv"
 	"sync"
 	"sync/atomic"
@@ -29,9 +30,9 @@ func main() {
 		procs, _ = strconv.Atoi(os.Args[3])
 	}
 	runtime.GOMAXPROCS(procs)
-	var el time.Duration
-	var wg sync.WaitGroup
+	var el, recycled time.Duration
 	if mode == "mutex" {
+		var wg sync.WaitGroup
 		var mu sync.Mutex
 		shared := 0
 		wg.Add(8)
@@ -52,25 +53,47 @@ func main() {
 			panic("lost updates")
 		}
 	} else {
-		ctx, cancel := context.WithCancel(context.Background())
-		var parked int64
-		wg.Add(n)
-		for i := 0; i < n; i++ {
-			go func() {
-				atomic.AddInt64(&parked, 1)
-				<-ctx.Done()
-				wg.Done()
-			}()
+		// The first crowd, then the median of the last recycledCrowds
+		// of crowds (bench/sync.c says why).
+		var crowd [crowds]time.Duration
+		for r := range crowd {
+			crowd[r] = cancelCrowd(n)
 		}
-		for atomic.LoadInt64(&parked) < int64(n) {
-			time.Sleep(time.Millisecond)
-		}
-		time.Sleep(10 * time.Millisecond)
-		t0 := time.Now()
-		cancel()
-		wg.Wait()
-		el = time.Since(t0)
+		el = crowd[0]
+		last := crowd[crowds-recycledCrowds:]
+		sort.Slice(last, func(i, j int) bool { return last[i] < last[j] })
+		recycled = last[recycledCrowds/2]
 	}
-	fmt.Printf("RESULT name=sync_%s impl=go procs=%d n=%d ns_per_op=%.1f\n", mode, procs, n,
+	fmt.Printf("RESULT name=sync_%s impl=go procs=%d n=%d ns_per_op=%.1f", mode, procs, n,
 		float64(el.Nanoseconds())/float64(n))
+	if recycled != 0 {
+		fmt.Printf(" recycled_ns_per_op=%.1f", float64(recycled.Nanoseconds())/float64(n))
+	}
+	fmt.Println()
+}
+
+const crowds, recycledCrowds = 21, 10
+
+// cancelCrowd: n goroutines block on a context's done channel; the time
+// from the cancel until all have finished.
+func cancelCrowd(n int) time.Duration {
+	var wg sync.WaitGroup
+	ctx, cancel := context.WithCancel(context.Background())
+	var parked int64
+	wg.Add(n)
+	for i := 0; i < n; i++ {
+		go func() {
+			atomic.AddInt64(&parked, 1)
+			<-ctx.Done()
+			wg.Done()
+		}()
+	}
+	for atomic.LoadInt64(&parked) < int64(n) {
+		time.Sleep(time.Millisecond)
+	}
+	time.Sleep(10 * time.Millisecond)
+	t0 := time.Now()
+	cancel()
+	wg.Wait()
+	return time.Since(t0)
 }
