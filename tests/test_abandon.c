@@ -19,6 +19,7 @@
 #include <netinet/in.h>
 #include <poll.h>
 #include <pthread.h>
+#include <sched.h>
 #include <stdatomic.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -621,6 +622,255 @@ TEST(end_races_plain_threads) {
     loom_chan_free(race.c);
     loom_chan_free(race.d);
   }
+}
+
+/* ---- a waker that frees the object once its wait is over ---------- */
+
+/* A plain thread hands an element to a receiver that loom_run's end is
+ * abandoning, then frees the channel: its hand-off is over, and the
+ * receiver's call would not touch the channel again (wait.h).  Teardown
+ * must not touch it either.  The element is large, so the copy, under
+ * the channel's lock and before the wake-up, spans the runtime's end;
+ * and every thread shares one CPU, so teardown, finding the lock held,
+ * yields it to the sender, which unlocks, wakes and frees. */
+#define BIG ((size_t)128 << 20)
+static loom_chan *bigc;
+static char *bigsrc, *bigdst;
+static atomic_int big_go, big_started, big_result;
+
+static void big_recv(void *arg) {
+  (void)arg;
+  parked++;
+  loom_chan_recv(bigc, bigdst);
+  CHECK_FAIL("a receiver abandoned at the end of loom_run ran on");
+}
+
+static void *big_sender(void *arg) {
+  (void)arg;
+  while (!atomic_load(&big_go))
+    sched_yield();
+  atomic_store(&big_started, 1);
+  int r = loom_chan_try_send(bigc, bigsrc);
+  atomic_store(&big_result, r);
+  if (r == 0)
+    loom_chan_free(bigc); /* its hand-off is over */
+  return NULL;
+}
+
+static void big_main(void *arg) {
+  (void)arg;
+  CHECK_OK(loom_go(big_recv, NULL));
+  settle(1);
+  atomic_store(&big_go, 1);
+  while (!atomic_load(&big_started))
+    sched_yield();
+  usleep(2000); /* the sender is in its copy */
+}
+
+/* This thread, and every thread it starts from now on, on one CPU. */
+static void pin_to_one_cpu(void) {
+  cpu_set_t set;
+  CHECK_OK(sched_getaffinity(0, sizeof set, &set));
+  int first = 0;
+  while (!CPU_ISSET(first, &set))
+    first++;
+  CPU_ZERO(&set);
+  CPU_SET(first, &set);
+  CHECK_OK(sched_setaffinity(0, sizeof set, &set));
+}
+
+TEST(waker_frees_the_channel_after_its_handoff) {
+  pin_to_one_cpu();
+  parked = 0;
+  bigsrc = malloc(BIG);
+  bigdst = malloc(BIG);
+  CHECK(bigsrc != NULL && bigdst != NULL);
+  memset(bigsrc, 1, BIG);
+  memset(bigdst, 2, BIG);
+  CHECK_OK(loom_chan_make(&bigc, BIG, 0));
+  atomic_store(&big_go, 0);
+  atomic_store(&big_started, 0);
+  pthread_t t;
+  CHECK(pthread_create(&t, NULL, big_sender, NULL) == 0);
+  run1(big_main, NULL);
+  pthread_join(t, NULL);
+  /* Either the hand-off won (and the channel is gone) or teardown did. */
+  if (atomic_load(&big_result) != 0) {
+    CHECK_ERR(atomic_load(&big_result), -EAGAIN);
+    loom_chan_free(bigc);
+  }
+  free(bigsrc);
+  free(bigdst);
+}
+
+/* ---- a later runtime, started while this one ends ------------------ */
+
+/* Another thread's loom_run waits until this runtime has undone what its
+ * coroutines left: a wake-up of one of them meanwhile, from a plain
+ * thread, must not make it runnable in the new runtime.  slow_recv's
+ * undo waits out a long hand-off, holding teardown up while the victim,
+ * in the next slot, still waits. */
+static loom_chan *slowc, *vc;
+static char *slowsrc, *slowdst;
+static atomic_int rt1_up, rt2_up, slow_started, victim_ran;
+
+static void slow_recv(void *arg) {
+  (void)arg;
+  parked++;
+  loom_chan_recv(slowc, slowdst);
+}
+static void victim(void *arg) {
+  (void)arg;
+  parked++;
+  int v;
+  loom_chan_recv(vc, &v);
+  atomic_store(&victim_ran, 1);
+  CHECK_FAIL("an abandoned coroutine of the first runtime ran in the next");
+}
+static void *slow_sender(void *arg) {
+  (void)arg;
+  atomic_store(&slow_started, 1);
+  if (loom_chan_try_send(slowc, slowsrc) == 0)
+    loom_chan_free(slowc);
+  return NULL;
+}
+static void rt2_main(void *arg) {
+  (void)arg;
+  atomic_store(&rt2_up, 1);
+  loom_sleep(100 * CHECK_MS);
+}
+static void *rt2_thread(void *arg) {
+  (void)arg;
+  loom_config cfg;
+  loom_config_init(&cfg);
+  cfg.procs = 1;
+  while (!atomic_load(&rt1_up))
+    sched_yield();
+  int r;
+  while ((r = loom_run(rt2_main, NULL, &cfg)) == LOOM_ERUNNING)
+    sched_yield();
+  CHECK_OK(r);
+  return NULL;
+}
+static void *late_sender(void *arg) {
+  (void)arg;
+  while (!atomic_load(&rt2_up))
+    sched_yield();
+  int v = 1;
+  (void)loom_chan_try_send(vc, &v); /* no receiver: -EAGAIN */
+  return NULL;
+}
+static void rt1_main(void *arg) {
+  pthread_t *th = arg;
+  atomic_store(&rt1_up, 1);
+  CHECK_OK(loom_go(slow_recv, NULL));
+  CHECK_OK(loom_go(victim, NULL));
+  settle(2);
+  CHECK(pthread_create(&th[0], NULL, slow_sender, NULL) == 0);
+  while (!atomic_load(&slow_started))
+    sched_yield();
+  usleep(1000);
+}
+
+TEST(later_runtime_gets_no_abandoned_coroutine) {
+  parked = 0;
+  slowsrc = malloc(2 * BIG);
+  slowdst = malloc(2 * BIG);
+  CHECK(slowsrc != NULL && slowdst != NULL);
+  memset(slowsrc, 1, 2 * BIG);
+  memset(slowdst, 2, 2 * BIG);
+  CHECK_OK(loom_chan_make(&slowc, 2 * BIG, 0));
+  CHECK_OK(loom_chan_make(&vc, sizeof(int), 0));
+  pthread_t th[3];
+  CHECK(pthread_create(&th[1], NULL, rt2_thread, NULL) == 0);
+  CHECK(pthread_create(&th[2], NULL, late_sender, NULL) == 0);
+  run1(rt1_main, th);
+  for (int i = 0; i < 3; i++)
+    pthread_join(th[i], NULL);
+  CHECK_EQ(atomic_load(&victim_ran), 0);
+  int v = 1;
+  CHECK_ERR(loom_chan_try_send(vc, &v), -EAGAIN); /* nobody waits on it */
+  loom_chan_free(vc);
+  free(slowsrc);
+  free(slowdst);
+}
+
+/* ---- a mutex handed over in starvation mode, never run ------------- */
+
+static loom_mutex smu = LOOM_MUTEX_INIT;
+static void s_locker(void *arg) {
+  (void)arg;
+  parked++;
+  loom_mutex_lock(&smu);
+  CHECK_FAIL("a locker abandoned at the end of loom_run ran on");
+}
+static void starve_main(void *arg) {
+  (void)arg;
+  CHECK_OK(loom_mutex_trylock(&smu));
+  CHECK_OK(loom_go(s_locker, NULL));
+  settle(1);
+  /* Wake it to contend and barge in ahead of it until, waiting over
+   * 1 ms, it puts the mutex in starvation mode. */
+  for (int i = 0; i < 5 && !(smu.state_ & 2u); i++) {
+    usleep(2000);
+    loom_mutex_unlock(&smu);
+    CHECK_OK(loom_mutex_trylock(&smu));
+    loom_yield(); /* it runs, finds the mutex taken, queues again */
+  }
+  CHECK(smu.state_ & 2u);  /* starving */
+  loom_mutex_unlock(&smu); /* handed to it; it never runs */
+}
+TEST(mutex_handed_over_not_run) {
+  parked = 0;
+  run1(starve_main, NULL);
+  CHECK_EQ(smu.state_, 0u);
+  CHECK_OK(loom_mutex_trylock(&smu));
+  loom_mutex_unlock(&smu);
+}
+
+/* ---- rwmutex waits a cancel ended, never run ----------------------- */
+
+static loom_rwmutex rwc = LOOM_RWMUTEX_INIT;
+static loom_ctx *rwctx;
+static void rlock_ctx(void *arg) {
+  (void)arg;
+  parked++;
+  (void)loom_rwmutex_rlock_ctx(&rwc, rwctx);
+  CHECK_FAIL("a reader abandoned at the end of loom_run ran on");
+}
+static void wlock_ctx(void *arg) {
+  (void)arg;
+  parked++;
+  (void)loom_rwmutex_lock_ctx(&rwc, rwctx);
+  CHECK_FAIL("a writer abandoned at the end of loom_run ran on");
+}
+static void rw_cancel_main(void *arg) {
+  CHECK_OK(loom_go(arg == NULL ? rlock_ctx : wlock_ctx, NULL));
+  settle(1);
+  loom_ctx_cancel(rwctx); /* readied, never run */
+}
+TEST(rwmutex_reader_cancelled_not_run) {
+  parked = 0;
+  CHECK_OK(loom_ctx_with_cancel(&rwctx, loom_ctx_background()));
+  CHECK_OK(loom_rwmutex_trylock(&rwc));
+  run1(rw_cancel_main, NULL);
+  loom_rwmutex_unlock(&rwc);
+  CHECK_EQ(rwc.state_ & 0xffffffffu, 0u);
+  CHECK_OK(loom_rwmutex_trylock(&rwc));
+  loom_rwmutex_unlock(&rwc);
+  loom_ctx_release(rwctx);
+}
+TEST(rwmutex_writer_cancelled_not_run) {
+  parked = 0;
+  CHECK_OK(loom_ctx_with_cancel(&rwctx, loom_ctx_background()));
+  CHECK_OK(loom_rwmutex_tryrlock(&rwc));
+  run1(rw_cancel_main, (void *)1);
+  loom_rwmutex_runlock(&rwc);
+  CHECK_EQ(rwc.state_ & 0xffffffffu, 0u);
+  CHECK_EQ(rwc.w_.state_, 0u);
+  CHECK_OK(loom_rwmutex_trylock(&rwc));
+  loom_rwmutex_unlock(&rwc);
+  loom_ctx_release(rwctx);
 }
 
 CHECK_MAIN()

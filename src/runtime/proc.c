@@ -131,7 +131,11 @@ int loom__mutex_init(pthread_mutex_t *mu) {
 
 loom__rt *loom__rt_get(void) {
   loom__m *m = loom__getm();
-  return m ? m->rt : atomic_load(&current_rt);
+  if (m != NULL)
+    return m->rt;
+  /* A plain thread: a stopping runtime is as good as gone. */
+  loom__rt *rt = atomic_load(&current_rt);
+  return rt != NULL && !atomic_load(&rt->stopping) ? rt : NULL;
 }
 
 int64_t loom_now(void) {
@@ -627,10 +631,12 @@ __attribute__((noinline)) static void ready_global(loom__m *m, loom__g *g) {
   if (m == NULL) {
     /* A plain thread (a channel send, a context cancel): hold rt_mu, as
      * loom_go does, so the runtime cannot be torn down under us.  If it
-     * is gone already, so is the G's chance to run. */
+     * is stopping, or gone, so is the G's chance to run: its end may be
+     * undoing the G's wait this moment (rt_undo), and the G is left
+     * alone. */
     pthread_mutex_lock(&rt_mu);
     loom__rt *rt = atomic_load(&current_rt);
-    if (rt != NULL) {
+    if (rt != NULL && !atomic_load(&rt->stopping)) {
       pthread_mutex_lock(&rt->lock);
       loom__globrunq_put(rt, g);
       pthread_mutex_unlock(&rt->lock);
@@ -877,10 +883,11 @@ int loom__arm_begin(loom__arm *a, int n) {
     rt = m->rt; /* lives while its M does */
   } else {
     /* A foreign thread: rt_mu keeps the runtime from being torn down
-     * under us until loom__arm_end, as in go_impl. */
+     * under us until loom__arm_end, as in go_impl; a stopping one is
+     * taking its timers apart. */
     pthread_mutex_lock(&rt_mu);
     rt = atomic_load(&current_rt);
-    if (rt == NULL) {
+    if (rt == NULL || atomic_load(&rt->stopping)) {
       pthread_mutex_unlock(&rt_mu);
       return LOOM_ENORUNTIME;
     }
@@ -1743,7 +1750,7 @@ static void destroy_g(loom__rt *rt, loom__g *g) {
  * without it (from loom__pd_set_deadlines or a cancel's expire, where
  * rt_mu may be held already, by loom__arm_begin): a connection does
  * not outlive its runtime, whose end frees its poll descriptor.  The
- * done hooks run later, in rt_free, without rt_mu: one may free a
+ * done hooks run later, in rt_undo, without rt_mu: one may free a
  * context, which takes its parent's lock, and a plain thread that holds
  * that lock to cancel the parent may be waiting for rt_mu to wake a
  * coroutine. */
@@ -1779,7 +1786,12 @@ static void undo_destroy_g(loom__rt *rt, loom__g *g) {
   destroy_g(rt, g);
 }
 
-static void rt_free(loom__rt *rt) {
+/* The runtime's end, while it is still current (stopping): plain threads
+ * leave it alone (ready_global, loom__arm_begin, loom__rt_get), and no
+ * other loom_run starts.  So a plain thread's wake-up of a G whose wait
+ * is being undone readies it nowhere, as it would have once the runtime
+ * was gone. */
+static void rt_undo(loom__rt *rt) {
   /* Timers first (closed already: timers_close): pending ones live in
    * Gs, which the stacks hold. */
   for (int i = 0; i < rt->nprocs; i++)
@@ -1798,6 +1810,11 @@ static void rt_free(loom__rt *rt) {
   }
   for (loom__g *g = s->custom; g != NULL; g = g->alllink)
     undo_destroy_g(rt, g);
+}
+
+/* Everything else, once the runtime is no longer current. */
+static void rt_free(loom__rt *rt) {
+  loom__stacks *s = &rt->stacks;
   while (s->custom != NULL) {
     loom__g *g = s->custom;
     s->custom = g->alllink;
@@ -1952,8 +1969,11 @@ int loom_run(void (*main_fn)(void *), void *arg, const loom_config *cfg) {
   m_thread_fini(m0);
 
   pthread_mutex_lock(&rt_mu);
-  atomic_store(&current_rt, NULL);
   timers_close(rt);
+  pthread_mutex_unlock(&rt_mu);
+  rt_undo(rt);
+  pthread_mutex_lock(&rt_mu);
+  atomic_store(&current_rt, NULL);
   pthread_mutex_unlock(&rt_mu);
   rt_free(rt);
   return err;

@@ -367,7 +367,8 @@ static inline void loom__cb_tag_set(void *tag) {
  * sync layer a coroutine can be in, which is on every channel operation's
  * path and so is one store to set and one to clear (sync/wait.h).
  * They run on the thread that called loom_run, with every M joined, the
- * runtime no longer current (a wake-up from there is a no-op) and no
+ * runtime still current but stopping (a plain thread's wake-up changes
+ * a G's status and nothing else; no other loom_run starts) and no
  * runtime lock held; plain threads may be using the same objects.  Only
  * the G's own code touches the list, and then teardown.
  */
