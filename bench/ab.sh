@@ -7,15 +7,18 @@
 #   bench/ab.sh OLD_BENCH_DIR NEW_BENCH_DIR     e.g. /tmp/old/bench build/bench
 #
 # Environment: ROUNDS=6; CASES, a ';'-separated list of "binary args..."
-# (default: the yield, chan and sync cases of bench/run.sh).
+# (default: the yield, chan and sync cases of bench/run.sh); FIELD, the
+# RESULT field compared (default ns_per_op; e.g. cold_ns_per_op for
+# spawn, recycled_ns_per_op for sync cancel).
 set -euo pipefail
 old=${1:?usage: bench/ab.sh OLD_BENCH_DIR NEW_BENCH_DIR}
 new=${2:?usage: bench/ab.sh OLD_BENCH_DIR NEW_BENCH_DIR}
 rounds=${ROUNDS:-6}
+field=${FIELD:-ns_per_op}
 cases=${CASES:-"yield;chan pingpong 2000000 1;chan select 1000000 2;chan mpmc 2000000 2;sync mutex 2000000 2;sync cancel 10000 2"}
 
-ns() { # the ns_per_op of a RESULT line
-  "$@" 2>/dev/null | sed -n 's/.*ns_per_op=\([0-9.]*\).*/\1/p' | tail -1
+ns() { # the $field of a RESULT line (the field itself, not one ending so)
+  "$@" 2>/dev/null | sed -n "s/.* $field=\([0-9.]*\).*/\1/p" | tail -1
 }
 median() {
   printf '%s\n' "$@" | sort -g |
