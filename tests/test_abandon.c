@@ -31,6 +31,7 @@
 #include "check.h"
 #include "check_rng.h"
 #include "loom.h"
+#include "runtime/export_test.h"
 
 static int parked;
 static void run1(void (*fn)(void *), void *arg) { check_run(fn, arg, 1); }
@@ -624,15 +625,16 @@ TEST(end_races_plain_threads) {
   }
 }
 
-/* ---- a waker that frees the object once its wait is over ---------- */
+/* ---- a plain thread's hand-off racing the end ----------------------- */
 
 /* A plain thread hands an element to a receiver that loom_run's end is
- * abandoning, then frees the channel: its hand-off is over, and the
- * receiver's call would not touch the channel again (wait.h).  Teardown
- * must not touch it either.  The element is large, so the copy, under
- * the channel's lock and before the wake-up, spans the runtime's end;
- * and every thread shares one CPU, so teardown, finding the lock held,
- * yields it to the sender, which unlocks, wakes and frees. */
+ * abandoning.  The element is large, so the copy, under the channel's
+ * lock and before the wake-up, spans the runtime's end; and every thread
+ * shares one CPU, so teardown, finding the lock held, yields it to the
+ * sender.  Either the hand-off completed the wait (the element is gone
+ * with the coroutine) or teardown took the wait back first (the send
+ * finds no receiver); either way the channel is left with nobody on it,
+ * and, as runtime.h asks, is freed only once loom_run has returned. */
 #define BIG ((size_t)128 << 20)
 static loom_chan *bigc;
 static char *bigsrc, *bigdst;
@@ -650,10 +652,7 @@ static void *big_sender(void *arg) {
   while (!atomic_load(&big_go))
     sched_yield();
   atomic_store(&big_started, 1);
-  int r = loom_chan_try_send(bigc, bigsrc);
-  atomic_store(&big_result, r);
-  if (r == 0)
-    loom_chan_free(bigc); /* its hand-off is over */
+  atomic_store(&big_result, loom_chan_try_send(bigc, bigsrc));
   return NULL;
 }
 
@@ -679,7 +678,7 @@ static void pin_to_one_cpu(void) {
   CHECK_OK(sched_setaffinity(0, sizeof set, &set));
 }
 
-TEST(waker_frees_the_channel_after_its_handoff) {
+TEST(plain_handoff_races_the_end) {
   pin_to_one_cpu();
   parked = 0;
   bigsrc = malloc(BIG);
@@ -694,11 +693,10 @@ TEST(waker_frees_the_channel_after_its_handoff) {
   CHECK(pthread_create(&t, NULL, big_sender, NULL) == 0);
   run1(big_main, NULL);
   pthread_join(t, NULL);
-  /* Either the hand-off won (and the channel is gone) or teardown did. */
-  if (atomic_load(&big_result) != 0) {
-    CHECK_ERR(atomic_load(&big_result), -EAGAIN);
-    loom_chan_free(bigc);
-  }
+  int r = atomic_load(&big_result);
+  CHECK(r == 0 || r == -EAGAIN);
+  CHECK_ERR(loom_chan_try_send(bigc, bigsrc), -EAGAIN); /* nobody on it */
+  loom_chan_free(bigc);
   free(bigsrc);
   free(bigdst);
 }
@@ -730,8 +728,7 @@ static void victim(void *arg) {
 static void *slow_sender(void *arg) {
   (void)arg;
   atomic_store(&slow_started, 1);
-  if (loom_chan_try_send(slowc, slowsrc) == 0)
-    loom_chan_free(slowc);
+  (void)loom_chan_try_send(slowc, slowsrc); /* handed off, or taken back */
   return NULL;
 }
 static void rt2_main(void *arg) {
@@ -791,8 +788,83 @@ TEST(later_runtime_gets_no_abandoned_coroutine) {
   int v = 1;
   CHECK_ERR(loom_chan_try_send(vc, &v), -EAGAIN); /* nobody waits on it */
   loom_chan_free(vc);
+  loom_chan_free(slowc);
   free(slowsrc);
   free(slowdst);
+}
+
+/* ---- a plain thread's wake-up, held while the runtime ends ---------- */
+
+/* A plain thread completes a coroutine's wait, and is held (a test hook)
+ * just before its wake-up takes the runtime's lock, while main returns
+ * and another thread keeps trying loom_run.  The wake-up must not land
+ * in the next runtime: the G it readies belongs to the one ending, whose
+ * stacks are about to go.  The hook lets the waker go once the next
+ * runtime runs, or after 300 ms if it cannot start meanwhile. */
+static loom_chan *hc;
+static atomic_int h_held, h_rt2_up, h_victim_ran;
+
+static void h_hold(void) {
+  atomic_store(&h_held, 1);
+  int64_t until = loom_now() + 300 * CHECK_MS;
+  while (!atomic_load(&h_rt2_up) && loom_now() < until)
+    usleep(1000);
+}
+static void h_victim(void *arg) {
+  (void)arg;
+  parked++;
+  int v;
+  loom_chan_recv(hc, &v);
+  atomic_store(&h_victim_ran, 1);
+  CHECK_FAIL("an abandoned coroutine of the first runtime ran on");
+}
+static void *h_waker(void *arg) {
+  (void)arg;
+  int v = 1;
+  CHECK_OK(loom_chan_try_send(hc, &v)); /* a hand-off: the victim waits */
+  return NULL;
+}
+static void h_rt2_main(void *arg) {
+  (void)arg;
+  atomic_store(&h_rt2_up, 1);
+  loom_sleep(100 * CHECK_MS); /* time for a misplaced G to be run */
+}
+static void *h_rt2_thread(void *arg) {
+  (void)arg;
+  loom_config cfg;
+  loom_config_init(&cfg);
+  cfg.procs = 1;
+  while (!atomic_load(&h_held))
+    sched_yield();
+  int r;
+  while ((r = loom_run(h_rt2_main, NULL, &cfg)) == LOOM_ERUNNING)
+    sched_yield();
+  CHECK_OK(r);
+  return NULL;
+}
+static void h_main(void *arg) {
+  pthread_t *th = arg;
+  CHECK_OK(loom_go(h_victim, NULL));
+  settle(1);
+  CHECK(pthread_create(&th[0], NULL, h_waker, NULL) == 0);
+  while (!atomic_load(&h_held))
+    sched_yield();
+}
+
+TEST(held_wakeup_does_not_reach_the_next_runtime) {
+  parked = 0;
+  CHECK_OK(loom_chan_make(&hc, sizeof(int), 0));
+  (void)loom__test_hold_foreign_ready(h_hold);
+  pthread_t th[2];
+  CHECK(pthread_create(&th[1], NULL, h_rt2_thread, NULL) == 0);
+  run1(h_main, th);
+  for (int i = 0; i < 2; i++)
+    pthread_join(th[i], NULL);
+  (void)loom__test_hold_foreign_ready(NULL);
+  CHECK_EQ(atomic_load(&h_victim_ran), 0);
+  int v = 1;
+  CHECK_ERR(loom_chan_try_send(hc, &v), -EAGAIN); /* nobody waits on it */
+  loom_chan_free(hc);
 }
 
 /* ---- a mutex handed over in starvation mode, never run ------------- */

@@ -15,13 +15,13 @@
  * not yet run to take is unlocked again; but a channel element, a
  * semaphore unit or a condition's signal handed to it is gone with it.
  * So an object that outlives the runtime stays usable from plain threads
- * (or a later runtime), and can be freed, cancelled or released.  Such
- * an object must still be alive when loom_run ends (a wait on freed
- * memory was a bug already), unless a plain thread completed the
- * coroutine's wait on it (a hand-off, a release): that thread may free it
- * at once, even while loom_run is still ending.  Until loom_run returns,
- * a loom_run on another thread returns LOOM_ERUNNING.  A lock an
- * abandoned coroutine held stays locked.
+ * (or a later runtime), and can be freed, cancelled or released once
+ * loom_run has returned — not before, even if a plain thread completed
+ * the coroutine's wait meanwhile (loom_run may be taking that wait back
+ * at the same moment; a wait on freed memory was a bug already).  A
+ * loom_run on another thread returns LOOM_ERUNNING until this one has
+ * taken every such wait back.  A lock an abandoned coroutine held stays
+ * locked.
  *
  * Scheduling follows Go's G/M/P model: `procs` processors (P) each own a
  * run queue; OS threads (M) run coroutines only while they hold a P; idle

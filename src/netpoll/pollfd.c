@@ -248,9 +248,9 @@ static void wake_sleepers(loom__pd *pd) {
 }
 
 /* A sleep taken back (loom__abandon): off the queue. */
-static void withdraw_sleep(loom__waiter *w) {
+static bool withdraw_sleep(loom__waiter *w) {
   loom__pd *pd = w->obj;
-  loom__waitq_take_back(&pd->slock, &pd->wsleep, w->node);
+  return loom__waitq_take_back(&pd->slock, &pd->wsleep, w->node);
 }
 static const loom__abandon abandon_sleep = {withdraw_sleep, NULL};
 

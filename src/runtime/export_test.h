@@ -27,5 +27,9 @@ uint64_t loom__test_sysmon_rounds(void);
  * wake-up, for the tests of what recovers from one.  Returns how many
  * of the previous request were still to be lost (0 cancels it). */
 int loom__test_lose_wakeps(int n);
+/* fn (NULL: none) runs first thing in every plain thread's wake-up of a
+ * coroutine, before it takes the runtime's global lock: a test's way to
+ * hold a waker at that point.  Returns the previous one. */
+void (*loom__test_hold_foreign_ready(void (*fn)(void)))(void);
 
 #endif

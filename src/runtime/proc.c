@@ -608,6 +608,7 @@ void loom__park(bool (*commit)(loom__g *g, void *arg), void *arg,
 }
 
 static void ready_global(loom__m *m, loom__g *g);
+static void ready_foreign(loom__g *g);
 
 void loom__ready(loom__g *g) {
   /* The caller owns the wake-up (G_WAITING's contract), so a store does;
@@ -616,9 +617,13 @@ void loom__ready(loom__g *g) {
    * waits for it, then reads what the waker wrote before. */
   if (atomic_load_explicit(&g->status, memory_order_relaxed) != G_WAITING)
     loom__throw("ready: bad g status");
-  atomic_store_explicit(&g->status, G_RUNNABLE, memory_order_release);
   loom__m *m = loom__getm();
-  if (m == NULL || m->p == NULL) {
+  if (m == NULL) {
+    ready_foreign(g);
+    return;
+  }
+  atomic_store_explicit(&g->status, G_RUNNABLE, memory_order_release);
+  if (m->p == NULL) {
     ready_global(m, g);
     return;
   }
@@ -626,25 +631,34 @@ void loom__ready(loom__g *g) {
   loom__wakep(m->rt);
 }
 
-/* loom__ready from a plain thread, or from an M without a P. */
-__attribute__((noinline)) static void ready_global(loom__m *m, loom__g *g) {
-  if (m == NULL) {
-    /* A plain thread (a channel send, a context cancel): hold rt_mu, as
-     * loom_go does, so the runtime cannot be torn down under us.  If it
-     * is stopping, or gone, so is the G's chance to run: its end may be
-     * undoing the G's wait this moment (rt_undo), and the G is left
-     * alone. */
-    pthread_mutex_lock(&rt_mu);
-    loom__rt *rt = atomic_load(&current_rt);
-    if (rt != NULL && !atomic_load(&rt->stopping)) {
-      pthread_mutex_lock(&rt->lock);
-      loom__globrunq_put(rt, g);
-      pthread_mutex_unlock(&rt->lock);
-      loom__wakep(rt);
-    }
-    pthread_mutex_unlock(&rt_mu);
-    return;
+/* loom__ready from a plain thread (a channel send, a context cancel).
+ * The status changes under rt_mu, as loom_go spawns: the runtime cannot
+ * be torn down meanwhile, and the runtime's end, which waits for the
+ * status of a G whose wait it undoes (loom__waiter_undo) and only then
+ * moves on to take current_rt down (under rt_mu), cannot let another
+ * runtime become current before this thread has looked.  If the runtime
+ * is stopping, or gone, so is the G's chance to run: it is left alone. */
+static void (*_Atomic hold_foreign_ready)(void); /* export_test.h */
+
+__attribute__((noinline)) static void ready_foreign(loom__g *g) {
+  void (*hold)(void) =
+      atomic_load_explicit(&hold_foreign_ready, memory_order_relaxed);
+  if (hold != NULL)
+    hold();
+  pthread_mutex_lock(&rt_mu);
+  atomic_store_explicit(&g->status, G_RUNNABLE, memory_order_release);
+  loom__rt *rt = atomic_load(&current_rt);
+  if (rt != NULL && !atomic_load(&rt->stopping)) {
+    pthread_mutex_lock(&rt->lock);
+    loom__globrunq_put(rt, g);
+    pthread_mutex_unlock(&rt->lock);
+    loom__wakep(rt);
   }
+  pthread_mutex_unlock(&rt_mu);
+}
+
+/* loom__ready from an M without a P. */
+__attribute__((noinline)) static void ready_global(loom__m *m, loom__g *g) {
   loom__rt *rt = m->rt;
   pthread_mutex_lock(&rt->lock);
   loom__globrunq_put(rt, g);
@@ -1787,7 +1801,7 @@ static void undo_destroy_g(loom__rt *rt, loom__g *g) {
 }
 
 /* The runtime's end, while it is still current (stopping): plain threads
- * leave it alone (ready_global, loom__arm_begin, loom__rt_get), and no
+ * leave it alone (ready_foreign, loom__arm_begin, loom__rt_get), and no
  * other loom_run starts.  So a plain thread's wake-up of a G whose wait
  * is being undone readies it nowhere, as it would have once the runtime
  * was gone. */
@@ -2070,6 +2084,10 @@ int loom__test_stack_guard_pages(void) {
 
 int loom__test_lose_wakeps(int n) {
   return atomic_exchange(&lose_wakeps, n > 0 ? n : 0);
+}
+
+void (*loom__test_hold_foreign_ready(void (*fn)(void)))(void) {
+  return atomic_exchange(&hold_foreign_ready, fn);
 }
 
 uint64_t loom__test_sysmon_rounds(void) {

@@ -213,10 +213,10 @@ static void unlock_all(void *arg) {
 }
 
 /* A send's or a receive's wait taken back (loom__abandon). */
-static void withdraw_one(waiter *w) {
+static bool withdraw_one(waiter *w) {
   loom_chan *c = w->obj;
   sudog *s = w->node;
-  loom__waitq_take_back(&c->lock, s->send ? &c->sendq : &c->recvq, s);
+  return loom__waitq_take_back(&c->lock, s->send ? &c->sendq : &c->recvq, s);
 }
 static const loom__abandon abandon_one = {withdraw_one, NULL};
 
@@ -422,8 +422,11 @@ static void give_back_select(waiter *w) {
     loom__free(s->sg);
   }
 }
-static const loom__abandon abandon_select = {give_back_select,
-                                             give_back_select};
+static bool withdraw_select(waiter *w) {
+  give_back_select(w);
+  return true;
+}
+static const loom__abandon abandon_select = {withdraw_select, give_back_select};
 
 /* Long, like Go's selectgo: poll, queue, wait, dequeue, in one place. */
 int loom_select(loom_case *cases, int n, int64_t deadline) { // NOLINT(readability-function-cognitive-complexity)

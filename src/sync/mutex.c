@@ -97,11 +97,13 @@ static void give_up_locked(loom_mutex *mu, loom__wnode *n) {
 }
 
 /* A lock's wait taken back (loom__abandon). */
-static void withdraw_lock(loom__waiter *w) {
+static bool withdraw_lock(loom__waiter *w) {
   loom_mutex *mu = w->obj;
-  loom__waitq_withdraw(&mu->q_.lock_, &mu->q_.q_, w->node);
+  if (!loom__waitq_withdraw(&mu->q_.lock_, &mu->q_.q_, w->node))
+    return false;
   give_up_locked(mu, w->node);
   loom__spin_unlock(&mu->q_.lock_);
+  return true;
 }
 
 /* Handed the mutex, the waiter unlocks it.  Woken to contend, it is why

@@ -135,14 +135,16 @@ static bool give_up_locked(loom_rwmutex *rw, loom__wnode *n) {
 
 /* A reader's wait taken back (loom__abandon): counted out, or, if it
  * got in (handed a unit, or taking one as it gives up), out again. */
-static void withdraw_read(loom__waiter *w) {
+static bool withdraw_read(loom__waiter *w) {
   loom_rwmutex *rw = w->obj;
   loom_sema *s = &rw->reader_sem_;
-  loom__waitq_withdraw(&s->q_.lock_, &s->q_.q_, w->node);
+  if (!loom__waitq_withdraw(&s->q_.lock_, &s->q_.q_, w->node))
+    return false;
   bool in = give_up_locked(rw, w->node);
   loom__spin_unlock(&s->q_.lock_);
   if (in)
     loom_rwmutex_runlock(rw);
+  return true;
 }
 static void give_back_read(loom__waiter *w) { loom_rwmutex_runlock(w->obj); }
 static const loom__abandon abandon_read = {withdraw_read, give_back_read};
@@ -252,12 +254,14 @@ static int withdraw(loom_rwmutex *rw, int err) {
 /* A writer's wait for the readers taken back (loom__abandon): it
  * withdraws, or if the last reader let it in meanwhile, leaves; handed
  * the lock, it leaves. */
-static void withdraw_write(loom__waiter *w) {
+static bool withdraw_write(loom__waiter *w) {
   loom_rwmutex *rw = w->obj;
   loom_sema *s = &rw->writer_sem_;
-  loom__waitq_take_back(&s->q_.lock_, &s->q_.q_, w->node);
+  if (!loom__waitq_take_back(&s->q_.lock_, &s->q_.q_, w->node))
+    return false;
   if (withdraw(rw, -ECANCELED) == 0)
     loom_rwmutex_unlock(rw);
+  return true;
 }
 static void give_back_write(loom__waiter *w) { loom_rwmutex_unlock(w->obj); }
 static const loom__abandon abandon_write = {withdraw_write, give_back_write};

@@ -15,9 +15,9 @@
 /* A wait on a waitlist (obj) taken back (loom__abandon): off the queue.
  * A semaphore's unit, a wait group's zero or a condition's signal handed
  * to the waiter needs nothing given back. */
-static void withdraw_wait(loom__waiter *w) {
+static bool withdraw_wait(loom__waiter *w) {
   loom_waitlist_ *l = w->obj;
-  loom__waitq_take_back(&l->lock_, &l->q_, w->node);
+  return loom__waitq_take_back(&l->lock_, &l->q_, w->node);
 }
 static const loom__abandon abandon_wait = {withdraw_wait, NULL};
 

@@ -39,24 +39,21 @@ void loom__backoff(unsigned *spins) {
     sched_yield();
 }
 
-static bool claim_word(loom__waiter *w) {
+bool loom__waiter_claim(loom__waiter *w) {
+  if (w->exclusive)
+    return true;
   uint64_t expect = w->seq << 1;
   return atomic_compare_exchange_strong_explicit(
       w->word, &expect, expect | 1, memory_order_acq_rel, memory_order_acquire);
-}
-
-bool loom__waiter_claim(loom__waiter *w) {
-  if (w->exclusive && (w->g == NULL || loom__getm() != NULL))
-    return true;
-  return claim_word(w);
 }
 
 void loom__waiter_undo(loom__undo *u, loom__g *g) {
   loom__waiter *w =
       (loom__waiter *)(void *)((char *)u - offsetof(loom__waiter, undo));
   if (atomic_load_explicit(&g->status, memory_order_acquire) == G_WAITING) {
-    if (claim_word(w)) {
-      w->how->withdraw(w);
+    if (w->exclusive ? w->how->withdraw(w) : loom__waiter_claim(w)) {
+      if (!w->exclusive)
+        (void)w->how->withdraw(w);
       return;
     }
     /* A claimant was first: its wake-up is on its way. */
@@ -64,7 +61,7 @@ void loom__waiter_undo(loom__undo *u, loom__g *g) {
       sched_yield();
   }
   if (w->fired < 0)
-    w->how->withdraw(w); /* its deadline or a cancel ended it */
+    (void)w->how->withdraw(w); /* its deadline or a cancel ended it */
   else if (w->how->give_back != NULL)
     w->how->give_back(w);
 }

@@ -24,8 +24,7 @@ typedef struct loom__waiter {
   _Atomic uint64_t *word;    /* &g->wait_word or &own_word */
   uint64_t seq;
   int fired;             /* what completed it (>= 0); -1: the deadline */
-  bool exclusive;        /* on one queue, no deadline: the pop off the
-                            queue claims it (see loom__waiter_claim) */
+  bool exclusive;        /* on one queue, no deadline: claims skip CAS */
   bool handed;           /* mutex: ownership was handed to this waiter */
   _Atomic int committed; /* the park's commit has finished with the
                             waiter's stack (see wait.c) */
@@ -79,12 +78,12 @@ static inline void loom__waiter_init(loom__waiter *w, bool exclusive) {
   w->exclusive = exclusive;
   w->handed = false;
   if (w->g != NULL) {
-    /* A new sequence for every wait, exclusive ones too: a deadline
-     * timer of an earlier wait that fires late fails its claim, and so
-     * does a plain thread's claim of an exclusive waiter that loom_run's
-     * end has taken back (loom__waiter_claim). */
     w->word = &w->g->wait_word;
-    w->seq = (atomic_load_explicit(w->word, memory_order_relaxed) >> 1) + 1;
+    /* Nobody claims an exclusive waiter by its word, and it has no
+     * deadline whose timer a new sequence would fence off. */
+    if (exclusive)
+      return;
+    w->seq = (atomic_load(w->word) >> 1) + 1;
   } else {
     loom__note_clear(&w->note);
     w->word = &w->own_word;
@@ -93,15 +92,6 @@ static inline void loom__waiter_init(loom__waiter *w, bool exclusive) {
   atomic_store_explicit(w->word, w->seq << 1, memory_order_release);
 }
 
-/* Claim w, to complete its wait; false if someone else has (its
- * deadline, a cancel, another case of its select, loom_run's end).  For
- * an exclusive waiter, popping it off its queue under the object's lock
- * is the claim, but a plain thread claiming a coroutine's also takes its
- * word: the coroutine's runtime may be ending (loom__waiter_undo), and
- * its end must know, without touching the object, that a waker has the
- * waiter — the waker may free the object once its wait is over.  The
- * runtime's own coroutines cannot race its end: their threads are gone
- * by then. */
 bool loom__waiter_claim(loom__waiter *w);
 
 /*
@@ -114,33 +104,31 @@ bool loom__waiter_claim(loom__waiter *w);
  * then does one of:
  *
  *   withdraw(w): the wait is still pending, and now nobody will complete
- *     it (teardown has claimed the waiter, by its word, exclusive or
- *     not): take w's node(s) off obj's queues, if a waker that found it
- *     claimed has not already, and undo what the wait did to obj, as its
- *     deadline would (loom__waitq_withdraw, loom__waitq_take_back).
+ *     it (teardown has claimed the waiter, or it is exclusive): take w's
+ *     node(s) off obj's queues and undo what the wait did to obj, as its
+ *     deadline would.  An exclusive waiter is claimed by taking its node
+ *     off its queue: withdraw returns false, doing nothing, if a waker
+ *     has taken it already (loom__waitq_withdraw, loom__waitq_take_back).
  *     Also called for a wait that its deadline or a cancel ended, whose
  *     coroutine never ran to clean up.
  *   give_back(w) (may be NULL): a waker completed the wait (w->fired >=
  *     0) and readied the coroutine, which never ran.  Undo only what the
  *     coroutine would still have done to obj — unlock a lock it was
- *     handed, take its other select cases off their channels: the waker
- *     may have freed anything else (a channel after its last hand-off, a
- *     semaphore after its release), as it may once a wait is over.  A
+ *     handed, take its other select cases off their channels.  A
  *     channel's element, a semaphore's unit or a condition's signal
  *     handed to the coroutine is gone with it.
  *
  * Until a waker has readied the G, it may still touch w: teardown waits
  * for that before it looks at w->fired, and before the stack is freed.
- * A plain thread's wake-up may still be under way after that (its
- * loom__ready finds the runtime stopping and leaves the G alone).
  *
- * So an object an abandoned coroutine waits on may be freed while
- * loom_run ends only by a waker that completed that wait; with the wait
- * still pending the coroutine is still waiting, and freeing the object
- * is the error it always is (loom_chan_free aborts).
+ * Every object an abandoned coroutine waits on must be alive until
+ * loom_run returns (runtime.h), even if a plain thread has completed
+ * that wait meanwhile: a waker cannot know whether teardown took the
+ * wait back first (a release, a buffered send or a close returns the
+ * same either way), and withdraw locks the object.
  */
 typedef struct loom__abandon {
-  void (*withdraw)(loom__waiter *w);
+  bool (*withdraw)(loom__waiter *w);
   void (*give_back)(loom__waiter *w);
 } loom__abandon;
 
@@ -184,20 +172,28 @@ static inline void loom__waitq_push(loom__waitq *q, loom__wnode *n) {
 void loom__waitq_push_front(loom__waitq *q, loom__wnode *n);
 void loom__waitq_unlink(loom__waitq *q, loom__wnode *n);
 
-/* For a withdraw (loom__abandon): take `lock`, and take n off q unless
- * a waker that found it claimed did.  Returns with the lock held. */
-static inline void loom__waitq_withdraw(int *lock, loom__waitq *q,
+/* For a withdraw (loom__abandon): take `lock`, and take n off q, unless
+ * n's waiter is exclusive and a waker has taken n off already: then
+ * false, with the lock released.  True with the lock held. */
+static inline bool loom__waitq_withdraw(int *lock, loom__waitq *q,
                                         loom__wnode *n) {
   loom__spin_lock(lock);
+  if (n->w->exclusive && !n->queued) {
+    loom__spin_unlock(lock);
+    return false;
+  }
   loom__waitq_unlink(q, n);
+  return true;
 }
 
-/* The same, with the lock released: a withdraw with nothing to undo
- * under the lock but the node. */
-static inline void loom__waitq_take_back(int *lock, loom__waitq *q,
+/* The same, with the lock released either way: a withdraw with nothing
+ * to undo under the lock but the node. */
+static inline bool loom__waitq_take_back(int *lock, loom__waitq *q,
                                          loom__wnode *n) {
-  loom__waitq_withdraw(lock, q, n);
+  if (!loom__waitq_withdraw(lock, q, n))
+    return false;
   loom__spin_unlock(lock);
+  return true;
 }
 
 /* The first node whose waiter we can claim, unlinked; NULL if none. */
