@@ -495,19 +495,22 @@ TEST(sockets_left_open) {
 /*
  * While loom_run ends, a plain thread goes on using the objects its
  * coroutines wait on: it sends and receives on two channels, locks the
- * mutex, releases the semaphore, and at some point cancels the context.
+ * mutex, releases the semaphore, and at some point closes a third
+ * channel (a close wakes its waiters a batch at a time) and cancels the
+ * context.
  * The coroutines wait on all of them, in every way (a select with a
  * deadline and the context among them), on two Ps, and main returns at a
  * random moment.  So the end's undo may meet the thread at any point of a
  * wake-up: claiming a waiter as teardown does, holding one claimed and
- * not yet woken.  (In 60 rounds the end withdraws about 1 100 pending
- * waits and finds about 340 completed ones that never ran; a waker caught
- * between its claim and its wake-up is rarer.)  Afterwards, with the
+ * not yet woken.  (Before the third channel: in 60 rounds the end
+ * withdrew about 1 100 pending waits and found about 340 completed ones
+ * that never ran; a waker caught between its claim and its wake-up is
+ * rarer.)  Afterwards, with the
  * thread stopped, nothing is left on the objects, and the mutex is free.
  * The checks are those of the cases above; ASan and TSan do the rest.
  */
 struct race {
-  loom_chan *c, *d; /* unbuffered, buffered (2) */
+  loom_chan *c, *d, *e; /* unbuffered, buffered (2), closed by the thread */
   loom_mutex mu;
   loom_sema sem;
   loom_ctx *ctx;
@@ -520,9 +523,11 @@ static void *race_thread(void *arg) {
   rng_t g;
   rng_seed(&g, r->seed);
   int v = 0;
-  bool cancelled = false;
+  bool cancelled = false, closed = false;
+  /* Main returns within 2 ms: the close comes before, or during the end. */
+  int64_t close_at = loom_now() + (int64_t)rn(&g, 3000) * 1000;
   while (!atomic_load(&r->stop)) {
-    switch (rn(&g, 6)) {
+    switch (rn(&g, 7)) {
     case 0:
       (void)loom_chan_try_send(r->c, &v);
       break;
@@ -538,6 +543,12 @@ static void *race_thread(void *arg) {
       break;
     case 4:
       (void)loom_chan_send_until(r->c, &v, loom_now() + 20000);
+      break;
+    case 5:
+      if (!closed && loom_now() >= close_at) {
+        CHECK_OK(loom_chan_close(r->e));
+        closed = true;
+      }
       break;
     default:
       if (!cancelled && rn(&g, 200) == 0) {
@@ -556,9 +567,12 @@ static void race_worker(void *arg) {
   rng_seed(&g, race.seed + (uintptr_t)arg);
   int v = 0;
   for (;;) {
-    switch (rn(&g, 6)) {
+    switch (rn(&g, 7)) {
     case 0:
       (void)loom_chan_recv(race.c, &v);
+      break;
+    case 6:
+      (void)loom_chan_recv(race.e, &v);
       break;
     case 1:
       (void)loom_chan_send(race.d, &v);
@@ -601,6 +615,7 @@ TEST(end_races_plain_threads) {
     race.seed = (uint64_t)i;
     CHECK_OK(loom_chan_make(&race.c, sizeof(int), 0));
     CHECK_OK(loom_chan_make(&race.d, sizeof(int), 2));
+    CHECK_OK(loom_chan_make(&race.e, sizeof(int), 0));
     race.mu = (loom_mutex)LOOM_MUTEX_INIT;
     race.sem = (loom_sema)LOOM_SEMA_INIT(0);
     CHECK_OK(loom_ctx_with_cancel(&race.ctx, loom_ctx_background()));
@@ -620,8 +635,11 @@ TEST(end_races_plain_threads) {
     loom_ctx_release(race.ctx);
     CHECK_OK(loom_chan_close(race.c));
     CHECK_OK(loom_chan_close(race.d));
+    int r = loom_chan_close(race.e); /* the thread's, or now */
+    CHECK(r == 0 || r == -EPIPE);
     loom_chan_free(race.c);
     loom_chan_free(race.d);
+    loom_chan_free(race.e); /* aborts if anyone were left on it */
   }
 }
 

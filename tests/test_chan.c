@@ -244,6 +244,42 @@ static void crowd_main(void *arg) {
 }
 TEST(close_wakes_a_crowd_each_once) { check_run(crowd_main, NULL, 2); }
 
+/* Crowds of the sizes around close's batch (32): each waiter woken once,
+ * none left behind.  Receivers, then senders on a full channel. */
+static atomic_int bs_done;
+static void bs_waiter(void *arg) {
+  loom_chan *c = arg;
+  long v = 5;
+  int r = loom_chan_cap(c) == 0 ? loom_chan_recv(c, &v) : loom_chan_send(c, &v);
+  CHECK_EQ(r, loom_chan_cap(c) == 0 ? 0 : -EPIPE);
+  atomic_fetch_add(&bs_done, 1);
+}
+static void batch_sizes_main(void *arg) {
+  (void)arg;
+  static const int sizes[] = {1, 2, 31, 32, 33, 63, 64, 65, 97};
+  for (int senders = 0; senders < 2; senders++) {
+    for (size_t k = 0; k < sizeof sizes / sizeof sizes[0]; k++) {
+      loom_chan *c;
+      long v = 1;
+      CHECK_OK(loom_chan_make(&c, sizeof(long), (size_t)senders));
+      if (senders)
+        CHECK_OK(loom_chan_send(c, &v)); /* full: senders wait */
+      atomic_store(&bs_done, 0);
+      for (int i = 0; i < sizes[k]; i++)
+        CHECK_OK(loom_go(bs_waiter, c));
+      loom_sleep(5 * CHECK_MS); /* all parked (one P) */
+      CHECK_OK(loom_chan_close(c));
+      while (atomic_load(&bs_done) < sizes[k])
+        loom_sleep(CHECK_MS / 10);
+      CHECK_EQ(atomic_load(&bs_done), sizes[k]);
+      loom_chan_free(c);
+    }
+  }
+}
+TEST(close_wakes_crowds_of_every_batch_size) {
+  check_run(batch_sizes_main, NULL, 1);
+}
+
 /* ------------------------------------------------------------------ */
 /* Deadlines and nowait.                                                */
 
