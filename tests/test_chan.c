@@ -15,6 +15,7 @@
 
 #include "check.h"
 #include "loom.h"
+#include "sync/export_test.h"
 
 /* ------------------------------------------------------------------ */
 /* Unbuffered: FIFO among waiting senders; the hand-off is direct.      */
@@ -591,6 +592,50 @@ TEST(close_then_free_by_the_woken_receiver) {
     nanosleep(&ts, NULL);
     CHECK_OK(loom_chan_close(cf_c));
     pthread_join(t, NULL);
+  }
+}
+
+/* The same with a crowd, and the closer held after every wake-up (a test
+ * hook) until the channel is gone, or 20 ms: the last waiter to return
+ * frees it while close is still between its last wake-up and its
+ * return, so a touch of the channel there is a use-after-free (ASan).
+ * 1 waiter, and 33: a full batch, then one more. */
+static loom_chan *ct_c;
+static atomic_int ct_left, ct_freed;
+static void ct_hold(void) {
+  int64_t until = loom_now() + 20 * CHECK_MS;
+  while (!atomic_load(&ct_freed) && loom_now() < until)
+    sched_yield();
+}
+static void *ct_receiver(void *arg) {
+  (void)arg;
+  loom_chan *c = ct_c;
+  CHECK_EQ(loom_chan_recv(c, NULL), 0); /* closed */
+  if (atomic_fetch_sub(&ct_left, 1) == 1) {
+    loom_chan_free(c); /* every other call on it has returned */
+    atomic_store(&ct_freed, 1);
+  }
+  return NULL;
+}
+TEST(close_touches_nothing_after_its_last_wakeup) {
+  check_watchdog(30, "close, held after each wake-up");
+  static const int crowds[] = {1, 33};
+  for (size_t k = 0; k < 2; k++) {
+    int n = crowds[k];
+    CHECK_OK(loom_chan_make(&ct_c, 0, 0));
+    atomic_store(&ct_left, n);
+    atomic_store(&ct_freed, 0);
+    pthread_t t[33];
+    for (int i = 0; i < n; i++)
+      CHECK_EQ(pthread_create(&t[i], NULL, ct_receiver, NULL), 0);
+    struct timespec ts = {0, 20 * 1000 * 1000}; /* let them all queue */
+    nanosleep(&ts, NULL);
+    (void)loom__test_after_close_wake(ct_hold);
+    CHECK_OK(loom_chan_close(ct_c)); /* ct_c is gone when it returns */
+    (void)loom__test_after_close_wake(NULL);
+    for (int i = 0; i < n; i++)
+      pthread_join(t[i], NULL);
+    CHECK_EQ(atomic_load(&ct_freed), 1);
   }
 }
 

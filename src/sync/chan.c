@@ -33,6 +33,7 @@
 #include "loom/chan.h"
 #include "runtime/alloc.h"
 #include "runtime/runtime.h"
+#include "sync/export_test.h"
 #include "sync/wait.h"
 
 typedef loom__waiter waiter;
@@ -58,6 +59,21 @@ static void unlock(loom_chan *c) { loom__spin_unlock(&c->lock); }
 #define dequeue loom__waitq_pop
 #define wake loom__waiter_wake
 #define claim loom__waiter_claim
+
+static void (*_Atomic after_close_wake)(void); /* export_test.h */
+
+void (*loom__test_after_close_wake(void (*fn)(void)))(void) {
+  return atomic_exchange(&after_close_wake, fn);
+}
+
+/* Wake a waiter close has claimed; the test hook after it. */
+static void close_wake(loom__waiter *w) {
+  wake(w);
+  void (*fn)(void) =
+      atomic_load_explicit(&after_close_wake, memory_order_relaxed);
+  if (fn != NULL)
+    fn();
+}
 
 /* dequeue from the back: the last claimable waiter, or NULL. */
 static sudog *dequeue_back(waitq *q) {
@@ -364,14 +380,14 @@ int loom_chan_close(loom_chan *c) {
     bool more = c->recvq.head_ != NULL || c->sendq.head_ != NULL;
     unlock(c);
     if (held != NULL)
-      wake(held->w);
+      close_wake(held->w);
     if (!more) {
       for (int i = 0; i < n; i++)
-        wake(batch[i]->w); /* the channel is not touched again */
+        close_wake(batch[i]->w); /* the channel is not touched again */
       return 0;
     }
     for (int i = 0; i < n - 1; i++)
-      wake(batch[i]->w);
+      close_wake(batch[i]->w);
     held = batch[n - 1]; /* keeps the channel alive until the next unlock */
     lock(c);
   }
