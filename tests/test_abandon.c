@@ -728,18 +728,40 @@ TEST(plain_handoff_races_the_end) {
  * in the next slot, still waits. */
 static loom_chan *slowc, *vc;
 static char *slowsrc, *slowdst;
-static atomic_int rt1_up, rt2_up, slow_started, victim_ran;
+static atomic_int rt1_up, slow_started, victim_ran;
+
+/* The next runtime: a thread that, once *start is set, tries loom_run
+ * until it may, and whose main sets next_up and stays a while, time for
+ * a misplaced G to be run. */
+static atomic_int next_up;
+static void next_main(void *arg) {
+  (void)arg;
+  atomic_store(&next_up, 1);
+  loom_sleep(100 * CHECK_MS);
+}
+static void *next_runtime(void *start) {
+  loom_config cfg;
+  loom_config_init(&cfg);
+  cfg.procs = 1;
+  while (!atomic_load((atomic_int *)start))
+    sched_yield();
+  int r;
+  while ((r = loom_run(next_main, NULL, &cfg)) == LOOM_ERUNNING)
+    sched_yield();
+  CHECK_OK(r);
+  return NULL;
+}
 
 static void slow_recv(void *arg) {
   (void)arg;
   parked++;
   loom_chan_recv(slowc, slowdst);
 }
+/* Parked in a receive on arg, abandoned: it must never run again. */
 static void victim(void *arg) {
-  (void)arg;
   parked++;
   int v;
-  loom_chan_recv(vc, &v);
+  loom_chan_recv(arg, &v);
   atomic_store(&victim_ran, 1);
   CHECK_FAIL("an abandoned coroutine of the first runtime ran in the next");
 }
@@ -749,27 +771,9 @@ static void *slow_sender(void *arg) {
   (void)loom_chan_try_send(slowc, slowsrc); /* handed off, or taken back */
   return NULL;
 }
-static void rt2_main(void *arg) {
-  (void)arg;
-  atomic_store(&rt2_up, 1);
-  loom_sleep(100 * CHECK_MS);
-}
-static void *rt2_thread(void *arg) {
-  (void)arg;
-  loom_config cfg;
-  loom_config_init(&cfg);
-  cfg.procs = 1;
-  while (!atomic_load(&rt1_up))
-    sched_yield();
-  int r;
-  while ((r = loom_run(rt2_main, NULL, &cfg)) == LOOM_ERUNNING)
-    sched_yield();
-  CHECK_OK(r);
-  return NULL;
-}
 static void *late_sender(void *arg) {
   (void)arg;
-  while (!atomic_load(&rt2_up))
+  while (!atomic_load(&next_up))
     sched_yield();
   int v = 1;
   (void)loom_chan_try_send(vc, &v); /* no receiver: -EAGAIN */
@@ -779,7 +783,7 @@ static void rt1_main(void *arg) {
   pthread_t *th = arg;
   atomic_store(&rt1_up, 1);
   CHECK_OK(loom_go(slow_recv, NULL));
-  CHECK_OK(loom_go(victim, NULL));
+  CHECK_OK(loom_go(victim, vc));
   settle(2);
   CHECK(pthread_create(&th[0], NULL, slow_sender, NULL) == 0);
   while (!atomic_load(&slow_started))
@@ -789,6 +793,7 @@ static void rt1_main(void *arg) {
 
 TEST(later_runtime_gets_no_abandoned_coroutine) {
   parked = 0;
+  atomic_store(&victim_ran, 0);
   slowsrc = malloc(2 * BIG);
   slowdst = malloc(2 * BIG);
   CHECK(slowsrc != NULL && slowdst != NULL);
@@ -797,7 +802,8 @@ TEST(later_runtime_gets_no_abandoned_coroutine) {
   CHECK_OK(loom_chan_make(&slowc, 2 * BIG, 0));
   CHECK_OK(loom_chan_make(&vc, sizeof(int), 0));
   pthread_t th[3];
-  CHECK(pthread_create(&th[1], NULL, rt2_thread, NULL) == 0);
+  atomic_store(&next_up, 0);
+  CHECK(pthread_create(&th[1], NULL, next_runtime, &rt1_up) == 0);
   CHECK(pthread_create(&th[2], NULL, late_sender, NULL) == 0);
   run1(rt1_main, th);
   for (int i = 0; i < 3; i++)
@@ -820,21 +826,13 @@ TEST(later_runtime_gets_no_abandoned_coroutine) {
  * stacks are about to go.  The hook lets the waker go once the next
  * runtime runs, or after 300 ms if it cannot start meanwhile. */
 static loom_chan *hc;
-static atomic_int h_held, h_rt2_up, h_victim_ran;
+static atomic_int h_held;
 
 static void h_hold(void) {
   atomic_store(&h_held, 1);
   int64_t until = loom_now() + 300 * CHECK_MS;
-  while (!atomic_load(&h_rt2_up) && loom_now() < until)
+  while (!atomic_load(&next_up) && loom_now() < until)
     usleep(1000);
-}
-static void h_victim(void *arg) {
-  (void)arg;
-  parked++;
-  int v;
-  loom_chan_recv(hc, &v);
-  atomic_store(&h_victim_ran, 1);
-  CHECK_FAIL("an abandoned coroutine of the first runtime ran on");
 }
 static void *h_waker(void *arg) {
   (void)arg;
@@ -842,27 +840,9 @@ static void *h_waker(void *arg) {
   CHECK_OK(loom_chan_try_send(hc, &v)); /* a hand-off: the victim waits */
   return NULL;
 }
-static void h_rt2_main(void *arg) {
-  (void)arg;
-  atomic_store(&h_rt2_up, 1);
-  loom_sleep(100 * CHECK_MS); /* time for a misplaced G to be run */
-}
-static void *h_rt2_thread(void *arg) {
-  (void)arg;
-  loom_config cfg;
-  loom_config_init(&cfg);
-  cfg.procs = 1;
-  while (!atomic_load(&h_held))
-    sched_yield();
-  int r;
-  while ((r = loom_run(h_rt2_main, NULL, &cfg)) == LOOM_ERUNNING)
-    sched_yield();
-  CHECK_OK(r);
-  return NULL;
-}
 static void h_main(void *arg) {
   pthread_t *th = arg;
-  CHECK_OK(loom_go(h_victim, NULL));
+  CHECK_OK(loom_go(victim, hc));
   settle(1);
   CHECK(pthread_create(&th[0], NULL, h_waker, NULL) == 0);
   while (!atomic_load(&h_held))
@@ -871,15 +851,17 @@ static void h_main(void *arg) {
 
 TEST(held_wakeup_does_not_reach_the_next_runtime) {
   parked = 0;
+  atomic_store(&victim_ran, 0);
   CHECK_OK(loom_chan_make(&hc, sizeof(int), 0));
   (void)loom__test_hold_foreign_ready(h_hold);
   pthread_t th[2];
-  CHECK(pthread_create(&th[1], NULL, h_rt2_thread, NULL) == 0);
+  atomic_store(&next_up, 0);
+  CHECK(pthread_create(&th[1], NULL, next_runtime, &h_held) == 0);
   run1(h_main, th);
   for (int i = 0; i < 2; i++)
     pthread_join(th[i], NULL);
   (void)loom__test_hold_foreign_ready(NULL);
-  CHECK_EQ(atomic_load(&h_victim_ran), 0);
+  CHECK_EQ(atomic_load(&victim_ran), 0);
   int v = 1;
   CHECK_ERR(loom_chan_try_send(hc, &v), -EAGAIN); /* nobody waits on it */
   loom_chan_free(hc);
