@@ -63,7 +63,9 @@
  * returns, every socket still open (connection, listener, UDP or Unix
  * socket) has been closed and freed, a bound Unix path removed, and its
  * handle is gone as if loom_close had returned: no call, loom_close
- * included, may use it after.
+ * included, may use it after.  Nor may a plain thread's call on it (a
+ * deadline, loom_shutdown, loom_close) overlap loom_run's end: the
+ * coroutine such a call wakes may be freed under it.
  *
  * All calls below must run on a coroutine (else LOOM_ENOTCO) unless noted.
  * Those that may wait (reads, writes, accepts, dials) also fail with

@@ -637,7 +637,11 @@ void loom__ready(loom__g *g) {
  * status of a G whose wait it undoes (loom__waiter_undo) and only then
  * moves on to take current_rt down (under rt_mu), cannot let another
  * runtime become current before this thread has looked.  If the runtime
- * is stopping, or gone, so is the G's chance to run: it is left alone. */
+ * is stopping, or gone, so is the G's chance to run: it is not queued.
+ * (Its status is still written: teardown keeps the G until then when a
+ * plain thread has claimed its sync wait, but a socket wait leaves no
+ * record to wait on, hence net.h's rule for plain threads' socket calls
+ * at loom_run's end.) */
 static void (*_Atomic hold_foreign_ready)(void); /* export_test.h */
 
 __attribute__((noinline)) static void ready_foreign(loom__g *g) {
