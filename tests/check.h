@@ -440,13 +440,26 @@ static inline int64_t check_stalled_ns(int64_t t0, int64_t t1) {
 
 /* ---- running the runtime ---- */
 
-/* loom_run with `procs` Ps (0: default), the rest defaults; must return 0. */
-static inline void check_run(void (*fn)(void *), void *arg, int procs) {
+static inline void check_run_(void (*fn)(void *), void *arg, int procs,
+                              bool hog) {
   loom_config cfg;
   loom_config_init(&cfg);
   if (procs > 0)
     cfg.procs = procs;
+  if (hog)
+    cfg.long_run_warn_ns = -1;
   CHECK_OK(loom_run(fn, arg, &cfg));
+}
+
+/* loom_run with `procs` Ps (0: default), the rest defaults; must return 0. */
+static inline void check_run(void (*fn)(void *), void *arg, int procs) {
+  check_run_(fn, arg, procs, false);
+}
+
+/* The same for a test whose coroutine keeps its P on purpose: with the
+ * long-run warning off. */
+static inline void check_run_hog(void (*fn)(void *), void *arg, int procs) {
+  check_run_(fn, arg, procs, true);
 }
 
 /* ---- child processes ---- */

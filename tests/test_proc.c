@@ -212,11 +212,7 @@ static void spawn_then_busy_main(void *arg) {
 }
 
 TEST(spawn_while_other_thread_goes_idle_is_not_stranded) {
-  loom_config cfg;
-  loom_config_init(&cfg);
-  cfg.procs = 2;
-  cfg.long_run_warn_ns = -1;
-  CHECK_OK(loom_run(spawn_then_busy_main, NULL, &cfg));
+  check_run_hog(spawn_then_busy_main, NULL, 2);
   CHECK_EQ(atomic_load(&lost_wakeups), 0);
 }
 
@@ -493,12 +489,8 @@ static void stall_main(void *arg) {
 }
 
 TEST(busy_p_takes_over_a_stalled_queue) {
-  loom_config cfg;
   check_watchdog(20, "coroutines queued behind a long runner never ran");
-  loom_config_init(&cfg);
-  cfg.procs = 2;
-  cfg.long_run_warn_ns = -1; /* the hog is on purpose */
-  CHECK_OK(loom_run(stall_main, NULL, &cfg));
+  check_run_hog(stall_main, NULL, 2);
 }
 
 /* ------------------------------------------------------------------ */

@@ -558,11 +558,7 @@ static void lost_wakeup_main(void *arg) {
 }
 
 TEST(lost_wakeup_is_recovered_by_sysmon) {
-  loom_config cfg;
-  loom_config_init(&cfg);
-  cfg.procs = 2;
-  cfg.long_run_warn_ns = -1;
-  CHECK_OK(loom_run(lost_wakeup_main, NULL, &cfg));
+  check_run_hog(lost_wakeup_main, NULL, 2);
 }
 
 CHECK_MAIN()

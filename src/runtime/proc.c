@@ -129,13 +129,18 @@ int loom__mutex_init(pthread_mutex_t *mu) {
   return -err;
 }
 
-loom__rt *loom__rt_get(void) {
-  loom__m *m = loom__getm();
-  if (m != NULL)
-    return m->rt;
-  /* A plain thread: a stopping runtime is as good as gone. */
+/* The current runtime for a plain thread, or NULL: a stopping one is as
+ * good as gone (its end may be undoing its coroutines' waits, taking its
+ * timers apart; see rt_undo).  Under rt_mu, unless a stale answer does
+ * no harm. */
+static loom__rt *live_rt(void) {
   loom__rt *rt = atomic_load(&current_rt);
   return rt != NULL && !atomic_load(&rt->stopping) ? rt : NULL;
+}
+
+loom__rt *loom__rt_get(void) {
+  loom__m *m = loom__getm();
+  return m != NULL ? m->rt : live_rt();
 }
 
 int64_t loom_now(void) {
@@ -607,7 +612,7 @@ void loom__park(bool (*commit)(loom__g *g, void *arg), void *arg,
   g->wait_reason = NULL;
 }
 
-static void ready_global(loom__m *m, loom__g *g);
+static void ready_global(loom__rt *rt, loom__g *g);
 static void ready_foreign(loom__g *g);
 
 void loom__ready(loom__g *g) {
@@ -624,7 +629,7 @@ void loom__ready(loom__g *g) {
   }
   atomic_store_explicit(&g->status, G_RUNNABLE, memory_order_release);
   if (m->p == NULL) {
-    ready_global(m, g);
+    ready_global(m->rt, g);
     return;
   }
   loom__runq_put(m->rt, m->p, g, true);
@@ -651,19 +656,15 @@ __attribute__((noinline)) static void ready_foreign(loom__g *g) {
     hold();
   pthread_mutex_lock(&rt_mu);
   atomic_store_explicit(&g->status, G_RUNNABLE, memory_order_release);
-  loom__rt *rt = atomic_load(&current_rt);
-  if (rt != NULL && !atomic_load(&rt->stopping)) {
-    pthread_mutex_lock(&rt->lock);
-    loom__globrunq_put(rt, g);
-    pthread_mutex_unlock(&rt->lock);
-    loom__wakep(rt);
-  }
+  loom__rt *rt = live_rt();
+  if (rt != NULL)
+    ready_global(rt, g);
   pthread_mutex_unlock(&rt_mu);
 }
 
-/* loom__ready from an M without a P. */
-__attribute__((noinline)) static void ready_global(loom__m *m, loom__g *g) {
-  loom__rt *rt = m->rt;
+/* loom__ready from an M without a P, or from a plain thread: g on rt's
+ * global queue. */
+__attribute__((noinline)) static void ready_global(loom__rt *rt, loom__g *g) {
   pthread_mutex_lock(&rt->lock);
   loom__globrunq_put(rt, g);
   pthread_mutex_unlock(&rt->lock);
@@ -904,8 +905,8 @@ int loom__arm_begin(loom__arm *a, int n) {
      * under us until loom__arm_end, as in go_impl; a stopping one is
      * taking its timers apart. */
     pthread_mutex_lock(&rt_mu);
-    rt = atomic_load(&current_rt);
-    if (rt == NULL || atomic_load(&rt->stopping)) {
+    rt = live_rt();
+    if (rt == NULL) {
       pthread_mutex_unlock(&rt_mu);
       return LOOM_ENORUNTIME;
     }
@@ -1383,9 +1384,9 @@ static int go_impl(void (*fn)(void *), void *arg, size_t stack_size,
   /* A foreign thread: hold rt_mu so the runtime cannot be torn down
    * under us. */
   pthread_mutex_lock(&rt_mu);
-  loom__rt *rt = atomic_load(&current_rt);
+  loom__rt *rt = live_rt();
   int err = LOOM_ENORUNTIME;
-  if (rt != NULL && !atomic_load(&rt->stopping))
+  if (rt != NULL)
     err = spawn(rt, NULL, fn, arg, stack_size, pc, false);
   pthread_mutex_unlock(&rt_mu);
   return err;
