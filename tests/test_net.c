@@ -2856,6 +2856,73 @@ TEST(late_cancel_leaves_sleeping_unixgram_writes_alone) {
   check_run(late_sleeper_main, NULL, 2);
 }
 
+/* Writers sharing one context on an unconnected Unix datagram socket
+ * whose peer is full: one holds the write turn, the others sleep for
+ * the peer (loom__pd_sleep).  The cancel runs the turn holder's hook,
+ * which wakes the sleepers under the context's lock, while a sleeper
+ * that is parking hooks the same context: the sleeper's commit must not
+ * hold the sleepers' lock as it does, or the two wait for each other
+ * for good.  A plain thread cancels at a moment the sleepers' lock is
+ * held, most often by a sleeper in that commit, while one of the 32
+ * writers holds the turn (it only reads the lock word). */
+static loom_pconn *shared_un;
+static struct sockaddr_storage shared_to;
+static socklen_t shared_tl;
+static loom_ctx *shared_ctx;
+static atomic_int shared_left;
+
+static void shared_writer(void *arg) {
+  (void)arg;
+  struct iovec iov = {(void *)"w", 1};
+  ssize_t r = loom_pconn_write_msg_ctx(
+      shared_un, &iov, 1, (struct sockaddr *)&shared_to, shared_tl, shared_ctx);
+  CHECK(r == -ECANCELED || r == -ETIMEDOUT);
+  atomic_fetch_sub(&shared_left, 1);
+}
+
+static void *shared_canceller(void *arg) {
+  (void)arg;
+  loom__netfd *f = (loom__netfd *)(void *)shared_un; /* nf comes first */
+  int64_t end = loom_now() + 50 * CHECK_MS;
+  while (loom_now() < end &&
+         !__atomic_load_n(&f->pd->slock, __ATOMIC_RELAXED))
+    ;
+  loom_ctx_cancel(shared_ctx);
+  return NULL;
+}
+
+static void shared_cancel_main(void *arg) {
+  (void)arg;
+  static ugram_four q;
+  ugram_four_open("shared", &q);
+  shared_un = q.un;
+  shared_to = q.to;
+  shared_tl = q.tl;
+  for (int i = 0; i < 100; i++) {
+    /* A cut leaves the deadline passed: clear it for the next round. */
+    CHECK_OK(loom_pconn_set_write_deadline(shared_un, 0));
+    CHECK_OK(loom_ctx_with_cancel(&shared_ctx, loom_ctx_background()));
+    atomic_store(&shared_left, 32);
+    for (int k = 0; k < 32; k++)
+      CHECK_OK(loom_go(shared_writer, NULL));
+    pthread_t t;
+    CHECK_OK(pthread_create(&t, NULL, shared_canceller, NULL));
+    loom_block_enter();
+    pthread_join(t, NULL);
+    loom_block_exit();
+    while (atomic_load(&shared_left) > 0)
+      loom_sleep(CHECK_MS);
+    loom_ctx_release(shared_ctx);
+  }
+  CHECK_OK(loom_pconn_close(shared_un));
+  ugram_four_close(&q);
+}
+
+TEST(cancel_of_writers_sharing_a_context_while_they_sleep) {
+  check_watchdog(30, "writers sharing a cancelled context (a deadlock?)");
+  check_run(shared_cancel_main, NULL, 2);
+}
+
 /* Socket options: TCP_NODELAY is on from the start (as in Go), keep-alive
  * sets its three options, and on a Unix socket, which has no TCP
  * options, a keep-alive with an idle time fails and changes nothing. */

@@ -135,11 +135,19 @@ static void cancel_fire(void *arg) {
 }
 
 /*
- * The commit arms the deadline timer and the cancel hook, then releases
- * the caller's locks.  Either claimant may ready the coroutine before the
- * commit is over (a timer can fire on another thread at once); the woken
+ * The commit arms the deadline timer, releases the caller's locks, and
+ * then hooks the context.  Either claimant may ready the coroutine before
+ * the commit is over (a timer can fire on another thread at once, a
+ * waker can claim the waiter once the locks are gone); the woken
  * coroutine then spins on w->committed before it leaves its frame, so the
  * commit may keep using the park arguments on its stack to the end.
+ * The context is hooked after the release, not before: a cancel runs its
+ * hooks under the context's lock, and a hook may take the lock of what
+ * it wakes (the net layer's expire takes a socket's sleepers' lock, which
+ * a sleeper's wait releases here), so a commit that took the context's
+ * lock while holding that one could wait for a cancel waiting for it.
+ * A cancel that lands between the two is not lost: the hook is then
+ * refused, and the commit claims the waiter itself.
  */
 static bool park_commit(loom__g *g, void *arg) {
   struct park_arg *pa = arg;
@@ -153,6 +161,7 @@ static bool park_commit(loom__g *g, void *arg) {
     loom__timer_add(&m->p->timers, &g->timer, pa->deadline);
     loom__wake_netpoller(m->rt, pa->deadline);
   }
+  pa->release(pa->arg);
   if (pa->ctx != NULL) {
     pa->hooked = loom__ctx_hook_add(pa->ctx, pa->hook, g);
     if (!pa->hooked && loom__waiter_claim(w)) {
@@ -160,7 +169,6 @@ static bool park_commit(loom__g *g, void *arg) {
       stay = false;
     }
   }
-  pa->release(pa->arg);
   atomic_store_explicit(&w->committed, 1, memory_order_release);
   return stay;
 }
@@ -196,16 +204,16 @@ loom__waiter_wait_ctx(loom__waiter *w, void (*release)(void *arg), void *arg,
       loom__timer_del(&w->g->timer); /* waits for a running deadline_fire */
     return;
   }
+  /* A plain thread: the locks first here too (see park_commit). */
+  release(arg);
   bool hooked = false;
   if (ctx != NULL) {
     hooked = loom__ctx_hook_add(ctx, &hook, NULL);
     if (!hooked && loom__waiter_claim(w)) {
       w->fired = LOOM__FIRED_CANCEL;
-      release(arg);
       return;
     }
   }
-  release(arg);
   if (deadline == 0) {
     loom__note_sleep(&w->note);
   } else {
