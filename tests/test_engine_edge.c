@@ -39,6 +39,7 @@
 
 #include "check.h"
 #include "check_zlib.h"
+#include "engine/export_test.h"
 #include "loom.h"
 
 #define SEC INT64_C(1000000000)
@@ -1180,6 +1181,49 @@ static void retime_main(void *arg) {
   CHECK_OK(loom_server_close(srv, loom_now() + 5 * SEC));
 }
 TEST(timeouts_changed_while_running) { run(retime_main, 2, "retime"); }
+
+/* read_timeout turned off just as the reader's idle check comes due, in
+ * the window between its look at pending changes and the check (a test
+ * hook makes the change there, as a reader preempted at that point would
+ * let another thread make it): the check still measures the peer's
+ * silence against the timeout it was armed with, so a peer that talks
+ * every 2 ms is not idle, and the session stays open, now without a
+ * timeout, instead of closing with -ETIMEDOUT at once. */
+static atomic_int window_hits;
+static void idle_window(loom_session *s) {
+  if (atomic_fetch_add(&window_hits, 1) == 0)
+    CHECK_OK(loom_session_set_read_timeout(s, 0));
+}
+static void idle_window_main(void *arg) {
+  (void)arg;
+  codecs_init();
+  loom_server_opts o = server_opts(&line);
+  o.session.read_timeout = 30 * CHECK_MS;
+  loom_conn *peer;
+  loom_server *srv = serve_dial(&o, &peer);
+  WAIT_FOR(atomic_load(&E.opens) == 1, 5);
+  atomic_store(&loom__test_idle_window, idle_window);
+  int64_t t0 = loom_now();
+  /* Until the check has come and gone twice the old timeout. */
+  while (atomic_load(&window_hits) == 0 || loom_now() - t0 < 100 * CHECK_MS) {
+    CHECK_EQ(loom_write(peer, "x\n", 2), 2);
+    loom_sleep(2 * CHECK_MS);
+    CHECK(loom_now() - t0 < 5 * SEC);
+  }
+  atomic_store(&loom__test_idle_window, NULL);
+  CHECK_EQ(atomic_load(&window_hits), 1); /* no timeout, no check since */
+  CHECK_EQ(atomic_load(&E.errs), 0);
+  CHECK_EQ(atomic_load(&E.closes), 0);
+  loom_sleep(60 * CHECK_MS); /* silent now, with no timeout: still open */
+  CHECK_EQ(atomic_load(&E.closes), 0);
+  CHECK_OK(loom_close(peer));
+  WAIT_FOR(atomic_load(&E.closes) == 1, 5);
+  CHECK_EQ(atomic_load(&E.errs), 0);
+  CHECK_OK(loom_server_close(srv, loom_now() + 5 * SEC));
+}
+TEST(read_timeout_turned_off_as_the_idle_check_comes) {
+  run(idle_window_main, 2, "read timeout off in the idle check's window");
+}
 
 /* The same from a plain thread of the application's own. */
 static void *retime_thread(void *arg) {

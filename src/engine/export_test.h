@@ -11,11 +11,20 @@
  * through a layer into a loom__readbuf with read_stream's own calls
  * (stack, room, took, unstack, shed), so it checks the buffer the
  * session uses, not a copy of it.
+ *
+ * A hook in the reader's idle check (below).
  */
 #ifndef LOOM_ENGINE_EXPORT_TEST_H
 #define LOOM_ENGINE_EXPORT_TEST_H
 
 #include "engine/layer.h"
 #include "engine/readbuf.h"
+#include "loom/engine.h"
+
+/* Called by a session's reader when its idle check comes due, between
+ * its look at pending option changes and the check (NULL: nothing; one
+ * relaxed load per check): a test changes read_timeout there, in the
+ * window a reader preempted at that point would leave open. */
+extern void (*_Atomic loom__test_idle_window)(loom_session *s);
 
 #endif

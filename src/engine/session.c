@@ -75,6 +75,7 @@
 #include <sys/socket.h>
 
 #include "engine/engine.h"
+#include "engine/export_test.h"
 #include "engine/layer.h"
 #include "engine/readbuf.h"
 #include "loom/runtime.h"
@@ -1390,6 +1391,9 @@ typedef struct reader {
   int64_t deadline;     /* the read deadline now set (0: none) */
   int64_t next_cron;    /* 0: no cron */
   int64_t idle_check;   /* when to look at last_read again; 0: never */
+  int64_t read_timeout; /* the read_timeout idle_check was armed with: a
+                           change lands through retime, never between
+                           the two */
   int64_t handled_at;   /* when the reader last came back from handing
                            packages over: time in handlers (or waiting
                            for a full pool) is not the peer's idleness */
@@ -1448,6 +1452,7 @@ static void shed(loom_session *s, reader *r, bool to_stack) {
 static void retime(loom_session *s, reader *r, int64_t now, unsigned what) {
   if (what & RETIME_IDLE) {
     int64_t rt = opt_load(&s->o.read_timeout);
+    r->read_timeout = rt;
     r->idle_check =
         rt && (!s->packet || s->connected) ? loom__sat_add(now, rt) : 0;
   }
@@ -1506,6 +1511,8 @@ static inline int arm(loom_session *s, reader *r) {
   return arm_slow(s, r);
 }
 
+void (*_Atomic loom__test_idle_window)(loom_session *s); /* export_test.h */
+
 /* A read deadline passed: run cron, check idleness.  0 or an error. */
 static int on_deadline(loom_session *s, reader *r) {
   int64_t now = loom_now();
@@ -1513,15 +1520,21 @@ static int on_deadline(loom_session *s, reader *r) {
   if (!s->packet)
     shed(s, r, true); /* a cron tick or idle check: a quiet moment */
   /* An option changed (its wake-up may be what woke us): arm recomputes
-   * its deadline first, and the idle check must not measure an old
-   * deadline against a new read_timeout (0 would close at once). */
+   * its deadline first. */
   if (atomic_load_explicit(&s->retime, memory_order_acquire) != 0)
     return 0;
   if (r->idle_check && now >= r->idle_check) {
+    void (*hook)(loom_session *) =
+        atomic_load_explicit(&loom__test_idle_window, memory_order_relaxed);
+    if (hook != NULL)
+      hook(s);
+    /* Measured against the read_timeout the check was armed with: one
+     * changed since our look at retime (0 would close at once) is for
+     * arm to apply, counted from the change. */
     int64_t since = LOAD(last_read);
     if (r->handled_at > since)
       since = r->handled_at;
-    int64_t idle_until = loom__sat_add(since, opt_load(&s->o.read_timeout));
+    int64_t idle_until = loom__sat_add(since, r->read_timeout);
     if (now >= idle_until)
       return -ETIMEDOUT;
     r->idle_check = idle_until;
