@@ -122,6 +122,148 @@ TEST(unixgram_write_to_slow_peer_vs_close) {
   check_run(ug_main, NULL, 2);
 }
 
+/* A graceful close without a deadline, of a packet session whose handler
+ * waits (timeout -1) to reply to a peer that never reads: the close
+ * bounds that wait by the linger, as it does a stream's wait for room,
+ * and the reply fails with LOOM_ECLOSED; without that bound the close
+ * waited for the handler, and the handler for the end of the close, for
+ * ever.  A server's unconnected unixgram socket (its sends retry on
+ * their own), with a linger of 100 ms and with a negative one (at
+ * once); then a client's connected unixgram socket (its sends take the
+ * socket's turn, and wait in it). */
+static atomic_int pg_blocked, pg_closes, pg_rc, pg_replies;
+static void pg_message(loom_session *s, const loom_pkg *pkg) {
+  atomic_fetch_add(&pg_blocked, 1);
+  int rc = pkg->from != NULL
+               ? loom_session_write_to(s, pkg->data, pkg->len, pkg->from,
+                                       pkg->fromlen, -1)
+               : loom_session_write(s, pkg->data, pkg->len, -1);
+  if (rc != 0)
+    atomic_store(&pg_rc, rc);
+  else
+    atomic_fetch_add(&pg_replies, 1);
+  atomic_fetch_sub(&pg_blocked, 1);
+}
+static void pg_close(loom_session *s) {
+  (void)s;
+  atomic_fetch_add(&pg_closes, 1);
+}
+static const loom_session_listener pg_listener = {.on_message = pg_message,
+                                                  .on_close = pg_close};
+/* A client's session says hello, so its peer learns where it is. */
+static int pg_hello(loom_session *s) {
+  CHECK_OK(loom_session_write(s, "hi", 2, 0));
+  return 0;
+}
+static const loom_session_listener pg_client_listener = {
+    .on_open = pg_hello, .on_message = pg_message, .on_close = pg_close};
+
+/* Send 1 KiB datagrams from fd to `to` (never reading) until a handler
+ * waits to reply. */
+static void pg_flood(int fd, const struct sockaddr *to, socklen_t tolen) {
+  char b[1024];
+  memset(b, 'x', sizeof b);
+  for (int i = 0; atomic_load(&pg_blocked) == 0; i++) {
+    CHECK(i < 5000);
+    (void)sendto(fd, b, sizeof b, MSG_DONTWAIT, to, tolen);
+    loom_sleep(CHECK_MS);
+  }
+  loom_sleep(20 * CHECK_MS); /* well into its wait */
+  CHECK_EQ(atomic_load(&pg_blocked), 1);
+}
+
+/* A bound plain unixgram socket at `path`.peer. */
+static int pg_peer(const char *path, struct sockaddr_un *me) {
+  int fd = socket(AF_UNIX, SOCK_DGRAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+  CHECK(fd >= 0);
+  *me = (struct sockaddr_un){.sun_family = AF_UNIX};
+  snprintf(me->sun_path, sizeof me->sun_path, "%s.peer", path);
+  unlink(me->sun_path);
+  CHECK_EQ(bind(fd, (struct sockaddr *)me, sizeof *me), 0);
+  return fd;
+}
+
+static void pg_server_main(void *arg) {
+  int64_t linger = *(const int64_t *)arg;
+  char path[96];
+  snprintf(path, sizeof path, "/tmp/loom-test-pgsrv-%d.sock", (int)getpid());
+  unlink(path);
+  loom_server_opts o = {
+      .network = "unixgram",
+      .addr = path,
+      .session = {.listener = &pg_listener, .linger = linger}};
+  loom_server *srv;
+  CHECK_OK(loom_server_start(&srv, &o));
+  struct sockaddr_un me, to = {.sun_family = AF_UNIX};
+  int fd = pg_peer(path, &me);
+  snprintf(to.sun_path, sizeof to.sun_path, "%s", path);
+  pg_flood(fd, (struct sockaddr *)&to, sizeof to);
+  int64_t t0 = loom_now();
+  CHECK_OK(loom_server_close(srv, 0)); /* no deadline: graceful to the end */
+  int64_t took = loom_now() - t0;
+  CHECK_EQ(atomic_load(&pg_closes), 1);
+  CHECK_ERR(atomic_load(&pg_rc), LOOM_ECLOSED);
+  if (linger > 0)
+    CHECK_GE(took, linger - 5 * CHECK_MS); /* it waited for room that long */
+  CHECK_LT(took, 2000 * CHECK_MS);
+  close(fd);
+  unlink(me.sun_path);
+  unlink(path);
+}
+TEST(packet_server_close_bounds_a_reply_waiting_for_room) {
+  static int64_t linger = 100 * CHECK_MS;
+  check_watchdog(10, "graceful close of a packet server, reply waiting");
+  check_run(pg_server_main, &linger, 2);
+}
+TEST(packet_server_close_without_linger_ends_a_waiting_reply_at_once) {
+  static int64_t linger = -1;
+  check_watchdog(10, "graceful close of a packet server, reply waiting");
+  check_run(pg_server_main, &linger, 2);
+}
+
+static void pg_client_main(void *arg) {
+  (void)arg;
+  char path[96];
+  snprintf(path, sizeof path, "/tmp/loom-test-pgcl-%d.sock", (int)getpid());
+  unlink(path);
+  struct sockaddr_un me;
+  int fd = pg_peer(path, &me); /* the client's server: never reads */
+  loom_client_opts o = {
+      .network = "unixgram",
+      .addr = me.sun_path,
+      .session = {.listener = &pg_client_listener, .linger = 100 * CHECK_MS}};
+  loom_client *cl;
+  CHECK_OK(loom_client_start(&cl, &o));
+  CHECK_OK(loom_client_wait(cl, 1, loom_now() + 5 * 1000 * CHECK_MS));
+  /* Learn the client's (autobound) address from its hello. */
+  struct sockaddr_un from;
+  socklen_t fl = 0;
+  char b[64];
+  for (int i = 0; i < 5000 && fl == 0; i++) {
+    fl = sizeof from;
+    ssize_t k =
+        recvfrom(fd, b, sizeof b, MSG_DONTWAIT, (struct sockaddr *)&from, &fl);
+    if (k < 0) {
+      fl = 0;
+      loom_sleep(CHECK_MS);
+    }
+  }
+  pg_flood(fd, (struct sockaddr *)&from, fl);
+  int64_t t0 = loom_now();
+  CHECK_OK(loom_client_close(cl, 0));
+  int64_t took = loom_now() - t0;
+  CHECK_EQ(atomic_load(&pg_closes), 1);
+  CHECK_ERR(atomic_load(&pg_rc), LOOM_ECLOSED);
+  CHECK_GE(took, 95 * CHECK_MS);
+  CHECK_LT(took, 2000 * CHECK_MS);
+  close(fd);
+  unlink(me.sun_path);
+}
+TEST(packet_client_close_bounds_a_reply_waiting_for_room) {
+  check_watchdog(10, "graceful close of a packet client, reply waiting");
+  check_run(pg_client_main, NULL, 2);
+}
+
 /* ---- focused: half-close on a compressed session ------------------------- */
 
 static void zh_message(loom_session *s, const loom_pkg *pkg) {

@@ -52,9 +52,10 @@
  * dropped), packages already handed over are handled, queued bytes are
  * written (for at most `linger`), then on_close runs and the socket
  * closes.  A write waiting for room in the queue (its own timeout
- * aside) waits at most `linger` from the close (none with a negative
- * linger), then fails with LOOM_ECLOSED: a reply that waits for a peer
- * that never reads does not hold the close for ever.  An error — a
+ * aside), or a packet session's for room in its socket, waits at most
+ * `linger` from the close (none with a negative linger), then fails with
+ * LOOM_ECLOSED: a reply that waits for a peer that never reads does not
+ * hold the close for ever.  An error — a
  * reset, a timeout, a malformed or oversized package — closes at once,
  * dropping the queue, after on_error.  When the peer half-closes,
  * every package it sent is delivered and every reply queued by then is
@@ -241,14 +242,16 @@ typedef struct loom_session_opts {
  * no queue: its write sends the datagram at once, and `timeout` bounds the wait
  * when the socket has no room for it (a unixgram peer that does not read, a
  * full send buffer): 0 fails with -EAGAIN at once, a positive timeout with
- * -ETIMEDOUT, a negative one waits until there is room; an abort, or the end of
- * a graceful close, ends the wait with LOOM_ECLOSED.  Such a refusal is counted
- * as wq_full; close_on_full does not apply (a server's one packet session
- * serves every peer).  A datagram that does not leave is not in bytes_out and
- * pkgs_out (a send that fails takes its counts back).  An unconnected unixgram
- * socket has room per peer, and the poller does not say whose: a write waiting
- * there tries again after 1, 2, 4 ... up to 16 ms, so one peer that never reads
- * holds up no write to another.
+ * -ETIMEDOUT, a negative one waits until there is room; an abort ends the wait
+ * with LOOM_ECLOSED, and so does a graceful close once `linger` has passed
+ * since it began (at once with a negative linger; an unconnected unixgram
+ * socket's retries may see it up to 16 ms late).  Such a refusal is counted as
+ * wq_full; close_on_full does not apply (a server's one packet session serves
+ * every peer).  A datagram that does not leave is not in bytes_out and pkgs_out
+ * (a send that fails takes its counts back).  An unconnected unixgram socket
+ * has room per peer, and the poller does not say whose: a write waiting there
+ * tries again after 1, 2, 4 ... up to 16 ms, so one peer that never reads holds
+ * up no write to another.
  */
 LOOM_API int loom_session_write(loom_session *s, const void *data, size_t len,
                                 int64_t timeout);

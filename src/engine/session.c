@@ -152,7 +152,9 @@ struct loom_session {
                              socket ended */
   int64_t final_deadline; /* set with wfinal: now + linger (0: none) */
   int64_t close_by;       /* set by a graceful close: writes waiting for
-                             room give up then (1: at once, linger < 0) */
+                             room give up then (1: at once, linger < 0);
+                             written under wmu, atomically: a packet
+                             sender's retries read it without wmu */
   int64_t wdl;            /* the socket's write deadline as last set by
                              the writer, loom_session_set_write_timeout
                              or the close (wmu): the writer sets a
@@ -442,15 +444,27 @@ static void wake_io(loom_session *s, bool writer_too) {
 /* A graceful close bounds the writes waiting for room by the linger,
  * counted from now: one of them may be a reply on the reader or in the
  * pool, which the close waits for before it writes the queue out, and a
- * peer that never reads would hold it (and the close) for ever. */
+ * peer that never reads would hold it (and the close) for ever.  Each
+ * waiting write is woken to wait again under that bound: a stream's in
+ * the line for room; a packet session's for the send turn (wspace), in
+ * the turn (its write's deadline is moved to the past: it takes the
+ * turn again with the new bound, see wait_send), or in an unconnected
+ * unixgram socket's retries, which read close_by themselves. */
 void loom_session_close(loom_session *s) {
   int st = S_OPEN;
   if (!atomic_compare_exchange_strong(&s->state, &st, S_CLOSING))
     return;
   wake_io(s, false);
   loom_mutex_lock(&s->wmu);
-  s->close_by = s->o.linger < 0 ? 1 : loom__after(s->o.linger);
+  __atomic_store_n(&s->close_by, s->o.linger < 0 ? 1 : loom__after(s->o.linger),
+                   __ATOMIC_RELAXED);
   room_wake_all(s); /* each waits again, bounded by close_by */
+  if (s->packet && !s->io_closed && atomic_load(&s->state) != S_ABORTED) {
+    loom_cond_broadcast(&s->wspace);
+    if (s->psend)
+      loom_pconn_set_write_deadline(s->pc, 1); /* a past one: any thread */
+    loom__pconn_wake_senders(s->pc);
+  }
   loom_mutex_unlock(&s->wmu);
 }
 
@@ -971,6 +985,17 @@ static bool packet_ended(loom_session *s) {
   return s->io_closed || atomic_load(&s->state) == S_ABORTED;
 }
 
+/* The bound of a packet send's wait for room: the caller's `deadline`
+ * (0: none), or the graceful close's close_by if that comes first
+ * (*closed then: the wait that ends there fails with LOOM_ECLOSED).
+ * wmu held. */
+static int64_t send_bound(const loom_session *s, int64_t deadline,
+                          bool *closed) {
+  int64_t cb = s->close_by;
+  *closed = cb != 0 && (deadline == 0 || cb < deadline);
+  return *closed ? cb : deadline;
+}
+
 /* The socket is full: wait for room for one datagram until `deadline`
  * (0: none), in the pconn's write.  That write is bounded by the pconn's
  * write deadline, which belongs to the direction, not to one caller:
@@ -979,50 +1004,77 @@ static bool packet_ended(loom_session *s) {
  * one in `psend` owns the deadline (set and put back under wmu, where
  * wake_io moves it for an abort), the others wait for their turn on
  * wspace, bounded by their own deadlines.  An abort or the end of the
- * socket wakes both kinds with LOOM_ECLOSED.  Returns what the write
- * returns, or -ETIMEDOUT, LOOM_ECLOSED, -ENOMEM (no timer).
+ * socket wakes both kinds with LOOM_ECLOSED.  A graceful close bounds
+ * both by close_by (send_bound): it wakes those waiting for the turn,
+ * and moves the deadline of the one in it to the past, which then takes
+ * the turn again under the new bound.  Returns what the write returns,
+ * or -ETIMEDOUT, LOOM_ECLOSED, -ENOMEM (no timer).
  *
  * An unconnected unixgram socket has room per destination, and its
  * writes retry on their own (net/udp.c, dgram_io), each bounded by its
- * caller's `deadline` without the shared one: no turn, so one peer that
- * never reads holds up no write to another.  An abort and the end of
- * the socket move the shared deadline to the past, which ends them. */
+ * caller's `deadline` and by close_by without the shared one: no turn,
+ * so one peer that never reads holds up no write to another.  An abort
+ * and the end of the socket move the shared deadline to the past, which
+ * ends them. */
 static ssize_t wait_send(loom_session *s, const struct iovec *iov, int n,
                          const struct sockaddr *to, socklen_t tolen,
                          int64_t deadline) {
+  bool closed;
   if (s->unix_dgram && !s->connected) {
-    ssize_t k = loom__pconn_write_msg_until(s->pc, iov, n, to, tolen, deadline);
+    ssize_t k = loom__pconn_write_msg_until(s->pc, iov, n, to, tolen, deadline,
+                                            &s->close_by);
     if (k == -ETIMEDOUT) {
       loom_mutex_lock(&s->wmu);
-      if (packet_ended(s)) /* the abort's deadline, not ours */
+      (void)send_bound(s, deadline, &closed);
+      if (packet_ended(s) || closed) /* the abort's or the close's, not ours */
         k = LOOM_ECLOSED;
       loom_mutex_unlock(&s->wmu);
     }
     return k;
   }
-  int rc = 0;
+  ssize_t k;
   loom_mutex_lock(&s->wmu);
-  while (rc == 0 && s->psend && !packet_ended(s))
-    rc = loom_cond_wait(&s->wspace, &s->wmu, deadline);
-  if (packet_ended(s))
-    rc = LOOM_ECLOSED;
-  if (rc == 0 && deadline != 0)
-    rc = loom_pconn_set_write_deadline(s->pc, deadline);
-  if (rc == 0)
+  for (;;) {
+    int rc = 0;
+    int64_t d = send_bound(s, deadline, &closed);
+    while (rc == 0 && s->psend && !packet_ended(s)) {
+      d = send_bound(s, deadline, &closed);
+      rc = loom_cond_wait(&s->wspace, &s->wmu, d);
+    }
+    if (packet_ended(s) || (rc == -ETIMEDOUT && closed))
+      rc = LOOM_ECLOSED;
+    d = send_bound(s, deadline, &closed);
+    if (rc == 0 && d != 0)
+      rc = loom_pconn_set_write_deadline(s->pc, d);
+    if (rc < 0) {
+      k = rc;
+      break;
+    }
     s->psend = true;
-  loom_mutex_unlock(&s->wmu);
-  if (rc < 0)
-    return rc;
-  ssize_t k = loom_pconn_write_msg(s->pc, iov, n, to, tolen);
-  loom_mutex_lock(&s->wmu);
-  s->psend = false;
-  if (packet_ended(s)) {
-    if (k == -ETIMEDOUT) /* the abort's deadline (or ours, as it came) */
-      k = LOOM_ECLOSED;
-  } else if (deadline != 0) {
-    loom_pconn_set_write_deadline(s->pc, 0); /* none for the next one */
+    loom_mutex_unlock(&s->wmu);
+    k = loom_pconn_write_msg(s->pc, iov, n, to, tolen);
+    loom_mutex_lock(&s->wmu);
+    s->psend = false;
+    loom_cond_broadcast(&s->wspace);
+    if (packet_ended(s)) {
+      if (k == -ETIMEDOUT) /* the abort's deadline (or ours, as it came) */
+        k = LOOM_ECLOSED;
+      break;
+    }
+    /* No deadline for the next one (nor the past one a close set). */
+    if (d != 0 || s->close_by != 0)
+      loom_pconn_set_write_deadline(s->pc, 0);
+    if (k != -ETIMEDOUT)
+      break;
+    bool now_closed;
+    if (send_bound(s, deadline, &now_closed) == d) {
+      if (closed) /* the close's bound, not ours */
+        k = LOOM_ECLOSED;
+      break;
+    }
+    /* A graceful close came, and its move of the deadline woke us: wait
+     * again, bounded by close_by. */
   }
-  loom_cond_broadcast(&s->wspace);
   loom_mutex_unlock(&s->wmu);
   return k;
 }

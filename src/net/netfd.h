@@ -157,12 +157,19 @@ struct iovec;
 /* loom_pconn_write_msg whose retries on an unconnected Unix datagram
  * socket (udp.c, dgram_io) end at `until` (a loom_now() time; 0: none)
  * with -ETIMEDOUT: a bound of the caller's own, where the direction's
- * deadline is shared by every writer.  Elsewhere `until` has no effect.
- * The engine's packet sessions use it. */
+ * deadline is shared by every writer.  `until_too` (NULL: none) points
+ * at a second such bound that another thread may set meanwhile (read
+ * atomically before every retry; the earlier of the two holds); it
+ * wakes the sleeping retries with loom__pconn_wake_senders.  Elsewhere
+ * neither has an effect.  The engine's packet sessions use it, with
+ * their graceful close's bound. */
 ssize_t loom__pconn_write_msg_until(struct loom_pconn *pc,
                                     const struct iovec *iov, int iovcnt,
                                     const struct sockaddr *to, socklen_t tolen,
-                                    int64_t until);
+                                    int64_t until, const int64_t *until_too);
+/* Wake the sleeping retries of loom__pconn_write_msg_until, so they look
+ * at their bounds again.  Any thread. */
+void loom__pconn_wake_senders(struct loom_pconn *pc);
 
 struct loom_conn;
 /* Wrap a connected non-blocking stream socket (conn.c); closes fd on

@@ -52,7 +52,19 @@ struct dgram_op {
   struct msghdr mh;
   int flags;
   int64_t until; /* the retries' own bound (0: none): see dgram_io */
+  const int64_t *until_too; /* another, that may change (NULL: none) */
 };
+
+/* The earlier of op's two bounds, as they are now (0: none). */
+static int64_t op_until(const struct dgram_op *op) {
+  int64_t u = op->until;
+  if (op->until_too != NULL) {
+    int64_t v = __atomic_load_n(op->until_too, __ATOMIC_RELAXED);
+    if (v != 0 && (u == 0 || v < u))
+      u = v;
+  }
+  return u;
+}
 
 #define RETRY_FIRST_NS INT64_C(1000000) /* see dgram_io */
 #define RETRY_MAX_NS (16 * INT64_C(1000000))
@@ -65,7 +77,9 @@ struct dgram_op {
  * ... up to 16 ms, and sleeps without the direction's lock: one peer
  * that never reads does not hold up the socket's writes to others.
  * op->until, when set, ends those retries with -ETIMEDOUT: a bound of
- * the caller's own, beside the direction's deadline. */
+ * the caller's own, beside the direction's deadline; so does
+ * *op->until_too, looked at again before every retry (a sleep it moves
+ * earlier is woken with loom__pconn_wake_senders). */
 static ssize_t dgram_io(loom_pconn *pc, struct dgram_op *op, loom_ctx *ctx) {
   if (pc == NULL)
     return -EINVAL;
@@ -94,12 +108,13 @@ static ssize_t dgram_io(loom_pconn *pc, struct dgram_op *op, loom_ctx *ctx) {
       continue;
     if (e == EAGAIN && retry) {
       int64_t now = loom_now(), wake = loom__sat_add(now, slice);
-      if (op->until != 0 && now >= op->until) {
+      int64_t until = op_until(op);
+      if (until != 0 && now >= until) {
         r = -ETIMEDOUT;
         break;
       }
-      if (op->until != 0 && op->until < wake)
-        wake = op->until;
+      if (until != 0 && until < wake)
+        wake = until;
       int w = loom__netfd_pause(&call);
       if (w == 0) {
         w = loom__pd_sleep(f->pd, wake, ctx);
@@ -173,7 +188,8 @@ ssize_t loom_pconn_read(loom_pconn *pc, void *buf, size_t len) {
  * way whatever the context's state. */
 static ssize_t write_msg(loom_pconn *pc, const struct iovec *iov, int iovcnt,
                          const struct sockaddr *to, socklen_t tolen,
-                         loom_ctx *ctx, int64_t until) {
+                         loom_ctx *ctx, int64_t until,
+                         const int64_t *until_too) {
   if (pc == NULL || iovcnt < 0 || iovcnt > IOV_MAX ||
       (iovcnt > 0 && iov == NULL))
     return -EINVAL;
@@ -187,25 +203,29 @@ static ssize_t write_msg(loom_pconn *pc, const struct iovec *iov, int iovcnt,
   op.mh.msg_name = (void *)(uintptr_t)to;
   op.mh.msg_namelen = to != NULL ? tolen : 0;
   op.until = until;
+  op.until_too = until_too;
   return dgram_io(pc, &op, ctx);
 }
 
 ssize_t loom_pconn_write_msg(loom_pconn *pc, const struct iovec *iov,
                              int iovcnt, const struct sockaddr *to,
                              socklen_t tolen) {
-  return write_msg(pc, iov, iovcnt, to, tolen, NULL, 0);
+  return write_msg(pc, iov, iovcnt, to, tolen, NULL, 0, NULL);
 }
 
 ssize_t loom__pconn_write_msg_until(loom_pconn *pc, const struct iovec *iov,
                                     int iovcnt, const struct sockaddr *to,
-                                    socklen_t tolen, int64_t until) {
-  return write_msg(pc, iov, iovcnt, to, tolen, NULL, until);
+                                    socklen_t tolen, int64_t until,
+                                    const int64_t *until_too) {
+  return write_msg(pc, iov, iovcnt, to, tolen, NULL, until, until_too);
 }
+
+void loom__pconn_wake_senders(loom_pconn *pc) { loom__pd_wake(pc->nf.pd); }
 
 ssize_t loom_pconn_write_msg_ctx(loom_pconn *pc, const struct iovec *iov,
                                  int iovcnt, const struct sockaddr *to,
                                  socklen_t tolen, loom_ctx *ctx) {
-  return write_msg(pc, iov, iovcnt, to, tolen, ctx, 0);
+  return write_msg(pc, iov, iovcnt, to, tolen, ctx, 0, NULL);
 }
 
 ssize_t loom_pconn_write(loom_pconn *pc, const void *buf, size_t len) {

@@ -247,6 +247,8 @@ static void wake_sleepers(loom__pd *pd) {
   }
 }
 
+void loom__pd_wake(loom__pd *pd) { wake_sleepers(pd); }
+
 /* A sleep taken back (loom__abandon): off the queue. */
 static bool withdraw_sleep(loom__waiter *w) {
   loom__pd *pd = w->obj;

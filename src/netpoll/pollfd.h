@@ -112,6 +112,9 @@ int loom__pd_wait(loom__pd *pd, int mode);
  * LOOM_ECLOSED, -ENOMEM (no timer), or ctx's reason.  Parks. */
 struct loom_ctx;
 int loom__pd_sleep(loom__pd *pd, int64_t until, struct loom_ctx *ctx);
+/* End every loom__pd_sleep now, as a change of the write deadline
+ * would: each sleeper tries again (returns 0).  Any thread. */
+void loom__pd_wake(loom__pd *pd);
 /* Forget a readiness the poller recorded while nobody waited, just
  * before the system call that takes what it announced: afterwards the
  * recorded readiness means input that came after that call began (but
