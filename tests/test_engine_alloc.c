@@ -104,13 +104,14 @@ static int role_server = ROLE_SERVER, role_client = ROLE_CLIENT;
 typedef struct seen {
   uint64_t id;
   int role, opens, errs, closes, frees;
+  long written; /* loom_session_write calls that returned 0 (the echo) */
 } seen;
 #define MAX_SEEN 4096
 static seen tab[MAX_SEEN];
 static int ntab;
 static pthread_mutex_t tab_mu = PTHREAD_MUTEX_INITIALIZER;
 
-enum { EV_OPEN, EV_MSG, EV_ERROR, EV_CLOSE, EV_FREE };
+enum { EV_OPEN, EV_MSG, EV_WRITTEN, EV_ERROR, EV_CLOSE, EV_FREE };
 
 static void note(loom_session *s, int ev) {
   uint64_t id = loom_session_id(s);
@@ -145,6 +146,9 @@ static void note(loom_session *s, int ev) {
     CHECK_AT(e->closes == 0, "session %llu: on_message after on_close",
              (unsigned long long)id);
     break;
+  case EV_WRITTEN:
+    e->written++;
+    break;
   case EV_ERROR:
     CHECK_AT(e->errs == 0 && e->closes == 0,
              "session %llu: on_error twice or after on_close",
@@ -155,6 +159,19 @@ static void note(loom_session *s, int ev) {
     CHECK_AT(e->closes == 0, "session %llu: on_close twice",
              (unsigned long long)id);
     e->closes++;
+    if (role == ROLE_SERVER) {
+      /* Its only writes are the echo's, on its reader, all over by now,
+       * and so is its writer: every package written has left whole or
+       * been dropped, and no other is counted. */
+      loom_session_stats st;
+      loom_session_stats_get(s, &st);
+      CHECK_AT(st.pkgs_out + st.pkgs_dropped == (uint64_t)e->written,
+               "session %llu: %ld writes returned 0, but pkgs_out %llu + "
+               "pkgs_dropped %llu",
+               (unsigned long long)id, e->written,
+               (unsigned long long)st.pkgs_out,
+               (unsigned long long)st.pkgs_dropped);
+    }
     break;
   case EV_FREE:
     CHECK_AT(e->closes == 1 && e->frees == 0,
@@ -224,6 +241,8 @@ static void on_message(loom_session *s, const loom_pkg *pkg) {
    * write never waits; a reply that cannot be queued ends the session
    * (a lost reply would leave the peer waiting). */
   int rc = loom_session_write(s, pkg->data, pkg->len, 5 * SEC);
+  if (rc == 0)
+    note(s, EV_WRITTEN);
   if (rc != 0) {
     expect_rc("echo loom_session_write", rc, LOOM_ECLOSED);
     loom_session_abort(s, rc);

@@ -970,9 +970,12 @@ static int queue_pkg(loom_session *s, const void *data, size_t len,
     }
   }
   if (kick && (rc = kick_writer(s)) < 0) {
+    /* No writer: the session ends (on_error says why).  The package is
+     * queued, so the write succeeded as any other a dying session drops:
+     * 0, and the abort counts it in pkgs_dropped. */
     loom_mutex_unlock(&s->wmu);
     loom_session_abort(s, rc);
-    return rc;
+    return 0;
   }
 out:
   loom_mutex_unlock(&s->wmu);
