@@ -1252,6 +1252,130 @@ TEST(mutex_threads_and_coroutines_mixed_waits) {
   check_run(mm_main, NULL, 2);
 }
 
+/* A context's cancel that lands while its waiters are parking: between
+ * a waiter's release of the object's lock and the hooking of its
+ * context (the commit hooks after the release, so that a hook may take
+ * the locks of what it wakes), or just before or after.  One context is
+ * shared by coroutines on two Ps and a plain thread that wait, over and
+ * over, on a semaphore that a coroutine feeds, on a cond that it
+ * broadcasts, and on a mutex another coroutine holds; a plain thread
+ * cancels after a spin that differs from round to round.  Every waiter
+ * must end with the cancel (none sleeps on), units are neither lost nor
+ * made up, the mutex excludes and is left unlocked. */
+static loom_sema cw_sem = LOOM_SEMA_INIT(0);
+static loom_mutex cw_mu = LOOM_MUTEX_INIT, cw_held = LOOM_MUTEX_INIT;
+static loom_cond cw_cond = LOOM_COND_INIT;
+static loom_ctx *cw_ctx;
+static atomic_long cw_taken, cw_released;
+static atomic_int cw_live, cw_inside, cw_bad;
+static int cw_spin;
+
+static void cw_wait(int kind) {
+  for (;;) {
+    int r;
+    if (kind == 0) {
+      r = loom_sema_acquire_ctx(&cw_sem, cw_ctx);
+      if (r == 0)
+        atomic_fetch_add(&cw_taken, 1);
+    } else if (kind == 1) {
+      loom_mutex_lock(&cw_mu);
+      r = loom_cond_wait_ctx(&cw_cond, &cw_mu, cw_ctx);
+      loom_mutex_unlock(&cw_mu);
+    } else {
+      r = loom_mutex_lock_ctx(&cw_held, cw_ctx);
+      if (r == 0) {
+        if (atomic_fetch_add(&cw_inside, 1) != 0)
+          atomic_store(&cw_bad, 1);
+        atomic_fetch_sub(&cw_inside, 1);
+        loom_mutex_unlock(&cw_held);
+      }
+    }
+    if (r == -ECANCELED)
+      return;
+    CHECK_EQ(r, 0);
+  }
+}
+static void cw_co(void *arg) {
+  cw_wait((int)(intptr_t)arg);
+  atomic_fetch_sub(&cw_live, 1);
+}
+static void *cw_thread(void *arg) {
+  cw_wait((int)(intptr_t)arg);
+  atomic_fetch_sub(&cw_live, 1);
+  return NULL;
+}
+/* Feeds the semaphore and wakes the cond's waiters until the cancel. */
+static void cw_feeder(void *arg) {
+  (void)arg;
+  while (loom_ctx_err(cw_ctx) == 0) {
+    loom_sema_release(&cw_sem);
+    atomic_fetch_add(&cw_released, 1);
+    loom_mutex_lock(&cw_mu);
+    loom_cond_broadcast(&cw_cond);
+    loom_mutex_unlock(&cw_mu);
+    loom_yield();
+  }
+  atomic_fetch_sub(&cw_live, 1);
+}
+/* Holds cw_held for a while at a time, so its lockers park. */
+static void cw_holder(void *arg) {
+  (void)arg;
+  while (loom_ctx_err(cw_ctx) == 0) {
+    loom_mutex_lock(&cw_held);
+    if (atomic_fetch_add(&cw_inside, 1) != 0)
+      atomic_store(&cw_bad, 1);
+    loom_sleep(20000);
+    atomic_fetch_sub(&cw_inside, 1);
+    loom_mutex_unlock(&cw_held);
+    loom_yield();
+  }
+  atomic_fetch_sub(&cw_live, 1);
+}
+static void *cw_canceller(void *arg) {
+  (void)arg;
+  for (volatile int k = 0; k < cw_spin; k++)
+    __builtin_ia32_pause();
+  loom_ctx_cancel(cw_ctx);
+  return NULL;
+}
+static void cw_main(void *arg) {
+  (void)arg;
+  int rounds = CHECK_SCALE(300, 100, 40);
+  for (int round = 0; round < rounds; round++) {
+    CHECK_OK(loom_ctx_with_cancel(&cw_ctx, loom_ctx_background()));
+    cw_spin = (round * 37) % 400; /* 0 to about 10 µs of PAUSEs */
+    atomic_store(&cw_live, 3 * 3 + 2 + 1);
+    pthread_t th, tc;
+    for (int kind = 0; kind < 3; kind++)
+      for (int i = 0; i < 3; i++)
+        CHECK_OK(loom_go(cw_co, (void *)(intptr_t)kind));
+    CHECK_OK(loom_go(cw_feeder, NULL));
+    CHECK_OK(loom_go(cw_holder, NULL));
+    CHECK_EQ(
+        pthread_create(&th, NULL, cw_thread, (void *)(intptr_t)(round % 3)), 0);
+    loom_yield();
+    CHECK_EQ(pthread_create(&tc, NULL, cw_canceller, NULL), 0);
+    while (atomic_load(&cw_live) != 0)
+      loom_sleep(CHECK_MS / 4);
+    loom_block_enter();
+    pthread_join(th, NULL);
+    pthread_join(tc, NULL);
+    loom_block_exit();
+    loom_ctx_release(cw_ctx);
+  }
+  long left = 0;
+  while (loom_sema_tryacquire(&cw_sem) == 0)
+    left++;
+  CHECK_EQ(atomic_load(&cw_taken) + left, atomic_load(&cw_released));
+  CHECK_EQ(atomic_load(&cw_bad), 0);
+  CHECK_EQ(loom_mutex_trylock(&cw_held), 0); /* left unlocked */
+  loom_mutex_unlock(&cw_held);
+}
+TEST(cancels_land_while_waiters_park) {
+  check_watchdog(120, "waiters of a context cancelled as they park");
+  check_run(cw_main, NULL, 2);
+}
+
 /* A NULL object is a bad argument: every call that returns an error
  * says -EINVAL at once (and touches nothing), as the channel calls do. */
 TEST(null_objects_are_einval) {
