@@ -8,9 +8,12 @@
  * process spent frozen by the host (check_stalled_ns) is not the
  * runtime's lateness.
  */
+#include <pthread.h>
 #include <stdatomic.h>
+#include <unistd.h>
 
 #include "check.h"
+#include "runtime/timer.h"
 
 #define LATE_BOUND (50 * CHECK_MS)
 
@@ -265,6 +268,54 @@ static void ctx_done_park_main(void *arg) {
 }
 TEST(deadline_due_while_parking_on_its_done_channel) {
   check_run(ctx_done_park_main, NULL, 1);
+}
+
+/* loom__timer_del waits for a firing of the timer that is running, also
+ * when the timer was armed again while that fn runs (a deadline moved
+ * under it, as pollfd's set_one does): the stop then removes the new
+ * arming, and the old firing must still be waited for, or its fn runs on
+ * after del has returned (the timer, or what holds it, reused or freed).
+ * On the timers alone, without a runtime: one thread runs the heap, whose
+ * fn holds until a third thread lets it go. */
+static atomic_int rd_started, rd_release, rd_done;
+static loom__timers rd_heap;
+static loom__timer rd_t;
+static void rd_fn(loom__timer *t, void *arg) {
+  (void)t;
+  (void)arg;
+  atomic_store(&rd_started, 1);
+  while (!atomic_load(&rd_release))
+    sched_yield();
+  atomic_store(&rd_done, 1);
+}
+static void *rd_runner(void *arg) {
+  (void)arg;
+  loom__timers_run(&rd_heap, 1000);
+  return NULL;
+}
+static void *rd_releaser(void *arg) {
+  (void)arg;
+  usleep(100 * 1000);
+  atomic_store(&rd_release, 1);
+  return NULL;
+}
+TEST(del_waits_for_a_firing_when_armed_again) {
+  loom__timers_init(&rd_heap);
+  CHECK_OK(loom__timers_reserve(&rd_heap, 4));
+  rd_t.fn = rd_fn;
+  loom__timer_add(&rd_heap, &rd_t, 10);
+  pthread_t runner, releaser;
+  CHECK_EQ(pthread_create(&runner, NULL, rd_runner, NULL), 0);
+  while (!atomic_load(&rd_started))
+    sched_yield();
+  loom__timer_add(&rd_heap, &rd_t, 5000); /* armed again as fn runs */
+  CHECK_EQ(pthread_create(&releaser, NULL, rd_releaser, NULL), 0);
+  CHECK(loom__timer_del(&rd_t)); /* stopped the new arming */
+  CHECKF(atomic_load(&rd_done) == 1,
+         "loom__timer_del returned while the earlier firing's fn still ran");
+  pthread_join(runner, NULL);
+  pthread_join(releaser, NULL);
+  loom__timers_destroy(&rd_heap);
 }
 
 CHECK_MAIN()

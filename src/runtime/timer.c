@@ -162,11 +162,12 @@ void loom__timer_add(loom__timers *ts, loom__timer *t, int64_t when) {
 }
 
 bool loom__timer_del(loom__timer *t) {
-  if (loom__timer_stop(t))
-    return true;
+  /* A firing may be running even when the stop took the timer out of a
+   * heap: it was armed again as that firing's fn ran. */
+  bool stopped = loom__timer_stop(t);
   while (atomic_load_explicit(&t->running, memory_order_acquire))
     sched_yield(); /* fn is a few hundred instructions */
-  return false;
+  return stopped;
 }
 
 bool loom__timer_stop(loom__timer *t) {
