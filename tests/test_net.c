@@ -4004,6 +4004,35 @@ TEST(failing_calls_in_a_row_yield) {
     check_run(fr_main, (void *)(intptr_t)which, 1);
 }
 
+/* The same for the 0-byte read (net.h's way to wait for readability): in
+ * a row, failing at once past its deadline, or succeeding at once with
+ * bytes pending, it yields too. */
+static void zr_main(void *arg) {
+  int which = (int)(intptr_t)arg;
+  loom_listener *l;
+  loom_conn *c, *s;
+  pair(&l, &c, &s);
+  if (which == 0) {
+    int64_t past = loom_now() - 1;
+    CHECK_OK(loom_set_deadline(c, past, past));
+  } else {
+    CHECK_EQ(loom_write(s, "x", 1), 1);
+    CHECK_EQ(loom_read(c, NULL, 0), 0); /* it has come */
+  }
+  atomic_store(&fr_stop, 0);
+  CHECK_OK(loom_go(fr_stopper, NULL));
+  while (!atomic_load(&fr_stop))
+    CHECK_EQ(loom_read(c, NULL, 0), which == 0 ? -ETIMEDOUT : 0);
+  CHECK_OK(loom_close(c));
+  CHECK_OK(loom_close(s));
+  CHECK_OK(loom_listener_close(l));
+}
+TEST(zero_length_reads_in_a_row_yield) {
+  check_watchdog(20, "a loop of 0-byte reads starves the P");
+  for (int which = 0; which < 2; which++)
+    check_run(zr_main, (void *)(intptr_t)which, 1);
+}
+
 /* A deadline ahead set from a plain thread fires: a read, a write and an
  * accept blocked on coroutines end with -ETIMEDOUT after it, on one P
  * and on two, and the connection reads again once it is cleared. */

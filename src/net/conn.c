@@ -141,7 +141,9 @@ static ssize_t read_impl(loom_conn *c, void *buf, size_t len, loom_ctx *ctx) {
   if (len == 0) {
     r = wait_readable(f);
     f->drained = false; /* the event, if any, is spent: read first */
-    return loom__netfd_leave(&call, r);
+    r = loom__netfd_leave(&call, r);
+    loom__io_progress(); /* one that did not wait is no scheduling point */
+    return r;
   }
   /* An error (a deadline, a close) shows in the read's own wait. */
   if (wait_first(f))
