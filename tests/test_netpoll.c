@@ -8,6 +8,7 @@
 #include <fcntl.h>
 #include <poll.h>
 #include <pthread.h>
+#include <sched.h>
 #include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -17,6 +18,7 @@
 
 #include "check.h"
 #include "loom.h"
+#include "netpoll/netpoll.h"
 #include "netpoll/pollfd.h"
 #include "runtime/runtime.h"
 
@@ -730,6 +732,45 @@ TEST(fd_wait_deadline_long_past) {
   check_run(past_main, p, 2);
   close(p[0]);
   close(p[1]);
+}
+
+/* A break for the poller blocked in epoll_wait is not taken by another
+ * M's non-blocking poll at the same moment: only a poll that may block
+ * takes it in, so the blocked one still returns (an earlier timer armed
+ * while it sleeps is on time).  On the backend alone: a thread blocks
+ * for 3 s, a break comes, and a non-blocking poll runs at once. */
+static loom__netpoll rb_np;
+static atomic_int rb_blocked;
+static int64_t rb_took;
+static void *rb_blocker(void *arg) {
+  (void)arg;
+  struct loom__g *gs[LOOM__NETPOLL_MAX];
+  atomic_store(&rb_blocked, 1);
+  int64_t t0 = check_mono_ns();
+  (void)loom__netpoll_poll(&rb_np, 3000 * CHECK_MS, gs);
+  rb_took = check_mono_ns() - t0;
+  return NULL;
+}
+TEST(break_survives_a_nonblocking_poll) {
+  CHECK_OK(loom__netpoll_init(&rb_np));
+  pthread_t t;
+  CHECK_EQ(pthread_create(&t, NULL, rb_blocker, NULL), 0);
+  while (!atomic_load(&rb_blocked))
+    sched_yield();
+  usleep(50 * 1000); /* in epoll_wait by now */
+  struct loom__g *gs[LOOM__NETPOLL_MAX];
+  loom__netpoll_break(&rb_np);
+  CHECK_EQ(loom__netpoll_poll(&rb_np, 0, gs), 0); /* another M's look */
+  pthread_join(t, NULL);
+  CHECKF(rb_took < 1000 * CHECK_MS,
+         "the blocked poll slept on for %lld ms: the break was taken by the "
+         "non-blocking poll",
+         (long long)(rb_took / CHECK_MS));
+  /* Taken in by a poll that may block, it is gone: the next one sleeps. */
+  int64_t t0 = check_mono_ns();
+  CHECK_EQ(loom__netpoll_poll(&rb_np, 20 * CHECK_MS, gs), 0);
+  CHECK_GE(check_mono_ns() - t0, 15 * CHECK_MS);
+  loom__netpoll_close(&rb_np);
 }
 
 CHECK_MAIN()

@@ -19,6 +19,11 @@
  *                                its own stack page, and every touch of
  *                                one is a TLB miss.
  *   loom__netpoll_break(np)      make a current or next poll return soon.
+ *                                Only a poll that may wait (delay != 0)
+ *                                takes a break in: a non-blocking poll of
+ *                                another M at the same moment must not
+ *                                swallow the break meant for the blocked
+ *                                one.
  *   loom__netpoll_add(np, fd, cookie)
  *                                start watching fd for read, write, peer
  *                                hang-up and urgent data, edge-triggered:

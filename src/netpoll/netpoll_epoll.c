@@ -1,6 +1,12 @@
 /*
  * netpoll_epoll.c — the Linux poller: one epoll instance, edge-triggered,
  * and an eventfd to break a blocked epoll_wait (see netpoll.h).
+ *
+ * The eventfd alone is level-triggered, and only a poll that may block
+ * reads it: an edge reaches one epoll_wait, and a non-blocking poll of
+ * another M that took it would leave the blocked poller asleep (Go's
+ * netpoll does the same).  Until then every non-blocking poll sees it,
+ * and skips it.
  */
 #include <errno.h>
 #include <limits.h>
@@ -25,7 +31,7 @@ int loom__netpoll_init(loom__netpoll *np) {
     return err;
   }
   /* The break fd is registered with a NULL cookie: no poll descriptor. */
-  struct epoll_event ev = {.events = EPOLLIN | EPOLLET, .data.u64 = 0};
+  struct epoll_event ev = {.events = EPOLLIN, .data.u64 = 0};
   if (epoll_ctl(np->epfd, EPOLL_CTL_ADD, np->evfd, &ev) != 0) {
     int err = -errno;
     close(np->evfd);
@@ -79,6 +85,8 @@ int loom__netpoll_poll(loom__netpoll *np, int64_t delay_ns,
   for (int i = 0; i < n; i++) {
     uint32_t e = evs[i].events;
     if (evs[i].data.u64 == 0) {
+      if (delay_ns == 0)
+        continue; /* the break is for a poll that waits */
       uint64_t v;
       while (read(np->evfd, &v, sizeof v) < 0 && errno == EINTR)
         ;
