@@ -6,6 +6,7 @@
  */
 #include <dirent.h>
 #include <errno.h>
+#include <pthread.h>
 #include <stdatomic.h>
 #include <sys/mman.h>
 #include <sys/resource.h>
@@ -1593,6 +1594,41 @@ static void sole_main(void *arg) {
 TEST(sole_p_with_handoffs_foreign_wakes_and_pins) {
   check_watchdog(25, "one P, work from everywhere");
   check_run(sole_main, NULL, 1);
+}
+
+/* The main coroutine's id is 1 (runtime.h) also when plain threads spawn
+ * coroutines while loom_run starts: the runtime is current, and takes
+ * their spawns, before its main coroutine exists. */
+static atomic_int idr_stop;
+static atomic_ullong idr_main_id;
+static void idr_nop(void *arg) { (void)arg; }
+static void *idr_spawner(void *arg) {
+  (void)arg;
+  while (!atomic_load(&idr_stop))
+    (void)loom_go(idr_nop, NULL);
+  return NULL;
+}
+static void idr_main(void *arg) {
+  (void)arg;
+  atomic_store(&idr_main_id, loom_id());
+}
+TEST(main_is_1_while_plain_threads_spawn) {
+  pthread_t th[2];
+  for (int i = 0; i < 2; i++)
+    CHECK_EQ(pthread_create(&th[i], NULL, idr_spawner, NULL), 0);
+  int bad = 0, nruns = CHECK_SCALE(100, 50, 20);
+  unsigned long long first = 0;
+  for (int r = 0; r < nruns; r++) {
+    check_run(idr_main, NULL, 2);
+    if (atomic_load(&idr_main_id) != 1 && bad++ == 0)
+      first = atomic_load(&idr_main_id);
+  }
+  atomic_store(&idr_stop, 1);
+  for (int i = 0; i < 2; i++)
+    pthread_join(th[i], NULL);
+  CHECKF(bad == 0,
+         "%d of %d runs: the main coroutine's id was not 1 (first: %llu)", bad,
+         nruns, first);
 }
 
 CHECK_MAIN()

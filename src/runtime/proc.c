@@ -1339,7 +1339,7 @@ static int spawn(loom__rt *rt, loom__m *m, void (*fn)(void *), void *arg,
   loom__g *g = g_alloc(rt, p, stack_size);
   if (g == NULL)
     return -ENOMEM;
-  g->id = new_goid(rt, p);
+  g->id = is_main ? 1 : new_goid(rt, p); /* 1 is kept for it: loom_run */
   g->spawn_pc = pc;
   g->fn = fn;
   g->arg = arg;
@@ -1947,6 +1947,9 @@ int loom_run(void (*main_fn)(void *), void *arg, const loom_config *cfg) {
   atomic_store(&rt->mcount_pub, 1);
   for (int i = rt->nprocs - 1; i >= 1; i--)
     pidleput(rt, rt->allp[i]);
+  /* Id 1 is the main coroutine's (runtime.h), which is spawned only
+   * after plain threads can spawn theirs. */
+  atomic_store(&rt->goidgen, 1);
   atomic_store(&current_rt, rt);
   pthread_mutex_unlock(&rt_mu);
 
