@@ -132,16 +132,21 @@ TEST(unixgram_write_to_slow_peer_vs_close) {
  * once); then a client's connected unixgram socket (its sends take the
  * socket's turn, and wait in it). */
 static atomic_int pg_blocked, pg_closes, pg_rc, pg_replies;
+static int64_t pg_timeout = -1;      /* the replies' timeout */
+static _Atomic int64_t pg_failed_ns; /* how long the failed reply waited */
 static void pg_message(loom_session *s, const loom_pkg *pkg) {
   atomic_fetch_add(&pg_blocked, 1);
+  int64_t t0 = loom_now();
   int rc = pkg->from != NULL
                ? loom_session_write_to(s, pkg->data, pkg->len, pkg->from,
-                                       pkg->fromlen, -1)
-               : loom_session_write(s, pkg->data, pkg->len, -1);
-  if (rc != 0)
+                                       pkg->fromlen, pg_timeout)
+               : loom_session_write(s, pkg->data, pkg->len, pg_timeout);
+  if (rc != 0) {
     atomic_store(&pg_rc, rc);
-  else
+    atomic_store(&pg_failed_ns, loom_now() - t0);
+  } else {
     atomic_fetch_add(&pg_replies, 1);
+  }
   atomic_fetch_sub(&pg_blocked, 1);
 }
 static void pg_close(loom_session *s) {
@@ -183,15 +188,33 @@ static int pg_peer(const char *path, struct sockaddr_un *me) {
   return fd;
 }
 
+/* linger, the replies' timeout, and what the waiting reply must get. */
+typedef struct pg_case {
+  int64_t linger, timeout;
+  int rc;
+} pg_case;
+
+/* Checks what the waiting reply got, and how long the close took. */
+static void pg_check(const pg_case *pc, int64_t took) {
+  CHECK_EQ(atomic_load(&pg_closes), 1);
+  CHECK_ERR(atomic_load(&pg_rc), pc->rc);
+  if (pc->rc == LOOM_ECLOSED && pc->linger > 0)
+    CHECK_GE(took, pc->linger - 5 * CHECK_MS); /* it waited that long */
+  if (pc->rc == -ETIMEDOUT) /* its own, not cut short by the close */
+    CHECK_GE(atomic_load(&pg_failed_ns), pc->timeout - 5 * CHECK_MS);
+  CHECK_LT(took, 2000 * CHECK_MS);
+}
+
 static void pg_server_main(void *arg) {
-  int64_t linger = *(const int64_t *)arg;
+  const pg_case *pc = arg;
+  pg_timeout = pc->timeout;
   char path[96];
   snprintf(path, sizeof path, "/tmp/loom-test-pgsrv-%d.sock", (int)getpid());
   unlink(path);
   loom_server_opts o = {
       .network = "unixgram",
       .addr = path,
-      .session = {.listener = &pg_listener, .linger = linger}};
+      .session = {.listener = &pg_listener, .linger = pc->linger}};
   loom_server *srv;
   CHECK_OK(loom_server_start(&srv, &o));
   struct sockaddr_un me, to = {.sun_family = AF_UNIX};
@@ -200,29 +223,33 @@ static void pg_server_main(void *arg) {
   pg_flood(fd, (struct sockaddr *)&to, sizeof to);
   int64_t t0 = loom_now();
   CHECK_OK(loom_server_close(srv, 0)); /* no deadline: graceful to the end */
-  int64_t took = loom_now() - t0;
-  CHECK_EQ(atomic_load(&pg_closes), 1);
-  CHECK_ERR(atomic_load(&pg_rc), LOOM_ECLOSED);
-  if (linger > 0)
-    CHECK_GE(took, linger - 5 * CHECK_MS); /* it waited for room that long */
-  CHECK_LT(took, 2000 * CHECK_MS);
+  pg_check(pc, loom_now() - t0);
   close(fd);
   unlink(me.sun_path);
   unlink(path);
 }
 TEST(packet_server_close_bounds_a_reply_waiting_for_room) {
-  static int64_t linger = 100 * CHECK_MS;
+  static pg_case c = {100 * CHECK_MS, -1, LOOM_ECLOSED};
   check_watchdog(10, "graceful close of a packet server, reply waiting");
-  check_run(pg_server_main, &linger, 2);
+  check_run(pg_server_main, &c, 2);
 }
 TEST(packet_server_close_without_linger_ends_a_waiting_reply_at_once) {
-  static int64_t linger = -1;
+  static pg_case c = {-1, -1, LOOM_ECLOSED};
   check_watchdog(10, "graceful close of a packet server, reply waiting");
-  check_run(pg_server_main, &linger, 2);
+  check_run(pg_server_main, &c, 2);
+}
+/* The reply's own timeout comes before the close's bound (a linger of
+ * 5 s): the close's wake-up of the reply's retries does not cut it
+ * short; it waits out its timeout, and fails with -ETIMEDOUT. */
+TEST(packet_server_close_leaves_a_reply_its_own_timeout) {
+  static pg_case c = {5000 * CHECK_MS, 300 * CHECK_MS, -ETIMEDOUT};
+  check_watchdog(10, "graceful close of a packet server, reply with timeout");
+  check_run(pg_server_main, &c, 2);
 }
 
 static void pg_client_main(void *arg) {
-  (void)arg;
+  const pg_case *pc = arg;
+  pg_timeout = pc->timeout;
   char path[96];
   snprintf(path, sizeof path, "/tmp/loom-test-pgcl-%d.sock", (int)getpid());
   unlink(path);
@@ -231,7 +258,7 @@ static void pg_client_main(void *arg) {
   loom_client_opts o = {
       .network = "unixgram",
       .addr = me.sun_path,
-      .session = {.listener = &pg_client_listener, .linger = 100 * CHECK_MS}};
+      .session = {.listener = &pg_client_listener, .linger = pc->linger}};
   loom_client *cl;
   CHECK_OK(loom_client_start(&cl, &o));
   CHECK_OK(loom_client_wait(cl, 1, loom_now() + 5 * 1000 * CHECK_MS));
@@ -251,17 +278,22 @@ static void pg_client_main(void *arg) {
   pg_flood(fd, (struct sockaddr *)&from, fl);
   int64_t t0 = loom_now();
   CHECK_OK(loom_client_close(cl, 0));
-  int64_t took = loom_now() - t0;
-  CHECK_EQ(atomic_load(&pg_closes), 1);
-  CHECK_ERR(atomic_load(&pg_rc), LOOM_ECLOSED);
-  CHECK_GE(took, 95 * CHECK_MS);
-  CHECK_LT(took, 2000 * CHECK_MS);
+  pg_check(pc, loom_now() - t0);
   close(fd);
   unlink(me.sun_path);
 }
 TEST(packet_client_close_bounds_a_reply_waiting_for_room) {
+  static pg_case c = {100 * CHECK_MS, -1, LOOM_ECLOSED};
   check_watchdog(10, "graceful close of a packet client, reply waiting");
-  check_run(pg_client_main, NULL, 2);
+  check_run(pg_client_main, &c, 2);
+}
+/* The reply's own timeout comes before the close's bound (a linger of
+ * 5 s): the close's wake-up of the reply in the send turn does not cut
+ * it short; it waits out its timeout, and fails with -ETIMEDOUT. */
+TEST(packet_client_close_leaves_a_reply_its_own_timeout) {
+  static pg_case c = {5000 * CHECK_MS, 300 * CHECK_MS, -ETIMEDOUT};
+  check_watchdog(10, "graceful close of a packet client, reply with timeout");
+  check_run(pg_client_main, &c, 2);
 }
 
 /* ---- focused: half-close on a compressed session ------------------------- */
