@@ -728,6 +728,17 @@ static void try_send_wq(loom_session *s) { stream_send(s, &s->wq, true); }
  * out from their callers, so a session gets its writer coroutine (and
  * its stack) only once its socket pushes back.  wmu held.  0, or
  * -ENOMEM: the caller aborts the session once it has let go of wmu. */
+/* kick_writer failed: the session ends.  Its reason is set, and what is
+ * queued dropped and counted, before wmu goes: a reader that ends in the
+ * meantime (it waits for no writer that never started) then reports the
+ * reason and finds the counts final.  The caller aborts once it has let
+ * go of wmu.  wmu held, no writer. */
+static void writer_failed(loom_session *s, int rc) {
+  int none = 0;
+  atomic_compare_exchange_strong(&s->err, &none, rc);
+  wq_drop(s);
+}
+
 static int kick_writer(loom_session *s) {
   if (s->writer_on) {
     if (!s->wbusy)
@@ -784,6 +795,7 @@ static int wait_room(loom_session *s, int64_t timeout) {
       return 0;
     int rc = kick_writer(s);
     if (rc < 0) {
+      writer_failed(s, rc);
       loom_mutex_unlock(&s->wmu);
       loom_session_abort(s, rc);
       loom_mutex_lock(&s->wmu);
@@ -970,9 +982,10 @@ static int queue_pkg(loom_session *s, const void *data, size_t len,
     }
   }
   if (kick && (rc = kick_writer(s)) < 0) {
-    /* No writer: the session ends (on_error says why).  The package is
+    /* No writer: the session ends (on_error says why).  The package was
      * queued, so the write succeeded as any other a dying session drops:
-     * 0, and the abort counts it in pkgs_dropped. */
+     * 0, and it is counted in pkgs_dropped. */
+    writer_failed(s, rc);
     loom_mutex_unlock(&s->wmu);
     loom_session_abort(s, rc);
     return 0;
