@@ -1182,6 +1182,35 @@ static void retime_main(void *arg) {
 }
 TEST(timeouts_changed_while_running) { run(retime_main, 2, "retime"); }
 
+/* The same from a plain thread of the application's own. */
+static void *retime_thread(void *arg) {
+  loom_session *s = arg;
+  CHECK_OK(loom_session_set_cron_period(s, 10 * CHECK_MS));
+  return NULL;
+}
+static void retime_thread_main(void *arg) {
+  (void)arg;
+  codecs_init();
+  loom_server_opts o = server_opts(&line);
+  E.keep = true;
+  loom_conn *peer;
+  loom_server *srv = serve_dial(&o, &peer);
+  loom_session *s = kept_session();
+  pthread_t th;
+  CHECK_EQ(pthread_create(&th, NULL, retime_thread, s), 0);
+  loom_block_enter();
+  pthread_join(th, NULL);
+  loom_block_exit();
+  WAIT_FOR(atomic_load(&E.crons) >= 3, 5);
+  CHECK_OK(loom_close(peer));
+  WAIT_FOR(atomic_load(&E.closes) == 1, 5);
+  loom_session_unref(s);
+  CHECK_OK(loom_server_close(srv, loom_now() + 5 * SEC));
+}
+TEST(cron_period_set_from_a_thread) {
+  run(retime_thread_main, 2, "retime thread");
+}
+
 /* read_timeout turned off just as the reader's idle check comes due, in
  * the window between its look at pending changes and the check (a test
  * hook makes the change there, as a reader preempted at that point would
@@ -1223,35 +1252,6 @@ static void idle_window_main(void *arg) {
 }
 TEST(read_timeout_turned_off_as_the_idle_check_comes) {
   run(idle_window_main, 2, "read timeout off in the idle check's window");
-}
-
-/* The same from a plain thread of the application's own. */
-static void *retime_thread(void *arg) {
-  loom_session *s = arg;
-  CHECK_OK(loom_session_set_cron_period(s, 10 * CHECK_MS));
-  return NULL;
-}
-static void retime_thread_main(void *arg) {
-  (void)arg;
-  codecs_init();
-  loom_server_opts o = server_opts(&line);
-  E.keep = true;
-  loom_conn *peer;
-  loom_server *srv = serve_dial(&o, &peer);
-  loom_session *s = kept_session();
-  pthread_t th;
-  CHECK_EQ(pthread_create(&th, NULL, retime_thread, s), 0);
-  loom_block_enter();
-  pthread_join(th, NULL);
-  loom_block_exit();
-  WAIT_FOR(atomic_load(&E.crons) >= 3, 5);
-  CHECK_OK(loom_close(peer));
-  WAIT_FOR(atomic_load(&E.closes) == 1, 5);
-  loom_session_unref(s);
-  CHECK_OK(loom_server_close(srv, loom_now() + 5 * SEC));
-}
-TEST(cron_period_set_from_a_thread) {
-  run(retime_thread_main, 2, "retime thread");
 }
 
 /* A cron that sets its own period at every tick (a heartbeat that
