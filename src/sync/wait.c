@@ -51,11 +51,11 @@ void loom__waiter_undo(loom__undo *u, loom__g *g) {
   loom__waiter *w =
       (loom__waiter *)(void *)((char *)u - offsetof(loom__waiter, undo));
   if (atomic_load_explicit(&g->status, memory_order_acquire) == G_WAITING) {
-    if (w->exclusive ? w->how->withdraw(w) : loom__waiter_claim(w)) {
-      if (!w->exclusive)
-        (void)w->how->withdraw(w);
+    /* Ours if we claim it; an exclusive waiter's claim is its withdraw
+     * (its node taken off the queue under the object's lock). */
+    if (w->exclusive ? w->how->withdraw(w)
+                     : loom__waiter_claim(w) && w->how->withdraw(w))
       return;
-    }
     /* A claimant was first: its wake-up is on its way. */
     while (atomic_load_explicit(&g->status, memory_order_acquire) == G_WAITING)
       sched_yield();

@@ -83,7 +83,7 @@ static inline void loom__waiter_init(loom__waiter *w, bool exclusive) {
      * deadline whose timer a new sequence would fence off. */
     if (exclusive)
       return;
-    w->seq = (atomic_load(w->word) >> 1) + 1;
+    w->seq = (atomic_load_explicit(w->word, memory_order_relaxed) >> 1) + 1;
   } else {
     loom__note_clear(&w->note);
     w->word = &w->own_word;
