@@ -339,6 +339,39 @@ TEST(sema_wg_cond_waiters) {
   CHECK_EQ(cond_mu.state_, 0u);
 }
 
+/* Crowds: past the first, a queue's waiters wait on records from the
+ * P's cache (sync/wait.h), not on their stacks; abandoned, each is taken
+ * off its queue before the records go with the runtime, woken or not. */
+static void crowds_main(void *arg) {
+  (void)arg;
+  for (int i = 0; i < 5; i++) {
+    CHECK_OK(loom_go(recv_a, NULL));
+    CHECK_OK(loom_go(select_abc, NULL));
+    CHECK_OK(loom_go(sem_taker, NULL));
+    CHECK_OK(loom_go(wg_waiter, NULL));
+    CHECK_OK(loom_go(cond_waiter, NULL));
+  }
+  settle(25);
+  int v = 5;
+  CHECK_OK(loom_chan_try_send(ca, &v)); /* to a receiver, never run */
+  CHECK_OK(loom_chan_try_send(ca, &v));
+  CHECK_OK(loom_chan_try_send(cc, &v)); /* to a select */
+  loom_sema_release(&sem);
+  loom_sema_release(&sem);
+}
+
+TEST(crowds_on_every_queue) {
+  make_abc();
+  CHECK_OK(loom_wg_add(&wg, 1));
+  run1(crowds_main, NULL);
+  check_abc_empty();
+  CHECK_ERR(loom_sema_tryacquire(&sem), -EAGAIN);
+  CHECK_OK(loom_wg_done(&wg));
+  CHECK_OK(loom_wg_wait(&wg, 0));
+  loom_cond_broadcast(&cond);
+  CHECK_EQ(cond_mu.state_, 0u);
+}
+
 /* ---- rwmutex ------------------------------------------------------- */
 
 static loom_rwmutex rw = LOOM_RWMUTEX_INIT;

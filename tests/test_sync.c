@@ -11,6 +11,7 @@
 
 #include "check.h"
 #include "loom.h"
+#include "runtime/export_test.h"
 
 /* ------------------------------------------------------------------ */
 /* Mutual exclusion under contention, coroutines on all Ps + threads.   */
@@ -1443,6 +1444,159 @@ TEST(deadline_long_past_ends_waits_at_once) {
   CHECK_EQ(pthread_create(&t, NULL, past_thread, NULL), 0);
   CHECK_EQ(pthread_join(t, NULL), 0);
   check_run(past_main, NULL, 2);
+}
+
+/* ------------------------------------------------------------------ */
+/* Wait records (sync/wait.h): a coroutine that joins a queue someone   */
+/* already waits on takes a record from its P's cache; every way a wait */
+/* ends must give it back.  One never given back shows as the runtime's */
+/* blocks of records growing from round to round.                       */
+
+enum { WR_CROWD = 200, WR_KINDS = 11 };
+static loom_chan *wr_c, *wr_d;
+static loom_sema wr_sem = LOOM_SEMA_INIT(0);
+static loom_mutex wr_mu = LOOM_MUTEX_INIT;
+static loom_cond wr_cond = LOOM_COND_INIT;
+static loom_wg wr_gate = LOOM_WG_INIT, wr_done = LOOM_WG_INIT;
+static loom_ctx *wr_ctx;
+static atomic_int wr_waiting;
+static int wr_in_cond; /* under wr_mu */
+
+static void wr_waiter(void *arg) {
+  int kind = (int)(intptr_t)arg, v = 0;
+  int64_t soon = loom_now() + 20 * CHECK_MS;
+  if (kind == 8 || kind == 9) {
+    loom_mutex_lock(&wr_mu);
+    wr_in_cond++;
+    if (kind == 8)
+      CHECK_OK(loom_cond_wait(&wr_cond, &wr_mu, 0)); /* a broadcast */
+    else
+      CHECK_ERR(loom_cond_wait_ctx(&wr_cond, &wr_mu, wr_ctx), -ECANCELED);
+    loom_mutex_unlock(&wr_mu);
+    loom_wg_done(&wr_done);
+    return;
+  }
+  atomic_fetch_add(&wr_waiting, 1);
+  switch (kind) {
+  case 0: /* a send hands it an element */
+    CHECK_EQ(loom_chan_recv(wr_c, &v), 1);
+    break;
+  case 1: /* the close */
+    CHECK_EQ(loom_chan_recv(wr_c, &v), 0);
+    break;
+  case 2: /* a receive takes its element */
+    CHECK_OK(loom_chan_send(wr_c, &v));
+    break;
+  case 3: { /* the close of one of the select's channels */
+    loom_case cs[2] = {{.chan = wr_c, .dir = LOOM_RECV, .elem = &v},
+                       {.chan = wr_d, .dir = LOOM_RECV, .elem = &v}};
+    CHECK_EQ(loom_select(cs, 2, 0), 1);
+    CHECK(!cs[1].ok);
+    break;
+  }
+  case 4: /* its deadline */
+    CHECK_ERR(loom_chan_recv_until(wr_c, &v, soon), -ETIMEDOUT);
+    break;
+  case 5: /* a cancel */
+    CHECK_ERR(loom_chan_recv_ctx(wr_c, &v, wr_ctx), -ECANCELED);
+    break;
+  case 6: /* a release */
+    CHECK_OK(loom_sema_acquire(&wr_sem, 0));
+    break;
+  case 7: /* its deadline */
+    CHECK_ERR(loom_sema_acquire(&wr_sem, soon), -ETIMEDOUT);
+    break;
+  default: /* the wait group's last done */
+    CHECK_OK(loom_wg_wait(&wr_gate, 0));
+  }
+  loom_wg_done(&wr_done);
+}
+
+/* A crowd of one kind: queued (most of it), then let go. */
+static void wr_crowd(int kind) {
+  atomic_store(&wr_waiting, 0);
+  wr_in_cond = 0;
+  CHECK_OK(loom_chan_make(&wr_c, sizeof(int), 0));
+  CHECK_OK(loom_chan_make(&wr_d, sizeof(int), 0));
+  CHECK_OK(loom_ctx_with_cancel(&wr_ctx, loom_ctx_background()));
+  CHECK_OK(loom_wg_add(&wr_gate, 1));
+  CHECK_OK(loom_wg_add(&wr_done, WR_CROWD));
+  for (int i = 0; i < WR_CROWD; i++)
+    CHECK_OK(loom_go(wr_waiter, (void *)(intptr_t)kind));
+  for (;;) { /* all counted; the cond's, queued once counted */
+    loom_mutex_lock(&wr_mu);
+    int n = atomic_load(&wr_waiting) + wr_in_cond;
+    loom_mutex_unlock(&wr_mu);
+    if (n == WR_CROWD)
+      break;
+    loom_sleep(CHECK_MS);
+  }
+  loom_sleep(2 * CHECK_MS); /* the counted ones into their queues */
+  int v = 7;
+  switch (kind) {
+  case 0:
+    for (int i = 0; i < WR_CROWD; i++)
+      CHECK_OK(loom_chan_send(wr_c, &v));
+    break;
+  case 1:
+    CHECK_OK(loom_chan_close(wr_c));
+    break;
+  case 2:
+    for (int i = 0; i < WR_CROWD; i++)
+      CHECK_EQ(loom_chan_recv(wr_c, &v), 1);
+    break;
+  case 3:
+    CHECK_OK(loom_chan_close(wr_d));
+    break;
+  case 5:
+  case 9:
+    loom_ctx_cancel(wr_ctx);
+    break;
+  case 6:
+    for (int i = 0; i < WR_CROWD; i++)
+      loom_sema_release(&wr_sem);
+    break;
+  case 8:
+    loom_mutex_lock(&wr_mu);
+    loom_cond_broadcast(&wr_cond);
+    loom_mutex_unlock(&wr_mu);
+    break;
+  case 10:
+    CHECK_OK(loom_wg_done(&wr_gate));
+    break;
+  default: /* 4, 7: their deadlines */
+    break;
+  }
+  CHECK_OK(loom_wg_wait(&wr_done, 0));
+  if (kind != 10)
+    CHECK_OK(loom_wg_done(&wr_gate));
+  loom_ctx_cancel(wr_ctx);
+  loom_ctx_release(wr_ctx);
+  loom_chan_free(wr_c);
+  loom_chan_free(wr_d);
+}
+
+static void wr_main(void *arg) {
+  (void)arg;
+  int rounds = CHECK_SCALE(16, 8, 8), after2 = 0;
+  for (int r = 0; r < rounds; r++) {
+    for (int kind = 0; kind < WR_KINDS; kind++)
+      wr_crowd(kind);
+    if (r == 0) /* they were used: a crowd in one queue */
+      CHECK(loom__test_wrec_blocks() >= WR_CROWD / 64);
+    if (r == 1)
+      after2 = loom__test_wrec_blocks();
+  }
+  /* Past the second round, growth only as the Ps' caches (128 records
+   * each, up to twice that before they spill) shift: a record lost per
+   * wait of any one kind would be WR_CROWD per round. */
+  int slack = 2 * 128 * loom_procs() / 64 + 1;
+  CHECK(loom__test_wrec_blocks() <= after2 + slack);
+}
+
+TEST(wait_records_come_back_however_waits_end) {
+  check_watchdog(60, "crowds of every kind of wait");
+  check_run(wr_main, NULL, 2);
 }
 
 CHECK_MAIN()

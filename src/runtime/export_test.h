@@ -31,5 +31,8 @@ int loom__test_lose_wakeps(int n);
  * coroutine, before it takes the runtime's global lock: a test's way to
  * hold a waker at that point.  Returns the previous one. */
 void (*loom__test_hold_foreign_ready(void (*fn)(void)))(void);
+/* Blocks of wait records (wrec.c) the running runtime has made, or -1
+ * with none running: a record never given back shows as growth. */
+int loom__test_wrec_blocks(void);
 
 #endif

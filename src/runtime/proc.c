@@ -1860,6 +1860,8 @@ static void rt_free(loom__rt *rt) {
   }
   pthread_mutex_destroy(&rt->objs_lock);
   pthread_mutex_destroy(&rt->nop_timers_mu);
+  loom__wrec_destroy(rt); /* abandoned waits' too: rt_undo dequeued them */
+  pthread_mutex_destroy(&rt->wrec_mu);
   loom__pd_pool_destroy(rt);
   loom__netpoll_close(&rt->np);
   pthread_mutex_destroy(&rt->pd_lock);
@@ -1905,6 +1907,7 @@ int loom_run(void (*main_fn)(void *), void *arg, const loom_config *cfg) {
   rt->nprocs = c.procs;
   loom__mutex_init(&rt->lock);
   loom__mutex_init(&rt->pd_lock);
+  loom__mutex_init(&rt->wrec_mu);
   loom__mutex_init(&rt->objs_lock);
   loom__mutex_init(&rt->nop_timers_mu);
   loom__timers_init(&rt->nop_timers);
@@ -2012,6 +2015,7 @@ fail_stacks:
 fail_rt:
   pthread_mutex_destroy(&rt->nop_timers_mu);
   pthread_mutex_destroy(&rt->objs_lock);
+  pthread_mutex_destroy(&rt->wrec_mu);
   pthread_mutex_destroy(&rt->pd_lock);
   pthread_mutex_destroy(&rt->lock);
   loom__free(rt);

@@ -7,8 +7,8 @@
  *   M  an OS thread.  Runs Gs only while it holds a P.  Each M has a g0:
  *      the thread's own stack, where the scheduler loop runs when the M
  *      has nothing better to switch to.
- *   P  a processor: the right to run Gs, plus a run queue, a timer heap
- *      and a free-G cache.  `procs` of them.
+ *   P  a processor: the right to run Gs, plus a run queue, a timer heap,
+ *      a free-G cache and spare wait records (wrec.c).  `procs` of them.
  *
  * Locking: rt->lock (a mutex) protects the global run queue, the idle-P
  * and idle-M lists, and M creation.  Each P's run queue is lock-free
@@ -36,6 +36,22 @@
 #include "runtime/note.h"
 #include "runtime/stack.h"
 #include "runtime/timer.h"
+
+/* sanitizer/valgrind helpers */
+#if defined(__has_feature)
+#if __has_feature(address_sanitizer)
+#define LOOM_ASAN 1
+#endif
+#if __has_feature(thread_sanitizer)
+#define LOOM_TSAN 1
+#endif
+#endif
+#if defined(__SANITIZE_ADDRESS__) && !defined(LOOM_ASAN)
+#define LOOM_ASAN 1
+#endif
+#if defined(__SANITIZE_THREAD__) && !defined(LOOM_TSAN)
+#define LOOM_TSAN 1
+#endif
 
 /* An object of a higher layer (a socket) that the runtime frees if it is
  * still alive at shutdown, when the coroutines that would have closed it
@@ -184,6 +200,8 @@ struct loom__p {
    * miss per node. */
   loom__g *gfree[LOOM_PCACHE];
   int ngfree;
+  struct loom__wrec *wrec_free; /* spare wait records (wrec.c), owner */
+  int nwrec;
   uint64_t goid_next, goid_end;  /* batch of G ids, owner only */
 
   loom__timers timers;
@@ -246,6 +264,10 @@ struct loom__rt {
   _Atomic uint64_t netpoll_wakeups;
   pthread_mutex_t objs_lock;     /* live objects of higher layers */
   loom__rtobj *objs;
+  pthread_mutex_t wrec_mu; /* the wait records' blocks, spares */
+  struct loom__wrec_block *wrec_blocks;
+  struct loom__wrec *wrec_free;
+  int nwrec_free;
   pthread_mutex_t pd_lock;       /* the poll-descriptor pool */
   struct loom__pd *pd_free;
   struct pd_block *pd_blocks;
@@ -506,6 +528,49 @@ void loom__globrunq_putbatch(loom__rt *rt, loom__g *const *gs,
                              uint64_t n);               /* lock held */
 loom__g *loom__globrunq_get(loom__rt *rt, loom__p *p, int max); /* held */
 
+/* Wait records (wrec.c): blocks of LOOM__WREC_SIZE bytes, aligned to
+ * it, from the P's cache, for the node of a coroutine's wait (sync/wait.h).
+ * loom__wrec_get needs a P (NULL without one, or without memory); put
+ * from any coroutine.  All are freed when the runtime ends. */
+#define LOOM__WREC_SIZE 64
+#define LOOM__WREC_PCACHE 128 /* a P's spares; half go back past that */
+struct loom__wrec {
+  struct loom__wrec *next; /* while spare */
+  char body[LOOM__WREC_SIZE - sizeof(struct loom__wrec *)];
+};
+void *loom__wrec_get_slow(void);
+void loom__wrec_put_slow(void *r);
+void loom__wrec_destroy(loom__rt *rt);
+
+static inline void *loom__wrec_get(void) {
+#ifndef LOOM_ASAN /* which poisons spares: the slow path unpoisons */
+  loom__m *m = loom__getm();
+  loom__p *p = m != NULL ? m->p : NULL;
+  struct loom__wrec *r = p != NULL ? p->wrec_free : NULL;
+  if (r != NULL) {
+    p->wrec_free = r->next;
+    p->nwrec--;
+    return r;
+  }
+#endif
+  return loom__wrec_get_slow();
+}
+
+static inline void loom__wrec_put(void *x) {
+#ifndef LOOM_ASAN
+  loom__m *m = loom__getm();
+  loom__p *p = m != NULL ? m->p : NULL;
+  if (p != NULL && p->nwrec < LOOM__WREC_PCACHE) {
+    struct loom__wrec *r = x;
+    r->next = p->wrec_free;
+    p->wrec_free = r;
+    p->nwrec++;
+    return;
+  }
+#endif
+  loom__wrec_put_slow(x);
+}
+
 /* sysmon (sysmon.c). */
 int loom__sysmon_start(loom__rt *rt);
 void loom__sysmon_wake(loom__rt *rt);
@@ -513,22 +578,6 @@ void loom__sysmon_stop(loom__rt *rt);
 
 /* coroutine-local storage (local.c): run destructors, free the slots. */
 void loom__locals_destroy(loom__g *g, bool run_dtors);
-
-/* sanitizer/valgrind helpers */
-#if defined(__has_feature)
-#if __has_feature(address_sanitizer)
-#define LOOM_ASAN 1
-#endif
-#if __has_feature(thread_sanitizer)
-#define LOOM_TSAN 1
-#endif
-#endif
-#if defined(__SANITIZE_ADDRESS__) && !defined(LOOM_ASAN)
-#define LOOM_ASAN 1
-#endif
-#if defined(__SANITIZE_THREAD__) && !defined(LOOM_TSAN)
-#define LOOM_TSAN 1
-#endif
 
 #define LOOM_NORETURN __attribute__((noreturn))
 LOOM_NORETURN void loom__throw(const char *msg);

@@ -59,6 +59,8 @@ static void unlock(loom_chan *c) { loom__spin_unlock(&c->lock); }
 #define dequeue loom__waitq_pop
 #define wake loom__waiter_wake
 #define claim loom__waiter_claim
+#define sudog_get loom__wnode_get
+#define sudog_put loom__wnode_put
 
 static void (*_Atomic after_close_wake)(void); /* export_test.h */
 
@@ -165,7 +167,7 @@ try_send_locked(loom_chan *c, const void *elem, waiter **wk) {
   sudog *r = dequeue(&c->recvq);
   if (r != NULL) {
     elem_copy(c, r->elem, elem);
-    r->success = true;
+    r->w->ok = true;
     r->w->fired = r->idx;
     *wk = r->w;
     return 1;
@@ -197,7 +199,7 @@ try_recv_locked(loom_chan *c, void *elem, waiter **wk) {
       c->recvx = (c->recvx + 1) % c->cap;
       c->sendx = c->recvx;
     }
-    s->success = true;
+    s->w->ok = true;
     s->w->fired = s->idx;
     *wk = s->w;
     return 1;
@@ -253,19 +255,23 @@ send_impl(loom_chan *c, const void *elem, bool block, int64_t deadline) {
   }
   waiter w;
   waiter_init(&w, deadline == 0);
-  sudog s = {.w = &w, .elem = (void *)(uintptr_t)elem, .idx = 0,
-             .send = true};
-  enqueue(&c->sendq, &s);
-  loom__waiter_watch(&w, &abandon_one, c, &s);
+  sudog local, *s = sudog_get(&w, &c->sendq, &local);
+  *s =
+      (sudog){.w = &w, .elem = (void *)(uintptr_t)elem, .idx = 0, .send = true};
+  enqueue(&c->sendq, s);
+  loom__waiter_watch(&w, &abandon_one, c, s);
   loom__waiter_wait_unlock(&w, &c->lock, deadline, NULL);
   loom__waiter_unwatch(&w);
   if (w.fired < 0) {
     lock(c);
-    unlink_sudog(&c->sendq, &s);
+    unlink_sudog(&c->sendq, s);
     unlock(c);
+    sudog_put(s, &local);
     return loom__waiter_err(&w, NULL);
   }
-  return s.success ? 0 : -EPIPE;
+  r = w.ok ? 0 : -EPIPE;
+  sudog_put(s, &local);
+  return r;
 }
 
 __attribute__((always_inline)) static inline int
@@ -283,18 +289,22 @@ recv_impl(loom_chan *c, void *elem, bool block, int64_t deadline) {
   }
   waiter w;
   waiter_init(&w, deadline == 0);
-  sudog s = {.w = &w, .elem = elem, .idx = 0, .send = false};
-  enqueue(&c->recvq, &s);
-  loom__waiter_watch(&w, &abandon_one, c, &s);
+  sudog local, *s = sudog_get(&w, &c->recvq, &local);
+  *s = (sudog){.w = &w, .elem = elem, .idx = 0, .send = false};
+  enqueue(&c->recvq, s);
+  loom__waiter_watch(&w, &abandon_one, c, s);
   loom__waiter_wait_unlock(&w, &c->lock, deadline, NULL);
   loom__waiter_unwatch(&w);
   if (w.fired < 0) {
     lock(c);
-    unlink_sudog(&c->recvq, &s);
+    unlink_sudog(&c->recvq, s);
     unlock(c);
+    sudog_put(s, &local);
     return loom__waiter_err(&w, NULL);
   }
-  return s.success ? 1 : 0;
+  r = w.ok ? 1 : 0;
+  sudog_put(s, &local);
+  return r;
 }
 
 int loom_chan_send(loom_chan *c, const void *elem) {
@@ -340,12 +350,13 @@ int loom_chan_close(loom_chan *c) {
    * return before that: the last of each batch, woken after the next
    * unlock.
    *
-   * Each node sits on its waiter's stack, a page of its own: with
-   * thousands of waiters whose stacks came from a long-recycled free
-   * list, every node is a TLB miss, and a list walk a chain of them,
-   * each address in the node before.  So the batch is taken from both
-   * ends of the queue, two chains whose misses overlap (Go's close
-   * promises no order either: it readies the waiters last first). */
+   * A walk of the queue is a chain of misses, each address in the node
+   * before (past the first, the nodes are wait records, so cache
+   * misses rather than TLB misses: wait.h).  So the batch is taken from
+   * both ends of the queue, two chains whose misses overlap (Go's close
+   * promises no order either: it readies the waiters last first).  What
+   * each waiter learns goes to its waiter, on its stack, whose G the
+   * wake-up touches next: prefetched here. */
   enum { BATCH = 32 };
   sudog *batch[BATCH];
   sudog *held = NULL;
@@ -365,7 +376,7 @@ int loom_chan_close(loom_chan *c) {
         q = &c->sendq;
         continue;
       }
-      s->success = false;
+      s->w->ok = false;
       s->w->fired = s->idx;
       __builtin_prefetch(s->w->g); /* its wake touches the G */
       __builtin_prefetch(from_back ? q->tail_ : q->head_); /* that end's next */
@@ -407,10 +418,11 @@ static int cmp_chan(const void *a, const void *b) {
 struct sel {
   loom_case *cases;
   int n;
-  sudog *sg;
+  sudog **sg;        /* each queued case's sudog: a wait record, */
+  sudog *sg_local;   /* or the case's one here (sudog_get) */
   loom_chan **locks; /* sorted, each once */
   int nu;
-  int *order; /* with sg and locks, on the heap past 8 cases */
+  int *order; /* with sg_local (and sg) and locks, on the heap past 8 */
 };
 
 /* Take every sudog of the select off its queue. */
@@ -419,9 +431,9 @@ static void dequeue_all(const struct sel *s) {
     lock(s->locks[i]);
   for (int i = 0; i < s->n; i++)
     if (s->cases[i].chan != NULL)
-      unlink_sudog(s->sg[i].send ? &s->cases[i].chan->sendq
-                                 : &s->cases[i].chan->recvq,
-                   &s->sg[i]);
+      unlink_sudog(s->sg[i]->send ? &s->cases[i].chan->sendq
+                                  : &s->cases[i].chan->recvq,
+                   s->sg[i]);
   for (int i = s->nu - 1; i >= 0; i--)
     unlock(s->locks[i]);
 }
@@ -435,7 +447,7 @@ static void give_back_select(waiter *w) {
   if (s->n > 8) {
     loom__free(s->order);
     loom__free(s->locks);
-    loom__free(s->sg);
+    loom__free(s->sg_local);
   }
 }
 static bool withdraw_select(waiter *w) {
@@ -456,24 +468,26 @@ int loom_select(loom_case *cases, int n, int64_t deadline) { // NOLINT(readabili
       return -EINVAL; /* no direction, or nothing to send */
   bool nowait = deadline == LOOM_SELECT_NOWAIT;
 
-  /* Scratch: the poll order, the lock order, the sudogs.  Small selects
-   * stay on the stack. */
+  /* Scratch: the poll order, the lock order, the sudogs (wait records
+   * where we can have them, else these) and where each is.  Small
+   * selects stay on the stack. */
   int order_s[8];
   loom_chan *locks_s[8];
-  sudog sg_s[8];
+  sudog sg_s[8], *sgp_s[8];
   int *order = order_s;
   loom_chan **locks = locks_s;
-  sudog *sg = sg_s;
+  sudog *sg_local = sg_s, **sg = sgp_s;
   if (n > 8) {
     order = loom__malloc((size_t)n * sizeof *order);
     locks = loom__malloc((size_t)n * sizeof *locks);
-    sg = loom__calloc((size_t)n, sizeof *sg);
-    if (order == NULL || locks == NULL || sg == NULL) {
+    sg_local = loom__calloc((size_t)n, sizeof *sg_local + sizeof *sg);
+    if (order == NULL || locks == NULL || sg_local == NULL) {
       loom__free(order);
       loom__free(locks);
-      loom__free(sg);
+      loom__free(sg_local);
       return -ENOMEM;
     }
+    sg = (sudog **)(void *)(sg_local + n);
   }
 
   /* A random permutation for polling; channels sorted, deduplicated. */
@@ -538,13 +552,15 @@ int loom_select(loom_case *cases, int n, int64_t deadline) { // NOLINT(readabili
   waiter_init(&w, false);
   for (int i = 0; i < n; i++) {
     loom_case *cs = &cases[i];
-    sg[i] = (sudog){.w = &w, .elem = cs->elem, .idx = i,
-                    .send = cs->dir == LOOM_SEND};
-    if (cs->chan != NULL)
-      enqueue(cs->dir == LOOM_SEND ? &cs->chan->sendq : &cs->chan->recvq,
-              &sg[i]);
+    if (cs->chan == NULL)
+      continue;
+    waitq *q = cs->dir == LOOM_SEND ? &cs->chan->sendq : &cs->chan->recvq;
+    sg[i] = sudog_get(&w, q, &sg_local[i]);
+    *sg[i] = (sudog){
+        .w = &w, .elem = cs->elem, .idx = i, .send = cs->dir == LOOM_SEND};
+    enqueue(q, sg[i]);
   }
-  struct sel sel = {cases, n, sg, locks, nu, order};
+  struct sel sel = {cases, n, sg, sg_local, locks, nu, order};
   struct unlock_set u = {locks, nu};
   loom__waiter_watch(&w, &abandon_select, &sel, NULL);
   loom__waiter_wait(&w, unlock_all, &u, deadline);
@@ -554,14 +570,17 @@ int loom_select(loom_case *cases, int n, int64_t deadline) { // NOLINT(readabili
     result = loom__waiter_err(&w, NULL);
   } else {
     result = w.fired;
-    cases[result].ok = sg[result].success;
+    cases[result].ok = w.ok;
   }
+  for (int i = 0; i < n; i++)
+    if (cases[i].chan != NULL)
+      sudog_put(sg[i], &sg_local[i]);
 
 out:
   if (n > 8) {
     loom__free(order);
     loom__free(locks);
-    loom__free(sg);
+    loom__free(sg_local);
   }
   return result;
 }

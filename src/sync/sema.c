@@ -28,17 +28,19 @@ static int wait_on(loom_waitlist_ *l, int64_t deadline, loom_ctx *ctx,
                    const loom__abandon *how, void *obj) {
   loom__waiter w;
   loom__waiter_init(&w, deadline == 0 && ctx == NULL);
-  loom__wnode n = {.w = &w};
-  loom__waitq_push(&l->q_, &n);
-  loom__waiter_watch(&w, how, obj, &n);
+  loom__wnode local, *n = loom__wnode_get(&w, &l->q_, &local);
+  *n = (loom__wnode){.w = &w};
+  loom__waitq_push(&l->q_, n);
+  loom__waiter_watch(&w, how, obj, n);
   loom__waiter_wait_unlock(&w, &l->lock_, deadline, ctx);
   loom__waiter_unwatch(&w);
-  if (w.fired >= 0)
-    return 0;
-  loom__spin_lock(&l->lock_);
-  loom__waitq_unlink(&l->q_, &n);
-  loom__spin_unlock(&l->lock_);
-  return loom__waiter_err(&w, ctx);
+  if (w.fired < 0) {
+    loom__spin_lock(&l->lock_);
+    loom__waitq_unlink(&l->q_, n);
+    loom__spin_unlock(&l->lock_);
+  }
+  loom__wnode_put(n, &local);
+  return w.fired >= 0 ? 0 : loom__waiter_err(&w, ctx);
 }
 
 /* Wake every waiter of l; called with l's lock held, returns with it
@@ -53,7 +55,7 @@ static void wake_all(loom_waitlist_ *l) {
   loom__spin_unlock(&l->lock_);
   while (list != NULL) {
     n = list;
-    list = n->prev; /* before waking: n lives on the waiter's stack */
+    list = n->prev; /* before waking: n is gone once its waiter runs */
     loom__waiter_wake(n->w);
   }
 }
@@ -206,19 +208,21 @@ static int cond_wait(loom_cond *c, loom_mutex *mu, int64_t deadline,
    * cannot be missed; mu's unlock never parks. */
   loom__waiter w;
   loom__waiter_init(&w, deadline == 0 && ctx == NULL);
-  loom__wnode n = {.w = &w};
-  loom__waitq_push(&c->q_.q_, &n);
-  loom__waiter_watch(&w, &abandon_wait, &c->q_, &n);
+  loom__wnode local, *n = loom__wnode_get(&w, &c->q_.q_, &local);
+  *n = (loom__wnode){.w = &w};
+  loom__waitq_push(&c->q_.q_, n);
+  loom__waiter_watch(&w, &abandon_wait, &c->q_, n);
   loom_mutex_unlock(mu);
   loom__waiter_wait_unlock(&w, &c->q_.lock_, deadline, ctx);
   loom__waiter_unwatch(&w);
   int r = 0;
   if (w.fired < 0) {
     loom__spin_lock(&c->q_.lock_);
-    loom__waitq_unlink(&c->q_.q_, &n);
+    loom__waitq_unlink(&c->q_.q_, n);
     loom__spin_unlock(&c->q_.lock_);
     r = loom__waiter_err(&w, ctx);
   }
+  loom__wnode_put(n, &local);
   loom_mutex_lock(mu);
   return r;
 }

@@ -26,6 +26,9 @@ typedef struct loom__waiter {
   int fired;             /* what completed it (>= 0); -1: the deadline */
   bool exclusive;        /* on one queue, no deadline: claims skip CAS */
   bool handed;           /* mutex: ownership was handed to this waiter */
+  bool ok;               /* chan, with fired: transferred (true) or the
+                            channel closed; in the waiter, not its node,
+                            which the woken coroutine need not read */
   _Atomic int committed; /* the park's commit has finished with the
                             waiter's stack (see wait.c) */
   /* A coroutine's wait, while it lasts (loom__waiter_watch): */
@@ -40,10 +43,37 @@ typedef struct loom__wnode {
   struct loom__wnode *next, *prev;
   void *elem;   /* chan: source or destination */
   int idx;      /* chan: case index */
-  bool success; /* chan: transferred (true) or closed */
   bool queued;
   bool send;
 } loom__wnode;
+
+/*
+ * Where a wait's node lives.  On the waiter's stack, `local`, as a rule:
+ * nothing to take or give back.  But each stack is a page of its own, and
+ * a queue a list through its nodes, so a walk of a long queue — a close
+ * waking thousands, a broadcast — is a chain of TLB misses, each address
+ * in the node before.  So a coroutine that joins a queue already waited
+ * on takes a wait record from its P's cache instead (runtime/wrec.c, Go's
+ * sudog cache), packed with the others: such a walk then misses the cache
+ * at each node, not the TLB.  (The first in a queue, the only one in most,
+ * pays nothing.)  loom__wnode_put gives it back once nothing can touch it:
+ * after the wait has returned and its clean-up has taken the node off the
+ * queue.  An abandoned wait's record goes with the runtime.
+ */
+_Static_assert(sizeof(struct loom__wnode) <= LOOM__WREC_SIZE,
+               "a wait node fits a wait record");
+static inline struct loom__wnode *loom__wnode_get(const loom__waiter *w,
+                                                  const loom_waitq_ *q,
+                                                  struct loom__wnode *local) {
+  struct loom__wnode *n =
+      w->g != NULL && q->head_ != NULL ? loom__wrec_get() : NULL;
+  return n != NULL ? n : local;
+}
+static inline void loom__wnode_put(struct loom__wnode *n,
+                                   const struct loom__wnode *local) {
+  if (n != local)
+    loom__wrec_put(n);
+}
 
 /* The queue type is the public headers' private loom_waitq_ (void
  * pointers to loom__wnode), so sync objects can be declared publicly. */
