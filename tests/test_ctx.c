@@ -993,6 +993,41 @@ static void nullch_main(void *arg) {
 }
 TEST(chan_calls_on_a_null_channel) { check_run(nullch_main, NULL, 2); }
 
+/* A context done before the call wins over a channel that is ready, as
+ * in every other call that takes one (sync.h: "as the other *_ctx calls
+ * put a done context first"): the call fails and moves nothing.  The
+ * channel calls made a select of the channel and the done channel, both
+ * ready, and so sent or received about half the time. */
+static void donefirst_calls(void) {
+  loom_chan *full, *empty;
+  CHECK_OK(loom_chan_make(&full, sizeof(int), 64));
+  CHECK_OK(loom_chan_make(&empty, sizeof(int), 64));
+  for (int i = 0; i < 64; i++)
+    CHECK_OK(loom_chan_try_send(full, &i));
+  loom_ctx *c;
+  CHECK_OK(loom_ctx_with_cancel(&c, loom_ctx_background()));
+  loom_ctx_cancel(c);
+  for (int i = 0; i < 64; i++) {
+    int v = -1;
+    CHECK_ERR(loom_chan_recv_ctx(full, &v, c), -ECANCELED);
+    CHECK_EQ(v, -1);
+    CHECK_ERR(loom_chan_send_ctx(empty, &i, c), -ECANCELED);
+  }
+  CHECK_EQ(loom_chan_len(full), (size_t)64);
+  CHECK_EQ(loom_chan_len(empty), (size_t)0);
+  loom_ctx_release(c);
+  loom_chan_free(full);
+  loom_chan_free(empty);
+}
+static void donefirst_main(void *arg) {
+  (void)arg;
+  donefirst_calls();
+}
+TEST(chan_calls_with_a_done_context_move_nothing) {
+  donefirst_calls(); /* a plain thread */
+  check_run(donefirst_main, NULL, 2);
+}
+
 /* loom_ctx_deadline is "the earliest deadline of c and its ancestors, 0
  * if none", and a context that timed out has one.  A deadline of 0 (loom's
  * "none" everywhere else) made a child cancelled at once with -ETIMEDOUT

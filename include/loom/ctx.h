@@ -100,8 +100,9 @@ LOOM_API void loom_ctx_release(loom_ctx *c);
 
 /* Blocking calls bounded by a context: they return what the plain call
  * returns, or loom_ctx_err(c) (-ECANCELED, -ETIMEDOUT) once c is
- * cancelled.  A NULL channel gives -EINVAL at once, as the plain call.
- * Each parks. */
+ * cancelled.  A context cancelled before the call fails it at once,
+ * though the channel be ready: nothing is sent or received.  A NULL
+ * channel gives -EINVAL at once, as the plain call.  Each parks. */
 LOOM_API int loom_sleep_ctx(loom_ctx *c, int64_t ns);
 LOOM_API int loom_chan_send_ctx(loom_chan *ch, const void *elem, loom_ctx *c);
 LOOM_API int loom_chan_recv_ctx(loom_chan *ch, void *elem, loom_ctx *c);

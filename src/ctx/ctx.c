@@ -543,10 +543,15 @@ int loom_sleep_ctx(loom_ctx *c, int64_t ns) {
 }
 
 /* A NULL channel is the plain call's -EINVAL, not a case that is never
- * ready: the select would wait for the cancel. */
+ * ready: the select would wait for the cancel.  A context done before
+ * the call fails it, as every other call that takes one: the select
+ * would choose at random between it and a ready channel. */
 int loom_chan_send_ctx(loom_chan *ch, const void *elem, loom_ctx *c) {
   if (ch == NULL)
     return -EINVAL;
+  int e = loom__ctx_reason(c);
+  if (e != 0)
+    return e;
   loom_case cs[2] = {{ch, LOOM_SEND, (void *)(uintptr_t)elem, false},
                      {loom_ctx_done(c), LOOM_RECV, NULL, false}};
   int r = loom_select(cs, 2, 0);
@@ -558,6 +563,9 @@ int loom_chan_send_ctx(loom_chan *ch, const void *elem, loom_ctx *c) {
 int loom_chan_recv_ctx(loom_chan *ch, void *elem, loom_ctx *c) {
   if (ch == NULL)
     return -EINVAL;
+  int e = loom__ctx_reason(c);
+  if (e != 0)
+    return e;
   loom_case cs[2] = {{ch, LOOM_RECV, elem, false},
                      {loom_ctx_done(c), LOOM_RECV, NULL, false}};
   int r = loom_select(cs, 2, 0);
