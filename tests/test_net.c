@@ -22,6 +22,7 @@
 #include <string.h>
 #include <sys/epoll.h>
 #include <sys/resource.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include "check.h"
@@ -2331,6 +2332,48 @@ static void unix_fail_main(void *arg) {
 
 TEST(failed_unix_listen_removes_its_file) { check_run(unix_fail_main, NULL, 1); }
 
+/* A socket bound at a relative path is removed at its close from where
+ * it was bound (net.h: the file is removed, so the path can be listened
+ * on again at once), not relative to the working directory of the
+ * moment: that left the socket file behind and removed another file of
+ * that name in the new directory. */
+static void unix_rel_main(void *arg) {
+  (void)arg;
+  char a[64], b[64], keep[4096];
+  CHECK(getcwd(keep, sizeof keep) != NULL);
+  snprintf(a, sizeof a, "/tmp/loom-test-rel-a-%d", (int)getpid());
+  snprintf(b, sizeof b, "/tmp/loom-test-rel-b-%d", (int)getpid());
+  CHECK(mkdir(a, 0700) == 0 && mkdir(b, 0700) == 0);
+  for (int k = 0; k < 2; k++) {
+    CHECK(chdir(a) == 0);
+    loom_listener *l = NULL;
+    loom_pconn *pc = NULL;
+    if (k == 0)
+      CHECK_OK(loom_listen(&l, "unix", "rel.sock"));
+    else
+      CHECK_OK(loom_listen_packet(&pc, "unixgram", "rel.sock"));
+    CHECK(chdir(b) == 0);
+    int fd = open("rel.sock", O_CREAT | O_WRONLY | O_CLOEXEC, 0600);
+    CHECK(fd >= 0);
+    close(fd);
+    if (k == 0)
+      CHECK_OK(loom_listener_close(l));
+    else
+      CHECK_OK(loom_pconn_close(pc));
+    CHECKF(access("rel.sock", F_OK) == 0,
+           "k=%d: another directory's file removed", k);
+    CHECK(unlink("rel.sock") == 0);
+    CHECK(chdir(a) == 0);
+    CHECKF(access("rel.sock", F_OK) != 0, "k=%d: the socket file left behind",
+           k);
+  }
+  CHECK(chdir(keep) == 0);
+  CHECK(rmdir(a) == 0 && rmdir(b) == 0);
+}
+
+TEST(unix_relative_path_removed_where_it_was_bound) {
+  check_run(unix_rel_main, NULL, 1);
+}
 
 /* An accepted connection that cannot be registered with the poller (the
  * kernel's memory, max_user_watches) is closed, and accept backs off and

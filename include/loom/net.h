@@ -132,7 +132,10 @@ LOOM_API int loom_accept(loom_listener *l, loom_conn **c);
 LOOM_API int loom_listener_set_deadline(loom_listener *l, int64_t deadline);
 /* Stop listening; coroutines blocked in loom_accept return LOOM_ECLOSED.
  * For a "unix" listener the socket file is removed before it returns, so
- * the path can be listened on again at once.  `l` is freed: no
+ * the path can be listened on again at once (a relative path from the
+ * directory it was bound in, whatever the working directory is by
+ * then; as given only if that directory's name could not be read at the
+ * bind).  `l` is freed: no
  * coroutine may call anything on it afterwards, so an accept loop is best
  * stopped by its own coroutine — e.g. run it with loom_accept_ctx and
  * cancel the context, then let the loop close the listener. */

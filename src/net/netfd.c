@@ -2,6 +2,7 @@
 #include "net/netfd.h"
 
 #include <errno.h>
+#include <limits.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
@@ -73,10 +74,28 @@ static void destroy(loom__netfd *f) {
     loom__sema_release(closed); /* the closer may go on: f is gone */
 }
 
+/* The path to remove the file by: a relative one made absolute, so that
+ * a chdir between the bind and the close cannot leave the socket's file
+ * and remove another one of that name.  As given if the working directory
+ * has no name to read (removed, or too long); NULL without memory. */
+static char *path_to_remove(const char *path) {
+  char cwd[PATH_MAX];
+  if (path[0] == '/' || getcwd(cwd, sizeof cwd) == NULL)
+    return loom__strdup(path);
+  size_t nc = strlen(cwd), np = strlen(path);
+  char *abs = loom__malloc(nc + 1 + np + 1);
+  if (abs != NULL) {
+    memcpy(abs, cwd, nc);
+    abs[nc] = '/';
+    memcpy(abs + nc + 1, path, np + 1);
+  }
+  return abs;
+}
+
 int loom__netfd_init_bound(loom__netfd *f, int fd, int family, int type,
                            const char *path) {
   bool file = path != NULL && path[0] != '@';
-  char *copy = file ? loom__strdup(path) : NULL;
+  char *copy = file ? path_to_remove(path) : NULL;
   int err = f == NULL || (file && copy == NULL)
                 ? -ENOMEM
                 : loom__netfd_init(f, fd, family, type);
