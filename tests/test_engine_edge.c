@@ -4468,6 +4468,30 @@ TEST(max_pkg_len_size_max_means_no_limit) {
   run(size_max_main, 2, "max_pkg_len SIZE_MAX");
 }
 
+/* A packet server's one session is unconnected: it has no remote
+ * address (each package names its sender), and says so with -ENOTCONN
+ * (engine.h), as loom_session_name shows it with "-"; its local address
+ * is the server's. */
+static void udp_addrs_main(void *arg) {
+  (void)arg;
+  loom_server_opts o = server_opts(NULL);
+  o.network = "udp";
+  E.keep = true;
+  char addr[128], buf[128] = "untouched";
+  loom_server *srv = serve(&o, addr);
+  loom_session *s = kept_session();
+  CHECK_ERR(loom_session_remote_addr(s, buf, sizeof buf), -ENOTCONN);
+  CHECK_STREQ(buf, "untouched");
+  CHECK_OK(loom_session_local_addr(s, buf, sizeof buf));
+  CHECK_STREQ(buf, addr);
+  CHECK_OK(loom_server_close(srv, loom_now() + 5 * SEC));
+  CHECK_ERR(loom_session_remote_addr(s, buf, sizeof buf), LOOM_ECLOSED);
+  loom_session_unref(s);
+}
+TEST(udp_server_session_has_no_remote_address) {
+  run(udp_addrs_main, 2, "udp session addresses");
+}
+
 /* A UDP server with the raw codec: a datagram longer than max_pkg_len
  * counts as oversize, not as malformed (decode). */
 static void udp_raw_oversize_main(void *arg) {

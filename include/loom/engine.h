@@ -313,7 +313,9 @@ LOOM_API int loom_session_set_attr(loom_session *s, const void *key,
 LOOM_API void *loom_session_attr(loom_session *s, const void *key);
 
 /* The socket's addresses as "host:port" (or a path): 0, -ENOSPC, or
- * LOOM_ECLOSED once the socket is closed (after on_close). */
+ * LOOM_ECLOSED once the socket is closed (after on_close).  A packet
+ * server's session is unconnected and has no remote address: -ENOTCONN
+ * (pkg->from names each package's sender). */
 LOOM_API int loom_session_remote_addr(loom_session *s, char *buf, size_t len);
 LOOM_API int loom_session_local_addr(loom_session *s, char *buf, size_t len);
 
