@@ -236,7 +236,9 @@ LOOM_API ssize_t loom_writev(loom_conn *c, const struct iovec *iov,
  * only.  A call that returns anything else, though
  * the cancel landed while it was completing, leaves the deadline as it
  * was before the call (one that has passed meanwhile is passed), unless
- * it was changed or the connection closed in the meantime.  A write cut
+ * it was changed or the connection closed in the meantime, or a deadline
+ * still ahead found no memory for its timer to be armed again: then it
+ * stays passed, as after a cut.  A write cut
  * short may have sent part of its bytes.  `ctx` NULL: as without a
  * context.  Parks.
  */
@@ -375,7 +377,8 @@ LOOM_API ssize_t loom_pconn_write_msg(loom_pconn *pc, const struct iovec *iov,
  * (a `ctx` done before the call touches nothing, nor does a cancel that
  * finds the call waiting for its turn, or sleeping between the tries of
  * a Unix datagram write to a full peer); a call that returns anything
- * else leaves the deadline as it was.  `ctx` NULL: as without.  Parks.
+ * else leaves the deadline as it was (as loom_read_ctx: unless there is
+ * no memory to arm it again).  `ctx` NULL: as without.  Parks.
  */
 LOOM_API ssize_t loom_pconn_read_from_ctx(loom_pconn *pc, void *buf, size_t len,
                                           struct sockaddr_storage *from,
