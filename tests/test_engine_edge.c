@@ -4468,6 +4468,59 @@ TEST(max_pkg_len_size_max_means_no_limit) {
   run(size_max_main, 2, "max_pkg_len SIZE_MAX");
 }
 
+/* engine.h: "Unless noted, calls must be made on a coroutine
+ * (LOOM_ENOTCO)".  The calls that may wait answered a plain thread as
+ * if it were one: a stream session's write queued (and could wait for
+ * room on a futex), a packet session's failed only when it had to wait,
+ * and the closes ran.  Now each refuses at once and does nothing. */
+typedef struct plain_calls {
+  loom_server *srv;
+  loom_client *cl;
+  loom_session *s;
+} plain_calls;
+static void *plain_caller(void *arg) {
+  plain_calls *p = arg;
+  CHECK_ERR(loom_session_write(p->s, "x", 1, -1), LOOM_ENOTCO);
+  CHECK_ERR(loom_session_write(p->s, "x", 1, 0), LOOM_ENOTCO);
+  struct sockaddr_in to = {.sin_family = AF_INET};
+  CHECK_ERR(
+      loom_session_write_to(p->s, "x", 1, (struct sockaddr *)&to, sizeof to, 0),
+      LOOM_ENOTCO);
+  CHECK_ERR(loom_client_wait(p->cl, 1, 0), LOOM_ENOTCO);
+  CHECK_ERR(loom_client_close(p->cl, 0), LOOM_ENOTCO);
+  CHECK_ERR(loom_server_close(p->srv, 0), LOOM_ENOTCO);
+  loom_session *any;
+  CHECK_OK(loom_client_session(p->cl, &any)); /* any thread */
+  loom_session_unref(any);
+  return NULL;
+}
+static void plain_calls_main(void *arg) {
+  (void)arg;
+  codecs_init();
+  loom_server_opts o = server_opts(&lenpfx);
+  char addr[128];
+  loom_server *srv = serve(&o, addr);
+  loom_client_opts co = client_opts(addr, &lenpfx);
+  loom_client *cl;
+  plain_calls p = {srv, NULL, NULL};
+  p.s = one_session(&co, &cl);
+  p.cl = cl;
+  pthread_t t;
+  CHECK_EQ(pthread_create(&t, NULL, plain_caller, &p), 0);
+  loom_block_enter();
+  CHECK_EQ(pthread_join(t, NULL), 0);
+  loom_block_exit();
+  loom_session_stats st;
+  loom_session_stats_get(p.s, &st);
+  CHECK_EQ(st.pkgs_out, 0); /* nothing was written */
+  loom_session_unref(p.s);
+  CHECK_OK(loom_client_close(cl, loom_now() + 5 * SEC));
+  CHECK_OK(loom_server_close(srv, loom_now() + 5 * SEC));
+}
+TEST(calls_that_may_wait_refuse_a_plain_thread) {
+  run(plain_calls_main, 2, "engine calls from a plain thread");
+}
+
 /* A packet server's one session is unconnected: it has no remote
  * address (each package names its sender), and says so with -ENOTCONN
  * (engine.h), as loom_session_name shows it with "-"; its local address

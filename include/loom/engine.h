@@ -110,7 +110,11 @@
  * Writes go out at once, one datagram per package; there is no write
  * queue.
  *
- * Unless noted, calls must be made on a coroutine (LOOM_ENOTCO).
+ * Unless noted, calls must be made on a coroutine: those that may wait
+ * (the writes, loom_client_wait, the closes of a server or a client)
+ * return LOOM_ENOTCO from a plain thread and do nothing.  (Inside
+ * loom_block_enter/exit a packet session's write that must wait for
+ * room on its socket fails with LOOM_ENOTCO too, as the net calls do.)
  */
 #ifndef LOOM_ENGINE_H
 #define LOOM_ENGINE_H
@@ -503,7 +507,8 @@ LOOM_API int loom_client_start(loom_client **cl, const loom_client_opts *o);
 LOOM_API int loom_client_wait(loom_client *cl, int n, int64_t deadline);
 
 /* A connected session, round-robin, with a reference the caller must
- * drop with loom_session_unref.  0, or -ENOTCONN when none is. */
+ * drop with loom_session_unref.  0, or -ENOTCONN when none is.  Any
+ * thread. */
 LOOM_API int loom_client_session(loom_client *cl, loom_session **s);
 
 /* Stop reconnecting, close every session as loom_server_close does, and

@@ -186,6 +186,8 @@ fail:
 }
 
 int loom_client_wait(loom_client *cl, int n, int64_t deadline) {
+  if (loom_id() == 0)
+    return LOOM_ENOTCO;
   int rc = 0;
   loom_mutex_lock(&cl->owner.mu);
   cl->waiters++; /* a close frees the client only once we are out */
@@ -263,6 +265,8 @@ static void close_main(void *arg) {
 }
 
 int loom_client_close(loom_client *cl, int64_t deadline) {
+  if (loom_id() == 0)
+    return LOOM_ENOTCO;
   /* From a callback of one of its own sessions: see loom_server_close. */
   if (loom__cb_tag() == &cl->owner) {
     cl->close_deadline = deadline;

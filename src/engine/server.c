@@ -164,6 +164,8 @@ static void close_main(void *arg) {
 }
 
 int loom_server_close(loom_server *srv, int64_t deadline) {
+  if (loom_id() == 0)
+    return LOOM_ENOTCO;
   /* From a callback of one of its own sessions: that session ends only
    * after the callback returns, so the close cannot wait for it here. */
   if (loom__cb_tag() == &srv->owner) {

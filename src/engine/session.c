@@ -1210,6 +1210,8 @@ static int write_common(loom_session *s, const void *data, size_t len,
 
 int loom_session_write(loom_session *s, const void *data, size_t len,
                        int64_t timeout) {
+  if (loom_id() == 0)
+    return LOOM_ENOTCO;
   if (s->packet && !s->connected)
     return -EDESTADDRREQ;
   return write_common(s, data, len, NULL, 0, timeout);
@@ -1218,6 +1220,8 @@ int loom_session_write(loom_session *s, const void *data, size_t len,
 int loom_session_write_to(loom_session *s, const void *data, size_t len,
                           const struct sockaddr *to, socklen_t tolen,
                           int64_t timeout) {
+  if (loom_id() == 0)
+    return LOOM_ENOTCO;
   if (!s->packet || s->connected)
     return -EISCONN;
   return write_common(s, data, len, to, tolen, timeout);
