@@ -87,7 +87,8 @@ run() {
       "$(grep -v '^RESULT ' <<<"$out" | tail -n 3 | tr '\n' ' ')" >&2
     [[ -z $line ]] && return
   fi
-  keep_fields "$side:$case" "$line" ns_per_op cold_ns_per_op recycled_ns_per_op kib_per_op ms
+  keep_fields "$side:$case" "$line" ns_per_op cold_ns_per_op recycled_ns_per_op \
+    close_ns_per_op recycled_close_ns_per_op kib_per_op ms
   printf '  %-7s %-7s %s\n' "$side" "$case" "${line#RESULT }"
   grep '^INFO ' <<<"$out" | sed 's/^/       /'
 }
@@ -172,6 +173,8 @@ row "select over 4 channels" ns/op chanselect ns_per_op
 row "contended mutex, 8 co." ns/op syncmutex ns_per_op
 row "cancel 10,000 waiters" ns/op synccancel ns_per_op
 row "cancel 10,000, recycled" ns/op synccancel recycled_ns_per_op
+row "  of which the close" ns/op synccancel close_ns_per_op
+row "  of which, recycled" ns/op synccancel recycled_close_ns_per_op
 row "cpu-bound, 1 P" ms cpu1 ms
 row "cpu-bound, 2 P" ms cpu2 ms
 

@@ -55,8 +55,10 @@ static void blocked(void *arg) {
   loom_wg_done(&wg);
 }
 
-/* One crowd of n waiters: ns from the cancel until all have finished. */
-static int64_t cancel_crowd(void) {
+/* One crowd of n waiters: ns from the cancel until all have finished;
+ * *close gets the ns of the cancel call alone (it closes the context's
+ * done channel, which readies every waiter). */
+static int64_t cancel_crowd(int64_t *close) {
   atomic_store(&parked, 0);
   loom_ctx_with_cancel(&ctx, loom_ctx_background());
   loom_wg_add(&wg, n);
@@ -67,6 +69,7 @@ static int64_t cancel_crowd(void) {
   loom_sleep(10000000); /* all parked in the receive */
   int64_t t0 = bench_now();
   loom_ctx_cancel(ctx);
+  *close = bench_now() - t0;
   loom_wg_wait(&wg, 0);
   int64_t el = bench_now() - t0;
   loom_ctx_release(ctx);
@@ -75,7 +78,7 @@ static int64_t cancel_crowd(void) {
 
 static void bench_main(void *arg) {
   (void)arg;
-  int64_t t0, el, recycled = 0;
+  int64_t t0, el, recycled = 0, close0 = 0, rclose = 0;
   if (strcmp(mode, "mutex") == 0) {
     loom_wg_add(&wg, 8);
     t0 = bench_now();
@@ -86,17 +89,23 @@ static void bench_main(void *arg) {
     if (shared != (n / 8) * 8)
       bench_die("mutex lost updates", -1);
   } else {
-    int64_t crowd[CROWDS];
+    int64_t crowd[CROWDS], close[CROWDS];
     for (int r = 0; r < CROWDS; r++)
-      crowd[r] = cancel_crowd();
+      crowd[r] = cancel_crowd(&close[r]);
     el = crowd[0];
+    close0 = close[0];
     qsort(crowd + CROWDS - RECYCLED, RECYCLED, sizeof *crowd, cmp_i64);
+    qsort(close + CROWDS - RECYCLED, RECYCLED, sizeof *close, cmp_i64);
     recycled = crowd[CROWDS - RECYCLED / 2];
+    rclose = close[CROWDS - RECYCLED / 2];
   }
   printf("RESULT name=sync_%s impl=loom procs=%d n=%ld ns_per_op=%.1f", mode,
          loom_procs(), n, (double)el / (double)n);
   if (recycled != 0)
-    printf(" recycled_ns_per_op=%.1f", (double)recycled / (double)n);
+    printf(" recycled_ns_per_op=%.1f close_ns_per_op=%.1f"
+           " recycled_close_ns_per_op=%.1f",
+           (double)recycled / (double)n, (double)close0 / (double)n,
+           (double)rclose / (double)n);
   printf("\n");
   fflush(stdout);
 }

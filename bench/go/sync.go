@@ -30,7 +30,7 @@ func main() {
 		procs, _ = strconv.Atoi(os.Args[3])
 	}
 	runtime.GOMAXPROCS(procs)
-	var el, recycled time.Duration
+	var el, recycled, close0, rclose time.Duration
 	if mode == "mutex" {
 		var wg sync.WaitGroup
 		var mu sync.Mutex
@@ -55,19 +55,24 @@ func main() {
 	} else {
 		// The first crowd, then the median of the last recycledCrowds
 		// of crowds (bench/sync.c says why).
-		var crowd [crowds]time.Duration
+		var crowd, closes [crowds]time.Duration
 		for r := range crowd {
-			crowd[r] = cancelCrowd(n)
+			crowd[r], closes[r] = cancelCrowd(n)
 		}
-		el = crowd[0]
+		el, close0 = crowd[0], closes[0]
 		last := crowd[crowds-recycledCrowds:]
 		sort.Slice(last, func(i, j int) bool { return last[i] < last[j] })
 		recycled = last[recycledCrowds/2]
+		lastc := closes[crowds-recycledCrowds:]
+		sort.Slice(lastc, func(i, j int) bool { return lastc[i] < lastc[j] })
+		rclose = lastc[recycledCrowds/2]
 	}
 	fmt.Printf("RESULT name=sync_%s impl=go procs=%d n=%d ns_per_op=%.1f", mode, procs, n,
 		float64(el.Nanoseconds())/float64(n))
 	if recycled != 0 {
-		fmt.Printf(" recycled_ns_per_op=%.1f", float64(recycled.Nanoseconds())/float64(n))
+		fmt.Printf(" recycled_ns_per_op=%.1f close_ns_per_op=%.1f recycled_close_ns_per_op=%.1f",
+			float64(recycled.Nanoseconds())/float64(n), float64(close0.Nanoseconds())/float64(n),
+			float64(rclose.Nanoseconds())/float64(n))
 	}
 	fmt.Println()
 }
@@ -75,8 +80,8 @@ func main() {
 const crowds, recycledCrowds = 21, 10
 
 // cancelCrowd: n goroutines block on a context's done channel; the time
-// from the cancel until all have finished.
-func cancelCrowd(n int) time.Duration {
+// from the cancel until all have finished, and that of the cancel call.
+func cancelCrowd(n int) (time.Duration, time.Duration) {
 	var wg sync.WaitGroup
 	ctx, cancel := context.WithCancel(context.Background())
 	var parked int64
@@ -94,6 +99,7 @@ func cancelCrowd(n int) time.Duration {
 	time.Sleep(10 * time.Millisecond)
 	t0 := time.Now()
 	cancel()
+	closed := time.Since(t0)
 	wg.Wait()
-	return time.Since(t0)
+	return time.Since(t0), closed
 }
