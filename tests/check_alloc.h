@@ -14,14 +14,21 @@
  * with LOOM_TEST_ALLOC_BT=1 in the environment each one prints its stack
  * (addresses for addr2line) — for the failures that timing hides from
  * gdb.
+ *
+ * A sweep (one loom_run per failing allocation) brackets each run with
+ * check_alloc_run_begin/end after starting check_alloc_watchdog once: a
+ * run that lasts longer than its limit is a hang, reported with the
+ * allocation it failed and the stacks of every thread.
  */
 #ifndef LOOM_TESTS_CHECK_ALLOC_H
 #define LOOM_TESTS_CHECK_ALLOC_H
 
 #include <execinfo.h>
+#include <pthread.h>
 #include <stdatomic.h>
 #include <stdbool.h>
 #include <stdlib.h>
+#include <unistd.h>
 
 #include "check.h"
 
@@ -61,5 +68,46 @@ static void hook_free(void *ud, void *p) {
 }
 
 static const loom_allocator hook = {hook_realloc, hook_free, NULL};
+
+static _Atomic int64_t alloc_run_started; /* check_mono_ns(); 0: none */
+static atomic_long alloc_run_at;          /* what that run fails */
+static atomic_int alloc_run_from;
+static int alloc_run_limit_s;
+
+static inline void check_alloc_run_begin(long at, bool from) {
+  atomic_store(&alloc_run_at, at);
+  atomic_store(&alloc_run_from, from);
+  atomic_store(&alloc_run_started, check_mono_ns());
+}
+
+static inline void check_alloc_run_end(void) {
+  atomic_store(&alloc_run_started, 0);
+}
+
+static inline void *alloc_watchdog_main(void *arg) {
+  (void)arg;
+  for (;;) {
+    usleep(100 * 1000);
+    int64_t t = atomic_load(&alloc_run_started);
+    if (t && check_mono_ns() - t > (int64_t)alloc_run_limit_s * 1000000000) {
+      fprintf(stderr,
+              "watchdog: allocation %ld%s: the run is stuck after %d s\n",
+              atomic_load(&alloc_run_at),
+              atomic_load(&alloc_run_from) ? " and on" : "", alloc_run_limit_s);
+      fflush(stderr);
+      check_dump_hang();
+      abort();
+    }
+  }
+  return NULL;
+}
+
+/* Start the watchdog of a sweep whose runs each take under limit_s. */
+static inline void check_alloc_watchdog(int limit_s) {
+  alloc_run_limit_s = limit_s;
+  pthread_t w;
+  CHECK_EQ(pthread_create(&w, NULL, alloc_watchdog_main, NULL), 0);
+  CHECK_EQ(pthread_detach(w), 0);
+}
 
 #endif

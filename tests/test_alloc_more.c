@@ -136,43 +136,34 @@ static void stop_acceptor(echo_srv *e) {
   CHECK_OK(loom_wg_wait(&e->done, 0));
 }
 
-static void sc_net(void) {
-  /* tcp */
+/* An echo listener on `addr` with an acceptor, and a client talking to
+ * it, each as far as the failures let them go. */
+static void listen_and_talk(const char *network, const char *addr) {
   echo_srv e = {NULL, LOOM_WG_INIT};
-  int rc = loom_listen(&e.ln, "tcp", "127.0.0.1:0");
-  expect_rc("loom_listen tcp", rc, 0, 0);
-  if (rc == 0) {
-    char addr[64];
-    CHECK_OK(loom_listener_addr(e.ln, addr, sizeof addr));
-    loom_wg_add(&e.done, 1);
-    rc = loom_go(acceptor, &e);
-    expect_rc("loom_go", rc, 0, 0);
-    if (rc != 0) {
-      loom_wg_done(&e.done);
-      CHECK_OK(loom_listener_close(e.ln));
-    } else {
-      client_talk("tcp", addr);
-      stop_acceptor(&e);
-    }
+  int rc = loom_listen(&e.ln, network, addr);
+  expect_rc("loom_listen", rc, 0, 0);
+  if (rc != 0)
+    return;
+  char bound[128];
+  CHECK_OK(loom_listener_addr(e.ln, bound, sizeof bound));
+  loom_wg_add(&e.done, 1);
+  rc = loom_go(acceptor, &e);
+  expect_rc("loom_go", rc, 0, 0);
+  if (rc != 0) {
+    loom_wg_done(&e.done);
+    CHECK_OK(loom_listener_close(e.ln));
+    return;
   }
-  /* unix stream */
-  e.ln = NULL;
-  rc = loom_listen(&e.ln, "unix", path_a);
-  expect_rc("loom_listen unix", rc, 0, 0);
-  if (rc == 0) {
-    loom_wg_add(&e.done, 1);
-    rc = loom_go(acceptor, &e);
-    expect_rc("loom_go", rc, 0, 0);
-    if (rc != 0) {
-      loom_wg_done(&e.done);
-      CHECK_OK(loom_listener_close(e.ln));
-    } else {
-      client_talk("unix", path_a);
-      stop_acceptor(&e);
-    }
-  }
+  client_talk(network, bound);
+  stop_acceptor(&e);
+}
+
+static void sc_net(void) {
+  listen_and_talk("tcp", "127.0.0.1:0");
+  listen_and_talk("unix", path_a);
   CHECK_AT(gone(path_a), "%s left behind", path_a);
   /* udp and unixgram */
+  int rc;
   static const char *nets[2] = {"udp", "unixgram"};
   for (int k = 0; k < 2; k++) {
     loom_pconn *srv = NULL, *cli = NULL;
@@ -452,23 +443,6 @@ static void scenario_main(void *arg) {
   atomic_store(&armed, 0);
 }
 
-static _Atomic int64_t run_started;
-static void *run_watchdog(void *arg) {
-  (void)arg;
-  for (;;) {
-    usleep(100 * 1000);
-    int64_t t = atomic_load(&run_started);
-    if (t && check_mono_ns() - t > 15 * SEC) {
-      fprintf(stderr, "watchdog: allocation %ld%s: the run is stuck\n", fail_at,
-              fail_from ? " and on" : "");
-      fflush(stderr);
-      check_dump_hang();
-      abort();
-    }
-  }
-  return NULL;
-}
-
 static long run_once(const scenario *sc, long at, bool from, int procs) {
   loom_config cfg;
   atomic_store(&nalloc, 0);
@@ -477,9 +451,9 @@ static long run_once(const scenario *sc, long at, bool from, int procs) {
   CHECK_EQ(atomic_load(&nlive), 0);
   loom_config_init(&cfg);
   cfg.procs = procs;
-  atomic_store(&run_started, check_mono_ns());
+  check_alloc_run_begin(at, from);
   int r = loom_run(scenario_main, (void *)(uintptr_t)sc, &cfg);
-  atomic_store(&run_started, 0);
+  check_alloc_run_end();
   CHECK_AT(r == 0, "loom_run returned %d (%s)", r, loom_err_name(r));
   CHECK_AT(atomic_load(&nlive) == 0,
            "%ld blocks still allocated after loom_run returned",
@@ -499,9 +473,7 @@ static void sweep(const char *name, bool from) {
   snprintf(path_b, sizeof path_b, "/tmp/loom-am-%d-b.sock", (int)getpid());
   CHECK_OK(loom_codec_lenpfx(&lenpfx, NULL));
   loom_set_allocator(&hook);
-  pthread_t w;
-  CHECK_EQ(pthread_create(&w, NULL, run_watchdog, NULL), 0);
-  CHECK_EQ(pthread_detach(w), 0);
+  check_alloc_watchdog(15);
   long clean = run_once(sc, -1, false, 2);
   long first = 1, last = clean + clean / 4 + 8;
   if (getenv("ALLOC_FIRST"))

@@ -906,28 +906,7 @@ static void scenario_main(void *arg) {
 }
 
 /* The child's watchdog: one run that takes this long is a hang. */
-static _Atomic int64_t run_started; /* check_mono_ns(); 0: between runs */
-static atomic_long run_at;          /* fail_at and fail_from of that run */
-static atomic_int run_from;
 #define RUN_LIMIT_S CHECK_SCALE(10, 12, 15)
-
-static void *run_watchdog(void *arg) {
-  (void)arg;
-  for (;;) {
-    usleep(100 * 1000);
-    int64_t t = atomic_load(&run_started);
-    if (t && check_mono_ns() - t > (int64_t)RUN_LIMIT_S * SEC) {
-      fprintf(stderr,
-              "watchdog: allocation %ld%s: the run is stuck after %d s\n",
-              atomic_load(&run_at), atomic_load(&run_from) ? " and on" : "",
-              RUN_LIMIT_S);
-      fflush(stderr);
-      check_dump_hang();
-      abort();
-    }
-  }
-  return NULL;
-}
 
 /* One loom_run of `sc` on `procs` Ps with allocation `at` failing (-1:
  * none). */
@@ -945,11 +924,9 @@ static void run_once(const scenario *sc, long at, bool from, int procs) {
   CHECK_EQ(live, 0);
   loom_config_init(&cfg);
   cfg.procs = procs;
-  atomic_store(&run_at, at);
-  atomic_store(&run_from, from);
-  atomic_store(&run_started, check_mono_ns());
+  check_alloc_run_begin(at, from);
   int r = loom_run(scenario_main, (void *)(uintptr_t)sc, &cfg);
-  atomic_store(&run_started, 0);
+  check_alloc_run_end();
   CHECK_AT(r == 0, "loom_run returned %d (%s)", r, loom_err_name(r));
   CHECK_AT(atomic_load(&nlive) == 0,
            "%ld blocks still allocated after loom_run returned",
@@ -971,9 +948,7 @@ HELPER(alloc_child) {
   const scenario *sc = find_scenario(name);
   CHECK_OK(loom_codec_lenpfx(&lenpfx, NULL));
   loom_set_allocator(&hook);
-  pthread_t w;
-  CHECK_EQ(pthread_create(&w, NULL, run_watchdog, NULL), 0);
-  CHECK_EQ(pthread_detach(w), 0);
+  check_alloc_watchdog(RUN_LIMIT_S);
   for (long k = 0; k < count; k++) {
     long at = first + k * stride;
     fprintf(stderr, "%s: failing allocation %ld%s\n", name, at,
