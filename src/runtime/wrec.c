@@ -8,13 +8,13 @@
  * of TLB misses, each address in the node before.  Records come packed,
  * 64 to a 4 KiB block, so such a walk is a chain of cache misses instead.
  *
- * Each P keeps a list of spare records (owner only, no lock); a P that
- * runs out takes a batch from the runtime's list, or a new block; a P
- * with too many gives half back.  Blocks are freed when the runtime ends,
- * after the records of abandoned waits have been taken off their queues.
+ * sync/wait.h says which waits take one.  Each P keeps a list of spare
+ * records (owner only, no lock); a P that runs out takes a batch from
+ * the runtime's list, or a new block; a P with too many gives half back.
+ * Blocks are freed when the runtime ends, after the records of abandoned
+ * waits have been taken off their queues.
  */
 #include <stdint.h>
-#include <string.h>
 
 #include "runtime/alloc.h"
 #include "runtime/export_test.h"
@@ -31,10 +31,9 @@ void __asan_unpoison_memory_region(void const volatile *addr, size_t size);
 
 typedef struct loom__wrec wrec;
 
-struct loom__wrec_block {
+struct loom__wrec_block { /* one allocation: this, then the records */
   struct loom__wrec_block *next;
-  void *mem; /* what loom__malloc gave: recs are aligned inside it */
-  wrec *recs;
+  wrec *recs; /* aligned to a record's size */
 };
 
 /* A spare record's body is off limits (a use after loom__wrec_put). */
@@ -75,16 +74,11 @@ static wrec *refill(loom__rt *rt, loom__p *p) {
   }
   pthread_mutex_unlock(&rt->wrec_mu);
 
-  struct loom__wrec_block *b = loom__malloc(sizeof *b);
-  void *mem = b != NULL
-                  ? loom__malloc(PER_BLOCK * sizeof(wrec) + LOOM__WREC_SIZE - 1)
-                  : NULL;
-  if (mem == NULL) {
-    loom__free(b);
+  struct loom__wrec_block *b =
+      loom__malloc(sizeof *b + LOOM__WREC_SIZE - 1 + PER_BLOCK * sizeof(wrec));
+  if (b == NULL)
     return NULL;
-  }
-  b->mem = mem;
-  b->recs = (wrec *)(((uintptr_t)mem + LOOM__WREC_SIZE - 1) &
+  b->recs = (wrec *)(((uintptr_t)(b + 1) + LOOM__WREC_SIZE - 1) &
                      ~(uintptr_t)(LOOM__WREC_SIZE - 1));
   for (int i = 0; i < PER_BLOCK; i++) {
     b->recs[i].next = i + 1 < PER_BLOCK ? &b->recs[i + 1] : NULL;
@@ -160,7 +154,6 @@ void loom__wrec_destroy(loom__rt *rt) {
 #ifdef LOOM_ASAN
     __asan_unpoison_memory_region(b->recs, PER_BLOCK * sizeof(wrec));
 #endif
-    loom__free(b->mem);
     loom__free(b);
     b = next;
   }
