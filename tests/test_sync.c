@@ -1452,11 +1452,12 @@ TEST(deadline_long_past_ends_waits_at_once) {
 /* ends must give it back.  One never given back shows as the runtime's */
 /* blocks of records growing from round to round.                       */
 
-enum { WR_CROWD = 200, WR_KINDS = 11 };
+enum { WR_CROWD = 200, WR_KINDS = 13 };
 static loom_chan *wr_c, *wr_d;
 static loom_sema wr_sem = LOOM_SEMA_INIT(0);
 static loom_mutex wr_mu = LOOM_MUTEX_INIT;
 static loom_cond wr_cond = LOOM_COND_INIT;
+static loom_rwmutex wr_rw = LOOM_RWMUTEX_INIT;
 static loom_wg wr_gate = LOOM_WG_INIT, wr_done = LOOM_WG_INIT;
 static loom_ctx *wr_ctx;
 static atomic_int wr_waiting;
@@ -1506,7 +1507,14 @@ static void wr_waiter(void *arg) {
   case 7: /* its deadline */
     CHECK_ERR(loom_sema_acquire(&wr_sem, soon), -ETIMEDOUT);
     break;
-  default: /* the wait group's last done */
+  case 11: /* the writer's unlock */
+    loom_rwmutex_rlock(&wr_rw);
+    loom_rwmutex_runlock(&wr_rw);
+    break;
+  case 12: /* its deadline, the writer still in */
+    CHECK_ERR(loom_rwmutex_rlock_until(&wr_rw, soon), -ETIMEDOUT);
+    break;
+  case 10: /* the wait group's last done */
     CHECK_OK(loom_wg_wait(&wr_gate, 0));
   }
   loom_wg_done(&wr_done);
@@ -1521,6 +1529,8 @@ static void wr_crowd(int kind) {
   CHECK_OK(loom_ctx_with_cancel(&wr_ctx, loom_ctx_background()));
   CHECK_OK(loom_wg_add(&wr_gate, 1));
   CHECK_OK(loom_wg_add(&wr_done, WR_CROWD));
+  if (kind >= 11)
+    loom_rwmutex_lock(&wr_rw);
   for (int i = 0; i < WR_CROWD; i++)
     CHECK_OK(loom_go(wr_waiter, (void *)(intptr_t)kind));
   for (;;) { /* all counted; the cond's, queued once counted */
@@ -1564,10 +1574,15 @@ static void wr_crowd(int kind) {
   case 10:
     CHECK_OK(loom_wg_done(&wr_gate));
     break;
-  default: /* 4, 7: their deadlines */
+  case 11:
+    loom_rwmutex_unlock(&wr_rw);
+    break;
+  default: /* 4, 7, 12: their deadlines */
     break;
   }
   CHECK_OK(loom_wg_wait(&wr_done, 0));
+  if (kind == 12)
+    loom_rwmutex_unlock(&wr_rw);
   if (kind != 10)
     CHECK_OK(loom_wg_done(&wr_gate));
   loom_ctx_cancel(wr_ctx);

@@ -96,7 +96,7 @@ static bool cas(loom_rwmutex *rw, uint64_t *old, uint64_t new_) {
 
 /* Release n units of s, whose lock the caller holds: to its waiters
  * first, in order, the rest to its count.  Drops the lock, then wakes
- * them (each wait node lives on its waiter's stack). */
+ * them (each wait node is gone once its waiter runs). */
 static void release_units(loom_sema *s, int32_t n) {
   loom__wnode *first = NULL, **tail = &first, *nd;
   while (n > 0 && (nd = loom__waitq_pop(&s->q_.q_)) != NULL) {
@@ -162,16 +162,19 @@ static int rlock_slow(loom_rwmutex *rw, int64_t deadline, loom_ctx *ctx) {
   }
   loom__waiter w;
   loom__waiter_init(&w, deadline == 0 && ctx == NULL);
-  loom__wnode n = {.w = &w};
-  loom__waitq_push(&s->q_.q_, &n);
-  loom__waiter_watch(&w, &abandon_read, rw, &n);
+  loom__wnode local, *n = loom__wnode_get(&w, &s->q_.q_, &local);
+  *n = (loom__wnode){.w = &w};
+  loom__waitq_push(&s->q_.q_, n);
+  loom__waiter_watch(&w, &abandon_read, rw, n);
   loom__waiter_wait_unlock(&w, lk, deadline, ctx);
   loom__waiter_unwatch(&w);
-  if (w.fired >= 0)
-    return 0; /* a unit was handed to us */
-  loom__spin_lock(lk);
-  int r = give_up_locked(rw, &n) ? 0 : loom__waiter_err(&w, ctx);
-  loom__spin_unlock(lk);
+  int r = 0; /* fired: a unit was handed to us */
+  if (w.fired < 0) {
+    loom__spin_lock(lk);
+    r = give_up_locked(rw, n) ? 0 : loom__waiter_err(&w, ctx);
+    loom__spin_unlock(lk);
+  }
+  loom__wnode_put(n, &local);
   return r;
 }
 
