@@ -58,7 +58,10 @@ typedef struct loom__wnode {
  * at each node, not the TLB.  (The first in a queue, the only one in most,
  * pays nothing.)  loom__wnode_put gives it back once nothing can touch it:
  * after the wait has returned and its clean-up has taken the node off the
- * queue.  An abandoned wait's record goes with the runtime.
+ * queue.  An abandoned wait's record goes with the runtime.  The get
+ * runs under the object's spinlock (whether the queue is empty is known
+ * only there); once in 64 records or so per P it takes the runtime's
+ * list, under a mutex, or allocates a block of them.
  */
 _Static_assert(sizeof(struct loom__wnode) <= LOOM__WREC_SIZE,
                "a wait node fits a wait record");
