@@ -12,7 +12,8 @@
  * in a row (or a cron tick) the reader sheds it, so a quiet session
  * holds none — and a busy one does not flap between sizes.  A package
  * longer than the buffer grows it to fit, up to loom__readbuf_limit, and
- * the buffer goes back to read_buf as soon as that package is handled.
+ * the buffer goes back to read_buf as soon as that package is handled
+ * (with what is pending of the next one, if read_buf holds it).
  *
  * A reader without a heap buffer (cap 0) reads into LOOM__STACK_READ
  * bytes on its own stack, in the page its frames use anyway: small
@@ -84,6 +85,21 @@ static inline void loom__readbuf_stack(loom__readbuf *b, uint8_t *stack) {
   b->on_stack = true;
 }
 
+/* Move what is pending of b's heap buffer into a new one of read_buf
+ * bytes (pending < read_buf); on no memory b stays as it was. */
+static inline void loom__readbuf_back_to_usual(loom__readbuf *b) {
+  size_t pending = b->len - b->off;
+  uint8_t *nb = loom__malloc(b->read_buf);
+  if (!nb)
+    return;
+  memcpy(nb, b->buf + b->off, pending);
+  loom__free(b->buf);
+  b->buf = nb;
+  b->cap = b->read_buf;
+  b->off = 0;
+  b->len = pending;
+}
+
 static inline int loom__readbuf_resize(loom__readbuf *b, size_t cap) {
   uint8_t *nb = loom__realloc(b->buf, cap);
   if (!nb)
@@ -104,17 +120,12 @@ static inline int loom__readbuf_resize(loom__readbuf *b, size_t cap) {
 static inline int loom__readbuf_room(loom__readbuf *b) {
   size_t read_buf = b->read_buf;
   size_t burst = LOOM__READ_BURST > read_buf ? LOOM__READ_BURST : read_buf;
-  if (b->off == b->len) {
+  if (b->off == b->len)
     b->off = b->len = 0;
-    if (b->cap > burst) { /* grown for one long package: give it back now */
-      uint8_t *nb = loom__malloc(read_buf);
-      if (nb) {
-        loom__free(b->buf);
-        b->buf = nb;
-        b->cap = read_buf;
-      }
-    }
-  }
+  /* Grown for one long package: give it back now that it is handled,
+   * keeping what a pipelining peer has sent of the next one. */
+  if (b->cap > burst && b->len - b->off < read_buf)
+    loom__readbuf_back_to_usual(b);
   if (b->filled && b->cap < burst) {
     b->filled = false;
     if (loom__readbuf_resize(b, b->cap * 2 < burst ? b->cap * 2 : burst) < 0)
@@ -192,22 +203,17 @@ static inline void loom__readbuf_leave_stack(loom__readbuf *b) {
 /* The session has gone quiet: with nothing pending, give back the heap
  * buffer entirely (reads go to the stack again) when to_stack — the
  * reads lately would fit there with room to spare, or a cron tick —
- * else cut it back to read_buf. */
+ * else cut it back to read_buf; with part of a package pending, cut it
+ * back to read_buf if that holds what is pending. */
 static inline void loom__readbuf_shed(loom__readbuf *b, bool to_stack) {
-  if (b->on_stack || b->off != b->len)
+  if (b->on_stack)
     return;
-  if (to_stack) {
+  if (b->off == b->len && to_stack) {
     loom__free(b->buf); /* nothing to keep */
     b->buf = NULL;
     b->cap = b->off = b->len = 0;
-  } else if (b->cap > b->read_buf) {
-    uint8_t *nb = loom__malloc(b->read_buf);
-    if (nb) {
-      loom__free(b->buf);
-      b->buf = nb;
-      b->cap = b->read_buf;
-      b->off = b->len = 0;
-    }
+  } else if (b->cap > b->read_buf && b->len - b->off < b->read_buf) {
+    loom__readbuf_back_to_usual(b);
   }
 }
 
