@@ -957,6 +957,76 @@ TEST(read_buf_shrinks_with_the_next_frame_begun) {
               "read buffer shrink, bytes pending");
 }
 
+/* A peer that floods long packages at a server whose pool handles them
+ * slowly: a queue of the pool held 256 tasks, each a copy of a package,
+ * so one peer could make the server hold queues x 256 x max_pkg_len
+ * (130 MiB on one queue, 258 MiB round robin over two, with 512 KiB
+ * frames).  A session's packages in the pool are bounded in bytes too
+ * (pool_high): past it, the reader waits, and TCP pushes back. */
+enum { FLOOD_PKG = 512 * 1024 };
+static atomic_int flood_stop;
+static loom_wg flood_wg = LOOM_WG_INIT;
+static loom_dispatch flood_dispatch;
+static void flood_slow_handler(loom_session *s, const loom_pkg *pkg) {
+  (void)s;
+  (void)pkg;
+  loom_sleep(20 * CHECK_MS); /* a slow database call */
+}
+static void flood_peer(void *arg) {
+  loom_conn *peer = arg;
+  static uint8_t f[FLOOD_PKG + 4];
+  frame(f, f + 4, FLOOD_PKG);
+  while (!atomic_load(&flood_stop)) {
+    CHECK_OK(loom_set_write_deadline(peer, loom_now() + 50 * CHECK_MS));
+    ssize_t n = loom_write(peer, f, sizeof f);
+    if (n < 0)
+      CHECK_ERR((int)n, -ETIMEDOUT);
+  }
+  loom_wg_done(&flood_wg);
+}
+static void pool_flood_main(void *arg) {
+  (void)arg;
+  codecs_init();
+  loom_taskpool *pool;
+  loom_taskpool_opts po = {.queues = 2, .workers = 1};
+  CHECK_OK(loom_taskpool_make(&pool, &po));
+  loom_server_opts o = server_opts(&lenpfx);
+  o.session.pool = pool;
+  o.session.dispatch = flood_dispatch;
+  E.msg = flood_slow_handler;
+  loom_conn *peer;
+  loom_server *srv = serve_dial(&o, &peer);
+  WAIT_FOR(atomic_load(&E.opens) == 1, 5);
+  loom_sleep(10 * CHECK_MS);
+  long long base = atomic_load(&live_bytes);
+  atomic_store(&peak_bytes, base);
+  loom_wg_add(&flood_wg, 1);
+  CHECK_OK(loom_go(flood_peer, peer));
+  loom_sleep(1000 * CHECK_MS);
+  atomic_store(&flood_stop, 1);
+  CHECK_OK(loom_wg_wait(&flood_wg, 0));
+  long long grew = atomic_load(&peak_bytes) - base;
+  int handled = atomic_load(&E.msgs);
+  printf("%d handled, loom heap peak +%lld KiB\n", handled, grew / 1024);
+  CHECK_GE(handled, 10); /* the pool did work */
+  /* pool_high (1 MiB) and one package more in the pool, a read buffer
+   * grown for one package, and the session's own. */
+  CHECKF(grew < 4 * 1024 * 1024, "one peer made the heap grow %lld KiB",
+         grew / 1024);
+  E.msg = NULL;
+  finish(srv, peer);
+  loom_taskpool_close(pool);
+}
+TEST(pool_holds_a_bounded_share_of_a_flooding_peer) {
+  run_counted(count_realloc, count_free, pool_flood_main, 2,
+              "a peer floods a slow pool");
+}
+TEST(pool_holds_a_bounded_share_of_a_flooding_peer_round_robin) {
+  flood_dispatch = LOOM_DISPATCH_ROUND_ROBIN;
+  run_counted(count_realloc, count_free, pool_flood_main, 2,
+              "a peer floods a slow pool, round robin");
+}
+
 /* Send one frame of n payload bytes and read its echo back, byte-exact. */
 static void echo_once(loom_conn *peer, size_t n, uint8_t seed) {
   static uint8_t f[8192], back[8192];

@@ -207,6 +207,14 @@ typedef struct loom_session_opts {
   loom_taskpool *pool;     /* NULL: on_message runs on the reader */
   loom_dispatch dispatch;
   uint64_t (*dispatch_key)(loom_session *s, const loom_pkg *pkg);
+  size_t pool_high;         /* bytes of the session's packages handed to
+                               its pool and not yet handled past which
+                               its reader waits before it reads on (0:
+                               1 MiB); one package goes whatever its
+                               length when none of the session's are
+                               there.  A flooding peer holds this and one
+                               package of the pool's memory, not its
+                               queue's worth of copies */
   int compress;             /* zlib level 1..9 for both directions,
                                -1: zlib's default, 0: off; TCP and Unix
                                only, and both ends must have it on (the

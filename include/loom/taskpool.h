@@ -14,7 +14,9 @@
  *
  * A full queue is backpressure, not growth: loom_taskpool_submit waits
  * (up to its deadline) for room, so a session whose handler is slow stops
- * reading and TCP pushes back on its peer.
+ * reading and TCP pushes back on its peer.  A queue counts tasks, not
+ * bytes: what a task holds is its submitter's to bound (an engine session
+ * bounds its packages in the pool by pool_high, engine.h).
  */
 #ifndef LOOM_TASKPOOL_H
 #define LOOM_TASKPOOL_H

@@ -162,6 +162,9 @@ struct loom_session {
   loom_wg io_users;       /* packet sessions: senders on the socket */
   loom_sema writer_exit;  /* released by the writer as it exits */
   loom_wg pooled;         /* packages handed to the pool, not yet done */
+  _Atomic size_t pool_bytes; /* their bytes (wait_pool_room) */
+  atomic_bool pool_full;     /* the reader waits for pool_room */
+  loom_sema pool_room;       /* released as pool_bytes falls, if so */
   loom_wg flushing;       /* cork_flush coroutines under way */
   bool cork_armed;        /* the reader's park hook is set: it holds
                              corked replies (reader only) */
@@ -215,6 +218,8 @@ int loom__session_opts(loom_session_opts *out, const loom_session_opts *in) {
     o.wq_high = (size_t)1 << 20;
   if (o.wq_low == 0 || o.wq_low > o.wq_high)
     o.wq_low = o.wq_high / 2;
+  if (o.pool_high == 0)
+    o.pool_high = (size_t)1 << 20;
   if (o.compress_window_bits == 0)
     o.compress_window_bits = 15;
   if (o.compress_mem_level == 0)
@@ -1385,6 +1390,10 @@ static void pooled_message(void *arg) {
     s->o.listener->on_message(s, &t->pkg);
     loom__cb_tag_set(tag);
   }
+  /* seq_cst, against the reader's "full, then look again" */
+  atomic_fetch_sub(&s->pool_bytes, t->pkg.len);
+  if (atomic_exchange(&s->pool_full, false))
+    loom_sema_release(&s->pool_room);
   /* Unref first: the reader keeps its own reference until the wait
    * for `pooled` is over, so this one is never the last, and on_free
    * runs on the reader, before its owner hears the session is gone. */
@@ -1405,6 +1414,33 @@ static uint64_t mix64(uint64_t x) {
   return x ^ (x >> 31);
 }
 
+/* Whether len more bytes may go to the pool while `held` are there. */
+static bool pool_fits(const loom_session *s, size_t held, size_t len) {
+  return held == 0 || (held <= s->o.pool_high && len <= s->o.pool_high - held);
+}
+
+/* A session's packages in its pool are bounded in bytes (pool_high), as
+ * the pool's queues are in tasks: past it the reader waits, and TCP
+ * pushes back on the peer, so a peer flooding a slow pool holds
+ * pool_high and one package of our memory, not a queue of copies.  One
+ * package goes whatever its length when none of the session's are in
+ * the pool.  Waits in slices, as for a full queue (dispatch), so that
+ * an abort ends the wait: LOOM_ECLOSED. */
+static int wait_pool_room(loom_session *s, size_t len) {
+  while (!pool_fits(s, atomic_load(&s->pool_bytes), len)) {
+    if (atomic_load(&s->state) == S_ABORTED)
+      return LOOM_ECLOSED;
+    atomic_store(&s->pool_full, true);
+    if (pool_fits(s, atomic_load(&s->pool_bytes), len)) {
+      atomic_store(&s->pool_full, false);
+      break;
+    }
+    (void)loom_sema_acquire(&s->pool_room, loom__after(POOL_WAIT_SLICE_NS));
+  }
+  atomic_fetch_add(&s->pool_bytes, len);
+  return 0;
+}
+
 static int dispatch(loom_session *s, const loom_pkg *pkg) {
   BUMP(pkgs_in, 1);
   if (!s->o.pool) {
@@ -1412,9 +1448,14 @@ static int dispatch(loom_session *s, const loom_pkg *pkg) {
       s->o.listener->on_message(s, pkg);
     return 0;
   }
+  int rc = wait_pool_room(s, pkg->len);
+  if (rc < 0)
+    return rc;
   ptask *t = loom__malloc(sizeof *t + pkg->len);
-  if (!t)
+  if (!t) {
+    atomic_fetch_sub(&s->pool_bytes, pkg->len);
     return -ENOMEM;
+  }
   t->s = loom_session_ref(s);
   memcpy(t->data, pkg->data, pkg->len);
   t->pkg = (loom_pkg){t->data, pkg->len, NULL, 0};
@@ -1441,8 +1482,8 @@ static int dispatch(loom_session *s, const loom_pkg *pkg) {
   /* A full pool is backpressure: wait for room, in slices, so that an
    * abort (a forced close) ends the wait and the package goes with the
    * session instead of being queued after it. */
-  int rc = loom_taskpool_submit(s->o.pool, key, pooled_message, t,
-                                LOOM_TASKPOOL_NOWAIT);
+  rc = loom_taskpool_submit(s->o.pool, key, pooled_message, t,
+                            LOOM_TASKPOOL_NOWAIT);
   while ((rc == -EAGAIN || rc == -ETIMEDOUT) &&
          atomic_load(&s->state) != S_ABORTED)
     rc = loom_taskpool_submit(s->o.pool, key, pooled_message, t,
@@ -1450,6 +1491,7 @@ static int dispatch(loom_session *s, const loom_pkg *pkg) {
   if (rc == -EAGAIN || rc == -ETIMEDOUT)
     rc = LOOM_ECLOSED;
   if (rc < 0) {
+    atomic_fetch_sub(&s->pool_bytes, pkg->len);
     loom_wg_done(&s->pooled);
     loom_session_unref(s);
     loom__free(t);
