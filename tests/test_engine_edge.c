@@ -1013,7 +1013,6 @@ static void pool_flood_main(void *arg) {
    * grown for one package, and the session's own. */
   CHECKF(grew < 4 * 1024 * 1024, "one peer made the heap grow %lld KiB",
          grew / 1024);
-  E.msg = NULL;
   finish(srv, peer);
   loom_taskpool_close(pool);
 }

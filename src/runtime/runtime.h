@@ -535,8 +535,9 @@ loom__g *loom__globrunq_get(loom__rt *rt, loom__p *p, int max); /* held */
 #define LOOM__WREC_SIZE 64
 #define LOOM__WREC_PCACHE 128 /* a P's spares; half go back past that */
 struct loom__wrec {
-  struct loom__wrec *next; /* while spare */
+  /* What its user keeps there: ASan poisons all of it while spare. */
   char body[LOOM__WREC_SIZE - sizeof(struct loom__wrec *)];
+  struct loom__wrec *next; /* while spare */
 };
 void *loom__wrec_get_slow(void);
 void loom__wrec_put_slow(void *r);

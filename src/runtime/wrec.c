@@ -132,8 +132,13 @@ void loom__wrec_put_slow(void *x) {
   loom__m *m = loom__getm();
   loom__p *p = m != NULL ? m->p : NULL;
   spare(r);
-  if (p == NULL) { /* not where a wait returns, but safe */
-    loom__rt *rt = loom__rt_get();
+  if (p == NULL) {
+    /* Not where a wait returns (a record is taken only with a P), but a
+     * coroutine inside loom_block_enter/exit would come here: its M's
+     * runtime, which it cannot outlive. */
+    loom__rt *rt = m != NULL ? m->rt : NULL;
+    if (rt == NULL)
+      loom__throw("wrec_put: not on a runtime's thread");
     pthread_mutex_lock(&rt->wrec_mu);
     r->next = rt->wrec_free;
     rt->wrec_free = r;

@@ -63,8 +63,9 @@ typedef struct loom__wnode {
  * only there); once in 64 records or so per P it takes the runtime's
  * list, under a mutex, or allocates a block of them.
  */
-_Static_assert(sizeof(struct loom__wnode) <= LOOM__WREC_SIZE,
-               "a wait node fits a wait record");
+_Static_assert(sizeof(struct loom__wnode) <=
+                   sizeof(((struct loom__wrec *)0)->body),
+               "a wait node fits a wait record's body");
 static inline struct loom__wnode *loom__wnode_get(const loom__waiter *w,
                                                   const loom_waitq_ *q,
                                                   struct loom__wnode *local) {
