@@ -924,8 +924,10 @@ TEST(read_buf_shrinks_after_big_package) {
  * as the long package is handled, as a pipelining peer leaves it: the
  * buffer grown for the long one went back only when nothing was
  * pending, so it stayed (2 MiB here) for as long as the session lived,
- * through every cron tick.  The pending bytes are kept: the frame they
- * begin arrives whole. */
+ * through every cron tick.  A cron tick now gives it back (not the next
+ * read: a peer streaming long packages would have it shrink and grow
+ * again for each), and keeps the pending bytes: the frame they begin
+ * arrives whole. */
 static void shrink_pending_main(void *arg) {
   (void)arg;
   codecs_init();

@@ -200,7 +200,9 @@ typedef struct loom_session_opts {
                               read leaves part of a package or fills the
                               512 bytes read on the reader's stack; it
                               grows to hold one package, and is given
-                              back when reads are small again */
+                              back once it is handled, or, if part of
+                              the next is pending, when reads are small
+                              again, at a cron tick or an idle check */
   size_t wq_high;          /* write queue high watermark (0: 1 MiB) */
   size_t wq_low;           /* low watermark (0: wq_high / 2) */
   bool close_on_full;      /* a write that cannot be queued closes */

@@ -12,8 +12,9 @@
  * in a row (or a cron tick) the reader sheds it, so a quiet session
  * holds none — and a busy one does not flap between sizes.  A package
  * longer than the buffer grows it to fit, up to loom__readbuf_limit, and
- * the buffer goes back to read_buf as soon as that package is handled
- * (with what is pending of the next one, if read_buf holds it).
+ * the buffer goes back to read_buf as soon as that package is handled,
+ * or, if part of the next one is pending by then, when the reader sheds
+ * (quiet reads, a cron tick, an idle check).
  *
  * A reader without a heap buffer (cap 0) reads into LOOM__STACK_READ
  * bytes on its own stack, in the page its frames use anyway: small
@@ -120,12 +121,16 @@ static inline int loom__readbuf_resize(loom__readbuf *b, size_t cap) {
 static inline int loom__readbuf_room(loom__readbuf *b) {
   size_t read_buf = b->read_buf;
   size_t burst = LOOM__READ_BURST > read_buf ? LOOM__READ_BURST : read_buf;
-  if (b->off == b->len)
+  if (b->off == b->len) {
     b->off = b->len = 0;
-  /* Grown for one long package: give it back now that it is handled,
-   * keeping what a pipelining peer has sent of the next one. */
-  if (b->cap > burst && b->len - b->off < read_buf)
-    loom__readbuf_back_to_usual(b);
+    /* Grown for one long package: give it back now that it is handled.
+     * Not while part of the next one is pending: a peer streaming long
+     * packages would have the buffer shrink and grow again for each
+     * (the reader's shed, at quiet reads and cron ticks, gives it back
+     * then). */
+    if (b->cap > burst)
+      loom__readbuf_back_to_usual(b);
+  }
   if (b->filled && b->cap < burst) {
     b->filled = false;
     if (loom__readbuf_resize(b, b->cap * 2 < burst ? b->cap * 2 : burst) < 0)
