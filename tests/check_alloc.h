@@ -15,10 +15,11 @@
  * (addresses for addr2line) — for the failures that timing hides from
  * gdb.
  *
- * A sweep (one loom_run per failing allocation) brackets each run with
- * check_alloc_run_begin/end after starting check_alloc_watchdog once: a
- * run that lasts longer than its limit is a hang, reported with the
- * allocation it failed and the stacks of every thread.
+ * A sweep (one loom_run per failing allocation) starts
+ * check_alloc_watchdog once, then makes each run with
+ * check_alloc_loom_run: a run that lasts longer than its limit is a
+ * hang, reported with the allocation it failed and the stacks of every
+ * thread.
  */
 #ifndef LOOM_TESTS_CHECK_ALLOC_H
 #define LOOM_TESTS_CHECK_ALLOC_H
@@ -100,6 +101,25 @@ static inline void *alloc_watchdog_main(void *arg) {
     }
   }
   return NULL;
+}
+
+/* One run of a sweep: loom_run(fn, arg) on `procs` Ps, bracketed for
+ * the watchdog, which must return 0 and leave no block allocated. */
+static inline void check_alloc_loom_run(void (*fn)(void *), void *arg,
+                                        int procs, long at, bool from) {
+  CHECK_EQ(atomic_load(&nlive), 0);
+  loom_config cfg;
+  loom_config_init(&cfg);
+  cfg.procs = procs;
+  check_alloc_run_begin(at, from);
+  int r = loom_run(fn, arg, &cfg);
+  check_alloc_run_end();
+  CHECKF(r == 0, "allocation %ld%s: loom_run returned %d (%s)", at,
+         from ? " and on" : "", r, loom_err_name(r));
+  CHECKF(atomic_load(&nlive) == 0,
+         "allocation %ld%s: %ld blocks still allocated after loom_run "
+         "returned",
+         at, from ? " and on" : "", atomic_load(&nlive));
 }
 
 /* Start the watchdog of a sweep whose runs each take under limit_s. */

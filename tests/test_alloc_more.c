@@ -444,20 +444,10 @@ static void scenario_main(void *arg) {
 }
 
 static long run_once(const scenario *sc, long at, bool from, int procs) {
-  loom_config cfg;
   atomic_store(&nalloc, 0);
   fail_at = at;
   fail_from = from;
-  CHECK_EQ(atomic_load(&nlive), 0);
-  loom_config_init(&cfg);
-  cfg.procs = procs;
-  check_alloc_run_begin(at, from);
-  int r = loom_run(scenario_main, (void *)(uintptr_t)sc, &cfg);
-  check_alloc_run_end();
-  CHECK_AT(r == 0, "loom_run returned %d (%s)", r, loom_err_name(r));
-  CHECK_AT(atomic_load(&nlive) == 0,
-           "%ld blocks still allocated after loom_run returned",
-           atomic_load(&nlive));
+  check_alloc_loom_run(scenario_main, (void *)(uintptr_t)sc, procs, at, from);
   return atomic_load(&nalloc);
 }
 

@@ -911,7 +911,6 @@ static void scenario_main(void *arg) {
 /* One loom_run of `sc` on `procs` Ps with allocation `at` failing (-1:
  * none). */
 static void run_once(const scenario *sc, long at, bool from, int procs) {
-  loom_config cfg;
   pthread_mutex_lock(&tab_mu);
   ntab = 0;
   pthread_mutex_unlock(&tab_mu);
@@ -920,17 +919,7 @@ static void run_once(const scenario *sc, long at, bool from, int procs) {
   atomic_store(&nalloc, 0);
   fail_at = at;
   fail_from = from;
-  long live = atomic_load(&nlive);
-  CHECK_EQ(live, 0);
-  loom_config_init(&cfg);
-  cfg.procs = procs;
-  check_alloc_run_begin(at, from);
-  int r = loom_run(scenario_main, (void *)(uintptr_t)sc, &cfg);
-  check_alloc_run_end();
-  CHECK_AT(r == 0, "loom_run returned %d (%s)", r, loom_err_name(r));
-  CHECK_AT(atomic_load(&nlive) == 0,
-           "%ld blocks still allocated after loom_run returned",
-           atomic_load(&nlive));
+  check_alloc_loom_run(scenario_main, (void *)(uintptr_t)sc, procs, at, from);
 }
 
 /* Child: argv = "scenario:procs:from:first:count:stride" — run
