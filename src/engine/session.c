@@ -1390,9 +1390,10 @@ static void pooled_message(void *arg) {
     s->o.listener->on_message(s, &t->pkg);
     loom__cb_tag_set(tag);
   }
-  /* seq_cst, against the reader's "full, then look again" */
+  /* seq_cst, against the reader's "full, then look again"; the load
+   * keeps the exchange off the common path, where nobody waits */
   atomic_fetch_sub(&s->pool_bytes, t->pkg.len);
-  if (atomic_exchange(&s->pool_full, false))
+  if (atomic_load(&s->pool_full) && atomic_exchange(&s->pool_full, false))
     loom_sema_release(&s->pool_room);
   /* Unref first: the reader keeps its own reference until the wait
    * for `pooled` is over, so this one is never the last, and on_free
