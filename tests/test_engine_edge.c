@@ -79,6 +79,7 @@ typedef struct ev {
   void (*error)(loom_session *s, int err);           /* extra work */
   void (*close)(loom_session *s);                    /* extra work */
   loom_session_stats final; /* loom_session_stats_get in on_close */
+  loom_taskpool *_Atomic pool; /* a case's pool, for its callbacks */
 } ev;
 
 static int ev_open(loom_session *s) {
@@ -4502,6 +4503,60 @@ static void close_from_pool_main(void *arg) {
 }
 TEST(server_closed_from_pooled_message) {
   run(close_from_pool_main, 2, "server closed from a pooled on_message");
+}
+
+/* From a pooled on_message of another server that shares the pool (a
+ * gateway's admin port), with the pool's only worker, while the closed
+ * server has a package queued behind that message: a close that waited
+ * there would wait, past its deadline, for a package only this worker
+ * can run. */
+static atomic_int admin_in_msg;
+static void close_other_in_msg(loom_session *s, const loom_pkg *pkg) {
+  (void)s;
+  (void)pkg;
+  atomic_store(&admin_in_msg, 1);
+  WAIT_FOR(loom_taskpool_queued(atomic_load(&E.pool)) > 0, 5);
+  close_self_once();
+}
+
+static void close_other_from_pool_main(void *arg) {
+  (void)arg;
+  codecs_init();
+  loom_taskpool_opts po = {.queues = 1, .workers = 1, .queue_len = 64};
+  loom_taskpool *pool;
+  CHECK_OK(loom_taskpool_make(&pool, &po));
+  atomic_store(&E.pool, pool);
+  loom_server_opts ao = server_opts(&line); /* the admin server */
+  ao.session.pool = pool;
+  ao.session.user = &CE;
+  CE.msg = close_other_in_msg;
+  loom_server_opts o = server_opts(&line); /* the one it closes */
+  o.session.pool = pool;
+  static closed_rec done = {.e = &E};
+  o.on_closed = record_closed;
+  o.closed_arg = &done;
+  char aaddr[128], addr[128];
+  loom_server *admin = serve(&ao, aaddr);
+  atomic_store(&self_srv, serve(&o, addr));
+  loom_conn *a, *b;
+  CHECK_OK(loom_dial(&a, "tcp", aaddr));
+  CHECK_OK(loom_dial(&b, "tcp", addr));
+  WAIT_FOR(atomic_load(&CE.opens) == 1 && atomic_load(&E.opens) == 1, 5);
+  CHECK_EQ(loom_write(a, "quit\n", 5), 5);
+  WAIT_FOR(atomic_load(&admin_in_msg), 5);
+  CHECK_EQ(loom_write(b, "x\n", 2), 2); /* queued behind the quit */
+  WAIT_FOR(atomic_load(&self_returned), 5);
+  CHECK_OK(atomic_load(&self_rc));
+  check_closed(&done, 1);
+  CHECK_EQ(atomic_load(&E.msgs), 1); /* handled, not dropped */
+  CHECK_OK(loom_close(a));
+  CHECK_OK(loom_close(b));
+  CHECK_OK(loom_server_close(admin, loom_now() + 5 * SEC));
+  loom_taskpool_close(pool);
+}
+TEST(server_closed_from_a_pooled_message_of_another_server) {
+  run(close_other_from_pool_main, 2,
+      "server closed from another server's pooled on_message");
 }
 
 static void close_client_in_msg(loom_session *s, const loom_pkg *pkg) {

@@ -449,12 +449,14 @@ LOOM_API int loom_server_addr(loom_server *srv, char *buf, size_t len);
  * LOOM_ECLOSED and wait for every on_close.  Returns 0, or -ETIMEDOUT if
  * some sessions had to be aborted.  Parks.
  *
- * Called from a callback of one of the server's own sessions (an admin
- * "shutdown" message, an on_close), it cannot wait for that session,
- * which ends only after the callback returns: the same close then runs
- * in a coroutine of its own and the call returns 0 at once (-ENOMEM if
- * that coroutine cannot be started; nothing is closed then), and
- * on_closed (in the options) says when it is over.  Either way `srv`
+ * Called where it cannot wait — from a callback of one of the server's
+ * own sessions (an admin "shutdown" message, an on_close), which ends
+ * only after the callback returns, or from a worker of the server's task
+ * pool (a pooled callback of any session sharing the pool, or any task
+ * of it), whose queue may hold the packages the close waits for — the
+ * same close runs in a coroutine of its own: the call returns 0 at once
+ * (-ENOMEM if that coroutine cannot be started; nothing is closed then),
+ * and on_closed (in the options) says when it is over.  Either way `srv`
  * must not be used after the call.
  *
  * Close servers and clients before the main coroutine returns.  One
@@ -523,9 +525,9 @@ LOOM_API int loom_client_session(loom_client *cl, loom_session **s);
 
 /* Stop reconnecting, close every session as loom_server_close does, and
  * free the client.  0 or -ETIMEDOUT.  Parks.  From a callback of one of
- * its own sessions, as loom_server_close: the close goes on in its own
- * coroutine and the call returns 0 (or -ENOMEM) at once; on_closed says
- * when it is over. */
+ * its own sessions or a worker of its task pool, as loom_server_close:
+ * the close goes on in its own coroutine and the call returns 0 (or
+ * -ENOMEM) at once; on_closed says when it is over. */
 LOOM_API int loom_client_close(loom_client *cl, int64_t deadline);
 
 LOOM_API void loom_client_metrics(loom_client *cl, loom_metrics *out);

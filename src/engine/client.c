@@ -267,8 +267,8 @@ static void close_main(void *arg) {
 int loom_client_close(loom_client *cl, int64_t deadline) {
   if (loom_id() == 0)
     return LOOM_ENOTCO;
-  /* From a callback of one of its own sessions: see loom_server_close. */
-  if (loom__cb_tag() == &cl->owner) {
+  /* From a callback of its sessions or their pool: see loom_server_close. */
+  if (loom__owner_close_elsewhere(&cl->owner)) {
     cl->close_deadline = deadline;
     return loom_go(close_main, cl);
   }

@@ -45,6 +45,11 @@ void loom__owner_init(loom__owner *o);
 void loom__owner_count_error(loom__owner *o, int err);
 void loom__owner_count(loom__owner *o, enum loom__errkind kind);
 void loom__owner_metrics(loom__owner *o, loom_metrics *m);
+/* Whether a close of `o` must go on in a coroutine of its own rather
+ * than wait for o's sessions here: called from a callback of one of
+ * them (which ends only after the callback returns), or from a worker of
+ * o's task pool (whose queue may hold o's packages, behind the caller). */
+bool loom__owner_close_elsewhere(const loom__owner *o);
 /* Close every live session (gracefully, or abort with `err` if err < 0),
  * and wait until none is left or `deadline` passes: 0 or -ETIMEDOUT. */
 int loom__owner_close_all(loom__owner *o, int err, int64_t deadline);

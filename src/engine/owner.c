@@ -10,6 +10,7 @@
 #include "engine/engine.h"
 #include "loom/runtime.h"
 #include "runtime/alloc.h"
+#include "runtime/runtime.h"
 
 void loom__owner_init(loom__owner *o) { memset(o, 0, sizeof *o); }
 
@@ -80,6 +81,11 @@ void loom__owner_metrics(loom__owner *o, loom_metrics *m) {
                                         memory_order_relaxed);
   LOOM_METRIC_ERRORS(LOOM_ERR_LOAD_)
 #undef LOOM_ERR_LOAD_
+}
+
+bool loom__owner_close_elsewhere(const loom__owner *o) {
+  return loom__cb_tag() == o ||
+         (o->pool != NULL && loom__pool_tag() == o->pool);
 }
 
 int loom__owner_close_all(loom__owner *o, int err, int64_t deadline) {

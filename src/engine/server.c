@@ -166,9 +166,9 @@ static void close_main(void *arg) {
 int loom_server_close(loom_server *srv, int64_t deadline) {
   if (loom_id() == 0)
     return LOOM_ENOTCO;
-  /* From a callback of one of its own sessions: that session ends only
-   * after the callback returns, so the close cannot wait for it here. */
-  if (loom__cb_tag() == &srv->owner) {
+  /* From a callback of one of its own sessions, or a worker of their
+   * pool: what the close waits for cannot end while it waits here. */
+  if (loom__owner_close_elsewhere(&srv->owner)) {
     srv->close_deadline = deadline;
     return loom_go(close_main, srv);
   }

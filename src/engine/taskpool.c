@@ -20,6 +20,7 @@
 #include "loom/sync.h"
 #include "loom/taskpool.h"
 #include "runtime/alloc.h"
+#include "runtime/runtime.h"
 
 typedef struct task {
   void (*fn)(void *arg);
@@ -46,6 +47,7 @@ typedef struct worker_arg {
 static void worker_main(void *arg) {
   worker_arg wa = *(worker_arg *)arg;
   loom__free(arg);
+  loom__pool_tag_set(wa.p); /* read by the engine's closes (owner.c) */
   task t;
   while (loom_chan_recv(wa.q, &t) == 1)
     t.fn(t.arg);

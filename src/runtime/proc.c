@@ -1351,6 +1351,7 @@ static int spawn(loom__rt *rt, loom__m *m, void (*fn)(void *), void *arg,
   g->asan_fake = NULL;
   g->wait_reason = NULL;
   g->cb_tag = NULL;
+  g->pool_tag = NULL;
   g->park_hook = NULL;
   g->undo = NULL;
   g->wait_undo = NULL;

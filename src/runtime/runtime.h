@@ -124,6 +124,8 @@ struct loom__g {
   loom__g *allprev;         /* Gs are found by walking the arenas) */
   void *cb_tag;             /* the engine: whose session callbacks this G
                                is running (loom__cb_tag), or NULL */
+  void *pool_tag;           /* the engine: the task pool this G is a
+                               worker of (loom__pool_tag), or NULL */
   struct loom__undo *undo;  /* what else it left elsewhere (loom__undo) */
 };
 
@@ -373,6 +375,19 @@ static inline void loom__cb_tag_set(void *tag) {
   loom__g *g = loom__getg();
   if (g != NULL)
     g->cb_tag = tag;
+}
+
+/* The task pool the calling coroutine is a worker of, or NULL: a worker
+ * must not wait for what only the pool's workers can run. */
+static inline void *loom__pool_tag(void) {
+  loom__g *g = loom__getg();
+  return g != NULL ? g->pool_tag : NULL;
+}
+
+static inline void loom__pool_tag_set(void *pool) {
+  loom__g *g = loom__getg();
+  if (g != NULL)
+    g->pool_tag = pool;
 }
 
 /*
