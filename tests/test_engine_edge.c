@@ -2166,6 +2166,7 @@ static void bad_write_main(void *arg) {
   char back[101];
   conn_read_full(peer, back, 101);
   CHECK(memcmp(back, b, 100) == 0 && back[100] == '\n');
+  WAIT_FOR(metrics(srv).pkgs_out == 1, 5); /* once the send returned */
   loom_metrics m = metrics(srv);
   CHECK_EQ(m.errors.oversize, 1);
   CHECK_EQ(m.pkgs_out, 1);
@@ -2263,6 +2264,7 @@ static void udp_main(void *arg) {
     CHECK_EQ(loom_pconn_read(pc, back, sizeof back), (ssize_t)n);
     CHECK(memcmp(back, d, n) == 0);
   }
+  WAIT_FOR(metrics(srv).pkgs_out == 2, 5); /* once the send returned */
   loom_metrics m = metrics(srv);
   CHECK_EQ(m.errors.decode, 2);
   CHECK_EQ(m.errors.oversize, 2);
@@ -2556,7 +2558,10 @@ static void compress_exchange(const zset *server_z, const zset *client_z,
     CHECK_OK(loom_session_write(cs, comp_out + i * CPKG, CPKG, -1));
   WAIT_FOR(atomic_load(&comp_got) == sizeof comp_out, 10);
   CHECK(memcmp(comp_back, comp_out, sizeof comp_out) == 0);
-  loom_session_stats_get(cs, client_live);
+  /* Counted once the send returned: the echo may come first. */
+  WAIT_FOR(
+      (loom_session_stats_get(cs, client_live), client_live->pkgs_out == CN),
+      5);
   loom_session_unref(cs);
   CHECK_OK(loom_client_close(cl, loom_now() + 5 * SEC));
   CHECK_EQ(atomic_load(&CE.closes), 1);
@@ -3695,7 +3700,9 @@ static void ident_main(void *arg) {
   conn_read_full(peer, back, n);
   CHECK(memcmp(back, out, n) == 0);
   loom_session_stats st;
-  WAIT_FOR((loom_session_stats_get(s, &st), st.bytes_out == n), 5);
+  WAIT_FOR(
+      (loom_session_stats_get(s, &st), st.bytes_out == n && st.pkgs_out == 3),
+      5);
   CHECK_EQ(st.bytes_in, n);
   CHECK_EQ(st.pkgs_in, 3);
   CHECK_EQ(st.pkgs_out, 3);
@@ -3815,6 +3822,77 @@ static void metrics_main(void *arg) {
   CHECK_OK(loom_server_close(srv, loom_now() + 5 * SEC));
 }
 TEST(metrics_and_prometheus) { run(metrics_main, 2, "metrics"); }
+
+/* The metrics' totals are counters (Prometheus reads a fall as a
+ * restart): sampled all along while replies go out in pieces to a peer
+ * that reads slowly, then is reset under a batch, bytes_out and pkgs_out
+ * never go down, and end exact. */
+static atomic_int flood_sent;
+static void flood_replies(loom_session *s, const loom_pkg *pkg) {
+  (void)pkg;
+  static uint8_t reply[60000];
+  for (int i = 0; i < 64; i++) {
+    if (loom_session_write(s, reply, sizeof reply, -1) < 0)
+      break;
+    atomic_fetch_add(&flood_sent, 1);
+  }
+}
+
+static loom_server *_Atomic sampled_srv;
+static atomic_int sampling, sample_falls, samples;
+static void sample_metrics(void *arg) {
+  (void)arg;
+  loom_metrics prev = metrics(atomic_load(&sampled_srv)), m;
+  while (atomic_load(&sampling)) {
+    m = metrics(atomic_load(&sampled_srv));
+    if (m.pkgs_out < prev.pkgs_out || m.bytes_out < prev.bytes_out)
+      atomic_fetch_add(&sample_falls, 1);
+    prev = m;
+    atomic_fetch_add(&samples, 1);
+    loom_yield();
+  }
+  atomic_store(&sampling, -1);
+}
+
+static void counters_main(void *arg) {
+  (void)arg;
+  codecs_init();
+  loom_server_opts o = server_opts(&lenpfx);
+  o.sndbuf = 4096;
+  E.msg = flood_replies;
+  char addr[128];
+  loom_server *srv = serve(&o, addr);
+  atomic_store(&sampled_srv, srv);
+  atomic_store(&sampling, 1);
+  CHECK_OK(loom_go(sample_metrics, NULL));
+  int fd = raw_dial(addr, 4096);
+  CHECK_EQ(write(fd, "\0\0\0\0", 4), 4);
+  /* Read slowly: replies leave in pieces, a batch at a time. */
+  static uint8_t sink[16384];
+  int64_t end = loom_now() + 300 * CHECK_MS;
+  while (loom_now() < end) {
+    (void)loom_fd_wait(fd, LOOM_FD_READ, loom_now() + 10 * CHECK_MS);
+    (void)read(fd, sink, 1000);
+    loom_sleep(CHECK_MS);
+  }
+  CHECK_GT(metrics(srv).wq_bytes, 0); /* a batch waits for room */
+  struct linger lg = {1, 0};          /* reset: the batch under way fails */
+  CHECK_EQ(setsockopt(fd, SOL_SOCKET, SO_LINGER, &lg, sizeof lg), 0);
+  CHECK_EQ(close(fd), 0);
+  WAIT_FOR(atomic_load(&E.closes) == 1, 5);
+  loom_sleep(20 * CHECK_MS);
+  atomic_store(&sampling, 0);
+  WAIT_FOR(atomic_load(&sampling) == -1, 5);
+  loom_metrics m = metrics(srv);
+  printf("%d samples; %d writes accepted: pkgs_out %llu, dropped %llu\n",
+         atomic_load(&samples), atomic_load(&flood_sent),
+         (unsigned long long)m.pkgs_out, (unsigned long long)m.pkgs_dropped);
+  CHECK_EQ(atomic_load(&sample_falls), 0);
+  CHECK_EQ(m.pkgs_out + m.pkgs_dropped, (uint64_t)atomic_load(&flood_sent));
+  CHECK_EQ(m.pkgs_out, E.final.pkgs_out);
+  CHECK_OK(loom_server_close(srv, loom_now() + 5 * SEC));
+}
+TEST(metrics_counters_never_go_down) { run(counters_main, 2, "counters"); }
 
 /* ------------------------------------------------------------------ */
 /* 11. The task pool on its own.                                        */
@@ -4223,7 +4301,9 @@ static void mw_plain_main(void *arg) {
   CHECK_EQ(have, 0);
   WAIT_FOR(atomic_load(&mw_sampler_done), 5);
   loom_session_stats st;
-  loom_session_stats_get(mw_s, &st);
+  /* Counted once the send returned: the peer may have read it first. */
+  WAIT_FOR((loom_session_stats_get(mw_s, &st), st.pkgs_out == (uint64_t)total),
+           5);
   CHECK_EQ(st.pkgs_out, total);
   CHECK_EQ(atomic_load(&E.errs), 0);
   CHECK_OK(loom_close(peer));
@@ -4864,6 +4944,7 @@ static void udp_pooled_main(void *arg) {
       CHECK(memcmp(back, d, n) == 0);
     }
   }
+  WAIT_FOR(metrics(srv).pkgs_out == PEERS * ROUNDS, 5); /* sends returned */
   loom_metrics m = metrics(srv);
   CHECK_EQ(m.pkgs_in, PEERS * ROUNDS);
   CHECK_EQ(m.pkgs_out, PEERS * ROUNDS);

@@ -261,8 +261,8 @@ typedef struct loom_session_opts {
  * since it began (at once with a negative linger; an unconnected unixgram
  * socket's retries may see it up to 16 ms late).  Such a refusal is counted as
  * wq_full; close_on_full does not apply (a server's one packet session serves
- * every peer).  A datagram that does not leave is not in bytes_out and pkgs_out
- * (a send that fails takes its counts back).  An unconnected unixgram socket
+ * every peer).  A datagram counts in bytes_out and pkgs_out once sent; one that
+ * does not leave is not in them.  An unconnected unixgram socket
  * has room per peer, and the poller does not say whose: a write waiting there
  * tries again after 1, 2, 4 ... up to 16 ms, so one peer that never reads holds
  * up no write to another.
@@ -339,10 +339,10 @@ typedef struct loom_session_stats {
                                    package cut short by a close too */
   uint64_t pkgs_in;
   uint64_t pkgs_out;     /* packages that left whole: a stream package
-                            counts once the socket has taken its last
-                            byte (a write under way counts its packages
-                            as it offers them, and takes back those the
-                            socket does not take), a datagram once sent */
+                            counts once the send that gave the socket
+                            its last byte has returned (so the count
+                            lags the wire by a send under way, and never
+                            falls), a datagram once sent */
   uint64_t pkgs_dropped; /* packages written (loom_session_write returned
                             0) that a close dropped from the write queue
                             before they left whole: an abort, a negative

@@ -142,8 +142,6 @@ struct loom_session {
    * reply touches. */
   uint32_t *pk; /* pk_mem, or the heap while more packages are queued */
   uint32_t pk_head, pk_n, pk_cap, pk_off;
-  bool pk_head_counted;          /* the first package is in pkgs_out already (a
-                                    direct send cut short, queue_pkg) */
   _Atomic uint64_t pkgs_dropped; /* statistics, as pkgs_out (wmu) */
   uint32_t pk_mem[8];            /* the ring while it fits */
 
@@ -237,22 +235,21 @@ int loom__session_opts(loom_session_opts *out, const loom_session_opts *in) {
  * taken off the queue are taken off these lengths too, and each length
  * used up is a package that left.
  *
- * Counted as it is offered: a package whose last byte a send offers is
- * counted before the send, and taken back if the socket does not take
- * it (pk_count, then pk_take), as the direct send of queue_pkg does, so
- * that a peer's answer never comes before the count.  The writer counts
- * the packages of a batch before its writev; if the writev fails (the
- * session then ends), it takes back those the socket did not take
- * whole — under a transform (zlib), whose writev takes a batch whole or
- * fails, all of them.  So pkgs_out may run ahead of the wire by the batch
- * being written, never behind it, and once the session has ended it is
- * exact.
+ * Counted once the send that took its last byte has returned, so the
+ * count only ever grows (the metrics export it as a counter, which a
+ * fall would read as a restart) and lags the wire by the send under way
+ * — a writer's batch, whose writev may wait for room.  Under a transform
+ * (zlib), whose writev takes a batch whole or fails, a failed batch
+ * counts none.
  *
  * Rejected: counting packages as they are queued (the count of a
  * session that is aborted with a full queue says packages left that
- * never did); decoding the queue with the codec to find its packages (a
- * codec's encode need not be decodable by its own decode, and the raw
- * codec has no boundaries at all). */
+ * never did); counting those a send offers before it and taking back
+ * those it did not take (the count ran ahead of the wire, so a peer's
+ * answer never came before it, but fell whenever a send came up short);
+ * decoding the queue with the codec to find its packages (a codec's
+ * encode need not be decodable by its own decode, and the raw codec has
+ * no boundaries at all). */
 #define PK_PART 0x80000000u /* not the last piece of its package */
 #define PK_MAX 0x7fffffffu  /* the longest piece: a package longer is cut */
 
@@ -294,8 +291,7 @@ static void pk_push(loom_session *s, size_t n) {
 }
 
 /* Take the queue's first n bytes off the lengths: the packages whose
- * last byte was among them, but for the first one if it was counted
- * already.  wmu held. */
+ * last byte was among them.  wmu held. */
 static uint64_t pk_take(loom_session *s, size_t n) {
   uint64_t done = 0;
   /* n beyond the lengths: only in a session being aborted, whose queue
@@ -311,33 +307,7 @@ static uint64_t pk_take(loom_session *s, size_t n) {
     s->pk_off = 0;
     s->pk_head = (s->pk_head + 1) & (s->pk_cap - 1);
     s->pk_n--;
-    if (e & PK_PART)
-      continue;
-    if (s->pk_head_counted)
-      s->pk_head_counted = false;
-    else
-      done++;
-  }
-  return done;
-}
-
-/* What pk_take(s, n) would return, taking nothing.  wmu held. */
-static uint64_t pk_count(const loom_session *s, size_t n) {
-  uint64_t done = 0;
-  bool skip = s->pk_head_counted;
-  size_t off = s->pk_off;
-  for (uint32_t i = 0; i < s->pk_n; i++) {
-    uint32_t e = s->pk[(s->pk_head + i) & (s->pk_cap - 1)];
-    size_t left = (e & PK_MAX) - off;
-    off = 0;
-    if (n < left)
-      break;
-    n -= left;
-    if (e & PK_PART)
-      continue;
-    if (skip)
-      skip = false;
-    else
+    if (!(e & PK_PART))
       done++;
   }
   return done;
@@ -350,21 +320,17 @@ static void pk_reset(loom_session *s) {
   s->pk = s->pk_mem;
   s->pk_cap = sizeof s->pk_mem / sizeof s->pk_mem[0];
   s->pk_head = s->pk_n = s->pk_off = 0;
-  s->pk_head_counted = false;
 }
 
 /* Drop what is queued (an abort, a negative linger, a failed write, or
  * an empty queue giving back its memory): none of its packages leaves
- * whole — each is counted as dropped, and one counted as it began to
- * leave is taken back.  wmu held, nobody writing. */
+ * whole — each is counted as dropped.  wmu held, nobody writing. */
 static void wq_drop(loom_session *s) {
   uint64_t dropped = 0;
   for (uint32_t i = 0; i < s->pk_n; i++)
     dropped += !(s->pk[(s->pk_head + i) & (s->pk_cap - 1)] & PK_PART);
   if (dropped)
     atomic_fetch_add_explicit(&s->pkgs_dropped, dropped, memory_order_relaxed);
-  if (s->pk_head_counted)
-    atomic_fetch_sub_explicit(&s->pkgs_out, 1, memory_order_relaxed);
   loom_buf_reset(&s->wq);
   pk_reset(s);
 }
@@ -690,28 +656,15 @@ stream_send(loom_session *s, loom_buf *b, bool queue) {
   struct iovec iov[16];
   struct msghdr m = {.msg_iov = iov};
   m.msg_iovlen = (size_t)loom_buf_peek(b, iov, 16);
-  /* The queue's packages this send may finish are counted before it,
-   * and those it does not finish taken back after (pk_count). */
-  uint64_t offered = 0;
-  if (queue) {
-    size_t bytes = 0;
-    for (size_t i = 0; i < m.msg_iovlen; i++)
-      bytes += iov[i].iov_len;
-    offered = pk_count(s, bytes);
-    BUMP(pkgs_out, offered);
-  }
   /* One piece (a reply encoded on the stack, most often) goes by send:
    * sendmsg would first copy in and check the header and the vector. */
   ssize_t k = m.msg_iovlen == 1
                   ? send(s->fd, iov[0].iov_base, iov[0].iov_len,
                          MSG_DONTWAIT | MSG_NOSIGNAL)
                   : sendmsg(s->fd, &m, MSG_DONTWAIT | MSG_NOSIGNAL);
-  uint64_t left = 0;
-  if (queue)
-    left = offered - (k > 0 ? pk_take(s, (size_t)k) : 0);
-  if (left > 0)
-    atomic_fetch_sub_explicit(&s->pkgs_out, left, memory_order_relaxed);
   if (k > 0) {
+    if (queue) /* the queue's packages this send finished */
+      BUMP(pkgs_out, pk_take(s, (size_t)k));
     size_t before = loom_buf_len(b);
     loom_buf_consume(b, (size_t)k);
     BUMP(bytes_out, (uint64_t)k);
@@ -932,27 +885,23 @@ static int queue_pkg(loom_session *s, const void *data, size_t len,
     rc = encode_locked(s, data, len, &b);
     bool broken = false;
     if (rc == 0) {
-      /* Counted before any byte leaves: the peer may answer before the
-       * metrics would otherwise show it.  What the socket does not take
-       * is queued as a package counted already (pk_head_counted): the
-       * queue was empty, so it is the first. */
-      BUMP(pkgs_out, 1);
       size_t whole = loom_buf_len(&b), rest;
       try_send(s, &b);
-      if ((rest = loom_buf_len(&b)) > 0) {
+      if ((rest = loom_buf_len(&b)) == 0) {
+        BUMP(pkgs_out, 1); /* it has left */
+      } else {
+        /* What the socket did not take is queued as a package of its
+         * own, counted when its last byte leaves. */
         rc = pk_reserve(s, pk_pieces(rest));
         if (rc == 0)
           rc = loom_buf_move(&s->wq, &b);
         if (rc == 0) {
           pk_push(s, rest);
-          s->pk_head_counted = true;
           kick = true;
         } else {
           broken = rest < whole; /* a part went out: the stream is cut */
         }
       }
-      if (rc < 0)
-        atomic_fetch_sub_explicit(&s->pkgs_out, 1, memory_order_relaxed);
     }
     loom_buf_reset(&b);
     if (broken) {
@@ -1156,25 +1105,15 @@ static int send_packet(loom_session *s, loom_buf *b, const struct sockaddr *to,
     loom__free(flat);
     return LOOM_ECLOSED;
   }
-  /* Counted before it leaves (and taken back if it does not): the peer
-   * may answer before this coroutine runs again, and whoever reads the
-   * metrics after the answer must see the datagram counted. */
-  BUMP(bytes_out, len);
-  BUMP(pkgs_out, 1);
   ssize_t k = send_now(s, iov, n, to, tolen);
-  if (k < 0) {
-    /* Taken back while the reader still waits for us (io_users): once
-     * it is done, the session's counts go into its owner's totals. */
-    atomic_fetch_sub_explicit(&s->bytes_out, len, memory_order_relaxed);
-    atomic_fetch_sub_explicit(&s->pkgs_out, 1, memory_order_relaxed);
-  }
-  if (k == -EAGAIN && timeout != 0) {
-    /* Not counted while it waits (it may never leave): once it has. */
+  if (k == -EAGAIN && timeout != 0)
     k = wait_send(s, iov, n, to, tolen, timeout > 0 ? loom__after(timeout) : 0);
-    if (k >= 0) {
-      BUMP(bytes_out, len);
-      BUMP(pkgs_out, 1);
-    }
+  if (k >= 0) {
+    /* Counted once sent (as a stream's packages), while the reader
+     * still waits for us (io_users): once it is done, the session's
+     * counts go into its owner's totals. */
+    BUMP(bytes_out, len);
+    BUMP(pkgs_out, 1);
   }
   /* Refused for want of room, as a stream's full queue refuses; the
    * owner is there to count it until io_users is left. */
@@ -1315,10 +1254,6 @@ static void writer_main(void *arg) {
       }
       s->wdl = want;
     }
-    /* The batch's packages: counted now, and those that do not leave
-     * taken back if it fails (see "The write queue's packages"). */
-    uint64_t pkgs = pk_count(s, total);
-    BUMP(pkgs_out, pkgs);
     s->wsent = 0;
     loom_mutex_unlock(&s->wmu);
 
@@ -1334,10 +1269,8 @@ static void writer_main(void *arg) {
       /* What the socket took of the batch left; under a transform, whose
        * batch goes whole or not at all, none did. */
       size_t sent = s->top == &s->sock ? s->wsent : 0;
-      uint64_t left = pk_take(s, sent);
+      BUMP(pkgs_out, pk_take(s, sent));
       loom_buf_consume(&s->wq, sent);
-      atomic_fetch_sub_explicit(&s->pkgs_out, pkgs - left,
-                                memory_order_relaxed);
       bool dropping = s->wfinal && s->o.linger < 0; /* cut short on purpose */
       loom_mutex_unlock(&s->wmu);
       if (!dropping)
@@ -1345,7 +1278,7 @@ static void writer_main(void *arg) {
       loom_mutex_lock(&s->wmu);
       break;
     }
-    pk_take(s, total);
+    BUMP(pkgs_out, pk_take(s, total));
     loom_buf_consume(&s->wq, total);
     if (loom_buf_len(&s->wq) <= s->o.wq_low)
       room_wake(s);
