@@ -92,8 +92,8 @@ static void supervisor(void *arg) {
     loom_mutex_lock(&cl->owner.mu);
     while (!dial_due(cl) && !loom__ctx_reason(cl->ctx))
       loom_cond_wait(&cl->owner.changed, &cl->owner.mu, 0);
-    bool redial = cl->dials >= (uint64_t)cl->conns;
     cl->dials++;
+    bool first = cl->dials < (uint64_t)cl->conns; /* more to come at once */
     loom_mutex_unlock(&cl->owner.mu);
     int64_t now = loom_now();
     if (next_at > now && loom_sleep_ctx(cl->ctx, next_at - now) < 0)
@@ -123,10 +123,11 @@ static void supervisor(void *arg) {
       next_at = loom__after(backoff);
     } else {
       /* The first `conns` dials go out back to back; a redial (a session
-       * was lost) comes at most once per interval, so a server that
-       * accepts and drops at once is not hammered. */
+       * was lost) comes at most once per interval — the first one too,
+       * an interval after the last of those — so a server that accepts
+       * and drops at once is not hammered. */
       backoff = 0;
-      next_at = redial ? loom__after(cl->interval) : 0;
+      next_at = first ? 0 : loom__after(cl->interval);
     }
   }
   loom_sema_release(&cl->sup_done);
