@@ -1090,6 +1090,7 @@ TEST(ipv4_literals_are_dotted_decimal_only) {
       CHECKF(r == LOOM_EBADADDR, "resolve %s %s: %s", nets[n], a,
              loom_err_name(r));
     }
+
     for (size_t i = 0; i < sizeof v4_accepted / sizeof *v4_accepted; i++) {
       char a[64], back[64];
       struct sockaddr_storage ss;
@@ -1124,6 +1125,30 @@ TEST(ipv4_literals_are_dotted_decimal_only) {
   CHECK_EQ(atomic_load(&gai_calls), 0);
   /* And through dial, on a coroutine: 0x7f.1 is not 127.0.0.1 to loom. */
   check_run(v4_literal_main, NULL, 1);
+}
+
+/* The network names the socket type: a call on the wrong kind is refused
+ * before any name is looked up, with the error a literal address gets —
+ * not the lookup's, and not after a slow resolver has answered. */
+static void wrong_net_main(void *arg) {
+  (void)arg;
+  loom_conn *c;
+  loom_listener *l;
+  loom_pconn *p;
+  int calls = atomic_load(&gai_calls);
+  CHECK_ERR(loom_dial(&c, "udp", "127.0.0.1:1"), LOOM_ENETWORK);
+  int r = loom_dial(&c, "udp", "no-such-host.invalid:1");
+  CHECKF(r == LOOM_ENETWORK, "dial udp: %s", loom_err_name(r));
+  r = loom_listen(&l, "udp", "no-such-host.invalid:0");
+  CHECKF(r == LOOM_ENETWORK, "listen udp: %s", loom_err_name(r));
+  r = loom_listen_packet(&p, "tcp", "no-such-host.invalid:0");
+  CHECKF(r == LOOM_ENETWORK, "listen_packet tcp: %s", loom_err_name(r));
+  r = loom_dial_packet(&p, "tcp", "no-such-host.invalid:1");
+  CHECKF(r == LOOM_ENETWORK, "dial_packet tcp: %s", loom_err_name(r));
+  CHECK_EQ(atomic_load(&gai_calls), calls); /* nothing was looked up */
+}
+TEST(wrong_network_refused_before_lookup) {
+  check_run(wrong_net_main, NULL, 1);
 }
 
 /* ------------------------------------------------------------------ */

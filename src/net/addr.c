@@ -457,32 +457,42 @@ int loom__parse_addr(const char *network, const char *addr, bool passive,
   return LOOM__NEED_LOOKUP;
 }
 
-int loom__resolve_until(const char *network, const char *addr, bool passive,
-                        loom__addrs *out, int64_t deadline, loom_ctx *ctx) {
+/* As loom__resolve_until, and the network must name sockets of `type`
+ * (0: any).  The network says which before any name is looked up, so a
+ * wrong one is refused at once, as it is for a literal address. */
+static int resolve(const char *network, const char *addr, bool passive,
+                   int type, loom__addrs *out, int64_t deadline,
+                   loom_ctx *ctx) {
   char host[256];
   int family = 0, port = 0;
   int err = loom__parse_addr(network, addr, passive, out, host, sizeof host,
                              &family, &port);
-  if (err != LOOM__NEED_LOOKUP)
+  if (err != 0 && err != LOOM__NEED_LOOKUP)
     return err;
-  int type = out->type;
+  if (type != 0 && out->type != type)
+    return LOOM_ENETWORK;
+  if (err == 0)
+    return 0;
+  type = out->type;
   err = lookup(host, family, type, port, out, deadline, ctx);
   out->type = type;
   return err;
 }
 
+int loom__resolve_until(const char *network, const char *addr, bool passive,
+                        loom__addrs *out, int64_t deadline, loom_ctx *ctx) {
+  return resolve(network, addr, passive, 0, out, deadline, ctx);
+}
+
 int loom__resolve(const char *network, const char *addr, bool passive,
                   loom__addrs *out) {
-  return loom__resolve_until(network, addr, passive, out, 0, NULL);
+  return resolve(network, addr, passive, 0, out, 0, NULL);
 }
 
 int loom__resolve_type_until(const char *network, const char *addr,
                              bool passive, int type, loom__addrs *out,
                              int64_t deadline, loom_ctx *ctx) {
-  int err = loom__resolve_until(network, addr, passive, out, deadline, ctx);
-  if (err == 0 && out->type != type)
-    return LOOM_ENETWORK;
-  return err;
+  return resolve(network, addr, passive, type, out, deadline, ctx);
 }
 
 int loom__resolve_type(const char *network, const char *addr, bool passive,
