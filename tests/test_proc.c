@@ -286,6 +286,43 @@ TEST(yield_loop_does_not_starve) {
   check_run(yield_main, NULL, 1);
 }
 
+/* A coroutine runnable on the global queue (here spawned by a plain
+ * thread) runs before a yielder resumes: the local queue is looked at
+ * first and the global one only every 61st switch, so a yielder that
+ * went back on the local queue passed it over 60 more times. */
+static atomic_int yg_ran, yg_spawned;
+static void yg_queued(void *arg) {
+  (void)arg;
+  atomic_store(&yg_ran, 1);
+}
+static void *yg_spawner(void *arg) {
+  (void)arg;
+  CHECK_OK(loom_go(yg_queued, NULL));
+  atomic_store(&yg_spawned, 1);
+  return NULL;
+}
+static void yield_global_main(void *arg) {
+  (void)arg;
+  pthread_t th;
+  CHECK_EQ(pthread_create(&th, NULL, yg_spawner, NULL), 0);
+  while (!atomic_load(&yg_spawned)) /* no scheduling point: it stays queued */
+    ;
+  CHECK_EQ(pthread_join(th, NULL), 0);
+  loom_stats st;
+  CHECK_OK(loom_stats_get(&st));
+  CHECK_EQ(st.global_runq, 1);
+  int n = 0;
+  while (!atomic_load(&yg_ran) && n < 1000) {
+    loom_yield();
+    n++;
+  }
+  CHECKF(n == 1, "the yielder resumed %d times before a queued coroutine ran",
+         n - 1);
+}
+TEST(yield_lets_a_globally_queued_coroutine_run) {
+  check_run(yield_global_main, NULL, 1);
+}
+
 /* ------------------------------------------------------------------ */
 /* The global queue is not starved by a ping-pong pair (procs=1).      */
 

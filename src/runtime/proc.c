@@ -567,6 +567,14 @@ static void post_yield(loom__m *m, loom__g *g, void *arg) {
   loom__runq_put(m->rt, m->p, g, false);
 }
 
+static void post_yield_global(loom__m *m, loom__g *g, void *arg) {
+  (void)arg;
+  atomic_store_explicit(&g->status, G_RUNNABLE, memory_order_relaxed);
+  pthread_mutex_lock(&m->rt->lock);
+  loom__globrunq_put(m->rt, g);
+  pthread_mutex_unlock(&m->rt->lock);
+}
+
 /* The frames a coroutine left on its stack when it stopped for good
  * never returned, so ASan still has their redzones poisoned; the next
  * coroutine on that stack would trip over them. */
@@ -1409,7 +1417,15 @@ void loom_yield(void) {
     return;
   }
   loom__g *g = m->curg;
-  m->post_fn = post_yield;
+  /* Coroutines wait on the global queue (spawned or readied by a plain
+   * thread, back from a blocking call with no P, a full ring's overflow):
+   * the caller goes behind them there, as Go's Gosched does.  Back on
+   * its own ring it would be found first, for 60 more switches until
+   * the global queue's turn (fast_next). */
+  if (atomic_load_explicit(&m->rt->runqsize, memory_order_relaxed) != 0)
+    m->post_fn = post_yield_global;
+  else
+    m->post_fn = post_yield;
   m->post_g = g;
   m->post_arg = NULL;
   switch_out(m, g, false);
