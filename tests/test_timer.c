@@ -319,3 +319,44 @@ TEST(del_waits_for_a_firing_when_armed_again) {
 }
 
 CHECK_MAIN()
+
+/* One P, two coroutines that each compute for 5 ms and then yield —
+ * well within the 10 ms a coroutine may run without a scheduling point.
+ * A 1 ms sleep beside them used to wake eight slices late (~40 ms): the
+ * switches between them look at timers only every 8th time, as a clock
+ * read costs more than a switch.  sysmon now tells a P that switches
+ * slowly to look on every switch: late by the slice under way and the
+ * one picked before the timer ran (about 9 ms here), once sysmon has
+ * seen it (a round of up to 10 ms: the first sleep is not counted). */
+static atomic_int yl_stop;
+static void yl_spinner(void *arg) {
+  (void)arg;
+  while (!atomic_load(&yl_stop)) {
+    int64_t t = loom_now();
+    while (loom_now() - t < 5 * CHECK_MS)
+      ;
+    loom_yield();
+  }
+}
+static void yl_main(void *arg) {
+  (void)arg;
+  int64_t worst = 0;
+  CHECK_OK(loom_go(yl_spinner, NULL));
+  CHECK_OK(loom_go(yl_spinner, NULL));
+  CHECK_OK(loom_sleep(CHECK_MS));
+  for (int i = 0; i < 10; i++) {
+    int64_t t0 = loom_now();
+    CHECK_OK(loom_sleep(CHECK_MS));
+    int64_t late = loom_now() - t0 - CHECK_MS;
+    if (late > worst)
+      worst = late;
+  }
+  atomic_store(&yl_stop, 1);
+  printf("1 ms sleep beside two 5 ms yielders: worst %.3f ms late\n",
+         worst / 1e6);
+  CHECKF(worst < 25 * CHECK_MS, "1 ms sleep woke %.3f ms late", worst / 1e6);
+}
+TEST(sleep_beside_long_slices_is_not_eight_slices_late) {
+  check_watchdog(20, "sleep beside long slices");
+  check_run(yl_main, NULL, 1);
+}

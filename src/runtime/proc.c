@@ -510,8 +510,10 @@ static loom__g *fast_next(loom__m *m, loom__p *p) {
   }
   /* Reading the clock costs more than the rest of a switch, so the fast
    * path looks at timers every 8th switch (after it: see
-   * run_deferred_timers); g0 looks every time. */
-  if ((t & 7) == 0)
+   * run_deferred_timers), or every switch while sysmon says this P
+   * switches slowly (watch_timers: eight switches of coroutines that run
+   * for milliseconds each are tens of them); g0 looks every time. */
+  if ((t & atomic_load_explicit(&p->timer_mask, memory_order_relaxed)) == 0)
     m->timers_due = true;
   if (g == NULL)
     g = loom__runq_get(p);
@@ -1950,6 +1952,7 @@ int loom_run(void (*main_fn)(void *), void *arg, const loom_config *cfg) {
     p->id = i;
     p->rt = rt;
     p->sole = rt->nprocs == 1;
+    atomic_init(&p->timer_mask, 7); /* every 8th switch (fast_next) */
     loom__timers_init(&p->timers);
     rt->allp[i] = p;
   }

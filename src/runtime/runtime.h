@@ -177,6 +177,10 @@ struct loom__p {
   _Atomic uint32_t status;       /* P_*; CAS by the M and by sysmon */
   loom__p *link;                 /* idle-P list */
   _Atomic uint32_t schedtick;    /* +1 per G switched in; sysmon reads */
+  _Atomic uint32_t timer_mask;   /* the fast path looks at timers when
+                                    schedtick & timer_mask is 0: 7, or 0
+                                    while sysmon says this P switches
+                                    slowly with a timer set */
   /* Gs spawned and exited on this P: written by the owner only (no
    * shared cache line per spawn), summed by loom__gcount for stats. */
   _Atomic uint64_t nspawned, nexited;
@@ -211,6 +215,7 @@ struct loom__p {
   /* sysmon's private bookkeeping */
   uint32_t sm_schedtick;
   uint32_t sm_runtick; /* schedtick at sysmon's stuck_behind */
+  uint32_t sm_timertick; /* schedtick at sysmon's watch_timers */
   int64_t sm_schedwhen;
   int64_t sm_cpu0;               /* holder's CPU time at half the limit */
   _Atomic int mclock;            /* CPU-time clock of the M holding it */
