@@ -545,6 +545,79 @@ static void short_main(void *arg) {
 
 TEST(short_read_before_fin_or_urgent_mark) { check_run(short_main, NULL, 1); }
 
+/* A dialed connection saves the read that would find nothing, as an
+ * accepted one does: after a short read the next waits for the poller's
+ * event first.  A socket is registered before connect(), and epoll
+ * reports a socket that was never connected as hung up (EPOLLHUP alone);
+ * taken for the peer's hang-up, that made every read of a dialed
+ * connection go first and find EAGAIN.  read(2) is wrapped to count the
+ * EAGAINs on the watched descriptor.  The peer's FIN after a short read
+ * is still seen at once. */
+static atomic_int read_watch_fd = -1, read_eagains;
+ssize_t read(int fd, void *buf, size_t n) {
+  typedef ssize_t (*read_fn)(int, void *, size_t);
+  static _Atomic(read_fn) real_once;
+  read_fn real = atomic_load(&real_once);
+  if (real == NULL) {
+    *(void **)&real = dlsym(RTLD_NEXT, "read");
+    atomic_store(&real_once, real);
+  }
+  ssize_t r = real(fd, buf, n);
+  if (r < 0 && errno == EAGAIN && fd == atomic_load(&read_watch_fd))
+    atomic_fetch_add(&read_eagains, 1);
+  return r;
+}
+
+enum { WF_ROUNDS = 200 };
+static void wf_echo(void *arg) {
+  loom_conn *s = arg;
+  char b[64];
+  for (int i = 0; i < WF_ROUNDS; i++) {
+    CHECK_EQ(loom_read(s, b, sizeof b), (ssize_t)sizeof b);
+    loom_sleep(CHECK_MS / 10); /* the client reads before the answer */
+    CHECK_EQ(loom_write(s, b, sizeof b), (ssize_t)sizeof b);
+  }
+  CHECK_EQ(loom_read(s, b, 1), 1); /* the last echo has been read */
+  CHECK_EQ(loom_write(s, "abc", 3), 3);
+  CHECK_OK(loom_shutdown(s, SHUT_WR));
+}
+
+static void pair(loom_listener **l, loom_conn **c, loom_conn **s);
+
+static void wait_first_main(void *arg) {
+  (void)arg;
+  loom_listener *l;
+  loom_conn *c, *s;
+  pair(&l, &c, &s);
+  CHECK_OK(loom_go(wf_echo, s));
+  atomic_store(&read_watch_fd, loom_conn_fd(c));
+  char b[4096];
+  memset(b, 'q', 64);
+  for (int i = 0; i < WF_ROUNDS; i++) {
+    CHECK_EQ(loom_write(c, b, 64), 64);
+    CHECK_EQ(loom_read(c, b, sizeof b), 64); /* short: the queue is empty */
+  }
+  int eagains = atomic_load(&read_eagains);
+  CHECK_EQ(loom_write(c, "x", 1), 1);
+  CHECK_OK(loom_set_read_deadline(c, loom_now() + 2000 * CHECK_MS));
+  ssize_t n = 0, r;
+  while ((r = loom_read(c, b, sizeof b)) > 0)
+    n += r;
+  CHECK_EQ(r, 0); /* the FIN after "abc", before the deadline */
+  CHECK_EQ(n, 3);
+  atomic_store(&read_watch_fd, -1);
+  printf("%d of %d reads of a dialed connection found nothing\n", eagains,
+         WF_ROUNDS);
+  CHECKF(eagains < WF_ROUNDS / 10, "%d of %d reads found EAGAIN", eagains,
+         WF_ROUNDS);
+  CHECK_OK(loom_close(c));
+  CHECK_OK(loom_close(s));
+  CHECK_OK(loom_listener_close(l));
+}
+TEST(dialed_connection_reads_wait_first) {
+  check_run(wait_first_main, NULL, 2);
+}
+
 /* ------------------------------------------------------------------ */
 /* A read of no bytes waits for readability and consumes nothing: on a
  * fresh connection (the peek), after a short read (the poller's event),

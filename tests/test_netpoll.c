@@ -434,6 +434,28 @@ static void undo_main(void *arg) {
 
 TEST(undone_cancel_yields_to_later_changes) { check_run(undo_main, NULL, 1); }
 
+/* A TCP socket never connected is reported hung up (EPOLLHUP alone), and
+ * a dial registers its socket before connect(): if a poll harvests that
+ * event first, it is not the peer's hang-up or an error, which a read
+ * must see (pd->hangup; conn.c, wait_first), and a dialed connection
+ * would read first for good, an EAGAIN per message (a peer's FIN after
+ * a short read: net/dialed_connection_reads_wait_first). */
+static void fresh_main(void *arg) {
+  (void)arg;
+  loom__rt *rt = loom__rt_get();
+  int fd = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+  CHECK(fd >= 0);
+  loom__pd *pd;
+  CHECK_OK(loom__pd_open(rt, fd, &pd));
+  struct loom__g *gs[LOOM__NETPOLL_MAX];
+  (void)loom__netpoll_poll(&rt->np, 0, gs); /* nobody waits: no Gs */
+  CHECK_OK(loom__pd_wait(pd, 'w'));         /* the event was taken in */
+  CHECK(!loom__pd_hungup(pd));
+  loom__pd_close(pd, true);
+  close(fd);
+}
+TEST(never_connected_socket_is_not_hung_up) { check_run(fresh_main, NULL, 1); }
+
 /* ------------------------------------------------------------------ */
 /* Both directions at once: ready when either is, whichever comes.      */
 

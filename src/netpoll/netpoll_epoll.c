@@ -96,13 +96,16 @@ int loom__netpoll_poll(loom__netpoll *np, int64_t delay_ns,
     }
     /* An error or a hang-up wakes both directions: the next read or
      * write reports it.  Urgent data (EPOLLPRI) wakes nobody by itself;
-     * like a hang-up it is remembered (pd->hangup). */
+     * like the peer's hang-up it is remembered (pd->hangup).  EPOLLHUP
+     * alone is not the peer's: a TCP socket says so while it has never
+     * been connected (a dial registers its socket before connect()), and
+     * the peer's FIN or reset comes with EPOLLRDHUP. */
     int mode = 0;
     if (e & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR))
       mode += 'r';
     if (e & (EPOLLOUT | EPOLLHUP | EPOLLERR))
       mode += 'w';
-    bool hangup = (e & (EPOLLRDHUP | EPOLLHUP | EPOLLERR | EPOLLPRI)) != 0;
+    bool hangup = (e & (EPOLLRDHUP | EPOLLERR | EPOLLPRI)) != 0;
     if (mode != 0 || hangup)
       loom__pd_ready((uintptr_t)evs[i].data.u64, mode, hangup, out, &got);
   }

@@ -55,8 +55,8 @@ typedef struct loom__pd {
   _Atomic uintptr_t rg, wg;   /* the waiter words above */
   _Atomic int lock;           /* spinlock: deadlines, seqs, closing */
   bool closing;               /* evicted: every wait fails with ECLOSED */
-  _Atomic bool hangup;        /* an event reported a hang-up, an error or
-                                 urgent data (see loom_read) */
+  _Atomic bool hangup; /* an event reported the peer's hang-up, an error or
+                          urgent data (see loom_read) */
   _Atomic uint32_t fdseq;     /* bumped per open; tags poller cookies */
   _Atomic bool either;        /* write readiness wakes the read waiter too
                                  (loom__pd_either) */
@@ -182,8 +182,9 @@ int loom__pd_cancel_undo(loom__pd_cancel *x);
 void loom__pd_cancel_clear(loom__pd_cancel *x);
 
 /* Poller side: readiness for mode 'r', 'w', both ('r'+'w') or neither
- * (0) on the pd behind `cookie`; `hangup` when the event reported a
- * hang-up, an error or urgent data (it sets pd->hangup, which stays set).
+ * (0) on the pd behind `cookie`; `hangup` when the event reported the
+ * peer's hang-up, an error or urgent data (it sets pd->hangup, which
+ * stays set).
  * The Gs it makes runnable are stored at gs[*n...], and *n counts them
  * (at most two per call).  The Gs are not touched. */
 void loom__pd_ready(uintptr_t cookie, int mode, bool hangup,
