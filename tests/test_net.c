@@ -1224,6 +1224,24 @@ TEST(wrong_network_refused_before_lookup) {
   check_run(wrong_net_main, NULL, 1);
 }
 
+/* A dial whose deadline has passed, or whose context is done, starts no
+ * lookup thread for a name nobody would wait for. */
+static void over_main(void *arg) {
+  (void)arg;
+  loom_conn *c;
+  int calls = atomic_load(&gai_calls);
+  loom_dial_opts o = {.deadline = loom_now() - 1};
+  CHECK_ERR(loom_dial_with(&c, "tcp", "localhost:1", &o), -ETIMEDOUT);
+  loom_ctx *ctx;
+  CHECK_OK(loom_ctx_with_cancel(&ctx, loom_ctx_background()));
+  loom_ctx_cancel(ctx);
+  o = (loom_dial_opts){.ctx = ctx};
+  CHECK_ERR(loom_dial_with(&c, "tcp", "localhost:1", &o), -ECANCELED);
+  loom_ctx_release(ctx);
+  CHECK_EQ(atomic_load(&gai_calls), calls);
+}
+TEST(dial_already_over_looks_nothing_up) { check_run(over_main, NULL, 1); }
+
 /* ------------------------------------------------------------------ */
 /* IPv6 zones: parsed, printed back, and dialed on loopback.            */
 

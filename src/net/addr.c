@@ -335,7 +335,12 @@ static int lookup_slot(int64_t deadline, loom_ctx *ctx) {
 
 static int lookup(const char *host, int family, int socktype, int port,
                   loom__addrs *out, int64_t deadline, loom_ctx *ctx) {
-  int err = lookup_slot(deadline, ctx);
+  /* Over already: no thread for an answer nobody would wait for. */
+  int err = loom__ctx_reason(ctx);
+  if (err == 0 && deadline != 0 && loom_now() >= deadline)
+    err = -ETIMEDOUT;
+  if (err == 0)
+    err = lookup_slot(deadline, ctx);
   if (err != 0)
     return err;
   size_t hl = strlen(host) + 1;
