@@ -3813,6 +3813,12 @@ static void metrics_main(void *arg) {
   CHECK(strstr(text2, "\nedge_sessions_total 3\n") != NULL);
   CHECK(strstr(text2, "edge_errors_total{kind=\"decode\"} 1\n") != NULL);
   CHECK(strstr(text2, "loom_") == NULL);
+  /* A prefix that would make names Prometheus refuses is refused. */
+  static const char *const bad[] = {"my-app", "", "9lives", "a b", "x.y"};
+  for (size_t i = 0; i < sizeof bad / sizeof *bad; i++)
+    CHECKF(loom_metrics_prometheus(&m, bad[i], small, sizeof small) == -EINVAL,
+           "prefix \"%s\" taken", bad[i]);
+  CHECK_GT(loom_metrics_prometheus(&m, "app:edge_2", small, sizeof small), 0);
 
   /* Room for the text and its NUL, not one byte less. */
   CHECK_ERR(loom_metrics_prometheus(&m, NULL, small, (size_t)n), -ENOSPC);

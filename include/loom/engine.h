@@ -393,8 +393,10 @@ typedef struct loom_metrics {
 /*
  * loom_metrics_prometheus — `m` in Prometheus' text format, each name
  * prefixed with `prefix` ("loom" if NULL), errors as one counter with a
- * `kind` label.  Returns the length written (without the NUL), or
- * -ENOSPC if `len` is too small.  Any thread.
+ * `kind` label.  Returns the length written (without the NUL), -ENOSPC
+ * if `len` is too small, or -EINVAL if `prefix` is not a valid start of
+ * a metric name ([a-zA-Z_:][a-zA-Z0-9_:]*: "my-app" is not; nothing is
+ * written).  Any thread.
  */
 LOOM_API int loom_metrics_prometheus(const loom_metrics *m, const char *prefix,
                                      char *buf, size_t len);

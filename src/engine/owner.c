@@ -153,11 +153,24 @@ static void metric(out *o, const char *pfx, const char *name, const char *type,
       name, type, pfx, name, (unsigned long long)v);
 }
 
+/* Prometheus' metric names: [a-zA-Z_:][a-zA-Z0-9_:]* */
+static bool metric_name(const char *s) {
+  for (size_t i = 0; s[i] != '\0'; i++) {
+    char c = s[i];
+    if (!(c == '_' || c == ':' || (c >= 'a' && c <= 'z') ||
+          (c >= 'A' && c <= 'Z') || (i > 0 && c >= '0' && c <= '9')))
+      return false;
+  }
+  return s[0] != '\0';
+}
+
 int loom_metrics_prometheus(
     const loom_metrics *m, const char *prefix,
     char *buf, // NOLINT(readability-non-const-parameter): written through o.p
     size_t len) {
   const char *p = prefix ? prefix : "loom";
+  if (!metric_name(p))
+    return -EINVAL;
   out o = {buf, len, 0, 0};
   metric(&o, p, "sessions_open", "gauge", "Sessions open now.",
          m->sessions_open);
