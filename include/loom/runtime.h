@@ -204,7 +204,10 @@ LOOM_API void loom_unpin(void);
  * Coroutine-local storage.  A key is created once (any thread) and then
  * names one pointer-sized slot in every coroutine, initially NULL.
  * When a coroutine returns, `dtor` (if not NULL) is called on its
- * non-NULL value, on that coroutine.  Coroutines abandoned at shutdown do
+ * non-NULL value, on that coroutine.  A destructor may set values again;
+ * they are destroyed in further rounds, at most 4 in all (as POSIX's
+ * PTHREAD_DESTRUCTOR_ITERATIONS): a value still set after the 4th is
+ * dropped without its destructor.  Coroutines abandoned at shutdown do
  * not run destructors; the runtime frees its own storage only.
  * At most LOOM_LOCAL_KEYS keys exist in a process.
  */
