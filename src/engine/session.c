@@ -1746,6 +1746,12 @@ static void reader_main(void *arg) {
   reader r = {0};
   int rc = 0;
   loom__readbuf_init(&r.b, s->o.read_buf, s->o.max_pkg_len);
+  /* Counted once its reader runs, before anything can end it: the total
+   * is exported as a counter, which would fall if a session whose
+   * reader failed to start were counted and taken back. */
+  loom_mutex_lock(&s->owner->mu);
+  s->owner->total++;
+  loom_mutex_unlock(&s->owner->mu);
   s->reader_g = loom_id();
   loom__cb_tag_set(s->owner); /* every callback but pooled ones runs here */
   if (s->o.compress && !s->packet)
@@ -1888,19 +1894,13 @@ int loom__session_start(loom__owner *owner, const loom_session_opts *o,
     owner->head->prev = s;
   owner->head = s;
   owner->open++;
-  owner->total++;
   loom_mutex_unlock(&owner->mu);
   if (loom_go(reader_main, s) < 0) {
     s->conn = NULL;
     s->pc = NULL;
     owner_unlink(s);
     session_free(s, false); /* the only reference, and no on_open */
-    /* It never started: out of the total as out of the open count (no
-     * callback saw it; the caller counts the failure). */
-    loom_mutex_lock(&owner->mu);
-    owner->total--;
-    loom_mutex_unlock(&owner->mu);
-    owner_leave(owner);
+    owner_leave(owner);     /* no callback saw it; the caller counts it */
     goto fail;
   }
   return 0;
