@@ -216,6 +216,7 @@ struct loom__p {
   uint32_t sm_schedtick;
   uint32_t sm_runtick; /* schedtick at sysmon's stuck_behind */
   uint32_t sm_timertick; /* schedtick at sysmon's watch_timers */
+  int64_t sm_timerwhen;  /* and when */
   int64_t sm_schedwhen;
   int64_t sm_cpu0;               /* holder's CPU time at half the limit */
   _Atomic int mclock;            /* CPU-time clock of the M holding it */

@@ -11,8 +11,8 @@
  *   - polls the network itself when nobody has for 10 ms (every P busy
  *     with coroutines that never run dry) and queues what became ready;
  *   - tells a running P that switches slowly to look at its timers on
- *     every switch (watch_timers), and starts an M when a timer is
- *     overdue and nobody is looking, or when
+ *     every switch (watch_timers);
+ *   - starts an M when a timer is overdue and nobody is looking, or when
  *     work waits behind a coroutine that keeps its P while another P is
  *     idle and nobody is looking (a lost wake-up: stuck_behind);
  *   - prints the LOOM_SCHEDTRACE line when one is due;
@@ -268,17 +268,20 @@ static bool new_block(loom__rt *rt) {
  * switch (proc.c, fast_next): a clock read costs more than a switch.
  * Coroutines that run for milliseconds between scheduling points make
  * that tens of milliseconds.  So a running P with a timer set that has
- * switched fewer than 8 times since the last round is told to look on
- * every switch (timer_mask 0) — a clock read is nothing beside such
- * slices — until a round finds it switching fast again or without a
- * timer.  No round is added for it.
+ * switched fewer than 8 times in the last millisecond or more (slices
+ * of over 125 µs) is told to look on every switch (timer_mask 0) — a
+ * clock read is nothing beside such slices — until a later look finds
+ * it switching fast again or without a timer.  No round is added.
  */
-static void watch_timers(loom__rt *rt) {
+static void watch_timers(loom__rt *rt, int64_t now) {
   for (int i = 0; i < rt->nprocs; i++) {
     loom__p *p = rt->allp[i];
+    if (now - p->sm_timerwhen < 1000000)
+      continue; /* judged over a millisecond at least */
     uint32_t t = atomic_load_explicit(&p->schedtick, memory_order_relaxed);
     bool slow = t - p->sm_timertick < 8;
     p->sm_timertick = t;
+    p->sm_timerwhen = now;
     bool watch =
         slow && loom__timers_next(&p->timers) != 0 &&
         atomic_load_explicit(&p->status, memory_order_relaxed) == P_RUNNING;
@@ -400,7 +403,7 @@ static void *sysmon_main(void *arg) {
       idle = 0;
     else
       idle++;
-    watch_timers(rt);
+    watch_timers(rt, now);
     int64_t next = loom__earliest_timer(rt);
     if ((next != 0 && next < now - 1000000) || stranded(rt) || stuck_behind(rt))
       loom__wakep(rt); /* retries a thread that could not be started */
