@@ -718,4 +718,81 @@ TEST(plain_wait_after_raced_timed_wait) {
   check_run(timed_then_plain_main, NULL, 2);
 }
 
+/* ------------------------------------------------------------------ */
+/* One channel in several cases of a select (two receives and a send),
+ * with another channel's receive, from 40 coroutines on two Ps and two
+ * plain threads, with short deadlines that end many of them: every
+ * value sent is received once (a coroutine's nodes, one per case, may
+ * come from its P's wait records; a thread's are on its stack).       */
+static loom_chan *sd_c, *sd_d;
+static atomic_long sd_sent, sd_recvd, sd_nsent, sd_nrecvd;
+static loom_wg sd_wg = LOOM_WG_INIT;
+static int sd_iters;
+
+static void sd_one(unsigned *seed) {
+  long out = (long)(rand_r(seed) % 1000) + 1, in1 = 0, in2 = 0, in3 = 0;
+  loom_case cs[4] = {{sd_c, LOOM_RECV, &in1, false},
+                     {sd_c, LOOM_SEND, &out, false},
+                     {sd_c, LOOM_RECV, &in2, false},
+                     {sd_d, LOOM_RECV, &in3, false}};
+  int64_t dl =
+      rand_r(seed) % 3 == 0 ? 0 : loom_now() + (rand_r(seed) % 50) * 1000;
+  int r = loom_select(cs, 4, dl == 0 ? loom_now() + 2000000 : dl);
+  if (r == 0 || r == 2) {
+    CHECK(cs[r].ok);
+    atomic_fetch_add(&sd_recvd, r == 0 ? in1 : in2);
+    atomic_fetch_add(&sd_nrecvd, 1);
+  } else if (r == 1) {
+    CHECK(cs[1].ok);
+    atomic_fetch_add(&sd_sent, out);
+    atomic_fetch_add(&sd_nsent, 1);
+  } else {
+    CHECK(r == -ETIMEDOUT);
+  }
+}
+
+static void sd_co(void *arg) {
+  unsigned seed = (unsigned)(uintptr_t)arg;
+  for (int i = 0; i < sd_iters; i++)
+    sd_one(&seed);
+  loom_wg_done(&sd_wg);
+}
+static void *sd_thread(void *arg) {
+  unsigned seed = (unsigned)(uintptr_t)arg;
+  for (int i = 0; i < sd_iters; i++)
+    sd_one(&seed);
+  loom_wg_done(&sd_wg);
+  return NULL;
+}
+static void sd_main(void *arg) {
+  (void)arg;
+  sd_iters = CHECK_SCALE(3000, 1000, 300);
+  CHECK_OK(loom_chan_make(&sd_c, sizeof(long), 0));
+  CHECK_OK(loom_chan_make(&sd_d, sizeof(long), 0));
+  enum { NCO = 40, NTH = 2 };
+  CHECK_OK(loom_wg_add(&sd_wg, NCO + NTH));
+  pthread_t t[NTH];
+  for (int i = 0; i < NTH; i++)
+    CHECK_EQ(
+        pthread_create(&t[i], NULL, sd_thread, (void *)(uintptr_t)(100 + i)),
+        0);
+  for (int i = 0; i < NCO; i++)
+    CHECK_OK(loom_go(sd_co, (void *)(uintptr_t)(1 + i)));
+  CHECK_OK(loom_wg_wait(&sd_wg, 0));
+  loom_block_enter();
+  for (int i = 0; i < NTH; i++)
+    pthread_join(t[i], NULL);
+  loom_block_exit();
+  printf("%ld sent, %ld received\n", atomic_load(&sd_nsent),
+         atomic_load(&sd_nrecvd));
+  CHECK_EQ(atomic_load(&sd_nsent), atomic_load(&sd_nrecvd));
+  CHECK_EQ(atomic_load(&sd_sent), atomic_load(&sd_recvd));
+  loom_chan_free(sd_c);
+  loom_chan_free(sd_d);
+}
+TEST(select_same_channel_many_cases) {
+  check_watchdog(60, "selects with one channel in several cases");
+  check_run(sd_main, NULL, 2);
+}
+
 CHECK_MAIN()
