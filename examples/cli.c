@@ -10,6 +10,9 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/signalfd.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
 #include <unistd.h>
 
 #include "echo_url.h"
@@ -128,7 +131,29 @@ int cli_run(const char *prog, void (*fn)(void *), void *arg, int procs) {
   return 0;
 }
 
+void cli_remove_stale_socket(const char *prog, const char *network,
+                             const char *path) {
+  struct stat st;
+  struct sockaddr_un sa = {.sun_family = AF_UNIX};
+  size_t n = strlen(path);
+  bool dgram = !strcmp(network, "unixgram");
+  if ((!dgram && strcmp(network, "unix") != 0) || path[0] != '/' ||
+      n >= sizeof sa.sun_path || lstat(path, &st) != 0 || !S_ISSOCK(st.st_mode))
+    return;
+  int fd = socket(
+      AF_UNIX,
+      (dgram ? SOCK_DGRAM : SOCK_STREAM) | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+  if (fd < 0)
+    return;
+  memcpy(sa.sun_path, path, n + 1);
+  if (connect(fd, (struct sockaddr *)&sa, sizeof sa) != 0 &&
+      errno == ECONNREFUSED && unlink(path) == 0)
+    printf("%s: removed stale socket file %s\n", prog, path);
+  close(fd);
+}
+
 int cli_serve(const char *prog, loom_server **srv, const loom_server_opts *o) {
+  cli_remove_stale_socket(prog, o->network, o->addr);
   int rc = loom_server_start(srv, o);
   if (rc < 0) {
     fprintf(stderr, "%s: cannot listen on %s://%s: %s\n", prog, o->network,

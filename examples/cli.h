@@ -58,6 +58,14 @@ void cli_wait_for_stop(const char *prog, int sigfd, int64_t duration);
 typedef struct loom_server loom_server;
 typedef struct loom_server_opts loom_server_opts;
 
+/* A Unix socket file (network "unix" or "unixgram", a path) that a
+ * server killed before it could remove it left behind: nobody listens
+ * on it, so binding would fail with "address in use".  Remove it — but
+ * only a socket, and only when connecting to it is refused.  cli_serve
+ * does this first. */
+void cli_remove_stale_socket(const char *prog, const char *network,
+                             const char *path);
+
 /* On a coroutine: loom_server_start(srv, o) and print "PROG: listening
  * on URL" with the address bound (or a message).  0 or the error. */
 int cli_serve(const char *prog, loom_server **srv, const loom_server_opts *o);

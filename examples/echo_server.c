@@ -328,7 +328,7 @@ static void wait_for_stop(struct server *srv) {
   for (;;) {
     int rc = loom_fd_wait(srv->sigfd, LOOM_FD_READ, deadline);
     if (rc == -ETIMEDOUT) {
-      printf("echo_server: %.3g s elapsed, stopping\n",
+      printf("echo_server: %g s elapsed, stopping\n",
              (double)srv->duration / 1e9);
       return;
     }
@@ -398,7 +398,7 @@ static void server_main(void *arg) {
   }
   if (!srv->failed) {
     if (srv->duration > 0)
-      printf("echo_server: %d procs; stopping after %.3g s or at "
+      printf("echo_server: %d procs; stopping after %g s or at "
              "SIGINT/SIGTERM\n",
              loom_procs(), (double)srv->duration / 1e9);
     else
@@ -460,28 +460,6 @@ static int bad_usage(const char *fmt, ...) {
   return 2;
 }
 
-/* A Unix socket file left behind by a server that was killed: nobody
- * listens on it, so binding would fail with "address in use".  Remove it
- * — but only a socket, and only when connecting to it is refused. */
-static void remove_stale_socket(const echo_url *u) {
-  struct stat st;
-  struct sockaddr_un sa = {.sun_family = AF_UNIX};
-  size_t n = strlen(u->addr);
-  if (!u->local || u->addr[0] != '/' || n >= sizeof sa.sun_path ||
-      lstat(u->addr, &st) != 0 || !S_ISSOCK(st.st_mode))
-    return;
-  int fd = socket(
-      AF_UNIX,
-      (u->packet ? SOCK_DGRAM : SOCK_STREAM) | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
-  if (fd < 0)
-    return;
-  memcpy(sa.sun_path, u->addr, n + 1);
-  if (connect(fd, (struct sockaddr *)&sa, sizeof sa) != 0 &&
-      errno == ECONNREFUSED && unlink(u->addr) == 0)
-    printf("echo_server: removed stale socket file %s\n", u->addr);
-  close(fd);
-}
-
 int main(int argc, char **argv) {
   static struct server srv = {.mu = PTHREAD_MUTEX_INITIALIZER, .sigfd = -1};
   int procs = 0;
@@ -509,6 +487,8 @@ int main(int argc, char **argv) {
       if (errno != 0 || end == v || *end != '\0' || !(d >= 0) || d > 1e9)
         return bad_usage("--duration \"%s\": want seconds >= 0", v);
       srv.duration = (int64_t)(d * 1e9);
+      if (d > 0 && srv.duration == 0) /* 0 would mean "until a signal" */
+        srv.duration = 1;
     } else if ((v = cli_option(argc, argv, &i, "--procs", &missing)) != NULL) {
       char *end;
       long n = strtol(v, &end, 10);
@@ -532,7 +512,8 @@ int main(int argc, char **argv) {
 
   setvbuf(stdout, NULL, _IOLBF, 0); /* a line at a time, also into a pipe */
   for (int i = 0; i < srv.neps; i++)
-    remove_stale_socket(&srv.eps[i].url);
+    cli_remove_stale_socket("echo_server", srv.eps[i].url.network,
+                            srv.eps[i].url.addr);
 
   /* Blocked here, in the thread that becomes the runtime's first, so every
    * runtime thread inherits the mask and the signals wait in the signalfd
