@@ -196,14 +196,17 @@ static void cmd_nick(member *me, const char *p, size_t len) {
   }
   char old[NICK_MAX + 1];
   loom_mutex_lock(&room.mu);
-  bool taken = find_nick(p, len) != NULL;
-  if (!taken) {
+  member *owner = find_nick(p, len);
+  bool taken = owner != NULL && owner != me;
+  if (owner == NULL) {
     memcpy(old, me->nick, sizeof old);
     memcpy(me->nick, p, len);
     me->nick[len] = '\0';
   }
   loom_mutex_unlock(&room.mu);
-  if (taken)
+  if (owner == me)
+    notice(me->s, "* you are %.*s already", (int)len, p);
+  else if (taken)
     notice(me->s, "* the name %.*s is taken", (int)len, p);
   else
     broadcastf(NULL, "* %s is now %s", old, me->nick);
@@ -403,9 +406,10 @@ static void app_main(void *arg) {
       fprintf(stderr, "%s: some sessions did not finish in 2 s\n", PROG);
     summary(app.urls[i].network, &m);
   }
-  printf("%s: room: %llu lines said, %llu dropped for slow members\n", PROG,
-         (unsigned long long)atomic_load(&room.said),
-         (unsigned long long)atomic_load(&room.dropped));
+  if (app.status == 0)
+    printf("%s: room: %llu lines said, %llu dropped for slow members\n", PROG,
+           (unsigned long long)atomic_load(&room.said),
+           (unsigned long long)atomic_load(&room.dropped));
   free(room.m);
 }
 
