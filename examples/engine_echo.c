@@ -19,7 +19,9 @@
  * (stream sockets; the client must turn it on too), --compress-window and
  * --compress-mem bound what each session's deflate stream holds (the
  * client need not agree; engine.h, Compression), --metrics prints the
- * engine's metrics in Prometheus' text format when it stops.
+ * engine's metrics in Prometheus' text format when it stops (one set for
+ * all the listeners, taken as the stop begins: what a graceful stop
+ * still answers is not in it).
  *
  * It stops at SIGINT/SIGTERM (or after --duration) gracefully: the
  * servers stop accepting, every frame already received is answered, and
@@ -75,6 +77,25 @@ static const loom_session_listener listener = {
     .on_error = on_error,
 };
 
+/* One snapshot for every server: Prometheus' text has each metric once.
+ * The servers share the task pool, so its backlog is not summed. */
+static void metrics_add(loom_metrics *all, const loom_metrics *m) {
+  all->sessions_open += m->sessions_open;
+  all->sessions_total += m->sessions_total;
+  all->bytes_in += m->bytes_in;
+  all->bytes_out += m->bytes_out;
+  all->pkgs_in += m->pkgs_in;
+  all->pkgs_out += m->pkgs_out;
+  all->pkgs_dropped += m->pkgs_dropped;
+  all->wq_bytes += m->wq_bytes;
+  if (m->wq_max > all->wq_max)
+    all->wq_max = m->wq_max;
+  all->pool_queued = m->pool_queued;
+#define ADD_ERR_(name, help) all->errors.name += m->errors.name;
+  LOOM_METRIC_ERRORS(ADD_ERR_)
+#undef ADD_ERR_
+}
+
 static void app_main(void *arg) {
   (void)arg;
   loom_taskpool *pool = NULL;
@@ -110,6 +131,8 @@ static void app_main(void *arg) {
     printf("%s: %d procs; SIGINT or SIGTERM stops it\n", PROG, loom_procs());
     cli_wait_for_stop(PROG, app.sigfd, app.duration);
   }
+  loom_metrics all;
+  memset(&all, 0, sizeof all);
   for (int i = 0; i < n; i++) {
     loom_metrics m;
     loom_server_metrics(srv[i], &m);
@@ -118,11 +141,12 @@ static void app_main(void *arg) {
     printf("%s: %s: %llu sessions, %llu packages in, %llu out\n", PROG,
            app.urls[i].network, (unsigned long long)m.sessions_total,
            (unsigned long long)m.pkgs_in, (unsigned long long)m.pkgs_out);
-    if (app.metrics) {
-      char text[8192];
-      if (loom_metrics_prometheus(&m, "engine_echo", text, sizeof text) > 0)
-        fputs(text, stdout);
-    }
+    metrics_add(&all, &m);
+  }
+  if (app.metrics && n > 0) {
+    char text[8192];
+    if (loom_metrics_prometheus(&all, "engine_echo", text, sizeof text) > 0)
+      fputs(text, stdout);
   }
   if (pool != NULL)
     loom_taskpool_close(pool);

@@ -110,6 +110,7 @@ static void app_main(void *arg) {
     return;
   }
   uint8_t *buf = malloc(app.size);
+  int sent = 0; /* frames written: only those can come back */
   for (uint32_t i = 0; i < (uint32_t)app.count && rc == 0; i++) {
     size_t n = frame_len(i);
     buf[0] = (uint8_t)(i >> 24);
@@ -123,6 +124,7 @@ static void app_main(void *arg) {
     if (rc == 0) {
       rc = loom_session_write(s, buf, n, app.timeout * INT64_C(1000000000));
       loom_session_unref(s);
+      sent += rc == 0;
     }
     while (app.url.packet && rc == 0 && (int)i - atomic_load(&app.got) > 64 &&
            loom_now() < deadline)
@@ -131,7 +133,7 @@ static void app_main(void *arg) {
   free(buf);
   if (rc < 0)
     fprintf(stderr, "%s: write: %s\n", PROG, loom_strerror(rc));
-  while (atomic_load(&app.got) + atomic_load(&app.bad) < app.count &&
+  while (atomic_load(&app.got) + atomic_load(&app.bad) < sent &&
          loom_now() < deadline)
     loom_sleep(1000000);
   double secs = (double)(loom_now() - t0) / 1e9;
@@ -182,6 +184,11 @@ int main(int argc, char **argv) {
   char err[300];
   if (echo_url_parse(url, &app.url, err, sizeof err) != 0) {
     fprintf(stderr, "%s: --connect %s: %s\n", PROG, url, err);
+    return 2;
+  }
+  if (app.url.packet && app.size > 65507) { /* the largest UDP payload */
+    fprintf(stderr, "%s: --size: a datagram frame has at most 65507 bytes\n",
+            PROG);
     return 2;
   }
   app.seen = calloc((size_t)app.count, 1);
